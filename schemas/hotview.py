@@ -1,0 +1,48 @@
+"""Layout of the Redis hot view. Pure naming and encoding: no Redis client here.
+
+Everything under these keys is a fold over the log and can be flushed and rebuilt by replay.
+Keys carry the tenant, so a conversation id from another tenant simply is not found.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Fields of the conversation hash.
+F_STATE = "state"  # JSON of ConversationState, written by the sessions worker only
+F_CURSOR = "cursor"  # live-stream id of the last event folded into F_STATE
+F_CREATED_NS = "created_ns"  # written by the ingress once the start event is durable
+F_CLOSED_NS = "closed_ns"  # written by the ingress once the close event is durable
+F_CHANNEL = "channel"
+F_CUSTOMER = "customer_id"
+
+# Fields of each live-stream entry.
+S_EVENT = "e"  # the encoded switchboard.v1.Event
+S_STATUS = "s"
+S_MESSAGES = "n"
+S_SEQUENCE = "q"
+
+_CURSOR = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+
+def conversation_key(tenant_id: str, conversation_id: str) -> str:
+    return f"sb:{{{tenant_id}:{conversation_id}}}:conv"
+
+
+def live_stream_key(tenant_id: str, conversation_id: str) -> str:
+    # Same hash tag as the conversation hash, so both live on one Redis Cluster slot.
+    return f"sb:{{{tenant_id}:{conversation_id}}}:live"
+
+
+def idempotency_key(tenant_id: str, conversation_id: str, client_message_id: str) -> str:
+    return f"sb:{{{tenant_id}:{conversation_id}}}:msg:{client_message_id}"
+
+
+def live_stream_id(offset: int) -> str:
+    """Stream entry id for the event at `offset`. Deterministic, so a redelivered event's XADD is
+    refused by Redis (ids must grow) instead of appearing twice; the id is also the client cursor."""
+    return f"{offset}-1"
+
+
+def is_valid_cursor(cursor: str) -> bool:
+    return bool(_CURSOR.match(cursor))

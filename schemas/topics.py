@@ -1,0 +1,33 @@
+"""The topic catalogue: names, partition counts and configs, created up front (never auto-created).
+
+Faust changelog topics must have as many partitions as their source topic, so every topic a
+processor reads is created here with the configured count before any worker starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def topic_catalogue(
+    *, conversation_topic: str, knowledge_topic: str, dead_letter_topic: str, partitions: int
+) -> list[TopicSpec]:
+    return [
+        # The record. Retention is long: the archiver copies closed segments to S3 before it ends.
+        TopicSpec(
+            conversation_topic,
+            partitions,
+            {"retention.ms": str(30 * 24 * 3600 * 1000), "min.insync.replicas": "1"},
+        ),
+        # Documents, compacted by document id: the latest version of each document wins.
+        TopicSpec(knowledge_topic, partitions, {"cleanup.policy": "compact"}),
+        # Events a processor could not handle after retries; the reason travels in headers.
+        TopicSpec(dead_letter_topic, 1, {"retention.ms": str(90 * 24 * 3600 * 1000)}),
+    ]

@@ -1,0 +1,165 @@
+"""`switchboard` — the command line for every process and operation."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from services.settings import Settings, load_settings
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ValidationError as exc:
+        sys.exit(f"switchboard: invalid configuration:\n{exc}")
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _cmd_stack(args: argparse.Namespace) -> int:
+    from services import stack
+
+    settings = _settings()
+    if args.action == "install":
+        asyncio.run(stack.install(settings))
+    elif args.action == "up":
+        asyncio.run(stack.install(settings))
+        asyncio.run(stack.up(settings))
+        print(json.dumps(asyncio.run(stack.status(settings)), indent=2, default=str))
+    elif args.action == "down":
+        asyncio.run(stack.down(settings))
+    elif args.action == "status":
+        status = asyncio.run(stack.status(settings))
+        print(json.dumps(status, indent=2, default=str))
+        return 0 if all(c.get("alive") for c in status.values()) else 1
+    elif args.action == "logs":
+        print(stack.logs(settings, args.name, args.lines))
+    return 0
+
+
+def _cmd_topics(args: argparse.Namespace) -> int:
+    from services.kafka_topics import ensure_topics
+
+    created = asyncio.run(ensure_topics(_settings()))
+    print("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from services.analytics import migrate_command
+
+    applied = migrate_command(_settings())
+    print("applied: " + (", ".join(applied) if applied else "nothing (schema is current)"))
+    return 0
+
+
+def _cmd_sql(args: argparse.Namespace) -> int:
+    from services.analytics import run_query
+
+    print(run_query(_settings(), args.query, args.format), end="")
+    return 0
+
+
+def _cmd_ingress(args: argparse.Namespace) -> int:
+    from services.ingress import serve
+
+    _logging(args.log_level)
+    try:
+        asyncio.run(serve(_settings()))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    if args.role == "sessions":
+        from streams.sessions._worker import run_sessions
+
+        run_sessions(_settings(), args.log_level)
+    return 0
+
+
+def _cmd_analytics(args: argparse.Namespace) -> int:
+    from services.analytics import run_analytics
+
+    _logging(args.log_level)
+    run_analytics(_settings())
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from services.runner import run_system
+
+    return run_system(_settings(), demo=not args.no_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from services.demo import run_demo
+
+    return asyncio.run(run_demo(_settings()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switchboard",
+        description="Event-sourced streaming customer-service backend. "
+        "Configuration comes from SWITCHBOARD_* environment variables.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("stack", help="the embedded local stack: Kafka, Redis, SeaweedFS (S3)")
+    p.add_argument("action", choices=["install", "up", "down", "status", "logs"])
+    p.add_argument("name", nargs="?", choices=["kafka", "redis", "s3"], help="component (logs only)")
+    p.add_argument("-n", "--lines", type=int, default=50)
+    p.set_defaults(func=_cmd_stack)
+
+    p = sub.add_parser("topics", help="create the Kafka topics with their partition counts")
+    p.add_argument("action", choices=["create"])
+    p.set_defaults(func=_cmd_topics)
+
+    p = sub.add_parser("migrate", help="apply pending ClickHouse migrations")
+    p.set_defaults(func=_cmd_migrate)
+
+    p = sub.add_parser("sql", help="run a query against the ClickHouse projections")
+    p.add_argument("query")
+    p.add_argument("-f", "--format", default="PrettyCompact", help="ClickHouse output format")
+    p.set_defaults(func=_cmd_sql)
+
+    for name, func, help_text in (
+        ("ingress", _cmd_ingress, "serve the gRPC API"),
+        ("analytics", _cmd_analytics, "project events into ClickHouse and serve the query endpoint"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--log-level", default="info")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("worker", help="run a stream processor")
+    p.add_argument("role", choices=["sessions"])
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("run", help="bring up the stack and every process, play a demo, serve until Ctrl-C")
+    p.add_argument("--no-demo", action="store_true")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="play the bilingual demo against a running system")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The ingress's side of the Redis hot view: conversation registry, idempotency keys, reads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from schemas import hotview as hv
+from services.ingress._producer import Ack
+
+_PENDING = b"pending"
+# How long a claim on a client_message_id may stay unresolved (the produce timeout plus margin)
+# before a retry may write again.
+CLAIM_TTL_S = 120
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    created_ns: int
+    closed_ns: int
+    channel: int
+    customer_id: str
+    state_json: bytes | None
+    cursor: str
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Outcome of claiming a client_message_id: first writer, earlier ack, or a write still in flight."""
+
+    claimed: bool
+    earlier: Ack | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        return not self.claimed and self.earlier is None
+
+
+def _parse_ack(raw: bytes) -> Ack | None:
+    if raw == _PENDING:
+        return None
+    event_id, partition, offset = raw.decode().split("|")
+    return Ack(event_id, int(partition), int(offset))
+
+
+def _encode_ack(ack: Ack) -> str:
+    return f"{ack.event_id}|{ack.partition}|{ack.offset}"
+
+
+class IngressHotView:
+    def __init__(self, redis: aioredis.Redis, idempotency_ttl_s: int) -> None:
+        self._redis = redis
+        self._ttl = idempotency_ttl_s
+
+    async def lookup_many(self, keys: Sequence[tuple[str, str]]) -> list[Registration | None]:
+        fields = (hv.F_CREATED_NS, hv.F_CLOSED_NS, hv.F_CHANNEL, hv.F_CUSTOMER, hv.F_STATE, hv.F_CURSOR)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tenant_id, conversation_id in keys:
+                pipe.hmget(hv.conversation_key(tenant_id, conversation_id), fields)
+            rows = await pipe.execute()
+        found: list[Registration | None] = []
+        for created, closed, channel, customer, state, cursor in rows:
+            if created is None and state is None:
+                found.append(None)
+                continue
+            found.append(
+                Registration(
+                    created_ns=int(created or 0),
+                    closed_ns=int(closed or 0),
+                    channel=int(channel or 0),
+                    customer_id=(customer or b"").decode(),
+                    state_json=state,
+                    cursor=(cursor or b"").decode(),
+                )
+            )
+        return found
+
+    async def lookup(self, tenant_id: str, conversation_id: str) -> Registration | None:
+        return (await self.lookup_many([(tenant_id, conversation_id)]))[0]
+
+    async def register(
+        self, tenant_id: str, conversation_id: str, *, created_ns: int, channel: int, customer_id: str
+    ) -> None:
+        await self._redis.hset(
+            hv.conversation_key(tenant_id, conversation_id),
+            mapping={hv.F_CREATED_NS: created_ns, hv.F_CHANNEL: channel, hv.F_CUSTOMER: customer_id},
+        )
+
+    async def mark_closed(self, tenant_id: str, conversation_id: str, closed_ns: int) -> None:
+        await self._redis.hset(hv.conversation_key(tenant_id, conversation_id), hv.F_CLOSED_NS, closed_ns)
+
+    async def claim_many(self, keys: Sequence[tuple[str, str, str]]) -> list[Claim]:
+        """Claim each (tenant, conversation, client_message_id) for writing, in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tenant_id, conversation_id, cmid in keys:
+                key = hv.idempotency_key(tenant_id, conversation_id, cmid)
+                pipe.set(key, _PENDING, nx=True, ex=CLAIM_TTL_S)
+                pipe.get(key)
+            replies = await pipe.execute()
+        claims = []
+        for i in range(len(keys)):
+            was_set, current = replies[2 * i], replies[2 * i + 1]
+            if was_set:
+                claims.append(Claim(claimed=True))
+            elif current is None:
+                # Expired between the two commands: treat as in flight, the caller retries.
+                claims.append(Claim(claimed=False))
+            else:
+                claims.append(Claim(claimed=False, earlier=_parse_ack(current)))
+        return claims
+
+    async def settle_many(self, outcomes: Sequence[tuple[tuple[str, str, str], Ack | None]]) -> None:
+        """Record acks (a retry then gets the first ack) and drop claims whose write failed."""
+        if not outcomes:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for (tenant_id, conversation_id, cmid), ack in outcomes:
+                key = hv.idempotency_key(tenant_id, conversation_id, cmid)
+                if ack is None:
+                    pipe.delete(key)
+                else:
+                    pipe.set(key, _encode_ack(ack), ex=self._ttl)
+            await pipe.execute()
+
+    async def recent_entries(
+        self, tenant_id: str, conversation_id: str, count: int
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        entries: Any = await self._redis.xrevrange(hv.live_stream_key(tenant_id, conversation_id), count=count)
+        return list(reversed(entries))
+
+    async def read_live(
+        self, tenant_id: str, conversation_id: str, after: str, block_ms: int, count: int = 500
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        reply: Any = await self._redis.xread(
+            {hv.live_stream_key(tenant_id, conversation_id): after}, block=block_ms, count=count
+        )
+        if not reply:
+            return []
+        return list(reply[0][1])

@@ -1,0 +1,152 @@
+"""The ingress's Kafka producer: idempotent, acks=all, with bounded in-flight work.
+
+A write is acknowledged to the caller only with the RecordMetadata Kafka returned. Past the in-flight
+bound callers are refused at once (RESOURCE_EXHAUSTED) instead of queueing without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from schemas.events import Event, encode_event, event_headers, event_key
+from services.ingress._validation import RequestRejected
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# gRPC trailing-metadata key telling a caller how long to wait before retrying.
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    event_id: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Unavailable(RequestRejected):
+    """Kafka did not acknowledge in time; the caller should retry (same client_message_id).
+
+    `late_possible`: the record was handed to the producer and may still be written later."""
+
+    late_possible: bool = False
+
+
+def unavailable(message: str, *, late_possible: bool = False) -> Unavailable:
+    return Unavailable(grpc.StatusCode.UNAVAILABLE, message, late_possible)
+
+
+class EventProducer:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._topic = settings.conversation_topic
+        self._producer: AIOKafkaProducer | None = None
+        self._start_lock = asyncio.Lock()
+        self._inflight = 0
+        self._limit = settings.max_inflight_produce
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._producer is not None:
+                return
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._settings.kafka_bootstrap,
+                client_id="switchboard-ingress",
+                enable_idempotence=True,
+                acks="all",
+                linger_ms=self._settings.producer_linger_ms,
+                max_batch_size=256 * 1024,
+                request_timeout_ms=int(self._settings.produce_timeout_s * 1000) + 20_000,
+                retry_backoff_ms=100,
+                metadata_max_age_ms=60_000,
+            )
+            try:
+                await producer.start()
+            except KafkaError as exc:
+                await producer.stop()
+                raise unavailable(
+                    f"Kafka at {self._settings.kafka_bootstrap} is not reachable: {exc}"
+                ) from exc
+            self._producer = producer
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    def reserve(self, count: int = 1) -> None:
+        """Claim in-flight slots or refuse at once; pair with `release`."""
+        if self._inflight + count > self._limit:
+            raise RequestRejected(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"ingress is at its in-flight limit ({self._limit} writes awaiting Kafka); retry with backoff",
+            )
+        self._inflight += count
+
+    def release(self, count: int = 1) -> None:
+        self._inflight -= count
+
+    async def publish(
+        self, event: Event, on_late_ack: Callable[[Ack | None], Awaitable[None]] | None = None
+    ) -> Ack:
+        """Send one event and wait for Kafka's ack (caller holds a reserved slot).
+
+        If the ack does not come within the produce timeout the caller gets UNAVAILABLE, but the
+        record may still land later: `on_late_ack` then learns the outcome (Ack, or None on failure).
+        """
+        if self._producer is None:
+            await self.start()
+        assert self._producer is not None
+        timeout = self._settings.produce_timeout_s
+        try:
+            delivery = await asyncio.wait_for(
+                self._producer.send(
+                    self._topic, encode_event(event), key=event_key(event), headers=event_headers(event)
+                ),
+                timeout=timeout,
+            )
+        except (TimeoutError, KafkaError) as exc:
+            raise unavailable(
+                f"Kafka did not accept the event within {timeout:.0f}s ({exc!r}); retry"
+            ) from exc
+        try:
+            meta = await asyncio.wait_for(asyncio.shield(delivery), timeout=timeout)
+        except TimeoutError as exc:
+            if on_late_ack is not None:
+                delivery.add_done_callback(lambda fut: _report_late(fut, event.event_id, on_late_ack))
+            raise unavailable(
+                f"Kafka did not acknowledge within {timeout:.0f}s; the write may still land — "
+                "retry with the same client_message_id",
+                late_possible=on_late_ack is not None,
+            ) from exc
+        except KafkaError as exc:
+            raise unavailable(f"Kafka refused the event: {exc!r}; retry") from exc
+        return Ack(event.event_id, meta.partition, meta.offset)
+
+
+_late_tasks: set[asyncio.Future[None]] = set()
+
+
+def _report_late(
+    fut: asyncio.Future[object], event_id: str, callback: Callable[[Ack | None], Awaitable[None]]
+) -> None:
+    ack: Ack | None = None
+    if not fut.cancelled() and fut.exception() is None:
+        meta = fut.result()
+        ack = Ack(event_id, meta.partition, meta.offset)  # type: ignore[attr-defined]
+    task = asyncio.ensure_future(callback(ack))
+    _late_tasks.add(task)
+    task.add_done_callback(_late_tasks.discard)

@@ -1,0 +1,231 @@
+"""The grpc.aio server: ChatService handlers, health checking and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from switchboard.v1 import chat_pb2
+
+from services.ingress import _validation as v
+from services.ingress._hotview import IngressHotView
+from services.ingress._producer import EventProducer
+from services.ingress._service import ChatService, MalformedRequest, _traceparent, retry_metadata
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "switchboard.v1.ChatService"
+# Requests of one SendMessages stream processed together (one Redis round trip, one produce burst).
+STREAM_BATCH = 256
+# Batches of one stream in flight at once; responses still leave in request order.
+STREAM_PIPELINE = 8
+
+M = TypeVar("M", bound=Message)
+
+
+def _deserializer(cls: type[M]) -> Callable[[bytes], M | MalformedRequest]:
+    name = cls.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> M | MalformedRequest:
+        msg = cls()
+        try:
+            msg.ParseFromString(data)
+        except DecodeError as exc:
+            return MalformedRequest(name, str(exc))
+        return msg
+
+    return parse
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: v.RequestRejected) -> None:
+    await context.abort(exc.code, exc.message, trailing_metadata=retry_metadata(exc))
+
+
+def _checked(req: Any) -> Any:
+    if isinstance(req, MalformedRequest):
+        raise req.rejection()
+    return req
+
+
+class ChatServicer:
+    """Adapts ChatService to grpc.aio: statuses for rejections, never a stack trace."""
+
+    def __init__(self, service: ChatService) -> None:
+        self._service = service
+
+    async def StartConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await self._service.start_conversation(_checked(request), _traceparent(context))
+        except v.RequestRejected as exc:
+            await _abort(context, exc)
+
+    async def SendMessage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        (outcome,) = await self._service.accept_messages([request], _traceparent(context))
+        if isinstance(outcome, v.RequestRejected):
+            await _abort(context, outcome)
+        return outcome
+
+    async def SendMessages(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[chat_pb2.SendMessageResponse]:
+        traceparent = _traceparent(context)
+        batches: asyncio.Queue[asyncio.Task[list[Any]] | None] = asyncio.Queue(STREAM_PIPELINE)
+        incoming: asyncio.Queue[Any] = asyncio.Queue(STREAM_BATCH * 2)
+        done = object()
+
+        async def read() -> None:
+            async for req in request_iterator:
+                await incoming.put(req)
+            await incoming.put(done)
+
+        async def batch() -> None:
+            finished = False
+            while not finished:
+                first = await incoming.get()
+                if first is done:
+                    break
+                items = [first]
+                while len(items) < STREAM_BATCH and not incoming.empty():
+                    item = incoming.get_nowait()
+                    if item is done:
+                        finished = True
+                        break
+                    items.append(item)
+                task = asyncio.ensure_future(self._service.accept_messages(items, traceparent))
+                await batches.put(task)
+            await batches.put(None)
+
+        reader = asyncio.ensure_future(read())
+        batcher = asyncio.ensure_future(batch())
+        try:
+            while (task := await batches.get()) is not None:
+                for outcome in await task:
+                    if isinstance(outcome, v.RequestRejected):
+                        yield chat_pb2.SendMessageResponse(
+                            error_code=outcome.code.value[0], error_message=outcome.message
+                        )
+                    else:
+                        yield outcome
+            await reader
+        finally:
+            for t in (reader, batcher):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+    async def GetConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await self._service.get_conversation(_checked(request))
+        except v.RequestRejected as exc:
+            await _abort(context, exc)
+
+    async def StreamConversation(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[chat_pb2.ConversationUpdate]:
+        try:
+            updates = await self._service.stream_conversation(_checked(request))
+        except v.RequestRejected as exc:
+            await _abort(context, exc)
+            return
+        async for update in updates:
+            yield update
+
+    async def CloseConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await self._service.close_conversation(_checked(request), _traceparent(context))
+        except v.RequestRejected as exc:
+            await _abort(context, exc)
+
+
+def _handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
+    ser = Message.SerializeToString
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "StartConversation": grpc.unary_unary_rpc_method_handler(
+                servicer.StartConversation, _deserializer(chat_pb2.StartConversationRequest), ser
+            ),
+            "SendMessage": grpc.unary_unary_rpc_method_handler(
+                servicer.SendMessage, _deserializer(chat_pb2.SendMessageRequest), ser
+            ),
+            "SendMessages": grpc.stream_stream_rpc_method_handler(
+                servicer.SendMessages, _deserializer(chat_pb2.SendMessageRequest), ser
+            ),
+            "GetConversation": grpc.unary_unary_rpc_method_handler(
+                servicer.GetConversation, _deserializer(chat_pb2.GetConversationRequest), ser
+            ),
+            "StreamConversation": grpc.unary_stream_rpc_method_handler(
+                servicer.StreamConversation, _deserializer(chat_pb2.StreamConversationRequest), ser
+            ),
+            "CloseConversation": grpc.unary_unary_rpc_method_handler(
+                servicer.CloseConversation, _deserializer(chat_pb2.CloseConversationRequest), ser
+            ),
+        },
+    )
+
+
+class IngressServer:
+    """Owns the gRPC server and its Kafka producer and Redis pool."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=4096)
+        self.producer = EventProducer(settings)
+        self.service = ChatService(
+            settings, self.producer, IngressHotView(self.redis, settings.idempotency_ttl_s)
+        )
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            maximum_concurrent_rpcs=max(1000, settings.max_inflight_produce * 4),
+            options=[
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.server.add_generic_rpc_handlers((_handlers(ChatServicer(self.service)),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(settings.grpc_listen)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {settings.grpc_listen} (port in use?)")
+
+    async def start(self) -> None:
+        await self.redis.ping()
+        await self.producer.start()
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("ingress serving %s on %s", SERVICE_NAME, self.settings.grpc_listen)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        await self.producer.stop()
+        await self.redis.aclose()
+
+
+async def serve(settings: Settings) -> None:
+    """Run the ingress until cancelled (SIGINT/SIGTERM in the CLI)."""
+    server = IngressServer(settings)
+    await server.start()
+    try:
+        await server.server.wait_for_termination()
+    finally:
+        await server.stop()

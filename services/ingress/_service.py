@@ -1,0 +1,445 @@
+"""ChatService: validation, the idempotent write path, and reads from the hot view."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from switchboard.v1 import chat_pb2, events_pb2
+
+from schemas import hotview as hv
+from schemas.events import Event, EventDecodeError, decode_event, event_type, new_event, new_event_id
+from services.ingress import _validation as v
+from services.ingress._hotview import Claim, IngressHotView, Registration
+from services.ingress._producer import RETRY_AFTER_KEY, Ack, EventProducer, Unavailable, unavailable
+from services.settings import Settings
+from streams.sessions import STATUS_CLOSED, ConversationState
+
+log = logging.getLogger(__name__)
+
+_CHANNELS = frozenset(events_pb2.Channel.values())
+# The key a StartConversation with a client-chosen id claims (no client_message_id is empty).
+_START_CLAIM = ""
+MAX_RECENT = 200
+STREAM_BLOCK_MS = 5_000
+
+
+class MalformedRequest:
+    """What the deserializer hands over when the bytes are not a valid request message."""
+
+    def __init__(self, type_name: str, reason: str) -> None:
+        self.type_name = type_name
+        self.reason = reason
+
+    def rejection(self) -> v.RequestRejected:
+        return v.invalid(
+            f"request is not a valid {self.type_name} (string fields must be valid UTF-8): {self.reason}"
+        )
+
+
+def _timestamp(ns: int) -> Timestamp:
+    ts = Timestamp()
+    if ns:
+        ts.FromNanoseconds(ns)
+    return ts
+
+
+def _traceparent(context: grpc.aio.ServicerContext | None) -> str:
+    if context is None:
+        return ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent" and isinstance(value, str):
+            return value[:128]
+    return ""
+
+
+def _response(req: chat_pb2.SendMessageRequest, ack: Ack, duplicate: bool) -> chat_pb2.SendMessageResponse:
+    return chat_pb2.SendMessageResponse(
+        event_id=ack.event_id,
+        partition=ack.partition,
+        offset=ack.offset,
+        duplicate=duplicate,
+        client_message_id=req.client_message_id,
+        conversation_id=req.conversation_id,
+    )
+
+
+def _status_of(reg: Registration, state: ConversationState | None) -> int:
+    closed = reg.closed_ns or (state is not None and state.status == STATUS_CLOSED)
+    return chat_pb2.CONVERSATION_STATUS_CLOSED if closed else chat_pb2.CONVERSATION_STATUS_OPEN
+
+
+class ChatService:
+    def __init__(self, settings: Settings, producer: EventProducer, hot: IngressHotView) -> None:
+        self._settings = settings
+        self._producer = producer
+        self._hot = hot
+        self._late_settles: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ writes
+
+    async def accept_messages(
+        self, requests: Sequence[chat_pb2.SendMessageRequest | MalformedRequest], traceparent: str = ""
+    ) -> list[chat_pb2.SendMessageResponse | v.RequestRejected]:
+        """Validate, deduplicate and write a batch of messages; one outcome per request, in order."""
+        results: list[chat_pb2.SendMessageResponse | v.RequestRejected | None] = [None] * len(requests)
+        valid: list[tuple[int, chat_pb2.SendMessageRequest]] = []
+        for i, req in enumerate(requests):
+            if isinstance(req, MalformedRequest):
+                results[i] = req.rejection()
+                continue
+            try:
+                v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
+                v.check_conversation_id(req.conversation_id)
+                v.check_client_message_id(req.client_message_id)
+                v.check_text(req.text, self._settings.max_message_bytes)
+            except v.RequestRejected as exc:
+                results[i] = exc
+                continue
+            valid.append((i, req))
+
+        if valid:
+            await self._write_messages(valid, results, traceparent)
+        return [
+            r if r is not None else v.RequestRejected(grpc.StatusCode.INTERNAL, "no outcome") for r in results
+        ]
+
+    async def _write_messages(
+        self,
+        valid: list[tuple[int, chat_pb2.SendMessageRequest]],
+        results: list[chat_pb2.SendMessageResponse | v.RequestRejected | None],
+        traceparent: str,
+    ) -> None:
+        conversations = sorted({(req.tenant_id, req.conversation_id) for _, req in valid})
+        registrations = dict(zip(conversations, await self._hot.lookup_many(conversations), strict=True))
+
+        # The first request for a key writes; repeats of that key in the same batch follow it.
+        first_of: dict[tuple[str, str, str], int] = {}
+        followers: list[tuple[int, int]] = []
+        writers: list[tuple[int, chat_pb2.SendMessageRequest]] = []
+        for i, req in valid:
+            reg = registrations[(req.tenant_id, req.conversation_id)]
+            if reg is None:
+                results[i] = v.RequestRejected(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"conversation {req.conversation_id!r} of tenant {req.tenant_id!r} does not exist "
+                    "(start it with StartConversation)",
+                )
+                continue
+            if reg.closed_ns:
+                results[i] = v.RequestRejected(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"conversation {req.conversation_id!r} is closed; start a new conversation",
+                )
+                continue
+            key = (req.tenant_id, req.conversation_id, req.client_message_id)
+            if key in first_of:
+                followers.append((i, first_of[key]))
+                continue
+            first_of[key] = i
+            writers.append((i, req))
+        if not writers:
+            return
+
+        try:
+            self._producer.reserve(len(writers))
+        except v.RequestRejected as exc:
+            for i, _ in writers:
+                results[i] = exc
+            self._resolve_followers(followers, results)
+            return
+        try:
+            keys = [(r.tenant_id, r.conversation_id, r.client_message_id) for _, r in writers]
+            claims = await self._hot.claim_many(keys)
+            to_send: list[tuple[int, chat_pb2.SendMessageRequest, tuple[str, str, str]]] = []
+            for (i, req), key, claim in zip(writers, keys, claims, strict=True):
+                outcome = self._outcome_of_claim(req, claim)
+                if outcome is None:
+                    to_send.append((i, req, key))
+                else:
+                    results[i] = outcome
+            sent = await asyncio.gather(
+                *(self._publish_message(req, key, traceparent) for _, req, key in to_send)
+            )
+            settled: list[tuple[tuple[str, str, str], Ack | None]] = []
+            for (i, req, key), delivery in zip(to_send, sent, strict=True):
+                if isinstance(delivery, Ack):
+                    results[i] = _response(req, delivery, duplicate=False)
+                    settled.append((key, delivery))
+                else:
+                    results[i] = delivery
+                    if not delivery.late_possible:
+                        settled.append((key, None))
+            await self._hot.settle_many(settled)
+        finally:
+            self._producer.release(len(writers))
+        self._resolve_followers(followers, results)
+
+    @staticmethod
+    def _outcome_of_claim(
+        req: chat_pb2.SendMessageRequest, claim: Claim
+    ) -> chat_pb2.SendMessageResponse | v.RequestRejected | None:
+        if claim.claimed:
+            return None
+        if claim.earlier is not None:
+            return _response(req, claim.earlier, duplicate=True)
+        return unavailable(
+            f"client_message_id {req.client_message_id!r} is being written by an earlier attempt; "
+            "retry shortly to get its ack"
+        )
+
+    @staticmethod
+    def _resolve_followers(
+        followers: list[tuple[int, int]],
+        results: list[chat_pb2.SendMessageResponse | v.RequestRejected | None],
+    ) -> None:
+        for i, first in followers:
+            outcome = results[first]
+            if isinstance(outcome, chat_pb2.SendMessageResponse):
+                follower = chat_pb2.SendMessageResponse()
+                follower.CopyFrom(outcome)
+                follower.duplicate = True
+                results[i] = follower
+            else:
+                results[i] = outcome
+
+    async def _publish_message(
+        self, req: chat_pb2.SendMessageRequest, key: tuple[str, str, str], traceparent: str
+    ) -> Ack | Unavailable:
+        event = new_event(
+            req.tenant_id,
+            req.conversation_id,
+            traceparent=traceparent,
+            message_received=events_pb2.MessageReceived(
+                client_message_id=req.client_message_id, text=req.text, sender=events_pb2.SENDER_CUSTOMER
+            ),
+        )
+
+        async def settle_late(ack: Ack | None) -> None:
+            await self._hot.settle_many([(key, ack)])
+
+        try:
+            return await self._producer.publish(event, on_late_ack=settle_late)
+        except Unavailable as exc:
+            # With late_possible the ack may still arrive: `settle_late` settles the claim then.
+            return exc
+
+    async def start_conversation(
+        self, req: chat_pb2.StartConversationRequest, traceparent: str = ""
+    ) -> chat_pb2.Conversation:
+        s = self._settings
+        v.check_tenant(req.tenant_id, s.allowed_tenants)
+        v.check_conversation_id(req.conversation_id, required=False)
+        if req.channel not in _CHANNELS:
+            raise v.invalid(f"channel {req.channel} is not a switchboard.v1.Channel value")
+        v.check_short_text(req.customer_id, "customer_id", v.MAX_CUSTOMER_ID)
+        v.check_short_text(req.locale, "locale", 35)
+        v.check_metadata(dict(req.metadata), s.max_metadata_entries)
+
+        conversation_id = req.conversation_id or new_event_id()
+        claim_key = (req.tenant_id, conversation_id, _START_CLAIM)
+        if req.conversation_id:
+            existing = await self._hot.lookup(req.tenant_id, conversation_id)
+            if existing is not None:
+                return await self.get_conversation(
+                    chat_pb2.GetConversationRequest(tenant_id=req.tenant_id, conversation_id=conversation_id)
+                )
+            (claim,) = await self._hot.claim_many([claim_key])
+            if not claim.claimed:
+                raise unavailable(f"conversation {conversation_id!r} is being started by an earlier attempt")
+
+        event = new_event(
+            req.tenant_id,
+            conversation_id,
+            traceparent=traceparent,
+            conversation_started=events_pb2.ConversationStarted(
+                channel=req.channel,
+                customer_id=req.customer_id,
+                metadata=dict(req.metadata),
+                locale=req.locale,
+            ),
+        )
+        ack = await self._publish_one(event, claim_key if req.conversation_id else None)
+        created_ns = event.occurred_at.ToNanoseconds()
+        await self._hot.register(
+            req.tenant_id,
+            conversation_id,
+            created_ns=created_ns,
+            channel=req.channel,
+            customer_id=req.customer_id,
+        )
+        if req.conversation_id:
+            await self._hot.settle_many([(claim_key, ack)])
+        return chat_pb2.Conversation(
+            conversation_id=conversation_id,
+            tenant_id=req.tenant_id,
+            status=chat_pb2.CONVERSATION_STATUS_OPEN,
+            created_at=event.occurred_at,
+            updated_at=event.occurred_at,
+            channel=req.channel,
+            customer_id=req.customer_id,
+            mode=chat_pb2.CONVERSATION_MODE_BOT,
+            metadata=dict(req.metadata),
+        )
+
+    async def close_conversation(
+        self, req: chat_pb2.CloseConversationRequest, traceparent: str = ""
+    ) -> chat_pb2.Conversation:
+        v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
+        v.check_conversation_id(req.conversation_id)
+        v.check_short_text(req.resolution, "resolution", v.MAX_RESOLUTION)
+        reg = await self._require(req.tenant_id, req.conversation_id)
+        if not reg.closed_ns:
+            event = new_event(
+                req.tenant_id,
+                req.conversation_id,
+                traceparent=traceparent,
+                conversation_closed=events_pb2.ConversationClosed(
+                    resolution=req.resolution, closed_by=events_pb2.SENDER_CUSTOMER
+                ),
+            )
+            await self._publish_one(event, None)
+            await self._hot.mark_closed(req.tenant_id, req.conversation_id, event.occurred_at.ToNanoseconds())
+        # Closing a closed conversation is a no-op, so a retried close is safe.
+        return await self.get_conversation(
+            chat_pb2.GetConversationRequest(tenant_id=req.tenant_id, conversation_id=req.conversation_id)
+        )
+
+    async def _publish_one(self, event: Event, claim_key: tuple[str, str, str] | None) -> Ack:
+        self._producer.reserve()
+        try:
+            return await self._producer.publish(event)
+        except v.RequestRejected:
+            if claim_key is not None:
+                await self._hot.settle_many([(claim_key, None)])
+            raise
+        finally:
+            self._producer.release()
+
+    # ------------------------------------------------------------------ reads
+
+    async def _require(self, tenant_id: str, conversation_id: str) -> Registration:
+        reg = await self._hot.lookup(tenant_id, conversation_id)
+        if reg is None:
+            raise v.RequestRejected(
+                grpc.StatusCode.NOT_FOUND,
+                f"conversation {conversation_id!r} of tenant {tenant_id!r} does not exist",
+            )
+        return reg
+
+    async def get_conversation(self, req: chat_pb2.GetConversationRequest) -> chat_pb2.Conversation:
+        v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
+        v.check_conversation_id(req.conversation_id)
+        if req.recent_messages > MAX_RECENT:
+            raise v.invalid(f"recent_messages is {req.recent_messages}; at most {MAX_RECENT}")
+        reg = await self._require(req.tenant_id, req.conversation_id)
+        state = ConversationState.from_json(json.loads(reg.state_json)) if reg.state_json else None
+        conv = chat_pb2.Conversation(
+            conversation_id=req.conversation_id,
+            tenant_id=req.tenant_id,
+            status=_status_of(reg, state),  # type: ignore[arg-type]
+            created_at=_timestamp(reg.created_ns or (state.created_at_ns if state else 0)),
+            channel=reg.channel or (state.channel if state else 0),  # type: ignore[arg-type]
+            customer_id=reg.customer_id or (state.customer_id if state else ""),
+            mode=chat_pb2.CONVERSATION_MODE_BOT,
+            cursor=reg.cursor,
+        )
+        if reg.closed_ns:
+            conv.closed_at.CopyFrom(_timestamp(reg.closed_ns))
+        if state is not None:
+            conv.mode = (
+                chat_pb2.CONVERSATION_MODE_AGENT if state.mode == "agent" else chat_pb2.CONVERSATION_MODE_BOT
+            )
+            conv.message_count = state.message_count
+            conv.updated_at.CopyFrom(_timestamp(state.updated_at_ns))
+            conv.resolution = state.resolution
+            conv.assignee = state.assignee
+            conv.metadata.update(state.metadata)
+            if state.closed_at_ns and not reg.closed_ns:
+                conv.closed_at.CopyFrom(_timestamp(state.closed_at_ns))
+        wanted = req.recent_messages or 20
+        entries = await self._hot.recent_entries(req.tenant_id, req.conversation_id, wanted * 3)
+        messages = [m for m in (_message_of(eid, fields) for eid, fields in entries) if m is not None]
+        conv.messages.extend(messages[-wanted:])
+        return conv
+
+    async def stream_conversation(
+        self, req: chat_pb2.StreamConversationRequest
+    ) -> AsyncIterator[chat_pb2.ConversationUpdate]:
+        v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
+        v.check_conversation_id(req.conversation_id)
+        if req.after_cursor and not hv.is_valid_cursor(req.after_cursor):
+            raise v.invalid(
+                f"after_cursor {req.after_cursor[:40]!r} is not a cursor from a ConversationUpdate"
+            )
+        await self._require(req.tenant_id, req.conversation_id)
+        return self._follow(req.tenant_id, req.conversation_id, req.after_cursor or "0-0")
+
+    async def _follow(
+        self, tenant_id: str, conversation_id: str, after: str
+    ) -> AsyncIterator[chat_pb2.ConversationUpdate]:
+        while True:
+            entries = await self._hot.read_live(tenant_id, conversation_id, after, STREAM_BLOCK_MS)
+            for entry_id, fields in entries:
+                after = entry_id.decode()
+                update = _update_of(after, fields)
+                if update is not None:
+                    yield update
+
+
+def _decode_entry(fields: dict[bytes, bytes]) -> Event | None:
+    try:
+        return decode_event(fields.get(hv.S_EVENT.encode()))
+    except EventDecodeError:
+        log.warning("undecodable live-stream entry skipped")
+        return None
+
+
+def _update_of(cursor: str, fields: dict[bytes, bytes]) -> chat_pb2.ConversationUpdate | None:
+    event = _decode_entry(fields)
+    if event is None:
+        return None
+    closed = fields.get(hv.S_STATUS.encode()) == STATUS_CLOSED.encode()
+    return chat_pb2.ConversationUpdate(
+        cursor=cursor,
+        event=event,
+        status=chat_pb2.CONVERSATION_STATUS_CLOSED if closed else chat_pb2.CONVERSATION_STATUS_OPEN,
+        message_count=int(fields.get(hv.S_MESSAGES.encode(), b"0")),
+    )
+
+
+def _message_of(entry_id: bytes, fields: dict[bytes, bytes]) -> chat_pb2.Message | None:
+    sequence = int(fields.get(hv.S_SEQUENCE.encode(), b"0"))
+    if not sequence:
+        return None
+    event = _decode_entry(fields)
+    if event is None:
+        return None
+    kind = event_type(event)
+    msg = chat_pb2.Message(
+        event_id=event.event_id, occurred_at=event.occurred_at, sequence=sequence, cursor=entry_id.decode()
+    )
+    if kind == "message_received":
+        msg.client_message_id = event.message_received.client_message_id
+        msg.text = event.message_received.text
+        msg.sender = event.message_received.sender
+    elif kind == "agent_message_sent":
+        msg.client_message_id = event.agent_message_sent.client_message_id
+        msg.text = event.agent_message_sent.text
+        msg.sender = events_pb2.SENDER_AGENT
+    elif kind == "reply_generated":
+        msg.text = event.reply_generated.text
+        msg.sender = events_pb2.SENDER_BOT
+    else:
+        return None
+    return msg
+
+
+def retry_metadata(exc: v.RequestRejected) -> tuple[tuple[str, str], ...]:
+    if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return ((RETRY_AFTER_KEY, "500"),)
+    return ()

@@ -1,0 +1,100 @@
+"""Request validation. Pure: every check runs before anything is written anywhere."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import grpc
+
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_CONVERSATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-:]{0,127}$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+MAX_CLIENT_MESSAGE_ID = 128
+MAX_RESOLUTION = 256
+MAX_CUSTOMER_ID = 128
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+
+
+@dataclass(frozen=True)
+class RequestRejected(Exception):
+    """A request the ingress refuses; becomes a gRPC status with this code and message."""
+
+    code: grpc.StatusCode
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+def invalid(message: str) -> RequestRejected:
+    return RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def check_tenant(tenant_id: str, allowed: frozenset[str]) -> None:
+    if not tenant_id:
+        raise invalid("tenant_id is required")
+    if not _TENANT.match(tenant_id):
+        raise invalid(
+            f"tenant_id {tenant_id[:80]!r} is malformed: 1-64 characters of letters, digits, '_', '.', '-'"
+        )
+    if allowed and tenant_id not in allowed:
+        raise RequestRejected(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"tenant {tenant_id!r} is not served here (SWITCHBOARD_TENANTS lists the known tenants)",
+        )
+
+
+def check_conversation_id(conversation_id: str, *, required: bool = True) -> None:
+    if not conversation_id:
+        if required:
+            raise invalid("conversation_id is required")
+        return
+    if not _CONVERSATION.match(conversation_id):
+        raise invalid(
+            f"conversation_id {conversation_id[:80]!r} is malformed: 1-128 characters of letters, "
+            "digits, '_', '.', '-', ':'"
+        )
+
+
+def check_client_message_id(client_message_id: str) -> None:
+    if not client_message_id:
+        raise invalid("client_message_id is required: a key you keep across retries (for example a UUID)")
+    if len(client_message_id) > MAX_CLIENT_MESSAGE_ID or not client_message_id.isprintable():
+        raise invalid(
+            f"client_message_id must be 1-{MAX_CLIENT_MESSAGE_ID} printable characters, "
+            f"got {len(client_message_id)} characters"
+        )
+
+
+def check_text(text: str, max_bytes: int, field: str = "text") -> None:
+    if not text or not text.strip():
+        raise invalid(f"{field} is empty")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise invalid(
+            f"{field} is {size} bytes of UTF-8; the limit is {max_bytes} (SWITCHBOARD_MAX_MESSAGE_BYTES)"
+        )
+    bad = _CONTROL.search(text)
+    if bad:
+        raise invalid(
+            f"{field} contains control character U+{ord(bad.group()):04X} at position {bad.start()}"
+        )
+
+
+def check_metadata(metadata: dict[str, str], max_entries: int) -> None:
+    if len(metadata) > max_entries:
+        raise invalid(f"metadata has {len(metadata)} entries; at most {max_entries} are accepted")
+    for key, value in metadata.items():
+        if not key or len(key) > MAX_METADATA_KEY or _CONTROL.search(key):
+            raise invalid(f"metadata key {key[:80]!r} must be 1-{MAX_METADATA_KEY} printable characters")
+        if len(value) > MAX_METADATA_VALUE or _CONTROL.search(value):
+            raise invalid(
+                f"metadata[{key!r}] must be at most {MAX_METADATA_VALUE} characters without control characters"
+            )
+
+
+def check_short_text(value: str, field: str, limit: int) -> None:
+    if len(value) > limit or _CONTROL.search(value):
+        raise invalid(f"{field} must be at most {limit} characters without control characters")

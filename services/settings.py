@@ -1,0 +1,124 @@
+"""One typed settings module for every Switchboard process.
+
+Every field can be overridden by an environment variable named ``SWITCHBOARD_<FIELD>``
+(for example ``SWITCHBOARD_KAFKA_BOOTSTRAP``). Values are validated once, at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_", extra="ignore", frozen=True)
+
+    # Where the embedded stack and every local store keeps its files.
+    data_dir: Path = PROJECT_ROOT / "var"
+
+    # --- Kafka -------------------------------------------------------------------------------
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_controller_port: int = 9093
+    kafka_version: str = "4.1.1"
+    conversation_topic: str = "conversation-events"
+    knowledge_topic: str = "knowledge-events"
+    dead_letter_topic: str = "switchboard-dead-letter"
+    topic_partitions: int = Field(default=4, ge=1, le=1024)
+    topic_replication_factor: int = Field(default=1, ge=1, le=16)
+
+    # --- Redis -------------------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # --- ClickHouse --------------------------------------------------------------------------
+    # chdb:///abs/path runs ClickHouse in-process (only one process may open a path);
+    # http(s)://user:pass@host:8123/db talks to a ClickHouse server.
+    clickhouse_dsn: str = ""
+    # The query endpoint the analytics process serves in embedded mode (ClickHouse HTTP shape).
+    analytics_listen: str = "127.0.0.1:8123"
+
+    # --- S3 (any S3-compatible store; SeaweedFS locally) ----------------------------------------
+    s3_endpoint: str = "127.0.0.1:8333"
+    s3_access_key: str = "switchboard"
+    s3_secret_key: str = "switchboard-secret"
+    s3_bucket: str = "switchboard"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+
+    # --- gRPC ingress ------------------------------------------------------------------------
+    grpc_listen: str = "127.0.0.1:50051"
+    max_message_bytes: int = Field(default=8192, ge=1)
+    max_metadata_entries: int = Field(default=32, ge=0)
+    # Produce requests awaiting a Kafka ack, across the whole process; past it: RESOURCE_EXHAUSTED.
+    max_inflight_produce: int = Field(default=2000, ge=1)
+    # How long a caller waits for Kafka before UNAVAILABLE (the event may still land; retry).
+    produce_timeout_s: float = Field(default=10.0, gt=0)
+    producer_linger_ms: int = Field(default=2, ge=0)
+    # Comma-separated allow-list of tenant ids; empty accepts any well-formed tenant id.
+    tenants: str = ""
+    # How long a client_message_id is remembered for deduplication.
+    idempotency_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+
+    # --- Stream processors -------------------------------------------------------------------
+    batch_size: int = Field(default=500, ge=1)
+    batch_within_s: float = Field(default=0.05, gt=0)
+    # Recent messages kept in each conversation's Redis stream (older ones live in ClickHouse).
+    live_stream_maxlen: int = Field(default=10_000, ge=100)
+
+    @field_validator("kafka_bootstrap", "grpc_listen", "analytics_listen", "s3_endpoint")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        for part in value.split(","):
+            if not _HOST_PORT.match(part.strip()):
+                raise ValueError(f"expected host:port, got {part!r}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected a redis:// URL, got {value!r}")
+        return value
+
+    @field_validator("clickhouse_dsn")
+    @classmethod
+    def _clickhouse_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("chdb://", "http://", "https://")):
+            raise ValueError(f"expected chdb:///path or http(s)://host:port, got {value!r}")
+        return value
+
+    @cached_property
+    def effective_clickhouse_dsn(self) -> str:
+        return self.clickhouse_dsn or f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+    @property
+    def embedded_clickhouse(self) -> bool:
+        return self.effective_clickhouse_dsn.startswith("chdb://")
+
+    @property
+    def allowed_tenants(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.tenants.split(",") if t.strip())
+
+    @property
+    def redis_port(self) -> int:
+        tail = self.redis_url.split("://", 1)[1].split("/", 1)[0]
+        return int(tail.rsplit(":", 1)[1]) if ":" in tail else 6379
+
+    @property
+    def kafka_port(self) -> int:
+        return int(self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
+
+    @property
+    def s3_port(self) -> int:
+        return int(self.s3_endpoint.rsplit(":", 1)[1])
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit overrides (used by tests) on top."""
+    return Settings(**overrides)  # type: ignore[arg-type]

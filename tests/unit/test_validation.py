@@ -1,0 +1,54 @@
+import grpc
+import pytest
+
+from services.ingress import RequestRejected
+from services.ingress import _validation as v
+
+
+def code_of(fn, *args) -> grpc.StatusCode:
+    with pytest.raises(RequestRejected) as info:
+        fn(*args)
+    assert info.value.message  # every rejection says what is wrong
+    return info.value.code
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_empty_text(text):
+    assert code_of(v.check_text, text, 8192) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_text_limit_counts_utf8_bytes():
+    v.check_text("好" * 2730, 8192)  # 8190 bytes
+    with pytest.raises(RequestRejected, match="8193 bytes"):
+        v.check_text("好" * 2731, 8193 - 3)
+
+
+def test_control_characters_are_refused_but_newlines_are_fine():
+    v.check_text("line one\nline two\ttabbed\r\n", 8192)
+    with pytest.raises(RequestRejected, match="U\\+0000"):
+        v.check_text("nul\x00byte", 8192)
+
+
+@pytest.mark.parametrize("tenant", ["", " acme", "a/b", "x" * 65])
+def test_bad_tenants(tenant):
+    assert code_of(v.check_tenant, tenant, frozenset()) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_tenant_allow_list():
+    v.check_tenant("acme", frozenset({"acme"}))
+    assert code_of(v.check_tenant, "other", frozenset({"acme"})) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_ids():
+    v.check_conversation_id("0190f3a2-7c1e-7000-8000-000000000000")
+    assert code_of(v.check_conversation_id, "") == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(v.check_conversation_id, "../etc") == grpc.StatusCode.INVALID_ARGUMENT
+    v.check_conversation_id("", required=False)
+    assert code_of(v.check_client_message_id, "") == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(v.check_client_message_id, "x" * 129) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_metadata_limits():
+    v.check_metadata({"plan": "pro"}, 4)
+    assert code_of(v.check_metadata, {str(i): "v" for i in range(5)}, 4) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(v.check_metadata, {"": "v"}, 4) == grpc.StatusCode.INVALID_ARGUMENT
