@@ -34,7 +34,12 @@ async def ensure_topics(settings: Settings) -> list[str]:
         if missing:
             await admin.create_topics(
                 [
-                    NewTopic(t.name, num_partitions=t.partitions, replication_factor=settings.topic_replication_factor, topic_configs=t.config)
+                    NewTopic(
+                        t.name,
+                        num_partitions=t.partitions,
+                        replication_factor=settings.topic_replication_factor,
+                        topic_configs=t.config,
+                    )
                     for t in missing
                 ]
             )

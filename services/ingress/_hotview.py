@@ -128,7 +128,9 @@ class IngressHotView:
     async def recent_entries(
         self, tenant_id: str, conversation_id: str, count: int
     ) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        entries: Any = await self._redis.xrevrange(hv.live_stream_key(tenant_id, conversation_id), count=count)
+        entries: Any = await self._redis.xrevrange(
+            hv.live_stream_key(tenant_id, conversation_id), count=count
+        )
         return list(reversed(entries))
 
     async def read_live(

@@ -99,20 +99,15 @@ class EventProducer:
     def release(self, count: int = 1) -> None:
         self._inflight -= count
 
-    async def publish(
-        self, event: Event, on_late_ack: Callable[[Ack | None], Awaitable[None]] | None = None
-    ) -> Ack:
-        """Send one event and wait for Kafka's ack (caller holds a reserved slot).
-
-        If the ack does not come within the produce timeout the caller gets UNAVAILABLE, but the
-        record may still land later: `on_late_ack` then learns the outcome (Ack, or None on failure).
-        """
+    async def enqueue(self, event: Event) -> asyncio.Future[object]:
+        """Hand the event to the producer (this fixes its order in the partition); returns the
+        delivery future. Records enqueued one after another are written in that order."""
         if self._producer is None:
             await self.start()
         assert self._producer is not None
         timeout = self._settings.produce_timeout_s
         try:
-            delivery = await asyncio.wait_for(
+            return await asyncio.wait_for(
                 self._producer.send(
                     self._topic, encode_event(event), key=event_key(event), headers=event_headers(event)
                 ),
@@ -122,6 +117,19 @@ class EventProducer:
             raise unavailable(
                 f"Kafka did not accept the event within {timeout:.0f}s ({exc!r}); retry"
             ) from exc
+
+    async def wait_ack(
+        self,
+        event: Event,
+        delivery: asyncio.Future[object],
+        on_late_ack: Callable[[Ack | None], Awaitable[None]] | None = None,
+    ) -> Ack:
+        """Wait for Kafka's ack of an enqueued event.
+
+        If the ack does not come within the produce timeout the caller gets UNAVAILABLE, but the
+        record may still land later: `on_late_ack` then learns the outcome (Ack, or None on failure).
+        """
+        timeout = self._settings.produce_timeout_s
         try:
             meta = await asyncio.wait_for(asyncio.shield(delivery), timeout=timeout)
         except TimeoutError as exc:
@@ -134,7 +142,11 @@ class EventProducer:
             ) from exc
         except KafkaError as exc:
             raise unavailable(f"Kafka refused the event: {exc!r}; retry") from exc
-        return Ack(event.event_id, meta.partition, meta.offset)
+        return Ack(event.event_id, meta.partition, meta.offset)  # type: ignore[attr-defined]
+
+    async def publish(self, event: Event) -> Ack:
+        """Send one event and wait for Kafka's ack (caller holds a reserved slot)."""
+        return await self.wait_ack(event, await self.enqueue(event))
 
 
 _late_tasks: set[asyncio.Future[None]] = set()

@@ -18,7 +18,7 @@ from switchboard.v1 import chat_pb2
 from services.ingress import _validation as v
 from services.ingress._hotview import IngressHotView
 from services.ingress._producer import EventProducer
-from services.ingress._service import ChatService, MalformedRequest, _traceparent, retry_metadata
+from services.ingress._service import ChatService, MalformedRequest, WriteOrder, _traceparent, retry_metadata
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class ChatServicer:
             await incoming.put(done)
 
         async def batch() -> None:
+            order: WriteOrder | None = None
             finished = False
             while not finished:
                 first = await incoming.get()
@@ -100,7 +101,8 @@ class ChatServicer:
                         finished = True
                         break
                     items.append(item)
-                task = asyncio.ensure_future(self._service.accept_messages(items, traceparent))
+                order = WriteOrder(order)
+                task = asyncio.ensure_future(self._service.accept_messages(items, traceparent, order))
                 await batches.put(task)
             await batches.put(None)
 

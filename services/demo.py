@@ -1,0 +1,101 @@
+"""A short bilingual demo through the public gRPC API, the way a client backend would call it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import grpc
+from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
+
+from services.settings import Settings
+
+CONVERSATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        events_pb2.CHANNEL_IOS,
+        "zh-CN",
+        ["你好，我的订单三天了还没发货，怎么回事？", "订单号是 SB20261123001", "好的，谢谢"],
+    ),
+    (
+        events_pb2.CHANNEL_WEB,
+        "en-US",
+        ["Hi, I was charged twice for my subscription.", "Can I get a refund?"],
+    ),
+    (events_pb2.CHANNEL_ANDROID, "zh-CN", ["怎么修改收货地址？", "我想改成上海市浦东新区"]),
+    (events_pb2.CHANNEL_WEB, "en-US", ["How do I reset my password?", "I never got the email.", "Thanks!"]),
+]
+
+
+async def run_demo(settings: Settings, tenant_id: str = "demo") -> int:
+    async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        started: list[tuple[str, int]] = []
+        for channel_kind, locale, texts in CONVERSATIONS:
+            conv = await stub.StartConversation(
+                chat_pb2.StartConversationRequest(
+                    tenant_id=tenant_id,
+                    channel=channel_kind,
+                    customer_id=f"cust-{uuid.uuid4().hex[:6]}",
+                    locale=locale,
+                )
+            )
+            for text in texts:
+                req = chat_pb2.SendMessageRequest(
+                    tenant_id=tenant_id,
+                    conversation_id=conv.conversation_id,
+                    client_message_id=str(uuid.uuid4()),
+                    text=text,
+                )
+                ack = await stub.SendMessage(req)
+                print(f"  [{locale}] {text[:40]:<40} → partition {ack.partition} offset {ack.offset}")
+            started.append((conv.conversation_id, len(texts)))
+
+        first_id, first_count = started[0]
+        # A retry with the same client_message_id is acknowledged once.
+        retry = chat_pb2.SendMessageRequest(
+            tenant_id=tenant_id, conversation_id=first_id, client_message_id="demo-retry", text="还在吗？"
+        )
+        a, b = await stub.SendMessage(retry), await stub.SendMessage(retry)
+        print(f"  retry of one message: same offset {a.offset} == {b.offset}, duplicate={b.duplicate}")
+        started[0] = (first_id, first_count + 1)
+        # Garbage is refused with a precise status, and nothing is written.
+        try:
+            await stub.SendMessage(
+                chat_pb2.SendMessageRequest(
+                    tenant_id=tenant_id, conversation_id=first_id, client_message_id="x", text=""
+                )
+            )
+        except grpc.aio.AioRpcError as err:
+            print(f"  empty text refused: {err.code().name}: {err.details()}")
+        await stub.CloseConversation(
+            chat_pb2.CloseConversationRequest(
+                tenant_id=tenant_id, conversation_id=started[1][0], resolution="refunded"
+            )
+        )
+
+        # Watch the state catch up (the sessions worker folds the log into Redis).
+        deadline = time.monotonic() + 60
+        for conversation_id, expected in started:
+            while True:
+                conv = await stub.GetConversation(
+                    chat_pb2.GetConversationRequest(tenant_id=tenant_id, conversation_id=conversation_id)
+                )
+                if conv.message_count >= expected or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            status = chat_pb2.ConversationStatus.Name(conv.status).removeprefix("CONVERSATION_STATUS_")
+            last = conv.messages[-1].text if conv.messages else ""
+            print(f"  {conversation_id}: {status}, {conv.message_count} messages, last: {last[:30]}")
+
+        updates = stub.StreamConversation(
+            chat_pb2.StreamConversationRequest(tenant_id=tenant_id, conversation_id=first_id)
+        )
+        seen = 0
+        async for update in updates:
+            seen += 1
+            if update.message_count >= started[0][1]:
+                break
+        updates.cancel()
+        print(f"  StreamConversation replayed {seen} updates of {first_id}, live from cursor {update.cursor}")
+    return 0

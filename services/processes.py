@@ -1,0 +1,117 @@
+"""Starting and stopping Switchboard's own processes (ingress, workers, analytics) as children."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.settings import Settings
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *self.args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            start_new_session=True,
+        )
+        log.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash looks like."""
+        if self.proc is not None and self.alive:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or not self.alive:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+def switchboard_children(settings: Settings, env: dict[str, str] | None = None) -> dict[str, Child]:
+    logs = settings.data_dir / "logs"
+    extra = env or {}
+    return {
+        "analytics": Child("analytics", ["analytics"], logs / "analytics.log", extra),
+        "sessions": Child("sessions", ["worker", "sessions"], logs / "sessions.log", extra),
+        "ingress": Child("ingress", ["ingress"], logs / "ingress.log", extra),
+    }
+
+
+async def wait_for_ingress(settings: Settings, child: Child | None = None, within_s: float = 60.0) -> None:
+    """Wait until the gRPC health service says SERVING."""
+    deadline = time.monotonic() + within_s
+    async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            _check_alive(child, deadline, "ingress")
+            await asyncio.sleep(0.2)
+
+
+async def wait_for_analytics(settings: Settings, child: Child | None = None, within_s: float = 90.0) -> None:
+    """Wait until the query endpoint answers /ping (embedded mode only)."""
+    import aiohttp
+
+    if not settings.embedded_clickhouse:
+        return
+    deadline = time.monotonic() + within_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(f"http://{settings.analytics_listen}/ping") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            _check_alive(child, deadline, "analytics")
+            await asyncio.sleep(0.2)
+
+
+def _check_alive(child: Child | None, deadline: float, name: str) -> None:
+    if child is not None and not child.alive:
+        raise RuntimeError(f"{name} exited during start-up; last log lines:\n{child.log_tail()}")
+    if time.monotonic() > deadline:
+        tail = child.log_tail() if child is not None else ""
+        raise TimeoutError(f"{name} did not become ready in time; last log lines:\n{tail}")

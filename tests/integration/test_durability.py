@@ -1,0 +1,200 @@
+"""Failure behaviour on real servers: crashed workers, a broker restart, and overload."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import grpc
+import psutil
+import pytest
+from switchboard.v1 import chat_pb2, chat_pb2_grpc
+
+from services import stack
+from services.processes import Child, wait_for_ingress
+from services.settings import Settings
+from tests.integration.conftest import System, eventually, start_conversation
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Load:
+    """Sends messages as a careful client would: retry UNAVAILABLE with the same client_message_id."""
+
+    stub: chat_pb2_grpc.ChatServiceStub
+    tenant: str
+    conversations: list[str]
+    acked: set[str] = field(default_factory=set)
+    unavailable: int = 0
+    exhausted: int = 0
+
+    async def send(self, cmid: str, conversation_id: str, *, retry: bool = True) -> None:
+        req = chat_pb2.SendMessageRequest(
+            tenant_id=self.tenant,
+            conversation_id=conversation_id,
+            client_message_id=cmid,
+            text=f"load {cmid}",
+        )
+        while True:
+            try:
+                await self.stub.SendMessage(req, timeout=30)
+                self.acked.add(cmid)
+                return
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.exhausted += 1
+                elif err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self.unavailable += 1
+                else:
+                    raise
+                if not retry:
+                    return
+                await asyncio.sleep(0.05)
+
+    async def run(self, total: int, concurrency: int, *, retry: bool = True) -> None:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(total):
+            queue.put_nowait(i)
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                await self.send(
+                    f"{self.tenant}-{i}", self.conversations[i % len(self.conversations)], retry=retry
+                )
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def assert_exactly_once_in_clickhouse(system: System, tenant: str, acked: set[str]) -> None:
+    def counts() -> tuple[int, int]:
+        row = (
+            system.clickhouse()
+            .query(
+                "SELECT count(), uniqExact(client_message_id) FROM switchboard.messages WHERE tenant_id = {t:String}",
+                parameters={"t": tenant},
+            )
+            .result_rows[0]
+        )
+        return int(row[0]), int(row[1])
+
+    async def probe() -> tuple[int, int]:
+        return await asyncio.to_thread(counts)
+
+    rows, distinct = await eventually(
+        probe, lambda c: c[1] >= len(acked), within_s=120, what="acked messages in ClickHouse"
+    )
+    assert rows == distinct, "a message was projected twice"
+    stored = {
+        r[0]
+        for r in system.clickhouse()
+        .query(
+            "SELECT client_message_id FROM switchboard.messages WHERE tenant_id = {t:String}",
+            parameters={"t": tenant},
+        )
+        .result_rows
+    }
+    assert acked <= stored, f"{len(acked - stored)} acknowledged messages are missing"
+
+
+async def assert_state_counts(stub, tenant: str, conversations: list[str], expected_total: int) -> None:
+    async def total() -> int:
+        convs = await asyncio.gather(
+            *(
+                stub.GetConversation(chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=c))
+                for c in conversations
+            )
+        )
+        return sum(c.message_count for c in convs)
+
+    assert (
+        await eventually(total, lambda n: n >= expected_total, within_s=120, what="state counts")
+        == expected_total
+    )
+
+
+async def test_kill_9_workers_mid_load_loses_and_duplicates_nothing(
+    system: System, stub, tenant: str
+) -> None:
+    conversations = [await start_conversation(stub, tenant) for _ in range(50)]
+    load = Load(stub, tenant, conversations)
+    task = asyncio.create_task(load.run(5000, concurrency=64))
+    await eventually(
+        lambda: asyncio.sleep(0, len(load.acked)), lambda n: n >= 1500, what="1500 acks before the crash"
+    )
+    system.children["sessions"].kill()
+    system.children["analytics"].kill()
+    await eventually(
+        lambda: asyncio.sleep(0, len(load.acked)), lambda n: n >= 3000, what="acks while workers are down"
+    )
+    await system.start_children("analytics", "sessions")
+    await task
+    assert len(load.acked) == 5000
+    await assert_exactly_once_in_clickhouse(system, tenant, load.acked)
+    await assert_state_counts(stub, tenant, conversations, 5000)
+
+
+async def test_broker_restart_never_acks_what_kafka_did_not_persist(
+    system: System, stub, tenant: str
+) -> None:
+    settings = system.settings
+    conversations = [await start_conversation(stub, tenant) for _ in range(20)]
+    load = Load(stub, tenant, conversations)
+    task = asyncio.create_task(load.run(3000, concurrency=32))
+    await eventually(
+        lambda: asyncio.sleep(0, len(load.acked)), lambda n: n >= 800, what="acks before the broker stops"
+    )
+    await stack.stop_component(settings, "kafka")
+    acked_at_stop = len(load.acked)
+    await eventually(
+        lambda: asyncio.sleep(0, load.unavailable), lambda n: n >= 10, what="UNAVAILABLE while Kafka is down"
+    )
+    # Nothing is acknowledged while there is no broker to persist it (a few acks may have been in flight).
+    assert len(load.acked) - acked_at_stop < 64
+    await stack.start_component(settings, "kafka")
+    await asyncio.wait_for(task, 240)
+    assert len(load.acked) == 3000
+    await assert_exactly_once_in_clickhouse(system, tenant, load.acked)
+    await assert_state_counts(stub, tenant, conversations, 3000)
+
+
+async def test_overload_is_refused_at_once_and_memory_stays_bounded(system: System, tenant: str) -> None:
+    port = 25052
+    env = {
+        **system.env,
+        "SWITCHBOARD_GRPC_LISTEN": f"127.0.0.1:{port}",
+        "SWITCHBOARD_MAX_INFLIGHT_PRODUCE": "32",
+    }
+    settings = Settings(
+        **{**system.settings.model_dump(), "grpc_listen": f"127.0.0.1:{port}", "max_inflight_produce": 32}
+    )
+    child = Child("ingress-small", ["ingress"], system.settings.data_dir / "logs" / "ingress-small.log", env)
+    child.start()
+    try:
+        await wait_for_ingress(settings, child)
+        proc = psutil.Process(child.proc.pid)  # type: ignore[union-attr]
+        async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            conversations = [await start_conversation(stub, tenant) for _ in range(10)]
+            warm = Load(stub, tenant, conversations)
+            await warm.run(200, concurrency=8)
+            baseline_rss = proc.memory_info().rss
+            flood = Load(stub, tenant, conversations)
+            peak = 0
+
+            async def sample() -> None:
+                nonlocal peak
+                while True:
+                    peak = max(peak, proc.memory_info().rss)
+                    await asyncio.sleep(0.05)
+
+            sampler = asyncio.create_task(sample())
+            await flood.run(20_000, concurrency=1000, retry=False)
+            sampler.cancel()
+        assert flood.exhausted > 0, "the in-flight bound never pushed back"
+        assert len(flood.acked) + flood.exhausted + flood.unavailable == 20_000
+        assert peak - baseline_rss < 200 * 1024 * 1024, f"ingress grew by {(peak - baseline_rss) >> 20} MiB"
+        await assert_exactly_once_in_clickhouse(system, tenant, warm.acked | flood.acked)
+    finally:
+        child.stop()

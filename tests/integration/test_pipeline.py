@@ -1,0 +1,280 @@
+"""The whole write path on real servers: gRPC → Kafka → sessions (Redis) and projector (ClickHouse)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+
+import grpc
+import pytest
+from switchboard.v1 import chat_pb2, events_pb2
+
+from tests.integration.conftest import System, count, eventually, start_conversation
+
+pytestmark = pytest.mark.integration
+
+
+def send(
+    tenant: str, conversation_id: str, text: str, cmid: str | None = None
+) -> chat_pb2.SendMessageRequest:
+    return chat_pb2.SendMessageRequest(
+        tenant_id=tenant,
+        conversation_id=conversation_id,
+        client_message_id=cmid or str(uuid.uuid4()),
+        text=text,
+    )
+
+
+async def test_message_is_acked_then_visible_everywhere(system: System, stub, tenant: str) -> None:
+    conversation_id = await start_conversation(
+        stub, tenant, channel=events_pb2.CHANNEL_IOS, customer_id="c-1", metadata={"plan": "pro"}
+    )
+    ack = await stub.SendMessage(send(tenant, conversation_id, "我的订单在哪里？", "m-1"))
+    assert ack.event_id and ack.offset >= 0 and not ack.duplicate
+    assert ack.client_message_id == "m-1" and ack.conversation_id == conversation_id
+
+    conv = await eventually(
+        lambda: stub.GetConversation(
+            chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
+        ),
+        lambda c: c.message_count == 1,
+        what="the message in GetConversation",
+    )
+    assert conv.status == chat_pb2.CONVERSATION_STATUS_OPEN
+    assert conv.channel == events_pb2.CHANNEL_IOS and conv.customer_id == "c-1"
+    assert [m.text for m in conv.messages] == ["我的订单在哪里？"]
+    assert conv.messages[0].event_id == ack.event_id and conv.messages[0].sequence == 1
+
+    # The live stream replays from the start, and a reconnect with a cursor misses nothing.
+    stream = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
+    )
+    first = await stream.read()
+    second = await stream.read()
+    assert first.event.WhichOneof("payload") == "conversation_started"
+    assert second.event.event_id == ack.event_id and second.message_count == 1
+    stream.cancel()
+    resumed = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(
+            tenant_id=tenant, conversation_id=conversation_id, after_cursor=second.cursor
+        )
+    )
+    later = await stub.SendMessage(send(tenant, conversation_id, "Where is my order?"))
+    update = await asyncio.wait_for(resumed.read(), 30)
+    assert update.event.event_id == later.event_id and update.message_count == 2
+    resumed.cancel()
+
+    closed = await stub.CloseConversation(
+        chat_pb2.CloseConversationRequest(
+            tenant_id=tenant, conversation_id=conversation_id, resolution="answered"
+        )
+    )
+    assert closed.status == chat_pb2.CONVERSATION_STATUS_CLOSED
+
+    await eventually(
+        lambda: asyncio.to_thread(
+            count, system, "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}", t=tenant
+        ),
+        lambda n: n == 4,
+        what="4 events in ClickHouse",
+    )
+    assert (
+        count(system, "SELECT count() FROM switchboard.messages WHERE tenant_id = {t:String}", t=tenant) == 2
+    )
+    rows = (
+        system.clickhouse()
+        .query(
+            "SELECT text FROM switchboard.messages WHERE tenant_id = {t:String} ORDER BY offset",
+            parameters={"t": tenant},
+        )
+        .result_rows
+    )
+    assert [r[0] for r in rows] == ["我的订单在哪里？", "Where is my order?"]
+
+
+async def test_thousand_messages_over_fifty_conversations_stay_in_order(
+    system: System, stub, tenant: str
+) -> None:
+    conversations = [await start_conversation(stub, tenant) for _ in range(50)]
+    sem = asyncio.Semaphore(50)
+
+    async def send_conversation(conversation_id: str) -> None:
+        # One conversation's messages are sent one after another (as a client would), all
+        # conversations concurrently.
+        for i in range(20):
+            async with sem:
+                await stub.SendMessage(
+                    send(tenant, conversation_id, f"message {i}", f"{conversation_id}-{i}")
+                )
+
+    await asyncio.gather(*(send_conversation(c) for c in conversations))
+
+    await eventually(
+        lambda: asyncio.to_thread(
+            count, system, "SELECT count() FROM switchboard.messages WHERE tenant_id = {t:String}", t=tenant
+        ),
+        lambda n: n == 1000,
+        what="1000 messages in ClickHouse",
+    )
+    rows = (
+        system.clickhouse()
+        .query(
+            "SELECT conversation_id, groupArray(text) FROM "
+            "(SELECT conversation_id, text, offset FROM switchboard.messages WHERE tenant_id = {t:String} ORDER BY offset) "
+            "GROUP BY conversation_id",
+            parameters={"t": tenant},
+        )
+        .result_rows
+    )
+    expected = [f"message {i}" for i in range(20)]
+    assert len(rows) == 50
+    assert all(list(texts) == expected for _, texts in rows)
+
+    for conversation_id in conversations[:5]:
+        request = chat_pb2.GetConversationRequest(
+            tenant_id=tenant, conversation_id=conversation_id, recent_messages=20
+        )
+        conv = await eventually(
+            functools.partial(stub.GetConversation, request),
+            lambda c: c.message_count == 20,
+            what="state of 20 messages",
+        )
+        assert [m.text for m in conv.messages] == expected
+        assert [m.sequence for m in conv.messages] == list(range(1, 21))
+
+
+async def test_duplicate_client_message_id_is_one_event(system: System, stub, tenant: str) -> None:
+    conversation_id = await start_conversation(stub, tenant)
+    req = send(tenant, conversation_id, "charged twice", "dup-1")
+    first, *retries = await asyncio.gather(*(stub.SendMessage(req) for _ in range(5)), return_exceptions=True)
+    acks = [r for r in [first, *retries] if not isinstance(r, BaseException)]
+    # Concurrent retries either get the first ack (duplicate) or UNAVAILABLE while it is in flight.
+    for r in [first, *retries]:
+        if isinstance(r, grpc.aio.AioRpcError):
+            assert r.code() == grpc.StatusCode.UNAVAILABLE
+    again = await stub.SendMessage(req)
+    assert again.duplicate
+    assert all(a.offset == again.offset and a.event_id == again.event_id for a in acks)
+    await stub.SendMessage(send(tenant, conversation_id, "sentinel", "after"))
+    await eventually(
+        lambda: asyncio.to_thread(
+            count, system, "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}", t=tenant
+        ),
+        lambda n: n == 3,
+        what="start + one message + sentinel",
+    )
+    assert (
+        count(
+            system,
+            "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String} AND type = 'message_received'",
+            t=tenant,
+        )
+        == 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code", "fragment"),
+    [
+        (lambda r: setattr(r, "text", ""), grpc.StatusCode.INVALID_ARGUMENT, "text is empty"),
+        (lambda r: setattr(r, "text", "x" * 8193), grpc.StatusCode.INVALID_ARGUMENT, "limit is 8192"),
+        (
+            lambda r: setattr(r, "client_message_id", ""),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "client_message_id is required",
+        ),
+        (
+            lambda r: setattr(r, "conversation_id", ""),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "conversation_id is required",
+        ),
+        (lambda r: setattr(r, "tenant_id", ""), grpc.StatusCode.INVALID_ARGUMENT, "tenant_id is required"),
+        (
+            lambda r: setattr(r, "conversation_id", "no-such-conversation"),
+            grpc.StatusCode.NOT_FOUND,
+            "does not exist",
+        ),
+    ],
+)
+async def test_bad_input_is_refused_and_nothing_is_written(
+    system: System, stub, tenant: str, mutate, code, fragment
+) -> None:
+    conversation_id = await start_conversation(stub, tenant)
+    req = send(tenant, conversation_id, "valid text")
+    mutate(req)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.SendMessage(req)
+    assert err.value.code() == code
+    assert fragment in err.value.details()
+    await stub.CloseConversation(
+        chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
+    )
+    # The close is the last event; once it is projected, nothing else of this tenant may be there.
+    await eventually(
+        lambda: asyncio.to_thread(
+            count,
+            system,
+            "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String} AND type = 'conversation_closed'",
+            t=tenant,
+        ),
+        lambda n: n == 1,
+        what="the close event",
+    )
+    assert count(system, "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}", t=tenant) == 2
+
+
+async def test_invalid_utf8_and_closed_conversation(system: System, stub, tenant: str) -> None:
+    conversation_id = await start_conversation(stub, tenant)
+    # A hand-built request whose text field (tag 4) holds bytes that are not UTF-8.
+    valid = send(tenant, conversation_id, "ok", "u-1").SerializeToString()
+    garbage = valid + b"\x22\x03\xff\xfe\xfd"
+    async with grpc.aio.insecure_channel(system.settings.grpc_listen) as channel:
+        raw = channel.unary_unary(
+            "/switchboard.v1.ChatService/SendMessage",
+            request_serializer=None,
+            response_deserializer=chat_pb2.SendMessageResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(garbage)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in err.value.details()
+
+    await stub.CloseConversation(
+        chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.SendMessage(send(tenant, conversation_id, "still there?"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # Another tenant cannot see this conversation.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetConversation(
+            chat_pb2.GetConversationRequest(tenant_id=tenant + "x", conversation_id=conversation_id)
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_streaming_send_acks_each_message_and_reports_errors_inline(
+    system: System, stub, tenant: str
+) -> None:
+    conversation_id = await start_conversation(stub, tenant)
+
+    async def requests():
+        for i in range(300):
+            yield send(tenant, conversation_id, "" if i == 150 else f"bulk {i}", f"b-{i}")
+
+    responses = [r async for r in stub.SendMessages(requests())]
+    assert len(responses) == 300
+    assert responses[150].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    ok = [r for i, r in enumerate(responses) if i != 150]
+    assert all(r.error_code == 0 and r.event_id for r in ok)
+    assert [r.client_message_id for r in ok] == [f"b-{i}" for i in range(300) if i != 150]
+    offsets = [r.offset for r in ok]
+    assert offsets == sorted(offsets)
+    await eventually(
+        lambda: asyncio.to_thread(
+            count, system, "SELECT count() FROM switchboard.messages WHERE tenant_id = {t:String}", t=tenant
+        ),
+        lambda n: n == 299,
+        what="299 streamed messages",
+    )
