@@ -17,17 +17,24 @@ class TopicSpec:
 
 
 def topic_catalogue(
-    *, conversation_topic: str, knowledge_topic: str, dead_letter_topic: str, partitions: int
+    *,
+    conversation_topic: str,
+    knowledge_topic: str,
+    dead_letter_topic: str,
+    partitions: int,
+    replication_factor: int = 1,
 ) -> list[TopicSpec]:
+    # acks=all is only as strong as the in-sync replicas it waits for: two where there are two.
+    min_isr = str(min(2, replication_factor))
     return [
         # The record. Retention is long: the archiver copies closed segments to S3 before it ends.
         TopicSpec(
             conversation_topic,
             partitions,
-            {"retention.ms": str(30 * 24 * 3600 * 1000), "min.insync.replicas": "1"},
+            {"retention.ms": str(30 * 24 * 3600 * 1000), "min.insync.replicas": min_isr},
         ),
         # Documents, compacted by document id: the latest version of each document wins.
-        TopicSpec(knowledge_topic, partitions, {"cleanup.policy": "compact"}),
+        TopicSpec(knowledge_topic, partitions, {"cleanup.policy": "compact", "min.insync.replicas": min_isr}),
         # Events a processor could not handle after retries; the reason travels in headers.
         TopicSpec(dead_letter_topic, 1, {"retention.ms": str(90 * 24 * 3600 * 1000)}),
     ]

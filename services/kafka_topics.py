@@ -18,6 +18,7 @@ def catalogue(settings: Settings) -> list[TopicSpec]:
         knowledge_topic=settings.knowledge_topic,
         dead_letter_topic=settings.dead_letter_topic,
         partitions=settings.topic_partitions,
+        replication_factor=settings.topic_replication_factor,
     )
 
 
