@@ -51,6 +51,24 @@ class Settings(BaseSettings):
     s3_secure: bool = False
     s3_region: str = "us-east-1"
 
+    # --- local stack ports (the embedded stack that services/stack runs; unused against real servers)
+    # SeaweedFS (`weed mini`) runs a master, a volume server, a filer, the S3 gateway and an admin
+    # server in one process, each on its own HTTP port plus a gRPC port. A gRPC port of 0 means
+    # "HTTP port + 10000", SeaweedFS's own rule. The admin server listens even with its UI off, so
+    # two stacks side by side need different admin ports: 0 means "S3 port + 1".
+    s3_master_port: int = Field(default=9333, ge=1, le=65535)
+    s3_master_grpc_port: int = Field(default=0, ge=0, le=65535)
+    s3_volume_port: int = Field(default=9340, ge=1, le=65535)
+    s3_volume_grpc_port: int = Field(default=0, ge=0, le=65535)
+    s3_filer_port: int = Field(default=8888, ge=1, le=65535)
+    s3_filer_grpc_port: int = Field(default=0, ge=0, le=65535)
+    s3_grpc_port: int = Field(default=0, ge=0, le=65535)
+    s3_admin_port: int = Field(default=0, ge=0, le=65535)
+    s3_admin_grpc_port: int = Field(default=0, ge=0, le=65535)
+    # Heap of the embedded Kafka broker, in MiB.
+    kafka_heap_mb: int = Field(default=512, ge=128)
+    # --- end of local stack ports
+
     # --- gRPC ingress ------------------------------------------------------------------------
     grpc_listen: str = "127.0.0.1:50051"
     max_message_bytes: int = Field(default=8192, ge=1)

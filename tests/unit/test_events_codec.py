@@ -47,7 +47,9 @@ def test_key_and_headers():
     assert headers["traceparent"].startswith(b"00-")
 
 
-@pytest.mark.parametrize("raw", [b"", None, b"\xff\xff\xff\xff", encode_event(events_pb2.Event(event_id="x"))])
+@pytest.mark.parametrize(
+    "raw", [b"", None, b"\xff\xff\xff\xff", encode_event(events_pb2.Event(event_id="x"))]
+)
 def test_garbage_is_refused(raw):
     with pytest.raises(EventDecodeError):
         decode_event(raw)

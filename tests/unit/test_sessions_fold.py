@@ -17,7 +17,9 @@ def started() -> Event:
 
 
 def message(cmid: str, text: str = "hello") -> Event:
-    return new_event("acme", "c1", message_received=events_pb2.MessageReceived(client_message_id=cmid, text=text))
+    return new_event(
+        "acme", "c1", message_received=events_pb2.MessageReceived(client_message_id=cmid, text=text)
+    )
 
 
 def closed() -> Event:
