@@ -12,17 +12,19 @@ from services.settings import Settings
 
 
 def create_app(role: str, settings: Settings) -> faust.App:
+    datadir = settings.data_dir / "faust" / role
+    datadir.mkdir(parents=True, exist_ok=True)
     brokers = ";".join(f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(","))
     return faust.App(
         f"switchboard-{role}",
         broker=brokers,
         store="memory://",
-        datadir=str(settings.data_dir / "faust" / role),
+        datadir=str(datadir),
         # No web server: nothing of ours listens on 0.0.0.0.
         web_enabled=False,
         web_host="127.0.0.1",
         topic_partitions=settings.topic_partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.topic_replication_factor,
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,

@@ -149,7 +149,9 @@ class ChatServicer:
 
 
 def _handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
-    ser = Message.SerializeToString
+    def ser(message: Message) -> bytes:
+        return message.SerializeToString()
+
     return grpc.method_handlers_generic_handler(
         SERVICE_NAME,
         {

@@ -43,8 +43,7 @@ def register_sessions(app: faust.App, settings: Settings) -> None:
         "conversation_state",
         default=None,
         partitions=settings.topic_partitions,
-        key_serializer="raw",
-        value_serializer="json",
+        schema=faust.Schema(key_serializer="raw", value_serializer="json"),
         # Changelog partition from the key (murmur2, like the source topic), not from the
         # "current event", which inside a batch is not the event being folded.
         use_partitioner=True,
