@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
 
     # --- Stream processors -------------------------------------------------------------------
+    # Static group membership: a restarted worker with the same id takes its partitions back at
+    # once instead of waiting for the dead member's session to expire. Must be unique per worker
+    # of one role; empty means "<role>-<hostname>" (unique per pod in Kubernetes).
+    worker_instance_id: str = ""
+    worker_session_timeout_s: float = Field(default=10.0, ge=3.0)
     batch_size: int = Field(default=500, ge=1)
     batch_within_s: float = Field(default=0.05, gt=0)
     # Recent messages kept in each conversation's Redis stream (older ones live in ClickHouse).

@@ -4,6 +4,7 @@ never holds back conversation state, and each can be scaled (by partitions) on i
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 import faust
@@ -30,6 +31,9 @@ def create_app(role: str, settings: Settings) -> faust.App:
         producer_acks=-1,
         producer_linger_ms=settings.producer_linger_ms,
         broker_commit_interval=1.0,
+        consumer_group_instance_id=settings.worker_instance_id or f"{role}-{socket.gethostname()}",
+        broker_session_timeout=settings.worker_session_timeout_s,
+        broker_heartbeat_interval=max(1.0, settings.worker_session_timeout_s / 5),
         stream_wait_empty=False,
         loghandlers=[],
     )

@@ -43,7 +43,9 @@ def register_sessions(app: faust.App, settings: Settings) -> None:
         "conversation_state",
         default=None,
         partitions=settings.topic_partitions,
-        schema=faust.Schema(key_serializer="raw", value_serializer="json"),
+        # bytes keys are stored raw; values (state as a dict) as JSON — Faust picks the changelog
+        # serializers from these types, in recovery too.
+        key_type=bytes,
         # Changelog partition from the key (murmur2, like the source topic), not from the
         # "current event", which inside a batch is not the event being folded.
         use_partitioner=True,
