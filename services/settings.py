@@ -77,7 +77,8 @@ class Settings(BaseSettings):
     max_inflight_produce: int = Field(default=2000, ge=1)
     # How long a caller waits for Kafka before UNAVAILABLE (the event may still land; retry).
     produce_timeout_s: float = Field(default=10.0, gt=0)
-    producer_linger_ms: int = Field(default=2, ge=0)
+    # 0: send as soon as the sender is free; batches still form while a request is in flight.
+    producer_linger_ms: int = Field(default=0, ge=0)
     # Comma-separated allow-list of tenant ids; empty accepts any well-formed tenant id.
     tenants: str = ""
     # How long a client_message_id is remembered for deduplication.

@@ -18,7 +18,14 @@ from switchboard.v1 import chat_pb2
 from services.ingress import _validation as v
 from services.ingress._hotview import IngressHotView
 from services.ingress._producer import EventProducer
-from services.ingress._service import ChatService, MalformedRequest, WriteOrder, _traceparent, retry_metadata
+from services.ingress._service import (
+    ChatService,
+    MalformedRequest,
+    MessageBatcher,
+    WriteOrder,
+    _traceparent,
+    retry_metadata,
+)
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,7 @@ class ChatServicer:
 
     def __init__(self, service: ChatService) -> None:
         self._service = service
+        self._batcher = MessageBatcher(service)
 
     async def StartConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -69,7 +77,7 @@ class ChatServicer:
             await _abort(context, exc)
 
     async def SendMessage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        (outcome,) = await self._service.accept_messages([request], _traceparent(context))
+        outcome = await self._batcher.submit(request, _traceparent(context))
         if isinstance(outcome, v.RequestRejected):
             await _abort(context, outcome)
         return outcome

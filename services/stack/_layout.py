@@ -1,0 +1,129 @@
+"""Where one stack keeps its files, and which ports it listens on. Everything derives from Settings,
+so two stacks with different data directories and ports never touch each other's files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.settings import PROJECT_ROOT, Settings
+
+COMPONENTS = ("kafka", "redis", "s3")
+INFRA_DIR = PROJECT_ROOT / "infra"
+LOOPBACK = "127.0.0.1"
+_GRPC_OFFSET = 10_000  # SeaweedFS's default distance from an HTTP port to its gRPC port
+
+
+class StackError(RuntimeError):
+    """A local stack component could not be installed, started or stopped; the message says why."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    data_dir: Path
+
+    @classmethod
+    def of(cls, settings: Settings) -> Layout:
+        return cls(settings.data_dir.expanduser().resolve())
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    def log_path(self, name: str) -> Path:
+        return self.logs_dir / f"{name}.log"
+
+    def pid_path(self, name: str) -> Path:
+        return self.run_dir / f"{name}.pid"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.run_dir / "stack.lock"
+
+    @property
+    def kafka_dir(self) -> Path:
+        return self.data_dir / "kafka"
+
+    def kafka_libs(self, version: str) -> Path:
+        return self.kafka_dir / f"libs-{version}"
+
+    @property
+    def kafka_log_dir(self) -> Path:
+        return self.kafka_dir / "data"
+
+    @property
+    def kafka_config(self) -> Path:
+        return self.kafka_dir / "server.properties"
+
+    @property
+    def kafka_cluster_id(self) -> Path:
+        return self.kafka_dir / "cluster.id"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.data_dir / "redis"
+
+    @property
+    def s3_dir(self) -> Path:
+        return self.data_dir / "s3"
+
+    @property
+    def s3_data(self) -> Path:
+        return self.s3_dir / "data"
+
+    @property
+    def s3_identities(self) -> Path:
+        return self.s3_dir / "identities.json"
+
+
+def seaweed_ports(settings: Settings) -> dict[str, int]:
+    """Every port `weed mini` binds, keyed by its command-line flag."""
+    s3 = settings.s3_port
+    admin = settings.s3_admin_port or s3 + 1
+
+    def grpc(explicit: int, http: int) -> int:
+        return explicit or http + _GRPC_OFFSET
+
+    return {
+        "master.port": settings.s3_master_port,
+        "master.port.grpc": grpc(settings.s3_master_grpc_port, settings.s3_master_port),
+        "volume.port": settings.s3_volume_port,
+        "volume.port.grpc": grpc(settings.s3_volume_grpc_port, settings.s3_volume_port),
+        "filer.port": settings.s3_filer_port,
+        "filer.port.grpc": grpc(settings.s3_filer_grpc_port, settings.s3_filer_port),
+        "s3.port": s3,
+        "s3.port.grpc": grpc(settings.s3_grpc_port, s3),
+        "admin.port": admin,
+        "admin.port.grpc": grpc(settings.s3_admin_grpc_port, admin),
+    }
+
+
+def component_ports(settings: Settings) -> dict[str, list[int]]:
+    return {
+        "kafka": [settings.kafka_port, settings.kafka_controller_port],
+        "redis": [settings.redis_port],
+        "s3": list(seaweed_ports(settings).values()),
+    }
+
+
+def check_ports_distinct(settings: Settings) -> None:
+    named = [
+        ("kafka", settings.kafka_port),
+        ("kafka controller", settings.kafka_controller_port),
+        ("redis", settings.redis_port),
+        *((f"s3 ({flag})", port) for flag, port in seaweed_ports(settings).items()),
+    ]
+    seen: dict[int, str] = {}
+    for what, port in named:
+        if port > 65535:
+            raise StackError(f"{what}: derived port {port} is above 65535; set it explicitly")
+        if port in seen:
+            raise StackError(
+                f"port {port} is configured for both {seen[port]} and {what}: give each its own port "
+                "(SWITCHBOARD_S3_*_PORT; a gRPC port of 0 is HTTP port + 10000, admin port 0 is S3 port + 1)"
+            )
+        seen[port] = what

@@ -1,0 +1,153 @@
+"""Start, stop and inspect the local stack's servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from services.settings import Settings
+from services.stack._components import Component, components
+from services.stack._install import install
+from services.stack._layout import COMPONENTS, Layout, StackError, check_ports_distinct, component_ports
+from services.stack._process import is_running, port_holder, running_pid, spawn, stack_lock, tail, terminate
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 20.0
+PORT_RELEASE_S = 10.0
+
+
+def _component(settings: Settings, name: str) -> Component:
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown stack component {name!r}; expected one of {', '.join(COMPONENTS)}")
+    return components(settings)[name]
+
+
+async def up(settings: Settings) -> None:
+    """Start every component that is not running and wait until each answers its own protocol."""
+    check_ports_distinct(settings)
+    await install(settings)
+    async with stack_lock(Layout.of(settings).lock_path):
+        await _all(settings, _start)
+
+
+async def down(settings: Settings) -> None:
+    """Stop every component (SIGTERM, then SIGKILL after a grace period); idempotent."""
+    async with stack_lock(Layout.of(settings).lock_path):
+        await _all(settings, lambda c: _stop(c, kill=False))
+
+
+async def start_component(settings: Settings, name: str) -> None:
+    """Start one component ("kafka", "redis" or "s3") if it is not running; its data is kept."""
+    component = _component(settings, name)
+    check_ports_distinct(settings)
+    async with stack_lock(component.layout.lock_path):
+        await _start(component)
+
+
+async def stop_component(settings: Settings, name: str, *, kill: bool = False) -> None:
+    """Stop one component; `kill=True` sends SIGKILL at once (a crash, not a shutdown)."""
+    component = _component(settings, name)
+    async with stack_lock(component.layout.lock_path):
+        await _stop(component, kill=kill)
+
+
+async def status(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Per component: pid, alive (process running and answering its protocol), address, log."""
+
+    async def one(c: Component) -> dict[str, Any]:
+        pid = running_pid(c.pid_path, c.identity)
+        alive = pid is not None and await c.healthy()
+        return {"pid": pid, "alive": alive, "address": c.address, "log": str(c.log_path)}
+
+    comps = components(settings)
+    results = await asyncio.gather(*(one(c) for c in comps.values()))
+    return dict(zip(comps, results, strict=True))
+
+
+def logs(settings: Settings, name: str | None = None, lines: int = 50) -> str:
+    """The last `lines` lines of one component's log, or of each one's (name=None)."""
+    layout = Layout.of(settings)
+    if name is not None:
+        if name not in (*COMPONENTS, "install"):
+            raise ValueError(f"unknown log {name!r}; expected one of {', '.join(COMPONENTS)}, install")
+        return tail(layout.log_path(name), lines)
+    parts = []
+    for each in COMPONENTS:
+        path = layout.log_path(each)
+        parts.append(f"==> {path} <==\n{tail(path, lines)}")
+    return "\n\n".join(parts)
+
+
+async def _all(settings: Settings, action: Callable[[Component], Awaitable[None]]) -> None:
+    """Run `action` on every component concurrently; let all finish, then report every failure."""
+    comps = list(components(settings).values())
+    results = await asyncio.gather(*(action(c) for c in comps), return_exceptions=True)
+    failures = [(c, r) for c, r in zip(comps, results, strict=True) if isinstance(r, BaseException)]
+    if len(failures) == 1:
+        raise failures[0][1]
+    if failures:
+        raise StackError("\n\n".join(f"[{c.name}] {r}" for c, r in failures)) from failures[0][1]
+
+
+async def _start(c: Component) -> None:
+    pid = running_pid(c.pid_path, c.identity)
+    if pid is not None:
+        # Ours and running (maybe still starting): just wait until it answers.
+        await _wait_healthy(c, pid)
+        await c.after_start()
+        return
+    taken = {
+        port: holder
+        for port in component_ports(c.settings)[c.name]
+        if (holder := port_holder(port)) is not None
+    }
+    if taken:
+        detail = "; ".join(f"{port}: {holder}" for port, holder in taken.items())
+        raise StackError(
+            f"cannot start {c.name}: port(s) already in use ({detail}). Stop that or change ports."
+        )
+    await c.prepare()
+    started = time.monotonic()
+    pid = spawn(c.argv(), name=c.name, log_path=c.log_path, pid_path=c.pid_path, cwd=c.cwd)
+    await _wait_healthy(c, pid)
+    await c.after_start()
+    log.info("%s up on %s (pid %d) in %.1fs", c.name, c.address, pid, time.monotonic() - started)
+
+
+async def _wait_healthy(c: Component, pid: int) -> None:
+    deadline = time.monotonic() + c.start_timeout_s
+    while not await c.healthy():
+        if not is_running(pid):
+            c.pid_path.unlink(missing_ok=True)
+            raise StackError(
+                f"{c.name} exited while starting; last lines of {c.log_path}:\n{tail(c.log_path, 40)}"
+            )
+        if time.monotonic() > deadline:
+            raise StackError(
+                f"{c.name} (pid {pid}) did not answer on {c.address} within {c.start_timeout_s:.0f}s; "
+                f"it is left running for inspection. Last lines of {c.log_path}:\n{tail(c.log_path, 40)}"
+            )
+        await asyncio.sleep(0.2)
+
+
+async def _stop(c: Component, *, kill: bool) -> None:
+    pid = running_pid(c.pid_path, c.identity)
+    if pid is not None:
+        await terminate(pid, grace_s=STOP_GRACE_S, kill=kill)
+        # A killed multi-threaded server shows as a zombie while its other threads still hold its
+        # sockets; a start right away would find its ports taken. Wait until they are free.
+        deadline = time.monotonic() + PORT_RELEASE_S
+        while any(port_holder(p) for p in component_ports(c.settings)[c.name]):
+            if time.monotonic() > deadline:
+                log.warning("%s stopped (pid %d) but its ports are still in use", c.name, pid)
+                break
+            await asyncio.sleep(0.05)
+        log.info("%s stopped (pid %d)", c.name, pid)
+    c.pid_path.unlink(missing_ok=True)
+
+
+__all__ = ["StackError", "down", "logs", "start_component", "status", "stop_component", "up"]
