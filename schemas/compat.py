@@ -90,10 +90,10 @@ def breaking_changes(
         for value in old_enum.value:
             if values.get(value.number) != value.name:
                 problems.append(f"enum value {name}.{value.name} (= {value.number}) was removed or renamed")
-    new_services = {f"{f.package}.{s.name}": s for f in current.file for s in f.service}
-    for f in released.file:
-        for s in f.service:
-            full = f"{f.package}.{s.name}"
+    new_services = {f"{fd.package}.{s.name}": s for fd in current.file for s in fd.service}
+    for fd in released.file:
+        for s in fd.service:
+            full = f"{fd.package}.{s.name}"
             now_service = new_services.get(full)
             if now_service is None:
                 problems.append(f"service {full} was removed")

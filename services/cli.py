@@ -55,17 +55,23 @@ def _cmd_topics(args: argparse.Namespace) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from services.analytics import migrate_command
+    from services.analytics import AnalyticsError, migrate_command
 
-    applied = migrate_command(_settings())
+    try:
+        applied = migrate_command(_settings())
+    except AnalyticsError as exc:
+        sys.exit(f"switchboard migrate: {exc}")
     print("applied: " + (", ".join(applied) if applied else "nothing (schema is current)"))
     return 0
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    from services.analytics import run_query
+    from services.analytics import AnalyticsError, run_query
 
-    print(run_query(_settings(), args.query, args.format), end="")
+    try:
+        print(run_query(_settings(), args.query, args.format), end="")
+    except AnalyticsError as exc:
+        sys.exit(f"switchboard sql: {exc}")
     return 0
 
 

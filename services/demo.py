@@ -11,7 +11,7 @@ from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 
 from services.settings import Settings
 
-CONVERSATIONS: list[tuple[int, str, list[str]]] = [
+CONVERSATIONS: list[tuple[events_pb2.Channel, str, list[str]]] = [
     (
         events_pb2.CHANNEL_IOS,
         "zh-CN",

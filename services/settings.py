@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     worker_instance_id: str = ""
     worker_session_timeout_s: float = Field(default=10.0, ge=3.0)
     batch_size: int = Field(default=500, ge=1)
+    # Each ClickHouse insert has a fixed cost (~20-40 ms on chdb here), so the projector takes
+    # bigger batches than the sessions worker.
+    projector_batch_size: int = Field(default=5000, ge=1)
     batch_within_s: float = Field(default=0.05, gt=0)
     # Recent messages kept in each conversation's Redis stream (older ones live in ClickHouse).
     live_stream_maxlen: int = Field(default=10_000, ge=100)

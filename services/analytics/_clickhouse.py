@@ -37,11 +37,15 @@ ORDER BY name""",
 )
 
 
-class ClickHouseLockedError(RuntimeError):
+class AnalyticsError(RuntimeError):
+    """An analytics operation failed; the message says what to do about it."""
+
+
+class ClickHouseLockedError(AnalyticsError):
     """The embedded ClickHouse directory is open in another process (only one may open it)."""
 
 
-class MigrationError(RuntimeError):
+class MigrationError(AnalyticsError):
     """A migration failed, or an applied migration's file was changed afterwards."""
 
 

@@ -8,6 +8,7 @@ id it already has (ids come from offsets), and the hash is overwritten with the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from typing import Any
 
 import faust
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from schemas import hotview as hv
 from schemas.events import EventDecodeError, LogPosition, decode_event
@@ -60,7 +61,17 @@ def register_sessions(app: faust.App, settings: Settings) -> None:
     @app.agent(topic, name="sessions")
     async def sessions(stream: Any) -> None:
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-            await _fold_batch(batch, table, await redis(), dead_letters, settings)
+            # Faust acks a batch even when this body raises, so a failure must not escape:
+            # retry until the mirror is written (the fold is pure, so a retry is the same work).
+            backoff = 0.1
+            while True:
+                try:
+                    await _fold_batch(batch, table, await redis(), dead_letters, settings)
+                    break
+                except (RedisError, OSError) as exc:
+                    log.warning("Redis mirror write failed (%r); retrying in %.1fs", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
 
 
 async def _fold_batch(

@@ -1,0 +1,587 @@
+"""Enough of ClickHouse's HTTP interface, served over chdb, for clickhouse-connect and curl.
+
+chdb runs ClickHouse inside one process and speaks no network protocol; this endpoint lets every
+other process (the `switchboard sql` command, an analyst's `clickhouse_connect.get_client(host=…,
+port=8123)`, Grafana, curl) reach the one process that owns the chdb directory.
+
+What it implements of https://clickhouse.com/docs/interfaces/http:
+- ``GET|POST /?query=…`` and the query in the POST body (``query`` + body are concatenated, and
+  for ``INSERT … FORMAT X`` the body after the statement is the data); multipart form fields.
+- ``param_<name>`` query parameters for ``{name:Type}`` placeholders.
+- ``default_format`` (TabSeparated otherwise) and a trailing ``FORMAT`` clause; any output format
+  ClickHouse has.
+- ``database``, ``query_id``, ``session_id`` / ``session_timeout`` / ``session_check`` (a session
+  keeps its own connection, so ``SET``, ``USE`` and temporary tables persist in it), and every other
+  URL parameter as a query-scoped setting.
+- Compressed request bodies (``Content-Encoding`` gzip, deflate, br, zstd, lz4); responses are
+  never compressed (no ``Content-Encoding``, which clients read as identity).
+- ``X-ClickHouse-Query-Id``, ``-Format``, ``-Timezone``, ``-Summary`` and ``-Server-Display-Name``
+  headers; errors as ``Code: N. DB::Exception: … (NAME) (version …)`` with
+  ``X-ClickHouse-Exception-Code`` and ClickHouse's 4xx/5xx status; ``GET /ping`` -> ``Ok.``.
+- GET requests (and ``readonly=1|2``) are read-only, as in ClickHouse.
+
+Exact counts: the endpoint applies the setting ``final = 1`` to every query unless the request
+says otherwise (``final=0`` in the URL, ``settings={"final": 0}`` in clickhouse-connect, or
+``SET final = 0`` in a session), so ``SELECT count() FROM switchboard.messages`` deduplicates
+(ReplacingMergeTree) without writing FINAL. Not implemented: users and passwords (the endpoint
+listens on 127.0.0.1 only and ignores credentials), ClickHouse's native block compression
+(``compress=1`` / ``decompress=1``), external data tables, progress headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import itertools
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SETTINGS: Mapping[str, str] = {"final": "1"}
+
+# URL parameters that shape the HTTP exchange rather than the query (never sent to the engine).
+_TRANSPORT_PARAMS = frozenset(
+    {
+        "query",
+        "database",
+        "default_format",
+        "session_id",
+        "session_timeout",
+        "session_check",
+        "query_id",
+        "user",
+        "password",
+        "quota_key",
+        "role",
+        "compress",
+        "decompress",
+        "enable_http_compression",
+        "http_zlib_compression_level",
+        "http_native_compression_disable_checksumming_on_decompress",
+        "wait_end_of_query",
+        "buffer_size",
+        "http_response_buffer_size",
+        "send_progress_in_http_headers",
+        "http_headers_progress_interval_ms",
+        "client_protocol_version",
+        "cancel_http_readonly_queries_on_client_close",
+        "add_http_cors_header",
+        "readonly",
+    }
+)
+
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
+# `INSERT INTO t [(cols)] [SETTINGS …] FORMAT Name` followed by data.
+_INSERT_WITH_DATA = re.compile(
+    rb"^\s*(INSERT\s+INTO\s.*?)\bFORMAT\s+(\w+)[ \t]*(?:\r?\n)?", re.IGNORECASE | re.DOTALL
+)
+_INSERT_WITHOUT_DATA = re.compile(rb"\b(?:VALUES|SELECT|WITH)\b", re.IGNORECASE)
+_LEADING_NOISE = re.compile(r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.DOTALL)
+_FIRST_WORD = re.compile(r"^\(?\s*([A-Za-z]+)")
+_ERROR_CODE = re.compile(r"Code:\s*(\d+)")
+_ERROR_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*(?:\(version [^)]*\))?\s*$")
+
+_READ_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS", "CHECK"})
+_READONLY_ALLOWED = _READ_STATEMENTS | {"SET", "USE"}
+
+# ClickHouse's exceptionCodeToHTTPStatus, for the codes chdb can raise here.
+_HTTP_STATUS = {
+    **dict.fromkeys((192, 193, 194, 195, 516), 401),  # unknown user, wrong password, …
+    **dict.fromkeys((164, 497), 403),  # READONLY, ACCESS_DENIED
+    **dict.fromkeys((46, 60, 73, 81, 82, 372), 404),  # unknown function/table/format/db, no session
+    **dict.fromkeys((373,), 409),  # SESSION_IS_LOCKED
+    **dict.fromkeys(
+        (6, 25, 26, 27, 32, 33, 36, 38, 41, 42, 43, 44, 47, 48, 53, 57, 62, 69, 70, 72, 115, 130, 386),
+        400,
+    ),  # cannot parse, syntax, unknown identifier/setting, type mismatch, bad arguments, …
+    **dict.fromkeys((159, 241), 500),
+}
+
+_CONTENT_TYPES = {
+    "tabseparated": "text/tab-separated-values; charset=UTF-8",
+    "tsv": "text/tab-separated-values; charset=UTF-8",
+    "csv": "text/csv; charset=UTF-8; header=absent",
+    "csvwithnames": "text/csv; charset=UTF-8; header=present",
+    "json": "application/json; charset=UTF-8",
+    "jsoncompact": "application/json; charset=UTF-8",
+    "jsoneachrow": "application/x-ndjson; charset=UTF-8",
+}
+
+
+class QueryError(Exception):
+    """A failed query, carrying ClickHouse's error code and message."""
+
+    def __init__(self, message: str, code: int = 1001) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @classmethod
+    def from_engine(cls, exc: BaseException) -> QueryError:
+        text = str(exc).strip()
+        start = text.find("Code: ")
+        if start > 0:
+            text = text[start:]
+        match = _ERROR_CODE.search(text)
+        return cls(text, int(match.group(1)) if match else 1001)
+
+    @property
+    def http_status(self) -> int:
+        return _HTTP_STATUS.get(self.code, 500)
+
+
+@dataclass(slots=True)
+class QueryRequest:
+    sql: str
+    # Data of an `INSERT … FORMAT X` statement, and X.
+    insert_data: bytes | None = None
+    insert_format: str = ""
+    default_format: str = "TabSeparated"
+    params: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, str] = field(default_factory=dict)
+    database: str = ""
+    session_id: str = ""
+    session_timeout_s: float = 60.0
+    session_check: bool = False
+    # "" (read-write), "1" or "2": ClickHouse's readonly levels; GET requests are "2".
+    readonly: str = ""
+    query_id: str = ""
+
+
+@dataclass(slots=True)
+class QueryResult:
+    body: bytes
+    # The output format when the statement produces a result set, else "".
+    format: str
+    summary: dict[str, str]
+
+
+def statement_kind(sql: str) -> str:
+    """The statement's first keyword, upper-case (``SELECT``, ``INSERT``, …); "" if none."""
+    text = _LEADING_NOISE.sub("", sql, count=1)
+    match = _FIRST_WORD.match(text)
+    return match.group(1).upper() if match else ""
+
+
+def output_format(sql: str, default: str) -> str:
+    match = _TRAILING_FORMAT.search(sql)
+    return match.group(1) if match else default
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _set_statement(settings: Mapping[str, str]) -> str:
+    for name in settings:
+        if not _SETTING_NAME.match(name):
+            raise QueryError(f"Code: 115. DB::Exception: Unknown setting '{name}'. (UNKNOWN_SETTING)", 115)
+    return "SET " + ", ".join(f"{name} = {_quote(value)}" for name, value in settings.items())
+
+
+class _Session:
+    def __init__(self, conn: Any, timeout_s: float) -> None:
+        self.conn = conn
+        self.timeout_s = timeout_s
+        self.lock = threading.Lock()
+        self.last_used = time.monotonic()
+
+    def expired(self, now: float) -> bool:
+        return not self.lock.locked() and now - self.last_used > self.timeout_s
+
+
+class ChdbQueryEngine:
+    """Runs `QueryRequest`s on chdb connections; thread-safe, blocking (call from a worker thread).
+
+    A request without a session gets a fresh connection (a few milliseconds) with the default
+    settings, its own settings and database; a session keeps one connection across requests, and
+    its request settings are applied for that request only, then restored.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        default_settings: Mapping[str, str] = DEFAULT_SETTINGS,
+        max_sessions: int = 256,
+    ) -> None:
+        self.path = str(Path(path).resolve())
+        self.default_settings = dict(default_settings)
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, _Session] = {}
+        self._sessions_lock = threading.Lock()
+        # Keeps the engine open between requests (chdb shuts it down with its last connection).
+        self._anchor = self._connect()
+        self.version = self._scalar("SELECT version()")
+        self.timezone = self._scalar("SELECT timezone()")
+
+    def _connect(self, readonly: str = "") -> Any:
+        import chdb  # the `embedded` extra: server deployments do not install it
+
+        settings = dict(self.default_settings)
+        if readonly:
+            # Enforced by the engine for this connection, exactly as ClickHouse does for GET.
+            settings["readonly"] = readonly
+        suffix = "&".join(f"{k}={v}" for k, v in settings.items())
+        try:
+            return chdb.connect(f"{self.path}?{suffix}" if suffix else self.path)
+        except Exception as exc:
+            raise QueryError.from_engine(exc) from exc
+
+    def _scalar(self, sql: str) -> str:
+        return str(self._anchor.query(sql, "TSV").bytes().decode().strip())
+
+    def close(self) -> None:
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for session in sessions:
+            session.conn.close()
+        self._anchor.close()
+
+    # --- sessions -------------------------------------------------------------------------------
+
+    def _session(self, request: QueryRequest) -> _Session:
+        now = time.monotonic()
+        with self._sessions_lock:
+            for sid, old in list(self._sessions.items()):
+                if old.expired(now):
+                    del self._sessions[sid]
+                    old.conn.close()
+            session = self._sessions.get(request.session_id)
+            if session is None:
+                if request.session_check:
+                    raise QueryError(
+                        f"Code: 372. DB::Exception: Session {request.session_id} not found. "
+                        "(SESSION_NOT_FOUND)",
+                        372,
+                    )
+                if len(self._sessions) >= self.max_sessions:
+                    raise QueryError(
+                        f"Code: 202. DB::Exception: Too many sessions (at most {self.max_sessions}); "
+                        "close idle clients or lower session_timeout. (TOO_MANY_SIMULTANEOUS_QUERIES)",
+                        202,
+                    )
+                session = _Session(self._connect(), request.session_timeout_s)
+                self._sessions[request.session_id] = session
+            session.timeout_s = request.session_timeout_s
+        if not session.lock.acquire(blocking=False):
+            raise QueryError(
+                f"Code: 373. DB::Exception: Session {request.session_id} is locked by a concurrent "
+                "client. (SESSION_IS_LOCKED)",
+                373,
+            )
+        return session
+
+    # --- execution ------------------------------------------------------------------------------
+
+    def execute(self, request: QueryRequest) -> QueryResult:
+        kind = statement_kind(request.sql)
+        if not request.session_id:
+            conn = self._connect(request.readonly)
+            try:
+                if request.settings:
+                    self._run(conn, _set_statement(request.settings))
+                return self._execute_on(conn, request, kind)
+            finally:
+                conn.close()
+        if request.readonly and kind not in _READONLY_ALLOWED:
+            # A session's connection cannot be made read-only for one request (readonly cannot
+            # be reset), so read-only requests in a session are checked by statement instead.
+            raise QueryError(
+                "Code: 164. DB::Exception: Cannot execute query in readonly mode: a GET request "
+                "(or readonly=1|2) only reads; send writes with POST. (READONLY)",
+                164,
+            )
+        session = self._session(request)
+        try:
+            restore = self._apply_scoped_settings(session.conn, request.settings) if kind != "SET" else {}
+            try:
+                return self._execute_on(session.conn, request, kind)
+            finally:
+                if restore:
+                    self._run(session.conn, _set_statement(restore))
+        finally:
+            session.last_used = time.monotonic()
+            session.lock.release()
+
+    def _apply_scoped_settings(self, conn: Any, settings: Mapping[str, str]) -> dict[str, str]:
+        """Apply request settings on a session connection; return what restores the session."""
+        if not settings:
+            return {}
+        names = ", ".join(_quote(name) for name in settings)
+        current = {
+            row[0]: row[1]
+            for row in json.loads(
+                self._run(
+                    conn, f"SELECT name, value FROM system.settings WHERE name IN ({names})", "JSONCompact"
+                )
+                .bytes()
+                .decode()
+            )["data"]
+        }
+        changed = {k: v for k, v in settings.items() if current.get(k) != v}
+        if not changed:
+            return {}
+        self._run(conn, _set_statement(changed))
+        return {k: current[k] for k in changed if k in current}
+
+    def _run(self, conn: Any, sql: str, fmt: str = "TSV", params: Mapping[str, str] | None = None) -> Any:
+        try:
+            return conn.query(sql, fmt, params=dict(params or {}))
+        except Exception as exc:
+            raise QueryError.from_engine(exc) from exc
+
+    def _execute_on(self, conn: Any, request: QueryRequest, kind: str) -> QueryResult:
+        if request.database:
+            self._run(conn, f"USE `{request.database.replace('`', '``')}`")
+        if request.insert_data is not None:
+            return self._insert(conn, request)
+        produces_rows = kind in _READ_STATEMENTS
+        fmt = output_format(request.sql, request.default_format)
+        result = self._run(conn, request.sql, request.default_format, request.params)
+        body = bytes(result.bytes() or b"")
+        summary = {
+            "read_rows": str(result.rows_read()),
+            "read_bytes": str(result.bytes_read()),
+            "written_rows": "0",
+            "written_bytes": "0",
+            "total_rows_to_read": str(result.rows_read()),
+            "result_rows": "0",
+            "result_bytes": str(len(body)),
+            "elapsed_ns": str(int(result.elapsed() * 1e9)),
+        }
+        return QueryResult(body, fmt if produces_rows else "", summary)
+
+    def _insert(self, conn: Any, request: QueryRequest) -> QueryResult:
+        assert request.insert_data is not None
+        try:
+            inserter = conn.send_insert(request.sql, request.insert_format)
+            with inserter:
+                inserter.append(request.insert_data)
+                done = inserter.finish()
+        except Exception as exc:
+            raise QueryError.from_engine(exc) from exc
+        summary = {
+            "read_rows": "0",
+            "read_bytes": "0",
+            "written_rows": str(done.rows_written),
+            "written_bytes": str(done.bytes_written),
+            "total_rows_to_read": "0",
+            "result_rows": str(done.rows_written),
+            "result_bytes": "0",
+            "elapsed_ns": str(int(done.elapsed * 1e9)),
+        }
+        return QueryResult(b"", "", summary)
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+
+def _decompress(body: bytes, encoding: str) -> bytes:
+    encoding = encoding.strip().lower()
+    if not body or encoding in ("", "identity"):
+        return body
+    if encoding == "gzip":
+        return gzip.decompress(body)
+    if encoding == "deflate":
+        return zlib.decompress(body)
+    if encoding == "zstd":
+        import zstandard
+
+        return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(body))
+    if encoding == "lz4":
+        import lz4.frame
+
+        return bytes(lz4.frame.decompress(body))
+    if encoding == "br":
+        try:
+            import brotli
+        except ImportError as exc:
+            raise QueryError(
+                "Code: 36. DB::Exception: br request bodies need brotli. (BAD_ARGUMENTS)", 36
+            ) from exc
+        return bytes(brotli.decompress(body))
+    raise QueryError(f"Code: 36. DB::Exception: Unknown Content-Encoding {encoding!r}. (BAD_ARGUMENTS)", 36)
+
+
+async def parse_request(request: web.Request) -> QueryRequest:
+    """Turn a ClickHouse-style HTTP request into a `QueryRequest` (raises `QueryError`)."""
+    values: dict[str, str] = dict(request.query)
+    body = b""
+    if request.method == "POST":
+        if request.content_type == "multipart/form-data":
+            form = await request.post()
+            for name, value in form.items():
+                if not isinstance(value, str):
+                    raise QueryError(
+                        "Code: 48. DB::Exception: external data is not supported by this endpoint. "
+                        "(NOT_IMPLEMENTED)",
+                        48,
+                    )
+                values[name] = value
+        else:
+            body = _decompress(await request.read(), request.headers.get("Content-Encoding", ""))
+    for flag in ("compress", "decompress"):
+        if values.get(flag, "0") not in ("0", "false", ""):
+            raise QueryError(
+                f"Code: 48. DB::Exception: {flag}=1 (ClickHouse native compression) is not supported "
+                "by this endpoint; use Content-Encoding instead. (NOT_IMPLEMENTED)",
+                48,
+            )
+
+    query = values.get("query", "")
+    insert_data: bytes | None = None
+    insert_format = ""
+    head = (query.encode() + b"\n" + body) if query and body else (query.encode() or body)
+    match = _INSERT_WITH_DATA.match(head[:65536])
+    if match and _INSERT_WITHOUT_DATA.search(match.group(1)):
+        match = None  # `INSERT … VALUES (…)` or `INSERT … SELECT`: all of it is SQL
+    if match and (len(head) > match.end() or body):
+        insert_data = head[match.end() :]
+        insert_format = match.group(2).decode()
+        sql = match.group(1).decode(errors="replace").strip()
+    else:
+        try:
+            sql = head.decode()
+        except UnicodeDecodeError as exc:
+            raise QueryError("Code: 36. DB::Exception: the query is not UTF-8. (BAD_ARGUMENTS)", 36) from exc
+    if not sql.strip():
+        raise QueryError("Code: 62. DB::Exception: Empty query. (SYNTAX_ERROR)", 62)
+
+    params: dict[str, str] = {}
+    settings: dict[str, str] = {}
+    for name, value in values.items():
+        if name.startswith("param_"):
+            params[name.removeprefix("param_")] = value
+        elif name not in _TRANSPORT_PARAMS:
+            settings[name] = value
+    try:
+        timeout = float(values.get("session_timeout", "60"))
+    except ValueError as exc:
+        raise QueryError(
+            "Code: 36. DB::Exception: session_timeout is not a number. (BAD_ARGUMENTS)", 36
+        ) from exc
+    return QueryRequest(
+        sql=sql,
+        insert_data=insert_data,
+        insert_format=insert_format,
+        default_format=values.get("default_format") or "TabSeparated",
+        params=params,
+        settings=settings,
+        database=values.get("database", ""),
+        session_id=values.get("session_id", ""),
+        session_timeout_s=max(1.0, min(timeout, 3600.0)),
+        session_check=values.get("session_check", "0") in ("1", "true"),
+        readonly=_readonly_level(request.method, values.get("readonly", "")),
+        query_id=values.get("query_id", ""),
+    )
+
+
+def _readonly_level(method: str, requested: str) -> str:
+    if requested in ("1", "2"):
+        return requested
+    return "2" if method in ("GET", "HEAD") else ""
+
+
+class QueryEndpoint:
+    """The aiohttp application around a `ChdbQueryEngine`; start/stop it on a running loop."""
+
+    def __init__(
+        self, engine: ChdbQueryEngine, host: str = "127.0.0.1", port: int = 8123, *, threads: int = 4
+    ) -> None:
+        self.engine = engine
+        self.host = host
+        self.port = port
+        # Queries get their own threads, so a slow analyst query never delays the projector's
+        # inserts (which use the loop's default executor).
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chdb-query")
+        self._runner: web.AppRunner | None = None
+        self._query_ids = itertools.count(1)
+        self.app = web.Application(client_max_size=512 * 1024 * 1024)
+        self.app.router.add_route("GET", "/ping", self._ok)
+        self.app.router.add_route("GET", "/replicas_status", self._ok)
+        self.app.router.add_route("*", "/", self._query)
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+        log.info(
+            "ClickHouse HTTP endpoint on http://%s:%d (chdb at %s)", self.host, self.port, self.engine.path
+        )
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _headers(self, query_id: str) -> dict[str, str]:
+        return {
+            "X-ClickHouse-Query-Id": query_id,
+            "X-ClickHouse-Timezone": self.engine.timezone,
+            "X-ClickHouse-Server-Display-Name": "switchboard-chdb",
+        }
+
+    async def _ok(self, request: web.Request) -> web.Response:
+        return web.Response(text="Ok.\n")
+
+    async def _query(self, request: web.Request) -> web.StreamResponse:
+        if request.method in ("GET", "HEAD") and not request.query:
+            return web.Response(text="Ok.\n")
+        if request.method not in ("GET", "HEAD", "POST"):
+            return web.Response(status=405, text="Method not allowed.\n")
+        query_id = request.query.get("query_id") or str(uuid.uuid4())
+        headers = self._headers(query_id)
+        try:
+            parsed = await parse_request(request)
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self._executor, self.engine.execute, parsed)
+        except QueryError as exc:
+            message = str(exc)
+            if "(version " not in message:
+                message = f"{message} (version {self.engine.version})"
+            headers["X-ClickHouse-Exception-Code"] = str(exc.code)
+            return web.Response(
+                status=exc.http_status, text=message + "\n", headers=headers, content_type="text/plain"
+            )
+        except Exception as exc:  # a bug of ours, not a query error: still answer like ClickHouse
+            log.exception("query endpoint failed")
+            headers["X-ClickHouse-Exception-Code"] = "1001"
+            return web.Response(
+                status=500,
+                text=f"Code: 1001. DB::Exception: {type(exc).__name__}: {exc}. (STD_EXCEPTION) "
+                f"(version {self.engine.version})\n",
+                headers=headers,
+                content_type="text/plain",
+            )
+        headers["X-ClickHouse-Summary"] = json.dumps(result.summary)
+        if result.format:
+            headers["X-ClickHouse-Format"] = result.format
+        content_type = _CONTENT_TYPES.get(result.format.lower(), "text/plain; charset=UTF-8")
+        if result.format.lower() in ("native", "rowbinary", "rowbinarywithnamesandtypes", "arrow", "parquet"):
+            content_type = "application/octet-stream"
+        headers["Content-Type"] = content_type
+        return web.Response(body=result.body, headers=headers)

@@ -1,0 +1,180 @@
+"""The analytics process, and the commands (`switchboard sql`, `switchboard migrate`) that reach it.
+
+In embedded mode (``chdb://`` DSN) this process is the only one that opens the chdb directory: it
+runs the projector and serves the ClickHouse HTTP endpoint on ``settings.analytics_listen``,
+through which everything else (the commands below, analysts, dashboards) queries. With a
+ClickHouse server (``http(s)://`` DSN) it only projects; everyone connects to the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import logging
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import clickhouse_connect
+import mode
+
+from services.analytics._clickhouse import (
+    AnalyticsError,
+    chdb_path,
+    locked_by_another_process,
+    migrate,
+    open_clickhouse,
+)
+from services.analytics._endpoint import ChdbQueryEngine, QueryEndpoint, QueryError, QueryRequest
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class QueryFailedError(AnalyticsError):
+    """ClickHouse refused a query; the message is ClickHouse's own (``Code: N. DB::Exception: …``)."""
+
+
+def listen_address(settings: Settings) -> tuple[str, int]:
+    """``settings.analytics_listen`` as (host, port); the endpoint only listens on loopback."""
+    host, port = settings.analytics_listen.rsplit(":", 1)
+    host = host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise AnalyticsError(
+            f"analytics_listen={settings.analytics_listen!r}: the chdb query endpoint has no "
+            "authentication and listens on a loopback address only (e.g. 127.0.0.1:8123)"
+        )
+    return host, int(port)
+
+
+class QueryEndpointService(mode.Service):
+    """Runs a `QueryEndpoint` alongside the Faust app, on the worker's event loop."""
+
+    def __init__(self, endpoint: QueryEndpoint, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.endpoint = endpoint
+
+    async def on_start(self) -> None:
+        await self.endpoint.start()
+
+    async def on_stop(self) -> None:
+        await self.endpoint.stop()
+        self.endpoint.engine.close()
+
+
+def run_analytics(settings: Settings, loglevel: str = "info") -> None:
+    """Run the analytics process until SIGTERM/SIGINT (blocking).
+
+    Opens ClickHouse (chdb in embedded mode), applies pending migrations, then runs the projector
+    agent and, in embedded mode, the query endpoint on ``settings.analytics_listen``.
+    """
+    from faust.worker import Worker
+
+    from streams.app import create_app
+    from streams.projector import register_projector
+
+    services: list[mode.Service] = []
+    if settings.embedded_clickhouse:
+        host, port = listen_address(settings)
+    client = open_clickhouse(settings)
+    applied = migrate(client)
+    log.info("ClickHouse migrations applied: %s", ", ".join(applied) or "none pending")
+    if settings.embedded_clickhouse:
+        engine = ChdbQueryEngine(chdb_path(settings.effective_clickhouse_dsn))
+        services.append(QueryEndpointService(QueryEndpoint(engine, host, port)))
+    app = create_app("projector", settings)
+    register_projector(app, settings, client, batch_size=settings.projector_batch_size)
+    worker = Worker(app, *services, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def _endpoint_url(settings: Settings) -> str:
+    return f"http://{settings.analytics_listen}"
+
+
+def endpoint_is_up(settings: Settings, timeout_s: float = 2.0) -> bool:
+    """Whether the analytics process's query endpoint answers ``/ping``."""
+    try:
+        with urllib.request.urlopen(f"{_endpoint_url(settings)}/ping", timeout=timeout_s) as resp:
+            return bool(resp.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def _post_query(base_url: str, sql: str, params: dict[str, str], timeout_s: float = 300.0) -> str:
+    parsed = urllib.parse.urlsplit(base_url)
+    headers = {"Content-Type": "text/plain; charset=utf-8"}
+    if parsed.username:
+        token = f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
+    database = parsed.path.strip("/")
+    if database:
+        params = {"database": database, **params}
+    netloc = parsed.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parsed.port:
+        netloc = f"{netloc}:{parsed.port}"
+    url = urllib.parse.urlunsplit((parsed.scheme, netloc, "/", urllib.parse.urlencode(params), ""))
+    request = urllib.request.Request(url, data=sql.encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            return str(resp.read().decode("utf-8", errors="replace"))
+    except urllib.error.HTTPError as exc:
+        raise QueryFailedError(exc.read().decode("utf-8", errors="replace").strip()) from None
+
+
+def run_query(settings: Settings, sql: str, fmt: str = "PrettyCompact") -> str:
+    """Run one statement and return ClickHouse's output in format `fmt`.
+
+    Reads are exact: the setting ``final = 1`` deduplicates the ReplacingMergeTree tables (pass
+    ``SETTINGS final = 0`` in the query to see raw rows). Embedded mode goes through the analytics
+    process's endpoint; when that is not running, chdb is opened here. With a server DSN, the
+    server is queried directly. Raises `QueryFailedError` with ClickHouse's message.
+    """
+    params = {"default_format": fmt, "final": "1"}
+    if not settings.embedded_clickhouse:
+        return _post_query(settings.effective_clickhouse_dsn, sql, params)
+    if endpoint_is_up(settings):
+        return _post_query(_endpoint_url(settings), sql, params)
+    path = chdb_path(settings.effective_clickhouse_dsn)
+    if locked_by_another_process(path):
+        raise AnalyticsError(
+            f"the embedded ClickHouse at {path} is open in another process, but its query endpoint "
+            f"({_endpoint_url(settings)}) does not answer; is the analytics process still starting?"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    engine = ChdbQueryEngine(path)
+    try:
+        return engine.execute(QueryRequest(sql=sql, default_format=fmt)).body.decode(
+            "utf-8", errors="replace"
+        )
+    except QueryError as exc:
+        raise QueryFailedError(str(exc)) from None
+    finally:
+        engine.close()
+
+
+def migrate_command(settings: Settings) -> list[str]:
+    """Apply pending migrations wherever ClickHouse is; returns the names applied.
+
+    Embedded mode: through the running analytics process's endpoint, or, when it is not
+    running, by opening chdb here (a clear `ClickHouseLockedError` if another process has it).
+    """
+    if settings.embedded_clickhouse and endpoint_is_up(settings):
+        host, port = listen_address(settings)
+        client = clickhouse_connect.get_client(host=host, port=port)
+    else:
+        client = open_clickhouse(settings)
+    try:
+        return migrate(client)
+    finally:
+        client.close()

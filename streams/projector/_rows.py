@@ -1,0 +1,344 @@
+"""Events to ClickHouse rows. Pure: no Kafka, no ClickHouse, no clock.
+
+`project` turns a batch of decoded events and their log positions into rows for each table of
+`schemas/clickhouse`. The same batch always gives the same rows, and every table deduplicates
+what it is given twice (see the migrations), so writing a batch again is harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.json_format import MessageToJson
+from switchboard.v1 import events_pb2
+
+from schemas.events import Event, LogPosition, event_type
+
+EVENTS = "events"
+MESSAGES = "messages"
+REPLIES = "replies"
+INTENTS = "intents"
+HANDOFFS = "handoffs"
+CSAT = "csat"
+CONVERSATION_FACTS = "conversation_facts"
+
+COLUMNS: dict[str, tuple[str, ...]] = {
+    EVENTS: (
+        "event_id",
+        "tenant_id",
+        "conversation_id",
+        "type",
+        "occurred_at",
+        "causation_id",
+        "traceparent",
+        "schema_version",
+        "partition",
+        "offset",
+        "payload_json",
+    ),
+    MESSAGES: (
+        "tenant_id",
+        "conversation_id",
+        "message_key",
+        "event_id",
+        "client_message_id",
+        "sender",
+        "agent_id",
+        "text",
+        "occurred_at",
+        "partition",
+        "offset",
+    ),
+    REPLIES: (
+        "tenant_id",
+        "conversation_id",
+        "event_id",
+        "message_event_id",
+        "text",
+        "model",
+        "citation_document_ids",
+        "citation_count",
+        "latency_ms",
+        "prompt_tokens",
+        "completion_tokens",
+        "occurred_at",
+        "partition",
+        "offset",
+    ),
+    INTENTS: (
+        "tenant_id",
+        "conversation_id",
+        "event_id",
+        "message_event_id",
+        "intent",
+        "confidence",
+        "model",
+        "occurred_at",
+        "partition",
+        "offset",
+    ),
+    HANDOFFS: (
+        "tenant_id",
+        "conversation_id",
+        "event_id",
+        "kind",
+        "reason",
+        "queue",
+        "agent_id",
+        "occurred_at",
+        "partition",
+        "offset",
+    ),
+    CSAT: (
+        "tenant_id",
+        "conversation_id",
+        "event_id",
+        "score",
+        "comment",
+        "occurred_at",
+        "partition",
+        "offset",
+    ),
+    CONVERSATION_FACTS: (
+        "tenant_id",
+        "conversation_id",
+        "channel",
+        "customer_id",
+        "locale",
+        "started_at",
+        "closed_at",
+        "resolution",
+        "closed_by",
+        "first_event_at",
+        "last_event_at",
+    ),
+}
+
+# Insert order: `events` last, so a reader that sees an event also sees its projections.
+TABLE_ORDER: tuple[str, ...] = (
+    MESSAGES,
+    REPLIES,
+    INTENTS,
+    HANDOFFS,
+    CSAT,
+    CONVERSATION_FACTS,
+    EVENTS,
+)
+
+
+@dataclass(slots=True)
+class ProjectionBatch:
+    """Rows per table, each row a list in the order of `COLUMNS[table]`."""
+
+    rows: dict[str, list[list[Any]]] = field(default_factory=lambda: {t: [] for t in TABLE_ORDER})
+
+    def columns(self, table: str) -> tuple[str, ...]:
+        return COLUMNS[table]
+
+    @property
+    def row_count(self) -> int:
+        return sum(len(r) for r in self.rows.values())
+
+    def __bool__(self) -> bool:
+        return self.row_count > 0
+
+
+def enum_label(enum: Any, value: int, prefix: str) -> str:
+    """``CHANNEL_WEB`` -> ``web``; an unknown number (a newer writer) -> its number."""
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        return str(value)
+    return name.removeprefix(prefix).lower()
+
+
+def channel_label(value: int) -> str:
+    return "" if value == 0 else enum_label(events_pb2.Channel, value, "CHANNEL_")
+
+
+def sender_label(value: int) -> str:
+    return "" if value == 0 else enum_label(events_pb2.Sender, value, "SENDER_")
+
+
+def occurred_at(event: Event) -> datetime:
+    # ClickHouse keeps microseconds (DateTime64(6)); the envelope has nanoseconds.
+    micros = event.occurred_at.ToNanoseconds() // 1000
+    return datetime.fromtimestamp(micros // 1_000_000, UTC).replace(microsecond=micros % 1_000_000)
+
+
+def payload_json(event: Event) -> str:
+    kind = event_type(event)
+    if not kind:
+        return "{}"
+    return MessageToJson(
+        getattr(event, kind),
+        preserving_proto_field_name=True,
+        indent=None,
+        ensure_ascii=False,
+        sort_keys=True,
+    )
+
+
+@dataclass(slots=True)
+class _Facts:
+    """A partial conversation row; merged with the same aggregates ClickHouse uses (min/max)."""
+
+    tenant_id: str
+    conversation_id: str
+    channel: str = ""
+    customer_id: str = ""
+    locale: str = ""
+    started_at: datetime | None = None
+    closed_at: datetime | None = None
+    resolution: str = ""
+    closed_by: str = ""
+    first_event_at: datetime | None = None
+    last_event_at: datetime | None = None
+
+    def row(self) -> list[Any]:
+        return [
+            self.tenant_id,
+            self.conversation_id,
+            self.channel,
+            self.customer_id,
+            self.locale,
+            self.started_at,
+            self.closed_at,
+            self.resolution,
+            self.closed_by,
+            self.first_event_at,
+            self.last_event_at,
+        ]
+
+
+def _min(a: datetime | None, b: datetime) -> datetime:
+    return b if a is None or b < a else a
+
+
+def _max(a: datetime | None, b: datetime) -> datetime:
+    return b if a is None or b > a else a
+
+
+def project(records: Sequence[tuple[Event, LogPosition]]) -> ProjectionBatch:
+    """Rows for every table from a batch of events; the same input always gives the same rows."""
+    batch = ProjectionBatch()
+    rows = batch.rows
+    facts: dict[tuple[str, str], _Facts] = {}
+    for event, position in records:
+        kind = event_type(event)
+        at = occurred_at(event)
+        where = [at, position.partition, position.offset]
+        tenant, conversation, event_id = event.tenant_id, event.conversation_id, event.event_id
+        rows[EVENTS].append(
+            [
+                event_id,
+                tenant,
+                conversation,
+                kind,
+                at,
+                event.causation_id,
+                event.trace.traceparent,
+                event.schema_version,
+                position.partition,
+                position.offset,
+                payload_json(event),
+            ]
+        )
+        key = (tenant, conversation)
+        fact = facts.get(key)
+        if fact is None:
+            fact = facts[key] = _Facts(tenant, conversation)
+        fact.first_event_at = _min(fact.first_event_at, at)
+        fact.last_event_at = _max(fact.last_event_at, at)
+
+        if kind == "conversation_started":
+            started = event.conversation_started
+            fact.channel = max(fact.channel, channel_label(started.channel))
+            fact.customer_id = max(fact.customer_id, started.customer_id)
+            fact.locale = max(fact.locale, started.locale)
+            fact.started_at = _min(fact.started_at, at)
+        elif kind == "conversation_closed":
+            closed = event.conversation_closed
+            fact.closed_at = _min(fact.closed_at, at)
+            fact.resolution = max(fact.resolution, closed.resolution)
+            fact.closed_by = max(fact.closed_by, sender_label(closed.closed_by))
+        elif kind == "message_received":
+            msg = event.message_received
+            rows[MESSAGES].append(
+                [
+                    tenant,
+                    conversation,
+                    msg.client_message_id or event_id,
+                    event_id,
+                    msg.client_message_id,
+                    sender_label(msg.sender),
+                    "",
+                    msg.text,
+                    *where,
+                ]
+            )
+        elif kind == "agent_message_sent":
+            sent = event.agent_message_sent
+            rows[MESSAGES].append(
+                [
+                    tenant,
+                    conversation,
+                    sent.client_message_id or event_id,
+                    event_id,
+                    sent.client_message_id,
+                    "agent",
+                    sent.agent_id,
+                    sent.text,
+                    *where,
+                ]
+            )
+        elif kind == "reply_generated":
+            reply = event.reply_generated
+            documents = [c.document_id for c in reply.citations]
+            rows[REPLIES].append(
+                [
+                    tenant,
+                    conversation,
+                    event_id,
+                    reply.message_event_id,
+                    reply.text,
+                    reply.model,
+                    documents,
+                    len(documents),
+                    reply.latency_ms,
+                    reply.prompt_tokens,
+                    reply.completion_tokens,
+                    *where,
+                ]
+            )
+        elif kind == "intent_classified":
+            intent = event.intent_classified
+            rows[INTENTS].append(
+                [
+                    tenant,
+                    conversation,
+                    event_id,
+                    intent.message_event_id,
+                    intent.intent,
+                    intent.confidence,
+                    intent.model,
+                    *where,
+                ]
+            )
+        elif kind == "handoff_requested":
+            handoff = event.handoff_requested
+            rows[HANDOFFS].append(
+                [tenant, conversation, event_id, kind, handoff.reason, handoff.queue, "", *where]
+            )
+        elif kind == "agent_assigned":
+            rows[HANDOFFS].append(
+                [tenant, conversation, event_id, kind, "", "", event.agent_assigned.agent_id, *where]
+            )
+        elif kind == "csat_rated":
+            rated = event.csat_rated
+            rows[CSAT].append([tenant, conversation, event_id, min(rated.score, 255), rated.comment, *where])
+    rows[CONVERSATION_FACTS] = [fact.row() for fact in facts.values()]
+    return batch

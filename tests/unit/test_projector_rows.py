@@ -1,0 +1,187 @@
+"""The projection as a pure function: events in, rows per table out. No servers."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from switchboard.v1 import events_pb2 as pb
+
+from schemas.events import Event, LogPosition, new_event
+from streams.projector import COLUMNS, TABLE_ORDER, project
+from streams.projector._rows import CONVERSATION_FACTS, channel_label, occurred_at, sender_label
+
+T0 = 1_700_000_000_000_000_000  # ns
+
+
+def at(event: Event, ns: int) -> Event:
+    ts = Timestamp()
+    ts.FromNanoseconds(ns)
+    event.occurred_at.CopyFrom(ts)
+    return event
+
+
+def conversation(tenant: str = "acme", conv: str = "c1") -> list[tuple[Event, LogPosition]]:
+    """One conversation with every event type, in log order on partition 2."""
+    events = [
+        new_event(
+            tenant,
+            conv,
+            conversation_started=pb.ConversationStarted(
+                channel=pb.CHANNEL_WEB, customer_id="cust-1", locale="zh-CN", metadata={"k": "v"}
+            ),
+        ),
+        new_event(
+            tenant,
+            conv,
+            message_received=pb.MessageReceived(
+                client_message_id="m1", text="我的订单在哪里？", sender=pb.SENDER_CUSTOMER
+            ),
+        ),
+        new_event(
+            tenant,
+            conv,
+            intent_classified=pb.IntentClassified(
+                message_event_id="e-m1", intent="order_status", confidence=0.9, model="tfidf"
+            ),
+        ),
+        new_event(
+            tenant,
+            conv,
+            reply_generated=pb.ReplyGenerated(
+                message_event_id="e-m1",
+                text="It ships today.",
+                model="template",
+                citations=[pb.Citation(document_id="d1", chunk_id="c", score=0.5)],
+                latency_ms=12,
+                prompt_tokens=30,
+                completion_tokens=5,
+            ),
+        ),
+        new_event(tenant, conv, handoff_requested=pb.HandoffRequested(reason="angry", queue="vip")),
+        new_event(tenant, conv, agent_assigned=pb.AgentAssigned(agent_id="agent-7")),
+        new_event(
+            tenant,
+            conv,
+            agent_message_sent=pb.AgentMessageSent(agent_id="agent-7", client_message_id="a1", text="Hi"),
+        ),
+        new_event(tenant, conv, message_received=pb.MessageReceived(text="no id", sender=pb.SENDER_CUSTOMER)),
+        new_event(
+            tenant,
+            conv,
+            conversation_closed=pb.ConversationClosed(resolution="answered", closed_by=pb.SENDER_AGENT),
+        ),
+        new_event(tenant, conv, csat_rated=pb.CsatRated(score=5, comment="great")),
+    ]
+    return [(at(e, T0 + i * 1_000_000_000), LogPosition(2, 100 + i)) for i, e in enumerate(events)]
+
+
+def as_dicts(rows: list[list[object]], table: str) -> list[dict[str, object]]:
+    return [dict(zip(COLUMNS[table], row, strict=True)) for row in rows]
+
+
+def test_every_row_matches_its_table_columns() -> None:
+    batch = project(conversation())
+    for table in TABLE_ORDER:
+        for row in batch.rows[table]:
+            assert len(row) == len(COLUMNS[table]), table
+    assert batch.row_count == sum(len(batch.rows[t]) for t in TABLE_ORDER)
+
+
+def test_events_table_gets_every_event_with_its_position_and_payload() -> None:
+    records = conversation()
+    rows = as_dicts(project(records).rows["events"], "events")
+    assert [r["event_id"] for r in rows] == [e.event_id for e, _ in records]
+    assert [r["offset"] for r in rows] == list(range(100, 110))
+    assert {r["partition"] for r in rows} == {2}
+    assert rows[0]["type"] == "conversation_started"
+    assert rows[0]["schema_version"] == 1
+    assert json.loads(str(rows[0]["payload_json"])) == {
+        "channel": "CHANNEL_WEB",
+        "customer_id": "cust-1",
+        "locale": "zh-CN",
+        "metadata": {"k": "v"},
+    }
+    assert json.loads(str(rows[1]["payload_json"]))["text"] == "我的订单在哪里？"
+    assert rows[0]["occurred_at"] == datetime.fromtimestamp(T0 / 1e9, UTC)
+
+
+def test_messages_are_customer_and_agent_messages_keyed_for_deduplication() -> None:
+    records = conversation()
+    rows = as_dicts(project(records).rows["messages"], "messages")
+    assert [(r["sender"], r["text"]) for r in rows] == [
+        ("customer", "我的订单在哪里？"),
+        ("agent", "Hi"),
+        ("customer", "no id"),
+    ]
+    no_id_event = records[7][0]
+    # The client's idempotency key when there is one, else the event id.
+    assert [r["message_key"] for r in rows] == ["m1", "a1", no_id_event.event_id]
+    assert rows[1]["agent_id"] == "agent-7"
+
+
+def test_decisions_go_to_their_tables() -> None:
+    batch = project(conversation())
+    (reply,) = as_dicts(batch.rows["replies"], "replies")
+    assert reply["citation_document_ids"] == ["d1"] and reply["citation_count"] == 1
+    assert (reply["latency_ms"], reply["prompt_tokens"], reply["completion_tokens"]) == (12, 30, 5)
+    (intent,) = as_dicts(batch.rows["intents"], "intents")
+    assert intent["intent"] == "order_status" and intent["confidence"] == pytest.approx(0.9)
+    handoffs = as_dicts(batch.rows["handoffs"], "handoffs")
+    assert [(h["kind"], h["queue"], h["agent_id"]) for h in handoffs] == [
+        ("handoff_requested", "vip", ""),
+        ("agent_assigned", "", "agent-7"),
+    ]
+    (csat,) = as_dicts(batch.rows["csat"], "csat")
+    assert (csat["score"], csat["comment"]) == (5, "great")
+
+
+def test_conversation_facts_combine_start_and_close() -> None:
+    records = conversation()
+    (facts,) = as_dicts(project(records).rows[CONVERSATION_FACTS], CONVERSATION_FACTS)
+    assert facts["channel"] == "web" and facts["customer_id"] == "cust-1" and facts["locale"] == "zh-CN"
+    assert facts["started_at"] == occurred_at(records[0][0])
+    assert facts["closed_at"] == occurred_at(records[8][0])
+    assert facts["resolution"] == "answered" and facts["closed_by"] == "agent"
+    assert facts["first_event_at"] == occurred_at(records[0][0])
+    assert facts["last_event_at"] == occurred_at(records[-1][0])
+
+
+def test_a_batch_without_the_start_leaves_start_columns_neutral() -> None:
+    records = conversation()[5:]
+    (facts,) = as_dicts(project(records).rows[CONVERSATION_FACTS], CONVERSATION_FACTS)
+    # Neutral for ClickHouse's max()/min(): '' and NULL never win over a real value.
+    assert facts["channel"] == "" and facts["customer_id"] == "" and facts["started_at"] is None
+    assert facts["resolution"] == "answered"
+
+
+def test_one_facts_row_per_conversation_per_batch() -> None:
+    records = conversation("acme", "c1") + conversation("acme", "c2") + conversation("other", "c1")
+    facts = project(records).rows[CONVERSATION_FACTS]
+    assert sorted((r[0], r[1]) for r in facts) == [("acme", "c1"), ("acme", "c2"), ("other", "c1")]
+
+
+def test_projection_is_deterministic() -> None:
+    records = conversation()
+    assert project(records).rows == project(records).rows
+    assert project(records + records).rows["events"] == project(records).rows["events"] * 2
+
+
+def test_empty_batch() -> None:
+    batch = project([])
+    assert not batch and batch.row_count == 0
+
+
+def test_enum_labels() -> None:
+    assert channel_label(pb.CHANNEL_WECHAT) == "wechat"
+    assert channel_label(pb.CHANNEL_UNSPECIFIED) == ""
+    assert sender_label(pb.SENDER_BOT) == "bot"
+    # A number from a newer writer than this reader is kept, not dropped.
+    assert channel_label(99) == "99"
+
+
+def test_occurred_at_keeps_microseconds() -> None:
+    event = at(new_event("t", "c", csat_rated=pb.CsatRated(score=1)), T0 + 123_456_789)
+    assert occurred_at(event) == datetime.fromtimestamp(T0 // 10**9, UTC).replace(microsecond=123_456)
