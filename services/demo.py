@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import dataclass
 
 import grpc
 from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
@@ -27,7 +28,52 @@ CONVERSATIONS: list[tuple[events_pb2.Channel, str, list[str]]] = [
 ]
 
 
+@dataclass(frozen=True)
+class DemoResult:
+    tenant_id: str
+    conversation_ids: list[str]
+    # Events the demo wrote: starts, accepted messages (the retry and the refused one write
+    # nothing) and one close.
+    events: int
+
+
 async def run_demo(settings: Settings, tenant_id: str = "demo") -> int:
+    """`switchboard demo`: play the demo, then show what landed in ClickHouse."""
+    result = await play_demo(settings, tenant_id)
+    print(await asyncio.to_thread(show_landed, settings, result))
+    return 0
+
+
+def show_landed(settings: Settings, result: DemoResult, within_s: float = 60.0) -> str:
+    """Wait until ClickHouse has every event the demo wrote, then describe them."""
+    from services.analytics import run_query
+
+    ids = ", ".join(f"'{c}'" for c in result.conversation_ids)
+    count_sql = f"SELECT count() FROM switchboard.events WHERE conversation_id IN ({ids})"
+    deadline = time.monotonic() + within_s
+    while int(run_query(settings, count_sql, "TSV").strip() or 0) < result.events:
+        if time.monotonic() > deadline:
+            return (
+                f"  ClickHouse does not have all {result.events} demo events yet (see var/logs/analytics.log)"
+            )
+        time.sleep(0.2)
+    demo = run_query(
+        settings,
+        "SELECT conversation_id, channel, status, message_count, event_count "
+        f"FROM switchboard.conversations WHERE conversation_id IN ({ids}) ORDER BY started_at",
+        "PrettyCompactMonoBlock",
+    )
+    totals = run_query(
+        settings,
+        "SELECT (SELECT count() FROM switchboard.events) AS events_total, "
+        "(SELECT count() FROM switchboard.messages) AS messages_total, "
+        "(SELECT count() FROM switchboard.conversations) AS conversations_total",
+        "PrettyCompactMonoBlock",
+    )
+    return f"{demo}{totals}"
+
+
+async def play_demo(settings: Settings, tenant_id: str = "demo") -> DemoResult:
     async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         started: list[tuple[str, int]] = []
@@ -48,7 +94,7 @@ async def run_demo(settings: Settings, tenant_id: str = "demo") -> int:
                     text=text,
                 )
                 ack = await stub.SendMessage(req)
-                print(f"  [{locale}] {text[:40]:<40} → partition {ack.partition} offset {ack.offset}")
+                print(f"  [{locale}] partition {ack.partition} offset {ack.offset:<6} {text}")
             started.append((conv.conversation_id, len(texts)))
 
         first_id, first_count = started[0]
@@ -98,4 +144,5 @@ async def run_demo(settings: Settings, tenant_id: str = "demo") -> int:
                 break
         updates.cancel()
         print(f"  StreamConversation replayed {seen} updates of {first_id}, live from cursor {update.cursor}")
-    return 0
+    messages = sum(expected for _, expected in started)
+    return DemoResult(tenant_id, [c for c, _ in started], events=len(started) + messages + 1)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
+import threading
 
 from services import stack
-from services.demo import run_demo
+from services.demo import play_demo, show_landed
 from services.kafka_topics import ensure_topics
 from services.processes import Child, switchboard_children, wait_for_analytics, wait_for_ingress
 from services.settings import Settings
@@ -15,28 +15,6 @@ from services.settings import Settings
 
 def _banner(text: str) -> None:
     print(f"\n== {text}", flush=True)
-
-
-async def _analytics_summary(settings: Settings) -> None:
-    from services.analytics import run_query
-
-    deadline = time.monotonic() + 60
-    query = (
-        "SELECT (SELECT count() FROM switchboard.events) AS events, "
-        "(SELECT count() FROM switchboard.messages) AS messages, "
-        "(SELECT uniqExact(conversation_id) FROM switchboard.events) AS conversations"
-    )
-    while True:
-        out = await asyncio.to_thread(run_query, settings, query, "TSV")
-        events = int(out.split()[0]) if out.strip() else 0
-        if events >= 20 or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.5)
-    print(
-        await asyncio.to_thread(
-            run_query, settings, query.replace("SELECT (", "SELECT\n  (", 1), "PrettyCompact"
-        )
-    )
 
 
 def run_system(settings: Settings, demo: bool = True) -> int:
@@ -48,11 +26,10 @@ def run_system(settings: Settings, demo: bool = True) -> int:
     print(f"topics created: {', '.join(created) or 'none needed'}")
 
     children = switchboard_children(settings)
-    stopping = False
+    stopping = threading.Event()
 
     def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
+        stopping.set()
 
     try:
         _banner("starting analytics (projector + ClickHouse query endpoint), sessions worker, ingress")
@@ -63,9 +40,9 @@ def run_system(settings: Settings, demo: bool = True) -> int:
         print(f"gRPC API on {settings.grpc_listen}; ClickHouse HTTP endpoint on {settings.analytics_listen}")
         if demo:
             _banner("demo: bilingual conversations through the gRPC API")
-            asyncio.run(run_demo(settings))
-            _banner("what landed in ClickHouse")
-            asyncio.run(_analytics_summary(settings))
+            result = asyncio.run(play_demo(settings))
+            _banner("what landed in ClickHouse (switchboard.conversations, then totals)")
+            print(show_landed(settings, result), flush=True)
         _banner("serving; Ctrl-C stops everything")
         print(
             f"  grpcurl -plaintext {settings.grpc_listen} list\n"
@@ -75,12 +52,13 @@ def run_system(settings: Settings, demo: bool = True) -> int:
         )
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        while not stopping:
+        # The handler sets the event, which wakes this wait at once; every second the children
+        # are checked and a crashed one is restarted (its log says why it died).
+        while not stopping.wait(1.0):
             for child in children.values():
                 if not child.alive:
                     print(f"{child.name} exited; restarting it (log: {child.log_path})", flush=True)
                     child.start()
-            signal.sigtimedwait([signal.SIGINT, signal.SIGTERM], 1.0)
         return 0
     except KeyboardInterrupt:
         return 0

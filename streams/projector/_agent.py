@@ -70,29 +70,39 @@ async def _until_done(what: str, attempt: Callable[[], Awaitable[T]], stats: Pro
 async def project_batch(batch: Sequence[Any], client: Any, dead_letters: Any, stats: ProjectorStats) -> None:
     """Decode, project and insert one batch of Faust events; returns once ClickHouse has it."""
     records: list[tuple[Event, LogPosition]] = []
+    rejected: list[tuple[Any, Any, list[tuple[str, bytes]]]] = []
     for item in batch:
         msg = item.message
         try:
             event = decode_event(item.value)
         except EventDecodeError as exc:
-            stats.dead_lettered += 1
-            log.error(
-                "projector: dead-lettering undecodable record %s/%s/%s: %s",
-                msg.topic,
-                msg.partition,
-                msg.offset,
-                exc,
+            rejected.append(
+                (msg, item.value, dead_letter_headers(str(exc), msg.topic, msg.partition, msg.offset))
             )
-            headers = dead_letter_headers(str(exc), msg.topic, msg.partition, msg.offset)
-
-            async def send(msg: Any = msg, value: Any = item.value, headers: Any = headers) -> None:
-                # Wait for the broker's ack: the batch is acked right after this body.
-                pending = await dead_letters.send(key=msg.key, value=value, headers=headers)
-                await pending
-
-            await _until_done(f"dead-lettering {msg.topic}/{msg.partition}/{msg.offset}", send, stats)
+            if len(rejected) == 1:
+                log.error(
+                    "projector: dead-lettering undecodable record %s/%s/%s: %s",
+                    msg.topic,
+                    msg.partition,
+                    msg.offset,
+                    exc,
+                )
             continue
         records.append((event, LogPosition(msg.partition, msg.offset)))
+    if rejected:
+        stats.dead_lettered += len(rejected)
+        if len(rejected) > 1:
+            log.error("projector: %d more undecodable records in this batch dead-lettered", len(rejected) - 1)
+
+        async def send_all() -> None:
+            # Send them all, then wait for every ack: the batch is acked right after this body.
+            pending = [
+                await dead_letters.send(key=msg.key, value=value, headers=headers)
+                for msg, value, headers in rejected
+            ]
+            await asyncio.gather(*pending)
+
+        await _until_done(f"dead-lettering {len(rejected)} records", send_all, stats)
     if not records:
         return
     rows = project(records)
