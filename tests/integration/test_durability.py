@@ -135,8 +135,9 @@ async def test_kill_9_workers_mid_load_loses_and_duplicates_nothing(
     await assert_state_counts(stub, tenant, conversations, 5000)
 
 
+@pytest.mark.parametrize("kill", [False, True], ids=["sigterm", "sigkill"])
 async def test_broker_restart_never_acks_what_kafka_did_not_persist(
-    system: System, stub, tenant: str
+    system: System, stub, tenant: str, kill: bool
 ) -> None:
     settings = system.settings
     conversations = [await start_conversation(stub, tenant) for _ in range(20)]
@@ -145,7 +146,7 @@ async def test_broker_restart_never_acks_what_kafka_did_not_persist(
     await eventually(
         lambda: asyncio.sleep(0, len(load.acked)), lambda n: n >= 800, what="acks before the broker stops"
     )
-    await stack.stop_component(settings, "kafka")
+    await stack.stop_component(settings, "kafka", kill=kill)
     acked_at_stop = len(load.acked)
     await eventually(
         lambda: asyncio.sleep(0, load.unavailable), lambda n: n >= 10, what="UNAVAILABLE while Kafka is down"
