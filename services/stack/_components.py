@@ -243,7 +243,9 @@ class Redis(Component):
         exe = shutil.which("redis-server")
         if not exe:
             raise StackError("redis-server not found: run install (apt-get install redis-server)")
-        # Not daemonized: we track the pid. No persistence: Redis holds derived state only.
+        # Not daemonized: we track the pid. Append-only file, fsync every second: Redis holds only
+        # derived state, but the ingress validates against it (which conversations exist, which
+        # client_message_ids were acked), so a restart must not wipe it until a replay rebuilds it.
         return [
             exe,
             "--port",
@@ -255,7 +257,9 @@ class Redis(Component):
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes",
+            "--appendfsync",
+            "everysec",
             "--daemonize",
             "no",
             "--protected-mode",
