@@ -278,3 +278,32 @@ async def test_streaming_send_acks_each_message_and_reports_errors_inline(
         lambda n: n == 299,
         what="299 streamed messages",
     )
+
+
+async def test_start_with_a_client_chosen_id_is_idempotent(system: System, stub, tenant: str) -> None:
+    chosen = f"order-{uuid.uuid4().hex[:8]}"
+    req = chat_pb2.StartConversationRequest(tenant_id=tenant, conversation_id=chosen, customer_id="c-7")
+    first = await stub.StartConversation(req)
+    again = await stub.StartConversation(req)
+    assert first.conversation_id == again.conversation_id == chosen
+    await stub.SendMessage(send(tenant, chosen, "sentinel"))
+    await eventually(
+        lambda: asyncio.to_thread(
+            count, system, "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}", t=tenant
+        ),
+        lambda n: n == 2,
+        what="one start and the sentinel",
+    )
+    assert (
+        count(
+            system,
+            "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String} AND type = 'conversation_started'",
+            t=tenant,
+        )
+        == 1
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.StartConversation(
+            chat_pb2.StartConversationRequest(tenant_id=tenant, conversation_id="bad id!")
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
