@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -13,11 +14,12 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis.exceptions import RedisError
 from switchboard.v1 import chat_pb2
 
 from services.ingress import _validation as v
 from services.ingress._hotview import IngressHotView
-from services.ingress._producer import EventProducer
+from services.ingress._producer import EventProducer, unavailable
 from services.ingress._service import (
     ChatService,
     MalformedRequest,
@@ -57,6 +59,20 @@ async def _abort(context: grpc.aio.ServicerContext, exc: v.RequestRejected) -> N
     await context.abort(exc.code, exc.message, trailing_metadata=retry_metadata(exc))
 
 
+def as_rejection(exc: BaseException, method: str) -> v.RequestRejected:
+    """A failure that is not the caller's fault, as a status: never a stack trace on the wire."""
+    if isinstance(exc, v.RequestRejected):
+        return exc
+    if isinstance(exc, (RedisError, ConnectionError, OSError, asyncio.TimeoutError)):
+        log.warning("%s: dependency unavailable: %r", method, exc)
+        return unavailable(f"a dependency is unavailable ({type(exc).__name__}); retry")
+    incident = uuid.uuid4().hex[:12]
+    log.exception("%s failed (incident %s)", method, incident)
+    return v.RequestRejected(
+        grpc.StatusCode.INTERNAL, f"internal error (incident {incident} in the ingress log)"
+    )
+
+
 def _checked(req: Any) -> Any:
     if isinstance(req, MalformedRequest):
         raise req.rejection()
@@ -73,11 +89,14 @@ class ChatServicer:
     async def StartConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await self._service.start_conversation(_checked(request), _traceparent(context))
-        except v.RequestRejected as exc:
-            await _abort(context, exc)
+        except Exception as exc:
+            await _abort(context, as_rejection(exc, "StartConversation"))
 
     async def SendMessage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        outcome = await self._batcher.submit(request, _traceparent(context))
+        try:
+            outcome = await self._batcher.submit(request, _traceparent(context))
+        except Exception as exc:
+            outcome = as_rejection(exc, "SendMessage")
         if isinstance(outcome, v.RequestRejected):
             await _abort(context, outcome)
         return outcome
@@ -88,6 +107,7 @@ class ChatServicer:
         traceparent = _traceparent(context)
         batches: asyncio.Queue[asyncio.Task[list[Any]] | None] = asyncio.Queue(STREAM_PIPELINE)
         incoming: asyncio.Queue[Any] = asyncio.Queue(STREAM_BATCH * 2)
+        task_sizes: dict[asyncio.Task[list[Any]], int] = {}
         done = object()
 
         async def read() -> None:
@@ -111,6 +131,7 @@ class ChatServicer:
                     items.append(item)
                 order = WriteOrder(order)
                 task = asyncio.ensure_future(self._service.accept_messages(items, traceparent, order))
+                task_sizes[task] = len(items)
                 await batches.put(task)
             await batches.put(None)
 
@@ -118,7 +139,13 @@ class ChatServicer:
         batcher = asyncio.ensure_future(batch())
         try:
             while (task := await batches.get()) is not None:
-                for outcome in await task:
+                try:
+                    outcomes = await task
+                except Exception as exc:
+                    rejection = as_rejection(exc, "SendMessages")
+                    outcomes = [rejection] * task_sizes.pop(task, 0)
+                task_sizes.pop(task, None)
+                for outcome in outcomes:
                     if isinstance(outcome, v.RequestRejected):
                         yield chat_pb2.SendMessageResponse(
                             error_code=outcome.code.value[0], error_message=outcome.message
@@ -135,25 +162,29 @@ class ChatServicer:
     async def GetConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await self._service.get_conversation(_checked(request))
-        except v.RequestRejected as exc:
-            await _abort(context, exc)
+        except Exception as exc:
+            await _abort(context, as_rejection(exc, "GetConversation"))
 
     async def StreamConversation(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.ConversationUpdate]:
         try:
             updates = await self._service.stream_conversation(_checked(request))
-        except v.RequestRejected as exc:
-            await _abort(context, exc)
+        except Exception as exc:
+            await _abort(context, as_rejection(exc, "StreamConversation"))
             return
-        async for update in updates:
-            yield update
+        try:
+            async for update in updates:
+                yield update
+        except Exception as exc:
+            # The caller resumes from the last cursor it received.
+            await _abort(context, as_rejection(exc, "StreamConversation"))
 
     async def CloseConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await self._service.close_conversation(_checked(request), _traceparent(context))
-        except v.RequestRejected as exc:
-            await _abort(context, exc)
+        except Exception as exc:
+            await _abort(context, as_rejection(exc, "CloseConversation"))
 
 
 def _handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -239,9 +240,12 @@ class ChatService:
                 results[i] = exc
             self._resolve_followers(followers, results)
             return
+        claimed: list[tuple[str, str, str]] = []
+        settled: list[tuple[tuple[str, str, str], Ack | None]] = []
         try:
             keys = [(r.tenant_id, r.conversation_id, r.client_message_id) for _, r in writers]
             claims = await self._hot.claim_many(keys)
+            claimed = [key for key, claim in zip(keys, claims, strict=True) if claim.claimed]
             to_send: list[tuple[int, chat_pb2.SendMessageRequest, tuple[str, str, str]]] = []
             for (i, req), key, claim in zip(writers, keys, claims, strict=True):
                 outcome = self._outcome_of_claim(req, claim)
@@ -260,7 +264,6 @@ class ChatService:
                     for (event, delivery), (_, _, key) in zip(enqueued, to_send, strict=True)
                 )
             )
-            settled: list[tuple[tuple[str, str, str], Ack | None]] = []
             for (i, req, key), delivery in zip(to_send, sent, strict=True):
                 if isinstance(delivery, Ack):
                     results[i] = _response(req, delivery, duplicate=False)
@@ -270,6 +273,15 @@ class ChatService:
                     if not delivery.late_possible:
                         settled.append((key, None))
             await self._hot.settle_many(settled)
+        except BaseException:
+            # Failed half-way (Redis gone, cancelled): free the claims no outcome was recorded
+            # for, so a retry is not told "in flight" until the claim expires.
+            done = {key for key, _ in settled}
+            leftover = [(key, None) for key in claimed if key not in done]
+            if leftover:
+                with contextlib.suppress(Exception):
+                    await self._hot.settle_many(leftover)
+            raise
         finally:
             self._producer.release(len(writers))
         self._resolve_followers(followers, results)
