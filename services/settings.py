@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     producer_linger_ms: int = Field(default=0, ge=0)
     # Comma-separated allow-list of tenant ids; empty accepts any well-formed tenant id.
     tenants: str = ""
+    # Concurrent StreamConversation calls per ingress process (each holds a Redis connection of
+    # its own pool, apart from the write path's); past it: RESOURCE_EXHAUSTED.
+    max_live_streams: int = Field(default=2000, ge=1)
     # How long a client_message_id is remembered for deduplication.
     idempotency_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from schemas import hotview as hv
 from services.ingress._producer import Ack
@@ -51,8 +52,13 @@ def _encode_ack(ack: Ack) -> str:
 
 
 class IngressHotView:
-    def __init__(self, redis: aioredis.Redis, idempotency_ttl_s: int) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, idempotency_ttl_s: int, live_redis: aioredis.Redis | None = None
+    ) -> None:
         self._redis = redis
+        # Blocking stream reads hold a connection each: they get a pool of their own so that
+        # many watchers can never starve the write path.
+        self._live = live_redis or redis
         self._ttl = idempotency_ttl_s
 
     async def lookup_many(self, keys: Sequence[tuple[str, str]]) -> list[Registration | None]:
@@ -92,6 +98,9 @@ class IngressHotView:
     async def mark_closed(self, tenant_id: str, conversation_id: str, closed_ns: int) -> None:
         await self._redis.hset(hv.conversation_key(tenant_id, conversation_id), hv.F_CLOSED_NS, closed_ns)
 
+    async def clear_closed(self, tenant_id: str, conversation_id: str) -> None:
+        await self._redis.hdel(hv.conversation_key(tenant_id, conversation_id), hv.F_CLOSED_NS)
+
     async def claim_many(self, keys: Sequence[tuple[str, str, str]]) -> list[Claim]:
         """Claim each (tenant, conversation, client_message_id) for writing, in one round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -111,6 +120,13 @@ class IngressHotView:
             else:
                 claims.append(Claim(claimed=False, earlier=_parse_ack(current)))
         return claims
+
+    async def touch_claims(self, keys: Sequence[tuple[str, str, str]]) -> None:
+        """Extend claims whose write is still in flight (they expire only if this process dies)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tenant_id, conversation_id, cmid in keys:
+                pipe.expire(hv.idempotency_key(tenant_id, conversation_id, cmid), CLAIM_TTL_S, xx=True)
+            await pipe.execute()
 
     async def settle_many(self, outcomes: Sequence[tuple[tuple[str, str, str], Ack | None]]) -> None:
         """Record acks (a retry then gets the first ack) and drop claims whose write failed."""
@@ -133,10 +149,20 @@ class IngressHotView:
         )
         return list(reversed(entries))
 
+    async def trimmed_up_to(self, tenant_id: str, conversation_id: str) -> str | None:
+        """The id of the newest entry trimmed from the live stream, or None if nothing was."""
+        try:
+            info: Any = await self._redis.xinfo_stream(hv.live_stream_key(tenant_id, conversation_id))
+        except ResponseError:  # no such stream yet
+            return None
+        deleted = info.get("max-deleted-entry-id") or b"0-0"
+        deleted = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
+        return None if deleted == "0-0" else deleted
+
     async def read_live(
         self, tenant_id: str, conversation_id: str, after: str, block_ms: int, count: int = 500
     ) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        reply: Any = await self._redis.xread(
+        reply: Any = await self._live.xread(
             {hv.live_stream_key(tenant_id, conversation_id): after}, block=block_ms, count=count
         )
         if not reply:

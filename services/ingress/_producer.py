@@ -13,13 +13,30 @@ from dataclasses import dataclass
 
 import grpc
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 
 from schemas.events import Event, encode_event, event_headers, event_key
 from services.ingress._validation import RequestRejected
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Errors after which an idempotent producer's sequence state is broken for good (seen after a
+# broker restart): only a new producer, with a new producer id, writes again.
+_FATAL_PRODUCER_ERRORS = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    ProducerFenced,
+)
 
 # gRPC trailing-metadata key telling a caller how long to wait before retrying.
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -53,6 +70,7 @@ class EventProducer:
         self._start_lock = asyncio.Lock()
         self._inflight = 0
         self._limit = settings.max_inflight_produce
+        self._replacing: asyncio.Task[None] | None = None
 
     @property
     def inflight(self) -> int:
@@ -89,12 +107,22 @@ class EventProducer:
 
     def reserve(self, count: int = 1) -> None:
         """Claim in-flight slots or refuse at once; pair with `release`."""
-        if self._inflight + count > self._limit:
-            raise RequestRejected(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"ingress is at its in-flight limit ({self._limit} writes awaiting Kafka); retry with backoff",
-            )
-        self._inflight += count
+        granted = self.reserve_up_to(count)
+        if granted < count:
+            self.release(granted)
+            raise self.exhausted()
+
+    def reserve_up_to(self, count: int) -> int:
+        """Claim as many of `count` slots as are free (possibly none); pair with `release`."""
+        granted = max(0, min(count, self._limit - self._inflight))
+        self._inflight += granted
+        return granted
+
+    def exhausted(self) -> RequestRejected:
+        return RequestRejected(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"ingress is at its in-flight limit ({self._limit} writes awaiting Kafka); retry with backoff",
+        )
 
     def release(self, count: int = 1) -> None:
         self._inflight -= count
@@ -141,8 +169,25 @@ class EventProducer:
                 late_possible=on_late_ack is not None,
             ) from exc
         except KafkaError as exc:
+            if isinstance(exc, _FATAL_PRODUCER_ERRORS):
+                self._replace_producer(exc)
             raise unavailable(f"Kafka refused the event: {exc!r}; retry") from exc
         return Ack(event.event_id, meta.partition, meta.offset)  # type: ignore[attr-defined]
+
+    def _replace_producer(self, cause: KafkaError) -> None:
+        """Swap in a fresh producer (the next enqueue starts it); the broken one is closed aside."""
+        if self._producer is None or (self._replacing is not None and not self._replacing.done()):
+            return
+        log.warning("replacing the Kafka producer after %r (its sequence state is broken)", cause)
+        broken, self._producer = self._producer, None
+        self._replacing = asyncio.ensure_future(self._close_quietly(broken))
+
+    @staticmethod
+    async def _close_quietly(producer: AIOKafkaProducer) -> None:
+        try:
+            await asyncio.wait_for(producer.stop(), timeout=10)
+        except Exception as exc:
+            log.warning("closing the replaced producer: %r", exc)
 
     async def publish(self, event: Event) -> Ack:
         """Send one event and wait for Kafka's ack (caller holds a reserved slot)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -221,11 +222,13 @@ class IngressServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=4096)
-        self.producer = EventProducer(settings)
-        self.service = ChatService(
-            settings, self.producer, IngressHotView(self.redis, settings.idempotency_ttl_s)
+        self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=512)
+        self.live_redis = aioredis.Redis.from_url(
+            settings.redis_url, max_connections=settings.max_live_streams + 8
         )
+        self.producer = EventProducer(settings)
+        hot = IngressHotView(self.redis, settings.idempotency_ttl_s, self.live_redis)
+        self.service = ChatService(settings, self.producer, hot)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             maximum_concurrent_rpcs=max(1000, settings.max_inflight_produce * 4),
@@ -257,18 +260,25 @@ class IngressServer:
         log.info("ingress serving %s on %s", SERVICE_NAME, self.settings.grpc_listen)
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Drain: report NOT_SERVING, finish in-flight calls (up to `grace`), flush the producer."""
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         await self.producer.stop()
         await self.redis.aclose()
+        await self.live_redis.aclose()
 
 
 async def serve(settings: Settings) -> None:
-    """Run the ingress until cancelled (SIGINT/SIGTERM in the CLI)."""
+    """Run the ingress until SIGTERM or SIGINT, then drain and stop."""
     server = IngressServer(settings)
     await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
     try:
-        await server.server.wait_for_termination()
+        await stopping.wait()
+        log.info("stopping: draining in-flight calls")
     finally:
         await server.stop()

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -15,7 +16,7 @@ from switchboard.v1 import chat_pb2, events_pb2
 from schemas import hotview as hv
 from schemas.events import Event, EventDecodeError, decode_event, event_type, new_event, new_event_id
 from services.ingress import _validation as v
-from services.ingress._hotview import Claim, IngressHotView, Registration
+from services.ingress._hotview import CLAIM_TTL_S, Claim, IngressHotView, Registration
 from services.ingress._producer import RETRY_AFTER_KEY, Ack, EventProducer, Unavailable, unavailable
 from services.settings import Settings
 from streams.sessions import STATUS_CLOSED, ConversationState
@@ -23,8 +24,9 @@ from streams.sessions import STATUS_CLOSED, ConversationState
 log = logging.getLogger(__name__)
 
 _CHANNELS = frozenset(events_pb2.Channel.values())
-# The key a StartConversation with a client-chosen id claims (no client_message_id is empty).
-_START_CLAIM = ""
+# What starts and closes claim in the client_message_id space (no client id has a NUL in it).
+_START_CLAIM = "\x00start"
+_CLOSE_CLAIM = "\x00close"
 MAX_RECENT = 200
 STREAM_BLOCK_MS = 5_000
 
@@ -35,6 +37,9 @@ class WriteOrder:
     def __init__(self, previous: WriteOrder | None) -> None:
         self._previous = previous
         self._enqueued = asyncio.Event()
+        # Conversations of this stream with a message that was not written: their later messages
+        # are refused, so that resending the failed one cannot land after them.
+        self.failed: set[tuple[str, str]] = previous.failed if previous is not None else set()
 
     async def wait_for_previous(self) -> None:
         if self._previous is not None:
@@ -153,7 +158,8 @@ class ChatService:
         self._settings = settings
         self._producer = producer
         self._hot = hot
-        self._late_settles: set[asyncio.Task[None]] = set()
+        self._live_streams = 0
+        self._tasks: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------------ writes
 
@@ -233,13 +239,14 @@ class ChatService:
         if not writers:
             return
 
-        try:
-            self._producer.reserve(len(writers))
-        except v.RequestRejected as exc:
-            for i, _ in writers:
-                results[i] = exc
-            self._resolve_followers(followers, results)
-            return
+        granted = self._producer.reserve_up_to(len(writers))
+        if granted < len(writers):
+            for i, _ in writers[granted:]:
+                results[i] = self._producer.exhausted()
+            writers = writers[:granted]
+            if not writers:
+                self._resolve_followers(followers, results)
+                return
         claimed: list[tuple[str, str, str]] = []
         settled: list[tuple[tuple[str, str, str], Ack | None]] = []
         try:
@@ -255,7 +262,16 @@ class ChatService:
                     results[i] = outcome
             if order is not None:
                 await order.wait_for_previous()
-            enqueued = [await self._enqueue_message(req, traceparents[i]) for i, req, _ in to_send]
+            enqueued: list[tuple[Event | None, asyncio.Future[object] | v.RequestRejected]] = []
+            for i, req, _ in to_send:
+                conversation = (req.tenant_id, req.conversation_id)
+                if order is not None and conversation in order.failed:
+                    enqueued.append((None, _after_failure(req)))
+                    continue
+                event, delivery = await self._enqueue_message(req, traceparents[i])
+                if order is not None and isinstance(delivery, Unavailable):
+                    order.failed.add(conversation)
+                enqueued.append((event, delivery))
             if order is not None:
                 order.mark_enqueued()
             sent = await asyncio.gather(
@@ -264,15 +280,17 @@ class ChatService:
                     for (event, delivery), (_, _, key) in zip(enqueued, to_send, strict=True)
                 )
             )
-            for (i, req, key), delivery in zip(to_send, sent, strict=True):
-                if isinstance(delivery, Ack):
-                    results[i] = _response(req, delivery, duplicate=False)
-                    settled.append((key, delivery))
-                else:
-                    results[i] = delivery
-                    if not delivery.late_possible:
-                        settled.append((key, None))
-            await self._hot.settle_many(settled)
+            for (i, req, key), written in zip(to_send, sent, strict=True):
+                if isinstance(written, Ack):
+                    results[i] = _response(req, written, duplicate=False)
+                    settled.append((key, written))
+                    continue
+                results[i] = written
+                if order is not None:
+                    order.failed.add((req.tenant_id, req.conversation_id))
+                if not (isinstance(written, Unavailable) and written.late_possible):
+                    settled.append((key, None))
+            await self._settle(settled)
         except BaseException:
             # Failed half-way (Redis gone, cancelled): free the claims no outcome was recorded
             # for, so a retry is not told "in flight" until the claim expires.
@@ -283,7 +301,7 @@ class ChatService:
                     await self._hot.settle_many(leftover)
             raise
         finally:
-            self._producer.release(len(writers))
+            self._producer.release(granted)
         self._resolve_followers(followers, results)
 
     @staticmethod
@@ -331,19 +349,65 @@ class ChatService:
             return event, exc
 
     async def _await_message(
-        self, event: Event, delivery: asyncio.Future[object] | Unavailable, key: tuple[str, str, str]
-    ) -> Ack | Unavailable:
-        if isinstance(delivery, Unavailable):
+        self,
+        event: Event | None,
+        delivery: asyncio.Future[object] | v.RequestRejected,
+        key: tuple[str, str, str],
+    ) -> Ack | v.RequestRejected:
+        if isinstance(delivery, v.RequestRejected) or event is None:
+            assert isinstance(delivery, v.RequestRejected)
             return delivery
 
-        async def settle_late(ack: Ack | None) -> None:
-            await self._hot.settle_many([(key, ack)])
-
         try:
-            return await self._producer.wait_ack(event, delivery, on_late_ack=settle_late)
+            return await self._producer.wait_ack(event, delivery, on_late_ack=self._late_settler(key))
         except Unavailable as exc:
-            # With late_possible the ack may still arrive: `settle_late` settles the claim then.
+            if exc.late_possible:
+                self._background(self._keep_claim(key, delivery))
             return exc
+
+    def _late_settler(self, key: tuple[str, str, str]) -> Callable[[Ack | None], Awaitable[None]]:
+        """Records the outcome of a write whose caller was already told UNAVAILABLE: a retry
+        then gets the first ack (duplicate=true) instead of writing the message again."""
+
+        async def settle(ack: Ack | None) -> None:
+            await self._settle([(key, ack)])
+
+        return settle
+
+    async def _keep_claim(self, key: tuple[str, str, str], delivery: asyncio.Future[object]) -> None:
+        # The producer retries a sent record until Kafka takes it, however long Kafka is away;
+        # the claim must outlive that, or a retry would write the message a second time.
+        while not delivery.done():
+            await asyncio.wait({delivery}, timeout=CLAIM_TTL_S / 3)
+            if not delivery.done():
+                with contextlib.suppress(Exception):
+                    await self._hot.touch_claims([key])
+
+    async def _settle(self, outcomes: list[tuple[tuple[str, str, str], Ack | None]]) -> None:
+        """Record outcomes of claims; Redis being away must not turn a durable write into an
+        error for its caller, so this retries in the background until Redis takes it."""
+        try:
+            await self._hot.settle_many(outcomes)
+        except Exception as exc:
+            log.warning(
+                "recording %d write outcomes failed (%r); retrying in the background", len(outcomes), exc
+            )
+            self._background(self._settle_later(outcomes))
+
+    async def _settle_later(self, outcomes: list[tuple[tuple[str, str, str], Ack | None]]) -> None:
+        for attempt in range(60):
+            await asyncio.sleep(min(0.5 * 2**attempt, 10.0))
+            try:
+                await self._hot.settle_many(outcomes)
+                return
+            except Exception:
+                continue
+        log.error("gave up recording %d write outcomes; their claims expire on their own", len(outcomes))
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def start_conversation(
         self, req: chat_pb2.StartConversationRequest, traceparent: str = ""
@@ -382,15 +446,19 @@ class ChatService:
         )
         ack = await self._publish_one(event, claim_key if req.conversation_id else None)
         created_ns = event.occurred_at.ToNanoseconds()
-        await self._hot.register(
-            req.tenant_id,
-            conversation_id,
-            created_ns=created_ns,
-            channel=req.channel,
-            customer_id=req.customer_id,
-        )
+        try:
+            await self._hot.register(
+                req.tenant_id,
+                conversation_id,
+                created_ns=created_ns,
+                channel=req.channel,
+                customer_id=req.customer_id,
+            )
+        except Exception as exc:
+            # The start is durable; the sessions worker registers it too when it folds the event.
+            log.warning("registering conversation %s failed (%r); the worker will", conversation_id, exc)
         if req.conversation_id:
-            await self._hot.settle_many([(claim_key, ack)])
+            await self._settle([(claim_key, ack)])
         return chat_pb2.Conversation(
             conversation_id=conversation_id,
             tenant_id=req.tenant_id,
@@ -410,7 +478,8 @@ class ChatService:
         v.check_conversation_id(req.conversation_id)
         v.check_short_text(req.resolution, "resolution", v.MAX_RESOLUTION)
         reg = await self._require(req.tenant_id, req.conversation_id)
-        if not reg.closed_ns:
+        claim_key = (req.tenant_id, req.conversation_id, _CLOSE_CLAIM)
+        if not reg.closed_ns and (await self._hot.claim_many([claim_key]))[0].claimed:
             event = new_event(
                 req.tenant_id,
                 req.conversation_id,
@@ -419,8 +488,15 @@ class ChatService:
                     resolution=req.resolution, closed_by=events_pb2.SENDER_CUSTOMER
                 ),
             )
-            await self._publish_one(event, None)
+            # Closed for senders before the close is written, so no message is accepted after it.
             await self._hot.mark_closed(req.tenant_id, req.conversation_id, event.occurred_at.ToNanoseconds())
+            try:
+                ack = await self._publish_one(event, claim_key)
+            except v.RequestRejected as exc:
+                if not (isinstance(exc, Unavailable) and exc.late_possible):
+                    await self._hot.clear_closed(req.tenant_id, req.conversation_id)
+                raise
+            await self._settle([(claim_key, ack)])
         # Closing a closed conversation is a no-op, so a retried close is safe.
         return await self.get_conversation(
             chat_pb2.GetConversationRequest(tenant_id=req.tenant_id, conversation_id=req.conversation_id)
@@ -429,10 +505,15 @@ class ChatService:
     async def _publish_one(self, event: Event, claim_key: tuple[str, str, str] | None) -> Ack:
         self._producer.reserve()
         try:
-            return await self._producer.publish(event)
-        except v.RequestRejected:
+            delivery = await self._producer.enqueue(event)
+            late = self._late_settler(claim_key) if claim_key is not None else None
+            return await self._producer.wait_ack(event, delivery, on_late_ack=late)
+        except Unavailable as exc:
             if claim_key is not None:
-                await self._hot.settle_many([(claim_key, None)])
+                if exc.late_possible:
+                    self._background(self._keep_claim(claim_key, delivery))
+                else:
+                    await self._settle([(claim_key, None)])
             raise
         finally:
             self._producer.release()
@@ -493,19 +574,56 @@ class ChatService:
             raise v.invalid(
                 f"after_cursor {req.after_cursor[:40]!r} is not a cursor from a ConversationUpdate"
             )
+        if self._live_streams >= self._settings.max_live_streams:
+            raise v.RequestRejected(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this ingress follows {self._live_streams} conversations already "
+                "(SWITCHBOARD_MAX_LIVE_STREAMS); retry later or on another replica",
+            )
         await self._require(req.tenant_id, req.conversation_id)
-        return self._follow(req.tenant_id, req.conversation_id, req.after_cursor or "0-0")
+        after = req.after_cursor or "0-0"
+        if req.after_cursor:
+            await self._check_cursor_retained(req.tenant_id, req.conversation_id, req.after_cursor)
+        return self._follow(req.tenant_id, req.conversation_id, after)
+
+    async def _check_cursor_retained(self, tenant_id: str, conversation_id: str, cursor: str) -> None:
+        """A cursor older than what the live stream still holds would silently skip the trimmed
+        entries: refuse it so the client re-syncs (GetConversation, then follow from its cursor)."""
+        trimmed_up_to = await self._hot.trimmed_up_to(tenant_id, conversation_id)
+        if trimmed_up_to is not None and _cursor_key(cursor) < _cursor_key(trimmed_up_to):
+            raise v.RequestRejected(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"cursor {cursor} is older than the live window (entries up to {trimmed_up_to} were "
+                "trimmed); call GetConversation and follow from its cursor",
+            )
 
     async def _follow(
         self, tenant_id: str, conversation_id: str, after: str
     ) -> AsyncIterator[chat_pb2.ConversationUpdate]:
-        while True:
-            entries = await self._hot.read_live(tenant_id, conversation_id, after, STREAM_BLOCK_MS)
-            for entry_id, fields in entries:
-                after = entry_id.decode()
-                update = _update_of(after, fields)
-                if update is not None:
-                    yield update
+        self._live_streams += 1
+        try:
+            while True:
+                entries = await self._hot.read_live(tenant_id, conversation_id, after, STREAM_BLOCK_MS)
+                for entry_id, fields in entries:
+                    after = entry_id.decode()
+                    update = _update_of(after, fields)
+                    if update is not None:
+                        yield update
+        finally:
+            self._live_streams -= 1
+
+
+def _after_failure(req: chat_pb2.SendMessageRequest) -> v.RequestRejected:
+    return v.RequestRejected(
+        grpc.StatusCode.ABORTED,
+        f"not written: an earlier message of conversation {req.conversation_id!r} in this stream "
+        "failed; resend from that one to keep the order",
+    )
+
+
+def _cursor_key(cursor: str) -> tuple[int, int]:
+    ms, _, seq = cursor.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _decode_entry(fields: dict[bytes, bytes]) -> Event | None:

@@ -9,17 +9,19 @@ id it already has (ids come from offsets), and the hash is overwritten with the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import faust
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from schemas import hotview as hv
-from schemas.events import EventDecodeError, LogPosition, decode_event
+from schemas.events import Event, EventDecodeError, LogPosition, decode_event
 from services.settings import Settings
 from streams.app import conversation_topic, create_app, run_worker
 from streams.sessions._state import STATUS_CLOSED, ConversationState, fold_event
@@ -61,50 +63,92 @@ def register_sessions(app: faust.App, settings: Settings) -> None:
     @app.agent(topic, name="sessions")
     async def sessions(stream: Any) -> None:
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-            # Faust acks a batch even when this body raises, so a failure must not escape:
-            # retry until the mirror is written (the fold is pure, so a retry is the same work).
-            backoff = 0.1
-            while True:
-                try:
-                    await _fold_batch(batch, table, await redis(), dead_letters, settings)
-                    break
-                except (RedisError, OSError) as exc:
-                    log.warning("Redis mirror write failed (%r); retrying in %.1fs", exc, backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+            records, rejected = _decode_batch(batch)
+            if rejected:
+                await _until_done("dead-lettering", functools.partial(_dead_letter, rejected, dead_letters))
+            if records:
+                client = await redis()
+                fold = functools.partial(_fold_batch, records, table, client, settings)
+                await _until_done("folding a batch", fold)
 
 
-async def _fold_batch(
-    batch: Sequence[Any], table: Any, redis: aioredis.Redis, dead_letters: Any, settings: Settings
-) -> None:
-    states: dict[bytes, ConversationState | None] = {}
-    changed: dict[bytes, ConversationState] = {}
-    pipe = redis.pipeline(transaction=False)
-    appended = 0
+Record = tuple[Event, LogPosition, bytes]
+
+
+def _decode_batch(batch: Sequence[Any]) -> tuple[list[Record], list[Any]]:
+    records: list[Record] = []
+    rejected: list[Any] = []
     for item in batch:
         msg = item.message
         try:
-            event = decode_event(item.value)
+            records.append((decode_event(item.value), LogPosition(msg.partition, msg.offset), item.value))
         except EventDecodeError as exc:
             log.error("dead-lettering %s/%s/%s: %s", msg.topic, msg.partition, msg.offset, exc)
-            await dead_letters.send(
-                key=msg.key,
-                value=item.value,
-                headers=_dead_letter_headers(str(exc), msg.topic, msg.partition, msg.offset),
-            )
-            continue
+            rejected.append((item, str(exc)))
+    return records, rejected
+
+
+async def _dead_letter(rejected: list[Any], dead_letters: Any) -> None:
+    pending = []
+    for item, reason in rejected:
+        msg = item.message
+        headers = _dead_letter_headers(reason, msg.topic, msg.partition, msg.offset)
+        pending.append(await dead_letters.send(key=msg.key, value=item.value, headers=headers))
+    await asyncio.gather(*pending)
+
+
+async def _until_done(what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+    """Faust acks a batch when the agent's body finishes *or raises*, so nothing may escape
+    before the batch is done: retry (the fold is pure, a retry repeats the same work). If the
+    worker is stopped mid-retry, exit without committing, so the batch is delivered again."""
+    backoff = 0.1
+    while True:
+        try:
+            await attempt()
+            return
+        except asyncio.CancelledError:
+            log.error("stopped while %s was unfinished; exiting without committing it", what)
+            logging.shutdown()
+            os._exit(75)
+        except Exception as exc:
+            log.warning("%s failed (%r); retrying in %.1fs", what, exc, backoff, exc_info=True)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+
+def _tenant_states(stored: Any) -> dict[str, dict[str, Any]]:
+    """The table value for one conversation id: its state per tenant (ids are chosen per tenant,
+    so two tenants may use the same one; the Kafka key, and so the partition, is the id alone)."""
+    if not stored:
+        return {}
+    if "conversation_id" in stored:  # a single state, as written before states were per tenant
+        return {stored["tenant_id"]: stored}
+    return dict(stored)
+
+
+async def _fold_batch(
+    records: Sequence[Record], table: Any, redis: aioredis.Redis, settings: Settings
+) -> None:
+    stored: dict[bytes, dict[str, dict[str, Any]]] = {}
+    states: dict[tuple[bytes, str], ConversationState | None] = {}
+    changed: dict[tuple[bytes, str], ConversationState] = {}
+    pipe = redis.pipeline(transaction=False)
+    appended = 0
+    for event, position, raw in records:
         key = event.conversation_id.encode()
-        if key not in states:
-            stored = table.get(key)
-            states[key] = ConversationState.from_json(stored) if stored else None
-        position = LogPosition(msg.partition, msg.offset)
-        result = fold_event(states[key], event, position)
-        states[key] = result.state
+        if key not in stored:
+            stored[key] = _tenant_states(table.get(key))
+        slot = (key, event.tenant_id)
+        if slot not in states:
+            known = stored[key].get(event.tenant_id)
+            states[slot] = ConversationState.from_json(known) if known else None
+        result = fold_event(states[slot], event, position)
+        states[slot] = result.state
         if not result.applied:
             continue
-        changed[key] = result.state
+        changed[slot] = result.state
         fields: dict[Any, Any] = {
-            hv.S_EVENT: item.value,
+            hv.S_EVENT: raw,
             hv.S_STATUS: result.state.status,
             hv.S_MESSAGES: result.state.message_count,
         }
@@ -120,17 +164,7 @@ async def _fold_batch(
         appended += 1
 
     for state in changed.values():
-        mirror: dict[Any, Any] = {
-            hv.F_STATE: json.dumps(state.to_json(), ensure_ascii=False),
-            hv.F_CURSOR: LogPosition(state.last_partition, state.last_offset).cursor,
-        }
-        if state.status == STATUS_CLOSED:
-            mirror[hv.F_CLOSED_NS] = state.closed_at_ns
-        if state.created_at_ns:
-            mirror[hv.F_CREATED_NS] = state.created_at_ns
-            mirror[hv.F_CHANNEL] = state.channel
-            mirror[hv.F_CUSTOMER] = state.customer_id
-        pipe.hset(hv.conversation_key(state.tenant_id, state.conversation_id), mapping=mirror)
+        pipe.hset(hv.conversation_key(state.tenant_id, state.conversation_id), mapping=_mirror_fields(state))
 
     if appended or changed:
         replies = await pipe.execute(raise_on_error=False)
@@ -138,8 +172,24 @@ async def _fold_batch(
             # A redelivered event's entry is already there: Redis refuses the repeated id.
             if isinstance(reply, ResponseError) and "equal or smaller" not in str(reply):
                 raise reply
-    for key, state in changed.items():
-        table[key] = state.to_json()
+    for key in {key for key, _ in changed}:
+        merged = dict(stored[key])
+        merged.update({tenant: state.to_json() for (k, tenant), state in changed.items() if k == key})
+        table[key] = merged
+
+
+def _mirror_fields(state: ConversationState) -> dict[Any, Any]:
+    mirror: dict[Any, Any] = {
+        hv.F_STATE: json.dumps(state.to_json(), ensure_ascii=False),
+        hv.F_CURSOR: LogPosition(state.last_partition, state.last_offset).cursor,
+    }
+    if state.status == STATUS_CLOSED:
+        mirror[hv.F_CLOSED_NS] = state.closed_at_ns
+    if state.created_at_ns:
+        mirror[hv.F_CREATED_NS] = state.created_at_ns
+        mirror[hv.F_CHANNEL] = state.channel
+        mirror[hv.F_CUSTOMER] = state.customer_id
+    return mirror
 
 
 def run_sessions(settings: Settings, loglevel: str = "info") -> None:

@@ -307,3 +307,100 @@ async def test_start_with_a_client_chosen_id_is_idempotent(system: System, stub,
             chat_pb2.StartConversationRequest(tenant_id=tenant, conversation_id="bad id!")
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def has_messages(conversation: chat_pb2.Conversation, n: int) -> bool:
+    return conversation.message_count == n
+
+
+async def test_two_tenants_may_use_the_same_conversation_id(system: System, stub, tenant: str) -> None:
+    other = tenant + "b"
+    shared = f"shared-{uuid.uuid4().hex[:8]}"
+    for t, customer in ((tenant, "alice"), (other, "bob")):
+        await stub.StartConversation(
+            chat_pb2.StartConversationRequest(tenant_id=t, conversation_id=shared, customer_id=customer)
+        )
+    # The same client_message_id in both: each tenant's message counts, in its own conversation.
+    await stub.SendMessage(send(tenant, shared, "from alice", "1"))
+    await stub.SendMessage(send(other, shared, "from bob", "1"))
+    await stub.SendMessage(send(other, shared, "bob again", "2"))
+    views = {}
+    for t, expected in ((tenant, 1), (other, 2)):
+        request = chat_pb2.GetConversationRequest(tenant_id=t, conversation_id=shared)
+        views[t] = await eventually(
+            functools.partial(stub.GetConversation, request), functools.partial(has_messages, n=expected)
+        )
+    assert views[tenant].customer_id == "alice" and [m.text for m in views[tenant].messages] == ["from alice"]
+    assert views[other].customer_id == "bob" and [m.text for m in views[other].messages] == [
+        "from bob",
+        "bob again",
+    ]
+
+
+async def test_one_stream_over_many_conversations_keeps_each_in_order(
+    system: System, stub, tenant: str
+) -> None:
+    conversations = [await start_conversation(stub, tenant) for _ in range(10)]
+
+    async def requests():
+        for i in range(2000):
+            c = conversations[i % 10]
+            yield send(tenant, c, f"{i // 10}", f"{c}-{i // 10}")
+
+    responses = [r async for r in stub.SendMessages(requests())]
+    assert len(responses) == 2000 and all(r.error_code == 0 for r in responses)
+    await eventually(
+        lambda: asyncio.to_thread(
+            count, system, "SELECT count() FROM switchboard.messages WHERE tenant_id = {t:String}", t=tenant
+        ),
+        lambda n: n == 2000,
+        what="2000 streamed messages",
+    )
+    rows = (
+        system.clickhouse()
+        .query(
+            "SELECT conversation_id, groupArray(text) FROM (SELECT conversation_id, text, offset "
+            "FROM switchboard.messages WHERE tenant_id = {t:String} ORDER BY offset) GROUP BY conversation_id",
+            parameters={"t": tenant},
+        )
+        .result_rows
+    )
+    assert len(rows) == 10
+    for _, texts in rows:
+        assert [int(t) for t in texts] == list(range(200))
+
+
+async def test_a_cursor_older_than_the_live_window_is_refused(system: System, stub, tenant: str) -> None:
+    import redis.asyncio as aioredis
+
+    from schemas import hotview
+
+    conversation_id = await start_conversation(stub, tenant)
+    for i in range(5):
+        await stub.SendMessage(send(tenant, conversation_id, f"m{i}"))
+    request = chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
+    conv = await eventually(functools.partial(stub.GetConversation, request), lambda c: c.message_count == 5)
+    first_cursor = conv.messages[0].cursor
+    redis = aioredis.Redis.from_url(system.settings.redis_url)
+    try:
+        await redis.xtrim(hotview.live_stream_key(tenant, conversation_id), maxlen=2, approximate=False)
+    finally:
+        await redis.aclose()
+    stale = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(
+            tenant_id=tenant, conversation_id=conversation_id, after_cursor=first_cursor
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stale.read()
+    assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    # Following on from GetConversation's cursor works and sees nothing twice.
+    fresh = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(
+            tenant_id=tenant, conversation_id=conversation_id, after_cursor=conv.cursor
+        )
+    )
+    later = await stub.SendMessage(send(tenant, conversation_id, "after the trim"))
+    update = await asyncio.wait_for(fresh.read(), 30)
+    assert update.event.event_id == later.event_id
+    fresh.cancel()
