@@ -149,15 +149,16 @@ class IngressHotView:
         )
         return list(reversed(entries))
 
-    async def trimmed_up_to(self, tenant_id: str, conversation_id: str) -> str | None:
-        """The id of the newest entry trimmed from the live stream, or None if nothing was."""
+    async def first_retained(self, tenant_id: str, conversation_id: str) -> str | None:
+        """The oldest entry id still in the live stream if older entries were trimmed, else None."""
         try:
             info: Any = await self._redis.xinfo_stream(hv.live_stream_key(tenant_id, conversation_id))
         except ResponseError:  # no such stream yet
             return None
-        deleted = info.get("max-deleted-entry-id") or b"0-0"
-        deleted = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
-        return None if deleted == "0-0" else deleted
+        if int(info.get("entries-added", 0)) <= int(info.get("length", 0)) or not info.get("first-entry"):
+            return None
+        first = info["first-entry"][0]
+        return first.decode() if isinstance(first, bytes) else str(first)
 
     async def read_live(
         self, tenant_id: str, conversation_id: str, after: str, block_ms: int, count: int = 500

@@ -589,12 +589,12 @@ class ChatService:
     async def _check_cursor_retained(self, tenant_id: str, conversation_id: str, cursor: str) -> None:
         """A cursor older than what the live stream still holds would silently skip the trimmed
         entries: refuse it so the client re-syncs (GetConversation, then follow from its cursor)."""
-        trimmed_up_to = await self._hot.trimmed_up_to(tenant_id, conversation_id)
-        if trimmed_up_to is not None and _cursor_key(cursor) < _cursor_key(trimmed_up_to):
+        first = await self._hot.first_retained(tenant_id, conversation_id)
+        if first is not None and _cursor_key(cursor) < _cursor_key(first):
             raise v.RequestRejected(
                 grpc.StatusCode.OUT_OF_RANGE,
-                f"cursor {cursor} is older than the live window (entries up to {trimmed_up_to} were "
-                "trimmed); call GetConversation and follow from its cursor",
+                f"cursor {cursor} is older than the live window (it starts at {first}; older entries "
+                "were trimmed); call GetConversation and follow from its cursor",
             )
 
     async def _follow(
