@@ -137,12 +137,13 @@ async def play_demo(settings: Settings, tenant_id: str = "demo") -> DemoResult:
         updates = stub.StreamConversation(
             chat_pb2.StreamConversationRequest(tenant_id=tenant_id, conversation_id=first_id)
         )
-        seen = 0
-        async for update in updates:
-            seen += 1
-            if update.message_count >= started[0][1]:
-                break
+        seen, cursor = 0, ""
+        async with asyncio.timeout(30):
+            async for update in updates:
+                seen, cursor = seen + 1, update.cursor
+                if update.message_count >= started[0][1]:
+                    break
         updates.cancel()
-        print(f"  StreamConversation replayed {seen} updates of {first_id}, live from cursor {update.cursor}")
+        print(f"  StreamConversation replayed {seen} updates of {first_id}, live from cursor {cursor}")
     messages = sum(expected for _, expected in started)
     return DemoResult(tenant_id, [c for c, _ in started], events=len(started) + messages + 1)

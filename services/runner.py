@@ -17,14 +17,14 @@ def _banner(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def run_system(settings: Settings, demo: bool = True) -> int:
-    _banner("installing what is missing (first run only)")
-    asyncio.run(stack.install(settings))
-    _banner("starting the local stack: Kafka (KRaft), Redis, SeaweedFS")
-    asyncio.run(stack.up(settings))
-    created = asyncio.run(ensure_topics(settings))
-    print(f"topics created: {', '.join(created) or 'none needed'}")
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
+
+def run_system(settings: Settings, demo: bool = True) -> int:
+    # Until the system serves, SIGTERM interrupts start-up like Ctrl-C does, so whatever was
+    # started is stopped again (the `finally` below).
+    signal.signal(signal.SIGTERM, _interrupt)
     children = switchboard_children(settings)
     stopping = threading.Event()
 
@@ -32,6 +32,12 @@ def run_system(settings: Settings, demo: bool = True) -> int:
         stopping.set()
 
     try:
+        _banner("installing what is missing (first run only)")
+        asyncio.run(stack.install(settings))
+        _banner("starting the local stack: Kafka (KRaft), Redis, SeaweedFS")
+        asyncio.run(stack.up(settings))
+        created = asyncio.run(ensure_topics(settings))
+        print(f"topics created: {', '.join(created) or 'none needed'}")
         _banner("starting analytics (projector + ClickHouse query endpoint), sessions worker, ingress")
         for child in children.values():
             child.start()

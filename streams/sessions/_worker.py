@@ -60,6 +60,26 @@ def register_sessions(app: faust.App, settings: Settings) -> None:
             redis_box["r"] = aioredis.Redis.from_url(settings.redis_url)
         return redis_box["r"]
 
+    @table.on_recover
+    async def rewrite_mirror() -> None:
+        # The table is the fold of the log; Redis only mirrors it. After recovery, write every
+        # recovered state back, so a Redis that lost data (restart, failover) heals without a
+        # replay and the ingress knows every conversation again.
+        client = await redis()
+        written = 0
+        pipe = client.pipeline(transaction=False)
+        for _, stored in table.items():
+            for state_json in _tenant_states(stored).values():
+                state = ConversationState.from_json(state_json)
+                pipe.hset(
+                    hv.conversation_key(state.tenant_id, state.conversation_id), mapping=_mirror_fields(state)
+                )
+                written += 1
+                if written % 1000 == 0:
+                    await pipe.execute()
+        await pipe.execute()
+        log.info("mirrored %d recovered conversation states to Redis", written)
+
     @app.agent(topic, name="sessions")
     async def sessions(stream: Any) -> None:
         async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):

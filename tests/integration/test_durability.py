@@ -227,3 +227,50 @@ async def test_overload_is_refused_at_once_and_memory_stays_bounded(system: Syst
         # Refusals wrote nothing: the log holds exactly the acknowledged messages.
     finally:
         child.stop()
+
+
+@pytest.mark.timeout(600)
+async def test_a_redis_that_lost_everything_heals_from_the_worker(system: System, stub, tenant: str) -> None:
+    import redis.asyncio as aioredis
+
+    conversation_id = await start_conversation(stub, tenant, customer_id="c-heal")
+    for i in range(3):
+        await stub.SendMessage(
+            chat_pb2.SendMessageRequest(
+                tenant_id=tenant, conversation_id=conversation_id, client_message_id=f"h{i}", text=f"m{i}"
+            )
+        )
+    request = chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
+    await eventually(lambda: stub.GetConversation(request), lambda c: c.message_count == 3, what="3 folded")
+
+    client = aioredis.Redis.from_url(system.settings.redis_url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetConversation(request)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    async def current() -> chat_pb2.Conversation | None:
+        try:
+            return await stub.GetConversation(request)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    # The worker's table is the fold of the log: on recovery it mirrors every state again.
+    system.children["sessions"].stop()
+    await system.start_children("sessions")
+    healed = await eventually(
+        current, lambda c: c is not None and c.message_count == 3, what="the mirror rewritten"
+    )
+    assert healed is not None and healed.customer_id == "c-heal"
+    ack = await stub.SendMessage(
+        chat_pb2.SendMessageRequest(
+            tenant_id=tenant, conversation_id=conversation_id, client_message_id="h3", text="after the loss"
+        )
+    )
+    assert not ack.duplicate
+    await eventually(lambda: stub.GetConversation(request), lambda c: c.message_count == 4, what="4 folded")
