@@ -10,7 +10,9 @@ every table deduplicates (see schemas/clickhouse).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -19,6 +21,7 @@ import faust
 
 from schemas.events import Event, EventDecodeError, LogPosition, decode_event
 from services.settings import Settings
+from streams._gaps import DeliveryGapGuard
 from streams.app import conversation_topic
 from streams.projector._rows import project
 from streams.projector._sink import insert_batch
@@ -59,11 +62,19 @@ async def _until_done(what: str, attempt: Callable[[], Awaitable[T]], stats: Pro
         try:
             return await attempt()
         except asyncio.CancelledError:
+            # The sink lets a cancellation through only once its insert finished: acking is safe.
             raise
         except Exception as exc:
             stats.failures += 1
             log.error("projector: %s failed, retrying in %.1fs: %s", what, delay, exc)
-            await asyncio.sleep(delay)
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                # Stopped between retries: leaving through the generator would ack a batch that
+                # is not in ClickHouse. Exit without committing; it is delivered again.
+                log.error("projector: stopped while %s was unfinished; exiting without committing it", what)
+                logging.shutdown()
+                os._exit(75)
             delay = min(delay * 2, RETRY_MAX_S)
 
 
@@ -118,7 +129,12 @@ async def project_batch(batch: Sequence[Any], client: Any, dead_letters: Any, st
 
 
 def register_projector(
-    app: faust.App, settings: Settings, client: Any, *, batch_size: int | None = None
+    app: faust.App,
+    settings: Settings,
+    client: Any,
+    *,
+    batch_size: int | None = None,
+    guard_delivery_gaps: bool = True,
 ) -> ProjectorStats:
     """Add the projector agent to `app`; it inserts through the clickhouse-connect `client`.
 
@@ -132,10 +148,19 @@ def register_projector(
         settings.dead_letter_topic, key_serializer="raw", value_serializer="raw", internal=False
     )
     stats = ProjectorStats()
+    # Off only for Faust's broker-less test channel, where there is no Kafka to read from.
+    guard = DeliveryGapGuard(settings.kafka_bootstrap, settings.conversation_topic, app.conf.id)
+    if guard_delivery_gaps:
+        guard.watch(app)
 
     @app.agent(topic, name="projector")
     async def projector(stream: Any) -> None:
         async for batch in stream.take_events(size, within=settings.batch_within_s):
-            await project_batch(batch, client, dead_letters, stats)
+            missing: list[Any] = []
+            if guard_delivery_gaps:
+                missing = await _until_done(
+                    "checking for undelivered records", functools.partial(guard.missing_before, batch), stats
+                )
+            await project_batch([*missing, *batch], client, dead_letters, stats)
 
     return stats

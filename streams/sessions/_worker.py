@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 from schemas import hotview as hv
 from schemas.events import Event, EventDecodeError, LogPosition, decode_event
 from services.settings import Settings
+from streams._gaps import DeliveryGapGuard
 from streams.app import conversation_topic, create_app, run_worker
 from streams.sessions._state import STATUS_CLOSED, ConversationState, fold_event
 
@@ -80,10 +81,18 @@ def register_sessions(app: faust.App, settings: Settings) -> None:
         await pipe.execute()
         log.info("mirrored %d recovered conversation states to Redis", written)
 
+    guard = DeliveryGapGuard(settings.kafka_bootstrap, settings.conversation_topic, app.conf.id)
+    guard.watch(app)
+
     @app.agent(topic, name="sessions")
     async def sessions(stream: Any) -> None:
-        async for batch in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-            records, rejected = _decode_batch(batch)
+        async for delivered in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            missing: list[Any] = []
+            await _until_done(
+                "checking for undelivered records",
+                functools.partial(_find_missing, guard, delivered, missing),
+            )
+            records, rejected = _decode_batch([*missing, *delivered])
             if rejected:
                 await _until_done("dead-lettering", functools.partial(_dead_letter, rejected, dead_letters))
             if records:
@@ -93,6 +102,10 @@ def register_sessions(app: faust.App, settings: Settings) -> None:
 
 
 Record = tuple[Event, LogPosition, bytes]
+
+
+async def _find_missing(guard: DeliveryGapGuard, batch: Sequence[Any], into: list[Any]) -> None:
+    into[:] = await guard.missing_before(batch)
 
 
 def _decode_batch(batch: Sequence[Any]) -> tuple[list[Record], list[Any]]:
