@@ -102,23 +102,19 @@ class IngressHotView:
         await self._redis.hdel(hv.conversation_key(tenant_id, conversation_id), hv.F_CLOSED_NS)
 
     async def claim_many(self, keys: Sequence[tuple[str, str, str]]) -> list[Claim]:
-        """Claim each (tenant, conversation, client_message_id) for writing, in one round trip."""
+        """Claim each (tenant, conversation, client_message_id) for writing, in one round trip:
+        SET NX GET sets the claim and returns what was there before, atomically."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for tenant_id, conversation_id, cmid in keys:
                 key = hv.idempotency_key(tenant_id, conversation_id, cmid)
-                pipe.set(key, _PENDING, nx=True, ex=CLAIM_TTL_S)
-                pipe.get(key)
+                pipe.set(key, _PENDING, nx=True, get=True, ex=CLAIM_TTL_S)
             replies = await pipe.execute()
         claims = []
-        for i in range(len(keys)):
-            was_set, current = replies[2 * i], replies[2 * i + 1]
-            if was_set:
+        for previous in replies:
+            if previous is None:
                 claims.append(Claim(claimed=True))
-            elif current is None:
-                # Expired between the two commands: treat as in flight, the caller retries.
-                claims.append(Claim(claimed=False))
             else:
-                claims.append(Claim(claimed=False, earlier=_parse_ack(current)))
+                claims.append(Claim(claimed=False, earlier=_parse_ack(previous)))
         return claims
 
     async def touch_claims(self, keys: Sequence[tuple[str, str, str]]) -> None:

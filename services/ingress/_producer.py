@@ -7,9 +7,11 @@ bound callers are refused at once (RESOURCE_EXHAUSTED) instead of queueing witho
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from aiokafka import AIOKafkaProducer
@@ -162,7 +164,9 @@ class EventProducer:
             meta = await asyncio.wait_for(asyncio.shield(delivery), timeout=timeout)
         except TimeoutError as exc:
             if on_late_ack is not None:
-                delivery.add_done_callback(lambda fut: _report_late(fut, event.event_id, on_late_ack))
+                delivery.add_done_callback(
+                    functools.partial(_report_late, event_id=event.event_id, callback=on_late_ack)
+                )
             raise unavailable(
                 f"Kafka did not acknowledge within {timeout:.0f}s; the write may still land — "
                 "retry with the same client_message_id",
@@ -189,6 +193,43 @@ class EventProducer:
         except Exception as exc:
             log.warning("closing the replaced producer: %r", exc)
 
+    async def wait_acks(
+        self,
+        events: Sequence[Event],
+        deliveries: Sequence[asyncio.Future[object]],
+        on_late_ack: Sequence[Callable[[Ack | None], Awaitable[None]] | None],
+    ) -> list[Ack | Unavailable]:
+        """`wait_ack` for a whole batch with one timer: one asyncio.wait instead of a timeout
+        and a shield per record."""
+        timeout = self._settings.produce_timeout_s
+        pending: set[asyncio.Future[object]] = set()
+        if deliveries:
+            _, pending = await asyncio.wait(set(deliveries), timeout=timeout)
+        outcomes: list[Ack | Unavailable] = []
+        for event, delivery, late in zip(events, deliveries, on_late_ack, strict=True):
+            if delivery in pending:
+                if late is not None:
+                    delivery.add_done_callback(
+                        functools.partial(_report_late, event_id=event.event_id, callback=late)
+                    )
+                outcomes.append(
+                    unavailable(
+                        f"Kafka did not acknowledge within {timeout:.0f}s; the write may still land — "
+                        "retry with the same client_message_id",
+                        late_possible=late is not None,
+                    )
+                )
+                continue
+            exc = delivery.exception()
+            if exc is not None:
+                if isinstance(exc, _FATAL_PRODUCER_ERRORS):
+                    self._replace_producer(exc)
+                outcomes.append(unavailable(f"Kafka refused the event: {exc!r}; retry"))
+                continue
+            meta: Any = delivery.result()
+            outcomes.append(Ack(event.event_id, meta.partition, meta.offset))
+        return outcomes
+
     async def publish(self, event: Event) -> Ack:
         """Send one event and wait for Kafka's ack (caller holds a reserved slot)."""
         return await self.wait_ack(event, await self.enqueue(event))
@@ -198,7 +239,7 @@ _late_tasks: set[asyncio.Future[None]] = set()
 
 
 def _report_late(
-    fut: asyncio.Future[object], event_id: str, callback: Callable[[Ack | None], Awaitable[None]]
+    fut: asyncio.Future[object], *, event_id: str, callback: Callable[[Ack | None], Awaitable[None]]
 ) -> None:
     ack: Ack | None = None
     if not fut.cancelled() and fut.exception() is None:

@@ -274,12 +274,7 @@ class ChatService:
                 enqueued.append((event, delivery))
             if order is not None:
                 order.mark_enqueued()
-            sent = await asyncio.gather(
-                *(
-                    self._await_message(event, delivery, key)
-                    for (event, delivery), (_, _, key) in zip(enqueued, to_send, strict=True)
-                )
-            )
+            sent = await self._await_deliveries(enqueued, [key for _, _, key in to_send])
             for (i, req, key), written in zip(to_send, sent, strict=True):
                 if isinstance(written, Ack):
                     results[i] = _response(req, written, duplicate=False)
@@ -348,22 +343,35 @@ class ChatService:
         except Unavailable as exc:
             return event, exc
 
-    async def _await_message(
+    async def _await_deliveries(
         self,
-        event: Event | None,
-        delivery: asyncio.Future[object] | v.RequestRejected,
-        key: tuple[str, str, str],
-    ) -> Ack | v.RequestRejected:
-        if isinstance(delivery, v.RequestRejected) or event is None:
-            assert isinstance(delivery, v.RequestRejected)
-            return delivery
-
-        try:
-            return await self._producer.wait_ack(event, delivery, on_late_ack=self._late_settler(key))
-        except Unavailable as exc:
-            if exc.late_possible:
-                self._background(self._keep_claim(key, delivery))
-            return exc
+        enqueued: list[tuple[Event | None, asyncio.Future[object] | v.RequestRejected]],
+        keys: list[tuple[str, str, str]],
+    ) -> list[Ack | v.RequestRejected]:
+        """Acks for a batch's enqueued records, in order; refusals pass through."""
+        waiting = [
+            (i, event, delivery)
+            for i, (event, delivery) in enumerate(enqueued)
+            if event is not None and not isinstance(delivery, v.RequestRejected)
+        ]
+        acks = await self._producer.wait_acks(
+            [event for _, event, _ in waiting if event is not None],
+            [delivery for _, _, delivery in waiting if not isinstance(delivery, v.RequestRejected)],
+            [self._late_settler(keys[i]) for i, _, _ in waiting],
+        )
+        outcomes: list[Ack | v.RequestRejected] = [
+            delivery if isinstance(delivery, v.RequestRejected) else v.invalid("not sent")
+            for _, delivery in enqueued
+        ]
+        for (i, _, delivery), ack in zip(waiting, acks, strict=True):
+            outcomes[i] = ack
+            if (
+                isinstance(ack, Unavailable)
+                and ack.late_possible
+                and not isinstance(delivery, v.RequestRejected)
+            ):
+                self._background(self._keep_claim(keys[i], delivery))
+        return outcomes
 
     def _late_settler(self, key: tuple[str, str, str]) -> Callable[[Ack | None], Awaitable[None]]:
         """Records the outcome of a write whose caller was already told UNAVAILABLE: a retry

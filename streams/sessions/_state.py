@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from schemas.events import Event, LogPosition, event_type
@@ -48,7 +48,9 @@ class ConversationState:
     recent_client_message_ids: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        # A plain field copy: dataclasses.asdict deep-copies and was the worker's top cost.
+        data = {name: getattr(self, name) for name in _FIELDS}
+        data["metadata"] = dict(self.metadata)
         data["recent_client_message_ids"] = list(self.recent_client_message_ids)
         return data
 
@@ -57,6 +59,9 @@ class ConversationState:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["recent_client_message_ids"] = tuple(known.get("recent_client_message_ids", ()))
         return cls(**known)
+
+
+_FIELDS = tuple(f.name for f in fields(ConversationState))
 
 
 @dataclass(frozen=True, slots=True)

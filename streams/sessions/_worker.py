@@ -196,8 +196,10 @@ async def _fold_batch(
         )
         appended += 1
 
-    for state in changed.values():
-        pipe.hset(hv.conversation_key(state.tenant_id, state.conversation_id), mapping=_mirror_fields(state))
+    documents = {slot: state.to_json() for slot, state in changed.items()}
+    for slot, state in changed.items():
+        mirror = _mirror_fields(state, documents[slot])
+        pipe.hset(hv.conversation_key(state.tenant_id, state.conversation_id), mapping=mirror)
 
     if appended or changed:
         replies = await pipe.execute(raise_on_error=False)
@@ -205,15 +207,16 @@ async def _fold_batch(
             # A redelivered event's entry is already there: Redis refuses the repeated id.
             if isinstance(reply, ResponseError) and "equal or smaller" not in str(reply):
                 raise reply
-    for key in {key for key, _ in changed}:
-        merged = dict(stored[key])
-        merged.update({tenant: state.to_json() for (k, tenant), state in changed.items() if k == key})
-        table[key] = merged
+    merged: dict[bytes, dict[str, dict[str, Any]]] = {}
+    for (key, tenant), document in documents.items():
+        merged.setdefault(key, dict(stored[key]))[tenant] = document
+    for key, value in merged.items():
+        table[key] = value
 
 
-def _mirror_fields(state: ConversationState) -> dict[Any, Any]:
+def _mirror_fields(state: ConversationState, document: dict[str, Any] | None = None) -> dict[Any, Any]:
     mirror: dict[Any, Any] = {
-        hv.F_STATE: json.dumps(state.to_json(), ensure_ascii=False),
+        hv.F_STATE: json.dumps(document if document is not None else state.to_json(), ensure_ascii=False),
         hv.F_CURSOR: LogPosition(state.last_partition, state.last_offset).cursor,
     }
     if state.status == STATUS_CLOSED:
