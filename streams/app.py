@@ -8,8 +8,15 @@ import socket
 from typing import Any
 
 import faust
+from faust.transport.producer import ProducerBuffer
 
 from services.settings import Settings
+
+# Table writes queue in Faust's producer buffer, and past `max_messages` (100, a class attribute
+# with no setting) every further write makes the stream wait while the buffer drains one message
+# at a time: with many conversations per batch that stalled the sessions worker. Our batches
+# bound what is queued anyway.
+ProducerBuffer.max_messages = 20_000
 
 
 def create_app(role: str, settings: Settings) -> faust.App:

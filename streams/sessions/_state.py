@@ -14,7 +14,7 @@ MODE_AGENT = "agent"
 
 # How many recent client_message_ids a conversation remembers to drop redelivered duplicates
 # (a retry whose first ack was lost). The ingress deduplicates first; this is the backstop.
-DEDUP_WINDOW = 256
+DEDUP_WINDOW = 64
 
 
 @dataclass(frozen=True, slots=True)

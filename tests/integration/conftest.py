@@ -150,3 +150,10 @@ async def start_conversation(stub: chat_pb2_grpc.ChatServiceStub, tenant: str, *
 
 def count(system: System, sql: str, **params: Any) -> int:
     return int(system.clickhouse().query(sql, parameters=params).result_rows[0][0])
+
+
+async def wait_for_count(system: System, sql: str, expected: int, *, what: str, **params: Any) -> None:
+    """Wait until the count query returns `expected` (projections catch up asynchronously)."""
+    await eventually(
+        lambda: asyncio.to_thread(count, system, sql, **params), lambda n: n == expected, what=what
+    )

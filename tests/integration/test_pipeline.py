@@ -10,7 +10,7 @@ import grpc
 import pytest
 from switchboard.v1 import chat_pb2, events_pb2
 
-from tests.integration.conftest import System, count, eventually, start_conversation
+from tests.integration.conftest import System, count, eventually, start_conversation, wait_for_count
 
 pytestmark = pytest.mark.integration
 
@@ -72,12 +72,12 @@ async def test_message_is_acked_then_visible_everywhere(system: System, stub, te
     )
     assert closed.status == chat_pb2.CONVERSATION_STATUS_CLOSED
 
-    await eventually(
-        lambda: asyncio.to_thread(
-            count, system, "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}", t=tenant
-        ),
-        lambda n: n == 4,
+    await wait_for_count(
+        system,
+        "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}",
+        4,
         what="4 events in ClickHouse",
+        t=tenant,
     )
     assert (
         count(system, "SELECT count() FROM switchboard.messages WHERE tenant_id = {t:String}", t=tenant) == 2
@@ -110,12 +110,12 @@ async def test_thousand_messages_over_fifty_conversations_stay_in_order(
 
     await asyncio.gather(*(send_conversation(c) for c in conversations))
 
-    await eventually(
-        lambda: asyncio.to_thread(
-            count, system, "SELECT count() FROM switchboard.messages WHERE tenant_id = {t:String}", t=tenant
-        ),
-        lambda n: n == 1000,
+    await wait_for_count(
+        system,
+        "SELECT count() FROM switchboard.messages WHERE tenant_id = {t:String}",
+        1000,
         what="1000 messages in ClickHouse",
+        t=tenant,
     )
     rows = (
         system.clickhouse()
@@ -157,12 +157,12 @@ async def test_duplicate_client_message_id_is_one_event(system: System, stub, te
     assert again.duplicate
     assert all(a.offset == again.offset and a.event_id == again.event_id for a in acks)
     await stub.SendMessage(send(tenant, conversation_id, "sentinel", "after"))
-    await eventually(
-        lambda: asyncio.to_thread(
-            count, system, "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}", t=tenant
-        ),
-        lambda n: n == 3,
+    await wait_for_count(
+        system,
+        "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}",
+        3,
         what="start + one message + sentinel",
+        t=tenant,
     )
     assert (
         count(
@@ -271,12 +271,12 @@ async def test_streaming_send_acks_each_message_and_reports_errors_inline(
     assert [r.client_message_id for r in ok] == [f"b-{i}" for i in range(300) if i != 150]
     offsets = [r.offset for r in ok]
     assert offsets == sorted(offsets)
-    await eventually(
-        lambda: asyncio.to_thread(
-            count, system, "SELECT count() FROM switchboard.messages WHERE tenant_id = {t:String}", t=tenant
-        ),
-        lambda n: n == 299,
+    await wait_for_count(
+        system,
+        "SELECT count() FROM switchboard.messages WHERE tenant_id = {t:String}",
+        299,
         what="299 streamed messages",
+        t=tenant,
     )
 
 
@@ -287,12 +287,12 @@ async def test_start_with_a_client_chosen_id_is_idempotent(system: System, stub,
     again = await stub.StartConversation(req)
     assert first.conversation_id == again.conversation_id == chosen
     await stub.SendMessage(send(tenant, chosen, "sentinel"))
-    await eventually(
-        lambda: asyncio.to_thread(
-            count, system, "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}", t=tenant
-        ),
-        lambda n: n == 2,
+    await wait_for_count(
+        system,
+        "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}",
+        2,
         what="one start and the sentinel",
+        t=tenant,
     )
     assert (
         count(
@@ -349,12 +349,12 @@ async def test_one_stream_over_many_conversations_keeps_each_in_order(
 
     responses = [r async for r in stub.SendMessages(requests())]
     assert len(responses) == 2000 and all(r.error_code == 0 for r in responses)
-    await eventually(
-        lambda: asyncio.to_thread(
-            count, system, "SELECT count() FROM switchboard.messages WHERE tenant_id = {t:String}", t=tenant
-        ),
-        lambda n: n == 2000,
+    await wait_for_count(
+        system,
+        "SELECT count() FROM switchboard.messages WHERE tenant_id = {t:String}",
+        2000,
         what="2000 streamed messages",
+        t=tenant,
     )
     rows = (
         system.clickhouse()
