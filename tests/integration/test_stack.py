@@ -28,19 +28,19 @@ from services.settings import Settings, load_settings
 pytestmark = pytest.mark.integration
 
 PORTS = {
-    "kafka_bootstrap": "127.0.0.1:39092",
-    "kafka_controller_port": 39093,
-    "redis_url": "redis://127.0.0.1:36379/0",
-    "s3_endpoint": "127.0.0.1:37333",
-    "s3_grpc_port": 37334,
-    "s3_master_port": 37335,
-    "s3_master_grpc_port": 37336,
-    "s3_volume_port": 37337,
-    "s3_volume_grpc_port": 37338,
-    "s3_filer_port": 37339,
-    "s3_filer_grpc_port": 37340,
-    "s3_admin_port": 37341,
-    "s3_admin_grpc_port": 37342,
+    "kafka_bootstrap": "127.0.0.1:19192",
+    "kafka_controller_port": 19193,
+    "redis_url": "redis://127.0.0.1:16479/0",
+    "s3_endpoint": "127.0.0.1:17333",
+    "s3_grpc_port": 17334,
+    "s3_master_port": 17335,
+    "s3_master_grpc_port": 17336,
+    "s3_volume_port": 17337,
+    "s3_volume_grpc_port": 17338,
+    "s3_filer_port": 17339,
+    "s3_filer_grpc_port": 17340,
+    "s3_admin_port": 17341,
+    "s3_admin_grpc_port": 17342,
 }
 
 
