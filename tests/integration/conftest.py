@@ -100,9 +100,10 @@ def test_settings(test_env: dict[str, str]) -> Settings:
 @pytest.fixture(scope="session")
 async def local_stack(test_settings: Settings) -> AsyncIterator[Settings]:
     await stack.install(test_settings)
-    await stack.up(test_settings)
-    await ensure_topics(test_settings)
     try:
+        # Inside the try: an `up` that fails part-way must not leave servers behind.
+        await stack.up(test_settings)
+        await ensure_topics(test_settings)
         yield test_settings
     finally:
         await stack.down(test_settings)

@@ -53,9 +53,10 @@ async def settings(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Se
     s = stack_settings(tmp_path_factory.mktemp("stack"))
     await stack.install(s)
     started = time.monotonic()
-    await stack.up(s)
-    print(f"first up: {time.monotonic() - started:.1f}s")
     try:
+        # Inside the try: an `up` that fails part-way must not leave servers behind.
+        await stack.up(s)
+        print(f"first up: {time.monotonic() - started:.1f}s")
         yield s
     finally:
         await stack.down(s)
