@@ -148,36 +148,6 @@ class EventProducer:
                 f"Kafka did not accept the event within {timeout:.0f}s ({exc!r}); retry"
             ) from exc
 
-    async def wait_ack(
-        self,
-        event: Event,
-        delivery: asyncio.Future[object],
-        on_late_ack: Callable[[Ack | None], Awaitable[None]] | None = None,
-    ) -> Ack:
-        """Wait for Kafka's ack of an enqueued event.
-
-        If the ack does not come within the produce timeout the caller gets UNAVAILABLE, but the
-        record may still land later: `on_late_ack` then learns the outcome (Ack, or None on failure).
-        """
-        timeout = self._settings.produce_timeout_s
-        try:
-            meta = await asyncio.wait_for(asyncio.shield(delivery), timeout=timeout)
-        except TimeoutError as exc:
-            if on_late_ack is not None:
-                delivery.add_done_callback(
-                    functools.partial(_report_late, event_id=event.event_id, callback=on_late_ack)
-                )
-            raise unavailable(
-                f"Kafka did not acknowledge within {timeout:.0f}s; the write may still land — "
-                "retry with the same client_message_id",
-                late_possible=on_late_ack is not None,
-            ) from exc
-        except KafkaError as exc:
-            if isinstance(exc, _FATAL_PRODUCER_ERRORS):
-                self._replace_producer(exc)
-            raise unavailable(f"Kafka refused the event: {exc!r}; retry") from exc
-        return Ack(event.event_id, meta.partition, meta.offset)  # type: ignore[attr-defined]
-
     def _replace_producer(self, cause: KafkaError) -> None:
         """Swap in a fresh producer (the next enqueue starts it); the broken one is closed aside."""
         if self._producer is None or (self._replacing is not None and not self._replacing.done()):
@@ -199,8 +169,9 @@ class EventProducer:
         deliveries: Sequence[asyncio.Future[object]],
         on_late_ack: Sequence[Callable[[Ack | None], Awaitable[None]] | None],
     ) -> list[Ack | Unavailable]:
-        """`wait_ack` for a whole batch with one timer: one asyncio.wait instead of a timeout
-        and a shield per record."""
+        """Kafka's acks for enqueued records, in order, waiting at most the produce timeout with
+        one timer for the whole batch. A record still unacknowledged then gets UNAVAILABLE, but it
+        may still land: its `on_late_ack` callback (if any) learns the outcome later."""
         timeout = self._settings.produce_timeout_s
         pending: set[asyncio.Future[object]] = set()
         if deliveries:
@@ -229,10 +200,6 @@ class EventProducer:
             meta: Any = delivery.result()
             outcomes.append(Ack(event.event_id, meta.partition, meta.offset))
         return outcomes
-
-    async def publish(self, event: Event) -> Ack:
-        """Send one event and wait for Kafka's ack (caller holds a reserved slot)."""
-        return await self.wait_ack(event, await self.enqueue(event))
 
 
 _late_tasks: set[asyncio.Future[None]] = set()

@@ -515,13 +515,16 @@ class ChatService:
         try:
             delivery = await self._producer.enqueue(event)
             late = self._late_settler(claim_key) if claim_key is not None else None
-            return await self._producer.wait_ack(event, delivery, on_late_ack=late)
-        except Unavailable as exc:
+            (outcome,) = await self._producer.wait_acks([event], [delivery], [late])
+            if isinstance(outcome, Ack):
+                return outcome
+            if claim_key is not None and outcome.late_possible:
+                self._background(self._keep_claim(claim_key, delivery))
+                claim_key = None  # settled by the late ack
+            raise outcome
+        except Unavailable:
             if claim_key is not None:
-                if exc.late_possible:
-                    self._background(self._keep_claim(claim_key, delivery))
-                else:
-                    await self._settle([(claim_key, None)])
+                await self._settle([(claim_key, None)])
             raise
         finally:
             self._producer.release()
