@@ -65,20 +65,13 @@ def register_sessions(app: faust.App, settings: Settings) -> None:
     async def rewrite_mirror() -> None:
         # The table is the fold of the log; Redis only mirrors it. After recovery, write every
         # recovered state back, so a Redis that lost data (restart, failover) heals without a
-        # replay and the ingress knows every conversation again.
-        client = await redis()
-        written = 0
-        pipe = client.pipeline(transaction=False)
-        for _, stored in table.items():
-            for state_json in _tenant_states(stored).values():
-                state = ConversationState.from_json(state_json)
-                pipe.hset(
-                    hv.conversation_key(state.tenant_id, state.conversation_id), mapping=_mirror_fields(state)
-                )
-                written += 1
-                if written % 1000 == 0:
-                    await pipe.execute()
-        await pipe.execute()
+        # replay and the ingress knows every conversation again. (Faust gathers these callbacks
+        # with asyncio.wait, which would swallow an error: log it here.)
+        try:
+            written = await _mirror_all(table, await redis())
+        except Exception:
+            log.exception("rewriting the Redis mirror after recovery failed; it heals as events arrive")
+            return
         log.info("mirrored %d recovered conversation states to Redis", written)
 
     guard = DeliveryGapGuard(settings.kafka_bootstrap, settings.conversation_topic, app.conf.id)
@@ -147,6 +140,22 @@ async def _until_done(what: str, attempt: Callable[[], Awaitable[None]]) -> None
             log.warning("%s failed (%r); retrying in %.1fs", what, exc, backoff, exc_info=True)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+
+async def _mirror_all(table: Any, redis: aioredis.Redis) -> int:
+    written = 0
+    pipe = redis.pipeline(transaction=False)
+    for _, stored in table.items():
+        for state_json in _tenant_states(stored).values():
+            state = ConversationState.from_json(state_json)
+            pipe.hset(
+                hv.conversation_key(state.tenant_id, state.conversation_id), mapping=_mirror_fields(state)
+            )
+            written += 1
+            if written % 1000 == 0:
+                await pipe.execute()
+    await pipe.execute()
+    return written
 
 
 def _tenant_states(stored: Any) -> dict[str, dict[str, Any]]:
