@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,6 +21,7 @@ import faust
 from schemas.events import Event, EventDecodeError, LogPosition, decode_event
 from services.settings import Settings
 from streams._gaps import DeliveryGapGuard
+from streams._retry import until_done
 from streams.app import conversation_topic
 from streams.projector._rows import project
 from streams.projector._sink import insert_batch
@@ -52,30 +52,21 @@ def dead_letter_headers(reason: str, topic: str, partition: int, offset: int) ->
 
 
 async def _until_done(what: str, attempt: Callable[[], Awaitable[T]], stats: ProjectorStats) -> T:
-    """Retry `attempt` with backoff until it succeeds (or the worker is stopping).
+    """Retry `attempt` until it succeeds; the sink lets a cancellation through only once its
+    insert finished, so acking then is safe."""
 
-    The loop body must never fail: `take_events` acks a batch in a ``finally``, so an exception
-    escaping it would ack events that never reached ClickHouse.
-    """
-    delay = RETRY_INITIAL_S
-    while True:
-        try:
-            return await attempt()
-        except asyncio.CancelledError:
-            # The sink lets a cancellation through only once its insert finished: acking is safe.
-            raise
-        except Exception as exc:
-            stats.failures += 1
-            log.error("projector: %s failed, retrying in %.1fs: %s", what, delay, exc)
-            try:
-                await asyncio.sleep(delay)
-            except asyncio.CancelledError:
-                # Stopped between retries: leaving through the generator would ack a batch that
-                # is not in ClickHouse. Exit without committing; it is delivered again.
-                log.error("projector: stopped while %s was unfinished; exiting without committing it", what)
-                logging.shutdown()
-                os._exit(75)
-            delay = min(delay * 2, RETRY_MAX_S)
+    def count(_: BaseException) -> None:
+        stats.failures += 1
+
+    return await until_done(
+        f"projector: {what}",
+        attempt,
+        log=log,
+        initial_s=RETRY_INITIAL_S,
+        max_s=RETRY_MAX_S,
+        cancel_mid_attempt_is_safe=True,
+        on_failure=count,
+    )
 
 
 async def project_batch(batch: Sequence[Any], client: Any, dead_letters: Any, stats: ProjectorStats) -> None:

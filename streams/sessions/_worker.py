@@ -12,7 +12,6 @@ import asyncio
 import functools
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from schemas import hotview as hv
 from schemas.events import Event, EventDecodeError, LogPosition, decode_event
 from services.settings import Settings
 from streams._gaps import DeliveryGapGuard
+from streams._retry import until_done
 from streams.app import conversation_topic, create_app, run_worker
 from streams.sessions._state import STATUS_CLOSED, ConversationState, fold_event
 
@@ -124,22 +124,8 @@ async def _dead_letter(rejected: list[Any], dead_letters: Any) -> None:
 
 
 async def _until_done(what: str, attempt: Callable[[], Awaitable[None]]) -> None:
-    """Faust acks a batch when the agent's body finishes *or raises*, so nothing may escape
-    before the batch is done: retry (the fold is pure, a retry repeats the same work). If the
-    worker is stopped mid-retry, exit without committing, so the batch is delivered again."""
-    backoff = 0.1
-    while True:
-        try:
-            await attempt()
-            return
-        except asyncio.CancelledError:
-            log.error("stopped while %s was unfinished; exiting without committing it", what)
-            logging.shutdown()
-            os._exit(75)
-        except Exception as exc:
-            log.warning("%s failed (%r); retrying in %.1fs", what, exc, backoff, exc_info=True)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+    # A fold cancelled half-way may have written Redis but not the table: never ack it.
+    await until_done(what, attempt, log=log, initial_s=0.1, max_s=5.0, cancel_mid_attempt_is_safe=False)
 
 
 async def _mirror_all(table: Any, redis: aioredis.Redis) -> int:
