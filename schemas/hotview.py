@@ -22,7 +22,7 @@ S_STATUS = "s"
 S_MESSAGES = "n"
 S_SEQUENCE = "q"
 
-_CURSOR = re.compile(r"^\d{1,20}-\d{1,20}$")
+_CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 def conversation_key(tenant_id: str, conversation_id: str) -> str:
@@ -45,4 +45,34 @@ def live_stream_id(offset: int) -> str:
 
 
 def is_valid_cursor(cursor: str) -> bool:
-    return bool(_CURSOR.match(cursor))
+    return _CURSOR.fullmatch(cursor) is not None
+
+
+# --- the sessions worker's bookkeeping and the ingress's readiness gate ---------------------------
+# Hash: partition -> next offset the sessions worker will apply. Written in the same pipeline as,
+# and after, the states of a batch, so a Redis that kept it also kept what came before it. When it
+# is missing for a partition the worker has history for, Redis lost data: the worker rebuilds
+# that partition from the log (states, live streams and idempotency claims).
+APPLIED_KEY = "sb:sessions:applied"
+# Hash: partition -> "1" once the hot view of that partition is complete (nothing to rebuild).
+# A Redis that lost everything loses this too, and the ingress refuses writes (UNAVAILABLE) until
+# every partition is back, so a retry can never miss the claim of its first attempt.
+READY_KEY = "sb:sessions:ready"
+
+# Idempotency claims: "pending" while the write is in flight, then "event_id|partition|offset".
+CLAIM_PENDING = b"pending"
+# What starts and closes claim in the client_message_id space (no client id has a NUL in it).
+START_CLAIM = "\x00start"
+CLOSE_CLAIM = "\x00close"
+
+
+def encode_claim(event_id: str, partition: int, offset: int) -> str:
+    return f"{event_id}|{partition}|{offset}"
+
+
+def decode_claim(raw: bytes) -> tuple[str, int, int] | None:
+    """(event_id, partition, offset) of a settled claim; None while it is pending."""
+    if raw == CLAIM_PENDING:
+        return None
+    event_id, partition, offset = raw.decode().split("|")
+    return event_id, int(partition), int(offset)

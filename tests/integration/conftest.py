@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,7 +30,16 @@ from services.settings import PROJECT_ROOT, Settings
 
 T = TypeVar("T")
 
-TEST_ENV = {
+# Another checkout's suite (or a helper's) can run beside this one with its own ports:
+# SWITCHBOARD_TEST_PORT_OFFSET=100 moves every port below up by 100.
+_PORT_OFFSET = int(os.environ.get("SWITCHBOARD_TEST_PORT_OFFSET", "0"))
+
+
+def _shift(value: str) -> str:
+    return re.sub(r"(?<=:)(\d{4,5})(?=/|$)", lambda m: str(int(m.group(1)) + _PORT_OFFSET), value)
+
+
+_BASE_ENV = {
     "SWITCHBOARD_KAFKA_BOOTSTRAP": "127.0.0.1:29092",
     "SWITCHBOARD_KAFKA_CONTROLLER_PORT": "29093",
     "SWITCHBOARD_REDIS_URL": "redis://127.0.0.1:26379/0",
@@ -47,6 +57,11 @@ TEST_ENV = {
     "SWITCHBOARD_ANALYTICS_LISTEN": "127.0.0.1:28123",
     "SWITCHBOARD_TOPIC_PARTITIONS": "4",
     "SWITCHBOARD_PRODUCE_TIMEOUT_S": "5",
+}
+_PORT_KEYS = {k for k in _BASE_ENV if k.endswith(("_PORT", "_BOOTSTRAP", "_URL", "_ENDPOINT", "_LISTEN"))}
+TEST_ENV = {
+    k: (str(int(v) + _PORT_OFFSET) if k.endswith("_PORT") else _shift(v)) if k in _PORT_KEYS else v
+    for k, v in _BASE_ENV.items()
 }
 
 
