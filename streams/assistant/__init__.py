@@ -1,0 +1,1 @@
+"""The assistant: intent, retrieval-grounded answers through the model gateway, and handoff."""

@@ -1,0 +1,1 @@
+"""The model gateway: one interface for answerers, adapters behind it."""

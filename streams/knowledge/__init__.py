@@ -1,0 +1,1 @@
+"""The knowledge base: documents as events, chunked and indexed for hybrid retrieval."""
