@@ -1,7 +1,8 @@
 """Events to ClickHouse rows. Pure: no Kafka, no ClickHouse, no clock.
 
-`project` turns a batch of decoded events and their log positions into rows for each table of
-`schemas/clickhouse`. The same batch always gives the same rows, and every table deduplicates
+`project` turns a batch of decoded events and their log positions into rows for each storage
+table of `schemas/clickhouse` (the `raw_*` tables and `conversation_facts`; analysts read the
+exact views over them). The same batch always gives the same rows, and every table deduplicates
 what it is given twice (see the migrations), so writing a batch again is harmless.
 """
 
@@ -17,12 +18,12 @@ from switchboard.v1 import events_pb2
 
 from schemas.events import Event, LogPosition, event_type
 
-EVENTS = "events"
-MESSAGES = "messages"
-REPLIES = "replies"
-INTENTS = "intents"
-HANDOFFS = "handoffs"
-CSAT = "csat"
+EVENTS = "raw_events"
+MESSAGES = "raw_messages"
+REPLIES = "raw_replies"
+INTENTS = "raw_intents"
+HANDOFFS = "raw_handoffs"
+CSAT = "raw_csat"
 CONVERSATION_FACTS = "conversation_facts"
 
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -59,9 +60,17 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "message_event_id",
         "text",
         "model",
+        "adapter",
+        "intent",
+        "language",
+        "grounded",
+        "reply_id",
         "citation_document_ids",
+        "citation_chunk_ids",
+        "citation_scores",
         "citation_count",
         "latency_ms",
+        "first_token_ms",
         "prompt_tokens",
         "completion_tokens",
         "occurred_at",
@@ -76,6 +85,9 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "intent",
         "confidence",
         "model",
+        "stage",
+        "model_version",
+        "language",
         "occurred_at",
         "partition",
         "offset",
@@ -88,6 +100,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "reason",
         "queue",
         "agent_id",
+        "message_event_id",
+        "previous_agent_id",
         "occurred_at",
         "partition",
         "offset",
@@ -114,6 +128,14 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "closed_by",
         "first_event_at",
         "last_event_at",
+        "first_customer_message_at",
+        "first_response_at",
+        "first_handoff_at",
+        "first_assigned_at",
+        "mode_change",
+        "assignee_change",
+        "csat_change",
+        "first_intent",
     ),
 }
 
@@ -182,9 +204,24 @@ def payload_json(event: Event) -> str:
     )
 
 
+# Neutral values of the max/min tuple columns of conversation_facts: never win over a real event.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+NEVER = datetime(2299, 12, 31, 23, 59, 59, tzinfo=UTC)
+NO_CHANGE: tuple[datetime, str, str] = (EPOCH, "", "")
+NO_CSAT: tuple[datetime, str, int, str] = (EPOCH, "", 0, "")
+NO_INTENT: tuple[datetime, str, str] = (NEVER, "", "")
+
+MODE_BOT = "bot"
+MODE_AGENT = "agent"
+
+
 @dataclass(slots=True)
 class _Facts:
-    """A partial conversation row; merged with the same aggregates ClickHouse uses (min/max)."""
+    """A partial conversation row; merged with the same aggregates ClickHouse uses (min/max).
+
+    Every field is combined with an idempotent, order-free aggregate, so the rows of any batches
+    in any order, some of them twice, merge to the same conversation.
+    """
 
     tenant_id: str
     conversation_id: str
@@ -197,6 +234,16 @@ class _Facts:
     closed_by: str = ""
     first_event_at: datetime | None = None
     last_event_at: datetime | None = None
+    first_customer_message_at: datetime | None = None
+    first_response_at: datetime | None = None
+    first_handoff_at: datetime | None = None
+    first_assigned_at: datetime | None = None
+    # (occurred_at, event_id, value): the latest event wins (max), ties broken by event id.
+    mode_change: tuple[datetime, str, str] = NO_CHANGE
+    assignee_change: tuple[datetime, str, str] = NO_CHANGE
+    csat_change: tuple[datetime, str, int, str] = NO_CSAT
+    # The earliest classification wins (min).
+    first_intent: tuple[datetime, str, str] = NO_INTENT
 
     def row(self) -> list[Any]:
         return [
@@ -211,6 +258,14 @@ class _Facts:
             self.closed_by,
             self.first_event_at,
             self.last_event_at,
+            self.first_customer_message_at,
+            self.first_response_at,
+            self.first_handoff_at,
+            self.first_assigned_at,
+            self.mode_change,
+            self.assignee_change,
+            self.csat_change,
+            self.first_intent,
         ]
 
 
@@ -220,6 +275,30 @@ def _min(a: datetime | None, b: datetime) -> datetime:
 
 def _max(a: datetime | None, b: datetime) -> datetime:
     return b if a is None or b > a else a
+
+
+def _message_row(
+    tenant: str,
+    conversation: str,
+    event_id: str,
+    client_message_id: str,
+    sender: str,
+    agent_id: str,
+    text: str,
+    where: list[Any],
+) -> list[Any]:
+    # message_key: the client's idempotency key when there is one, else the event id.
+    return [
+        tenant,
+        conversation,
+        client_message_id or event_id,
+        event_id,
+        client_message_id,
+        sender,
+        agent_id,
+        text,
+        *where,
+    ]
 
 
 def project(records: Sequence[tuple[Event, LogPosition]]) -> ProjectionBatch:
@@ -267,37 +346,34 @@ def project(records: Sequence[tuple[Event, LogPosition]]) -> ProjectionBatch:
             fact.closed_by = max(fact.closed_by, sender_label(closed.closed_by))
         elif kind == "message_received":
             msg = event.message_received
+            sender = sender_label(msg.sender)
+            if sender in ("customer", ""):
+                fact.first_customer_message_at = _min(fact.first_customer_message_at, at)
+            elif sender in ("bot", "agent"):
+                fact.first_response_at = _min(fact.first_response_at, at)
             rows[MESSAGES].append(
-                [
-                    tenant,
-                    conversation,
-                    msg.client_message_id or event_id,
-                    event_id,
-                    msg.client_message_id,
-                    sender_label(msg.sender),
-                    "",
-                    msg.text,
-                    *where,
-                ]
+                _message_row(
+                    tenant, conversation, event_id, msg.client_message_id, sender, "", msg.text, where
+                )
             )
         elif kind == "agent_message_sent":
             sent = event.agent_message_sent
+            fact.first_response_at = _min(fact.first_response_at, at)
             rows[MESSAGES].append(
-                [
+                _message_row(
                     tenant,
                     conversation,
-                    sent.client_message_id or event_id,
                     event_id,
                     sent.client_message_id,
                     "agent",
                     sent.agent_id,
                     sent.text,
-                    *where,
-                ]
+                    where,
+                )
             )
         elif kind == "reply_generated":
             reply = event.reply_generated
-            documents = [c.document_id for c in reply.citations]
+            fact.first_response_at = _min(fact.first_response_at, at)
             rows[REPLIES].append(
                 [
                     tenant,
@@ -306,9 +382,17 @@ def project(records: Sequence[tuple[Event, LogPosition]]) -> ProjectionBatch:
                     reply.message_event_id,
                     reply.text,
                     reply.model,
-                    documents,
-                    len(documents),
+                    reply.adapter,
+                    reply.intent,
+                    reply.language,
+                    reply.grounded,
+                    reply.reply_id or event_id,
+                    [c.document_id for c in reply.citations],
+                    [c.chunk_id for c in reply.citations],
+                    [c.score for c in reply.citations],
+                    min(len(reply.citations), 65535),
                     reply.latency_ms,
+                    reply.first_token_ms,
                     reply.prompt_tokens,
                     reply.completion_tokens,
                     *where,
@@ -316,6 +400,7 @@ def project(records: Sequence[tuple[Event, LogPosition]]) -> ProjectionBatch:
             )
         elif kind == "intent_classified":
             intent = event.intent_classified
+            fact.first_intent = min(fact.first_intent, (at, event_id, intent.intent))
             rows[INTENTS].append(
                 [
                     tenant,
@@ -325,20 +410,60 @@ def project(records: Sequence[tuple[Event, LogPosition]]) -> ProjectionBatch:
                     intent.intent,
                     intent.confidence,
                     intent.model,
+                    intent.stage,
+                    intent.model_version,
+                    intent.language,
                     *where,
                 ]
             )
         elif kind == "handoff_requested":
             handoff = event.handoff_requested
+            fact.first_handoff_at = _min(fact.first_handoff_at, at)
+            fact.mode_change = max(fact.mode_change, (at, event_id, MODE_AGENT))
             rows[HANDOFFS].append(
-                [tenant, conversation, event_id, kind, handoff.reason, handoff.queue, "", *where]
+                [
+                    tenant,
+                    conversation,
+                    event_id,
+                    kind,
+                    handoff.reason,
+                    handoff.queue,
+                    "",
+                    handoff.message_event_id,
+                    "",
+                    *where,
+                ]
             )
         elif kind == "agent_assigned":
+            assigned = event.agent_assigned
+            fact.first_assigned_at = _min(fact.first_assigned_at, at)
+            fact.mode_change = max(fact.mode_change, (at, event_id, MODE_AGENT))
+            fact.assignee_change = max(fact.assignee_change, (at, event_id, assigned.agent_id))
             rows[HANDOFFS].append(
-                [tenant, conversation, event_id, kind, "", "", event.agent_assigned.agent_id, *where]
+                [
+                    tenant,
+                    conversation,
+                    event_id,
+                    kind,
+                    "",
+                    assigned.queue,
+                    assigned.agent_id,
+                    "",
+                    assigned.previous_agent_id,
+                    *where,
+                ]
+            )
+        elif kind == "returned_to_bot":
+            returned = event.returned_to_bot
+            fact.mode_change = max(fact.mode_change, (at, event_id, MODE_BOT))
+            fact.assignee_change = max(fact.assignee_change, (at, event_id, ""))
+            rows[HANDOFFS].append(
+                [tenant, conversation, event_id, kind, "", "", returned.agent_id, "", "", *where]
             )
         elif kind == "csat_rated":
             rated = event.csat_rated
-            rows[CSAT].append([tenant, conversation, event_id, min(rated.score, 255), rated.comment, *where])
+            score = min(rated.score, 255)
+            fact.csat_change = max(fact.csat_change, (at, event_id, score, rated.comment))
+            rows[CSAT].append([tenant, conversation, event_id, score, rated.comment, *where])
     rows[CONVERSATION_FACTS] = [fact.row() for fact in facts.values()]
     return batch

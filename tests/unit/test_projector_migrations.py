@@ -40,19 +40,55 @@ def test_shipped_migrations_are_numbered_in_order_and_rerunnable() -> None:
         assert migration.statements, migration.name
         for statement in migration.statements:
             code = re.sub(r"--[^\n]*", "", statement).strip()
-            assert re.match(r"CREATE (TABLE|MATERIALIZED VIEW|VIEW) IF NOT EXISTS switchboard\.", code), (
+            assert RERUNNABLE.match(code), (
                 f"{migration.name}: every statement must be re-runnable and name its database:\n{code}"
             )
 
 
+# Statements that can run twice with the same outcome (a migration interrupted half-way is
+# applied again from its first statement).
+RERUNNABLE = re.compile(
+    r"CREATE (TABLE|MATERIALIZED VIEW|VIEW) IF NOT EXISTS switchboard\."
+    r"|CREATE OR REPLACE VIEW switchboard\."
+    r"|RENAME TABLE IF EXISTS switchboard\.\w+ TO switchboard\."
+    r"|DROP VIEW IF EXISTS switchboard\."
+    r"|ALTER TABLE switchboard\.\w+\s+ADD COLUMN IF NOT EXISTS (?!.*\bADD COLUMN (?!IF NOT EXISTS))",
+    re.DOTALL,
+)
+
+
+def table_columns() -> dict[str, set[str]]:
+    """Columns per table after every migration: CREATE TABLE, then RENAME and ADD COLUMN."""
+    tables: dict[str, set[str]] = {}
+    for migration in load_migrations():
+        for statement in migration.statements:
+            code = re.sub(r"--[^\n]*", "", statement).strip()
+            if match := re.match(
+                r"CREATE TABLE IF NOT EXISTS switchboard\.(\w+)\s*\((.*)\)", code, re.DOTALL
+            ):
+                tables[match.group(1)] = set(re.findall(r"^\s*(\w+)\s", match.group(2), re.MULTILINE))
+            elif match := re.match(r"RENAME TABLE IF EXISTS switchboard\.(\w+) TO switchboard\.(\w+)", code):
+                tables[match.group(2)] = tables.pop(match.group(1))
+            elif match := re.match(r"ALTER TABLE switchboard\.(\w+)", code):
+                tables[match.group(1)] |= set(re.findall(r"ADD COLUMN IF NOT EXISTS (\w+)", code))
+    return tables
+
+
 def test_projected_columns_exist_in_the_migrations() -> None:
-    ddl = "\n".join(m.sql for m in load_migrations())
+    tables = table_columns()
     for table, columns in COLUMNS.items():
-        match = re.search(rf"CREATE TABLE IF NOT EXISTS switchboard\.{table}\s*\((.*?)\n\)", ddl, re.DOTALL)
-        assert match, table
-        body = match.group(1)
-        for column in columns:
-            assert re.search(rf"^\s*{column}\s", body, re.MULTILINE), f"{table}.{column}"
+        assert table in tables, table
+        missing = set(columns) - tables[table]
+        assert not missing, f"{table}: {sorted(missing)}"
+
+
+def test_analysts_read_views_named_like_the_old_tables() -> None:
+    ddl = "\n".join(m.sql for m in load_migrations())
+    for name in ("events", "messages", "replies", "intents", "handoffs", "csat"):
+        assert re.search(
+            rf"CREATE VIEW IF NOT EXISTS switchboard\.{name}\s+AS SELECT .*FROM switchboard\.raw_{name} FINAL",
+            ddl,
+        ), name
 
 
 def test_badly_named_or_duplicate_versions_are_refused(tmp_path: Path) -> None:

@@ -11,7 +11,19 @@ from switchboard.v1 import events_pb2 as pb
 
 from schemas.events import Event, LogPosition, new_event
 from streams.projector import COLUMNS, TABLE_ORDER, project
-from streams.projector._rows import CONVERSATION_FACTS, channel_label, occurred_at, sender_label
+from streams.projector._rows import (
+    CONVERSATION_FACTS,
+    CSAT,
+    EVENTS,
+    HANDOFFS,
+    INTENTS,
+    MESSAGES,
+    NO_INTENT,
+    REPLIES,
+    channel_label,
+    occurred_at,
+    sender_label,
+)
 
 T0 = 1_700_000_000_000_000_000  # ns
 
@@ -44,7 +56,13 @@ def conversation(tenant: str = "acme", conv: str = "c1") -> list[tuple[Event, Lo
             tenant,
             conv,
             intent_classified=pb.IntentClassified(
-                message_event_id="e-m1", intent="order_status", confidence=0.9, model="tfidf"
+                message_event_id="e-m1",
+                intent="order_status",
+                confidence=0.9,
+                model="tfidf",
+                stage="ngram",
+                model_version="v3",
+                language="zh",
             ),
         ),
         new_event(
@@ -58,10 +76,19 @@ def conversation(tenant: str = "acme", conv: str = "c1") -> list[tuple[Event, Lo
                 latency_ms=12,
                 prompt_tokens=30,
                 completion_tokens=5,
+                adapter="template",
+                first_token_ms=4,
+                language="en",
+                grounded=True,
+                intent="order_status",
             ),
         ),
-        new_event(tenant, conv, handoff_requested=pb.HandoffRequested(reason="angry", queue="vip")),
-        new_event(tenant, conv, agent_assigned=pb.AgentAssigned(agent_id="agent-7")),
+        new_event(
+            tenant,
+            conv,
+            handoff_requested=pb.HandoffRequested(reason="angry", queue="vip", message_event_id="e-m1"),
+        ),
+        new_event(tenant, conv, agent_assigned=pb.AgentAssigned(agent_id="agent-7", queue="vip")),
         new_event(
             tenant,
             conv,
@@ -92,7 +119,7 @@ def test_every_row_matches_its_table_columns() -> None:
 
 def test_events_table_gets_every_event_with_its_position_and_payload() -> None:
     records = conversation()
-    rows = as_dicts(project(records).rows["events"], "events")
+    rows = as_dicts(project(records).rows[EVENTS], EVENTS)
     assert [r["event_id"] for r in rows] == [e.event_id for e, _ in records]
     assert [r["offset"] for r in rows] == list(range(100, 110))
     assert {r["partition"] for r in rows} == {2}
@@ -110,7 +137,7 @@ def test_events_table_gets_every_event_with_its_position_and_payload() -> None:
 
 def test_messages_are_customer_and_agent_messages_keyed_for_deduplication() -> None:
     records = conversation()
-    rows = as_dicts(project(records).rows["messages"], "messages")
+    rows = as_dicts(project(records).rows[MESSAGES], MESSAGES)
     assert [(r["sender"], r["text"]) for r in rows] == [
         ("customer", "我的订单在哪里？"),
         ("agent", "Hi"),
@@ -124,17 +151,28 @@ def test_messages_are_customer_and_agent_messages_keyed_for_deduplication() -> N
 
 def test_decisions_go_to_their_tables() -> None:
     batch = project(conversation())
-    (reply,) = as_dicts(batch.rows["replies"], "replies")
+    (reply,) = as_dicts(batch.rows[REPLIES], REPLIES)
     assert reply["citation_document_ids"] == ["d1"] and reply["citation_count"] == 1
-    assert (reply["latency_ms"], reply["prompt_tokens"], reply["completion_tokens"]) == (12, 30, 5)
-    (intent,) = as_dicts(batch.rows["intents"], "intents")
+    assert reply["citation_chunk_ids"] == ["c"] and reply["citation_scores"] == [pytest.approx(0.5)]
+    assert (reply["latency_ms"], reply["first_token_ms"]) == (12, 4)
+    assert (reply["prompt_tokens"], reply["completion_tokens"]) == (30, 5)
+    assert (reply["adapter"], reply["language"], reply["grounded"], reply["intent"]) == (
+        "template",
+        "en",
+        True,
+        "order_status",
+    )
+    # reply_id defaults to the event id (the proto says they are equal).
+    assert reply["reply_id"] == reply["event_id"]
+    (intent,) = as_dicts(batch.rows[INTENTS], INTENTS)
     assert intent["intent"] == "order_status" and intent["confidence"] == pytest.approx(0.9)
-    handoffs = as_dicts(batch.rows["handoffs"], "handoffs")
-    assert [(h["kind"], h["queue"], h["agent_id"]) for h in handoffs] == [
-        ("handoff_requested", "vip", ""),
-        ("agent_assigned", "", "agent-7"),
+    assert (intent["stage"], intent["model_version"], intent["language"]) == ("ngram", "v3", "zh")
+    handoffs = as_dicts(batch.rows[HANDOFFS], HANDOFFS)
+    assert [(h["kind"], h["reason"], h["queue"], h["agent_id"], h["message_event_id"]) for h in handoffs] == [
+        ("handoff_requested", "angry", "vip", "", "e-m1"),
+        ("agent_assigned", "", "vip", "agent-7", ""),
     ]
-    (csat,) = as_dicts(batch.rows["csat"], "csat")
+    (csat,) = as_dicts(batch.rows[CSAT], CSAT)
     assert (csat["score"], csat["comment"]) == (5, "great")
 
 
@@ -166,7 +204,7 @@ def test_one_facts_row_per_conversation_per_batch() -> None:
 def test_projection_is_deterministic() -> None:
     records = conversation()
     assert project(records).rows == project(records).rows
-    assert project(records + records).rows["events"] == project(records).rows["events"] * 2
+    assert project(records + records).rows[EVENTS] == project(records).rows[EVENTS] * 2
 
 
 def test_empty_batch() -> None:
@@ -185,3 +223,57 @@ def test_enum_labels() -> None:
 def test_occurred_at_keeps_microseconds() -> None:
     event = at(new_event("t", "c", csat_rated=pb.CsatRated(score=1)), T0 + 123_456_789)
     assert occurred_at(event) == datetime.fromtimestamp(T0 // 10**9, UTC).replace(microsecond=123_456)
+
+
+def test_conversation_facts_carry_mode_assignee_response_handoff_csat_and_intent() -> None:
+    records = conversation()
+    (facts,) = as_dicts(project(records).rows[CONVERSATION_FACTS], CONVERSATION_FACTS)
+    by_index = [occurred_at(e) for e, _ in records]
+    assert facts["first_customer_message_at"] == by_index[1]
+    assert facts["first_response_at"] == by_index[3]  # the bot reply
+    assert facts["first_handoff_at"] == by_index[4] and facts["first_assigned_at"] == by_index[5]
+    assert facts["mode_change"] == (by_index[5], records[5][0].event_id, "agent")
+    assert facts["assignee_change"] == (by_index[5], records[5][0].event_id, "agent-7")
+    assert facts["csat_change"] == (by_index[9], records[9][0].event_id, 5, "great")
+    assert facts["first_intent"] == (by_index[2], records[2][0].event_id, "order_status")
+
+
+def test_returned_to_bot_sets_mode_bot_and_clears_the_assignee() -> None:
+    records = conversation()[:7]
+    back = at(new_event("acme", "c1", returned_to_bot=pb.ReturnedToBot(agent_id="agent-7")), T0 + 60 * 10**9)
+    rows = project([*records, (back, LogPosition(2, 200))]).rows
+    (facts,) = as_dicts(rows[CONVERSATION_FACTS], CONVERSATION_FACTS)
+    assert facts["mode_change"][2] == "bot" and facts["assignee_change"][2] == ""
+    assert as_dicts(rows[HANDOFFS], HANDOFFS)[-1]["kind"] == "returned_to_bot"
+
+
+def test_a_conversation_without_decisions_keeps_neutral_tuples() -> None:
+    (facts,) = as_dicts(project(conversation()[:2]).rows[CONVERSATION_FACTS], CONVERSATION_FACTS)
+    assert facts["mode_change"][1:] == ("", "") and facts["assignee_change"][1:] == ("", "")
+    assert facts["csat_change"][1] == "" and facts["first_intent"] == NO_INTENT
+    assert facts["first_response_at"] is None and facts["first_handoff_at"] is None
+
+
+def merge_facts(rows: list[list[object]]) -> dict[str, object]:
+    """Merge partial conversation rows the way ClickHouse's aggregates do."""
+    dicts = as_dicts(rows, CONVERSATION_FACTS)
+    merged: dict[str, object] = {}
+    mins = {"started_at", "closed_at", "first_event_at", "first_intent"} | {
+        c for c in COLUMNS[CONVERSATION_FACTS] if c.startswith("first_")
+    }
+    for column in COLUMNS[CONVERSATION_FACTS]:
+        values = [d[column] for d in dicts if d[column] is not None]
+        if not values:
+            merged[column] = None
+        else:
+            merged[column] = min(values) if column in mins else max(values)  # type: ignore[type-var]
+    return merged
+
+
+def test_facts_merge_to_the_same_conversation_however_batched_and_repeated() -> None:
+    records = conversation()
+    whole = merge_facts(project(records).rows[CONVERSATION_FACTS])
+    # Redelivery (a batch twice), overlap after a crash, and a replay in another order.
+    pieces = [records[6:], records[:4], records[2:8], records[:4], records[8:]]
+    rows = [row for piece in pieces for row in project(piece).rows[CONVERSATION_FACTS]]
+    assert merge_facts(rows) == whole
