@@ -20,10 +20,9 @@ What it implements of https://clickhouse.com/docs/interfaces/http:
   ``X-ClickHouse-Exception-Code`` and ClickHouse's 4xx/5xx status; ``GET /ping`` -> ``Ok.``.
 - GET requests (and ``readonly=1|2``) are read-only, as in ClickHouse.
 
-Exact counts: the endpoint applies the setting ``final = 1`` to every query unless the request
-says otherwise (``final=0`` in the URL, ``settings={"final": 0}`` in clickhouse-connect, or
-``SET final = 0`` in a session), so ``SELECT count() FROM switchboard.messages`` deduplicates
-(ReplacingMergeTree) without writing FINAL. Not implemented: users and passwords (the endpoint
+Settings are the client's: the endpoint applies none of its own, so a query gives the same
+answer here as on a ClickHouse server. Exact counts come from the schema (the analyst-facing
+views have FINAL inside, see docs/analytics.md), not from a setting. Not implemented: users and passwords (the endpoint
 listens on 127.0.0.1 only and ignores credentials), ClickHouse's native block compression
 (``compress=1`` / ``decompress=1``), external data tables, progress headers.
 """
@@ -50,7 +49,7 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SETTINGS: Mapping[str, str] = {"final": "1"}
+DEFAULT_SETTINGS: Mapping[str, str] = {}
 
 # URL parameters that shape the HTTP exchange rather than the query (never sent to the engine).
 _TRANSPORT_PARAMS = frozenset(

@@ -20,6 +20,7 @@ import clickhouse_connect
 import mode
 
 from services.analytics._clickhouse import (
+    DATABASE,
     AnalyticsError,
     chdb_path,
     locked_by_another_process,
@@ -117,7 +118,7 @@ def _post_query(base_url: str, sql: str, params: dict[str, str], timeout_s: floa
         headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
     database = parsed.path.strip("/")
     if database:
-        params = {"database": database, **params}
+        params = {**params, "database": database}
     netloc = parsed.hostname or ""
     if ":" in netloc:
         netloc = f"[{netloc}]"
@@ -132,16 +133,18 @@ def _post_query(base_url: str, sql: str, params: dict[str, str], timeout_s: floa
         raise QueryFailedError(exc.read().decode("utf-8", errors="replace").strip()) from None
 
 
-def run_query(settings: Settings, sql: str, fmt: str = "PrettyCompact") -> str:
-    """Run one statement and return ClickHouse's output in format `fmt`.
+def run_query(settings: Settings, sql: str, fmt: str = "PrettyCompact", database: str = DATABASE) -> str:
+    """Run one statement and return ClickHouse's output in format `fmt` (any ClickHouse format).
 
-    Reads are exact: the setting ``final = 1`` deduplicates the ReplacingMergeTree tables (pass
-    ``SETTINGS final = 0`` in the query to see raw rows). Embedded mode goes through the analytics
-    process's endpoint; when that is not running, chdb is opened here. With a server DSN, the
-    server is queried directly. Raises `QueryFailedError` with ClickHouse's message.
+    Unqualified names resolve in `database` (``switchboard`` unless a server DSN names one), so
+    ``SELECT count() FROM events`` works. No settings are added: the analyst-facing views are
+    exact by construction. Embedded mode goes through the analytics process's endpoint; when that
+    is not running, chdb is opened here. With a server DSN, the server is queried directly.
+    Raises `QueryFailedError` with ClickHouse's message.
     """
-    params = {"default_format": fmt, "final": "1"}
+    params = {"default_format": fmt, "database": database}
     if not settings.embedded_clickhouse:
+        # A database in the DSN's path wins (see _post_query).
         return _post_query(settings.effective_clickhouse_dsn, sql, params)
     if endpoint_is_up(settings):
         return _post_query(_endpoint_url(settings), sql, params)
@@ -154,9 +157,12 @@ def run_query(settings: Settings, sql: str, fmt: str = "PrettyCompact") -> str:
     path.mkdir(parents=True, exist_ok=True)
     engine = ChdbQueryEngine(path)
     try:
-        return engine.execute(QueryRequest(sql=sql, default_format=fmt)).body.decode(
-            "utf-8", errors="replace"
-        )
+        exists = engine.execute(
+            QueryRequest(sql=f"EXISTS DATABASE {database}", default_format="TSV")
+        ).body.strip()
+        return engine.execute(
+            QueryRequest(sql=sql, default_format=fmt, database=database if exists == b"1" else "")
+        ).body.decode("utf-8", errors="replace")
     except QueryError as exc:
         raise QueryFailedError(str(exc)) from None
     finally:

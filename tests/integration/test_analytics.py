@@ -170,10 +170,8 @@ def conversation_events(
 
 
 def scalar(client: Any, sql: str, **params: Any) -> Any:
-    """Read the way analysts do: the endpoint applies final = 1 itself; for the in-process
-    client (as for a ClickHouse server) the query says so."""
-    settings = {} if isinstance(client, clickhouse_connect.driver.httpclient.HttpClient) else {"final": 1}
-    return client.query(sql, parameters=params, settings=settings).result_rows[0][0]
+    """Read the way analysts do: plain SQL over the views, no settings (exact by construction)."""
+    return client.query(sql, parameters=params).result_rows[0][0]
 
 
 def counts(client: Any, tenant: str) -> dict[str, int]:
@@ -290,18 +288,24 @@ def test_a_retried_client_message_with_two_event_ids_counts_once(writer: Any, te
     ).result_rows == [(2,)]
 
 
-def test_without_final_duplicates_are_visible_until_merged(chdb_client: Any, tenant: str) -> None:
+def test_raw_tables_may_hold_duplicates_the_views_never_do(writer: Any, tenant: str) -> None:
     batch = project(conversation_events(tenant, "c1"))
-    write_batch(chdb_client, batch)
-    write_batch(chdb_client, batch)
-    raw = chdb_client.query(
-        "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}", parameters={"t": tenant}
-    ).result_rows[0][0]
-    exact = scalar(
-        chdb_client, "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}", t=tenant
-    )
-    # A background merge may already have collapsed them; FINAL never depends on it.
+    write_batch(writer, batch)
+    write_batch(writer, batch)
+    raw = scalar(writer, "SELECT count() FROM switchboard.raw_events WHERE tenant_id = {t:String}", t=tenant)
+    exact = scalar(writer, "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}", t=tenant)
+    # A background merge may already have collapsed them; the view's FINAL never depends on it.
     assert raw in (10, 20) and exact == 10
+    # No setting is needed, and none changes the answer.
+    for final in (0, 1):
+        assert (
+            writer.query(
+                "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}",
+                parameters={"t": tenant},
+                settings={"final": final},
+            ).result_rows[0][0]
+            == 10
+        )
 
 
 # --- the HTTP endpoint with a real clickhouse-connect client ----------------------------------------
@@ -321,16 +325,16 @@ def test_clickhouse_connect_query_command_parameters(http_client: Any) -> None:
     assert http_client.command("EXISTS TABLE default.probe") == 1
 
 
-def test_clickhouse_connect_insert_and_exact_count_by_default(http_client: Any) -> None:
+def test_clickhouse_connect_insert_and_no_settings_behind_the_clients_back(http_client: Any) -> None:
     table = f"default.t_{uuid.uuid4().hex[:8]}"
     http_client.command(f"CREATE TABLE {table} (k UInt32, v String) ENGINE = ReplacingMergeTree ORDER BY k")
     http_client.insert(table, [[1, "a"], [2, "b"]], column_names=["k", "v"])
     http_client.insert(table, [[1, "a2"]], column_names=["k", "v"])
-    assert http_client.query(f"SELECT count() FROM {table}").result_rows == [(2,)]
-    assert http_client.query(f"SELECT v FROM {table} ORDER BY k").result_rows == [("a2",), ("b",)]
-    # Raw rows on request.
-    raw = http_client.query(f"SELECT count() FROM {table}", settings={"final": 0}).result_rows[0][0]
-    assert raw in (2, 3)
+    # As on a ClickHouse server: raw rows unless the query asks for FINAL.
+    assert http_client.query(f"SELECT count() FROM {table}").result_rows[0][0] in (2, 3)
+    assert http_client.query(f"SELECT count() FROM {table} FINAL").result_rows == [(2,)]
+    assert http_client.query(f"SELECT v FROM {table} FINAL ORDER BY k").result_rows == [("a2",), ("b",)]
+    assert http_client.query("SELECT getSetting('final')").result_rows == [(False,)]
 
 
 def test_clickhouse_connect_uncompressed_client_and_dataframes(endpoint: QueryEndpoint) -> None:
@@ -359,17 +363,16 @@ def test_session_state_persists_and_request_settings_do_not(endpoint: QueryEndpo
     client.command("CREATE TEMPORARY TABLE tmp_numbers (n UInt8)")
     client.command("INSERT INTO tmp_numbers VALUES (1), (2)")
     assert client.query("SELECT sum(n) FROM tmp_numbers").result_rows == [(3,)]
-    assert client.query("SELECT getSetting('final')").result_rows == [(True,)]
     assert client.query(
         "SELECT getSetting('max_block_size')", settings={"max_block_size": 1234}
     ).result_rows == [(1234,)]
     # A request's settings are for that request only…
     assert client.query("SELECT getSetting('max_block_size')").result_rows != [(1234,)]
     # …while SET lasts for the session, as on a server.
-    client.command("SET final = 0")
-    assert client.query("SELECT getSetting('final')").result_rows == [(False,)]
+    client.command("SET final = 1")
+    assert client.query("SELECT getSetting('final')").result_rows == [(True,)]
     other = clickhouse_connect.get_client(host="127.0.0.1", port=endpoint.port)
-    assert other.query("SELECT getSetting('final')").result_rows == [(True,)]
+    assert other.query("SELECT getSetting('final')").result_rows == [(False,)]
 
 
 def http_get(endpoint: QueryEndpoint, path: str) -> tuple[int, dict[str, str], str]:
@@ -427,6 +430,14 @@ def test_run_query_through_the_endpoint(analytics_settings: Settings, chdb_clien
         analytics_settings, f"SELECT count() FROM switchboard.messages WHERE tenant_id = '{tenant}'", "TSV"
     )
     assert out == "3\n"
+    # Database switchboard by default; any ClickHouse output format.
+    assert (
+        run_query(analytics_settings, f"SELECT count() FROM events WHERE tenant_id = '{tenant}'", "TSV")
+        == "10\n"
+    )
+    assert run_query(analytics_settings, "SELECT 1 AS one", "JSONEachRow") == '{"one":1}\n'
+    assert "one: 1" in run_query(analytics_settings, "SELECT 1 AS one", "Vertical")
+    assert run_query(analytics_settings, "SELECT 1 AS one", "Markdown").startswith("| one |")
     pretty = run_query(analytics_settings, "SELECT 1 AS one")
     assert "one" in pretty and "1" in pretty
     with pytest.raises(QueryFailedError, match="UNKNOWN_TABLE"):
