@@ -53,7 +53,7 @@ _EN_REQUEST = re.compile(
     r"(?:real\s+|live\s+|actual\s+)?(?:human|person|agent|representative|operator|staff)"
     r"|real\s+person|live\s+(?:agent|person|chat)|human\s+(?:agent|being|support)|customer\s+service\s+agent"
     r"|representative)\b"
-    r"|^\s*(?:human|agent|operator|representative)\s*[.!?]*\s*$",
+    r"|^\s*(?:an?\s+)?(?:human|agent|operator|representative)(?:\s+please|\s+pls)?\s*[.!?]*\s*$",
     re.IGNORECASE,
 )
 _EN_NEGATION = re.compile(r"\b(?:don'?t|do\s+not|no\s+need\s+to|not)\s+(?:\w+\s+){0,3}$", re.IGNORECASE)

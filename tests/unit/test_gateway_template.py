@@ -1,0 +1,151 @@
+import time
+
+from streams.assistant.gateway import (
+    NO_ANSWER,
+    TEMPLATE_MODEL,
+    AnswerRequest,
+    Citation,
+    Draft,
+    GroundingPassage,
+    ModelGateway,
+    TemplateAnswerer,
+)
+from streams.assistant.gateway._text import sentences, stream_chunks, terms
+
+REFUND_ZH = GroundingPassage(
+    "doc-refund-zh",
+    "c0",
+    "退款政策",
+    "我们支持七天无理由退货。退款审核通过后，款项将在3到5个工作日内原路退回。如超过7天仍未到账，请联系客服。",
+    0.91,
+    "zh",
+)
+REFUND_EN = GroundingPassage(
+    "doc-refund-en",
+    "c0",
+    "Refund policy",
+    "We offer 7-day no-reason returns. Once approved, refunds go back to the original payment method "
+    "within 3-5 business days. If it has not arrived after 7 days, please contact support.",
+    0.88,
+    "en",
+)
+SHIPPING_EN = GroundingPassage(
+    "doc-ship-en",
+    "c2",
+    "Shipping",
+    "Standard shipping takes 2-4 days. Express shipping arrives the next day.",
+    0.40,
+    "en",
+)
+
+
+async def collect(request: AnswerRequest) -> tuple[list[str], Draft]:
+    draft = Draft(model="")
+    chunks = [c async for c in TemplateAnswerer().generate(request, draft)]
+    return chunks, draft
+
+
+async def test_chinese_question_gets_the_relevant_sentences_of_the_chinese_passage_with_a_citation():
+    chunks, draft = await collect(
+        AnswerRequest("退款多久能到账？", "zh", [REFUND_ZH, REFUND_EN], intent="refund")
+    )
+    text = "".join(chunks)
+    assert text.startswith("退款审核通过后，款项将在3到5个工作日内原路退回。")
+    assert "如超过7天仍未到账" in text  # overlaps 到账
+    assert "七天无理由退货" not in text  # no overlap with the question
+    assert text.endswith("（来源：退款政策）")
+    assert draft.citations == [Citation("doc-refund-zh", "c0", 0.91)]
+    assert draft.grounded and draft.model == TEMPLATE_MODEL
+    assert len(chunks) > 10 and all(len(c) <= 12 for c in chunks)  # token-sized pieces
+
+
+async def test_english_question_prefers_the_english_passage_even_if_a_chinese_one_scores_a_bit_higher():
+    chunks, draft = await collect(
+        AnswerRequest(
+            "When will my refund arrive?", "en", [REFUND_ZH, REFUND_EN, SHIPPING_EN], intent="refund"
+        )
+    )
+    text = "".join(chunks)
+    assert text.startswith("Once approved, refunds go back")
+    assert "If it has not arrived after 7 days" in text
+    assert "no-reason returns" not in text
+    assert text.endswith("(Source: Refund policy)")
+    assert [c.document_id for c in draft.citations] == ["doc-refund-en"]
+    assert not any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+async def test_only_a_chinese_passage_for_an_english_question_says_so_and_still_gives_it():
+    chunks, draft = await collect(AnswerRequest("When will my refund arrive?", "en", [REFUND_ZH]))
+    text = "".join(chunks)
+    assert text.startswith("(From our Chinese help centre) ")
+    assert "3到5个工作日" in text
+    assert draft.grounded and draft.citations[0].document_id == "doc-refund-zh"
+
+
+async def test_only_an_english_passage_for_a_chinese_question_says_so_and_still_gives_it():
+    chunks, draft = await collect(AnswerRequest("退款多久到账", "zh", [REFUND_EN]))
+    text = "".join(chunks)
+    assert text.startswith("（以下内容来自英文帮助文档）")
+    assert "3-5 business days" in text
+    assert text.endswith("（来源：Refund policy）")
+    assert draft.grounded
+
+
+async def test_much_better_other_language_passage_wins_over_a_weak_same_language_one():
+    chunks, draft = await collect(AnswerRequest("refund time?", "en", [REFUND_ZH, SHIPPING_EN]))
+    assert draft.citations[0].document_id == "doc-refund-zh"
+    assert "".join(chunks).startswith("(From our Chinese help centre)")
+
+
+async def test_no_passages_says_so_and_offers_a_person_in_the_customers_language_and_cites_nothing():
+    for language in ("zh", "en"):
+        chunks, draft = await collect(
+            AnswerRequest("what about my thing", language, [], intent="order_status")
+        )
+        assert "".join(chunks) == NO_ANSWER[language]
+        assert draft.citations == [] and not draft.grounded
+    assert "人工客服" in NO_ANSWER["zh"] and "human agent" in NO_ANSWER["en"]
+
+
+async def test_greetings_get_small_talk_not_a_no_answer_apology():
+    chunks, draft = await collect(AnswerRequest("在吗亲", "zh", [], intent="greeting"))
+    assert "".join(chunks) == "您好！请问有什么可以帮您？"
+    assert not draft.grounded
+
+
+async def test_deterministic_and_sub_millisecond():
+    request = AnswerRequest("退款多久能到账？", "zh", [REFUND_ZH, REFUND_EN, SHIPPING_EN])
+    answerer = TemplateAnswerer()
+    first = answerer.compose(request, Draft(model=""))
+    started = time.perf_counter()
+    for _ in range(200):
+        assert answerer.compose(request, Draft(model="")) == first
+    assert (time.perf_counter() - started) / 200 < 0.001
+
+
+async def test_through_the_gateway_the_template_answer_records_model_tokens_and_latency():
+    gateway = ModelGateway()
+    reply = gateway.stream(AnswerRequest("How long does a refund take?", "en", [REFUND_EN]))
+    deltas = [d async for d in reply]
+    answer = reply.answer
+    assert answer.text == "".join(d.text for d in deltas)
+    assert [d.index for d in deltas] == list(range(len(deltas)))
+    assert not any(d.restart for d in deltas)
+    assert answer.adapter == "template" and answer.model == TEMPLATE_MODEL
+    assert answer.completion_tokens == len(deltas) and answer.prompt_tokens > 0
+    assert answer.latency_ms < 50 and answer.first_token_ms <= answer.latency_ms
+    assert answer.language == "en" and answer.grounded
+
+
+def test_text_helpers():
+    assert {"退款", "到账"} <= terms("退款什么时候到账")
+    assert {"refund", "arriv"} <= terms("refunds arrived")
+    assert "the" not in terms("the refund")
+    assert sentences("Costs 3.5 USD. See example.com! 好的。再见") == [
+        "Costs 3.5 USD.",
+        "See example.com!",
+        "好的。",
+        "再见",
+    ]
+    text = "Hello there, 退款一般需要3到5个工作日。 ok"
+    assert "".join(stream_chunks(text)) == text
