@@ -1,4 +1,5 @@
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 
@@ -63,11 +64,8 @@ class Scripted:
 
 
 def request(**kw) -> AnswerRequest:
-    base = dict(
-        question="how long for a refund", language="en", passages=[PASSAGE], intent="refund", tenant_id="acme"
-    )
-    base.update(kw)
-    return AnswerRequest(**base)
+    base = AnswerRequest("how long for a refund", "en", [PASSAGE], intent="refund", tenant_id="acme")
+    return dataclasses.replace(base, **kw)
 
 
 def config(*adapters: AdapterConfig, routes=(), default_chain=(TEMPLATE,)) -> GatewayConfig:
