@@ -8,16 +8,15 @@ ClickHouse server (``http(s)://`` DSN) it only projects; everyone connects to th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import logging
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
 
 import clickhouse_connect
-import mode
 
 from services.analytics._clickhouse import (
     DATABASE,
@@ -53,45 +52,37 @@ def listen_address(settings: Settings) -> tuple[str, int]:
     return host, int(port)
 
 
-class QueryEndpointService(mode.Service):
-    """Runs a `QueryEndpoint` alongside the Faust app, on the worker's event loop."""
-
-    def __init__(self, endpoint: QueryEndpoint, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.endpoint = endpoint
-
-    async def on_start(self) -> None:
-        await self.endpoint.start()
-
-    async def on_stop(self) -> None:
-        await self.endpoint.stop()
-        self.endpoint.engine.close()
-
-
 def run_analytics(settings: Settings, loglevel: str = "info") -> None:
     """Run the analytics process until SIGTERM/SIGINT (blocking).
 
     Opens ClickHouse (chdb in embedded mode), applies pending migrations, then runs the projector
-    agent and, in embedded mode, the query endpoint on ``settings.analytics_listen``.
+    and, in embedded mode, the query endpoint on ``settings.analytics_listen``.
     """
-    from faust.worker import Worker
+    asyncio.run(serve_analytics(settings))
 
-    from streams.app import create_app
-    from streams.projector import register_projector
 
-    services: list[mode.Service] = []
+async def serve_analytics(settings: Settings) -> None:
+    from streams._consumer import run_until_signalled
+    from streams.projector import projector_consumer
+
     if settings.embedded_clickhouse:
         host, port = listen_address(settings)
     client = open_clickhouse(settings)
     applied = migrate(client)
     log.info("ClickHouse migrations applied: %s", ", ".join(applied) or "none pending")
+    endpoint: QueryEndpoint | None = None
     if settings.embedded_clickhouse:
         engine = ChdbQueryEngine(chdb_path(settings.effective_clickhouse_dsn))
-        services.append(QueryEndpointService(QueryEndpoint(engine, host, port)))
-    app = create_app("projector", settings)
-    register_projector(app, settings, client, batch_size=settings.projector_batch_size)
-    worker = Worker(app, *services, loglevel=loglevel, quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
+        endpoint = QueryEndpoint(engine, host, port)
+        await endpoint.start()
+
+    async def stop_endpoint() -> None:
+        if endpoint is not None:
+            await endpoint.stop()
+            endpoint.engine.close()
+
+    consumer, _ = projector_consumer(settings, client)
+    await run_until_signalled(consumer, stop_endpoint)
 
 
 # --- commands -----------------------------------------------------------------------------------

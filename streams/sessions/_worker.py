@@ -1,217 +1,278 @@
-"""The sessions worker: folds conversation events into a Faust table and mirrors it to Redis.
+"""The sessions worker: folds conversation events into conversation state, kept in Redis.
 
-Per batch, in this order: fold every event; write the Redis mirror (hash + live stream); write the
-table (its changelog); then Faust acks the batch. A crash anywhere in between redelivers the batch,
-and every step is idempotent: the fold skips what it has applied, the live stream refuses an entry
-id it already has (ids come from offsets), and the hash is overwritten with the same state.
+Redis holds the hot view: per conversation a hash with the state (JSON of `ConversationState`)
+and a live stream; per client message its idempotency claim. The worker keeps its own position
+next to them (`hv.APPLIED_KEY`: partition -> next offset), written in the same pipeline as, and
+after, the states of a batch, so a Redis that kept the position kept everything before it.
+
+Per batch, in this order: read the states of the batch's conversations and the positions; fold
+every event (pure); write live-stream entries, claims, states and positions in one pipeline;
+then the consumer commits the offsets to Kafka. Every step is idempotent: the fold skips what a
+state already has, a live-stream entry id comes from the offset (Redis refuses it twice), claims
+and states are overwritten with the same values.
+
+Redis losing data is noticed by the position: a partition the worker has written a position for
+whose position is gone is rebuilt from the start of the log (states, live streams and claims),
+and `hv.READY_KEY` (which the ingress requires before it accepts writes) is set for a partition
+only once the rebuild reached the log end seen when it began.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import faust
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from schemas import hotview as hv
-from schemas.events import Event, EventDecodeError, LogPosition, decode_event
+from schemas.events import Event, EventDecodeError, LogPosition, decode_event, event_type
 from services.settings import Settings
-from streams._gaps import DeliveryGapGuard
-from streams._retry import until_done
-from streams.app import conversation_topic, create_app, run_worker
+from streams._consumer import (
+    BatchConsumer,
+    PartitionControl,
+    Record,
+    Rejected,
+    instance_id,
+    is_outage,
+    run_until_signalled,
+)
 from streams.sessions._state import STATUS_CLOSED, ConversationState, fold_event
 
 log = logging.getLogger(__name__)
 
-
-def _dead_letter_headers(reason: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
-    return [
-        ("sb-dlq-reason", reason.encode()[:1000]),
-        ("sb-dlq-source", f"{topic}/{partition}/{offset}".encode()),
-        ("sb-dlq-processor", b"sessions"),
-    ]
+# How often an idle worker checks that Redis still has its positions (a Redis that restarted
+# empty with no traffic arriving is noticed within this).
+IDLE_CHECK_S = 1.0
 
 
-def register_sessions(app: faust.App, settings: Settings) -> None:
-    topic = conversation_topic(app, settings)
-    dead_letters = app.topic(
-        settings.dead_letter_topic, key_serializer="raw", value_serializer="raw", internal=False
-    )
-    table = app.Table(
-        "conversation_state",
-        default=None,
-        partitions=settings.topic_partitions,
-        # bytes keys are stored raw; values (state as a dict) as JSON — Faust picks the changelog
-        # serializers from these types, in recovery too.
-        key_type=bytes,
-        # Changelog partition from the key (murmur2, like the source topic), not from the
-        # "current event", which inside a batch is not the event being folded.
-        use_partitioner=True,
-    )
-    redis_box: dict[str, aioredis.Redis] = {}
+@dataclass
+class _Rebuild:
+    # The log end when the rebuild began: the partition is ready once applied up to it.
+    until: int
 
-    async def redis() -> aioredis.Redis:
-        if "r" not in redis_box:
-            redis_box["r"] = aioredis.Redis.from_url(settings.redis_url)
-        return redis_box["r"]
 
-    @table.on_recover
-    async def rewrite_mirror() -> None:
-        # The table is the fold of the log; Redis only mirrors it. After recovery, write every
-        # recovered state back, so a Redis that lost data (restart, failover) heals without a
-        # replay and the ingress knows every conversation again. (Faust gathers these callbacks
-        # with asyncio.wait, which would swallow an error: log it here.)
-        try:
-            written = await _mirror_all(table, await redis())
-        except Exception:
-            log.exception("rewriting the Redis mirror after recovery failed; it heals as events arrive")
+class SessionsProcessor:
+    name = "sessions"
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._ttl_ms = settings.idempotency_ttl_s * 1000
+        # Partitions this worker owns, with the position it last wrote (None: not yet).
+        self._owned: dict[int, int | None] = {}
+        self._rebuilding: dict[int, _Rebuild] = {}
+        self._control: PartitionControl | None = None
+        self._last_idle_check = 0.0
+        self.rebuilds = 0
+
+    # --- assignment ----------------------------------------------------------------------------
+
+    async def on_assigned(self, partitions: set[int], consumer: PartitionControl) -> None:
+        self._control = consumer
+        delay = 0.2
+        while True:
+            try:
+                return await self._take(partitions, consumer)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.error("taking partitions %s: %r; retrying in %.1fs", sorted(partitions), exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _take(self, partitions: set[int], consumer: PartitionControl) -> None:
+        if not partitions:
             return
-        log.info("mirrored %d recovered conversation states to Redis", written)
+        positions = await self._positions(partitions)
+        ends = await consumer.end_offsets(partitions)
+        ready: list[int] = []
+        for p in sorted(partitions):
+            position = positions.get(p)
+            if position is not None:
+                consumer.seek(p, position)
+                self._owned[p] = position
+                ready.append(p)
+            else:
+                await self._start_rebuild(p, ends.get(p, 0), consumer, why="Redis has no position for it")
+        if ready:
+            await self._redis.hset(hv.READY_KEY, mapping={str(p): "1" for p in ready})
 
-    guard = DeliveryGapGuard(settings.kafka_bootstrap, settings.conversation_topic, app.conf.id)
-    guard.watch(app)
+    async def on_revoked(self, partitions: set[int]) -> None:
+        for p in partitions:
+            self._owned.pop(p, None)
+            self._rebuilding.pop(p, None)
 
-    @app.agent(topic, name="sessions")
-    async def sessions(stream: Any) -> None:
-        async for delivered in stream.take_events(settings.batch_size, within=settings.batch_within_s):
-            missing: list[Any] = []
-            await _until_done(
-                "checking for undelivered records",
-                functools.partial(_find_missing, guard, delivered, missing),
+    async def _start_rebuild(
+        self, partition: int, until: int, consumer: PartitionControl, *, why: str
+    ) -> None:
+        await consumer.seek_to_beginning(partition)
+        self._owned[partition] = None
+        if until > 0:
+            self.rebuilds += 1
+            log.warning(
+                "partition %d: %s; rebuilding its hot view from the start of the log (up to offset %d)",
+                partition,
+                why,
+                until,
             )
-            records, rejected = _decode_batch([*missing, *delivered])
-            if rejected:
-                await _until_done("dead-lettering", functools.partial(_dead_letter, rejected, dead_letters))
-            if records:
-                client = await redis()
-                fold = functools.partial(_fold_batch, records, table, client, settings)
-                await _until_done("folding a batch", fold)
+            self._rebuilding[partition] = _Rebuild(until)
+            await self._redis.hdel(hv.READY_KEY, str(partition))
+        else:
+            # Nothing written to it yet: nothing to rebuild.
+            self._rebuilding.pop(partition, None)
+            await self._redis.hset(hv.READY_KEY, str(partition), "1")
 
+    async def _positions(self, partitions: set[int]) -> dict[int, int]:
+        fields = [str(p) for p in sorted(partitions)]
+        values = await self._redis.hmget(hv.APPLIED_KEY, fields)
+        return {int(f): int(v) for f, v in zip(fields, values, strict=True) if v is not None}
 
-Record = tuple[Event, LogPosition, bytes]
+    async def idle(self, consumer: PartitionControl) -> None:
+        now = time.monotonic()
+        if now - self._last_idle_check < IDLE_CHECK_S:
+            return
+        self._last_idle_check = now
+        await self._check_lost(set(self._owned), consumer)
 
+    async def healthy(self) -> bool:
+        return bool(await self._redis.ping())
 
-async def _find_missing(guard: DeliveryGapGuard, batch: Sequence[Any], into: list[Any]) -> None:
-    into[:] = await guard.missing_before(batch)
+    async def _check_lost(self, partitions: set[int], consumer: PartitionControl) -> set[int]:
+        """Partitions whose position this worker wrote but Redis no longer has: Redis lost data.
+        Each is rebuilt from the start of the log; returns them."""
+        written = {p for p in partitions if self._owned.get(p) is not None}
+        if not written:
+            return set()
+        positions = await self._positions(written)
+        lost = {p for p in written if p not in positions}
+        if lost:
+            ends = await consumer.end_offsets(lost)
+            for p in sorted(lost):
+                await self._start_rebuild(p, ends.get(p, 0), consumer, why="Redis lost its position")
+        return lost
 
+    # --- one batch -----------------------------------------------------------------------------
 
-def _decode_batch(batch: Sequence[Any]) -> tuple[list[Record], list[Any]]:
-    records: list[Record] = []
-    rejected: list[Any] = []
-    for item in batch:
-        msg = item.message
-        try:
-            records.append((decode_event(item.value), LogPosition(msg.partition, msg.offset), item.value))
-        except EventDecodeError as exc:
-            log.error("dead-lettering %s/%s/%s: %s", msg.topic, msg.partition, msg.offset, exc)
-            rejected.append((item, str(exc)))
-    return records, rejected
+    async def process(self, records: Sequence[Record]) -> Rejected:
+        if self._control is not None:
+            lost = await self._check_lost({r.partition for r in records}, self._control)
+            if lost:
+                # Those partitions start again from the beginning; this batch's records of them
+                # come again in order.
+                records = [r for r in records if r.partition not in lost]
+        rejected: list[tuple[Record, BaseException]] = []
+        decoded: list[tuple[Event, Record]] = []
+        for r in records:
+            try:
+                decoded.append((decode_event(r.value), r))
+            except EventDecodeError as exc:
+                rejected.append((r, exc))
+        await self._fold_and_write(decoded, records, rejected)
+        return rejected
 
-
-async def _dead_letter(rejected: list[Any], dead_letters: Any) -> None:
-    pending = []
-    for item, reason in rejected:
-        msg = item.message
-        headers = _dead_letter_headers(reason, msg.topic, msg.partition, msg.offset)
-        pending.append(await dead_letters.send(key=msg.key, value=item.value, headers=headers))
-    await asyncio.gather(*pending)
-
-
-async def _until_done(what: str, attempt: Callable[[], Awaitable[None]]) -> None:
-    # A fold cancelled half-way may have written Redis but not the table: never ack it.
-    await until_done(what, attempt, log=log, initial_s=0.1, max_s=5.0, cancel_mid_attempt_is_safe=False)
-
-
-async def _mirror_all(table: Any, redis: aioredis.Redis) -> int:
-    written = 0
-    pipe = redis.pipeline(transaction=False)
-    for _, stored in table.items():
-        for state_json in _tenant_states(stored).values():
-            state = ConversationState.from_json(state_json)
-            pipe.hset(
-                hv.conversation_key(state.tenant_id, state.conversation_id), mapping=_mirror_fields(state)
-            )
-            written += 1
-            if written % 1000 == 0:
-                await pipe.execute()
-    await pipe.execute()
-    return written
-
-
-def _tenant_states(stored: Any) -> dict[str, dict[str, Any]]:
-    """The table value for one conversation id: its state per tenant (ids are chosen per tenant,
-    so two tenants may use the same one; the Kafka key, and so the partition, is the id alone)."""
-    if not stored:
-        return {}
-    if "conversation_id" in stored:  # a single state, as written before states were per tenant
-        return {stored["tenant_id"]: stored}
-    return dict(stored)
-
-
-async def _fold_batch(
-    records: Sequence[Record], table: Any, redis: aioredis.Redis, settings: Settings
-) -> None:
-    stored: dict[bytes, dict[str, dict[str, Any]]] = {}
-    states: dict[tuple[bytes, str], ConversationState | None] = {}
-    changed: dict[tuple[bytes, str], ConversationState] = {}
-    pipe = redis.pipeline(transaction=False)
-    appended = 0
-    for event, position, raw in records:
-        key = event.conversation_id.encode()
-        if key not in stored:
-            stored[key] = _tenant_states(table.get(key))
-        slot = (key, event.tenant_id)
-        if slot not in states:
-            known = stored[key].get(event.tenant_id)
-            states[slot] = ConversationState.from_json(known) if known else None
-        result = fold_event(states[slot], event, position)
-        states[slot] = result.state
-        if not result.applied:
-            continue
-        changed[slot] = result.state
-        fields: dict[Any, Any] = {
-            hv.S_EVENT: raw,
-            hv.S_STATUS: result.state.status,
-            hv.S_MESSAGES: result.state.message_count,
+    async def _fold_and_write(
+        self,
+        decoded: list[tuple[Event, Record]],
+        records: Sequence[Record],
+        rejected: list[tuple[Record, BaseException]],
+    ) -> None:
+        slots = list(dict.fromkeys((e.tenant_id, e.conversation_id) for e, _ in decoded))
+        async with self._redis.pipeline(transaction=False) as read:
+            for tenant_id, conversation_id in slots:
+                read.hget(hv.conversation_key(tenant_id, conversation_id), hv.F_STATE)
+            stored = await read.execute() if slots else []
+        states: dict[tuple[str, str], ConversationState | None] = {
+            slot: ConversationState.from_json(json.loads(raw)) if raw else None
+            for slot, raw in zip(slots, stored, strict=True)
         }
-        if result.message_sequence:
-            fields[hv.S_SEQUENCE] = result.message_sequence
-        pipe.xadd(
-            hv.live_stream_key(event.tenant_id, event.conversation_id),
-            fields,
-            id=position.cursor,
-            maxlen=settings.live_stream_maxlen,
-            approximate=True,
-        )
-        appended += 1
-
-    documents = {slot: state.to_json() for slot, state in changed.items()}
-    for slot, state in changed.items():
-        mirror = _mirror_fields(state, documents[slot])
-        pipe.hset(hv.conversation_key(state.tenant_id, state.conversation_id), mapping=mirror)
-
-    if appended or changed:
+        changed: dict[tuple[str, str], ConversationState] = {}
+        pipe = self._redis.pipeline(transaction=False)
+        now_ms = int(time.time() * 1000)
+        for event, record in decoded:
+            slot = (event.tenant_id, event.conversation_id)
+            position = LogPosition(record.partition, record.offset)
+            try:
+                result = fold_event(states[slot], event, position)
+            except Exception as exc:  # a pure step: this record fails every time
+                rejected.append((record, exc))
+                continue
+            states[slot] = result.state
+            if not result.applied:
+                continue
+            changed[slot] = result.state
+            fields: dict[Any, Any] = {
+                hv.S_EVENT: record.value,
+                hv.S_STATUS: result.state.status,
+                hv.S_MESSAGES: result.state.message_count,
+            }
+            if result.message_sequence:
+                fields[hv.S_SEQUENCE] = result.message_sequence
+            pipe.xadd(
+                hv.live_stream_key(*slot),
+                fields,
+                id=position.cursor,
+                maxlen=self._settings.live_stream_maxlen,
+                approximate=True,
+            )
+            claim = _claim_of(event)
+            if claim:
+                expires_ms = event.occurred_at.ToMilliseconds() + self._ttl_ms
+                if expires_ms > now_ms:
+                    pipe.set(
+                        hv.idempotency_key(*slot, claim),
+                        hv.encode_claim(event.event_id, position.partition, position.offset),
+                        pxat=expires_ms,
+                    )
+        for slot, state in changed.items():
+            pipe.hset(hv.conversation_key(*slot), mapping=_mirror_fields(state))
+        # Positions last: a Redis that kept them kept everything above.
+        last: dict[int, int] = {}
+        for r in records:
+            last[r.partition] = max(last.get(r.partition, -1), r.offset)
+        if last:
+            pipe.hset(hv.APPLIED_KEY, mapping={str(p): o + 1 for p, o in last.items()})
+        now_ready = [
+            p for p, o in last.items() if p in self._rebuilding and o + 1 >= self._rebuilding[p].until
+        ]
+        if now_ready:
+            pipe.hset(hv.READY_KEY, mapping={str(p): "1" for p in now_ready})
         replies = await pipe.execute(raise_on_error=False)
         for reply in replies:
             # A redelivered event's entry is already there: Redis refuses the repeated id.
             if isinstance(reply, ResponseError) and "equal or smaller" not in str(reply):
                 raise reply
-    merged: dict[bytes, dict[str, dict[str, Any]]] = {}
-    for (key, tenant), document in documents.items():
-        merged.setdefault(key, dict(stored[key]))[tenant] = document
-    for key, value in merged.items():
-        table[key] = value
+            if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
+                raise reply
+        for p, o in last.items():
+            self._owned[p] = o + 1
+        for p in now_ready:
+            self._rebuilding.pop(p, None)
+            log.info("partition %d: hot view rebuilt up to offset %d; accepting writes again", p, last[p])
 
 
-def _mirror_fields(state: ConversationState, document: dict[str, Any] | None = None) -> dict[Any, Any]:
+def _claim_of(event: Event) -> str:
+    """The idempotency claim an event settles (what a retry of its write must find)."""
+    kind = event_type(event)
+    if kind == "message_received":
+        return str(event.message_received.client_message_id)
+    if kind == "agent_message_sent":
+        return str(event.agent_message_sent.client_message_id)
+    if kind == "conversation_started":
+        return hv.START_CLAIM
+    if kind == "conversation_closed":
+        return hv.CLOSE_CLAIM
+    return ""
+
+
+def _mirror_fields(state: ConversationState) -> dict[Any, Any]:
     mirror: dict[Any, Any] = {
-        hv.F_STATE: json.dumps(document if document is not None else state.to_json(), ensure_ascii=False),
+        hv.F_STATE: json.dumps(state.to_json(), ensure_ascii=False),
         hv.F_CURSOR: LogPosition(state.last_partition, state.last_offset).cursor,
     }
     if state.status == STATUS_CLOSED:
@@ -223,10 +284,28 @@ def _mirror_fields(state: ConversationState, document: dict[str, Any] | None = N
     return mirror
 
 
+def sessions_consumer(settings: Settings, redis: aioredis.Redis) -> tuple[BatchConsumer, SessionsProcessor]:
+    processor = SessionsProcessor(settings, redis)
+    consumer = BatchConsumer(
+        settings,
+        processor,
+        topic=settings.conversation_topic,
+        group_id="switchboard-sessions",
+        batch_size=settings.batch_size,
+        instance_id=instance_id(settings, "sessions"),
+    )
+    return consumer, processor
+
+
+async def serve_sessions(settings: Settings) -> None:
+    redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=5)
+    consumer, _ = sessions_consumer(settings, redis)
+    await run_until_signalled(consumer, redis.aclose)
+
+
 def run_sessions(settings: Settings, loglevel: str = "info") -> None:
-    app = create_app("sessions", settings)
-    register_sessions(app, settings)
-    run_worker(app, loglevel)
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve_sessions(settings))
 
 
-__all__ = ["register_sessions", "run_sessions"]
+__all__ = ["SessionsProcessor", "run_sessions", "serve_sessions", "sessions_consumer"]

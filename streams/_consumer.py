@@ -1,0 +1,487 @@
+"""The delivery contract every Switchboard processor runs on: a plain aiokafka consumer.
+
+Why not Faust's consumer: around start-up, recovery and rebalances it dropped records it had
+fetched, left a partition idle with records waiting, and acked a batch also when its agent was
+cancelled (faust-streaming #216, #221, #502; seen here as lost events and a partition that
+stalled for minutes). The shape below is the one getsentry/arroyo uses:
+
+- records of a partition are handed to the processor in offset order, in batches;
+- an offset is committed only after `process` returned, i.e. after what it produced is durable;
+- a failure that looks like an outage (Kafka, Redis, ClickHouse unreachable) is retried with
+  backoff, forever, and nothing is committed meanwhile;
+- any other failure is retried a few times, then the batch is split in halves until the record
+  that fails every time is found; that record goes to the dead-letter topic with the error, the
+  processor, partition and offset in its headers, and the partition moves on;
+- a revocation waits for the batch in hand, so two members never apply one partition at once;
+- stopping (SIGTERM) finishes the batch in hand; a stop during an outage exits without
+  committing, and the batch is delivered again on the next start.
+
+Processors are idempotent (they remember what they applied per partition/conversation), so a
+batch applied again after a crash or a rebalance changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectionError, KafkaError
+
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Attempts before a failure that does not look like an outage is treated as a poison record.
+POISON_ATTEMPTS = 3
+RETRY_INITIAL_S = 0.2
+RETRY_MAX_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One Kafka record as processors see it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+Rejected = Sequence[tuple[Record, BaseException]]
+
+
+class Processor(Protocol):
+    name: str
+
+    async def on_assigned(self, partitions: set[int], consumer: PartitionControl) -> None:
+        """Partitions were assigned; seek where this processor's own bookkeeping says."""
+
+    async def on_revoked(self, partitions: set[int]) -> None:
+        """Partitions were taken away (the batch in hand is finished by then)."""
+
+    async def process(self, records: Sequence[Record]) -> Rejected:
+        """Apply the records (in offset order per partition); return once the result is durable.
+
+        Records a pure step refused (undecodable, a fold or row builder that raised) are returned
+        with their error, to be dead-lettered; everything else must be applied."""
+
+    async def idle(self, consumer: PartitionControl) -> None:
+        """Called when a poll returned nothing: a place for periodic checks."""
+
+    async def healthy(self) -> bool:
+        """Whether the sinks work (asked before a lone failing record is dead-lettered)."""
+
+
+class PartitionControl(Protocol):
+    def seek(self, partition: int, offset: int) -> None: ...
+
+    async def seek_to_beginning(self, partition: int) -> None: ...
+
+    async def committed(self, partition: int) -> int | None: ...
+
+    async def end_offsets(self, partitions: Iterable[int]) -> dict[int, int]: ...
+
+    def assigned(self) -> set[int]: ...
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A failure of something we depend on (retry it, never dead-letter because of it)."""
+    import redis.exceptions as rx
+
+    outage: tuple[type[BaseException], ...] = (
+        OSError,
+        ConnectionError,
+        TimeoutError,
+        asyncio.TimeoutError,
+        KafkaConnectionError,
+        rx.ConnectionError,
+        rx.TimeoutError,
+        rx.BusyLoadingError,
+        rx.ReadOnlyError,
+        rx.TryAgainError,
+        rx.ClusterDownError,
+        rx.MasterDownError,
+    )
+    with contextlib.suppress(ImportError):
+        from clickhouse_connect.driver.exceptions import OperationalError
+
+        outage = (*outage, OperationalError)
+    if isinstance(exc, outage):
+        return True
+    if isinstance(exc, KafkaError):
+        return bool(getattr(exc, "retriable", False))
+    return False
+
+
+@dataclass
+class ConsumerStats:
+    batches: int = 0
+    records: int = 0
+    dead_lettered: int = 0
+    failures: int = 0
+    # Per partition: the next offset to apply, and the log end seen at the last poll.
+    position: dict[int, int] = field(default_factory=dict)
+    last_poll_monotonic: float = 0.0
+
+
+class _Control:
+    def __init__(self, consumer: AIOKafkaConsumer, topic: str) -> None:
+        self._consumer = consumer
+        self._topic = topic
+
+    def _tp(self, partition: int) -> TopicPartition:
+        return TopicPartition(self._topic, partition)
+
+    def seek(self, partition: int, offset: int) -> None:
+        self._consumer.seek(self._tp(partition), offset)
+
+    async def seek_to_beginning(self, partition: int) -> None:
+        await self._consumer.seek_to_beginning(self._tp(partition))
+
+    async def committed(self, partition: int) -> int | None:
+        offset = await self._consumer.committed(self._tp(partition))
+        return None if offset is None or offset < 0 else int(offset)
+
+    async def end_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
+        ends = await self._consumer.end_offsets([self._tp(p) for p in partitions])
+        return {tp.partition: int(offset) for tp, offset in ends.items()}
+
+    def assigned(self) -> set[int]:
+        return {tp.partition for tp in self._consumer.assignment() if tp.topic == self._topic}
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, runner: BatchConsumer) -> None:
+        self._runner = runner
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._runner._revoked({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self._runner._assigned({tp.partition for tp in assigned})
+
+
+class BatchConsumer:
+    """Runs one `Processor` over one topic with the contract in this module's docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        processor: Processor,
+        *,
+        topic: str,
+        group_id: str,
+        batch_size: int,
+        instance_id: str | None = None,
+    ) -> None:
+        self._settings = settings
+        self._processor = processor
+        self._topic = topic
+        self._group_id = group_id
+        self._batch_size = batch_size
+        self._instance_id = instance_id
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._control: _Control | None = None
+        self._in_hand = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self.stats = ConsumerStats()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self._settings
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap,
+            group_id=self._group_id,
+            group_instance_id=self._instance_id,
+            client_id=f"{self._group_id}-{socket.gethostname()}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(s.worker_session_timeout_s * 1000),
+            heartbeat_interval_ms=int(max(1.0, s.worker_session_timeout_s / 5) * 1000),
+            max_poll_interval_ms=600_000,
+            fetch_max_wait_ms=int(s.batch_within_s * 1000),
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        self._control = _Control(self._consumer, self._topic)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap, acks="all", enable_idempotence=True
+        )
+        await _until_up("Kafka (consumer)", self._consumer.start)
+        await _until_up("Kafka (dead-letter producer)", self._producer.start)
+        self._consumer.subscribe([self._topic], listener=_Rebalance(self))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+
+    async def run(self) -> None:
+        """Poll, process and commit until `stop()`."""
+        assert self._consumer is not None and self._control is not None
+        consumer = self._consumer
+        while not self._stopping.is_set():
+            fetched = await consumer.getmany(
+                timeout_ms=int(self._settings.batch_within_s * 1000) or 1, max_records=self._batch_size
+            )
+            self.stats.last_poll_monotonic = time.monotonic()
+            records = [
+                Record(tp.topic, tp.partition, r.offset, r.key, r.value, r.timestamp, tuple(r.headers or ()))
+                for tp, batch in fetched.items()
+                for r in batch
+            ]
+            if not records:
+                await self._processor.idle(self._control)
+                continue
+            async with self._in_hand:
+                # A revocation that came in between: drop what is no longer ours.
+                mine = self._control.assigned()
+                records = [r for r in records if r.partition in mine]
+                if not records:
+                    continue
+                done = await self._apply(records)
+                if not done:
+                    return
+                await self._commit(records)
+
+    # --- one batch ---------------------------------------------------------------------------
+
+    async def _apply(self, records: Sequence[Record]) -> bool:
+        """Process the batch; False if the process is stopping with it unfinished."""
+        attempts = 0
+        delay = RETRY_INITIAL_S
+        while True:
+            try:
+                rejected = await self._processor.process(records)
+                for record, error in rejected:
+                    await self._dead_letter(record, error)
+                self.stats.batches += 1
+                self.stats.records += len(records)
+                return True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.stats.failures += 1
+                outage = is_outage(exc)
+                if not outage:
+                    attempts += 1
+                    if attempts >= POISON_ATTEMPTS:
+                        isolated = await self._isolate(records)
+                        if isolated is not None:
+                            return isolated
+                        attempts = 0
+                log.error(
+                    "%s: batch %s failed (%s), retrying in %.1fs: %r",
+                    self._processor.name,
+                    _span(records),
+                    "outage" if outage else f"attempt {attempts}/{POISON_ATTEMPTS}",
+                    delay,
+                    exc,
+                )
+            if not await self._pause(delay):
+                log.error(
+                    "%s: stopped with batch %s unfinished; not committing it",
+                    self._processor.name,
+                    _span(records),
+                )
+                return False
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _isolate(self, records: Sequence[Record]) -> bool | None:
+        """Find the records of a failing batch that fail on their own and dead-letter them.
+
+        Halves are tried left before right, so what succeeds is applied in order. A record is
+        dead-lettered only when the failure is its own: another part of the batch went through,
+        or (a batch of one) the processor's health probe passes. When every part fails the same
+        way the fault is the sink's, not the data's: returns None and the batch is retried as an
+        outage. False: stopping with the batch unfinished."""
+        poison: list[tuple[Record, BaseException]] = []
+        applied = 0
+        pending: list[Sequence[Record]] = [records]
+        while pending:
+            part = pending.pop(0)
+            try:
+                rejected = await self._processor.process(part)
+                poison.extend(rejected)
+                applied += len(part) - len(rejected)
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if is_outage(exc):
+                    log.error("%s: outage while isolating a failing record: %r", self._processor.name, exc)
+                    return None
+                if len(part) == 1:
+                    poison.append((part[0], exc))
+                else:
+                    mid = len(part) // 2
+                    pending[:0] = [part[:mid], part[mid:]]
+            if self._stopping.is_set():
+                return False
+        if not poison:
+            return True
+        if applied == 0 and not await self._healthy():
+            log.error(
+                "%s: every record of batch %s fails and the processor is not healthy; retrying as an outage",
+                self._processor.name,
+                _span(records),
+            )
+            return None
+        for record, error in poison:
+            await self._dead_letter(record, error)
+        self.stats.batches += 1
+        self.stats.records += len(records)
+        return True
+
+    async def _healthy(self) -> bool:
+        try:
+            return bool(await self._processor.healthy())
+        except Exception as exc:
+            log.error("%s: health probe failed: %r", self._processor.name, exc)
+            return False
+
+    async def _dead_letter(self, record: Record, exc: BaseException) -> None:
+        assert self._producer is not None
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error(
+            "%s: dead-lettering %s/%d/%d: %s",
+            self._processor.name,
+            record.topic,
+            record.partition,
+            record.offset,
+            reason,
+        )
+        headers = [
+            *record.headers,
+            ("sb-dlq-reason", reason.encode("utf-8", "replace")[:2000]),
+            ("sb-dlq-error", type(exc).__name__.encode()),
+            ("sb-dlq-processor", self._processor.name.encode()),
+            ("sb-dlq-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+            ("sb-dlq-topic", record.topic.encode()),
+            ("sb-dlq-partition", str(record.partition).encode()),
+            ("sb-dlq-offset", str(record.offset).encode()),
+        ]
+
+        async def send() -> None:
+            assert self._producer is not None
+            await self._producer.send_and_wait(
+                self._settings.dead_letter_topic, key=record.key, value=record.value, headers=headers
+            )
+
+        await self._until_durable("dead-lettering", send)
+        self.stats.dead_lettered += 1
+
+    async def _until_durable(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+        delay = RETRY_INITIAL_S
+        while True:
+            try:
+                await attempt()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("%s: %s failed, retrying in %.1fs: %r", self._processor.name, what, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _commit(self, records: Sequence[Record]) -> None:
+        assert self._consumer is not None
+        last: dict[int, int] = {}
+        for r in records:
+            last[r.partition] = max(last.get(r.partition, -1), r.offset)
+        offsets = {TopicPartition(self._topic, p): o + 1 for p, o in last.items()}
+        for p, o in last.items():
+            self.stats.position[p] = o + 1
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The group moved on (rebalance): the next owner applies these again, idempotently.
+            log.warning(
+                "%s: commit of %s refused (%r); the next owner re-applies them",
+                self._processor.name,
+                offsets,
+                exc,
+            )
+        except KafkaError as exc:
+            log.warning(
+                "%s: commit failed (%r); the records are applied again after a restart",
+                self._processor.name,
+                exc,
+            )
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep unless stopping; False when the process is stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return not self._stopping.is_set()
+
+    # --- rebalances --------------------------------------------------------------------------
+
+    async def _revoked(self, partitions: set[int]) -> None:
+        if not partitions:
+            return
+        async with self._in_hand:
+            for p in partitions:
+                self.stats.position.pop(p, None)
+            await self._processor.on_revoked(partitions)
+
+    async def _assigned(self, partitions: set[int]) -> None:
+        assert self._control is not None
+        log.info("%s: assigned partitions %s", self._processor.name, sorted(partitions))
+        await self._processor.on_assigned(partitions, self._control)
+
+
+def _span(records: Sequence[Record]) -> str:
+    parts: dict[int, tuple[int, int]] = {}
+    for r in records:
+        lo, hi = parts.get(r.partition, (r.offset, r.offset))
+        parts[r.partition] = (min(lo, r.offset), max(hi, r.offset))
+    return ", ".join(f"{p}:{lo}..{hi}" for p, (lo, hi) in sorted(parts.items()))
+
+
+async def _until_up(what: str, start: Callable[[], Awaitable[None]]) -> None:
+    delay = RETRY_INITIAL_S
+    while True:
+        try:
+            await start()
+            return
+        except KafkaError as exc:
+            log.warning("%s not reachable yet (%r); retrying in %.1fs", what, exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX_S)
+
+
+def instance_id(settings: Settings, role: str) -> str:
+    return settings.worker_instance_id or f"{role}-{socket.gethostname()}"
+
+
+async def run_until_signalled(consumer: BatchConsumer, *extra: Callable[[], Awaitable[None]]) -> None:
+    """Start the consumer, run it until SIGTERM/SIGINT, then close it; `extra` are stop hooks."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(consumer.stop()))
+    await consumer.start()
+    try:
+        await consumer.run()
+    finally:
+        await consumer.close()
+        for hook in extra:
+            await hook()
