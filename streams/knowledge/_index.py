@@ -1,0 +1,393 @@
+"""A tenant's knowledge index: BM25 + embedding candidates, fused, reranked; and the tenant container."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from streams.knowledge._bm25 import BM25Index
+from streams.knowledge._document import MAX_CHUNK_CHARS, Chunk, Document, chunk_document
+from streams.knowledge._rerank import Candidate, Reranker, feature_matrix
+from streams.knowledge._text import detect_language, tokenize
+from streams.knowledge._weights import WEIGHTS
+
+RRF_K = 60
+CANDIDATES = 20
+"""Documents taken from each of the keyword and the embedding ranking before fusion."""
+
+
+class SentenceEncoder(Protocol):
+    """Anything that turns texts into L2-normalised float32 rows (the assistant's ONNX encoder)."""
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Scores:
+    bm25: float
+    cosine: float
+    fused: float
+    rerank: float
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ranked document: its best chunk as the snippet, and whether it is relevant enough to answer."""
+
+    document_id: str
+    chunk_id: str
+    title: str
+    snippet: str
+    language: str
+    url: str
+    tags: tuple[str, ...]
+    scores: Scores
+    relevant: bool
+
+
+def rrf(rankings: Sequence[Sequence[str]], k: int = RRF_K) -> dict[str, float]:
+    """Reciprocal-rank fusion: sum over rankings of 1 / (k + rank), rank starting at 1."""
+    fused: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, key in enumerate(ranking, start=1):
+            fused[key] = fused.get(key, 0.0) + 1.0 / (k + rank)
+    return fused
+
+
+def default_reranker(hybrid: bool) -> Reranker:
+    """The shipped reranker for an index with (hybrid) or without (keyword) an encoder."""
+    return Reranker.from_dict(WEIGHTS["hybrid" if hybrid else "keyword"])
+
+
+class KnowledgeIndex:
+    """The searchable knowledge of one tenant.
+
+    Upserts and deletes are incremental and idempotent (an upsert whose content is unchanged does
+    nothing), so the index can be rebuilt by applying a tenant's document events in log order.
+    Thread-safe: one lock serialises writes and searches.
+    """
+
+    def __init__(
+        self,
+        encoder: SentenceEncoder | None = None,
+        reranker: Reranker | None = None,
+        max_chunk_chars: int = MAX_CHUNK_CHARS,
+    ) -> None:
+        self.encoder = encoder
+        self.reranker = reranker or default_reranker(encoder is not None)
+        self.max_chunk_chars = max_chunk_chars
+        self._lock = threading.RLock()
+        self._documents: dict[str, Document] = {}
+        self._fingerprints: dict[str, str] = {}
+        self._chunks: dict[str, list[Chunk]] = {}
+        self._chunk_terms: dict[str, frozenset[str]] = {}
+        self._title_terms: dict[str, frozenset[str]] = {}
+        self._chunk_vectors: dict[str, np.ndarray] = {}
+        self._title_vectors: dict[str, np.ndarray] = {}
+        self._tags: Counter[str] = Counter()
+        self._bm25 = BM25Index()
+        self._matrix: _Matrix | None = None
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def upsert(self, document: Document) -> bool:
+        """Add or replace a document; returns False when it was already indexed with this content."""
+        return self.upsert_many([document]) == 1
+
+    def upsert_many(self, documents: Iterable[Document]) -> int:
+        """Upsert several documents with one batched encoder call; returns how many changed."""
+        latest: dict[str, Document] = {}
+        for document in documents:
+            latest[document.document_id] = document  # the last upsert of an id wins, as in the log
+        with self._lock:
+            changed = [d for d in latest.values() if self._fingerprints.get(d.document_id) != d.fingerprint]
+            if not changed:
+                return 0
+            chunked = [(d, chunk_document(d, self.max_chunk_chars)) for d in changed]
+            chunk_vectors, title_vectors = self._encode(chunked)
+            for i, (document, chunks) in enumerate(chunked):
+                self._remove(document.document_id)
+                self._add(document, chunks)
+                if title_vectors is not None:
+                    self._title_vectors[document.document_id] = title_vectors[i]
+            if chunk_vectors is not None:
+                rows = iter(chunk_vectors)
+                for _, chunks in chunked:
+                    for chunk in chunks:
+                        self._chunk_vectors[chunk.chunk_id] = next(rows)
+            self._matrix = None
+            return len(changed)
+
+    def delete(self, document_id: str) -> bool:
+        """Remove a document; returns False when it was not there (deletes are idempotent too)."""
+        with self._lock:
+            if document_id not in self._documents:
+                return False
+            self._remove(document_id)
+            self._matrix = None
+            return True
+
+    def _encode(
+        self, chunked: list[tuple[Document, list[Chunk]]]
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if self.encoder is None:
+            return None, None
+        chunk_texts = [c.indexed_text for _, chunks in chunked for c in chunks]
+        titles = [d.title or d.body[:200] for d, _ in chunked]
+        vectors = np.asarray(self.encoder.encode(chunk_texts + titles), dtype=np.float32)
+        return vectors[: len(chunk_texts)], vectors[len(chunk_texts) :]
+
+    def _add(self, document: Document, chunks: list[Chunk]) -> None:
+        doc_id = document.document_id
+        self._documents[doc_id] = document
+        self._fingerprints[doc_id] = document.fingerprint
+        self._chunks[doc_id] = chunks
+        self._title_terms[doc_id] = frozenset(tokenize(document.title))
+        self._tags.update(set(document.tags))
+        for chunk in chunks:
+            self._bm25.add(chunk.chunk_id, chunk.indexed_text)
+            self._chunk_terms[chunk.chunk_id] = frozenset(tokenize(chunk.indexed_text))
+
+    def _remove(self, document_id: str) -> None:
+        document = self._documents.pop(document_id, None)
+        if document is None:
+            return
+        self._fingerprints.pop(document_id, None)
+        self._title_terms.pop(document_id, None)
+        self._title_vectors.pop(document_id, None)
+        self._tags.subtract(set(document.tags))
+        self._tags += Counter()  # drop zero counts
+        for chunk in self._chunks.pop(document_id, []):
+            self._bm25.remove(chunk.chunk_id)
+            self._chunk_terms.pop(chunk.chunk_id, None)
+            self._chunk_vectors.pop(chunk.chunk_id, None)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._documents)
+
+    def __contains__(self, document_id: object) -> bool:
+        return document_id in self._documents
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self._bm25)
+
+    def get(self, document_id: str) -> Document | None:
+        return self._documents.get(document_id)
+
+    def documents(self) -> list[Document]:
+        with self._lock:
+            return sorted(self._documents.values(), key=lambda d: d.document_id)
+
+    def chunks(self, document_id: str) -> list[Chunk]:
+        return list(self._chunks.get(document_id, []))
+
+    def search(
+        self,
+        query: str,
+        limit: int = 5,
+        intent: str | None = None,
+        query_embedding: np.ndarray | None = None,
+    ) -> list[Hit]:
+        """Rank the tenant's documents for a question, best first, at most one hit per document.
+
+        `intent` (the classifier's label) favours documents tagged with it; `query_embedding` skips
+        encoding the query when the caller already has its vector. A hit's `relevant` says whether
+        the reranker is confident enough to answer from it; when no hit is relevant the assistant
+        should say it has no answer and offer a person.
+        """
+        with self._lock:
+            if not self._documents or limit <= 0:
+                return []
+            candidates = self._candidates(query, intent, query_embedding)
+            if not candidates:
+                return []
+            probabilities = self.reranker.score(feature_matrix(candidates))
+            order = sorted(
+                range(len(candidates)), key=lambda i: (-probabilities[i], candidates[i].document_id)
+            )
+            hits = []
+            for i in order[:limit]:
+                c = candidates[i]
+                document = self._documents[c.document_id]
+                chunk = self._chunks[c.document_id][int(c.chunk_id.rsplit("#", 1)[1])]
+                probability = float(probabilities[i])
+                hits.append(
+                    Hit(
+                        document_id=c.document_id,
+                        chunk_id=c.chunk_id,
+                        title=document.title,
+                        snippet=chunk.text,
+                        language=document.language,
+                        url=document.url,
+                        tags=document.tags,
+                        scores=Scores(bm25=c.bm25, cosine=c.cosine, fused=c.fused, rerank=probability),
+                        relevant=probability >= self.reranker.threshold,
+                    )
+                )
+            return hits
+
+    def _candidates(
+        self, query: str, intent: str | None, query_embedding: np.ndarray | None
+    ) -> list[Candidate]:
+        # Per document: the best chunk by BM25 and by cosine.
+        doc_bm25: dict[str, tuple[float, str]] = {}
+        for chunk_id, score in self._bm25.scores(query).items():
+            doc_id = chunk_id.rsplit("#", 1)[0]
+            if score > doc_bm25.get(doc_id, (0.0, ""))[0]:
+                doc_bm25[doc_id] = (score, chunk_id)
+        bm25_ranking = sorted(doc_bm25, key=lambda d: (-doc_bm25[d][0], d))[:CANDIDATES]
+
+        doc_cos: dict[str, tuple[float, str]] = {}
+        title_cos: dict[str, float] = {}
+        cos_ranking: list[str] = []
+        matrix = self._vectors()
+        if matrix is not None and self.encoder is not None:
+            if query_embedding is None:
+                query_embedding = self.encoder.encode([query])[0]
+            q = np.asarray(query_embedding, dtype=np.float32).reshape(-1)
+            sims = matrix.chunks @ q
+            best = np.maximum.reduceat(sims, matrix.offsets)
+            best_at = [
+                int(matrix.offsets[i] + np.argmax(sims[matrix.offsets[i] : matrix.offsets[i] + n]))
+                for i, n in enumerate(matrix.counts)
+            ]
+            titles = matrix.titles @ q
+            for i, doc_id in enumerate(matrix.document_ids):
+                doc_cos[doc_id] = (float(best[i]), matrix.chunk_ids[best_at[i]])
+                title_cos[doc_id] = float(titles[i])
+            top = np.argsort(-best, kind="stable")[:CANDIDATES]
+            cos_ranking = [matrix.document_ids[i] for i in top]
+
+        fused = rrf([bm25_ranking, cos_ranking])
+        bm25_rank = {d: r for r, d in enumerate(bm25_ranking)}
+        cos_rank = {d: r for r, d in enumerate(cos_ranking)}
+
+        query_terms = set(tokenize(query))
+        idf = {t: self._bm25.idf(t) for t in query_terms}
+        idf_total = sum(idf.values()) or 1.0
+        language = detect_language(query)
+        intent_known = intent is not None and intent in self._tags
+
+        candidates = []
+        for doc_id in fused:
+            document = self._documents[doc_id]
+            bm25, bm25_chunk = doc_bm25.get(doc_id, (0.0, ""))
+            cosine, cos_chunk = doc_cos.get(doc_id, (0.0, ""))
+            # The snippet comes from the chunk the stronger signal picked.
+            chunk_id = (
+                cos_chunk
+                if cos_chunk and (not bm25_chunk or cos_rank.get(doc_id, 99) <= bm25_rank.get(doc_id, 99))
+                else bm25_chunk
+            )
+            terms = self._chunk_terms[chunk_id]
+            title_terms = self._title_terms[doc_id]
+            candidates.append(
+                Candidate(
+                    document_id=doc_id,
+                    chunk_id=chunk_id,
+                    bm25=bm25,
+                    cosine=cosine,
+                    cosine_title=title_cos.get(doc_id, 0.0),
+                    fused=fused[doc_id],
+                    bm25_rank=bm25_rank.get(doc_id),
+                    cosine_rank=cos_rank.get(doc_id),
+                    coverage=sum(idf[t] for t in query_terms if t in terms) / idf_total,
+                    title_coverage=sum(idf[t] for t in query_terms if t in title_terms) / idf_total,
+                    tag_match=(1.0 if intent in document.tags else -1.0) if intent_known else 0.0,
+                    same_language=1.0 if document.language == language else 0.0,
+                )
+            )
+        return candidates
+
+    def _vectors(self) -> _Matrix | None:
+        if self.encoder is None or not self._chunk_vectors:
+            return None
+        if self._matrix is None:
+            self._matrix = _Matrix.build(self._chunks, self._chunk_vectors, self._title_vectors)
+        return self._matrix
+
+
+@dataclass(frozen=True)
+class _Matrix:
+    """Chunk vectors stacked with each document's chunks contiguous (for a per-document max)."""
+
+    chunks: np.ndarray
+    titles: np.ndarray
+    chunk_ids: list[str]
+    document_ids: list[str]
+    offsets: np.ndarray
+    counts: list[int]
+
+    @classmethod
+    def build(
+        cls,
+        chunks: dict[str, list[Chunk]],
+        chunk_vectors: dict[str, np.ndarray],
+        title_vectors: dict[str, np.ndarray],
+    ) -> _Matrix:
+        document_ids = sorted(chunks)
+        chunk_ids = [c.chunk_id for d in document_ids for c in chunks[d]]
+        counts = [len(chunks[d]) for d in document_ids]
+        offsets = np.cumsum([0, *counts[:-1]]).astype(np.intp)
+        return cls(
+            chunks=np.stack([chunk_vectors[c] for c in chunk_ids]).astype(np.float32),
+            titles=np.stack([title_vectors[d] for d in document_ids]).astype(np.float32),
+            chunk_ids=chunk_ids,
+            document_ids=document_ids,
+            offsets=offsets,
+            counts=counts,
+        )
+
+
+class KnowledgeBase:
+    """Every tenant's index, created on first write; a tenant only ever searches its own."""
+
+    def __init__(self, encoder: SentenceEncoder | None = None, reranker: Reranker | None = None) -> None:
+        self.encoder = encoder
+        self.reranker = reranker
+        self._indexes: dict[str, KnowledgeIndex] = {}
+        self._lock = threading.Lock()
+
+    def index(self, tenant_id: str) -> KnowledgeIndex:
+        if not tenant_id:
+            raise ValueError("tenant_id is required")
+        with self._lock:
+            index = self._indexes.get(tenant_id)
+            if index is None:
+                index = self._indexes[tenant_id] = KnowledgeIndex(self.encoder, self.reranker)
+            return index
+
+    def tenants(self) -> list[str]:
+        return sorted(self._indexes)
+
+    def upsert(self, tenant_id: str, documents: Iterable[Document]) -> int:
+        return self.index(tenant_id).upsert_many(documents)
+
+    def delete(self, tenant_id: str, document_id: str) -> bool:
+        index = self._indexes.get(tenant_id)
+        return index.delete(document_id) if index is not None else False
+
+    def get(self, tenant_id: str, document_id: str) -> Document | None:
+        index = self._indexes.get(tenant_id)
+        return index.get(document_id) if index is not None else None
+
+    def search(
+        self,
+        tenant_id: str,
+        query: str,
+        limit: int = 5,
+        intent: str | None = None,
+        query_embedding: np.ndarray | None = None,
+    ) -> list[Hit]:
+        index = self._indexes.get(tenant_id)
+        if index is None:
+            return []
+        return index.search(query, limit, intent=intent, query_embedding=query_embedding)

@@ -1,0 +1,111 @@
+"""The learned reranker: logistic regression over retrieval features, and its relevance threshold."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+FEATURES: tuple[str, ...] = (
+    "cosine",
+    "cosine_title",
+    "cosine_gap",
+    "cosine_rank",
+    "bm25_log",
+    "bm25_rel",
+    "bm25_rank",
+    "fused",
+    "coverage",
+    "title_coverage",
+    "tag_match",
+    "same_language",
+)
+"""Feature order of the reranker's coefficient vector (the trainer and the index share it)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What retrieval knows about one document for one query, before reranking."""
+
+    document_id: str
+    chunk_id: str
+    bm25: float
+    cosine: float
+    cosine_title: float
+    fused: float
+    bm25_rank: int | None
+    cosine_rank: int | None
+    coverage: float
+    title_coverage: float
+    tag_match: float
+    same_language: float
+
+
+def feature_matrix(candidates: Sequence[Candidate]) -> np.ndarray:
+    """Rows of FEATURES for the candidates of one query (some features are relative to the others)."""
+    if not candidates:
+        return np.zeros((0, len(FEATURES)), dtype=np.float64)
+    best_cos = max(c.cosine for c in candidates)
+    best_bm25 = max(c.bm25 for c in candidates)
+    rows = [
+        (
+            c.cosine,
+            c.cosine_title,
+            c.cosine - best_cos,
+            0.0 if c.cosine_rank is None else 1.0 / (1.0 + c.cosine_rank),
+            math.log1p(c.bm25),
+            c.bm25 / best_bm25 if best_bm25 > 0 else 0.0,
+            0.0 if c.bm25_rank is None else 1.0 / (1.0 + c.bm25_rank),
+            c.fused * 60.0,  # RRF with k=60: the top of one list scores ~1
+            c.coverage,
+            c.title_coverage,
+            c.tag_match,
+            c.same_language,
+        )
+        for c in candidates
+    ]
+    return np.asarray(rows, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Reranker:
+    """Standardised features · coefficients + intercept → sigmoid; `threshold` calibrates relevance."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    threshold: float
+    version: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Reranker:
+        names = tuple(data["features"])
+        if names != FEATURES:
+            raise ValueError(f"reranker weights are for features {names}, this code computes {FEATURES}")
+        return cls(
+            mean=np.asarray(data["mean"], dtype=np.float64),
+            scale=np.asarray(data["scale"], dtype=np.float64),
+            coef=np.asarray(data["coef"], dtype=np.float64),
+            intercept=float(data["intercept"]),
+            threshold=float(data["threshold"]),
+            version=str(data.get("version", "")),
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "features": list(FEATURES),
+            "mean": [round(float(x), 6) for x in self.mean],
+            "scale": [round(float(x), 6) for x in self.scale],
+            "coef": [round(float(x), 6) for x in self.coef],
+            "intercept": round(self.intercept, 6),
+            "threshold": round(self.threshold, 4),
+        }
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        z = ((features - self.mean) / self.scale) @ self.coef + self.intercept
+        return 1.0 / (1.0 + np.exp(-z))
