@@ -1,0 +1,175 @@
+"""Real servers for integration and soak tests: a local stack on test ports, plus Switchboard's processes.
+
+The stack (Kafka, Redis, SeaweedFS) and the processes start once per session in their own data
+directory, on ports that do not clash with a `make run` stack; each test gets a fresh tenant id
+as its namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import clickhouse_connect
+import grpc
+import pytest
+from switchboard.v1 import chat_pb2, chat_pb2_grpc
+
+from services import stack
+from services.kafka_topics import ensure_topics
+from services.processes import Child, switchboard_children, wait_for_analytics, wait_for_ingress
+from services.settings import PROJECT_ROOT, Settings
+
+T = TypeVar("T")
+
+# Another checkout's suite (or a helper's) can run beside this one with its own ports:
+# SWITCHBOARD_TEST_PORT_OFFSET=100 moves every port below up by 100.
+_PORT_OFFSET = int(os.environ.get("SWITCHBOARD_TEST_PORT_OFFSET", "0"))
+
+
+def _shift(value: str) -> str:
+    return re.sub(r"(?<=:)(\d{4,5})(?=/|$)", lambda m: str(int(m.group(1)) + _PORT_OFFSET), value)
+
+
+_BASE_ENV = {
+    "SWITCHBOARD_KAFKA_BOOTSTRAP": "127.0.0.1:29092",
+    "SWITCHBOARD_KAFKA_CONTROLLER_PORT": "29093",
+    "SWITCHBOARD_REDIS_URL": "redis://127.0.0.1:26379/0",
+    "SWITCHBOARD_S3_ENDPOINT": "127.0.0.1:28333",
+    "SWITCHBOARD_S3_MASTER_PORT": "29333",
+    "SWITCHBOARD_S3_MASTER_GRPC_PORT": "29334",
+    "SWITCHBOARD_S3_VOLUME_PORT": "28080",
+    "SWITCHBOARD_S3_VOLUME_GRPC_PORT": "28081",
+    "SWITCHBOARD_S3_FILER_PORT": "28888",
+    "SWITCHBOARD_S3_FILER_GRPC_PORT": "28889",
+    "SWITCHBOARD_S3_GRPC_PORT": "28334",
+    "SWITCHBOARD_S3_ADMIN_PORT": "28335",
+    "SWITCHBOARD_S3_ADMIN_GRPC_PORT": "28336",
+    "SWITCHBOARD_GRPC_LISTEN": "127.0.0.1:25051",
+    "SWITCHBOARD_ANALYTICS_LISTEN": "127.0.0.1:28123",
+    "SWITCHBOARD_TOPIC_PARTITIONS": "4",
+    "SWITCHBOARD_PRODUCE_TIMEOUT_S": "5",
+}
+_PORT_KEYS = {k for k in _BASE_ENV if k.endswith(("_PORT", "_BOOTSTRAP", "_URL", "_ENDPOINT", "_LISTEN"))}
+TEST_ENV = {
+    k: (str(int(v) + _PORT_OFFSET) if k.endswith("_PORT") else _shift(v)) if k in _PORT_KEYS else v
+    for k, v in _BASE_ENV.items()
+}
+
+
+class System:
+    """The running test system and handles to its parts."""
+
+    def __init__(self, settings: Settings, env: dict[str, str]) -> None:
+        self.settings = settings
+        self.env = env
+        self.children: dict[str, Child] = switchboard_children(settings, env)
+
+    async def start_children(self, *names: str) -> None:
+        for name in names or tuple(self.children):
+            if not self.children[name].alive:
+                self.children[name].start()
+        if not names or "analytics" in names:
+            await wait_for_analytics(self.settings, self.children["analytics"])
+        if not names or "ingress" in names:
+            await wait_for_ingress(self.settings, self.children["ingress"])
+
+    def stop_children(self) -> None:
+        for child in reversed(list(self.children.values())):
+            child.stop()
+
+    def clickhouse(self) -> Any:
+        host, port = self.settings.analytics_listen.rsplit(":", 1)
+        return clickhouse_connect.get_client(host=host, port=int(port))
+
+
+@pytest.fixture(scope="session")
+def test_env() -> Iterator[dict[str, str]]:
+    keep = os.environ.get("SWITCHBOARD_TEST_KEEP_DATA")
+    data_dir = Path(
+        tempfile.mkdtemp(
+            prefix="sb-it-", dir=PROJECT_ROOT / "var" if (PROJECT_ROOT / "var").exists() else None
+        )
+    )
+    env = {**TEST_ENV, "SWITCHBOARD_DATA_DIR": str(data_dir)}
+    yield env
+    if not keep:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def test_settings(test_env: dict[str, str]) -> Settings:
+    fields = {k.removeprefix("SWITCHBOARD_").lower(): v for k, v in test_env.items()}
+    known = {k: v for k, v in fields.items() if k in Settings.model_fields}
+    return Settings(**known)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+async def local_stack(test_settings: Settings) -> AsyncIterator[Settings]:
+    await stack.install(test_settings)
+    try:
+        # Inside the try: an `up` that fails part-way must not leave servers behind.
+        await stack.up(test_settings)
+        await ensure_topics(test_settings)
+        yield test_settings
+    finally:
+        await stack.down(test_settings)
+
+
+@pytest.fixture(scope="session")
+async def system(local_stack: Settings, test_env: dict[str, str]) -> AsyncIterator[System]:
+    sys_ = System(local_stack, test_env)
+    await sys_.start_children()
+    try:
+        yield sys_
+    finally:
+        sys_.stop_children()
+
+
+@pytest.fixture
+def tenant() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def stub(system: System) -> AsyncIterator[chat_pb2_grpc.ChatServiceStub]:
+    async with grpc.aio.insecure_channel(system.settings.grpc_listen) as channel:
+        yield chat_pb2_grpc.ChatServiceStub(channel)
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], *, within_s: float = 60.0, what: str = ""
+) -> T:
+    """Poll `probe` until `done(value)`; fail with the last value seen when time runs out."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = await probe()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or 'condition'}; last value: {value!r}")
+        await asyncio.sleep(0.2)
+
+
+async def start_conversation(stub: chat_pb2_grpc.ChatServiceStub, tenant: str, **kwargs: Any) -> str:
+    conv = await stub.StartConversation(chat_pb2.StartConversationRequest(tenant_id=tenant, **kwargs))
+    return str(conv.conversation_id)
+
+
+def count(system: System, sql: str, **params: Any) -> int:
+    return int(system.clickhouse().query(sql, parameters=params).result_rows[0][0])
+
+
+async def wait_for_count(system: System, sql: str, expected: int, *, what: str, **params: Any) -> None:
+    """Wait until the count query returns `expected` (projections catch up asynchronously)."""
+    await eventually(
+        lambda: asyncio.to_thread(count, system, sql, **params), lambda n: n == expected, what=what
+    )
