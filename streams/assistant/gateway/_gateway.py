@@ -223,9 +223,11 @@ class ModelGateway:
                 except StopAsyncIteration:
                     return
                 except TimeoutError as e:
-                    which = "first token" if waiting_first else "the whole answer"
-                    limit = settings.first_token_timeout_s if waiting_first else settings.timeout_s
-                    raise AdapterTimeout(adapter.name, f"no {which} within {limit:g} s") from e
+                    if waiting_first:
+                        message = f"no first token within {settings.first_token_timeout_s:g} s"
+                    else:
+                        message = f"answer not finished within {settings.timeout_s:g} s"
+                    raise AdapterTimeout(adapter.name, message) from e
                 if not text:
                     continue
                 if attempt.first_token_at is None:
