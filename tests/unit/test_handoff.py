@@ -1,0 +1,159 @@
+import pytest
+
+from streams.assistant.handoff import (
+    Handoff,
+    HandoffHistory,
+    IntentDecision,
+    TenantHandoffRules,
+    asks_for_human,
+    decide_handoff,
+    record_turn,
+)
+
+CONFIDENT_REFUND = IntentDecision("refund", 0.93)
+UNSURE = IntentDecision("order_status", 0.31)
+
+
+def decide(text: str, intent: IntentDecision, answered: bool | None = True, **kw) -> Handoff | None:
+    return decide_handoff(text=text, intent=intent, answered=answered, **kw)
+
+
+def queue(text: str, intent: IntentDecision, **kw) -> str:
+    handoff = decide(text, intent, **kw)
+    assert handoff is not None, f"expected a handoff for {text!r}"
+    return handoff.queue
+
+
+def test_talk_to_human_intent_hands_off_to_the_general_queue():
+    handoff = decide("can someone help me", IntentDecision("talk_to_human", 0.9))
+    assert handoff is not None
+    assert (handoff.reason, handoff.queue) == ("customer_request", "general")
+
+
+def test_complaints_go_to_the_complaints_queue():
+    handoff = decide("你们的服务太差了，我要投诉", IntentDecision("complaint", 0.88))
+    assert handoff == Handoff("complaint", "complaints", "intent complaint")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "我要人工客服",
+        "转人工",
+        "人工",
+        "人工！！",
+        "有真人吗",
+        "亲 在吗 找客服",
+        "I want to talk to a human",
+        "can I speak with a real person?",
+        "agent please",
+        "Connect me to an agent",
+        "live agent",
+    ],
+)
+def test_keywords_asking_for_a_person_override_the_intent(text: str):
+    handoff = decide(text, CONFIDENT_REFUND)
+    assert handoff is not None and handoff.reason == "customer_request"
+    # The queue still follows a confident intent: a refund question goes to billing.
+    assert handoff.queue == "billing"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "不要转人工，我自己看看",
+        "不用人工",
+        "人工智能客服能退款吗",
+        "I don't want to talk to a human",
+        "do you sell human hair wigs",
+        "my user agent is broken",
+        "退款多久到账",
+    ],
+)
+def test_no_handoff_for_negated_requests_or_unrelated_words(text: str):
+    assert asks_for_human(text) is None
+    assert decide(text, CONFIDENT_REFUND) is None
+
+
+def test_queue_by_intent_and_a_low_confidence_label_is_not_trusted_for_routing():
+    assert queue("转人工", IntentDecision("payment_problem", 0.8)) == "billing"
+    assert queue("转人工", IntentDecision("invoice", 0.8)) == "billing"
+    assert queue("转人工", IntentDecision("shipping_delivery", 0.8)) == "general"
+    assert queue("转人工", IntentDecision("refund", 0.2)) == "general"
+
+
+def test_two_consecutive_low_confidence_turns_hand_off():
+    history = HandoffHistory()
+    assert decide("asdf ???", UNSURE, history=history) is None
+    history = record_turn(history, UNSURE, True)
+    assert history == HandoffHistory(1)
+    handoff = decide("hmm qwerty", UNSURE, history=history)
+    assert handoff is not None and (handoff.reason, handoff.queue) == ("low_confidence", "general")
+    assert "2 unresolved turns" in handoff.detail
+
+
+def test_two_consecutive_unanswered_turns_hand_off_and_a_mix_counts_too():
+    history = record_turn(HandoffHistory(), CONFIDENT_REFUND, answered=False)
+    handoff = decide("where is my refund", CONFIDENT_REFUND, answered=False, history=history)
+    assert handoff is not None and (handoff.reason, handoff.queue) == ("unanswered", "billing")
+    # low confidence, then unanswered: two unresolved turns in a row
+    history = record_turn(HandoffHistory(), UNSURE, answered=None)
+    assert decide("where is my refund", CONFIDENT_REFUND, answered=False, history=history) is not None
+
+
+def test_an_answered_confident_turn_resets_the_count():
+    history = record_turn(HandoffHistory(), UNSURE, answered=False)
+    history = record_turn(history, CONFIDENT_REFUND, answered=True)
+    assert history == HandoffHistory(0)
+    assert decide("still nothing", CONFIDENT_REFUND, answered=False, history=history) is None
+
+
+def test_answer_not_known_yet_does_not_count_as_unanswered():
+    history = HandoffHistory(1)
+    assert decide("where is my refund", CONFIDENT_REFUND, answered=None, history=history) is None
+    assert record_turn(history, CONFIDENT_REFUND, answered=None) == HandoffHistory(0)
+
+
+def test_small_talk_is_never_unanswered():
+    greeting = IntentDecision("greeting", 0.95)
+    assert decide("在吗", greeting, answered=False, history=HandoffHistory(5)) is None
+    assert record_turn(HandoffHistory(1), greeting, answered=False) == HandoffHistory(0)
+
+
+def test_tenant_rules_always_hand_off_intents_keywords_thresholds_and_queues():
+    rules = TenantHandoffRules.from_dict(
+        {
+            "always_handoff_intents": ["cancel_order"],
+            "keywords": ["lawyer", "律师"],
+            "low_confidence_threshold": 0.7,
+            "max_unresolved_turns": 3,
+            "queues": {"cancel_order": "orders", "complaint": "vip-care"},
+            "default_queue": "frontline",
+        }
+    )
+    handoff = decide("cancel my order", IntentDecision("cancel_order", 0.9), rules=rules)
+    assert handoff == Handoff("tenant_rule", "orders", "intent cancel_order")
+    handoff = decide("我要找律师", CONFIDENT_REFUND, rules=rules)
+    assert handoff is not None and (handoff.reason, handoff.queue) == ("tenant_rule", "billing")
+    handoff = decide("My LAWYER will call", IntentDecision("greeting", 0.9), rules=rules)
+    assert handoff is not None and handoff.reason == "tenant_rule" and handoff.queue == "frontline"
+    assert queue("bad", IntentDecision("complaint", 0.9), rules=rules) == "vip-care"
+    # 0.65 is low for this tenant, and it allows three unresolved turns
+    unsure = IntentDecision("refund", 0.65)
+    assert decide("x", unsure, history=HandoffHistory(1), rules=rules) is None
+    assert decide("x", unsure, history=HandoffHistory(2), rules=rules) == Handoff(
+        "low_confidence", "frontline", "3 unresolved turns in a row"
+    )
+    with pytest.raises(ValueError, match="unknown keys"):
+        TenantHandoffRules.from_dict({"keyword": ["x"]})
+
+
+def test_an_unsure_talk_to_human_or_complaint_label_alone_does_not_hand_off():
+    assert decide("hmm", IntentDecision("talk_to_human", 0.3)) is None
+    assert decide("hmm", IntentDecision("complaint", 0.3)) is None
+
+
+def test_pure_and_deterministic():
+    first = decide_handoff(text="转人工", intent=CONFIDENT_REFUND, answered=True, history=HandoffHistory(1))
+    again = decide_handoff(text="转人工", intent=CONFIDENT_REFUND, answered=True, history=HandoffHistory(1))
+    assert first == again
