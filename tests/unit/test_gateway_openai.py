@@ -359,3 +359,25 @@ def test_retry_after_and_citation_parsing():
         "doc-refund"
     ]
     assert cited_passages("I could not find that, sorry.", PASSAGES) == []
+
+
+async def test_many_replies_stream_concurrently_through_one_gateway(llm: FakeLLM):
+    started = asyncio.Event()
+    in_flight = 0
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        # Every request waits until all 20 are open at once: proof that none blocks another.
+        nonlocal in_flight
+        in_flight += 1
+        if in_flight == 20:
+            started.set()
+        await started.wait()
+        return await llm.ok(["Refunds take 3-5 days [1]."])(request)
+
+    llm.script = [held]
+    gateway = gateway_for(llm)
+    try:
+        answers = await asyncio.wait_for(asyncio.gather(*(gateway.answer(REQUEST) for _ in range(20))), 10)
+    finally:
+        await gateway.aclose()
+    assert {a.adapter for a in answers} == {"llm"} and len(llm.requests) == 20

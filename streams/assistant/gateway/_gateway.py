@@ -75,7 +75,9 @@ class ModelGateway:
         self._rng = rng or random.Random()
         self._adapters: dict[str, Answerer] = {TEMPLATE: TemplateAnswerer()}
         for a in self._config.adapters:
-            if a.kind == "openai":
+            if a.kind == TEMPLATE:
+                self._adapters[a.name] = TemplateAnswerer(name=a.name)
+            elif a.kind == "openai":
                 self._adapters[a.name] = OpenAICompatibleAdapter(
                     name=a.name,
                     base_url=a.base_url,
@@ -88,7 +90,8 @@ class ModelGateway:
                     headers=a.headers,
                 )
         self._adapters.update(adapters or {})
-        missing = {n for r in self._config.routes for n in r.chain} - set(self._adapters)
+        named = {*self._config.default_chain, *(n for r in self._config.routes for n in r.chain)}
+        missing = named - set(self._adapters)
         if missing:
             raise ValueError(
                 f"routes name adapters that are neither configured nor passed in: {sorted(missing)}"
