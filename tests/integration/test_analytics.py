@@ -8,15 +8,15 @@ and uses its own tenant id as its namespace.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import socket
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import clickhouse_connect
 import pytest
@@ -43,40 +43,33 @@ pytestmark = pytest.mark.integration
 T0 = 1_750_000_000_000_000_000
 
 
-@pytest.fixture(scope="session")
-def chdb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("chdb")
+# chdb opens one directory per process, so every module of this suite that needs ClickHouse
+# (test_metrics, test_analytics_cookbook, test_go_driver) shares this one directory, migrated
+# once, and one endpoint over it, through these process-wide helpers (a fixture imported into
+# another module would be a second fixture, with a second directory).
+_PROCESS: dict[str, Any] = {}
 
 
-@pytest.fixture(scope="session")
-def analytics_settings(chdb_dir: Path, endpoint: QueryEndpoint) -> Settings:
-    return Settings(
-        clickhouse_dsn=f"chdb://{chdb_dir}",
-        analytics_listen=f"127.0.0.1:{endpoint.port}",
-        data_dir=chdb_dir.parent,
-    )
+def process_chdb(factory: pytest.TempPathFactory) -> tuple[Path, Any, list[str]]:
+    """(directory, in-process client, migrations applied by the first call)."""
+    if "chdb" not in _PROCESS:
+        path = factory.mktemp("chdb")
+        client = open_clickhouse(Settings(clickhouse_dsn=f"chdb://{path}"))
+        _PROCESS["chdb"] = (path, client, migrate(client))
+    return cast(tuple[Path, Any, list[str]], _PROCESS["chdb"])
 
 
-@pytest.fixture(scope="session")
-def first_migration(chdb_dir: Path) -> tuple[Any, list[str]]:
-    client = open_clickhouse(Settings(clickhouse_dsn=f"chdb://{chdb_dir}"))
-    return client, migrate(client)
-
-
-@pytest.fixture(scope="session")
-def chdb_client(first_migration: tuple[Any, list[str]]) -> Any:
-    return first_migration[0]
-
-
-@pytest.fixture(scope="session")
-def endpoint(chdb_dir: Path, first_migration: tuple[Any, list[str]]) -> Iterator[QueryEndpoint]:
-    """The query endpoint on a free port, served from its own thread and event loop."""
+def process_endpoint(factory: pytest.TempPathFactory) -> QueryEndpoint:
+    """The query endpoint over `process_chdb`'s directory, on a free port, in its own thread."""
+    if "endpoint" in _PROCESS:
+        return cast(QueryEndpoint, _PROCESS["endpoint"])
+    path = process_chdb(factory)[0]
     ready = threading.Event()
     box: dict[str, Any] = {}
 
     def serve() -> None:
         async def main() -> None:
-            ep = QueryEndpoint(ChdbQueryEngine(chdb_dir), "127.0.0.1", 0)
+            ep = QueryEndpoint(ChdbQueryEngine(path), "127.0.0.1", 0)
             await ep.start()
             box["endpoint"], box["stop"], box["loop"] = ep, asyncio.Event(), asyncio.get_running_loop()
             ready.set()
@@ -89,13 +82,45 @@ def endpoint(chdb_dir: Path, first_migration: tuple[Any, list[str]]) -> Iterator
     thread = threading.Thread(target=serve, name="query-endpoint", daemon=True)
     thread.start()
     assert ready.wait(30), "endpoint did not start"
-    ep: QueryEndpoint = box["endpoint"]
-    try:
-        yield ep
-    finally:
+
+    def stop() -> None:
         # The endpoint's loop runs in the other thread; wake it there.
         box["loop"].call_soon_threadsafe(box["stop"].set)
         thread.join(10)
+
+    atexit.register(stop)
+    _PROCESS["endpoint"] = box["endpoint"]
+    return cast(QueryEndpoint, box["endpoint"])
+
+
+@pytest.fixture(scope="session")
+def chdb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return process_chdb(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="session")
+def analytics_settings(chdb_dir: Path, endpoint: QueryEndpoint) -> Settings:
+    return Settings(
+        clickhouse_dsn=f"chdb://{chdb_dir}",
+        analytics_listen=f"127.0.0.1:{endpoint.port}",
+        data_dir=chdb_dir.parent,
+    )
+
+
+@pytest.fixture(scope="session")
+def first_migration(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, list[str]]:
+    _, client, applied = process_chdb(tmp_path_factory)
+    return client, applied
+
+
+@pytest.fixture(scope="session")
+def chdb_client(first_migration: tuple[Any, list[str]]) -> Any:
+    return first_migration[0]
+
+
+@pytest.fixture(scope="session")
+def endpoint(tmp_path_factory: pytest.TempPathFactory) -> QueryEndpoint:
+    return process_endpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
