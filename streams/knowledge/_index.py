@@ -245,26 +245,14 @@ class KnowledgeIndex:
                 doc_bm25[doc_id] = (score, chunk_id)
         bm25_ranking = sorted(doc_bm25, key=lambda d: (-doc_bm25[d][0], d))[:CANDIDATES]
 
-        doc_cos: dict[str, tuple[float, str]] = {}
-        title_cos: dict[str, float] = {}
+        cosines: _Cosines | None = None
         cos_ranking: list[str] = []
         matrix = self._vectors()
         if matrix is not None and self.encoder is not None:
             if query_embedding is None:
                 query_embedding = self.encoder.encode([query])[0]
-            q = np.asarray(query_embedding, dtype=np.float32).reshape(-1)
-            sims = matrix.chunks @ q
-            best = np.maximum.reduceat(sims, matrix.offsets)
-            best_at = [
-                int(matrix.offsets[i] + np.argmax(sims[matrix.offsets[i] : matrix.offsets[i] + n]))
-                for i, n in enumerate(matrix.counts)
-            ]
-            titles = matrix.titles @ q
-            for i, doc_id in enumerate(matrix.document_ids):
-                doc_cos[doc_id] = (float(best[i]), matrix.chunk_ids[best_at[i]])
-                title_cos[doc_id] = float(titles[i])
-            top = np.argsort(-best, kind="stable")[:CANDIDATES]
-            cos_ranking = [matrix.document_ids[i] for i in top]
+            cosines = matrix.cosines(np.asarray(query_embedding, dtype=np.float32).reshape(-1))
+            cos_ranking = cosines.ranking(CANDIDATES)
 
         fused = rrf([bm25_ranking, cos_ranking])
         bm25_rank = {d: r for r, d in enumerate(bm25_ranking)}
@@ -280,7 +268,9 @@ class KnowledgeIndex:
         for doc_id in fused:
             document = self._documents[doc_id]
             bm25, bm25_chunk = doc_bm25.get(doc_id, (0.0, ""))
-            cosine, cos_chunk = doc_cos.get(doc_id, (0.0, ""))
+            cosine, cos_chunk, cosine_title, language_z = (
+                cosines.of(doc_id) if cosines is not None else (0.0, "", 0.0, 0.0)
+            )
             # The snippet comes from the chunk the stronger signal picked.
             chunk_id = (
                 cos_chunk
@@ -295,7 +285,8 @@ class KnowledgeIndex:
                     chunk_id=chunk_id,
                     bm25=bm25,
                     cosine=cosine,
-                    cosine_title=title_cos.get(doc_id, 0.0),
+                    cosine_title=cosine_title,
+                    cosine_language_z=language_z,
                     fused=fused[doc_id],
                     bm25_rank=bm25_rank.get(doc_id),
                     cosine_rank=cos_rank.get(doc_id),
@@ -311,7 +302,9 @@ class KnowledgeIndex:
         if self.encoder is None or not self._chunk_vectors:
             return None
         if self._matrix is None:
-            self._matrix = _Matrix.build(self._chunks, self._chunk_vectors, self._title_vectors)
+            self._matrix = _Matrix.build(
+                self._documents, self._chunks, self._chunk_vectors, self._title_vectors
+            )
         return self._matrix
 
 
@@ -325,10 +318,29 @@ class _Matrix:
     document_ids: list[str]
     offsets: np.ndarray
     counts: list[int]
+    language_masks: list[np.ndarray]
+    rows: dict[str, int]
+    owners: np.ndarray
+
+    def cosines(self, query: np.ndarray) -> _Cosines:
+        # einsum, not `@`: BLAS would fan a matrix-vector product out to threads, and on a busy
+        # machine waiting for them costs milliseconds; one core does 1000 x 512 in ~0.2 ms.
+        sims = np.einsum("ij,j->i", self.chunks, query)
+        best = np.maximum.reduceat(sims, self.offsets)
+        # Per document, the chunk with the highest cosine: sort by (document, -cosine), take firsts.
+        best_at = np.lexsort((-sims, self.owners))[self.offsets]
+        # How far a document stands out among the documents of its own language: the encoder
+        # scores same-language pairs higher, so a cross-language answer shows here first.
+        z = np.zeros_like(best)
+        for mask in self.language_masks:
+            group = best[mask]
+            z[mask] = (group - group.mean()) / (group.std() + 0.02)
+        return _Cosines(self, best, best_at, np.einsum("ij,j->i", self.titles, query), z)
 
     @classmethod
     def build(
         cls,
+        documents: dict[str, Document],
         chunks: dict[str, list[Chunk]],
         chunk_vectors: dict[str, np.ndarray],
         title_vectors: dict[str, np.ndarray],
@@ -337,6 +349,7 @@ class _Matrix:
         chunk_ids = [c.chunk_id for d in document_ids for c in chunks[d]]
         counts = [len(chunks[d]) for d in document_ids]
         offsets = np.cumsum([0, *counts[:-1]]).astype(np.intp)
+        languages = np.asarray([documents[d].language for d in document_ids])
         return cls(
             chunks=np.stack([chunk_vectors[c] for c in chunk_ids]).astype(np.float32),
             titles=np.stack([title_vectors[d] for d in document_ids]).astype(np.float32),
@@ -344,6 +357,33 @@ class _Matrix:
             document_ids=document_ids,
             offsets=offsets,
             counts=counts,
+            language_masks=[languages == language for language in sorted(set(languages.tolist()))],
+            rows={d: i for i, d in enumerate(document_ids)},
+            owners=np.repeat(np.arange(len(document_ids)), counts),
+        )
+
+
+@dataclass(frozen=True)
+class _Cosines:
+    """One query's cosines against a matrix, per document (best chunk, title, in-language z)."""
+
+    matrix: _Matrix
+    best: np.ndarray
+    best_at: np.ndarray
+    titles: np.ndarray
+    language_z: np.ndarray
+
+    def ranking(self, n: int) -> list[str]:
+        top = np.argsort(-self.best, kind="stable")[:n]
+        return [self.matrix.document_ids[i] for i in top]
+
+    def of(self, document_id: str) -> tuple[float, str, float, float]:
+        i = self.matrix.rows[document_id]
+        return (
+            float(self.best[i]),
+            self.matrix.chunk_ids[int(self.best_at[i])],
+            float(self.titles[i]),
+            float(self.language_z[i]),
         )
 
 

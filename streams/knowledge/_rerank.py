@@ -14,6 +14,7 @@ FEATURES: tuple[str, ...] = (
     "cosine_title",
     "cosine_gap",
     "cosine_rank",
+    "cosine_language_z",
     "bm25_log",
     "bm25_rel",
     "bm25_rank",
@@ -35,6 +36,7 @@ class Candidate:
     bm25: float
     cosine: float
     cosine_title: float
+    cosine_language_z: float
     fused: float
     bm25_rank: int | None
     cosine_rank: int | None
@@ -56,6 +58,7 @@ def feature_matrix(candidates: Sequence[Candidate]) -> np.ndarray:
             c.cosine_title,
             c.cosine - best_cos,
             0.0 if c.cosine_rank is None else 1.0 / (1.0 + c.cosine_rank),
+            c.cosine_language_z,
             math.log1p(c.bm25),
             c.bm25 / best_bm25 if best_bm25 > 0 else 0.0,
             0.0 if c.bm25_rank is None else 1.0 / (1.0 + c.bm25_rank),
