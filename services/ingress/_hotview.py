@@ -12,10 +12,20 @@ from redis.exceptions import ResponseError
 from schemas import hotview as hv
 from services.ingress._producer import Ack
 
-_PENDING = b"pending"
 # How long a claim on a client_message_id may stay unresolved (the produce timeout plus margin)
 # before a retry may write again.
 CLAIM_TTL_S = 120
+# A blocking live read waits this long for new entries, then loops. Its connection's socket
+# timeout must exceed it, or an idle StreamConversation fails with TimeoutError on its own wait.
+LIVE_BLOCK_MS = 5_000
+LIVE_SOCKET_TIMEOUT_S = LIVE_BLOCK_MS / 1000 + 10
+
+
+def live_pool(redis_url: str, max_connections: int) -> aioredis.Redis:
+    """The pool for blocking live reads, apart from the write path's so watchers cannot starve it."""
+    return aioredis.Redis.from_url(
+        redis_url, max_connections=max_connections, socket_timeout=LIVE_SOCKET_TIMEOUT_S
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,14 +51,8 @@ class Claim:
 
 
 def _parse_ack(raw: bytes) -> Ack | None:
-    if raw == _PENDING:
-        return None
-    event_id, partition, offset = raw.decode().split("|")
-    return Ack(event_id, int(partition), int(offset))
-
-
-def _encode_ack(ack: Ack) -> str:
-    return f"{ack.event_id}|{ack.partition}|{ack.offset}"
+    decoded = hv.decode_claim(raw)
+    return Ack(*decoded) if decoded is not None else None
 
 
 class IngressHotView:
@@ -101,13 +105,17 @@ class IngressHotView:
     async def clear_closed(self, tenant_id: str, conversation_id: str) -> None:
         await self._redis.hdel(hv.conversation_key(tenant_id, conversation_id), hv.F_CLOSED_NS)
 
-    async def claim_many(self, keys: Sequence[tuple[str, str, str]]) -> list[Claim]:
+    async def is_ready(self, partitions: int) -> bool:
+        """Whether the hot view is complete (see schemas.hotview.READY_KEY)."""
+        return True
+
+    async def claim_many(self, keys: Sequence[tuple[str, str, str]], partitions: int = 0) -> list[Claim]:
         """Claim each (tenant, conversation, client_message_id) for writing, in one round trip:
         SET NX GET sets the claim and returns what was there before, atomically."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for tenant_id, conversation_id, cmid in keys:
                 key = hv.idempotency_key(tenant_id, conversation_id, cmid)
-                pipe.set(key, _PENDING, nx=True, get=True, ex=CLAIM_TTL_S)
+                pipe.set(key, hv.CLAIM_PENDING, nx=True, get=True, ex=CLAIM_TTL_S)
             replies = await pipe.execute()
         claims = []
         for previous in replies:
@@ -134,7 +142,7 @@ class IngressHotView:
                 if ack is None:
                     pipe.delete(key)
                 else:
-                    pipe.set(key, _encode_ack(ack), ex=self._ttl)
+                    pipe.set(key, hv.encode_claim(ack.event_id, ack.partition, ack.offset), ex=self._ttl)
             await pipe.execute()
 
     async def recent_entries(

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -15,20 +14,13 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from redis.exceptions import RedisError
 from switchboard.v1 import chat_pb2
 
 from services.ingress import _validation as v
-from services.ingress._hotview import IngressHotView
-from services.ingress._producer import EventProducer, unavailable
-from services.ingress._service import (
-    ChatService,
-    MalformedRequest,
-    MessageBatcher,
-    WriteOrder,
-    _traceparent,
-    retry_metadata,
-)
+from services.ingress._errors import as_rejection, retry_metadata
+from services.ingress._hotview import IngressHotView, live_pool
+from services.ingress._producer import EventProducer
+from services.ingress._service import ChatService, MessageBatcher, WriteOrder, traceparent_of
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,15 +34,15 @@ STREAM_PIPELINE = 8
 M = TypeVar("M", bound=Message)
 
 
-def _deserializer(cls: type[M]) -> Callable[[bytes], M | MalformedRequest]:
+def _deserializer(cls: type[M]) -> Callable[[bytes], M | v.MalformedRequest]:
     name = cls.DESCRIPTOR.full_name
 
-    def parse(data: bytes) -> M | MalformedRequest:
+    def parse(data: bytes) -> M | v.MalformedRequest:
         msg = cls()
         try:
             msg.ParseFromString(data)
         except DecodeError as exc:
-            return MalformedRequest(name, str(exc))
+            return v.MalformedRequest(name, str(exc))
         return msg
 
     return parse
@@ -60,22 +52,19 @@ async def _abort(context: grpc.aio.ServicerContext, exc: v.RequestRejected) -> N
     await context.abort(exc.code, exc.message, trailing_metadata=retry_metadata(exc))
 
 
-def as_rejection(exc: BaseException, method: str) -> v.RequestRejected:
-    """A failure that is not the caller's fault, as a status: never a stack trace on the wire."""
-    if isinstance(exc, v.RequestRejected):
-        return exc
-    if isinstance(exc, (RedisError, ConnectionError, OSError, asyncio.TimeoutError)):
-        log.warning("%s: dependency unavailable: %r", method, exc)
-        return unavailable(f"a dependency is unavailable ({type(exc).__name__}); retry")
-    incident = uuid.uuid4().hex[:12]
-    log.exception("%s failed (incident %s)", method, incident)
-    return v.RequestRejected(
-        grpc.StatusCode.INTERNAL, f"internal error (incident {incident} in the ingress log)"
+def _error_response(req: Any, rejection: v.RequestRejected) -> chat_pb2.SendMessageResponse:
+    """A refused message of a stream: its code and message, with the ids it was sent with."""
+    response = chat_pb2.SendMessageResponse(
+        error_code=rejection.code.value[0], error_message=rejection.message
     )
+    if isinstance(req, chat_pb2.SendMessageRequest):
+        response.client_message_id = req.client_message_id
+        response.conversation_id = req.conversation_id
+    return response
 
 
 def _checked(req: Any) -> Any:
-    if isinstance(req, MalformedRequest):
+    if isinstance(req, v.MalformedRequest):
         raise req.rejection()
     return req
 
@@ -85,17 +74,17 @@ class ChatServicer:
 
     def __init__(self, service: ChatService) -> None:
         self._service = service
-        self._batcher = MessageBatcher(service)
+        self._batcher = MessageBatcher(service.writes)
 
     async def StartConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await self._service.start_conversation(_checked(request), _traceparent(context))
+            return await self._service.start_conversation(_checked(request), traceparent_of(context))
         except Exception as exc:
             await _abort(context, as_rejection(exc, "StartConversation"))
 
     async def SendMessage(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            outcome = await self._batcher.submit(request, _traceparent(context))
+            outcome = await self._batcher.submit(request, traceparent_of(context))
         except Exception as exc:
             outcome = as_rejection(exc, "SendMessage")
         if isinstance(outcome, v.RequestRejected):
@@ -105,16 +94,23 @@ class ChatServicer:
     async def SendMessages(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.SendMessageResponse]:
-        traceparent = _traceparent(context)
-        batches: asyncio.Queue[asyncio.Task[list[Any]] | None] = asyncio.Queue(STREAM_PIPELINE)
+        traceparent = traceparent_of(context)
+        batches: asyncio.Queue[tuple[list[Any], asyncio.Task[list[Any]]] | None] = asyncio.Queue(
+            STREAM_PIPELINE
+        )
         incoming: asyncio.Queue[Any] = asyncio.Queue(STREAM_BATCH * 2)
-        task_sizes: dict[asyncio.Task[list[Any]], int] = {}
         done = object()
+        broken: list[BaseException] = []
 
         async def read() -> None:
-            async for req in request_iterator:
-                await incoming.put(req)
-            await incoming.put(done)
+            try:
+                async for req in request_iterator:
+                    await incoming.put(req)
+            except Exception as exc:
+                # The request stream broke: answer what was read, then end the call.
+                broken.append(exc)
+            finally:
+                await incoming.put(done)
 
         async def batch() -> None:
             order: WriteOrder | None = None
@@ -132,28 +128,25 @@ class ChatServicer:
                     items.append(item)
                 order = WriteOrder(order)
                 task = asyncio.ensure_future(self._service.accept_messages(items, traceparent, order))
-                task_sizes[task] = len(items)
-                await batches.put(task)
+                await batches.put((items, task))
             await batches.put(None)
 
         reader = asyncio.ensure_future(read())
         batcher = asyncio.ensure_future(batch())
         try:
-            while (task := await batches.get()) is not None:
+            while (queued := await batches.get()) is not None:
+                items, task = queued
                 try:
                     outcomes = await task
                 except Exception as exc:
-                    rejection = as_rejection(exc, "SendMessages")
-                    outcomes = [rejection] * task_sizes.pop(task, 0)
-                task_sizes.pop(task, None)
-                for outcome in outcomes:
+                    outcomes = [as_rejection(exc, "SendMessages")] * len(items)
+                for req, outcome in zip(items, outcomes, strict=True):
                     if isinstance(outcome, v.RequestRejected):
-                        yield chat_pb2.SendMessageResponse(
-                            error_code=outcome.code.value[0], error_message=outcome.message
-                        )
+                        yield _error_response(req, outcome)
                     else:
                         yield outcome
-            await reader
+            if broken:
+                await _abort(context, as_rejection(broken[0], "SendMessages (request stream)"))
         finally:
             for t in (reader, batcher):
                 t.cancel()
@@ -180,10 +173,12 @@ class ChatServicer:
         except Exception as exc:
             # The caller resumes from the last cursor it received.
             await _abort(context, as_rejection(exc, "StreamConversation"))
+        finally:
+            await updates.aclose()
 
     async def CloseConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await self._service.close_conversation(_checked(request), _traceparent(context))
+            return await self._service.close_conversation(_checked(request), traceparent_of(context))
         except Exception as exc:
             await _abort(context, as_rejection(exc, "CloseConversation"))
 
@@ -223,9 +218,7 @@ class IngressServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=512)
-        self.live_redis = aioredis.Redis.from_url(
-            settings.redis_url, max_connections=settings.max_live_streams + 8
-        )
+        self.live_redis = live_pool(settings.redis_url, settings.max_live_streams + 8)
         self.producer = EventProducer(settings)
         hot = IngressHotView(self.redis, settings.idempotency_ttl_s, self.live_redis)
         self.service = ChatService(settings, self.producer, hot)

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import grpc
 
-_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_CONVERSATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-:]{0,127}$")
+# Whole-string patterns (used with fullmatch): `$` would also match before a trailing newline.
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+_CONVERSATION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-:]{0,127}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 MAX_CLIENT_MESSAGE_ID = 128
 MAX_RESOLUTION = 256
@@ -32,10 +33,23 @@ def invalid(message: str) -> RequestRejected:
     return RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+class MalformedRequest:
+    """What the deserializer hands over when the bytes are not a valid request message."""
+
+    def __init__(self, type_name: str, reason: str) -> None:
+        self.type_name = type_name
+        self.reason = reason
+
+    def rejection(self) -> RequestRejected:
+        return invalid(
+            f"request is not a valid {self.type_name} (string fields must be valid UTF-8): {self.reason}"
+        )
+
+
 def check_tenant(tenant_id: str, allowed: frozenset[str]) -> None:
     if not tenant_id:
         raise invalid("tenant_id is required")
-    if not _TENANT.match(tenant_id):
+    if not _TENANT.fullmatch(tenant_id):
         raise invalid(
             f"tenant_id {tenant_id[:80]!r} is malformed: 1-64 characters of letters, digits, '_', '.', '-'"
         )
@@ -51,7 +65,7 @@ def check_conversation_id(conversation_id: str, *, required: bool = True) -> Non
         if required:
             raise invalid("conversation_id is required")
         return
-    if not _CONVERSATION.match(conversation_id):
+    if not _CONVERSATION.fullmatch(conversation_id):
         raise invalid(
             f"conversation_id {conversation_id[:80]!r} is malformed: 1-128 characters of letters, "
             "digits, '_', '.', '-', ':'"

@@ -52,3 +52,35 @@ def test_metadata_limits():
     v.check_metadata({"plan": "pro"}, 4)
     assert code_of(v.check_metadata, {str(i): "v" for i in range(5)}, 4) == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(v.check_metadata, {"": "v"}, 4) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    "check,value",
+    [
+        (lambda x: v.check_tenant(x, frozenset()), "acme\n"),
+        (v.check_conversation_id, "conv-1\n"),
+        (v.check_client_message_id, "m1\n"),
+    ],
+)
+def test_a_trailing_newline_is_not_part_of_a_valid_id(check, value):
+    # `$` matches before a trailing newline; the checks are whole-string matches.
+    assert code_of(check, value) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_cursor_is_a_whole_string_match():
+    from schemas.hotview import is_valid_cursor
+
+    assert is_valid_cursor("5-1")
+    assert not is_valid_cursor("5-1\n")
+
+
+def test_only_redis_outages_are_unavailable():
+    from redis import exceptions as r
+
+    from services.ingress._errors import as_rejection
+
+    for outage in (r.ConnectionError("x"), r.TimeoutError("x"), r.BusyLoadingError("x"), ConnectionError()):
+        assert as_rejection(outage, "t").code == grpc.StatusCode.UNAVAILABLE
+    for bug in (r.ResponseError("WRONGTYPE"), r.DataError("x"), r.NoScriptError("x")):
+        rejection = as_rejection(bug, "t")
+        assert rejection.code == grpc.StatusCode.INTERNAL and "incident" in rejection.message

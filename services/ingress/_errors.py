@@ -1,0 +1,50 @@
+"""Failures as gRPC statuses: an outage is UNAVAILABLE (retry), our own bug is INTERNAL with an
+incident id that is in the ingress log. Never a stack trace on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import grpc
+from redis import exceptions as redis_errors
+
+from services.ingress._producer import RETRY_AFTER_KEY, unavailable
+from services.ingress._validation import RequestRejected
+
+log = logging.getLogger(__name__)
+
+# Redis is away, starting, failing over or out of connections: retrying helps. Every other
+# RedisError (a ResponseError such as WRONGTYPE or a script error) is a bug of ours.
+_REDIS_OUTAGES = (
+    redis_errors.ConnectionError,  # also BusyLoadingError, MaxConnectionsError, auth failures
+    redis_errors.TimeoutError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.ReadOnlyError,
+    redis_errors.MasterDownError,
+)
+_OUTAGES = (*_REDIS_OUTAGES, ConnectionError, TimeoutError, asyncio.TimeoutError)
+
+
+def as_rejection(exc: BaseException, method: str) -> RequestRejected:
+    """A failure that is not the caller's fault, as a status."""
+    if isinstance(exc, RequestRejected):
+        return exc
+    if isinstance(exc, _OUTAGES) or (
+        isinstance(exc, OSError) and not isinstance(exc, redis_errors.RedisError)
+    ):
+        log.warning("%s: dependency unavailable: %r", method, exc)
+        return unavailable(f"a dependency is unavailable ({type(exc).__name__}); retry")
+    incident = uuid.uuid4().hex[:12]
+    log.error("%s failed (incident %s)", method, incident, exc_info=exc)
+    return RequestRejected(
+        grpc.StatusCode.INTERNAL, f"internal error (incident {incident} in the ingress log)"
+    )
+
+
+def retry_metadata(exc: RequestRejected) -> tuple[tuple[str, str], ...]:
+    if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return ((RETRY_AFTER_KEY, "500"),)
+    return ()

@@ -1,0 +1,222 @@
+"""Reads: GetConversation from the Redis hot view, StreamConversation from its live stream.
+
+Nothing here writes; the live-stream limit is the one piece of state (a slot is taken in the
+same step as the check, so concurrent calls cannot all pass it)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from switchboard.v1 import chat_pb2, events_pb2
+
+from schemas import hotview as hv
+from schemas.events import Event, EventDecodeError, decode_event, event_type
+from services.ingress import _validation as v
+from services.ingress._hotview import LIVE_BLOCK_MS, IngressHotView, Registration
+from services.settings import Settings
+from streams.sessions import STATUS_CLOSED, ConversationState
+
+log = logging.getLogger(__name__)
+
+MAX_RECENT = 200
+
+
+class LiveFollow:
+    """The updates of one StreamConversation call; holds a live-stream slot until closed."""
+
+    def __init__(self, updates: AsyncIterator[chat_pb2.ConversationUpdate], release: object) -> None:
+        self._updates = updates
+        self._release = release
+
+    def __aiter__(self) -> LiveFollow:
+        return self
+
+    async def __anext__(self) -> chat_pb2.ConversationUpdate:
+        return await self._updates.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._updates.aclose()  # type: ignore[attr-defined]
+        finally:
+            release, self._release = self._release, None
+            if callable(release):
+                release()
+
+
+class ConversationReads:
+    def __init__(self, settings: Settings, hot: IngressHotView) -> None:
+        self._settings = settings
+        self._hot = hot
+        self._live_streams = 0
+
+    async def require(self, tenant_id: str, conversation_id: str) -> Registration:
+        reg = await self._hot.lookup(tenant_id, conversation_id)
+        if reg is None:
+            raise v.RequestRejected(
+                grpc.StatusCode.NOT_FOUND,
+                f"conversation {conversation_id!r} of tenant {tenant_id!r} does not exist",
+            )
+        return reg
+
+    async def read(self, tenant_id: str, conversation_id: str) -> chat_pb2.Conversation:
+        return await self.get_conversation(
+            chat_pb2.GetConversationRequest(tenant_id=tenant_id, conversation_id=conversation_id)
+        )
+
+    async def get_conversation(self, req: chat_pb2.GetConversationRequest) -> chat_pb2.Conversation:
+        v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
+        v.check_conversation_id(req.conversation_id)
+        if req.recent_messages > MAX_RECENT:
+            raise v.invalid(f"recent_messages is {req.recent_messages}; at most {MAX_RECENT}")
+        reg = await self.require(req.tenant_id, req.conversation_id)
+        state = ConversationState.from_json(json.loads(reg.state_json)) if reg.state_json else None
+        conv = chat_pb2.Conversation(
+            conversation_id=req.conversation_id,
+            tenant_id=req.tenant_id,
+            status=_status_of(reg, state),  # type: ignore[arg-type]
+            created_at=_timestamp(reg.created_ns or (state.created_at_ns if state else 0)),
+            channel=reg.channel or (state.channel if state else 0),  # type: ignore[arg-type]
+            customer_id=reg.customer_id or (state.customer_id if state else ""),
+            mode=chat_pb2.CONVERSATION_MODE_BOT,
+            cursor=reg.cursor,
+        )
+        if reg.closed_ns:
+            conv.closed_at.CopyFrom(_timestamp(reg.closed_ns))
+        if state is not None:
+            conv.mode = (
+                chat_pb2.CONVERSATION_MODE_AGENT if state.mode == "agent" else chat_pb2.CONVERSATION_MODE_BOT
+            )
+            conv.message_count = state.message_count
+            conv.updated_at.CopyFrom(_timestamp(state.updated_at_ns))
+            conv.resolution = state.resolution
+            conv.assignee = state.assignee
+            conv.metadata.update(state.metadata)
+            if state.closed_at_ns and not reg.closed_ns:
+                conv.closed_at.CopyFrom(_timestamp(state.closed_at_ns))
+        wanted = req.recent_messages or 20
+        entries = await self._hot.recent_entries(req.tenant_id, req.conversation_id, wanted * 3)
+        messages = [m for m in (_message_of(eid, fields) for eid, fields in entries) if m is not None]
+        conv.messages.extend(messages[-wanted:])
+        return conv
+
+    async def stream_conversation(self, req: chat_pb2.StreamConversationRequest) -> LiveFollow:
+        """Checks the request and takes a live-stream slot; the caller must `aclose()` the result."""
+        v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
+        v.check_conversation_id(req.conversation_id)
+        if req.after_cursor and not hv.is_valid_cursor(req.after_cursor):
+            raise v.invalid(
+                f"after_cursor {req.after_cursor[:40]!r} is not a cursor from a ConversationUpdate"
+            )
+        # Checked and counted in one step (no await in between).
+        if self._live_streams >= self._settings.max_live_streams:
+            raise v.RequestRejected(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this ingress follows {self._live_streams} conversations already "
+                "(SWITCHBOARD_MAX_LIVE_STREAMS); retry later or on another replica",
+            )
+        self._live_streams += 1
+        follow = LiveFollow(
+            self._follow(req.tenant_id, req.conversation_id, req.after_cursor or "0-0"), self._free_slot
+        )
+        try:
+            await self.require(req.tenant_id, req.conversation_id)
+            if req.after_cursor:
+                await self._check_cursor_retained(req.tenant_id, req.conversation_id, req.after_cursor)
+        except BaseException:
+            await follow.aclose()
+            raise
+        return follow
+
+    def _free_slot(self) -> None:
+        self._live_streams -= 1
+
+    async def _check_cursor_retained(self, tenant_id: str, conversation_id: str, cursor: str) -> None:
+        """A cursor older than what the live stream still holds would silently skip the trimmed
+        entries: refuse it so the client re-syncs (GetConversation, then follow from its cursor)."""
+        first = await self._hot.first_retained(tenant_id, conversation_id)
+        if first is not None and _cursor_key(cursor) < _cursor_key(first):
+            raise v.RequestRejected(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"cursor {cursor} is older than the live window (it starts at {first}; older entries "
+                "were trimmed); call GetConversation and follow from its cursor",
+            )
+
+    async def _follow(
+        self, tenant_id: str, conversation_id: str, after: str
+    ) -> AsyncIterator[chat_pb2.ConversationUpdate]:
+        while True:
+            entries = await self._hot.read_live(tenant_id, conversation_id, after, LIVE_BLOCK_MS)
+            for entry_id, fields in entries:
+                after = entry_id.decode()
+                update = _update_of(after, fields)
+                if update is not None:
+                    yield update
+
+
+def _timestamp(ns: int) -> Timestamp:
+    ts = Timestamp()
+    if ns:
+        ts.FromNanoseconds(ns)
+    return ts
+
+
+def _status_of(reg: Registration, state: ConversationState | None) -> int:
+    closed = reg.closed_ns or (state is not None and state.status == STATUS_CLOSED)
+    return chat_pb2.CONVERSATION_STATUS_CLOSED if closed else chat_pb2.CONVERSATION_STATUS_OPEN
+
+
+def _cursor_key(cursor: str) -> tuple[int, int]:
+    ms, _, seq = cursor.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _decode_entry(fields: dict[bytes, bytes]) -> Event | None:
+    try:
+        return decode_event(fields.get(hv.S_EVENT.encode()))
+    except EventDecodeError:
+        log.warning("undecodable live-stream entry skipped")
+        return None
+
+
+def _update_of(cursor: str, fields: dict[bytes, bytes]) -> chat_pb2.ConversationUpdate | None:
+    event = _decode_entry(fields)
+    if event is None:
+        return None
+    closed = fields.get(hv.S_STATUS.encode()) == STATUS_CLOSED.encode()
+    return chat_pb2.ConversationUpdate(
+        cursor=cursor,
+        event=event,
+        status=chat_pb2.CONVERSATION_STATUS_CLOSED if closed else chat_pb2.CONVERSATION_STATUS_OPEN,
+        message_count=int(fields.get(hv.S_MESSAGES.encode(), b"0")),
+    )
+
+
+def _message_of(entry_id: bytes, fields: dict[bytes, bytes]) -> chat_pb2.Message | None:
+    sequence = int(fields.get(hv.S_SEQUENCE.encode(), b"0"))
+    if not sequence:
+        return None
+    event = _decode_entry(fields)
+    if event is None:
+        return None
+    kind = event_type(event)
+    msg = chat_pb2.Message(
+        event_id=event.event_id, occurred_at=event.occurred_at, sequence=sequence, cursor=entry_id.decode()
+    )
+    if kind == "message_received":
+        msg.client_message_id = event.message_received.client_message_id
+        msg.text = event.message_received.text
+        msg.sender = event.message_received.sender
+    elif kind == "agent_message_sent":
+        msg.client_message_id = event.agent_message_sent.client_message_id
+        msg.text = event.agent_message_sent.text
+        msg.sender = events_pb2.SENDER_AGENT
+    elif kind == "reply_generated":
+        msg.text = event.reply_generated.text
+        msg.sender = events_pb2.SENDER_BOT
+    else:
+        return None
+    return msg

@@ -1,0 +1,703 @@
+"""The write path: what reaches Kafka, once, and in which order. Each guarantee has one home here.
+
+- Claim (`_Settlement`): a client_message_id is claimed in Redis before its record is produced,
+  and the claim is settled only once Kafka's outcome is known: the ack is recorded (a retry gets
+  it, duplicate=true) or, when Kafka refused the record, the claim is dropped. Writes run in tasks
+  of their own, so a caller that is cancelled or runs out of deadline never drops a claim whose
+  record may still land.
+- Order (`WriteOrder`): batches of one SendMessages stream take turns; a batch enqueues only after
+  the previous one did, and ends its turn only after that, whether it wrote anything or not.
+- Failure stops the conversation (`WriteOrder.failed`): after any failure of a message (refused,
+  in flight elsewhere, over the in-flight bound, Kafka away, an exception) the stream's later
+  messages of that conversation are ABORTED, so a resend can never land behind them.
+- Close after durable (`ConversationGate`): sends and closes of one conversation take turns in
+  this process. A close refuses new sends, waits for sends being handed to the producer, and
+  the hot view says closed only once the close event is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from switchboard.v1 import chat_pb2, events_pb2
+
+from schemas import hotview as hv
+from schemas.events import Event, new_event, new_event_id
+from services.ingress import _validation as v
+from services.ingress._errors import as_rejection
+from services.ingress._hotview import CLAIM_TTL_S, Claim, IngressHotView, Registration
+from services.ingress._producer import Ack, EventProducer, Unavailable, unavailable
+from services.settings import Settings
+from streams.sessions import STATUS_CLOSED, ConversationState
+
+log = logging.getLogger(__name__)
+
+ClaimKey = tuple[str, str, str]  # tenant, conversation, client_message_id
+Conversation = tuple[str, str]  # tenant, conversation
+Outcome = chat_pb2.SendMessageResponse | v.RequestRejected
+_CHANNELS = frozenset(events_pb2.Channel.values())
+R = TypeVar("R")
+
+
+class WriteOrder:
+    """One batch's turn in a SendMessages stream: it enqueues after the previous batch did.
+
+    Every batch calls `wait_turn` and then `end_turn` exactly once, also when it fails or has
+    nothing to write, so a later batch can never enqueue before an earlier one."""
+
+    def __init__(self, previous: WriteOrder | None) -> None:
+        self._previous = previous
+        self._ended = asyncio.Event()
+        # Conversations of this stream with a message that was not written: their later messages
+        # are refused, so that resending the failed one cannot land after them.
+        self.failed: set[Conversation] = previous.failed if previous is not None else set()
+
+    async def wait_turn(self) -> None:
+        if self._previous is not None:
+            await self._previous._ended.wait()
+            self._previous = None  # let the chain be collected
+
+    def end_turn(self) -> None:
+        self._ended.set()
+
+
+class ConversationGate:
+    """Sends and closes of one conversation take turns in this ingress process."""
+
+    def __init__(self) -> None:
+        self._sending: dict[Conversation, int] = {}
+        self._idle: dict[Conversation, asyncio.Event] = {}
+        self._closing: set[Conversation] = set()
+
+    def begin_send(self, conversation: Conversation) -> bool:
+        """False while the conversation is being closed; pair a True with `end_send`."""
+        if conversation in self._closing:
+            return False
+        self._sending[conversation] = self._sending.get(conversation, 0) + 1
+        return True
+
+    def end_send(self, conversation: Conversation) -> None:
+        left = self._sending[conversation] - 1
+        if left:
+            self._sending[conversation] = left
+            return
+        del self._sending[conversation]
+        idle = self._idle.pop(conversation, None)
+        if idle is not None:
+            idle.set()
+
+    async def close(self, conversation: Conversation) -> bool:
+        """Refuse new sends and wait for the ones being enqueued; False if another close of the
+        conversation holds the gate. Pair a True with `reopen` once the close's outcome is known."""
+        if conversation in self._closing:
+            return False
+        self._closing.add(conversation)
+        try:
+            while conversation in self._sending:
+                await self._idle.setdefault(conversation, asyncio.Event()).wait()
+        except BaseException:
+            self._closing.discard(conversation)
+            raise
+        return True
+
+    def reopen(self, conversation: Conversation) -> None:
+        self._closing.discard(conversation)
+
+
+@dataclass(eq=False)
+class _Write:
+    """A record handed to the producer, and what to do once Kafka answered."""
+
+    event: Event
+    delivery: asyncio.Future[object]
+    claim: ClaimKey | None
+    after: Callable[[Ack | None], Awaitable[None]] | None = None
+    # Set once Kafka answered and the claim is settled: the Ack or why there is none.
+    outcome: asyncio.Future[Ack | Unavailable] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class ConversationWrites:
+    """StartConversation, SendMessage(s) and CloseConversation: validate, claim, produce, settle."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        producer: EventProducer,
+        hot: IngressHotView,
+        read_conversation: Callable[[str, str], Awaitable[chat_pb2.Conversation]],
+    ) -> None:
+        self._settings = settings
+        self._producer = producer
+        self._hot = hot
+        self._read = read_conversation
+        self._gate = ConversationGate()
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    # ------------------------------------------------------------------ messages
+
+    async def accept_messages(
+        self,
+        requests: Sequence[chat_pb2.SendMessageRequest | v.MalformedRequest],
+        traceparents: Sequence[str] | str = "",
+        order: WriteOrder | None = None,
+    ) -> list[Outcome]:
+        """Validate, deduplicate and write a batch of messages; one outcome per request, in order.
+
+        With `order`, this batch takes its turn in a stream (see WriteOrder). The write runs in a
+        task of its own: cancelling the caller never cancels a write half-way."""
+        if isinstance(traceparents, str):
+            traceparents = [traceparents] * len(requests)
+        results: list[Outcome | _Write | None] = [None] * len(requests)
+        valid: list[tuple[int, chat_pb2.SendMessageRequest]] = []
+        for i, req in enumerate(requests):
+            if isinstance(req, v.MalformedRequest):
+                results[i] = req.rejection()
+                continue
+            try:
+                v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
+                v.check_conversation_id(req.conversation_id)
+                v.check_client_message_id(req.client_message_id)
+                v.check_text(req.text, self._settings.max_message_bytes)
+            except v.RequestRejected as exc:
+                results[i] = exc
+                continue
+            valid.append((i, req))
+
+        followers: list[tuple[int, int]] = []  # (repeat, first) of a key within the batch
+        task = self._background(self._write_messages(valid, results, followers, traceparents, order))
+        try:
+            await asyncio.shield(task)
+        except Exception as exc:
+            rejection = as_rejection(exc, "SendMessages")
+            for i, _ in valid:
+                if results[i] is None:
+                    results[i] = rejection
+        writes = [r for r in results if isinstance(r, _Write)]
+        if writes:
+            await asyncio.wait([w.outcome for w in writes], timeout=self._settings.produce_timeout_s)
+        outcomes: list[Outcome | None] = [
+            self._answer(requests[i], r) if isinstance(r, _Write) else r  # type: ignore[arg-type]
+            for i, r in enumerate(results)
+        ]
+        _resolve_followers(followers, outcomes)
+        final = [o if o is not None else _incident("SendMessages", "without an outcome") for o in outcomes]
+        if order is not None:
+            for req, outcome in zip(requests, final, strict=True):
+                if _stops_the_conversation(outcome) and isinstance(req, chat_pb2.SendMessageRequest):
+                    order.failed.add((req.tenant_id, req.conversation_id))
+        return final
+
+    def _answer(self, req: chat_pb2.SendMessageRequest, write: _Write) -> Outcome:
+        if not write.outcome.done():
+            return unavailable(
+                f"Kafka did not acknowledge within {self._settings.produce_timeout_s:.0f}s; the write may "
+                "still land — retry with the same client_message_id",
+                late_possible=True,
+            )
+        ack = write.outcome.result()
+        return _response(req, ack, duplicate=False) if isinstance(ack, Ack) else ack
+
+    async def _write_messages(
+        self,
+        valid: list[tuple[int, chat_pb2.SendMessageRequest]],
+        results: list[Outcome | _Write | None],
+        followers: list[tuple[int, int]],
+        traceparents: Sequence[str],
+        order: WriteOrder | None,
+    ) -> None:
+        """Fills `results` for `valid`, and `followers` with the repeats of a key in the batch."""
+        granted = 0
+        handed: list[_Write] = []
+        try:
+            # Before the turn (batches of a stream overlap here): lookups, slots, claims.
+            writers = await self._admit(valid, results, followers) if valid else []
+            granted = self._producer.reserve_up_to(len(writers))
+            claims = await self._hot.claim_many(
+                [_claim_key(req) for _, req in writers[:granted]], self._settings.topic_partitions
+            )
+            if order is not None:
+                await order.wait_turn()
+            failed = order.failed if order is not None else set()
+            for n, (i, req) in enumerate(writers):
+                claim = claims[n] if n < granted else None
+                outcome = await self._write_one(req, claim, failed, traceparents[i])
+                results[i] = outcome
+                if isinstance(outcome, _Write):
+                    handed.append(outcome)
+                    continue
+                if _stops_the_conversation(outcome):
+                    failed.add((req.tenant_id, req.conversation_id))
+                unknown = isinstance(outcome, v.RequestRejected) and outcome.code == grpc.StatusCode.INTERNAL
+                if claim is not None and claim.claimed and not unknown:
+                    # Never handed to the producer: nothing can land, so the claim goes.
+                    await self._settle([(_claim_key(req), None)])
+        finally:
+            self._producer.release(granted - len(handed))
+            self._settle_when_answered(handed)
+            if order is not None:
+                await order.wait_turn()
+                order.end_turn()
+
+    async def _admit(
+        self,
+        valid: list[tuple[int, chat_pb2.SendMessageRequest]],
+        results: list[Outcome | _Write | None],
+        followers: list[tuple[int, int]],
+    ) -> list[tuple[int, chat_pb2.SendMessageRequest]]:
+        """The requests that may write: known, open conversations; the first of each key."""
+        conversations = sorted({(req.tenant_id, req.conversation_id) for _, req in valid})
+        registrations = dict(zip(conversations, await self._hot.lookup_many(conversations), strict=True))
+        first: dict[ClaimKey, int] = {}
+        writers = []
+        for i, req in valid:
+            reg = registrations[(req.tenant_id, req.conversation_id)]
+            if reg is None:
+                results[i] = _not_found(req.tenant_id, req.conversation_id)
+            elif _is_closed(reg):
+                results[i] = _closed(req.conversation_id)
+            elif _claim_key(req) in first:
+                followers.append((i, first[_claim_key(req)]))
+            else:
+                first[_claim_key(req)] = i
+                writers.append((i, req))
+        return writers
+
+    async def _write_one(
+        self,
+        req: chat_pb2.SendMessageRequest,
+        claim: Claim | None,
+        failed: set[Conversation],
+        traceparent: str,
+    ) -> Outcome | _Write:
+        """In the batch's turn and in request order: hand one message to the producer, or why not."""
+        conversation = (req.tenant_id, req.conversation_id)
+        if claim is not None and claim.earlier is not None:
+            return _response(req, claim.earlier, duplicate=True)
+        if conversation in failed:
+            return _after_failure(req)
+        if claim is None:
+            return self._producer.exhausted()
+        if not claim.claimed:
+            return unavailable(
+                f"client_message_id {req.client_message_id!r} is being written by an earlier attempt; "
+                "retry shortly to get its ack"
+            )
+        if not self._gate.begin_send(conversation):
+            return unavailable(
+                f"conversation {req.conversation_id!r} is being closed; retry to learn the outcome"
+            )
+        event = new_event(
+            req.tenant_id,
+            req.conversation_id,
+            traceparent=traceparent,
+            message_received=events_pb2.MessageReceived(
+                client_message_id=req.client_message_id, text=req.text, sender=events_pb2.SENDER_CUSTOMER
+            ),
+        )
+        try:
+            delivery = await self._producer.enqueue(event)
+        except Unavailable as exc:
+            return exc
+        except Exception:
+            # The record may or may not be in the producer's buffer: the claim stays until it expires.
+            return _incident("SendMessage", f"handing {req.client_message_id!r} to the producer")
+        finally:
+            self._gate.end_send(conversation)
+        return _Write(event, delivery, _claim_key(req))
+
+    # ------------------------------------------------------------------ claims
+
+    def _settle_when_answered(self, writes: list[_Write]) -> None:
+        if writes:
+            self._background(self._settlement(writes))
+
+    async def _settlement(self, writes: list[_Write]) -> None:
+        """Waits as long as Kafka takes (keeping the claims alive), then records each outcome and
+        frees its in-flight slot. Runs apart from any caller."""
+        pending = {w.delivery: w for w in writes}
+        while pending:
+            done, _ = await asyncio.wait(
+                set(pending), timeout=CLAIM_TTL_S / 3, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                with contextlib.suppress(Exception):
+                    await self._hot.touch_claims([w.claim for w in pending.values() if w.claim is not None])
+                continue
+            finished = [pending.pop(d) for d in done]
+            answers = await self._producer.wait_acks(
+                [w.event for w in finished], [w.delivery for w in finished], [None] * len(finished)
+            )
+            self._producer.release(len(finished))
+            await self._settle(
+                [
+                    (w.claim, a if isinstance(a, Ack) else None)
+                    for w, a in zip(finished, answers, strict=True)
+                    if w.claim is not None
+                ]
+            )
+            for w, answer in zip(finished, answers, strict=True):
+                if w.after is not None:
+                    try:
+                        await w.after(answer if isinstance(answer, Ack) else None)
+                    except Exception:
+                        log.exception("after-write step of event %s failed", w.event.event_id)
+                w.outcome.set_result(answer)
+
+    async def _settle(self, outcomes: list[tuple[ClaimKey, Ack | None]]) -> None:
+        """Record outcomes of claims; Redis being away must not turn a durable write into an
+        error for its caller, so this retries in the background until Redis takes it."""
+        if not outcomes:
+            return
+        try:
+            await self._hot.settle_many(outcomes)
+        except Exception as exc:
+            log.warning(
+                "recording %d write outcomes failed (%r); retrying in the background", len(outcomes), exc
+            )
+            self._background(
+                _retrying(lambda: self._hot.settle_many(outcomes), f"recording {len(outcomes)} outcomes")
+            )
+
+    def _background(self, coro: Coroutine[Any, Any, R]) -> asyncio.Task[R]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _publish(
+        self, event: Event, claim: ClaimKey | None, after: Callable[[Ack | None], Awaitable[None]] | None
+    ) -> Ack:
+        """One record, claimed already: produce it and wait for its outcome (the caller shields it)."""
+        try:
+            self._producer.reserve()
+        except v.RequestRejected:
+            if claim is not None:
+                await self._settle([(claim, None)])
+            if after is not None:
+                await after(None)
+            raise
+        try:
+            delivery = await self._producer.enqueue(event)
+        except BaseException as exc:
+            self._producer.release()
+            if claim is not None and isinstance(exc, Unavailable):
+                await self._settle([(claim, None)])
+            if after is not None and isinstance(exc, Exception):
+                await after(None)
+            raise
+        write = _Write(event, delivery, claim, after)
+        self._settle_when_answered([write])
+        await asyncio.wait([write.outcome], timeout=self._settings.produce_timeout_s)
+        if not write.outcome.done():
+            raise unavailable(
+                f"Kafka did not acknowledge within {self._settings.produce_timeout_s:.0f}s; the write may "
+                "still land — retry the same request",
+                late_possible=True,
+            )
+        answer = write.outcome.result()
+        if isinstance(answer, Ack):
+            return answer
+        raise answer
+
+    # ------------------------------------------------------------------ start and close
+
+    async def start_conversation(
+        self, req: chat_pb2.StartConversationRequest, traceparent: str = ""
+    ) -> chat_pb2.Conversation:
+        s = self._settings
+        v.check_tenant(req.tenant_id, s.allowed_tenants)
+        v.check_conversation_id(req.conversation_id, required=False)
+        if req.channel not in _CHANNELS:
+            raise v.invalid(f"channel {req.channel} is not a switchboard.v1.Channel value")
+        v.check_short_text(req.customer_id, "customer_id", v.MAX_CUSTOMER_ID)
+        v.check_short_text(req.locale, "locale", 35)
+        v.check_metadata(dict(req.metadata), s.max_metadata_entries)
+        if req.conversation_id and await self._hot.lookup(req.tenant_id, req.conversation_id) is not None:
+            return await self._read(req.tenant_id, req.conversation_id)
+        return await asyncio.shield(self._background(self._start(req, traceparent)))
+
+    async def _start(self, req: chat_pb2.StartConversationRequest, traceparent: str) -> chat_pb2.Conversation:
+        conversation_id = req.conversation_id or new_event_id()
+        claim_key: ClaimKey | None = None
+        if req.conversation_id:
+            claim_key = (req.tenant_id, conversation_id, hv.START_CLAIM)
+            (claim,) = await self._hot.claim_many([claim_key], self._settings.topic_partitions)
+            if not claim.claimed:
+                if claim.earlier is not None:
+                    return await self._read(req.tenant_id, conversation_id)
+                raise unavailable(f"conversation {conversation_id!r} is being started by an earlier attempt")
+        elif not await self._hot.is_ready(self._settings.topic_partitions):
+            raise _rebuilding()
+        event = new_event(
+            req.tenant_id,
+            conversation_id,
+            traceparent=traceparent,
+            conversation_started=events_pb2.ConversationStarted(
+                channel=req.channel,
+                customer_id=req.customer_id,
+                metadata=dict(req.metadata),
+                locale=req.locale,
+            ),
+        )
+
+        async def register(ack: Ack | None) -> None:
+            if ack is None:
+                return
+            try:
+                await self._hot.register(
+                    req.tenant_id,
+                    conversation_id,
+                    created_ns=event.occurred_at.ToNanoseconds(),
+                    channel=req.channel,
+                    customer_id=req.customer_id,
+                )
+            except Exception as exc:
+                # The start is durable; the sessions worker registers it too when it folds the event.
+                log.warning("registering conversation %s failed (%r); the worker will", conversation_id, exc)
+
+        await self._publish(event, claim_key, register)
+        return chat_pb2.Conversation(
+            conversation_id=conversation_id,
+            tenant_id=req.tenant_id,
+            status=chat_pb2.CONVERSATION_STATUS_OPEN,
+            created_at=event.occurred_at,
+            updated_at=event.occurred_at,
+            channel=req.channel,
+            customer_id=req.customer_id,
+            mode=chat_pb2.CONVERSATION_MODE_BOT,
+            metadata=dict(req.metadata),
+        )
+
+    async def close_conversation(
+        self, req: chat_pb2.CloseConversationRequest, traceparent: str = ""
+    ) -> chat_pb2.Conversation:
+        v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
+        v.check_conversation_id(req.conversation_id)
+        v.check_short_text(req.resolution, "resolution", v.MAX_RESOLUTION)
+        reg = await self._hot.lookup(req.tenant_id, req.conversation_id)
+        if reg is None:
+            raise _not_found(req.tenant_id, req.conversation_id)
+        if not _is_closed(reg):
+            await asyncio.shield(self._background(self._close(req, traceparent)))
+        # Closing a closed conversation is a no-op, so a retried close is safe.
+        return await self._read(req.tenant_id, req.conversation_id)
+
+    async def _close(self, req: chat_pb2.CloseConversationRequest, traceparent: str) -> None:
+        conversation = (req.tenant_id, req.conversation_id)
+        if not await self._gate.close(conversation):
+            raise unavailable(
+                f"conversation {req.conversation_id!r} is being closed by an earlier call; retry"
+            )
+        reopen = True
+        try:
+            claim_key = (req.tenant_id, req.conversation_id, hv.CLOSE_CLAIM)
+            (claim,) = await self._hot.claim_many([claim_key], self._settings.topic_partitions)
+            if not claim.claimed:
+                if claim.earlier is None:
+                    raise unavailable(
+                        f"conversation {req.conversation_id!r} is being closed by an earlier attempt"
+                    )
+                # Durable already (an earlier attempt stopped before the hot view said so).
+                await self._hot.mark_closed(*conversation, _uuid7_ns(claim.earlier.event_id))
+                return
+            event = new_event(
+                req.tenant_id,
+                req.conversation_id,
+                traceparent=traceparent,
+                conversation_closed=events_pb2.ConversationClosed(
+                    resolution=req.resolution, closed_by=events_pb2.SENDER_CUSTOMER
+                ),
+            )
+
+            async def closed(ack: Ack | None) -> None:
+                # Only a durable close closes the hot view; senders wait at the gate until then.
+                try:
+                    if ack is not None:
+                        await _retrying(
+                            lambda: self._hot.mark_closed(*conversation, event.occurred_at.ToNanoseconds()),
+                            f"marking {req.conversation_id!r} closed",
+                        )
+                finally:
+                    self._gate.reopen(conversation)
+
+            reopen = False  # from here on `closed` reopens the gate, once Kafka answered
+            await self._publish(event, claim_key, closed)
+        finally:
+            if reopen:
+                self._gate.reopen(conversation)
+
+
+class MessageBatcher:
+    """Coalesces concurrent unary SendMessage calls into one `accept_messages` batch per event-loop
+    tick: the calls share Redis round trips and a produce burst, and nobody waits for a timer."""
+
+    def __init__(self, service: ConversationWrites, max_batch: int = 512) -> None:
+        self._service = service
+        self._max_batch = max_batch
+        self._pending: list[
+            tuple[
+                chat_pb2.SendMessageRequest | v.MalformedRequest,
+                str,
+                asyncio.Future[chat_pb2.SendMessageResponse | v.RequestRejected],
+            ]
+        ] = []
+        self._flush_scheduled = False
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def submit(
+        self, request: chat_pb2.SendMessageRequest | v.MalformedRequest, traceparent: str
+    ) -> chat_pb2.SendMessageResponse | v.RequestRejected:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[chat_pb2.SendMessageResponse | v.RequestRejected] = loop.create_future()
+        self._pending.append((request, traceparent, future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), self._max_batch):
+            task = asyncio.ensure_future(self._run(pending[start : start + self._max_batch]))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(
+        self,
+        batch: list[
+            tuple[
+                chat_pb2.SendMessageRequest | v.MalformedRequest,
+                str,
+                asyncio.Future[chat_pb2.SendMessageResponse | v.RequestRejected],
+            ]
+        ],
+    ) -> None:
+        try:
+            outcomes = await self._service.accept_messages([r for r, _, _ in batch], [t for _, t, _ in batch])
+        except BaseException as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+            if not future.done():
+                future.set_result(outcome)
+
+
+def _claim_key(req: chat_pb2.SendMessageRequest) -> ClaimKey:
+    return (req.tenant_id, req.conversation_id, req.client_message_id)
+
+
+def _stops_the_conversation(outcome: Outcome) -> bool:
+    """Any failure of a message a retry could still write; refusals of the request itself
+    (invalid, unknown or closed conversation) and ABORTED (already counted) do not."""
+    return isinstance(outcome, v.RequestRejected) and outcome.code not in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ABORTED,
+    )
+
+
+def _resolve_followers(followers: list[tuple[int, int]], outcomes: list[Outcome | None]) -> None:
+    """A repeat of a key in the same batch gets its first occurrence's outcome (duplicate=true)."""
+    for i, first in followers:
+        outcome = outcomes[first]
+        if isinstance(outcome, chat_pb2.SendMessageResponse):
+            follower = chat_pb2.SendMessageResponse()
+            follower.CopyFrom(outcome)
+            follower.duplicate = True
+            outcomes[i] = follower
+        else:
+            outcomes[i] = outcome
+
+
+def _response(req: chat_pb2.SendMessageRequest, ack: Ack, duplicate: bool) -> chat_pb2.SendMessageResponse:
+    return chat_pb2.SendMessageResponse(
+        event_id=ack.event_id,
+        partition=ack.partition,
+        offset=ack.offset,
+        duplicate=duplicate,
+        client_message_id=req.client_message_id,
+        conversation_id=req.conversation_id,
+    )
+
+
+def _is_closed(reg: Registration) -> bool:
+    if reg.closed_ns:
+        return True
+    if reg.state_json and STATUS_CLOSED.encode() in reg.state_json:
+        state = ConversationState.from_json(json.loads(reg.state_json))
+        return state.status == STATUS_CLOSED
+    return False
+
+
+def _not_found(tenant_id: str, conversation_id: str) -> v.RequestRejected:
+    return v.RequestRejected(
+        grpc.StatusCode.NOT_FOUND,
+        f"conversation {conversation_id!r} of tenant {tenant_id!r} does not exist "
+        "(start it with StartConversation)",
+    )
+
+
+def _closed(conversation_id: str) -> v.RequestRejected:
+    return v.RequestRejected(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"conversation {conversation_id!r} is closed; start a new conversation",
+    )
+
+
+def _after_failure(req: chat_pb2.SendMessageRequest) -> v.RequestRejected:
+    return v.RequestRejected(
+        grpc.StatusCode.ABORTED,
+        f"not written: an earlier message of conversation {req.conversation_id!r} in this stream "
+        "failed; resend from that one to keep the order",
+    )
+
+
+def _rebuilding() -> Unavailable:
+    return unavailable(
+        "the hot view is being rebuilt after Redis lost data (idempotency claims are restored from the "
+        "log first); no writes are accepted until it is complete — retry"
+    )
+
+
+def _incident(method: str, what: str) -> v.RequestRejected:
+    incident = uuid.uuid4().hex[:12]
+    log.exception("%s failed %s (incident %s)", method, what, incident)
+    return v.RequestRejected(
+        grpc.StatusCode.INTERNAL, f"internal error (incident {incident} in the ingress log)"
+    )
+
+
+def _uuid7_ns(event_id: str) -> int:
+    """The creation time in a UUIDv7 event id (its first 48 bits are Unix milliseconds)."""
+    try:
+        return int(uuid.UUID(event_id).hex[:12], 16) * 1_000_000
+    except ValueError:
+        return time.time_ns()
+
+
+async def _retrying(step: Callable[[], Awaitable[object]], what: str, attempts: int = 60) -> None:
+    for attempt in range(attempts):
+        try:
+            await step()
+            return
+        except Exception as exc:
+            if attempt == attempts - 1:
+                log.error("gave up %s after %d attempts: %r", what, attempts, exc)
+                raise
+            await asyncio.sleep(min(0.2 * 2**attempt, 10.0))

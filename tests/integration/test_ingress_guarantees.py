@@ -1,0 +1,203 @@
+"""The ingress's guarantees on real Kafka and Redis, against an ingress running in this process
+(so a test can give it its own settings and read its log). No sessions worker runs here: the
+ingress registers the conversations it starts, which is all the write path needs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import grpc
+import psutil
+import pytest
+import redis.asyncio as aioredis
+from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
+
+from schemas import hotview as hv
+from schemas.events import encode_event, new_event
+from services import stack
+from services.ingress import IngressServer
+from services.settings import Settings
+from tests.integration.conftest import eventually
+
+pytestmark = pytest.mark.integration
+
+
+def ingress_settings(base: Settings, **overrides: object) -> Settings:
+    host, port = base.grpc_listen.rsplit(":", 1)
+    return Settings(**{**base.model_dump(), "grpc_listen": f"{host}:{int(port) + 10}", **overrides})
+
+
+@pytest.fixture
+async def ingress(local_stack: Settings) -> AsyncIterator[IngressServer]:
+    server = IngressServer(ingress_settings(local_stack))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=1)
+
+
+@pytest.fixture
+async def client(ingress: IngressServer) -> AsyncIterator[chat_pb2_grpc.ChatServiceStub]:
+    async with grpc.aio.insecure_channel(ingress.settings.grpc_listen) as channel:
+        yield chat_pb2_grpc.ChatServiceStub(channel)
+
+
+async def start(client: chat_pb2_grpc.ChatServiceStub, tenant: str) -> str:
+    conv = await client.StartConversation(
+        chat_pb2.StartConversationRequest(tenant_id=tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c")
+    )
+    return str(conv.conversation_id)
+
+
+def message(tenant: str, conversation_id: str, cmid: str, text: str = "hi") -> chat_pb2.SendMessageRequest:
+    return chat_pb2.SendMessageRequest(
+        tenant_id=tenant, conversation_id=conversation_id, client_message_id=cmid, text=text
+    )
+
+
+async def rpc_code(call: object) -> grpc.StatusCode | None:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as err:
+        return err.code()
+    return None
+
+
+@pytest.mark.timeout(120)
+async def test_an_idle_stream_outlives_its_own_block_time(
+    ingress: IngressServer, client: chat_pb2_grpc.ChatServiceStub, tenant: str
+) -> None:
+    # The old live pool had Redis's default 5 s socket timeout for a 5 s XREAD block: an idle
+    # StreamConversation failed with UNAVAILABLE (TimeoutError) after about one block.
+    conversation_id = await start(client, tenant)
+    call = client.StreamConversation(
+        chat_pb2.StreamConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
+    )
+    updates = call.__aiter__()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(nxt := asyncio.ensure_future(updates.__anext__())), 16)
+    assert not call.done(), "the idle stream ended on its own"
+    # Still live: an entry appended as the sessions worker would is delivered.
+    event = new_event(
+        tenant,
+        conversation_id,
+        message_received=events_pb2.MessageReceived(
+            client_message_id="m", text="late", sender=events_pb2.SENDER_CUSTOMER
+        ),
+    )
+    redis = aioredis.Redis.from_url(ingress.settings.redis_url)
+    try:
+        await redis.xadd(
+            hv.live_stream_key(tenant, conversation_id),
+            {hv.S_EVENT: encode_event(event), hv.S_STATUS: "open", hv.S_MESSAGES: 1, hv.S_SEQUENCE: 1},
+            id=hv.live_stream_id(7),
+        )
+    finally:
+        await redis.aclose()
+    update = await asyncio.wait_for(nxt, 10)
+    assert update.cursor == hv.live_stream_id(7)
+    assert update.event.message_received.text == "late"
+    call.cancel()
+
+
+async def test_ids_and_cursors_with_a_trailing_newline_are_invalid(
+    client: chat_pb2_grpc.ChatServiceStub, tenant: str
+) -> None:
+    code = await rpc_code(
+        client.StartConversation(chat_pb2.StartConversationRequest(tenant_id=f"{tenant}\n", customer_id="c"))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    conversation_id = await start(client, tenant)
+    code = await rpc_code(client.SendMessage(message(tenant, f"{conversation_id}\n", "m1")))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    call = client.StreamConversation(
+        chat_pb2.StreamConversationRequest(
+            tenant_id=tenant, conversation_id=conversation_id, after_cursor="5-1\n"
+        )
+    )
+    assert await rpc_code(call.read()) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_redis_response_error_is_internal_with_an_incident_in_the_log(
+    ingress: IngressServer,
+    client: chat_pb2_grpc.ChatServiceStub,
+    tenant: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    conversation_id = await start(client, tenant)
+    redis = aioredis.Redis.from_url(ingress.settings.redis_url)
+    try:
+        # A key of the wrong type where the claim goes: Redis answers WRONGTYPE, a bug, not an outage.
+        await redis.hset(hv.idempotency_key(tenant, conversation_id, "m1"), "x", "y")
+    finally:
+        await redis.aclose()
+    caplog.set_level(logging.ERROR, logger="services.ingress")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.SendMessage(message(tenant, conversation_id, "m1"))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    incident = err.value.details().split("incident ")[1].split()[0]
+    assert any(incident in r.getMessage() for r in caplog.records), "incident id not in the ingress log"
+
+
+async def test_a_stream_refuses_with_ids_and_a_close_stops_later_sends(
+    client: chat_pb2_grpc.ChatServiceStub, tenant: str
+) -> None:
+    conversation_id = await start(client, tenant)
+    requests = [
+        message(tenant, conversation_id, "m1"),
+        message(tenant, conversation_id, "bad", text=""),
+        message(tenant, "no-such-conversation", "m2"),
+        message(tenant, conversation_id, "m3"),
+    ]
+    responses = [r async for r in client.SendMessages(iter(requests))]
+    assert [(r.client_message_id, r.conversation_id, r.error_code) for r in responses] == [
+        ("m1", conversation_id, 0),
+        ("bad", conversation_id, grpc.StatusCode.INVALID_ARGUMENT.value[0]),
+        ("m2", "no-such-conversation", grpc.StatusCode.NOT_FOUND.value[0]),
+        ("m3", conversation_id, 0),
+    ]
+    assert responses[1].error_message and responses[2].error_message
+    assert responses[0].offset < responses[3].offset
+    again = await client.SendMessage(message(tenant, conversation_id, "m1"))
+    assert again.duplicate and again.offset == responses[0].offset
+    closed = await client.CloseConversation(
+        chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
+    )
+    assert closed.status == chat_pb2.CONVERSATION_STATUS_CLOSED
+    code = await rpc_code(client.SendMessage(message(tenant, conversation_id, "m4")))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.timeout(180)
+async def test_a_stream_cut_off_while_kafka_stalls_keeps_its_claim(
+    local_stack: Settings, client: chat_pb2_grpc.ChatServiceStub, tenant: str
+) -> None:
+    conversation_id = await start(client, tenant)
+    await client.SendMessage(message(tenant, conversation_id, "warm"))  # metadata cached
+    pid = (await stack.status(local_stack))["kafka"]["pid"]
+    broker = psutil.Process(pid)
+    broker.send_signal(signal.SIGSTOP)
+    try:
+        call = client.SendMessages(iter([message(tenant, conversation_id, "m1")]), timeout=1.5)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        broker.send_signal(signal.SIGCONT)
+
+    async def retry() -> chat_pb2.SendMessageResponse | grpc.StatusCode:
+        try:
+            return await client.SendMessage(message(tenant, conversation_id, "m1"), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+
+    first = await eventually(
+        retry, lambda r: isinstance(r, chat_pb2.SendMessageResponse), within_s=60, what="an ack for the retry"
+    )
+    assert isinstance(first, chat_pb2.SendMessageResponse)
+    assert first.duplicate, "the retry wrote the message a second time"
