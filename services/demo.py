@@ -3,14 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 
 from services.settings import Settings
+
+T = TypeVar("T")
+# A system that is still starting (the sessions worker rebuilding the hot view, Kafka electing
+# leaders) answers UNAVAILABLE for a while: the demo retries for this long, like a careful client.
+RETRY_WITHIN_S = 90.0
+_RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
+
+
+async def with_retries(call: Callable[[], Awaitable[T]], within_s: float = RETRY_WITHIN_S) -> T:
+    """`call()`, retried with backoff while it fails with a status a retry can fix."""
+    deadline = time.monotonic() + within_s
+    delay = 0.1
+    while True:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as err:
+            if err.code() not in _RETRYABLE or time.monotonic() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
 
 CONVERSATIONS: list[tuple[events_pb2.Channel, str, list[str]]] = [
     (
@@ -78,14 +106,15 @@ async def play_demo(settings: Settings, tenant_id: str = "demo") -> DemoResult:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         started: list[tuple[str, int]] = []
         for channel_kind, locale, texts in CONVERSATIONS:
-            conv = await stub.StartConversation(
-                chat_pb2.StartConversationRequest(
-                    tenant_id=tenant_id,
-                    channel=channel_kind,
-                    customer_id=f"cust-{uuid.uuid4().hex[:6]}",
-                    locale=locale,
-                )
+            start = chat_pb2.StartConversationRequest(
+                tenant_id=tenant_id,
+                # Client-chosen id: a retried start is idempotent.
+                conversation_id=str(uuid.uuid4()),
+                channel=channel_kind,
+                customer_id=f"cust-{uuid.uuid4().hex[:6]}",
+                locale=locale,
             )
+            conv = await with_retries(functools.partial(stub.StartConversation, start, timeout=15))
             for text in texts:
                 req = chat_pb2.SendMessageRequest(
                     tenant_id=tenant_id,
@@ -93,7 +122,7 @@ async def play_demo(settings: Settings, tenant_id: str = "demo") -> DemoResult:
                     client_message_id=str(uuid.uuid4()),
                     text=text,
                 )
-                ack = await stub.SendMessage(req)
+                ack = await with_retries(functools.partial(stub.SendMessage, req, timeout=15))
                 print(f"  [{locale}] partition {ack.partition} offset {ack.offset:<6} {text}")
             started.append((conv.conversation_id, len(texts)))
 
@@ -102,7 +131,8 @@ async def play_demo(settings: Settings, tenant_id: str = "demo") -> DemoResult:
         retry = chat_pb2.SendMessageRequest(
             tenant_id=tenant_id, conversation_id=first_id, client_message_id="demo-retry", text="还在吗？"
         )
-        a, b = await stub.SendMessage(retry), await stub.SendMessage(retry)
+        a = await with_retries(functools.partial(stub.SendMessage, retry, timeout=15))
+        b = await with_retries(functools.partial(stub.SendMessage, retry, timeout=15))
         print(f"  retry of one message: same offset {a.offset} == {b.offset}, duplicate={b.duplicate}")
         started[0] = (first_id, first_count + 1)
         # Garbage is refused with a precise status, and nothing is written.
@@ -114,19 +144,17 @@ async def play_demo(settings: Settings, tenant_id: str = "demo") -> DemoResult:
             )
         except grpc.aio.AioRpcError as err:
             print(f"  empty text refused: {err.code().name}: {err.details()}")
-        await stub.CloseConversation(
-            chat_pb2.CloseConversationRequest(
-                tenant_id=tenant_id, conversation_id=started[1][0], resolution="refunded"
-            )
+        close = chat_pb2.CloseConversationRequest(
+            tenant_id=tenant_id, conversation_id=started[1][0], resolution="refunded"
         )
+        await with_retries(functools.partial(stub.CloseConversation, close, timeout=15))
 
         # Watch the state catch up (the sessions worker folds the log into Redis).
         deadline = time.monotonic() + 60
         for conversation_id, expected in started:
             while True:
-                conv = await stub.GetConversation(
-                    chat_pb2.GetConversationRequest(tenant_id=tenant_id, conversation_id=conversation_id)
-                )
+                get = chat_pb2.GetConversationRequest(tenant_id=tenant_id, conversation_id=conversation_id)
+                conv = await with_retries(functools.partial(stub.GetConversation, get, timeout=15))
                 if conv.message_count >= expected or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.1)

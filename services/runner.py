@@ -6,6 +6,8 @@ import asyncio
 import signal
 import threading
 
+import grpc
+
 from services import stack
 from services.demo import play_demo, show_landed
 from services.kafka_topics import ensure_topics
@@ -45,10 +47,7 @@ def run_system(settings: Settings, demo: bool = True) -> int:
         asyncio.run(wait_for_ingress(settings, children["ingress"]))
         print(f"gRPC API on {settings.grpc_listen}; ClickHouse HTTP endpoint on {settings.analytics_listen}")
         if demo:
-            _banner("demo: bilingual conversations through the gRPC API")
-            result = asyncio.run(play_demo(settings))
-            _banner("what landed in ClickHouse (switchboard.conversations, then totals)")
-            print(show_landed(settings, result), flush=True)
+            run_demo_step(settings)
         _banner("serving; Ctrl-C stops everything")
         print(
             f"  grpcurl -plaintext {settings.grpc_listen} list\n"
@@ -72,6 +71,25 @@ def run_system(settings: Settings, demo: bool = True) -> int:
         _banner("stopping")
         _stop_children(list(children.values()))
         asyncio.run(stack.down(settings))
+
+
+def run_demo_step(settings: Settings) -> bool:
+    """Play the demo; a failure is one line and the system keeps serving (the demo is a client)."""
+    _banner("demo: bilingual conversations through the gRPC API")
+    try:
+        result = asyncio.run(play_demo(settings))
+        _banner("what landed in ClickHouse (switchboard.conversations, then totals)")
+        print(show_landed(settings, result), flush=True)
+        return True
+    except Exception as exc:
+        reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+        code = f"{exc.code().name}: " if isinstance(exc, grpc.aio.AioRpcError) else ""
+        print(
+            f"demo failed ({type(exc).__name__}: {code}{reason or 'no detail'}); the system keeps serving — "
+            f"see {settings.data_dir / 'logs'}",
+            flush=True,
+        )
+        return False
 
 
 def _stop_children(children: list[Child]) -> None:
