@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/switchboard/v1/*.proto)
 GEN := schemas/switchboard/v1/.generated
 
-.PHONY: run test install proto lint typecheck unit integration bench clean stack-up stack-down
+.PHONY: run test install proto lint typecheck unit integration soak bench clean stack-up stack-down
 
 run: install ## bring the whole system up on the embedded defaults, play a demo, serve until Ctrl-C
 	$(SB) run
@@ -50,6 +50,10 @@ unit: install
 
 integration: install
 	$(PY) -m pytest -q -m integration tests
+
+# The long soak: 30 chaos cycles under load; its figures go to benchmarks/RESULTS.md.
+soak: install
+	SWITCHBOARD_SOAK_CYCLES=30 $(PY) -m pytest -q -s -m soak tests/soak
 
 bench: install
 	$(PY) benchmarks/ingest.py
