@@ -33,6 +33,7 @@ class Scores:
     cosine: float
     fused: float
     rerank: float
+    relevance: float
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,10 @@ class KnowledgeIndex:
             candidates = self._candidates(query, intent, query_embedding)
             if not candidates:
                 return []
-            probabilities = self.reranker.score(feature_matrix(candidates))
+            features = feature_matrix(candidates)
+            logits = self.reranker.logits(features)
+            probabilities = 1.0 / (1.0 + np.exp(-logits))
+            relevance = self.reranker.relevance(features, logits)
             order = sorted(
                 range(len(candidates)), key=lambda i: (-probabilities[i], candidates[i].document_id)
             )
@@ -219,6 +223,7 @@ class KnowledgeIndex:
                 document = self._documents[c.document_id]
                 chunk = self._chunks[c.document_id][int(c.chunk_id.rsplit("#", 1)[1])]
                 probability = float(probabilities[i])
+                relevant = float(relevance[i])
                 hits.append(
                     Hit(
                         document_id=c.document_id,
@@ -228,8 +233,8 @@ class KnowledgeIndex:
                         language=document.language,
                         url=document.url,
                         tags=document.tags,
-                        scores=Scores(bm25=c.bm25, cosine=c.cosine, fused=c.fused, rerank=probability),
-                        relevant=probability >= self.reranker.threshold,
+                        scores=Scores(c.bm25, c.cosine, c.fused, probability, relevant),
+                        relevant=relevant >= self.reranker.threshold,
                     )
                 )
             return hits

@@ -73,16 +73,34 @@ def feature_matrix(candidates: Sequence[Candidate]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -40.0, 40.0)))
+
+
 @dataclass(frozen=True)
 class Reranker:
-    """Standardised features · coefficients + intercept → sigmoid; `threshold` calibrates relevance."""
+    """Two logistic regressions over standardised features.
+
+    The ranker (`coef`, `intercept`) orders the candidates. The relevance model (`relevance_coef`,
+    `relevance_intercept`) sees the same features plus the ranker's logit and its gap to the best
+    logit, was trained on the top hits only, and says whether a hit answers the question at all;
+    `threshold` on its probability is calibrated against out-of-scope questions.
+    """
 
     mean: np.ndarray
     scale: np.ndarray
     coef: np.ndarray
     intercept: float
+    relevance_coef: np.ndarray
+    relevance_intercept: float
     threshold: float
     version: str = ""
+
+    @classmethod
+    def untrained(cls) -> Reranker:
+        """Equal weights: only for bootstrapping the trainer (candidates do not depend on them)."""
+        n = len(FEATURES)
+        return cls(np.zeros(n), np.ones(n), np.ones(n), 0.0, np.zeros(n + 2), 0.0, 0.5, "untrained")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Reranker:
@@ -94,6 +112,10 @@ class Reranker:
             scale=np.asarray(data["scale"], dtype=np.float64),
             coef=np.asarray(data["coef"], dtype=np.float64),
             intercept=float(data["intercept"]),
+            relevance_coef=np.asarray(
+                data.get("relevance_coef", [0.0] * (len(FEATURES) + 2)), dtype=np.float64
+            ),
+            relevance_intercept=float(data.get("relevance_intercept", 0.0)),
             threshold=float(data["threshold"]),
             version=str(data.get("version", "")),
         )
@@ -106,9 +128,23 @@ class Reranker:
             "scale": [round(float(x), 6) for x in self.scale],
             "coef": [round(float(x), 6) for x in self.coef],
             "intercept": round(self.intercept, 6),
+            "relevance_coef": [round(float(x), 6) for x in self.relevance_coef],
+            "relevance_intercept": round(self.relevance_intercept, 6),
             "threshold": round(self.threshold, 4),
         }
 
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        return np.asarray(((features - self.mean) / self.scale) @ self.coef + self.intercept)
+
     def score(self, features: np.ndarray) -> np.ndarray:
-        z = ((features - self.mean) / self.scale) @ self.coef + self.intercept
-        return 1.0 / (1.0 + np.exp(-z))
+        """The ranker's probability that each candidate is the answer (used to order hits)."""
+        return _sigmoid(self.logits(features))
+
+    def relevance_inputs(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        gap = logits - logits.max() if len(logits) else logits
+        return np.hstack([(features - self.mean) / self.scale, logits[:, None], gap[:, None]])
+
+    def relevance(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """Probability that each candidate answers the question (compare with `threshold`)."""
+        inputs = self.relevance_inputs(features, logits)
+        return _sigmoid(inputs @ self.relevance_coef + self.relevance_intercept)

@@ -15,7 +15,7 @@ import hashlib
 import json
 import pprint
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -28,6 +28,8 @@ from streams.knowledge._rerank import FEATURES, Reranker, feature_matrix
 WEIGHTS_FILE = Path(__file__).with_name("_weights.py")
 FOLDS = 5
 C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
+RELEVANCE_TOP = 3
+RELEVANCE_C = 1.0
 
 
 @dataclass
@@ -51,7 +53,9 @@ def _groups(index: KnowledgeIndex, questions: Sequence[Question]) -> list[_Group
     return groups
 
 
-def _fit(x: np.ndarray, y: np.ndarray, c: float, iterations: int = 50) -> tuple[np.ndarray, float]:
+def _fit(
+    x: np.ndarray, y: np.ndarray, c: float, balance: bool, iterations: int = 50
+) -> tuple[np.ndarray, float]:
     """L2-regularised logistic regression (intercept not penalised) by Newton's method."""
     n, d = x.shape
     xb = np.hstack([x, np.ones((n, 1))])
@@ -59,7 +63,7 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, iterations: int = 50) -> tuple[
     penalty = np.full(d + 1, 1.0 / c)
     penalty[-1] = 0.0
     # Positives are rare (one per group): weight them up so the boundary is not pushed to "never".
-    sample = np.where(y > 0, (len(y) - y.sum()) / max(y.sum(), 1.0), 1.0)
+    sample = np.where(y > 0, (len(y) - y.sum()) / max(y.sum(), 1.0), 1.0) if balance else np.ones(n)
     for _ in range(iterations):
         p = 1.0 / (1.0 + np.exp(-(xb @ w)))
         grad = xb.T @ (sample * (p - y)) + penalty * w
@@ -79,35 +83,74 @@ def _standardise(groups: list[_Group]) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
-def _train(groups: list[_Group], c: float) -> Reranker:
+def _fit_ranker(groups: list[_Group], c: float) -> Reranker:
     mean, scale = _standardise(groups)
     x = (np.vstack([g.features for g in groups]) - mean) / scale
     y = np.concatenate([g.labels for g in groups])
-    coef, intercept = _fit(x, y, c)
-    return Reranker(mean=mean, scale=scale, coef=coef, intercept=intercept, threshold=0.5)
+    coef, intercept = _fit(x, y, c, balance=True)
+    return Reranker(mean, scale, coef, intercept, np.zeros(len(FEATURES) + 2), 0.0, 0.5)
 
 
-def _out_of_fold(groups: list[_Group], c: float) -> list[np.ndarray]:
-    """Each group's scores from a model trained without its question."""
-    scores: list[np.ndarray] = [np.zeros(0)] * len(groups)
-    for fold in range(FOLDS):
-        train = [g for g in groups if g.question % FOLDS != fold]
-        model = _train(train, c)
-        for i, g in enumerate(groups):
-            if g.question % FOLDS == fold:
-                scores[i] = model.score(g.features) if len(g.features) else np.zeros(0)
-    return scores
+def _fit_relevance(ranker: Reranker, groups: list[_Group], logits: list[np.ndarray]) -> Reranker:
+    """The relevance model on the top candidates of each group (by the ranker's logits)."""
+    xs, ys = [], []
+    for g, z in zip(groups, logits, strict=True):
+        top = np.argsort(-z)[:RELEVANCE_TOP]
+        xs.append(ranker.relevance_inputs(g.features, z)[top])
+        ys.append(g.labels[top])
+    coef, intercept = _fit(np.vstack(xs), np.concatenate(ys), RELEVANCE_C, balance=False)
+    return replace(ranker, relevance_coef=coef, relevance_intercept=intercept)
 
 
-def _top1(groups: list[_Group], scores: list[np.ndarray]) -> float:
-    answerable = [(g, s) for g, s in zip(groups, scores, strict=True) if g.in_scope]
-    return sum(bool(len(s)) and g.labels[int(np.argmax(s))] > 0 for g, s in answerable) / len(answerable)
+def _folds(groups: list[_Group]) -> list[tuple[list[int], list[int]]]:
+    return [
+        (
+            [i for i, g in enumerate(groups) if g.question % FOLDS != fold],
+            [i for i, g in enumerate(groups) if g.question % FOLDS == fold],
+        )
+        for fold in range(FOLDS)
+    ]
 
 
-def _threshold(groups: list[_Group], scores: list[np.ndarray]) -> tuple[float, float]:
-    """The top score's cut that best separates answerable from out-of-scope questions
-    (balanced accuracy), placed in the middle of the best gap."""
-    tops = [(float(s.max()) if len(s) else 0.0, g.in_scope) for g, s in zip(groups, scores, strict=True)]
+def _out_of_fold(groups: list[_Group], c: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each group's ranker logits and relevance from models trained without its question."""
+    logits: list[np.ndarray] = [np.zeros(0)] * len(groups)
+    relevance: list[np.ndarray] = [np.zeros(0)] * len(groups)
+    for train_idx, test_idx in _folds(groups):
+        train = [groups[i] for i in train_idx]
+        ranker = _fit_ranker(train, c)
+        # The relevance model learns from logits its ranker did not see (nested folds).
+        inner_logits = _inner_logits(train, c)
+        model = _fit_relevance(ranker, train, inner_logits)
+        for i in test_idx:
+            logits[i] = model.logits(groups[i].features)
+            relevance[i] = model.relevance(groups[i].features, logits[i])
+    return logits, relevance
+
+
+def _inner_logits(groups: list[_Group], c: float) -> list[np.ndarray]:
+    logits: list[np.ndarray] = [np.zeros(0)] * len(groups)
+    for train_idx, test_idx in _folds(groups):
+        ranker = _fit_ranker([groups[i] for i in train_idx], c)
+        for i in test_idx:
+            logits[i] = ranker.logits(groups[i].features)
+    return logits
+
+
+def _top1(groups: list[_Group], logits: list[np.ndarray]) -> float:
+    answerable = [(g, z) for g, z in zip(groups, logits, strict=True) if g.in_scope]
+    return sum(bool(len(z)) and g.labels[int(np.argmax(z))] > 0 for g, z in answerable) / len(answerable)
+
+
+def _threshold(
+    groups: list[_Group], logits: list[np.ndarray], relevance: list[np.ndarray]
+) -> tuple[float, float]:
+    """The cut on the top hit's relevance that best separates answerable from out-of-scope
+    questions (balanced accuracy), placed in the middle of the best gap."""
+    tops = [
+        (float(r[int(np.argmax(z))]) if len(z) else 0.0, g.in_scope)
+        for g, z, r in zip(groups, logits, relevance, strict=True)
+    ]
     positives = sum(1 for _, ok in tops if ok)
     negatives = len(tops) - positives
     values = sorted({t for t, _ in tops})
@@ -123,25 +166,18 @@ def _threshold(groups: list[_Group], scores: list[np.ndarray]) -> tuple[float, f
 
 
 def train(encoder: SentenceEncoder | None, version: str) -> tuple[Reranker, dict[str, float]]:
-    """Fit one reranker for an index with this encoder (None: keyword only)."""
-    index = KnowledgeIndex(encoder)
+    """Fit the reranker for an index with this encoder (None: keyword only)."""
+    index = KnowledgeIndex(encoder, Reranker.untrained())
     index.upsert_many(load_demo_documents())
-    groups = _groups(index, load_questions("train_questions.jsonl"))
-    trainable = [g for g in groups if len(g.features)]
-    results = {}
-    for c in C_GRID:
-        results[c] = _top1(groups, _oof_all(groups, trainable, c))
-    c = max(C_GRID, key=lambda k: (results[k], -abs(np.log(k))))
-    scores = _oof_all(groups, trainable, c)
-    threshold, balanced = _threshold(groups, scores)
-    model = _train(trainable, c)
-    model = Reranker(model.mean, model.scale, model.coef, model.intercept, threshold, version)
-    return model, {"C": c, "oof_top1": results[c], "oof_balanced_relevance": balanced}
-
-
-def _oof_all(groups: list[_Group], trainable: list[_Group], c: float) -> list[np.ndarray]:
-    oof = iter(_out_of_fold(trainable, c))
-    return [next(oof) if len(g.features) else np.zeros(0) for g in groups]
+    groups = [g for g in _groups(index, load_questions("train_questions.jsonl")) if len(g.features)]
+    top1 = {c: _top1(groups, _inner_logits(groups, c)) for c in C_GRID}
+    c = max(C_GRID, key=lambda k: (top1[k], -abs(np.log(k))))
+    logits, relevance = _out_of_fold(groups, c)
+    threshold, balanced = _threshold(groups, logits, relevance)
+    ranker = _fit_ranker(groups, c)
+    model = _fit_relevance(ranker, groups, _inner_logits(groups, c))
+    model = replace(model, threshold=threshold, version=version)
+    return model, {"C": c, "oof_top1": round(top1[c], 4), "oof_balanced_relevance": round(balanced, 4)}
 
 
 def _encoder_version(models_dir: Path) -> str:
