@@ -10,7 +10,30 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from schemas import hotview as hv
-from services.ingress._producer import Ack
+from services.ingress._producer import Ack, Unavailable, unavailable
+
+# Readiness and claims in one step: while the hot view is incomplete (HLEN of READY_KEY below the
+# partition count, as after Redis lost data) nothing is claimed, so no write can miss the claim
+# of an earlier attempt that a rebuild has not restored yet. SET NX GET returns what was there.
+_CLAIM_IF_READY = """
+local need = tonumber(ARGV[1])
+if need > 0 and redis.call('HLEN', KEYS[1]) < need then
+  return -1
+end
+local previous = {}
+for i = 2, #KEYS do
+  previous[i - 1] = redis.call('SET', KEYS[i], ARGV[2], 'NX', 'GET', 'EX', ARGV[3])
+end
+return previous
+"""
+
+
+def rebuilding() -> Unavailable:
+    return unavailable(
+        "the hot view is being rebuilt after Redis lost data (idempotency claims come back from the log "
+        "first); writes are refused until it is complete — retry after the retry-after-ms trailer"
+    )
+
 
 # How long a claim on a client_message_id may stay unresolved (the produce timeout plus margin)
 # before a retry may write again.
@@ -64,6 +87,7 @@ class IngressHotView:
         # many watchers can never starve the write path.
         self._live = live_redis or redis
         self._ttl = idempotency_ttl_s
+        self._claim_if_ready = redis.register_script(_CLAIM_IF_READY)
 
     async def lookup_many(self, keys: Sequence[tuple[str, str]]) -> list[Registration | None]:
         fields = (hv.F_CREATED_NS, hv.F_CLOSED_NS, hv.F_CHANNEL, hv.F_CUSTOMER, hv.F_STATE, hv.F_CURSOR)
@@ -106,19 +130,20 @@ class IngressHotView:
         await self._redis.hdel(hv.conversation_key(tenant_id, conversation_id), hv.F_CLOSED_NS)
 
     async def is_ready(self, partitions: int) -> bool:
-        """Whether the hot view is complete (see schemas.hotview.READY_KEY)."""
-        return True
+        """Whether the sessions worker has marked every partition's hot view complete."""
+        return int(await self._redis.hlen(hv.READY_KEY)) >= partitions
 
     async def claim_many(self, keys: Sequence[tuple[str, str, str]], partitions: int = 0) -> list[Claim]:
-        """Claim each (tenant, conversation, client_message_id) for writing, in one round trip:
-        SET NX GET sets the claim and returns what was there before, atomically."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for tenant_id, conversation_id, cmid in keys:
-                key = hv.idempotency_key(tenant_id, conversation_id, cmid)
-                pipe.set(key, hv.CLAIM_PENDING, nx=True, get=True, ex=CLAIM_TTL_S)
-            replies = await pipe.execute()
+        """Claim each (tenant, conversation, client_message_id) for writing, in one round trip and
+        only while the hot view is complete (`partitions` > 0: raises UNAVAILABLE otherwise)."""
+        reply: Any = await self._claim_if_ready(
+            keys=[hv.READY_KEY, *(hv.idempotency_key(t, c, m) for t, c, m in keys)],
+            args=[partitions, hv.CLAIM_PENDING, CLAIM_TTL_S],
+        )
+        if reply == -1:
+            raise rebuilding()
         claims = []
-        for previous in replies:
+        for previous in reply:
             if previous is None:
                 claims.append(Claim(claimed=True))
             else:

@@ -30,6 +30,8 @@ SERVICE_NAME = "switchboard.v1.ChatService"
 STREAM_BATCH = 256
 # Batches of one stream in flight at once; responses still leave in request order.
 STREAM_PIPELINE = 8
+# How often the health status follows the hot view's readiness.
+READINESS_POLL_S = 0.5
 
 M = TypeVar("M", bound=Message)
 
@@ -220,8 +222,9 @@ class IngressServer:
         self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=512)
         self.live_redis = live_pool(settings.redis_url, settings.max_live_streams + 8)
         self.producer = EventProducer(settings)
-        hot = IngressHotView(self.redis, settings.idempotency_ttl_s, self.live_redis)
-        self.service = ChatService(settings, self.producer, hot)
+        self.hot = IngressHotView(self.redis, settings.idempotency_ttl_s, self.live_redis)
+        self.service = ChatService(settings, self.producer, self.hot)
+        self._readiness: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             maximum_concurrent_rpcs=max(1000, settings.max_inflight_produce * 4),
@@ -248,14 +251,44 @@ class IngressServer:
         await self.redis.ping()
         await self.producer.start()
         await self.server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._readiness = asyncio.ensure_future(self._follow_readiness())
+        log.info("ingress listening for %s on %s", SERVICE_NAME, self.settings.grpc_listen)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("ingress serving %s on %s", SERVICE_NAME, self.settings.grpc_listen)
+            await self.health.set(name, status)
+
+    async def _follow_readiness(self) -> None:
+        """SERVING only while the hot view is complete (the write gate itself is checked in Redis
+        with every claim; this tells load balancers and `make run`)."""
+        serving: bool | None = None
+        while True:
+            try:
+                ready = await self.hot.is_ready(self.settings.topic_partitions)
+            except Exception as exc:
+                log.warning("readiness check failed: %r", exc)
+                ready = False
+            if ready != serving:
+                serving = ready
+                await self._set_health(
+                    health_pb2.HealthCheckResponse.SERVING
+                    if ready
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                log.info(
+                    "ingress %s",
+                    "serving" if ready else "NOT serving: the hot view is incomplete (being rebuilt)",
+                )
+            await asyncio.sleep(READINESS_POLL_S)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain: report NOT_SERVING, finish in-flight calls (up to `grace`), flush the producer."""
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._readiness is not None:
+            self._readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._readiness
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         await self.producer.stop()
         await self.redis.aclose()

@@ -34,7 +34,7 @@ from schemas import hotview as hv
 from schemas.events import Event, new_event, new_event_id
 from services.ingress import _validation as v
 from services.ingress._errors import as_rejection
-from services.ingress._hotview import CLAIM_TTL_S, Claim, IngressHotView, Registration
+from services.ingress._hotview import CLAIM_TTL_S, Claim, IngressHotView, Registration, rebuilding
 from services.ingress._producer import Ack, EventProducer, Unavailable, unavailable
 from services.settings import Settings
 from streams.sessions import STATUS_CLOSED, ConversationState
@@ -223,8 +223,12 @@ class ConversationWrites:
             # Before the turn (batches of a stream overlap here): lookups, slots, claims.
             writers = await self._admit(valid, results, followers) if valid else []
             granted = self._producer.reserve_up_to(len(writers))
-            claims = await self._hot.claim_many(
-                [_claim_key(req) for _, req in writers[:granted]], self._settings.topic_partitions
+            claims = (
+                await self._hot.claim_many(
+                    [_claim_key(req) for _, req in writers[:granted]], self._settings.topic_partitions
+                )
+                if granted
+                else []
             )
             if order is not None:
                 await order.wait_turn()
@@ -438,7 +442,7 @@ class ConversationWrites:
                     return await self._read(req.tenant_id, conversation_id)
                 raise unavailable(f"conversation {conversation_id!r} is being started by an earlier attempt")
         elif not await self._hot.is_ready(self._settings.topic_partitions):
-            raise _rebuilding()
+            raise rebuilding()
         event = new_event(
             req.tenant_id,
             conversation_id,
@@ -665,13 +669,6 @@ def _after_failure(req: chat_pb2.SendMessageRequest) -> v.RequestRejected:
         grpc.StatusCode.ABORTED,
         f"not written: an earlier message of conversation {req.conversation_id!r} in this stream "
         "failed; resend from that one to keep the order",
-    )
-
-
-def _rebuilding() -> Unavailable:
-    return unavailable(
-        "the hot view is being rebuilt after Redis lost data (idempotency claims are restored from the "
-        "log first); no writes are accepted until it is complete — retry"
     )
 
 

@@ -1,6 +1,6 @@
 """The ingress's guarantees on real Kafka and Redis, against an ingress running in this process
-(so a test can give it its own settings and read its log). No sessions worker runs here: the
-ingress registers the conversations it starts, which is all the write path needs."""
+(so a test can give it its own settings and read its log), beside the test system whose sessions
+worker marks the hot view complete (READY_KEY), without which the ingress accepts no writes."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ import grpc
 import psutil
 import pytest
 import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 
 from schemas import hotview as hv
-from schemas.events import encode_event, new_event
 from services import stack
 from services.ingress import IngressServer
+from services.processes import wait_for_ingress
 from services.settings import Settings
-from tests.integration.conftest import eventually
+from tests.integration.conftest import System, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -31,10 +32,11 @@ def ingress_settings(base: Settings, **overrides: object) -> Settings:
 
 
 @pytest.fixture
-async def ingress(local_stack: Settings) -> AsyncIterator[IngressServer]:
-    server = IngressServer(ingress_settings(local_stack))
+async def ingress(system: System) -> AsyncIterator[IngressServer]:
+    server = IngressServer(ingress_settings(system.settings))
     await server.start()
     try:
+        await wait_for_ingress(server.settings)  # SERVING once the worker marked every partition ready
         yield server
     finally:
         await server.stop(grace=1)
@@ -78,28 +80,14 @@ async def test_an_idle_stream_outlives_its_own_block_time(
         chat_pb2.StreamConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
     )
     updates = call.__aiter__()
+    started = await asyncio.wait_for(updates.__anext__(), 60)
+    assert started.event.HasField("conversation_started")
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(asyncio.shield(nxt := asyncio.ensure_future(updates.__anext__())), 16)
     assert not call.done(), "the idle stream ended on its own"
-    # Still live: an entry appended as the sessions worker would is delivered.
-    event = new_event(
-        tenant,
-        conversation_id,
-        message_received=events_pb2.MessageReceived(
-            client_message_id="m", text="late", sender=events_pb2.SENDER_CUSTOMER
-        ),
-    )
-    redis = aioredis.Redis.from_url(ingress.settings.redis_url)
-    try:
-        await redis.xadd(
-            hv.live_stream_key(tenant, conversation_id),
-            {hv.S_EVENT: encode_event(event), hv.S_STATUS: "open", hv.S_MESSAGES: 1, hv.S_SEQUENCE: 1},
-            id=hv.live_stream_id(7),
-        )
-    finally:
-        await redis.aclose()
-    update = await asyncio.wait_for(nxt, 10)
-    assert update.cursor == hv.live_stream_id(7)
+    # Still live: a message sent now is delivered.
+    await client.SendMessage(message(tenant, conversation_id, "m1", text="late"))
+    update = await asyncio.wait_for(nxt, 60)
     assert update.event.message_received.text == "late"
     call.cancel()
 
@@ -201,3 +189,52 @@ async def test_a_stream_cut_off_while_kafka_stalls_keeps_its_claim(
     )
     assert isinstance(first, chat_pb2.SendMessageResponse)
     assert first.duplicate, "the retry wrote the message a second time"
+
+
+@pytest.mark.timeout(180)
+async def test_writes_are_refused_while_the_hot_view_is_incomplete(
+    ingress: IngressServer, client: chat_pb2_grpc.ChatServiceStub, tenant: str
+) -> None:
+    conversation_id = await start(client, tenant)
+    redis = aioredis.Redis.from_url(ingress.settings.redis_url)
+    channel = grpc.aio.insecure_channel(ingress.settings.grpc_listen)
+    health = health_pb2_grpc.HealthStub(channel)
+    ready = await redis.hgetall(hv.READY_KEY)
+    assert len(ready) == ingress.settings.topic_partitions
+    partition = sorted(ready)[0]
+    try:
+        # What a Redis that lost data looks like to the ingress: a partition is not marked complete.
+        await redis.hdel(hv.READY_KEY, partition)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.SendMessage(message(tenant, conversation_id, "m1"))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "hot view is being rebuilt" in (err.value.details() or "")
+        assert dict(err.value.trailing_metadata() or ()).get("retry-after-ms")
+        for call in (
+            client.StartConversation(chat_pb2.StartConversationRequest(tenant_id=tenant, customer_id="c")),
+            client.CloseConversation(
+                chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
+            ),
+        ):
+            assert await rpc_code(call) == grpc.StatusCode.UNAVAILABLE
+        (refused,) = [r async for r in client.SendMessages(iter([message(tenant, conversation_id, "m2")]))]
+        assert refused.error_code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert await redis.exists(hv.idempotency_key(tenant, conversation_id, "m1")) == 0  # nothing claimed
+        await eventually(
+            lambda: health.Check(health_pb2.HealthCheckRequest(service="")),
+            lambda r: r.status == health_pb2.HealthCheckResponse.NOT_SERVING,
+            within_s=10,
+            what="NOT_SERVING while the hot view is incomplete",
+        )
+    finally:
+        await redis.hset(hv.READY_KEY, partition, ready[partition])
+        await redis.aclose()
+    await eventually(
+        lambda: health.Check(health_pb2.HealthCheckRequest(service="")),
+        lambda r: r.status == health_pb2.HealthCheckResponse.SERVING,
+        within_s=10,
+        what="SERVING once complete again",
+    )
+    await channel.close()
+    ack = await client.SendMessage(message(tenant, conversation_id, "m1"))
+    assert not ack.duplicate
