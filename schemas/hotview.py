@@ -34,6 +34,21 @@ def live_stream_key(tenant_id: str, conversation_id: str) -> str:
     return f"sb:{{{tenant_id}:{conversation_id}}}:live"
 
 
+def reply_stream_key(tenant_id: str, conversation_id: str) -> str:
+    """Reply deltas while the assistant generates (ephemeral: the finished reply is an event)."""
+    return f"sb:{{{tenant_id}:{conversation_id}}}:deltas"
+
+
+def queue_key(tenant_id: str, queue: str) -> str:
+    """Sorted set of conversations waiting for an agent in a queue, scored by handoff time (ns)."""
+    return f"sb:{{{tenant_id}}}:queue:{queue}"
+
+
+def documents_key(tenant_id: str) -> str:
+    """Hash of a tenant's knowledge documents: document id -> switchboard.v1.Document bytes."""
+    return f"sb:{{{tenant_id}}}:documents"
+
+
 def idempotency_key(tenant_id: str, conversation_id: str, client_message_id: str) -> str:
     return f"sb:{{{tenant_id}:{conversation_id}}}:msg:{client_message_id}"
 

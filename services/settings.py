@@ -101,7 +101,25 @@ class Settings(BaseSettings):
     # Recent messages kept in each conversation's Redis stream (older ones live in ClickHouse).
     live_stream_maxlen: int = Field(default=10_000, ge=100)
 
-    @field_validator("kafka_bootstrap", "grpc_listen", "analytics_listen", "s3_endpoint")
+    # --- Assistant ---------------------------------------------------------------------------
+    # Where `switchboard models build` puts the ONNX models and tokenizers; empty: <data_dir>/models.
+    models_dir: Path | None = None
+    # The model gateway: empty (the grounded template answerer only), a JSON document, or @path
+    # to one (see streams/assistant/gateway: adapters, routes, timeouts, breaker).
+    gateway: str = ""
+    # Customer messages the assistant takes per batch (classified together; replies of different
+    # conversations are generated concurrently, each conversation in order).
+    assistant_batch_size: int = Field(default=64, ge=1)
+    # The assistant's internal search endpoint (the ingress forwards SearchKnowledge to it).
+    assistant_listen: str = "127.0.0.1:50061"
+    # The tenant `make run`'s demo loads the bilingual shop FAQ for.
+    demo_tenant: str = "demo"
+
+    @property
+    def effective_models_dir(self) -> Path:
+        return self.models_dir or self.data_dir / "models"
+
+    @field_validator("kafka_bootstrap", "grpc_listen", "analytics_listen", "s3_endpoint", "assistant_listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
         for part in value.split(","):

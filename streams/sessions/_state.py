@@ -41,6 +41,13 @@ class ConversationState:
     event_count: int = 0
     csat_score: int = 0
     last_intent: str = ""
+    # Where a handed-off conversation waits (empty once an agent accepted it or it went back).
+    queue: str = ""
+    handoff_reason: str = ""
+    handoff_at_ns: int = 0
+    # Customer messages the assistant has decided on (intent, reply or handoff), recent ones:
+    # decisions carry deterministic ids, and one redelivered after a crash is applied once.
+    recent_decisions: tuple[str, ...] = ()
     # Where the last applied event sits in the log: anything at or before it is a redelivery.
     last_partition: int = -1
     last_offset: int = -1
@@ -52,12 +59,14 @@ class ConversationState:
         data = {name: getattr(self, name) for name in _FIELDS}
         data["metadata"] = dict(self.metadata)
         data["recent_client_message_ids"] = list(self.recent_client_message_ids)
+        data["recent_decisions"] = list(self.recent_decisions)
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ConversationState:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["recent_client_message_ids"] = tuple(known.get("recent_client_message_ids", ()))
+        known["recent_decisions"] = tuple(known.get("recent_decisions", ()))
         return cls(**known)
 
 
@@ -79,6 +88,20 @@ def _is_redelivery(state: ConversationState, position: LogPosition, event: Event
     return state.last_partition == position.partition and position.offset <= state.last_offset
 
 
+def decision_key(event: Event) -> str:
+    """What a decision event decides, e.g. ``reply:<message event id>``; empty for other events.
+    The assistant derives its event ids from the same pair, so a decision written twice (a crash
+    between its write and its commit) has one key and one id."""
+    kind = event_type(event)
+    if kind == "intent_classified":
+        return f"intent:{event.intent_classified.message_event_id}"
+    if kind == "reply_generated" and event.reply_generated.message_event_id:
+        return f"reply:{event.reply_generated.message_event_id}"
+    if kind == "handoff_requested" and event.handoff_requested.message_event_id:
+        return f"handoff:{event.handoff_requested.message_event_id}"
+    return ""
+
+
 def _with_message(state: ConversationState, client_message_id: str, **changes: Any) -> ConversationState:
     recent = state.recent_client_message_ids
     if client_message_id:
@@ -97,6 +120,12 @@ def fold_event(state: ConversationState | None, event: Event, position: LogPosit
     kind = event_type(event)
     new = state
     sequence = 0
+    decided = decision_key(event)
+    if decided:
+        if decided in state.recent_decisions:
+            return FoldResult(_advance(state, event, position, occurred_ns, count=False), applied=False)
+        state = replace(state, recent_decisions=(*state.recent_decisions, decided)[-DEDUP_WINDOW:])
+        new = state
 
     if kind == "conversation_started":
         started = event.conversation_started
@@ -133,9 +162,20 @@ def fold_event(state: ConversationState | None, event: Event, position: LogPosit
     elif kind == "intent_classified":
         new = replace(state, last_intent=event.intent_classified.intent)
     elif kind == "handoff_requested":
-        new = replace(state, mode=MODE_AGENT, handoff_count=state.handoff_count + 1)
+        handoff = event.handoff_requested
+        new = replace(
+            state,
+            mode=MODE_AGENT,
+            handoff_count=state.handoff_count + 1,
+            assignee="",
+            queue=handoff.queue or "general",
+            handoff_reason=handoff.reason,
+            handoff_at_ns=occurred_ns,
+        )
     elif kind == "agent_assigned":
-        new = replace(state, mode=MODE_AGENT, assignee=event.agent_assigned.agent_id)
+        new = replace(state, mode=MODE_AGENT, assignee=event.agent_assigned.agent_id, queue="")
+    elif kind == "returned_to_bot":
+        new = replace(state, mode=MODE_BOT, assignee="", queue="")
     elif kind == "conversation_closed":
         new = replace(
             state,

@@ -197,12 +197,14 @@ class SessionsProcessor:
         for event, record in decoded:
             slot = (event.tenant_id, event.conversation_id)
             position = LogPosition(record.partition, record.offset)
+            before = states[slot]
             try:
-                result = fold_event(states[slot], event, position)
+                result = fold_event(before, event, position)
             except Exception as exc:  # a pure step: this record fails every time
                 rejected.append((record, exc))
                 continue
             states[slot] = result.state
+            _requeue(pipe, before, result.state)
             if not result.applied:
                 continue
             changed[slot] = result.state
@@ -254,6 +256,16 @@ class SessionsProcessor:
         for p in now_ready:
             self._rebuilding.pop(p, None)
             log.info("partition %d: hot view rebuilt up to offset %d; accepting writes again", p, last[p])
+
+
+def _requeue(pipe: Any, before: ConversationState | None, after: ConversationState) -> None:
+    """Keep the agents' queues (sorted sets, oldest handoff first) in step with the states."""
+    was = before.queue if before is not None and before.status != STATUS_CLOSED else ""
+    now = after.queue if after.status != STATUS_CLOSED else ""
+    if was and was != now:
+        pipe.zrem(hv.queue_key(after.tenant_id, was), after.conversation_id)
+    if now and (now != was or before is None or before.handoff_at_ns != after.handoff_at_ns):
+        pipe.zadd(hv.queue_key(after.tenant_id, now), {after.conversation_id: after.handoff_at_ns})
 
 
 def _claim_of(event: Event) -> str:
