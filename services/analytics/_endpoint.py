@@ -10,6 +10,8 @@ What it implements of https://clickhouse.com/docs/interfaces/http:
 - ``param_<name>`` query parameters for ``{name:Type}`` placeholders.
 - ``default_format`` (TabSeparated otherwise) and a trailing ``FORMAT`` clause; any output format
   ClickHouse has.
+- ``client_protocol_version``: Native output carries what a server writes for that protocol
+  revision (BlockInfo, serialization-kind bytes), as clickhouse-go v2 (Grafana) expects.
 - ``database``, ``query_id``, ``session_id`` / ``session_timeout`` / ``session_check`` (a session
   keeps its own connection, so ``SET``, ``USE`` and temporary tables persist in it), and every other
   URL parameter as a query-scoped setting.
@@ -46,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from services.analytics._native import NativeFormatError, with_protocol_revision
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +162,8 @@ class QueryRequest:
     # "" (read-write), "1" or "2": ClickHouse's readonly levels; GET requests are "2".
     readonly: str = ""
     query_id: str = ""
+    # The client's ``client_protocol_version`` (0: none); shapes Native output (see _native).
+    client_protocol_version: int = 0
 
 
 @dataclass(slots=True)
@@ -353,6 +359,11 @@ class ChdbQueryEngine:
         fmt = output_format(request.sql, request.default_format)
         result = self._run(conn, request.sql, request.default_format, request.params)
         body = bytes(result.bytes() or b"")
+        if request.client_protocol_version and fmt.lower() == "native":
+            try:
+                body = with_protocol_revision(body, request.client_protocol_version)
+            except NativeFormatError as exc:
+                raise QueryError(f"Code: 48. DB::Exception: {exc}. (NOT_IMPLEMENTED)", 48) from exc
         summary = {
             "read_rows": str(result.rows_read()),
             "read_bytes": str(result.bytes_read()),
@@ -470,9 +481,12 @@ async def parse_request(request: web.Request) -> QueryRequest:
             settings[name] = value
     try:
         timeout = float(values.get("session_timeout", "60"))
+        protocol = int(values.get("client_protocol_version") or 0)
     except ValueError as exc:
         raise QueryError(
-            "Code: 36. DB::Exception: session_timeout is not a number. (BAD_ARGUMENTS)", 36
+            "Code: 36. DB::Exception: session_timeout or client_protocol_version is not a number. "
+            "(BAD_ARGUMENTS)",
+            36,
         ) from exc
     return QueryRequest(
         sql=sql,
@@ -487,6 +501,7 @@ async def parse_request(request: web.Request) -> QueryRequest:
         session_check=values.get("session_check", "0") in ("1", "true"),
         readonly=_readonly_level(request.method, values.get("readonly", "")),
         query_id=values.get("query_id", ""),
+        client_protocol_version=protocol,
     )
 
 
