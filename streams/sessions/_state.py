@@ -137,6 +137,10 @@ def fold_event(state: ConversationState | None, event: Event, position: LogPosit
             metadata=dict(started.metadata),
             created_at_ns=state.created_at_ns or occurred_ns,
         )
+    elif kind in ("message_received", "agent_message_sent") and state.status == STATUS_CLOSED:
+        # A message that raced the close (from another ingress replica) and lost: the
+        # conversation is over; it is not counted.
+        return FoldResult(_advance(state, event, position, occurred_ns, count=False), applied=False)
     elif kind in ("message_received", "agent_message_sent"):
         cmid = (
             event.message_received.client_message_id

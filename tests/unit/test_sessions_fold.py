@@ -90,3 +90,19 @@ def test_open_until_closed_and_unknown_fields_ignored():
     data = state.to_json() | {"field_from_the_future": 1}
     assert ConversationState.from_json(data) == state
     assert replace(state, status=STATUS_CLOSED).status == STATUS_CLOSED
+
+
+def test_a_message_after_the_close_is_not_counted():
+    state = fold_all([started(), message("a"), closed(), message("late")])
+    assert state.status == STATUS_CLOSED and state.message_count == 1
+
+
+def test_a_decision_written_twice_is_applied_once():
+    from schemas.events import new_event as ne
+
+    reply = ne("acme", "c1", reply_generated=events_pb2.ReplyGenerated(message_event_id="m-1", text="hi"))
+    again = Event()
+    again.CopyFrom(reply)
+    again.event_id = "another-id-same-decision"
+    state = fold_all([started(), message("a"), reply, again])
+    assert state.bot_message_count == 1 and state.message_count == 2
