@@ -1,0 +1,78 @@
+"""Keyword tokens and chunking of knowledge documents."""
+
+from __future__ import annotations
+
+import pytest
+
+from streams.knowledge import MAX_CHUNK_CHARS, Document, chunk_document, detect_language, tokenize
+
+
+def test_chinese_is_unigrams_and_bigrams_without_particles():
+    tokens = tokenize("发票抬头")
+    assert tokens == ["发", "发票", "票", "票抬", "抬", "抬头", "头"]
+    # Particles are dropped as unigrams but kept inside bigrams.
+    assert "的" not in tokenize("我的发票")
+    assert "的发" in tokenize("我的发票")
+
+
+def test_english_is_lowercased_stemmed_and_stopworded():
+    assert tokenize("Where are my Refunds?") == ["refund"]
+    assert tokenize("shipped") == tokenize("shipping") == tokenize("ships")
+    assert tokenize("invoices") == tokenize("invoice")
+    assert tokenize("cancelled") == tokenize("cancel")
+
+
+def test_mixed_text_and_full_width_characters():
+    assert tokenize("我的ｏｒｄｅｒ到了吗") == ["我的", "order", "到", "到了", "了吗"]
+    assert "20481234" in tokenize("订单SO-20481234")
+
+
+def test_language_detection():
+    assert detect_language("亲，在吗？我的快递到哪了") == "zh"
+    assert detect_language("where is my parcel") == "en"
+    assert detect_language("我的order什么时候到") == "zh"
+
+
+def test_short_document_is_one_chunk_with_title_context():
+    doc = Document("faq-1", "Refunds", "Refunds take 3-5 days.", tags=("refund",))
+    [chunk] = chunk_document(doc)
+    assert chunk.chunk_id == "faq-1#0"
+    assert chunk.text == "Refunds take 3-5 days."
+    assert chunk.indexed_text.startswith("Refunds\n")
+    assert chunk.language == "en"
+    assert chunk.tags == ("refund",)
+
+
+def test_long_document_splits_at_paragraphs_then_sentences_within_bound():
+    paragraphs = ["第一段。" * 30, "Second paragraph. " * 40, "短的一段。"]
+    doc = Document("long", "标题", "\n\n".join(paragraphs))
+    chunks = chunk_document(doc, max_chars=100)
+    assert len(chunks) > 3
+    assert [c.chunk_id for c in chunks] == [f"long#{n}" for n in range(len(chunks))]
+    assert all(0 < len(c.text) <= 100 for c in chunks)
+    # Nothing is lost (whitespace aside).
+    joined = "".join(c.text for c in chunks).replace("\n", "").replace(" ", "")
+    assert joined == "".join(paragraphs).replace(" ", "")
+    # Sentence ends are respected: no chunk starts in the middle of "第一段。".
+    assert all(not c.text.startswith(("一段", "段。")) for c in chunks)
+
+
+def test_an_unbroken_run_is_cut_at_the_bound():
+    doc = Document("blob", "t", "x" * 1000)
+    chunks = chunk_document(doc)
+    assert all(len(c.text) <= MAX_CHUNK_CHARS for c in chunks)
+    assert "".join(c.text for c in chunks) == "x" * 1000
+
+
+def test_chunking_is_deterministic():
+    doc = Document("d", "Title", "One.\n\nTwo. Three.\n\n" + "Four. " * 100)
+    assert chunk_document(doc) == chunk_document(doc)
+
+
+def test_document_validation_and_fingerprint():
+    with pytest.raises(ValueError, match="document_id"):
+        Document("a#1", "t", "b")
+    a = Document("a", "t", "退款说明")
+    assert a.language == "zh"
+    assert a.fingerprint == Document("a", "t", "退款说明", language="zh").fingerprint
+    assert a.fingerprint != Document("a", "t", "退款说明。").fingerprint
