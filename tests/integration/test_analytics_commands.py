@@ -59,6 +59,10 @@ def test_migrate_then_sql_without_a_running_analytics_process(tmp_path: Path) ->
     out = switchboard(env, "sql", "SELECT count() FROM switchboard.schema_migrations", "-f", "TSV")
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"{len(names)}\n"
+    # Database switchboard by default; any ClickHouse output format.
+    out = switchboard(env, "sql", "SELECT count() AS n FROM events", "--format", "JSONEachRow")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == '{"n":0}\n'
 
 
 def test_a_directory_held_by_another_process_gives_a_clear_error(tmp_path: Path) -> None:
