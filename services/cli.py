@@ -91,6 +91,22 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         from streams.sessions._worker import run_sessions
 
         run_sessions(_settings(), args.log_level)
+    elif args.role == "assistant":
+        from streams.assistant._worker import run_assistant
+
+        run_assistant(_settings(), args.log_level)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from streams.assistant.intent import build_models
+
+    _logging("info")
+    settings = _settings()
+    manifest = build_models(settings.effective_models_dir, force=args.force)
+    print(
+        f"models in {settings.effective_models_dir}: {', '.join(sorted(manifest.get('artifacts', manifest)))}"
+    )
     return 0
 
 
@@ -149,9 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("worker", help="run a stream processor")
-    p.add_argument("role", choices=["sessions"])
+    p.add_argument("role", choices=["sessions", "assistant"])
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("models", help="build the ONNX models and tokenizers the assistant runs on")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--force", action="store_true", help="rebuild even when current")
+    p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("run", help="bring up the stack and every process, play a demo, serve until Ctrl-C")
     p.add_argument("--no-demo", action="store_true")

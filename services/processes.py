@@ -70,6 +70,7 @@ def switchboard_children(settings: Settings, env: dict[str, str] | None = None) 
     return {
         "analytics": Child("analytics", ["analytics"], logs / "analytics.log", extra),
         "sessions": Child("sessions", ["worker", "sessions"], logs / "sessions.log", extra),
+        "assistant": Child("assistant", ["worker", "assistant"], logs / "assistant.log", extra),
         "ingress": Child("ingress", ["ingress"], logs / "ingress.log", extra),
     }
 

@@ -55,6 +55,7 @@ _BASE_ENV = {
     "SWITCHBOARD_S3_ADMIN_GRPC_PORT": "28336",
     "SWITCHBOARD_GRPC_LISTEN": "127.0.0.1:25051",
     "SWITCHBOARD_ANALYTICS_LISTEN": "127.0.0.1:28123",
+    "SWITCHBOARD_ASSISTANT_LISTEN": "127.0.0.1:25061",
     "SWITCHBOARD_TOPIC_PARTITIONS": "4",
     "SWITCHBOARD_PRODUCE_TIMEOUT_S": "5",
 }
@@ -99,7 +100,12 @@ def test_env() -> Iterator[dict[str, str]]:
             prefix="sb-it-", dir=PROJECT_ROOT / "var" if (PROJECT_ROOT / "var").exists() else None
         )
     )
-    env = {**TEST_ENV, "SWITCHBOARD_DATA_DIR": str(data_dir)}
+    # Models are built once into the project's var/models and shared by every run.
+    env = {
+        **TEST_ENV,
+        "SWITCHBOARD_DATA_DIR": str(data_dir),
+        "SWITCHBOARD_MODELS_DIR": str(PROJECT_ROOT / "var" / "models"),
+    }
     yield env
     if not keep:
         shutil.rmtree(data_dir, ignore_errors=True)

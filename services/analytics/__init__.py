@@ -1,13 +1,8 @@
 """Analytics: ClickHouse migrations, the chdb-owning analytics process and its query endpoint.
 
-Tables live in database ``switchboard`` (see ``schemas/clickhouse``). The ReplacingMergeTree
-tables (events, messages, replies, intents, handoffs, csat) may briefly hold duplicates of what
-was projected twice; exact reads need ``FINAL`` or the setting ``final = 1``. The embedded query
-endpoint and `run_query` apply ``final = 1`` by default, so there ``SELECT count() FROM
-switchboard.messages`` is exact as written; against a ClickHouse server write
-``SELECT count() FROM switchboard.messages FINAL`` (or ``SETTINGS final = 1``, or put
-``final = 1`` in the analysts' settings profile). ``switchboard.conversations`` is a view that
-aggregates, exact either way.
+The projector writes raw_* storage tables; analysts read views with FINAL inside (events,
+messages, ...) and aggregate views (conversations, metrics_per_minute), exact on any DSN with no
+settings of ours; see docs/analytics.md.
 """
 
 from services.analytics._clickhouse import (
