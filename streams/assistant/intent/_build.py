@@ -22,16 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from streams.assistant.encoder import ENCODER_FILE, TOKENIZER_FILE
+from streams.assistant.intent._classifier import HEAD_FILE, META_FILE, NGRAM_FILE
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
-# Bump when a stage's code changes in a way that changes its artifacts.
+INTENT_FILES = [NGRAM_FILE, HEAD_FILE, META_FILE]
+# Bump when the encoder conversion changes in a way that changes its artifacts.
 ENCODER_BUILD_VERSION = 1
-INTENT_BUILD_VERSION = 1
 
 _HERE = Path(__file__).parent
-DATA_DIR = _HERE / "data"
 
 
 def _sha256(path: Path) -> str:
@@ -74,6 +74,20 @@ def _build_encoder(models_dir: Path) -> None:
     build_encoder_onnx(models_dir / ENCODER_FILE)
 
 
+def _intent_inputs() -> dict[str, Any] | None:
+    if _package_version("skl2onnx") is None or _package_version("scikit-learn") is None:
+        return None
+    from streams.assistant.intent._build_intent import intent_stage_inputs
+
+    return intent_stage_inputs()
+
+
+def _train_intent(models_dir: Path) -> None:
+    from streams.assistant.intent._build_intent import train_intent
+
+    train_intent(models_dir)
+
+
 class _Stage:
     def __init__(
         self,
@@ -89,17 +103,10 @@ class _Stage:
 
 
 def _stages() -> list[_Stage]:
-    stages = [_Stage("encoder", [ENCODER_FILE, TOKENIZER_FILE], _encoder_inputs, _build_encoder)]
-    try:
-        from streams.assistant.intent._build_intent import (
-            intent_stage_files,
-            intent_stage_inputs,
-            train_intent,
-        )
-    except ImportError:  # pragma: no cover - intent stage not present in this checkout
-        return stages
-    stages.append(_Stage("intent", intent_stage_files(), intent_stage_inputs, train_intent))
-    return stages
+    return [
+        _Stage("encoder", [ENCODER_FILE, TOKENIZER_FILE], _encoder_inputs, _build_encoder),
+        _Stage("intent", INTENT_FILES, _intent_inputs, _train_intent),
+    ]
 
 
 def _read_manifest(models_dir: Path) -> dict[str, Any]:
