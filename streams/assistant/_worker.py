@@ -1,0 +1,491 @@
+"""The assistant: for each customer message in a conversation in bot mode, decide — intent, then a
+handoff or a grounded answer — and append the decisions to the conversation as events.
+
+Decisions are events with ids derived from the message they answer (`decision_id`), so a batch
+applied again after a crash writes the same ids, and the sessions fold and the projections keep
+one of each. Offsets are committed only after the decisions are durable in Kafka (the consumer's
+contract). Replies of different conversations are generated concurrently; each conversation's
+messages are answered in order. While a reply is generated its text goes to the conversation's
+reply stream in Redis (StreamConversation shows it as `reply_delta`); only the finished reply is
+written to the log.
+
+The knowledge base is a fold of the compacted `knowledge-events` topic, read from its start on
+every start and followed from then on; the documents are mirrored to Redis for Get/ListDocuments,
+and SearchKnowledge is served from this process's index on `settings.assistant_listen`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from switchboard.v1 import chat_pb2, events_pb2, knowledge_pb2, knowledge_pb2_grpc
+
+from schemas import hotview as hv
+from schemas.events import (
+    Event,
+    EventDecodeError,
+    decode_event,
+    encode_event,
+    event_headers,
+    event_type,
+    now_timestamp,
+)
+from services.settings import Settings
+from streams._consumer import (
+    BatchConsumer,
+    PartitionControl,
+    Record,
+    Rejected,
+    instance_id,
+    run_until_signalled,
+)
+from streams.assistant.gateway import AnswerRequest, GatewayConfig, GroundingPassage, ModelGateway
+from streams.assistant.handoff import HandoffHistory, IntentDecision, decide_handoff, record_turn
+from streams.knowledge import Document, Hit, KnowledgeBase, detect_language
+
+log = logging.getLogger(__name__)
+
+_DECISIONS = uuid.UUID("6f1c8d2e-5b7a-4c3e-9a41-2d8e0f7b9c55")
+SEARCH_LIMIT = 3
+DELTA_STREAM_MAXLEN = 1000
+DELTA_STREAM_TTL_S = 3600
+
+
+def decision_id(kind: str, message_event_id: str) -> str:
+    """The id of the `kind` decision about a message: the same on every run."""
+    return str(uuid.uuid5(_DECISIONS, f"{kind}:{message_event_id}"))
+
+
+@dataclass
+class _Conversation:
+    mode: str = "bot"
+    closed: bool = False
+    history: HandoffHistory = field(default_factory=HandoffHistory)
+
+
+@dataclass(frozen=True)
+class _Job:
+    event: Event
+    record: Record
+
+
+class AssistantProcessor:
+    name = "assistant"
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        producer: AIOKafkaProducer,
+        knowledge: KnowledgeBase,
+        classifier: Any,
+        gateway: ModelGateway,
+    ) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._producer = producer
+        self._knowledge = knowledge
+        self._classifier = classifier
+        self._gateway = gateway
+        self._conversations: dict[tuple[str, str], _Conversation] = {}
+        # Model inference is CPU-bound: one thread, off the event loop.
+        self._models = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assistant-models")
+        self.decided = 0
+
+    async def on_assigned(self, partitions: set[int], consumer: PartitionControl) -> None:
+        return None
+
+    async def on_revoked(self, partitions: set[int]) -> None:
+        self._conversations.clear()
+
+    async def idle(self, consumer: PartitionControl) -> None:
+        return None
+
+    async def healthy(self) -> bool:
+        return bool(await self._redis.ping())
+
+    async def process(self, records: Sequence[Record]) -> Rejected:
+        rejected: list[tuple[Record, BaseException]] = []
+        jobs: list[_Job] = []
+        for r in records:
+            try:
+                event = decode_event(r.value)
+            except EventDecodeError as exc:
+                rejected.append((r, exc))
+                continue
+            if self._observe(event):
+                jobs.append(_Job(event, r))
+        if not jobs:
+            return rejected
+        jobs = await self._undecided(jobs)
+        if not jobs:
+            return rejected
+        loop = asyncio.get_running_loop()
+        texts = [j.event.message_received.text for j in jobs]
+        intents = await loop.run_in_executor(self._models, self._classifier.classify, texts)
+        by_conversation: dict[tuple[str, str], list[tuple[_Job, Any]]] = {}
+        for job, intent in zip(jobs, intents, strict=True):
+            by_conversation.setdefault((job.event.tenant_id, job.event.conversation_id), []).append(
+                (job, intent)
+            )
+        decided = await asyncio.gather(*(self._answer_in_order(items) for items in by_conversation.values()))
+        sends = [
+            await self._producer.send(
+                self._settings.conversation_topic,
+                key=event.conversation_id.encode(),
+                value=encode_event(event),
+                headers=event_headers(event),
+            )
+            for events in decided
+            for event in events
+        ]
+        await asyncio.gather(*sends)
+        self.decided += len(jobs)
+        return rejected
+
+    def _observe(self, event: Event) -> bool:
+        """Track each conversation's mode from the log; True for a message the bot should answer."""
+        slot = (event.tenant_id, event.conversation_id)
+        conv = self._conversations.setdefault(slot, _Conversation())
+        kind = event_type(event)
+        if kind == "conversation_started":
+            self._conversations[slot] = _Conversation()
+        elif kind in ("handoff_requested", "agent_assigned"):
+            conv.mode = "agent"
+        elif kind == "returned_to_bot":
+            conv.mode = "bot"
+            conv.history = HandoffHistory()
+        elif kind == "conversation_closed":
+            conv.closed = True
+        elif kind == "message_received":
+            sender = event.message_received.sender
+            customer = sender in (events_pb2.SENDER_UNSPECIFIED, events_pb2.SENDER_CUSTOMER)
+            return customer and conv.mode == "bot" and not conv.closed
+        return False
+
+    async def _undecided(self, jobs: list[_Job]) -> list[_Job]:
+        """Drop messages the log already has a decision for (a batch applied again after a crash
+        whose decisions were written): the hot view's state lists recent decisions."""
+        slots = list(dict.fromkeys((j.event.tenant_id, j.event.conversation_id) for j in jobs))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for slot in slots:
+                pipe.hget(hv.conversation_key(*slot), hv.F_STATE)
+            states = await pipe.execute()
+        decided: set[str] = set()
+        for raw in states:
+            if raw:
+                decided.update(json.loads(raw).get("recent_decisions", ()))
+        return [j for j in jobs if f"intent:{j.event.event_id}" not in decided]
+
+    async def _answer_in_order(self, items: list[tuple[_Job, Any]]) -> list[Event]:
+        events: list[Event] = []
+        for job, intent in items:
+            events.extend(await self._decide(job, intent))
+        return events
+
+    async def _decide(self, job: _Job, intent: Any) -> list[Event]:
+        message = job.event
+        slot = (message.tenant_id, message.conversation_id)
+        conv = self._conversations.setdefault(slot, _Conversation())
+        text = message.message_received.text
+        language = getattr(intent, "language", "") or detect_language(text)
+        decision = _event(
+            message,
+            "intent",
+            intent_classified=events_pb2.IntentClassified(
+                message_event_id=message.event_id,
+                intent=intent.label,
+                confidence=float(intent.confidence),
+                model=getattr(intent, "model", "intent-cascade"),
+                stage=getattr(intent, "stage", ""),
+                model_version=getattr(intent, "model_version", ""),
+                language=language,
+            ),
+        )
+        loop = asyncio.get_running_loop()
+        hits: list[Hit] = await loop.run_in_executor(
+            self._models, self._knowledge.search, message.tenant_id, text, SEARCH_LIMIT, intent.label
+        )
+        relevant = [h for h in hits if h.relevant]
+        verdict = IntentDecision(intent.label, float(intent.confidence))
+        handoff = decide_handoff(text=text, intent=verdict, answered=bool(relevant), history=conv.history)
+        conv.history = record_turn(conv.history, verdict, bool(relevant))
+        if handoff is not None:
+            conv.mode = "agent"
+            return [
+                decision,
+                _event(
+                    message,
+                    "handoff",
+                    handoff_requested=events_pb2.HandoffRequested(
+                        reason=handoff.reason, queue=handoff.queue, message_event_id=message.event_id
+                    ),
+                ),
+            ]
+        reply_id = decision_id("reply", message.event_id)
+        request = AnswerRequest(
+            question=text,
+            language=language,
+            passages=[
+                GroundingPassage(h.document_id, h.chunk_id, h.title, h.snippet, h.scores.rerank, h.language)
+                for h in relevant
+            ],
+            intent=intent.label,
+            tenant_id=message.tenant_id,
+            conversation_id=message.conversation_id,
+        )
+        stream = self._gateway.stream(request)
+        delta_key = hv.reply_stream_key(*slot)
+        async for delta in stream:
+            await self._publish_delta(delta_key, reply_id, message.event_id, delta)
+        answer = stream.answer
+        reply = _event(
+            message,
+            "reply",
+            reply_generated=events_pb2.ReplyGenerated(
+                message_event_id=message.event_id,
+                text=answer.text,
+                model=answer.model,
+                citations=[
+                    events_pb2.Citation(document_id=c.document_id, chunk_id=c.chunk_id, score=c.score)
+                    for c in answer.citations
+                ],
+                latency_ms=answer.latency_ms,
+                prompt_tokens=answer.prompt_tokens,
+                completion_tokens=answer.completion_tokens,
+                adapter=answer.adapter,
+                first_token_ms=answer.first_token_ms,
+                language=answer.language or language,
+                grounded=answer.grounded,
+                reply_id=reply_id,
+                intent=intent.label,
+            ),
+        )
+        return [decision, reply]
+
+    async def _publish_delta(self, key: str, reply_id: str, message_event_id: str, delta: Any) -> None:
+        update = chat_pb2.ReplyDelta(
+            reply_id=reply_id,
+            index=delta.index,
+            text=delta.text,
+            restart=delta.restart,
+            message_event_id=message_event_id,
+        )
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(
+                    key, {b"d": update.SerializeToString()}, maxlen=DELTA_STREAM_MAXLEN, approximate=True
+                )
+                pipe.expire(key, DELTA_STREAM_TTL_S)
+                await pipe.execute()
+        except Exception as exc:  # deltas are a courtesy: the finished reply is the record
+            log.warning("reply delta for %s not published: %r", reply_id, exc)
+
+
+def _event(message: Event, kind: str, **payload: Any) -> Event:
+    event = Event(
+        event_id=decision_id(kind, message.event_id),
+        tenant_id=message.tenant_id,
+        conversation_id=message.conversation_id,
+        causation_id=message.event_id,
+        schema_version=message.schema_version or 1,
+    )
+    event.occurred_at.CopyFrom(now_timestamp())
+    if message.trace.traceparent:
+        event.trace.CopyFrom(message.trace)
+    ((name, value),) = payload.items()
+    getattr(event, name).CopyFrom(value)
+    return event
+
+
+# --- the knowledge base: a fold of knowledge-events ------------------------------------------------
+
+
+def document_of(proto: knowledge_pb2.Document) -> Document:
+    return Document(
+        document_id=proto.document_id,
+        title=proto.title,
+        body=proto.body,
+        language=proto.language,
+        tags=tuple(proto.tags),
+        url=proto.url,
+    )
+
+
+class KnowledgeFollower:
+    """Reads knowledge-events from the start (no consumer group: every assistant holds every
+    tenant's index) and keeps following; `ready` is set once the start-up read reached the end."""
+
+    def __init__(self, settings: Settings, knowledge: KnowledgeBase, redis: aioredis.Redis) -> None:
+        self._settings = settings
+        self._knowledge = knowledge
+        self._redis = redis
+        self.ready = asyncio.Event()
+        self.applied = 0
+        self._models = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knowledge-index")
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._settings.kafka_bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100
+        )
+        await consumer.start()
+        try:
+            topic = self._settings.knowledge_topic
+            partitions = consumer.partitions_for_topic(topic) or set()
+            if not partitions:
+                await consumer._client.force_metadata_update()
+                partitions = consumer.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            while True:
+                fetched = await consumer.getmany(timeout_ms=200, max_records=500)
+                for tp, batch in fetched.items():
+                    await self._apply([r.value for r in batch if r.value], tp)
+                positions = [await consumer.position(tp) for tp in tps]
+                if not self.ready.is_set() and all(
+                    p >= ends[tp] for p, tp in zip(positions, tps, strict=True)
+                ):
+                    self.ready.set()
+                    log.info(
+                        "knowledge base loaded: %d records, tenants %s",
+                        self.applied,
+                        self._knowledge.tenants(),
+                    )
+        finally:
+            await consumer.stop()
+
+    async def _apply(self, values: list[bytes], tp: TopicPartition) -> None:
+        upserts: dict[str, list[Document]] = {}
+        pipe = self._redis.pipeline(transaction=False)
+        for value in values:
+            record = knowledge_pb2.KnowledgeEvent()
+            try:
+                record.ParseFromString(value)
+                kind = record.WhichOneof("payload")
+                if kind == "document_upserted":
+                    document = document_of(record.document_upserted)
+                    upserts.setdefault(record.tenant_id, []).append(document)
+                    stored = knowledge_pb2.Document()
+                    stored.CopyFrom(record.document_upserted)
+                    stored.language = document.language
+                    stored.updated_at.CopyFrom(record.occurred_at)
+                    pipe.hset(
+                        hv.documents_key(record.tenant_id), document.document_id, stored.SerializeToString()
+                    )
+                elif kind == "document_deleted":
+                    for tenant, docs in list(upserts.items()):
+                        upserts[tenant] = [d for d in docs if d.document_id != record.document_deleted]
+                    self._knowledge.delete(record.tenant_id, record.document_deleted)
+                    pipe.hdel(hv.documents_key(record.tenant_id), record.document_deleted)
+            except Exception as exc:
+                log.error("knowledge record on %s skipped: %r", tp, exc)
+                continue
+            self.applied += 1
+        loop = asyncio.get_running_loop()
+        for tenant, docs in upserts.items():
+            await loop.run_in_executor(self._models, self._knowledge.upsert, tenant, docs)
+        await pipe.execute()
+
+
+class SearchServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
+    """SearchKnowledge from this process's index (the ingress forwards to it)."""
+
+    def __init__(self, knowledge: KnowledgeBase) -> None:
+        self._knowledge = knowledge
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knowledge-search")
+
+    async def SearchKnowledge(
+        self, request: knowledge_pb2.SearchKnowledgeRequest, context: grpc.aio.ServicerContext
+    ) -> knowledge_pb2.SearchKnowledgeResponse:
+        limit = min(int(request.limit or 5), 50)
+        loop = asyncio.get_running_loop()
+        hits = await loop.run_in_executor(
+            self._executor, self._knowledge.search, request.tenant_id, request.query, limit, None
+        )
+        return knowledge_pb2.SearchKnowledgeResponse(
+            hits=[
+                knowledge_pb2.SearchHit(
+                    document_id=h.document_id,
+                    chunk_id=h.chunk_id,
+                    title=h.title,
+                    snippet=h.snippet,
+                    score=h.scores.rerank,
+                    bm25=h.scores.bm25,
+                    cosine=h.scores.cosine,
+                    language=h.language,
+                    url=h.url,
+                    relevant=h.relevant,
+                )
+                for h in hits
+            ]
+        )
+
+
+# --- the process -------------------------------------------------------------------------------
+
+
+def load_models(settings: Settings) -> tuple[KnowledgeBase, Any]:
+    from streams.assistant.encoder import load_encoder
+    from streams.assistant.intent import build_models
+    from streams.assistant.intent._classifier import load_intent_classifier
+
+    models_dir = settings.effective_models_dir
+    build_models(models_dir)
+    encoder = load_encoder(models_dir)
+    return KnowledgeBase(encoder), load_intent_classifier(models_dir, encoder=encoder)
+
+
+async def serve_assistant(settings: Settings) -> None:
+    started = time.monotonic()
+    knowledge, classifier = await asyncio.to_thread(load_models, settings)
+    log.info("models loaded in %.1fs", time.monotonic() - started)
+    redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=2
+    )
+    await producer.start()
+    gateway = ModelGateway(GatewayConfig.from_env_string(settings.gateway))
+    follower = KnowledgeFollower(settings, knowledge, redis)
+    following = asyncio.create_task(follower.run())
+    server = grpc.aio.server()
+    knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(SearchServicer(knowledge), server)
+    server.add_insecure_port(settings.assistant_listen)
+    await server.start()
+    processor = AssistantProcessor(settings, redis, producer, knowledge, classifier, gateway)
+    consumer = BatchConsumer(
+        settings,
+        processor,
+        topic=settings.conversation_topic,
+        group_id="switchboard-assistant",
+        batch_size=settings.assistant_batch_size,
+        instance_id=instance_id(settings, "assistant"),
+    )
+
+    async def shutdown() -> None:
+        following.cancel()
+        await server.stop(2)
+        await gateway.aclose()
+        await producer.stop()
+        await redis.aclose()
+
+    # The index is loaded before the first message is answered.
+    await follower.ready.wait()
+    await run_until_signalled(consumer, shutdown)
+
+
+def run_assistant(settings: Settings, loglevel: str = "info") -> None:
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve_assistant(settings))

@@ -1,0 +1,197 @@
+"""The assistant on the real stack: cited answers in Chinese and English, a handoff on request,
+reply deltas in the hot view, and exactly one intent per message after a kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+from aiokafka import AIOKafkaProducer
+from switchboard.v1 import chat_pb2, knowledge_pb2
+
+from schemas import hotview as hv
+from schemas.events import now_timestamp
+from streams.knowledge import load_demo_documents
+from tests.conftest import System, eventually, start_conversation
+
+pytestmark = pytest.mark.integration
+
+
+async def load_faq(system: System, tenant: str) -> None:
+    """The demo FAQ as KnowledgeEvents on the knowledge topic (what UpsertDocuments writes)."""
+    settings = system.settings
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for doc in load_demo_documents():
+            record = knowledge_pb2.KnowledgeEvent(
+                event_id=str(uuid.uuid4()),
+                tenant_id=tenant,
+                document_upserted=knowledge_pb2.Document(
+                    document_id=doc.document_id,
+                    title=doc.title,
+                    body=doc.body,
+                    language=doc.language,
+                    tags=list(doc.tags),
+                    url=doc.url,
+                ),
+            )
+            record.occurred_at.CopyFrom(now_timestamp())
+            await producer.send(
+                settings.knowledge_topic,
+                key=f"{tenant}/{doc.document_id}".encode(),
+                value=record.SerializeToString(),
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def conversation(stub, tenant: str, cid: str) -> chat_pb2.Conversation | None:
+    try:
+        return await stub.GetConversation(
+            chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=cid)
+        )
+    except grpc.aio.AioRpcError:
+        return None
+
+
+@pytest.fixture(scope="module")
+async def faq_tenant(system: System) -> str:
+    tenant = f"faq{uuid.uuid4().hex[:8]}"
+    await load_faq(system, tenant)
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(system.settings.redis_url)
+    try:
+        await eventually(
+            lambda: client.hlen(hv.documents_key(tenant)), lambda n: n >= 50, within_s=180, what="FAQ indexed"
+        )
+    finally:
+        await client.aclose()
+    return tenant
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(
+    ("question", "language", "document"),
+    [
+        ("亲，我的订单到哪了？单号 SB20261130", "zh", "zh-order-status"),
+        ("how long does a refund take?", "en", "en-refund-timeline"),
+    ],
+)
+async def test_a_question_gets_a_cited_answer_in_its_language(
+    system: System, stub, faq_tenant: str, question: str, language: str, document: str
+) -> None:
+    cid = await start_conversation(stub, faq_tenant)
+    await stub.SendMessage(
+        chat_pb2.SendMessageRequest(
+            tenant_id=faq_tenant, conversation_id=cid, client_message_id="q1", text=question
+        )
+    )
+    conv = await eventually(
+        lambda: conversation(stub, faq_tenant, cid),
+        lambda c: c is not None and c.message_count >= 2,
+        within_s=120,
+        what="the bot's reply",
+    )
+    assert conv is not None and conv.mode == chat_pb2.CONVERSATION_MODE_BOT
+    # The reply event, with its citation, in the live stream.
+    stream = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(tenant_id=faq_tenant, conversation_id=cid)
+    )
+    kinds: dict[str, object] = {}
+    async for update in stream:
+        kind = update.event.WhichOneof("payload")
+        if kind:
+            kinds[kind] = getattr(update.event, kind)
+        if "reply_generated" in kinds:
+            stream.cancel()
+            break
+    intent = kinds["intent_classified"]
+    reply = kinds["reply_generated"]
+    assert intent.message_event_id == reply.message_event_id  # type: ignore[attr-defined]
+    assert reply.language == language and reply.grounded  # type: ignore[attr-defined]
+    assert document in [c.document_id for c in reply.citations]  # type: ignore[attr-defined]
+    assert reply.text  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(400)
+async def test_asking_for_a_person_hands_the_conversation_off(system: System, stub, faq_tenant: str) -> None:
+    cid = await start_conversation(stub, faq_tenant)
+    await stub.SendMessage(
+        chat_pb2.SendMessageRequest(
+            tenant_id=faq_tenant, conversation_id=cid, client_message_id="h1", text="我要人工客服"
+        )
+    )
+    conv = await eventually(
+        lambda: conversation(stub, faq_tenant, cid),
+        lambda c: c is not None and c.mode == chat_pb2.CONVERSATION_MODE_AGENT,
+        within_s=120,
+        what="the handoff",
+    )
+    assert conv is not None
+    # The bot stays quiet in agent mode.
+    await stub.SendMessage(
+        chat_pb2.SendMessageRequest(
+            tenant_id=faq_tenant, conversation_id=cid, client_message_id="h2", text="在吗？"
+        )
+    )
+    later = await eventually(
+        lambda: conversation(stub, faq_tenant, cid),
+        lambda c: c is not None and c.message_count >= 2,
+        within_s=60,
+    )
+    await asyncio.sleep(0)
+    assert later is not None and all(m.sender != 2 for m in later.messages)
+
+
+@pytest.mark.timeout(600)
+async def test_kill_9_of_the_assistant_leaves_exactly_one_intent_per_message(
+    system: System, stub, faq_tenant: str
+) -> None:
+    conversations = [await start_conversation(stub, faq_tenant) for _ in range(10)]
+    questions = ["运费怎么算", "how do I change my address?", "优惠券用不了", "can I get an invoice?"]
+    sent = 0
+    for round_ in range(6):
+        for i, cid in enumerate(conversations):
+            await stub.SendMessage(
+                chat_pb2.SendMessageRequest(
+                    tenant_id=faq_tenant,
+                    conversation_id=cid,
+                    client_message_id=f"k{round_}",
+                    text=questions[(i + round_) % len(questions)],
+                )
+            )
+            sent += 1
+        if round_ == 2:
+            system.children["assistant"].kill()
+            system.children["assistant"].start()
+
+    def intents() -> tuple[int, int]:
+        row = (
+            system.clickhouse()
+            .query(
+                "SELECT count(), uniqExact(message_event_id) FROM switchboard.intents WHERE tenant_id = {t:String} "
+                "AND conversation_id IN {c:Array(String)}",
+                parameters={"t": faq_tenant, "c": conversations},
+            )
+            .result_rows[0]
+        )
+        return int(row[0]), int(row[1])
+
+    total, distinct = await eventually(
+        lambda: asyncio.to_thread(intents),
+        lambda r: r[1] >= sent,
+        within_s=300,
+        what="an intent for every message",
+    )
+    assert total == distinct == sent
+    # And in the hot view: one reply (or handoff) per message, never two.
+    for cid in conversations:
+        conv = await conversation(stub, faq_tenant, cid)
+        assert conv is not None
+        bot = [m for m in conv.messages if m.sender == 2]
+        assert len(bot) <= 6
