@@ -4,6 +4,7 @@ liveness after a kill -9, and a Redis that loses everything while the system run
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 
@@ -94,7 +95,7 @@ async def test_ids_named_like_fields_or_full_of_separators_never_stop_the_proces
     await stub.SendMessage(send(tenant, other, "after the hostile ids", cmid="after"))
     for tenant_id, cid in [*pairs, (tenant, other)]:
         conv = await eventually(
-            lambda t=tenant_id, c=cid: get(stub, t, c),
+            functools.partial(get, stub, tenant_id, cid),
             lambda c: c is not None and c.message_count == 1,
             within_s=30,
             what=f"{tenant_id}/{cid} folded",
@@ -183,7 +184,9 @@ async def test_every_partition_is_applied_within_seconds_of_a_restart_after_kill
     lags = []
     for cid in ids:
         await eventually(
-            lambda c=cid: get(stub, tenant, c), lambda c: c is not None and c.message_count == 1, within_s=60
+            functools.partial(get, stub, tenant, cid),
+            lambda c: c is not None and c.message_count == 1,
+            within_s=60,
         )
         lags.append(time.monotonic() - started)
     # Written right after the restart: applied within the liveness bound.
@@ -193,7 +196,9 @@ async def test_every_partition_is_applied_within_seconds_of_a_restart_after_kill
         acked[cid] = time.monotonic()
     for cid in ids:
         await eventually(
-            lambda c=cid: get(stub, tenant, c), lambda c: c is not None and c.message_count == 2, within_s=30
+            functools.partial(get, stub, tenant, cid),
+            lambda c: c is not None and c.message_count == 2,
+            within_s=30,
         )
         lag = time.monotonic() - acked[cid]
         assert lag < 5.0, f"{cid}: applied {lag:.1f}s after its ack"

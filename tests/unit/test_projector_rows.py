@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -105,7 +106,7 @@ def conversation(tenant: str = "acme", conv: str = "c1") -> list[tuple[Event, Lo
     return [(at(e, T0 + i * 1_000_000_000), LogPosition(2, 100 + i)) for i, e in enumerate(events)]
 
 
-def as_dicts(rows: list[list[object]], table: str) -> list[dict[str, object]]:
+def as_dicts(rows: list[list[object]], table: str) -> list[dict[str, Any]]:
     return [dict(zip(COLUMNS[table], row, strict=True)) for row in rows]
 
 
@@ -266,7 +267,7 @@ def merge_facts(rows: list[list[object]]) -> dict[str, object]:
         if not values:
             merged[column] = None
         else:
-            merged[column] = min(values) if column in mins else max(values)  # type: ignore[type-var]
+            merged[column] = min(values) if column in mins else max(values)
     return merged
 
 
