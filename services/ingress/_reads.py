@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
+import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from switchboard.v1 import chat_pb2, events_pb2
 
@@ -23,6 +26,8 @@ from streams.sessions import STATUS_CLOSED, ConversationState
 log = logging.getLogger(__name__)
 
 MAX_RECENT = 200
+# The field of a reply-delta stream entry holding a serialized switchboard.v1.ReplyDelta.
+REPLY_DELTA_FIELD = b"d"
 
 
 class LiveFollow:
@@ -48,9 +53,12 @@ class LiveFollow:
 
 
 class ConversationReads:
-    def __init__(self, settings: Settings, hot: IngressHotView) -> None:
+    def __init__(self, settings: Settings, hot: IngressHotView, live: aioredis.Redis | None = None) -> None:
         self._settings = settings
         self._hot = hot
+        # The pool for blocking reads of live and reply-delta streams together; without it
+        # (unit tests) only events are followed.
+        self._live = live
         self._live_streams = 0
 
     async def require(self, tenant_id: str, conversation_id: str) -> Registration:
@@ -120,7 +128,8 @@ class ConversationReads:
             )
         self._live_streams += 1
         follow = LiveFollow(
-            self._follow(req.tenant_id, req.conversation_id, req.after_cursor or "0-0"), self._free_slot
+            self._follow(req.tenant_id, req.conversation_id, req.after_cursor or "0-0", req.after_cursor),
+            self._free_slot,
         )
         try:
             await self.require(req.tenant_id, req.conversation_id)
@@ -146,15 +155,50 @@ class ConversationReads:
             )
 
     async def _follow(
-        self, tenant_id: str, conversation_id: str, after: str
+        self, tenant_id: str, conversation_id: str, after: str, cursor: str
     ) -> AsyncIterator[chat_pb2.ConversationUpdate]:
+        """Events after `after`, and reply deltas from the moment the call began. A delta carries
+        the cursor of the last event sent (`cursor`), so resuming from any update's cursor
+        misses no event and repeats none; deltas themselves are never replayed."""
+        if self._live is None:
+            while True:
+                entries = await self._hot.read_live(tenant_id, conversation_id, after, LIVE_BLOCK_MS)
+                for entry_id, fields in entries:
+                    after = entry_id.decode()
+                    update = _update_of(after, fields)
+                    if update is not None:
+                        yield update
+        live_key = hv.live_stream_key(tenant_id, conversation_id)
+        delta_key = hv.reply_stream_key(tenant_id, conversation_id)
+        delta_after = await self._last_delta_id(delta_key)
         while True:
-            entries = await self._hot.read_live(tenant_id, conversation_id, after, LIVE_BLOCK_MS)
-            for entry_id, fields in entries:
+            reply: Any = await self._live.xread(
+                {live_key: after, delta_key: delta_after}, block=LIVE_BLOCK_MS, count=500
+            )
+            events: list[tuple[bytes, dict[bytes, bytes]]] = []
+            deltas: list[tuple[bytes, dict[bytes, bytes]]] = []
+            for stream, entries in reply or ():
+                name = stream.decode() if isinstance(stream, bytes) else str(stream)
+                (events if name == live_key else deltas).extend(entries)
+            # Deltas first: a reply's tokens are produced before its finished event is durable.
+            for entry_id, fields in deltas:
+                delta_after = entry_id.decode()
+                delta = _delta_of(fields)
+                if delta is not None:
+                    yield chat_pb2.ConversationUpdate(cursor=cursor, reply_delta=delta)
+            for entry_id, fields in events:
                 after = entry_id.decode()
                 update = _update_of(after, fields)
                 if update is not None:
+                    cursor = after
                     yield update
+
+    async def _last_delta_id(self, key: str) -> str:
+        """Where deltas start for this call: after the newest one there is now (XREAD's "$",
+        pinned once so that no delta between two reads is lost)."""
+        assert self._live is not None
+        newest: Any = await self._live.xrevrange(key, count=1)
+        return newest[0][0].decode() if newest else "0-0"
 
 
 def _timestamp(ns: int) -> Timestamp:
@@ -193,6 +237,16 @@ def _update_of(cursor: str, fields: dict[bytes, bytes]) -> chat_pb2.Conversation
         status=chat_pb2.CONVERSATION_STATUS_CLOSED if closed else chat_pb2.CONVERSATION_STATUS_OPEN,
         message_count=int(fields.get(hv.S_MESSAGES.encode(), b"0")),
     )
+
+
+def _delta_of(fields: dict[bytes, bytes]) -> chat_pb2.ReplyDelta | None:
+    delta = chat_pb2.ReplyDelta()
+    try:
+        delta.ParseFromString(fields.get(REPLY_DELTA_FIELD, b""))
+    except DecodeError:
+        log.warning("undecodable reply delta skipped")
+        return None
+    return delta if delta.reply_id else None
 
 
 def _message_of(entry_id: bytes, fields: dict[bytes, bytes]) -> chat_pb2.Message | None:

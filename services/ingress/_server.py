@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -14,11 +14,13 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from switchboard.v1 import chat_pb2
+from switchboard.v1 import agent_pb2, chat_pb2, knowledge_pb2
 
 from services.ingress import _validation as v
+from services.ingress._agents import AgentService
 from services.ingress._errors import as_rejection, retry_metadata
 from services.ingress._hotview import IngressHotView, live_pool
+from services.ingress._knowledge import KnowledgeService
 from services.ingress._producer import EventProducer
 from services.ingress._service import ChatService, MessageBatcher, WriteOrder, traceparent_of
 from services.settings import Settings
@@ -26,6 +28,9 @@ from services.settings import Settings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "switchboard.v1.ChatService"
+KNOWLEDGE_SERVICE_NAME = "switchboard.v1.KnowledgeService"
+AGENT_SERVICE_NAME = "switchboard.v1.AgentService"
+SERVICE_NAMES = (SERVICE_NAME, KNOWLEDGE_SERVICE_NAME, AGENT_SERVICE_NAME)
 # Requests of one SendMessages stream processed together (one Redis round trip, one produce burst).
 STREAM_BATCH = 256
 # Batches of one stream in flight at once; responses still leave in request order.
@@ -184,6 +189,78 @@ class ChatServicer:
         except Exception as exc:
             await _abort(context, as_rejection(exc, "CloseConversation"))
 
+    async def RateConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await self._service.rate_conversation(_checked(request), traceparent_of(context))
+        except Exception as exc:
+            await _abort(context, as_rejection(exc, "RateConversation"))
+
+
+def _unary(method: str, call: Callable[..., Awaitable[Any]], with_trace: bool) -> Any:
+    """A unary handler over a service method: statuses for rejections, never a stack trace."""
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if with_trace:
+                return await call(_checked(request), traceparent_of(context))
+            return await call(_checked(request))
+        except Exception as exc:
+            await _abort(context, as_rejection(exc, method))
+
+    return handle
+
+
+def _knowledge_handlers(service: KnowledgeService) -> grpc.GenericRpcHandler:
+    methods: dict[str, tuple[Callable[..., Awaitable[Any]], type[Message]]] = {
+        "UpsertDocuments": (service.upsert_documents, knowledge_pb2.UpsertDocumentsRequest),
+        "DeleteDocument": (service.delete_document, knowledge_pb2.DeleteDocumentRequest),
+        "GetDocument": (service.get_document, knowledge_pb2.GetDocumentRequest),
+        "ListDocuments": (service.list_documents, knowledge_pb2.ListDocumentsRequest),
+        "SearchKnowledge": (service.search_knowledge, knowledge_pb2.SearchKnowledgeRequest),
+    }
+    return _unary_handlers(KNOWLEDGE_SERVICE_NAME, methods, with_trace=False)
+
+
+def _agent_handlers(service: AgentService) -> grpc.GenericRpcHandler:
+    methods: dict[str, tuple[Callable[..., Awaitable[Any]], type[Message]]] = {
+        "AcceptConversation": (service.accept_conversation, agent_pb2.AcceptConversationRequest),
+        "SendAgentMessage": (service.send_agent_message, agent_pb2.SendAgentMessageRequest),
+        "TransferConversation": (service.transfer_conversation, agent_pb2.TransferConversationRequest),
+        "ReturnToBot": (service.return_to_bot, agent_pb2.ReturnToBotRequest),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            _unary(name, call, with_trace=True), _deserializer(cls), _serialize
+        )
+        for name, (call, cls) in methods.items()
+    }
+    handlers["ListQueue"] = grpc.unary_unary_rpc_method_handler(
+        _unary("ListQueue", service.list_queue, with_trace=False),
+        _deserializer(agent_pb2.ListQueueRequest),
+        _serialize,
+    )
+    return grpc.method_handlers_generic_handler(AGENT_SERVICE_NAME, handlers)
+
+
+def _unary_handlers(
+    service_name: str,
+    methods: dict[str, tuple[Callable[..., Awaitable[Any]], type[Message]]],
+    with_trace: bool,
+) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(
+        service_name,
+        {
+            name: grpc.unary_unary_rpc_method_handler(
+                _unary(name, call, with_trace), _deserializer(cls), _serialize
+            )
+            for name, (call, cls) in methods.items()
+        },
+    )
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
 
 def _handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
     def ser(message: Message) -> bytes:
@@ -210,6 +287,9 @@ def _handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
             "CloseConversation": grpc.unary_unary_rpc_method_handler(
                 servicer.CloseConversation, _deserializer(chat_pb2.CloseConversationRequest), ser
             ),
+            "RateConversation": grpc.unary_unary_rpc_method_handler(
+                servicer.RateConversation, _deserializer(chat_pb2.RateConversationRequest), ser
+            ),
         },
     )
 
@@ -223,7 +303,9 @@ class IngressServer:
         self.live_redis = live_pool(settings.redis_url, settings.max_live_streams + 8)
         self.producer = EventProducer(settings)
         self.hot = IngressHotView(self.redis, settings.idempotency_ttl_s, self.live_redis)
-        self.service = ChatService(settings, self.producer, self.hot)
+        self.service = ChatService(settings, self.producer, self.hot, self.live_redis)
+        self.knowledge = KnowledgeService(settings, self.redis)
+        self.agents = AgentService(settings, self.redis, self.hot, self.service.reads, self.service.writes)
         self._readiness: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
@@ -233,11 +315,17 @@ class IngressServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self.server.add_generic_rpc_handlers((_handlers(ChatServicer(self.service)),))
+        self.server.add_generic_rpc_handlers(
+            (
+                _handlers(ChatServicer(self.service)),
+                _knowledge_handlers(self.knowledge),
+                _agent_handlers(self.agents),
+            )
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (
-                SERVICE_NAME,
+                *SERVICE_NAMES,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -256,7 +344,7 @@ class IngressServer:
         log.info("ingress listening for %s on %s", SERVICE_NAME, self.settings.grpc_listen)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for name in ("", SERVICE_NAME):
+        for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
 
     async def _follow_readiness(self) -> None:
@@ -291,6 +379,7 @@ class IngressServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         await self.producer.stop()
+        await self.knowledge.close()
         await self.redis.aclose()
         await self.live_redis.aclose()
 

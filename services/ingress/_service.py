@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
+import redis.asyncio as aioredis
 from switchboard.v1 import chat_pb2
 
 from services.ingress import _validation as v
@@ -18,8 +19,14 @@ __all__ = ["ChatService", "MessageBatcher", "WriteOrder"]
 
 
 class ChatService:
-    def __init__(self, settings: Settings, producer: EventProducer, hot: IngressHotView) -> None:
-        self.reads = ConversationReads(settings, hot)
+    def __init__(
+        self,
+        settings: Settings,
+        producer: EventProducer,
+        hot: IngressHotView,
+        live: aioredis.Redis | None = None,
+    ) -> None:
+        self.reads = ConversationReads(settings, hot, live)
         self.writes = ConversationWrites(settings, producer, hot, self.reads.read)
 
     async def start_conversation(
@@ -39,6 +46,11 @@ class ChatService:
         self, req: chat_pb2.CloseConversationRequest, traceparent: str = ""
     ) -> chat_pb2.Conversation:
         return await self.writes.close_conversation(req, traceparent)
+
+    async def rate_conversation(
+        self, req: chat_pb2.RateConversationRequest, traceparent: str = ""
+    ) -> chat_pb2.Conversation:
+        return await self.writes.rate_conversation(req, traceparent)
 
     async def get_conversation(self, req: chat_pb2.GetConversationRequest) -> chat_pb2.Conversation:
         return await self.reads.get_conversation(req)

@@ -16,6 +16,8 @@ MAX_RESOLUTION = 256
 MAX_CUSTOMER_ID = 128
 MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
+MAX_CSAT_COMMENT = 1000
+MAX_AGENT_ID = 128
 
 
 @dataclass(frozen=True)
@@ -112,3 +114,25 @@ def check_metadata(metadata: dict[str, str], max_entries: int) -> None:
 def check_short_text(value: str, field: str, limit: int) -> None:
     if len(value) > limit or _CONTROL.search(value):
         raise invalid(f"{field} must be at most {limit} characters without control characters")
+
+
+def check_score(score: int) -> None:
+    if not 1 <= score <= 5:
+        raise invalid(f"score is {score}; a CSAT score is 1 (worst) to 5 (best)")
+
+
+def check_agent_id(agent_id: str, field: str = "agent_id") -> None:
+    if not agent_id:
+        raise invalid(f"{field} is required")
+    if len(agent_id) > MAX_AGENT_ID or not agent_id.isprintable() or agent_id != agent_id.strip():
+        raise invalid(
+            f"{field} must be 1-{MAX_AGENT_ID} printable characters without surrounding spaces, "
+            f"got {agent_id[:80]!r}"
+        )
+
+
+def check_queue(queue: str, field: str = "queue") -> None:
+    if not _TENANT.fullmatch(queue):
+        raise invalid(
+            f"{field} {queue[:80]!r} is malformed: 1-64 characters of letters, digits, '_', '.', '-'"
+        )

@@ -380,12 +380,21 @@ class ConversationWrites:
         return task
 
     async def _publish(
-        self, event: Event, claim: ClaimKey | None, after: Callable[[Ack | None], Awaitable[None]] | None
+        self,
+        event: Event,
+        claim: ClaimKey | None,
+        after: Callable[[Ack | None], Awaitable[None]] | None,
+        gate: Conversation | None = None,
     ) -> Ack:
-        """One record, claimed already: produce it and wait for its outcome (the caller shields it)."""
+        """One record, claimed already: produce it and wait for its outcome (the caller shields it).
+
+        With `gate`, the caller holds `begin_send` of that conversation; it ends once the record
+        is handed to the producer (or refused), so a close waits for it."""
         try:
             self._producer.reserve()
         except v.RequestRejected:
+            if gate is not None:
+                self._gate.end_send(gate)
             if claim is not None:
                 await self._settle([(claim, None)])
             if after is not None:
@@ -395,11 +404,17 @@ class ConversationWrites:
             delivery = await self._producer.enqueue(event)
         except BaseException as exc:
             self._producer.release()
+            if gate is not None:
+                self._gate.end_send(gate)
+                gate = None
             if claim is not None and isinstance(exc, Unavailable):
                 await self._settle([(claim, None)])
             if after is not None and isinstance(exc, Exception):
                 await after(None)
             raise
+        finally:
+            if gate is not None:
+                self._gate.end_send(gate)
         write = _Write(event, delivery, claim, after)
         self._settle_when_answered([write])
         await asyncio.wait([write.outcome], timeout=self._settings.produce_timeout_s)
@@ -413,6 +428,57 @@ class ConversationWrites:
         if isinstance(answer, Ack):
             return answer
         raise answer
+
+    # ------------------------------------------------------------------ single events
+
+    async def publish(self, event: Event, traceparent: str = "") -> Ack:
+        """Write one event that needs no claim (a decision such as AgentAssigned or CsatRated) and
+        return Kafka's ack. Runs in a task of its own: a cancelled caller never cuts it half-way."""
+        if traceparent and not event.trace.traceparent:
+            event.trace.traceparent = traceparent
+        return await asyncio.shield(self._background(self._publish(event, None, None)))
+
+    async def publish_claimed(self, event: Event, claim_key: ClaimKey) -> tuple[Ack, bool]:
+        """Write a message-like event once per (tenant, conversation, client id): claims the key
+        like SendMessage does (gated on the hot view's readiness), takes its turn with closes of
+        the conversation, and returns (ack, duplicate). A key already written returns its first
+        ack with duplicate=True; one still in flight is UNAVAILABLE."""
+        return await asyncio.shield(self._background(self._publish_claimed(event, claim_key)))
+
+    async def _publish_claimed(self, event: Event, claim_key: ClaimKey) -> tuple[Ack, bool]:
+        (claim,) = await self._hot.claim_many([claim_key], self._settings.topic_partitions)
+        if claim.earlier is not None:
+            return claim.earlier, True
+        if not claim.claimed:
+            raise unavailable(
+                f"client_message_id {claim_key[2]!r} is being written by an earlier attempt; "
+                "retry shortly to get its ack"
+            )
+        conversation = (claim_key[0], claim_key[1])
+        if not self._gate.begin_send(conversation):
+            await self._settle([(claim_key, None)])
+            raise unavailable(f"conversation {claim_key[1]!r} is being closed; retry to learn the outcome")
+        return await self._publish(event, claim_key, None, gate=conversation), False
+
+    async def rate_conversation(
+        self, req: chat_pb2.RateConversationRequest, traceparent: str = ""
+    ) -> chat_pb2.Conversation:
+        """CSAT for a conversation, open or closed (rating usually follows the close); a later
+        rating replaces an earlier one."""
+        v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
+        v.check_conversation_id(req.conversation_id)
+        v.check_score(req.score)
+        v.check_short_text(req.comment, "comment", v.MAX_CSAT_COMMENT)
+        if await self._hot.lookup(req.tenant_id, req.conversation_id) is None:
+            raise _not_found(req.tenant_id, req.conversation_id)
+        event = new_event(
+            req.tenant_id,
+            req.conversation_id,
+            traceparent=traceparent,
+            csat_rated=events_pb2.CsatRated(score=req.score, comment=req.comment),
+        )
+        await self.publish(event)
+        return await self._read(req.tenant_id, req.conversation_id)
 
     # ------------------------------------------------------------------ start and close
 
