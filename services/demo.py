@@ -175,3 +175,91 @@ async def play_demo(settings: Settings, tenant_id: str = "demo") -> DemoResult:
         print(f"  StreamConversation replayed {seen} updates of {first_id}, live from cursor {cursor}")
     messages = sum(expected for _, expected in started)
     return DemoResult(tenant_id, [c for c, _ in started], events=len(started) + messages + 1)
+
+
+ASSISTANT_QUESTIONS = (
+    "亲，在吗？我的订单到哪了，单号 SB20261130",
+    "How long does a refund take after you get my return?",
+    "Can I pay with Klarna?",
+    "我要人工客服",
+)
+
+
+async def load_demo_faq(settings: Settings, tenant_id: str) -> int:
+    """The bilingual shop FAQ for the demo tenant, through KnowledgeService.UpsertDocuments."""
+    from switchboard.v1 import knowledge_pb2, knowledge_pb2_grpc
+
+    from streams.knowledge import load_demo_documents
+
+    documents = [
+        knowledge_pb2.Document(
+            document_id=d.document_id,
+            title=d.title,
+            body=d.body,
+            language=d.language,
+            tags=list(d.tags),
+            url=d.url,
+        )
+        for d in load_demo_documents()
+    ]
+    async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
+        stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
+        request = knowledge_pb2.UpsertDocumentsRequest(tenant_id=tenant_id, documents=documents)
+        reply = await with_retries(functools.partial(stub.UpsertDocuments, request, timeout=30))
+        return len(reply.documents)
+
+
+async def play_assistant_demo(settings: Settings, tenant_id: str = "demo") -> None:
+    """Questions in Chinese and English get cited answers; asking for a person hands off."""
+    import redis.asyncio as aioredis
+
+    from schemas import hotview as hv
+
+    loaded = await load_demo_faq(settings, tenant_id)
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        deadline = time.monotonic() + RETRY_WITHIN_S
+        while await redis.hlen(hv.documents_key(tenant_id)) < loaded:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the assistant did not index the FAQ (see var/logs/assistant.log)")
+            await asyncio.sleep(0.2)
+    finally:
+        await redis.aclose()
+    print(f"  knowledge base: {loaded} FAQ documents indexed for tenant {tenant_id!r}")
+    async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        for question in ASSISTANT_QUESTIONS:
+            start = chat_pb2.StartConversationRequest(
+                tenant_id=tenant_id, conversation_id=str(uuid.uuid4()), channel=events_pb2.CHANNEL_WEB
+            )
+            conv = await with_retries(functools.partial(stub.StartConversation, start, timeout=15))
+            send = chat_pb2.SendMessageRequest(
+                tenant_id=tenant_id,
+                conversation_id=conv.conversation_id,
+                client_message_id=str(uuid.uuid4()),
+                text=question,
+            )
+            await with_retries(functools.partial(stub.SendMessage, send, timeout=15))
+            print(f"\n  customer: {question}")
+            follow = stub.StreamConversation(
+                chat_pb2.StreamConversationRequest(tenant_id=tenant_id, conversation_id=conv.conversation_id),
+                timeout=60,
+            )
+            async for update in follow:
+                kind = update.event.WhichOneof("payload")
+                if kind == "intent_classified":
+                    i = update.event.intent_classified
+                    print(f"  intent:   {i.intent} ({i.confidence:.2f}, {i.stage} stage, {i.language})")
+                elif kind == "reply_generated":
+                    r = update.event.reply_generated
+                    cited = ", ".join(c.document_id for c in r.citations) or "none"
+                    print(f"  bot:      {r.text[:160]}{'…' if len(r.text) > 160 else ''}")
+                    print(f"            cites {cited}; {r.adapter}, {r.latency_ms} ms")
+                    break
+                elif kind == "handoff_requested":
+                    h = update.event.handoff_requested
+                    print(
+                        f"  handoff:  to queue {h.queue!r} ({h.reason}); the conversation is in agent mode now"
+                    )
+                    break
+            follow.cancel()

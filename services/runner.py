@@ -9,7 +9,7 @@ import threading
 import grpc
 
 from services import stack
-from services.demo import play_demo, show_landed
+from services.demo import play_assistant_demo, play_demo, show_landed
 from services.kafka_topics import ensure_topics
 from services.processes import Child, switchboard_children, wait_for_analytics, wait_for_ingress
 from services.settings import Settings
@@ -80,6 +80,8 @@ def run_demo_step(settings: Settings) -> bool:
         result = asyncio.run(play_demo(settings))
         _banner("what landed in ClickHouse (switchboard.conversations, then totals)")
         print(show_landed(settings, result), flush=True)
+        _banner("the assistant: a bilingual FAQ, cited answers and a handoff")
+        asyncio.run(play_assistant_demo(settings))
         return True
     except Exception as exc:
         reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
