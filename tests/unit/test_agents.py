@@ -59,8 +59,8 @@ def test_scores_and_agent_ids() -> None:
         with pytest.raises(RequestRejected, match="1 \\(worst\\) to 5"):
             v.check_score(bad)
     v.check_agent_id("agent-7@acme")
-    for bad in ("", " x", "a\nb", "x" * 129):
+    for bad_id in ("", " x", "a\nb", "x" * 129):
         with pytest.raises(RequestRejected):
-            v.check_agent_id(bad)
+            v.check_agent_id(bad_id)
     with pytest.raises(RequestRejected):
         v.check_queue("vip queue")
