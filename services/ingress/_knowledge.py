@@ -22,7 +22,7 @@ from switchboard.v1 import knowledge_pb2, knowledge_pb2_grpc
 from schemas import hotview as hv
 from schemas.events import new_event_id, now_timestamp
 from services.ingress import _validation as v
-from services.ingress._producer import unavailable
+from services.ingress._producer import _FATAL_PRODUCER_ERRORS, unavailable
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,16 @@ class KnowledgeProducer:
             await self._producer.stop()
             self._producer = None
 
+    async def _replace(self) -> None:
+        async with self._lock:
+            broken, self._producer = self._producer, None
+        if broken is not None:
+            log.warning("replacing the knowledge producer (its idempotence state is broken)")
+            try:
+                await asyncio.wait_for(broken.stop(), timeout=10)
+            except Exception as exc:
+                log.warning("closing the replaced knowledge producer: %r", exc)
+
     async def write(self, records: Sequence[knowledge_pb2.KnowledgeEvent]) -> list[knowledge_pb2.DocumentAck]:
         """Produce the records in order and return Kafka's acks; UNAVAILABLE unless every one landed
         (upserts and deletes are idempotent by document id, so the whole request may be retried)."""
@@ -243,6 +253,9 @@ class KnowledgeProducer:
                 )
             acks = []
             for record, delivery in zip(records, deliveries, strict=True):
+                if isinstance(delivery.exception(), _FATAL_PRODUCER_ERRORS):
+                    # Its sequence state is broken for good (seen after a broker restart).
+                    await self._replace()
                 meta: Any = delivery.result()
                 document_id = record.document_upserted.document_id or record.document_deleted
                 acks.append(

@@ -181,3 +181,16 @@ async def test_invalid_requests_name_the_problem(
             await call(request)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert words in (info.value.details() or "")
+
+
+def test_reflection_and_health_list_the_new_services(system: System) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    names = {"switchboard.v1.KnowledgeService", "switchboard.v1.AgentService"}
+    with grpc.insecure_channel(system.settings.grpc_listen) as channel:
+        assert names <= set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in names:
+            reply = health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING

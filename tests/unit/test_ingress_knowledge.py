@@ -105,3 +105,23 @@ def test_records_are_keyed_by_tenant_and_document() -> None:
     assert event.tenant_id == "acme" and event.event_id
     gone = k.deleted("acme", "faq/1")
     assert gone.WhichOneof("payload") == "document_deleted" and gone.document_deleted == "faq/1"
+
+
+async def test_search_says_so_when_the_assistant_is_not_running() -> None:
+    import socket
+
+    from services.settings import Settings
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    service = k.KnowledgeService(Settings(assistant_listen=f"127.0.0.1:{port}"), redis=None)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(RequestRejected) as info:
+            await service.search_knowledge(
+                knowledge_pb2.SearchKnowledgeRequest(tenant_id="acme", query="退货")
+            )
+    finally:
+        await service.close()
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "the assistant is not running" in info.value.message
