@@ -126,6 +126,9 @@ class AssistantProcessor:
                 continue
             if self._observe(event):
                 jobs.append(_Job(event, r))
+        # The bot answers for tenants that have a knowledge base; others are left to their agents.
+        served = set(self._knowledge.tenants())
+        jobs = [j for j in jobs if j.event.tenant_id in served]
         if not jobs:
             return rejected
         jobs = await self._undecided(jobs)

@@ -21,6 +21,9 @@ from tests.conftest import System, eventually, start_conversation
 
 pytestmark = pytest.mark.integration
 
+# Every processor of the conversation topic sets a poison record aside on its own.
+PROCESSORS = ("sessions", "projector", "assistant")
+
 
 def send(
     tenant: str, conversation_id: str, text: str, cmid: str | None = None
@@ -150,10 +153,7 @@ async def test_poison_records_go_to_the_dead_letter_topic_and_the_partition_move
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
         deadline = time.monotonic() + 30
-        while (
-            time.monotonic() < deadline
-            and not {(p, s) for p in ("sessions", "projector") for s in sources} <= seen
-        ):
+        while time.monotonic() < deadline and not {(p, s) for p in PROCESSORS for s in sources} <= seen:
             batch = await consumer.getmany(tp, timeout_ms=500)
             for rec in batch.get(tp, []):
                 headers = {k: v.decode() for k, v in rec.headers}
@@ -163,7 +163,7 @@ async def test_poison_records_go_to_the_dead_letter_topic_and_the_partition_move
                     seen.add((headers["sb-dlq-processor"], headers["sb-dlq-source"]))
     finally:
         await consumer.stop()
-    assert seen == {(p, s) for p in ("sessions", "projector") for s in sources}
+    assert seen == {(p, s) for p in PROCESSORS for s in sources}
 
 
 @pytest.mark.timeout(300)

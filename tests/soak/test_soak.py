@@ -28,7 +28,7 @@ from switchboard.v1 import chat_pb2
 from services import stack
 from services.processes import wait_for_ingress
 from tests.conftest import System, eventually, start_conversation
-from tests.integration.test_backbone import conversation_ids_per_partition
+from tests.integration.test_backbone import PROCESSORS, conversation_ids_per_partition
 
 pytestmark = [pytest.mark.integration, pytest.mark.soak]
 
@@ -271,7 +271,7 @@ async def test_soak_under_chaos_keeps_every_acknowledged_message_once_in_order(
 
     # Dead letters: exactly the injected poison, once per processor.
     new = {(p, s) for p, s in await dead_letters(system) if (p, s) not in before}
-    assert new == {(p, s) for s in poison_sources for p in ("sessions", "projector")}
+    assert new == {(p, s) for s in poison_sources for p in PROCESSORS}
 
     # Everything is back.
     client = aioredis.Redis.from_url(settings.redis_url)
