@@ -232,15 +232,17 @@ class ConversationWrites:
             )
             if order is not None:
                 await order.wait_turn()
-            failed = order.failed if order is not None else set()
+            # Only a stream orders its messages: coalesced unary calls are independent callers,
+            # and one's failure must not ABORT another's message of the same conversation.
+            failed = order.failed if order is not None else None
             for n, (i, req) in enumerate(writers):
                 claim = claims[n] if n < granted else None
-                outcome = await self._write_one(req, claim, failed, traceparents[i])
+                outcome = await self._write_one(req, claim, failed or set(), traceparents[i])
                 results[i] = outcome
                 if isinstance(outcome, _Write):
                     handed.append(outcome)
                     continue
-                if _stops_the_conversation(outcome):
+                if failed is not None and _stops_the_conversation(outcome):
                     failed.add((req.tenant_id, req.conversation_id))
                 unknown = isinstance(outcome, v.RequestRejected) and outcome.code == grpc.StatusCode.INTERNAL
                 if claim is not None and claim.claimed and not unknown:

@@ -14,6 +14,7 @@ from services import stack
 from services.processes import Child, wait_for_ingress
 from services.settings import Settings
 from tests.integration.conftest import System, eventually, start_conversation
+from tests.integration.test_backbone import send_when_ready
 
 pytestmark = pytest.mark.integration
 
@@ -267,10 +268,12 @@ async def test_a_redis_that_lost_everything_heals_from_the_worker(system: System
         current, lambda c: c is not None and c.message_count == 3, what="the mirror rewritten"
     )
     assert healed is not None and healed.customer_id == "c-heal"
-    ack = await stub.SendMessage(
+    # Writes wait (UNAVAILABLE) until the hot view, claims included, is rebuilt: retry like a client.
+    ack = await send_when_ready(
+        stub,
         chat_pb2.SendMessageRequest(
             tenant_id=tenant, conversation_id=conversation_id, client_message_id="h3", text="after the loss"
-        )
+        ),
     )
     assert not ack.duplicate
     await eventually(lambda: stub.GetConversation(request), lambda c: c.message_count == 4, what="4 folded")
