@@ -146,7 +146,8 @@ async def test_search_is_answered_by_the_assistant(
             assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
             return knowledge_pb2.SearchKnowledgeResponse()
 
-    hits = await eventually(search, lambda r: len(r.hits) > 0, within_s=120, what="searchable")
+    # Each document is its own event: the assistant may have indexed "ship" and not yet "pay".
+    hits = await eventually(search, lambda r: len(r.hits) == 2, within_s=120, what="both documents searchable")
     assert hits.hits[0].document_id == "pay"
 
 
