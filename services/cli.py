@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="play the bilingual demo against a running system")
     p.set_defaults(func=_cmd_demo)
+
+    from services.commands import register_all
+
+    register_all(sub)
     return parser
 
 
