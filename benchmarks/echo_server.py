@@ -1,6 +1,6 @@
 """A bare grpc.aio echo server: the ingest benchmark's "what does gRPC alone cost" baseline.
 
-It serves `switchboard.v1.ChatService/SendMessage` and `/SendMessages` with the same request and
+It serves `switchboard.v1.ChatService/SendMessage`, `/SendMessages` and `/SendMessageBatch` with the same request and
 response messages as the ingress, through generic handlers, and does nothing else: no validation,
 no Redis, no Kafka. Run by `benchmarks/ingest.py` as a child process:
 
@@ -49,6 +49,12 @@ async def send_messages(
         yield _echo(req)
 
 
+async def send_message_batch(
+    request: chat_pb2.SendMessageBatchRequest, context: grpc.aio.ServicerContext
+) -> chat_pb2.SendMessageBatchResponse:
+    return chat_pb2.SendMessageBatchResponse(results=[_echo(req) for req in request.messages])
+
+
 def _serialize(message: Message) -> bytes:
     # Not `Message.SerializeToString`: with the upb backend the base-class method is abstract.
     return message.SerializeToString()
@@ -61,6 +67,9 @@ def _handlers() -> grpc.GenericRpcHandler:
         {
             "SendMessage": grpc.unary_unary_rpc_method_handler(send_message, parse, _serialize),
             "SendMessages": grpc.stream_stream_rpc_method_handler(send_messages, parse, _serialize),
+            "SendMessageBatch": grpc.unary_unary_rpc_method_handler(
+                send_message_batch, chat_pb2.SendMessageBatchRequest.FromString, _serialize
+            ),
         },
     )
 

@@ -86,6 +86,15 @@ class Settings(BaseSettings):
     max_live_streams: int = Field(default=2000, ge=1)
     # How long a client_message_id is remembered for deduplication.
     idempotency_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    # SendMessageBatch: at most this many messages and this many request bytes per call; past
+    # either the whole call is INVALID_ARGUMENT (like Pub/Sub's Publish and Kinesis PutRecords).
+    max_batch_messages: int = Field(default=1000, ge=1, le=100_000)
+    max_batch_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # `switchboard ingress` runs this many server processes on one port (SO_REUSEPORT), each
+    # with its own in-flight bound; 0 means one per CPU core. 1 runs the server in-process.
+    ingress_processes: int = Field(default=0, ge=0, le=256)
+    # How long a stopping ingress process lets in-flight calls finish (SIGTERM: drain).
+    ingress_drain_s: float = Field(default=10.0, ge=0)
 
     # --- Stream processors -------------------------------------------------------------------
     # Static group membership: a restarted worker with the same id takes its partitions back at

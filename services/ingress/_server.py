@@ -81,6 +81,7 @@ class ChatServicer:
 
     def __init__(self, service: ChatService) -> None:
         self._service = service
+        self._settings = service.settings
         self._batcher = MessageBatcher(service.writes)
 
     async def StartConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -159,6 +160,38 @@ class ChatServicer:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
+
+    async def SendMessageBatch(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """One result per message, in order; the batch is one `accept_messages` call with an order
+        of its own, so a failed message ABORTs the later ones of its conversation (as a stream does)."""
+        try:
+            batch = _checked(request)
+            limit = self._settings.max_batch_messages
+            if len(batch.messages) > limit:
+                raise v.invalid(
+                    f"the batch has {len(batch.messages)} messages; at most {limit} are accepted "
+                    "(SWITCHBOARD_MAX_BATCH_MESSAGES): split it"
+                )
+            requests = list(batch.messages)
+            outcomes = await self._service.accept_messages(
+                requests, traceparent_of(context), WriteOrder(None)
+            )
+        except Exception as exc:
+            await _abort(context, as_rejection(exc, "SendMessageBatch"))
+            return None
+        response = chat_pb2.SendMessageBatchResponse()
+        results = response.results
+        for req, outcome in zip(requests, outcomes, strict=True):
+            if isinstance(outcome, v.RequestRejected):
+                results.add(
+                    client_message_id=req.client_message_id,
+                    conversation_id=req.conversation_id,
+                    error_code=outcome.code.value[0],
+                    error_message=outcome.message,
+                )
+            else:
+                results.append(outcome)
+        return response
 
     async def GetConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -262,7 +295,30 @@ def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
 
-def _handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
+def _batch_deserializer(max_bytes: int) -> Callable[[bytes], Any]:
+    """Refuses an oversized batch before parsing it (its size is the bytes on the wire)."""
+    parse = _deserializer(chat_pb2.SendMessageBatchRequest)
+
+    def check(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return _Oversized(
+                f"the batch is {len(data)} bytes; at most {max_bytes} are accepted "
+                "(SWITCHBOARD_MAX_BATCH_BYTES): split it"
+            )
+        return parse(data)
+
+    return check
+
+
+class _Oversized(v.MalformedRequest):
+    def __init__(self, message: str) -> None:
+        super().__init__(chat_pb2.SendMessageBatchRequest.DESCRIPTOR.full_name, message)
+
+    def rejection(self) -> v.RequestRejected:
+        return v.invalid(self.reason)
+
+
+def _handlers(servicer: ChatServicer, settings: Settings) -> grpc.GenericRpcHandler:
     def ser(message: Message) -> bytes:
         return message.SerializeToString()
 
@@ -277,6 +333,9 @@ def _handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
             ),
             "SendMessages": grpc.stream_stream_rpc_method_handler(
                 servicer.SendMessages, _deserializer(chat_pb2.SendMessageRequest), ser
+            ),
+            "SendMessageBatch": grpc.unary_unary_rpc_method_handler(
+                servicer.SendMessageBatch, _batch_deserializer(settings.max_batch_bytes), ser
             ),
             "GetConversation": grpc.unary_unary_rpc_method_handler(
                 servicer.GetConversation, _deserializer(chat_pb2.GetConversationRequest), ser
@@ -311,13 +370,17 @@ class IngressServer:
         self.server = grpc.aio.server(
             maximum_concurrent_rpcs=max(1000, settings.max_inflight_produce * 4),
             options=[
-                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                # Room above the batch limit, so an oversized batch gets our INVALID_ARGUMENT.
+                (
+                    "grpc.max_receive_message_length",
+                    max(4 * 1024 * 1024, settings.max_batch_bytes + (1 << 20)),
+                ),
                 ("grpc.so_reuseport", 0),
             ],
         )
         self.server.add_generic_rpc_handlers(
             (
-                _handlers(ChatServicer(self.service)),
+                _handlers(ChatServicer(self.service), settings),
                 _knowledge_handlers(self.knowledge),
                 _agent_handlers(self.agents),
             )

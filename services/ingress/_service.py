@@ -26,6 +26,7 @@ class ChatService:
         hot: IngressHotView,
         live: aioredis.Redis | None = None,
     ) -> None:
+        self.settings = settings
         self.reads = ConversationReads(settings, hot, live)
         self.writes = ConversationWrites(settings, producer, hot, self.reads.read)
 
