@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 from streams.knowledge._document import Document
 
@@ -31,6 +32,10 @@ class Question:
 
 def load_questions(name: str) -> list[Question]:
     """`train_questions.jsonl` (tuning) or `heldout_questions.jsonl` (measurement only)."""
+    return questions_from_rows(_jsonl(name))
+
+
+def questions_from_rows(rows: list[dict[str, object]]) -> list[Question]:
     return [
         Question(
             text=str(row["question"]),
@@ -38,5 +43,10 @@ def load_questions(name: str) -> list[Question]:
             document_id=None if row.get("document_id") is None else str(row["document_id"]),
             intent=None if row.get("intent") is None else str(row["intent"]),
         )
-        for row in _jsonl(name)
+        for row in rows
     ]
+
+
+def read_jsonl(path: Path) -> list[dict[str, object]]:
+    """Rows of a JSON-lines file outside the package (the benchmarks' independent sets)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

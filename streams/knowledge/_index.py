@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +19,13 @@ from streams.knowledge._weights import WEIGHTS
 RRF_K = 60
 CANDIDATES = 20
 """Documents taken from each of the keyword and the embedding ranking before fusion."""
+PER_LANGUAGE_CANDIDATES = 5
+"""Also the best documents of each language by centered cosine: BM25 never matches across
+languages and the raw cosine favours the question's language, so without these a large FAQ in
+the question's language could crowd out the one other-language article that answers it."""
+MEAN_PRIOR_WEIGHT = 10.0
+"""How many documents' worth of weight the shipped language mean has against the index's own
+mean (a small index has too few documents of a language to estimate its mean)."""
 
 
 class SentenceEncoder(Protocol):
@@ -250,36 +257,39 @@ class KnowledgeIndex:
                 doc_bm25[doc_id] = (score, chunk_id)
         bm25_ranking = sorted(doc_bm25, key=lambda d: (-doc_bm25[d][0], d))[:CANDIDATES]
 
+        language = detect_language(query)
         cosines: _Cosines | None = None
         cos_ranking: list[str] = []
+        extra: list[str] = []
         matrix = self._vectors()
         if matrix is not None and self.encoder is not None:
             if query_embedding is None:
                 query_embedding = self.encoder.encode([query])[0]
-            cosines = matrix.cosines(np.asarray(query_embedding, dtype=np.float32).reshape(-1))
+            vector = np.asarray(query_embedding, dtype=np.float32).reshape(-1)
+            cosines = matrix.cosines(vector, _centre(vector, self.reranker.language_means.get(language)))
             cos_ranking = cosines.ranking(CANDIDATES)
+            extra = cosines.per_language(PER_LANGUAGE_CANDIDATES)
 
         fused = rrf([bm25_ranking, cos_ranking])
+        for doc_id in extra:
+            fused.setdefault(doc_id, 0.0)
         bm25_rank = {d: r for r, d in enumerate(bm25_ranking)}
         cos_rank = {d: r for r, d in enumerate(cos_ranking)}
 
         query_terms = set(tokenize(query))
         idf = {t: self._bm25.idf(t) for t in query_terms}
         idf_total = sum(idf.values()) or 1.0
-        language = detect_language(query)
         intent_known = intent is not None and intent in self._tags
 
         candidates = []
         for doc_id in fused:
             document = self._documents[doc_id]
             bm25, bm25_chunk = doc_bm25.get(doc_id, (0.0, ""))
-            cosine, cos_chunk, cosine_title, language_z = (
-                cosines.of(doc_id) if cosines is not None else (0.0, "", 0.0, 0.0)
-            )
+            view = cosines.of(doc_id) if cosines is not None else _NO_COSINES
             # The snippet comes from the chunk the stronger signal picked.
             chunk_id = (
-                cos_chunk
-                if cos_chunk and (not bm25_chunk or cos_rank.get(doc_id, 99) <= bm25_rank.get(doc_id, 99))
+                view.chunk_id
+                if view.chunk_id and (not bm25_chunk or cos_rank.get(doc_id, 99) <= bm25_rank.get(doc_id, 99))
                 else bm25_chunk
             )
             terms = self._chunk_terms[chunk_id]
@@ -289,9 +299,12 @@ class KnowledgeIndex:
                     document_id=doc_id,
                     chunk_id=chunk_id,
                     bm25=bm25,
-                    cosine=cosine,
-                    cosine_title=cosine_title,
-                    cosine_language_z=language_z,
+                    cosine=view.cosine,
+                    cosine_title=view.title,
+                    cosine_language_z=view.language_z,
+                    centered=view.centered,
+                    centered_title=view.centered_title,
+                    centered_language_rank=view.centered_language_rank,
                     fused=fused[doc_id],
                     bm25_rank=bm25_rank.get(doc_id),
                     cosine_rank=cos_rank.get(doc_id),
@@ -308,17 +321,54 @@ class KnowledgeIndex:
             return None
         if self._matrix is None:
             self._matrix = _Matrix.build(
-                self._documents, self._chunks, self._chunk_vectors, self._title_vectors
+                self._documents,
+                self._chunks,
+                self._chunk_vectors,
+                self._title_vectors,
+                self.reranker.language_means,
             )
         return self._matrix
 
 
+def _centre(vector: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
+    """`vector` minus a language's mean, renormalised (unchanged without a mean, or with one of
+    another encoder's width)."""
+    if mean is None or mean.shape != vector.shape[-1:]:
+        return vector
+    out = vector - mean
+    return np.asarray(out / (np.linalg.norm(out, axis=-1, keepdims=True) + 1e-9), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class _View:
+    """One document's cosines for one query."""
+
+    cosine: float
+    chunk_id: str
+    title: float
+    language_z: float
+    centered: float
+    centered_title: float
+    centered_language_rank: int | None
+
+
+_NO_COSINES = _View(0.0, "", 0.0, 0.0, 0.0, 0.0, None)
+
+
 @dataclass(frozen=True)
 class _Matrix:
-    """Chunk vectors stacked with each document's chunks contiguous (for a per-document max)."""
+    """Chunk vectors stacked with each document's chunks contiguous (for a per-document max).
+
+    Beside the raw vectors, each row is also kept *centered*: minus the mean vector of its
+    language (the shipped mean of customer messages blended with this index's own mean), so the
+    part of a vector that only says "this is Chinese" drops out. Questions are centered with the
+    shipped mean of their language.
+    """
 
     chunks: np.ndarray
     titles: np.ndarray
+    centered_chunks: np.ndarray
+    centered_titles: np.ndarray
     chunk_ids: list[str]
     document_ids: list[str]
     offsets: np.ndarray
@@ -327,20 +377,37 @@ class _Matrix:
     rows: dict[str, int]
     owners: np.ndarray
 
-    def cosines(self, query: np.ndarray) -> _Cosines:
+    def cosines(self, query: np.ndarray, centered_query: np.ndarray) -> _Cosines:
         # einsum, not `@`: BLAS would fan a matrix-vector product out to threads, and on a busy
         # machine waiting for them costs milliseconds; one core does 1000 x 512 in ~0.2 ms.
         sims = np.einsum("ij,j->i", self.chunks, query)
         best = np.maximum.reduceat(sims, self.offsets)
         # Per document, the chunk with the highest cosine: sort by (document, -cosine), take firsts.
         best_at = np.lexsort((-sims, self.owners))[self.offsets]
+        centered = np.maximum.reduceat(
+            np.einsum("ij,j->i", self.centered_chunks, centered_query), self.offsets
+        )
         # How far a document stands out among the documents of its own language: the encoder
         # scores same-language pairs higher, so a cross-language answer shows here first.
         z = np.zeros_like(best)
+        language_rank = np.zeros(len(best), dtype=np.intp)
         for mask in self.language_masks:
             group = best[mask]
             z[mask] = (group - group.mean()) / (group.std() + 0.02)
-        return _Cosines(self, best, best_at, np.einsum("ij,j->i", self.titles, query), z)
+            order = np.argsort(-centered[mask], kind="stable")
+            ranks = np.empty(len(order), dtype=np.intp)
+            ranks[order] = np.arange(len(order))
+            language_rank[mask] = ranks
+        return _Cosines(
+            self,
+            best,
+            best_at,
+            np.einsum("ij,j->i", self.titles, query),
+            z,
+            centered,
+            np.einsum("ij,j->i", self.centered_titles, centered_query),
+            language_rank,
+        )
 
     @classmethod
     def build(
@@ -349,15 +416,33 @@ class _Matrix:
         chunks: dict[str, list[Chunk]],
         chunk_vectors: dict[str, np.ndarray],
         title_vectors: dict[str, np.ndarray],
+        language_means: Mapping[str, np.ndarray],
     ) -> _Matrix:
         document_ids = sorted(chunks)
         chunk_ids = [c.chunk_id for d in document_ids for c in chunks[d]]
         counts = [len(chunks[d]) for d in document_ids]
         offsets = np.cumsum([0, *counts[:-1]]).astype(np.intp)
         languages = np.asarray([documents[d].language for d in document_ids])
+        chunk_matrix = np.stack([chunk_vectors[c] for c in chunk_ids]).astype(np.float32)
+        title_matrix = np.stack([title_vectors[d] for d in document_ids]).astype(np.float32)
+        chunk_languages = np.repeat(languages, counts)
+        centered_chunks = chunk_matrix.copy()
+        centered_titles = title_matrix.copy()
+        for language in set(languages.tolist()):
+            prior = language_means.get(language)
+            if prior is None or prior.shape != chunk_matrix.shape[1:]:
+                continue
+            rows = chunk_languages == language
+            mean = (chunk_matrix[rows].sum(axis=0) + MEAN_PRIOR_WEIGHT * prior) / (
+                rows.sum() + MEAN_PRIOR_WEIGHT
+            )
+            centered_chunks[rows] = _centre(chunk_matrix[rows], mean)
+            centered_titles[languages == language] = _centre(title_matrix[languages == language], mean)
         return cls(
-            chunks=np.stack([chunk_vectors[c] for c in chunk_ids]).astype(np.float32),
-            titles=np.stack([title_vectors[d] for d in document_ids]).astype(np.float32),
+            chunks=chunk_matrix,
+            titles=title_matrix,
+            centered_chunks=centered_chunks,
+            centered_titles=centered_titles,
             chunk_ids=chunk_ids,
             document_ids=document_ids,
             offsets=offsets,
@@ -377,18 +462,29 @@ class _Cosines:
     best_at: np.ndarray
     titles: np.ndarray
     language_z: np.ndarray
+    centered: np.ndarray
+    centered_titles: np.ndarray
+    centered_language_rank: np.ndarray
 
     def ranking(self, n: int) -> list[str]:
         top = np.argsort(-self.best, kind="stable")[:n]
         return [self.matrix.document_ids[i] for i in top]
 
-    def of(self, document_id: str) -> tuple[float, str, float, float]:
+    def per_language(self, n: int) -> list[str]:
+        """The `n` best documents of each language by centered cosine."""
+        top = np.flatnonzero(self.centered_language_rank < n)
+        return [self.matrix.document_ids[i] for i in top]
+
+    def of(self, document_id: str) -> _View:
         i = self.matrix.rows[document_id]
-        return (
-            float(self.best[i]),
-            self.matrix.chunk_ids[int(self.best_at[i])],
-            float(self.titles[i]),
-            float(self.language_z[i]),
+        return _View(
+            cosine=float(self.best[i]),
+            chunk_id=self.matrix.chunk_ids[int(self.best_at[i])],
+            title=float(self.titles[i]),
+            language_z=float(self.language_z[i]),
+            centered=float(self.centered[i]),
+            centered_title=float(self.centered_titles[i]),
+            centered_language_rank=int(self.centered_language_rank[i]),
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,10 @@ FEATURES: tuple[str, ...] = (
     "cosine_gap",
     "cosine_rank",
     "cosine_language_z",
+    "centered",
+    "centered_title",
+    "centered_gap",
+    "centered_language_rank",
     "bm25_log",
     "bm25_rel",
     "bm25_rank",
@@ -23,6 +27,9 @@ FEATURES: tuple[str, ...] = (
     "title_coverage",
     "tag_match",
     "same_language",
+    "cross_centered_gap",
+    "cross_language_rank",
+    "cross_own_support",
 )
 """Feature order of the reranker's coefficient vector (the trainer and the index share it)."""
 
@@ -37,6 +44,11 @@ class Candidate:
     cosine: float
     cosine_title: float
     cosine_language_z: float
+    # Cosines with each language's mean vector taken out (see `_index._Matrix`): what is left is
+    # mostly topic, so a Chinese article and an English question compare on what they are about.
+    centered: float
+    centered_title: float
+    centered_language_rank: int | None
     fused: float
     bm25_rank: int | None
     cosine_rank: int | None
@@ -51,7 +63,11 @@ def feature_matrix(candidates: Sequence[Candidate]) -> np.ndarray:
     if not candidates:
         return np.zeros((0, len(FEATURES)), dtype=np.float64)
     best_cos = max(c.cosine for c in candidates)
+    best_centered = max(c.centered for c in candidates)
     best_bm25 = max(c.bm25 for c in candidates)
+    # How well the question's own language answers it: keyword coverage of the best candidate in
+    # that language. A cross-language candidate should win only when this is weak.
+    own_support = max((c.coverage for c in candidates if c.same_language), default=0.0)
     rows = [
         (
             c.cosine,
@@ -59,6 +75,10 @@ def feature_matrix(candidates: Sequence[Candidate]) -> np.ndarray:
             c.cosine - best_cos,
             0.0 if c.cosine_rank is None else 1.0 / (1.0 + c.cosine_rank),
             c.cosine_language_z,
+            c.centered,
+            c.centered_title,
+            c.centered - best_centered,
+            0.0 if c.centered_language_rank is None else 1.0 / (1.0 + c.centered_language_rank),
             math.log1p(c.bm25),
             c.bm25 / best_bm25 if best_bm25 > 0 else 0.0,
             0.0 if c.bm25_rank is None else 1.0 / (1.0 + c.bm25_rank),
@@ -67,6 +87,10 @@ def feature_matrix(candidates: Sequence[Candidate]) -> np.ndarray:
             c.title_coverage,
             c.tag_match,
             c.same_language,
+            (1.0 - c.same_language) * (c.centered - best_centered),
+            (1.0 - c.same_language)
+            * (0.0 if c.centered_language_rank is None else 1.0 / (1.0 + c.centered_language_rank)),
+            (1.0 - c.same_language) * own_support,
         )
         for c in candidates
     ]
@@ -95,12 +119,24 @@ class Reranker:
     relevance_intercept: float
     threshold: float
     version: str = ""
+    language_means: Mapping[str, np.ndarray] = field(default_factory=dict)
+    """Mean encoder vector of customer messages per language (subtracted for `centered`)."""
 
     @classmethod
-    def untrained(cls) -> Reranker:
+    def untrained(cls, language_means: Mapping[str, np.ndarray] | None = None) -> Reranker:
         """Equal weights: only for bootstrapping the trainer (candidates do not depend on them)."""
         n = len(FEATURES)
-        return cls(np.zeros(n), np.ones(n), np.ones(n), 0.0, np.zeros(n + 2), 0.0, 0.5, "untrained")
+        return cls(
+            np.zeros(n),
+            np.ones(n),
+            np.ones(n),
+            0.0,
+            np.zeros(n + 2),
+            0.0,
+            0.5,
+            "untrained",
+            dict(language_means or {}),
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Reranker:
@@ -118,6 +154,9 @@ class Reranker:
             relevance_intercept=float(data.get("relevance_intercept", 0.0)),
             threshold=float(data["threshold"]),
             version=str(data.get("version", "")),
+            language_means={
+                str(k): np.asarray(v, dtype=np.float32) for k, v in data.get("language_means", {}).items()
+            },
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -131,6 +170,9 @@ class Reranker:
             "relevance_coef": [round(float(x), 6) for x in self.relevance_coef],
             "relevance_intercept": round(self.relevance_intercept, 6),
             "threshold": round(self.threshold, 4),
+            "language_means": {
+                k: [round(float(x), 5) for x in v] for k, v in sorted(self.language_means.items())
+            },
         }
 
     def logits(self, features: np.ndarray) -> np.ndarray:

@@ -195,3 +195,41 @@ def test_demo_faq_is_bilingual_and_well_formed():
     assert languages.count("zh") >= 25 and languages.count("en") >= 25
     assert len({d.document_id for d in documents}) == len(documents)
     assert all(d.title and d.body and d.tags and d.url for d in documents)
+
+
+def test_the_other_languages_best_documents_are_always_candidates():
+    """BM25 never matches across languages and the raw cosine favours the question's language: the
+    only Chinese article must still reach the reranker when 60 English ones outscore it."""
+    english = [
+        Document(f"en-{i}", f"Shipping question {i}", f"Parcels and delivery times, case {i}.")
+        for i in range(60)
+    ]
+    index = KnowledgeIndex(_FakeEncoder())
+    index.upsert_many([*english, INVOICE_ZH])
+    candidates = {c.document_id for c in index._candidates("shipping delivery", None, None)}
+    assert "zh-invoice" in candidates
+    assert len(candidates) < 61  # not simply everything
+
+
+def test_centering_takes_the_language_mean_out_and_renormalises():
+    from streams.knowledge._index import _centre
+
+    mean = np.asarray([0.2, 0.0, 0.0], dtype=np.float32)
+    vector = np.asarray([0.8, 0.6, 0.0], dtype=np.float32)
+    centered = _centre(vector, mean)
+    assert np.allclose(centered, [np.sqrt(0.5), np.sqrt(0.5), 0.0], atol=1e-5)
+    assert _centre(vector, None) is vector
+    assert _centre(vector, np.zeros(5, dtype=np.float32)) is vector  # another encoder's width
+
+
+def test_reranker_weights_round_trip_with_language_means():
+    from streams.knowledge import Reranker, default_reranker
+
+    shipped = default_reranker(hybrid=True)
+    assert set(shipped.language_means) == {"en", "zh"}
+    assert all(v.shape == (512,) for v in shipped.language_means.values())
+    again = Reranker.from_dict(shipped.to_dict())
+    assert again.version == shipped.version and again.threshold == shipped.threshold
+    assert np.allclose(again.coef, shipped.coef)
+    assert np.allclose(again.language_means["zh"], shipped.language_means["zh"], atol=1e-5)
+    assert default_reranker(hybrid=False).language_means == {}

@@ -6,19 +6,25 @@ from pathlib import Path
 
 import pytest
 
-from streams.knowledge import KnowledgeIndex, load_demo_documents
-from streams.knowledge._data import load_questions
+from streams.knowledge import Document, KnowledgeIndex, SentenceEncoder, load_demo_documents
+from streams.knowledge._data import load_questions, questions_from_rows, read_jsonl
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "var" / "models"
+BENCH_DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 
 
 @pytest.fixture(scope="session")
-def demo_index() -> KnowledgeIndex:
+def encoder() -> SentenceEncoder:
     from streams.assistant.encoder import load_encoder
     from streams.assistant.intent import build_models
 
     build_models(MODELS_DIR)  # fast when the artifacts are current
-    index = KnowledgeIndex(load_encoder(MODELS_DIR))
+    return load_encoder(MODELS_DIR)
+
+
+@pytest.fixture(scope="session")
+def demo_index(encoder: SentenceEncoder) -> KnowledgeIndex:
+    index = KnowledgeIndex(encoder)
     index.upsert_many(load_demo_documents())
     return index
 
@@ -66,3 +72,40 @@ def test_heldout_quality_floor(demo_index):
     questions = [q for q in load_questions("heldout_questions.jsonl") if q.document_id]
     top1 = sum(demo_index.search(q.text, 1)[0].document_id == q.document_id for q in questions)
     assert top1 / len(questions) >= 0.78
+
+
+@pytest.mark.parametrize(
+    ("question", "removed", "document_id"),
+    [
+        # The question's own-language article is gone; its other-language twin answers it.
+        ("how do I get an invoice", "en-invoice", "zh-invoice"),
+        ("how do I cancel my order", "en-cancel-order", "zh-cancel-order"),
+        ("退款多久到账", "zh-refund-timeline", "en-refund-timeline"),
+        ("忘记密码了怎么办", "zh-password-reset", "en-password-reset"),
+    ],
+)
+def test_cross_language_twin_wins_over_same_language_neighbours(encoder, question, removed, document_id):
+    index = KnowledgeIndex(encoder)
+    index.upsert_many(d for d in load_demo_documents() if d.document_id != removed)
+    hits = index.search(question, 3)
+    assert hits[0].document_id == document_id, [(h.document_id, h.scores) for h in hits]
+    assert hits[0].relevant
+
+
+def test_no_relevant_hit_when_only_the_neighbours_of_the_answer_remain(encoder):
+    index = KnowledgeIndex(encoder)
+    index.upsert_many(d for d in load_demo_documents() if not d.document_id.endswith("-invoice"))
+    assert not any(h.relevant for h in index.search("怎么开发票", 5))
+
+
+def test_independent_telecom_set_quality_floor(encoder):
+    """The benchmarks' telecom FAQ was never trained or tuned on; a guard under the measured 0.845."""
+    index = KnowledgeIndex(encoder)
+    index.upsert_many(Document.from_dict(r) for r in read_jsonl(BENCH_DATA / "telecom_faq.jsonl"))
+    questions = questions_from_rows(read_jsonl(BENCH_DATA / "telecom_questions.jsonl"))
+    answerable = [q for q in questions if q.document_id]
+    top1 = sum(index.search(q.text, 1)[0].document_id == q.document_id for q in answerable)
+    assert top1 / len(answerable) >= 0.8
+    out_of_scope = [q for q in questions if q.document_id is None]
+    answered = sum(any(h.relevant for h in index.search(q.text, 3)) for q in out_of_scope)
+    assert answered / len(out_of_scope) <= 0.15
