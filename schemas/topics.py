@@ -23,6 +23,7 @@ def topic_catalogue(
     dead_letter_topic: str,
     partitions: int,
     replication_factor: int = 1,
+    tenants_topic: str = "tenants",
 ) -> list[TopicSpec]:
     # acks=all is only as strong as the in-sync replicas it waits for: two where there are two.
     min_isr = str(min(2, replication_factor))
@@ -37,4 +38,7 @@ def topic_catalogue(
         TopicSpec(knowledge_topic, partitions, {"cleanup.policy": "compact", "min.insync.replicas": min_isr}),
         # Events a processor could not handle after retries; the reason travels in headers.
         TopicSpec(dead_letter_topic, 1, {"retention.ms": str(90 * 24 * 3600 * 1000)}),
+        # Tenants and API keys, compacted by entity: each record is the whole state of one
+        # tenant or key. One partition: one total order, read whole by every ingress at start.
+        TopicSpec(tenants_topic, 1, {"cleanup.policy": "compact", "min.insync.replicas": min_isr}),
     ]

@@ -19,6 +19,7 @@ def catalogue(settings: Settings) -> list[TopicSpec]:
         dead_letter_topic=settings.dead_letter_topic,
         partitions=settings.topic_partitions,
         replication_factor=settings.topic_replication_factor,
+        tenants_topic=settings.tenants_topic,
     )
 
 

@@ -124,6 +124,21 @@ class Settings(BaseSettings):
     # The tenant `make run`'s demo loads the bilingual shop FAQ for.
     demo_tenant: str = "demo"
 
+    # --- Security: API keys, tenants, TLS (services/auth) ----------------------------------------
+    # Compacted topic of tenants and API keys; every ingress folds it (revocations apply at once).
+    tenants_topic: str = "tenants"
+    # Pepper of the API-key hashes: the same everywhere keys are issued or checked. Empty: a random
+    # one is made in <data_dir>/secrets/auth-pepper (0600) on first use (fine for one host).
+    auth_pepper: str = ""
+    # The key the CLI's own gRPC clients present (the demo; `make run` issues one).
+    api_key: str = ""
+    # gRPC TLS: PEM certificate chain and key; with a client CA, clients need a certificate it signed.
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
+    grpc_tls_client_ca: Path | None = None
+    # CA bundle the CLI's own clients trust for the ingress's certificate.
+    grpc_tls_ca: Path | None = None
+
     @property
     def effective_models_dir(self) -> Path:
         return self.models_dir or self.data_dir / "models"

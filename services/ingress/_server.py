@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from switchboard.v1 import agent_pb2, chat_pb2, knowledge_pb2
 
+from services.auth import IngressAuth, preflight
 from services.ingress import _validation as v
 from services.ingress._agents import AgentService
 from services.ingress._errors import as_rejection, retry_metadata
@@ -367,8 +368,11 @@ class IngressServer:
         self.agents = AgentService(settings, self.redis, self.hot, self.service.reads, self.service.writes)
         self._readiness: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
+        # API keys and tenants (services/auth): checked per call by its interceptor.
+        self.auth = IngressAuth(settings)
         self.server = grpc.aio.server(
             maximum_concurrent_rpcs=max(1000, settings.max_inflight_produce * 4),
+            interceptors=[self.auth.interceptor],
             options=[
                 # Room above the batch limit, so an oversized batch gets our INVALID_ARGUMENT.
                 (
@@ -394,13 +398,14 @@ class IngressServer:
             ),
             self.server,
         )
-        self.port = self.server.add_insecure_port(settings.grpc_listen)
+        self.port = self.auth.add_port(self.server)  # TLS when configured
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {settings.grpc_listen} (port in use?)")
 
     async def start(self) -> None:
         await self.redis.ping()
         await self.producer.start()
+        await self.auth.start()
         await self.server.start()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._readiness = asyncio.ensure_future(self._follow_readiness())
@@ -441,6 +446,7 @@ class IngressServer:
                 await self._readiness
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
+        await self.auth.stop()
         await self.producer.stop()
         await self.knowledge.close()
         await self.redis.aclose()
@@ -449,6 +455,7 @@ class IngressServer:
 
 async def serve(settings: Settings) -> None:
     """Run the ingress until SIGTERM or SIGINT, then drain and stop."""
+    await preflight(settings)  # before binding: no keyless ingress on a public address
     server = IngressServer(settings)
     await server.start()
     stopping = asyncio.Event()

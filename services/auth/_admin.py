@@ -1,0 +1,108 @@
+"""Operations behind `switchboard tenants …` and `switchboard keys …`: read the registry, append records."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from services.auth._log import append_records, load_pepper, read_registry
+from services.auth._model import (
+    TOKEN_PREFIX,
+    KeyRecord,
+    Record,
+    Registry,
+    Status,
+    TenantRecord,
+    check_roles,
+    check_tenant_id,
+    new_key,
+)
+from services.settings import Settings
+
+
+class AdminError(Exception):
+    """An operation that cannot be done as asked; the message says why."""
+
+
+def key_id_of(name: str) -> str:
+    """A key id from `3f9a…`, `sbk_3f9a…` or a whole token."""
+    name = name.strip().removeprefix(TOKEN_PREFIX)
+    return name.split("_", 1)[0]
+
+
+def _key(registry: Registry, name: str) -> KeyRecord:
+    key = registry.keys.get(key_id_of(name))
+    if key is None:
+        raise AdminError(f"no API key {name!r} (see `switchboard keys list`)")
+    return key
+
+
+async def create_tenant(settings: Settings, tenant_id: str) -> tuple[TenantRecord, bool]:
+    """The tenant, and whether it was created now (an existing one is left as it is)."""
+    check_tenant_id(tenant_id)
+    registry = await read_registry(settings)
+    existing = registry.tenants.get(tenant_id)
+    if existing is not None:
+        return existing, False
+    now = time.time()
+    record = TenantRecord(tenant_id, created_at=now, updated_at=now)
+    await append_records(settings, [record])
+    return record, True
+
+
+async def set_tenant_status(settings: Settings, tenant_id: str, status: Status) -> TenantRecord:
+    registry = await read_registry(settings)
+    tenant = registry.tenants.get(tenant_id)
+    if tenant is None:
+        raise AdminError(f"no tenant {tenant_id!r} (see `switchboard tenants list`)")
+    record = replace(tenant, status=status, updated_at=time.time())
+    await append_records(settings, [record])
+    return record
+
+
+async def issue_key(
+    settings: Settings, tenant_id: str, roles: list[str], label: str = ""
+) -> tuple[KeyRecord, str, bool]:
+    """A new key for the tenant (created when missing): the record, its token, tenant created?"""
+    check_tenant_id(tenant_id)
+    chosen = check_roles(roles)
+    registry = await read_registry(settings)
+    tenant = registry.tenants.get(tenant_id)
+    if tenant is not None and tenant.status is Status.DISABLED:
+        raise AdminError(f"tenant {tenant_id!r} is disabled (`switchboard tenants enable {tenant_id}`)")
+    now = time.time()
+    records: list[Record] = []
+    if tenant is None:
+        records.append(TenantRecord(tenant_id, created_at=now, updated_at=now))
+    key, token = new_key(load_pepper(settings), tenant_id, chosen, now, label)
+    records.append(key)
+    await append_records(settings, records)
+    return key, token, tenant is None
+
+
+async def revoke_key(settings: Settings, name: str) -> KeyRecord:
+    key = _key(await read_registry(settings), name)
+    if key.status is Status.REVOKED:
+        return key
+    record = replace(key, status=Status.REVOKED, revoked_at=time.time())
+    await append_records(settings, [record])
+    return record
+
+
+async def rotate_key(settings: Settings, name: str, overlap_s: float) -> tuple[KeyRecord, KeyRecord, str]:
+    """A successor with the same tenant, roles and label; the old key keeps working for
+    `overlap_s` seconds (time to deploy the new one), then it is refused. (old, new, new token)"""
+    registry = await read_registry(settings)
+    old = _key(registry, name)
+    if old.status is Status.REVOKED:
+        raise AdminError(f"API key {old.key_id} is revoked; issue a new one instead")
+    now = time.time()
+    successor, token = new_key(load_pepper(settings), old.tenant_id, old.roles, now, old.label)
+    expires = now + max(0.0, overlap_s)
+    retired = replace(old, expires_at=min(expires, old.expires_at or expires))
+    await append_records(settings, [successor, retired])
+    return retired, successor, token
+
+
+async def registry(settings: Settings) -> Registry:
+    return await read_registry(settings)

@@ -1,0 +1,163 @@
+"""The server interceptor: who the caller is (its key) and which tenant its requests may name.
+
+The decision needs two things grpc.aio hands over at different times: the metadata (when the
+method is looked up: here) and the request messages (later, to the handler). So the handler is
+returned wrapped: the wrapper fills an empty `tenant_id` from the key, or refuses another
+tenant's, before the service's own validation sees the request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from services.auth._model import (
+    OPEN,
+    Principal,
+    Refusal,
+    Registry,
+    authorize,
+    bearer_token,
+    tenant_mismatch,
+)
+
+# Wrapped handlers are reused per (method, key); the bound keeps memory flat whatever callers do.
+_MAX_CACHED_HANDLERS = 4096
+
+
+def _fill_tenant(request: Any, principal: Principal) -> Refusal | None:
+    """Fill or check the request's tenant_id; requests that did not parse go on to be refused."""
+    if not isinstance(request, Message):
+        return None
+    try:
+        requested = request.tenant_id  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
+    refusal = tenant_mismatch(principal, requested)
+    if refusal is None and not requested:
+        request.tenant_id = principal.tenant_id  # type: ignore[attr-defined]
+    return refusal
+
+
+def _bound(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMethodHandler:
+    """`handler` with every request checked against the principal's tenant."""
+    deserialize, serialize = handler.request_deserializer, handler.response_serializer
+    if not handler.request_streaming and not handler.response_streaming:
+        unary = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            refusal = _fill_tenant(request, principal)
+            if refusal is not None:
+                await context.abort(refusal.code, refusal.message)
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
+
+    if not handler.request_streaming:
+        streaming = handler.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            refusal = _fill_tenant(request, principal)
+            if refusal is not None:
+                await context.abort(refusal.code, refusal.message)
+            async for response in _responses(streaming(request, context)):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, serialize)
+
+    async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        # A foreign tenant ends the request stream with PERMISSION_DENIED: what was read before
+        # it is answered, nothing after it is read. (Imported here: the ingress imports this
+        # package, and the servicer turns exactly this exception into the call's status.)
+        from services.ingress._validation import RequestRejected
+
+        async for request in requests:
+            refusal = _fill_tenant(request, principal)
+            if refusal is not None:
+                raise RequestRejected(refusal.code, refusal.message)
+            yield request
+
+    if not handler.response_streaming:
+        stream_unary = handler.stream_unary
+
+        async def stream_in(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            return await stream_unary(checked(requests), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_in, deserialize, serialize)
+
+    stream_stream = handler.stream_stream
+
+    async def stream_both(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        async for response in _responses(stream_stream(checked(requests), context)):
+            yield response
+
+    return grpc.stream_stream_rpc_method_handler(stream_both, deserialize, serialize)
+
+
+async def _responses(produced: Any) -> AsyncIterator[Any]:
+    """The responses of a streaming handler; closed with the call (a cancelled caller included)."""
+    if isinstance(produced, Awaitable):  # a reader/writer handler writes through the context
+        await produced
+        return
+    async with contextlib.aclosing(produced) as responses:
+        async for response in responses:
+            yield response
+
+
+def _refused(handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.RpcMethodHandler:
+    """A handler of the same shape that answers `refusal` without parsing the request."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(refusal.code, refusal.message)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(refusal.code, refusal.message)
+        yield  # pragma: no cover - makes this an async generator, as grpc.aio expects
+
+    serialize = handler.response_serializer
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, None, serialize)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, None, serialize)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming, None, serialize)
+    return grpc.unary_unary_rpc_method_handler(unary, None, serialize)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Checks `authorization: Bearer <key>` against the registry the follower keeps current."""
+
+    def __init__(self, registry: Callable[[], Registry], pepper: bytes) -> None:
+        self._registry = registry
+        self._pepper = pepper
+        self._handlers: dict[tuple[str, str], grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        token = bearer_token(handler_call_details.invocation_metadata)
+        decision = authorize(self._registry(), self._pepper, method, token, time.time())
+        if isinstance(decision, Refusal):
+            return _refused(handler, decision)
+        if decision is OPEN:
+            return handler
+        cache_key = (method, decision.key_id)
+        bound = self._handlers.get(cache_key)
+        if bound is None:
+            if len(self._handlers) >= _MAX_CACHED_HANDLERS:
+                self._handlers.clear()
+            bound = self._handlers[cache_key] = _bound(handler, decision)
+        return bound

@@ -1,0 +1,168 @@
+"""The `tenants` topic: appending records, reading it whole, and following it live.
+
+Every ingress folds the compacted topic into its own in-process registry (read to the end before
+it serves, then followed with a short fetch wait), so an issued or revoked key reaches every
+replica within a fraction of a second, with no restart and no Redis round trip per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from services.auth._model import Record, Registry, encode_record
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# How long the follower's fetch waits for new records: the bound on a revocation's delay.
+FOLLOW_FETCH_WAIT_MS = 100
+
+
+class TenantsTopicMissing(RuntimeError):
+    pass
+
+
+def load_pepper(settings: Settings) -> bytes:
+    """The server-side pepper of key hashes: SWITCHBOARD_AUTH_PEPPER, else a random one kept in
+    `<data_dir>/secrets/auth-pepper` (mode 0600), made on first use."""
+    if settings.auth_pepper:
+        return settings.auth_pepper.encode()
+    path = Path(settings.data_dir) / "secrets" / "auth-pepper"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "w") as out:
+        out.write(os.urandom(32).hex())
+    return path.read_bytes().strip()
+
+
+async def append_records(settings: Settings, records: Sequence[Record]) -> None:
+    """Write records durably (acks=all); returns once Kafka has all of them."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        client_id="switchboard-tenants-admin",
+    )
+    await producer.start()
+    try:
+        for record in records:
+            key, value = encode_record(record)
+            await producer.send_and_wait(settings.tenants_topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+class RegistryFollower:
+    """Keeps a `Registry` folded from the tenants topic; `on_change` runs after each applied batch."""
+
+    def __init__(self, settings: Settings, on_change: Callable[[Registry], None] | None = None) -> None:
+        self.settings = settings
+        self.registry = Registry()
+        self._on_change = on_change
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def catch_up(self) -> Registry:
+        """Read the topic from the beginning to its current end."""
+        topic = self.settings.tenants_topic
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=FOLLOW_FETCH_WAIT_MS,
+            client_id="switchboard-tenants-follower",
+        )
+        await consumer.start()
+        try:
+            partitions = await topic_partitions(consumer, topic)
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            ends = await consumer.end_offsets(partitions)
+            while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+                self._apply(await consumer.getmany(timeout_ms=500))
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+        return self.registry
+
+    async def start(self) -> Registry:
+        registry = await self.catch_up()
+        self._task = asyncio.ensure_future(self._follow())
+        return registry
+
+    async def _follow(self) -> None:
+        assert self._consumer is not None
+        while True:
+            try:
+                self._apply(await self._consumer.getmany(timeout_ms=1000))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the client reconnects by itself; keep the last registry
+                log.warning("tenants topic: fetch failed (%r); keys as of the last record stay in force", exc)
+                await asyncio.sleep(0.5)
+
+    def _apply(self, batches: dict[TopicPartition, list[object]]) -> None:
+        applied = 0
+        for records in batches.values():
+            for msg in records:
+                try:
+                    self.registry.apply(msg.key, msg.value)  # type: ignore[attr-defined]
+                    applied += 1
+                except ValueError as exc:
+                    log.error(
+                        "tenants topic: skipped offset %s: %s",
+                        getattr(msg, "offset", "?"),
+                        exc,
+                    )
+        if applied and self._on_change is not None:
+            self._on_change(self.registry)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+
+async def topic_partitions(
+    consumer: AIOKafkaConsumer, topic: str, within_s: float = 30.0
+) -> list[TopicPartition]:
+    """The topic's partitions, once the cluster knows their leaders (a topic just created has none
+    for a moment)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        # A fresh metadata fetch: the consumer's own cache only covers topics it subscribed to.
+        cluster = await consumer._client.fetch_all_metadata()
+        if topic not in cluster.topics():
+            raise TenantsTopicMissing(f"topic {topic!r} does not exist: run `switchboard topics create`")
+        numbers = cluster.partitions_for_topic(topic)
+        if numbers:
+            return [TopicPartition(topic, p) for p in sorted(numbers)]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topic {topic!r} has no partition with a leader after {within_s:.0f} s")
+        await asyncio.sleep(0.2)
+
+
+async def read_registry(settings: Settings) -> Registry:
+    """The registry as of now (for the CLI and the start-up check)."""
+    follower = RegistryFollower(settings)
+    try:
+        return await follower.catch_up()
+    finally:
+        await follower.stop()
