@@ -8,9 +8,10 @@ Order of the rules (the first that fires decides the reason):
    the tenant's keywords.
 3. `complaint`: the intent is `complaint` (confident enough to trust the label).
 4. `low_confidence` / `unanswered`: this turn and the ones before it make `max_unresolved_turns`
-   (default 2) consecutive unresolved turns. A turn is unresolved when the intent's confidence is
-   below the tenant's threshold, or when retrieval found nothing relevant to answer with
-   (greetings and thanks need no answer and never count as unanswered).
+   (default 2) consecutive unresolved turns. A turn is unresolved when retrieval found nothing
+   relevant to answer with (greetings and thanks need no answer and never count as unanswered), or
+   when it was not consulted and the intent's confidence is below the tenant's threshold. A turn
+   answered from the knowledge base is resolved even when the intent model was unsure.
 
 The queue follows the intent (complaints → "complaints", payments, refunds and invoices →
 "billing", the rest → "general"), the tenant may remap it, and an intent below the confidence
@@ -125,7 +126,13 @@ def asks_for_human(text: str) -> str | None:
 def is_unresolved(
     intent: IntentDecision, answered: bool | None, rules: TenantHandoffRules = DEFAULT_RULES
 ) -> bool:
-    """Did the bot struggle with this turn? `answered` None means retrieval has not run (no verdict)."""
+    """Did the bot struggle with this turn? `answered` None means retrieval has not run (no verdict).
+
+    A turn the knowledge base answered is resolved whatever the intent model thought: a tenant's
+    FAQ may cover questions outside the shop taxonomy the model was trained on (travel, telecom…),
+    and those come out as low-confidence `out_of_scope`."""
+    if answered:
+        return False
     if intent.confidence < rules.low_confidence_threshold:
         return True
     return answered is False and intent.label not in SMALL_TALK_INTENTS
