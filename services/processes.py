@@ -42,10 +42,19 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL: what a crash looks like."""
+        """SIGKILL: what a crash looks like. The whole process group goes (the child was started
+        as a session leader), so a command that runs processes of its own, as `switchboard
+        ingress` does, leaves none behind."""
         if self.proc is not None and self.alive:
-            self.proc.send_signal(signal.SIGKILL)
+            self._kill_group()
             self.proc.wait()
+
+    def _kill_group(self) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            self.proc.send_signal(signal.SIGKILL)
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc is None or not self.alive:
@@ -54,7 +63,7 @@ class Child:
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self._kill_group()
             self.proc.wait()
 
     def log_tail(self, lines: int = 40) -> str:
@@ -71,6 +80,8 @@ def switchboard_children(settings: Settings, env: dict[str, str] | None = None) 
         "analytics": Child("analytics", ["analytics"], logs / "analytics.log", extra),
         "sessions": Child("sessions", ["worker", "sessions"], logs / "sessions.log", extra),
         "assistant": Child("assistant", ["worker", "assistant"], logs / "assistant.log", extra),
+        # Closed segments of conversation-events into S3 (streams/archive).
+        "archiver": Child("archiver", ["worker", "archiver"], logs / "archiver.log", extra),
         "ingress": Child("ingress", ["ingress"], logs / "ingress.log", extra),
     }
 

@@ -58,6 +58,8 @@ _BASE_ENV = {
     "SWITCHBOARD_ASSISTANT_LISTEN": "127.0.0.1:25071",
     "SWITCHBOARD_TOPIC_PARTITIONS": "4",
     "SWITCHBOARD_PRODUCE_TIMEOUT_S": "5",
+    # `switchboard ingress` as two processes on one port, whatever the machine's core count.
+    "SWITCHBOARD_INGRESS_PROCESSES": "2",
 }
 _PORT_KEYS = {k for k in _BASE_ENV if k.endswith(("_PORT", "_BOOTSTRAP", "_URL", "_ENDPOINT", "_LISTEN"))}
 TEST_ENV = {

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from schemas import hotview as hv
 from services.ingress._producer import Ack, Unavailable, unavailable
@@ -26,6 +27,78 @@ for i = 2, #KEYS do
 end
 return previous
 """
+
+# The same for customer messages, with the conversation's close in the same step: KEYS are the
+# readiness hash, then (conversation hash, claim key) pairs. A conversation whose hash has
+# `closed_ns` (written once the close is durable, by the ingress and by the sessions worker) is
+# answered 0 and nothing is claimed. This is what lets the ingress keep the conversation registry
+# in process memory: existence never changes, and the close, which does, is read here.
+_CLAIM_OPEN_IF_READY = """
+local need = tonumber(ARGV[1])
+if need > 0 and redis.call('HLEN', KEYS[1]) < need then
+  return -1
+end
+local previous = {}
+for i = 2, #KEYS, 2 do
+  if redis.call('HEXISTS', KEYS[i], ARGV[4]) == 1 then
+    previous[#previous + 1] = 0
+  else
+    previous[#previous + 1] = redis.call('SET', KEYS[i + 1], ARGV[2], 'NX', 'GET', 'EX', ARGV[3])
+  end
+end
+return previous
+"""
+
+
+class TickPipeline:
+    """Redis commands that any coroutine issues within one event-loop tick leave together, as one
+    pipeline: under load the claims of new batches and the settlements of earlier ones share a
+    round trip. No timer: the flush runs at the end of the tick in which the first was queued."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._queued: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]] = []
+        self._scheduled = False
+        self._running: set[asyncio.Task[None]] = set()
+
+    def run(self, queue: Callable[[Any], None], count: int) -> asyncio.Future[list[Any]]:
+        """`queue(pipe)` adds `count` commands; the future gets their replies (an error reply as
+        its exception object), or the exception that failed the whole pipeline."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        self._queued.append((queue, count, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        queued, self._queued = self._queued, []
+        task = asyncio.ensure_future(self._execute(queued))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute(
+        self, queued: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]]
+    ) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for queue, _, _ in queued:
+                    queue(pipe)
+                replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for _, _, future in queued:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        at = 0
+        for _, count, future in queued:
+            if not future.done():
+                future.set_result(replies[at : at + count])
+            at += count
 
 
 def rebuilding() -> Unavailable:
@@ -67,10 +140,18 @@ class Claim:
 
     claimed: bool
     earlier: Ack | None = None
+    # The conversation is closed: nothing was claimed (claim_many(..., unless_closed=True)).
+    closed: bool = False
 
     @property
     def in_flight(self) -> bool:
-        return not self.claimed and self.earlier is None
+        return not self.claimed and self.earlier is None and not self.closed
+
+
+def _raise_any(replies: list[Any]) -> None:
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
 
 
 def _parse_ack(raw: bytes) -> Ack | None:
@@ -88,6 +169,8 @@ class IngressHotView:
         self._live = live_redis or redis
         self._ttl = idempotency_ttl_s
         self._claim_if_ready = redis.register_script(_CLAIM_IF_READY)
+        self._claim_open_if_ready = redis.register_script(_CLAIM_OPEN_IF_READY)
+        self._tick = TickPipeline(redis)
 
     async def lookup_many(self, keys: Sequence[tuple[str, str]]) -> list[Registration | None]:
         fields = (hv.F_CREATED_NS, hv.F_CLOSED_NS, hv.F_CHANNEL, hv.F_CUSTOMER, hv.F_STATE, hv.F_CURSOR)
@@ -133,42 +216,69 @@ class IngressHotView:
         """Whether the sessions worker has marked every partition's hot view complete."""
         return int(await self._redis.hlen(hv.READY_KEY)) >= partitions
 
-    async def claim_many(self, keys: Sequence[tuple[str, str, str]], partitions: int = 0) -> list[Claim]:
-        """Claim each (tenant, conversation, client_message_id) for writing, in one round trip and
-        only while the hot view is complete (`partitions` > 0: raises UNAVAILABLE otherwise)."""
-        reply: Any = await self._claim_if_ready(
-            keys=[hv.READY_KEY, *(hv.idempotency_key(t, c, m) for t, c, m in keys)],
-            args=[partitions, hv.CLAIM_PENDING, CLAIM_TTL_S],
+    async def claim_many(
+        self, keys: Sequence[tuple[str, str, str]], partitions: int = 0, *, unless_closed: bool = False
+    ) -> list[Claim]:
+        """Claim each (tenant, conversation, client_message_id) for writing, in one round trip
+        (shared with whatever else this tick sends) and only while the hot view is complete
+        (`partitions` > 0: raises UNAVAILABLE otherwise). `unless_closed`: a key of a closed
+        conversation is not claimed but answered Claim(closed=True)."""
+        if not keys:
+            return []
+        if unless_closed:
+            script = self._claim_open_if_ready
+            redis_keys = [hv.READY_KEY]
+            for t, c, m in keys:
+                redis_keys += (hv.conversation_key(t, c), hv.idempotency_key(t, c, m))
+            args: list[Any] = [partitions, hv.CLAIM_PENDING, CLAIM_TTL_S, hv.F_CLOSED_NS]
+        else:
+            script = self._claim_if_ready
+            redis_keys = [hv.READY_KEY, *(hv.idempotency_key(t, c, m) for t, c, m in keys)]
+            args = [partitions, hv.CLAIM_PENDING, CLAIM_TTL_S]
+        (reply,) = await self._tick.run(
+            lambda pipe: pipe.evalsha(script.sha, len(redis_keys), *redis_keys, *args), 1
         )
+        if isinstance(reply, NoScriptError):
+            # First use on this Redis (or it restarted): load it, once, outside the tick pipeline.
+            reply = await script(keys=redis_keys, args=args)
+        if isinstance(reply, Exception):
+            raise reply
         if reply == -1:
             raise rebuilding()
         claims = []
         for previous in reply:
             if previous is None:
                 claims.append(Claim(claimed=True))
+            elif previous == 0:
+                claims.append(Claim(claimed=False, closed=True))
             else:
                 claims.append(Claim(claimed=False, earlier=_parse_ack(previous)))
         return claims
 
     async def touch_claims(self, keys: Sequence[tuple[str, str, str]]) -> None:
         """Extend claims whose write is still in flight (they expire only if this process dies)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+
+        def queue(pipe: Any) -> None:
             for tenant_id, conversation_id, cmid in keys:
                 pipe.expire(hv.idempotency_key(tenant_id, conversation_id, cmid), CLAIM_TTL_S, xx=True)
-            await pipe.execute()
+
+        _raise_any(await self._tick.run(queue, len(keys)))
 
     async def settle_many(self, outcomes: Sequence[tuple[tuple[str, str, str], Ack | None]]) -> None:
-        """Record acks (a retry then gets the first ack) and drop claims whose write failed."""
+        """Record acks (a retry then gets the first ack) and drop claims whose write failed; in the
+        round trip of whatever else this tick sends."""
         if not outcomes:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
+
+        def queue(pipe: Any) -> None:
             for (tenant_id, conversation_id, cmid), ack in outcomes:
                 key = hv.idempotency_key(tenant_id, conversation_id, cmid)
                 if ack is None:
                     pipe.delete(key)
                 else:
                     pipe.set(key, hv.encode_claim(ack.event_id, ack.partition, ack.offset), ex=self._ttl)
-            await pipe.execute()
+
+        _raise_any(await self._tick.run(queue, len(outcomes)))
 
     async def recent_entries(
         self, tenant_id: str, conversation_id: str, count: int

@@ -129,20 +129,25 @@ class EventProducer:
     def release(self, count: int = 1) -> None:
         self._inflight -= count
 
-    async def enqueue(self, event: Event) -> asyncio.Future[object]:
+    async def enqueue(self, event: Event, *, bounded: bool = True) -> asyncio.Future[object]:
         """Hand the event to the producer (this fixes its order in the partition); returns the
-        delivery future. Records enqueued one after another are written in that order."""
+        delivery future. Records enqueued one after another are written in that order.
+
+        `bounded=False`: the caller bounds the wait for buffer space itself (one deadline for a
+        whole batch instead of a timer per record)."""
         if self._producer is None:
             await self.start()
         assert self._producer is not None
         timeout = self._settings.produce_timeout_s
         try:
-            return await asyncio.wait_for(
-                self._producer.send(
+            if not bounded:
+                return await self._producer.send(
                     self._topic, encode_event(event), key=event_key(event), headers=event_headers(event)
-                ),
-                timeout=timeout,
-            )
+                )
+            async with asyncio.timeout(timeout):
+                return await self._producer.send(
+                    self._topic, encode_event(event), key=event_key(event), headers=event_headers(event)
+                )
         except (TimeoutError, KafkaError) as exc:
             raise unavailable(
                 f"Kafka did not accept the event within {timeout:.0f}s ({exc!r}); retry"
@@ -173,9 +178,9 @@ class EventProducer:
         one timer for the whole batch. A record still unacknowledged then gets UNAVAILABLE, but it
         may still land: its `on_late_ack` callback (if any) learns the outcome later."""
         timeout = self._settings.produce_timeout_s
-        pending: set[asyncio.Future[object]] = set()
-        if deliveries:
-            _, pending = await asyncio.wait(set(deliveries), timeout=timeout)
+        pending = {d for d in deliveries if not d.done()}
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout)
         outcomes: list[Ack | Unavailable] = []
         for event, delivery, late in zip(events, deliveries, on_late_ack, strict=True):
             if delivery in pending:

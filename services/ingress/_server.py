@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from services.ingress._hotview import IngressHotView, live_pool
 from services.ingress._knowledge import KnowledgeService
 from services.ingress._producer import EventProducer
 from services.ingress._service import ChatService, MessageBatcher, WriteOrder, traceparent_of
+from services.ingress._supervisor import CHILD_ENV, Supervisor, process_count
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -357,7 +359,7 @@ def _handlers(servicer: ChatServicer, settings: Settings) -> grpc.GenericRpcHand
 class IngressServer:
     """Owns the gRPC server and its Kafka producer and Redis pool."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
         self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=512)
         self.live_redis = live_pool(settings.redis_url, settings.max_live_streams + 8)
@@ -379,7 +381,8 @@ class IngressServer:
                     "grpc.max_receive_message_length",
                     max(4 * 1024 * 1024, settings.max_batch_bytes + (1 << 20)),
                 ),
-                ("grpc.so_reuseport", 0),
+                # Only the processes of one `switchboard ingress` share a port (see _supervisor).
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
         self.server.add_generic_rpc_handlers(
@@ -448,15 +451,25 @@ class IngressServer:
         await self.server.stop(grace)
         await self.auth.stop()
         await self.producer.stop()
+        # The producer flushed: let the writes' settlements record their acks in Redis (else a
+        # retry would find a pending claim until it expires).
+        await self.service.writes.drain(self.settings.produce_timeout_s)
         await self.knowledge.close()
         await self.redis.aclose()
         await self.live_redis.aclose()
 
 
 async def serve(settings: Settings) -> None:
-    """Run the ingress until SIGTERM or SIGINT, then drain and stop."""
+    """Run the ingress until SIGTERM or SIGINT, then drain and stop: N supervised processes on one
+    port (settings.ingress_processes, default one per core), or this process alone when N is 1."""
     await preflight(settings)  # before binding: no keyless ingress on a public address
-    server = IngressServer(settings)
+    child = os.environ.get(CHILD_ENV)
+    count = process_count(settings)
+    if child is None and count > 1:
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+        await Supervisor(settings, count, level).run()
+        return
+    server = IngressServer(settings, reuse_port=child is not None)
     await server.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -464,6 +477,6 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stopping.set)
     try:
         await stopping.wait()
-        log.info("stopping: draining in-flight calls")
+        log.info("stopping: draining in-flight calls (up to %.0fs)", settings.ingress_drain_s)
     finally:
-        await server.stop()
+        await server.stop(settings.ingress_drain_s)

@@ -45,6 +45,10 @@ ClaimKey = tuple[str, str, str]  # tenant, conversation, client_message_id
 Conversation = tuple[str, str]  # tenant, conversation
 Outcome = chat_pb2.SendMessageResponse | v.RequestRejected
 _CHANNELS = frozenset(events_pb2.Channel.values())
+# Conversations the registry remembers per process (about 200 bytes each).
+REGISTRY_MAX = 200_000
+# A state document's status field says "closed" (the key `closed_at_ns` does not match this).
+_CLOSED_STATUS = f'"{STATUS_CLOSED}"'.encode()
 R = TypeVar("R")
 
 
@@ -143,6 +147,15 @@ class ConversationWrites:
         self._read = read_conversation
         self._gate = ConversationGate()
         self._tasks: set[asyncio.Future[Any]] = set()
+        # Conversations known to exist -> known to be closed. Redis stays the truth: a miss is
+        # looked up there, and a close is read with every claim.
+        self._registry: dict[Conversation, bool] = {}
+
+    def _remember(self, conversation: Conversation, *, closed: bool) -> None:
+        registry = self._registry
+        if conversation not in registry and len(registry) >= REGISTRY_MAX:
+            del registry[next(iter(registry))]  # the oldest entry: bounded memory
+        registry[conversation] = closed
 
     # ------------------------------------------------------------------ messages
 
@@ -151,11 +164,13 @@ class ConversationWrites:
         requests: Sequence[chat_pb2.SendMessageRequest | v.MalformedRequest],
         traceparents: Sequence[str] | str = "",
         order: WriteOrder | None = None,
+        on_admitted: Callable[[], None] | None = None,
     ) -> list[Outcome]:
         """Validate, deduplicate and write a batch of messages; one outcome per request, in order.
 
         With `order`, this batch takes its turn in a stream (see WriteOrder). The write runs in a
-        task of its own: cancelling the caller never cancels a write half-way."""
+        task of its own: cancelling the caller never cancels a write half-way. `on_admitted` is
+        called once the batch is claimed and handed to the producer (before Kafka's acks)."""
         if isinstance(traceparents, str):
             traceparents = [traceparents] * len(requests)
         results: list[Outcome | _Write | None] = [None] * len(requests)
@@ -183,6 +198,8 @@ class ConversationWrites:
             for i, _ in valid:
                 if results[i] is None:
                     results[i] = rejection
+        if on_admitted is not None:
+            on_admitted()
         writes = [r for r in results if isinstance(r, _Write)]
         if writes:
             await asyncio.wait([w.outcome for w in writes], timeout=self._settings.produce_timeout_s)
@@ -220,34 +237,54 @@ class ConversationWrites:
         granted = 0
         handed: list[_Write] = []
         try:
-            # Before the turn (batches of a stream overlap here): lookups, slots, claims.
+            # Before the turn (batches of a stream overlap here): registry, slots, claims (which
+            # also read whether the conversation was closed meanwhile, by any ingress process).
             writers = await self._admit(valid, results, followers) if valid else []
             granted = self._producer.reserve_up_to(len(writers))
-            claims = (
-                await self._hot.claim_many(
-                    [_claim_key(req) for _, req in writers[:granted]], self._settings.topic_partitions
-                )
-                if granted
-                else []
+            claims = await self._hot.claim_many(
+                [_claim_key(req) for _, req in writers[:granted]],
+                self._settings.topic_partitions,
+                unless_closed=True,
             )
             if order is not None:
                 await order.wait_turn()
             # Only a stream orders its messages: coalesced unary calls are independent callers,
             # and one's failure must not ABORT another's message of the same conversation.
             failed = order.failed if order is not None else None
-            for n, (i, req) in enumerate(writers):
-                claim = claims[n] if n < granted else None
-                outcome = await self._write_one(req, claim, failed or set(), traceparents[i])
-                results[i] = outcome
-                if isinstance(outcome, _Write):
-                    handed.append(outcome)
-                    continue
-                if failed is not None and _stops_the_conversation(outcome):
-                    failed.add((req.tenant_id, req.conversation_id))
-                unknown = isinstance(outcome, v.RequestRejected) and outcome.code == grpc.StatusCode.INTERNAL
-                if claim is not None and claim.claimed and not unknown:
-                    # Never handed to the producer: nothing can land, so the claim goes.
-                    await self._settle([(_claim_key(req), None)])
+            dropped: list[tuple[ClaimKey, Ack | None]] = []
+            written = 0
+            try:
+                # One deadline for handing the whole batch to the producer (no timer per message).
+                async with asyncio.timeout(self._settings.produce_timeout_s):
+                    for n, (i, req) in enumerate(writers):
+                        claim = claims[n] if n < granted else None
+                        outcome = await self._write_one(req, claim, failed or set(), traceparents[i])
+                        results[i] = outcome
+                        written = n + 1
+                        if isinstance(outcome, _Write):
+                            handed.append(outcome)
+                            continue
+                        if failed is not None and _stops_the_conversation(outcome):
+                            failed.add((req.tenant_id, req.conversation_id))
+                        unknown = (
+                            isinstance(outcome, v.RequestRejected)
+                            and outcome.code == grpc.StatusCode.INTERNAL
+                        )
+                        if claim is not None and claim.claimed and not unknown:
+                            # Never handed to the producer: nothing can land, so the claim goes.
+                            dropped.append((_claim_key(req), None))
+            except TimeoutError:
+                # Kafka's buffer stayed full for the whole produce timeout: the rest was not handed.
+                for n in range(written, len(writers)):
+                    i, req = writers[n]
+                    results[i] = unavailable(
+                        f"Kafka did not accept the event within {self._settings.produce_timeout_s:.0f}s; retry"
+                    )
+                    if failed is not None:
+                        failed.add((req.tenant_id, req.conversation_id))
+                    if n < granted and claims[n].claimed:
+                        dropped.append((_claim_key(req), None))
+            await self._settle(dropped)
         finally:
             self._producer.release(granted - len(handed))
             self._settle_when_answered(handed)
@@ -261,16 +298,24 @@ class ConversationWrites:
         results: list[Outcome | _Write | None],
         followers: list[tuple[int, int]],
     ) -> list[tuple[int, chat_pb2.SendMessageRequest]]:
-        """The requests that may write: known, open conversations; the first of each key."""
-        conversations = sorted({(req.tenant_id, req.conversation_id) for _, req in valid})
-        registrations = dict(zip(conversations, await self._hot.lookup_many(conversations), strict=True))
+        """The requests that may write: known, open conversations; the first of each key.
+
+        Conversations are looked up in the process's registry first, and in Redis only when not
+        there: a conversation, once started, exists for good, and one closed stays closed. The
+        close of a conversation cached as open is read by the claim (claim_many unless_closed)."""
+        registry = self._registry
+        missing = sorted({(req.tenant_id, req.conversation_id) for _, req in valid} - registry.keys())
+        if missing:
+            for conversation, reg in zip(missing, await self._hot.lookup_many(missing), strict=True):
+                if reg is not None:
+                    self._remember(conversation, closed=_is_closed(reg))
         first: dict[ClaimKey, int] = {}
         writers = []
         for i, req in valid:
-            reg = registrations[(req.tenant_id, req.conversation_id)]
-            if reg is None:
+            closed = registry.get((req.tenant_id, req.conversation_id))
+            if closed is None:
                 results[i] = _not_found(req.tenant_id, req.conversation_id)
-            elif _is_closed(reg):
+            elif closed:
                 results[i] = _closed(req.conversation_id)
             elif _claim_key(req) in first:
                 followers.append((i, first[_claim_key(req)]))
@@ -290,6 +335,9 @@ class ConversationWrites:
         conversation = (req.tenant_id, req.conversation_id)
         if claim is not None and claim.earlier is not None:
             return _response(req, claim.earlier, duplicate=True)
+        if claim is not None and claim.closed:
+            self._remember(conversation, closed=True)
+            return _closed(req.conversation_id)
         if conversation in failed:
             return _after_failure(req)
         if claim is None:
@@ -312,7 +360,8 @@ class ConversationWrites:
             ),
         )
         try:
-            delivery = await self._producer.enqueue(event)
+            # Bounded by the batch's deadline (see _write_messages).
+            delivery = await self._producer.enqueue(event, bounded=False)
         except Unavailable as exc:
             return exc
         except Exception:
@@ -374,6 +423,12 @@ class ConversationWrites:
             self._background(
                 _retrying(lambda: self._hot.settle_many(outcomes), f"recording {len(outcomes)} outcomes")
             )
+
+    async def drain(self, within_s: float) -> None:
+        """Wait (at most `within_s`) for writes and settlements still running (a stopping ingress)."""
+        deadline = time.monotonic() + within_s
+        while self._tasks and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=left)
 
     def _background(self, coro: Coroutine[Any, Any, R]) -> asyncio.Task[R]:
         task = asyncio.ensure_future(coro)
@@ -526,6 +581,8 @@ class ConversationWrites:
         async def register(ack: Ack | None) -> None:
             if ack is None:
                 return
+            # Durable in the log, so it exists: its first messages need no lookup.
+            self._remember((req.tenant_id, conversation_id), closed=False)
             try:
                 await self._hot.register(
                     req.tenant_id,
@@ -600,6 +657,7 @@ class ConversationWrites:
                             lambda: self._hot.mark_closed(*conversation, event.occurred_at.ToNanoseconds()),
                             f"marking {req.conversation_id!r} closed",
                         )
+                        self._remember(conversation, closed=True)
                 finally:
                     self._gate.reopen(conversation)
 
@@ -611,12 +669,18 @@ class ConversationWrites:
 
 
 class MessageBatcher:
-    """Coalesces concurrent unary SendMessage calls into one `accept_messages` batch per event-loop
-    tick: the calls share Redis round trips and a produce burst, and nobody waits for a timer."""
+    """Coalesces concurrent unary SendMessage calls into `accept_messages` batches, group-commit
+    style: while `max_admitting` batches are still being claimed and handed to the producer, new
+    calls wait and then leave together as the next batch; otherwise a call leaves at the end of its
+    event-loop tick. So one call in flight is never delayed, and many share round trips (grpc.aio
+    hands the server one call per loop iteration, so per-tick coalescing alone made batches of 1).
+    No timer anywhere."""
 
-    def __init__(self, service: ConversationWrites, max_batch: int = 512) -> None:
+    def __init__(self, service: ConversationWrites, max_batch: int = 512, max_admitting: int = 2) -> None:
         self._service = service
         self._max_batch = max_batch
+        self._max_admitting = max_admitting
+        self._admitting = 0
         self._pending: list[
             tuple[
                 chat_pb2.SendMessageRequest | v.MalformedRequest,
@@ -633,16 +697,20 @@ class MessageBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[chat_pb2.SendMessageResponse | v.RequestRejected] = loop.create_future()
         self._pending.append((request, traceparent, future))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
+        self._schedule()
         return await future
+
+    def _schedule(self) -> None:
+        if not self._flush_scheduled and self._pending and self._admitting < self._max_admitting:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        pending, self._pending = self._pending, []
-        for start in range(0, len(pending), self._max_batch):
-            task = asyncio.ensure_future(self._run(pending[start : start + self._max_batch]))
+        while self._pending and self._admitting < self._max_admitting:
+            batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+            self._admitting += 1
+            task = asyncio.ensure_future(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -656,13 +724,27 @@ class MessageBatcher:
             ]
         ],
     ) -> None:
+        admitting = True
+
+        def admitted() -> None:
+            # Claimed and handed to the producer (or refused): the next batch may go.
+            nonlocal admitting
+            if admitting:
+                admitting = False
+                self._admitting -= 1
+                self._schedule()
+
         try:
-            outcomes = await self._service.accept_messages([r for r, _, _ in batch], [t for _, t, _ in batch])
+            outcomes = await self._service.accept_messages(
+                [r for r, _, _ in batch], [t for _, t, _ in batch], on_admitted=admitted
+            )
         except BaseException as exc:
+            admitted()
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             raise
+        admitted()
         for (_, _, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
@@ -711,7 +793,7 @@ def _response(req: chat_pb2.SendMessageRequest, ack: Ack, duplicate: bool) -> ch
 def _is_closed(reg: Registration) -> bool:
     if reg.closed_ns:
         return True
-    if reg.state_json and STATUS_CLOSED.encode() in reg.state_json:
+    if reg.state_json and _CLOSED_STATUS in reg.state_json:
         state = ConversationState.from_json(json.loads(reg.state_json))
         return state.status == STATUS_CLOSED
     return False

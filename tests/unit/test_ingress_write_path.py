@@ -48,13 +48,18 @@ class FakeHotView(IngressHotView):
     async def is_ready(self, partitions: int) -> bool:
         return True
 
-    async def claim_many(self, keys: Sequence[tuple[str, str, str]], partitions: int = 0) -> list[Claim]:
+    async def claim_many(
+        self, keys: Sequence[tuple[str, str, str]], partitions: int = 0, *, unless_closed: bool = False
+    ) -> list[Claim]:
         for key in keys:
             self.claiming.add(key[2])
             if key[2] in self.hold_claims:
                 await self.hold_claims[key[2]].wait()
         out = []
         for key in keys:
+            if unless_closed and (key[0], key[1]) in self.closed:
+                out.append(Claim(claimed=False, closed=True))
+                continue
             previous = self.claims.get(key)
             if previous is None:
                 self.claims[key] = hv.CLAIM_PENDING
@@ -106,7 +111,7 @@ class FakeProducer(EventProducer):
         self.auto_ack = True
         self._offset = 0
 
-    async def enqueue(self, event: Event) -> asyncio.Future[object]:
+    async def enqueue(self, event: Event, *, bounded: bool = True) -> asyncio.Future[object]:
         name = label(event)
         if name in self.hold_enqueue:
             await self.hold_enqueue[name].wait()

@@ -1,0 +1,160 @@
+"""`switchboard ingress` on every core: N server processes on one port, supervised.
+
+Python runs one thread of Python at a time, so one ingress process uses one core. N processes
+listen on the same address with SO_REUSEPORT and the kernel spreads *connections* over them (a
+gRPC channel is one connection, so one client's calls all go to one process). They share nothing
+in memory: each has its own Kafka producer, Redis pools and in-flight bound; everything that must
+hold across processes (idempotency claims, the readiness gate, the conversation registry) is in
+Redis, and order per conversation is the log's (see the README's design note).
+
+The parent only supervises: it checks the port is free, starts the children, restarts one that
+dies (with a back-off when it keeps dying), and on SIGTERM/SIGINT passes SIGTERM on, so that each
+child drains (stops listening, lets in-flight calls finish, flushes its producer). Children die with
+the parent (PR_SET_PDEATHSIG), so a kill -9 of `switchboard ingress` is a crash of all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Set in a child's environment: its index; the child listens with SO_REUSEPORT.
+CHILD_ENV = "SWITCHBOARD_INGRESS_CHILD"
+_PR_SET_PDEATHSIG = 1
+# A child that lived shorter than this is restarted after a growing pause (up to the maximum).
+_HEALTHY_AFTER_S = 10.0
+_MAX_BACKOFF_S = 10.0
+
+
+def process_count(settings: Settings) -> int:
+    return settings.ingress_processes or os.cpu_count() or 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the supervisor goes, however it goes (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def check_port_free(listen: str, within_s: float = 10.0) -> None:
+    """Bind the address without SO_REUSEPORT: fails while anything listens there, also another
+    ingress's reuse-port sockets (which would otherwise silently share our port). Waits a little
+    for the children of a supervisor that was just killed to go."""
+    host, port = listen.rsplit(":", 1)
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + within_s
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, int(port)))
+                return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cannot listen on {listen} (port in use?): {exc}") from exc
+        time.sleep(0.2)
+
+
+@dataclass
+class _Child:
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    started: float = 0.0
+    failures: int = 0
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, count: int, log_level: str = "info") -> None:
+        self._settings = settings
+        self._count = count
+        self._log_level = log_level
+        self._children = [_Child(i) for i in range(count)]
+        self._stopping = asyncio.Event()
+
+    async def _start(self, child: _Child) -> None:
+        env = {**os.environ, CHILD_ENV: str(child.index), "SWITCHBOARD_INGRESS_PROCESSES": "1"}
+        child.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.ingress",
+            "--log-level",
+            self._log_level,
+            env=env,
+            preexec_fn=_die_with_parent,
+        )
+        child.started = time.monotonic()
+        log.info("ingress process %d started (pid %d)", child.index, child.proc.pid)
+
+    async def _watch(self, child: _Child) -> None:
+        """Keep one child running until the supervisor stops."""
+        while not self._stopping.is_set():
+            if child.proc is None:
+                await self._start(child)
+            assert child.proc is not None
+            code = await child.proc.wait()
+            if self._stopping.is_set():
+                return
+            lived = time.monotonic() - child.started
+            child.failures = 0 if lived > _HEALTHY_AFTER_S else child.failures + 1
+            pause = min(_MAX_BACKOFF_S, 0.5 * (2**child.failures - 1)) if child.failures else 0.0
+            log.warning(
+                "ingress process %d (pid %d) exited with %s after %.1fs; restarting it%s",
+                child.index,
+                child.proc.pid,
+                code,
+                lived,
+                f" in {pause:.1f}s" if pause else "",
+            )
+            child.proc = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), pause)
+
+    async def run(self) -> None:
+        check_port_free(self._settings.grpc_listen)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        watchers = [asyncio.ensure_future(self._watch(c)) for c in self._children]
+        log.info(
+            "ingress: %d processes on %s (SO_REUSEPORT), %d in-flight writes each",
+            self._count,
+            self._settings.grpc_listen,
+            self._settings.max_inflight_produce,
+        )
+        try:
+            await self._stopping.wait()
+            log.info("stopping: each ingress process drains its in-flight calls")
+        finally:
+            self._stopping.set()
+            await self._stop_children()
+            for w in watchers:
+                w.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+
+    async def _stop_children(self) -> None:
+        running = [c.proc for c in self._children if c.proc is not None and c.proc.returncode is None]
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        # Each child waits up to the drain time for its calls, then flushes its producer.
+        limit = self._settings.ingress_drain_s + self._settings.produce_timeout_s + 5
+        if running:
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in running], timeout=limit)
+        for proc in running:
+            if proc.returncode is None:
+                log.warning("ingress process pid %d did not stop within %.0fs; killing it", proc.pid, limit)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
