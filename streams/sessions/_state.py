@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+import json
+from dataclasses import dataclass, field, fields
+from json.encoder import encode_basestring as _js
 from typing import Any
 
 from schemas.events import Event, LogPosition, event_type
@@ -102,106 +104,213 @@ def decision_key(event: Event) -> str:
     return ""
 
 
-def _with_message(state: ConversationState, client_message_id: str, **changes: Any) -> ConversationState:
-    recent = state.recent_client_message_ids
-    if client_message_id:
-        recent = (*recent, client_message_id)[-DEDUP_WINDOW:]
-    return replace(state, message_count=state.message_count + 1, recent_client_message_ids=recent, **changes)
+class Fold:
+    """A conversation's state while the sessions worker folds a batch into it: mutable, so applying
+    an event changes a few attributes instead of copying all 34 fields two or three times
+    (`dataclasses.replace` was most of the fold's cost). `fold_event` is the same fold on a copy.
+
+    `apply` reads everything it needs from the event before it changes anything, so an event that
+    makes it raise (to be dead-lettered) leaves the state as it was."""
+
+    # _recent_json: the client message ids of the window, each already JSON-encoded (the list is
+    # most of the document, and a message moves it by one).
+    __slots__ = (*_FIELDS, "_recent_json")
+
+    # Set by the loops below (slots, no class-level defaults); declared for the type checker.
+    tenant_id: str
+    conversation_id: str
+    status: str
+    mode: str
+    assignee: str
+    channel: int
+    customer_id: str
+    locale: str
+    metadata: dict[str, str]
+    created_at_ns: int
+    updated_at_ns: int
+    closed_at_ns: int
+    resolution: str
+    message_count: int
+    customer_message_count: int
+    bot_message_count: int
+    agent_message_count: int
+    handoff_count: int
+    event_count: int
+    csat_score: int
+    last_intent: str
+    queue: str
+    handoff_reason: str
+    handoff_at_ns: int
+    recent_decisions: tuple[str, ...]
+    last_partition: int
+    last_offset: int
+    last_event_id: str
+    recent_client_message_ids: tuple[str, ...]
+    _recent_json: list[str]
+
+    def __init__(self, state: ConversationState) -> None:
+        for name in _FIELDS:
+            setattr(self, name, getattr(state, name))
+        self.metadata = dict(state.metadata)
+        self._recent_json = [_js(m) for m in self.recent_client_message_ids]
+
+    @classmethod
+    def new(cls, tenant_id: str, conversation_id: str) -> Fold:
+        return cls(ConversationState(tenant_id=tenant_id, conversation_id=conversation_id))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Fold:
+        fold = cls.__new__(cls)
+        for name, default in _DEFAULTS:
+            setattr(fold, name, data.get(name, default))
+        fold.metadata = dict(fold.metadata)
+        fold.recent_client_message_ids = tuple(fold.recent_client_message_ids)
+        fold.recent_decisions = tuple(fold.recent_decisions)
+        fold._recent_json = [_js(m) for m in fold.recent_client_message_ids]
+        return fold
+
+    def freeze(self) -> ConversationState:
+        return ConversationState(**{name: getattr(self, name) for name in _FIELDS})
+
+    def to_json(self) -> dict[str, Any]:
+        """The same document as `ConversationState.to_json` (readers parse either)."""
+        data = {name: getattr(self, name) for name in _FIELDS}
+        data["metadata"] = dict(self.metadata)
+        data["recent_client_message_ids"] = list(self.recent_client_message_ids)
+        data["recent_decisions"] = list(self.recent_decisions)
+        return data
+
+    def json_text(self) -> str:
+        """`json.dumps(self.to_json(), ensure_ascii=False)`, character for character, at a fifth
+        of its cost: the worker writes it once per conversation per batch."""
+        return (
+            f'{{"tenant_id": {_js(self.tenant_id)}, "conversation_id": {_js(self.conversation_id)}, '
+            f'"status": {_js(self.status)}, "mode": {_js(self.mode)}, "assignee": {_js(self.assignee)}, '
+            f'"channel": {self.channel}, "customer_id": {_js(self.customer_id)}, '
+            f'"locale": {_js(self.locale)}, '
+            f'"metadata": {json.dumps(self.metadata, ensure_ascii=False) if self.metadata else "{}"}, '
+            f'"created_at_ns": {self.created_at_ns}, "updated_at_ns": {self.updated_at_ns}, '
+            f'"closed_at_ns": {self.closed_at_ns}, "resolution": {_js(self.resolution)}, '
+            f'"message_count": {self.message_count}, "customer_message_count": {self.customer_message_count}, '
+            f'"bot_message_count": {self.bot_message_count}, "agent_message_count": {self.agent_message_count}, '
+            f'"handoff_count": {self.handoff_count}, "event_count": {self.event_count}, '
+            f'"csat_score": {self.csat_score}, "last_intent": {_js(self.last_intent)}, '
+            f'"queue": {_js(self.queue)}, "handoff_reason": {_js(self.handoff_reason)}, '
+            f'"handoff_at_ns": {self.handoff_at_ns}, '
+            f'"recent_decisions": [{", ".join(map(_js, self.recent_decisions))}], '
+            f'"last_partition": {self.last_partition}, "last_offset": {self.last_offset}, '
+            f'"last_event_id": {_js(self.last_event_id)}, '
+            f'"recent_client_message_ids": [{", ".join(self._recent_json)}]}}'
+        )
+
+    def apply(self, event: Event, position: LogPosition) -> tuple[bool, int]:
+        """Apply one event; (applied, 1-based message sequence or 0). A redelivery or a duplicate
+        changes nothing but the log position; applying the same event again changes nothing."""
+        if self.last_event_id == event.event_id or (
+            self.last_partition == position.partition and position.offset <= self.last_offset
+        ):
+            return False, 0
+        ts = event.occurred_at
+        occurred_ns = ts.seconds * 1_000_000_000 + ts.nanos
+        kind = event.WhichOneof("payload") or ""
+        decided = decision_key(event)
+        if decided and decided in self.recent_decisions:
+            self._advance(event, position, occurred_ns, count=False)
+            return False, 0
+        sequence = 0
+        if kind == "message_received" or kind == "agent_message_sent":
+            if self.status == STATUS_CLOSED:
+                # A message that raced the close (from another ingress replica) and lost: the
+                # conversation is over; it is not counted.
+                self._advance(event, position, occurred_ns, count=False)
+                return False, 0
+            if kind == "message_received":
+                cmid = event.message_received.client_message_id
+                agent_id = ""
+            else:
+                sent = event.agent_message_sent
+                cmid, agent_id = sent.client_message_id, sent.agent_id
+            if cmid and cmid in self.recent_client_message_ids:
+                # Same client message written twice (its first ack was lost): count it once.
+                self._advance(event, position, occurred_ns, count=False)
+                return False, 0
+            if kind == "message_received":
+                self.customer_message_count += 1
+            else:
+                self.agent_message_count += 1
+                self.assignee = self.assignee or agent_id
+            sequence = self._add_message(cmid)
+        elif kind == "conversation_started":
+            started = event.conversation_started
+            channel, customer_id, locale = int(started.channel), started.customer_id, started.locale
+            metadata = dict(started.metadata)
+            self.channel, self.customer_id, self.locale, self.metadata = (
+                channel,
+                customer_id,
+                locale,
+                metadata,
+            )
+            self.created_at_ns = self.created_at_ns or occurred_ns
+        elif kind == "reply_generated":
+            self.bot_message_count += 1
+            sequence = self._add_message("")
+        elif kind == "intent_classified":
+            self.last_intent = event.intent_classified.intent
+        elif kind == "handoff_requested":
+            handoff = event.handoff_requested
+            queue, reason = handoff.queue or "general", handoff.reason
+            self.mode = MODE_AGENT
+            self.handoff_count += 1
+            self.assignee = ""
+            self.queue, self.handoff_reason, self.handoff_at_ns = queue, reason, occurred_ns
+        elif kind == "agent_assigned":
+            self.assignee = event.agent_assigned.agent_id
+            self.mode, self.queue = MODE_AGENT, ""
+        elif kind == "returned_to_bot":
+            self.mode, self.assignee, self.queue = MODE_BOT, "", ""
+        elif kind == "conversation_closed":
+            self.resolution = event.conversation_closed.resolution
+            self.status = STATUS_CLOSED
+            self.closed_at_ns = self.closed_at_ns or occurred_ns
+        elif kind == "csat_rated":
+            self.csat_score = int(event.csat_rated.score)
+        if decided:
+            self.recent_decisions = (*self.recent_decisions, decided)[-DEDUP_WINDOW:]
+        self._advance(event, position, occurred_ns)
+        return True, sequence
+
+    def _add_message(self, client_message_id: str) -> int:
+        if client_message_id:
+            recent = self.recent_client_message_ids
+            encoded = self._recent_json
+            if len(recent) >= DEDUP_WINDOW:
+                recent = recent[len(recent) - DEDUP_WINDOW + 1 :]
+                del encoded[: len(encoded) - DEDUP_WINDOW + 1]
+            self.recent_client_message_ids = (*recent, client_message_id)
+            encoded.append(_js(client_message_id))
+        self.message_count += 1
+        return self.message_count
+
+    def _advance(self, event: Event, position: LogPosition, occurred_ns: int, *, count: bool = True) -> None:
+        if not self.tenant_id:
+            self.tenant_id = event.tenant_id
+        if occurred_ns > self.updated_at_ns:
+            self.updated_at_ns = occurred_ns
+        if count:
+            self.event_count += 1
+        self.last_partition = position.partition
+        self.last_offset = position.offset
+        self.last_event_id = event.event_id
+
+
+_DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
+    (f.name, {} if f.name == "metadata" else () if f.name.startswith("recent_") else f.default)
+    for f in fields(ConversationState)
+)
 
 
 def fold_event(state: ConversationState | None, event: Event, position: LogPosition) -> FoldResult:
     """Apply one event to a conversation's state; applying the same event again changes nothing."""
-    if state is None:
-        state = ConversationState(tenant_id=event.tenant_id, conversation_id=event.conversation_id)
-    if _is_redelivery(state, position, event):
-        return FoldResult(state, applied=False)
-
-    occurred_ns = event.occurred_at.ToNanoseconds()
-    kind = event_type(event)
-    new = state
-    sequence = 0
-    decided = decision_key(event)
-    if decided:
-        if decided in state.recent_decisions:
-            return FoldResult(_advance(state, event, position, occurred_ns, count=False), applied=False)
-        state = replace(state, recent_decisions=(*state.recent_decisions, decided)[-DEDUP_WINDOW:])
-        new = state
-
-    if kind == "conversation_started":
-        started = event.conversation_started
-        new = replace(
-            state,
-            channel=int(started.channel),
-            customer_id=started.customer_id,
-            locale=started.locale,
-            metadata=dict(started.metadata),
-            created_at_ns=state.created_at_ns or occurred_ns,
-        )
-    elif kind in ("message_received", "agent_message_sent") and state.status == STATUS_CLOSED:
-        # A message that raced the close (from another ingress replica) and lost: the
-        # conversation is over; it is not counted.
-        return FoldResult(_advance(state, event, position, occurred_ns, count=False), applied=False)
-    elif kind in ("message_received", "agent_message_sent"):
-        cmid = (
-            event.message_received.client_message_id
-            if kind == "message_received"
-            else event.agent_message_sent.client_message_id
-        )
-        if cmid and cmid in state.recent_client_message_ids:
-            # Same client message written twice (its first ack was lost): count it once.
-            return FoldResult(_advance(state, event, position, occurred_ns, count=False), applied=False)
-        if kind == "message_received":
-            new = _with_message(state, cmid, customer_message_count=state.customer_message_count + 1)
-        else:
-            new = _with_message(
-                state,
-                cmid,
-                agent_message_count=state.agent_message_count + 1,
-                assignee=state.assignee or event.agent_message_sent.agent_id,
-            )
-        sequence = new.message_count
-    elif kind == "reply_generated":
-        new = _with_message(state, "", bot_message_count=state.bot_message_count + 1)
-        sequence = new.message_count
-    elif kind == "intent_classified":
-        new = replace(state, last_intent=event.intent_classified.intent)
-    elif kind == "handoff_requested":
-        handoff = event.handoff_requested
-        new = replace(
-            state,
-            mode=MODE_AGENT,
-            handoff_count=state.handoff_count + 1,
-            assignee="",
-            queue=handoff.queue or "general",
-            handoff_reason=handoff.reason,
-            handoff_at_ns=occurred_ns,
-        )
-    elif kind == "agent_assigned":
-        new = replace(state, mode=MODE_AGENT, assignee=event.agent_assigned.agent_id, queue="")
-    elif kind == "returned_to_bot":
-        new = replace(state, mode=MODE_BOT, assignee="", queue="")
-    elif kind == "conversation_closed":
-        new = replace(
-            state,
-            status=STATUS_CLOSED,
-            resolution=event.conversation_closed.resolution,
-            closed_at_ns=state.closed_at_ns or occurred_ns,
-        )
-    elif kind == "csat_rated":
-        new = replace(state, csat_score=int(event.csat_rated.score))
-
-    return FoldResult(_advance(new, event, position, occurred_ns), applied=True, message_sequence=sequence)
-
-
-def _advance(
-    state: ConversationState, event: Event, position: LogPosition, occurred_ns: int, *, count: bool = True
-) -> ConversationState:
-    return replace(
-        state,
-        tenant_id=state.tenant_id or event.tenant_id,
-        updated_at_ns=max(state.updated_at_ns, occurred_ns),
-        event_count=state.event_count + (1 if count else 0),
-        last_partition=position.partition,
-        last_offset=position.offset,
-        last_event_id=event.event_id,
-    )
+    fold = Fold(state) if state is not None else Fold.new(event.tenant_id, event.conversation_id)
+    applied, sequence = fold.apply(event, position)
+    return FoldResult(fold.freeze(), applied=applied, message_sequence=sequence)

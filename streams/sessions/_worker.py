@@ -5,11 +5,16 @@ and a live stream; per client message its idempotency claim. The worker keeps it
 next to them (`hv.APPLIED_KEY`: partition -> next offset), written in the same pipeline as, and
 after, the states of a batch, so a Redis that kept the position kept everything before it.
 
-Per batch, in this order: read the states of the batch's conversations and the positions; fold
-every event (pure); write live-stream entries, claims, states and positions in one pipeline;
-then the consumer commits the offsets to Kafka. Every step is idempotent: the fold skips what a
-state already has, a live-stream entry id comes from the offset (Redis refuses it twice), claims
-and states are overwritten with the same values.
+Per batch, in this order: check the positions; take the states of the batch's conversations from
+the worker's table (the states it wrote last, kept in memory) or, for the others, from Redis;
+fold every event (in place, see `Fold`); write live-stream entries, claims and each changed state
+once (`APPLY_SCRIPT`, one EVALSHA per few hundred writes, all in one round trip); then the
+positions, in a second round trip; then the consumer commits the offsets to Kafka. Every step is
+idempotent: the fold skips what a state already has, a live-stream entry id comes from the offset
+(Redis refuses it twice), claims and states are overwritten with the same values. The table is
+only a cache of what Redis has: a batch's states go back into it once the batch is in Redis, and
+a partition's states leave it when the partition is revoked, rebuilt, or its position in Redis is
+not the one this worker wrote.
 
 Redis losing data is noticed by the position: a partition the worker has written a position for
 whose position is gone is rebuilt from the start of the log (states, live streams and claims),
@@ -20,15 +25,16 @@ only once the rebuild reached the log end seen when it began.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError
 
 from schemas import hotview as hv
 from schemas.events import Event, EventDecodeError, LogPosition, decode_event, event_type
@@ -42,13 +48,16 @@ from streams._consumer import (
     is_outage,
     run_until_signalled,
 )
-from streams.sessions._state import STATUS_CLOSED, ConversationState, fold_event
+from streams.sessions._state import STATUS_CLOSED, Fold
 
 log = logging.getLogger(__name__)
 
 # How often an idle worker checks that Redis still has its positions (a Redis that restarted
 # empty with no traffic arriving is noticed within this).
 IDLE_CHECK_S = 1.0
+# States the worker keeps in memory between batches (its table), least recently used dropped
+# first: a batch then reads from Redis only the conversations it has not seen lately.
+TABLE_CONVERSATIONS = 20_000
 
 
 @dataclass
@@ -70,6 +79,11 @@ class SessionsProcessor:
         self._control: PartitionControl | None = None
         self._last_idle_check = 0.0
         self.rebuilds = 0
+        # Conversation -> its state as last written to Redis, for partitions this worker owns.
+        self._table: dict[tuple[str, str], Fold] = {}
+        self._table_max = TABLE_CONVERSATIONS
+        self.table_misses = 0
+        self._apply_sha = hashlib.sha1(APPLY_SCRIPT.encode()).hexdigest()
 
     # --- assignment ----------------------------------------------------------------------------
 
@@ -89,6 +103,7 @@ class SessionsProcessor:
     async def _take(self, partitions: set[int], consumer: PartitionControl) -> None:
         if not partitions:
             return
+        self._forget(partitions)
         positions = await self._positions(partitions)
         ends = await consumer.end_offsets(partitions)
         ready: list[int] = []
@@ -104,6 +119,7 @@ class SessionsProcessor:
             await self._redis.hset(hv.READY_KEY, mapping={str(p): "1" for p in ready})
 
     async def on_revoked(self, partitions: set[int]) -> None:
+        self._forget(partitions)
         for p in partitions:
             self._owned.pop(p, None)
             self._rebuilding.pop(p, None)
@@ -113,6 +129,7 @@ class SessionsProcessor:
     ) -> None:
         await consumer.seek_to_beginning(partition)
         self._owned[partition] = None
+        self._forget({partition})
         if until > 0:
             self.rebuilds += 1
             log.warning(
@@ -151,6 +168,17 @@ class SessionsProcessor:
             return set()
         positions = await self._positions(written)
         lost = {p for p in written if p not in positions}
+        # A position this worker did not write: another member applied the partition meanwhile
+        # (it was taken away and given back without this worker noticing); the table's states of
+        # it may be behind Redis's.
+        moved = {p for p in written if p in positions and positions[p] != self._owned[p]}
+        if moved:
+            log.warning(
+                "partitions %s were written by another member; reading their states again", sorted(moved)
+            )
+            self._forget(moved)
+            for p in moved:
+                self._owned[p] = positions[p]
         if lost:
             ends = await consumer.end_offsets(lost)
             for p in sorted(lost):
@@ -176,6 +204,27 @@ class SessionsProcessor:
         await self._fold_and_write(decoded, records, rejected)
         return rejected
 
+    async def _load(self, slots: list[tuple[str, str]]) -> dict[tuple[str, str], Fold | None]:
+        """The batch's conversations: from this worker's table, the others from Redis. They are
+        taken out of the table and put back only once the batch is in Redis, so a batch that
+        fails leaves nothing ahead of Redis behind."""
+        folds: dict[tuple[str, str], Fold | None] = {}
+        missing: list[tuple[str, str]] = []
+        for slot in slots:
+            fold = self._table.pop(slot, None)
+            if fold is None:
+                missing.append(slot)
+            folds[slot] = fold
+        if missing:
+            async with self._redis.pipeline(transaction=False) as read:
+                for tenant_id, conversation_id in missing:
+                    read.hget(hv.conversation_key(tenant_id, conversation_id), hv.F_STATE)
+                stored = await read.execute()
+            for slot, raw in zip(missing, stored, strict=True):
+                folds[slot] = Fold.from_json(json.loads(raw)) if raw else None
+        self.table_misses += len(missing)
+        return folds
+
     async def _fold_and_write(
         self,
         decoded: list[tuple[Event, Record]],
@@ -183,89 +232,291 @@ class SessionsProcessor:
         rejected: list[tuple[Record, BaseException]],
     ) -> None:
         slots = list(dict.fromkeys((e.tenant_id, e.conversation_id) for e, _ in decoded))
-        async with self._redis.pipeline(transaction=False) as read:
-            for tenant_id, conversation_id in slots:
-                read.hget(hv.conversation_key(tenant_id, conversation_id), hv.F_STATE)
-            stored = await read.execute() if slots else []
-        states: dict[tuple[str, str], ConversationState | None] = {
-            slot: ConversationState.from_json(json.loads(raw)) if raw else None
-            for slot, raw in zip(slots, stored, strict=True)
-        }
-        changed: dict[tuple[str, str], ConversationState] = {}
-        pipe = self._redis.pipeline(transaction=False)
+        folds = await self._load(slots)
+        # Where each conversation waited before the batch (agents' queues follow the net change).
+        queued_before = {slot: _queued(fold) for slot, fold in folds.items()}
+        changed: set[tuple[str, str]] = set()
+        writes = _Writes(self._settings.live_stream_maxlen)
         now_ms = int(time.time() * 1000)
         for event, record in decoded:
             slot = (event.tenant_id, event.conversation_id)
+            fold = folds[slot]
+            if fold is None:
+                fold = folds[slot] = Fold.new(event.tenant_id, event.conversation_id)
             position = LogPosition(record.partition, record.offset)
-            before = states[slot]
             try:
-                result = fold_event(before, event, position)
-            except Exception as exc:  # a pure step: this record fails every time
+                applied, sequence = fold.apply(event, position)
+            except (
+                Exception
+            ) as exc:  # a pure step that leaves the state as it was: this record fails every time
                 rejected.append((record, exc))
                 continue
-            states[slot] = result.state
-            _requeue(pipe, before, result.state)
-            if not result.applied:
+            if not applied:
                 continue
-            changed[slot] = result.state
-            fields: dict[Any, Any] = {
-                hv.S_EVENT: record.value,
-                hv.S_STATUS: result.state.status,
-                hv.S_MESSAGES: result.state.message_count,
-            }
-            if result.message_sequence:
-                fields[hv.S_SEQUENCE] = result.message_sequence
-            pipe.xadd(
+            changed.add(slot)
+            writes.live(
                 hv.live_stream_key(*slot),
-                fields,
-                id=position.cursor,
-                maxlen=self._settings.live_stream_maxlen,
-                approximate=True,
+                position.cursor,
+                record.value or b"",
+                fold.status,
+                fold.message_count,
+                sequence,
             )
             claim = _claim_of(event)
             if claim:
                 expires_ms = event.occurred_at.ToMilliseconds() + self._ttl_ms
                 if expires_ms > now_ms:
-                    pipe.set(
+                    writes.claim(
                         hv.idempotency_key(*slot, claim),
                         hv.encode_claim(event.event_id, position.partition, position.offset),
-                        pxat=expires_ms,
+                        expires_ms,
                     )
-        for slot, state in changed.items():
-            pipe.hset(hv.conversation_key(*slot), mapping=_mirror_fields(state))
-        # Positions last: a Redis that kept them kept everything above.
+        for slot in changed:
+            fold = folds[slot]
+            assert fold is not None
+            writes.mirror(hv.conversation_key(*slot), fold)
+            _requeue(writes, slot, queued_before[slot], fold)
+        await self._execute(writes)
+        # Positions last, in their own round trip once every state is in: a Redis that kept them
+        # kept everything above.
         last: dict[int, int] = {}
         for r in records:
             last[r.partition] = max(last.get(r.partition, -1), r.offset)
-        if last:
-            pipe.hset(hv.APPLIED_KEY, mapping={str(p): o + 1 for p, o in last.items()})
         now_ready = [
             p for p, o in last.items() if p in self._rebuilding and o + 1 >= self._rebuilding[p].until
         ]
-        if now_ready:
-            pipe.hset(hv.READY_KEY, mapping={str(p): "1" for p in now_ready})
-        replies = await pipe.execute(raise_on_error=False)
-        for reply in replies:
-            # A redelivered event's entry is already there: Redis refuses the repeated id.
-            if isinstance(reply, ResponseError) and "equal or smaller" not in str(reply):
-                raise reply
-            if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
-                raise reply
+        if last:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hset(hv.APPLIED_KEY, mapping={str(p): o + 1 for p, o in last.items()})
+                if now_ready:
+                    pipe.hset(hv.READY_KEY, mapping={str(p): "1" for p in now_ready})
+                await pipe.execute()
         for p, o in last.items():
             self._owned[p] = o + 1
         for p in now_ready:
             self._rebuilding.pop(p, None)
             log.info("partition %d: hot view rebuilt up to offset %d; accepting writes again", p, last[p])
+        # The batch is in Redis: its states go (back) into the table, most recent last.
+        for slot, fold in folds.items():
+            if fold is not None and fold.last_partition in self._owned:
+                self._table[slot] = fold
+        while len(self._table) > self._table_max:
+            del self._table[next(iter(self._table))]
+
+    async def _execute(self, writes: _Writes) -> None:
+        """Every chunk in one pipelined round trip; a Redis that forgot the script (a restart, a
+        SCRIPT FLUSH) gets it again and the chunks are sent again (each is idempotent)."""
+        chunks = writes.chunks()
+        if not chunks:
+            return
+        for attempt in range(2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for chunk in chunks:
+                    pipe.evalsha(self._apply_sha, 0, writes.maxlen, chunk, *_FIELD_NAMES)
+                replies = await pipe.execute(raise_on_error=False)
+            missing_script = any(isinstance(r, NoScriptError) for r in replies)
+            if missing_script and attempt == 0:
+                self._apply_sha = await self._redis.script_load(APPLY_SCRIPT)
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return
+
+    def _forget(self, partitions: set[int]) -> None:
+        """Drop the table's states of these partitions (revoked, rebuilt, or written by another)."""
+        if not partitions or not self._table:
+            return
+        for slot in [s for s, f in self._table.items() if f.last_partition in partitions]:
+            del self._table[slot]
 
 
-def _requeue(pipe: Any, before: ConversationState | None, after: ConversationState) -> None:
+# Applies a batch's hot-view writes on the Redis side: one EVALSHA per chunk instead of three
+# commands per event, because packing each command and parsing each reply in redis-py cost more
+# than the fold itself. ARGV[1]: the live streams' approximate MAXLEN; ARGV[2]: the chunk, a
+# sequence of operations, each a 1-byte code followed by length-prefixed strings (4-byte
+# big-endian lengths); ARGV[3..]: field names (`_FIELD_NAMES`, from schemas/hotview.py).
+#   X key id event status count sequence: XADD to a live stream (a repeated id is a redelivery,
+#     refused by Redis, skipped);
+#   C key value pxat: SET an idempotency claim;
+#   H key state cursor closed_ns created_ns channel customer: HSET the conversation's fields
+#     (the last four only when not empty);
+#   * argc(2 bytes) args...: any other command.
+APPLY_SCRIPT = """
+local blob = ARGV[2]
+local maxlen = ARGV[1]
+local F_STATE, F_CURSOR, F_CLOSED, F_CREATED, F_CHANNEL, F_CUSTOMER = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local S_EVENT, S_STATUS, S_MESSAGES, S_SEQUENCE = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
+local pos = 1
+local size = #blob
+local function str()
+  local len
+  len, pos = struct.unpack('>I4', blob, pos)
+  local s = string.sub(blob, pos, pos + len - 1)
+  pos = pos + len
+  return s
+end
+while pos <= size do
+  local op = string.sub(blob, pos, pos)
+  pos = pos + 1
+  if op == 'X' then
+    local key = str()
+    local id = str()
+    local event = str()
+    local status = str()
+    local count = str()
+    local sequence = str()
+    local reply
+    if sequence == '' then
+      reply = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, id,
+        S_EVENT, event, S_STATUS, status, S_MESSAGES, count)
+    else
+      reply = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, id,
+        S_EVENT, event, S_STATUS, status, S_MESSAGES, count, S_SEQUENCE, sequence)
+    end
+    if type(reply) == 'table' and reply.err and not string.find(reply.err, 'equal or smaller', 1, true) then
+      return reply
+    end
+  elseif op == 'C' then
+    local key = str()
+    local value = str()
+    local at = str()
+    redis.call('SET', key, value, 'PXAT', at)
+  elseif op == 'H' then
+    local args = {'HSET', str(), F_STATE}
+    args[4] = str()
+    args[5] = F_CURSOR
+    args[6] = str()
+    local closed = str()
+    local created = str()
+    local channel = str()
+    local customer = str()
+    if closed ~= '' then
+      args[#args + 1] = F_CLOSED
+      args[#args + 1] = closed
+    end
+    if created ~= '' then
+      args[#args + 1] = F_CREATED
+      args[#args + 1] = created
+      args[#args + 1] = F_CHANNEL
+      args[#args + 1] = channel
+      args[#args + 1] = F_CUSTOMER
+      args[#args + 1] = customer
+    end
+    redis.call(unpack(args))
+  elseif op == '*' then
+    local argc
+    argc, pos = struct.unpack('>H', blob, pos)
+    local args = {}
+    for i = 1, argc do
+      args[i] = str()
+    end
+    redis.call(unpack(args))
+  else
+    return redis.error_reply('unknown operation ' .. op)
+  end
+end
+return 1
+"""
+_FIELD_NAMES = (
+    hv.F_STATE,
+    hv.F_CURSOR,
+    hv.F_CLOSED_NS,
+    hv.F_CREATED_NS,
+    hv.F_CHANNEL,
+    hv.F_CUSTOMER,
+    hv.S_EVENT,
+    hv.S_STATUS,
+    hv.S_MESSAGES,
+    hv.S_SEQUENCE,
+)
+
+_LEN = struct.Struct(">I").pack
+_ARGC = struct.Struct(">H").pack
+_EMPTY = b"\x00\x00\x00\x00"
+# Operations per script call: each call blocks Redis for its duration (a few µs per operation),
+# so chunks stay around a millisecond and the ingress's commands interleave with them.
+CHUNK_OPERATIONS = 256
+
+
+def _s(value: str) -> bytes:
+    data = value.encode()
+    return _LEN(len(data)) + data
+
+
+def _b(data: bytes) -> bytes:
+    return _LEN(len(data)) + data
+
+
+def _i(value: int) -> bytes:
+    data = b"%d" % value
+    return _LEN(len(data)) + data
+
+
+class _Writes:
+    """A batch's writes, encoded for `APPLY_SCRIPT`, in order, cut into chunks."""
+
+    def __init__(self, maxlen: int) -> None:
+        self.maxlen = maxlen
+        self._chunks: list[bytes] = []
+        self._parts: list[bytes] = []
+        self._operations = 0
+
+    def _added(self) -> None:
+        self._operations += 1
+        if self._operations >= CHUNK_OPERATIONS:
+            self._seal()
+
+    def _seal(self) -> None:
+        if self._parts:
+            self._chunks.append(b"".join(self._parts))
+        self._parts, self._operations = [], 0
+
+    def live(self, key: str, entry_id: str, event: bytes, status: str, count: int, sequence: int) -> None:
+        self._parts += (b"X", _s(key), _s(entry_id), _b(event), _s(status), _i(count))
+        self._parts.append(_i(sequence) if sequence else _EMPTY)
+        self._added()
+
+    def claim(self, key: str, value: str, pxat: int) -> None:
+        self._parts += (b"C", _s(key), _s(value), _i(pxat))
+        self._added()
+
+    def mirror(self, key: str, state: Fold) -> None:
+        """The conversation hash's fields the worker owns."""
+        self._parts += (b"H", _s(key), _s(state.json_text()), _s(f"{state.last_offset}-1"))
+        self._parts.append(_i(state.closed_at_ns) if state.status == STATUS_CLOSED else _EMPTY)
+        if state.created_at_ns:
+            self._parts += (_i(state.created_at_ns), _i(state.channel), _s(state.customer_id))
+        else:
+            self._parts += (_EMPTY, _EMPTY, _EMPTY)
+        self._added()
+
+    def command(self, *args: str | int) -> None:
+        self._parts += (b"*", _ARGC(len(args)))
+        self._parts += (_s(a) if isinstance(a, str) else _i(a) for a in args)
+        self._added()
+
+    def chunks(self) -> list[bytes]:
+        self._seal()
+        return self._chunks
+
+
+def _queued(fold: Fold | None) -> tuple[str, int]:
+    """The queue a conversation waits in ('' if none) and since when."""
+    if fold is None or fold.status == STATUS_CLOSED:
+        return "", 0
+    return fold.queue, fold.handoff_at_ns
+
+
+def _requeue(writes: _Writes, slot: tuple[str, str], before: tuple[str, int], after: Fold) -> None:
     """Keep the agents' queues (sorted sets, oldest handoff first) in step with the states."""
-    was = before.queue if before is not None and before.status != STATUS_CLOSED else ""
-    now = after.queue if after.status != STATUS_CLOSED else ""
+    was, was_at = before
+    now, now_at = _queued(after)
+    tenant_id, conversation_id = slot
     if was and was != now:
-        pipe.zrem(hv.queue_key(after.tenant_id, was), after.conversation_id)
-    if now and (now != was or before is None or before.handoff_at_ns != after.handoff_at_ns):
-        pipe.zadd(hv.queue_key(after.tenant_id, now), {after.conversation_id: after.handoff_at_ns})
+        writes.command("ZREM", hv.queue_key(tenant_id, was), conversation_id)
+    if now and (now != was or now_at != was_at):
+        writes.command("ZADD", hv.queue_key(tenant_id, now), now_at, conversation_id)
 
 
 def _claim_of(event: Event) -> str:
@@ -280,20 +531,6 @@ def _claim_of(event: Event) -> str:
     if kind == "conversation_closed":
         return hv.CLOSE_CLAIM
     return ""
-
-
-def _mirror_fields(state: ConversationState) -> dict[Any, Any]:
-    mirror: dict[Any, Any] = {
-        hv.F_STATE: json.dumps(state.to_json(), ensure_ascii=False),
-        hv.F_CURSOR: LogPosition(state.last_partition, state.last_offset).cursor,
-    }
-    if state.status == STATUS_CLOSED:
-        mirror[hv.F_CLOSED_NS] = state.closed_at_ns
-    if state.created_at_ns:
-        mirror[hv.F_CREATED_NS] = state.created_at_ns
-        mirror[hv.F_CHANNEL] = state.channel
-        mirror[hv.F_CUSTOMER] = state.customer_id
-    return mirror
 
 
 def sessions_consumer(settings: Settings, redis: aioredis.Redis) -> tuple[BatchConsumer, SessionsProcessor]:

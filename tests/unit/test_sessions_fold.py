@@ -1,5 +1,6 @@
 from dataclasses import replace
 
+import pytest
 from switchboard.v1 import events_pb2
 
 from schemas.events import Event, LogPosition, new_event
@@ -106,3 +107,84 @@ def test_a_decision_written_twice_is_applied_once():
     again.event_id = "another-id-same-decision"
     state = fold_all([started(), message("a"), reply, again])
     assert state.bot_message_count == 1 and state.message_count == 2
+
+
+def conversation_with_everything() -> list[Event]:
+    from schemas.events import new_event as ne
+
+    return [
+        started(),
+        message("a", 'quotes " and \\ and 中文'),
+        ne(
+            "acme",
+            "c1",
+            intent_classified=events_pb2.IntentClassified(message_event_id="m-1", intent="refund"),
+        ),
+        ne("acme", "c1", handoff_requested=events_pb2.HandoffRequested(queue="billing", reason="asked")),
+        ne("acme", "c1", agent_assigned=events_pb2.AgentAssigned(agent_id="bob", queue="billing")),
+        ne(
+            "acme",
+            "c1",
+            agent_message_sent=events_pb2.AgentMessageSent(agent_id="bob", client_message_id="x"),
+        ),
+        ne("acme", "c1", returned_to_bot=events_pb2.ReturnedToBot(agent_id="bob")),
+        ne("acme", "c1", csat_rated=events_pb2.CsatRated(score=4)),
+        closed(),
+    ]
+
+
+def test_the_workers_in_place_fold_is_the_pure_fold() -> None:
+    from streams.sessions._state import Fold
+
+    events = conversation_with_everything() + [message(f"m{i}") for i in range(70)]
+    fold = Fold.new("acme", "c1")
+    state = None
+    for offset, event in enumerate(events):
+        result = fold_event(state, event, LogPosition(1, offset))
+        state = result.state
+        assert fold.apply(event, LogPosition(1, offset)) == (result.applied, result.message_sequence)
+        assert fold.freeze() == state
+    # Redelivered: nothing changes.
+    assert fold.apply(events[3], LogPosition(1, 3)) == (False, 0)
+    assert fold.freeze() == state
+
+
+def test_the_workers_json_is_the_documents_json_character_for_character() -> None:
+    import json
+
+    from streams.sessions._state import Fold
+
+    fold = Fold.new('tenant "q"', "会话-1\n")
+    for offset, event in enumerate([*conversation_with_everything(), *(message(f"m{i}") for i in range(70))]):
+        fold.apply(event, LogPosition(0, offset))
+        text = fold.json_text()
+        assert text == json.dumps(fold.to_json(), ensure_ascii=False)
+        assert Fold.from_json(json.loads(text)).freeze() == fold.freeze()
+    assert ConversationState.from_json(json.loads(fold.json_text())) == fold.freeze()
+
+
+def test_an_event_the_fold_cannot_apply_leaves_the_state_as_it_was() -> None:
+    from streams.sessions._state import Fold
+
+    class Hostile:
+        """An event whose payload cannot be read (the worker dead-letters it)."""
+
+        event_id = "e-hostile"
+        tenant_id = "acme"
+        conversation_id = "c1"
+        occurred_at = started().occurred_at
+
+        def WhichOneof(self, _: str) -> str:
+            return "conversation_started"
+
+        @property
+        def conversation_started(self) -> object:
+            raise ValueError("unreadable payload")
+
+    fold = Fold.new("acme", "c1")
+    fold.apply(started(), LogPosition(0, 0))
+    fold.apply(message("a"), LogPosition(0, 1))
+    before = fold.freeze()
+    with pytest.raises(ValueError):
+        fold.apply(Hostile(), LogPosition(0, 2))  # type: ignore[arg-type]
+    assert fold.freeze() == before
