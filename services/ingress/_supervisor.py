@@ -39,7 +39,14 @@ _MAX_BACKOFF_S = 10.0
 
 
 def process_count(settings: Settings) -> int:
-    return settings.ingress_processes or os.cpu_count() or 1
+    """settings.ingress_processes, or the cores this process may run on (its CPU affinity, which
+    a container's cpuset narrows; a CPU quota does not: set the count explicitly then)."""
+    if settings.ingress_processes:
+        return settings.ingress_processes
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _die_with_parent() -> None:
