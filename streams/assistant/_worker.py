@@ -17,16 +17,18 @@ and SearchKnowledge is served from this process's index on `settings.assistant_l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from switchboard.v1 import chat_pb2, events_pb2, knowledge_pb2, knowledge_pb2_grpc
@@ -98,6 +100,8 @@ class AssistantProcessor:
         self._knowledge = knowledge
         self._classifier = classifier
         self._gateway = gateway
+        # The encoder the classifier and the knowledge base share (None: keyword retrieval only).
+        self._encoder = getattr(knowledge, "encoder", None)
         self._conversations: dict[tuple[str, str], _Conversation] = {}
         # Model inference is CPU-bound: one thread, off the event loop.
         self._models = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assistant-models")
@@ -135,12 +139,11 @@ class AssistantProcessor:
         if not jobs:
             return rejected
         loop = asyncio.get_running_loop()
-        texts = [j.event.message_received.text for j in jobs]
-        intents = await loop.run_in_executor(self._models, self._classifier.classify, texts)
-        by_conversation: dict[tuple[str, str], list[tuple[_Job, Any]]] = {}
-        for job, intent in zip(jobs, intents, strict=True):
+        understood = await loop.run_in_executor(self._models, self._understand, [j.event for j in jobs])
+        by_conversation: dict[tuple[str, str], list[tuple[_Job, _Understood]]] = {}
+        for job, item in zip(jobs, understood, strict=True):
             by_conversation.setdefault((job.event.tenant_id, job.event.conversation_id), []).append(
-                (job, intent)
+                (job, item)
             )
         decided = await asyncio.gather(*(self._answer_in_order(items) for items in by_conversation.values()))
         sends = [
@@ -191,13 +194,46 @@ class AssistantProcessor:
                 decided.update(json.loads(raw).get("recent_decisions", ()))
         return [j for j in jobs if f"intent:{j.event.event_id}" not in decided]
 
-    async def _answer_in_order(self, items: list[tuple[_Job, Any]]) -> list[Event]:
+    def _understand(self, messages: list[Event]) -> list[_Understood]:
+        """Intent and retrieval for a whole batch, in the model thread: every text is embedded in
+        one encoder call, which the cascade's encoder stage and retrieval then share (one call per
+        message costs several times more per message on this CPU)."""
+        texts = [m.message_received.text for m in messages]
+        embeddings = self._encoder.encode(texts) if self._encoder is not None else None
+        with self._primed(texts, embeddings):
+            intents = self._classifier.classify(texts)
+        understood = []
+        for i, (message, intent) in enumerate(zip(messages, intents, strict=True)):
+            hits = self._knowledge.search(
+                message.tenant_id,
+                texts[i],
+                SEARCH_LIMIT,
+                intent.label,
+                query_embedding=embeddings[i] if embeddings is not None else None,
+            )
+            understood.append(_Understood(intent, hits))
+        return understood
+
+    @contextlib.contextmanager
+    def _primed(self, texts: list[str], embeddings: Any) -> Iterator[None]:
+        if isinstance(self._encoder, PrimedEncoder) and embeddings is not None:
+            with self._encoder.primed(texts, embeddings):
+                yield
+        else:
+            yield
+
+    async def _answer_in_order(self, items: list[tuple[_Job, _Understood]]) -> list[Event]:
         events: list[Event] = []
-        for job, intent in items:
-            events.extend(await self._decide(job, intent))
+        for job, item in items:
+            decided = await self._decide(job, item.intent, item.hits)
+            events.extend(decided)
+            if any(e.HasField("handoff_requested") for e in decided):
+                # The conversation is the agents' now: the bot leaves its later messages alone,
+                # as it would had they come in a later batch.
+                break
         return events
 
-    async def _decide(self, job: _Job, intent: Any) -> list[Event]:
+    async def _decide(self, job: _Job, intent: Any, hits: list[Hit]) -> list[Event]:
         message = job.event
         slot = (message.tenant_id, message.conversation_id)
         conv = self._conversations.setdefault(slot, _Conversation())
@@ -215,10 +251,6 @@ class AssistantProcessor:
                 model_version=getattr(intent, "model_version", ""),
                 language=language,
             ),
-        )
-        loop = asyncio.get_running_loop()
-        hits: list[Hit] = await loop.run_in_executor(
-            self._models, self._knowledge.search, message.tenant_id, text, SEARCH_LIMIT, intent.label
         )
         relevant = [h for h in hits if h.relevant]
         verdict = IntentDecision(intent.label, float(intent.confidence))
@@ -249,9 +281,13 @@ class AssistantProcessor:
             conversation_id=message.conversation_id,
         )
         stream = self._gateway.stream(request)
-        delta_key = hv.reply_stream_key(*slot)
-        async for delta in stream:
-            await self._publish_delta(delta_key, reply_id, message.event_id, delta)
+        deltas = _DeltaPublisher(self._redis, hv.reply_stream_key(*slot), reply_id, message.event_id)
+        try:
+            async for delta in stream:
+                deltas.add(delta)
+        finally:
+            # The deltas are on the reply stream before the finished reply is in the log.
+            await deltas.close()
         answer = stream.answer
         reply = _event(
             message,
@@ -277,23 +313,84 @@ class AssistantProcessor:
         )
         return [decision, reply]
 
-    async def _publish_delta(self, key: str, reply_id: str, message_event_id: str, delta: Any) -> None:
-        update = chat_pb2.ReplyDelta(
-            reply_id=reply_id,
-            index=delta.index,
-            text=delta.text,
-            restart=delta.restart,
-            message_event_id=message_event_id,
-        )
+
+@dataclass(frozen=True)
+class _Understood:
+    intent: Any
+    hits: list[Hit]
+
+
+class _DeltaPublisher:
+    """Puts a reply's deltas on the conversation's reply stream, in order, without waiting for
+    Redis between deltas: the first goes out at once; deltas produced while a write is in flight
+    go out together in the next one (a template answer is ~50 deltas produced at once; one round
+    trip each cost more than the rest of the answer)."""
+
+    def __init__(self, redis: aioredis.Redis, key: str, reply_id: str, message_event_id: str) -> None:
+        self._redis = redis
+        self._key = key
+        self._reply_id = reply_id
+        self._message_event_id = message_event_id
+        self._buffer: list[Any] = []
+        self._writing: asyncio.Task[None] | None = None
+
+    def add(self, delta: Any) -> None:
+        self._buffer.append(delta)
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.create_task(self._drain())
+
+    async def close(self) -> None:
+        if self._writing is not None:
+            await self._writing
+
+    async def _drain(self) -> None:
+        while self._buffer:
+            batch, self._buffer = self._buffer, []
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for delta in batch:
+                        update = chat_pb2.ReplyDelta(
+                            reply_id=self._reply_id,
+                            index=delta.index,
+                            text=delta.text,
+                            restart=delta.restart,
+                            message_event_id=self._message_event_id,
+                        )
+                        pipe.xadd(
+                            self._key,
+                            {b"d": update.SerializeToString()},
+                            maxlen=DELTA_STREAM_MAXLEN,
+                            approximate=True,
+                        )
+                    pipe.expire(self._key, DELTA_STREAM_TTL_S)
+                    await pipe.execute()
+            except Exception as exc:  # deltas are a courtesy: the finished reply is the record
+                log.warning("reply deltas for %s not published: %r", self._reply_id, exc)
+
+
+class PrimedEncoder:
+    """The sentence encoder with a batch's vectors handed in ahead: the intent cascade asks for
+    the vectors of its unsure messages, which the assistant has already computed for retrieval."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._primed: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    @contextlib.contextmanager
+    def primed(self, texts: Sequence[str], vectors: Any) -> Iterator[None]:
+        self._primed = dict(zip(texts, vectors, strict=True))
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(
-                    key, {b"d": update.SerializeToString()}, maxlen=DELTA_STREAM_MAXLEN, approximate=True
-                )
-                pipe.expire(key, DELTA_STREAM_TTL_S)
-                await pipe.execute()
-        except Exception as exc:  # deltas are a courtesy: the finished reply is the record
-            log.warning("reply delta for %s not published: %r", reply_id, exc)
+            yield
+        finally:
+            self._primed = {}
+
+    def encode(self, texts: Sequence[str]) -> Any:
+        if self._primed and all(t in self._primed for t in texts):
+            return np.stack([self._primed[t] for t in texts]) if texts else self._inner.encode(texts)
+        return self._inner.encode(texts)
 
 
 def _event(message: Event, kind: str, **payload: Any) -> Event:
@@ -447,11 +544,13 @@ def load_models(settings: Settings) -> tuple[KnowledgeBase, Any]:
 
     models_dir = settings.effective_models_dir
     build_models(models_dir)
-    encoder = load_encoder(models_dir)
-    return KnowledgeBase(encoder), load_intent_classifier(models_dir, encoder=encoder)
+    encoder = PrimedEncoder(load_encoder(models_dir))
+    return KnowledgeBase(encoder), load_intent_classifier(models_dir, encoder=encoder)  # type: ignore[arg-type]
 
 
 async def serve_assistant(settings: Settings) -> None:
+    from services.observability import metrics
+
     started = time.monotonic()
     knowledge, classifier = await asyncio.to_thread(load_models, settings)
     log.info("models loaded in %.1fs", time.monotonic() - started)
@@ -467,6 +566,7 @@ async def serve_assistant(settings: Settings) -> None:
     knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(SearchServicer(knowledge), server)
     server.add_insecure_port(settings.assistant_listen)
     await server.start()
+    metrics.observe_assistant(classifier, knowledge, gateway)
     processor = AssistantProcessor(settings, redis, producer, knowledge, classifier, gateway)
     consumer = BatchConsumer(
         settings,

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import grpc
 import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -46,12 +47,15 @@ class SlowLLM:
     most_in_flight: int = 0
     # (question, start, end) per request, in arrival order.
     calls: list[tuple[str, float, float]] = field(default_factory=list)
+    # Every question ever asked (`calls` is cleared between phases).
+    asked: list[str] = field(default_factory=list)
     # A question that arrived while another of its conversation was still being answered.
     overlaps: list[str] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         question = str(body["messages"][-1]["content"])
+        self.asked.append(question)
         conversation = question.rsplit("#", 1)[-1].split("-")[0]
         if any(q.rsplit("#", 1)[-1].split("-")[0] == conversation for q in self.in_flight):
             self.overlaps.append(question)
@@ -90,8 +94,19 @@ async def slow_llm() -> AsyncIterator[SlowLLM]:
         await runner.cleanup()
 
 
+HANDOFF_THEN_QUESTION = ("我要人工客服", "how long does a refund take? #handoff-2")
+
+
+@dataclass(frozen=True)
+class SlowTenant:
+    tenant: str
+    # A conversation whose "我要人工客服" and next question wait in the log for the assistant.
+    handed_off: str
+    handed_off_messages: list[str]
+
+
 @pytest.fixture(scope="module")
-async def slow_tenant(system: System, slow_llm: SlowLLM) -> AsyncIterator[str]:
+async def slow_tenant(system: System, slow_llm: SlowLLM) -> AsyncIterator[SlowTenant]:
     """A tenant with the demo FAQ whose replies come from the slow server, served by an assistant
     process of this module's own."""
     tenant = f"slow{uuid.uuid4().hex[:8]}"
@@ -117,9 +132,15 @@ async def slow_tenant(system: System, slow_llm: SlowLLM) -> AsyncIterator[str]:
         {**system.env, "SWITCHBOARD_GATEWAY": json.dumps(gateway)},
     )
     await asyncio.to_thread(shared.stop)
+    # While no assistant runs: a conversation whose first message asks for a person and whose
+    # second follows at once, so the assistant finds both in one batch.
+    async with grpc.aio.insecure_channel(system.settings.grpc_listen) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        cid = await start_conversation(stub, tenant)
+        acks = [await send(stub, tenant, cid, f"h{n}", text) for n, text in enumerate(HANDOFF_THEN_QUESTION)]
     own.start()
     try:
-        yield tenant
+        yield SlowTenant(tenant, cid, [a.event_id for a in acks])
     finally:
         await asyncio.to_thread(own.stop)
         shared.start()
@@ -208,9 +229,9 @@ QUESTIONS = ("how long does a refund take? #{c}-1", "how long does a refund take
 
 @pytest.mark.timeout(600)
 async def test_a_slow_model_answers_many_conversations_at_once_in_order_and_commits_after_durable(
-    system: System, stub: chat_pb2_grpc.ChatServiceStub, slow_llm: SlowLLM, slow_tenant: str
+    system: System, stub: chat_pb2_grpc.ChatServiceStub, slow_llm: SlowLLM, slow_tenant: SlowTenant
 ) -> None:
-    tenant = slow_tenant
+    tenant = slow_tenant.tenant
     # Warm-up: the module's assistant has loaded its models and knowledge base and answers.
     warm = await start_conversation(stub, tenant)
     await send(stub, tenant, warm, "w", "how long does a refund take? #warm-1")
@@ -289,3 +310,27 @@ async def test_a_slow_model_answers_many_conversations_at_once_in_order_and_comm
         and any(committed.get(p, -1) > o for p, o, _ in messages)
         for committed, _ in watch.samples
     ), "never saw a state with some messages committed and others still pending"
+
+
+@pytest.mark.timeout(300)
+async def test_a_question_in_the_batch_after_a_handoff_is_left_to_the_agents(
+    system: System, stub: chat_pb2_grpc.ChatServiceStub, slow_llm: SlowLLM, slow_tenant: SlowTenant
+) -> None:
+    tenant, cid = slow_tenant.tenant, slow_tenant.handed_off
+    conv = await eventually(
+        lambda: stub.GetConversation(chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=cid)),
+        lambda c: c.mode == chat_pb2.CONVERSATION_MODE_AGENT,
+        within_s=240,
+        what="the handoff",
+    )
+    # A later conversation's reply shows the assistant is past the handoff's batch.
+    later = await start_conversation(stub, tenant)
+    await send(stub, tenant, later, "l1", "how long does a refund take? #later-1")
+    await eventually(lambda: bot_replies(stub, tenant, later), lambda r: len(r) == 1, within_s=120)
+    conv = await stub.GetConversation(chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=cid))
+    assert [m.sender for m in conv.messages if m.sender == 2] == []
+    assert not [q for q in slow_llm.asked if "#handoff" in q]
+    decisions = await decision_offsets(system, tenant)
+    first, second = slow_tenant.handed_off_messages
+    assert set(decisions[first]) == {"intent", "handoff"}
+    assert second not in decisions, f"the question after the handoff got decisions: {decisions[second]}"
