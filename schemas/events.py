@@ -35,9 +35,10 @@ def new_event_id() -> str:
 
 
 def now_timestamp() -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(time.time_ns())
-    return ts
+    # The constructor, not FromNanoseconds (Python-level in protobuf): ~7% of the ingress's CPU
+    # per message in a batch.
+    ns = time.time_ns()
+    return Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
 def new_event(

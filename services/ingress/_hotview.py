@@ -236,7 +236,7 @@ class IngressHotView:
             redis_keys = [hv.READY_KEY, *(hv.idempotency_key(t, c, m) for t, c, m in keys)]
             args = [partitions, hv.CLAIM_PENDING, CLAIM_TTL_S]
         (reply,) = await self._tick.run(
-            lambda pipe: pipe.evalsha(script.sha, len(redis_keys), *redis_keys, *args), 1
+            lambda pipe: pipe.execute_command("EVALSHA", script.sha, len(redis_keys), *redis_keys, *args), 1
         )
         if isinstance(reply, NoScriptError):
             # First use on this Redis (or it restarted): load it, once, outside the tick pipeline.
@@ -260,7 +260,9 @@ class IngressHotView:
 
         def queue(pipe: Any) -> None:
             for tenant_id, conversation_id, cmid in keys:
-                pipe.expire(hv.idempotency_key(tenant_id, conversation_id, cmid), CLAIM_TTL_S, xx=True)
+                pipe.execute_command(
+                    "EXPIRE", hv.idempotency_key(tenant_id, conversation_id, cmid), CLAIM_TTL_S, "XX"
+                )
 
         _raise_any(await self._tick.run(queue, len(keys)))
 
@@ -273,10 +275,13 @@ class IngressHotView:
         def queue(pipe: Any) -> None:
             for (tenant_id, conversation_id, cmid), ack in outcomes:
                 key = hv.idempotency_key(tenant_id, conversation_id, cmid)
+                # execute_command: redis-py's keyword handling of set() cost ~8% of a batch's CPU.
                 if ack is None:
-                    pipe.delete(key)
+                    pipe.execute_command("DEL", key)
                 else:
-                    pipe.set(key, hv.encode_claim(ack.event_id, ack.partition, ack.offset), ex=self._ttl)
+                    pipe.execute_command(
+                        "SET", key, hv.encode_claim(ack.event_id, ack.partition, ack.offset), "EX", self._ttl
+                    )
 
         _raise_any(await self._tick.run(queue, len(outcomes)))
 

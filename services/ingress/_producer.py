@@ -23,6 +23,7 @@ from aiokafka.errors import (
     ProducerFenced,
     UnknownProducerId,
 )
+from aiokafka.partitioner import murmur2
 
 from schemas.events import Event, encode_event, event_headers, event_key
 from services.ingress._validation import RequestRejected
@@ -73,6 +74,10 @@ class EventProducer:
         self._inflight = 0
         self._limit = settings.max_inflight_produce
         self._replacing: asyncio.Task[None] | None = None
+        # Kafka key (conversation id) -> partition, as the default partitioner computes it (murmur2
+        # is pure Python in aiokafka: worth computing once per conversation). The topic's partition
+        # count is fixed once created (the key -> partition map depends on it).
+        self._partitions: dict[bytes, int] = {}
 
     @property
     def inflight(self) -> int:
@@ -139,19 +144,45 @@ class EventProducer:
             await self.start()
         assert self._producer is not None
         timeout = self._settings.produce_timeout_s
+        key = event_key(event)
+        partition = self._partitions.get(key)
+        if partition is None:
+            partition = self._partition_of(key)
         try:
             if not bounded:
                 return await self._producer.send(
-                    self._topic, encode_event(event), key=event_key(event), headers=event_headers(event)
+                    self._topic,
+                    encode_event(event),
+                    key=key,
+                    partition=partition,
+                    headers=event_headers(event),
                 )
             async with asyncio.timeout(timeout):
                 return await self._producer.send(
-                    self._topic, encode_event(event), key=event_key(event), headers=event_headers(event)
+                    self._topic,
+                    encode_event(event),
+                    key=key,
+                    partition=partition,
+                    headers=event_headers(event),
                 )
         except (TimeoutError, KafkaError) as exc:
             raise unavailable(
                 f"Kafka did not accept the event within {timeout:.0f}s ({exc!r}); retry"
             ) from exc
+
+    def _partition_of(self, key: bytes) -> int | None:
+        """Kafka's default partitioner (murmur2 of the key), remembered; None (the producer then
+        decides) while the topic's metadata is not known yet."""
+        assert self._producer is not None
+        known = self._producer.client.cluster.partitions_for_topic(self._topic)
+        if not known:
+            return None
+        partitions = sorted(known)
+        partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+        if len(self._partitions) >= 100_000:
+            self._partitions.clear()  # bounded; recomputed on demand
+        self._partitions[key] = partition
+        return partition
 
     def _replace_producer(self, cause: KafkaError) -> None:
         """Swap in a fresh producer (the next enqueue starts it); the broken one is closed aside."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -190,7 +191,10 @@ class ConversationWrites:
             valid.append((i, req))
 
         followers: list[tuple[int, int]] = []  # (repeat, first) of a key within the batch
-        task = self._background(self._write_messages(valid, results, followers, traceparents, order))
+        settlements: list[asyncio.Task[None]] = []
+        task = self._background(
+            self._write_messages(valid, results, followers, traceparents, order, settlements)
+        )
         try:
             await asyncio.shield(task)
         except Exception as exc:
@@ -200,9 +204,9 @@ class ConversationWrites:
                     results[i] = rejection
         if on_admitted is not None:
             on_admitted()
-        writes = [r for r in results if isinstance(r, _Write)]
-        if writes:
-            await asyncio.wait([w.outcome for w in writes], timeout=self._settings.produce_timeout_s)
+        if settlements:
+            # One wait for the whole batch: its settlement ends once every outcome is set.
+            await asyncio.wait(settlements, timeout=self._settings.produce_timeout_s)
         outcomes: list[Outcome | None] = [
             self._answer(requests[i], r) if isinstance(r, _Write) else r  # type: ignore[arg-type]
             for i, r in enumerate(results)
@@ -232,8 +236,10 @@ class ConversationWrites:
         followers: list[tuple[int, int]],
         traceparents: Sequence[str],
         order: WriteOrder | None,
+        settlements: list[asyncio.Task[None]],
     ) -> None:
-        """Fills `results` for `valid`, and `followers` with the repeats of a key in the batch."""
+        """Fills `results` for `valid`, `followers` with the repeats of a key in the batch, and
+        `settlements` with the task that records the outcomes once Kafka answered."""
         granted = 0
         handed: list[_Write] = []
         try:
@@ -287,7 +293,9 @@ class ConversationWrites:
             await self._settle(dropped)
         finally:
             self._producer.release(granted - len(handed))
-            self._settle_when_answered(handed)
+            settlement = self._settle_when_answered(handed)
+            if settlement is not None:
+                settlements.append(settlement)
             if order is not None:
                 await order.wait_turn()
                 order.end_turn()
@@ -373,23 +381,38 @@ class ConversationWrites:
 
     # ------------------------------------------------------------------ claims
 
-    def _settle_when_answered(self, writes: list[_Write]) -> None:
-        if writes:
-            self._background(self._settlement(writes))
+    def _settle_when_answered(self, writes: list[_Write]) -> asyncio.Task[None] | None:
+        return self._background(self._settlement(writes)) if writes else None
 
     async def _settlement(self, writes: list[_Write]) -> None:
         """Waits as long as Kafka takes (keeping the claims alive), then records each outcome and
-        frees its in-flight slot. Runs apart from any caller."""
-        pending = {w.delivery: w for w in writes}
-        while pending:
-            done, _ = await asyncio.wait(
-                set(pending), timeout=CLAIM_TTL_S / 3, return_when=asyncio.FIRST_COMPLETED
-            )
-            if not done:
-                with contextlib.suppress(Exception):
-                    await self._hot.touch_claims([w.claim for w in pending.values() if w.claim is not None])
-                continue
-            finished = [pending.pop(d) for d in done]
+        frees its in-flight slot, a partition's worth at a time as its acks arrive. Runs apart
+        from any caller; one callback per record, no re-scan of what is still pending."""
+        arrived: list[_Write] = []
+        wake = asyncio.Event()
+
+        def on_delivery(write: _Write, _: object) -> None:
+            arrived.append(write)
+            wake.set()
+
+        for w in writes:
+            w.delivery.add_done_callback(functools.partial(on_delivery, w))
+        left = len(writes)
+        while left:
+            if not arrived:
+                try:
+                    async with asyncio.timeout(CLAIM_TTL_S / 3):
+                        await wake.wait()
+                except TimeoutError:
+                    with contextlib.suppress(Exception):
+                        await self._hot.touch_claims(
+                            [w.claim for w in writes if w.claim is not None and not w.delivery.done()]
+                        )
+                    continue
+            wake.clear()
+            finished = arrived[:]
+            del arrived[:]
+            left -= len(finished)
             answers = await self._producer.wait_acks(
                 [w.event for w in finished], [w.delivery for w in finished], [None] * len(finished)
             )
