@@ -184,6 +184,7 @@ class BatchConsumer:
         group_id: str,
         batch_size: int,
         instance_id: str | None = None,
+        linger_s: float = 0.0,
     ) -> None:
         self._settings = settings
         self._processor = processor
@@ -191,6 +192,10 @@ class BatchConsumer:
         self._group_id = group_id
         self._batch_size = batch_size
         self._instance_id = instance_id
+        # Batches by size and age: once a poll returned records, keep polling for up to this long
+        # until the batch is full (for sinks whose every write has a fixed cost, like ClickHouse's
+        # inserts). 0: process whatever one poll returned.
+        self._linger_s = linger_s
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._control: _Control | None = None
@@ -243,11 +248,9 @@ class BatchConsumer:
                 timeout_ms=int(self._settings.batch_within_s * 1000) or 1, max_records=self._batch_size
             )
             self.stats.last_poll_monotonic = time.monotonic()
-            records = [
-                Record(tp.topic, tp.partition, r.offset, r.key, r.value, r.timestamp, tuple(r.headers or ()))
-                for tp, batch in fetched.items()
-                for r in batch
-            ]
+            records = _records(fetched)
+            if records and self._linger_s > 0:
+                records = await self._linger(records)
             if not records:
                 await self._processor.idle(self._control)
                 continue
@@ -261,6 +264,22 @@ class BatchConsumer:
                 if not done:
                     return
                 await self._commit(records)
+
+    async def _linger(self, records: list[Record]) -> list[Record]:
+        """Add what arrives within the linger time to a batch, until it is full. Records of one
+        partition stay in offset order (each poll continues where the previous one stopped)."""
+        assert self._consumer is not None
+        deadline = time.monotonic() + self._linger_s
+        while len(records) < self._batch_size and not self._stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            fetched = await self._consumer.getmany(
+                timeout_ms=max(1, int(left * 1000)), max_records=self._batch_size - len(records)
+            )
+            self.stats.last_poll_monotonic = time.monotonic()
+            records.extend(_records(fetched))
+        return records
 
     # --- one batch ---------------------------------------------------------------------------
 
@@ -447,6 +466,14 @@ class BatchConsumer:
         assert self._control is not None
         log.info("%s: assigned partitions %s", self._processor.name, sorted(partitions))
         await self._processor.on_assigned(partitions, self._control)
+
+
+def _records(fetched: dict[Any, Any]) -> list[Record]:
+    return [
+        Record(tp.topic, tp.partition, r.offset, r.key, r.value, r.timestamp, tuple(r.headers or ()))
+        for tp, batch in fetched.items()
+        for r in batch
+    ]
 
 
 def _span(records: Sequence[Record]) -> str:

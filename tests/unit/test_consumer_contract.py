@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.exceptions
+from aiokafka import TopicPartition
 from switchboard.v1 import events_pb2 as pb
 
 from schemas.events import encode_event, new_event
@@ -148,8 +149,9 @@ async def test_rejected_records_from_a_pure_step_are_dead_lettered_without_retri
 
 
 class FakeInsertContext:
-    def __init__(self, table: str, column_names: list[str], database: str) -> None:
+    def __init__(self, table: str, column_names: list[str], database: str, column_oriented: bool) -> None:
         self.table, self.column_names, self.database = table, column_names, database
+        self.column_oriented = column_oriented
         self.data: list[Any] | None = None
 
 
@@ -159,11 +161,17 @@ class RecordingClient:
     def __init__(self) -> None:
         self.inserts: list[tuple[str, list[Any]]] = []
 
-    def create_insert_context(self, table: str, column_names: list[str], database: str) -> FakeInsertContext:
-        return FakeInsertContext(table, column_names, database)
+    def create_insert_context(
+        self, table: str, column_names: list[str], database: str, column_oriented: bool = False
+    ) -> FakeInsertContext:
+        return FakeInsertContext(table, column_names, database, column_oriented)
 
     def insert(self, context: FakeInsertContext) -> None:
-        self.inserts.append((context.table, list(context.data or ())))
+        data = list(context.data or ())
+        if context.column_oriented:
+            assert len(data) == len(context.column_names)
+            data = [list(row) for row in zip(*data, strict=True)]
+        self.inserts.append((context.table, data))
 
 
 def message_event(text: str) -> bytes:
@@ -185,3 +193,53 @@ async def test_projector_hands_back_garbage_and_projects_the_rest_with_positions
     messages = next(rows for name, rows in client.inserts if name == table)
     cols = COLUMNS[table]
     assert [(r[cols.index("partition")], r[cols.index("offset")]) for r in messages] == [(1, 10), (1, 12)]
+
+
+# --- batches by size and age ---------------------------------------------------------------------
+
+
+class PollingKafka:
+    """aiokafka's getmany, answering from a script of polls (then nothing)."""
+
+    def __init__(self, polls: list[list[int]]) -> None:
+        self.polls = list(polls)
+        self.max_records: list[int] = []
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+        from types import SimpleNamespace
+
+        self.max_records.append(max_records)
+        if not self.polls:
+            await asyncio.sleep(timeout_ms / 1000)
+            return {}
+        offsets = self.polls.pop(0)[:max_records]
+        tp = TopicPartition("conversation-events", 0)
+        return {
+            tp: [SimpleNamespace(offset=o, key=b"k", value=b"v", timestamp=0, headers=()) for o in offsets]
+        }
+
+
+async def test_a_lingering_consumer_fills_its_batch_from_later_polls_in_order() -> None:
+    consumer = BatchConsumer(
+        Settings(), ScriptedProcessor(), topic="conversation-events", group_id="g", batch_size=5, linger_s=5.0
+    )
+    kafka = PollingKafka([[3, 4], [], [5, 6, 7, 8]])
+    consumer._consumer = kafka
+    batch = await consumer._linger([record(1), record(2)])
+    # Full at five records: no waiting for the linger time, and never more than the batch size.
+    assert [r.offset for r in batch] == [1, 2, 3, 4, 5]
+    assert kafka.max_records == [3, 1, 1]
+
+
+async def test_a_lingering_consumer_hands_over_a_partial_batch_once_the_linger_time_is_up() -> None:
+    consumer = BatchConsumer(
+        Settings(),
+        ScriptedProcessor(),
+        topic="conversation-events",
+        group_id="g",
+        batch_size=100,
+        linger_s=0.05,
+    )
+    consumer._consumer = PollingKafka([[2]])
+    batch = await asyncio.wait_for(consumer._linger([record(1)]), 5)
+    assert [r.offset for r in batch] == [1, 2]

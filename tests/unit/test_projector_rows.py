@@ -278,3 +278,35 @@ def test_facts_merge_to_the_same_conversation_however_batched_and_repeated() -> 
     pieces = [records[6:], records[:4], records[2:8], records[:4], records[8:]]
     rows = [row for piece in pieces for row in project(piece).rows[CONVERSATION_FACTS]]
     assert merge_facts(rows) == whole
+
+
+def test_payload_json_is_message_to_json_for_every_payload() -> None:
+    from google.protobuf.json_format import MessageToJson
+
+    from schemas.events import event_type
+    from streams.projector._rows import payload_json
+
+    samples = [
+        pb.MessageReceived(client_message_id="m1", text='引号 " \\ \n', sender=pb.SENDER_CUSTOMER),
+        pb.MessageReceived(text="unknown sender", sender=99),  # type: ignore[arg-type]
+        pb.MessageReceived(),
+        pb.ConversationClosed(resolution="solved", closed_by=pb.SENDER_AGENT),
+        pb.HandoffRequested(reason="asked", queue="billing", message_event_id="e1"),
+        pb.AgentAssigned(agent_id="bob", queue="billing", previous_agent_id="amy"),
+        pb.ReturnedToBot(agent_id="bob"),
+        pb.AgentMessageSent(agent_id="bob", client_message_id="a1", text="hi"),
+        pb.CsatRated(score=5, comment="好"),
+        pb.ConversationStarted(channel=pb.CHANNEL_WEB, metadata={"b": "1", "a": "2"}, locale="zh-CN"),
+        pb.IntentClassified(intent="refund", confidence=0.25),
+        pb.ReplyGenerated(text="ok", grounded=True, citations=[pb.Citation(document_id="d", score=0.5)]),
+    ]
+    for payload in samples:
+        field = {f.message_type: f.name for f in pb.Event.DESCRIPTOR.oneofs_by_name["payload"].fields}[
+            payload.DESCRIPTOR
+        ]
+        event = new_event("acme", "c1", **{field: payload})  # type: ignore[arg-type]
+        assert event_type(event) == field
+        expected = MessageToJson(
+            payload, preserving_proto_field_name=True, indent=None, ensure_ascii=False, sort_keys=True
+        )
+        assert payload_json(event) == expected
