@@ -139,6 +139,22 @@ class Settings(BaseSettings):
     # CA bundle the CLI's own clients trust for the ingress's certificate.
     grpc_tls_ca: Path | None = None
 
+    # --- Observability: Prometheus metrics (one endpoint per process; empty: off) and traces ------
+    ingress_metrics_listen: str = "127.0.0.1:9464"
+    sessions_metrics_listen: str = "127.0.0.1:9465"
+    assistant_metrics_listen: str = "127.0.0.1:9466"
+    analytics_metrics_listen: str = "127.0.0.1:9467"
+    # OpenTelemetry traces: "" (off), "otlp" (OTLP over HTTP to otel_endpoint) or "console".
+    otel_exporter: str = Field(default="", pattern=r"^(|otlp|console)$")
+    otel_endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    otel_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+    # --- Privacy: PII masked in the analytics projections and reports ---------------------------
+    # Kinds masked for every tenant: any of email, phone, card, cn_id; "all" or "none".
+    pii_redact: str = "all"
+    # Per-tenant overrides: "tenant=kinds;tenant=kinds", e.g. "acme=email,phone;lab=none".
+    pii_redact_tenants: str = ""
+
     @property
     def effective_models_dir(self) -> Path:
         return self.models_dir or self.data_dir / "models"

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectionError, KafkaError
 
+from services.observability import metrics
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,7 @@ class BatchConsumer:
         await _until_up("Kafka (consumer)", self._consumer.start)
         await _until_up("Kafka (dead-letter producer)", self._producer.start)
         self._consumer.subscribe([self._topic], listener=_Rebalance(self))
+        metrics.observe_consumer(self)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -260,10 +262,11 @@ class BatchConsumer:
                 records = [r for r in records if r.partition in mine]
                 if not records:
                     continue
-                done = await self._apply(records)
-                if not done:
-                    return
-                await self._commit(records)
+                with metrics.batch_observed(self._processor.name, records):
+                    done = await self._apply(records)
+                    if not done:
+                        return
+                    await self._commit(records)
 
     async def _linger(self, records: list[Record]) -> list[Record]:
         """Add what arrives within the linger time to a batch, until it is full. Records of one
@@ -505,6 +508,7 @@ async def run_until_signalled(consumer: BatchConsumer, *extra: Callable[[], Awai
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(consumer.stop()))
+    metrics.serve_metrics(consumer._settings, metrics.ROLES.get(consumer._processor.name, ""))
     await consumer.start()
     try:
         await consumer.run()

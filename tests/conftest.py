@@ -56,6 +56,11 @@ _BASE_ENV = {
     "SWITCHBOARD_GRPC_LISTEN": "127.0.0.1:25051",
     "SWITCHBOARD_ANALYTICS_LISTEN": "127.0.0.1:28123",
     "SWITCHBOARD_ASSISTANT_LISTEN": "127.0.0.1:25071",
+    # Prometheus endpoints of the processes (services/observability).
+    "SWITCHBOARD_INGRESS_METRICS_LISTEN": "127.0.0.1:29464",
+    "SWITCHBOARD_SESSIONS_METRICS_LISTEN": "127.0.0.1:29465",
+    "SWITCHBOARD_ASSISTANT_METRICS_LISTEN": "127.0.0.1:29466",
+    "SWITCHBOARD_ANALYTICS_METRICS_LISTEN": "127.0.0.1:29467",
     "SWITCHBOARD_TOPIC_PARTITIONS": "4",
     "SWITCHBOARD_PRODUCE_TIMEOUT_S": "5",
     # `switchboard ingress` as two processes on one port, whatever the machine's core count.

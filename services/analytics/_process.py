@@ -62,6 +62,7 @@ def run_analytics(settings: Settings, loglevel: str = "info") -> None:
 
 
 async def serve_analytics(settings: Settings) -> None:
+    from services.observability import metrics
     from streams._consumer import run_until_signalled
     from streams.projector import projector_consumer
 
@@ -81,6 +82,7 @@ async def serve_analytics(settings: Settings) -> None:
             await endpoint.stop()
             endpoint.engine.close()
 
+    metrics.observe_clickhouse_inserts(client)
     consumer, _ = projector_consumer(settings, client)
     await run_until_signalled(consumer, stop_endpoint)
 

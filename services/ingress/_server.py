@@ -24,8 +24,10 @@ from services.ingress._errors import as_rejection, retry_metadata
 from services.ingress._hotview import IngressHotView, live_pool
 from services.ingress._knowledge import KnowledgeService
 from services.ingress._producer import EventProducer
-from services.ingress._service import ChatService, MessageBatcher, WriteOrder, traceparent_of
+from services.ingress._service import ChatService, MessageBatcher, WriteOrder
 from services.ingress._supervisor import CHILD_ENV, Supervisor, process_count
+from services.observability import metrics
+from services.observability.tracing import traceparent_of
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -364,6 +366,7 @@ class IngressServer:
         self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=512)
         self.live_redis = live_pool(settings.redis_url, settings.max_live_streams + 8)
         self.producer = EventProducer(settings)
+        metrics.observe_producer(self.producer)
         self.hot = IngressHotView(self.redis, settings.idempotency_ttl_s, self.live_redis)
         self.service = ChatService(settings, self.producer, self.hot, self.live_redis)
         self.knowledge = KnowledgeService(settings, self.redis)
@@ -374,7 +377,7 @@ class IngressServer:
         self.auth = IngressAuth(settings)
         self.server = grpc.aio.server(
             maximum_concurrent_rpcs=max(1000, settings.max_inflight_produce * 4),
-            interceptors=[self.auth.interceptor],
+            interceptors=[metrics.MetricsInterceptor(), self.auth.interceptor],
             options=[
                 # Room above the batch limit, so an oversized batch gets our INVALID_ARGUMENT.
                 (
@@ -465,6 +468,7 @@ async def serve(settings: Settings) -> None:
     await preflight(settings)  # before binding: no keyless ingress on a public address
     child = os.environ.get(CHILD_ENV)
     count = process_count(settings)
+    metrics.serve_metrics(settings, "ingress", child=child is not None, children=count)
     if child is None and count > 1:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         await Supervisor(settings, count, level).run()
