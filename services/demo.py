@@ -13,6 +13,7 @@ from typing import TypeVar
 import grpc
 from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 
+from services.auth import ingress_channel
 from services.settings import Settings
 
 T = TypeVar("T")
@@ -102,7 +103,7 @@ def show_landed(settings: Settings, result: DemoResult, within_s: float = 60.0) 
 
 
 async def play_demo(settings: Settings, tenant_id: str = "demo") -> DemoResult:
-    async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
+    async with ingress_channel(settings) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         started: list[tuple[str, int]] = []
         for channel_kind, locale, texts in CONVERSATIONS:
@@ -202,7 +203,7 @@ async def load_demo_faq(settings: Settings, tenant_id: str) -> int:
         )
         for d in load_demo_documents()
     ]
-    async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
+    async with ingress_channel(settings) as channel:
         stub = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
         request = knowledge_pb2.UpsertDocumentsRequest(tenant_id=tenant_id, documents=documents)
         reply = await with_retries(functools.partial(stub.UpsertDocuments, request, timeout=30))
@@ -226,7 +227,7 @@ async def play_assistant_demo(settings: Settings, tenant_id: str = "demo") -> No
     finally:
         await redis.aclose()
     print(f"  knowledge base: {loaded} FAQ documents indexed for tenant {tenant_id!r}")
-    async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
+    async with ingress_channel(settings) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         for question in ASSISTANT_QUESTIONS:
             start = chat_pb2.StartConversationRequest(

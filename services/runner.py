@@ -9,6 +9,7 @@ import threading
 import grpc
 
 from services import stack
+from services.auth import issue_demo_key
 from services.demo import play_assistant_demo, play_demo, show_landed
 from services.kafka_topics import ensure_topics
 from services.processes import Child, switchboard_children, wait_for_analytics, wait_for_ingress
@@ -40,6 +41,9 @@ def run_system(settings: Settings, demo: bool = True) -> int:
         asyncio.run(stack.up(settings))
         created = asyncio.run(ensure_topics(settings))
         print(f"topics created: {', '.join(created) or 'none needed'}")
+        # Keys are on from the first run: the demo presents one, as every client must.
+        settings = settings.model_copy(update={"api_key": issue_demo_key(settings)})
+        print(f"demo API key (tenant {settings.demo_tenant!r}): {settings.api_key}")
         _banner("starting analytics (projector + ClickHouse query endpoint), sessions worker, ingress")
         for child in children.values():
             child.start()
@@ -51,6 +55,8 @@ def run_system(settings: Settings, demo: bool = True) -> int:
         _banner("serving; Ctrl-C stops everything")
         print(
             f"  grpcurl -plaintext {settings.grpc_listen} list\n"
+            f"  grpcurl -plaintext -H 'authorization: Bearer {settings.api_key}' -d '{{}}' "
+            f"{settings.grpc_listen} switchboard.v1.KnowledgeService/ListDocuments\n"
             '  .venv/bin/switchboard sql "SELECT type, count() FROM switchboard.events GROUP BY type"\n'
             f"  logs: {settings.data_dir / 'logs'}",
             flush=True,

@@ -4,6 +4,7 @@ Keys and tenants are records on the compacted tenants topic; every ingress folds
 in-process registry and checks each call in a grpc.aio server interceptor.
 """
 
+from services.auth._admin import issue_demo_key
 from services.auth._client import bearer_interceptors, ingress_channel
 from services.auth._ingress import IngressAuth, is_loopback, listen_refusal, preflight
 from services.auth._interceptor import AuthInterceptor
@@ -59,6 +60,7 @@ __all__ = [
     "hash_secret",
     "ingress_channel",
     "is_loopback",
+    "issue_demo_key",
     "listen_refusal",
     "load_pepper",
     "new_key",

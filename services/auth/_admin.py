@@ -106,3 +106,30 @@ async def rotate_key(settings: Settings, name: str, overlap_s: float) -> tuple[K
 
 async def registry(settings: Settings) -> Registry:
     return await read_registry(settings)
+
+
+DEMO_KEY_LABEL = "make run demo"
+
+
+async def _demo_key(settings: Settings) -> str:
+    # Each run issues a fresh key and revokes the previous runs' ones: a key printed on a
+    # terminal long ago does not stay valid.
+    current = await read_registry(settings)
+    stale = [
+        replace(k, status=Status.REVOKED, revoked_at=time.time())
+        for k in current.keys_of(settings.demo_tenant)
+        if k.label == DEMO_KEY_LABEL and k.status is Status.ACTIVE
+    ]
+    _, token, _ = await issue_key(
+        settings, settings.demo_tenant, ["customer-app", "knowledge-admin"], DEMO_KEY_LABEL
+    )
+    if stale:
+        await append_records(settings, stale)
+    return token
+
+
+def issue_demo_key(settings: Settings) -> str:
+    """The key `make run`'s demo presents: SWITCHBOARD_API_KEY when set, else a new one."""
+    import asyncio
+
+    return settings.api_key or asyncio.run(_demo_key(settings))

@@ -148,13 +148,14 @@ async def topic_partitions(
     deadline = time.monotonic() + within_s
     while True:
         # A fresh metadata fetch: the consumer's own cache only covers topics it subscribed to.
+        # (A topic created a moment ago may not be in the broker's metadata yet: keep asking.)
         cluster = await consumer._client.fetch_all_metadata()
-        if topic not in cluster.topics():
-            raise TenantsTopicMissing(f"topic {topic!r} does not exist: run `switchboard topics create`")
-        numbers = cluster.partitions_for_topic(topic)
+        numbers = cluster.partitions_for_topic(topic) if topic in cluster.topics() else None
         if numbers:
             return [TopicPartition(topic, p) for p in sorted(numbers)]
         if time.monotonic() > deadline:
+            if topic not in cluster.topics():
+                raise TenantsTopicMissing(f"topic {topic!r} does not exist: run `switchboard topics create`")
             raise TimeoutError(f"topic {topic!r} has no partition with a leader after {within_s:.0f} s")
         await asyncio.sleep(0.2)
 

@@ -76,15 +76,6 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def issue(env: dict[str, str], tenant: str, *roles: str) -> str:
-    role_args = [a for r in roles for a in ("--role", r)]
-    done = await asyncio.to_thread(cli, env, "keys", "issue", "--tenant", tenant, *role_args)
-    assert done.returncode == 0, done.stderr
-    # Scripts capture the secret: it is alone on stdout.
-    assert TOKEN.fullmatch(done.stdout.strip()), done.stdout
-    return done.stdout.strip()
-
-
 @dataclass
 class Replicas:
     env: dict[str, str]
@@ -144,6 +135,24 @@ async def start_code(replicas: Replicas, i: int, key: str | None, tenant: str = 
         return await code_of(stub.StartConversation(start_request(tenant), timeout=10))
 
 
+async def issue(replicas: Replicas, tenant: str, *roles: str) -> str:
+    """A key made with the CLI, once every replica knows it (within 2 s, as revocations)."""
+    role_args = [a for r in roles for a in ("--role", r)]
+    done = await asyncio.to_thread(cli, replicas.env, "keys", "issue", "--tenant", tenant, *role_args)
+    assert done.returncode == 0, done.stderr
+    # Scripts capture the secret: it is alone on stdout.
+    key = done.stdout.strip()
+    assert TOKEN.fullmatch(key), done.stdout
+    for i in range(len(replicas.listens)):
+        await eventually(
+            lambda i=i: start_code(replicas, i, key),  # type: ignore[misc]
+            lambda c: c is not grpc.StatusCode.UNAUTHENTICATED,
+            within_s=2,
+            what=f"replica {i} to know the new key",
+        )
+    return key
+
+
 async def test_open_on_loopback_until_the_first_key_then_keys_are_required(
     replicas: Replicas, tenant: str
 ) -> None:
@@ -152,7 +161,7 @@ async def test_open_on_loopback_until_the_first_key_then_keys_are_required(
         assert await start_code(replicas, i, None, tenant) is grpc.StatusCode.OK
     assert "NO API KEYS EXIST" in replicas.children[0].log_tail(400)
 
-    key = await issue(replicas.env, tenant)
+    key = await issue(replicas, tenant)
     for i in range(2):
         await eventually(
             lambda i=i: start_code(replicas, i, None, tenant),  # type: ignore[misc]
@@ -167,7 +176,7 @@ async def test_open_on_loopback_until_the_first_key_then_keys_are_required(
 
 
 async def test_the_key_is_the_tenant(replicas: Replicas, tenant: str) -> None:
-    key = await issue(replicas.env, tenant)
+    key = await issue(replicas, tenant)
     other = f"{tenant}x"
     async with replicas.channel(0, key) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
@@ -214,7 +223,7 @@ async def test_the_key_is_the_tenant(replicas: Replicas, tenant: str) -> None:
         assert all(not a.error_code for a in answers)
 
     # The key's tenant sees its own conversation; the other tenant (keyed too) does not.
-    other_key = await issue(replicas.env, other)
+    other_key = await issue(replicas, other)
     async with replicas.channel(1, other_key) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         theirs = chat_pb2.GetConversationRequest(conversation_id=conv.conversation_id)
@@ -224,7 +233,7 @@ async def test_the_key_is_the_tenant(replicas: Replicas, tenant: str) -> None:
 async def test_unknown_keys_are_unauthenticated_and_health_and_reflection_stay_open(
     replicas: Replicas, tenant: str
 ) -> None:
-    key = await issue(replicas.env, tenant)
+    key = await issue(replicas, tenant)
     key_id = key.split("_")[1]
     for bad in ("nonsense", f"sbk_{key_id}_{'A' * 43}", f"sbk_{'0' * 12}_{'A' * 43}"):
         assert await start_code(replicas, 0, bad) is grpc.StatusCode.UNAUTHENTICATED
@@ -241,9 +250,9 @@ async def test_unknown_keys_are_unauthenticated_and_health_and_reflection_stay_o
 
 
 async def test_roles_decide_the_services(replicas: Replicas, tenant: str) -> None:
-    app = await issue(replicas.env, tenant)
-    admin = await issue(replicas.env, tenant, "knowledge-admin")
-    agent = await issue(replicas.env, tenant, "agent")
+    app = await issue(replicas, tenant)
+    admin = await issue(replicas, tenant, "knowledge-admin")
+    agent = await issue(replicas, tenant, "agent")
 
     async def list_documents(key: str) -> grpc.StatusCode:
         async with replicas.channel(0, key) as channel:
@@ -264,7 +273,7 @@ async def test_roles_decide_the_services(replicas: Replicas, tenant: str) -> Non
 
 
 async def test_a_revocation_reaches_every_replica_within_two_seconds(replicas: Replicas, tenant: str) -> None:
-    key = await issue(replicas.env, tenant)
+    key = await issue(replicas, tenant)
     for i in range(2):
         # Issued keys arrive as fast as revocations do.
         await eventually(
@@ -287,7 +296,7 @@ async def test_a_revocation_reaches_every_replica_within_two_seconds(replicas: R
 
 
 async def test_rotation_keeps_the_old_key_for_the_overlap(replicas: Replicas, tenant: str) -> None:
-    old = await issue(replicas.env, tenant)
+    old = await issue(replicas, tenant)
     done = await asyncio.to_thread(
         cli, replicas.env, "keys", "rotate", f"sbk_{old.split('_')[1]}", "--overlap", "4"
     )
@@ -313,7 +322,7 @@ async def test_rotation_keeps_the_old_key_for_the_overlap(replicas: Replicas, te
 
 
 async def test_a_disabled_tenant_is_refused_until_enabled(replicas: Replicas, tenant: str) -> None:
-    key = await issue(replicas.env, tenant)
+    key = await issue(replicas, tenant)
     assert (await asyncio.to_thread(cli, replicas.env, "tenants", "disable", tenant)).returncode == 0
     await eventually(
         lambda: start_code(replicas, 0, key),
@@ -330,7 +339,7 @@ async def test_a_disabled_tenant_is_refused_until_enabled(replicas: Replicas, te
 
 
 async def test_lists_show_keys_and_tenants_never_secrets(replicas: Replicas, tenant: str) -> None:
-    key = await issue(replicas.env, tenant, "agent", "customer-app")
+    key = await issue(replicas, tenant, "agent", "customer-app")
     listed = await asyncio.to_thread(cli, replicas.env, "keys", "list", "--tenant", tenant, "--json")
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)
@@ -351,3 +360,31 @@ def test_a_public_address_without_keys_refuses_to_start(system: System) -> None:
     assert done.returncode != 0
     assert "refusing to listen on 0.0.0.0" in done.stderr + done.stdout
     assert time.monotonic() - started < 60
+
+
+async def test_make_runs_demo_key_drives_the_demo_and_replaces_the_last_one(
+    system: System, replicas: Replicas, tenant: str
+) -> None:
+    from services.auth import issue_demo_key
+    from services.demo import play_demo
+
+    settings = system.settings.model_copy(
+        update={
+            "tenants_topic": replicas.env["SWITCHBOARD_TENANTS_TOPIC"],
+            "grpc_listen": replicas.listens[0],
+            "demo_tenant": tenant,
+        }
+    )
+    first = await asyncio.to_thread(issue_demo_key, settings)
+    second = await asyncio.to_thread(issue_demo_key, settings)
+    keyed = settings.model_copy(update={"api_key": second})
+    result = await play_demo(keyed, tenant)
+    assert result.tenant_id == tenant and len(result.conversation_ids) == 4
+    # The previous run's key is revoked; a key given in the environment is used as it is.
+    await eventually(
+        lambda: start_code(replicas, 0, first),
+        lambda c: c is grpc.StatusCode.UNAUTHENTICATED,
+        within_s=2,
+        what="the last run's demo key revoked",
+    )
+    assert issue_demo_key(keyed) == second
