@@ -12,7 +12,7 @@ tests' stack, and tears all of it down at the end, also on an error or Ctrl-C. E
 
 1. Write path. Unary `SendMessage` (N concurrent calls, each awaiting its ack) and streaming
    `SendMessages` (one stream, at most N requests unacknowledged) at N = 1, 10, 100 (and a stream
-   1000 deep), against two
+   1000 deep), and `SendMessageBatch` (N calls of 500 messages in flight, N = 1, 4), against two
    baselines measured in the same run at the same N: a bare grpc.aio echo server
    (`benchmarks/echo_server.py`) and a raw aiokafka producer (idempotent, acks=all) writing events of
    the same size to the same topic. The sessions worker and analytics are stopped meanwhile, so every
@@ -63,6 +63,7 @@ from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 from schemas import hotview as hv
 from schemas.events import encode_event, event_headers, event_key, new_event
 from services import stack
+from services.ingress._supervisor import process_count
 from services.kafka_topics import ensure_topics
 from services.processes import Child, switchboard_children, wait_for_analytics, wait_for_ingress
 from services.settings import PROJECT_ROOT, Settings
@@ -145,6 +146,7 @@ class Plan:
     warmup: float  # unmeasured lead-in of each run
     levels: tuple[int, ...]  # in-flight levels, every target
     deep_stream: tuple[int, ...]  # extra, deeper streaming windows (with the raw producer beside them)
+    batch_levels: tuple[int, ...]  # SendMessageBatch calls in flight (BATCH_MESSAGES messages each)
     conversations: int  # started through the API before phase 1
     backlog: int  # phase 2 catches up at least this many events
     backlog_conversations: int
@@ -161,6 +163,7 @@ def make_plan(quick: bool, seconds: float | None) -> Plan:
             warmup=0.5,
             levels=(1, 10, 100),
             deep_stream=(1000,),
+            batch_levels=(1, 4),
             conversations=200,
             backlog=20_000,
             backlog_conversations=1_000,
@@ -174,6 +177,7 @@ def make_plan(quick: bool, seconds: float | None) -> Plan:
         warmup=1.0,
         levels=(1, 10, 100),
         deep_stream=(1000,),
+        batch_levels=(1, 4),
         conversations=200,
         backlog=100_000,
         backlog_conversations=2_500,
@@ -312,8 +316,15 @@ class CpuMeter:
         for name, pid in self.pids().items():
             try:
                 # The process itself: this one's children are the other rows.
-                times = psutil.Process(pid).cpu_times()
+                proc = psutil.Process(pid)
+                times = proc.cpu_times()
                 used[name] = times.user + times.system
+                if name == "ingress":
+                    # `switchboard ingress` supervises N server processes: theirs is its CPU.
+                    for child in proc.children(recursive=True):
+                        with contextlib.suppress(psutil.Error):
+                            t = child.cpu_times()
+                            used[name] += t.user + t.system
             except psutil.Error:
                 continue
         machine = psutil.cpu_times()
@@ -438,6 +449,11 @@ def raw_producer(settings: Settings, client_id: str) -> AIOKafkaProducer:
 # ------------------------------------------------------------------------------------ the write path
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+# Client connections of the unary and batch runs (a stream is one connection): the kernel spreads
+# connections over the ingress processes (SO_REUSEPORT), so one connection would use one of them.
+CONNECTIONS = 4
+# Messages per SendMessageBatch call in the batch runs.
+BATCH_MESSAGES = 500
 
 
 @dataclass
@@ -495,12 +511,14 @@ async def run_together(coros: Sequence[Coroutine[Any, Any, None]], within_s: flo
 
 
 async def unary_run(
-    target: str, stub: chat_pb2_grpc.ChatServiceStub, traffic: Traffic, n: int, plan: Plan
+    target: str, stubs: Sequence[chat_pb2_grpc.ChatServiceStub], traffic: Traffic, n: int, plan: Plan
 ) -> Run:
+    """N callers, each awaiting its ack; caller i uses connection i mod CONNECTIONS (the kernel
+    spreads connections, not calls, over the ingress processes)."""
     run = Run(target, "unary", n, plan.seconds)
     window = Window(plan.warmup, plan.seconds)
 
-    async def caller() -> None:
+    async def caller(stub: chat_pb2_grpc.ChatServiceStub) -> None:
         while (sent := time.perf_counter()) < window.end:
             try:
                 reply = await stub.SendMessage(traffic.request(), timeout=30)
@@ -512,7 +530,39 @@ async def unary_run(
             if reply.duplicate:
                 run.errors["duplicate=true"] += 1
 
-    await run_together([caller() for _ in range(n)], plan.warmup + plan.seconds + 60)
+    await run_together([caller(stubs[i % len(stubs)]) for i in range(n)], plan.warmup + plan.seconds + 60)
+    return run
+
+
+async def batch_run(
+    target: str, stubs: Sequence[chat_pb2_grpc.ChatServiceStub], traffic: Traffic, n: int, plan: Plan
+) -> Run:
+    """N callers, each sending SendMessageBatch of BATCH_MESSAGES and awaiting the results; every
+    message acked in the window counts, with its batch's round trip as its latency."""
+    run = Run(target, "batch", n, plan.seconds)
+    window = Window(plan.warmup, plan.seconds)
+
+    async def caller(stub: chat_pb2_grpc.ChatServiceStub) -> None:
+        while (sent := time.perf_counter()) < window.end:
+            request = chat_pb2.SendMessageBatchRequest(
+                messages=[traffic.request() for _ in range(BATCH_MESSAGES)]
+            )
+            try:
+                reply = await stub.SendMessageBatch(request, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                run.errors[exc.code().name] += 1
+                await asyncio.sleep(0.05)
+                continue
+            acked = time.perf_counter()
+            for result in reply.results:
+                if result.error_code:
+                    run.errors[_CODE_NAMES.get(result.error_code, str(result.error_code))] += 1
+                    continue
+                window.record(run, sent, acked)
+                if result.duplicate:
+                    run.errors["duplicate=true"] += 1
+
+    await run_together([caller(stubs[i % len(stubs)]) for i in range(n)], plan.warmup + plan.seconds + 60)
     return run
 
 
@@ -604,30 +654,41 @@ async def write_path(system: BenchSystem, meter: CpuMeter, conversations: list[s
     producer = raw_producer(settings, "bench-raw-producer")
     await producer.start()
     await wait_for_echo(system.echo_listen)
+    # Each channel its own connection (no shared subchannel), as separate clients would have.
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    echo_channels = [grpc.aio.insecure_channel(system.echo_listen, options=own) for _ in range(CONNECTIONS)]
+    ingress_channels = [
+        grpc.aio.insecure_channel(settings.grpc_listen, options=own) for _ in range(CONNECTIONS)
+    ]
     try:
-        async with (
-            grpc.aio.insecure_channel(system.echo_listen) as echo_channel,
-            grpc.aio.insecure_channel(settings.grpc_listen) as ingress_channel,
-        ):
-            echo = chat_pb2_grpc.ChatServiceStub(echo_channel)
-            ingress = chat_pb2_grpc.ChatServiceStub(ingress_channel)
-            # Interleaved per level, so drifting background load hits every target alike.
-            for n in plan.levels:
-                await measure(runs, meter, unary_run("echo", echo, traffic, n, plan))
-                await measure(runs, meter, unary_run("ingress", ingress, traffic, n, plan))
-                await measure(runs, meter, stream_run("echo", echo, traffic, n, plan))
-                await measure(runs, meter, stream_run("ingress", ingress, traffic, n, plan))
-                await measure(
-                    runs, meter, produce_run(producer, settings.conversation_topic, traffic, n, plan)
-                )
-            for n in plan.deep_stream:
-                await measure(runs, meter, stream_run("echo", echo, traffic, n, plan))
-                await measure(runs, meter, stream_run("ingress", ingress, traffic, n, plan))
-                await measure(
-                    runs, meter, produce_run(producer, settings.conversation_topic, traffic, n, plan)
-                )
+        echoes = [chat_pb2_grpc.ChatServiceStub(c) for c in echo_channels]
+        ingresses = [chat_pb2_grpc.ChatServiceStub(c) for c in ingress_channels]
+        echo, ingress = echoes[0], ingresses[0]
+        # Interleaved per level, so drifting background load hits every target alike.
+        for n in plan.levels:
+            await measure(runs, meter, unary_run("echo", echoes, traffic, n, plan))
+            await measure(runs, meter, unary_run("ingress", ingresses, traffic, n, plan))
+            await measure(runs, meter, stream_run("echo", echo, traffic, n, plan))
+            await measure(runs, meter, stream_run("ingress", ingress, traffic, n, plan))
+            await measure(runs, meter, produce_run(producer, settings.conversation_topic, traffic, n, plan))
+        for n in plan.deep_stream:
+            await measure(runs, meter, stream_run("echo", echo, traffic, n, plan))
+            await measure(runs, meter, stream_run("ingress", ingress, traffic, n, plan))
+            await measure(runs, meter, produce_run(producer, settings.conversation_topic, traffic, n, plan))
+        # SendMessageBatch: n batches of BATCH_MESSAGES in flight, against the raw producer at
+        # the same number of messages in flight.
+        for n in plan.batch_levels:
+            await measure(runs, meter, batch_run("echo", echoes, traffic, n, plan))
+            await measure(runs, meter, batch_run("ingress", ingresses, traffic, n, plan))
+            await measure(
+                runs,
+                meter,
+                produce_run(producer, settings.conversation_topic, traffic, n * BATCH_MESSAGES, plan),
+            )
     finally:
         await producer.stop()
+        for channel in (*echo_channels, *ingress_channels):
+            await channel.close()
     return runs
 
 
@@ -1072,7 +1133,8 @@ def write_path_table(runs: list[Run]) -> str:
     ]
     for r in runs:
         echo = by_key.get(("echo", r.mode, r.inflight))
-        raw = by_key.get(("kafka", "produce", r.inflight))
+        # A batch row has BATCH_MESSAGES messages in flight per call.
+        raw = by_key.get(("kafka", "produce", r.inflight * (BATCH_MESSAGES if r.mode == "batch" else 1)))
         vs_echo = _ratio(r.rate, echo.rate) if r.target == "ingress" and echo else "–"
         vs_raw = _ratio(r.rate, raw.rate) if r.target == "ingress" and raw else "–"
         errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "0"
@@ -1140,6 +1202,24 @@ def verdicts(runs: list[Run], catchups: list[CatchUp], steps: list[ProbeStep], n
                     f"- unary at {r.inflight} in flight: {ratio:.2f}× echo (target ≥ 0.6×): "
                     f"{'met' if ratio >= 0.6 else '**missed**'}"
                 )
+    one = by_key.get(("ingress", "unary", 1))
+    if one is not None and one.latencies:
+        p50 = one.percentile_ms(0.5)
+        out.append(
+            f"- unary ack latency at 1 in flight: p50 {p50:.2f} ms (target ≤ 1.5 ms): "
+            f"{'met' if p50 <= 1.5 else '**missed**'}"
+        )
+    batched = max(
+        (r for r in runs if r.target == "ingress" and r.mode == "batch"), key=lambda r: r.rate, default=None
+    )
+    if batched is not None:
+        echo_batch = by_key.get(("echo", "batch", batched.inflight))
+        out.append(
+            f"- batched ingest (SendMessageBatch of {BATCH_MESSAGES}, {batched.inflight} in flight): "
+            f"{batched.rate:,.0f} msg/s acked"
+            + (f" ({batched.rate / echo_batch.rate:.2f}× echo)" if echo_batch and echo_batch.rate else "")
+            + f" (target ≥ 15,000): {'met' if batched.rate >= 15_000 else '**missed**'}"
+        )
     best = max(
         (r for r in runs if r.target == "ingress" and r.mode == "stream"), key=lambda r: r.rate, default=None
     )
@@ -1350,7 +1430,9 @@ async def bench(plan: Plan, system: BenchSystem) -> str:
             f"Plan: {plan.seconds:g} s measured after {plan.warmup:g} s warm-up per run; "
             f"{plan.conversations} conversations; texts {min(len(t.format(n=0).encode()) for t in TEXTS)}-"
             f"{max(len(t.format(n=99999).encode()) for t in TEXTS)} bytes of UTF-8 (zh/en); "
-            "sessions and analytics stopped during the write path and skip what it wrote.",
+            "sessions and analytics stopped during the write path and skip what it wrote; "
+            f"`switchboard ingress` with {process_count(settings)} server processes (SO_REUSEPORT); unary and "
+            f"batch clients over {CONNECTIONS} connections (a stream is one), batches of {BATCH_MESSAGES}.",
             "Machine at start, and other processes using CPU then (not part of this run):\n\n```\n"
             + machine_before
             + "\n\n"
