@@ -23,6 +23,7 @@ def topic_catalogue(
     dead_letter_topic: str,
     partitions: int,
     replication_factor: int = 1,
+    conversation_retention_ms: int = 30 * 24 * 3600 * 1000,
     tenants_topic: str = "tenants",
 ) -> list[TopicSpec]:
     # acks=all is only as strong as the in-sync replicas it waits for: two where there are two.
@@ -32,7 +33,7 @@ def topic_catalogue(
         TopicSpec(
             conversation_topic,
             partitions,
-            {"retention.ms": str(30 * 24 * 3600 * 1000), "min.insync.replicas": min_isr},
+            {"retention.ms": str(conversation_retention_ms), "min.insync.replicas": min_isr},
         ),
         # Documents, compacted by document id: the latest version of each document wins.
         TopicSpec(knowledge_topic, partitions, {"cleanup.policy": "compact", "min.insync.replicas": min_isr}),

@@ -95,6 +95,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         from streams.assistant._worker import run_assistant
 
         run_assistant(_settings(), args.log_level)
+    elif args.role == "archiver":
+        from streams.archive import run_archiver
+
+        run_archiver(_settings(), args.log_level)
     return 0
 
 
@@ -165,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("worker", help="run a stream processor")
-    p.add_argument("role", choices=["sessions", "assistant"])
+    p.add_argument("role", choices=["sessions", "assistant", "archiver"])
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_cmd_worker)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from schemas.topics import TopicSpec, topic_catalogue
 from services.settings import Settings
@@ -19,6 +20,7 @@ def catalogue(settings: Settings) -> list[TopicSpec]:
         dead_letter_topic=settings.dead_letter_topic,
         partitions=settings.topic_partitions,
         replication_factor=settings.topic_replication_factor,
+        conversation_retention_ms=settings.conversation_retention_ms,
         tenants_topic=settings.tenants_topic,
     )
 
@@ -57,6 +59,27 @@ async def ensure_topics(settings: Settings) -> list[str]:
                         count,
                         spec.partitions,
                     )
+            await _apply_retention(admin, settings)
         return [t.name for t in missing]
     finally:
         await admin.close()
+
+
+async def _apply_retention(admin: AIOKafkaAdminClient, settings: Settings) -> None:
+    """`conversation_retention_ms` also applies to a topic created before it was changed."""
+    resource = ConfigResource(ConfigResourceType.TOPIC, settings.conversation_topic)
+    described = await admin.describe_configs([resource])
+    current = {
+        str(entry[0]): entry[1] for response in described for res in response.resources for entry in res[4]
+    }
+    wanted = str(settings.conversation_retention_ms)
+    if current.get("retention.ms") != wanted:
+        await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, settings.conversation_topic, {"retention.ms": wanted})]
+        )
+        log.info(
+            "topic %s: retention.ms %s -> %s",
+            settings.conversation_topic,
+            current.get("retention.ms"),
+            wanted,
+        )

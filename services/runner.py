@@ -44,7 +44,9 @@ def run_system(settings: Settings, demo: bool = True) -> int:
         # Keys are on from the first run: the demo presents one, as every client must.
         settings = settings.model_copy(update={"api_key": issue_demo_key(settings)})
         print(f"demo API key (tenant {settings.demo_tenant!r}): {settings.api_key}")
-        _banner("starting analytics (projector + ClickHouse query endpoint), sessions worker, ingress")
+        _banner(
+            "starting analytics (projector + ClickHouse query endpoint), sessions worker, assistant, archiver, ingress"
+        )
         for child in children.values():
             child.start()
         asyncio.run(wait_for_analytics(settings, children["analytics"]))

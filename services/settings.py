@@ -51,6 +51,21 @@ class Settings(BaseSettings):
     s3_secure: bool = False
     s3_region: str = "us-east-1"
 
+    # --- cold archive and retention (streams/archive, `switchboard archive`, `switchboard replay`)
+    # Objects go to <bucket>/<archive_prefix>/<topic>/<partition>/<first offset>.{seg.zst,manifest.json}.
+    archive_prefix: str = "archive"
+    # A segment is closed when its records reach this many bytes (uncompressed) or its oldest
+    # record has waited this long, whichever comes first.
+    archive_segment_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    archive_segment_age_s: float = Field(default=300.0, gt=0)
+    archive_zstd_level: int = Field(default=3, ge=1, le=22)
+    # Kafka retention of conversation-events (-1: forever). The archive is what lets Kafka forget:
+    # keep it longer than the archiver can be down (segments are written within the age above).
+    conversation_retention_ms: int = Field(default=30 * 24 * 3600 * 1000, ge=-1)
+    # Where a replay rebuilds before it swaps: a ClickHouse database and a Redis logical database.
+    replay_database: str = Field(default="switchboard_replay", pattern=r"^[a-z][a-z0-9_]{0,62}$")
+    replay_redis_db: int = Field(default=15, ge=0, le=15)
+
     # --- local stack ports (the embedded stack that services/stack runs; unused against real servers)
     # SeaweedFS (`weed mini`) runs a master, a volume server, a filer, the S3 gateway and an admin
     # server in one process, each on its own HTTP port plus a gRPC port. A gRPC port of 0 means

@@ -63,6 +63,8 @@ _BASE_ENV = {
     "SWITCHBOARD_ANALYTICS_METRICS_LISTEN": "127.0.0.1:29467",
     "SWITCHBOARD_TOPIC_PARTITIONS": "4",
     "SWITCHBOARD_PRODUCE_TIMEOUT_S": "5",
+    # The archiver closes segments after 2 s, so tests see them soon (streams/archive).
+    "SWITCHBOARD_ARCHIVE_SEGMENT_AGE_S": "2",
     # `switchboard ingress` as two processes on one port, whatever the machine's core count.
     "SWITCHBOARD_INGRESS_PROCESSES": "2",
 }
@@ -140,8 +142,9 @@ async def local_stack(test_settings: Settings) -> AsyncIterator[Settings]:
 @pytest.fixture(scope="session")
 async def system(local_stack: Settings, test_env: dict[str, str]) -> AsyncIterator[System]:
     sys_ = System(local_stack, test_env)
-    await sys_.start_children()
     try:
+        # Inside the try: a process that fails to start must not leave the others running.
+        await sys_.start_children()
         yield sys_
     finally:
         sys_.stop_children()

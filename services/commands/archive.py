@@ -1,0 +1,199 @@
+"""`switchboard archive list | verify | restore`: the cold archive of conversation-events in S3."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser("archive", help="the S3 archive of the event log: list, verify, restore")
+    p.add_argument("action", choices=["list", "verify", "restore"])
+    p.add_argument("--topic", default=None, help="archived topic (default: the conversation topic)")
+    p.add_argument("--partition", type=int, default=None, help="one partition (restore: required)")
+    p.add_argument("--from-offset", type=int, default=None, help="restore: first offset")
+    p.add_argument("--to-offset", type=int, default=None, help="restore: last offset (inclusive)")
+    p.add_argument(
+        "--into-topic",
+        default=None,
+        help="restore: produce the records into this topic (same partition, key, value, headers, "
+        "timestamp); without it, print them as JSON lines",
+    )
+    p.add_argument("--json", action="store_true", help="list/verify: machine-readable output")
+    p.set_defaults(func=_cmd_archive)
+
+
+def _cmd_archive(args: argparse.Namespace) -> int:
+    from services.cli import _settings
+
+    settings = _settings()
+    topic = args.topic or settings.conversation_topic
+    try:
+        if args.action == "list":
+            return _list(settings, topic, args)
+        if args.action == "verify":
+            return _verify(settings, topic, args)
+        return asyncio.run(_restore(settings, topic, args))
+    except ConnectionError as exc:
+        sys.exit(f"switchboard archive: {exc}")
+
+
+def _list(settings: Any, topic: str, args: argparse.Namespace) -> int:
+    from streams.archive import ArchiveStore
+
+    store = ArchiveStore(settings)
+    partitions = [args.partition] if args.partition is not None else store.partitions(topic)
+    rows: list[dict[str, Any]] = []
+    for p in partitions:
+        listing = store.listing(topic, p)
+        for m in listing.manifests:
+            rows.append(
+                {
+                    "partition": p,
+                    "first_offset": m.first_offset,
+                    "last_offset": m.last_offset,
+                    "count": m.count,
+                    "min_timestamp_ms": m.min_timestamp_ms,
+                    "max_timestamp_ms": m.max_timestamp_ms,
+                    "raw_bytes": m.raw_bytes,
+                    "stored_bytes": m.stored_bytes,
+                    "sha256": m.sha256,
+                    "segment": m.segment,
+                }
+            )
+        for name in listing.orphans:
+            rows.append({"partition": p, "orphan": name})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"archive of {topic} in s3://{store.bucket}/{store.prefix}/{topic}/")
+    print(
+        f"{'part':>4} {'first':>12} {'last':>12} {'events':>8} {'raw':>10} {'stored':>10} {'ratio':>6}  time range (UTC)"
+    )
+    for row in rows:
+        if "orphan" in row:
+            print(f"{row['partition']:>4} orphan segment (no manifest; ignored): {row['orphan']}")
+            continue
+        ratio = row["raw_bytes"] / max(row["stored_bytes"], 1)
+        print(
+            f"{row['partition']:>4} {row['first_offset']:>12} {row['last_offset']:>12} {row['count']:>8} "
+            f"{row['raw_bytes']:>10} {row['stored_bytes']:>10} {ratio:>6.1f}  "
+            f"{_when(row['min_timestamp_ms'])} .. {_when(row['max_timestamp_ms'])}"
+        )
+    if not rows:
+        print("(nothing archived yet)")
+    return 0
+
+
+def _when(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _verify(settings: Any, topic: str, args: argparse.Namespace) -> int:
+    from streams.archive import ArchiveStore, verify_archive
+
+    store = ArchiveStore(settings)
+    partitions = [args.partition] if args.partition is not None else None
+    reports = verify_archive(store, topic, partitions)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "partition": r.partition,
+                        "ok": r.ok,
+                        "segments": r.segments,
+                        "records": r.records,
+                        "first_offset": r.first_offset,
+                        "last_offset": r.last_offset,
+                        "problems": r.problems,
+                        "orphans": r.orphans,
+                    }
+                    for r in reports
+                ],
+                indent=2,
+            )
+        )
+    else:
+        for r in reports:
+            span = f"offsets {r.first_offset}..{r.last_offset}" if r.first_offset is not None else "empty"
+            print(
+                f"partition {r.partition}: {'ok' if r.ok else 'FAILED'}, {r.segments} segments, {r.records} records, "
+                f"{span}" + (f", {len(r.orphans)} orphan segment(s) ignored" if r.orphans else "")
+            )
+            for problem in r.problems:
+                print(f"  {problem}")
+        if not reports:
+            print("(nothing archived yet)")
+    return 0 if all(r.ok for r in reports) else 1
+
+
+async def _restore(settings: Any, topic: str, args: argparse.Namespace) -> int:
+    from aiokafka import AIOKafkaProducer
+
+    from streams.archive import ArchiveStore
+    from streams.replay import PartitionPlan, ReplayPlan, read_log
+    from streams.replay._source import _cover
+
+    if args.partition is None or args.from_offset is None or args.to_offset is None:
+        sys.exit("switchboard archive restore: --partition, --from-offset and --to-offset are required")
+    if args.to_offset < args.from_offset:
+        sys.exit("switchboard archive restore: --to-offset is before --from-offset")
+    store = ArchiveStore(settings)
+    listing = await asyncio.to_thread(store.listing, topic, args.partition)
+    end = args.to_offset + 1
+    # Archive only: the plan says "Kafka starts after the range".
+    segments = _cover(args.partition, listing.manifests, args.from_offset, end, topic)
+    plan = ReplayPlan(topic, [PartitionPlan(args.partition, args.from_offset, end, end, segments)])
+    producer: AIOKafkaProducer | None = None
+    if args.into_topic:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=20
+        )
+        await producer.start()
+    restored = 0
+    try:
+        async for batch in read_log(settings, store, plan):
+            if producer is None:
+                for r in batch:
+                    print(
+                        json.dumps(
+                            {
+                                "partition": r.partition,
+                                "offset": r.offset,
+                                "timestamp_ms": r.timestamp_ms,
+                                "key": (r.key or b"").decode("utf-8", "replace"),
+                                "value_hex": (r.value or b"").hex(),
+                                "headers": {k: v.decode("utf-8", "replace") for k, v in r.headers},
+                            }
+                        )
+                    )
+            else:
+                futures = [
+                    await producer.send(
+                        args.into_topic,
+                        value=r.value,
+                        key=r.key,
+                        partition=r.partition,
+                        timestamp_ms=r.timestamp_ms,
+                        headers=list(r.headers),
+                    )
+                    for r in batch
+                ]
+                for f in futures:
+                    await f
+            restored += len(batch)
+    finally:
+        if producer is not None:
+            await producer.stop()
+    print(
+        f"restored {restored} records of {topic}/{args.partition} offsets {args.from_offset}..{args.to_offset}"
+        + (f" into {args.into_topic}" if args.into_topic else ""),
+        file=sys.stderr,
+    )
+    return 0

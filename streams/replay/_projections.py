@@ -1,0 +1,137 @@
+"""Replay into the ClickHouse projections: fresh tables, then an exchange with the live ones.
+
+The scratch database (`settings.replay_database`) gets the same schema as `switchboard` (every
+migration, with the database name replaced), is filled with the projector's own row builder
+(`rows_of`) and sink (`insert_batch`), and then each storage table is swapped with its live
+namesake by `EXCHANGE TABLES` (atomic per table; all of them within milliseconds). The live
+materialized and plain views follow the names, so they read and feed the new tables at once.
+
+While the system serves, the live projector keeps writing to the old tables until the exchange;
+what it wrote after the replay's end offsets is written again into the new ones by a catch-up
+from those offsets to Kafka's end after the exchange (every table deduplicates, so rows written
+twice are harmless).
+
+Embedded ClickHouse (chdb) can be opened by one process only: while the analytics process runs,
+everything here goes through its HTTP endpoint; when it is stopped, chdb is opened in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import clickhouse_connect
+
+from services.analytics import DATABASE, endpoint_is_up, load_migrations, open_clickhouse
+from services.settings import Settings
+from streams._consumer import Record
+from streams.projector import insert_batch, rows_of
+
+_DB_REF = re.compile(r"\bswitchboard\.")
+_VIEWS = ("View", "MaterializedView", "LiveView", "WindowView")
+_MERGING = ("Replacing", "Aggregating", "Summing", "Collapsing", "VersionedCollapsing")
+
+
+def clickhouse_client(settings: Settings) -> Any:
+    """A client for wherever the projections live (see the module docstring)."""
+    if settings.embedded_clickhouse and endpoint_is_up(settings):
+        host, port = settings.analytics_listen.rsplit(":", 1)
+        return clickhouse_connect.get_client(
+            host=host.strip("[]"),
+            port=int(port),
+            autogenerate_session_id=False,
+            compress=False,
+            send_receive_timeout=600,
+        )
+    return open_clickhouse(settings)
+
+
+def storage_tables(client: Any, database: str) -> dict[str, str]:
+    """Tables that hold data (name -> engine): not views, not the migrations record."""
+    rows = client.query(
+        "SELECT name, engine FROM system.tables WHERE database = {db:String} AND NOT is_temporary",
+        parameters={"db": database},
+    ).result_rows
+    return {
+        str(name): str(engine)
+        for name, engine in rows
+        if str(engine) not in _VIEWS and str(name) != "schema_migrations"
+    }
+
+
+def table_checksums(client: Any, database: str) -> dict[str, tuple[int, int]]:
+    """(rows, checksum) per storage table, over what an analyst sees: merged rows (FINAL) and
+    finalized aggregate states, summed row hashes (independent of insert order and parts)."""
+    out: dict[str, tuple[int, int]] = {}
+    for table, engine in sorted(storage_tables(client, database).items()):
+        columns = client.query(
+            "SELECT name, type, default_expression FROM system.columns "
+            "WHERE database = {db:String} AND table = {t:String} ORDER BY position",
+            parameters={"db": database, "t": table},
+        ).result_rows
+        exprs = [
+            f"finalizeAggregation(`{name}`)" if str(kind).startswith("AggregateFunction") else f"`{name}`"
+            for name, kind, default in columns
+            # When a row was written (ingested_at DEFAULT now64()) is not part of what it says.
+            if "now" not in str(default).lower()
+        ]
+        final = " FINAL" if any(m in engine for m in _MERGING) else ""
+        count, digest = client.query(
+            f"SELECT count(), sum(cityHash64(tuple({', '.join(exprs)}))) FROM `{database}`.`{table}`{final}"
+        ).result_rows[0]
+        out[table] = (int(count), int(digest))
+    return out
+
+
+@dataclass(slots=True)
+class ProjectionTarget:
+    """Where a projections replay writes, and how it swaps."""
+
+    client: Any
+    database: str
+
+    async def apply(self, records: Sequence[Record]) -> tuple[int, int]:
+        """Project the records (pure row builder, then the projector's sink); returns (events,
+        rejected). Rejected records are those the live projector dead-letters too."""
+        rows, rejected = await asyncio.to_thread(rows_of, records)
+        await insert_batch(self.client, rows, database=self.database)
+        return len(records) - len(rejected), len(rejected)
+
+
+def create_scratch(client: Any, scratch: str) -> None:
+    """An empty database with the live schema: every migration, aimed at `scratch`."""
+    if scratch == DATABASE:
+        raise ValueError("the scratch database cannot be the live one")
+    client.command(f"DROP DATABASE IF EXISTS `{scratch}`")
+    client.command(f"CREATE DATABASE `{scratch}`")
+    for migration in load_migrations():
+        for statement in migration.statements:
+            client.command(_DB_REF.sub(f"{scratch}.", statement))
+
+
+def exchange_tables(client: Any, scratch: str, live: str = DATABASE) -> list[str]:
+    """Swap every storage table of `scratch` with its live namesake; returns the tables swapped.
+    Afterwards `scratch` holds the previous live tables."""
+    mine = storage_tables(client, scratch)
+    theirs = storage_tables(client, live)
+    missing = sorted(set(theirs) - set(mine))
+    if missing:
+        raise RuntimeError(
+            f"the rebuilt schema lacks {', '.join(missing)}: the live database has tables no migration "
+            "creates; nothing was swapped"
+        )
+    swapped: list[str] = []
+    for table in sorted(mine):
+        if table in theirs:
+            client.command(f"EXCHANGE TABLES `{live}`.`{table}` AND `{scratch}`.`{table}`")
+            swapped.append(table)
+    return swapped
+
+
+def drop_database(client: Any, database: str) -> None:
+    if database == DATABASE:
+        raise ValueError("refusing to drop the live database")
+    client.command(f"DROP DATABASE IF EXISTS `{database}`")
