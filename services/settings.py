@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     # of one role; empty means "<role>-<hostname>" (unique per pod in Kubernetes).
     worker_instance_id: str = ""
     worker_session_timeout_s: float = Field(default=10.0, ge=3.0)
+    # `switchboard worker sessions` runs this many processes, each a group member with the static
+    # id "<worker_instance_id or sessions-hostname>-<i>"; useful up to the topic's partition count.
+    sessions_processes: int = Field(default=1, ge=1, le=1024)
     batch_size: int = Field(default=500, ge=1)
     # Each ClickHouse insert has a fixed cost (~20-40 ms on chdb here), so the projector takes
     # bigger batches than the sessions worker.

@@ -553,7 +553,13 @@ async def serve_sessions(settings: Settings) -> None:
 
 
 def run_sessions(settings: Settings, loglevel: str = "info") -> None:
+    """One worker process, or (settings.sessions_processes > 1) a supervisor of that many."""
     logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if settings.sessions_processes > 1:
+        from streams.sessions._processes import supervise
+
+        asyncio.run(supervise(settings, settings.sessions_processes, loglevel))
+        return
     asyncio.run(serve_sessions(settings))
 
 

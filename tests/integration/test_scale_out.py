@@ -173,3 +173,64 @@ async def test_two_workers_one_killed_one_joining_apply_every_acked_message_once
         )
     finally:
         await redis.aclose()
+
+
+@pytest.mark.timeout(600)
+async def test_one_command_runs_several_worker_processes_and_restarts_a_killed_one(
+    system: System, stub, tenant: str
+) -> None:
+    import psutil
+
+    main = system.children["sessions"]
+    env = {**system.env, "SWITCHBOARD_SESSIONS_PROCESSES": "2", "SWITCHBOARD_WORKER_INSTANCE_ID": "scaleproc"}
+    supervisor = Child(
+        "sessions-x2", ["worker", "sessions"], system.settings.data_dir / "logs" / "sessions-x2.log", env
+    )
+    redis = aioredis.Redis.from_url(system.settings.redis_url)
+    supervisor.start()
+    try:
+        assert supervisor.proc is not None
+        parent = psutil.Process(supervisor.proc.pid)
+        children = await eventually(
+            lambda: asyncio.sleep(0, parent.children()), lambda c: len(c) == 2, what="two worker processes"
+        )
+        # Three members now (the fixture's and these two): the two took partitions over.
+        await eventually(
+            lambda: asyncio.sleep(0, assignments(supervisor.log_path)),
+            lambda found: len([f for f in found if f]) >= 2,
+            what="both processes assigned partitions",
+        )
+        victim = children[0]
+        victim.kill()
+        await eventually(
+            lambda: asyncio.sleep(0, [c.pid for c in parent.children()]),
+            lambda pids: len(pids) == 2 and victim.pid not in pids,
+            what="the killed process replaced",
+        )
+        conversations = [await start_conversation(stub, tenant) for _ in range(8)]
+        for c in conversations:
+            for i in range(3):
+                await stub.SendMessage(
+                    chat_pb2.SendMessageRequest(
+                        tenant_id=tenant, conversation_id=c, client_message_id=f"k{i}", text="x"
+                    ),
+                    timeout=30,
+                )
+        got = await eventually(
+            lambda: asyncio.gather(*(applied_messages(redis, tenant, c) for c in conversations)),
+            lambda got: all(len(ids) >= 3 for ids in got),
+            within_s=120,
+            what="the messages applied",
+        )
+        assert all(ids == ["k0", "k1", "k2"] for ids in got)
+    finally:
+        mark = log_size(main)
+        supervisor.stop()
+        await redis.aclose()
+    assert supervisor.proc is not None and supervisor.proc.returncode == 0
+    await eventually(
+        lambda: asyncio.sleep(0, assignments(main.log_path, mark)),
+        lambda found: bool(found) and len(found[-1]) == system.settings.topic_partitions,
+        within_s=120,
+        what="the first worker owning every partition again",
+    )
