@@ -20,8 +20,9 @@ tests' stack, and tears all of it down at the end, also on an error or Ctrl-C. E
 2. Pipeline catch-up. The consumers' committed offsets are moved past what phase 1 wrote (its volume
    only reflects how fast phase 1 was), a backlog of the planned size is produced straight to Kafka
    (ConversationStarted for new conversations, then MessageReceived round-robin), and the sessions
-   worker (Redis) and analytics (ClickHouse) are started on it; events/s per consumer group, done
-   when Redis / ClickHouse show the last events. Their results are cross-checked at the end.
+   worker (Redis) and then analytics (ClickHouse) are started on it, each alone; events/s per
+   consumer group, done when Redis / ClickHouse show the last events, and each one's own CPU per
+   event. Their results are cross-checked at the end.
 3. Sustained rate. Load offered to Kafka at increasing rates with both consumers running; the
    highest rate at which their lag stays bounded.
 
@@ -165,10 +166,10 @@ def make_plan(quick: bool, seconds: float | None) -> Plan:
             deep_stream=(1000,),
             batch_levels=(1, 4),
             conversations=200,
-            backlog=20_000,
-            backlog_conversations=1_000,
+            backlog=60_000,
+            backlog_conversations=2_500,
             catchup_limit_s=120.0,
-            probe_rates=(2_000, 5_000),
+            probe_rates=(2_000, 5_000, 10_000),
             probe_seconds=5.0,
             drain_limit_s=20.0,
         )
@@ -876,6 +877,13 @@ class CatchUp:
     def wall_rate(self) -> float | None:
         return self.applied / self.done_s if self.done_s else None
 
+    @property
+    def cpu_us_per_event(self) -> float | None:
+        """The consumer's own CPU per event applied, start-up included: what a core buys, whatever
+        else ran on the machine (the 1 / this is its rate on a core of its own)."""
+        busy = self.cpu.get(self.name, 0.0) * (self.done_s or 0.0)
+        return busy / self.applied * 1e6 if self.applied and busy else None
+
 
 def steady_rate(samples: list[tuple[float, int]], total: int) -> float | None:
     """Events/s between the moments 10% and 90% of `total` were applied (or the last sample, when
@@ -890,55 +898,60 @@ def steady_rate(samples: list[tuple[float, int]], total: int) -> float | None:
 async def catch_up(
     system: BenchSystem, meter: CpuMeter, applied: Applied, groups: dict[str, str], total: int, plan: Plan
 ) -> list[CatchUp]:
-    """Start the consumers on a backlog of `total` events and time how long each takes to apply it."""
-    results = {name: CatchUp(name, group, total) for name, group in groups.items()}
-    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in groups}
-    last_change: dict[str, float] = dict.fromkeys(groups, 0.0)
-    log(f"catch-up: starting {', '.join(groups)} on {total:,} events")
+    """Start each consumer alone on a backlog of `total` events (one after the other: the next one
+    starts once the previous one is done and idle) and time how long it takes to apply it."""
+    results = []
+    for name, group in groups.items():
+        results.append(await catch_up_one(system, meter, applied, name, group, total, plan))
+    return results
+
+
+async def catch_up_one(
+    system: BenchSystem, meter: CpuMeter, applied: Applied, name: str, group: str, total: int, plan: Plan
+) -> CatchUp:
+    r = CatchUp(name, group, total)
+    samples: list[tuple[float, int]] = []
+    last_change = 0.0
+    log(f"catch-up: starting {name} alone on {total:,} events")
     t0 = time.perf_counter()
-    for name in groups:
-        system.children[name].start()
+    system.children[name].start()
     cpu_start = meter.snapshot()
     deadline = t0 + plan.catchup_limit_s
-    while time.perf_counter() < deadline and any(r.done_s is None for r in results.values()):
+    while time.perf_counter() < deadline and r.done_s is None:
         await asyncio.sleep(0.25)
         now = time.perf_counter() - t0
-        for name, r in results.items():
-            if r.done_s is not None:
-                continue
-            count = await applied.of(name)
-            if count is None:
-                continue  # analytics' endpoint is not up yet
-            samples[name].append((now, count))
-            if count != r.applied:
-                last_change[name] = now
-            r.applied = count
-            if r.first_progress_s is None and count > 0:
-                r.first_progress_s = now
-            if count >= total:
-                r.done_s = now
-                r.how_done = "all applied"
-            elif count > 0 and now - last_change[name] >= STALL_S:
-                r.done_s = last_change[name]
-                r.lost = total - count
-                r.how_done = f"**stopped with {r.lost:,} never applied**"
-            if r.done_s is not None:
-                r.cpu = CpuMeter.cores(cpu_start, meter.snapshot())
-            if not system.children[name].alive and r.done_s is None:
-                log(f"{name} exited during the catch-up; last log lines:\n{system.children[name].log_tail()}")
-                r.how_done = "**process exited**"
-                deadline = 0
-    for name, r in results.items():
-        r.cpu = r.cpu or CpuMeter.cores(cpu_start, meter.snapshot())
-        r.steady_rate = steady_rate(samples[name], total)
-        if r.done_s is None and not r.how_done:
-            r.how_done = f"**not done within {plan.catchup_limit_s:g} s**"
-        done = f"done in {r.done_s:.1f}s" if r.done_s is not None else "not done"
-        log(
-            f"catch-up {name}: {r.applied:,} of {total:,} applied, {done} ({r.how_done}), "
-            f"steady {_fmt(r.steady_rate)}/s"
-        )
-    return list(results.values())
+        count = await applied.of(name)
+        if count is None:
+            continue  # analytics' endpoint is not up yet
+        samples.append((now, count))
+        if count != r.applied:
+            last_change = now
+        r.applied = count
+        if r.first_progress_s is None and count > 0:
+            r.first_progress_s = now
+        if count >= total:
+            r.done_s = now
+            r.how_done = "all applied"
+        elif count > 0 and now - last_change >= STALL_S:
+            r.done_s = last_change
+            r.lost = total - count
+            r.how_done = f"**stopped with {r.lost:,} never applied**"
+        if r.done_s is not None:
+            r.cpu = CpuMeter.cores(cpu_start, meter.snapshot())
+        if not system.children[name].alive and r.done_s is None:
+            log(f"{name} exited during the catch-up; last log lines:\n{system.children[name].log_tail()}")
+            r.how_done = "**process exited**"
+            break
+    r.cpu = r.cpu or CpuMeter.cores(cpu_start, meter.snapshot())
+    r.steady_rate = steady_rate(samples, total)
+    if r.done_s is None and not r.how_done:
+        r.how_done = f"**not done within {plan.catchup_limit_s:g} s**"
+    done = f"done in {r.done_s:.1f}s" if r.done_s is not None else "not done"
+    log(
+        f"catch-up {name}: {r.applied:,} of {total:,} applied, {done} ({r.how_done}), "
+        f"steady {_fmt(r.steady_rate)}/s, {_fmt(r.cpu_us_per_event, '.0f')} CPU µs/event"
+    )
+    return r
 
 
 async def settle(
@@ -1152,15 +1165,15 @@ def catch_up_table(results: list[CatchUp], backlog_note: str) -> str:
         f"Catch-up ({backlog_note}):",
         "",
         "| consumer (group) | events | applied | never applied | start → first applied s | start → all applied s "
-        "| events/s incl. start-up | steady events/s (10%→90%) | how it ended "
+        "| events/s incl. start-up | steady events/s (10%→90%) | its CPU µs/event | how it ended "
         "| CPU cores until done: sessions / analytics / Kafka / Redis / not this run |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.name} ({r.group}) | {r.events:,} | {r.applied:,} | {r.lost:,} | "
             f"{_fmt(r.first_progress_s, '.1f')} | {_fmt(r.done_s, '.1f')} | {_fmt(r.wall_rate)} | "
-            f"{_fmt(r.steady_rate)} | {r.how_done} | "
+            f"{_fmt(r.steady_rate)} | {_fmt(r.cpu_us_per_event)} | {r.how_done} | "
             f"{cores_text(r.cpu, ('sessions', 'analytics', 'kafka', 'redis', 'others'))} |"
         )
     return "\n".join(lines)
