@@ -122,8 +122,8 @@ class Settings(BaseSettings):
     sessions_processes: int = Field(default=1, ge=1, le=1024)
     batch_size: int = Field(default=500, ge=1)
     # Each ClickHouse insert has a fixed cost (~20-40 ms on chdb here), so the projector takes
-    # bigger batches than the sessions worker.
-    projector_batch_size: int = Field(default=5000, ge=1)
+    # bigger batches than the sessions worker (filled for up to 0.5 s, streams/projector/_agent.py).
+    projector_batch_size: int = Field(default=20_000, ge=1)
     batch_within_s: float = Field(default=0.05, gt=0)
     # Recent messages kept in each conversation's Redis stream (older ones live in ClickHouse).
     live_stream_maxlen: int = Field(default=10_000, ge=100)
