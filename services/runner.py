@@ -83,6 +83,8 @@ def run_system(settings: Settings, demo: bool = True) -> int:
 
 def run_demo_step(settings: Settings) -> bool:
     """Play the demo; a failure is one line and the system keeps serving (the demo is a client)."""
+    from services.commands.report import demo_report
+
     _banner("demo: bilingual conversations through the gRPC API")
     try:
         result = asyncio.run(play_demo(settings))
@@ -90,6 +92,8 @@ def run_demo_step(settings: Settings) -> bool:
         print(show_landed(settings, result), flush=True)
         _banner("the assistant: a bilingual FAQ, cited answers and a handoff")
         asyncio.run(play_assistant_demo(settings))
+        _banner("a report for people without Grafana (switchboard report)")
+        print(f"  {demo_report(settings)}", flush=True)
         return True
     except Exception as exc:
         reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)

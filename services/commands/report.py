@@ -535,6 +535,12 @@ def write_report(
     return path.resolve()
 
 
+def demo_report(settings: Any) -> Path:
+    """`make run`'s report: every tenant, the last day, under <data_dir>/reports/."""
+    out = settings.data_dir / "reports" / f"report-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}.html"
+    return write_report(settings, since="1d", out=out)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     import sys
 

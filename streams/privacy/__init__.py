@@ -47,6 +47,20 @@ __all__ = [
 TEXT_FIELDS = ("text", "comment")
 
 _active: list[RedactionPolicy] = []
+_fields_of: dict[Any, tuple[str, ...]] = {}
+
+
+def _text_fields(payload: Any) -> tuple[str, ...]:
+    """The free-text string fields a payload type has (cached per type: asking a protobuf
+    message for a field it lacks raises, which costs more than the redaction itself)."""
+    descriptor = payload.DESCRIPTOR
+    fields = _fields_of.get(descriptor)
+    if fields is None:
+        by_name = descriptor.fields_by_name
+        fields = _fields_of[descriptor] = tuple(
+            n for n in TEXT_FIELDS if n in by_name and by_name[n].type == by_name[n].TYPE_STRING
+        )
+    return fields
 
 
 def active_policy() -> RedactionPolicy:
@@ -75,13 +89,16 @@ def redact_event(event: Any) -> Any:
     if kind is None:
         return event
     payload = getattr(event, kind)
+    fields = _text_fields(payload)
+    if not fields:
+        return event
     kinds = active_policy().kinds_for(event.tenant_id)
     if not kinds:
         return event
     changed: dict[str, str] = {}
-    for name in TEXT_FIELDS:
-        value = getattr(payload, name, None)
-        if isinstance(value, str) and value:
+    for name in fields:
+        value = getattr(payload, name)
+        if value:
             masked = redact(value, kinds)
             if masked != value:
                 changed[name] = masked

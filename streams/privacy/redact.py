@@ -68,15 +68,12 @@ class Match:
     end: int
 
 
+_DOUBLED = {str(d): (2 * d if d < 5 else 2 * d - 9) for d in range(10)}
+
+
 def luhn_valid(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2 == 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
+    # From the right: every second digit doubled (digits of the product summed).
+    total = sum(map(int, digits[-1::-2])) + sum(_DOUBLED[c] for c in digits[-2::-2])
     return total % 10 == 0
 
 
@@ -119,8 +116,16 @@ def _introduced_as_reference(text: str, start: int) -> bool:
     return _NOT_PII_CONTEXT.search(window) is not None
 
 
+_NON_DIGIT = re.compile(r"\D")
+
+
 def _digits(s: str) -> str:
-    return "".join(c for c in s if c.isdigit())
+    return _NON_DIGIT.sub("", s)
+
+
+# One pass finds where anything numeric could be (a run of 8+ digits and separators, not glued
+# to letters); the precise patterns then run only inside those spans. Most messages have none.
+_NUMBERISH = re.compile(r"(?<![0-9A-Za-z])[+(]?\d[\d \-().]{6,}[\dXx]")
 
 
 def find_pii(text: str, kinds: Iterable[str] = KINDS) -> list[Match]:
@@ -129,16 +134,38 @@ def find_pii(text: str, kinds: Iterable[str] = KINDS) -> list[Match]:
     if not wanted or not _MAYBE.search(text):
         return []
     found: list[Match] = []
-    if EMAIL in wanted:
+    if EMAIL in wanted and "@" in text:
         found += [Match(EMAIL, m.start(), m.end()) for m in _EMAIL.finditer(text)]
-    if CN_ID in wanted:
+    numeric = wanted - {EMAIL}
+    if numeric:
+        for span in _NUMBERISH.finditer(text):
+            found += _numeric_pii(text, span.start(), span.end(), numeric)
+    # Overlaps: the higher-priority kind wins (an ID is not also a card), then the longer span.
+    if len(found) < 2:
+        return found
+    priority = {k: i for i, k in enumerate(KINDS)}
+    found.sort(key=lambda m: (priority[m.kind], -(m.end - m.start), m.start))
+    kept: list[Match] = []
+    for candidate in found:
+        if all(candidate.end <= k.start or candidate.start >= k.end for k in kept):
+            kept.append(candidate)
+    return sorted(kept, key=lambda k: k.start)
+
+
+def _numeric_pii(text: str, start: int, end: int, wanted: set[str]) -> list[Match]:
+    """IDs, cards and phones within text[start:end] (the patterns still see the text around it
+    for their boundaries)."""
+    found: list[Match] = []
+    # A kind is only looked for when the span has enough digits for it.
+    digits = sum(c.isdigit() for c in text[start:end])
+    if CN_ID in wanted and digits >= 17:
         found += [
             Match(CN_ID, m.start(), m.end())
-            for m in _CN_ID.finditer(text)
+            for m in _CN_ID.finditer(text, start, end)
             if cn_id_valid(m.group()) and not _introduced_as_reference(text, m.start())
         ]
-    if CARD in wanted:
-        for m in _CARD.finditer(text):
+    if CARD in wanted and digits >= 13:
+        for m in _CARD.finditer(text, start, end):
             digits = _digits(m.group())
             if (
                 13 <= len(digits) <= 19
@@ -148,18 +175,11 @@ def find_pii(text: str, kinds: Iterable[str] = KINDS) -> list[Match]:
                 found.append(Match(CARD, m.start(), m.end()))
     if PHONE in wanted:
         for pattern in (_CN_MOBILE, _INTL_PHONE):
-            for m in pattern.finditer(text):
+            for m in pattern.finditer(text, start, end):
                 digits = _digits(m.group())
                 if 8 <= len(digits) <= 15 and not _introduced_as_reference(text, m.start()):
                     found.append(Match(PHONE, m.start(), m.end()))
-    # Overlaps: the higher-priority kind wins (an ID is not also a card), then the longer span.
-    priority = {k: i for i, k in enumerate(KINDS)}
-    found.sort(key=lambda m: (priority[m.kind], -(m.end - m.start), m.start))
-    kept: list[Match] = []
-    for candidate in found:
-        if all(candidate.end <= k.start or candidate.start >= k.end for k in kept):
-            kept.append(candidate)
-    return sorted(kept, key=lambda k: k.start)
+    return found
 
 
 def _mask_digits(s: str, keep_head: int, keep_tail: int) -> str:

@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from switchboard.v1 import chat_pb2
 
+from services.commands.status import process_status
 from services.observability.metrics import metrics_listen
 from tests.conftest import System, eventually, start_conversation
 from tests.integration.test_assistant import conversation, faq_tenant
@@ -198,3 +199,13 @@ async def test_prometheus_panels_only_use_exported_series(system: System, stub, 
         names = set(re.findall(r"\b(switchboard_[a-z_]+)\b", expr))
         assert names, f"{title}: no switchboard series in {expr!r}"
         assert names <= exported, f"{title}: {sorted(names - exported)} not exported by any process"
+
+
+def test_switchboard_status_lists_every_process_and_its_metrics(system: System) -> None:
+    status = process_status(system.settings)
+    assert set(status) == set(ROLES)
+    for role, s in status.items():
+        assert s["metrics"] == f"http://{metrics_listen(system.settings, role)}/metrics", role
+        assert s["metrics_answer"] is True, role
+    assert status["ingress"]["address"] == system.settings.grpc_listen and status["ingress"]["answers"]
+    assert status["analytics"]["answers"] is True
