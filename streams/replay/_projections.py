@@ -88,17 +88,27 @@ def table_checksums(client: Any, database: str) -> dict[str, tuple[int, int]]:
 
 @dataclass(slots=True)
 class ProjectionTarget:
-    """Where a projections replay writes, and how it swaps."""
+    """Where a projections replay writes, and how it swaps.
+
+    Rows of the next batch are built while the previous batch is inserted (one insert in flight,
+    so inserts stay in log order); `flush` waits for the last one."""
 
     client: Any
     database: str
+    _inflight: asyncio.Task[int] | None = None
 
     async def apply(self, records: Sequence[Record]) -> tuple[int, int]:
-        """Project the records (pure row builder, then the projector's sink); returns (events,
+        """Project the records (the projector's pure row builder, then its sink); returns (events,
         rejected). Rejected records are those the live projector dead-letters too."""
         rows, rejected = await asyncio.to_thread(rows_of, records)
-        await insert_batch(self.client, rows, database=self.database)
+        await self.flush()
+        self._inflight = asyncio.ensure_future(insert_batch(self.client, rows, database=self.database))
         return len(records) - len(rejected), len(rejected)
+
+    async def flush(self) -> None:
+        if self._inflight is not None:
+            task, self._inflight = self._inflight, None
+            await task
 
 
 def create_scratch(client: Any, scratch: str) -> None:

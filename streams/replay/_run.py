@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -99,18 +101,35 @@ async def _feed(
     progress: Progress,
     batch_size: int,
     keep: Callable[[Record], bool] | None = None,
+    flush: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Read the planned records and apply them in batches; `progress` counts records read, and
-    `applied` / `rejected` what the target took and refused."""
-    started: set[int] = set()
-    batches: AsyncIterator[list[Record]] = read_log(settings, store, plan, batch_size)
-    async for batch in batches:
-        records = since_time(batch, plan, started)
-        if keep is not None:
-            records = [r for r in records if keep(r)]
-        applied, refused = await apply(records) if records else (0, 0)
-        progress.applied += applied
-        progress.advance(len(batch), refused)
+    """Read the planned records and apply them in batches, the next batch read while one is
+    applied; `progress` counts records read, `applied` / `rejected` what the target took."""
+    queue: asyncio.Queue[list[Record] | None] = asyncio.Queue(maxsize=2)
+
+    async def reader() -> None:
+        async for batch in read_log(settings, store, plan, batch_size):
+            await queue.put(batch)
+        await queue.put(None)
+
+    reading = asyncio.ensure_future(reader())
+    try:
+        started: set[int] = set()
+        while (batch := await queue.get()) is not None:
+            records = since_time(batch, plan, started)
+            if keep is not None:
+                records = [r for r in records if keep(r)]
+            applied, refused = await apply(records) if records else (0, 0)
+            progress.applied += applied
+            progress.advance(len(batch), refused)
+        await reading
+        if flush is not None:
+            await flush()
+    finally:
+        if not reading.done():
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reading
 
 
 def _tenant_filter(tenant: str | None) -> Callable[[Record], bool] | None:
@@ -182,7 +201,7 @@ async def replay_projections(
                 raise ReplayError("--no-swap compares a full rebuild; it takes no --from-*/--tenant")
             target = ProjectionTarget(client, DATABASE)
             progress = Progress("projections (in place)", plan.offsets, out=out)
-            await _feed(settings, store, plan, target.apply, progress, options.batch_size, keep)
+            await _feed(settings, store, plan, target.apply, progress, options.batch_size, keep, target.flush)
             progress.finish()
             return ReplaySummary(
                 "projections",
@@ -198,7 +217,7 @@ async def replay_projections(
         create_scratch(client, scratch)
         target = ProjectionTarget(client, scratch)
         progress = Progress("projections", plan.offsets, out=out)
-        await _feed(settings, store, plan, target.apply, progress, options.batch_size)
+        await _feed(settings, store, plan, target.apply, progress, options.batch_size, flush=target.flush)
         summary = ReplaySummary(
             "projections", "rebuild", from_archive=plan.from_archive, offsets=plan.offsets
         )
@@ -219,11 +238,13 @@ async def replay_projections(
             # Close the distance to the live log, swap, then re-apply whatever the live projector
             # wrote into the old tables after the replay's end.
             catch_up = await plan_replay(settings, None, topic, from_offset=plan.ends)
-            await _feed(settings, None, catch_up, target.apply, progress, options.batch_size)
+            await _feed(
+                settings, None, catch_up, target.apply, progress, options.batch_size, flush=target.flush
+            )
             swapped = exchange_tables(client, scratch)
             live = ProjectionTarget(client, DATABASE)
             after = await plan_replay(settings, None, topic, from_offset=catch_up.ends)
-            await _feed(settings, None, after, live.apply, progress, options.batch_size)
+            await _feed(settings, None, after, live.apply, progress, options.batch_size, flush=live.flush)
             progress.finish()
             summary.swapped = True
             summary.notes.append(f"exchanged {len(swapped)} tables: {', '.join(swapped)}")

@@ -248,3 +248,36 @@ async def test_the_archiver_resumes_from_what_s3_holds(system: System) -> None:
     reports = await asyncio.to_thread(verify_archive, store, topic)
     assert reports[0].problems == [] and reports[0].orphans == []
     assert (reports[0].first_offset, reports[0].last_offset, reports[0].records) == (0, 299, 300)
+
+
+async def _retention_ms(settings: Settings) -> str:
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, settings.conversation_topic)]
+        )
+        values = {str(e[0]): e[1] for r in described for res in r.resources for e in res[4]}
+        return str(values["retention.ms"])
+    finally:
+        await admin.close()
+
+
+async def test_topics_create_applies_the_configured_retention_to_an_existing_topic(system: System) -> None:
+    from services.kafka_topics import ensure_topics
+
+    settings = system.settings
+    assert await _retention_ms(settings) == str(settings.conversation_retention_ms)
+    week = settings.model_copy(update={"conversation_retention_ms": 7 * 24 * 3600 * 1000})
+    try:
+        assert await ensure_topics(week) == []
+        await eventually(
+            lambda: _retention_ms(settings),
+            lambda v: v == str(7 * 24 * 3600 * 1000),
+            what="retention applied",
+        )
+    finally:
+        await ensure_topics(settings)
+    assert await _retention_ms(settings) == str(settings.conversation_retention_ms)
