@@ -20,7 +20,7 @@ import pytest
 from switchboard.v1 import events_pb2 as pb
 
 from schemas.events import Event, LogPosition
-from services.commands.report import collect, parse_since, query_through, render, write_report
+from services.commands.report import collect, demo_report, parse_since, query_through, render, write_report
 from services.settings import Settings
 from streams.privacy import RedactionPolicy, use_policy
 from streams.projector import project, write_batch
@@ -143,6 +143,16 @@ def test_an_empty_range_renders_placeholders(loaded: tuple[Settings, Any, str]) 
     report = collect(query_through(settings), tenant="nobody-here", since=DAY_START, until=UNTIL)
     page = render(report)
     assert page.count("no data in this range") >= 5 and 'data-metric="conversations_started"><b>0</b>' in page
+
+
+def test_make_runs_demo_report_lands_under_the_data_dir(
+    loaded: tuple[Settings, Any, str], tmp_path: Path
+) -> None:
+    settings, _, _ = loaded
+    path = demo_report(settings.model_copy(update={"data_dir": tmp_path}))
+    assert path.parent == tmp_path / "reports" and path.read_text(encoding="utf-8").startswith(
+        "<!DOCTYPE html>"
+    )
 
 
 def test_since_accepts_durations_and_dates() -> None:
