@@ -157,14 +157,14 @@ def _numeric_pii(text: str, start: int, end: int, wanted: set[str]) -> list[Matc
     for their boundaries)."""
     found: list[Match] = []
     # A kind is only looked for when the span has enough digits for it.
-    digits = sum(c.isdigit() for c in text[start:end])
-    if CN_ID in wanted and digits >= 17:
+    digit_count = sum(c.isdigit() for c in text[start:end])
+    if CN_ID in wanted and digit_count >= 17:
         found += [
             Match(CN_ID, m.start(), m.end())
             for m in _CN_ID.finditer(text, start, end)
             if cn_id_valid(m.group()) and not _introduced_as_reference(text, m.start())
         ]
-    if CARD in wanted and digits >= 13:
+    if CARD in wanted and digit_count >= 13:
         for m in _CARD.finditer(text, start, end):
             digits = _digits(m.group())
             if (
