@@ -269,14 +269,14 @@ def conversations() -> dict[str, Any]:
             [
                 ch(
                     "SELECT intent, sum(classifications) AS messages,"
-                    " round(sum(avg_confidence * classifications) / sum(classifications), 3) AS avg_confidence"
+                    " round(sum(avg_confidence * classifications) / sum(classifications), 3) AS mean_confidence"
                     " FROM switchboard.intent_mix_per_minute WHERE $__timeFilter(minute) AND "
                     + CONV_FILTER
                     + " GROUP BY intent ORDER BY messages DESC, intent",
                     TABLE,
                 )
             ],
-            expect=["intent", "messages", "avg_confidence"],
+            expect=["intent", "messages", "mean_confidence"],
         ),
         panel(
             "LLM tokens",

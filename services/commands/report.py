@@ -208,14 +208,14 @@ def collect(
 
     intents = query(
         "SELECT intent, sum(classifications) AS messages,"
-        " round(sum(avg_confidence * classifications) / sum(classifications), 3) AS avg_confidence"
+        " round(sum(avg_confidence * classifications) / sum(classifications), 3) AS mean_confidence"
         f" FROM switchboard.intent_mix_per_minute WHERE {span} GROUP BY intent ORDER BY messages DESC, intent"
     )
     report.bars.append(
         Table(
             "Intent mix",
-            ["intent", "messages", "avg_confidence"],
-            [[r["intent"] or "(none)", int(r["messages"]), _num(r["avg_confidence"])] for r in intents],
+            ["intent", "messages", "mean_confidence"],
+            [[r["intent"] or "(none)", int(r["messages"]), _num(r["mean_confidence"])] for r in intents],
         )
     )
     channels = query(
@@ -313,7 +313,7 @@ def _nice_max(value: float) -> float:
 
 def line_chart(series: Series, width: int = 720, height: int = 240) -> str:
     """An inline SVG line chart; points where a value is None are skipped."""
-    left, right, top, bottom = 56, 12, 12, 44
+    left, right, top, bottom = 56, 28, 12, 44
     w, h = width - left - right, height - top - bottom
     e = html.escape
     parts = [

@@ -19,6 +19,7 @@ from google.protobuf.json_format import MessageToJson
 from switchboard.v1 import events_pb2
 
 from schemas.events import Event, LogPosition, event_type
+from streams.privacy import redact_event
 
 EVENTS = "raw_events"
 MESSAGES = "raw_messages"
@@ -362,6 +363,8 @@ def project(records: Sequence[tuple[Event, LogPosition]]) -> ProjectionBatch:
     rows = batch.rows
     facts: dict[tuple[str, str], _Facts] = {}
     for event, position in records:
+        # PII in free text is masked before it becomes a row (streams/privacy; per tenant).
+        event = redact_event(event)
         kind = event_type(event)
         at = occurred_at(event)
         where = [at, position.partition, position.offset]

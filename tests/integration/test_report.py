@@ -119,6 +119,8 @@ def test_every_chart_and_table_has_data(loaded: tuple[Settings, Any, str]) -> No
     for chart in report.charts:
         assert chart.times and any(v is not None for line in chart.lines.values() for v in line), chart.title
     intents = {row[0]: row[1] for row in report.bars[0].rows}
+    # A mean of confidences (support_day: 0.6 + 0.03 i) stays a confidence.
+    assert all(0.6 <= row[2] <= 1 for row in report.bars[0].rows), report.bars[0].rows
     assert (
         set(intents) == {"order_status", "refund", "shipping_cost", "greeting"}
         and sum(intents.values()) == 12
