@@ -10,7 +10,7 @@ import re
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -183,6 +183,18 @@ class Settings(BaseSettings):
         for part in value.split(","):
             if not _HOST_PORT.match(part.strip()):
                 raise ValueError(f"expected host:port, got {part!r}")
+        return value
+
+    @field_validator("pii_redact", "pii_redact_tenants")
+    @classmethod
+    def _pii_policy(cls, value: str, info: ValidationInfo) -> str:
+        # Checked here, at start-up: a typo found by the projector would refuse every event.
+        from streams.privacy.redact import RedactionPolicy
+
+        if info.field_name == "pii_redact":
+            RedactionPolicy.parse(value)
+        else:
+            RedactionPolicy.parse("all", value)
         return value
 
     @field_validator("redis_url")

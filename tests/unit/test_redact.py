@@ -135,6 +135,18 @@ def test_policy_per_tenant() -> None:
         RedactionPolicy.parse("all", "acme")
 
 
+def test_settings_refuse_a_policy_that_does_not_parse() -> None:
+    from pydantic import ValidationError
+
+    from services.settings import Settings
+
+    with pytest.raises(ValidationError, match="unknown PII kinds"):
+        Settings(pii_redact="email,passport")
+    with pytest.raises(ValidationError, match="tenant=kinds"):
+        Settings(pii_redact_tenants="acme")
+    assert Settings(pii_redact="email,phone", pii_redact_tenants="lab=none").pii_redact == "email,phone"
+
+
 def test_redaction_is_deterministic() -> None:
     text = "13812345678 / a@b.cn / " + VISA
     assert redact(text) == redact(text) == redact(redact(text))
