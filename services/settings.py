@@ -42,6 +42,18 @@ class Settings(BaseSettings):
     clickhouse_dsn: str = ""
     # The query endpoint the analytics process serves in embedded mode (ClickHouse HTTP shape).
     analytics_listen: str = "127.0.0.1:8123"
+    # The endpoint's `admin` user is the only one that writes (migrations, replays); every other
+    # caller reads. Empty: a random password in <data_dir>/secrets/analytics-password (0600);
+    # listening on a non-loopback address needs one set here.
+    analytics_password: str = ""
+    # Host names it answers to (Host header, against DNS rebinding; its listen host is added).
+    analytics_allowed_hosts: str = "localhost,127.0.0.1,[::1]"
+    # Origins of web pages that may call it (none: browsers are refused).
+    analytics_allowed_origins: str = ""
+    analytics_max_body_mb: int = Field(default=64, ge=1)
+    analytics_max_decompressed_mb: int = Field(default=256, ge=1)
+    # A reader's queries stop after this (its own max_execution_time may only be lower).
+    analytics_max_execution_time_s: int = Field(default=60, ge=1)
 
     # --- S3 (any S3-compatible store; SeaweedFS locally) ----------------------------------------
     s3_endpoint: str = "127.0.0.1:8333"

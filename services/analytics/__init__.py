@@ -24,9 +24,13 @@ from services.analytics._endpoint import (
     QueryRequest,
     QueryResult,
 )
+from services.analytics._guard import EndpointPolicy
 from services.analytics._process import (
     QueryFailedError,
+    admin_password,
+    endpoint_client,
     endpoint_is_up,
+    endpoint_policy,
     migrate_command,
     run_analytics,
     run_query,
@@ -37,6 +41,7 @@ __all__ = [
     "AnalyticsError",
     "ChdbQueryEngine",
     "ClickHouseLockedError",
+    "EndpointPolicy",
     "Migration",
     "MigrationError",
     "QueryEndpoint",
@@ -44,8 +49,11 @@ __all__ = [
     "QueryFailedError",
     "QueryRequest",
     "QueryResult",
+    "admin_password",
     "applied_migrations",
+    "endpoint_client",
     "endpoint_is_up",
+    "endpoint_policy",
     "load_migrations",
     "migrate",
     "migrate_command",

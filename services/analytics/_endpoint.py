@@ -32,7 +32,6 @@ listens on 127.0.0.1 only and ignores credentials), ClickHouse's native block co
 from __future__ import annotations
 
 import asyncio
-import gzip
 import itertools
 import json
 import logging
@@ -49,6 +48,15 @@ from typing import Any
 
 from aiohttp import web
 
+from services.analytics._guard import (
+    EndpointPolicy,
+    Refusal,
+    authenticate,
+    browser_refusal,
+    credentials,
+    reader_refusal,
+    reader_settings,
+)
 from services.analytics._native import NativeFormatError, with_protocol_revision
 
 log = logging.getLogger(__name__)
@@ -107,6 +115,7 @@ _HTTP_STATUS = {
     **dict.fromkeys((164, 497), 403),  # READONLY, ACCESS_DENIED
     **dict.fromkeys((46, 60, 73, 81, 82, 372), 404),  # unknown function/table/format/db, no session
     **dict.fromkeys((373,), 409),  # SESSION_IS_LOCKED
+    **dict.fromkeys((307,), 413),  # request body too large (compressed or not)
     **dict.fromkeys(
         (6, 25, 26, 27, 32, 33, 36, 38, 41, 42, 43, 44, 47, 48, 53, 57, 62, 69, 70, 72, 115, 130, 386),
         400,
@@ -401,22 +410,50 @@ class ChdbQueryEngine:
 # --- HTTP ---------------------------------------------------------------------------------------
 
 
-def _decompress(body: bytes, encoding: str) -> bytes:
+def _too_big(limit: int) -> QueryError:
+    return QueryError(
+        f"Code: 307. DB::Exception: the decompressed request body is larger than {limit} bytes "
+        "(SWITCHBOARD_ANALYTICS_MAX_DECOMPRESSED_MB). (TOO_LARGE_DECOMPRESSED_SIZE)",
+        307,
+    )
+
+
+def _decompress(body: bytes, encoding: str, limit: int | None = None) -> bytes:
+    """The body decoded per Content-Encoding; never more than `limit` bytes are produced (a small
+    compressed body can expand enormously)."""
     encoding = encoding.strip().lower()
     if not body or encoding in ("", "identity"):
         return body
-    if encoding == "gzip":
-        return gzip.decompress(body)
-    if encoding == "deflate":
-        return zlib.decompress(body)
+    bound = (limit + 1) if limit is not None else 0
+    if encoding in ("gzip", "deflate"):
+        # wbits 47: gzip or zlib header, detected; max_length caps the output.
+        inflater = zlib.decompressobj(47 if encoding == "gzip" else 15)
+        try:
+            out = inflater.decompress(body, bound)
+        except zlib.error as exc:
+            raise QueryError(
+                f"Code: 36. DB::Exception: bad {encoding} body: {exc}. (BAD_ARGUMENTS)", 36
+            ) from exc
+        if limit is not None and len(out) > limit:
+            raise _too_big(limit)
+        return out
     if encoding == "zstd":
+        import io
+
         import zstandard
 
-        return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(body))
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
+        out = reader.read(bound) if limit is not None else reader.readall()
+        if limit is not None and len(out) > limit:
+            raise _too_big(limit)
+        return bytes(out)
     if encoding == "lz4":
         import lz4.frame
 
-        return bytes(lz4.frame.decompress(body))
+        out = lz4.frame.LZ4FrameDecompressor().decompress(body, max_length=bound or -1)
+        if limit is not None and len(out) > limit:
+            raise _too_big(limit)
+        return bytes(out)
     if encoding == "br":
         try:
             import brotli
@@ -424,11 +461,14 @@ def _decompress(body: bytes, encoding: str) -> bytes:
             raise QueryError(
                 "Code: 36. DB::Exception: br request bodies need brotli. (BAD_ARGUMENTS)", 36
             ) from exc
-        return bytes(brotli.decompress(body))
+        out = bytes(brotli.decompress(body))
+        if limit is not None and len(out) > limit:
+            raise _too_big(limit)
+        return out
     raise QueryError(f"Code: 36. DB::Exception: Unknown Content-Encoding {encoding!r}. (BAD_ARGUMENTS)", 36)
 
 
-async def parse_request(request: web.Request) -> QueryRequest:
+async def parse_request(request: web.Request, max_decompressed: int | None = None) -> QueryRequest:
     """Turn a ClickHouse-style HTTP request into a `QueryRequest` (raises `QueryError`)."""
     values: dict[str, str] = dict(request.query)
     body = b""
@@ -444,7 +484,15 @@ async def parse_request(request: web.Request) -> QueryRequest:
                     )
                 values[name] = value
         else:
-            body = _decompress(await request.read(), request.headers.get("Content-Encoding", ""))
+            try:
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge as exc:
+                raise QueryError(
+                    f"Code: 307. DB::Exception: the request body is larger than {request.app._client_max_size} "
+                    "bytes (SWITCHBOARD_ANALYTICS_MAX_BODY_MB). (TOO_LARGE_REQUEST_BODY)",
+                    307,
+                ) from exc
+            body = _decompress(raw, request.headers.get("Content-Encoding", ""), max_decompressed)
     for flag in ("compress", "decompress"):
         if values.get(flag, "0") not in ("0", "false", ""):
             raise QueryError(
@@ -515,7 +563,13 @@ class QueryEndpoint:
     """The aiohttp application around a `ChdbQueryEngine`; start/stop it on a running loop."""
 
     def __init__(
-        self, engine: ChdbQueryEngine, host: str = "127.0.0.1", port: int = 8123, *, threads: int = 4
+        self,
+        engine: ChdbQueryEngine,
+        host: str = "127.0.0.1",
+        port: int = 8123,
+        *,
+        threads: int = 4,
+        policy: EndpointPolicy | None = None,
     ) -> None:
         self.engine = engine
         self.host = host
@@ -525,7 +579,9 @@ class QueryEndpoint:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chdb-query")
         self._runner: web.AppRunner | None = None
         self._query_ids = itertools.count(1)
-        self.app = web.Application(client_max_size=512 * 1024 * 1024)
+        # Who may do what (services/analytics/_guard.py); None: everything, for embedding in tests.
+        self.policy = policy
+        self.app = web.Application(client_max_size=policy.max_body_bytes if policy else 512 * 1024 * 1024)
         self.app.router.add_route("GET", "/ping", self._ok)
         self.app.router.add_route("GET", "/replicas_status", self._ok)
         self.app.router.add_route("*", "/", self._query)
@@ -562,15 +618,49 @@ class QueryEndpoint:
     async def _ok(self, request: web.Request) -> web.Response:
         return web.Response(text="Ok.\n")
 
+    def _admit(self, request: web.Request) -> bool:
+        """Whether the request only reads (raises QueryError when it is refused outright)."""
+        if self.policy is None:
+            return False
+        refusal = browser_refusal(self.policy, request.method, request.headers)
+        if refusal is None:
+            who = authenticate(self.policy, *credentials(request.headers, request.query))
+            if not isinstance(who, Refusal):
+                return not who
+            refusal = who
+        raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
+
+    @staticmethod
+    def _as_reader(parsed: QueryRequest, policy: EndpointPolicy) -> None:
+        kind = statement_kind(parsed.sql)
+        if parsed.insert_data is not None or kind not in _READONLY_ALLOWED:
+            raise QueryError(
+                f"Code: 164. DB::Exception: Cannot execute query in readonly mode: {kind or 'this statement'} "
+                f"changes data or schema; only the '{policy.admin_user}' user (with its password) writes. "
+                "(READONLY)",
+                164,
+            )
+        refusal = reader_refusal(parsed.sql)
+        if refusal is not None:
+            raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
+        parsed.readonly = parsed.readonly or "2"
+        if kind != "SET":
+            parsed.settings = reader_settings(policy, parsed.settings)
+
     async def _query(self, request: web.Request) -> web.StreamResponse:
-        if request.method in ("GET", "HEAD") and not request.query:
+        if request.method == "HEAD":
+            return web.Response()  # runs nothing, whatever the URL says
+        if request.method == "GET" and not request.query:
             return web.Response(text="Ok.\n")
         if request.method not in ("GET", "HEAD", "POST"):
             return web.Response(status=405, text="Method not allowed.\n")
         query_id = request.query.get("query_id") or str(uuid.uuid4())
         headers = self._headers(query_id)
         try:
-            parsed = await parse_request(request)
+            reader = self._admit(request)
+            parsed = await parse_request(request, self.policy.max_decompressed_bytes if self.policy else None)
+            if reader and self.policy is not None:
+                self._as_reader(parsed, self.policy)
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(self._executor, self.engine.execute, parsed)
         except QueryError as exc:

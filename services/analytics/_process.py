@@ -12,9 +12,13 @@ import asyncio
 import base64
 import ipaddress
 import logging
+import os
+import secrets
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
+from typing import Any
 
 import clickhouse_connect
 
@@ -27,9 +31,13 @@ from services.analytics._clickhouse import (
     open_clickhouse,
 )
 from services.analytics._endpoint import ChdbQueryEngine, QueryEndpoint, QueryError, QueryRequest
+from services.analytics._guard import EndpointPolicy
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# The analytics endpoint's only user that may write; everyone else reads (see _guard).
+ADMIN_USER = "admin"
 
 
 class QueryFailedError(AnalyticsError):
@@ -37,19 +45,63 @@ class QueryFailedError(AnalyticsError):
 
 
 def listen_address(settings: Settings) -> tuple[str, int]:
-    """``settings.analytics_listen`` as (host, port); the endpoint only listens on loopback."""
+    """``settings.analytics_listen`` as (host, port). A non-loopback address needs an admin
+    password set in the configuration (a generated one lives on this host only)."""
     host, port = settings.analytics_listen.rsplit(":", 1)
     host = host.strip("[]")
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    if not loopback:
+    if not loopback and not settings.analytics_password:
         raise AnalyticsError(
-            f"analytics_listen={settings.analytics_listen!r}: the chdb query endpoint has no "
-            "authentication and listens on a loopback address only (e.g. 127.0.0.1:8123)"
+            f"analytics_listen={settings.analytics_listen!r}: refusing to listen on a non-loopback "
+            "address without SWITCHBOARD_ANALYTICS_PASSWORD (its admin user is the only one that "
+            "writes; everyone else reads everything)"
         )
     return host, int(port)
+
+
+def admin_password(settings: Settings) -> str:
+    """The endpoint's admin password: SWITCHBOARD_ANALYTICS_PASSWORD, else a random one kept in
+    `<data_dir>/secrets/analytics-password` (mode 0600), made on first use."""
+    if settings.analytics_password:
+        return settings.analytics_password
+    path = Path(settings.data_dir) / "secrets" / "analytics-password"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
+def endpoint_policy(settings: Settings) -> EndpointPolicy:
+    host = listen_address(settings)[0]
+    names = {h.strip().lower() for h in settings.analytics_allowed_hosts.split(",") if h.strip()}
+    names.add(f"[{host}]" if ":" in host else host.lower())
+    return EndpointPolicy(
+        admin_user=ADMIN_USER,
+        admin_password=admin_password(settings),
+        allowed_hosts=frozenset(names),
+        allowed_origins=frozenset(
+            o.strip() for o in settings.analytics_allowed_origins.split(",") if o.strip()
+        ),
+        max_body_bytes=settings.analytics_max_body_mb * 1024 * 1024,
+        max_decompressed_bytes=settings.analytics_max_decompressed_mb * 1024 * 1024,
+        max_execution_time_s=settings.analytics_max_execution_time_s,
+    )
+
+
+def endpoint_client(settings: Settings, *, write: bool = False, **kwargs: Any) -> Any:
+    """A clickhouse-connect client of the analytics endpoint; `write=True` signs in as its admin
+    user (migrations, replays: the only writers besides the projector, which is in-process)."""
+    host, port = listen_address(settings)
+    if write:
+        kwargs = {"username": ADMIN_USER, "password": admin_password(settings), **kwargs}
+    return clickhouse_connect.get_client(host=host, port=port, **kwargs)
 
 
 def run_analytics(settings: Settings, loglevel: str = "info") -> None:
@@ -74,7 +126,7 @@ async def serve_analytics(settings: Settings) -> None:
     endpoint: QueryEndpoint | None = None
     if settings.embedded_clickhouse:
         engine = ChdbQueryEngine(chdb_path(settings.effective_clickhouse_dsn))
-        endpoint = QueryEndpoint(engine, host, port)
+        endpoint = QueryEndpoint(engine, host, port, policy=endpoint_policy(settings))
         await endpoint.start()
 
     async def stop_endpoint() -> None:
@@ -105,7 +157,8 @@ def endpoint_is_up(settings: Settings, timeout_s: float = 2.0) -> bool:
 
 def _post_query(base_url: str, sql: str, params: dict[str, str], timeout_s: float = 300.0) -> str:
     parsed = urllib.parse.urlsplit(base_url)
-    headers = {"Content-Type": "text/plain; charset=utf-8"}
+    # The header tells the endpoint this is a ClickHouse client, not a web form (see _guard).
+    headers = {"Content-Type": "text/plain; charset=utf-8", "X-ClickHouse-User": "default"}
     if parsed.username:
         token = f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
         headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
@@ -169,8 +222,7 @@ def migrate_command(settings: Settings) -> list[str]:
     running, by opening chdb here (a clear `ClickHouseLockedError` if another process has it).
     """
     if settings.embedded_clickhouse and endpoint_is_up(settings):
-        host, port = listen_address(settings)
-        client = clickhouse_connect.get_client(host=host, port=port)
+        client = endpoint_client(settings, write=True)
     else:
         client = open_clickhouse(settings)
     try:

@@ -1,0 +1,171 @@
+"""What the analyst endpoint lets in: hosts and origins (no browser page, no DNS rebinding), who
+may write (only the admin user; everyone else reads), and the limits every query runs under.
+
+Pure decisions over a request's method, headers, URL parameters and SQL; the endpoint applies
+them (services/analytics/_endpoint.py) and answers refusals the way ClickHouse does.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# Content types a browser may POST cross-origin without asking first (a CORS "simple request").
+_SIMPLE_CONTENT_TYPES = frozenset(
+    {"", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"}
+)
+# Headers a page cannot add to a simple request: whoever sends one is not a plain HTML form.
+_CLIENT_HEADERS = ("authorization", "x-clickhouse-")
+# Table functions and clauses that reach the server's files, processes or network: the analytics
+# process's own privileges, which a read-only user must not borrow (readonly=2 does not stop them).
+_HOST_REACHING = re.compile(
+    r"\b(?:file|fileCluster|url|urlCluster|s3|s3Cluster|gcs|oss|cosn|hdfs|hdfsCluster|azureBlobStorage|"
+    r"remote|remoteSecure|cluster|clusterAllReplicas|mysql|postgresql|mongodb|redis|sqlite|odbc|jdbc|"
+    r"executable|iceberg|icebergS3|deltaLake|hudi|input|dictionary)\s*\(",
+    re.IGNORECASE,
+)
+_INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused request: ClickHouse's error code and message, and the HTTP status."""
+
+    code: int
+    message: str
+    status: int
+
+
+@dataclass(frozen=True)
+class EndpointPolicy:
+    # Only the admin user may write; "" means nobody can (the endpoint is read-only).
+    admin_user: str = "admin"
+    admin_password: str = ""
+    # Host names accepted in the Host header (any port); empty accepts any (tests, embedding).
+    allowed_hosts: frozenset[str] = field(default_factory=frozenset)
+    # Origins (scheme://host:port) a browser page may call from; none by default.
+    allowed_origins: frozenset[str] = field(default_factory=frozenset)
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_decompressed_bytes: int = 256 * 1024 * 1024
+    # Applied when the request does not set its own (a reader's own is capped at this).
+    max_execution_time_s: int = 60
+    max_result_bytes: int = 1024 * 1024 * 1024
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def browser_refusal(policy: EndpointPolicy, method: str, headers: Mapping[str, str]) -> Refusal | None:
+    """A page in a browser must not reach the endpoint: refuse foreign Host names (DNS
+    rebinding), foreign Origins, and simple cross-site POSTs without a client's headers."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    host = _host_name(lowered.get("host", ""))
+    if policy.allowed_hosts and host not in policy.allowed_hosts:
+        return Refusal(
+            497,
+            f"Host {host[:100]!r} is not one of this endpoint's names "
+            f"({', '.join(sorted(policy.allowed_hosts))}; SWITCHBOARD_ANALYTICS_ALLOWED_HOSTS). (ACCESS_DENIED)",
+            403,
+        )
+    origin = lowered.get("origin")
+    if origin is not None and origin not in policy.allowed_origins:
+        return Refusal(
+            497,
+            f"requests from web pages (Origin {origin[:100]!r}) are refused "
+            "(SWITCHBOARD_ANALYTICS_ALLOWED_ORIGINS lists the allowed ones). (ACCESS_DENIED)",
+            403,
+        )
+    if lowered.get("sec-fetch-site") == "cross-site" and origin is None:
+        return Refusal(497, "cross-site requests are refused. (ACCESS_DENIED)", 403)
+    if method == "POST":
+        content_type = lowered.get("content-type", "").split(";", 1)[0].strip().lower()
+        has_client_header = any(k.startswith(_CLIENT_HEADERS) for k in lowered)
+        if content_type in _SIMPLE_CONTENT_TYPES and not has_client_header and _browser_like(lowered):
+            return Refusal(
+                497,
+                f"a POST with Content-Type {content_type or '(none)'!r} from a web browser and without "
+                "ClickHouse client headers (Authorization or X-ClickHouse-User) looks like a web form; "
+                "clients send one of those or their own User-Agent. (ACCESS_DENIED)",
+                403,
+            )
+    return None
+
+
+def _browser_like(headers: Mapping[str, str]) -> bool:
+    """A page's simple request carries the browser's own User-Agent (a page cannot change it
+    without a preflight) and, in every current browser, Sec-Fetch-* headers. ClickHouse clients
+    (clickhouse-connect, clickhouse-go, curl) send their own name and no Sec-Fetch-*."""
+    agent = headers.get("user-agent", "")
+    return not agent or agent.startswith("Mozilla/") or any(k.startswith("sec-fetch-") for k in headers)
+
+
+def credentials(headers: Mapping[str, str], params: Mapping[str, str]) -> tuple[str, str]:
+    """(user, password) as ClickHouse reads them: basic auth, X-ClickHouse-User/-Key, or the
+    `user`/`password` URL parameters; ("default", "") when none."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    auth = lowered.get("authorization", "")
+    if auth.lower().startswith("basic "):
+        try:
+            user, _, password = base64.b64decode(auth[6:].strip()).decode().partition(":")
+            return user or "default", password
+        except (ValueError, UnicodeDecodeError):
+            return "\x00invalid", ""
+    if "x-clickhouse-user" in lowered:
+        return lowered["x-clickhouse-user"] or "default", lowered.get("x-clickhouse-key", "")
+    return params.get("user") or "default", params.get("password", "")
+
+
+def authenticate(policy: EndpointPolicy, user: str, password: str) -> bool | Refusal:
+    """True: the admin (may write); False: a reader; a Refusal for wrong credentials."""
+    if policy.admin_password and user == policy.admin_user:
+        if hmac.compare_digest(password.encode(), policy.admin_password.encode()):
+            return True
+        return Refusal(
+            516, f"{user}: Authentication failed: password is incorrect. (AUTHENTICATION_FAILED)", 401
+        )
+    if user == "default":
+        return False
+    return Refusal(
+        192,
+        f"{user[:64]}: there is no such user here: 'default' reads, '{policy.admin_user}' (with its "
+        "password) writes. (UNKNOWN_USER)",
+        401,
+    )
+
+
+def reader_refusal(sql: str) -> Refusal | None:
+    """What a read-only user may not run even though the engine's readonly mode allows it."""
+    if _INTO_OUTFILE.search(sql):
+        return Refusal(
+            164, "Cannot execute query in readonly mode: INTO OUTFILE writes on the server. (READONLY)", 403
+        )
+    match = _HOST_REACHING.search(sql)
+    if match:
+        name = match.group(0).rstrip("( \t\n")
+        return Refusal(
+            497,
+            f"table function {name}() reaches the server's files, processes or network; "
+            "it is for the admin user only. (ACCESS_DENIED)",
+            403,
+        )
+    return None
+
+
+def reader_settings(policy: EndpointPolicy, settings: Mapping[str, str]) -> dict[str, str]:
+    """A reader's query settings with the endpoint's limits: its own time limit, at most ours."""
+    out = dict(settings)
+    try:
+        asked = float(out.get("max_execution_time", "0") or 0)
+    except ValueError:
+        asked = 0
+    if asked <= 0 or asked > policy.max_execution_time_s:
+        out["max_execution_time"] = str(policy.max_execution_time_s)
+    out.setdefault("max_result_bytes", str(policy.max_result_bytes))
+    return out

@@ -1,0 +1,187 @@
+"""The analyst endpoint as a server (the test system's `switchboard analytics` process): read-only
+for everyone but its admin user, whatever the method; closed to web pages (Host, Origin, simple
+POSTs); reader queries under a time limit; HEAD runs nothing; bounded bodies."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from typing import Any
+
+import clickhouse_connect
+import pytest
+from clickhouse_connect.driver.exceptions import DatabaseError
+
+from services.analytics import admin_password, endpoint_client
+from services.settings import PROJECT_ROOT
+from tests.integration.conftest import System
+
+pytestmark = pytest.mark.integration
+
+WRITES = [
+    "CREATE TABLE default.sec_probe (x UInt8) ENGINE = Memory",
+    "INSERT INTO switchboard.raw_events (event_id) VALUES ('x')",
+    "ALTER TABLE switchboard.raw_events DELETE WHERE 1",
+    "DROP TABLE switchboard.raw_events",
+    "TRUNCATE TABLE switchboard.raw_events",
+    "SYSTEM DROP DNS CACHE",
+    "KILL QUERY WHERE 1",
+    "OPTIMIZE TABLE switchboard.raw_events FINAL",
+    "RENAME TABLE switchboard.raw_events TO switchboard.gone",
+    "  /* hidden */ -- comment\n drop table switchboard.raw_events",
+]
+
+
+def http(
+    system: System,
+    path: str,
+    *,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    method: str | None = None,
+) -> tuple[int, str, dict[str, str]]:
+    url = f"http://{system.settings.analytics_listen}{path}"
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, resp.read().decode(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), dict(exc.headers)
+
+
+def reader(system: System) -> Any:
+    host, port = system.settings.analytics_listen.rsplit(":", 1)
+    return clickhouse_connect.get_client(host=host, port=int(port))
+
+
+def q(sql: str) -> str:
+    return "/?query=" + urllib.parse.quote(sql)
+
+
+CLIENT = {"X-ClickHouse-User": "default", "Content-Type": "text/plain"}
+
+
+@pytest.mark.parametrize("sql", WRITES)
+def test_every_write_is_refused_with_readonly_whatever_the_method(system: System, sql: str) -> None:
+    client = reader(system)
+    with pytest.raises(DatabaseError) as refused:
+        client.command(sql)
+    assert "READONLY" in str(refused.value) and "164" in str(refused.value)
+    for status, body, headers in (
+        http(system, q(sql)),
+        http(system, "/", data=sql.encode(), headers=CLIENT),
+        http(system, q(sql), data=b"", headers=CLIENT),
+    ):
+        assert (status, headers.get("X-ClickHouse-Exception-Code")) == (403, "164"), body
+        assert "READONLY" in body
+
+
+def test_readers_read_but_cannot_borrow_the_servers_files_or_lift_the_limit(system: System) -> None:
+    client = reader(system)
+    assert client.query("SELECT count() > 0 FROM system.tables").result_rows == [(1,)]
+    # Within its session a reader may SET, but that turns no write back on.
+    client.command("SET max_threads = 2")
+    with pytest.raises(DatabaseError, match="READONLY"):
+        client.command("INSERT INTO switchboard.raw_events (event_id) VALUES ('x')")
+    with pytest.raises(DatabaseError, match="READONLY"):
+        client.command("SELECT 1 INTO OUTFILE '/tmp/sb-analyst-probe.txt'")
+    assert not os.path.exists("/tmp/sb-analyst-probe.txt")
+    for sql in (
+        "SELECT * FROM file('/etc/hostname', 'LineAsString')",
+        "SELECT * FROM url('http://127.0.0.1:1/x', 'CSV', 'a String')",
+    ):
+        with pytest.raises(DatabaseError, match="ACCESS_DENIED"):
+            client.query(sql)
+    # A reader's queries stop after 60 s unless it asks for less.
+    assert client.query("SELECT getSetting('max_execution_time')").result_rows == [(60,)]
+    assert client.query(
+        "SELECT getSetting('max_execution_time')", settings={"max_execution_time": 3600}
+    ).result_rows == [(60,)]
+    assert client.query(
+        "SELECT getSetting('max_execution_time')", settings={"max_execution_time": 5}
+    ).result_rows == [(5,)]
+
+
+def test_the_admin_user_writes_and_a_wrong_password_is_refused(system: System) -> None:
+    admin = endpoint_client(system.settings, write=True)
+    table = f"default.sec_{uuid.uuid4().hex[:8]}"
+    admin.command(f"CREATE TABLE {table} (k UInt32) ENGINE = MergeTree ORDER BY k")
+    admin.insert(table, [[1], [2]], column_names=["k"])
+    assert reader(system).query(f"SELECT count() FROM {table}").result_rows == [(2,)]
+    # HEAD runs nothing, even the admin's INSERT.
+    token = base64.b64encode(f"admin:{admin_password(system.settings)}".encode()).decode()
+    status, _, _ = http(
+        system,
+        q(f"INSERT INTO {table} VALUES (3)"),
+        method="HEAD",
+        headers={"Authorization": f"Basic {token}"},
+    )
+    assert status == 200
+    assert reader(system).query(f"SELECT count() FROM {table}").result_rows == [(2,)]
+    admin.command(f"DROP TABLE {table}")
+
+    status, body, headers = http(
+        system, q("SELECT 1"), headers={"X-ClickHouse-User": "admin", "X-ClickHouse-Key": "wrong"}
+    )
+    assert (status, headers.get("X-ClickHouse-Exception-Code")) == (401, "516"), body
+    status, body, _ = http(system, q("SELECT 1") + "&user=mallory")
+    assert status == 401 and "UNKNOWN_USER" in body
+
+
+def test_web_pages_cannot_reach_it(system: System) -> None:
+    # A form or text/plain POST (what a page can send cross-origin without asking) is refused.
+    browser = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        form = {"Content-Type": content_type, "User-Agent": browser}
+        status, body, _ = http(system, "/", data=b"SELECT 1", headers=form)
+        assert status == 403 and "web form" in body, body
+        # With a client's header it is a client.
+        assert http(system, "/", data=b"SELECT 1", headers={**form, **CLIENT})[:2] == (200, "1\n")
+    # A page's Origin is refused, even for a GET.
+    status, body, _ = http(system, q("SELECT 1"), headers={"Origin": "http://evil.example"})
+    assert status == 403 and "Origin" in body
+    # DNS rebinding: a foreign name for this address is refused; our own names are not.
+    port = system.settings.analytics_listen.rsplit(":", 1)[1]
+    status, body, _ = http(system, q("SELECT 1"), headers={"Host": f"evil.example:{port}"})
+    assert status == 403 and "Host" in body
+    assert http(system, q("SELECT 1"), headers={"Host": f"localhost:{port}"})[:2] == (200, "1\n")
+
+
+def test_sql_and_migrate_commands_keep_working(system: System) -> None:
+    env = {**os.environ, **system.env}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "services.cli", *args],
+            env=env,
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    done = cli("sql", "SELECT 40 + 2", "--format", "TSV")
+    assert done.returncode == 0 and done.stdout == "42\n", done.stderr
+    refused = cli("sql", "DROP TABLE switchboard.raw_events")
+    assert refused.returncode != 0 and "READONLY" in refused.stderr
+    migrated = cli("migrate")
+    assert migrated.returncode == 0 and "nothing" in migrated.stdout, migrated.stderr
+
+
+async def test_the_projector_keeps_writing(system: System, stub: Any, tenant: str) -> None:
+    from tests.integration.conftest import start_conversation, wait_for_count
+
+    await start_conversation(stub, tenant)
+    await wait_for_count(
+        system,
+        "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}",
+        1,
+        what="the start projected",
+        t=tenant,
+    )
