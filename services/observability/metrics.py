@@ -135,19 +135,40 @@ def serve_metrics(settings: Settings, role: str, *, child: bool = False, childre
 
 
 def _multiprocess_registry(settings: Settings, role: str) -> Any:
+    import atexit
     import os
     import shutil
 
     from prometheus_client import CollectorRegistry, multiprocess
 
-    # A fresh directory per supervisor: files of a previous run would add to this one's sums.
-    directory = settings.data_dir / "metrics" / f"{role}-{os.getpid()}"
+    # A fresh directory per supervisor (files of a previous run would add to this one's sums),
+    # removed when it exits; those of supervisors that died without exiting are removed here.
+    root = settings.data_dir / "metrics"
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(f"{role}-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    directory = root / f"{role}-{os.getpid()}"
     shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
+    directory.mkdir()
+    atexit.register(shutil.rmtree, directory, True)
     os.environ[_MULTIPROC_ENV] = str(directory)
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=str(directory))
     return registry
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --- gRPC (ingress) -----------------------------------------------------------------------------
