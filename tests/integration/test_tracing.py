@@ -57,7 +57,8 @@ class FromOffsets(ProjectorProcessor):
 async def test_one_message_is_one_trace_from_the_grpc_call_to_clickhouse(
     system: System, tmp_path_factory: pytest.TempPathFactory, exporter: InMemorySpanExporter
 ) -> None:
-    port = 25950 + int(system.settings.grpc_listen.rsplit(":", 1)[1]) % 100
+    # Beside the system's ingress, shifted with it by SWITCHBOARD_TEST_PORT_OFFSET.
+    port = int(system.settings.grpc_listen.rsplit(":", 1)[1]) + 900
     settings = system.settings.model_copy(update={"grpc_listen": f"127.0.0.1:{port}"})
     ingress = IngressServer(settings)
     await ingress.start()
