@@ -177,6 +177,9 @@ async def main(args: argparse.Namespace) -> int:
         results.append(
             ("replay --target projections (Kafka -> fresh tables + exchange)", summary.rate, "ev/s")
         )
+        options = ReplayOptions(target="projections", topic=topic, use_archive=False, workers=2)
+        (pooled,) = await replay(settings, options)
+        results.append(("  the same, rows built by 2 processes (--workers 2)", pooled.rate, "ev/s"))
 
         store = ArchiveStore(settings)
         archive_s = await archive_all(settings, store, topic, ends)
@@ -214,6 +217,7 @@ async def main(args: argparse.Namespace) -> int:
         base = results[0][1]
         print(f"\nreplay into projections / plain read of the topic: {summary.rate / base:.2f}")
         print(f"replay into projections / rows_of alone:          {summary.rate / results[1][1]:.2f}")
+        print(f"replay with --workers 2 / replay in one process:  {pooled.rate / summary.rate:.2f}")
         print(f"identical through the archive: {through.identical} (rows and checksums of every table)")
         return 0
     finally:

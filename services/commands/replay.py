@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="projections: keep the previous tables in the scratch database",
     )
     p.add_argument("--no-archive", action="store_true", help="read Kafka only")
+    p.add_argument(
+        "--workers", type=int, default=0, help="projections: processes that build rows (0: in this process)"
+    )
     p.set_defaults(func=_cmd_replay)
 
 
@@ -79,6 +82,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         force=args.force,
         keep_old=args.keep_old,
         use_archive=not args.no_archive,
+        workers=max(0, args.workers),
     )
     try:
         summaries = asyncio.run(replay(settings, options, out=sys.stderr))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ import clickhouse_connect
 from services.analytics import DATABASE, endpoint_is_up, load_migrations, open_clickhouse
 from services.settings import Settings
 from streams._consumer import Record
-from streams.projector import insert_batch, rows_of
+from streams.projector import ProjectionBatch, insert_batch, rows_of
 
 _DB_REF = re.compile(r"\bswitchboard\.")
 _VIEWS = ("View", "MaterializedView", "LiveView", "WindowView")
@@ -95,15 +96,31 @@ class ProjectionTarget:
 
     client: Any
     database: str
+    # Row builders in other processes (None: a thread of this one). With N processes, N batches
+    # are built at once while this process inserts.
+    pool: ProcessPoolExecutor | None = None
+    workers: int = 1
     _inflight: asyncio.Task[int] | None = None
+
+    async def build(
+        self, records: Sequence[Record]
+    ) -> tuple[ProjectionBatch, list[tuple[Record, BaseException]]]:
+        if self.pool is None:
+            return await asyncio.to_thread(rows_of, records)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, rows_of, list(records))
 
     async def apply(self, records: Sequence[Record]) -> tuple[int, int]:
         """Project the records (the projector's pure row builder, then its sink); returns (events,
         rejected). Rejected records are those the live projector dead-letters too."""
-        rows, rejected = await asyncio.to_thread(rows_of, records)
+        return await self.insert(await self.build(records), len(records))
+
+    async def insert(
+        self, built: tuple[ProjectionBatch, list[tuple[Record, BaseException]]], count: int
+    ) -> tuple[int, int]:
+        rows, rejected = built
         await self.flush()
         self._inflight = asyncio.ensure_future(insert_batch(self.client, rows, database=self.database))
-        return len(records) - len(rejected), len(rejected)
+        return count - len(rejected), len(rejected)
 
     async def flush(self) -> None:
         if self._inflight is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -56,6 +58,8 @@ class ReplayOptions:
     topic: str | None = None
     batch_size: int = 20_000
     use_archive: bool = True
+    # Processes that build projection rows (0: a thread of this process).
+    workers: int = 0
 
 
 @dataclass(slots=True)
@@ -132,6 +136,43 @@ async def _feed(
                 await reading
 
 
+async def _feed_projections(
+    settings: Settings,
+    store: ArchiveStore | None,
+    plan: ReplayPlan,
+    target: ProjectionTarget,
+    progress: Progress,
+    batch_size: int,
+    keep: Callable[[Record], bool] | None = None,
+) -> None:
+    """`_feed` for projections: up to `workers` batches have their rows built at once (in other
+    processes) while this one reads and inserts, inserts in log order."""
+    ahead = max(1, target.workers)
+    pending: deque[tuple[asyncio.Future[Any], int, int]] = deque()
+
+    async def settle_oldest() -> None:
+        future, read, count = pending.popleft()
+        applied, refused = await target.insert(await future, count)
+        progress.applied += applied
+        progress.advance(read, refused)
+
+    started: set[int] = set()
+    try:
+        async for batch in read_log(settings, store, plan, batch_size):
+            records = since_time(batch, plan, started)
+            if keep is not None:
+                records = [r for r in records if keep(r)]
+            pending.append((asyncio.ensure_future(target.build(records)), len(batch), len(records)))
+            while len(pending) > ahead:
+                await settle_oldest()
+        while pending:
+            await settle_oldest()
+        await target.flush()
+    finally:
+        for future, _, _ in pending:
+            future.cancel()
+
+
 def _tenant_filter(tenant: str | None) -> Callable[[Record], bool] | None:
     if tenant is None:
         return None
@@ -188,6 +229,7 @@ async def replay_projections(
     if options.dry_run:
         return _dry("projections", plan)
     client = clickhouse_client(settings)
+    pool = ProcessPoolExecutor(options.workers) if options.workers > 0 else None
     keep = _tenant_filter(options.tenant)
     in_place = (
         options.from_offset is not None or options.from_time_ms is not None or options.tenant is not None
@@ -199,9 +241,9 @@ async def replay_projections(
             # ReplacingMergeTree keeps the version written last, so corrected rows replace old ones).
             if not options.swap:
                 raise ReplayError("--no-swap compares a full rebuild; it takes no --from-*/--tenant")
-            target = ProjectionTarget(client, DATABASE)
+            target = ProjectionTarget(client, DATABASE, pool, options.workers)
             progress = Progress("projections (in place)", plan.offsets, out=out)
-            await _feed(settings, store, plan, target.apply, progress, options.batch_size, keep, target.flush)
+            await _feed_projections(settings, store, plan, target, progress, options.batch_size, keep)
             progress.finish()
             return ReplaySummary(
                 "projections",
@@ -215,9 +257,9 @@ async def replay_projections(
             )
         scratch = settings.replay_database
         create_scratch(client, scratch)
-        target = ProjectionTarget(client, scratch)
+        target = ProjectionTarget(client, scratch, pool, options.workers)
         progress = Progress("projections", plan.offsets, out=out)
-        await _feed(settings, store, plan, target.apply, progress, options.batch_size, flush=target.flush)
+        await _feed_projections(settings, store, plan, target, progress, options.batch_size)
         summary = ReplaySummary(
             "projections", "rebuild", from_archive=plan.from_archive, offsets=plan.offsets
         )
@@ -242,9 +284,9 @@ async def replay_projections(
                 settings, None, catch_up, target.apply, progress, options.batch_size, flush=target.flush
             )
             swapped = exchange_tables(client, scratch)
-            live = ProjectionTarget(client, DATABASE)
+            live = ProjectionTarget(client, DATABASE, pool, options.workers)
             after = await plan_replay(settings, None, topic, from_offset=catch_up.ends)
-            await _feed(settings, None, after, live.apply, progress, options.batch_size, flush=live.flush)
+            await _feed_projections(settings, None, after, live, progress, options.batch_size)
             progress.finish()
             summary.swapped = True
             summary.notes.append(f"exchanged {len(swapped)} tables: {', '.join(swapped)}")
@@ -257,6 +299,8 @@ async def replay_projections(
         return summary
     finally:
         client.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 async def replay_sessions(

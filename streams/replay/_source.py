@@ -215,6 +215,8 @@ async def _read_kafka(settings: Settings, plan: ReplayPlan, batch_size: int) -> 
         consumer.assign(list(tps.values()))
         for p, part in todo.items():
             consumer.seek(tps[p], part.archive_end)
+        # Batches of `batch_size` whatever a fetch returns: each ClickHouse insert has a fixed cost.
+        batch: list[Record] = []
         while todo:
             try:
                 fetched = await consumer.getmany(
@@ -225,7 +227,6 @@ async def _read_kafka(settings: Settings, plan: ReplayPlan, batch_size: int) -> 
                     f"Kafka dropped records of {plan.topic} while the replay read them ({exc}); "
                     "run the replay again (it will read them from the archive)"
                 ) from None
-            batch: list[Record] = []
             for tp, records in fetched.items():
                 end = todo[tp.partition].end if tp.partition in todo else -1
                 for r in records:
@@ -246,8 +247,9 @@ async def _read_kafka(settings: Settings, plan: ReplayPlan, batch_size: int) -> 
                 if await consumer.position(tps[p]) >= todo[p].end:
                     del todo[p]
                     consumer.pause(tps[p])
-            if batch:
+            if len(batch) >= batch_size or (batch and not todo):
                 yield batch
+                batch = []
     finally:
         with contextlib.suppress(Exception):
             await consumer.stop()

@@ -172,7 +172,8 @@ async def test_projections_swap_while_the_system_serves_loses_nothing(system: Sy
     tenant = f"sw{uuid.uuid4().hex[:8]}"
     # Traffic keeps arriving while the replay rebuilds and swaps.
     traffic = asyncio.ensure_future(produce_workload(settings, tenant, 300, seed=5))
-    (summary,) = await replay(settings, ReplayOptions(target="projections"))
+    # Rows built by two processes here (the other tests build them in this one).
+    (summary,) = await replay(settings, ReplayOptions(target="projections", workers=2))
     await traffic
     assert summary.swapped and summary.events > 0
     await projector_caught_up(settings)
