@@ -112,6 +112,8 @@ def decode_record(value: bytes) -> Record:
     """A record from its value; raises ValueError on anything that is not one."""
     try:
         body = json.loads(value)
+        if not isinstance(body, dict):
+            raise ValueError(f"expected a JSON object, got {type(body).__name__}")
         kind = body.pop("type")
         body["status"] = Status(body["status"])
         if kind == "tenant":
@@ -119,7 +121,7 @@ def decode_record(value: bytes) -> Record:
         if kind == "key":
             body["roles"] = tuple(body["roles"])
             return KeyRecord(**body)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"not a tenants-topic record: {exc}") from exc
     raise ValueError(f"unknown record type {kind!r}")
 
