@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/switchboard/v1/*.proto)
 GEN := schemas/switchboard/v1/.generated
 
-.PHONY: run test install proto lint typecheck unit integration soak bench clean stack-up stack-down
+.PHONY: run test install proto lint typecheck unit integration soak bench bench-assistant clean stack-up stack-down
 
 run: install ## bring the whole system up on the embedded defaults, play a demo, serve until Ctrl-C
 	$(SB) run
@@ -58,6 +58,10 @@ soak: install
 
 bench: install
 	$(PY) benchmarks/ingest.py
+
+# The assistant path: msgs/s, first token at half load, stage throughput, RSS (its own stack).
+bench-assistant: install
+	$(PY) benchmarks/assistant.py
 
 stack-up: install
 	$(SB) stack up

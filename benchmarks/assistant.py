@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import itertools
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -47,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpc
 import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from ingest import BenchSystem, log, machine, raw_producer, send_event
 from switchboard.v1 import (
     chat_pb2,
@@ -63,6 +65,8 @@ from streams.knowledge import load_demo_documents
 from streams.knowledge._data import load_questions
 
 TENANT = "bench"
+ASSISTANT_GROUP = "switchboard-assistant"
+PY_SPY = str(Path(sys.executable).parent / "py-spy")
 # The models every run shares (built once by `make install`/`switchboard models build`).
 MODELS_DIR = Path(__file__).resolve().parents[1] / "var" / "models"
 ASSISTANT_PORT = 45071
@@ -354,6 +358,12 @@ class Decisions:
                     elif kind == "handoff_requested":
                         self.handoffs += 1
 
+    async def end_offsets(self) -> dict[TopicPartition, int]:
+        assert self._consumer is not None
+        topic = self.settings.conversation_topic
+        tps = [TopicPartition(topic, p) for p in range(self.settings.topic_partitions)]
+        return {tp: int(o) for tp, o in (await self._consumer.end_offsets(tps)).items()}
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -377,7 +387,40 @@ class Throughput:
         return self.decided / self.seconds if self.seconds else 0.0
 
 
-async def throughput(system: BenchSystem, plan: Plan, memory_box: list[Memory]) -> Throughput:
+def start_profiler(system: BenchSystem, path: Path) -> subprocess.Popen[bytes]:
+    """py-spy on the assistant while it works through the backlog (collapsed stacks in `path`)."""
+    assert system.children["assistant"].proc is not None
+    pid = system.children["assistant"].proc.pid
+    log(f"profiling the assistant (pid {pid}) with py-spy into {path}")
+    return subprocess.Popen(
+        [
+            PY_SPY,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "100",
+            "--output",
+            str(path),
+            "--format",
+            "speedscope",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
+    profiler.send_signal(signal.SIGINT)
+    try:
+        profiler.wait(30)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+
+
+async def throughput(
+    system: BenchSystem, plan: Plan, memory_box: list[Memory], profile: Path | None = None
+) -> Throughput:
     settings = system.settings
     texts = questions()
     conversations = [str(uuid.uuid4()) for _ in range(plan.backlog_conversations)]
@@ -421,21 +464,31 @@ async def throughput(system: BenchSystem, plan: Plan, memory_box: list[Memory]) 
     memory_box.append(memory)
     stop = asyncio.Event()
     following = asyncio.create_task(memory.follow(stop))
+    profiler = start_profiler(system, profile) if profile else None
     deadline = time.monotonic() + 600
-    last, last_change = 0, time.monotonic()
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-        count = len(decisions.intents)
-        if count >= plan.backlog:
-            break
-        if count != last:
-            last, last_change = count, time.monotonic()
-        elif count and time.monotonic() - last_change > 30:
-            log(f"no new decision for 30 s at {count:,}; giving up")
-            break
-        if not system.children["assistant"].alive:
-            raise RuntimeError("the assistant exited:\n" + system.children["assistant"].log_tail())
-    await asyncio.sleep(1.0)  # the replies of the last intents
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        # Done when the assistant has committed everything in the topic (its own decisions
+        # included): messages of conversations handed off earlier get no decision at all.
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            if not system.children["assistant"].alive:
+                raise RuntimeError("the assistant exited:\n" + system.children["assistant"].log_tail())
+            if len(decisions.intents) < plan.backlog // 2:
+                continue
+            committed = await admin.list_consumer_group_offsets(ASSISTANT_GROUP)
+            ends = await decisions.end_offsets()
+            if ends and all(
+                committed.get(tp) is not None and committed[tp].offset >= end for tp, end in ends.items()
+            ):
+                break
+        else:
+            log("the assistant did not finish the backlog in 600 s")
+    finally:
+        await admin.close()
+    if profiler is not None:
+        stop_profiler(profiler)
     stop.set()
     await following
     await decisions.stop()
@@ -607,7 +660,7 @@ def report(
     )
 
 
-async def bench(plan: Plan, system: BenchSystem) -> str:
+async def bench(plan: Plan, system: BenchSystem, profile: Path | None = None) -> str:
     machine_before = machine()
     batch = system.settings.assistant_batch_size
     log("stages: loading models in this process")
@@ -620,7 +673,7 @@ async def bench(plan: Plan, system: BenchSystem) -> str:
     await upload_faq(system.settings)
     log("FAQ uploaded through KnowledgeService")
     memory_box: list[Memory] = []
-    tp = await throughput(system, plan, memory_box)
+    tp = await throughput(system, plan, memory_box, profile)
     memory = memory_box[0]
     log(f"throughput: {tp.rate:,.0f} messages/s ({tp.decided:,} of {tp.messages:,} decided)")
     await wait_for_search(system.settings)
@@ -638,7 +691,7 @@ async def bench(plan: Plan, system: BenchSystem) -> str:
     return report(plan, batch, stages, tp, ft, memory, machine_before, started_rss)
 
 
-async def main_async(plan: Plan, keep_data: bool, port_offset: int) -> int:
+async def main_async(plan: Plan, keep_data: bool, port_offset: int, profile: Path | None = None) -> int:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
@@ -648,7 +701,7 @@ async def main_async(plan: Plan, keep_data: bool, port_offset: int) -> int:
     _refresh(system)
     text = ""
     try:
-        text = await bench(plan, system)
+        text = await bench(plan, system, profile)
     finally:
         excerpts = system.log_excerpts()
         if excerpts:
@@ -664,9 +717,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller and shorter")
     parser.add_argument("--keep-data", action="store_true", help="keep var/bench-* (logs) after the run")
     parser.add_argument("--port-offset", type=int, default=300, help="add this to every port (default 300)")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="record the assistant with py-spy during the throughput phase (collapsed stacks)",
+    )
     args = parser.parse_args(argv)
     try:
-        return asyncio.run(main_async(make_plan(args.quick), args.keep_data, args.port_offset))
+        return asyncio.run(main_async(make_plan(args.quick), args.keep_data, args.port_offset, args.profile))
     except KeyboardInterrupt:
         log("interrupted; everything this run started was stopped")
         return 130

@@ -39,6 +39,15 @@ def reply_stream_key(tenant_id: str, conversation_id: str) -> str:
     return f"sb:{{{tenant_id}:{conversation_id}}}:deltas"
 
 
+# The field of a reply-stream entry holding a serialized switchboard.v1.ReplyDelta.
+REPLY_DELTA_FIELD = b"d"
+
+
+def accept_key(tenant_id: str, conversation_id: str, handoff_count: int) -> str:
+    """Who accepted the conversation's `handoff_count`-th handoff (same hash tag as its hash)."""
+    return f"sb:{{{tenant_id}:{conversation_id}}}:accept:{handoff_count}"
+
+
 def queue_key(tenant_id: str, queue: str) -> str:
     """Sorted set of conversations waiting for an agent in a queue, scored by handoff time (ns)."""
     return f"sb:{{{tenant_id}}}:queue:{queue}"

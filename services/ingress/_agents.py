@@ -20,6 +20,7 @@ from switchboard.v1 import agent_pb2, chat_pb2, events_pb2
 
 from schemas import hotview as hv
 from schemas.events import new_event
+from schemas.hotview import accept_key
 from services.ingress import _validation as v
 from services.ingress._hotview import CLAIM_TTL_S, IngressHotView, Registration, rebuilding
 from services.ingress._producer import Unavailable
@@ -30,11 +31,6 @@ from streams.sessions import MODE_AGENT, STATUS_CLOSED, ConversationState
 
 DEFAULT_QUEUE_LIMIT = 50
 MAX_QUEUE_LIMIT = 500
-
-
-def accept_key(tenant_id: str, conversation_id: str, handoff_count: int) -> str:
-    """Who accepted the conversation's `handoff_count`-th handoff (same hash tag as its hash)."""
-    return f"sb:{{{tenant_id}:{conversation_id}}}:accept:{handoff_count}"
 
 
 def queue_pattern(tenant_id: str) -> str:

@@ -26,8 +26,6 @@ from streams.sessions import STATUS_CLOSED, ConversationState
 log = logging.getLogger(__name__)
 
 MAX_RECENT = 200
-# The field of a reply-delta stream entry holding a serialized switchboard.v1.ReplyDelta.
-REPLY_DELTA_FIELD = b"d"
 
 
 class LiveFollow:
@@ -242,7 +240,7 @@ def _update_of(cursor: str, fields: dict[bytes, bytes]) -> chat_pb2.Conversation
 def _delta_of(fields: dict[bytes, bytes]) -> chat_pb2.ReplyDelta | None:
     delta = chat_pb2.ReplyDelta()
     try:
-        delta.ParseFromString(fields.get(REPLY_DELTA_FIELD, b""))
+        delta.ParseFromString(fields.get(hv.REPLY_DELTA_FIELD, b""))
     except DecodeError:
         log.warning("undecodable reply delta skipped")
         return None

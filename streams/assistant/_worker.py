@@ -323,8 +323,9 @@ class _Understood:
 class _DeltaPublisher:
     """Puts a reply's deltas on the conversation's reply stream, in order, without waiting for
     Redis between deltas: the first goes out at once; deltas produced while a write is in flight
-    go out together in the next one (a template answer is ~50 deltas produced at once; one round
-    trip each cost more than the rest of the answer)."""
+    go out together in the next one, merged into one ReplyDelta (the index of its first part;
+    indexes still only grow). A template answer is ~50 word deltas produced at once: one stream
+    entry each cost the assistant more than the rest of the answer, and every watcher reads them."""
 
     def __init__(self, redis: aioredis.Redis, key: str, reply_id: str, message_event_id: str) -> None:
         self._redis = redis
@@ -348,17 +349,17 @@ class _DeltaPublisher:
             batch, self._buffer = self._buffer, []
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for delta in batch:
+                    for index, text, restart in merge_deltas(batch):
                         update = chat_pb2.ReplyDelta(
                             reply_id=self._reply_id,
-                            index=delta.index,
-                            text=delta.text,
-                            restart=delta.restart,
+                            index=index,
+                            text=text,
+                            restart=restart,
                             message_event_id=self._message_event_id,
                         )
                         pipe.xadd(
                             self._key,
-                            {b"d": update.SerializeToString()},
+                            {hv.REPLY_DELTA_FIELD: update.SerializeToString()},
                             maxlen=DELTA_STREAM_MAXLEN,
                             approximate=True,
                         )
@@ -366,6 +367,19 @@ class _DeltaPublisher:
                     await pipe.execute()
             except Exception as exc:  # deltas are a courtesy: the finished reply is the record
                 log.warning("reply deltas for %s not published: %r", self._reply_id, exc)
+
+
+def merge_deltas(deltas: Sequence[Any]) -> list[tuple[int, str, bool]]:
+    """Consecutive deltas as few (index, text, restart) parts: one, or a new part from each delta
+    that restarts the reply (a client drops what came before it, so it must stay a part's start)."""
+    parts: list[tuple[int, str, bool]] = []
+    for delta in deltas:
+        if parts and not delta.restart:
+            index, text, restart = parts[-1]
+            parts[-1] = (index, text + delta.text, restart)
+        else:
+            parts.append((delta.index, delta.text, bool(delta.restart)))
+    return parts
 
 
 class PrimedEncoder:

@@ -217,12 +217,21 @@ class ModelGateway:
         total_deadline = begun + settings.timeout_s
         first_deadline = min(total_deadline, begun + settings.first_token_timeout_s)
         deltas = adapter.generate(request, attempt.draft)
+        # An in-process answerer never waits on I/O, so the clock checked after each delta keeps
+        # the same deadlines; a timer per delta cost more than the template answer itself.
+        in_process = bool(getattr(adapter, "in_process", False))
         try:
             while True:
                 waiting_first = not attempt.parts
+                deadline = first_deadline if waiting_first else total_deadline
                 try:
-                    async with asyncio.timeout_at(first_deadline if waiting_first else total_deadline):
+                    if in_process:
                         text = await anext(deltas)
+                        if loop.time() > deadline:
+                            raise TimeoutError
+                    else:
+                        async with asyncio.timeout_at(deadline):
+                            text = await anext(deltas)
                 except StopAsyncIteration:
                     return
                 except TimeoutError as e:

@@ -44,6 +44,9 @@ _SAME_LANGUAGE_SHARE = 0.75
 class TemplateAnswerer:
     """Deterministic, bilingual, sub-millisecond; streams its text in token-sized chunks."""
 
+    # No I/O: the gateway checks its deadlines between deltas instead of arming a timer per delta.
+    in_process = True
+
     def __init__(self, *, name: str = "template", max_sentences: int = 3, max_chars: int = 400) -> None:
         self._name = name
         self._max_sentences = max_sentences
