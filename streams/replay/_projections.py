@@ -24,9 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import clickhouse_connect
-
-from services.analytics import DATABASE, endpoint_is_up, load_migrations, open_clickhouse
+from services.analytics import DATABASE, endpoint_client, endpoint_is_up, load_migrations, open_clickhouse
 from services.settings import Settings
 from streams._consumer import Record
 from streams.projector import ProjectionBatch, insert_batch, rows_of
@@ -37,12 +35,12 @@ _MERGING = ("Replacing", "Aggregating", "Summing", "Collapsing", "VersionedColla
 
 
 def clickhouse_client(settings: Settings) -> Any:
-    """A client for wherever the projections live (see the module docstring)."""
+    """A client for wherever the projections live (see the module docstring); through the
+    endpoint it signs in as its admin user, the only one that may write there."""
     if settings.embedded_clickhouse and endpoint_is_up(settings):
-        host, port = settings.analytics_listen.rsplit(":", 1)
-        return clickhouse_connect.get_client(
-            host=host.strip("[]"),
-            port=int(port),
+        return endpoint_client(
+            settings,
+            write=True,
             autogenerate_session_id=False,
             compress=False,
             send_receive_timeout=600,

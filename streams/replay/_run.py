@@ -11,6 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from schemas import hotview as hv
 from schemas.events import EventDecodeError, decode_event
 from services.analytics import DATABASE
 from services.settings import Settings
@@ -31,6 +32,7 @@ from streams.replay._sessions import (
     group_members,
     hot_view_snapshot,
     live_db,
+    of_tenant,
     prepare_scratch,
     redis_for,
     snapshot_differences,
@@ -194,6 +196,9 @@ async def replay(
     settings: Settings, options: ReplayOptions, out: TextIO | None = None
 ) -> list[ReplaySummary]:
     targets = TARGETS if options.target == "all" else (options.target,)
+    if "sessions" in targets and options.swap and not options.dry_run and not options.force:
+        # Before anything is rebuilt: `all` must not swap projections, then stop at sessions.
+        await _sessions_worker_stopped(settings)
     summaries: list[ReplaySummary] = []
     for target in targets:
         if target == "projections":
@@ -316,13 +321,7 @@ async def replay_sessions(
     if options.dry_run:
         return _dry("sessions", plan)
     if options.swap and not options.force:
-        members = await group_members(settings, SESSIONS_GROUP)
-        if members:
-            raise ReplayError(
-                f"the sessions worker is running ({members} member(s) in group {SESSIONS_GROUP}): stop it, "
-                "replay, then start it again (it resumes from the replay's end); or use --no-swap to "
-                "rebuild and compare without touching the live hot view"
-            )
+        await _sessions_worker_stopped(settings)
     t0 = time.monotonic()
     scratch = await prepare_scratch(settings)
     live = redis_for(settings, live_db(settings))
@@ -368,17 +367,33 @@ async def replay_sessions(
         await live.aclose()
 
 
+async def _sessions_worker_stopped(settings: Settings) -> None:
+    members = await group_members(settings, SESSIONS_GROUP)
+    if members:
+        raise ReplayError(
+            f"the sessions worker is running ({members} member(s) in group {SESSIONS_GROUP}): stop it, "
+            "replay, then start it again (it resumes from the replay's end); or use --no-swap to "
+            "rebuild and compare without touching the live hot view"
+        )
+
+
 async def _replace_tenant(settings: Settings, scratch: Any, live: Any, tenant: str) -> int:
     """The tenant's rebuilt keys over the live ones (claims are kept: in-flight writes own theirs)."""
     copied = 0
     rebuilt: set[bytes] = set()
-    async for key in scratch.scan_iter(match=f"sb:{{{tenant}:*", count=1000):
+    async for key in scratch.scan_iter(match=f"sb:{{{tenant}*", count=1000):
+        if not of_tenant(key.decode(), tenant) or key.decode() == hv.documents_key(tenant):
+            continue
         rebuilt.add(key)
         await scratch.copy(key, key, destination_db=str(live_db(settings)), replace=True)
         copied += 1
-    async for key in live.scan_iter(match=f"sb:{{{tenant}:*", count=1000):
+    async for key in live.scan_iter(match=f"sb:{{{tenant}*", count=1000):
         text = key.decode()
-        if key not in rebuilt and (text.endswith((":conv", ":live")) or ":queue:" in text):
+        if (
+            of_tenant(text, tenant)
+            and key not in rebuilt
+            and (text.endswith((":conv", ":live")) or ":queue:" in text)
+        ):
             await live.delete(key)
     return copied
 

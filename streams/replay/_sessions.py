@@ -135,9 +135,10 @@ async def hot_view_snapshot(redis: aioredis.Redis, tenant: str | None = None) ->
     live stream (ids and fields) and the agents' queues. Claims are left out: their expiry is
     computed from the wall clock at write time."""
     snapshot: dict[str, Any] = {}
-    pattern = f"sb:{{{tenant}:*" if tenant else "sb:{*"
-    async for raw in redis.scan_iter(match=pattern, count=1000):
+    async for raw in redis.scan_iter(match=f"sb:{{{tenant}*" if tenant else "sb:{*", count=1000):
         key = raw.decode()
+        if tenant and not of_tenant(key, tenant):
+            continue
         if key.endswith(":conv"):
             state = await redis.hget(key, hv.F_STATE)
             if state is not None:
@@ -150,6 +151,11 @@ async def hot_view_snapshot(redis: aioredis.Redis, tenant: str | None = None) ->
     if tenant is None:
         snapshot[hv.APPLIED_KEY] = await redis.hgetall(hv.APPLIED_KEY)
     return snapshot
+
+
+def of_tenant(key: str, tenant: str) -> bool:
+    """Whether a hot-view key belongs to the tenant (conversation keys and the tenant's own)."""
+    return key.startswith((f"sb:{{{tenant}:", f"sb:{{{tenant}}}:"))
 
 
 def snapshot_differences(live: dict[str, Any], rebuilt: dict[str, Any], limit: int = 20) -> list[str]:

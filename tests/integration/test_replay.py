@@ -327,3 +327,49 @@ async def _copy_topic(settings: Settings, source: str, dest: str, ends: dict[int
     finally:
         await producer.stop()
         await consumer.stop()
+
+
+@pytest.mark.timeout(300)
+async def test_knowledge_replay_restores_the_documents_the_assistant_wrote(system: System) -> None:
+    from switchboard.v1 import knowledge_pb2
+
+    from schemas.events import now_timestamp
+
+    settings = system.settings
+    tenant = f"kb{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for i, kind in enumerate(["upsert", "upsert", "upsert", "delete"]):
+            record = knowledge_pb2.KnowledgeEvent(event_id=str(uuid.uuid4()), tenant_id=tenant)
+            if kind == "upsert":
+                record.document_upserted.CopyFrom(
+                    knowledge_pb2.Document(
+                        document_id=f"d{i}", title=f"退货政策 {i}", body="七天无理由退货。"
+                    )
+                )
+            else:
+                record.document_deleted = "d0"  # keyed by its document: same partition, after the upsert
+            record.occurred_at.CopyFrom(now_timestamp())
+            await producer.send(
+                settings.knowledge_topic,
+                key=f"{tenant}/d{i if kind == 'upsert' else 0}".encode(),
+                value=record.SerializeToString(),
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    key = hv.documents_key(tenant)
+    try:
+        live = await eventually(
+            lambda: redis.hgetall(key), lambda docs: set(docs) == {b"d1", b"d2"}, what="the assistant's fold"
+        )
+        # Redis loses the tenant's documents and gains one the log never had.
+        await redis.delete(key)
+        await redis.hset(key, "stray", b"not from the log")
+        (summary,) = await replay(settings, ReplayOptions(target="knowledge", tenant=tenant))
+        assert summary.swapped and summary.events == 4
+        assert await redis.hgetall(key) == live
+    finally:
+        await redis.aclose()
