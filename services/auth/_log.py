@@ -121,7 +121,7 @@ class RegistryFollower:
                 try:
                     self.registry.apply(msg.key, msg.value)  # type: ignore[attr-defined]
                     applied += 1
-                except ValueError as exc:
+                except Exception as exc:  # one bad record must not stop the fold of the others
                     log.error(
                         "tenants topic: skipped offset %s: %s",
                         getattr(msg, "offset", "?"),
