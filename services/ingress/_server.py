@@ -358,6 +358,33 @@ def _handlers(servicer: ChatServicer, settings: Settings) -> grpc.GenericRpcHand
     )
 
 
+class ReadinessHealth(health.aio.HealthServicer):
+    """Check answers from the hot view's readiness at the time of the call, not from the last poll:
+    with N ingress processes behind one port, a new connection may reach any of them, and all must
+    give the same answer (the readiness is one fact, in Redis). Watch follows the polled status;
+    a draining process says NOT_SERVING."""
+
+    def __init__(self, ready: Callable[[], Awaitable[bool]]) -> None:
+        super().__init__()
+        self._ready = ready
+        self.draining = False
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:
+        await super().Check(request, context)  # NOT_FOUND for a service we do not serve
+        if self.draining:
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            ready = await self._ready()
+        except Exception as exc:
+            log.warning("readiness check failed: %r", exc)
+            ready = False
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+
 class IngressServer:
     """Owns the gRPC server and its Kafka producer and Redis pool."""
 
@@ -372,7 +399,7 @@ class IngressServer:
         self.knowledge = KnowledgeService(settings, self.redis)
         self.agents = AgentService(settings, self.redis, self.hot, self.service.reads, self.service.writes)
         self._readiness: asyncio.Task[None] | None = None
-        self.health = health.aio.HealthServicer()
+        self.health = ReadinessHealth(lambda: self.hot.is_ready(settings.topic_partitions))
         # API keys and tenants (services/auth): checked per call by its interceptor.
         self.auth = IngressAuth(settings)
         self.server = grpc.aio.server(
@@ -450,6 +477,7 @@ class IngressServer:
             self._readiness.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._readiness
+        self.health.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         await self.auth.stop()

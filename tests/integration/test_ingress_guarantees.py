@@ -171,10 +171,12 @@ async def test_a_stream_cut_off_while_kafka_stalls_keeps_its_claim(
     broker.send_signal(signal.SIGSTOP)
     try:
         call = client.SendMessages(iter([message(tenant, conversation_id, "m1")]), timeout=1.5)
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for _ in call:
-                pass
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        try:
+            answered = [r async for r in call]
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        else:  # say what came back (seen once on a loaded machine, not reproduced since)
+            pytest.fail(f"the stream was answered while Kafka was stopped (pid {pid}): {answered}")
     finally:
         broker.send_signal(signal.SIGCONT)
 

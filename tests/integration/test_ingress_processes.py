@@ -11,8 +11,11 @@ from collections.abc import AsyncIterator
 import grpc
 import psutil
 import pytest
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchboard.v1 import chat_pb2, chat_pb2_grpc
 
+from schemas import hotview as hv
 from services import stack
 from services.processes import wait_for_ingress
 from tests.integration.conftest import System, eventually, start_conversation
@@ -180,3 +183,34 @@ async def test_sigterm_drains_in_flight_calls_and_new_calls_go_to_the_others(
         await first.close()
         await second.close()
     await all_serving(system)
+
+
+async def test_every_process_answers_health_from_the_hot_view_at_once(system: System) -> None:
+    # Health used to follow a 0.5 s poll per process: right after the hot view changed, a new
+    # connection could reach a process that still said SERVING (or NOT_SERVING) while another
+    # said the opposite. Check now reads the readiness itself.
+    await all_serving(system)
+    redis = aioredis.Redis.from_url(system.settings.redis_url)
+    channels = [separate_channel(system) for _ in range(8)]
+    ready = await redis.hgetall(hv.READY_KEY)
+    partition = sorted(ready)[0]
+
+    async def statuses() -> set[int]:
+        replies = await asyncio.gather(
+            *(
+                health_pb2_grpc.HealthStub(c).Check(health_pb2.HealthCheckRequest(service=""))
+                for c in channels
+            )
+        )
+        return {r.status for r in replies}
+
+    try:
+        assert await statuses() == {health_pb2.HealthCheckResponse.SERVING}
+        await redis.hdel(hv.READY_KEY, partition)  # what a Redis that lost data looks like
+        assert await statuses() == {health_pb2.HealthCheckResponse.NOT_SERVING}
+    finally:
+        await redis.hset(hv.READY_KEY, partition, ready[partition])
+        await redis.aclose()
+    assert await statuses() == {health_pb2.HealthCheckResponse.SERVING}
+    for channel in channels:
+        await channel.close()
