@@ -86,6 +86,7 @@ class SessionsProcessor:
         self._table_max = TABLE_CONVERSATIONS
         self.table_misses = 0
         self._apply_sha = hashlib.sha1(APPLY_SCRIPT.encode()).hexdigest()
+        self._set_positions = redis.register_script(POSITIONS_SCRIPT)
 
     # --- assignment ----------------------------------------------------------------------------
 
@@ -287,20 +288,37 @@ class SessionsProcessor:
         now_ready = [
             p for p, o in last.items() if p in self._rebuilding and o + 1 >= self._rebuilding[p].until
         ]
+        lost: set[int] = set()
         if last:
+            args: list[str | int] = [len(last)]
+            for p, o in last.items():
+                args += [p, o + 1, 1 if self._owned.get(p) is not None else 0]
+            reply = await self._set_positions(keys=[hv.APPLIED_KEY, hv.READY_KEY], args=[*args, *now_ready])
+            lost = {int(p) for p in reply}
+        if lost:
+            # Redis lost data after this batch's check (its positions are gone): they stay
+            # unwritten, and the next batch's check starts the rebuild. What this batch wrote
+            # there after the loss goes too (the rebuild expects an empty hot view: a state or
+            # live stream that already has this batch would make it skip everything before).
+            log.warning("partitions %s: Redis lost their positions during a batch", sorted(lost))
+            self._forget(lost)
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hset(hv.APPLIED_KEY, mapping={str(p): o + 1 for p, o in last.items()})
-                if now_ready:
-                    pipe.hset(hv.READY_KEY, mapping={str(p): "1" for p in now_ready})
+                for slot in changed:
+                    fold = folds[slot]
+                    if fold is not None and fold.last_partition in lost:
+                        pipe.hdel(hv.conversation_key(*slot), hv.F_STATE, hv.F_CURSOR)
+                        pipe.unlink(hv.live_stream_key(*slot))
                 await pipe.execute()
         for p, o in last.items():
-            self._owned[p] = o + 1
+            if p not in lost:
+                self._owned[p] = o + 1
         for p in now_ready:
-            self._rebuilding.pop(p, None)
-            log.info("partition %d: hot view rebuilt up to offset %d; accepting writes again", p, last[p])
+            if p not in lost:
+                self._rebuilding.pop(p, None)
+                log.info("partition %d: hot view rebuilt up to offset %d; accepting writes again", p, last[p])
         # The batch is in Redis: its states go (back) into the table, most recent last.
         for slot, fold in folds.items():
-            if fold is not None and fold.last_partition in self._owned:
+            if fold is not None and fold.last_partition in self._owned and fold.last_partition not in lost:
                 self._table[slot] = fold
         while len(self._table) > self._table_max:
             del self._table[next(iter(self._table))]
@@ -420,6 +438,33 @@ while pos <= size do
 end
 return 1
 """
+# The batch's positions, after its states: KEYS[1] the positions hash, KEYS[2] the readiness
+# hash; ARGV[1] n, then n triples (partition, next offset, 1 if this worker wrote the partition's
+# position before), then the partitions now rebuilt. A position this worker wrote before and Redis
+# no longer has means Redis lost data since the batch's check: it is not written again (that would
+# hide the loss; the next batch's check sees it missing and rebuilds the partition). Returns
+# those partitions.
+POSITIONS_SCRIPT = """
+local n = tonumber(ARGV[1])
+local lost = {}
+local gone = {}
+for i = 0, n - 1 do
+  local partition = ARGV[2 + 3 * i]
+  if ARGV[4 + 3 * i] == '1' and redis.call('HEXISTS', KEYS[1], partition) == 0 then
+    lost[#lost + 1] = partition
+    gone[partition] = true
+  else
+    redis.call('HSET', KEYS[1], partition, ARGV[3 + 3 * i])
+  end
+end
+for j = 2 + 3 * n, #ARGV do
+  if not gone[ARGV[j]] then
+    redis.call('HSET', KEYS[2], ARGV[j], '1')
+  end
+end
+return lost
+"""
+
 _FIELD_NAMES = (
     hv.F_STATE,
     hv.F_CURSOR,

@@ -1,0 +1,107 @@
+"""The sessions worker's processor on a real Redis (the stack's), driven batch by batch: what it
+keeps in memory never hides what Redis lost."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+
+import pytest
+import redis.asyncio as aioredis
+from switchboard.v1 import events_pb2
+
+from schemas import hotview as hv
+from schemas.events import encode_event, new_event
+from services.settings import Settings
+from streams._consumer import Record
+from streams.sessions._worker import SessionsProcessor
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "conversation-events"
+
+
+class Control:
+    """The consumer's side of a partition, as the processor sees it (no broker needed here)."""
+
+    def __init__(self, end: int) -> None:
+        self.end = end
+        self.rewound: list[int] = []
+
+    def seek(self, partition: int, offset: int) -> None: ...
+
+    async def seek_to_beginning(self, partition: int) -> None:
+        self.rewound.append(partition)
+
+    async def committed(self, partition: int) -> int | None:
+        return None
+
+    async def end_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
+        return dict.fromkeys(partitions, self.end)
+
+    def assigned(self) -> set[int]:
+        return {0}
+
+
+def records(tenant: str, conversation: str, start: int, count: int) -> list[Record]:
+    out = []
+    for offset in range(start, start + count):
+        if offset == 0:
+            event = new_event(tenant, conversation, conversation_started=events_pb2.ConversationStarted())
+        else:
+            event = new_event(
+                tenant,
+                conversation,
+                message_received=events_pb2.MessageReceived(client_message_id=f"m{offset}", text="hi"),
+            )
+        out.append(Record(TOPIC, 0, offset, conversation.encode(), encode_event(event), 0))
+    return out
+
+
+async def test_a_redis_that_loses_everything_during_a_batch_is_still_rebuilt(local_stack: Settings) -> None:
+    # A logical database of its own: the processes of the session's system use db 0.
+    redis = aioredis.Redis.from_url(local_stack.redis_url.rsplit("/", 1)[0] + "/9")
+    await redis.flushdb()
+    tenant, conversation = f"t{uuid.uuid4().hex[:8]}", "c1"
+    processor = SessionsProcessor(local_stack, redis)
+    control = Control(end=10)
+    try:
+        await processor.on_assigned({0}, control)
+        assert control.rewound == [0]  # nothing in Redis yet: from the start of the log
+        control.rewound.clear()
+        await processor.process(records(tenant, conversation, 0, 5))
+        assert await redis.hget(hv.APPLIED_KEY, "0") == b"5"
+
+        # Redis loses everything after the batch's check (simulated by skipping the check) and
+        # before its writes: the states of this batch land, but the position must not, or the
+        # loss of everything before it would go unnoticed.
+        await redis.flushdb()
+        rejected: list[tuple[Record, BaseException]] = []
+        batch = records(tenant, conversation, 5, 3)
+        await processor._fold_and_write(processor_decoded(batch), batch, rejected)
+        assert not rejected
+        assert await redis.hget(hv.APPLIED_KEY, "0") is None
+
+        # The next batch's check notices and rebuilds the partition from the start of the log.
+        assert await processor.process(records(tenant, conversation, 8, 2)) == []
+        assert control.rewound == [0]
+        assert await redis.hget(hv.READY_KEY, "0") is None
+        # The log again from the start: the state is whole, the partition ready once at the end.
+        for start in range(0, 10, 4):
+            await processor.process(records(tenant, conversation, start, min(4, 10 - start)))
+        raw = await redis.hget(hv.conversation_key(tenant, conversation), hv.F_STATE)
+        assert raw is not None
+        state = json.loads(raw)
+        assert state["message_count"] == 9 and state["event_count"] == 10
+        assert await redis.hget(hv.READY_KEY, "0") == b"1"
+        assert await redis.xlen(hv.live_stream_key(tenant, conversation)) == 10
+    finally:
+        await redis.flushdb()
+        await redis.aclose()
+
+
+def processor_decoded(batch: list[Record]) -> list[tuple[events_pb2.Event, Record]]:
+    from schemas.events import decode_event
+
+    return [(decode_event(r.value), r) for r in batch]
