@@ -196,6 +196,13 @@ async def replay(
     settings: Settings, options: ReplayOptions, out: TextIO | None = None
 ) -> list[ReplaySummary]:
     targets = TARGETS if options.target == "all" else (options.target,)
+    partial = options.from_offset is not None or options.from_time_ms is not None
+    if partial and ("sessions" in targets or "knowledge" in targets):
+        # Checked before anything runs: these folds need the whole log.
+        raise ReplayError(
+            "the hot view and the knowledge base are folds of the whole log: replay them from the "
+            "beginning (no --from-*); --from-* re-projects part of the log into the projections only"
+        )
     if "sessions" in targets and options.swap and not options.dry_run and not options.force:
         # Before anything is rebuilt: `all` must not swap projections, then stop at sessions.
         await _sessions_worker_stopped(settings)

@@ -131,6 +131,28 @@ async def test_the_archiver_keeps_up_and_the_archive_gives_back_kafkas_records(
     assert [line["offset"] for line in lines] == [1, 2, 3]
     assert [bytes.fromhex(line["value_hex"]) for line in lines] == [r.value for r in from_kafka[1:4]]
 
+    # Restore into a topic: the same records (key, value, headers, timestamp) in the same partition.
+    into = f"restored-{uuid.uuid4().hex[:8]}"
+    await create_topic(settings, into, settings.topic_partitions)
+    restored = await run_cli(
+        env,
+        "archive",
+        "restore",
+        "--partition",
+        str(busiest),
+        "--from-offset",
+        "0",
+        "--to-offset",
+        str(ends[busiest] - 1),
+        "--into-topic",
+        into,
+    )
+    assert restored.returncode == 0, restored.stderr
+    copy = await kafka_records(settings, into, busiest, 0, ends[busiest])
+    assert [(r.key, r.value, r.headers, r.timestamp_ms) for r in copy] == [
+        (r.key, r.value, r.headers, r.timestamp_ms) for r in from_kafka
+    ]
+
 
 @pytest.mark.timeout(400)
 async def test_kill_9_of_the_archiver_mid_run_leaves_no_gap_no_overlap(system: System) -> None:

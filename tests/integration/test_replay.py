@@ -373,3 +373,33 @@ async def test_knowledge_replay_restores_the_documents_the_assistant_wrote(syste
         assert await redis.hgetall(key) == live
     finally:
         await redis.aclose()
+
+
+@pytest.mark.timeout(300)
+async def test_the_replay_command_dry_run_says_what_it_would_read(system: System, workload: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    _, ends = await kafka_offsets(system.settings, system.settings.conversation_topic)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "services.cli", "replay", "--target", "projections", "--dry-run"],
+        env={**os.environ, **system.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "projections (dry run)" in done.stdout
+    for p, end in ends.items():
+        assert f"partition {p}: offsets 0..{end - 1}" in done.stdout
+    refused = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "services.cli", "replay", "--target", "sessions", "--from-offset", "5"],
+        env={**os.environ, **system.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and "from the beginning" in refused.stderr
