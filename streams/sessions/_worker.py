@@ -158,7 +158,14 @@ class SessionsProcessor:
         if now - self._last_idle_check < IDLE_CHECK_S:
             return
         self._last_idle_check = now
-        await self._check_lost(set(self._owned), consumer)
+        try:
+            await self._check_lost(set(self._owned), consumer)
+        except Exception as exc:
+            # A periodic check: Redis down (killed, restarting) is retried at the next idle poll
+            # or batch, never a reason to exit.
+            if not is_outage(exc):
+                raise
+            log.warning("checking the positions in Redis failed (%r); checking again later", exc)
 
     async def healthy(self) -> bool:
         return bool(await self._redis.ping())

@@ -105,3 +105,19 @@ def processor_decoded(batch: list[Record]) -> list[tuple[events_pb2.Event, Recor
     from schemas.events import decode_event
 
     return [(decode_event(r.value), r) for r in batch]
+
+
+async def test_an_idle_worker_outlives_a_redis_that_is_down() -> None:
+    """The soak's Redis kill -9 once ended the worker: its idle check of the positions raised."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", socket_connect_timeout=1)
+    processor = SessionsProcessor(Settings(), down)
+    processor._owned = {0: 5}  # a partition whose position it wrote
+    try:
+        await processor.idle(Control(end=10))  # logs and returns; the next idle poll checks again
+    finally:
+        await down.aclose()
