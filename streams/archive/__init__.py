@@ -17,7 +17,7 @@ from streams.archive._segment import (
     open_segment,
 )
 from streams.archive._store import ArchiveStore, ArchiveUnavailableError, PartitionListing, s3_client
-from streams.archive._verify import PartitionReport, verify_archive
+from streams.archive._verify import PartitionReport, kafka_coverage_problems, verify_archive
 
 __all__ = [
     "ArchiveStore",
@@ -33,6 +33,7 @@ __all__ = [
     "chain_problems",
     "decode_records",
     "encode_records",
+    "kafka_coverage_problems",
     "open_segment",
     "run_archiver",
     "s3_client",

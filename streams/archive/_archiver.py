@@ -119,7 +119,13 @@ class ArchiverProcessor:
             self._ready.discard(p)
 
     async def idle(self, consumer: PartitionControl) -> None:
-        await self._close_aged()
+        try:
+            await self._close_aged()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            # S3 is away: the segments stay open and are written at a later idle or batch.
+            log.error("archiver: closing aged segments: %r; will retry", exc)
 
     async def healthy(self) -> bool:
         await asyncio.to_thread(self._store.ensure_bucket)

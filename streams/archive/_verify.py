@@ -62,3 +62,27 @@ def verify_archive(
             report.last_offset = listing.manifests[-1].last_offset
         reports.append(report)
     return reports
+
+
+def kafka_coverage_problems(reports: list[PartitionReport], kafka_starts: dict[int, int]) -> list[str]:
+    """Offsets that are neither archived nor in Kafka any more: Kafka's retention dropped records
+    before the archiver wrote them. Pure."""
+    problems: list[str] = []
+    by_partition = {r.partition: r for r in reports}
+    for p, start in sorted(kafka_starts.items()):
+        if start == 0:
+            continue
+        report = by_partition.get(p)
+        if report is None or report.first_offset is None:
+            problems.append(f"partition {p}: offsets 0..{start - 1} are gone from Kafka and not archived")
+            continue
+        if report.first_offset > 0:
+            problems.append(
+                f"partition {p}: offsets 0..{report.first_offset - 1} are gone from Kafka and not archived"
+            )
+        assert report.last_offset is not None
+        if report.last_offset + 1 < start:
+            problems.append(
+                f"partition {p}: offsets {report.last_offset + 1}..{start - 1} are gone from Kafka and not archived"
+            )
+    return problems

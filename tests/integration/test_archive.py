@@ -303,3 +303,34 @@ async def test_topics_create_applies_the_configured_retention_to_an_existing_top
     finally:
         await ensure_topics(settings)
     assert await _retention_ms(settings) == str(settings.conversation_retention_ms)
+
+
+async def test_verify_reports_offsets_gone_from_kafka_before_they_were_archived(system: System) -> None:
+    from aiokafka.admin.records_to_delete import RecordsToDelete
+
+    settings = system.settings
+    topic = f"archive-lost-{uuid.uuid4().hex[:8]}"
+    await create_topic(settings, topic, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for i in range(50):
+            await producer.send(topic, value=f"v{i}".encode(), partition=0)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    env = {**os.environ, **system.env}
+    intact = await run_cli(env, "archive", "verify", "--topic", topic)
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+    # Retention (here: delete_records) drops offsets 0..19 before any archiver saw them.
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records(
+            {TopicPartition(topic, 0): RecordsToDelete(before_offset=20)}, timeout_ms=30_000
+        )
+    finally:
+        await admin.close()
+    lost = await run_cli(env, "archive", "verify", "--topic", topic)
+    assert lost.returncode == 1
+    assert "offsets 0..19 are gone from Kafka and not archived" in lost.stdout

@@ -68,3 +68,19 @@ def test_chain_reports_gaps_and_overlaps() -> None:
     assert len(gap) == 1 and "gap, offsets 10..11" in gap[0]
     overlap = chain_problems([m(0, 9), m(5, 19)])
     assert len(overlap) == 1 and "overlap" in overlap[0]
+
+
+def test_offsets_gone_from_kafka_and_missing_in_the_archive_are_reported() -> None:
+    from streams.archive import PartitionReport, kafka_coverage_problems
+
+    archived = PartitionReport(0, first_offset=0, last_offset=99)
+    late = PartitionReport(1, first_offset=10, last_offset=99)
+    assert kafka_coverage_problems([archived], {0: 100}) == []
+    assert kafka_coverage_problems([archived], {0: 0}) == []
+    assert kafka_coverage_problems([archived], {0: 150}) == [
+        "partition 0: offsets 100..149 are gone from Kafka and not archived"
+    ]
+    assert kafka_coverage_problems([late, PartitionReport(2)], {1: 50, 2: 5}) == [
+        "partition 1: offsets 0..9 are gone from Kafka and not archived",
+        "partition 2: offsets 0..4 are gone from Kafka and not archived",
+    ]
