@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.auth import ingress_channel
 from services.settings import Settings
 
 
@@ -89,7 +90,8 @@ def switchboard_children(settings: Settings, env: dict[str, str] | None = None) 
 async def wait_for_ingress(settings: Settings, child: Child | None = None, within_s: float = 60.0) -> None:
     """Wait until the gRPC health service says SERVING."""
     deadline = time.monotonic() + within_s
-    async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
+    # TLS when the ingress has it (SWITCHBOARD_GRPC_TLS_CA); health needs no key.
+    async with ingress_channel(settings, api_key="") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -30,18 +30,43 @@ from services.auth._model import (
 _MAX_CACHED_HANDLERS = 4096
 
 
+def _tenant_paths(descriptor: Any) -> tuple[bool, tuple[str, ...]]:
+    """(has its own tenant_id, names of repeated message fields whose messages have one): where
+    a request names tenants. A batch (SendMessageBatchRequest) names one per message."""
+    cached = _TENANT_PATHS.get(descriptor.full_name)
+    if cached is None:
+        own = "tenant_id" in descriptor.fields_by_name
+        nested = tuple(
+            f.name
+            for f in descriptor.fields
+            if f.message_type is not None
+            and f.is_repeated
+            and "tenant_id" in f.message_type.fields_by_name
+        )
+        cached = _TENANT_PATHS[descriptor.full_name] = (own, nested)
+    return cached
+
+
+_TENANT_PATHS: dict[str, tuple[bool, tuple[str, ...]]] = {}
+
+
 def _fill_tenant(request: Any, principal: Principal) -> Refusal | None:
-    """Fill or check the request's tenant_id; requests that did not parse go on to be refused."""
+    """Fill or check every tenant_id the request carries (its own and its batch's messages');
+    requests that did not parse go on to be refused by the service."""
     if not isinstance(request, Message):
         return None
-    try:
-        requested = request.tenant_id  # type: ignore[attr-defined]
-    except AttributeError:
-        return None
-    refusal = tenant_mismatch(principal, requested)
-    if refusal is None and not requested:
-        request.tenant_id = principal.tenant_id  # type: ignore[attr-defined]
-    return refusal
+    own, nested = _tenant_paths(request.DESCRIPTOR)
+    targets: list[Any] = [request] if own else []
+    for name in nested:
+        targets.extend(getattr(request, name))
+    for target in targets:
+        refusal = tenant_mismatch(principal, target.tenant_id)
+        if refusal is not None:
+            return refusal
+    for target in targets:
+        if not target.tenant_id:
+            target.tenant_id = principal.tenant_id
+    return None
 
 
 def _bound(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMethodHandler:

@@ -222,6 +222,13 @@ async def test_the_key_is_the_tenant(replicas: Replicas, tenant: str) -> None:
         assert [a.client_message_id for a in answers] == ["s1", "s2"]
         assert all(not a.error_code for a in answers)
 
+        # A batch names a tenant per message: each must be the key's (or empty).
+        batch = chat_pb2.SendMessageBatchRequest(messages=[msg("", "b1"), msg(other, "b2")])
+        assert await code_of(stub.SendMessageBatch(batch)) is grpc.StatusCode.PERMISSION_DENIED
+        batch = chat_pb2.SendMessageBatchRequest(messages=[msg("", "b1"), msg(tenant, "b2")])
+        results = (await stub.SendMessageBatch(batch)).results
+        assert [(r.client_message_id, r.error_code) for r in results] == [("b1", 0), ("b2", 0)]
+
     # The key's tenant sees its own conversation; the other tenant (keyed too) does not.
     other_key = await issue(replicas, other)
     async with replicas.channel(1, other_key) as channel:
@@ -378,6 +385,13 @@ async def test_make_runs_demo_key_drives_the_demo_and_replaces_the_last_one(
     first = await asyncio.to_thread(issue_demo_key, settings)
     second = await asyncio.to_thread(issue_demo_key, settings)
     keyed = settings.model_copy(update={"api_key": second})
+    # (`make run` issues the key before it starts the ingress, which reads the topic whole first.)
+    await eventually(
+        lambda: start_code(replicas, 0, second),
+        lambda c: c is not grpc.StatusCode.UNAUTHENTICATED,
+        within_s=2,
+        what="the replica to know the demo key",
+    )
     result = await play_demo(keyed, tenant)
     assert result.tenant_id == tenant and len(result.conversation_ids) == 4
     # The previous run's key is revoked; a key given in the environment is used as it is.

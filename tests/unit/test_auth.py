@@ -190,3 +190,22 @@ def test_listen_rule(listen: str, loopback: bool) -> None:
     assert is_loopback(listen) is loopback
     assert (listen_refusal(listen, has_keys=False) is None) is loopback
     assert listen_refusal(listen, has_keys=True) is None
+
+
+def test_batch_requests_are_checked_message_by_message() -> None:
+    # SendMessageBatchRequest has no tenant_id of its own: each message's is the key's or empty.
+    from switchboard.v1 import chat_pb2
+
+    from services.auth._interceptor import _fill_tenant
+
+    me = Principal("abc", "acme")
+    batch = chat_pb2.SendMessageBatchRequest(
+        messages=[chat_pb2.SendMessageRequest(tenant_id=""), chat_pb2.SendMessageRequest(tenant_id="acme")]
+    )
+    assert _fill_tenant(batch, me) is None
+    assert [m.tenant_id for m in batch.messages] == ["acme", "acme"]
+    batch.messages.add(tenant_id="globex")
+    refusal = _fill_tenant(batch, me)
+    assert refusal is not None and refusal.code is grpc.StatusCode.PERMISSION_DENIED
+    single = chat_pb2.StartConversationRequest()
+    assert _fill_tenant(single, me) is None and single.tenant_id == "acme"
