@@ -42,6 +42,8 @@ from streams.replay._source import ReplayError, ReplayPlan, plan_replay, read_lo
 
 TARGETS = ("projections", "knowledge", "sessions")
 SESSIONS_GROUP = "switchboard-sessions"
+PROJECTOR_GROUP = "switchboard-projector"
+COMPARE_ATTEMPTS = 3
 
 
 @dataclass(slots=True)
@@ -276,14 +278,31 @@ async def replay_projections(
             "projections", "rebuild", from_archive=plan.from_archive, offsets=plan.offsets
         )
         if not options.swap:
+            reached = plan.ends
+            for _ in range(COMPARE_ATTEMPTS):
+                if topic == settings.conversation_topic:
+                    # Compare at the live projector's position: bring the rebuild there first.
+                    live_at = await _settled_position(settings, PROJECTOR_GROUP, topic)
+                    more = {p: o for p, o in live_at.items() if o > reached.get(p, 0)}
+                    if more:
+                        catch_up = await plan_replay(settings, None, topic, from_offset=reached)
+                        for part in catch_up.partitions:
+                            part.end = max(part.start, min(part.end, live_at.get(part.partition, 0)))
+                        await _feed_projections(
+                            settings, None, catch_up, target, progress, options.batch_size
+                        )
+                        reached = {**reached, **{p: max(o, reached.get(p, 0)) for p, o in live_at.items()}}
+                live_sums = table_checksums(client, DATABASE)
+                new_sums = table_checksums(client, scratch)
+                summary.differences = [
+                    f"{t}: live {live_sums.get(t)} rebuilt {new_sums.get(t)}"
+                    for t in sorted(set(live_sums) | set(new_sums))
+                    if live_sums.get(t) != new_sums.get(t)
+                ]
+                if not summary.differences or topic != settings.conversation_topic:
+                    break
+                # The live projector may have moved on meanwhile: compare again at its new position.
             progress.finish()
-            live_sums = table_checksums(client, DATABASE)
-            new_sums = table_checksums(client, scratch)
-            summary.differences = [
-                f"{t}: live {live_sums.get(t)} rebuilt {new_sums.get(t)}"
-                for t in sorted(set(live_sums) | set(new_sums))
-                if live_sums.get(t) != new_sums.get(t)
-            ]
             summary.identical = not summary.differences
             summary.notes.append(
                 f"rebuilt tables left in database {scratch} for inspection; live tables untouched"
@@ -335,9 +354,8 @@ async def replay_sessions(
     try:
         target = SessionsTarget(settings, scratch)
         progress = Progress("sessions", plan.offsets, out=out)
-        await _feed(
-            settings, store, plan, target.apply, progress, options.batch_size, _tenant_filter(options.tenant)
-        )
+        keep = _tenant_filter(options.tenant)
+        await _feed(settings, store, plan, target.apply, progress, options.batch_size, keep)
         await target.finish(plan.ends if options.tenant is None else {})
         progress.finish()
         summary = ReplaySummary(
@@ -350,10 +368,26 @@ async def replay_sessions(
             offsets=plan.offsets,
         )
         if not options.swap:
-            summary.differences = snapshot_differences(
-                await hot_view_snapshot(live, options.tenant),
-                await hot_view_snapshot(scratch, options.tenant),
-            )
+            reached = plan.ends
+            for _ in range(COMPARE_ATTEMPTS):
+                if topic == settings.conversation_topic:
+                    # Compare at the live worker's position: bring the rebuild there first.
+                    raw = await live.hgetall(hv.APPLIED_KEY)
+                    live_at = {int(p): int(o) for p, o in raw.items()}
+                    if any(o > reached.get(p, 0) for p, o in live_at.items()):
+                        catch_up = await plan_replay(settings, None, topic, from_offset=reached)
+                        for part in catch_up.partitions:
+                            part.end = max(part.start, min(part.end, live_at.get(part.partition, 0)))
+                        await _feed(
+                            settings, None, catch_up, target.apply, progress, options.batch_size, keep
+                        )
+                        reached = {p: max(o, live_at.get(p, 0)) for p, o in reached.items()}
+                summary.differences = snapshot_differences(
+                    await hot_view_snapshot(live, options.tenant),
+                    await hot_view_snapshot(scratch, options.tenant),
+                )
+                if not summary.differences:
+                    break
             summary.identical = not summary.differences
             summary.notes.append(f"rebuilt hot view left in Redis db {settings.replay_redis_db}")
         elif options.tenant is not None:
@@ -372,6 +406,38 @@ async def replay_sessions(
     finally:
         await scratch.aclose()
         await live.aclose()
+
+
+async def _settled_position(
+    settings: Settings, group: str, topic: str, within_s: float = 30.0
+) -> dict[int, int]:
+    """A consumer group's committed offsets once they have not moved for a second (or after
+    `within_s`): the position a comparison with the live state is made at."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = sorted(consumer.partitions_for_topic(topic) or await _partitions(settings, topic))
+        deadline = time.monotonic() + within_s
+        last: dict[int, int] | None = None
+        while True:
+            now = {p: int(await consumer.committed(TopicPartition(topic, p)) or 0) for p in partitions}
+            if now == last or time.monotonic() > deadline:
+                return now
+            last = now
+            await asyncio.sleep(1.0)
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(settings: Settings, topic: str) -> list[int]:
+    from streams.replay._source import kafka_offsets
+
+    _, ends = await kafka_offsets(settings, topic)
+    return sorted(ends)
 
 
 async def _sessions_worker_stopped(settings: Settings) -> None:
