@@ -39,9 +39,7 @@ def _tenant_paths(descriptor: Any) -> tuple[bool, tuple[str, ...]]:
         nested = tuple(
             f.name
             for f in descriptor.fields
-            if f.message_type is not None
-            and f.is_repeated
-            and "tenant_id" in f.message_type.fields_by_name
+            if f.message_type is not None and f.is_repeated and "tenant_id" in f.message_type.fields_by_name
         )
         cached = _TENANT_PATHS[descriptor.full_name] = (own, nested)
     return cached
@@ -56,6 +54,12 @@ def _fill_tenant(request: Any, principal: Principal) -> Refusal | None:
     if not isinstance(request, Message):
         return None
     own, nested = _tenant_paths(request.DESCRIPTOR)
+    if not own and not nested:
+        # Fail closed: a keyed call whose request names no tenant cannot be confined to one.
+        return Refusal(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{request.DESCRIPTOR.full_name} names no tenant; it cannot be called with a tenant's key",
+        )
     targets: list[Any] = [request] if own else []
     for name in nested:
         targets.extend(getattr(request, name))

@@ -147,7 +147,8 @@ async def issue(replicas: Replicas, tenant: str, *roles: str) -> str:
         await eventually(
             lambda i=i: start_code(replicas, i, key),  # type: ignore[misc]
             lambda c: c is not grpc.StatusCode.UNAUTHENTICATED,
-            within_s=2,
+            # Not the measured bound (see the revocation test): a helper, on a loaded machine.
+            within_s=10,
             what=f"replica {i} to know the new key",
         )
     return key

@@ -209,3 +209,8 @@ def test_batch_requests_are_checked_message_by_message() -> None:
     assert refusal is not None and refusal.code is grpc.StatusCode.PERMISSION_DENIED
     single = chat_pb2.StartConversationRequest()
     assert _fill_tenant(single, me) is None and single.tenant_id == "acme"
+    # A request that names no tenant cannot be confined to one: refused (fail closed).
+    from grpc_health.v1 import health_pb2
+
+    refused = _fill_tenant(health_pb2.HealthCheckRequest(), me)
+    assert refused is not None and refused.code is grpc.StatusCode.PERMISSION_DENIED
