@@ -147,7 +147,9 @@ async def test_search_is_answered_by_the_assistant(
             return knowledge_pb2.SearchKnowledgeResponse()
 
     # Each document is its own event: the assistant may have indexed "ship" and not yet "pay".
-    hits = await eventually(search, lambda r: len(r.hits) == 2, within_s=120, what="both documents searchable")
+    hits = await eventually(
+        search, lambda r: len(r.hits) == 2, within_s=120, what="both documents searchable"
+    )
     assert hits.hits[0].document_id == "pay"
 
 
