@@ -300,6 +300,13 @@ class Memory:
         self.peak = 0
         self.first = 0
 
+    def cpu_seconds(self) -> float:
+        try:
+            times = self.process.cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(times.user + times.system)
+
     def sample(self) -> int:
         try:
             rss = int(self.process.memory_info().rss)
@@ -381,6 +388,8 @@ class Throughput:
     handoffs: int
     seconds: float
     steady: float
+    # CPU time the assistant process used per decided message (all its threads).
+    cpu_ms: float
 
     @property
     def rate(self) -> float:
@@ -468,6 +477,7 @@ async def throughput(
     deadline = time.monotonic() + 600
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
+    cpu_start: tuple[float, int] | None = None
     try:
         # Done when the assistant has committed everything in the topic (its own decisions
         # included): messages of conversations handed off earlier get no decision at all.
@@ -475,6 +485,8 @@ async def throughput(
             await asyncio.sleep(0.5)
             if not system.children["assistant"].alive:
                 raise RuntimeError("the assistant exited:\n" + system.children["assistant"].log_tail())
+            if cpu_start is None and decisions.intents:
+                cpu_start = (memory.cpu_seconds(), len(decisions.intents))
             if len(decisions.intents) < plan.backlog // 2:
                 continue
             committed = await admin.list_consumer_group_offsets(ASSISTANT_GROUP)
@@ -487,6 +499,9 @@ async def throughput(
             log("the assistant did not finish the backlog in 600 s")
     finally:
         await admin.close()
+    cpu_ms = 0.0
+    if cpu_start is not None and len(decisions.intents) > cpu_start[1]:
+        cpu_ms = (memory.cpu_seconds() - cpu_start[0]) * 1000 / (len(decisions.intents) - cpu_start[1])
     if profiler is not None:
         stop_profiler(profiler)
     stop.set()
@@ -497,7 +512,9 @@ async def throughput(
     # Steady state: the middle 80 % of the decisions (start-up and the tail left out).
     lo, hi = int(len(times) * 0.1), int(len(times) * 0.9)
     steady = (hi - lo) / (times[hi] - times[lo]) if hi > lo and times[hi] > times[lo] else 0.0
-    return Throughput(plan.backlog, len(times), decisions.replies, decisions.handoffs, seconds, steady)
+    return Throughput(
+        plan.backlog, len(times), decisions.replies, decisions.handoffs, seconds, steady, cpu_ms
+    )
 
 
 # ---------------------------------------------------------------------------------- first token
@@ -645,7 +662,9 @@ def report(
             f"{plan.backlog_conversations:,} conversations, grounded template answerer, decisions read back "
             f"from Kafka): {tp.decided:,} intents in {tp.seconds:.1f} s = **{tp.rate:,.0f} messages/s** "
             f"(middle 80 %: {tp.steady:,.0f}/s); {tp.replies:,} replies, {tp.handoffs:,} handoffs. "
-            f"Aim ≥ 500/s: {verdict_rate}.",
+            f"Aim ≥ 500/s: {verdict_rate}. The assistant process used {tp.cpu_ms:.2f} ms of CPU per "
+            f"message (all threads): {1000 / tp.cpu_ms if tp.cpu_ms else float('nan'):,.0f} messages/s "
+            "per core it gets, on this machine's load.",
             f"**First token at half load** ({ft.rate:,.0f} messages/s offered through SendMessage for "
             f"{ft.seconds:.0f} s over {plan.ttft_conversations} conversations, {ft.sent:,} sent, {ft.failed} "
             f"refused; {len(ft.observed_ms):,} replies timed on {plan.watched} StreamConversation watchers, "

@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 _DECISIONS = uuid.UUID("6f1c8d2e-5b7a-4c3e-9a41-2d8e0f7b9c55")
 SEARCH_LIMIT = 3
+# Messages the model thread understands per call; the loop answers one chunk while the next is
+# understood (smaller: earlier first replies; larger: cheaper encoder calls).
+UNDERSTAND_CHUNK = 16
 DELTA_STREAM_MAXLEN = 1000
 DELTA_STREAM_TTL_S = 3600
 
@@ -138,25 +141,26 @@ class AssistantProcessor:
         jobs = await self._undecided(jobs)
         if not jobs:
             return rejected
+        # The model thread understands the batch in chunks while the event loop answers (and
+        # sends) what is understood already: the two overlap instead of taking turns, and the
+        # first replies of a batch go out before its last messages are classified.
         loop = asyncio.get_running_loop()
-        understood = await loop.run_in_executor(self._models, self._understand, [j.event for j in jobs])
-        by_conversation: dict[tuple[str, str], list[tuple[_Job, _Understood]]] = {}
-        for job, item in zip(jobs, understood, strict=True):
-            by_conversation.setdefault((job.event.tenant_id, job.event.conversation_id), []).append(
-                (job, item)
-            )
-        decided = await asyncio.gather(*(self._answer_in_order(items) for items in by_conversation.values()))
-        sends = [
-            await self._producer.send(
-                self._settings.conversation_topic,
-                key=event.conversation_id.encode(),
-                value=encode_event(event),
-                headers=event_headers(event),
-            )
-            for events in decided
-            for event in events
+        chunks = [jobs[i : i + UNDERSTAND_CHUNK] for i in range(0, len(jobs), UNDERSTAND_CHUNK)]
+        understanding = [
+            loop.run_in_executor(self._models, self._understand, [j.event for j in chunk]) for chunk in chunks
         ]
-        await asyncio.gather(*sends)
+        by_conversation: dict[tuple[str, str], list[tuple[_Job, asyncio.Future[list[_Understood]], int]]] = {}
+        for chunk, future in zip(chunks, understanding, strict=True):
+            for i, job in enumerate(chunk):
+                slot = (job.event.tenant_id, job.event.conversation_id)
+                by_conversation.setdefault(slot, []).append((job, future, i))
+        try:
+            sent = await asyncio.gather(*(self._answer_in_order(items) for items in by_conversation.values()))
+            # Durable before the batch is done (and its offsets committed).
+            await asyncio.gather(*(ack for acks in sent for ack in acks))
+        except BaseException:
+            await asyncio.gather(*understanding, return_exceptions=True)
+            raise
         self.decided += len(jobs)
         return rejected
 
@@ -222,16 +226,29 @@ class AssistantProcessor:
         else:
             yield
 
-    async def _answer_in_order(self, items: list[tuple[_Job, _Understood]]) -> list[Event]:
-        events: list[Event] = []
-        for job, item in items:
+    async def _answer_in_order(
+        self, items: list[tuple[_Job, asyncio.Future[list[_Understood]], int]]
+    ) -> list[asyncio.Future[Any]]:
+        """One conversation's messages of the batch, in order; its decisions are handed to the
+        producer as they are made (one key, so Kafka keeps their order); returns their acks."""
+        acks: list[asyncio.Future[Any]] = []
+        for job, understood, i in items:
+            item = (await understood)[i]
             decided = await self._decide(job, item.intent, item.hits)
-            events.extend(decided)
+            for event in decided:
+                acks.append(
+                    await self._producer.send(
+                        self._settings.conversation_topic,
+                        key=event.conversation_id.encode(),
+                        value=encode_event(event),
+                        headers=event_headers(event),
+                    )
+                )
             if any(e.HasField("handoff_requested") for e in decided):
                 # The conversation is the agents' now: the bot leaves its later messages alone,
                 # as it would had they come in a later batch.
                 break
-        return events
+        return acks
 
     async def _decide(self, job: _Job, intent: Any, hits: list[Hit]) -> list[Event]:
         message = job.event
