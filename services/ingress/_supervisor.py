@@ -65,8 +65,12 @@ def check_port_free(listen: str, within_s: float = 10.0) -> None:
     deadline = time.monotonic() + within_s
     while True:
         with socket.socket(family, socket.SOCK_STREAM) as sock:
+            # SO_REUSEADDR: connections of a killed ingress linger in TIME_WAIT for a minute and
+            # must not count as "in use"; a listener (reuse-port or not) still does.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, int(port)))
+                sock.listen(1)
                 return
             except OSError as exc:
                 if time.monotonic() > deadline:
