@@ -419,8 +419,10 @@ class PrimedEncoder:
             self._primed = {}
 
     def encode(self, texts: Sequence[str]) -> Any:
-        if self._primed and all(t in self._primed for t in texts):
-            return np.stack([self._primed[t] for t in texts]) if texts else self._inner.encode(texts)
+        # One read of the mapping: other threads (search, indexing) encode while it is swapped.
+        primed = self._primed
+        if texts and primed and all(t in primed for t in texts):
+            return np.stack([primed[t] for t in texts])
         return self._inner.encode(texts)
 
 

@@ -1,6 +1,9 @@
-"""How the assistant groups a reply's deltas for the reply stream (pure)."""
+"""The assistant's small pure parts: how a reply's deltas are grouped for the reply stream, and
+the encoder that serves a batch's precomputed vectors."""
 
-from streams.assistant._worker import merge_deltas
+import numpy as np
+
+from streams.assistant._worker import PrimedEncoder, merge_deltas
 from streams.assistant.gateway import ReplyDelta
 
 
@@ -21,3 +24,25 @@ def test_a_restart_starts_a_new_part_so_clients_drop_only_what_came_before_it() 
 
 def test_nothing_to_merge() -> None:
     assert merge_deltas([]) == []
+
+
+class CountingEncoder:
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        return np.array([[float(len(t)), 1.0] for t in texts], dtype=np.float32).reshape(len(texts), 2)
+
+
+def test_a_primed_encoder_answers_from_the_batch_and_asks_the_model_for_anything_else() -> None:
+    inner = CountingEncoder()
+    encoder = PrimedEncoder(inner)
+    vectors = np.array([[9.0, 9.0], [8.0, 8.0]], dtype=np.float32)
+    with encoder.primed(["退款多久", "where is my order"], vectors):
+        assert encoder.encode(["where is my order"]).tolist() == [[8.0, 8.0]]
+        assert inner.calls == []
+        encoder.encode(["where is my order", "new text"])  # one unknown: the model encodes all
+    assert inner.calls == [["where is my order", "new text"]]
+    encoder.encode(["退款多久"])  # outside the batch: the model again
+    assert inner.calls[-1] == ["退款多久"]
