@@ -172,6 +172,15 @@ class Settings(BaseSettings):
     # --- Observability: Prometheus metrics (one endpoint per process; empty: off) and traces ------
     ingress_metrics_listen: str = "127.0.0.1:9464"
     sessions_metrics_listen: str = "127.0.0.1:9465"
+    # Rate limits of keyed calls (services/auth/_limits.py), token buckets shared by every ingress
+    # through Redis: the defaults for tenants without their own (`switchboard tenants update T
+    # --rate R --burst B --key-rate R --key-burst B`). Rate 0: unlimited; burst 0: one second's worth.
+    tenant_rate_per_s: float = Field(default=0.0, ge=0)
+    tenant_burst: int = Field(default=0, ge=0)
+    key_rate_per_s: float = Field(default=0.0, ge=0)
+    key_burst: int = Field(default=0, ge=0)
+    # A limiter's Redis call that fails or takes longer than this lets the call through (fail open).
+    rate_limit_timeout_s: float = Field(default=0.25, gt=0)
     assistant_metrics_listen: str = "127.0.0.1:9466"
     analytics_metrics_listen: str = "127.0.0.1:9467"
     # OpenTelemetry traces: "" (off), "otlp" (OTLP over HTTP to otel_endpoint) or "console".

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
+from services.auth._limits import check_limit_settings
 from services.auth._log import append_records, load_pepper, read_registry
 from services.auth._model import (
     TOKEN_PREFIX,
@@ -37,7 +40,9 @@ def _key(registry: Registry, name: str) -> KeyRecord:
     return key
 
 
-async def create_tenant(settings: Settings, tenant_id: str) -> tuple[TenantRecord, bool]:
+async def create_tenant(
+    settings: Settings, tenant_id: str, limits: Mapping[str, float | None] | None = None
+) -> tuple[TenantRecord, bool]:
     """The tenant, and whether it was created now (an existing one is left as it is)."""
     check_tenant_id(tenant_id)
     registry = await read_registry(settings)
@@ -45,9 +50,30 @@ async def create_tenant(settings: Settings, tenant_id: str) -> tuple[TenantRecor
     if existing is not None:
         return existing, False
     now = time.time()
-    record = TenantRecord(tenant_id, created_at=now, updated_at=now)
+    record = TenantRecord(tenant_id, created_at=now, updated_at=now, settings=_with_limits({}, limits or {}))
     await append_records(settings, [record])
     return record, True
+
+
+def _with_limits(current: Mapping[str, Any], limits: Mapping[str, float | None]) -> dict[str, Any]:
+    """`current` settings with the given limits set (None: back to the ingress's default)."""
+    merged = {k: v for k, v in current.items() if not (k in limits and limits[k] is None)}
+    merged.update(check_limit_settings({k: v for k, v in limits.items() if v is not None}))
+    return merged
+
+
+async def update_tenant_limits(
+    settings: Settings, tenant_id: str, limits: Mapping[str, float | None]
+) -> TenantRecord:
+    """Set (or, with None, reset to the default) the tenant's rate limits; every ingress applies
+    them as soon as it reads the record."""
+    registry = await read_registry(settings)
+    tenant = registry.tenants.get(tenant_id)
+    if tenant is None:
+        raise AdminError(f"no tenant {tenant_id!r} (see `switchboard tenants list`)")
+    record = replace(tenant, settings=_with_limits(tenant.settings, limits), updated_at=time.time())
+    await append_records(settings, [record])
+    return record
 
 
 async def set_tenant_status(settings: Settings, tenant_id: str, status: Status) -> TenantRecord:

@@ -8,6 +8,7 @@ import logging
 import grpc
 
 from services.auth._interceptor import AuthInterceptor
+from services.auth._limits import RateLimiter
 from services.auth._log import RegistryFollower, load_pepper, read_registry
 from services.auth._model import Registry
 from services.auth._tls import add_port
@@ -58,7 +59,12 @@ class IngressAuth:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.follower = RegistryFollower(settings, self._changed)
-        self.interceptor = AuthInterceptor(lambda: self.follower.registry, load_pepper(settings))
+        # Rate limits (services/auth/_limits.py): its own Redis pool, so a slow limiter never
+        # holds the write path's connections.
+        self.limiter = RateLimiter(settings)
+        self.interceptor = AuthInterceptor(
+            lambda: self.follower.registry, load_pepper(settings), self.limiter
+        )
         self._enforcing = False
 
     def add_port(self, server: grpc.aio.Server) -> int:
@@ -86,3 +92,4 @@ class IngressAuth:
 
     async def stop(self) -> None:
         await self.follower.stop()
+        await self.limiter.close()

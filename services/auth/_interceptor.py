@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
+from services.auth._limits import COSTED, MAX_LEASE, OverLimit, RateLimiter, cost_of
 from services.auth._model import (
     OPEN,
     Principal,
@@ -73,8 +75,36 @@ def _fill_tenant(request: Any, principal: Principal) -> Refusal | None:
     return None
 
 
-def _bound(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMethodHandler:
-    """`handler` with every request checked against the principal's tenant."""
+async def _abort_over(context: grpc.aio.ServicerContext, over: OverLimit) -> None:
+    from services.ingress._producer import RETRY_AFTER_KEY
+
+    trailer = () if over.retry_after_ms is None else ((RETRY_AFTER_KEY, str(over.retry_after_ms)),)
+    await context.abort(over.code, over.message, trailing_metadata=trailer)
+
+
+@dataclass(frozen=True, slots=True)
+class _Gate:
+    """The rate limit of one (method, key): the registry is read per call (limits change live)."""
+
+    limiter: RateLimiter
+    registry: Callable[[], Registry]
+    method: str
+
+    async def unary(self, principal: Principal, request: Any) -> OverLimit | None:
+        plan = self.limiter.plan(self.registry(), principal)
+        if plan is None or not isinstance(request, Message):
+            return None  # unlimited, or a malformed request the service refuses anyway
+        need = cost_of(self.method, request)
+        if need <= 0:
+            return None
+        granted = await self.limiter.acquire(plan, need, need)
+        return granted if isinstance(granted, OverLimit) else None
+
+
+def _bound(
+    handler: grpc.RpcMethodHandler, principal: Principal, gate: _Gate | None = None
+) -> grpc.RpcMethodHandler:
+    """`handler` with every request checked against the principal's tenant (and rate limits)."""
     deserialize, serialize = handler.request_deserializer, handler.response_serializer
     if not handler.request_streaming and not handler.response_streaming:
         unary = handler.unary_unary
@@ -83,6 +113,8 @@ def _bound(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMeth
             refusal = _fill_tenant(request, principal)
             if refusal is not None:
                 await context.abort(refusal.code, refusal.message)
+            if gate is not None and (over := await gate.unary(principal, request)) is not None:
+                await _abort_over(context, over)
             return await unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)
@@ -105,11 +137,27 @@ def _bound(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMeth
         # package, and the servicer turns exactly this exception into the call's status.)
         from services.ingress._validation import RequestRejected
 
-        async for request in requests:
-            refusal = _fill_tenant(request, principal)
-            if refusal is not None:
-                raise RequestRejected(refusal.code, refusal.message)
-            yield request
+        plan = gate.limiter.plan(gate.registry(), principal) if gate is not None else None
+        credit, lease = 0, 1
+        try:
+            async for request in requests:
+                refusal = _fill_tenant(request, principal)
+                if refusal is not None:
+                    raise RequestRejected(refusal.code, refusal.message)
+                if plan is not None and gate is not None and isinstance(request, Message):
+                    if credit == 0:
+                        # Lease tokens ahead in growing chunks: one Redis call per chunk.
+                        granted = await gate.limiter.acquire(plan, lease, 1)
+                        if isinstance(granted, OverLimit):
+                            raise RequestRejected(
+                                granted.code, granted.message, retry_after_ms=granted.retry_after_ms
+                            )
+                        credit, lease = granted, min(MAX_LEASE, lease * 2)
+                    credit -= 1
+                yield request
+        finally:
+            if plan is not None and gate is not None and credit > 0:
+                await gate.limiter.give_back(plan, credit)
 
     if not handler.response_streaming:
         stream_unary = handler.stream_unary
@@ -163,9 +211,12 @@ def _refused(handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.RpcMethod
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks `authorization: Bearer <key>` against the registry the follower keeps current."""
 
-    def __init__(self, registry: Callable[[], Registry], pepper: bytes) -> None:
+    def __init__(
+        self, registry: Callable[[], Registry], pepper: bytes, limiter: RateLimiter | None = None
+    ) -> None:
         self._registry = registry
         self._pepper = pepper
+        self._limiter = limiter
         self._handlers: dict[tuple[str, str], grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -188,5 +239,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if bound is None:
             if len(self._handlers) >= _MAX_CACHED_HANDLERS:
                 self._handlers.clear()
-            bound = self._handlers[cache_key] = _bound(handler, decision)
+            gate = (
+                _Gate(self._limiter, self._registry, method)
+                if self._limiter is not None and method in COSTED
+                else None
+            )
+            bound = self._handlers[cache_key] = _bound(handler, decision, gate)
         return bound

@@ -1,4 +1,4 @@
-"""`switchboard tenants create|list|disable|enable`: the tenants on the tenants topic."""
+"""`switchboard tenants create|update|list|disable|enable`: the tenants on the tenants topic."""
 
 from __future__ import annotations
 
@@ -16,14 +16,31 @@ def _when(ts: float | None) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from services.auth import Status
-    from services.auth._admin import AdminError, create_tenant, registry, set_tenant_status
+    from services.auth._admin import (
+        AdminError,
+        create_tenant,
+        registry,
+        set_tenant_status,
+        update_tenant_limits,
+    )
     from services.cli import _settings
 
     settings = _settings()
     try:
         if args.action == "create":
-            record, created = asyncio.run(create_tenant(settings, args.tenant))
-            print(f"tenant {record.tenant_id} {'created' if created else 'exists'} ({record.status.value})")
+            record, created = asyncio.run(create_tenant(settings, args.tenant, _limits(args)))
+            print(
+                f"tenant {record.tenant_id} {'created' if created else 'exists'} ({record.status.value})"
+                f"{_describe_limits(record.settings)}"
+            )
+        elif args.action == "update":
+            limits = _limits(args)
+            if not limits:
+                raise ValueError("nothing to update: give --rate, --burst, --key-rate or --key-burst")
+            record = asyncio.run(update_tenant_limits(settings, args.tenant, limits))
+            print(
+                f"tenant {record.tenant_id} updated{_describe_limits(record.settings) or ' (default limits)'}"
+            )
         elif args.action in ("disable", "enable"):
             status = Status.DISABLED if args.action == "disable" else Status.ACTIVE
             record = asyncio.run(set_tenant_status(settings, args.tenant, status))
@@ -34,10 +51,13 @@ def _run(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps([_as_json(t, reg) for t in rows], indent=2))
                 return 0
-            print(f"{'TENANT':<24} {'STATUS':<9} {'KEYS':>4}  CREATED")
+            print(f"{'TENANT':<24} {'STATUS':<9} {'KEYS':>4}  {'CREATED':<20}  LIMITS")
             for t in rows:
                 active = sum(1 for k in reg.keys_of(t.tenant_id) if k.status is Status.ACTIVE)
-                print(f"{t.tenant_id:<24} {t.status.value:<9} {active:>4}  {_when(t.created_at)}")
+                shown = _describe_limits(t.settings).strip(" ()") or "default"
+                print(
+                    f"{t.tenant_id:<24} {t.status.value:<9} {active:>4}  {_when(t.created_at):<20}  {shown}"
+                )
     except (AdminError, ValueError) as exc:
         print(f"switchboard tenants {args.action}: {exc}", file=sys.stderr)
         return 1
@@ -50,19 +70,73 @@ def _as_json(tenant: Any, reg: Any) -> dict[str, Any]:
         "status": tenant.status.value,
         "created_at": tenant.created_at,
         "active_keys": sum(1 for k in reg.keys_of(tenant.tenant_id) if k.status.value == "active"),
+        "settings": tenant.settings,
     }
 
 
+# CLI option -> tenant setting (services/auth/_limits.py); "default" resets one to the settings'.
+_LIMIT_OPTIONS = (
+    ("rate", "rate_per_s"),
+    ("burst", "burst"),
+    ("key_rate", "key_rate_per_s"),
+    ("key_burst", "key_burst"),
+)
+
+
+def _limit_value(text: str) -> float | None:
+    if text == "default":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'default', got {text!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'default', got {text!r}")
+    return value
+
+
+def _limits(args: argparse.Namespace) -> dict[str, float | None]:
+    return {name: getattr(args, opt) for opt, name in _LIMIT_OPTIONS if getattr(args, opt, ...) is not ...}
+
+
+def _describe_limits(settings: dict[str, Any]) -> str:
+    parts = [f"{name}={settings[name]:g}" for _, name in _LIMIT_OPTIONS if name in settings]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _add_limit_options(a: argparse.ArgumentParser) -> None:
+    for opt, text in (
+        ("rate", "the tenant's messages/s over all its keys (0: unlimited)"),
+        ("burst", "messages the tenant may send at once (0: one second's worth of --rate)"),
+        ("key_rate", "each key's own messages/s (0: unlimited)"),
+        ("key_burst", "each key's burst (0: one second's worth of --key-rate)"),
+    ):
+        a.add_argument(
+            f"--{opt.replace('_', '-')}",
+            dest=opt,
+            type=_limit_value,
+            default=...,
+            metavar="N|default",
+            help=f"{text}; 'default': the ingress's SWITCHBOARD_{'TENANT_' if not opt.startswith('key') else ''}"
+            f"{opt.upper().replace('RATE', 'RATE_PER_S')} setting",
+        )
+
+
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    p = sub.add_parser("tenants", help="tenants (API keys belong to one): create, list, disable, enable")
+    p = sub.add_parser(
+        "tenants", help="tenants (API keys belong to one): create, update, list, disable, enable"
+    )
     actions = p.add_subparsers(dest="action", required=True)
     for name, text in (
         ("create", "create a tenant (nothing happens if it exists)"),
+        ("update", "change a tenant's rate limits (every ingress applies them within seconds)"),
         ("disable", "refuse every key of the tenant (PERMISSION_DENIED) until enabled"),
         ("enable", "accept the tenant's keys again"),
     ):
         a = actions.add_parser(name, help=text)
         a.add_argument("tenant")
+        if name in ("create", "update"):
+            _add_limit_options(a)
     a = actions.add_parser("list", help="tenants with their status and active keys")
     a.add_argument("--json", action="store_true")
     p.set_defaults(func=_run)

@@ -46,5 +46,5 @@ def as_rejection(exc: BaseException, method: str) -> RequestRejected:
 
 def retry_metadata(exc: RequestRejected) -> tuple[tuple[str, str], ...]:
     if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
-        return ((RETRY_AFTER_KEY, "500"),)
+        return ((RETRY_AFTER_KEY, str(exc.retry_after_ms or 500)),)
     return ()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -26,6 +26,8 @@ class RequestRejected(Exception):
 
     code: grpc.StatusCode
     message: str
+    # How long the caller should wait (the retry-after-ms trailer); None: the usual 500 ms.
+    retry_after_ms: int | None = field(default=None, kw_only=True)
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
