@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 
 import grpc
@@ -189,11 +190,14 @@ async def test_broker_restart_never_acks_what_kafka_did_not_persist(
 
 @pytest.mark.timeout(900)
 async def test_overload_is_refused_at_once_and_memory_stays_bounded(system: System, tenant: str) -> None:
-    port = 25052
+    port = 25052 + int(os.environ.get("SWITCHBOARD_TEST_PORT_OFFSET", "0"))
     env = {
         **system.env,
         "SWITCHBOARD_GRPC_LISTEN": f"127.0.0.1:{port}",
         "SWITCHBOARD_MAX_INFLIGHT_PRODUCE": "32",
+        # One process serving in-process, so the RSS measured below is the server's own (with
+        # more, `switchboard ingress` is a supervisor and the servers are its children).
+        "SWITCHBOARD_INGRESS_PROCESSES": "1",
     }
     settings = Settings(
         **{**system.settings.model_dump(), "grpc_listen": f"127.0.0.1:{port}", "max_inflight_produce": 32}
