@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -28,6 +29,8 @@ def _logging(level: str) -> None:
 def _cmd_stack(args: argparse.Namespace) -> int:
     from services import stack
 
+    if args.brokers is not None:  # through the environment: validated like the setting
+        os.environ["SWITCHBOARD_KAFKA_BROKERS"] = str(args.brokers)
     settings = _settings()
     if args.action == "install":
         asyncio.run(stack.install(settings))
@@ -144,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stack", help="the embedded local stack: Kafka, Redis, SeaweedFS (S3)")
     p.add_argument("action", choices=["install", "up", "down", "status", "logs"])
-    p.add_argument("name", nargs="?", choices=["kafka", "redis", "s3"], help="component (logs only)")
+    p.add_argument("name", nargs="?", help="component (logs only): kafka, redis, s3 or kafka-<i>")
     p.add_argument("-n", "--lines", type=int, default=50)
+    p.add_argument(
+        "--brokers", type=int, help="Kafka brokers (a KRaft cluster on loopback); SWITCHBOARD_KAFKA_BROKERS"
+    )
     p.set_defaults(func=_cmd_stack)
 
     p = sub.add_parser("topics", help="create the Kafka topics with their partition counts")

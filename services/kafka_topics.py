@@ -13,13 +13,19 @@ from services.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def replication_factor(settings: Settings) -> int:
+    """The configured factor, raised to 3 on an embedded cluster of 3 or more brokers (and to the
+    broker count on a 2-broker one), so losing a broker loses no acknowledged write."""
+    return max(settings.topic_replication_factor, min(3, settings.kafka_brokers))
+
+
 def catalogue(settings: Settings) -> list[TopicSpec]:
     return topic_catalogue(
         conversation_topic=settings.conversation_topic,
         knowledge_topic=settings.knowledge_topic,
         dead_letter_topic=settings.dead_letter_topic,
         partitions=settings.topic_partitions,
-        replication_factor=settings.topic_replication_factor,
+        replication_factor=replication_factor(settings),
         conversation_retention_ms=settings.conversation_retention_ms,
         tenants_topic=settings.tenants_topic,
     )
@@ -41,7 +47,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
                     NewTopic(
                         t.name,
                         num_partitions=t.partitions,
-                        replication_factor=settings.topic_replication_factor,
+                        replication_factor=replication_factor(settings),
                         topic_configs=t.config,
                     )
                     for t in missing

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     s3_admin_grpc_port: int = Field(default=0, ge=0, le=65535)
     # Heap of the embedded Kafka broker, in MiB.
     kafka_heap_mb: int = Field(default=512, ge=128)
+    # Brokers of the embedded Kafka: 1, or a KRaft cluster of combined broker+controller nodes on
+    # loopback (node i listens on the Kafka and controller ports + 10*(i-1)); with 3 or more,
+    # topics get replication factor 3 and min.insync.replicas 2 (services/kafka_topics.py).
+    kafka_brokers: int = Field(default=1, ge=1, le=9)
     # --- end of local stack ports
 
     # --- gRPC ingress ------------------------------------------------------------------------
@@ -168,10 +172,6 @@ class Settings(BaseSettings):
     grpc_tls_client_ca: Path | None = None
     # CA bundle the CLI's own clients trust for the ingress's certificate.
     grpc_tls_ca: Path | None = None
-
-    # --- Observability: Prometheus metrics (one endpoint per process; empty: off) and traces ------
-    ingress_metrics_listen: str = "127.0.0.1:9464"
-    sessions_metrics_listen: str = "127.0.0.1:9465"
     # Rate limits of keyed calls (services/auth/_limits.py), token buckets shared by every ingress
     # through Redis: the defaults for tenants without their own (`switchboard tenants update T
     # --rate R --burst B --key-rate R --key-burst B`). Rate 0: unlimited; burst 0: one second's worth.
@@ -181,6 +181,10 @@ class Settings(BaseSettings):
     key_burst: int = Field(default=0, ge=0)
     # A limiter's Redis call that fails or takes longer than this lets the call through (fail open).
     rate_limit_timeout_s: float = Field(default=0.25, gt=0)
+
+    # --- Observability: Prometheus metrics (one endpoint per process; empty: off) and traces ------
+    ingress_metrics_listen: str = "127.0.0.1:9464"
+    sessions_metrics_listen: str = "127.0.0.1:9465"
     assistant_metrics_listen: str = "127.0.0.1:9466"
     analytics_metrics_listen: str = "127.0.0.1:9467"
     # OpenTelemetry traces: "" (off), "otlp" (OTLP over HTTP to otel_endpoint) or "console".

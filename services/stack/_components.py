@@ -22,7 +22,15 @@ from minio import Minio
 from minio.error import MinioException
 
 from services.settings import Settings
-from services.stack._layout import INFRA_DIR, LOOPBACK, Layout, StackError, seaweed_ports
+from services.stack._layout import (
+    INFRA_DIR,
+    LOOPBACK,
+    Layout,
+    StackError,
+    kafka_node_name,
+    kafka_node_ports,
+    seaweed_ports,
+)
 from services.stack._process import Identity, tail
 
 log = logging.getLogger(__name__)
@@ -131,16 +139,32 @@ class Component(ABC):
 
 
 class Kafka(Component):
+    """One KRaft node (broker and controller in one JVM). Node 1 is the single broker of the
+    default stack; with `kafka_brokers` > 1, nodes 2..N run beside it as components "kafka-<i>",
+    and all N nodes form the controller quorum."""
+
     name = "kafka"
     start_timeout_s = 90.0
 
+    def __init__(self, settings: Settings, node_id: int = 1) -> None:
+        super().__init__(settings)
+        self.node_id = node_id
+        self.name = kafka_node_name(node_id)
+        self.port, self.controller_port = kafka_node_ports(settings, node_id)
+        self.config_path = self.layout.kafka_node_config(node_id)
+        self.log_dir = self.layout.kafka_node_log_dir(node_id)
+
+    @property
+    def cluster(self) -> bool:
+        return self.settings.kafka_brokers > 1
+
     @property
     def address(self) -> str:
-        return self.settings.kafka_bootstrap
+        return f"{LOOPBACK}:{self.port}" if self.cluster else self.settings.kafka_bootstrap
 
     @property
     def identity(self) -> Identity:
-        return Identity("java", ("kafka.Kafka", str(self.layout.kafka_config)))
+        return Identity("java", ("kafka.Kafka", str(self.config_path)))
 
     @property
     def libs(self) -> Path:
@@ -163,7 +187,7 @@ class Kafka(Component):
         ]
 
     def argv(self) -> list[str]:
-        return [*self._jvm(), "kafka.Kafka", str(self.layout.kafka_config)]
+        return [*self._jvm(), "kafka.Kafka", str(self.config_path)]
 
     def cluster_id(self) -> str:
         path = self.layout.kafka_cluster_id
@@ -182,17 +206,25 @@ class Kafka(Component):
             raise StackError(
                 f"Kafka {self.settings.kafka_version} is not installed in {self.libs}: run install"
             )
+        self._check_formatted_for()
+        nodes = range(1, self.settings.kafka_brokers + 1)
+        replicas = min(3, self.settings.kafka_brokers)
         render(
             KAFKA_TEMPLATE,
-            self.layout.kafka_config,
+            self.config_path,
             {
-                "port": str(self.settings.kafka_port),
-                "controller_port": str(self.settings.kafka_controller_port),
-                "log_dir": str(self.layout.kafka_log_dir),
+                "node_id": str(self.node_id),
+                "voters": ",".join(f"{i}@{LOOPBACK}:{kafka_node_ports(self.settings, i)[1]}" for i in nodes),
+                "port": str(self.port),
+                "controller_port": str(self.controller_port),
+                "log_dir": str(self.log_dir),
+                "replicas": str(replicas),
+                # A write needs 2 of 3 replicas: one broker may die without losing or refusing it.
+                "min_isr": str(2 if replicas >= 3 else 1),
             },
         )
         # Format once: a formatted log dir holds meta.properties; formatting again would lose data.
-        if not (self.layout.kafka_log_dir / "meta.properties").exists():
+        if not (self.log_dir / "meta.properties").exists():
             argv = [
                 *self._jvm(),
                 "kafka.tools.StorageTool",
@@ -201,12 +233,28 @@ class Kafka(Component):
                 "-t",
                 self.cluster_id(),
                 "-c",
-                str(self.layout.kafka_config),
+                str(self.config_path),
             ]
             await run_logged(argv, self.log_path, "formatting Kafka storage")
+            if self.cluster and self.node_id == 1:
+                self.layout.kafka_brokers_marker.write_text(f"{self.settings.kafka_brokers}\n")
+
+    def _check_formatted_for(self) -> None:
+        """A quorum's voters are fixed when its storage is formatted: a data dir made for one
+        broker count cannot start with another (it would wait forever for voters that never come)."""
+        marker = self.layout.kafka_brokers_marker
+        formatted = (self.layout.kafka_log_dir / "meta.properties").exists()
+        if not formatted and not marker.exists():
+            return
+        was = int(marker.read_text().strip()) if marker.exists() else 1
+        if formatted and was != self.settings.kafka_brokers:
+            raise StackError(
+                f"Kafka in {self.layout.kafka_dir} was formatted for {was} broker(s), not "
+                f"{self.settings.kafka_brokers}: use another SWITCHBOARD_DATA_DIR (or remove that one)"
+            )
 
     async def healthy(self) -> bool:
-        if not await port_open(self.settings.kafka_port):
+        if not await port_open(self.port):
             return False
         admin = AIOKafkaAdminClient(bootstrap_servers=self.address, request_timeout_ms=5000)
         try:
@@ -218,7 +266,10 @@ class Kafka(Component):
             await admin.close()
         expected = self.layout.kafka_cluster_id
         # A broker of another stack on our port would answer too: only ours has our cluster id.
-        return not expected.exists() or cluster.get("cluster_id") == expected.read_text().strip()
+        if expected.exists() and cluster.get("cluster_id") != expected.read_text().strip():
+            return False
+        # In a cluster, up means registered and unfenced: the metadata lists only such brokers.
+        return not self.cluster or self.node_id in {b.get("node_id") for b in cluster.get("brokers", [])}
 
 
 class Redis(Component):
@@ -363,4 +414,5 @@ class SeaweedS3(Component):
 
 
 def components(settings: Settings) -> dict[str, Component]:
-    return {c.name: c for c in (Kafka(settings), Redis(settings), SeaweedS3(settings))}
+    extra = [Kafka(settings, i) for i in range(2, settings.kafka_brokers + 1)]
+    return {c.name: c for c in (Kafka(settings), Redis(settings), SeaweedS3(settings), *extra)}

@@ -9,6 +9,8 @@ from pathlib import Path
 from services.settings import PROJECT_ROOT, Settings
 
 COMPONENTS = ("kafka", "redis", "s3")
+# Node i > 1 of a multi-broker Kafka listens this far above node 1's broker and controller ports.
+KAFKA_NODE_PORT_STEP = 10
 INFRA_DIR = PROJECT_ROOT / "infra"
 LOOPBACK = "127.0.0.1"
 _GRPC_OFFSET = 10_000  # SeaweedFS's default distance from an HTTP port to its gRPC port
@@ -64,6 +66,18 @@ class Layout:
         return self.kafka_dir / "cluster.id"
 
     @property
+    def kafka_brokers_marker(self) -> Path:
+        """How many nodes the cluster was formatted with (written only for more than one)."""
+        return self.kafka_dir / "brokers"
+
+    # Node 1 of a cluster keeps the single broker's paths above; node i > 1 has its own.
+    def kafka_node_log_dir(self, node_id: int) -> Path:
+        return self.kafka_log_dir if node_id == 1 else self.kafka_dir / f"data-{node_id}"
+
+    def kafka_node_config(self, node_id: int) -> Path:
+        return self.kafka_config if node_id == 1 else self.kafka_dir / f"server-{node_id}.properties"
+
+    @property
     def redis_dir(self) -> Path:
         return self.data_dir / "redis"
 
@@ -102,18 +116,40 @@ def seaweed_ports(settings: Settings) -> dict[str, int]:
     }
 
 
+def kafka_node_name(node_id: int) -> str:
+    return "kafka" if node_id == 1 else f"kafka-{node_id}"
+
+
+def kafka_node_ports(settings: Settings, node_id: int) -> tuple[int, int]:
+    """(broker port, controller port) of one Kafka node; node 1 uses the configured ports."""
+    shift = KAFKA_NODE_PORT_STEP * (node_id - 1)
+    return settings.kafka_port + shift, settings.kafka_controller_port + shift
+
+
+def component_names(settings: Settings) -> tuple[str, ...]:
+    """The stack's components: COMPONENTS, plus "kafka-2".."kafka-N" for a multi-broker Kafka."""
+    extra = tuple(kafka_node_name(i) for i in range(2, settings.kafka_brokers + 1))
+    return (*COMPONENTS, *extra)
+
+
 def component_ports(settings: Settings) -> dict[str, list[int]]:
-    return {
+    ports = {
         "kafka": [settings.kafka_port, settings.kafka_controller_port],
         "redis": [settings.redis_port],
         "s3": list(seaweed_ports(settings).values()),
     }
+    for node_id in range(2, settings.kafka_brokers + 1):
+        ports[kafka_node_name(node_id)] = list(kafka_node_ports(settings, node_id))
+    return ports
 
 
 def check_ports_distinct(settings: Settings) -> None:
+    extra_nodes = range(2, settings.kafka_brokers + 1)
     named = [
         ("kafka", settings.kafka_port),
         ("kafka controller", settings.kafka_controller_port),
+        *((f"kafka node {i}", kafka_node_ports(settings, i)[0]) for i in extra_nodes),
+        *((f"kafka node {i} controller", kafka_node_ports(settings, i)[1]) for i in extra_nodes),
         ("redis", settings.redis_port),
         *((f"s3 ({flag})", port) for flag, port in seaweed_ports(settings).items()),
     ]

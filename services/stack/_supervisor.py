@@ -11,7 +11,13 @@ from typing import Any
 from services.settings import Settings
 from services.stack._components import Component, components
 from services.stack._install import install
-from services.stack._layout import COMPONENTS, Layout, StackError, check_ports_distinct, component_ports
+from services.stack._layout import (
+    Layout,
+    StackError,
+    check_ports_distinct,
+    component_names,
+    component_ports,
+)
 from services.stack._process import is_running, port_holder, running_pid, spawn, stack_lock, tail, terminate
 
 log = logging.getLogger(__name__)
@@ -21,8 +27,9 @@ PORT_RELEASE_S = 10.0
 
 
 def _component(settings: Settings, name: str) -> Component:
-    if name not in COMPONENTS:
-        raise ValueError(f"unknown stack component {name!r}; expected one of {', '.join(COMPONENTS)}")
+    names = component_names(settings)
+    if name not in names:
+        raise ValueError(f"unknown stack component {name!r}; expected one of {', '.join(names)}")
     return components(settings)[name]
 
 
@@ -41,7 +48,8 @@ async def down(settings: Settings) -> None:
 
 
 async def start_component(settings: Settings, name: str) -> None:
-    """Start one component ("kafka", "redis" or "s3") if it is not running; its data is kept."""
+    """Start one component ("kafka", "redis", "s3", or "kafka-<i>" of a multi-broker Kafka) if it is
+    not running; its data is kept."""
     component = _component(settings, name)
     check_ports_distinct(settings)
     async with stack_lock(component.layout.lock_path):
@@ -71,12 +79,13 @@ async def status(settings: Settings) -> dict[str, dict[str, Any]]:
 def logs(settings: Settings, name: str | None = None, lines: int = 50) -> str:
     """The last `lines` lines of one component's log, or of each one's (name=None)."""
     layout = Layout.of(settings)
+    names = component_names(settings)
     if name is not None:
-        if name not in (*COMPONENTS, "install"):
-            raise ValueError(f"unknown log {name!r}; expected one of {', '.join(COMPONENTS)}, install")
+        if name not in (*names, "install"):
+            raise ValueError(f"unknown log {name!r}; expected one of {', '.join(names)}, install")
         return tail(layout.log_path(name), lines)
     parts = []
-    for each in COMPONENTS:
+    for each in names:
         path = layout.log_path(each)
         parts.append(f"==> {path} <==\n{tail(path, lines)}")
     return "\n\n".join(parts)

@@ -1,0 +1,185 @@
+"""A 3-broker Kafka cluster loses the leader of a busy partition (kill -9) under load.
+
+This test runs its own stack (three KRaft nodes, Redis, SeaweedFS) in its own data directory on
+its own ports, beside the shared session stack, because it needs a cluster and kills a broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from switchboard.v1 import chat_pb2_grpc
+
+from services import stack
+from services.kafka_topics import catalogue, ensure_topics
+from services.settings import PROJECT_ROOT, Settings
+from services.stack._layout import kafka_node_name, kafka_node_ports
+from tests.integration.conftest import TEST_ENV, System, eventually, start_conversation
+from tests.integration.test_durability import Load, assert_exactly_once_in_clickhouse, assert_state_counts
+
+pytestmark = pytest.mark.integration
+
+# Beside the shared stack's ports (which move by SWITCHBOARD_TEST_PORT_OFFSET, in hundreds): an
+# odd shift keeps this stack clear of every suite that runs with another offset.
+_SHIFT = 1517
+BROKERS = 3
+TOTAL = 3000
+
+
+def _shifted_env() -> dict[str, str]:
+    env = {}
+    for key, value in TEST_ENV.items():
+        if key.endswith("_PORT"):
+            env[key] = str(int(value) + _SHIFT)
+        elif key.endswith(("_BOOTSTRAP", "_URL", "_ENDPOINT", "_LISTEN")):
+            env[key] = re.sub(r"(?<=:)(\d{4,5})(?=/|$)", lambda m: str(int(m.group(1)) + _SHIFT), value)
+        else:
+            env[key] = value
+    return env
+
+
+def _cluster_settings(env: dict[str, str]) -> Settings:
+    fields = {k.removeprefix("SWITCHBOARD_").lower(): v for k, v in env.items()}
+    return Settings(**{k: v for k, v in fields.items() if k in Settings.model_fields})  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[System]:
+    data_dir = Path(tempfile.mkdtemp(prefix="sb-brokers-", dir=PROJECT_ROOT / "var"))
+    env = {
+        **_shifted_env(),
+        "SWITCHBOARD_KAFKA_BROKERS": str(BROKERS),
+        "SWITCHBOARD_DATA_DIR": str(data_dir),
+        "SWITCHBOARD_MODELS_DIR": str(PROJECT_ROOT / "var" / "models"),
+    }
+    first = _cluster_settings(env)
+    # Every client bootstraps from all three, so losing node 1 does not strand a (re)starting one.
+    env["SWITCHBOARD_KAFKA_BOOTSTRAP"] = ",".join(
+        f"127.0.0.1:{kafka_node_ports(first, i)[0]}" for i in range(1, BROKERS + 1)
+    )
+    settings = _cluster_settings(env)
+    system = System(settings, env)
+    # The assistant and archiver play no part in what is measured; two cores are shared.
+    system.children = {k: v for k, v in system.children.items() if k in ("analytics", "sessions", "ingress")}
+    try:
+        await stack.install(settings)
+        await stack.up(settings)
+        await ensure_topics(settings)
+        await system.start_children()
+        yield system
+    finally:
+        system.stop_children()
+        await stack.down(settings)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@dataclass
+class TimedLoad(Load):
+    """Load that also records when each caller was refused and how long each message took."""
+
+    refusals: list[float] = field(default_factory=list)
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (first attempt, ack)
+
+    async def send(self, cmid: str, conversation_id: str, *, retry: bool = True) -> None:
+        started = time.monotonic()
+        before = self.unavailable
+        await super().send(cmid, conversation_id, retry=retry)
+        if self.unavailable > before:
+            self.refusals.append(time.monotonic())
+        self.latencies.append((started, time.monotonic()))
+
+
+async def _partitions(settings: Settings) -> list[dict]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([t.name for t in catalogue(settings)])
+        return [p for topic in described for p in topic["partitions"]]
+    finally:
+        await admin.close()
+
+
+async def _busiest_partition_leader(settings: Settings) -> tuple[int, int]:
+    """(partition, leader node id) of the conversation-events partition with the most records."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(settings.conversation_topic, p) for p in range(settings.topic_partitions)]
+        ends = await consumer.end_offsets(tps)
+        busiest = max(tps, key=lambda tp: ends[tp])
+        leader = consumer._client.cluster.leader_for_partition(busiest)
+        assert leader is not None and leader >= 0
+        return busiest.partition, int(leader)
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.timeout(300)
+async def test_leader_killed_mid_load_loses_nothing_and_rejoins(cluster: System, tenant: str) -> None:
+    settings = cluster.settings
+    parts = await _partitions(settings)
+    assert all(len(p["replicas"]) == BROKERS for p in parts), "every topic has 3 replicas"
+    async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        conversations = [await start_conversation(stub, tenant) for _ in range(20)]
+        load = TimedLoad(stub, tenant, conversations)
+        task = asyncio.create_task(load.run(TOTAL, concurrency=32))
+        await eventually(
+            lambda: asyncio.sleep(0, len(load.acked)), lambda n: n >= 600, what="600 acks before the kill"
+        )
+        partition, leader = await _busiest_partition_leader(settings)
+        victim = kafka_node_name(leader)
+        killed_at = time.monotonic()
+        await stack.stop_component(settings, victim, kill=True)
+        acked_at_kill = len(load.acked)
+
+        # The cluster carries on with two brokers: acks continue while the victim is down.
+        await eventually(
+            lambda: asyncio.sleep(0, len(load.acked)),
+            lambda n: n >= acked_at_kill + 600,
+            within_s=60,
+            what="acks with one broker dead",
+        )
+        survivors = await _partitions(settings)
+        assert all(leader not in p["isr"] for p in survivors), "the dead broker left every ISR"
+        assert all(p["leader"] != leader for p in survivors), "leadership moved off the dead broker"
+
+        restarted_at = time.monotonic()
+        await stack.start_component(settings, victim)
+        await asyncio.wait_for(task, 180)
+        assert len(load.acked) == TOTAL
+
+        # The restarted broker catches up and is back in sync for every partition of every topic.
+        await eventually(
+            lambda: _partitions(settings),
+            lambda ps: all(len(p["isr"]) == BROKERS for p in ps),
+            within_s=60,
+            what="ISR back to 3 everywhere",
+        )
+        caught_up_s = time.monotonic() - restarted_at
+
+        # What a caller saw: refusals after the kill, and the slowest message (retries included)
+        # among those that were sent after it.
+        refused_for = max((t - killed_at for t in load.refusals if t >= killed_at), default=0.0)
+        slowest = max((ack - start for start, ack in load.latencies if ack >= killed_at), default=0.0)
+        print(
+            f"\nbroker-loss: killed node {leader} (leader of partition {partition}); "
+            f"{load.unavailable} UNAVAILABLE/DEADLINE replies, the last {refused_for:.1f} s after the kill; "
+            f"slowest acknowledged message after the kill {slowest:.1f} s; "
+            f"ISR back to {BROKERS} {caught_up_s:.1f} s after the restart"
+        )
+        assert slowest <= 10.0, f"a caller waited {slowest:.1f} s for an ack across the broker loss"
+
+        await assert_exactly_once_in_clickhouse(cluster, tenant, load.acked)
+        await assert_state_counts(stub, tenant, conversations, TOTAL)
