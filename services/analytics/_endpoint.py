@@ -12,9 +12,10 @@ What it implements of https://clickhouse.com/docs/interfaces/http:
   ClickHouse has.
 - ``client_protocol_version``: Native output carries what a server writes for that protocol
   revision (BlockInfo, serialization-kind bytes), as clickhouse-go v2 (Grafana) expects.
-- ``database``, ``query_id``, ``session_id`` / ``session_timeout`` / ``session_check`` (a session
-  keeps its own connection, so ``SET``, ``USE`` and temporary tables persist in it), and every other
-  URL parameter as a query-scoped setting.
+- ``database``, ``query_id``, ``session_id`` / ``session_timeout`` / ``session_check`` (``SET`` and
+  ``USE`` persist in a session as a small remembered dict replayed per request, so thousands of
+  clients' sessions are cheap; a session that creates a temporary table gets its own engine
+  connection), and every other URL parameter as a query-scoped setting.
 - Compressed request bodies (``Content-Encoding`` gzip, deflate, br, zstd, lz4); responses are
   never compressed (no ``Content-Encoding``, which clients read as identity).
 - ``X-ClickHouse-Query-Id``, ``-Format``, ``-Timezone``, ``-Summary`` and ``-Server-Display-Name``
@@ -207,8 +208,17 @@ def _set_statement(settings: Mapping[str, str]) -> str:
 
 
 class _Session:
-    def __init__(self, conn: Any, timeout_s: float) -> None:
-        self.conn = conn
+    """A client's session. What it SETs and USEs is remembered here (a small dict) and replayed
+    on a fresh connection per request, so thousands of idle sessions cost little; the session
+    gets its own engine connection only once it holds state that cannot be replayed (temporary
+    tables, ``SET param_…``)."""
+
+    __slots__ = ("conn", "database", "last_used", "lock", "settings", "timeout_s")
+
+    def __init__(self, timeout_s: float) -> None:
+        self.conn: Any = None
+        self.settings: dict[str, str] = {}
+        self.database = ""
         self.timeout_s = timeout_s
         self.lock = threading.Lock()
         self.last_used = time.monotonic()
@@ -217,12 +227,30 @@ class _Session:
         return not self.lock.locked() and now - self.last_used > self.timeout_s
 
 
+# Statements whose effect lives in the engine's session and cannot be replayed from a dict.
+_NEEDS_OWN_CONNECTION = re.compile(
+    r"^(?:CREATE\s+(?:OR\s+REPLACE\s+)?TEMPORARY\b|SET\s+param_)", re.IGNORECASE
+)
+# How often idle sessions are swept (a sweep walks every session).
+_SWEEP_INTERVAL_S = 1.0
+
+
+def _readonly_refusal() -> QueryError:
+    return QueryError(
+        "Code: 164. DB::Exception: Cannot execute query in readonly mode: a GET request "
+        "(or readonly=1|2) only reads; send writes with POST. (READONLY)",
+        164,
+    )
+
+
 class ChdbQueryEngine:
     """Runs `QueryRequest`s on chdb connections; thread-safe, blocking (call from a worker thread).
 
-    A request without a session gets a fresh connection (a few milliseconds) with the default
-    settings, its own settings and database; a session keeps one connection across requests, and
-    its request settings are applied for that request only, then restored.
+    Every request gets a fresh connection (a fraction of a millisecond) on which its session's
+    remembered database and settings, then its own settings, then its readonly level are applied.
+    A session that created a temporary table (or set a query parameter) keeps one connection of
+    its own instead; request settings are applied there for that request only, then restored.
+    At most `max_sessions` sessions, of which at most `max_stateful_sessions` hold a connection.
     """
 
     def __init__(
@@ -230,17 +258,23 @@ class ChdbQueryEngine:
         path: Path | str,
         *,
         default_settings: Mapping[str, str] = DEFAULT_SETTINGS,
-        max_sessions: int = 256,
+        max_sessions: int = 20_000,
+        max_stateful_sessions: int = 256,
     ) -> None:
         self.path = str(Path(path).resolve())
         self.default_settings = dict(default_settings)
         self.max_sessions = max_sessions
+        self.max_stateful_sessions = max_stateful_sessions
         self._sessions: dict[str, _Session] = {}
+        self._stateful = 0
         self._sessions_lock = threading.Lock()
+        self._next_sweep = 0.0
         # Keeps the engine open between requests (chdb shuts it down with its last connection).
         self._anchor = self._connect()
         self.version = self._scalar("SELECT version()")
         self.timezone = self._scalar("SELECT timezone()")
+        # What a fresh connection already has changed (chdb's own defaults): not a session's SET.
+        self._baseline = self._changed_settings(self._anchor)
 
     def _connect(self, readonly: str = "") -> Any:
         import chdb  # the `embedded` extra: server deployments do not install it
@@ -258,23 +292,50 @@ class ChdbQueryEngine:
     def _scalar(self, sql: str) -> str:
         return str(self._anchor.query(sql, "TSV").bytes().decode().strip())
 
+    def _changed_settings(self, conn: Any) -> dict[str, str]:
+        rows = json.loads(
+            self._run(conn, "SELECT name, value FROM system.settings WHERE changed", "JSONCompact")
+            .bytes()
+            .decode()
+        )["data"]
+        return {str(name): str(value) for name, value in rows}
+
     def close(self) -> None:
         with self._sessions_lock:
             sessions = list(self._sessions.values())
             self._sessions.clear()
+            self._stateful = 0
         for session in sessions:
-            session.conn.close()
+            if session.conn is not None:
+                session.conn.close()
         self._anchor.close()
 
+    @property
+    def session_count(self) -> tuple[int, int]:
+        """(sessions, sessions holding their own connection)."""
+        with self._sessions_lock:
+            return len(self._sessions), self._stateful
+
     # --- sessions -------------------------------------------------------------------------------
+
+    def _sweep(self, now: float) -> list[Any]:
+        """Drop expired sessions (caller holds the lock); returns their connections to close."""
+        if now < self._next_sweep:
+            return []
+        self._next_sweep = now + _SWEEP_INTERVAL_S
+        closing = []
+        for sid, old in list(self._sessions.items()):
+            if old.expired(now):
+                del self._sessions[sid]
+                if old.conn is not None:
+                    self._stateful -= 1
+                    closing.append(old.conn)
+        return closing
 
     def _session(self, request: QueryRequest) -> _Session:
         now = time.monotonic()
         with self._sessions_lock:
-            for sid, old in list(self._sessions.items()):
-                if old.expired(now):
-                    del self._sessions[sid]
-                    old.conn.close()
+            closing = self._sweep(now)
             session = self._sessions.get(request.session_id)
             if session is None:
                 if request.session_check:
@@ -289,9 +350,11 @@ class ChdbQueryEngine:
                         "close idle clients or lower session_timeout. (TOO_MANY_SIMULTANEOUS_QUERIES)",
                         202,
                     )
-                session = _Session(self._connect(), request.session_timeout_s)
+                session = _Session(request.session_timeout_s)
                 self._sessions[request.session_id] = session
             session.timeout_s = request.session_timeout_s
+        for conn in closing:
+            conn.close()
         if not session.lock.acquire(blocking=False):
             raise QueryError(
                 f"Code: 373. DB::Exception: Session {request.session_id} is locked by a concurrent "
@@ -300,37 +363,116 @@ class ChdbQueryEngine:
             )
         return session
 
+    def _give_own_connection(self, session: _Session) -> None:
+        """The session now needs state only a connection can hold: open one with what it has."""
+        with self._sessions_lock:
+            if self._stateful >= self.max_stateful_sessions:
+                raise QueryError(
+                    "Code: 202. DB::Exception: Too many sessions with temporary tables or query "
+                    f"parameters (at most {self.max_stateful_sessions}); close idle clients or lower "
+                    "session_timeout. (TOO_MANY_SIMULTANEOUS_QUERIES)",
+                    202,
+                )
+            self._stateful += 1
+        try:
+            conn = self._connect()
+            self._replay(conn, session.database, session.settings)
+        except BaseException:
+            with self._sessions_lock:
+                self._stateful -= 1
+            raise
+        session.conn = conn
+
     # --- execution ------------------------------------------------------------------------------
 
     def execute(self, request: QueryRequest) -> QueryResult:
         kind = statement_kind(request.sql)
         if not request.session_id:
-            conn = self._connect(request.readonly)
-            try:
-                if request.settings:
-                    self._run(conn, _set_statement(request.settings))
-                return self._execute_on(conn, request, kind)
-            finally:
-                conn.close()
-        if request.readonly and kind not in _READONLY_ALLOWED:
-            # A session's connection cannot be made read-only for one request (readonly cannot
-            # be reset), so read-only requests in a session are checked by statement instead.
-            raise QueryError(
-                "Code: 164. DB::Exception: Cannot execute query in readonly mode: a GET request "
-                "(or readonly=1|2) only reads; send writes with POST. (READONLY)",
-                164,
-            )
+            return self._execute_fresh(request, kind, "", {})
         session = self._session(request)
         try:
-            restore = self._apply_scoped_settings(session.conn, request.settings) if kind != "SET" else {}
-            try:
-                return self._execute_on(session.conn, request, kind)
-            finally:
-                if restore:
-                    self._run(session.conn, _set_statement(restore))
+            if session.conn is None and _NEEDS_OWN_CONNECTION.match(
+                _LEADING_NOISE.sub("", request.sql, count=1)
+            ):
+                if request.readonly and kind not in _READONLY_ALLOWED:
+                    raise _readonly_refusal()
+                self._give_own_connection(session)
+            if session.conn is None:
+                if kind in ("SET", "USE"):
+                    return self._remember(session, request, kind)
+                return self._execute_fresh(request, kind, session.database, session.settings)
+            return self._execute_in_session(session.conn, request, kind)
         finally:
             session.last_used = time.monotonic()
             session.lock.release()
+
+    def _replay(self, conn: Any, database: str, settings: Mapping[str, str]) -> None:
+        if database:
+            self._run(conn, f"USE `{database.replace('`', '``')}`")
+        if settings:
+            self._run(conn, _set_statement(settings))
+
+    def _fresh(self, request: QueryRequest, database: str, settings: Mapping[str, str]) -> Any:
+        """A new connection with a session's state, the request's settings, then its readonly
+        level (last, so the replayed SETs are allowed and the statement is not)."""
+        conn = self._connect()
+        try:
+            self._replay(conn, request.database or database, {**settings, **request.settings})
+            if request.readonly:
+                self._run(conn, f"SET readonly = {int(request.readonly)}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _execute_fresh(
+        self, request: QueryRequest, kind: str, database: str, settings: Mapping[str, str]
+    ) -> QueryResult:
+        conn = self._fresh(request, database, settings)
+        try:
+            return self._execute_on(conn, request, kind)
+        finally:
+            conn.close()
+
+    def _remember(self, session: _Session, request: QueryRequest, kind: str) -> QueryResult:
+        """SET or USE in a session without a connection: run it (so errors are the engine's) on a
+        fresh one with the session's state, then keep what it changed."""
+        scoped = QueryRequest(sql=request.sql, readonly=request.readonly)  # no URL settings: as on a session
+        conn = self._fresh(scoped, session.database, session.settings)
+        try:
+            result = self._execute_on(conn, scoped, kind)
+            database = self._run(conn, "SELECT currentDatabase()").bytes().decode().strip()
+            changed = self._changed_settings(conn)
+        finally:
+            conn.close()
+        if request.readonly:
+            changed.pop("readonly", None)  # ours, for this request
+        session.database = database if database != "default" or session.database else ""
+        session.settings = {
+            name: value
+            for name, value in changed.items()
+            if name != "database" and self._baseline.get(name) != value
+        }
+        return result
+
+    def _execute_in_session(self, conn: Any, request: QueryRequest, kind: str) -> QueryResult:
+        if request.readonly and kind not in _READONLY_ALLOWED:
+            # A session's connection cannot be made read-only for one request (readonly cannot
+            # be reset), so read-only requests in a session are checked by statement instead.
+            raise _readonly_refusal()
+        restore = self._apply_scoped_settings(conn, request.settings) if kind != "SET" else {}
+        database = ""
+        try:
+            if request.database:
+                # The URL's database is for this request; the session's own (USE) comes back after.
+                database = self._run(conn, "SELECT currentDatabase()").bytes().decode().strip()
+                self._replay(conn, request.database, {})
+            return self._execute_on(conn, request, kind)
+        finally:
+            if database:
+                self._replay(conn, database, {})
+            if restore:
+                self._run(conn, _set_statement(restore))
 
     def _apply_scoped_settings(self, conn: Any, settings: Mapping[str, str]) -> dict[str, str]:
         """Apply request settings on a session connection; return what restores the session."""
@@ -360,8 +502,6 @@ class ChdbQueryEngine:
             raise QueryError.from_engine(exc) from exc
 
     def _execute_on(self, conn: Any, request: QueryRequest, kind: str) -> QueryResult:
-        if request.database:
-            self._run(conn, f"USE `{request.database.replace('`', '``')}`")
         if request.insert_data is not None:
             return self._insert(conn, request)
         produces_rows = kind in _READ_STATEMENTS
