@@ -96,3 +96,23 @@ def test_a_batch_costs_one_token_per_message_and_one_larger_than_a_burst_is_refu
     assert refusal is not None and refusal.code is grpc.StatusCode.INVALID_ARGUMENT
     assert "tenant 'acme'" in refusal.message and "at most 5" in refusal.message
     assert too_big(plan, 5) is None
+
+
+async def test_the_limiter_fails_open_when_redis_is_unreachable() -> None:
+    import socket
+
+    from prometheus_client import REGISTRY
+
+    from services.auth._limits import RateLimiter
+
+    # A port nothing listens on (bound, then closed): connection refused, as with Redis down.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    limiter = RateLimiter(Settings(redis_url=f"redis://127.0.0.1:{port}/0", rate_limit_timeout_s=0.5))
+    before = REGISTRY.get_sample_value("switchboard_rate_limit_fail_open_total") or 0.0
+    try:
+        assert await limiter.acquire(Plan(("k",), (TEN,), ("tenant 'acme'",)), 5, 5) == 5
+    finally:
+        await limiter.close()
+    assert REGISTRY.get_sample_value("switchboard_rate_limit_fail_open_total") == before + 1
