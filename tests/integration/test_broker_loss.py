@@ -22,9 +22,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from switchboard.v1 import chat_pb2_grpc
 
 from services import stack
-from services.kafka_topics import catalogue, ensure_topics
+from services.kafka_topics import catalogue, ensure_topics, replication_factor
 from services.settings import PROJECT_ROOT, Settings
-from services.stack._layout import kafka_node_name, kafka_node_ports
+from services.stack._components import Kafka
+from services.stack._layout import StackError, check_ports_distinct, kafka_node_name, kafka_node_ports
 from tests.integration.conftest import TEST_ENV, System, eventually, start_conversation
 from tests.integration.test_durability import Load, assert_exactly_once_in_clickhouse, assert_state_counts
 
@@ -52,6 +53,38 @@ def _shifted_env() -> dict[str, str]:
 def _cluster_settings(env: dict[str, str]) -> Settings:
     fields = {k.removeprefix("SWITCHBOARD_").lower(): v for k, v in env.items()}
     return Settings(**{k: v for k, v in fields.items() if k in Settings.model_fields})  # type: ignore[arg-type]
+
+
+def test_replication_follows_the_broker_count() -> None:
+    one = Settings(kafka_brokers=1)
+    three = Settings(kafka_brokers=3)
+    assert replication_factor(one) == 1
+    assert replication_factor(three) == 3
+    assert replication_factor(Settings(kafka_brokers=5)) == 3
+    conversations = next(t for t in catalogue(three) if t.name == three.conversation_topic)
+    assert conversations.config["min.insync.replicas"] == "2"
+    assert (
+        next(t for t in catalogue(one) if t.name == one.conversation_topic).config["min.insync.replicas"]
+        == "1"
+    )
+
+
+def test_each_node_has_its_own_ports_and_clashes_are_refused() -> None:
+    settings = Settings(kafka_brokers=3, kafka_bootstrap="127.0.0.1:9092", kafka_controller_port=9093)
+    assert [kafka_node_ports(settings, i) for i in (1, 2, 3)] == [(9092, 9093), (9102, 9103), (9112, 9113)]
+    check_ports_distinct(settings)
+    # Node 2's broker port would be Redis's.
+    with pytest.raises(StackError, match="9102"):
+        check_ports_distinct(Settings(kafka_brokers=3, redis_url="redis://127.0.0.1:9102/0"))
+
+
+def test_a_data_dir_formatted_for_one_broker_count_refuses_another(tmp_path: Path) -> None:
+    single = Kafka(Settings(data_dir=tmp_path, kafka_brokers=1))
+    single.log_dir.mkdir(parents=True)
+    (single.log_dir / "meta.properties").write_text("node.id=1\n")
+    single._check_formatted_for()
+    with pytest.raises(StackError, match="formatted for 1 broker"):
+        Kafka(Settings(data_dir=tmp_path, kafka_brokers=3), 2)._check_formatted_for()
 
 
 @pytest.fixture
