@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     # chdb:///abs/path runs ClickHouse in-process (only one process may open a path);
     # http(s)://user:pass@host:8123/db talks to a ClickHouse server.
     clickhouse_dsn: str = ""
+    # A ClickHouse cluster name (server DSN only): migrations run their cluster variants (ON
+    # CLUSTER, Replicated* engines, Distributed tables; docs/analytics.md). Empty: one server.
+    clickhouse_cluster: str = ""
     # The query endpoint the analytics process serves in embedded mode (ClickHouse HTTP shape).
     analytics_listen: str = "127.0.0.1:8123"
     # The endpoint's `admin` user is the only one that writes (migrations, replays); every other

@@ -7,6 +7,7 @@ import hashlib
 import importlib.resources
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ MIGRATIONS_TABLE = f"{DATABASE}.schema_migrations"
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 # The table that records applied migrations exists before any migration runs.
-_BOOTSTRAP = (
+BOOTSTRAP = (
     f"CREATE DATABASE IF NOT EXISTS {DATABASE}",
     f"""CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE}
 (
@@ -187,23 +188,36 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     return [found[name] for name in sorted(found)]
 
 
-def applied_migrations(client: Any) -> dict[str, str]:
+def applied_migrations(client: Any, cluster: str = "") -> dict[str, str]:
     """Applied migration names and their checksums."""
-    for statement in _BOOTSTRAP:
+    if cluster:
+        from services.analytics._cluster import cluster_bootstrap
+
+        bootstrap: Sequence[str] = cluster_bootstrap(BOOTSTRAP, cluster)
+    else:
+        bootstrap = BOOTSTRAP
+    for statement in bootstrap:
         client.command(statement)
     rows = client.query(f"SELECT name, checksum FROM {MIGRATIONS_TABLE} FINAL").result_rows
     return {str(name): str(checksum) for name, checksum in rows}
 
 
-def migrate(client: Any, migrations: list[Migration] | None = None) -> list[str]:
+def migrate(client: Any, migrations: list[Migration] | None = None, cluster: str = "") -> list[str]:
     """Apply pending migrations in order, record each, and return the names applied.
+
+    With `cluster` (``settings.clickhouse_cluster``), their cluster variants (services/analytics/
+    _cluster.py: ON CLUSTER, Replicated* engines, Distributed tables) run instead.
 
     Idempotent: a second run applies nothing. Every statement is written to be re-runnable
     (IF NOT EXISTS), so a migration interrupted half-way is simply applied again. A migration
     whose file changed after it was applied is an error: write a new migration instead.
     """
     migrations = load_migrations() if migrations is None else migrations
-    applied = applied_migrations(client)
+    if cluster:
+        from services.analytics._cluster import cluster_migrations
+
+        migrations = cluster_migrations(migrations, cluster)
+    applied = applied_migrations(client, cluster)
     done: list[str] = []
     for migration in migrations:
         if migration.name in applied:

@@ -196,6 +196,16 @@ def output_format(sql: str, default: str) -> str:
     return match.group(1) if match else default
 
 
+def _engine_text(sql: str) -> str | bytes:
+    """The query as the engine takes it: text, or the client's exact bytes when they were not
+    UTF-8 (decoded with surrogateescape by parse_request)."""
+    try:
+        sql.encode()
+    except UnicodeEncodeError:
+        return sql.encode("utf-8", "surrogateescape")
+    return sql
+
+
 def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -497,7 +507,7 @@ class ChdbQueryEngine:
 
     def _run(self, conn: Any, sql: str, fmt: str = "TSV", params: Mapping[str, str] | None = None) -> Any:
         try:
-            return conn.query(sql, fmt, params=dict(params or {}))
+            return conn.query(_engine_text(sql), fmt, params=dict(params or {}))
         except Exception as exc:
             raise QueryError.from_engine(exc) from exc
 
@@ -653,10 +663,9 @@ async def parse_request(request: web.Request, max_decompressed: int | None = Non
         insert_format = match.group(2).decode()
         sql = match.group(1).decode(errors="replace").strip()
     else:
-        try:
-            sql = head.decode()
-        except UnicodeDecodeError as exc:
-            raise QueryError("Code: 36. DB::Exception: the query is not UTF-8. (BAD_ARGUMENTS)", 36) from exc
+        # ClickHouse takes any bytes in a string literal (a query is bytes, not text): bytes that
+        # are not UTF-8 ride along as surrogates and reach the engine as they came (see _engine_text).
+        sql = head.decode("utf-8", "surrogateescape")
     if not sql.strip():
         raise QueryError("Code: 62. DB::Exception: Empty query. (SYNTAX_ERROR)", 62)
 

@@ -104,6 +104,16 @@ def endpoint_client(settings: Settings, *, write: bool = False, **kwargs: Any) -
     return clickhouse_connect.get_client(host=host, port=port, **kwargs)
 
 
+def migration_cluster(settings: Settings) -> str:
+    """The cluster whose migration variants apply; embedded ClickHouse has no cluster."""
+    if settings.clickhouse_cluster and settings.embedded_clickhouse:
+        raise AnalyticsError(
+            f"clickhouse_cluster={settings.clickhouse_cluster!r} needs a ClickHouse server DSN "
+            "(SWITCHBOARD_CLICKHOUSE_DSN=http://…); embedded chdb is a single node"
+        )
+    return settings.clickhouse_cluster
+
+
 def run_analytics(settings: Settings, loglevel: str = "info") -> None:
     """Run the analytics process until SIGTERM/SIGINT (blocking).
 
@@ -121,7 +131,7 @@ async def serve_analytics(settings: Settings) -> None:
     if settings.embedded_clickhouse:
         host, port = listen_address(settings)
     client = open_clickhouse(settings)
-    applied = migrate(client)
+    applied = migrate(client, cluster=migration_cluster(settings))
     log.info("ClickHouse migrations applied: %s", ", ".join(applied) or "none pending")
     endpoint: QueryEndpoint | None = None
     if settings.embedded_clickhouse:
@@ -226,6 +236,6 @@ def migrate_command(settings: Settings) -> list[str]:
     else:
         client = open_clickhouse(settings)
     try:
-        return migrate(client)
+        return migrate(client, cluster=migration_cluster(settings))
     finally:
         client.close()
