@@ -69,10 +69,13 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    from services.analytics import AnalyticsError, run_query
+    from services.analytics import AnalyticsError, run_query_bytes
 
     try:
-        print(run_query(_settings(), args.query, args.format), end="")
+        # Bytes as ClickHouse wrote them: binary formats (Parquet, Native, …) pass through intact.
+        sys.stdout.flush()
+        sys.stdout.buffer.write(run_query_bytes(_settings(), args.query, args.format))
+        sys.stdout.buffer.flush()
     except AnalyticsError as exc:
         sys.exit(f"switchboard sql: {exc}")
     return 0

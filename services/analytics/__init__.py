@@ -34,6 +34,7 @@ from services.analytics._process import (
     migrate_command,
     run_analytics,
     run_query,
+    run_query_bytes,
 )
 
 __all__ = [
@@ -60,5 +61,6 @@ __all__ = [
     "open_clickhouse",
     "run_analytics",
     "run_query",
+    "run_query_bytes",
     "split_statements",
 ]

@@ -165,7 +165,7 @@ def endpoint_is_up(settings: Settings, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def _post_query(base_url: str, sql: str, params: dict[str, str], timeout_s: float = 300.0) -> str:
+def _post_query(base_url: str, sql: str, params: dict[str, str], timeout_s: float = 300.0) -> bytes:
     parsed = urllib.parse.urlsplit(base_url)
     # The header tells the endpoint this is a ClickHouse client, not a web form (see _guard).
     headers = {"Content-Type": "text/plain; charset=utf-8", "X-ClickHouse-User": "default"}
@@ -184,18 +184,26 @@ def _post_query(base_url: str, sql: str, params: dict[str, str], timeout_s: floa
     request = urllib.request.Request(url, data=sql.encode(), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-            return str(resp.read().decode("utf-8", errors="replace"))
+            return bytes(resp.read())
     except urllib.error.HTTPError as exc:
         raise QueryFailedError(exc.read().decode("utf-8", errors="replace").strip()) from None
 
 
 def run_query(settings: Settings, sql: str, fmt: str = "PrettyCompact", database: str = DATABASE) -> str:
+    """`run_query_bytes` as text (for the text formats)."""
+    return run_query_bytes(settings, sql, fmt, database).decode("utf-8", errors="replace")
+
+
+def run_query_bytes(
+    settings: Settings, sql: str, fmt: str = "PrettyCompact", database: str = DATABASE
+) -> bytes:
     """Run one statement and return ClickHouse's output in format `fmt` (any ClickHouse format).
 
     Unqualified names resolve in `database` (``switchboard`` unless a server DSN names one), so
     ``SELECT count() FROM events`` works. No settings are added: the analyst-facing views are
     exact by construction. Embedded mode goes through the analytics process's endpoint; when that
     is not running, chdb is opened here. With a server DSN, the server is queried directly.
+    Binary formats (Parquet, Arrow, Native, RowBinary) come back as the engine wrote them.
     Raises `QueryFailedError` with ClickHouse's message.
     """
     params = {"default_format": fmt, "database": database}
@@ -218,7 +226,7 @@ def run_query(settings: Settings, sql: str, fmt: str = "PrettyCompact", database
         ).body.strip()
         return engine.execute(
             QueryRequest(sql=sql, default_format=fmt, database=database if exists == b"1" else "")
-        ).body.decode("utf-8", errors="replace")
+        ).body
     except QueryError as exc:
         raise QueryFailedError(str(exc)) from None
     finally:
