@@ -138,3 +138,13 @@ def test_temporary_tables_still_work_in_a_session(endpoint: QueryEndpoint) -> No
     other = client(endpoint)
     with pytest.raises(DatabaseError, match="UNKNOWN_TABLE"):
         other.query("SELECT * FROM tmp_session_numbers")
+
+
+def test_query_parameters_set_in_a_session_persist(endpoint: QueryEndpoint) -> None:
+    sid = f"p-{uuid.uuid4().hex}"
+    stateful_before = endpoint.engine.session_count[1]
+    assert post(endpoint, "SET param_answer = 42", session_id=sid) == (200, "")
+    # A query parameter is not a setting a dict could replay: the session now has its connection.
+    assert endpoint.engine.session_count[1] == stateful_before + 1
+    assert post(endpoint, "SELECT {answer:UInt8} + 1", session_id=sid) == (200, "43\n")
+    assert post(endpoint, "SELECT {answer:UInt8}", session_id=f"p-{uuid.uuid4().hex}")[0] >= 400
