@@ -16,13 +16,17 @@ clients would), with its own API key. Phases, in one run:
 3. unlimited — the same flood with A's limit lifted (`tenants update --rate default`): what the
                limit protects B from, on this machine.
 
-Prints a markdown table (stdout); progress on stderr.
+4. solo again — B alone once more: how much the machine itself drifted during the run.
+
+A's flood runs in a process of its own (it starts ~1 s into B's phase), so B's timings never wait
+on A's client. Prints a markdown table (stdout); progress on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 import uuid
@@ -96,6 +100,52 @@ async def open_loop(
     return tally
 
 
+async def flood_child(listen: str, key: str, rate: float, seconds: float, conversations: str) -> None:
+    """A's flood, in a process of its own: B's timings then never wait on A's client."""
+    async with grpc.aio.insecure_channel(listen, interceptors=bearer_interceptors(key)) as channel:
+        await channel.channel_ready()
+        # Started (imports, connection) before B's phase; the flood begins on the parent's word.
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        tally = await open_loop(
+            chat_pb2_grpc.ChatServiceStub(channel), conversations.split(","), rate, seconds
+        )
+    print(json.dumps({"accepted": len(tally.latencies), "refused": tally.refused, "errors": tally.errors}))
+
+
+class Flood:
+    """A's flooding client process: started ahead, flooding on `go()`."""
+
+    def __init__(self, child: asyncio.subprocess.Process) -> None:
+        self.child = child
+
+    @classmethod
+    async def ready(
+        cls, listen: str, key: str, rate: float, seconds: float, conversations: list[str]
+    ) -> Flood:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--flood-child",
+            listen,
+            key,
+            str(rate),
+            str(seconds),
+            ",".join(conversations),
+            stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.PIPE,
+        )
+        assert child.stdout is not None
+        line = await child.stdout.readline()
+        assert line.strip() == b"ready", line
+        return cls(child)
+
+    async def go(self) -> Tally:
+        out, _ = await self.child.communicate(b"go\n")
+        result = json.loads(out.decode().strip().splitlines()[-1])
+        return Tally(latencies=[0.0] * result["accepted"], refused=result["refused"], errors=result["errors"])
+
+
 async def conversations_of(stub: chat_pb2_grpc.ChatServiceStub, n: int) -> list[str]:
     out = []
     for _ in range(n):
@@ -136,27 +186,37 @@ async def run(args: argparse.Namespace) -> None:
             rows: list[tuple[str, Tally, Tally | None]] = []
             log(f"solo: B at {args.b_rate}/s for {args.seconds} s")
             rows.append(("solo", await open_loop(b, b_convs, args.b_rate, args.seconds), None))
-            flood = args.limit * args.flood
-            log(f"flood: B at {args.b_rate}/s, A at {flood}/s (limit {args.limit}/s)")
-            b_t, a_t = await asyncio.gather(
-                open_loop(b, b_convs, args.b_rate, args.seconds),
-                open_loop(a, a_convs, flood, args.seconds),
+            flood_rate = args.limit * args.flood
+            limited = {"rate_per_s": args.limit, "burst": args.limit}
+            unlimited: dict[str, float | None] = {"rate_per_s": None, "burst": None}
+            # Alternated, so a phase is not favoured by when it ran on a noisy machine.
+            kinds = (
+                ["limited", "unlimited"] * args.rounds
+                if not args.skip_unlimited
+                else ["limited"] * args.rounds
             )
-            rows.append(("flood, A limited", b_t, a_t))
-            if not args.skip_unlimited:
-                await update_tenant_limits(settings, a_tenant, {"rate_per_s": None, "burst": None})
-                await asyncio.sleep(3)  # every ingress process follows the tenants topic
-                log(f"unlimited: B at {args.b_rate}/s, A at {flood}/s with no limit")
+            current = "limited"
+            for kind in kinds:
+                if kind != current:
+                    await update_tenant_limits(
+                        settings, a_tenant, limited if kind == "limited" else unlimited
+                    )
+                    current = kind
+                    await asyncio.sleep(3)  # every ingress process follows the tenants topic
+                await asyncio.sleep(args.limit and 1.5)  # A's bucket refills between phases
+                log(f"flood, A {kind}: B at {args.b_rate}/s, A at {flood_rate}/s (limit {args.limit}/s)")
+                flooder = await Flood.ready(listen, a_key, flood_rate, args.seconds, a_convs)
                 b_t, a_t = await asyncio.gather(
-                    open_loop(b, b_convs, args.b_rate, args.seconds),
-                    open_loop(a, a_convs, flood, args.seconds),
+                    open_loop(b, b_convs, args.b_rate, args.seconds), flooder.go()
                 )
-                rows.append(("flood, A unlimited", b_t, a_t))
+                rows.append((f"flood, A {kind}", b_t, a_t))
+            log("solo again")
+            rows.append(("solo again", await open_loop(b, b_convs, args.b_rate, args.seconds), None))
 
         solo_p99 = rows[0][1].p(0.99)
         print(
             f"\nB at {args.b_rate:g} msg/s; A limited to {args.limit:g} msg/s (burst {args.limit:g}), "
-            f"flooding at {flood:g} msg/s; {args.seconds:g} s per phase; ingress: 2 processes\n"
+            f"flooding at {flood_rate:g} msg/s; {args.seconds:g} s per phase; ingress: 2 processes\n"
         )
         print("| phase | B p50 ms | B p99 ms | B p99 / solo | B errors | A accepted/s | A refused |")
         print("|---|---:|---:|---:|---:|---:|---:|")
@@ -178,6 +238,10 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--flood-child":
+        listen, key, rate, seconds, conversations = sys.argv[2:7]
+        asyncio.run(flood_child(listen, key, float(rate), float(seconds), conversations))
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -186,6 +250,7 @@ def main() -> None:
     parser.add_argument("--flood", type=float, default=10.0, help="A sends this many times its limit")
     parser.add_argument("--b-rate", type=float, default=50.0, help="tenant B's steady messages/s")
     parser.add_argument("--skip-unlimited", action="store_true", help="no phase with A unlimited")
+    parser.add_argument("--rounds", type=int, default=2, help="flood phases of each kind, alternated")
     parser.add_argument("--keep-data", action="store_true")
     parser.add_argument("--port-offset", type=int, default=700)
     asyncio.run(run(parser.parse_args()))

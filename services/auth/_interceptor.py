@@ -75,11 +75,16 @@ def _fill_tenant(request: Any, principal: Principal) -> Refusal | None:
     return None
 
 
-async def _abort_over(context: grpc.aio.ServicerContext, over: OverLimit) -> None:
+def _refuse_over(context: grpc.aio.ServicerContext, over: OverLimit) -> None:
+    """Set the refusal's status on the call; the handler then returns None (grpc.aio sends no
+    message with a non-OK code). Not `context.abort`: its exception and traceback cycles, at a
+    flood's rate, made the cyclic GC run ~5x as often and lifted every tenant's p99 latency."""
     from services.ingress._producer import RETRY_AFTER_KEY
 
-    trailer = () if over.retry_after_ms is None else ((RETRY_AFTER_KEY, str(over.retry_after_ms)),)
-    await context.abort(over.code, over.message, trailing_metadata=trailer)
+    context.set_code(over.code)
+    context.set_details(over.message)
+    if over.retry_after_ms is not None:
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(over.retry_after_ms)),))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +119,8 @@ def _bound(
             if refusal is not None:
                 await context.abort(refusal.code, refusal.message)
             if gate is not None and (over := await gate.unary(principal, request)) is not None:
-                await _abort_over(context, over)
+                _refuse_over(context, over)
+                return None
             return await unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, serialize)

@@ -56,6 +56,7 @@ COSTED = frozenset(
 )
 MAX_LEASE = 32
 _WARN_EVERY_S = 10.0
+_MAX_EMPTY_PLANS = 10_000
 
 RATE_LIMITED = Counter(
     "switchboard_rate_limited_total", "Calls refused by a rate limit, by the limit that refused", ["scope"]
@@ -288,6 +289,11 @@ class RateLimiter:
         self._take = self._redis.register_script(_TAKE)
         self._give_back = self._redis.register_script(_GIVE_BACK)
         self._warned_at = 0.0
+        # Plans whose buckets lacked even one token, and until when (monotonic): further calls of
+        # that plan are refused here without a Redis call, so a flood costs Redis about one call
+        # per retry-after window per process. Safe: other replicas can only spend tokens, never
+        # add them (only a stream's give-back can, and it then waits a little longer than needed).
+        self._empty_until: dict[Plan, tuple[float, int]] = {}
 
     def plan(self, registry: Registry, principal: Principal) -> Plan | None:
         return plan_for(registry, self.settings, principal)
@@ -297,6 +303,12 @@ class RateLimiter:
         refusal = too_big(plan, need)
         if refusal is not None:
             return refusal
+        empty = self._empty_until.get(plan)
+        if empty is not None:
+            left_s = empty[0] - time.monotonic()
+            if left_s > 0:
+                return self._over(plan, empty[1], need, max(1, math.ceil(left_s * 1000)))
+            del self._empty_until[plan]
         args: list[float | int] = [want, need]
         for limit in plan.limits:
             args += [limit.rate, limit.burst]
@@ -313,6 +325,13 @@ class RateLimiter:
         if granted >= need:
             return granted
         index = max(0, limiting - 1)
+        if need == 1:
+            if len(self._empty_until) >= _MAX_EMPTY_PLANS:
+                self._empty_until.clear()
+            self._empty_until[plan] = (time.monotonic() + retry_after_ms / 1000, index)
+        return self._over(plan, index, need, retry_after_ms)
+
+    def _over(self, plan: Plan, index: int, need: int, retry_after_ms: int) -> OverLimit:
         name, limit = plan.names[index], plan.limits[index]
         RATE_LIMITED.labels("key" if ":key:" in plan.keys[index] else "tenant").inc()
         return OverLimit(
