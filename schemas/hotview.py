@@ -82,6 +82,11 @@ APPLIED_KEY = "sb:sessions:applied"
 # A Redis that lost everything loses this too, and the ingress refuses writes (UNAVAILABLE) until
 # every partition is back, so a retry can never miss the claim of its first attempt.
 READY_KEY = "sb:sessions:ready"
+# Hash: partition -> the offset a rebuild of that partition's hot view must reach before it is
+# ready (the log end when the rebuild began). Written before the rebuild starts and removed with
+# the partition's READY entry when it completes, so a worker that takes the partition over
+# mid-rebuild (a restart, a kill -9, a rebalance) knows the rebuild is not done.
+REBUILDING_KEY = "sb:sessions:rebuilding"
 
 # Idempotency claims: "pending" while the write is in flight, then "event_id|partition|offset".
 CLAIM_PENDING = b"pending"

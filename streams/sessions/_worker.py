@@ -19,7 +19,12 @@ not the one this worker wrote.
 Redis losing data is noticed by the position: a partition the worker has written a position for
 whose position is gone is rebuilt from the start of the log (states, live streams and claims),
 and `hv.READY_KEY` (which the ingress requires before it accepts writes) is set for a partition
-only once the rebuild reached the log end seen when it began.
+only once the rebuild reached the log end seen when it began. That target is kept in Redis
+(`hv.REBUILDING_KEY`) until then, so a worker that takes the partition over mid-rebuild (a
+restart, a kill -9, a rebalance) continues the rebuild instead of opening the gate. An empty
+partition has a position (0) too, so its READY entry comes back after a loss. A position behind
+the one the worker wrote (Redis went back to an earlier point) is applied again from there, the
+partition not ready until it is back where it was.
 """
 
 from __future__ import annotations
@@ -108,18 +113,54 @@ class SessionsProcessor:
             return
         self._forget(partitions)
         positions = await self._positions(partitions)
+        targets = await self._targets(partitions)
         ends = await consumer.end_offsets(partitions)
         ready: list[int] = []
         for p in sorted(partitions):
             position = positions.get(p)
-            if position is not None:
-                consumer.seek(p, position)
-                self._owned[p] = position
-                ready.append(p)
-            else:
+            if position is None:
                 await self._start_rebuild(p, ends.get(p, 0), consumer, why="Redis has no position for it")
-        if ready:
-            await self._redis.hset(hv.READY_KEY, mapping={str(p): "1" for p in ready})
+            elif await self._resume(p, position, targets.get(p), consumer):
+                ready.append(p)
+        await self._mark_ready(ready)
+
+    async def _resume(
+        self, partition: int, position: int, target: int | None, consumer: PartitionControl
+    ) -> bool:
+        """Continue a partition from the position Redis has. A rebuild target below which the
+        position still is means a rebuild was under way (a restart or a rebalance in the middle
+        of it): it goes on, and the partition stays not ready until the position reaches the
+        target. True if the partition is ready."""
+        consumer.seek(partition, position)
+        self._owned[partition] = position
+        if target is not None and position < target:
+            self._rebuilding[partition] = _Rebuild(target)
+            log.warning(
+                "partition %d: a rebuild of its hot view is under way (at offset %d of %d); continuing it",
+                partition,
+                position,
+                target,
+            )
+            await self._hold(partition, target)
+            return False
+        self._rebuilding.pop(partition, None)
+        return True
+
+    async def _hold(self, partition: int, target: int) -> None:
+        """Record a rebuild's target and close the gate for the partition, in one step, before
+        the rebuild applies anything: whoever owns the partition next sees it unfinished."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(hv.REBUILDING_KEY, str(partition), str(target))
+            pipe.hdel(hv.READY_KEY, str(partition))
+            await pipe.execute()
+
+    async def _mark_ready(self, partitions: Sequence[int]) -> None:
+        if not partitions:
+            return
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(hv.READY_KEY, mapping={str(p): "1" for p in partitions})
+            pipe.hdel(hv.REBUILDING_KEY, *(str(p) for p in partitions))
+            await pipe.execute()
 
     async def on_revoked(self, partitions: set[int]) -> None:
         self._forget(partitions)
@@ -142,15 +183,31 @@ class SessionsProcessor:
                 until,
             )
             self._rebuilding[partition] = _Rebuild(until)
-            await self._redis.hdel(hv.READY_KEY, str(partition))
+            await self._hold(partition, until)
         else:
-            # Nothing written to it yet: nothing to rebuild.
+            # Nothing written to it yet: nothing to rebuild. It gets a position all the same
+            # (0), with its READY entry: a Redis that later loses everything loses that position
+            # too, and the check of the positions then notices and marks it ready again (before,
+            # an empty partition stayed not ready, and the ingress refused every write, until
+            # the worker restarted).
             self._rebuilding.pop(partition, None)
-            await self._redis.hset(hv.READY_KEY, str(partition), "1")
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(hv.APPLIED_KEY, str(partition), "0")
+                pipe.hset(hv.READY_KEY, str(partition), "1")
+                pipe.hdel(hv.REBUILDING_KEY, str(partition))
+                await pipe.execute()
+            self._owned[partition] = 0
 
     async def _positions(self, partitions: set[int]) -> dict[int, int]:
+        return await self._offsets(hv.APPLIED_KEY, partitions)
+
+    async def _targets(self, partitions: set[int]) -> dict[int, int]:
+        """The targets of the rebuilds under way (recorded by `_hold`)."""
+        return await self._offsets(hv.REBUILDING_KEY, partitions)
+
+    async def _offsets(self, key: str, partitions: set[int]) -> dict[int, int]:
         fields = [str(p) for p in sorted(partitions)]
-        values = await self._redis.hmget(hv.APPLIED_KEY, fields)
+        values = await self._redis.hmget(key, fields)
         return {int(f): int(v) for f, v in zip(fields, values, strict=True) if v is not None}
 
     async def idle(self, consumer: PartitionControl) -> None:
@@ -171,29 +228,57 @@ class SessionsProcessor:
         return bool(await self._redis.ping())
 
     async def _check_lost(self, partitions: set[int], consumer: PartitionControl) -> set[int]:
-        """Partitions whose position this worker wrote but Redis no longer has: Redis lost data.
-        Each is rebuilt from the start of the log; returns them."""
+        """Partitions whose position in Redis is not the one this worker wrote; the consumer
+        goes on from where Redis is for each, so a batch's records of them are not applied
+        (they come again, or were applied already). Returns them.
+
+        - Gone: Redis lost data (a restart without it, a flush). The partition is rebuilt from
+          the start of the log. An empty partition has a position too (0), so it is noticed
+          here and marked ready again.
+        - Behind: Redis went back to an earlier point (restored from a snapshot, a failover
+          that lost the last writes), or a stale member wrote. What was applied since that
+          point (states, live-stream entries, claims) is applied again from there, and the
+          partition is not ready until the position is back where this worker had it: a retry
+          of a message in between must find its claim.
+        - Ahead: another member applied the partition meanwhile (it was taken away and given
+          back without this worker noticing): the consumer skips to there, and a rebuild that
+          member left under way goes on."""
         written = {p for p in partitions if self._owned.get(p) is not None}
         if not written:
             return set()
         positions = await self._positions(written)
         lost = {p for p in written if p not in positions}
-        # A position this worker did not write: another member applied the partition meanwhile
-        # (it was taken away and given back without this worker noticing); the table's states of
-        # it may be behind Redis's.
-        moved = {p for p in written if p in positions and positions[p] != self._owned[p]}
+        moved = {p: positions[p] for p in written if p in positions and positions[p] != self._owned[p]}
         if moved:
-            log.warning(
-                "partitions %s were written by another member; reading their states again", sorted(moved)
-            )
-            self._forget(moved)
-            for p in moved:
-                self._owned[p] = positions[p]
+            self._forget(set(moved))
+            targets = await self._targets(set(moved))
+            ready: list[int] = []
+            for p, position in sorted(moved.items()):
+                was = self._owned[p]
+                assert was is not None
+                target = targets.get(p)
+                if position < was:
+                    log.warning(
+                        "partition %d: Redis has position %d, behind the %d this worker wrote (Redis went "
+                        "back); applying the log again from there",
+                        p,
+                        position,
+                        was,
+                    )
+                    target = max(was, target or 0)
+                    await self._hold(p, target)
+                else:
+                    log.warning(
+                        "partition %d: written by another member up to %d; going on from there", p, position
+                    )
+                if await self._resume(p, position, target, consumer):
+                    ready.append(p)
+            await self._mark_ready(ready)
         if lost:
             ends = await consumer.end_offsets(lost)
             for p in sorted(lost):
                 await self._start_rebuild(p, ends.get(p, 0), consumer, why="Redis lost its position")
-        return lost
+        return lost | set(moved)
 
     # --- one batch -----------------------------------------------------------------------------
 
@@ -201,8 +286,8 @@ class SessionsProcessor:
         if self._control is not None:
             lost = await self._check_lost({r.partition for r in records}, self._control)
             if lost:
-                # Those partitions start again from the beginning; this batch's records of them
-                # come again in order.
+                # The consumer goes on from where Redis is for those partitions; this batch's
+                # records of them come again in order (or were applied already).
                 records = [r for r in records if r.partition not in lost]
         rejected: list[tuple[Record, BaseException]] = []
         decoded: list[tuple[Event, Record]] = []
@@ -300,7 +385,9 @@ class SessionsProcessor:
             args: list[str | int] = [len(last)]
             for p, o in last.items():
                 args += [p, o + 1, 1 if self._owned.get(p) is not None else 0]
-            reply = await self._set_positions(keys=[hv.APPLIED_KEY, hv.READY_KEY], args=[*args, *now_ready])
+            reply = await self._set_positions(
+                keys=[hv.APPLIED_KEY, hv.READY_KEY, hv.REBUILDING_KEY], args=[*args, *now_ready]
+            )
             lost = {int(p) for p in reply}
         if lost:
             # Redis lost data after this batch's check (its positions are gone): they stay
@@ -446,7 +533,7 @@ end
 return 1
 """
 # The batch's positions, after its states: KEYS[1] the positions hash, KEYS[2] the readiness
-# hash; ARGV[1] n, then n triples (partition, next offset, 1 if this worker wrote the partition's
+# hash, KEYS[3] the rebuild targets (a rebuilt partition's is removed with its READY set); ARGV[1] n, then n triples (partition, next offset, 1 if this worker wrote the partition's
 # position before), then the partitions now rebuilt. A position this worker wrote before and Redis
 # no longer has means Redis lost data since the batch's check: it is not written again (that would
 # hide the loss; the next batch's check sees it missing and rebuilds the partition). Returns
@@ -467,6 +554,7 @@ end
 for j = 2 + 3 * n, #ARGV do
   if not gone[ARGV[j]] then
     redis.call('HSET', KEYS[2], ARGV[j], '1')
+    redis.call('HDEL', KEYS[3], ARGV[j])
   end
 end
 return lost
