@@ -50,9 +50,12 @@ def _cmd_stack(args: argparse.Namespace) -> int:
 
 
 def _cmd_topics(args: argparse.Namespace) -> int:
-    from services.kafka_topics import ensure_topics
+    from services.kafka_topics import TopicCreationError, ensure_topics
 
-    created = asyncio.run(ensure_topics(_settings()))
+    try:
+        created = asyncio.run(ensure_topics(_settings()))
+    except TopicCreationError as exc:
+        sys.exit(f"switchboard topics: {exc}")
     print("created: " + (", ".join(created) if created else "nothing (all topics exist)"))
     return 0
 

@@ -13,6 +13,13 @@ from services.settings import Settings
 log = logging.getLogger(__name__)
 
 
+_TOPIC_ALREADY_EXISTS = 36
+
+
+class TopicCreationError(RuntimeError):
+    """Kafka refused to create a topic (e.g. a replication factor above the broker count)."""
+
+
 def replication_factor(settings: Settings) -> int:
     """The configured factor, raised to 3 on an embedded cluster of 3 or more brokers (and to the
     broker count on a 2-broker one), so losing a broker loses no acknowledged write."""
@@ -42,7 +49,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
         wanted = catalogue(settings)
         missing = [t for t in wanted if t.name not in existing]
         if missing:
-            await admin.create_topics(
+            response = await admin.create_topics(
                 [
                     NewTopic(
                         t.name,
@@ -53,6 +60,14 @@ async def ensure_topics(settings: Settings) -> list[str]:
                     for t in missing
                 ]
             )
+            # Kafka answers per topic; aiokafka does not raise for a refused one. 36: it exists
+            # already (another process created it meanwhile), which is what we wanted.
+            refused = [e for e in response.topic_errors if e[1] not in (0, _TOPIC_ALREADY_EXISTS)]
+            if refused:
+                detail = "; ".join(
+                    f"{e[0]}: error {e[1]} {e[2] if len(e) > 2 else ''}".strip() for e in refused
+                )
+                raise TopicCreationError(f"Kafka refused to create topics ({detail})")
         present = [t for t in wanted if t.name in existing]
         if present:
             described = await admin.describe_topics([t.name for t in present])
