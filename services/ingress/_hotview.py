@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
@@ -47,6 +48,16 @@ for i = 2, #KEYS, 2 do
   end
 end
 return previous
+"""
+
+
+# Drop a failed attempt's claim only if the key still holds that attempt's own pending marker: a
+# delete retried late (Redis was away) must not remove a later attempt's claim or recorded ack.
+_DELETE_IF_MINE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """
 
 
@@ -108,6 +119,15 @@ def rebuilding() -> Unavailable:
     )
 
 
+def unknown_while_rebuilding(tenant_id: str, conversation_id: str) -> Unavailable:
+    """A conversation the hot view does not have while it is incomplete may well exist (it has not
+    come back yet): UNAVAILABLE, never NOT_FOUND, which a client takes as permanent."""
+    return unavailable(
+        f"conversation {conversation_id!r} of tenant {tenant_id!r} is unknown while the hot view is "
+        "being rebuilt after Redis lost data; it may exist — retry after the retry-after-ms trailer"
+    )
+
+
 # How long a claim on a client_message_id may stay unresolved (the produce timeout plus margin)
 # before a retry may write again.
 CLAIM_TTL_S = 120
@@ -134,6 +154,19 @@ class Registration:
     cursor: str
 
 
+class HeldClaim(NamedTuple):
+    """A claim this attempt holds: its key, and the pending marker it set (unique per attempt)."""
+
+    tenant_id: str
+    conversation_id: str
+    client_message_id: str
+    marker: bytes
+
+    @property
+    def redis_key(self) -> str:
+        return hv.idempotency_key(self.tenant_id, self.conversation_id, self.client_message_id)
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """Outcome of claiming a client_message_id: first writer, earlier ack, or a write still in flight."""
@@ -142,10 +175,15 @@ class Claim:
     earlier: Ack | None = None
     # The conversation is closed: nothing was claimed (claim_many(..., unless_closed=True)).
     closed: bool = False
+    # The pending value this attempt set (when `claimed`): only it may drop the claim again.
+    marker: bytes = hv.CLAIM_PENDING
 
     @property
     def in_flight(self) -> bool:
         return not self.claimed and self.earlier is None and not self.closed
+
+    def held(self, key: tuple[str, str, str]) -> HeldClaim:
+        return HeldClaim(key[0], key[1], key[2], self.marker)
 
 
 def _raise_any(replies: list[Any]) -> None:
@@ -155,6 +193,8 @@ def _raise_any(replies: list[Any]) -> None:
 
 
 def _parse_ack(raw: bytes) -> Ack | None:
+    if raw.startswith(hv.CLAIM_PENDING):  # "pending:<attempt>": still in flight
+        return None
     decoded = hv.decode_claim(raw)
     return Ack(*decoded) if decoded is not None else None
 
@@ -225,16 +265,18 @@ class IngressHotView:
         conversation is not claimed but answered Claim(closed=True)."""
         if not keys:
             return []
+        # One marker per call (one attempt of each key): settling compares against it.
+        marker = hv.CLAIM_PENDING + b":" + os.urandom(8).hex().encode()
         if unless_closed:
             script = self._claim_open_if_ready
             redis_keys = [hv.READY_KEY]
             for t, c, m in keys:
                 redis_keys += (hv.conversation_key(t, c), hv.idempotency_key(t, c, m))
-            args: list[Any] = [partitions, hv.CLAIM_PENDING, CLAIM_TTL_S, hv.F_CLOSED_NS]
+            args: list[Any] = [partitions, marker, CLAIM_TTL_S, hv.F_CLOSED_NS]
         else:
             script = self._claim_if_ready
             redis_keys = [hv.READY_KEY, *(hv.idempotency_key(t, c, m) for t, c, m in keys)]
-            args = [partitions, hv.CLAIM_PENDING, CLAIM_TTL_S]
+            args = [partitions, marker, CLAIM_TTL_S]
         (reply,) = await self._tick.run(
             lambda pipe: pipe.execute_command("EVALSHA", script.sha, len(redis_keys), *redis_keys, *args), 1
         )
@@ -248,36 +290,37 @@ class IngressHotView:
         claims = []
         for previous in reply:
             if previous is None:
-                claims.append(Claim(claimed=True))
+                claims.append(Claim(claimed=True, marker=marker))
             elif previous == 0:
                 claims.append(Claim(claimed=False, closed=True))
             else:
                 claims.append(Claim(claimed=False, earlier=_parse_ack(previous)))
         return claims
 
-    async def touch_claims(self, keys: Sequence[tuple[str, str, str]]) -> None:
+    async def touch_claims(self, keys: Sequence[HeldClaim]) -> None:
         """Extend claims whose write is still in flight (they expire only if this process dies)."""
 
         def queue(pipe: Any) -> None:
-            for tenant_id, conversation_id, cmid in keys:
-                pipe.execute_command(
-                    "EXPIRE", hv.idempotency_key(tenant_id, conversation_id, cmid), CLAIM_TTL_S, "XX"
-                )
+            for key in keys:
+                pipe.execute_command("EXPIRE", key.redis_key, CLAIM_TTL_S, "XX")
 
         _raise_any(await self._tick.run(queue, len(keys)))
 
-    async def settle_many(self, outcomes: Sequence[tuple[tuple[str, str, str], Ack | None]]) -> None:
+    async def settle_many(self, outcomes: Sequence[tuple[HeldClaim, Ack | None]]) -> None:
         """Record acks (a retry then gets the first ack) and drop claims whose write failed; in the
-        round trip of whatever else this tick sends."""
+        round trip of whatever else this tick sends. A claim is dropped only while it still holds
+        the attempt's own pending marker; an ack is recorded whatever the key holds (the record
+        is in the log: that is the answer for the id)."""
         if not outcomes:
             return
 
         def queue(pipe: Any) -> None:
-            for (tenant_id, conversation_id, cmid), ack in outcomes:
-                key = hv.idempotency_key(tenant_id, conversation_id, cmid)
+            for held, ack in outcomes:
+                key = held.redis_key
                 # execute_command: redis-py's keyword handling of set() cost ~8% of a batch's CPU.
                 if ack is None:
-                    pipe.execute_command("DEL", key)
+                    # EVAL, not EVALSHA: drops are rare (failures), and this needs no script load.
+                    pipe.execute_command("EVAL", _DELETE_IF_MINE, 1, key, held.marker)
                 else:
                     pipe.execute_command(
                         "SET", key, hv.encode_claim(ack.event_id, ack.partition, ack.offset), "EX", self._ttl

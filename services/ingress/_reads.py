@@ -19,7 +19,12 @@ from switchboard.v1 import chat_pb2, events_pb2
 from schemas import hotview as hv
 from schemas.events import Event, EventDecodeError, decode_event, event_type
 from services.ingress import _validation as v
-from services.ingress._hotview import LIVE_BLOCK_MS, IngressHotView, Registration
+from services.ingress._hotview import (
+    LIVE_BLOCK_MS,
+    IngressHotView,
+    Registration,
+    unknown_while_rebuilding,
+)
 from services.settings import Settings
 from streams.sessions import STATUS_CLOSED, ConversationState
 
@@ -62,6 +67,8 @@ class ConversationReads:
     async def require(self, tenant_id: str, conversation_id: str) -> Registration:
         reg = await self._hot.lookup(tenant_id, conversation_id)
         if reg is None:
+            if not await self._hot.is_ready(self._settings.topic_partitions):
+                raise unknown_while_rebuilding(tenant_id, conversation_id)
             raise v.RequestRejected(
                 grpc.StatusCode.NOT_FOUND,
                 f"conversation {conversation_id!r} of tenant {tenant_id!r} does not exist",

@@ -35,7 +35,15 @@ from schemas import hotview as hv
 from schemas.events import Event, new_event, new_event_id
 from services.ingress import _validation as v
 from services.ingress._errors import as_rejection
-from services.ingress._hotview import CLAIM_TTL_S, Claim, IngressHotView, Registration, rebuilding
+from services.ingress._hotview import (
+    CLAIM_TTL_S,
+    Claim,
+    HeldClaim,
+    IngressHotView,
+    Registration,
+    rebuilding,
+    unknown_while_rebuilding,
+)
 from services.ingress._producer import Ack, EventProducer, Unavailable, unavailable
 from services.settings import Settings
 from streams.sessions import STATUS_CLOSED, ConversationState
@@ -124,7 +132,7 @@ class _Write:
 
     event: Event
     delivery: asyncio.Future[object]
-    claim: ClaimKey | None
+    claim: HeldClaim | None
     after: Callable[[Ack | None], Awaitable[None]] | None = None
     # Set once Kafka answered and the claim is settled: the Ack or why there is none.
     outcome: asyncio.Future[Ack | Unavailable] = field(
@@ -157,6 +165,13 @@ class ConversationWrites:
         if conversation not in registry and len(registry) >= REGISTRY_MAX:
             del registry[next(iter(registry))]  # the oldest entry: bounded memory
         registry[conversation] = closed
+
+    async def _absent(self, tenant_id: str, conversation_id: str) -> v.RequestRejected:
+        """Why a conversation the hot view does not have is refused: NOT_FOUND only once the hot
+        view is complete; while it is rebuilt, the conversation may exist (UNAVAILABLE)."""
+        if await self._hot.is_ready(self._settings.topic_partitions):
+            return _not_found(tenant_id, conversation_id)
+        return unknown_while_rebuilding(tenant_id, conversation_id)
 
     # ------------------------------------------------------------------ messages
 
@@ -257,7 +272,7 @@ class ConversationWrites:
             # Only a stream orders its messages: coalesced unary calls are independent callers,
             # and one's failure must not ABORT another's message of the same conversation.
             failed = order.failed if order is not None else None
-            dropped: list[tuple[ClaimKey, Ack | None]] = []
+            dropped: list[tuple[HeldClaim, Ack | None]] = []
             written = 0
             try:
                 # One deadline for handing the whole batch to the producer (no timer per message).
@@ -278,7 +293,7 @@ class ConversationWrites:
                         )
                         if claim is not None and claim.claimed and not unknown:
                             # Never handed to the producer: nothing can land, so the claim goes.
-                            dropped.append((_claim_key(req), None))
+                            dropped.append((claim.held(_claim_key(req)), None))
             except TimeoutError:
                 # Kafka's buffer stayed full for the whole produce timeout: the rest was not handed.
                 for n in range(written, len(writers)):
@@ -289,7 +304,7 @@ class ConversationWrites:
                     if failed is not None:
                         failed.add((req.tenant_id, req.conversation_id))
                     if n < granted and claims[n].claimed:
-                        dropped.append((_claim_key(req), None))
+                        dropped.append((claims[n].held(_claim_key(req)), None))
             await self._settle(dropped)
         finally:
             self._producer.release(granted - len(handed))
@@ -313,16 +328,24 @@ class ConversationWrites:
         close of a conversation cached as open is read by the claim (claim_many unless_closed)."""
         registry = self._registry
         missing = sorted({(req.tenant_id, req.conversation_id) for _, req in valid} - registry.keys())
+        ready = True
         if missing:
             for conversation, reg in zip(missing, await self._hot.lookup_many(missing), strict=True):
                 if reg is not None:
                     self._remember(conversation, closed=_is_closed(reg))
+            if any(c not in registry for c in missing):
+                # Unknown to an incomplete hot view is not "does not exist" (see _absent).
+                ready = await self._hot.is_ready(self._settings.topic_partitions)
         first: dict[ClaimKey, int] = {}
         writers = []
         for i, req in valid:
             closed = registry.get((req.tenant_id, req.conversation_id))
             if closed is None:
-                results[i] = _not_found(req.tenant_id, req.conversation_id)
+                results[i] = (
+                    _not_found(req.tenant_id, req.conversation_id)
+                    if ready
+                    else unknown_while_rebuilding(req.tenant_id, req.conversation_id)
+                )
             elif closed:
                 results[i] = _closed(req.conversation_id)
             elif _claim_key(req) in first:
@@ -359,6 +382,12 @@ class ConversationWrites:
             return unavailable(
                 f"conversation {req.conversation_id!r} is being closed; retry to learn the outcome"
             )
+        if self._registry.get(conversation):
+            # Closed in this process after this message was claimed (a batch claims before its
+            # turn): the close is in the log already, so writing now would land after it. The
+            # caller drops the claim of this refusal.
+            self._gate.end_send(conversation)
+            return _closed(req.conversation_id)
         event = new_event(
             req.tenant_id,
             req.conversation_id,
@@ -377,7 +406,7 @@ class ConversationWrites:
             return _incident("SendMessage", f"handing {req.client_message_id!r} to the producer")
         finally:
             self._gate.end_send(conversation)
-        return _Write(event, delivery, _claim_key(req))
+        return _Write(event, delivery, claim.held(_claim_key(req)))
 
     # ------------------------------------------------------------------ claims
 
@@ -432,7 +461,7 @@ class ConversationWrites:
                         log.exception("after-write step of event %s failed", w.event.event_id)
                 w.outcome.set_result(answer)
 
-    async def _settle(self, outcomes: list[tuple[ClaimKey, Ack | None]]) -> None:
+    async def _settle(self, outcomes: list[tuple[HeldClaim, Ack | None]]) -> None:
         """Record outcomes of claims; Redis being away must not turn a durable write into an
         error for its caller, so this retries in the background until Redis takes it."""
         if not outcomes:
@@ -462,7 +491,7 @@ class ConversationWrites:
     async def _publish(
         self,
         event: Event,
-        claim: ClaimKey | None,
+        claim: HeldClaim | None,
         after: Callable[[Ack | None], Awaitable[None]] | None,
         gate: Conversation | None = None,
     ) -> Ack:
@@ -534,11 +563,17 @@ class ConversationWrites:
                 f"client_message_id {claim_key[2]!r} is being written by an earlier attempt; "
                 "retry shortly to get its ack"
             )
+        held = claim.held(claim_key)
         conversation = (claim_key[0], claim_key[1])
         if not self._gate.begin_send(conversation):
-            await self._settle([(claim_key, None)])
+            await self._settle([(held, None)])
             raise unavailable(f"conversation {claim_key[1]!r} is being closed; retry to learn the outcome")
-        return await self._publish(event, claim_key, None, gate=conversation), False
+        if self._registry.get(conversation):
+            # Closed in this process since the caller checked: the close is durable already.
+            self._gate.end_send(conversation)
+            await self._settle([(held, None)])
+            raise _closed(conversation[1])
+        return await self._publish(event, held, None, gate=conversation), False
 
     async def rate_conversation(
         self, req: chat_pb2.RateConversationRequest, traceparent: str = ""
@@ -550,7 +585,7 @@ class ConversationWrites:
         v.check_score(req.score)
         v.check_short_text(req.comment, "comment", v.MAX_CSAT_COMMENT)
         if await self._hot.lookup(req.tenant_id, req.conversation_id) is None:
-            raise _not_found(req.tenant_id, req.conversation_id)
+            raise await self._absent(req.tenant_id, req.conversation_id)
         event = new_event(
             req.tenant_id,
             req.conversation_id,
@@ -579,7 +614,7 @@ class ConversationWrites:
 
     async def _start(self, req: chat_pb2.StartConversationRequest, traceparent: str) -> chat_pb2.Conversation:
         conversation_id = req.conversation_id or new_event_id()
-        claim_key: ClaimKey | None = None
+        held: HeldClaim | None = None
         if req.conversation_id:
             claim_key = (req.tenant_id, conversation_id, hv.START_CLAIM)
             (claim,) = await self._hot.claim_many([claim_key], self._settings.topic_partitions)
@@ -587,6 +622,7 @@ class ConversationWrites:
                 if claim.earlier is not None:
                     return await self._read(req.tenant_id, conversation_id)
                 raise unavailable(f"conversation {conversation_id!r} is being started by an earlier attempt")
+            held = claim.held(claim_key)
         elif not await self._hot.is_ready(self._settings.topic_partitions):
             raise rebuilding()
         event = new_event(
@@ -618,7 +654,7 @@ class ConversationWrites:
                 # The start is durable; the sessions worker registers it too when it folds the event.
                 log.warning("registering conversation %s failed (%r); the worker will", conversation_id, exc)
 
-        await self._publish(event, claim_key, register)
+        await self._publish(event, held, register)
         return chat_pb2.Conversation(
             conversation_id=conversation_id,
             tenant_id=req.tenant_id,
@@ -639,7 +675,7 @@ class ConversationWrites:
         v.check_short_text(req.resolution, "resolution", v.MAX_RESOLUTION)
         reg = await self._hot.lookup(req.tenant_id, req.conversation_id)
         if reg is None:
-            raise _not_found(req.tenant_id, req.conversation_id)
+            raise await self._absent(req.tenant_id, req.conversation_id)
         if not _is_closed(reg):
             await asyncio.shield(self._background(self._close(req, traceparent)))
         # Closing a closed conversation is a no-op, so a retried close is safe.
@@ -676,16 +712,18 @@ class ConversationWrites:
                 # Only a durable close closes the hot view; senders wait at the gate until then.
                 try:
                     if ack is not None:
+                        # Durable: this process refuses later sends (also ones claimed before the
+                        # close, see _write_one) before the gate reopens, even if Redis is away.
+                        self._remember(conversation, closed=True)
                         await _retrying(
                             lambda: self._hot.mark_closed(*conversation, event.occurred_at.ToNanoseconds()),
                             f"marking {req.conversation_id!r} closed",
                         )
-                        self._remember(conversation, closed=True)
                 finally:
                     self._gate.reopen(conversation)
 
             reopen = False  # from here on `closed` reopens the gate, once Kafka answered
-            await self._publish(event, claim_key, closed)
+            await self._publish(event, claim.held(claim_key), closed)
         finally:
             if reopen:
                 self._gate.reopen(conversation)

@@ -18,7 +18,7 @@ from switchboard.v1 import chat_pb2
 from schemas import hotview as hv
 from schemas.events import Event, event_type
 from services.ingress import RequestRejected
-from services.ingress._hotview import Claim, IngressHotView, Registration
+from services.ingress._hotview import Claim, HeldClaim, IngressHotView, Registration
 from services.ingress._producer import Ack, EventProducer
 from services.ingress._service import ChatService, WriteOrder
 from services.settings import Settings
@@ -69,11 +69,12 @@ class FakeHotView(IngressHotView):
                 out.append(Claim(claimed=False, earlier=Ack(*decoded) if decoded else None))
         return out
 
-    async def touch_claims(self, keys: Sequence[tuple[str, str, str]]) -> None:
+    async def touch_claims(self, keys: Sequence[HeldClaim]) -> None:
         pass
 
-    async def settle_many(self, outcomes: Sequence[tuple[tuple[str, str, str], Ack | None]]) -> None:
-        for key, ack in outcomes:
+    async def settle_many(self, outcomes: Sequence[tuple[HeldClaim, Ack | None]]) -> None:
+        for held, ack in outcomes:
+            key = (held.tenant_id, held.conversation_id, held.client_message_id)
             if ack is None:
                 self.claims.pop(key, None)
             else:
@@ -282,6 +283,27 @@ async def test_a_send_racing_a_close_lands_before_it_or_is_refused() -> None:
     assert conv.status == chat_pb2.CONVERSATION_STATUS_CLOSED
     assert code(out2) in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE)
     assert producer.order == ["m1", "conversation_closed"]
+
+
+async def test_a_message_claimed_before_a_close_is_refused_after_it() -> None:
+    # Review finding: a stream batch claims its messages, then waits for its turn; a close that
+    # completes meanwhile reopened the gate, and the stale claim let the message be written after
+    # ConversationClosed (acked, then dropped by the fold).
+    service, hot, producer = make()
+    producer.hold_enqueue["b1"] = asyncio.Event()  # the previous batch is slow to hand over
+    first = WriteOrder(None)
+    b1 = asyncio.ensure_future(service.accept_messages([msg("b1", B)], "", first))
+    await until(lambda: "b1" in hot.claiming, "batch 1 claimed")
+    b2 = asyncio.ensure_future(service.accept_messages([msg("m1")], "", WriteOrder(first)))
+    await until(lambda: (T, A, "m1") in hot.claims, "batch 2 claimed m1 and waits for its turn")
+    conv = await service.close_conversation(chat_pb2.CloseConversationRequest(tenant_id=T, conversation_id=A))
+    assert conv.status == chat_pb2.CONVERSATION_STATUS_CLOSED
+    producer.hold_enqueue["b1"].set()
+    (out1,), (out2,) = await asyncio.gather(b1, b2)
+    assert isinstance(out1, chat_pb2.SendMessageResponse)
+    assert code(out2) == grpc.StatusCode.FAILED_PRECONDITION, out2
+    assert producer.order == ["conversation_closed", "b1"]
+    assert (T, A, "m1") not in hot.claims, "the refused message's claim was kept"
 
 
 async def test_the_live_stream_limit_is_counted_with_its_check() -> None:
