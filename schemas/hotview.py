@@ -88,7 +88,9 @@ READY_KEY = "sb:sessions:ready"
 # mid-rebuild (a restart, a kill -9, a rebalance) knows the rebuild is not done.
 REBUILDING_KEY = "sb:sessions:rebuilding"
 
-# Idempotency claims: "pending" while the write is in flight, then "event_id|partition|offset".
+# Idempotency claims: "pending:<attempt marker>" while the write is in flight (each attempt its
+# own marker, so a late delete of a failed attempt spares a later one), then
+# "event_id|partition|offset" once the record is in the log.
 CLAIM_PENDING = b"pending"
 # What starts and closes claim in the client_message_id space (no client id has a NUL in it).
 START_CLAIM = "\x00start"
@@ -101,7 +103,7 @@ def encode_claim(event_id: str, partition: int, offset: int) -> str:
 
 def decode_claim(raw: bytes) -> tuple[str, int, int] | None:
     """(event_id, partition, offset) of a settled claim; None while it is pending."""
-    if raw == CLAIM_PENDING:
+    if raw.startswith(CLAIM_PENDING):
         return None
     event_id, partition, offset = raw.decode().split("|")
     return event_id, int(partition), int(offset)
