@@ -20,7 +20,9 @@ What it implements of https://clickhouse.com/docs/interfaces/http:
   never compressed (no ``Content-Encoding``, which clients read as identity).
 - ``X-ClickHouse-Query-Id``, ``-Format``, ``-Timezone``, ``-Summary`` and ``-Server-Display-Name``
   headers; errors as ``Code: N. DB::Exception: … (NAME) (version …)`` with
-  ``X-ClickHouse-Exception-Code`` and ClickHouse's 4xx/5xx status; ``GET /ping`` -> ``Ok.``.
+  ``X-ClickHouse-Exception-Code`` and ClickHouse's 4xx/5xx status, or, after the first blocks
+  of a Native result, appended in an ``X-ClickHouse-Exception-Tag`` block as a server does
+  mid-stream; ``GET /ping`` -> ``Ok.``.
 - GET requests (and ``readonly=1|2``) are read-only, as in ClickHouse.
 
 Settings are the client's: the endpoint applies none of its own, so a query gives the same
@@ -182,6 +184,10 @@ class QueryResult:
     # The output format when the statement produces a result set, else "".
     format: str
     summary: dict[str, str]
+    # An error after the first blocks of a Native result: `body` holds the blocks before it, and
+    # the endpoint answers as a ClickHouse server does mid-stream (200, the blocks, then the
+    # exception in an X-ClickHouse-Exception-Tag block), so clients raise where the stream broke.
+    error: QueryError | None = None
 
 
 def statement_kind(sql: str) -> str:
@@ -516,24 +522,55 @@ class ChdbQueryEngine:
             return self._insert(conn, request)
         produces_rows = kind in _READ_STATEMENTS
         fmt = output_format(request.sql, request.default_format)
-        result = self._run(conn, request.sql, request.default_format, request.params)
-        body = bytes(result.bytes() or b"")
+        error: QueryError | None = None
+        if kind in ("SELECT", "WITH") and fmt.lower() == "native":
+            body, read_rows, read_bytes, elapsed, error = self._stream_native(conn, request)
+        else:
+            result = self._run(conn, request.sql, request.default_format, request.params)
+            body = bytes(result.bytes() or b"")
+            read_rows, read_bytes, elapsed = result.rows_read(), result.bytes_read(), result.elapsed()
         if request.client_protocol_version and fmt.lower() == "native":
             try:
                 body = with_protocol_revision(body, request.client_protocol_version)
             except NativeFormatError as exc:
                 raise QueryError(f"Code: 48. DB::Exception: {exc}. (NOT_IMPLEMENTED)", 48) from exc
         summary = {
-            "read_rows": str(result.rows_read()),
-            "read_bytes": str(result.bytes_read()),
+            "read_rows": str(read_rows),
+            "read_bytes": str(read_bytes),
             "written_rows": "0",
             "written_bytes": "0",
-            "total_rows_to_read": str(result.rows_read()),
+            "total_rows_to_read": str(read_rows),
             "result_rows": "0",
             "result_bytes": str(len(body)),
-            "elapsed_ns": str(int(result.elapsed() * 1e9)),
+            "elapsed_ns": str(int(elapsed * 1e9)),
         }
-        return QueryResult(body, fmt if produces_rows else "", summary)
+        return QueryResult(body, fmt if produces_rows else "", summary, error)
+
+    def _stream_native(
+        self, conn: Any, request: QueryRequest
+    ) -> tuple[bytes, int, int, float, QueryError | None]:
+        """A Native result block by block (the blocks concatenate to exactly what a buffered query
+        returns); an error after the first block is returned with the blocks before it."""
+        chunks: list[bytes] = []
+        rows = read = 0
+        elapsed = 0.0
+        try:
+            stream = conn.send_query(_engine_text(request.sql), "Native", params=dict(request.params))
+        except Exception as exc:
+            raise QueryError.from_engine(exc) from exc
+        try:
+            for chunk in stream:
+                chunks.append(bytes(chunk.bytes() or b""))
+                rows += chunk.rows_read()
+                read += chunk.bytes_read()
+                elapsed += chunk.elapsed()
+        except Exception as exc:
+            if not chunks:
+                raise QueryError.from_engine(exc) from exc
+            return b"".join(chunks), rows, read, elapsed, QueryError.from_engine(exc)
+        finally:
+            stream.close()
+        return b"".join(chunks), rows, read, elapsed, None
 
     def _insert(self, conn: Any, request: QueryRequest) -> QueryResult:
         assert request.insert_data is not None
@@ -830,6 +867,18 @@ class QueryEndpoint:
                 headers=headers,
                 content_type="text/plain",
             )
+        body = result.body
+        if result.error is not None:
+            # As ClickHouse (25.11+) reports an error after the first bytes of a result.
+            tag = uuid.uuid4().hex[:16]
+            failure = f"{result.error} (version {self.engine.version})".encode()
+            body += b"__exception__\r\n%s\r\n%s\n%d %s\r\n__exception__\r\n" % (
+                tag.encode(),
+                failure,
+                len(failure),
+                tag.encode(),
+            )
+            headers["X-ClickHouse-Exception-Tag"] = tag
         headers["X-ClickHouse-Summary"] = json.dumps(result.summary)
         if result.format:
             headers["X-ClickHouse-Format"] = result.format
@@ -837,4 +886,4 @@ class QueryEndpoint:
         if result.format.lower() in ("native", "rowbinary", "rowbinarywithnamesandtypes", "arrow", "parquet"):
             content_type = "application/octet-stream"
         headers["Content-Type"] = content_type
-        return web.Response(body=result.body, headers=headers)
+        return web.Response(body=body, headers=headers)

@@ -12,7 +12,7 @@ from typing import Any
 import clickhouse_connect
 import pandas as pd
 import pytest
-from clickhouse_connect.driver.exceptions import DatabaseError
+from clickhouse_connect.driver.exceptions import DatabaseError, StreamFailureError
 
 from services.analytics import QueryEndpoint
 from tests.integration.test_analytics import process_endpoint
@@ -74,10 +74,17 @@ def test_datetime64_with_a_time_zone_into_pandas(client: Any) -> None:
 
 def test_an_error_in_a_streamed_query_is_reported_with_clickhouses_message(client: Any) -> None:
     sql = "SELECT toString(cityHash64(number)) FROM numbers(1000000) WHERE intDiv(1, number - 300000) > -100000000"
-    with pytest.raises(DatabaseError, match=r"Code: 153\..*Division by zero"):
+    blocks = 0
+    # The first blocks arrive; the error comes where the stream broke, as from a server.
+    with pytest.raises(StreamFailureError, match=r"Code: 153\..*Division by zero"):
         with client.query_row_block_stream(sql) as stream:
             for _ in stream:
-                pass
+                blocks += 1
+    assert blocks >= 1
+    # An error before the first block is an error response, raised by the call itself.
+    with pytest.raises(DatabaseError, match=r"Code: 153\.") as info:
+        client.query("SELECT intDiv(1, number - 0) FROM numbers(10)")
+    assert not isinstance(info.value, StreamFailureError)
     # The failure leaves the client and its session usable.
     assert client.query("SELECT 1").result_rows == [(1,)]
 
