@@ -29,6 +29,7 @@ from services.stack._layout import (
     StackError,
     kafka_node_name,
     kafka_node_ports,
+    kafka_nodes,
     seaweed_ports,
 )
 from services.stack._process import Identity, tail
@@ -414,5 +415,5 @@ class SeaweedS3(Component):
 
 
 def components(settings: Settings) -> dict[str, Component]:
-    extra = [Kafka(settings, i) for i in range(2, settings.kafka_brokers + 1)]
+    extra = [Kafka(settings, i) for i in range(2, kafka_nodes(settings) + 1)]
     return {c.name: c for c in (Kafka(settings), Redis(settings), SeaweedS3(settings), *extra)}

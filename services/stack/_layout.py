@@ -126,9 +126,20 @@ def kafka_node_ports(settings: Settings, node_id: int) -> tuple[int, int]:
     return settings.kafka_port + shift, settings.kafka_controller_port + shift
 
 
+def kafka_nodes(settings: Settings) -> int:
+    """Kafka nodes to manage: the configured count, or more if the data dir was formatted for more
+    (so `stack down` or `status` without the setting still reaches every node of a cluster)."""
+    marker = Layout.of(settings).kafka_brokers_marker
+    try:
+        formatted = int(marker.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        formatted = 1
+    return max(settings.kafka_brokers, formatted)
+
+
 def component_names(settings: Settings) -> tuple[str, ...]:
     """The stack's components: COMPONENTS, plus "kafka-2".."kafka-N" for a multi-broker Kafka."""
-    extra = tuple(kafka_node_name(i) for i in range(2, settings.kafka_brokers + 1))
+    extra = tuple(kafka_node_name(i) for i in range(2, kafka_nodes(settings) + 1))
     return (*COMPONENTS, *extra)
 
 
@@ -138,13 +149,13 @@ def component_ports(settings: Settings) -> dict[str, list[int]]:
         "redis": [settings.redis_port],
         "s3": list(seaweed_ports(settings).values()),
     }
-    for node_id in range(2, settings.kafka_brokers + 1):
+    for node_id in range(2, kafka_nodes(settings) + 1):
         ports[kafka_node_name(node_id)] = list(kafka_node_ports(settings, node_id))
     return ports
 
 
 def check_ports_distinct(settings: Settings) -> None:
-    extra_nodes = range(2, settings.kafka_brokers + 1)
+    extra_nodes = range(2, kafka_nodes(settings) + 1)
     named = [
         ("kafka", settings.kafka_port),
         ("kafka controller", settings.kafka_controller_port),

@@ -25,8 +25,15 @@ from switchboard.v1 import chat_pb2_grpc
 from services import stack
 from services.kafka_topics import TopicCreationError, catalogue, ensure_topics, replication_factor
 from services.settings import PROJECT_ROOT, Settings
-from services.stack._components import Kafka
-from services.stack._layout import StackError, check_ports_distinct, kafka_node_name, kafka_node_ports
+from services.stack._components import Kafka, components
+from services.stack._layout import (
+    Layout,
+    StackError,
+    check_ports_distinct,
+    component_names,
+    kafka_node_name,
+    kafka_node_ports,
+)
 from tests.integration.conftest import TEST_ENV, System, eventually, start_conversation
 from tests.integration.test_durability import Load, assert_exactly_once_in_clickhouse, assert_state_counts
 
@@ -86,6 +93,19 @@ def test_a_data_dir_formatted_for_one_broker_count_refuses_another(tmp_path: Pat
     single._check_formatted_for()
     with pytest.raises(StackError, match="formatted for 1 broker"):
         Kafka(Settings(data_dir=tmp_path, kafka_brokers=3), 2)._check_formatted_for()
+
+
+def test_a_cluster_data_dir_is_managed_whole_without_the_setting(tmp_path: Path) -> None:
+    # `stack down` (or status) without SWITCHBOARD_KAFKA_BROKERS must still reach nodes 2 and 3.
+    assert component_names(Settings(data_dir=tmp_path)) == ("kafka", "redis", "s3")
+    Layout.of(Settings(data_dir=tmp_path)).kafka_dir.mkdir(parents=True)
+    Layout.of(Settings(data_dir=tmp_path)).kafka_brokers_marker.write_text("3\n")
+    assert set(components(Settings(data_dir=tmp_path))) == {"kafka", "kafka-2", "kafka-3", "redis", "s3"}
+    node = Kafka(Settings(data_dir=tmp_path))
+    node.log_dir.mkdir()
+    (node.log_dir / "meta.properties").write_text("node.id=1\n")
+    with pytest.raises(StackError, match="formatted for 3 broker"):
+        node._check_formatted_for()
 
 
 async def test_topics_the_cluster_cannot_hold_are_an_error_not_a_silent_no_op(local_stack: Settings) -> None:
