@@ -265,7 +265,10 @@ class SessionsProcessor:
                         position,
                         was,
                     )
-                    target = max(was, target or 0)
+                    # At least where this worker was, and where a rebuild of its own under way
+                    # must reach (Redis may have gone back to before that rebuild's target).
+                    pending = self._rebuilding.get(p)
+                    target = max(was, target or 0, pending.until if pending else 0)
                     await self._hold(p, target)
                 else:
                     log.warning(
