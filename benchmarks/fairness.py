@@ -16,7 +16,6 @@ clients would), with its own API key. Phases, in one run:
 3. unlimited — the same flood with A's limit lifted (`tenants update --rate default`): what the
                limit protects B from, on this machine.
 
-4. solo again — B alone once more: how much the machine itself drifted during the run.
 
 A's flood runs in a process of its own (it starts ~1 s into B's phase), so B's timings never wait
 on A's client. Prints a markdown table (stdout); progress on stderr.
@@ -27,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import time
 import uuid
@@ -38,7 +38,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ingest import BenchSystem, log  # type: ignore[import-not-found]
+from ingest import BenchSystem, CpuMeter, log  # type: ignore[import-not-found]
 from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 
 from services.auth import bearer_interceptors
@@ -183,20 +183,37 @@ async def run(args: argparse.Namespace) -> None:
             await open_loop(b, b_convs, args.b_rate, 3)
             await asyncio.sleep(1.5)  # A's bucket full again after its StartConversations
 
+            meter = CpuMeter(system)
+            await meter.refresh()
             rows: list[tuple[str, Tally, Tally | None]] = []
-            log(f"solo: B at {args.b_rate}/s for {args.seconds} s")
-            rows.append(("solo", await open_loop(b, b_convs, args.b_rate, args.seconds), None))
+            cpu: list[dict[str, float]] = []
+
+            async def phase(name: str, flooder: Flood | None = None) -> None:
+                start = meter.snapshot()
+                if flooder is not None:
+                    b_t, a_t = await asyncio.gather(
+                        open_loop(b, b_convs, args.b_rate, args.seconds), flooder.go()
+                    )
+                else:
+                    b_t, a_t = await open_loop(b, b_convs, args.b_rate, args.seconds), None
+                cpu.append(CpuMeter.cores(start, meter.snapshot()))
+                rows.append((name, b_t, a_t))
+
             flood_rate = args.limit * args.flood
             limited = {"rate_per_s": args.limit, "burst": args.limit}
             unlimited: dict[str, float | None] = {"rate_per_s": None, "burst": None}
             # Alternated, so a phase is not favoured by when it ran on a noisy machine.
+            # Alternated, each round with its own solo: on a shared machine the others' load moves
+            # between phases (see "others' cores"), so each flood is compared with its round's solo.
             kinds = (
-                ["limited", "unlimited"] * args.rounds
-                if not args.skip_unlimited
-                else ["limited"] * args.rounds
-            )
+                ["solo", "limited"] if args.skip_unlimited else ["solo", "limited", "unlimited"]
+            ) * args.rounds
             current = "limited"
             for kind in kinds:
+                if kind == "solo":
+                    log(f"solo: B at {args.b_rate}/s for {args.seconds} s")
+                    await phase("solo")
+                    continue
                 if kind != current:
                     await update_tenant_limits(
                         settings, a_tenant, limited if kind == "limited" else unlimited
@@ -206,31 +223,41 @@ async def run(args: argparse.Namespace) -> None:
                 await asyncio.sleep(args.limit and 1.5)  # A's bucket refills between phases
                 log(f"flood, A {kind}: B at {args.b_rate}/s, A at {flood_rate}/s (limit {args.limit}/s)")
                 flooder = await Flood.ready(listen, a_key, flood_rate, args.seconds, a_convs)
-                b_t, a_t = await asyncio.gather(
-                    open_loop(b, b_convs, args.b_rate, args.seconds), flooder.go()
-                )
-                rows.append((f"flood, A {kind}", b_t, a_t))
-            log("solo again")
-            rows.append(("solo again", await open_loop(b, b_convs, args.b_rate, args.seconds), None))
+                await phase(f"flood, A {kind}", flooder)
 
-        solo_p99 = rows[0][1].p(0.99)
+        solos = [bt.p(0.99) for name, bt, _ in rows if name == "solo"]
+        median_solo = statistics.median(solos)
         print(
             f"\nB at {args.b_rate:g} msg/s; A limited to {args.limit:g} msg/s (burst {args.limit:g}), "
             f"flooding at {flood_rate:g} msg/s; {args.seconds:g} s per phase; ingress: 2 processes\n"
         )
-        print("| phase | B p50 ms | B p99 ms | B p99 / solo | B errors | A accepted/s | A refused |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for name, bt, at in rows:
+        print(
+            "| phase | B p50 ms | B p99 ms | B p99 / round's solo | B p99 / median solo | B errors | A accepted/s | A refused "
+            "| ingress cores | others' cores |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        solo_p99 = solos[0]
+        for (name, bt, at), cores in zip(rows, cpu, strict=True):
+            if name == "solo":
+                solo_p99 = bt.p(0.99)
             accepted = f"{len(at.latencies) / args.seconds:.0f}" if at else "-"
             refused = f"{at.refused}" if at else "-"
             errors = sum(bt.errors.values()) + bt.refused
             print(
-                f"| {name} | {bt.p(0.5):.1f} | {bt.p(0.99):.1f} | {bt.p(0.99) / solo_p99:.2f}× | "
-                f"{errors} | {accepted} | {refused} |"
+                f"| {name} | {bt.p(0.5):.1f} | {bt.p(0.99):.1f} | {bt.p(0.99) / solo_p99:.2f}× | {bt.p(0.99) / median_solo:.2f}× | "
+                f"{errors} | {accepted} | {refused} | {cores.get('ingress', 0):.2f} | "
+                f"{cores.get('others', 0):.2f} |"
             )
         for name, bt, at in rows:
             if bt.errors or (at and at.errors):
                 print(f"\n{name}: B errors {bt.errors}, A errors {at.errors if at else {}}")
+        fail_open = sum(
+            path.read_text(errors="replace").count("rate limiter: Redis failed")
+            for path in (system.data_dir / "logs").glob("ingress*.log")
+        )
+        print(
+            f"\nlimiter fail-open warnings in the ingress logs (at most one per 10 s per process): {fail_open}"
+        )
         if args.keep_data:
             print(system.log_excerpts(), file=sys.stderr)
     finally:
