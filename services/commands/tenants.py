@@ -33,6 +33,8 @@ def _run(args: argparse.Namespace) -> int:
                 f"tenant {record.tenant_id} {'created' if created else 'exists'} ({record.status.value})"
                 f"{_describe_limits(record.settings)}"
             )
+            if not created and _limits(args):
+                print(f"(limits unchanged: `switchboard tenants update {args.tenant} ...` changes them)")
         elif args.action == "update":
             limits = _limits(args)
             if not limits:

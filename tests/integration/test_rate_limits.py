@@ -4,6 +4,7 @@ test_auth), one Redis between them. Limits are set with `switchboard tenants cre
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import uuid
@@ -164,6 +165,12 @@ async def test_each_key_has_its_own_limit_and_an_update_applies_live(limited: Re
         done = await asyncio.to_thread(cli, limited.env, "tenants", "update", tenant, "--key-rate", "0")
         assert done.returncode == 0, done.stderr
         assert "key_rate_per_s=0" in done.stdout
+        # `create` of an existing tenant changes nothing and says how to.
+        again = await asyncio.to_thread(cli, limited.env, "tenants", "create", tenant, "--rate", "1")
+        assert again.returncode == 0 and "limits unchanged" in again.stdout, again.stdout
+        listed = await asyncio.to_thread(cli, limited.env, "tenants", "list", "--json")
+        mine = [t for t in json.loads(listed.stdout) if t["tenant_id"] == tenant]
+        assert mine[0]["settings"] == {"key_rate_per_s": 0.0, "key_burst": 4}, mine
 
         async def first_key() -> grpc.StatusCode:
             return (await outcome(one.SendMessage(message(conv.conversation_id))))[0]
