@@ -43,7 +43,11 @@ def run_system(settings: Settings, demo: bool = True) -> int:
         print(f"topics created: {', '.join(created) or 'none needed'}")
         # Keys are on from the first run: the demo presents one, as every client must.
         settings = settings.model_copy(update={"api_key": issue_demo_key(settings)})
-        print(f"demo API key (tenant {settings.demo_tenant!r}): {settings.api_key}")
+        print(
+            f"demo API key (tenant {settings.demo_tenant!r}; roles customer-app, agent, knowledge-admin): "
+            f"{settings.api_key}\n  every gRPC call but health and reflection needs an API key "
+            "from now on: send `authorization: Bearer <key>`"
+        )
         _banner(
             "starting analytics (projector + ClickHouse query endpoint), sessions worker, assistant, archiver, ingress"
         )
@@ -59,6 +63,9 @@ def run_system(settings: Settings, demo: bool = True) -> int:
             f"  grpcurl -plaintext {settings.grpc_listen} list\n"
             f"  grpcurl -plaintext -H 'authorization: Bearer {settings.api_key}' -d '{{}}' "
             f"{settings.grpc_listen} switchboard.v1.KnowledgeService/ListDocuments\n"
+            "  a key of your own tenant (created on first use; the secret alone on stdout):\n"
+            "  KEY=$(.venv/bin/switchboard keys issue --tenant acme --role customer-app --role agent "
+            "--role knowledge-admin)\n"
             '  .venv/bin/switchboard sql "SELECT type, count() FROM switchboard.events GROUP BY type"\n'
             f"  logs: {settings.data_dir / 'logs'}",
             flush=True,

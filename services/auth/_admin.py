@@ -147,7 +147,11 @@ async def _demo_key(settings: Settings) -> str:
         if k.label == DEMO_KEY_LABEL and k.status is Status.ACTIVE
     ]
     _, token, _ = await issue_key(
-        settings, settings.demo_tenant, ["customer-app", "knowledge-admin"], DEMO_KEY_LABEL
+        # Every role a tenant's own backends use, so a first user can try each API with it.
+        settings,
+        settings.demo_tenant,
+        ["customer-app", "agent", "knowledge-admin"],
+        DEMO_KEY_LABEL,
     )
     if stale:
         await append_records(settings, stale)
