@@ -5,6 +5,7 @@ keys are made with the `switchboard keys` CLI, as an operator would."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -88,21 +89,22 @@ class Replicas:
         )
 
 
-@pytest.fixture(scope="module")
-async def replicas(system: System) -> AsyncIterator[Replicas]:
-    topic = f"tenants-{uuid.uuid4().hex[:8]}"
+@contextlib.asynccontextmanager
+async def keyed_replicas(system: System, name: str, ports: tuple[int, ...]) -> AsyncIterator[Replicas]:
+    """Ingress replicas of their own on `ports`, following a tenants topic of their own."""
+    topic = f"tenants-{name}-{uuid.uuid4().hex[:8]}"
     await create_topic(system.settings, topic)
     env = auth_env(system, topic)
-    listens = [f"127.0.0.1:{port}" for port in REPLICA_PORTS]
+    listens = [f"127.0.0.1:{port}" for port in ports]
     logs = Path(system.env["SWITCHBOARD_DATA_DIR"]) / "logs"
     children = [
         Child(
-            f"auth-ingress-{i}",
+            f"{name}-ingress-{i}",
             ["ingress"],
-            logs / f"auth-ingress-{i}.log",
-            {**env, "SWITCHBOARD_GRPC_LISTEN": listen},
+            logs / f"{name}-ingress-{i}.log",
+            {**env, "SWITCHBOARD_GRPC_LISTEN": ln},
         )
-        for i, listen in enumerate(listens)
+        for i, ln in enumerate(listens)
     ]
     for child in children:
         child.start()
@@ -113,6 +115,12 @@ async def replicas(system: System) -> AsyncIterator[Replicas]:
     finally:
         for child in children:
             child.stop()
+
+
+@pytest.fixture(scope="module")
+async def replicas(system: System) -> AsyncIterator[Replicas]:
+    async with keyed_replicas(system, "auth", REPLICA_PORTS) as started:
+        yield started
 
 
 def start_request(tenant: str = "") -> chat_pb2.StartConversationRequest:

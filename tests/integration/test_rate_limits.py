@@ -9,16 +9,13 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
 from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 
-from services.processes import Child, wait_for_ingress
-from services.settings import Settings
 from tests.integration.conftest import System, eventually
-from tests.integration.test_auth import Replicas, auth_env, cli, create_topic, issue
+from tests.integration.test_auth import Replicas, cli, issue, keyed_replicas
 
 pytestmark = pytest.mark.integration
 
@@ -28,29 +25,8 @@ REPLICA_PORTS = (25091 + _OFFSET, 25092 + _OFFSET)
 
 @pytest.fixture(scope="module")
 async def limited(system: System) -> AsyncIterator[Replicas]:
-    topic = f"tenants-rl-{uuid.uuid4().hex[:8]}"
-    await create_topic(system.settings, topic)
-    env = auth_env(system, topic)
-    listens = [f"127.0.0.1:{port}" for port in REPLICA_PORTS]
-    logs = Path(system.env["SWITCHBOARD_DATA_DIR"]) / "logs"
-    children = [
-        Child(
-            f"rl-ingress-{i}",
-            ["ingress"],
-            logs / f"rl-ingress-{i}.log",
-            {**env, "SWITCHBOARD_GRPC_LISTEN": ln},
-        )
-        for i, ln in enumerate(listens)
-    ]
-    for child in children:
-        child.start()
-    try:
-        for child, listen in zip(children, listens, strict=True):
-            await wait_for_ingress(Settings(**{**system.settings.model_dump(), "grpc_listen": listen}), child)
-        yield Replicas(env, listens, children)
-    finally:
-        for child in children:
-            child.stop()
+    async with keyed_replicas(system, "rl", REPLICA_PORTS) as started:
+        yield started
 
 
 async def tenant_with(replicas: Replicas, *limits: str) -> tuple[str, str]:
