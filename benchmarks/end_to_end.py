@@ -1,0 +1,201 @@
+"""End to end: messages offered through the gRPC API at a fixed rate; ack latency, and how long
+until each is visible in the hot view (its live stream, written with the state) and in ClickHouse.
+
+Issue 7's last row: ≥ 3k msg/s sustained with p99 ack ≤ 50 ms and API-to-ClickHouse p99 ≤ 2 s.
+Its own stack and processes (benchmarks/ingest.py's BenchSystem, ports + --port-offset): analytics
+(projector + endpoint), sessions worker, ingress. Unary SendMessage calls are paced by a schedule
+(open loop: a slow server does not slow the offered rate, late sends count from their scheduled
+time); watchers on StreamConversation time every message of a sample of conversations; a poller
+asks ClickHouse every 100 ms which sampled messages have landed.
+
+    .venv/bin/python benchmarks/end_to_end.py [--rate 3000] [--seconds 10] [--port-offset 1600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import grpc
+from ingest import BenchSystem, log, machine, start_processes
+from switchboard.v1 import chat_pb2, chat_pb2_grpc
+
+from services.analytics._process import endpoint_client
+
+CONVERSATIONS = 200
+WATCHED = 20
+CHANNELS = 4
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def run(system: BenchSystem, rate: float, seconds: float) -> str:
+    settings = system.settings
+    channels = [grpc.aio.insecure_channel(settings.grpc_listen) for _ in range(CHANNELS)]
+    stubs = [chat_pb2_grpc.ChatServiceStub(c) for c in channels]
+    tenant = f"e2e{uuid.uuid4().hex[:8]}"
+    conversations = [
+        (
+            await stubs[0].StartConversation(
+                chat_pb2.StartConversationRequest(tenant_id=tenant, customer_id=f"c{i}")
+            )
+        ).conversation_id
+        for i in range(CONVERSATIONS)
+    ]
+    watched = set(conversations[:WATCHED])
+    sent_at: dict[str, float] = {}
+    acked_at: dict[str, float] = {}
+    live_at: dict[str, float] = {}
+    landed_at: dict[str, float] = {}
+    errors: list[str] = []
+
+    async def watch(conversation: str) -> None:
+        stream = stubs[1].StreamConversation(
+            chat_pb2.StreamConversationRequest(tenant_id=tenant, conversation_id=conversation)
+        )
+        async for update in stream:
+            if update.HasField("event") and update.event.WhichOneof("payload") == "message_received":
+                live_at.setdefault(update.event.message_received.client_message_id, time.monotonic())
+
+    watchers = [asyncio.ensure_future(watch(c)) for c in watched]
+    client = endpoint_client(settings, username="default")
+    stop_polling = asyncio.Event()
+
+    def landed_ids(ids: list[str]) -> list[tuple[str]]:
+        return list(
+            client.query(
+                "SELECT client_message_id FROM switchboard.messages "
+                "WHERE tenant_id = {t:String} AND client_message_id IN {ids:Array(String)}",
+                parameters={"t": tenant, "ids": ids},
+            ).result_rows
+        )
+
+    async def poll() -> None:
+        while True:
+            pending = [m for m in sent_at if m in acked_at and m not in landed_at and int(m[1:]) % 10 == 0]
+            if pending:
+                rows = await asyncio.to_thread(landed_ids, pending)
+                now = time.monotonic()
+                for (cmid,) in rows:
+                    landed_at.setdefault(cmid, now)
+            elif stop_polling.is_set():
+                return
+            await asyncio.sleep(0.1)
+
+    poller = asyncio.ensure_future(poll())
+
+    async def send(i: int, due: float) -> None:
+        cmid = f"m{i}"
+        conversation = conversations[i % CONVERSATIONS]
+        sent_at[cmid] = due
+        try:
+            await stubs[i % CHANNELS].SendMessage(
+                chat_pb2.SendMessageRequest(
+                    tenant_id=tenant, conversation_id=conversation, client_message_id=cmid, text=f"e2e {i}"
+                ),
+                timeout=30,
+            )
+            acked_at[cmid] = time.monotonic()
+        except grpc.aio.AioRpcError as exc:
+            errors.append(exc.code().name)
+
+    log(f"offering {rate:,.0f} msg/s for {seconds:.0f} s over {CONVERSATIONS} conversations")
+    total = int(rate * seconds)
+    start = time.monotonic() + 0.2
+    tasks = []
+    for i in itertools.count():
+        if i >= total:
+            break
+        due = start + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(send(i, due)))
+    await asyncio.gather(*tasks)
+    elapsed = max(acked_at.values(), default=start) - start
+    expected_live = {m for m in acked_at if conversations[int(m[1:]) % CONVERSATIONS] in watched}
+    deadline = time.monotonic() + 60
+    # Polled: the watchers' arrivals are plain dict writes, and this wait is outside any timing.
+    while time.monotonic() < deadline and not expected_live <= set(live_at):  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    stop_polling.set()
+    await asyncio.wait_for(poller, 120)
+    for w in watchers:
+        w.cancel()
+    for c in channels:
+        await c.close()
+    client.close()
+
+    acks = [(acked_at[m] - sent_at[m]) * 1000 for m in acked_at]
+    live = [(live_at[m] - sent_at[m]) * 1000 for m in expected_live if m in live_at]
+    landed = [(landed_at[m] - sent_at[m]) * 1000 for m in landed_at]
+    sampled = [m for m in acked_at if int(m[1:]) % 10 == 0]
+    rows = [
+        "| what | n | p50 ms | p90 ms | p99 ms | max ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, values in (
+        ("ack (scheduled send → ack)", acks),
+        ("visible in the hot view (live stream of 20 watched conversations)", live),
+        ("visible in ClickHouse (`switchboard.messages`, every 10th message)", landed),
+    ):
+        rows.append(
+            f"| {name} | {len(values):,} | {statistics.median(values) if values else float('nan'):.1f} | "
+            f"{pct(values, 0.9):.1f} | {pct(values, 0.99):.1f} | {max(values, default=float('nan')):.1f} |"
+        )
+    return "\n".join(
+        [
+            f"### End to end — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            "",
+            f"Offered {rate:,.0f} msg/s of unary SendMessage for {seconds:.0f} s ({total:,} messages, "
+            f"{CONVERSATIONS} conversations, {CHANNELS} connections); acked {len(acked_at):,} "
+            f"({len(acked_at) / elapsed if elapsed > 0 else 0:,.0f} msg/s over {elapsed:.1f} s), "
+            f"errors {len(errors)} {sorted(set(errors))}; in the hot view {len(live):,} of "
+            f"{len(expected_live):,} watched; in ClickHouse {len(landed):,} of {len(sampled):,} sampled.",
+            "",
+            *rows,
+            "",
+            "```",
+            machine(),
+            "```",
+        ]
+    )
+
+
+async def main_async(rate: float, seconds: float, port_offset: int) -> int:
+    system = BenchSystem(False, port_offset)
+    text = ""
+    try:
+        await system.up()
+        await start_processes(system)
+        text = await run(system, rate, seconds)
+    finally:
+        log("tearing down")
+        await system.down()
+    print(text, flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rate", type=float, default=3000.0, help="messages/s offered")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--port-offset", type=int, default=1600)
+    args = parser.parse_args(argv)
+    return asyncio.run(main_async(args.rate, args.seconds, args.port_offset))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
