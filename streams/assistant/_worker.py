@@ -456,6 +456,17 @@ def document_of(proto: knowledge_pb2.Document) -> Document:
     )
 
 
+def stored_document(record: knowledge_pb2.KnowledgeEvent) -> tuple[Document, bytes]:
+    """An upsert's document, and the Document the hot view keeps for GetDocument/ListDocuments
+    (with its detected language and the event's time)."""
+    document = document_of(record.document_upserted)
+    stored = knowledge_pb2.Document()
+    stored.CopyFrom(record.document_upserted)
+    stored.language = document.language
+    stored.updated_at.CopyFrom(record.occurred_at)
+    return document, stored.SerializeToString()
+
+
 class KnowledgeFollower:
     """Reads knowledge-events from the start (no consumer group: every assistant holds every
     tenant's index) and keeps following; `ready` is set once the start-up read reached the end."""
@@ -509,15 +520,9 @@ class KnowledgeFollower:
                 record.ParseFromString(value)
                 kind = record.WhichOneof("payload")
                 if kind == "document_upserted":
-                    document = document_of(record.document_upserted)
+                    document, stored = stored_document(record)
                     upserts.setdefault(record.tenant_id, []).append(document)
-                    stored = knowledge_pb2.Document()
-                    stored.CopyFrom(record.document_upserted)
-                    stored.language = document.language
-                    stored.updated_at.CopyFrom(record.occurred_at)
-                    pipe.hset(
-                        hv.documents_key(record.tenant_id), document.document_id, stored.SerializeToString()
-                    )
+                    pipe.hset(hv.documents_key(record.tenant_id), document.document_id, stored)
                 elif kind == "document_deleted":
                     for tenant, docs in list(upserts.items()):
                         upserts[tenant] = [d for d in docs if d.document_id != record.document_deleted]

@@ -32,7 +32,7 @@ class KnowledgeTarget:
         self.tenants: set[str] = set()
 
     async def apply(self, records: Sequence[Record]) -> tuple[int, int]:
-        from streams.assistant._worker import document_of
+        from streams.assistant._worker import stored_document
 
         pipe = self.scratch.pipeline(transaction=False)
         applied = rejected = 0
@@ -45,14 +45,8 @@ class KnowledgeTarget:
                     continue
                 # The same writes as the assistant's KnowledgeFollower.
                 if kind == "document_upserted":
-                    document = document_of(record.document_upserted)
-                    stored = knowledge_pb2.Document()
-                    stored.CopyFrom(record.document_upserted)
-                    stored.language = document.language
-                    stored.updated_at.CopyFrom(record.occurred_at)
-                    pipe.hset(
-                        hv.documents_key(record.tenant_id), document.document_id, stored.SerializeToString()
-                    )
+                    document, stored = stored_document(record)
+                    pipe.hset(hv.documents_key(record.tenant_id), document.document_id, stored)
                 elif kind == "document_deleted":
                     pipe.hdel(hv.documents_key(record.tenant_id), record.document_deleted)
                 else:
