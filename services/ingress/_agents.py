@@ -25,7 +25,7 @@ from services.ingress import _validation as v
 from services.ingress._hotview import CLAIM_TTL_S, IngressHotView, Registration, rebuilding
 from services.ingress._producer import Unavailable
 from services.ingress._reads import ConversationReads
-from services.ingress._writes import ConversationWrites
+from services.ingress._writes import ConversationWrites, ack_response
 from services.settings import Settings
 from streams.sessions import MODE_AGENT, STATUS_CLOSED, ConversationState
 
@@ -221,14 +221,7 @@ class AgentService:
         ack, duplicate = await self._writes.publish_claimed(
             event, (req.tenant_id, req.conversation_id, req.client_message_id)
         )
-        return chat_pb2.SendMessageResponse(
-            event_id=ack.event_id,
-            partition=ack.partition,
-            offset=ack.offset,
-            duplicate=duplicate,
-            client_message_id=req.client_message_id,
-            conversation_id=req.conversation_id,
-        )
+        return ack_response(req, ack, duplicate)
 
     async def transfer_conversation(
         self, req: agent_pb2.TransferConversationRequest, traceparent: str = ""

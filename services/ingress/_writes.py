@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
-from switchboard.v1 import chat_pb2, events_pb2
+from switchboard.v1 import agent_pb2, chat_pb2, events_pb2
 
 from schemas import hotview as hv
 from schemas.events import Event, new_event, new_event_id
@@ -242,7 +242,7 @@ class ConversationWrites:
                 late_possible=True,
             )
         ack = write.outcome.result()
-        return _response(req, ack, duplicate=False) if isinstance(ack, Ack) else ack
+        return ack_response(req, ack, duplicate=False) if isinstance(ack, Ack) else ack
 
     async def _write_messages(
         self,
@@ -365,7 +365,7 @@ class ConversationWrites:
         """In the batch's turn and in request order: hand one message to the producer, or why not."""
         conversation = (req.tenant_id, req.conversation_id)
         if claim is not None and claim.earlier is not None:
-            return _response(req, claim.earlier, duplicate=True)
+            return ack_response(req, claim.earlier, duplicate=True)
         if claim is not None and claim.closed:
             self._remember(conversation, closed=True)
             return _closed(req.conversation_id)
@@ -840,7 +840,9 @@ def _resolve_followers(followers: list[tuple[int, int]], outcomes: list[Outcome 
             outcomes[i] = outcome
 
 
-def _response(req: chat_pb2.SendMessageRequest, ack: Ack, duplicate: bool) -> chat_pb2.SendMessageResponse:
+def ack_response(
+    req: chat_pb2.SendMessageRequest | agent_pb2.SendAgentMessageRequest, ack: Ack, duplicate: bool
+) -> chat_pb2.SendMessageResponse:
     return chat_pb2.SendMessageResponse(
         event_id=ack.event_id,
         partition=ack.partition,
