@@ -203,13 +203,19 @@ class _Observed:
         pair[1].observe(seconds)
 
 
+_MAX_CACHED_WRAPPERS = 4096
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every call by method and final status; opens the call's server span
     when tracing is on (its context becomes the events' traceparent)."""
 
     def __init__(self) -> None:
         self._methods: dict[str, _Observed] = {}
-        self._handlers: dict[tuple[str, int], grpc.RpcMethodHandler] = {}
+        # (method, id(handler)) -> (handler, its wrapper). The handler is kept and compared: an
+        # id is only unique among live objects, and the interceptors behind this one return a new
+        # handler per refused call; a freed one's id comes back for another key's handler.
+        self._handlers: dict[tuple[str, int], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -222,10 +228,16 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         method = str(handler_call_details.method)
         # One wrapped handler per (method, handler): built once, reused for every call.
         key = (method, id(handler))
-        wrapped = self._handlers.get(key)
-        if wrapped is None:
-            observed = self._methods.setdefault(method, _Observed(method.rsplit("/", 1)[-1]))
-            wrapped = self._handlers[key] = _wrap(handler, observed, method)
+        cached = self._handlers.get(key)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        observed = self._methods.get(method)
+        if observed is None:
+            observed = self._methods[method] = _Observed(method.rsplit("/", 1)[-1])
+        wrapped = _wrap(handler, observed, method)
+        if len(self._handlers) >= _MAX_CACHED_WRAPPERS:
+            self._handlers.clear()  # bounded memory whatever callers send (refusals are per call)
+        self._handlers[key] = (handler, wrapped)
         return wrapped
 
 
