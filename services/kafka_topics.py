@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -18,6 +20,35 @@ _TOPIC_ALREADY_EXISTS = 36
 
 class TopicCreationError(RuntimeError):
     """Kafka refused to create a topic (e.g. a replication factor above the broker count)."""
+
+
+async def wait_for_leaders(
+    admin: AIOKafkaAdminClient, partitions: dict[str, int], *, within_s: float = 30.0
+) -> None:
+    """Wait until every named topic is described with its partition count and a leader for each
+    partition. A create is answered by the controller before every broker's metadata has the new
+    topic; a describe in that window returns no partitions (seen in CI), and a client started then
+    gets UNKNOWN_TOPIC_OR_PARTITION."""
+    deadline = time.monotonic() + within_s
+    pending = dict(partitions)
+    while True:
+        described = await admin.describe_topics(list(pending))
+        for info in described:
+            parts = info.get("partitions") or []
+            if (
+                info.get("error_code", 0) == 0
+                and len(parts) == pending.get(info.get("topic"), -1)
+                and all(p.get("leader", -1) >= 0 for p in parts)
+            ):
+                pending.pop(info["topic"], None)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise TopicCreationError(
+                f"topics created but not ready after {within_s:.0f}s: {sorted(pending)} "
+                "(no leader for some partition; is every broker up?)"
+            )
+        await asyncio.sleep(0.1)
 
 
 def replication_factor(settings: Settings) -> int:
@@ -68,6 +99,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
                     f"{e[0]}: error {e[1]} {e[2] if len(e) > 2 else ''}".strip() for e in refused
                 )
                 raise TopicCreationError(f"Kafka refused to create topics ({detail})")
+            await wait_for_leaders(admin, {t.name: t.partitions for t in missing})
         present = [t for t in wanted if t.name in existing]
         if present:
             described = await admin.describe_topics([t.name for t in present])

@@ -23,6 +23,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from services import stack
+from services.kafka_topics import wait_for_leaders
 from services.settings import Settings, load_settings
 
 pytestmark = pytest.mark.integration
@@ -69,8 +70,9 @@ async def create_topic(settings: Settings, partitions: int = 3) -> str:
     try:
         response = await admin.create_topics([NewTopic(topic, partitions, 1)])
         assert all(err[1] == 0 for err in response.topic_errors), response
-        described = await admin.describe_topics([topic])
-        assert len(described[0]["partitions"]) == partitions
+        # Raises unless every partition is described with a leader (a describe straight after the
+        # create may return none: CI saw `0 == 3`).
+        await wait_for_leaders(admin, {topic: partitions})
     finally:
         await admin.close()
     return topic
