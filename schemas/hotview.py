@@ -13,6 +13,9 @@ F_STATE = "state"  # JSON of ConversationState, written by the sessions worker o
 F_CURSOR = "cursor"  # live-stream id of the last event folded into F_STATE
 F_CREATED_NS = "created_ns"  # written by the ingress once the start event is durable
 F_CLOSED_NS = "closed_ns"  # written by the ingress once the close event is durable
+# While a close is under way: until when (Redis TIME, ms) the close holds the conversation. Sends
+# are refused while it holds, in every ingress process (see `inflight_key`).
+F_CLOSING = "closing"
 F_CHANNEL = "channel"
 F_CUSTOMER = "customer_id"
 
@@ -56,6 +59,14 @@ def queue_key(tenant_id: str, queue: str) -> str:
 def documents_key(tenant_id: str) -> str:
     """Hash of a tenant's knowledge documents: document id -> switchboard.v1.Document bytes."""
     return f"sb:{{{tenant_id}}}:documents"
+
+
+def inflight_key(tenant_id: str, conversation_id: str) -> str:
+    """Sorted set of the conversation's messages claimed but not yet settled (member: the
+    attempt's marker and claim key; score: when it expires, Redis TIME in ms). A close waits
+    until it is empty, so every message acknowledged before the close is before it in the log,
+    whichever ingress process wrote it."""
+    return f"sb:{{{tenant_id}:{conversation_id}}}:inflight"
 
 
 def idempotency_key(tenant_id: str, conversation_id: str, client_message_id: str) -> str:

@@ -29,25 +29,81 @@ end
 return previous
 """
 
-# The same for customer messages, with the conversation's close in the same step: KEYS are the
-# readiness hash, then (conversation hash, claim key) pairs. A conversation whose hash has
-# `closed_ns` (written once the close is durable, by the ingress and by the sessions worker) is
-# answered 0 and nothing is claimed. This is what lets the ingress keep the conversation registry
-# in process memory: existence never changes, and the close, which does, is read here.
+# The same for customer (and agent) messages, with the conversation's close in the same step.
+# KEYS are the readiness hash, then (conversation hash, claim key, in-flight set) triples. A
+# conversation whose hash has `closed_ns` (written once the close is durable, by the ingress and
+# by the sessions worker) or a `closing` hold that has not expired (a close under way, in any
+# ingress process) claims nothing: the key's earlier value is answered if it has one (a retry of
+# a written message still gets its ack), else 0 (closed) or 1 (being closed). A claimed key joins
+# the conversation's in-flight set until its outcome is settled; a close waits for that set to
+# empty before it publishes, so no message acknowledged to anyone lands after the close in the
+# log. This is what lets the ingress keep the conversation registry in process memory:
+# existence never changes, and the close, which does, is read here.
 _CLAIM_OPEN_IF_READY = """
 local need = tonumber(ARGV[1])
 if need > 0 and redis.call('HLEN', KEYS[1]) < need then
   return -1
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl_ms = tonumber(ARGV[3]) * 1000
 local previous = {}
-for i = 2, #KEYS, 2 do
+for i = 2, #KEYS, 3 do
+  local shut = -1
   if redis.call('HEXISTS', KEYS[i], ARGV[4]) == 1 then
-    previous[#previous + 1] = 0
+    shut = 0
   else
-    previous[#previous + 1] = redis.call('SET', KEYS[i + 1], ARGV[2], 'NX', 'GET', 'EX', ARGV[3])
+    local holding = redis.call('HGET', KEYS[i], ARGV[5])
+    if holding and tonumber(holding) > now then
+      shut = 1
+    end
+  end
+  if shut >= 0 then
+    local earlier = redis.call('GET', KEYS[i + 1])
+    if earlier then
+      previous[#previous + 1] = earlier
+    else
+      previous[#previous + 1] = shut
+    end
+  else
+    local earlier = redis.call('SET', KEYS[i + 1], ARGV[2], 'NX', 'GET', 'EX', ARGV[3])
+    if not earlier then
+      redis.call('ZADD', KEYS[i + 2], now + ttl_ms, ARGV[2] .. KEYS[i + 1])
+      redis.call('PEXPIRE', KEYS[i + 2], ttl_ms)
+    end
+    previous[#previous + 1] = earlier
   end
 end
 return previous
+"""
+
+# A close holds its conversation (KEYS: hash, in-flight set; ARGV: hold field, hold ms, the
+# closing process's marker prefix): sends are refused from now on, in every process, and the
+# answer is how many messages claimed by other processes are still unsettled (expired members,
+# of a process that died, are dropped first). The closing process's own messages need no wait:
+# its gate refuses those not yet handed to its producer, and those handed over are before the
+# close in the log (one producer keeps a partition's order).
+_HOLD_FOR_CLOSE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local mine = ARGV[3]
+local others = 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if string.sub(member, 1, #mine) ~= mine then
+    others = others + 1
+  end
+end
+return others
+"""
+
+# Keep an unsettled message in its in-flight set for another TTL (KEYS: set; ARGV: member, ms).
+_TOUCH_IN_FLIGHT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+return redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 """
 
 
@@ -161,10 +217,20 @@ class HeldClaim(NamedTuple):
     conversation_id: str
     client_message_id: str
     marker: bytes
+    # In the conversation's in-flight set (a message claimed unless_closed): settling removes it.
+    in_flight: bool = False
 
     @property
     def redis_key(self) -> str:
         return hv.idempotency_key(self.tenant_id, self.conversation_id, self.client_message_id)
+
+    @property
+    def in_flight_key(self) -> str:
+        return hv.inflight_key(self.tenant_id, self.conversation_id)
+
+    @property
+    def in_flight_member(self) -> bytes:
+        return self.marker + self.redis_key.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,15 +241,19 @@ class Claim:
     earlier: Ack | None = None
     # The conversation is closed: nothing was claimed (claim_many(..., unless_closed=True)).
     closed: bool = False
+    # A close of the conversation is under way (in some process): nothing was claimed; retry.
+    closing: bool = False
     # The pending value this attempt set (when `claimed`): only it may drop the claim again.
     marker: bytes = hv.CLAIM_PENDING
+    # Claimed into the conversation's in-flight set (claim_many(..., unless_closed=True)).
+    tracked: bool = False
 
     @property
     def in_flight(self) -> bool:
-        return not self.claimed and self.earlier is None and not self.closed
+        return not self.claimed and self.earlier is None and not self.closed and not self.closing
 
     def held(self, key: tuple[str, str, str]) -> HeldClaim:
-        return HeldClaim(key[0], key[1], key[2], self.marker)
+        return HeldClaim(key[0], key[1], key[2], self.marker, self.tracked)
 
 
 def _raise_any(replies: list[Any]) -> None:
@@ -210,7 +280,12 @@ class IngressHotView:
         self._ttl = idempotency_ttl_s
         self._claim_if_ready = redis.register_script(_CLAIM_IF_READY)
         self._claim_open_if_ready = redis.register_script(_CLAIM_OPEN_IF_READY)
+        self._hold_for_close = redis.register_script(_HOLD_FOR_CLOSE)
+        self._touch_in_flight = redis.register_script(_TOUCH_IN_FLIGHT)
         self._tick = TickPipeline(redis)
+        # Starts every claim marker of this instance (one per ingress process): a close tells its
+        # own process's in-flight messages from other processes' by it.
+        self._marker_prefix = hv.CLAIM_PENDING + b":" + os.urandom(6).hex().encode()
 
     async def lookup_many(self, keys: Sequence[tuple[str, str]]) -> list[Registration | None]:
         fields = (hv.F_CREATED_NS, hv.F_CLOSED_NS, hv.F_CHANNEL, hv.F_CUSTOMER, hv.F_STATE, hv.F_CURSOR)
@@ -247,7 +322,30 @@ class IngressHotView:
         )
 
     async def mark_closed(self, tenant_id: str, conversation_id: str, closed_ns: int) -> None:
-        await self._redis.hset(hv.conversation_key(tenant_id, conversation_id), hv.F_CLOSED_NS, closed_ns)
+        """The close is durable: closed for good (and the close's hold is no longer needed)."""
+        key = hv.conversation_key(tenant_id, conversation_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, hv.F_CLOSED_NS, closed_ns)
+            pipe.hdel(key, hv.F_CLOSING)
+            await pipe.execute()
+
+    async def hold_for_close(self, tenant_id: str, conversation_id: str) -> int:
+        """Refuse sends of the conversation in every ingress process from now on (for a claim
+        TTL, or until `release_close`/`mark_closed`); returns how many of its messages claimed by
+        other processes are not settled yet. Called again, it renews the hold."""
+        return int(
+            await self._hold_for_close(
+                keys=[
+                    hv.conversation_key(tenant_id, conversation_id),
+                    hv.inflight_key(tenant_id, conversation_id),
+                ],
+                args=[hv.F_CLOSING, CLAIM_TTL_S * 1000, self._marker_prefix],
+            )
+        )
+
+    async def release_close(self, tenant_id: str, conversation_id: str) -> None:
+        """The close did not happen (Kafka refused it, or it gave up): sends may go on."""
+        await self._redis.hdel(hv.conversation_key(tenant_id, conversation_id), hv.F_CLOSING)
 
     async def clear_closed(self, tenant_id: str, conversation_id: str) -> None:
         await self._redis.hdel(hv.conversation_key(tenant_id, conversation_id), hv.F_CLOSED_NS)
@@ -266,13 +364,13 @@ class IngressHotView:
         if not keys:
             return []
         # One marker per call (one attempt of each key): settling compares against it.
-        marker = hv.CLAIM_PENDING + b":" + os.urandom(8).hex().encode()
+        marker = self._marker_prefix + os.urandom(8).hex().encode()
         if unless_closed:
             script = self._claim_open_if_ready
             redis_keys = [hv.READY_KEY]
             for t, c, m in keys:
-                redis_keys += (hv.conversation_key(t, c), hv.idempotency_key(t, c, m))
-            args: list[Any] = [partitions, marker, CLAIM_TTL_S, hv.F_CLOSED_NS]
+                redis_keys += (hv.conversation_key(t, c), hv.idempotency_key(t, c, m), hv.inflight_key(t, c))
+            args: list[Any] = [partitions, marker, CLAIM_TTL_S, hv.F_CLOSED_NS, hv.F_CLOSING]
         else:
             script = self._claim_if_ready
             redis_keys = [hv.READY_KEY, *(hv.idempotency_key(t, c, m) for t, c, m in keys)]
@@ -290,9 +388,11 @@ class IngressHotView:
         claims = []
         for previous in reply:
             if previous is None:
-                claims.append(Claim(claimed=True, marker=marker))
+                claims.append(Claim(claimed=True, marker=marker, tracked=unless_closed))
             elif previous == 0:
                 claims.append(Claim(claimed=False, closed=True))
+            elif previous == 1:
+                claims.append(Claim(claimed=False, closing=True))
             else:
                 claims.append(Claim(claimed=False, earlier=_parse_ack(previous)))
         return claims
@@ -303,8 +403,31 @@ class IngressHotView:
         def queue(pipe: Any) -> None:
             for key in keys:
                 pipe.execute_command("EXPIRE", key.redis_key, CLAIM_TTL_S, "XX")
+                if key.in_flight:
+                    # EVAL, not EVALSHA: touches are rare (Kafka slower than a third of the TTL).
+                    pipe.execute_command(
+                        "EVAL",
+                        _TOUCH_IN_FLIGHT,
+                        1,
+                        key.in_flight_key,
+                        key.in_flight_member,
+                        CLAIM_TTL_S * 1000,
+                    )
+                if key.client_message_id == hv.CLOSE_CLAIM:
+                    # A close still waiting for Kafka keeps its conversation held.
+                    pipe.execute_command(
+                        "EVAL",
+                        _HOLD_FOR_CLOSE,
+                        2,
+                        hv.conversation_key(key.tenant_id, key.conversation_id),
+                        key.in_flight_key,
+                        hv.F_CLOSING,
+                        CLAIM_TTL_S * 1000,
+                        self._marker_prefix,
+                    )
 
-        _raise_any(await self._tick.run(queue, len(keys)))
+        count = sum(1 + k.in_flight + (k.client_message_id == hv.CLOSE_CLAIM) for k in keys)
+        _raise_any(await self._tick.run(queue, count))
 
     async def settle_many(self, outcomes: Sequence[tuple[HeldClaim, Ack | None]]) -> None:
         """Record acks (a retry then gets the first ack) and drop claims whose write failed; in the
@@ -325,8 +448,11 @@ class IngressHotView:
                     pipe.execute_command(
                         "SET", key, hv.encode_claim(ack.event_id, ack.partition, ack.offset), "EX", self._ttl
                     )
+                if held.in_flight:
+                    # Settled either way: a close waiting for the conversation may go on.
+                    pipe.execute_command("ZREM", held.in_flight_key, held.in_flight_member)
 
-        _raise_any(await self._tick.run(queue, len(outcomes)))
+        _raise_any(await self._tick.run(queue, len(outcomes) + sum(h.in_flight for h, _ in outcomes)))
 
     async def recent_entries(
         self, tenant_id: str, conversation_id: str, count: int

@@ -13,6 +13,12 @@
 - Close after durable (`ConversationGate`): sends and closes of one conversation take turns in
   this process. A close refuses new sends, waits for sends being handed to the producer, and
   the hot view says closed only once the close event is durable.
+- Close after every acknowledged message, across processes (`_wait_in_flight`): a claimed
+  message sits in its conversation's in-flight set in Redis until settled; a close first holds
+  the conversation (the claim script then refuses its sends in every ingress process), waits
+  until no other process has one unsettled, and only then publishes (this process's own are
+  ordered by the gate). A message racing a close is either before the close in the log or
+  refused.
 """
 
 from __future__ import annotations
@@ -324,8 +330,9 @@ class ConversationWrites:
         """The requests that may write: known, open conversations; the first of each key.
 
         Conversations are looked up in the process's registry first, and in Redis only when not
-        there: a conversation, once started, exists for good, and one closed stays closed. The
-        close of a conversation cached as open is read by the claim (claim_many unless_closed)."""
+        there: a conversation, once started, exists for good. Whether it is closed is answered by
+        the claim (claim_many unless_closed), also for one known closed: a retry of a message
+        written before the close still gets its ack there (duplicate=true), the rest FAILED_PRECONDITION."""
         registry = self._registry
         missing = sorted({(req.tenant_id, req.conversation_id) for _, req in valid} - registry.keys())
         ready = True
@@ -339,15 +346,12 @@ class ConversationWrites:
         first: dict[ClaimKey, int] = {}
         writers = []
         for i, req in valid:
-            closed = registry.get((req.tenant_id, req.conversation_id))
-            if closed is None:
+            if (req.tenant_id, req.conversation_id) not in registry:
                 results[i] = (
                     _not_found(req.tenant_id, req.conversation_id)
                     if ready
                     else unknown_while_rebuilding(req.tenant_id, req.conversation_id)
                 )
-            elif closed:
-                results[i] = _closed(req.conversation_id)
             elif _claim_key(req) in first:
                 followers.append((i, first[_claim_key(req)]))
             else:
@@ -369,6 +373,8 @@ class ConversationWrites:
         if claim is not None and claim.closed:
             self._remember(conversation, closed=True)
             return _closed(req.conversation_id)
+        if claim is not None and claim.closing:
+            return _being_closed(req.conversation_id)
         if conversation in failed:
             return _after_failure(req)
         if claim is None:
@@ -379,9 +385,7 @@ class ConversationWrites:
                 "retry shortly to get its ack"
             )
         if not self._gate.begin_send(conversation):
-            return unavailable(
-                f"conversation {req.conversation_id!r} is being closed; retry to learn the outcome"
-            )
+            return _being_closed(req.conversation_id)
         if self._registry.get(conversation):
             # Closed in this process after this message was claimed (a batch claims before its
             # turn): the close is in the log already, so writing now would land after it. The
@@ -555,9 +559,17 @@ class ConversationWrites:
         return await asyncio.shield(self._background(self._publish_claimed(event, claim_key)))
 
     async def _publish_claimed(self, event: Event, claim_key: ClaimKey) -> tuple[Ack, bool]:
-        (claim,) = await self._hot.claim_many([claim_key], self._settings.topic_partitions)
+        # unless_closed: the message joins the conversation's in-flight set, which a close (in
+        # any process) waits to drain before it publishes.
+        (claim,) = await self._hot.claim_many(
+            [claim_key], self._settings.topic_partitions, unless_closed=True
+        )
         if claim.earlier is not None:
             return claim.earlier, True
+        if claim.closed:
+            raise _closed(claim_key[1])
+        if claim.closing:
+            raise _being_closed(claim_key[1])
         if not claim.claimed:
             raise unavailable(
                 f"client_message_id {claim_key[2]!r} is being written by an earlier attempt; "
@@ -567,7 +579,7 @@ class ConversationWrites:
         conversation = (claim_key[0], claim_key[1])
         if not self._gate.begin_send(conversation):
             await self._settle([(held, None)])
-            raise unavailable(f"conversation {claim_key[1]!r} is being closed; retry to learn the outcome")
+            raise _being_closed(claim_key[1])
         if self._registry.get(conversation):
             # Closed in this process since the caller checked: the close is durable already.
             self._gate.end_send(conversation)
@@ -699,6 +711,17 @@ class ConversationWrites:
                 # Durable already (an earlier attempt stopped before the hot view said so).
                 await self._hot.mark_closed(*conversation, _uuid7_ns(claim.earlier.event_id))
                 return
+            held = claim.held(claim_key)
+            # Sends of the conversation stop in every ingress process, and the close is published
+            # only once every message claimed before that is settled: whatever was acknowledged
+            # is before the close in the log (the fold ignores messages after a close).
+            try:
+                await self._wait_in_flight(req.tenant_id, req.conversation_id)
+            except BaseException:
+                await self._settle([(held, None)])
+                with contextlib.suppress(Exception):
+                    await self._hot.release_close(*conversation)
+                raise
             event = new_event(
                 req.tenant_id,
                 req.conversation_id,
@@ -719,14 +742,32 @@ class ConversationWrites:
                             lambda: self._hot.mark_closed(*conversation, event.occurred_at.ToNanoseconds()),
                             f"marking {req.conversation_id!r} closed",
                         )
+                    else:
+                        # Not in the log: sends may go on (the hold would expire anyway).
+                        with contextlib.suppress(Exception):
+                            await self._hot.release_close(*conversation)
                 finally:
                     self._gate.reopen(conversation)
 
             reopen = False  # from here on `closed` reopens the gate, once Kafka answered
-            await self._publish(event, claim.held(claim_key), closed)
+            await self._publish(event, held, closed)
         finally:
             if reopen:
                 self._gate.reopen(conversation)
+
+    async def _wait_in_flight(self, tenant_id: str, conversation_id: str) -> None:
+        """Hold the conversation for its close and wait until no other ingress process has a
+        claimed message of it unsettled; UNAVAILABLE if that takes longer than a produce timeout
+        (Kafka is slow, or a process died holding one: its entry expires with the claim)."""
+        deadline = time.monotonic() + self._settings.produce_timeout_s
+        pause = 0.002
+        while await self._hot.hold_for_close(tenant_id, conversation_id):
+            if time.monotonic() > deadline:
+                raise unavailable(
+                    f"conversation {conversation_id!r} has messages still being written; retry the close"
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 class MessageBatcher:
@@ -875,6 +916,10 @@ def _closed(conversation_id: str) -> v.RequestRejected:
         grpc.StatusCode.FAILED_PRECONDITION,
         f"conversation {conversation_id!r} is closed; start a new conversation",
     )
+
+
+def _being_closed(conversation_id: str) -> v.RequestRejected:
+    return unavailable(f"conversation {conversation_id!r} is being closed; retry to learn the outcome")
 
 
 def _after_failure(req: chat_pb2.SendMessageRequest) -> v.RequestRejected:

@@ -5,11 +5,14 @@
 - While the hot view is incomplete (Redis lost data, the sessions worker rebuilding), a
   conversation it does not have was answered NOT_FOUND — permanent to a client — by every RPC.
 - A retried delete of a failed write's claim removed what a later attempt had put there.
+- A message claimed in one ingress process while another closed its conversation was written
+  after the close, acknowledged, and dropped by the fold.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -21,6 +24,7 @@ from switchboard.v1 import agent_pb2, agent_pb2_grpc, chat_pb2, chat_pb2_grpc
 from schemas import hotview as hv
 from schemas.events import Event
 from services.ingress import IngressServer
+from services.ingress import _validation as v
 from services.ingress._hotview import IngressHotView
 from services.ingress._producer import Ack, EventProducer
 from services.ingress._writes import ConversationWrites, WriteOrder
@@ -84,6 +88,125 @@ async def test_a_message_claimed_before_a_close_is_refused_not_written_after_it(
         assert state.message_count == 0
     finally:
         release.set()
+        await producer.stop()
+        await redis.aclose()
+
+
+@pytest.mark.timeout(180)
+async def test_a_message_racing_a_close_in_another_process_is_before_the_close_or_refused(
+    system: System, stub: chat_pb2_grpc.ChatServiceStub, tenant: str
+) -> None:
+    """`switchboard ingress` runs one process per core: a message claimed in process A while
+    process B closes its conversation was acked after the close in the log (and dropped by the
+    fold). Two ConversationWrites with producers, gates and registries of their own are two
+    processes here; they share only Redis and Kafka, as processes do."""
+    s = system.settings
+    target = await start(stub, tenant)
+    redis = aioredis.Redis.from_url(s.redis_url)
+    producers = [EventProducer(s), EventProducer(s)]
+    for p in producers:
+        await p.start()
+
+    async def read(t: str, c: str) -> chat_pb2.Conversation:
+        return chat_pb2.Conversation(tenant_id=t, conversation_id=c)
+
+    a, b = (ConversationWrites(s, p, IngressHotView(redis, s.idempotency_ttl_s), read) for p in producers)
+    # Process A claimed the message and is slow to hand it to its producer (a full buffer).
+    release = asyncio.Event()
+    real_enqueue = producers[0].enqueue
+
+    async def enqueue(event: Event, *, bounded: bool = True) -> asyncio.Future[object]:
+        if event.HasField("message_received"):
+            await release.wait()
+        return await real_enqueue(event, bounded=bounded)
+
+    producers[0].enqueue = enqueue  # type: ignore[method-assign]
+    try:
+        send = asyncio.ensure_future(a.accept_messages([message(tenant, target, "m")]))
+        key = hv.idempotency_key(tenant, target, "m")
+        await eventually(lambda: redis.exists(key), lambda n: n == 1, within_s=10, what="m claimed in A")
+        close = asyncio.ensure_future(
+            b.close_conversation(chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=target))
+        )
+        conv_key = hv.conversation_key(tenant, target)
+
+        async def held_or_closed() -> bool:
+            return close.done() or bool(await redis.hexists(conv_key, hv.F_CLOSING))
+
+        await eventually(held_or_closed, bool, within_s=10, what="the close's hold")
+        # Before the fix: the close was in the log already, ahead of A's acknowledged message.
+        assert not close.done(), "the close did not wait for another process's unsettled message"
+        # While the close waits for A's message, no process accepts a new one.
+        (late,) = await b.accept_messages([message(tenant, target, "late")])
+        assert isinstance(late, v.RequestRejected) and late.code == grpc.StatusCode.UNAVAILABLE, late
+        assert "being closed" in late.message
+        (late_a,) = await a.accept_messages([message(tenant, target, "late-a")])
+        assert isinstance(late_a, v.RequestRejected) and late_a.code == grpc.StatusCode.UNAVAILABLE
+        release.set()
+        (sent,) = await send
+        await close
+        assert isinstance(sent, chat_pb2.SendMessageResponse), sent
+        # Before the fix: acked, but after the close in the log, so the fold never counted it.
+        state = await eventually(
+            lambda: stub.GetConversation(
+                chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=target)
+            ),
+            lambda c: c.status == chat_pb2.CONVERSATION_STATUS_CLOSED,
+            within_s=30,
+        )
+        assert state.message_count == 1
+        assert [m.client_message_id for m in state.messages] == ["m"]
+        # A retry of the acked message after the close still gets its ack.
+        (again,) = await b.accept_messages([message(tenant, target, "m")])
+        assert isinstance(again, chat_pb2.SendMessageResponse) and again.duplicate, again
+        assert again.event_id == sent.event_id
+        assert await redis.exists(hv.inflight_key(tenant, target)) == 0
+    finally:
+        release.set()
+        for p in producers:
+            await p.stop()
+        await redis.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_a_close_waiting_on_a_dead_process_gives_up_and_lets_sends_go_on(
+    system: System, stub: chat_pb2_grpc.ChatServiceStub, tenant: str
+) -> None:
+    """A process that died holding a claim leaves its entry in the in-flight set until it expires:
+    the close answers UNAVAILABLE after the produce timeout instead of hanging, and releases its
+    hold, so the conversation keeps taking messages until the close is retried."""
+    s = system.settings.model_copy(update={"produce_timeout_s": 1.0})
+    target = await start(stub, tenant)
+    redis = aioredis.Redis.from_url(s.redis_url)
+    producer = EventProducer(s)
+    await producer.start()
+
+    async def read(t: str, c: str) -> chat_pb2.Conversation:
+        return chat_pb2.Conversation(tenant_id=t, conversation_id=c)
+
+    writes = ConversationWrites(s, producer, IngressHotView(redis, s.idempotency_ttl_s), read)
+    inflight = hv.inflight_key(tenant, target)
+    try:
+        await redis.zadd(inflight, {b"pending:dead-process-marker": 2**50})
+        started = time.monotonic()
+        with pytest.raises(v.RequestRejected) as refused:
+            await writes.close_conversation(
+                chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=target)
+            )
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "still being written" in refused.value.message
+        assert time.monotonic() - started < 10
+        assert not await redis.hexists(hv.conversation_key(tenant, target), hv.F_CLOSING)
+        (sent,) = await writes.accept_messages([message(tenant, target, "after")])
+        assert isinstance(sent, chat_pb2.SendMessageResponse), sent
+        # Once the entry is gone (expired), the retried close goes through.
+        await redis.delete(inflight)
+        await writes.close_conversation(
+            chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=target)
+        )
+        (closed,) = await writes.accept_messages([message(tenant, target, "too-late")])
+        assert isinstance(closed, v.RequestRejected) and closed.code == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
         await producer.stop()
         await redis.aclose()
 
