@@ -56,6 +56,13 @@ def queue_key(tenant_id: str, queue: str) -> str:
     return f"sb:{{{tenant_id}}}:queue:{queue}"
 
 
+def open_conversations_key(tenant_id: str) -> str:
+    """Sorted set of the tenant's open conversations (services/ingress/_quotas.py). Score 0: its
+    start is folded (kept by the sessions worker until the close is folded); a positive score: a
+    start reserved by the ingress and not folded yet, expiring at that Redis TIME in ms."""
+    return f"sb:{{{tenant_id}}}:open"
+
+
 def documents_key(tenant_id: str) -> str:
     """Hash of a tenant's knowledge documents: document id -> switchboard.v1.Document bytes."""
     return f"sb:{{{tenant_id}}}:documents"

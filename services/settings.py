@@ -184,6 +184,10 @@ class Settings(BaseSettings):
     key_burst: int = Field(default=0, ge=0)
     # A limiter's Redis call that fails or takes longer than this lets the call through (fail open).
     rate_limit_timeout_s: float = Field(default=0.25, gt=0)
+    # Quotas per tenant, the defaults for tenants without their own (`switchboard tenants update T
+    # --max-open-conversations N --max-knowledge-documents N`); 0: unlimited.
+    max_open_conversations: int = Field(default=0, ge=0)
+    max_knowledge_documents: int = Field(default=0, ge=0)
 
     # --- Observability: Prometheus metrics (one endpoint per process; empty: off) and traces ------
     ingress_metrics_listen: str = "127.0.0.1:9464"

@@ -38,7 +38,11 @@ RATE = "rate_per_s"
 BURST = "burst"
 KEY_RATE = "key_rate_per_s"
 KEY_BURST = "key_burst"
-LIMIT_SETTINGS = (RATE, BURST, KEY_RATE, KEY_BURST)
+# Quotas (services/ingress/_quotas.py): whole numbers, 0 unlimited.
+MAX_OPEN_CONVERSATIONS = "max_open_conversations"
+MAX_KNOWLEDGE_DOCUMENTS = "max_knowledge_documents"
+LIMIT_SETTINGS = (RATE, BURST, KEY_RATE, KEY_BURST, MAX_OPEN_CONVERSATIONS, MAX_KNOWLEDGE_DOCUMENTS)
+_WHOLE = frozenset({BURST, KEY_BURST, MAX_OPEN_CONVERSATIONS, MAX_KNOWLEDGE_DOCUMENTS})
 
 # The methods that spend tokens (one per message or per write); reads and admin calls are free.
 _STREAMED = "/switchboard.v1.ChatService/SendMessages"
@@ -107,9 +111,9 @@ def check_limit_settings(values: Mapping[str, Any]) -> dict[str, float | int]:
         number = float(value)
         if not math.isfinite(number) or number < 0:
             raise ValueError(f"{name} must be a number >= 0 (0: unlimited), got {value!r}")
-        if name in (BURST, KEY_BURST):
+        if name in _WHOLE:
             if number != int(number):
-                raise ValueError(f"{name} must be a whole number of messages, got {value!r}")
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
             checked[name] = int(number)
         else:
             checked[name] = number

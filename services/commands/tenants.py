@@ -82,6 +82,8 @@ _LIMIT_OPTIONS = (
     ("burst", "burst"),
     ("key_rate", "key_rate_per_s"),
     ("key_burst", "key_burst"),
+    ("max_open_conversations", "max_open_conversations"),
+    ("max_knowledge_documents", "max_knowledge_documents"),
 )
 
 
@@ -106,12 +108,20 @@ def _describe_limits(settings: dict[str, Any]) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def _setting_name(opt: str) -> str:
+    if opt.startswith("max_"):
+        return opt.upper()
+    return f"{'TENANT_' if not opt.startswith('key') else ''}{opt.upper().replace('RATE', 'RATE_PER_S')}"
+
+
 def _add_limit_options(a: argparse.ArgumentParser) -> None:
     for opt, text in (
         ("rate", "the tenant's messages/s over all its keys (0: unlimited)"),
         ("burst", "messages the tenant may send at once (0: one second's worth of --rate)"),
         ("key_rate", "each key's own messages/s (0: unlimited)"),
         ("key_burst", "each key's burst (0: one second's worth of --key-rate)"),
+        ("max_open_conversations", "conversations the tenant may have open at once (0: unlimited)"),
+        ("max_knowledge_documents", "documents in the tenant's knowledge base (0: unlimited)"),
     ):
         a.add_argument(
             f"--{opt.replace('_', '-')}",
@@ -119,8 +129,7 @@ def _add_limit_options(a: argparse.ArgumentParser) -> None:
             type=_limit_value,
             default=...,
             metavar="N|default",
-            help=f"{text}; 'default': the ingress's SWITCHBOARD_{'TENANT_' if not opt.startswith('key') else ''}"
-            f"{opt.upper().replace('RATE', 'RATE_PER_S')} setting",
+            help=f"{text}; 'default': the ingress's SWITCHBOARD_{_setting_name(opt)} setting",
         )
 
 
@@ -131,7 +140,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     actions = p.add_subparsers(dest="action", required=True)
     for name, text in (
         ("create", "create a tenant (nothing happens if it exists)"),
-        ("update", "change a tenant's rate limits (every ingress applies them within seconds)"),
+        ("update", "change a tenant's rate limits and quotas (every ingress applies them within seconds)"),
         ("disable", "refuse every key of the tenant (PERMISSION_DENIED) until enabled"),
         ("enable", "accept the tenant's keys again"),
     ):

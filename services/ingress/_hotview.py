@@ -98,6 +98,24 @@ end
 return others
 """
 
+# A place among the tenant's open conversations (KEYS: the open set; ARGV: quota, conversation,
+# reservation ms). Expired reservations (positive scores in the past: a start never folded) go
+# first; a conversation already there keeps its place. Returns {1, count} or {0, count}.
+_RESERVE_OPEN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 1, now)
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  return {1, redis.call('ZCARD', KEYS[1])}
+end
+local count = redis.call('ZCARD', KEYS[1])
+if count >= tonumber(ARGV[1]) then
+  return {0, count}
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+return {1, count + 1}
+"""
+
 # Keep an unsettled message in its in-flight set for another TTL (KEYS: set; ARGV: member, ms).
 _TOUCH_IN_FLIGHT = """
 local t = redis.call('TIME')
@@ -281,6 +299,7 @@ class IngressHotView:
         self._claim_if_ready = redis.register_script(_CLAIM_IF_READY)
         self._claim_open_if_ready = redis.register_script(_CLAIM_OPEN_IF_READY)
         self._hold_for_close = redis.register_script(_HOLD_FOR_CLOSE)
+        self._reserve_open = redis.register_script(_RESERVE_OPEN)
         self._touch_in_flight = redis.register_script(_TOUCH_IN_FLIGHT)
         self._tick = TickPipeline(redis)
         # Starts every claim marker of this instance (one per ingress process): a close tells its
@@ -328,6 +347,21 @@ class IngressHotView:
             pipe.hset(key, hv.F_CLOSED_NS, closed_ns)
             pipe.hdel(key, hv.F_CLOSING)
             await pipe.execute()
+        # Its place among the tenant's open conversations is free (the worker removes it too when
+        # it folds the close; another hash tag, so not in the transaction above).
+        await self._redis.zrem(hv.open_conversations_key(tenant_id), conversation_id)
+
+    async def reserve_open(self, tenant_id: str, conversation_id: str, quota: int) -> tuple[bool, int]:
+        """A place for a conversation about to start among the tenant's open ones, unless `quota`
+        are open: (granted, how many are open). Expires with a claim unless the start is folded."""
+        granted, count = await self._reserve_open(
+            keys=[hv.open_conversations_key(tenant_id)], args=[quota, conversation_id, CLAIM_TTL_S * 1000]
+        )
+        return bool(granted), int(count)
+
+    async def release_open(self, tenant_id: str, conversation_id: str) -> None:
+        """A reserved start that did not happen."""
+        await self._redis.zrem(hv.open_conversations_key(tenant_id), conversation_id)
 
     async def hold_for_close(self, tenant_id: str, conversation_id: str) -> int:
         """Refuse sends of the conversation in every ingress process from now on (for a claim

@@ -23,6 +23,7 @@ from schemas import hotview as hv
 from schemas.events import new_event_id, now_timestamp
 from services.ingress import _validation as v
 from services.ingress._producer import _FATAL_PRODUCER_ERRORS, unavailable
+from services.ingress._quotas import Quotas, too_many_documents
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -274,10 +275,15 @@ class KnowledgeService:
     """The KnowledgeService RPCs; raise `RequestRejected` for anything the caller gets as a status."""
 
     def __init__(
-        self, settings: Settings, redis: aioredis.Redis, producer: KnowledgeProducer | None = None
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        producer: KnowledgeProducer | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self._settings = settings
         self._redis = redis
+        self._quotas = quotas or Quotas(settings)
         self.producer = producer or KnowledgeProducer(settings)
         self._channel: grpc.aio.Channel | None = None
         self._assistant: knowledge_pb2_grpc.KnowledgeServiceStub | None = None
@@ -292,9 +298,28 @@ class KnowledgeService:
         self, req: knowledge_pb2.UpsertDocumentsRequest
     ) -> knowledge_pb2.UpsertDocumentsResponse:
         check_upsert(req, self._settings.allowed_tenants)
+        await self._check_quota(req)
         records = [upserted(req.tenant_id, doc) for doc in req.documents]
         acks = await self.producer.write(records)
         return knowledge_pb2.UpsertDocumentsResponse(documents=acks)
+
+    async def _check_quota(self, req: knowledge_pb2.UpsertDocumentsRequest) -> None:
+        """Refuse an upsert that would take the tenant past its document quota. Counted on the
+        documents hash the assistant keeps from the log, so upserts acknowledged a moment ago and
+        not yet indexed are not counted: concurrent upserts can pass the quota by that much."""
+        quota = self._quotas.knowledge_documents(req.tenant_id)
+        if quota <= 0:
+            return
+        key = hv.documents_key(req.tenant_id)
+        ids = list(dict.fromkeys(doc.document_id for doc in req.documents))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hlen(key)
+            for document_id in ids:
+                pipe.hexists(key, document_id)
+            count, *present = await pipe.execute()
+        would_have = int(count) + sum(1 for there in present if not there)
+        if would_have > quota:
+            raise too_many_documents(req.tenant_id, would_have, quota)
 
     async def delete_document(
         self, req: knowledge_pb2.DeleteDocumentRequest

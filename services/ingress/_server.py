@@ -24,6 +24,7 @@ from services.ingress._errors import as_rejection, retry_metadata
 from services.ingress._hotview import IngressHotView, live_pool
 from services.ingress._knowledge import KnowledgeService
 from services.ingress._producer import EventProducer
+from services.ingress._quotas import Quotas
 from services.ingress._service import ChatService, MessageBatcher, WriteOrder
 from services.ingress._supervisor import CHILD_ENV, Supervisor, process_count
 from services.observability import metrics
@@ -395,8 +396,10 @@ class IngressServer:
         self.producer = EventProducer(settings)
         metrics.observe_producer(self.producer)
         self.hot = IngressHotView(self.redis, settings.idempotency_ttl_s, self.live_redis)
-        self.service = ChatService(settings, self.producer, self.hot, self.live_redis)
-        self.knowledge = KnowledgeService(settings, self.redis)
+        # Quotas read the tenants the auth follower keeps (self.auth, made below).
+        self.quotas = Quotas(settings, lambda: self.auth.follower.registry)
+        self.service = ChatService(settings, self.producer, self.hot, self.live_redis, self.quotas)
+        self.knowledge = KnowledgeService(settings, self.redis, quotas=self.quotas)
         self.agents = AgentService(settings, self.redis, self.hot, self.service.reads, self.service.writes)
         self._readiness: asyncio.Task[None] | None = None
         self.health = ReadinessHealth(lambda: self.hot.is_ready(settings.topic_partitions))

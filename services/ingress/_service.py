@@ -11,6 +11,7 @@ from switchboard.v1 import chat_pb2
 from services.ingress import _validation as v
 from services.ingress._hotview import IngressHotView
 from services.ingress._producer import EventProducer
+from services.ingress._quotas import Quotas
 from services.ingress._reads import ConversationReads, LiveFollow
 from services.ingress._writes import ConversationWrites, MessageBatcher, Outcome, WriteOrder
 from services.settings import Settings
@@ -25,10 +26,11 @@ class ChatService:
         producer: EventProducer,
         hot: IngressHotView,
         live: aioredis.Redis | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.settings = settings
         self.reads = ConversationReads(settings, hot, live)
-        self.writes = ConversationWrites(settings, producer, hot, self.reads.read)
+        self.writes = ConversationWrites(settings, producer, hot, self.reads.read, quotas)
 
     async def start_conversation(
         self, req: chat_pb2.StartConversationRequest, traceparent: str = ""

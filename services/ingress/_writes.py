@@ -51,6 +51,7 @@ from services.ingress._hotview import (
     unknown_while_rebuilding,
 )
 from services.ingress._producer import Ack, EventProducer, Unavailable, unavailable
+from services.ingress._quotas import Quotas, too_many_open
 from services.settings import Settings
 from streams.sessions import STATUS_CLOSED, ConversationState
 
@@ -155,8 +156,10 @@ class ConversationWrites:
         producer: EventProducer,
         hot: IngressHotView,
         read_conversation: Callable[[str, str], Awaitable[chat_pb2.Conversation]],
+        quotas: Quotas | None = None,
     ) -> None:
         self._settings = settings
+        self._quotas = quotas or Quotas(settings)
         self._producer = producer
         self._hot = hot
         self._read = read_conversation
@@ -637,6 +640,19 @@ class ConversationWrites:
             held = claim.held(claim_key)
         elif not await self._hot.is_ready(self._settings.topic_partitions):
             raise rebuilding()
+        reserved = False
+        quota = self._quotas.open_conversations(req.tenant_id)
+        if quota > 0:
+            try:
+                reserved, open_now = await self._hot.reserve_open(req.tenant_id, conversation_id, quota)
+            except BaseException:
+                if held is not None:
+                    await self._settle([(held, None)])
+                raise
+            if not reserved:
+                if held is not None:
+                    await self._settle([(held, None)])
+                raise too_many_open(req.tenant_id, open_now, quota)
         event = new_event(
             req.tenant_id,
             conversation_id,
@@ -651,6 +667,9 @@ class ConversationWrites:
 
         async def register(ack: Ack | None) -> None:
             if ack is None:
+                if reserved:
+                    with contextlib.suppress(Exception):  # else it expires with the claim TTL
+                        await self._hot.release_open(req.tenant_id, conversation_id)
                 return
             # Durable in the log, so it exists: its first messages need no lookup.
             self._remember((req.tenant_id, conversation_id), closed=False)

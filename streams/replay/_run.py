@@ -465,7 +465,7 @@ async def _replace_tenant(settings: Settings, scratch: Any, live: Any, tenant: s
         if (
             of_tenant(text, tenant)
             and key not in rebuilt
-            and (text.endswith((":conv", ":live")) or ":queue:" in text)
+            and (text.endswith((":conv", ":live", ":open")) or ":queue:" in text)
         ):
             await live.delete(key)
     return copied

@@ -360,6 +360,7 @@ class SessionsProcessor:
                 fold.message_count,
                 sequence,
             )
+            _count_open(writes, event)
             claim = _claim_of(event)
             if claim:
                 expires_ms = event.occurred_at.ToMilliseconds() + self._ttl_ms
@@ -662,6 +663,16 @@ def _requeue(writes: _Writes, slot: tuple[str, str], before: tuple[str, int], af
         writes.command("ZREM", hv.queue_key(tenant_id, was), conversation_id)
     if now and (now != was or now_at != was_at):
         writes.command("ZADD", hv.queue_key(tenant_id, now), now_at, conversation_id)
+
+
+def _count_open(writes: _Writes, event: Event) -> None:
+    """The tenant's open conversations (services/ingress/_quotas.py): a folded start is there for
+    good (score 0, replacing the ingress's expiring reservation) until its close is folded."""
+    kind = event_type(event)
+    if kind == "conversation_started":
+        writes.command("ZADD", hv.open_conversations_key(event.tenant_id), 0, event.conversation_id)
+    elif kind == "conversation_closed":
+        writes.command("ZREM", hv.open_conversations_key(event.tenant_id), event.conversation_id)
 
 
 def _claim_of(event: Event) -> str:
