@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from services.analytics._guard import (
     EndpointPolicy,
@@ -146,7 +147,12 @@ class QueryError(Exception):
 
     @classmethod
     def from_engine(cls, exc: BaseException) -> QueryError:
-        text = str(exc).strip()
+        if isinstance(exc, UnicodeDecodeError) and isinstance(exc.object, bytes):
+            # chdb could not decode its own message (it quotes the query's bytes, which need
+            # not be UTF-8): the message is in the bytes it failed on.
+            text = exc.object.decode("utf-8", "replace").strip()
+        else:
+            text = str(exc).strip()
         start = text.find("Code: ")
         if start > 0:
             text = text[start:]
@@ -605,6 +611,10 @@ def _too_big(limit: int) -> QueryError:
     )
 
 
+def _bad_body(encoding: str, exc: BaseException) -> QueryError:
+    return QueryError(f"Code: 36. DB::Exception: bad {encoding} body: {exc}. (BAD_ARGUMENTS)", 36)
+
+
 def _decompress(body: bytes, encoding: str, limit: int | None = None) -> bytes:
     """The body decoded per Content-Encoding; never more than `limit` bytes are produced (a small
     compressed body can expand enormously)."""
@@ -618,9 +628,7 @@ def _decompress(body: bytes, encoding: str, limit: int | None = None) -> bytes:
         try:
             out = inflater.decompress(body, bound)
         except zlib.error as exc:
-            raise QueryError(
-                f"Code: 36. DB::Exception: bad {encoding} body: {exc}. (BAD_ARGUMENTS)", 36
-            ) from exc
+            raise _bad_body(encoding, exc) from exc
         if limit is not None and len(out) > limit:
             raise _too_big(limit)
         return out
@@ -630,14 +638,20 @@ def _decompress(body: bytes, encoding: str, limit: int | None = None) -> bytes:
         import zstandard
 
         reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
-        out = reader.read(bound) if limit is not None else reader.readall()
+        try:
+            out = reader.read(bound) if limit is not None else reader.readall()
+        except zstandard.ZstdError as exc:
+            raise _bad_body(encoding, exc) from exc
         if limit is not None and len(out) > limit:
             raise _too_big(limit)
         return bytes(out)
     if encoding == "lz4":
         import lz4.frame
 
-        out = lz4.frame.LZ4FrameDecompressor().decompress(body, max_length=bound or -1)
+        try:
+            out = lz4.frame.LZ4FrameDecompressor().decompress(body, max_length=bound or -1)
+        except RuntimeError as exc:  # what lz4 raises for a frame it cannot read
+            raise _bad_body(encoding, exc) from exc
         if limit is not None and len(out) > limit:
             raise _too_big(limit)
         return bytes(out)
@@ -648,7 +662,10 @@ def _decompress(body: bytes, encoding: str, limit: int | None = None) -> bytes:
             raise QueryError(
                 "Code: 36. DB::Exception: br request bodies need brotli. (BAD_ARGUMENTS)", 36
             ) from exc
-        out = bytes(brotli.decompress(body))
+        try:
+            out = bytes(brotli.decompress(body))
+        except brotli.error as exc:
+            raise _bad_body(encoding, exc) from exc
         if limit is not None and len(out) > limit:
             raise _too_big(limit)
         return out
@@ -678,6 +695,14 @@ async def parse_request(request: web.Request, max_decompressed: int | None = Non
                     f"Code: 307. DB::Exception: the request body is larger than {request.app._client_max_size} "
                     "bytes (SWITCHBOARD_ANALYTICS_MAX_BODY_MB). (TOO_LARGE_REQUEST_BODY)",
                     307,
+                ) from exc
+            except (ConnectionResetError, RequestPayloadError) as exc:
+                # The client hung up before the end of its body, or its framing broke: its error,
+                # answered (when it can still hear it) as ClickHouse's CANNOT_READ_ALL_DATA.
+                raise QueryError(
+                    f"Code: 33. DB::Exception: cannot read all of the request body: {exc}. "
+                    "(CANNOT_READ_ALL_DATA)",
+                    33,
                 ) from exc
             body = _decompress(raw, request.headers.get("Content-Encoding", ""), max_decompressed)
     for flag in ("compress", "decompress"):
@@ -773,7 +798,10 @@ class QueryEndpoint:
         self.app.router.add_route("*", "/", self._query)
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # auto_decompress off: bodies are decoded once, by `_decompress` (with its size limit and
+        # ClickHouse's errors); aiohttp's own decoding ran first and left gzip bodies to be
+        # decoded twice, and its failures were 500s.
+        self._runner = web.AppRunner(self.app, access_log=None, auto_decompress=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -841,8 +869,19 @@ class QueryEndpoint:
         if request.method not in ("GET", "HEAD", "POST"):
             return web.Response(status=405, text="Method not allowed.\n")
         query_id = request.query.get("query_id") or str(uuid.uuid4())
+        bad_query_id = not query_id.isprintable()
+        if bad_query_id:
+            # It is echoed in a header: a line break there would inject headers (aiohttp drops
+            # the connection instead of answering).
+            query_id = str(uuid.uuid4())
         headers = self._headers(query_id)
         try:
+            if bad_query_id:
+                raise QueryError(
+                    "Code: 36. DB::Exception: query_id must be printable characters (it is echoed in "
+                    "the X-ClickHouse-Query-Id header). (BAD_ARGUMENTS)",
+                    36,
+                )
             reader = self._admit(request)
             parsed = await parse_request(request, self.policy.max_decompressed_bytes if self.policy else None)
             if reader and self.policy is not None:

@@ -31,6 +31,8 @@ from streams.sessions import STATUS_CLOSED, ConversationState
 log = logging.getLogger(__name__)
 
 MAX_RECENT = 200
+# Both parts of a Redis stream id are unsigned 64-bit: a larger one is refused by Redis itself.
+_MAX_STREAM_ID_PART = 2**64 - 1
 
 
 class LiveFollow:
@@ -120,7 +122,9 @@ class ConversationReads:
         """Checks the request and takes a live-stream slot; the caller must `aclose()` the result."""
         v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
         v.check_conversation_id(req.conversation_id)
-        if req.after_cursor and not hv.is_valid_cursor(req.after_cursor):
+        if req.after_cursor and not (
+            hv.is_valid_cursor(req.after_cursor) and max(_cursor_key(req.after_cursor)) <= _MAX_STREAM_ID_PART
+        ):
             raise v.invalid(
                 f"after_cursor {req.after_cursor[:40]!r} is not a cursor from a ConversationUpdate"
             )
