@@ -1206,3 +1206,191 @@ def http_post(
     """A POST as a ClickHouse client sends it (its own User-Agent), closing the connection after."""
     fixed = [("Host", host.encode()), ("Connection", b"close"), ("User-Agent", b"fuzz/1.0")]
     return _request("POST", target, [*fixed, *headers, ("Content-Length", str(len(sql)).encode())], sql)
+
+
+# --------------------------------------------------------------------------- gRPC framing
+
+
+@dataclass(frozen=True)
+class FramingCase:
+    """A gRPC call written by hand over HTTP/2: its headers and the DATA it carries, which need
+    not be a well-formed gRPC message (flag byte, 4-byte length, message)."""
+
+    kind: str
+    path: str
+    data: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+    method: str = "POST"
+    content_type: str = "application/grpc"
+
+
+def grpc_message(payload: bytes, flag: int = 0, length: int | None = None) -> bytes:
+    size = len(payload) if length is None else length
+    return bytes([flag]) + size.to_bytes(4, "big") + payload
+
+
+class MalformedFraming:
+    """Seeded gRPC calls whose framing is broken (or whose headers are), not just their payload."""
+
+    def __init__(self, seed: int, tenant: str) -> None:
+        self.rng = random.Random(seed)
+        self.request = chat_pb2.GetConversationRequest(
+            tenant_id=tenant, conversation_id="nope"
+        ).SerializeToString()
+
+    def cases(self, n: int) -> list[FramingCase]:
+        return [self.next() for _ in range(n)]
+
+    def next(self) -> FramingCase:
+        r = self.rng
+        path = r.choice(
+            [
+                CHAT + "GetConversation",
+                CHAT + "SendMessage",
+                CHAT + "SendMessages",
+                CHAT + "StreamConversation",
+            ]
+        )
+        good = grpc_message(self.request)
+        pick = r.randrange(14)
+        if pick == 0:
+            return FramingCase("compressed_flag_no_encoding", path, grpc_message(self.request, flag=1))
+        if pick == 1:
+            return FramingCase(
+                "bad_gzip", path, grpc_message(r.randbytes(40), flag=1), (("grpc-encoding", "gzip"),)
+            )
+        if pick == 2:
+            return FramingCase("flag_byte", path, grpc_message(self.request, flag=r.randrange(2, 256)))
+        if pick == 3:
+            return FramingCase(
+                "length_past_end",
+                path,
+                grpc_message(self.request, length=len(self.request) + r.randint(1, 1000)),
+            )
+        if pick == 4:
+            return FramingCase(
+                "huge_length",
+                path,
+                grpc_message(b"x" * 10, length=r.choice([2**31 - 1, 2**32 - 1, 50 << 20])),
+            )
+        if pick == 5:
+            return FramingCase("partial_prefix", path, good + bytes([0, 0, 0])[: r.randint(1, 3)])
+        if pick == 6:
+            return FramingCase("two_messages_unary", CHAT + "GetConversation", good + good)
+        if pick == 7:
+            return FramingCase("no_message", path, b"")
+        if pick == 8:
+            return FramingCase("random_bytes", path, r.randbytes(r.randint(1, 500)))
+        if pick == 9:
+            return FramingCase(
+                "unknown_encoding", path, grpc_message(self.request, flag=1), (("grpc-encoding", "snappy"),)
+            )
+        if pick == 10:
+            return FramingCase(
+                "bad_timeout", path, good, (("grpc-timeout", r.choice(["abc", "-1S", "99999999999H", "1x"])),)
+            )
+        if pick == 11:
+            return FramingCase(
+                "content_type", path, good, content_type=r.choice(["text/plain", "application/json", ""])
+            )
+        if pick == 12:
+            return FramingCase("http_method", path, good, method=r.choice(["GET", "PUT", "DELETE"]))
+        return FramingCase("bin_header", path, good, (("x-junk-bin", "!!!not base64!!!"),))
+
+
+# Requests whose message never arrives whole. grpc.aio's server reads no request and returns
+# without a status (its `_handle_unary_unary_rpc` takes a missing message for a cancelled call),
+# so such a call ends at its deadline, DEADLINE_EXCEEDED, and not before (grpc's behaviour).
+UNFINISHED_REQUESTS = frozenset({"no_message", "length_past_end"})
+
+
+@dataclass
+class FramingReport:
+    sent: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    violations: list[str] = field(default_factory=list)
+
+
+async def send_framing(
+    host: str, port: int, case: FramingCase, report: FramingReport, timeout_s: float = 10.0
+) -> None:
+    """One call on a connection of its own; judged by its grpc-status (or the HTTP status)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    reader, writer = await asyncio.open_connection(host, port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    stream = conn.get_next_available_stream_id()
+    headers = [
+        (":method", case.method),
+        (":scheme", "http"),
+        (":path", case.path),
+        (":authority", f"{host}:{port}"),
+        ("te", "trailers"),
+        *([("content-type", case.content_type)] if case.content_type else []),
+        # A deadline, as real clients send: gRPC leaves a unary call whose request never came
+        # whole (no message, a length past the end) to it (see `send_framing`'s judgement).
+        *([] if any(k == "grpc-timeout" for k, _ in case.headers) else [("grpc-timeout", "3S")]),
+        *case.headers,
+    ]
+    conn.send_headers(stream, headers, end_stream=not case.data)
+    if case.data:
+        conn.send_data(stream, case.data, end_stream=True)
+    writer.write(conn.data_to_send())
+    seen: dict[str, str] = {}
+    outcome = ""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not outcome:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    outcome = "connection closed"
+                    break
+                for event in conn.receive_data(chunk):
+                    if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                        seen.update({str(k): str(v) for k, v in event.headers})
+                    elif isinstance(event, h2.events.DataReceived):
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        outcome = "ended"
+                    elif isinstance(event, h2.events.StreamReset):
+                        outcome = f"reset {event.error_code!r}"
+                    elif isinstance(event, h2.events.ConnectionTerminated):
+                        outcome = f"goaway {event.error_code!r}"
+                writer.write(conn.data_to_send())
+    except TimeoutError:
+        outcome = "timeout"
+    finally:
+        writer.close()
+    report.sent += 1
+    code = seen.get("grpc-status")
+    name = _code_name(int(code)) if code is not None and code.isdigit() else None
+    label = name or (f"http {seen[':status']}" if ":status" in seen else outcome)
+    report.outcomes[f"{case.kind} {label}"] += 1
+    what = f"{case.kind} {case.path} {case.data[:40]!r}: {label} {seen.get('grpc-message', '')[:200]!r}"
+    if outcome == "timeout":
+        report.violations.append(what + " (no answer: a hang)")
+    elif name == "DEADLINE_EXCEEDED" and case.kind not in UNFINISHED_REQUESTS:
+        report.violations.append(what + " (a request that came whole waited for its deadline)")
+    elif name == "UNKNOWN":
+        report.violations.append(what)
+    elif name == "INTERNAL" and "incident" in seen.get("grpc-message", ""):
+        report.violations.append(what + " (the ingress's own INTERNAL)")
+
+
+async def framing_fuzz(
+    host: str, port: int, cases: Sequence[FramingCase], concurrency: int = 20
+) -> FramingReport:
+    report = FramingReport()
+    queue: asyncio.Queue[FramingCase] = asyncio.Queue()
+    for case in cases:
+        queue.put_nowait(case)
+
+    async def worker() -> None:
+        while not queue.empty():
+            await send_framing(host, port, queue.get_nowait(), report)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return report

@@ -227,3 +227,26 @@ async def test_a_client_that_hangs_up_mid_body_is_not_logged_as_an_endpoint_fail
     assert (status, answer) == ("200", b"1\n")
     failures = fw.log_problems(analytics.log_path, log_start, fw.ENDPOINT_FAILURES)
     assert not failures, failures
+
+
+FRAMING_CASES = 600
+
+
+async def test_broken_grpc_framing_gets_grpc_statuses_and_harms_nothing(system: System, tenant: str) -> None:
+    # Below the payload: calls written by hand over HTTP/2 with a compressed flag and no (or a
+    # bad) encoding, lengths past the end or of 4 GiB, a cut prefix, two messages to a unary
+    # method, none at all, bad grpc-timeout, content-type or :method. gRPC answers these itself
+    # (INTERNAL is its convention for a frame it cannot read); none may hang, be UNKNOWN, or
+    # reach the ingress's own INTERNAL path, and the ingress goes on serving.
+    host, port = system.settings.grpc_listen.rsplit(":", 1)
+    ingress = system.children["ingress"]
+    assert ingress.proc is not None
+    pids = fw.tree_pids(ingress.proc.pid)
+    log_start = fw.log_size(ingress.log_path)
+    report = await fw.framing_fuzz(host, int(port), fw.MalformedFraming(SEED, tenant).cases(FRAMING_CASES))
+    print(f"{report.sent} broken gRPC calls: {sorted(report.outcomes.items())}")
+    assert report.sent == FRAMING_CASES
+    assert not report.violations, f"{report.violations[:8]} (seed {SEED})"
+    assert ingress.alive and fw.tree_pids(ingress.proc.pid) == pids
+    assert not fw.log_problems(ingress.log_path, log_start)
+    assert await fw.serving(system.settings.grpc_listen) == "SERVING,SERVING"
