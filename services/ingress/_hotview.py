@@ -212,10 +212,16 @@ LIVE_SOCKET_TIMEOUT_S = LIVE_BLOCK_MS / 1000 + 10
 
 
 def live_pool(redis_url: str, max_connections: int) -> aioredis.Redis:
-    """The pool for blocking live reads, apart from the write path's so watchers cannot starve it."""
-    return aioredis.Redis.from_url(
-        redis_url, max_connections=max_connections, socket_timeout=LIVE_SOCKET_TIMEOUT_S
+    """The pool for live streams' short reads and wake-ups, apart from the write path's so
+    watchers cannot starve it. A blocking pool: a flood of StreamConversation opens waits for a
+    connection (at most the socket timeout) instead of failing with "Too many connections"."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        redis_url,
+        max_connections=max_connections,
+        timeout=LIVE_SOCKET_TIMEOUT_S,
+        socket_timeout=LIVE_SOCKET_TIMEOUT_S,
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,10 +21,12 @@ from schemas.events import Event, EventDecodeError, decode_event, event_type
 from services.ingress import _validation as v
 from services.ingress._hotview import (
     LIVE_BLOCK_MS,
+    LIVE_SOCKET_TIMEOUT_S,
     IngressHotView,
     Registration,
     unknown_while_rebuilding,
 )
+from services.ingress._live import LiveHub
 from services.settings import Settings
 from streams.sessions import STATUS_CLOSED, ConversationState
 
@@ -61,10 +63,26 @@ class ConversationReads:
     def __init__(self, settings: Settings, hot: IngressHotView, live: aioredis.Redis | None = None) -> None:
         self._settings = settings
         self._hot = hot
-        # The pool for blocking reads of live and reply-delta streams together; without it
-        # (unit tests) only events are followed.
+        # With a Redis for live reads, calls follow live and reply-delta streams together through
+        # the hub (a few blocking connections for all of them); without it (unit tests) each call
+        # reads only events, on its own.
         self._live = live
+        self._hub = (
+            LiveHub(
+                settings.redis_url,
+                live,
+                per_reader=settings.live_streams_per_reader,
+                block_ms=LIVE_BLOCK_MS,
+                socket_timeout_s=LIVE_SOCKET_TIMEOUT_S,
+            )
+            if live is not None
+            else None
+        )
         self._live_streams = 0
+
+    async def close(self) -> None:
+        if self._hub is not None:
+            await self._hub.close()
 
     async def require(self, tenant_id: str, conversation_id: str) -> Registration:
         reg = await self._hot.lookup(tenant_id, conversation_id)
@@ -177,30 +195,29 @@ class ConversationReads:
                     update = _update_of(after, fields)
                     if update is not None:
                         yield update
+        assert self._hub is not None
         live_key = hv.live_stream_key(tenant_id, conversation_id)
         delta_key = hv.reply_stream_key(tenant_id, conversation_id)
         delta_after = await self._last_delta_id(delta_key)
-        while True:
-            reply: Any = await self._live.xread(
-                {live_key: after, delta_key: delta_after}, block=LIVE_BLOCK_MS, count=500
-            )
-            events: list[tuple[bytes, dict[bytes, bytes]]] = []
-            deltas: list[tuple[bytes, dict[bytes, bytes]]] = []
-            for stream, entries in reply or ():
-                name = stream.decode() if isinstance(stream, bytes) else str(stream)
-                (events if name == live_key else deltas).extend(entries)
-            # Deltas first: a reply's tokens are produced before its finished event is durable.
-            for entry_id, fields in deltas:
-                delta_after = entry_id.decode()
-                delta = _delta_of(fields)
-                if delta is not None:
-                    yield chat_pb2.ConversationUpdate(cursor=cursor, reply_delta=delta)
-            for entry_id, fields in events:
-                after = entry_id.decode()
-                update = _update_of(after, fields)
-                if update is not None:
-                    cursor = after
-                    yield update
+        subscription = self._hub.subscribe({live_key: after, delta_key: delta_after})
+        try:
+            while True:
+                events: list[tuple[bytes, dict[bytes, bytes]]] = []
+                deltas: list[tuple[bytes, dict[bytes, bytes]]] = []
+                for name, entries in await subscription.next():
+                    (events if name == live_key else deltas).extend(entries)
+                # Deltas first: a reply's tokens are produced before its finished event is durable.
+                for _, fields in deltas:
+                    delta = _delta_of(fields)
+                    if delta is not None:
+                        yield chat_pb2.ConversationUpdate(cursor=cursor, reply_delta=delta)
+                for entry_id, fields in events:
+                    update = _update_of(entry_id.decode(), fields)
+                    if update is not None:
+                        cursor = update.cursor
+                        yield update
+        finally:
+            subscription.close()
 
     async def _last_delta_id(self, key: str) -> str:
         """Where deltas start for this call: after the newest one there is now (XREAD's "$",

@@ -392,7 +392,9 @@ class IngressServer:
     def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
         self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=512)
-        self.live_redis = live_pool(settings.redis_url, settings.max_live_streams + 8)
+        # Live streams share a few blocking connections of their own (services/ingress/_live.py);
+        # this pool serves their short reads and wake-ups.
+        self.live_redis = live_pool(settings.redis_url, 64)
         self.producer = EventProducer(settings)
         metrics.observe_producer(self.producer)
         self.hot = IngressHotView(self.redis, settings.idempotency_ttl_s, self.live_redis)
@@ -489,6 +491,7 @@ class IngressServer:
         # retry would find a pending claim until it expires).
         await self.service.writes.drain(self.settings.produce_timeout_s)
         await self.knowledge.close()
+        await self.service.reads.close()
         await self.redis.aclose()
         await self.live_redis.aclose()
 
