@@ -7,7 +7,8 @@ good message was acknowledged once and reads back in order, and the analyst endp
 Live streams are capped low (SWITCHBOARD_MAX_LIVE_STREAMS=100 per process) so that a slot leaked
 by the open/cancel floods shows: the last check opens a stream and waits for an update.
 
-    .venv/bin/python benchmarks/fuzz.py [--requests 50000] [--http 5000] [--seed N] [--port-offset 3000]
+    .venv/bin/python benchmarks/fuzz.py [--requests 50000] [--http 5000] [--framing 3000] [--seed N]
+        [--port-offset 3000]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,7 +59,9 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
-async def run(system: BenchSystem, requests: int, http: int, seed: int, concurrency: int) -> str:
+async def run(
+    system: BenchSystem, requests: int, http: int, framing: int, seed: int, concurrency: int
+) -> str:
     settings = system.settings
     ingress = system.children["ingress"]
     analytics = system.children["analytics"]
@@ -84,11 +88,18 @@ async def run(system: BenchSystem, requests: int, http: int, seed: int, concurre
     rss_after = fw.tree_rss(ingress.proc.pid)
     problems = await good.check(stubs[0])
     opens = await stream_still_opens(stubs[2], tenant, good.conversations[0])
-    health = await fw.serving(settings.grpc_listen)
-    restarted = fw.tree_pids(ingress.proc.pid) != pids or not ingress.alive
-    incidents = fw.log_problems(ingress.log_path, log_start)
     for c in channels:
         await c.close()
+    log(f"framing: {framing:,} gRPC calls with broken framing over raw HTTP/2")
+    grpc_host, grpc_port = settings.grpc_listen.rsplit(":", 1)
+    started = time.monotonic()
+    framing_report = await fw.framing_fuzz(
+        grpc_host, int(grpc_port), fw.MalformedFraming(seed, tenant).cases(framing)
+    )
+    framing_elapsed = time.monotonic() - started
+    restarted = fw.tree_pids(ingress.proc.pid) != pids or not ingress.alive
+    health = await fw.serving(settings.grpc_listen)
+    incidents = fw.log_problems(ingress.log_path, log_start)
 
     log(f"HTTP: {http:,} malformed requests to the analyst endpoint")
     host, port = settings.analytics_listen.rsplit(":", 1)
@@ -109,6 +120,10 @@ async def run(system: BenchSystem, requests: int, http: int, seed: int, concurre
     codes = " · ".join(f"{k} {v:,}" for k, v in report.codes.most_common())
     items = " · ".join(f"{k} {v:,}" for k, v in report.item_codes.most_common())
     statuses = " · ".join(f"{k} {v:,}" for k, v in http_report.statuses.most_common())
+    by_code: Counter[str] = Counter()
+    for key, n in framing_report.outcomes.items():
+        by_code[key.split(" ", 1)[1]] += n
+    framed = " · ".join(f"{k} {v:,}" for k, v in by_code.most_common())
     bad = warmup.violations + report.violations
     lines = [
         f"### Live fuzzing — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (seed {seed})",
@@ -122,6 +137,10 @@ async def run(system: BenchSystem, requests: int, http: int, seed: int, concurre
         f"protobuf: {report.internal_for_not_protobuf}; statuses grpc.aio's client lost to a write racing "
         f"the server's end (`Internal error from Core`, client-side): {report.client_lost_status}. "
         f"Incidents or tracebacks in the ingress log: {len(incidents)}{' ' + str(incidents[:3]) if incidents else ''}.",
+        f"- Broken gRPC framing (raw HTTP/2): {framing_report.sent:,} calls in {framing_elapsed:.1f} s; "
+        f"answers {framed}; bad ones (a hang, UNKNOWN, the ingress's own INTERNAL, DEADLINE_EXCEEDED "
+        f"for a request that came whole): **{len(framing_report.violations)}**"
+        f"{': ' + '; '.join(framing_report.violations[:3]) if framing_report.violations else ''}.",
         f"- Ingress (supervisor + {len(pids) - 1} server processes): restarted {'YES' if restarted else 'no'}; "
         f"health {health}; RSS {_mib(rss_before)} after the warm-up → {_mib(rss_after)} after the run "
         f"(**{(rss_after - rss_before) / 2**20:+.0f} MiB**); a new StreamConversation after the floods "
@@ -140,7 +159,9 @@ async def run(system: BenchSystem, requests: int, http: int, seed: int, concurre
     return "\n".join(lines)
 
 
-async def main_async(requests: int, http: int, seed: int, concurrency: int, port_offset: int) -> int:
+async def main_async(
+    requests: int, http: int, framing: int, seed: int, concurrency: int, port_offset: int
+) -> int:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     system = BenchSystem(False, port_offset)
     # Child processes read this env when they start (the same dict), so the cap applies.
@@ -149,7 +170,7 @@ async def main_async(requests: int, http: int, seed: int, concurrency: int, port
     try:
         await system.up()
         await start_processes(system)
-        text = await run(system, requests, http, seed, concurrency)
+        text = await run(system, requests, http, framing, seed, concurrency)
     finally:
         log("tearing down")
         await system.down()
@@ -161,13 +182,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--requests", type=int, default=50_000, help="hostile gRPC calls (after the warm-up)")
     parser.add_argument("--http", type=int, default=5_000, help="malformed HTTP requests")
+    parser.add_argument("--framing", type=int, default=3_000, help="gRPC calls with broken framing")
     parser.add_argument("--seed", type=int, default=None, help="replay a run (default: random, printed)")
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--port-offset", type=int, default=3000)
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     log(f"seed {seed}")
-    return asyncio.run(main_async(args.requests, args.http, seed, args.concurrency, args.port_offset))
+    return asyncio.run(
+        main_async(args.requests, args.http, args.framing, seed, args.concurrency, args.port_offset)
+    )
 
 
 if __name__ == "__main__":
