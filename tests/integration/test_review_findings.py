@@ -1,0 +1,158 @@
+"""Hostile review of 7b7fb1a (close waits across processes), db82682 (quotas) and 8eb07ab (LiveHub),
+on real Redis. Each test reproduces a finding and is marked xfail(strict) until it is fixed.
+
+- LiveHub: a call that joins (or a paused call that resumes) while its reader's XREAD is returning
+  data is given that reply's entries past its own cursor, though the read started from the other
+  calls' later position: the entries in between are skipped for good.
+- Close hold: `release_close` deletes the `closing` field whoever holds it, so a close that gave up
+  (or that Kafka refused) removes the hold of a close another process started meanwhile; sends are
+  claimed again in every process while that close is published.
+- Knowledge quota: a pure replacement is refused while the tenant is at or past its quota (the
+  quota was lowered, or concurrent upserts passed it), though README says a replacement does not
+  count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from switchboard.v1 import knowledge_pb2
+
+from schemas import hotview as hv
+from services.ingress import _validation as v
+from services.ingress._hotview import IngressHotView
+from services.ingress._knowledge import KnowledgeService
+from services.ingress._live import LiveHub
+from services.settings import Settings
+from tests.conftest import eventually
+
+pytestmark = pytest.mark.integration
+
+
+def _blocked_in_read(sync: redis.Redis, client_id: int) -> bool:
+    """Whether Redis has the client blocked (flag `b`), from a synchronous connection."""
+    line: Any = sync.execute_command("CLIENT", "LIST", "ID", client_id)
+    text = line.decode() if isinstance(line, bytes) else str(line)
+    flags = next((f.split("=", 1)[1] for f in text.split() if f.startswith("flags=")), "")
+    return "b" in flags
+
+
+def _text(entry_id: Any) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="LiveHub._dispatch gives a call that joined during a read entries from a reply read "
+    "from the other calls' later position: the entries between its cursor and theirs are lost",
+)
+@pytest.mark.timeout(60)
+async def test_a_call_joining_while_its_reader_returns_data_gets_every_entry_after_its_cursor(
+    local_stack: Settings,
+) -> None:
+    """Two StreamConversation calls on one conversation at different cursors (the hub's own
+    promise). The first follows from the end; the second joins from the beginning in the moment
+    the reader's XREAD has returned a new entry and the event loop has not run the reader yet (a
+    busy ingress). The reader then hands the second call that reply's new entry and moves its
+    position past the three entries it never read for it."""
+    s = local_stack
+    key = hv.live_stream_key("review", uuid.uuid4().hex)
+    sync = redis.Redis.from_url(s.redis_url)
+    control = aioredis.Redis.from_url(s.redis_url)
+    hub = LiveHub(s.redis_url, control, per_reader=4, block_ms=60_000)
+    try:
+        old = [_text(sync.xadd(key, {"k": str(i)})) for i in range(3)]
+        first = hub.subscribe({key: old[-1]})
+        reader = hub._readers[0]
+        await eventually(
+            lambda: asyncio.sleep(0, reader._client_id),
+            lambda cid: cid is not None and _blocked_in_read(sync, cid),
+            within_s=10,
+            what="the reader blocked in XREAD",
+        )
+        client_id = reader._client_id
+        assert client_id is not None
+        # From here to the await below the event loop does not run: a new event arrives, Redis
+        # answers the blocked XREAD, and a second call joins from the beginning.
+        new = _text(sync.xadd(key, {"k": "3"}))
+        deadline = time.monotonic() + 10
+        while _blocked_in_read(sync, client_id) and time.monotonic() < deadline:
+            pass  # Redis answers a blocked client right after the XADD (no await: loop held)
+        second = hub.subscribe({key: "0-0"})
+        got: list[str] = []
+        while len(got) < 4:
+            try:
+                batch = await asyncio.wait_for(second.next(), timeout=5)
+            except TimeoutError:
+                break  # nothing more comes: what it got is all it will get
+            got += [entry_id.decode() for name, entries in batch if name == key for entry_id, _ in entries]
+        assert got == [*old, new]
+        assert [e[0].decode() for _, es in await first.next() for e in es] == [new]
+    finally:
+        await hub.close()
+        await control.aclose()
+        sync.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="IngressHotView.release_close HDELs `closing` unconditionally: a close that gave up "
+    "removes the hold of another process's close of the same conversation",
+)
+@pytest.mark.timeout(60)
+async def test_a_close_that_gave_up_does_not_release_another_processes_close(local_stack: Settings) -> None:
+    """Process A's close of c gives up (its wait for other processes' messages timed out, or Kafka
+    refused the close): `_close` drops A's close claim, then calls `release_close`. In between,
+    a retried close in process B claims the close and holds c (`_wait_in_flight`). A's release
+    then deletes B's hold: a send of c in process C is claimed while B publishes its close, so it
+    can be acknowledged and land after the close in the log (dropped by the fold), exactly what
+    7b7fb1a set out to prevent."""
+    s = local_stack
+    r = aioredis.Redis.from_url(s.redis_url)
+    a, b, c = (IngressHotView(r, s.idempotency_ttl_s) for _ in range(3))
+    tenant, conversation = "review", uuid.uuid4().hex
+    try:
+        # B's close holds the conversation; nothing of other processes is in flight.
+        assert await b.hold_for_close(tenant, conversation) == 0
+        # A's failed close releases what it takes for its own hold.
+        await a.release_close(tenant, conversation)
+        # Process C: a send of the conversation must still be refused while B's close is on.
+        (claim,) = await c.claim_many([(tenant, conversation, "m1")], 0, unless_closed=True)
+        assert claim.closing and not claim.claimed, claim
+    finally:
+        await r.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="KnowledgeService._check_quota counts HLEN + new ids > quota: a replacement is refused "
+    "while the tenant has as many documents as its quota or more",
+)
+@pytest.mark.timeout(60)
+async def test_replacing_a_document_is_not_refused_by_the_document_quota(local_stack: Settings) -> None:
+    """README (Security → Quotas): "A replacement does not count." A tenant with 3 documents
+    whose quota is lowered to 2 (`switchboard tenants update T --max-knowledge-documents 2`), or
+    that passed it with concurrent upserts (documented), cannot even update one of its documents:
+    RESOURCE_EXHAUSTED "would have 3", though the upsert adds nothing."""
+    settings = local_stack.model_copy(update={"max_knowledge_documents": 2})
+    r = aioredis.Redis.from_url(settings.redis_url)
+    tenant = f"t{uuid.uuid4().hex[:12]}"
+    service = KnowledgeService(settings, r)
+    try:
+        await r.hset(hv.documents_key(tenant), mapping={f"d{i}": b"x" for i in range(3)})
+        replacement = knowledge_pb2.UpsertDocumentsRequest(
+            tenant_id=tenant, documents=[knowledge_pb2.Document(document_id="d0", title="t", body="b")]
+        )
+        try:
+            await service._check_quota(replacement)
+        except v.RequestRejected as exc:
+            pytest.fail(f"a replacement was refused by the quota: {exc}")
+    finally:
+        await r.delete(hv.documents_key(tenant))
+        await r.aclose()
