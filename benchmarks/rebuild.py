@@ -13,8 +13,9 @@ census of Redis's keys are recorded. Then Redis loses everything, the clock star
 Measured from the loss: (a) the first write the ingress accepts (a SendMessage to a conversation
 outside the N every 50 ms; the refusals are counted with their `retry-after-ms` trailer, and at the
 first acceptance the readiness hash must already be complete), (b) `sb:sessions:ready` complete
-again, (c) all N states back with message_count == M; the rebuild rate N×(M+1)/(c); each process's
-CPU over (c). Then the sample's GetConversation and live streams must equal the snapshot, and a
+again, (c) all N states back with message_count == M (read every second, every 100 ms once (b)
+holds); the sessions worker's own account from its log (when it noticed, when it finished); the
+rebuild rate N×(M+1)/(c); each process's CPU over (c). Then the sample's GetConversation and live streams must equal the snapshot, and a
 retry of every one of the N×M acknowledged messages must be answered duplicate=true with its
 original ack (event id, partition, offset) while the log does not grow.
 
@@ -60,7 +61,11 @@ BATCHES_IN_FLIGHT = 3
 RETRY_ATTEMPTS = 5
 PROBE_EVERY_S = 0.05
 READY_EVERY_S = 0.05
-STATES_EVERY_S = 0.25
+# All N states are read (pipelined HGET) every STATES_EVERY_S once READY is complete, and only every
+# STATES_EARLY_S before: reading 10k states costs the benchmark ~0.1 s of CPU, taken from the
+# rebuild it measures on a small machine.
+STATES_EVERY_S = 0.1
+STATES_EARLY_S = 1.0
 WITHIN_S = 900.0
 SCENARIOS = ("flushall", "restart-empty")
 CPU_NAMES = ("sessions", "redis", "kafka", "ingress", "bench", "others")
@@ -293,13 +298,21 @@ async def scenario_run(
             out.ready_at_accept = int(await redis.hlen(hv.READY_KEY))
         return True
 
+    ready_seen = False
+
     async def ready() -> bool:
-        return int(await redis.hlen(hv.READY_KEY)) >= partitions
+        nonlocal ready_seen
+        ready_seen = int(await redis.hlen(hv.READY_KEY)) >= partitions
+        return ready_seen
 
     pending = list(conversations)
+    last_read = 0.0
 
     async def states() -> bool:
-        nonlocal pending
+        nonlocal pending, last_read
+        if not ready_seen and time.monotonic() - last_read < STATES_EARLY_S:
+            return False
+        last_read = time.monotonic()
         pending = await unfolded(redis, tenant, pending, messages)
         return not pending
 
@@ -398,6 +411,7 @@ def report(
     census_before: Counter[str],
     load_start: str,
     partitions: int,
+    batch_size: int,
     command: str,
 ) -> str:
     events = n_conv * (n_msg + 1)
@@ -450,13 +464,14 @@ def report(
             f"`{command}`",
             "",
             f"{n_conv:,} conversations × {n_msg} messages ({events:,} events, {partitions} partitions), "
-            f"folded by the sessions worker; then Redis lost everything, the clock starting at the loss. "
+            f"folded by the sessions worker (batches of {batch_size}, `SWITCHBOARD_BATCH_SIZE`); then Redis "
+            "lost everything, the clock starting at the loss. "
             f"Load average at the start: {load_start}. Keys before the loss: {census_text}.",
             "",
             *rows,
             "",
-            "CPU over (c), in cores (1.0 = one core busy; `bench` polls all states every "
-            f"{STATES_EVERY_S * 1000:.0f} ms):",
+            "CPU over (c), in cores (1.0 = one core busy; `bench` reads all states every "
+            f"{STATES_EARLY_S:.0f} s, and every {STATES_EVERY_S * 1000:.0f} ms once READY is complete):",
             "",
             *cpu_rows,
             "",
@@ -531,14 +546,30 @@ async def run(system: BenchSystem, n_conv: int, n_msg: int, n_sample: int, scena
         for c in channels:
             await c.close()
         await redis.aclose()
-    command = " ".join([".venv/bin/python", "benchmarks/rebuild.py", *sys.argv[1:]])
-    return report(outcomes, n_conv, n_msg, census_before, load_start, settings.topic_partitions, command)
+    command = " ".join(
+        [
+            *(f"{k}={v}" for k, v in os.environ.items() if k == "SWITCHBOARD_BATCH_SIZE"),
+            ".venv/bin/python",
+            "benchmarks/rebuild.py",
+            *sys.argv[1:],
+        ]
+    )
+    return report(
+        outcomes,
+        n_conv,
+        n_msg,
+        census_before,
+        load_start,
+        settings.topic_partitions,
+        settings.batch_size,
+        command,
+    )
 
 
 async def main_async(
-    n_conv: int, n_msg: int, n_sample: int, scenarios: Sequence[str], port_offset: int
+    n_conv: int, n_msg: int, n_sample: int, scenarios: Sequence[str], port_offset: int, keep_data: bool
 ) -> int:
-    system = BenchSystem(False, port_offset)
+    system = BenchSystem(keep_data, port_offset)
     text = ""
     try:
         await system.up()
@@ -562,13 +593,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {SCENARIOS}")
     parser.add_argument("--port-offset", type=int, default=1800)
+    parser.add_argument("--keep-data", action="store_true", help="keep var/bench-* (the processes' logs)")
     args = parser.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}; expected some of {SCENARIOS}")
     return asyncio.run(
-        main_async(args.conversations, args.messages, args.sample, scenarios, args.port_offset)
+        main_async(
+            args.conversations, args.messages, args.sample, scenarios, args.port_offset, args.keep_data
+        )
     )
 
 
