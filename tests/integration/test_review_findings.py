@@ -4,6 +4,9 @@ on real Redis. Each test reproduces a finding and is marked xfail(strict) until 
 - LiveHub: a call that joins (or a paused call that resumes) while its reader's XREAD is returning
   data is given that reply's entries past its own cursor, though the read started from the other
   calls' later position: the entries in between are skipped for good.
+- LiveHub: a wake-up requested while the previous one's CLIENT UNBLOCK is still in flight is
+  dropped: the reader has already re-read without the new call, so the call waits a whole block
+  (5 s in the ingress) for anything.
 - Close hold: `release_close` deletes the `closing` field whoever holds it, so a close that gave up
   (or that Kafka refused) removes the hold of a close another process started meanwhile; sends are
   claimed again in every process while that close is published.
@@ -97,6 +100,64 @@ async def test_a_call_joining_while_its_reader_returns_data_gets_every_entry_aft
     finally:
         await hub.close()
         await control.aclose()
+        sync.close()
+
+
+class _HeldUnblock:
+    """The hub's control connection, whose CLIENT UNBLOCK reply is handled late (a busy event
+    loop runs the reader's callback first): the unblock itself reaches Redis at once."""
+
+    def __init__(self, real: aioredis.Redis) -> None:
+        self.real = real
+        self.let_go = asyncio.Event()
+        self.sent = 0
+
+    async def client_unblock(self, client_id: int) -> bool:
+        result = bool(await self.real.client_unblock(client_id))
+        self.sent += 1
+        await self.let_go.wait()
+        return result
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_Reader.wake starts no CLIENT UNBLOCK while one is in flight, and that one returns "
+    "once its generation passed: a call joining then waits a whole block_ms",
+)
+@pytest.mark.timeout(60)
+async def test_a_call_joining_while_a_wake_is_in_flight_is_read_at_once(local_stack: Settings) -> None:
+    """Under a flood of opens, calls join a reader while the previous join's CLIENT UNBLOCK is on
+    its way back. The reader, unblocked, re-reads with the calls it had then; the later call's
+    wake finds `_waking` not done and starts nothing, and the running one returns because the
+    generation moved. The later call is read only when the reader's XREAD times out (block_ms:
+    5 s in the ingress, 60 s here)."""
+    s = local_stack
+    sync = redis.Redis.from_url(s.redis_url)
+    real = aioredis.Redis.from_url(s.redis_url)
+    control = _HeldUnblock(real)
+    hub = LiveHub(s.redis_url, control, per_reader=4, block_ms=60_000)  # type: ignore[arg-type]
+    quiet, second_key, third_key = (hv.live_stream_key("review", uuid.uuid4().hex) for _ in range(3))
+    waiting = _text(sync.xadd(third_key, {"k": "waiting"}))
+    try:
+        hub.subscribe({quiet: "0-0"})
+        reader = hub._readers[0]
+
+        async def blocked_at(generation: int) -> bool:
+            cid = reader._client_id
+            return reader._generation > generation and cid is not None and _blocked_in_read(sync, cid)
+
+        await eventually(lambda: blocked_at(-1), bool, within_s=10, what="the reader blocked")
+        generation = reader._generation
+        hub.subscribe({second_key: "0-0"})  # its wake unblocks the reader; the reply is held
+        await eventually(lambda: blocked_at(generation), bool, within_s=10, what="the reader blocked again")
+        assert control.sent == 1
+        third = hub.subscribe({third_key: "0-0"})
+        batch = await asyncio.wait_for(third.next(), timeout=5)
+        assert [_text(e[0]) for _, entries in batch for e in entries] == [waiting]
+    finally:
+        control.let_go.set()
+        await hub.close()
+        await real.aclose()
         sync.close()
 
 
