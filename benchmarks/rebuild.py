@@ -422,8 +422,8 @@ def report(
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     cpu_rows = [
-        f"| scenario | {' | '.join(CPU_NAMES)} |",
-        "|---|" + "---:|" * len(CPU_NAMES),
+        f"| scenario | {' | '.join(CPU_NAMES)} | sessions CPU per event |",
+        "|---|" + "---:|" * (len(CPU_NAMES) + 1),
     ]
     checks = []
     for o in outcomes:
@@ -433,8 +433,14 @@ def report(
             f"| {o.scenario} | {fmt_s(o.accept_s)} | {fmt_s(o.ready_s)} | {fmt_s(o.states_s)} | {rate} | "
             f"{o.log_records:,} | {refusals} ({o.trailers} of {sum(o.refusals.values())} with the trailer) |"
         )
+        # CPU time per event rebuilt: steadier than the rate on a machine other agents load.
+        per_event = (
+            f"{o.cores.get('sessions', 0.0) * o.states_s / events * 1e6:.0f} µs" if o.states_s else "–"
+        )
         cpu_rows.append(
-            f"| {o.scenario} | " + " | ".join(f"{o.cores.get(n, 0.0):.2f}" for n in CPU_NAMES) + " |"
+            f"| {o.scenario} | "
+            + " | ".join(f"{o.cores.get(n, 0.0):.2f}" for n in CPU_NAMES)
+            + f" | {per_event} |"
         )
         diffs = ", ".join(f"{k} ×{v}" for k, v in o.sample_diffs.most_common()) or "none"
         problems = ", ".join(f"{k} ×{v}" for k, v in o.retry_problems.most_common()) or "none"

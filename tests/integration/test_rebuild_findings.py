@@ -1,0 +1,94 @@
+"""Findings of benchmarks/rebuild.py (issue 9 §6: the hot view after Redis loses everything), as
+tests on the session's system."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from switchboard.v1 import chat_pb2, chat_pb2_grpc
+
+from schemas import hotview as hv
+from services import stack
+from tests.conftest import System, eventually, start_conversation
+
+pytestmark = pytest.mark.integration
+
+CHANNELS = 4  # connections to the ingress: its processes share the port, each takes some
+BATCHES = 6  # at once, so each ingress process has several Redis connections in its pool
+PER_BATCH = 40
+
+
+async def send_round(
+    stubs: list[chat_pb2_grpc.ChatServiceStub], tenant: str, conversations: list[str], prefix: str
+) -> list[chat_pb2.SendMessageResponse]:
+    """BATCHES SendMessageBatch calls at once, fresh client_message_ids; every result."""
+
+    async def batch(k: int) -> list[chat_pb2.SendMessageResponse]:
+        reply = await stubs[k % len(stubs)].SendMessageBatch(
+            chat_pb2.SendMessageBatchRequest(
+                messages=[
+                    chat_pb2.SendMessageRequest(
+                        tenant_id=tenant,
+                        conversation_id=conversations[(k + i) % len(conversations)],
+                        client_message_id=f"{prefix}-{k}-{i}",
+                        text=f"message {i} of batch {k}",
+                    )
+                    for i in range(PER_BATCH)
+                ]
+            ),
+            timeout=30,
+        )
+        return list(reply.results)
+
+    parts = await asyncio.gather(*(batch(k) for k in range(BATCHES)))
+    return [r for part in parts for r in part]
+
+
+@pytest.mark.timeout(180)
+async def test_writes_once_redis_is_back_are_not_refused_for_the_connections_it_dropped(
+    system: System, tenant: str
+) -> None:
+    """Finding (benchmarks/rebuild.py, restart-empty, 4 runs of 4): seconds after a restarted
+    Redis answered again and the hot view was complete, a whole SendMessageBatch (500 and 1,000
+    of 50,000 messages) was refused UNAVAILABLE "a dependency is unavailable (ConnectionError)".
+    The ingress's pooled Redis connections to the old server are found dead only when used, and
+    a redis-py asyncio pipeline (the write path's claims go through one, TickPipeline) does not
+    retry a connection error as a single command does: every pipeline that draws a stale
+    connection fails once. Clients retry UNAVAILABLE, so nothing is lost, but a write refused
+    while every dependency is up is an outage callers did not need to see.
+
+    Here Redis is restarted cleanly (SIGTERM: it writes its append-only file, keeps its data and
+    the hot view, so no rebuild is involved), and the same concurrent writes as before it must
+    all be accepted once it answers and every partition is ready."""
+    settings = system.settings
+    channels = [grpc.aio.insecure_channel(settings.grpc_listen) for _ in range(CHANNELS)]
+    stubs = [chat_pb2_grpc.ChatServiceStub(c) for c in channels]
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        conversations = [await start_conversation(stubs[0], tenant) for _ in range(8)]
+        before = await send_round(stubs, tenant, conversations, "before")
+        assert [r.error_message for r in before if r.error_code] == []
+
+        await stack.stop_component(settings, "redis")
+        await stack.start_component(settings, "redis")
+        await eventually(
+            lambda: redis.hlen(hv.READY_KEY),
+            lambda n: n >= settings.topic_partitions,
+            within_s=60,
+            what="Redis back with every partition ready",
+        )
+
+        after = await send_round(stubs, tenant, conversations, f"after-{uuid.uuid4().hex[:6]}")
+        refused = sorted({r.error_message for r in after if r.error_code})
+        assert refused == [], (
+            f"{sum(1 for r in after if r.error_code)} of {len(after)} writes refused with Redis up "
+            f"and ready: {refused}"
+        )
+    finally:
+        for c in channels:
+            await c.close()
+        await redis.aclose()
