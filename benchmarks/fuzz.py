@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.fuzz_wi
 
 import grpc
 from ingest import BenchSystem, log, machine, start_processes
-from switchboard.v1 import chat_pb2, chat_pb2_grpc
+from switchboard.v1 import chat_pb2_grpc
 
 from services.analytics._process import endpoint_client
 from tests import fuzz_wire as fw
@@ -38,21 +38,6 @@ VICTIMS = 50
 GOOD_CONVERSATIONS = 50
 GOOD_PER_CONVERSATION = 60
 LIVE_STREAMS_PER_PROCESS = 100
-
-
-async def stream_still_opens(stub: chat_pb2_grpc.ChatServiceStub, tenant: str, conversation: str) -> str:
-    """A new StreamConversation gets its first update (no slot leaked), or why not."""
-    call = stub.StreamConversation(
-        chat_pb2.StreamConversationRequest(tenant_id=tenant, conversation_id=conversation), timeout=15
-    )
-    try:
-        async for _ in call:
-            return "yes"
-        return "ended without an update"
-    except grpc.aio.AioRpcError as exc:
-        return f"{exc.code().name}: {exc.details()}"
-    finally:
-        call.cancel()
 
 
 def _mib(n: int) -> str:
@@ -87,7 +72,7 @@ async def run(
     await writing
     rss_after = fw.tree_rss(ingress.proc.pid)
     problems = await good.check(stubs[0])
-    opens = await stream_still_opens(stubs[2], tenant, good.conversations[0])
+    opens = await fw.stream_still_opens(stubs[2], tenant, good.conversations[0])
     for c in channels:
         await c.close()
     log(f"framing: {framing:,} gRPC calls with broken framing over raw HTTP/2")

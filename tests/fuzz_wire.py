@@ -765,6 +765,21 @@ class GoodTraffic:
         return problems
 
 
+async def stream_still_opens(stub: chat_pb2_grpc.ChatServiceStub, tenant: str, conversation: str) -> str:
+    """A new StreamConversation gets its first update (no slot leaked), or why not."""
+    call = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(tenant_id=tenant, conversation_id=conversation), timeout=15
+    )
+    try:
+        async for _ in call:
+            return "yes"
+        return "ended without an update"
+    except grpc.aio.AioRpcError as exc:
+        return f"{exc.code().name}: {exc.details()}"
+    finally:
+        call.cancel()
+
+
 async def start_conversations(stub: chat_pb2_grpc.ChatServiceStub, tenant: str, n: int) -> list[str]:
     replies = await asyncio.gather(
         *(

@@ -85,6 +85,8 @@ async def test_the_ingress_survives_ten_thousand_hostile_requests(system: System
         ]
         assert rss_after - rss_before < RSS_GROWTH_MIB * 2**20, summary
 
+        # The floods released their live-stream slots: a new follower still gets its first update.
+        assert await fw.stream_still_opens(stubs[2], tenant, good.conversations[0]) == "yes"
         problems = await good.check(stubs[0])
         assert not problems, f"good traffic: {problems[:5]} {where}"
         assert good.total == GOOD_CONVERSATIONS * GOOD_PER_CONVERSATION
