@@ -10,6 +10,9 @@ on real Redis. Each test reproduces a finding and is marked xfail(strict) until 
 - Close hold: `release_close` deletes the `closing` field whoever holds it, so a close that gave up
   (or that Kafka refused) removes the hold of a close another process started meanwhile; sends are
   claimed again in every process while that close is published.
+- Redis loss: a message's entry in its conversation's in-flight set is not rebuilt from the log,
+  and the settlement's touch (ZADD XX) never puts it back, so after a Redis loss a close in
+  another process publishes while that message is still unsettled, and it lands after the close.
 - Knowledge quota: a pure replacement is refused while the tenant is at or past its quota (the
   quota was lowered, or concurrent upserts passed it), though README says a replacement does not
   count.
@@ -187,6 +190,45 @@ async def test_a_close_that_gave_up_does_not_release_another_processes_close(loc
         (claim,) = await c.claim_many([(tenant, conversation, "m1")], 0, unless_closed=True)
         assert claim.closing and not claim.claimed, claim
     finally:
+        await r.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_TOUCH_IN_FLIGHT is ZADD XX: a still-unsettled message lost from the in-flight set "
+    "with Redis's data is never put back, so a close elsewhere no longer waits for it",
+)
+@pytest.mark.timeout(60)
+async def test_a_message_still_in_flight_when_redis_lost_data_is_waited_for_by_a_close(
+    local_stack: Settings,
+) -> None:
+    """Process B claimed m1 and handed it to a slow Kafka (its settlement touches the claim every
+    40 s). Redis loses its data; the sessions worker rebuilds states and claims from the log, but
+    m1 is not in the log yet, and in-flight sets are not in the log at all. Once the hot view is
+    ready again, process A's close holds the conversation and sees nothing in flight: it
+    publishes, and m1, acknowledged to its client afterwards, lands after the close and is dropped
+    by the fold. B still knows m1 is unsettled and touches it, but the touch only refreshes
+    members that are there. (The loss is played by deleting this conversation's keys, as a
+    FLUSHALL would, without disturbing other tests on the same Redis.)"""
+    s = local_stack
+    r = aioredis.Redis.from_url(s.redis_url)
+    a, b = (IngressHotView(r, s.idempotency_ttl_s) for _ in range(2))
+    tenant, conversation = "review", uuid.uuid4().hex
+    key = (tenant, conversation, "m1")
+    try:
+        (claim,) = await b.claim_many([key], 0, unless_closed=True)
+        assert claim.claimed and claim.tracked
+        held = claim.held(key)
+        await r.delete(
+            hv.conversation_key(tenant, conversation),
+            hv.idempotency_key(*key),
+            hv.inflight_key(tenant, conversation),
+        )
+        # B's settlement: Kafka has not answered m1 yet, so its claim is kept alive.
+        await b.touch_claims([held])
+        assert await a.hold_for_close(tenant, conversation) == 1, "the close does not wait for m1"
+    finally:
+        await r.delete(hv.conversation_key(tenant, conversation), hv.inflight_key(tenant, conversation))
         await r.aclose()
 
 
