@@ -54,7 +54,7 @@ for i = 2, #KEYS, 3 do
     shut = 0
   else
     local holding = redis.call('HGET', KEYS[i], ARGV[5])
-    if holding and tonumber(holding) > now then
+    if holding and tonumber(string.match(holding, '^%d+') or '0') > now then
       shut = 1
     end
   end
@@ -78,7 +78,8 @@ return previous
 """
 
 # A close holds its conversation (KEYS: hash, in-flight set; ARGV: hold field, hold ms, the
-# closing process's marker prefix): sends are refused from now on, in every process, and the
+# closing process's marker prefix, the close attempt's own marker, kept in the hold as
+# "<until ms>:<marker>" so that only it releases the hold): sends are refused from now on, in every process, and the
 # answer is how many messages claimed by other processes are still unsettled (expired members,
 # of a process that died, are dropped first). The closing process's own messages need no wait:
 # its gate refuses those not yet handed to its producer, and those handed over are before the
@@ -86,7 +87,7 @@ return previous
 _HOLD_FOR_CLOSE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], ARGV[1], (now + tonumber(ARGV[2])) .. ':' .. ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local mine = ARGV[3]
 local others = 0
@@ -101,6 +102,15 @@ return others
 # A place among the tenant's open conversations (KEYS: the open set; ARGV: quota, conversation,
 # reservation ms). Expired reservations (positive scores in the past: a start never folded) go
 # first; a conversation already there keeps its place. Returns {1, count} or {0, count}.
+# Drop a close's hold only if it is this attempt's (KEYS: hash; ARGV: hold field, marker).
+_RELEASE_IF_MINE = """
+local holding = redis.call('HGET', KEYS[1], ARGV[1])
+if holding and string.sub(holding, -(#ARGV[2] + 1)) == ':' .. ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
 _RESERVE_OPEN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -117,10 +127,11 @@ return {1, count + 1}
 """
 
 # Keep an unsettled message in its in-flight set for another TTL (KEYS: set; ARGV: member, ms).
+# Not XX: a member Redis lost (with its data) is put back, so closes wait for it again.
 _TOUCH_IN_FLIGHT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 return redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 """
 
@@ -369,7 +380,7 @@ class IngressHotView:
         """A reserved start that did not happen."""
         await self._redis.zrem(hv.open_conversations_key(tenant_id), conversation_id)
 
-    async def hold_for_close(self, tenant_id: str, conversation_id: str) -> int:
+    async def hold_for_close(self, tenant_id: str, conversation_id: str, owner: bytes) -> int:
         """Refuse sends of the conversation in every ingress process from now on (for a claim
         TTL, or until `release_close`/`mark_closed`); returns how many of its messages claimed by
         other processes are not settled yet. Called again, it renews the hold."""
@@ -379,13 +390,16 @@ class IngressHotView:
                     hv.conversation_key(tenant_id, conversation_id),
                     hv.inflight_key(tenant_id, conversation_id),
                 ],
-                args=[hv.F_CLOSING, CLAIM_TTL_S * 1000, self._marker_prefix],
+                args=[hv.F_CLOSING, CLAIM_TTL_S * 1000, self._marker_prefix, owner],
             )
         )
 
-    async def release_close(self, tenant_id: str, conversation_id: str) -> None:
-        """The close did not happen (Kafka refused it, or it gave up): sends may go on."""
-        await self._redis.hdel(hv.conversation_key(tenant_id, conversation_id), hv.F_CLOSING)
+    async def release_close(self, tenant_id: str, conversation_id: str, owner: bytes) -> None:
+        """The close did not happen (Kafka refused it, or it gave up): sends may go on, unless
+        the hold is another close attempt's by now (one that claimed the close since)."""
+        await self._redis.eval(
+            _RELEASE_IF_MINE, 1, hv.conversation_key(tenant_id, conversation_id), hv.F_CLOSING, owner
+        )
 
     async def clear_closed(self, tenant_id: str, conversation_id: str) -> None:
         await self._redis.hdel(hv.conversation_key(tenant_id, conversation_id), hv.F_CLOSED_NS)
@@ -464,6 +478,7 @@ class IngressHotView:
                         hv.F_CLOSING,
                         CLAIM_TTL_S * 1000,
                         self._marker_prefix,
+                        key.marker,
                     )
 
         count = sum(1 + k.in_flight + (k.client_message_id == hv.CLOSE_CLAIM) for k in keys)

@@ -317,8 +317,10 @@ class KnowledgeService:
             for document_id in ids:
                 pipe.hexists(key, document_id)
             count, *present = await pipe.execute()
-        would_have = int(count) + sum(1 for there in present if not there)
-        if would_have > quota:
+        added = sum(1 for there in present if not there)
+        would_have = int(count) + added
+        # Replacing documents it has adds nothing: allowed even at (or past) the quota.
+        if added and would_have > quota:
             raise too_many_documents(req.tenant_id, would_have, quota)
 
     async def delete_document(

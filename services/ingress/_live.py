@@ -88,7 +88,12 @@ class _Reader:
         self._generation = 0
         self._changed = asyncio.Event()
         self._closing = False
-        self._waking: asyncio.Task[None] | None = None
+        # Wakes asked for, and how many of them the read in progress includes: a wake is done
+        # once a read began after it (`_serving >= its token`).
+        self._wanted = 0
+        self._serving = 0
+        self._wake_scheduled = False
+        self._wakers: set[asyncio.Task[None]] = set()
         self._task = asyncio.ensure_future(self._run())
 
     def add(self, sub: Subscription) -> None:
@@ -109,24 +114,33 @@ class _Reader:
                     del self._by_key[key]
 
     def wake(self) -> None:
-        """Make the reader read again with its current calls (at most one wake in flight)."""
+        """Make the reader start a read with its current calls soon (wakes of one event-loop
+        tick share one CLIENT UNBLOCK)."""
+        self._wanted += 1
         self._changed.set()
-        if self._waking is None or self._waking.done():
-            self._waking = asyncio.ensure_future(self._unblock())
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_wake)
 
-    async def _unblock(self) -> None:
-        # CLIENT UNBLOCK goes over another connection, so it can reach Redis before this reader's
-        # XREAD does (then it unblocks nothing): retry until the read returned or was unblocked.
-        generation = self._generation
-        for _ in range(100):
-            if self._generation != generation or not self._blocked or self._client_id is None:
+    def _start_wake(self) -> None:
+        self._wake_scheduled = False
+        task = asyncio.ensure_future(self._unblock(self._wanted))
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
+
+    async def _unblock(self, token: int) -> None:
+        # Until a read began that includes this wake: CLIENT UNBLOCK goes over another connection,
+        # so it can reach Redis before this reader's XREAD does (then it unblocks nothing), and
+        # an unblock can land on a read that began before the wake; so check, and send again.
+        for _ in range(200):
+            if self._serving >= token or self._closing:
                 return
-            try:
-                if await self._hub.control.client_unblock(self._client_id):
+            if self._blocked and self._client_id is not None:
+                try:
+                    await self._hub.control.client_unblock(self._client_id)
+                except Exception as exc:
+                    log.debug("live reader wake failed: %r", exc)
                     return
-            except Exception as exc:
-                log.debug("live reader wake failed: %r", exc)
-                return
             await asyncio.sleep(0.005)
 
     def _streams(self) -> dict[str, str]:
@@ -144,6 +158,7 @@ class _Reader:
         # Ends on `_closing` too: redis-py can turn the cancellation of a blocked read into an
         # error of its own, and a cancel that was swallowed there would leave this loop running.
         while not self._closing:
+            self._serving = self._wanted
             self._changed.clear()
             streams = self._streams()
             if not streams:
@@ -173,16 +188,18 @@ class _Reader:
                 self._blocked = False
                 self._generation += 1
             if reply:
-                self._dispatch(reply)
+                self._dispatch(reply, set(reading))
 
-    def _dispatch(self, reply: Any) -> None:
+    def _dispatch(self, reply: Any, reading: set[Subscription]) -> None:
+        """Entries to the calls that were in the read: a call that joined (or resumed) during it
+        may be behind where it read from; it gets its entries from its next read."""
         batches: dict[Subscription, Batch] = {}
         for raw_key, entries in reply:
             key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
             if not entries:
                 continue
             for sub in self._by_key.get(key, ()):
-                if sub.paused:
+                if sub.paused or sub not in reading:
                     continue
                 after = _id(sub.positions[key])
                 mine = [e for e in entries if _id(e[0].decode()) > after]
@@ -198,8 +215,8 @@ class _Reader:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        if self._waking is not None:
-            self._waking.cancel()
+        for waker in list(self._wakers):
+            waker.cancel()
         for sub in list(self.subs):
             self.remove(sub)
             sub._fail(ConnectionError("the ingress is stopping"))

@@ -735,11 +735,12 @@ class ConversationWrites:
             # only once every message claimed before that is settled: whatever was acknowledged
             # is before the close in the log (the fold ignores messages after a close).
             try:
-                await self._wait_in_flight(req.tenant_id, req.conversation_id)
+                await self._wait_in_flight(req.tenant_id, req.conversation_id, held.marker)
             except BaseException:
-                await self._settle([(held, None)])
+                # The hold first: once the claim is dropped another close may claim and hold.
                 with contextlib.suppress(Exception):
-                    await self._hot.release_close(*conversation)
+                    await self._hot.release_close(*conversation, held.marker)
+                await self._settle([(held, None)])
                 raise
             event = new_event(
                 req.tenant_id,
@@ -764,7 +765,7 @@ class ConversationWrites:
                     else:
                         # Not in the log: sends may go on (the hold would expire anyway).
                         with contextlib.suppress(Exception):
-                            await self._hot.release_close(*conversation)
+                            await self._hot.release_close(*conversation, held.marker)
                 finally:
                     self._gate.reopen(conversation)
 
@@ -774,13 +775,13 @@ class ConversationWrites:
             if reopen:
                 self._gate.reopen(conversation)
 
-    async def _wait_in_flight(self, tenant_id: str, conversation_id: str) -> None:
+    async def _wait_in_flight(self, tenant_id: str, conversation_id: str, owner: bytes) -> None:
         """Hold the conversation for its close and wait until no other ingress process has a
         claimed message of it unsettled; UNAVAILABLE if that takes longer than a produce timeout
         (Kafka is slow, or a process died holding one: its entry expires with the claim)."""
         deadline = time.monotonic() + self._settings.produce_timeout_s
         pause = 0.002
-        while await self._hot.hold_for_close(tenant_id, conversation_id):
+        while await self._hot.hold_for_close(tenant_id, conversation_id, owner):
             if time.monotonic() > deadline:
                 raise unavailable(
                     f"conversation {conversation_id!r} has messages still being written; retry the close"

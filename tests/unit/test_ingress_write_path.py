@@ -89,10 +89,10 @@ class FakeHotView(IngressHotView):
     async def clear_closed(self, tenant_id: str, conversation_id: str) -> None:
         self.closed.pop((tenant_id, conversation_id), None)
 
-    async def hold_for_close(self, tenant_id: str, conversation_id: str) -> int:
+    async def hold_for_close(self, tenant_id: str, conversation_id: str, owner: bytes) -> int:
         return 0  # in one process the gate orders sends and closes (Redis's set: integration tests)
 
-    async def release_close(self, tenant_id: str, conversation_id: str) -> None:
+    async def release_close(self, tenant_id: str, conversation_id: str, owner: bytes) -> None:
         pass
 
     async def recent_entries(self, *_: Any, **__: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
