@@ -1,5 +1,6 @@
 """Findings of benchmarks/rebuild.py (issue 9 §6: the hot view after Redis loses everything), as
-tests on the session's system."""
+tests on the session's system. Each reproduces a finding and is marked xfail(strict) until it is
+fixed (the fix removes the mark)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,12 @@ async def send_round(
     return [r for part in parts for r in part]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="the write path's Redis pipelines do not retry a ConnectionError (redis-py asyncio "
+    "pipelines retry only errors in the client's retry_on_error): each one that draws a pooled "
+    "connection to the old server is refused UNAVAILABLE",
+)
 @pytest.mark.timeout(180)
 async def test_writes_once_redis_is_back_are_not_refused_for_the_connections_it_dropped(
     system: System, tenant: str
@@ -83,6 +90,12 @@ async def test_writes_once_redis_is_back_are_not_refused_for_the_connections_it_
         )
 
         after = await send_round(stubs, tenant, conversations, f"after-{uuid.uuid4().hex[:6]}")
+        # The ingress's other stale connections are used up before the next test runs (it would
+        # see the same refusals): rounds until one is accepted whole.
+        for n in range(10):
+            drain = await send_round(stubs, tenant, conversations, f"drain-{n}-{uuid.uuid4().hex[:6]}")
+            if not any(r.error_code for r in drain):
+                break
         refused = sorted({r.error_message for r in after if r.error_code})
         assert refused == [], (
             f"{sum(1 for r in after if r.error_code)} of {len(after)} writes refused with Redis up "
