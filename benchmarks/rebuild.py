@@ -15,12 +15,13 @@ outside the N every 50 ms; the refusals are counted with their `retry-after-ms` 
 first acceptance the readiness hash must already be complete), (b) `sb:sessions:ready` complete
 again, (c) all N states back with message_count == M (read every second, every 100 ms once (b)
 holds); the sessions worker's own account from its log (when it noticed, when it finished); the
-rebuild rate N×(M+1)/(c); each process's CPU over (c). Then the sample's GetConversation and live streams must equal the snapshot, and a
-retry of every one of the N×M acknowledged messages must be answered duplicate=true with its
-original ack (event id, partition, offset) while the log does not grow.
+rebuild rate N×(M+1)/(c); each process's CPU over (c). Then the sample's GetConversation and
+live streams must equal the snapshot, and a retry of every one of the N×M acknowledged messages
+must be answered duplicate=true with its original ack (event id, partition, offset) while the log
+does not grow.
 
     .venv/bin/python benchmarks/rebuild.py [--conversations 10000] [--messages 5] [--sample 200]
-        [--scenarios flushall,restart-empty] [--port-offset 1800]
+        [--scenarios flushall,restart-empty] [--port-offset 1800] [--keep-data]
 """
 
 from __future__ import annotations
