@@ -17,6 +17,10 @@ xfail(strict) until it is fixed.
 - Redis loss: a message's entry in its conversation's in-flight set is not rebuilt from the log,
   and the settlement's touch (ZADD XX) never puts it back, so after a Redis loss a close in
   another process publishes while that message is still unsettled, and it lands after the close.
+- Open-conversation quota (open): a durable start keeps only the ingress's expiring reservation
+  until the sessions worker folds it; with the worker more than 120 s behind (stopped for
+  `switchboard replay`, catching up after an outage) every place expires and the tenant starts
+  as many conversations as it likes.
 - Knowledge quota: a pure replacement is refused while the tenant is at or past its quota (the
   quota was lowered, or concurrent upserts passed it), though README says a replacement does not
   count.
@@ -33,7 +37,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from switchboard.v1 import chat_pb2, chat_pb2_grpc, knowledge_pb2
+from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2, knowledge_pb2
 
 from schemas import hotview as hv
 from services.ingress import _validation as v
@@ -42,6 +46,7 @@ from services.ingress._knowledge import KnowledgeService
 from services.ingress._live import LiveHub
 from services.ingress._producer import EventProducer
 from services.ingress._writes import ConversationWrites
+from services.kafka_topics import ensure_topics
 from services.settings import Settings
 from tests.conftest import System, eventually
 from tests.integration.test_ingress_guarantees import message, start
@@ -314,4 +319,48 @@ async def test_replacing_a_document_is_not_refused_by_the_document_quota(local_s
             pytest.fail(f"a replacement was refused by the quota: {exc}")
     finally:
         await r.delete(hv.documents_key(tenant))
+        await r.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_start leaves a durable start's place as the reservation (score: now + 120 s) until "
+    "the sessions worker folds it; a worker 120 s behind lets the tenant pass its quota",
+)
+@pytest.mark.timeout(120)
+async def test_a_durable_start_keeps_its_place_among_the_open_conversations(
+    system: System, tenant: str
+) -> None:
+    """README (Quotas): "A reservation whose start never lands expires after 120 s." A start that
+    did land expires the same way while the sessions worker has not folded it: the worker is
+    stopped for `switchboard replay --target sessions` (it must be) or catching up. Here the
+    ingress writes to a topic no worker folds, which is the same as a worker that is behind:
+    the start is acknowledged, and its place is still an expiring reservation, so two minutes
+    later the tenant (quota 1) may start another, and another."""
+    s = system.settings.model_copy(
+        update={"conversation_topic": f"review-unfolded-{uuid.uuid4().hex[:8]}", "max_open_conversations": 1}
+    )
+    await ensure_topics(s)
+    r = aioredis.Redis.from_url(s.redis_url)
+    producer = EventProducer(s)
+    await producer.start()
+
+    async def read(t: str, c: str) -> chat_pb2.Conversation:
+        return chat_pb2.Conversation(tenant_id=t, conversation_id=c)
+
+    writes = ConversationWrites(s, producer, IngressHotView(r, s.idempotency_ttl_s), read)
+    try:
+        started = await writes.start_conversation(
+            chat_pb2.StartConversationRequest(
+                tenant_id=tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c"
+            )
+        )
+        score = await r.zscore(hv.open_conversations_key(tenant), started.conversation_id)
+        seconds, micros = await r.time()
+        now_ms = seconds * 1000 + micros // 1000
+        assert score is not None
+        assert score == 0, f"the acknowledged start's place expires in {(score - now_ms) / 1000:.0f} s"
+    finally:
+        await producer.stop()
+        await r.delete(hv.open_conversations_key(tenant))
         await r.aclose()
