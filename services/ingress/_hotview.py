@@ -24,7 +24,11 @@ if need > 0 and redis.call('HLEN', KEYS[1]) < need then
 end
 local previous = {}
 for i = 2, #KEYS do
-  previous[i - 1] = redis.call('SET', KEYS[i], ARGV[2], 'NX', 'GET', 'EX', ARGV[3])
+  local earlier = redis.call('SET', KEYS[i], ARGV[2], 'NX', 'GET', 'EX', ARGV[3])
+  if earlier == ARGV[2] then
+    earlier = false  -- this very attempt, run again (a retried pipeline): it is ours
+  end
+  previous[i - 1] = earlier
 end
 return previous
 """
@@ -60,6 +64,12 @@ for i = 2, #KEYS, 3 do
   end
   if shut >= 0 then
     local earlier = redis.call('GET', KEYS[i + 1])
+    if earlier == ARGV[2] then
+      -- This attempt claimed it before the hold and runs again (a retried pipeline): let go.
+      redis.call('DEL', KEYS[i + 1])
+      redis.call('ZREM', KEYS[i + 2], ARGV[2] .. KEYS[i + 1])
+      earlier = false
+    end
     if earlier then
       previous[#previous + 1] = earlier
     else
@@ -67,6 +77,9 @@ for i = 2, #KEYS, 3 do
     end
   else
     local earlier = redis.call('SET', KEYS[i + 1], ARGV[2], 'NX', 'GET', 'EX', ARGV[3])
+    if earlier == ARGV[2] then
+      earlier = false  -- this very attempt, run again (a retried pipeline): it is ours
+    end
     if not earlier then
       redis.call('ZADD', KEYS[i + 2], now + ttl_ms, ARGV[2] .. KEYS[i + 1])
       redis.call('PEXPIRE', KEYS[i + 2], ttl_ms)
@@ -375,6 +388,11 @@ class IngressHotView:
             keys=[hv.open_conversations_key(tenant_id)], args=[quota, conversation_id, CLAIM_TTL_S * 1000]
         )
         return bool(granted), int(count)
+
+    async def confirm_open(self, tenant_id: str, conversation_id: str) -> None:
+        """The start is durable: its reservation no longer expires (XX: a close folded since,
+        which removed it, is not undone)."""
+        await self._redis.zadd(hv.open_conversations_key(tenant_id), {conversation_id: 0}, xx=True)
 
     async def release_open(self, tenant_id: str, conversation_id: str) -> None:
         """A reserved start that did not happen."""

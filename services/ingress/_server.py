@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from switchboard.v1 import agent_pb2, chat_pb2, knowledge_pb2
 
 from services.auth import IngressAuth, preflight
@@ -391,7 +392,12 @@ class IngressServer:
 
     def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
-        self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=512)
+        # Pipelines too retry a dropped connection (redis-py retries only single commands by
+        # default): after a Redis restart every pooled connection fails once. Safe: settlements
+        # and touches are idempotent, and a claim script run again sees its own marker as its.
+        self.redis = aioredis.Redis.from_url(
+            settings.redis_url, max_connections=512, retry_on_error=[RedisConnectionError]
+        )
         # Live streams share a few blocking connections of their own (services/ingress/_live.py);
         # this pool serves their short reads and wake-ups.
         self.live_redis = live_pool(settings.redis_url, 64)
@@ -408,7 +414,8 @@ class IngressServer:
         # API keys and tenants (services/auth): checked per call by its interceptor.
         self.auth = IngressAuth(settings)
         self.server = grpc.aio.server(
-            maximum_concurrent_rpcs=max(1000, settings.max_inflight_produce * 4),
+            # Writes in flight (bounded by the producer) plus every live stream it may hold.
+            maximum_concurrent_rpcs=max(1000, settings.max_inflight_produce * 4) + settings.max_live_streams,
             interceptors=[metrics.MetricsInterceptor(), self.auth.interceptor],
             options=[
                 # Room above the batch limit, so an oversized batch gets our INVALID_ARGUMENT.

@@ -673,6 +673,11 @@ class ConversationWrites:
                 return
             # Durable in the log, so it exists: its first messages need no lookup.
             self._remember((req.tenant_id, conversation_id), closed=False)
+            if reserved:
+                # Its place is for good now (the worker's fold says so too, but it may lag past
+                # the reservation's expiry: a replay, a stopped worker).
+                with contextlib.suppress(Exception):
+                    await self._hot.confirm_open(req.tenant_id, conversation_id)
             try:
                 await self._hot.register(
                     req.tenant_id,
@@ -738,8 +743,7 @@ class ConversationWrites:
                 await self._wait_in_flight(req.tenant_id, req.conversation_id, held.marker)
             except BaseException:
                 # The hold first: once the claim is dropped another close may claim and hold.
-                with contextlib.suppress(Exception):
-                    await self._hot.release_close(*conversation, held.marker)
+                await self._release_hold(conversation, held.marker)
                 await self._settle([(held, None)])
                 raise
             event = new_event(
@@ -763,9 +767,8 @@ class ConversationWrites:
                             f"marking {req.conversation_id!r} closed",
                         )
                     else:
-                        # Not in the log: sends may go on (the hold would expire anyway).
-                        with contextlib.suppress(Exception):
-                            await self._hot.release_close(*conversation, held.marker)
+                        # Not in the log: sends may go on.
+                        await self._release_hold(conversation, held.marker)
                 finally:
                     self._gate.reopen(conversation)
 
@@ -774,6 +777,21 @@ class ConversationWrites:
         finally:
             if reopen:
                 self._gate.reopen(conversation)
+
+    async def _release_hold(self, conversation: Conversation, owner: bytes) -> None:
+        """Let sends of the conversation go on after a close that did not happen; if Redis is
+        away, keep trying in the background (only this attempt's own hold is ever removed), so a
+        blip does not refuse the conversation's sends until the hold expires."""
+        try:
+            await self._hot.release_close(*conversation, owner)
+        except Exception as exc:
+            log.warning("releasing the close hold of %r failed (%r); retrying", conversation[1], exc)
+            self._background(
+                _retrying(
+                    lambda: self._hot.release_close(*conversation, owner),
+                    f"releasing the close hold of {conversation[1]!r}",
+                )
+            )
 
     async def _wait_in_flight(self, tenant_id: str, conversation_id: str, owner: bytes) -> None:
         """Hold the conversation for its close and wait until no other ingress process has a

@@ -1,6 +1,5 @@
 """Findings of benchmarks/rebuild.py (issue 9 §6: the hot view after Redis loses everything), as
-tests on the session's system. Each reproduces a finding and is marked xfail(strict) until it is
-fixed (the fix removes the mark)."""
+tests on the session's system. Each failed before its fix."""
 
 from __future__ import annotations
 
@@ -49,12 +48,6 @@ async def send_round(
     return [r for part in parts for r in part]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the write path's Redis pipelines do not retry a ConnectionError (redis-py asyncio "
-    "pipelines retry only errors in the client's retry_on_error): each one that draws a pooled "
-    "connection to the old server is refused UNAVAILABLE",
-)
 @pytest.mark.timeout(180)
 async def test_writes_once_redis_is_back_are_not_refused_for_the_connections_it_dropped(
     system: System, tenant: str

@@ -1,6 +1,5 @@
 """Hostile review of 7b7fb1a (close waits across processes), db82682 (quotas) and 8eb07ab (LiveHub),
-on real Redis. Each test reproduced a finding (failing before its fix); one still open is marked
-xfail(strict) until it is fixed.
+on real Redis. Each test reproduced a finding (failing before its fix).
 
 - LiveHub: a call that joins (or a paused call that resumes) while its reader's XREAD is returning
   data is given that reply's entries past its own cursor, though the read started from the other
@@ -191,11 +190,6 @@ async def test_a_close_that_gave_up_does_not_release_another_processes_close(loc
         await r.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_close releases its hold once, errors suppressed: a hold whose release failed refuses "
-    "the conversation's sends in every process for 120 s with no close under way",
-)
 @pytest.mark.timeout(120)
 async def test_a_close_cut_by_a_redis_blip_does_not_refuse_sends_for_the_holds_lifetime(
     system: System, stub: chat_pb2_grpc.ChatServiceStub, tenant: str
@@ -322,11 +316,6 @@ async def test_replacing_a_document_is_not_refused_by_the_document_quota(local_s
         await r.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_start leaves a durable start's place as the reservation (score: now + 120 s) until "
-    "the sessions worker folds it; a worker 120 s behind lets the tenant pass its quota",
-)
 @pytest.mark.timeout(120)
 async def test_a_durable_start_keeps_its_place_among_the_open_conversations(
     system: System, tenant: str
