@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     tenants: str = ""
     # Concurrent StreamConversation calls per ingress process (each holds a Redis connection of
     # its own pool, apart from the write path's); past it: RESOURCE_EXHAUSTED.
-    max_live_streams: int = Field(default=2000, ge=1)
+    max_live_streams: int = Field(default=20000, ge=1)
     # StreamConversation calls that share one blocking Redis connection (services/ingress/_live.py).
     live_streams_per_reader: int = Field(default=256, ge=1, le=4096)
     # How long a client_message_id is remembered for deduplication.
