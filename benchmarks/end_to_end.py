@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc
-from ingest import BenchSystem, log, machine, start_processes
+from ingest import BenchSystem, log, machine, report_after, start_processes
 from switchboard.v1 import chat_pb2, chat_pb2_grpc
 
 from services.analytics._process import endpoint_client
@@ -176,16 +176,13 @@ async def run(system: BenchSystem, rate: float, seconds: float) -> str:
 
 async def main_async(rate: float, seconds: float, port_offset: int) -> int:
     system = BenchSystem(False, port_offset)
-    text = ""
-    try:
+
+    async def body() -> str:
         await system.up()
         await start_processes(system)
-        text = await run(system, rate, seconds)
-    finally:
-        log("tearing down")
-        await system.down()
-    print(text, flush=True)
-    return 0
+        return await run(system, rate, seconds)
+
+    return await report_after(system, body())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

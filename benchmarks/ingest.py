@@ -1396,6 +1396,33 @@ async def start_processes(system: BenchSystem) -> bool:
     return analytics_ok
 
 
+async def start_sessions_and_ingress(system: BenchSystem) -> None:
+    """The stack, then the sessions worker and the ingress (what a write-path benchmark needs)."""
+    await system.up()
+    for name in ("sessions", "ingress"):
+        system.children[name].start()
+    await wait_for_ingress(system.settings, system.children["ingress"])
+
+
+async def report_after(system: BenchSystem, body: Coroutine[Any, Any, str]) -> int:
+    """Run a benchmark's body, tear this run's stack and processes down whatever happens (with
+    the warnings of their logs), then print the body's report."""
+    text = ""
+    try:
+        text = await body
+    except Exception as exc:
+        log(f"benchmark failed: {exc!r}")
+        raise
+    finally:
+        excerpts = system.log_excerpts()
+        if excerpts:
+            log("warnings and errors in the process logs:\n" + excerpts)
+        log("tearing down")
+        await system.down()
+    print(text, flush=True)
+    return 0
+
+
 async def bench(plan: Plan, system: BenchSystem) -> str:
     settings = system.settings
     machine_before = machine()
@@ -1513,20 +1540,7 @@ async def main_async(plan: Plan, keep_data: bool, port_offset: int) -> int:
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     system = BenchSystem(keep_data, port_offset)
-    report = ""
-    try:
-        report = await bench(plan, system)
-    except Exception as exc:
-        log(f"benchmark failed: {exc!r}")
-        raise
-    finally:
-        excerpts = system.log_excerpts()
-        if excerpts:
-            log("warnings and errors in the process logs:\n" + excerpts)
-        log("tearing down")
-        await system.down()
-    print(report, flush=True)
-    return 0
+    return await report_after(system, bench(plan, system))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

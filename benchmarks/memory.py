@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpc
 import psutil
 import redis.asyncio as aioredis
-from ingest import TEXTS, BenchSystem, log, machine
+from ingest import TEXTS, BenchSystem, log, machine, report_after, start_sessions_and_ingress
 from switchboard.v1 import chat_pb2, chat_pb2_grpc
 
 from schemas import hotview as hv
-from services.processes import switchboard_children, wait_for_ingress
+from services.processes import switchboard_children
 
 CHANNELS = 8
 
@@ -278,18 +278,12 @@ async def main_async(n_conv: int, n_msg: int, n_streams: int, port_offset: int) 
         }
     )
     system.children = switchboard_children(system.settings, system.env)
-    text = ""
-    try:
-        await system.up()
-        for name in ("sessions", "ingress"):
-            system.children[name].start()
-        await wait_for_ingress(system.settings, system.children["ingress"])
-        text = await run(system, n_conv, n_msg, n_streams)
-    finally:
-        log("tearing down")
-        await system.down()
-    print(text, flush=True)
-    return 0
+
+    async def body() -> str:
+        await start_sessions_and_ingress(system)
+        return await run(system, n_conv, n_msg, n_streams)
+
+    return await report_after(system, body())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

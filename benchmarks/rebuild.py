@@ -45,7 +45,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc
 import redis.asyncio as aioredis
-from ingest import TEXTS, BenchSystem, CpuMeter, LogWatch, log, machine
+from ingest import (
+    TEXTS,
+    BenchSystem,
+    CpuMeter,
+    LogWatch,
+    log,
+    machine,
+    report_after,
+    start_sessions_and_ingress,
+)
 from memory import start_all
 from redis.exceptions import RedisError
 from switchboard.v1 import chat_pb2, chat_pb2_grpc
@@ -53,7 +62,6 @@ from switchboard.v1 import chat_pb2, chat_pb2_grpc
 from schemas import hotview as hv
 from services import stack
 from services.ingress._producer import RETRY_AFTER_KEY
-from services.processes import wait_for_ingress
 from services.stack._layout import Layout
 
 CHANNELS = 8
@@ -577,18 +585,12 @@ async def main_async(
     n_conv: int, n_msg: int, n_sample: int, scenarios: Sequence[str], port_offset: int, keep_data: bool
 ) -> int:
     system = BenchSystem(keep_data, port_offset)
-    text = ""
-    try:
-        await system.up()
-        for name in ("sessions", "ingress"):
-            system.children[name].start()
-        await wait_for_ingress(system.settings, system.children["ingress"])
-        text = await run(system, n_conv, n_msg, n_sample, scenarios)
-    finally:
-        log("tearing down")
-        await system.down()
-    print(text, flush=True)
-    return 0
+
+    async def body() -> str:
+        await start_sessions_and_ingress(system)
+        return await run(system, n_conv, n_msg, n_sample, scenarios)
+
+    return await report_after(system, body())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
