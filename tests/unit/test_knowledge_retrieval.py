@@ -109,3 +109,29 @@ def test_independent_telecom_set_quality_floor(encoder):
     out_of_scope = [q for q in questions if q.document_id is None]
     answered = sum(any(h.relevant for h in index.search(q.text, 3)) for q in out_of_scope)
     assert answered / len(out_of_scope) <= 0.15
+
+
+def test_a_cross_language_top_hit_gives_way_to_its_translation(demo_index: KnowledgeIndex) -> None:
+    """Both versions of a translated article answer equally well: the customer gets the one in
+    their language (before, this English question was answered from the Chinese twin)."""
+    matrix = demo_index._vectors()
+    assert matrix is not None
+    assert matrix.translation_of("en-shipping-times") == "zh-shipping-times"
+    assert matrix.translation_of("zh-shipping-times") == "en-shipping-times"
+    assert matrix.translation_of("zh-member-points") is None  # only in Chinese
+    hits = demo_index.search("how fast is overnight delivery to chicago", 3)
+    assert hits[0].document_id == "en-shipping-times"
+
+
+def test_an_article_whose_twin_is_gone_has_no_translation(encoder: SentenceEncoder) -> None:
+    index = KnowledgeIndex(encoder)
+    index.upsert_many(d for d in load_demo_documents() if d.document_id != "zh-shipping-times")
+    matrix = index._vectors()
+    assert matrix is not None
+    assert matrix.translation_of("en-shipping-times") is None
+    # Nor does any other article get mistaken for a translation of its neighbour.
+    assert matrix.translation_of("zh-order-status") == "en-order-status"
+    assert all(
+        matrix.translation_of(d) in (None, "zh-" + d[3:] if d.startswith("en-") else "en-" + d[3:])
+        for d in matrix.document_ids
+    )
