@@ -52,15 +52,21 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl_ms = tonumber(ARGV[3]) * 1000
 local previous = {}
+local shut_of = {}  -- a batch's messages of one conversation read its hash once
+local expiring = {}  -- and set its in-flight set's expiry once
 for i = 2, #KEYS, 3 do
-  local shut = -1
-  if redis.call('HEXISTS', KEYS[i], ARGV[4]) == 1 then
-    shut = 0
-  else
-    local holding = redis.call('HGET', KEYS[i], ARGV[5])
-    if holding and tonumber(string.match(holding, '^%d+') or '0') > now then
-      shut = 1
+  local shut = shut_of[KEYS[i]]
+  if shut == nil then
+    shut = -1
+    if redis.call('HEXISTS', KEYS[i], ARGV[4]) == 1 then
+      shut = 0
+    else
+      local holding = redis.call('HGET', KEYS[i], ARGV[5])
+      if holding and tonumber(string.match(holding, '^%d+') or '0') > now then
+        shut = 1
+      end
     end
+    shut_of[KEYS[i]] = shut
   end
   if shut >= 0 then
     local earlier = redis.call('GET', KEYS[i + 1])
@@ -82,7 +88,10 @@ for i = 2, #KEYS, 3 do
     end
     if not earlier then
       redis.call('ZADD', KEYS[i + 2], now + ttl_ms, ARGV[2] .. KEYS[i + 1])
-      redis.call('PEXPIRE', KEYS[i + 2], ttl_ms)
+      if not expiring[KEYS[i + 2]] then
+        redis.call('PEXPIRE', KEYS[i + 2], ttl_ms)
+        expiring[KEYS[i + 2]] = true
+      end
     end
     previous[#previous + 1] = earlier
   end
@@ -509,6 +518,12 @@ class IngressHotView:
         is in the log: that is the answer for the id)."""
         if not outcomes:
             return
+        # Settled either way: a close waiting for the conversation may go on. One ZREM per
+        # conversation (a batch's messages of one conversation settle together), after the acks.
+        settled: dict[str, list[bytes]] = {}
+        for held, _ in outcomes:
+            if held.in_flight:
+                settled.setdefault(held.in_flight_key, []).append(held.in_flight_member)
 
         def queue(pipe: Any) -> None:
             for held, ack in outcomes:
@@ -521,11 +536,10 @@ class IngressHotView:
                     pipe.execute_command(
                         "SET", key, hv.encode_claim(ack.event_id, ack.partition, ack.offset), "EX", self._ttl
                     )
-                if held.in_flight:
-                    # Settled either way: a close waiting for the conversation may go on.
-                    pipe.execute_command("ZREM", held.in_flight_key, held.in_flight_member)
+            for key, members in settled.items():
+                pipe.execute_command("ZREM", key, *members)
 
-        _raise_any(await self._tick.run(queue, len(outcomes) + sum(h.in_flight for h, _ in outcomes)))
+        _raise_any(await self._tick.run(queue, len(outcomes) + len(settled)))
 
     async def recent_entries(
         self, tenant_id: str, conversation_id: str, count: int
