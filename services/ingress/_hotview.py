@@ -158,13 +158,27 @@ return redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 """
 
 
-# Drop a failed attempt's claim only if the key still holds that attempt's own pending marker: a
-# delete retried late (Redis was away) must not remove a later attempt's claim or recorded ack.
-_DELETE_IF_MINE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+# Settle a batch of claims in one call (a command per message cost more in redis-py than the
+# work itself). KEYS: the n claim keys, then each claim's in-flight set. ARGV: the ack TTL, n, then
+# per claim its ack value (empty: the write failed), its attempt's marker, and "1" if it is in its
+# in-flight set. An ack is recorded whatever the key holds (the record is in the log: that is the
+# answer for the id); a failed attempt's claim is dropped only while it holds that attempt's own
+# marker (a late drop must not remove a later attempt's claim or recorded ack).
+_SETTLE = """
+local ttl = ARGV[1]
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  local value, marker = ARGV[3 * i], ARGV[3 * i + 1]
+  if value ~= '' then
+    redis.call('SET', KEYS[i], value, 'EX', ttl)
+  elseif redis.call('GET', KEYS[i]) == marker then
+    redis.call('DEL', KEYS[i])
+  end
+  if ARGV[3 * i + 2] == '1' then
+    redis.call('ZREM', KEYS[n + i], marker .. KEYS[i])
+  end
 end
-return 0
+return n
 """
 
 
@@ -339,6 +353,7 @@ class IngressHotView:
         self._claim_open_if_ready = redis.register_script(_CLAIM_OPEN_IF_READY)
         self._hold_for_close = redis.register_script(_HOLD_FOR_CLOSE)
         self._reserve_open = redis.register_script(_RESERVE_OPEN)
+        self._settle_script = redis.register_script(_SETTLE)
         self._touch_in_flight = redis.register_script(_TOUCH_IN_FLIGHT)
         self._tick = TickPipeline(redis)
         # Starts every claim marker of this instance (one per ingress process): a close tells its
@@ -512,34 +527,32 @@ class IngressHotView:
         _raise_any(await self._tick.run(queue, count))
 
     async def settle_many(self, outcomes: Sequence[tuple[HeldClaim, Ack | None]]) -> None:
-        """Record acks (a retry then gets the first ack) and drop claims whose write failed; in the
-        round trip of whatever else this tick sends. A claim is dropped only while it still holds
-        the attempt's own pending marker; an ack is recorded whatever the key holds (the record
-        is in the log: that is the answer for the id)."""
+        """Record acks (a retry then gets the first ack) and drop claims whose write failed, and
+        take each out of its conversation's in-flight set (a close waiting for it may go on); one
+        script call in the round trip of whatever else this tick sends (see `_SETTLE`)."""
         if not outcomes:
             return
-        # Settled either way: a close waiting for the conversation may go on. One ZREM per
-        # conversation (a batch's messages of one conversation settle together), after the acks.
-        settled: dict[str, list[bytes]] = {}
-        for held, _ in outcomes:
-            if held.in_flight:
-                settled.setdefault(held.in_flight_key, []).append(held.in_flight_member)
-
-        def queue(pipe: Any) -> None:
-            for held, ack in outcomes:
-                key = held.redis_key
-                # execute_command: redis-py's keyword handling of set() cost ~8% of a batch's CPU.
-                if ack is None:
-                    # EVAL, not EVALSHA: drops are rare (failures), and this needs no script load.
-                    pipe.execute_command("EVAL", _DELETE_IF_MINE, 1, key, held.marker)
-                else:
-                    pipe.execute_command(
-                        "SET", key, hv.encode_claim(ack.event_id, ack.partition, ack.offset), "EX", self._ttl
-                    )
-            for key, members in settled.items():
-                pipe.execute_command("ZREM", key, *members)
-
-        _raise_any(await self._tick.run(queue, len(outcomes) + len(settled)))
+        keys: list[str] = []
+        in_flight: list[str] = []
+        args: list[Any] = [self._ttl, len(outcomes)]
+        for held, ack in outcomes:
+            keys.append(held.redis_key)
+            in_flight.append(held.in_flight_key)
+            args += (
+                hv.encode_claim(ack.event_id, ack.partition, ack.offset) if ack is not None else "",
+                held.marker,
+                "1" if held.in_flight else "0",
+            )
+        keys += in_flight
+        script = self._settle_script
+        (reply,) = await self._tick.run(
+            lambda pipe: pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args), 1
+        )
+        if isinstance(reply, NoScriptError):
+            # First use on this Redis (or it restarted): load it, once, outside the tick pipeline.
+            reply = await script(keys=keys, args=args)
+        if isinstance(reply, Exception):
+            raise reply
 
     async def recent_entries(
         self, tenant_id: str, conversation_id: str, count: int
