@@ -130,6 +130,22 @@ TEXTS = (
 )
 
 
+def requests_for(
+    tenant: str, conversations: Sequence[str], messages: int
+) -> list[chat_pb2.SendMessageRequest]:
+    """`messages` rounds of one message to each conversation (Chinese and English texts)."""
+    return [
+        chat_pb2.SendMessageRequest(
+            tenant_id=tenant,
+            conversation_id=c,
+            client_message_id=f"m{n}-{i}",
+            text=TEXTS[(i + n) % len(TEXTS)].format(n=i * 100 + n),
+        )
+        for n in range(messages)
+        for i, c in enumerate(conversations)
+    ]
+
+
 # clickhouse_connect logs every refused connection while analytics starts; the polls expect those.
 logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpc
 import psutil
 import redis.asyncio as aioredis
-from ingest import TEXTS, BenchSystem, log, machine, report_after, start_sessions_and_ingress
+from ingest import BenchSystem, log, machine, report_after, requests_for, start_sessions_and_ingress
 from switchboard.v1 import chat_pb2, chat_pb2_grpc
 
 from schemas import hotview as hv
@@ -92,16 +92,7 @@ async def start_all(stub: chat_pb2_grpc.ChatServiceStub, tenant: str, count: int
 async def send_all(
     stubs: Sequence[chat_pb2_grpc.ChatServiceStub], tenant: str, conversations: list[str], messages: int
 ) -> int:
-    requests = [
-        chat_pb2.SendMessageRequest(
-            tenant_id=tenant,
-            conversation_id=c,
-            client_message_id=f"m{n}-{i}",
-            text=TEXTS[(i + n) % len(TEXTS)].format(n=i * 100 + n),
-        )
-        for n in range(messages)
-        for i, c in enumerate(conversations)
-    ]
+    requests = requests_for(tenant, conversations, messages)
     sem = asyncio.Semaphore(3)  # 1,500 messages in flight: under the ingress's in-flight bound
     acked = 0
 

@@ -46,13 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpc
 import redis.asyncio as aioredis
 from ingest import (
-    TEXTS,
     BenchSystem,
     CpuMeter,
     LogWatch,
     log,
     machine,
     report_after,
+    requests_for,
     start_sessions_and_ingress,
 )
 from memory import start_all
@@ -80,21 +80,6 @@ SCENARIOS = ("flushall", "restart-empty")
 CPU_NAMES = ("sessions", "redis", "kafka", "ingress", "bench", "others")
 
 Ack = tuple[str, int, int]  # event id, partition, offset
-
-
-def requests_for(
-    tenant: str, conversations: Sequence[str], messages: int
-) -> list[chat_pb2.SendMessageRequest]:
-    return [
-        chat_pb2.SendMessageRequest(
-            tenant_id=tenant,
-            conversation_id=c,
-            client_message_id=f"m{n}-{i}",
-            text=TEXTS[(i + n) % len(TEXTS)].format(n=i * 100 + n),
-        )
-        for n in range(messages)
-        for i, c in enumerate(conversations)
-    ]
 
 
 async def send_batches(
