@@ -471,14 +471,7 @@ class IngressHotView:
             script = self._claim_if_ready
             redis_keys = [hv.READY_KEY, *(hv.idempotency_key(t, c, m) for t, c, m in keys)]
             args = [partitions, marker, CLAIM_TTL_S]
-        (reply,) = await self._tick.run(
-            lambda pipe: pipe.execute_command("EVALSHA", script.sha, len(redis_keys), *redis_keys, *args), 1
-        )
-        if isinstance(reply, NoScriptError):
-            # First use on this Redis (or it restarted): load it, once, outside the tick pipeline.
-            reply = await script(keys=redis_keys, args=args)
-        if isinstance(reply, Exception):
-            raise reply
+        reply = await self._in_tick(script, redis_keys, args)
         if reply == -1:
             raise rebuilding()
         claims = []
@@ -492,6 +485,18 @@ class IngressHotView:
             else:
                 claims.append(Claim(claimed=False, earlier=_parse_ack(previous)))
         return claims
+
+    async def _in_tick(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """A script's reply, its call sent in this tick's pipeline (EVALSHA; loaded on first use)."""
+        (reply,) = await self._tick.run(
+            lambda pipe: pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args), 1
+        )
+        if isinstance(reply, NoScriptError):
+            # First use on this Redis (or it restarted): load it, once, outside the tick pipeline.
+            reply = await script(keys=keys, args=args)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     async def touch_claims(self, keys: Sequence[HeldClaim]) -> None:
         """Extend claims whose write is still in flight (they expire only if this process dies)."""
@@ -544,15 +549,7 @@ class IngressHotView:
                 "1" if held.in_flight else "0",
             )
         keys += in_flight
-        script = self._settle_script
-        (reply,) = await self._tick.run(
-            lambda pipe: pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args), 1
-        )
-        if isinstance(reply, NoScriptError):
-            # First use on this Redis (or it restarted): load it, once, outside the tick pipeline.
-            reply = await script(keys=keys, args=args)
-        if isinstance(reply, Exception):
-            raise reply
+        await self._in_tick(self._settle_script, keys, args)
 
     async def recent_entries(
         self, tenant_id: str, conversation_id: str, count: int
