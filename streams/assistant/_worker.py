@@ -31,6 +31,7 @@ import grpc
 import numpy as np
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from redis.exceptions import RedisError
 from switchboard.v1 import chat_pb2, events_pb2, knowledge_pb2, knowledge_pb2_grpc
 
 from schemas import hotview as hv
@@ -513,7 +514,7 @@ class KnowledgeFollower:
 
     async def _apply(self, values: list[bytes], tp: TopicPartition) -> None:
         upserts: dict[str, list[Document]] = {}
-        pipe = self._redis.pipeline(transaction=False)
+        writes: list[tuple[str, str, bytes | None]] = []  # (hash, document id, stored or None: delete)
         for value in values:
             record = knowledge_pb2.KnowledgeEvent()
             try:
@@ -522,12 +523,12 @@ class KnowledgeFollower:
                 if kind == "document_upserted":
                     document, stored = stored_document(record)
                     upserts.setdefault(record.tenant_id, []).append(document)
-                    pipe.hset(hv.documents_key(record.tenant_id), document.document_id, stored)
+                    writes.append((hv.documents_key(record.tenant_id), document.document_id, stored))
                 elif kind == "document_deleted":
                     for tenant, docs in list(upserts.items()):
                         upserts[tenant] = [d for d in docs if d.document_id != record.document_deleted]
                     self._knowledge.delete(record.tenant_id, record.document_deleted)
-                    pipe.hdel(hv.documents_key(record.tenant_id), record.document_deleted)
+                    writes.append((hv.documents_key(record.tenant_id), record.document_deleted, None))
             except Exception as exc:
                 log.error("knowledge record on %s skipped: %r", tp, exc)
                 continue
@@ -535,7 +536,29 @@ class KnowledgeFollower:
         loop = asyncio.get_running_loop()
         for tenant, docs in upserts.items():
             await loop.run_in_executor(self._models, self._knowledge.upsert, tenant, docs)
-        await pipe.execute()
+        await self._write(writes)
+
+    async def _write(self, writes: list[tuple[str, str, bytes | None]]) -> None:
+        """The documents hash, retried until Redis takes it: a Redis restart or outage must not
+        end the follower (it did: the first write on a dead connection raised out of `run`, and no
+        tenant's knowledge was indexed again until the assistant restarted)."""
+        delay = 0.1
+        while True:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for key, document_id, stored in writes:
+                        if stored is None:
+                            pipe.hdel(key, document_id)
+                        else:
+                            pipe.hset(key, document_id, stored)
+                    await pipe.execute()
+                return
+            except (RedisError, OSError) as exc:
+                log.warning(
+                    "knowledge: writing %d documents to Redis failed (%r); retrying", len(writes), exc
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
 
 class SearchServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
