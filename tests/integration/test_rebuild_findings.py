@@ -14,6 +14,7 @@ from switchboard.v1 import chat_pb2, chat_pb2_grpc
 
 from schemas import hotview as hv
 from services import stack
+from services.settings import Settings
 from tests.conftest import System, eventually, start_conversation
 
 pytestmark = pytest.mark.integration
@@ -49,6 +50,19 @@ async def send_round(
     return [r for part in parts for r in part]
 
 
+async def restart_redis(settings: Settings, redis: aioredis.Redis) -> None:
+    """Stop Redis cleanly (it keeps its data) and start it again; returns once it answers with
+    every partition of the hot view ready."""
+    await stack.stop_component(settings, "redis")
+    await stack.start_component(settings, "redis")
+    await eventually(
+        lambda: redis.hlen(hv.READY_KEY),
+        lambda n: n >= settings.topic_partitions,
+        within_s=60,
+        what="Redis back with every partition ready",
+    )
+
+
 @pytest.mark.timeout(180)
 async def test_writes_once_redis_is_back_are_not_refused_for_the_connections_it_dropped(
     system: System, tenant: str
@@ -74,14 +88,7 @@ async def test_writes_once_redis_is_back_are_not_refused_for_the_connections_it_
         before = await send_round(stubs, tenant, conversations, "before")
         assert [r.error_message for r in before if r.error_code] == []
 
-        await stack.stop_component(settings, "redis")
-        await stack.start_component(settings, "redis")
-        await eventually(
-            lambda: redis.hlen(hv.READY_KEY),
-            lambda n: n >= settings.topic_partitions,
-            within_s=60,
-            what="Redis back with every partition ready",
-        )
+        await restart_redis(settings, redis)
 
         after = await send_round(stubs, tenant, conversations, f"after-{uuid.uuid4().hex[:6]}")
         # The ingress's other stale connections are used up before the next test runs (it would
@@ -134,14 +141,7 @@ async def test_the_assistant_keeps_indexing_knowledge_after_redis_restarts(
 
             await upsert("before")
             await eventually(lambda: redis.hkeys(key), lambda ks: b"before" in ks, what="indexed before")
-            await stack.stop_component(settings, "redis")
-            await stack.start_component(settings, "redis")
-            await eventually(
-                lambda: redis.hlen(hv.READY_KEY),
-                lambda n: n >= settings.topic_partitions,
-                within_s=60,
-                what="Redis back with every partition ready",
-            )
+            await restart_redis(settings, redis)
             await upsert("after")
             keys = await eventually(
                 lambda: redis.hkeys(key), lambda ks: b"after" in ks, what="indexed after the restart"
