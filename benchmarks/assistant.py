@@ -49,7 +49,7 @@ import grpc
 import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from ingest import BenchSystem, log, machine, raw_producer, send_event
+from ingest import BenchSystem, log, machine, raw_producer, report_after, send_event
 from switchboard.v1 import (
     chat_pb2,
     chat_pb2_grpc,
@@ -718,17 +718,7 @@ async def main_async(plan: Plan, keep_data: bool, port_offset: int, profile: Pat
     system.env["SWITCHBOARD_ASSISTANT_LISTEN"] = f"127.0.0.1:{ASSISTANT_PORT + port_offset}"
     system.env.setdefault("SWITCHBOARD_MODELS_DIR", str(MODELS_DIR))
     _refresh(system)
-    text = ""
-    try:
-        text = await bench(plan, system, profile)
-    finally:
-        excerpts = system.log_excerpts()
-        if excerpts:
-            log("warnings and errors in the process logs:\n" + excerpts)
-        log("tearing down")
-        await system.down()
-    print(text, flush=True)
-    return 0
+    return await report_after(system, bench(plan, system, profile))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

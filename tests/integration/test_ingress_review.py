@@ -34,6 +34,12 @@ from tests.integration.test_ingress_guarantees import client, ingress, message, 
 pytestmark = pytest.mark.integration
 
 
+async def stub_read(tenant_id: str, conversation_id: str) -> chat_pb2.Conversation:
+    """What ConversationWrites reads back after a start or a close; these tests look at Redis
+    and the log instead."""
+    return chat_pb2.Conversation(tenant_id=tenant_id, conversation_id=conversation_id)
+
+
 @pytest.mark.timeout(180)
 async def test_a_message_claimed_before_a_close_is_refused_not_written_after_it(
     system: System, stub: chat_pb2_grpc.ChatServiceStub, tenant: str
@@ -46,10 +52,7 @@ async def test_a_message_claimed_before_a_close_is_refused_not_written_after_it(
     await producer.start()
     hot = IngressHotView(redis, s.idempotency_ttl_s)
 
-    async def read(t: str, c: str) -> chat_pb2.Conversation:
-        return chat_pb2.Conversation(tenant_id=t, conversation_id=c)
-
-    writes = ConversationWrites(s, producer, hot, read)
+    writes = ConversationWrites(s, producer, hot, stub_read)
     # The stream's previous batch is slow to hand to the producer (as with a full Kafka buffer).
     release = asyncio.Event()
     real_enqueue = producer.enqueue
@@ -107,10 +110,9 @@ async def test_a_message_racing_a_close_in_another_process_is_before_the_close_o
     for p in producers:
         await p.start()
 
-    async def read(t: str, c: str) -> chat_pb2.Conversation:
-        return chat_pb2.Conversation(tenant_id=t, conversation_id=c)
-
-    a, b = (ConversationWrites(s, p, IngressHotView(redis, s.idempotency_ttl_s), read) for p in producers)
+    a, b = (
+        ConversationWrites(s, p, IngressHotView(redis, s.idempotency_ttl_s), stub_read) for p in producers
+    )
     # Process A claimed the message and is slow to hand it to its producer (a full buffer).
     release = asyncio.Event()
     real_enqueue = producers[0].enqueue
@@ -181,10 +183,7 @@ async def test_a_close_waiting_on_a_dead_process_gives_up_and_lets_sends_go_on(
     producer = EventProducer(s)
     await producer.start()
 
-    async def read(t: str, c: str) -> chat_pb2.Conversation:
-        return chat_pb2.Conversation(tenant_id=t, conversation_id=c)
-
-    writes = ConversationWrites(s, producer, IngressHotView(redis, s.idempotency_ttl_s), read)
+    writes = ConversationWrites(s, producer, IngressHotView(redis, s.idempotency_ttl_s), stub_read)
     inflight = hv.inflight_key(tenant, target)
     try:
         await redis.zadd(inflight, {b"pending:dead-process-marker": 2**50})

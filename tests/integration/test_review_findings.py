@@ -49,6 +49,7 @@ from services.kafka_topics import ensure_topics
 from services.settings import Settings
 from tests.conftest import System, eventually
 from tests.integration.test_ingress_guarantees import message, start
+from tests.integration.test_ingress_review import stub_read
 
 pytestmark = pytest.mark.integration
 
@@ -206,12 +207,9 @@ async def test_a_close_cut_by_a_redis_blip_does_not_refuse_sends_for_the_holds_l
     for p in producers:
         await p.start()
 
-    async def read(t: str, c: str) -> chat_pb2.Conversation:
-        return chat_pb2.Conversation(tenant_id=t, conversation_id=c)
-
     hot_a = IngressHotView(r, s.idempotency_ttl_s)
-    a = ConversationWrites(s, producers[0], hot_a, read)
-    b = ConversationWrites(s, producers[1], IngressHotView(r, s.idempotency_ttl_s), read)
+    a = ConversationWrites(s, producers[0], hot_a, stub_read)
+    b = ConversationWrites(s, producers[1], IngressHotView(r, s.idempotency_ttl_s), stub_read)
     real_hold, real_release = hot_a.hold_for_close, hot_a.release_close
     blips = {"hold": 1, "release": 1}
 
@@ -334,10 +332,7 @@ async def test_a_durable_start_keeps_its_place_among_the_open_conversations(
     producer = EventProducer(s)
     await producer.start()
 
-    async def read(t: str, c: str) -> chat_pb2.Conversation:
-        return chat_pb2.Conversation(tenant_id=t, conversation_id=c)
-
-    writes = ConversationWrites(s, producer, IngressHotView(r, s.idempotency_ttl_s), read)
+    writes = ConversationWrites(s, producer, IngressHotView(r, s.idempotency_ttl_s), stub_read)
     try:
         started = await writes.start_conversation(
             chat_pb2.StartConversationRequest(
