@@ -25,6 +25,7 @@ def topic_catalogue(
     replication_factor: int = 1,
     conversation_retention_ms: int = 30 * 24 * 3600 * 1000,
     tenants_topic: str = "tenants",
+    privacy_topic: str = "privacy-events",
 ) -> list[TopicSpec]:
     # acks=all is only as strong as the in-sync replicas it waits for: two where there are two.
     min_isr = str(min(2, replication_factor))
@@ -42,4 +43,7 @@ def topic_catalogue(
         # Tenants and API keys, compacted by entity: each record is the whole state of one
         # tenant or key. One partition: one total order, read whole by every ingress at start.
         TopicSpec(tenants_topic, 1, {"cleanup.policy": "compact", "min.insync.replicas": min_isr}),
+        # Data-subject erasures (CustomerErased events keyed by event id, so compaction keeps each):
+        # the registry every processor folds to skip erased customers' events still in the log.
+        TopicSpec(privacy_topic, 1, {"cleanup.policy": "compact", "min.insync.replicas": min_isr}),
     ]

@@ -66,6 +66,7 @@ def catalogue(settings: Settings) -> list[TopicSpec]:
         replication_factor=replication_factor(settings),
         conversation_retention_ms=settings.conversation_retention_ms,
         tenants_topic=settings.tenants_topic,
+        privacy_topic=settings.privacy_topic,
     )
 
 

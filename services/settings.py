@@ -166,6 +166,9 @@ class Settings(BaseSettings):
     # --- Security: API keys, tenants, TLS (services/auth) ----------------------------------------
     # Compacted topic of tenants and API keys; every ingress folds it (revocations apply at once).
     tenants_topic: str = "tenants"
+    # Erasure records (`switchboard tenant erase`), compacted by event id (each kept): every
+    # processor and replay folds it and skips the erased customers' events still in the log.
+    privacy_topic: str = "privacy-events"
     # Pepper of the API-key hashes: the same everywhere keys are issued or checked. Empty: a random
     # one is made in <data_dir>/secrets/auth-pepper (0600) on first use (fine for one host).
     auth_pepper: str = ""

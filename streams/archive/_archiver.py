@@ -34,8 +34,10 @@ from streams._consumer import (
     is_outage,
     run_until_signalled,
 )
-from streams.archive._segment import Manifest, build_segment
+from streams.archive._segment import Manifest
 from streams.archive._store import ArchiveStore
+from streams.privacy._archive import segment_for
+from streams.privacy.erasures import ErasureFollower
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,13 @@ def _record_bytes(r: Record) -> int:
 class ArchiverProcessor:
     name = "archiver"
 
-    def __init__(self, settings: Settings, store: ArchiveStore, topic: str) -> None:
+    def __init__(
+        self, settings: Settings, store: ArchiveStore, topic: str, erasures: ErasureFollower | None = None
+    ) -> None:
         self._settings = settings
+        # Erased customers' events still in Kafka are left out of new segments (their offsets stay
+        # inside the segment's range, without a record, so the chain has no gap).
+        self._erasures = erasures
         self._store = store
         self._topic = topic
         self._open: dict[int, _OpenSegment] = {}
@@ -181,14 +188,18 @@ class ArchiverProcessor:
             self._open.pop(partition, None)
             return
         last = self._next[partition] - 1
+        records = segment.records
+        if self._erasures is not None:
+            await self._erasures.start()
+            records = self._erasures.erasures.filter(records)
         stored, manifest = await asyncio.to_thread(
-            build_segment,
+            segment_for,
             self._store.prefix,
             self._topic,
             partition,
             segment.first_offset,
             last,
-            segment.records,
+            records,
             self._settings.archive_zstd_level,
         )
         await asyncio.to_thread(self._store.write_segment, stored, manifest)
@@ -226,7 +237,8 @@ def archiver_consumer(
     settings: Settings, store: ArchiveStore | None = None, topic: str | None = None
 ) -> tuple[BatchConsumer, ArchiverProcessor]:
     topic = topic or settings.conversation_topic
-    processor = ArchiverProcessor(settings, store or ArchiveStore(settings), topic)
+    erasures = ErasureFollower(settings) if topic == settings.conversation_topic else None
+    processor = ArchiverProcessor(settings, store or ArchiveStore(settings), topic, erasures)
     consumer = BatchConsumer(
         settings,
         processor,

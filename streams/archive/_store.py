@@ -100,6 +100,9 @@ class ArchiveStore:
 
         return self._call(f"GET {name}", fetch)
 
+    def remove(self, name: str) -> None:
+        self._call(f"DELETE {name}", lambda: self._client.remove_object(self.bucket, name))
+
     def names(self, prefix: str) -> Iterator[str]:
         objects = self._call(
             "LIST", lambda: list(self._client.list_objects(self.bucket, prefix=prefix, recursive=True))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from schemas.events import Event, EventDecodeError, LogPosition, decode_event
 from services.analytics._clickhouse import DATABASE
@@ -19,6 +19,9 @@ from services.settings import Settings
 from streams._consumer import BatchConsumer, PartitionControl, Record, Rejected, instance_id
 from streams.projector._rows import ProjectionBatch, project
 from streams.projector._sink import insert_batch
+
+if TYPE_CHECKING:
+    from streams.privacy.erasures import ErasureFollower
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +68,11 @@ def rows_of(records: Sequence[Record]) -> tuple[ProjectionBatch, list[tuple[Reco
 class ProjectorProcessor:
     name = "projector"
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, erasures: ErasureFollower | None = None) -> None:
         self._client = client
         self.stats = ProjectorStats()
+        # Erased customers' events still in the log are skipped (streams/privacy/erasures.py).
+        self._erasures = erasures
 
     async def on_assigned(self, partitions: set[int], consumer: PartitionControl) -> None:
         # Kafka's committed offsets are the projector's position: ClickHouse deduplicates anything
@@ -87,6 +92,9 @@ class ProjectorProcessor:
         return True
 
     async def process(self, records: Sequence[Record]) -> Rejected:
+        if self._erasures is not None:
+            await self._erasures.start()
+            records = self._erasures.erasures.filter(list(records))
         rows, rejected = rows_of(records)
         written = await insert_batch(self._client, rows)
         self.stats.batches += 1
@@ -99,7 +107,9 @@ class ProjectorProcessor:
 def projector_consumer(
     settings: Settings, client: Any, batch_size: int | None = None
 ) -> tuple[BatchConsumer, ProjectorProcessor]:
-    processor = ProjectorProcessor(client)
+    from streams.privacy.erasures import ErasureFollower
+
+    processor = ProjectorProcessor(client, ErasureFollower(settings))
     consumer = BatchConsumer(
         settings,
         processor,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -98,11 +98,15 @@ class ProjectionTarget:
     # are built at once while this process inserts.
     pool: ProcessPoolExecutor | None = None
     workers: int = 1
+    # Records to project (the erasure registry: an erased customer's events stay out).
+    keep: Callable[[Record], bool] | None = None
     _inflight: asyncio.Task[int] | None = None
 
     async def build(
         self, records: Sequence[Record]
     ) -> tuple[ProjectionBatch, list[tuple[Record, BaseException]]]:
+        if self.keep is not None:
+            records = [r for r in records if self.keep(r)]
         if self.pool is None:
             return await asyncio.to_thread(rows_of, records)
         return await asyncio.get_running_loop().run_in_executor(self.pool, rows_of, list(records))

@@ -17,6 +17,7 @@ from services.analytics import DATABASE
 from services.settings import Settings
 from streams._consumer import Record
 from streams.archive import ArchiveStore
+from streams.privacy.erasures import load_erasures
 from streams.replay._knowledge import KnowledgeTarget
 from streams.replay._progress import Progress
 from streams.replay._projections import (
@@ -243,6 +244,8 @@ async def replay_projections(
     if options.dry_run:
         return _dry("projections", plan)
     client = clickhouse_client(settings)
+    # Erased customers' events still in the log stay out of the rebuilt projections.
+    erased = (await load_erasures(settings)).keeps
     pool = ProcessPoolExecutor(options.workers) if options.workers > 0 else None
     keep = _tenant_filter(options.tenant)
     in_place = (
@@ -255,7 +258,7 @@ async def replay_projections(
             # ReplacingMergeTree keeps the version written last, so corrected rows replace old ones).
             if not options.swap:
                 raise ReplayError("--no-swap compares a full rebuild; it takes no --from-*/--tenant")
-            target = ProjectionTarget(client, DATABASE, pool, options.workers)
+            target = ProjectionTarget(client, DATABASE, pool, options.workers, erased)
             progress = Progress("projections (in place)", plan.offsets, out=out)
             await _feed_projections(settings, store, plan, target, progress, options.batch_size, keep)
             progress.finish()
@@ -271,7 +274,7 @@ async def replay_projections(
             )
         scratch = settings.replay_database
         create_scratch(client, scratch)
-        target = ProjectionTarget(client, scratch, pool, options.workers)
+        target = ProjectionTarget(client, scratch, pool, options.workers, erased)
         progress = Progress("projections", plan.offsets, out=out)
         await _feed_projections(settings, store, plan, target, progress, options.batch_size)
         summary = ReplaySummary(
@@ -315,7 +318,7 @@ async def replay_projections(
                 settings, None, catch_up, target.apply, progress, options.batch_size, flush=target.flush
             )
             swapped = exchange_tables(client, scratch)
-            live = ProjectionTarget(client, DATABASE, pool, options.workers)
+            live = ProjectionTarget(client, DATABASE, pool, options.workers, erased)
             after = await plan_replay(settings, None, topic, from_offset=catch_up.ends)
             await _feed_projections(settings, None, after, live, progress, options.batch_size)
             progress.finish()

@@ -28,6 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas import hotview as hv
 from services.settings import Settings
 from streams._consumer import Record
+from streams.privacy.erasures import ErasureFollower
 from streams.sessions._worker import SessionsProcessor
 
 
@@ -55,7 +56,9 @@ def redis_for(settings: Settings, db: int) -> aioredis.Redis:
 class SessionsTarget:
     def __init__(self, settings: Settings, scratch: aioredis.Redis) -> None:
         self.scratch = scratch
-        self._processor = SessionsProcessor(settings, scratch)
+        # With the live worker's erasure registry: a replay never brings an erased customer back.
+        self._erasures = ErasureFollower(settings)
+        self._processor = SessionsProcessor(settings, scratch, self._erasures)
 
     async def apply(self, records: Sequence[Record]) -> tuple[int, int]:
         rejected = await self._processor.process(records)
@@ -64,6 +67,7 @@ class SessionsTarget:
     async def finish(self, ends: dict[int, int]) -> None:
         """Positions = the replay's end offsets (every record before them is folded, including
         those the fold refused, as the live worker does); no readiness keys (see module doc)."""
+        await self._erasures.stop()
         if ends:
             await self.scratch.hset(hv.APPLIED_KEY, mapping={str(p): o for p, o in ends.items()})
         await self.scratch.delete(hv.READY_KEY)

@@ -53,6 +53,7 @@ from streams._consumer import (
     is_outage,
     run_until_signalled,
 )
+from streams.privacy.erasures import ErasureFollower
 from streams.sessions._state import STATUS_CLOSED, Fold
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,13 @@ class _Rebuild:
 class SessionsProcessor:
     name = "sessions"
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+    def __init__(
+        self, settings: Settings, redis: aioredis.Redis, erasures: ErasureFollower | None = None
+    ) -> None:
         self._settings = settings
         self._redis = redis
+        # Erased customers' events still in the log are not folded (streams/privacy/erasures.py).
+        self._erasures = erasures
         self._ttl_ms = settings.idempotency_ttl_s * 1000
         # Partitions this worker owns, with the position it last wrote (None: not yet).
         self._owned: dict[int, int | None] = {}
@@ -299,6 +304,10 @@ class SessionsProcessor:
                 decoded.append((decode_event(r.value), r))
             except EventDecodeError as exc:
                 rejected.append((r, exc))
+        if self._erasures is not None:
+            await self._erasures.start()
+            if erased := self._erasures.erasures:
+                decoded = [(e, r) for e, r in decoded if erased.keeps_event(e)]
         await self._fold_and_write(decoded, records, rejected)
         return rejected
 
@@ -690,7 +699,7 @@ def _claim_of(event: Event) -> str:
 
 
 def sessions_consumer(settings: Settings, redis: aioredis.Redis) -> tuple[BatchConsumer, SessionsProcessor]:
-    processor = SessionsProcessor(settings, redis)
+    processor = SessionsProcessor(settings, redis, ErasureFollower(settings))
     consumer = BatchConsumer(
         settings,
         processor,

@@ -1,0 +1,230 @@
+"""The erasure registry: which conversations the log still holds but nobody may see again.
+
+`switchboard tenant erase` removes a customer (or a whole tenant) from every view and from the
+archive, and records the erasure as a `CustomerErased` event on the privacy topic. Kafka keeps
+the customer's old records until its retention passes, so every processor (projector, sessions,
+archiver) and every replay folds the privacy topic into an `Erasures` registry and skips the
+erased events; otherwise the next replay, or a processor lagging behind the erasure, would bring
+the customer back.
+
+`Erasures` is pure; `ErasureFollower` reads the topic (whole at start, then follows it) and
+`publish_erasure` appends a record durably.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from schemas.events import (
+    HEADER_TENANT,
+    Event,
+    EventDecodeError,
+    decode_event,
+    encode_event,
+    event_headers,
+)
+from services.settings import Settings
+from streams._consumer import Record
+
+log = logging.getLogger(__name__)
+
+# How long the follower's fetch waits for new records: with the catch-up at start, the bound on
+# how late a running processor learns of an erasure (`tenant erase` waits longer than this before
+# it takes the processors' positions).
+FOLLOW_FETCH_WAIT_MS = 100
+FOLLOW_BOUND_S = 1.0
+
+
+def _ns(event: Event) -> int:
+    return event.occurred_at.seconds * 1_000_000_000 + event.occurred_at.nanos
+
+
+@dataclass
+class Erasures:
+    """Erased conversations per tenant, and tenants erased whole up to an instant. Pure."""
+
+    conversations: dict[str, set[str]] = field(default_factory=dict)
+    # tenant -> events that occurred before this (ns since the epoch) are erased
+    tenants: dict[str, int] = field(default_factory=dict)
+    applied: int = 0
+
+    def apply(self, event: Event) -> None:
+        """Fold one `CustomerErased` event (other payloads are ignored)."""
+        if event.WhichOneof("payload") != "customer_erased":
+            return
+        erased = event.customer_erased
+        tenant = event.tenant_id
+        if erased.whole_tenant:
+            before = erased.erased_before.seconds * 1_000_000_000 + erased.erased_before.nanos
+            self.tenants[tenant] = max(self.tenants.get(tenant, 0), before)
+        if erased.conversation_ids:
+            self.conversations.setdefault(tenant, set()).update(erased.conversation_ids)
+        self.applied += 1
+
+    def __bool__(self) -> bool:
+        return bool(self.conversations or self.tenants)
+
+    def erased(self, tenant: str, conversation: str, occurred_ns: int) -> bool:
+        if conversation in self.conversations.get(tenant, ()):
+            return True
+        before = self.tenants.get(tenant)
+        return before is not None and occurred_ns < before
+
+    def keeps_event(self, event: Event) -> bool:
+        return not self.erased(event.tenant_id, event.conversation_id, _ns(event))
+
+    def keeps(self, record: Record) -> bool:
+        """Whether a conversation-log record survives the erasures. Records of tenants without
+        an erasure are kept on their tenant header alone (no decode); an undecodable record is
+        kept for the processor to refuse as it would anyway."""
+        if not self:
+            return True
+        tenant = next((v for k, v in record.headers if k == HEADER_TENANT), None)
+        if tenant is not None:
+            name = tenant.decode(errors="replace")
+            if name not in self.conversations and name not in self.tenants:
+                return True
+        try:
+            return self.keeps_event(decode_event(record.value))
+        except EventDecodeError:
+            return True
+
+    def filter(self, records: list[Record]) -> list[Record]:
+        return [r for r in records if self.keeps(r)] if self else records
+
+
+def erasure_event_of(record_value: bytes | None) -> Event | None:
+    try:
+        event = decode_event(record_value)
+    except EventDecodeError:
+        return None
+    return event if event.WhichOneof("payload") == "customer_erased" else None
+
+
+async def publish_erasure(settings: Settings, event: Event) -> tuple[int, int]:
+    """Append the erasure durably (acks=all); (partition, offset)."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        client_id="switchboard-erase",
+    )
+    await producer.start()
+    try:
+        meta = await producer.send_and_wait(
+            settings.privacy_topic,
+            encode_event(event),
+            # Keyed by the event id: compaction keeps every erasure (a later erasure of the same
+            # customer must not replace the list of an earlier one).
+            key=event.event_id.encode(),
+            headers=event_headers(event),
+        )
+        return meta.partition, meta.offset
+    finally:
+        await producer.stop()
+
+
+class ErasureFollower:
+    """An `Erasures` registry folded from the privacy topic: read whole by `start`, then followed
+    in a background task. A missing topic is an empty registry (looked for again every second)."""
+
+    def __init__(self, settings: Settings, on_change: Callable[[Erasures], None] | None = None) -> None:
+        self.settings = settings
+        self.erasures = Erasures()
+        self._on_change = on_change
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._assigned = False
+
+    async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
+        topic = self.settings.privacy_topic
+        if topic not in await consumer.topics():
+            return False
+        parts = consumer.partitions_for_topic(topic) or {0}
+        partitions = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            self._apply(await consumer.getmany(timeout_ms=500))
+        self._assigned = True
+        return True
+
+    async def start(self) -> Erasures:
+        """Read the topic to its current end; then follow it. Idempotent."""
+        if self._consumer is not None:
+            return self.erasures
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=FOLLOW_FETCH_WAIT_MS,
+            client_id="switchboard-erasures-follower",
+        )
+        await consumer.start()
+        try:
+            await self._assign(consumer)
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+        self._task = asyncio.ensure_future(self._follow())
+        return self.erasures
+
+    async def _follow(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            while True:
+                try:
+                    if not self._assigned:
+                        if not await self._assign(consumer):
+                            await asyncio.sleep(1.0)
+                        continue
+                    self._apply(await consumer.getmany(timeout_ms=1000))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the client reconnects by itself; keep what we have
+                    log.warning("privacy topic: fetch failed (%r); erasures as of the last record apply", exc)
+                    await asyncio.sleep(0.5)
+        finally:
+            # Also when the event loop cancels the task at exit: no consumer left open.
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    def _apply(self, batches: dict[TopicPartition, list[object]]) -> None:
+        applied = 0
+        for records in batches.values():
+            for msg in records:
+                event = erasure_event_of(getattr(msg, "value", None))
+                if event is None:
+                    log.error("privacy topic: skipped offset %s: not an erasure", getattr(msg, "offset", "?"))
+                    continue
+                self.erasures.apply(event)
+                applied += 1
+        if applied and self._on_change is not None:
+            self._on_change(self.erasures)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._consumer = None
+
+
+async def load_erasures(settings: Settings) -> Erasures:
+    """The registry as of now (read once; for replays and commands)."""
+    follower = ErasureFollower(settings)
+    try:
+        return await follower.start()
+    finally:
+        await follower.stop()
