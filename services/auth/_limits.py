@@ -1,7 +1,8 @@
 """Fair use: token buckets per tenant and per API key, shared by every ingress through Redis.
 
 A bucket holds up to `burst` tokens and refills at `rate` tokens a second; a write costs one token
-per message (a SendMessageBatch takes all of its messages' tokens in one check, all or nothing).
+per message (a SendMessageBatch takes all of its messages' tokens in one check, all or nothing;
+an UpsertDocuments one per document and started 8 KiB of it, a DeleteDocument one).
 The tenant's bucket and the key's are checked and charged together by one Lua script, on Redis's
 clock, so N processes on M hosts share one budget. A stream (SendMessages) leases tokens ahead in
 growing chunks (1, 2, 4 … 32), so a long stream costs one Redis call per chunk, not per message;
@@ -47,6 +48,10 @@ _WHOLE = frozenset({BURST, KEY_BURST, MAX_OPEN_CONVERSATIONS, MAX_KNOWLEDGE_DOCU
 # The methods that spend tokens (one per message or per write); reads and admin calls are free.
 _STREAMED = "/switchboard.v1.ChatService/SendMessages"
 _BATCH = "/switchboard.v1.ChatService/SendMessageBatch"
+_UPSERT = "/switchboard.v1.KnowledgeService/UpsertDocuments"
+# A knowledge document costs one token per started 8 KiB (a message, at most 8 KiB, costs one):
+# indexing is paid for by its size, and a flood of upserts meets the same bucket as messages.
+DOCUMENT_TOKEN_BYTES = 8 * 1024
 COSTED = frozenset(
     {
         "/switchboard.v1.ChatService/StartConversation",
@@ -56,6 +61,8 @@ COSTED = frozenset(
         "/switchboard.v1.ChatService/CloseConversation",
         "/switchboard.v1.ChatService/RateConversation",
         "/switchboard.v1.AgentService/SendAgentMessage",
+        _UPSERT,
+        "/switchboard.v1.KnowledgeService/DeleteDocument",
     }
 )
 MAX_LEASE = 32
@@ -253,9 +260,14 @@ def plan_for(registry: Registry, settings: Settings, principal: Principal) -> Pl
 
 
 def cost_of(method: str, request: Any) -> int:
-    """Tokens a unary request spends (a batch: one per message)."""
+    """Tokens a unary request spends (a batch: one per message; an upsert: one per started 8 KiB
+    of each document, at least one per document)."""
     if method == _BATCH:
         return len(getattr(request, "messages", ()))
+    if method == _UPSERT:
+        return sum(
+            max(1, -(-doc.ByteSize() // DOCUMENT_TOKEN_BYTES)) for doc in getattr(request, "documents", ())
+        )
     return 1
 
 
@@ -274,8 +286,9 @@ def too_big(plan: Plan, need: int) -> OverLimit | None:
         if need > limit.burst:
             return OverLimit(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"this call needs {need} tokens (one per message) but {name} allows bursts of "
-                f"{limit.burst}: send at most {limit.burst} messages per call",
+                f"this call needs {need} tokens (one per message; a knowledge document one per "
+                f"started 8 KiB) but {name} allows bursts of {limit.burst}: send at most "
+                f"{limit.burst} messages per call (or split the upsert)",
                 None,
             )
     return None

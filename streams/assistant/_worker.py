@@ -56,6 +56,7 @@ from streams._consumer import (
 from streams.assistant.gateway import AnswerRequest, GatewayConfig, GroundingPassage, ModelGateway
 from streams.assistant.handoff import HandoffHistory, IntentDecision, decide_handoff, record_turn
 from streams.knowledge import Document, Hit, KnowledgeBase, detect_language
+from streams.knowledge._fair import FairQueue
 
 log = logging.getLogger(__name__)
 
@@ -470,22 +471,39 @@ def stored_document(record: knowledge_pb2.KnowledgeEvent) -> tuple[Document, byt
 
 class KnowledgeFollower:
     """Reads knowledge-events from the start (no consumer group: every assistant holds every
-    tenant's index) and keeps following; `ready` is set once the start-up read reached the end."""
+    tenant's index) and keeps following; `ready` is set once the start-up read reached the end
+    and everything it read is indexed.
+
+    Reading and indexing are two tasks: what is read goes into a queue per tenant
+    (streams/knowledge/_fair.py) and the indexer serves the tenants in turns, so one tenant's
+    backlog of upserts does not hold up another tenant's document (it did: the follower embedded
+    each fetched batch whole, in log order). A document is in the documents hash (Get/List) once
+    it is indexed."""
 
     def __init__(self, settings: Settings, knowledge: KnowledgeBase, redis: aioredis.Redis) -> None:
         self._settings = settings
         self._knowledge = knowledge
         self._redis = redis
         self.ready = asyncio.Event()
-        self.applied = 0
+        self.applied = 0  # records read and queued
+        self.indexed = 0  # documents indexed (or deleted) and written to the hash
         self._models = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knowledge-index")
+        # Per document: (the Document, its stored bytes) to upsert, or None to delete.
+        self._queue: FairQueue[tuple[Document, bytes] | None] = FairQueue()
+        self._work = asyncio.Event()
+        self._caught_up = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
 
     async def run(self) -> None:
+        indexing = asyncio.create_task(self._index_forever())
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._settings.kafka_bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100
         )
-        await consumer.start()
         try:
+            await consumer.start()
             topic = self._settings.knowledge_topic
             partitions = consumer.partitions_for_topic(topic) or set()
             if not partitions:
@@ -496,25 +514,23 @@ class KnowledgeFollower:
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
             while True:
+                if indexing.done():
+                    indexing.result()  # its failure ends the follower as a read failure would
                 fetched = await consumer.getmany(timeout_ms=200, max_records=500)
                 for tp, batch in fetched.items():
-                    await self._apply([r.value for r in batch if r.value], tp)
+                    self._read([r.value for r in batch if r.value], tp)
                 positions = [await consumer.position(tp) for tp in tps]
-                if not self.ready.is_set() and all(
-                    p >= ends[tp] for p, tp in zip(positions, tps, strict=True)
-                ):
-                    self.ready.set()
-                    log.info(
-                        "knowledge base loaded: %d records, tenants %s",
-                        self.applied,
-                        self._knowledge.tenants(),
-                    )
+                if not self._caught_up and all(p >= ends[tp] for p, tp in zip(positions, tps, strict=True)):
+                    self._caught_up = True
+                    self._work.set()
         finally:
+            indexing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await indexing
             await consumer.stop()
 
-    async def _apply(self, values: list[bytes], tp: TopicPartition) -> None:
-        upserts: dict[str, list[Document]] = {}
-        writes: list[tuple[str, str, bytes | None]] = []  # (hash, document id, stored or None: delete)
+    def _read(self, values: list[bytes], tp: TopicPartition) -> None:
+        """Queue the records' work (pure bookkeeping: the indexer does the embedding)."""
         for value in values:
             record = knowledge_pb2.KnowledgeEvent()
             try:
@@ -522,21 +538,53 @@ class KnowledgeFollower:
                 kind = record.WhichOneof("payload")
                 if kind == "document_upserted":
                     document, stored = stored_document(record)
-                    upserts.setdefault(record.tenant_id, []).append(document)
-                    writes.append((hv.documents_key(record.tenant_id), document.document_id, stored))
+                    size = len(document.title) + len(document.body)
+                    self._queue.put(record.tenant_id, document.document_id, (document, stored), size)
                 elif kind == "document_deleted":
-                    for tenant, docs in list(upserts.items()):
-                        upserts[tenant] = [d for d in docs if d.document_id != record.document_deleted]
-                    self._knowledge.delete(record.tenant_id, record.document_deleted)
-                    writes.append((hv.documents_key(record.tenant_id), record.document_deleted, None))
+                    self._queue.put(record.tenant_id, record.document_deleted, None, 0)
             except Exception as exc:
                 log.error("knowledge record on %s skipped: %r", tp, exc)
                 continue
             self.applied += 1
-        loop = asyncio.get_running_loop()
-        for tenant, docs in upserts.items():
-            await loop.run_in_executor(self._models, self._knowledge.upsert, tenant, docs)
-        await self._write(writes)
+        if values:
+            self._work.set()
+
+    async def _index_forever(self) -> None:
+        while True:
+            turn = self._queue.take()
+            if turn is None:
+                if self._caught_up and not self.ready.is_set():
+                    self.ready.set()
+                    log.info(
+                        "knowledge base loaded: %d records, tenants %s",
+                        self.applied,
+                        self._knowledge.tenants(),
+                    )
+                self._work.clear()
+                await self._work.wait()
+                continue
+            await self._index(turn.tenant_id, turn.work)
+
+    async def _index(self, tenant: str, work: list[tuple[str, tuple[Document, bytes] | None]]) -> None:
+        """One tenant's turn: embed its upserts (one encoder call), apply its deletes, then write
+        the documents hash."""
+        upserts = [item[0] for _, item in work if item is not None]
+        try:
+            for document_id, item in work:
+                if item is None:
+                    self._knowledge.delete(tenant, document_id)
+            if upserts:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._models, self._knowledge.upsert, tenant, upserts)
+        except Exception:
+            # One tenant's failure must not stop every tenant's indexing; the log keeps the
+            # documents, and the next start indexes them again.
+            log.exception("knowledge: indexing %d documents of tenant %r failed", len(upserts), tenant)
+        key = hv.documents_key(tenant)
+        await self._write(
+            [(key, document_id, item[1] if item is not None else None) for document_id, item in work]
+        )
+        self.indexed += len(work)
 
     async def _write(self, writes: list[tuple[str, str, bytes | None]]) -> None:
         """The documents hash, retried until Redis takes it: a Redis restart or outage must not
