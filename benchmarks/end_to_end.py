@@ -3,12 +3,14 @@ until each is visible in the hot view (its live stream, written with the state) 
 
 Issue 7's last row: ≥ 3k msg/s sustained with p99 ack ≤ 50 ms and API-to-ClickHouse p99 ≤ 2 s.
 Its own stack and processes (benchmarks/ingest.py's BenchSystem, ports + --port-offset): analytics
-(projector + endpoint), sessions worker, ingress. Unary SendMessage calls are paced by a schedule
-(open loop: a slow server does not slow the offered rate, late sends count from their scheduled
-time); watchers on StreamConversation time every message of a sample of conversations; a poller
-asks ClickHouse every 100 ms which sampled messages have landed.
+(projector + endpoint), sessions worker, ingress. Messages are paced by a schedule (open loop: a
+slow server does not slow the offered rate, late sends count from their scheduled time), sent as
+unary SendMessage calls (`--api unary`) or written onto SendMessages streams (`--api stream`, one
+per connection: what a backend forwarding a busy app's traffic uses); watchers on
+StreamConversation time every message of a sample of conversations; a poller asks ClickHouse every
+100 ms which sampled messages have landed.
 
-    .venv/bin/python benchmarks/end_to_end.py [--rate 3000] [--seconds 10] [--port-offset 1600]
+    .venv/bin/python benchmarks/end_to_end.py [--rate 3000] [--seconds 10] [--api unary|stream] [--port-offset 1600]
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,7 +43,7 @@ def pct(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def run(system: BenchSystem, rate: float, seconds: float) -> str:
+async def run(system: BenchSystem, rate: float, seconds: float, api: str = "unary") -> str:
     settings = system.settings
     channels = [grpc.aio.insecure_channel(settings.grpc_listen) for _ in range(CHANNELS)]
     stubs = [chat_pb2_grpc.ChatServiceStub(c) for c in channels]
@@ -96,6 +98,38 @@ async def run(system: BenchSystem, rate: float, seconds: float) -> str:
 
     poller = asyncio.ensure_future(poll())
 
+    def request(i: int) -> chat_pb2.SendMessageRequest:
+        return chat_pb2.SendMessageRequest(
+            tenant_id=tenant,
+            conversation_id=conversations[i % CONVERSATIONS],
+            client_message_id=f"m{i}",
+            text=f"e2e {i}",
+        )
+
+    # --api stream: one SendMessages stream per connection. Requests go onto a stream at their due
+    # time; its responses come back in request order, each naming its client_message_id.
+    outboxes: list[asyncio.Queue[chat_pb2.SendMessageRequest | None]] = [
+        asyncio.Queue() for _ in range(CHANNELS)
+    ]
+
+    async def requests_of(
+        outbox: asyncio.Queue[chat_pb2.SendMessageRequest | None],
+    ) -> AsyncIterator[chat_pb2.SendMessageRequest]:
+        while (req := await outbox.get()) is not None:
+            yield req
+
+    async def stream(n: int) -> None:
+        try:
+            async for response in stubs[n].SendMessages(requests_of(outboxes[n])):
+                if response.error_code:
+                    errors.append(f"code {response.error_code}")
+                else:
+                    acked_at[response.client_message_id] = time.monotonic()
+        except grpc.aio.AioRpcError as exc:
+            errors.append(exc.code().name)
+
+    streams = [asyncio.ensure_future(stream(n)) for n in range(CHANNELS)] if api == "stream" else []
+
     async def send(i: int, due: float) -> None:
         cmid = f"m{i}"
         conversation = conversations[i % CONVERSATIONS]
@@ -122,8 +156,15 @@ async def run(system: BenchSystem, rate: float, seconds: float) -> str:
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(send(i, due)))
+        if api == "stream":
+            sent_at[f"m{i}"] = due
+            outboxes[i % CHANNELS].put_nowait(request(i))
+        else:
+            tasks.append(asyncio.ensure_future(send(i, due)))
     await asyncio.gather(*tasks)
+    for outbox in outboxes:
+        outbox.put_nowait(None)
+    await asyncio.gather(*streams)
     elapsed = max(acked_at.values(), default=start) - start
     expected_live = {m for m in acked_at if conversations[int(m[1:]) % CONVERSATIONS] in watched}
     deadline = time.monotonic() + 60
@@ -159,7 +200,7 @@ async def run(system: BenchSystem, rate: float, seconds: float) -> str:
         [
             f"### End to end — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
             "",
-            f"Offered {rate:,.0f} msg/s of unary SendMessage for {seconds:.0f} s ({total:,} messages, "
+            f"Offered {rate:,.0f} msg/s of {'unary SendMessage' if api == 'unary' else 'SendMessages streams'} for {seconds:.0f} s ({total:,} messages, "
             f"{CONVERSATIONS} conversations, {CHANNELS} connections); acked {len(acked_at):,} "
             f"({len(acked_at) / elapsed if elapsed > 0 else 0:,.0f} msg/s over {elapsed:.1f} s), "
             f"errors {len(errors)} {sorted(set(errors))}; in the hot view {len(live):,} of "
@@ -174,13 +215,13 @@ async def run(system: BenchSystem, rate: float, seconds: float) -> str:
     )
 
 
-async def main_async(rate: float, seconds: float, port_offset: int) -> int:
+async def main_async(rate: float, seconds: float, port_offset: int, api: str = "unary") -> int:
     system = BenchSystem(False, port_offset)
 
     async def body() -> str:
         await system.up()
         await start_processes(system)
-        return await run(system, rate, seconds)
+        return await run(system, rate, seconds, api)
 
     return await report_after(system, body())
 
@@ -190,8 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=3000.0, help="messages/s offered")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--port-offset", type=int, default=1600)
+    parser.add_argument("--api", choices=("unary", "stream"), default="unary")
     args = parser.parse_args(argv)
-    return asyncio.run(main_async(args.rate, args.seconds, args.port_offset))
+    return asyncio.run(main_async(args.rate, args.seconds, args.port_offset, args.api))
 
 
 if __name__ == "__main__":

@@ -168,6 +168,9 @@ class ConversationWrites:
         # Conversations known to exist -> known to be closed. Redis stays the truth: a miss is
         # looked up there, and a close is read with every claim.
         self._registry: dict[Conversation, bool] = {}
+        # Messages acked to their caller whose ack Redis has not recorded yet (see _settlement):
+        # a retry in this process is answered from here rather than told to retry.
+        self._unsettled: dict[ClaimKey, Ack] = {}
 
     def _remember(self, conversation: Conversation, *, closed: bool) -> None:
         registry = self._registry
@@ -373,6 +376,9 @@ class ConversationWrites:
         conversation = (req.tenant_id, req.conversation_id)
         if claim is not None and claim.earlier is not None:
             return ack_response(req, claim.earlier, duplicate=True)
+        if claim is not None and not claim.claimed and (acked := self._unsettled.get(_claim_key(req))):
+            # Acked by this process a moment ago, its settlement still on its way to Redis.
+            return ack_response(req, acked, duplicate=True)
         if claim is not None and claim.closed:
             self._remember(conversation, closed=True)
             return _closed(req.conversation_id)
@@ -453,13 +459,21 @@ class ConversationWrites:
                 [w.event for w in finished], [w.delivery for w in finished], [None] * len(finished)
             )
             self._producer.release(len(finished))
-            await self._settle(
-                [
-                    (w.claim, a if isinstance(a, Ack) else None)
-                    for w, a in zip(finished, answers, strict=True)
-                    if w.claim is not None
-                ]
-            )
+            outcomes = [
+                (w.claim, a if isinstance(a, Ack) else None)
+                for w, a in zip(finished, answers, strict=True)
+                if w.claim is not None
+            ]
+            if any(w.after is not None for w in finished) or any(a is None for _, a in outcomes):
+                # A start's or a close's next step (registering, marking closed) follows its
+                # settle; so does a failure's answer (its retry must find the claim released).
+                await self._settle(outcomes)
+            else:
+                # Messages: the ack is durable once Kafka has it, so callers are answered now and
+                # Redis records the outcomes meanwhile (one round trip less per ack). Until it
+                # has, a retry here is answered from _unsettled; a retry in another process
+                # finds the claim pending and is told to retry shortly, as during any write.
+                self._background(self._settle_acked(outcomes, self._remember_unsettled(outcomes)))
             for w, answer in zip(finished, answers, strict=True):
                 if w.after is not None:
                     try:
@@ -482,6 +496,33 @@ class ConversationWrites:
             self._background(
                 _retrying(lambda: self._hot.settle_many(outcomes), f"recording {len(outcomes)} outcomes")
             )
+
+    def _remember_unsettled(self, outcomes: list[tuple[HeldClaim, Ack | None]]) -> list[ClaimKey]:
+        """Remember acks before their callers are answered (so before any retry can come)."""
+        keys = []
+        for claim, ack in outcomes:
+            if ack is not None:
+                key = (claim.tenant_id, claim.conversation_id, claim.client_message_id)
+                self._unsettled[key] = ack
+                keys.append(key)
+        return keys
+
+    async def _settle_acked(self, outcomes: list[tuple[HeldClaim, Ack | None]], keys: list[ClaimKey]) -> None:
+        """_settle for messages already answered; forgets their acks in _unsettled once Redis has them."""
+        unsettled = self._unsettled
+        try:
+            await self._hot.settle_many(outcomes)
+        except Exception as exc:
+            log.warning(
+                "recording %d write outcomes failed (%r); retrying until Redis takes them", len(outcomes), exc
+            )
+            with contextlib.suppress(Exception):
+                await _retrying(
+                    lambda: self._hot.settle_many(outcomes), f"recording {len(outcomes)} outcomes"
+                )
+        finally:
+            for key in keys:
+                unsettled.pop(key, None)
 
     async def drain(self, within_s: float) -> None:
         """Wait (at most `within_s`) for writes and settlements still running (a stopping ingress)."""
@@ -717,7 +758,25 @@ class ConversationWrites:
         # Closing a closed conversation is a no-op, so a retried close is safe.
         return await self._read(req.tenant_id, req.conversation_id)
 
-    async def _close(self, req: chat_pb2.CloseConversationRequest, traceparent: str) -> None:
+    async def close_for_system(self, tenant_id: str, conversation_id: str, resolution: str) -> bool:
+        """Close an open conversation on the system's behalf (the idle close, services/ingress/
+        _idle.py) by the same hold, wait and publish as CloseConversation, so a send racing it is
+        before the close in the log or refused; False when it is closed (or unknown) already."""
+        reg = await self._hot.lookup(tenant_id, conversation_id)
+        if reg is None or _is_closed(reg):
+            return False
+        req = chat_pb2.CloseConversationRequest(
+            tenant_id=tenant_id, conversation_id=conversation_id, resolution=resolution
+        )
+        await asyncio.shield(self._background(self._close(req, "", events_pb2.SENDER_SYSTEM)))
+        return True
+
+    async def _close(
+        self,
+        req: chat_pb2.CloseConversationRequest,
+        traceparent: str,
+        closed_by: events_pb2.Sender.ValueType = events_pb2.SENDER_CUSTOMER,
+    ) -> None:
         conversation = (req.tenant_id, req.conversation_id)
         if not await self._gate.close(conversation):
             raise unavailable(
@@ -751,7 +810,7 @@ class ConversationWrites:
                 req.conversation_id,
                 traceparent=traceparent,
                 conversation_closed=events_pb2.ConversationClosed(
-                    resolution=req.resolution, closed_by=events_pb2.SENDER_CUSTOMER
+                    resolution=req.resolution, closed_by=closed_by
                 ),
             )
 
