@@ -17,6 +17,7 @@ from schemas.events import Event, EventDecodeError, LogPosition, decode_event
 from services.analytics._clickhouse import DATABASE
 from services.settings import Settings
 from streams._consumer import BatchConsumer, PartitionControl, Record, Rejected, instance_id
+from streams.projector._gc import gc_paused
 from streams.projector._rows import ProjectionBatch, project
 from streams.projector._sink import insert_batch
 
@@ -41,6 +42,11 @@ class ProjectorStats:
 
 def rows_of(records: Sequence[Record]) -> tuple[ProjectionBatch, list[tuple[Record, BaseException]]]:
     """Rows for every record that decodes and projects; the others with their error."""
+    with gc_paused():
+        return _rows_of(records)
+
+
+def _rows_of(records: Sequence[Record]) -> tuple[ProjectionBatch, list[tuple[Record, BaseException]]]:
     rejected: list[tuple[Record, BaseException]] = []
     decoded: list[tuple[Event, LogPosition]] = []
     kept: list[Record] = []

@@ -9,6 +9,7 @@ import weakref
 from typing import Any
 
 from services.analytics._clickhouse import DATABASE
+from streams.projector._gc import gc_paused
 from streams.projector._rows import TABLE_ORDER, ProjectionBatch
 
 log = logging.getLogger(__name__)
@@ -37,19 +38,24 @@ def write_batch(client: Any, batch: ProjectionBatch, database: str = DATABASE) -
     again after a crash or a redelivery changes nothing an analyst can count. Not for concurrent
     use with one client (the projector writes one batch at a time).
     """
+    with gc_paused():
+        return _write_batch(client, batch, database)
+
+
+def _write_batch(client: Any, batch: ProjectionBatch, database: str) -> int:
     written = 0
     for table in TABLE_ORDER:
-        rows = batch.rows.get(table)
-        if not rows:
+        count = batch.size(table)
+        if not count:
             continue
         context = _insert_context(client, database, table, list(batch.columns(table)))
-        # Column-oriented: clickhouse-connect serializes column by column, and zip transposes in C.
-        context.data = list(zip(*rows, strict=True))
+        # The batch is column-oriented already: clickhouse-connect serializes column by column.
+        context.data = batch.data[table]
         try:
             client.insert(context=context)
         finally:
             context.data = None
-        written += len(rows)
+        written += count
     return written
 
 
