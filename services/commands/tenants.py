@@ -37,6 +37,16 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"(limits unchanged: `switchboard tenants update {args.tenant} ...` changes them)")
         elif args.action == "update":
             limits = _limits(args)
+            retention = getattr(args, "retention_days", ...)
+            if retention is not ...:
+                # Per-tenant retention (streams/privacy/_retention.py), applied by `tenant retention`.
+                from streams.privacy._retention import set_tenant_retention
+
+                record = asyncio.run(set_tenant_retention(settings, args.tenant, retention))
+                shown = f"{retention:g} days" if retention is not None else "none"
+                print(f"tenant {record.tenant_id} retention: {shown}")
+                if not limits:
+                    return 0
             if not limits:
                 raise ValueError("nothing to update: give --rate, --burst, --key-rate or --key-burst")
             record = asyncio.run(update_tenant_limits(settings, args.tenant, limits))
@@ -84,6 +94,7 @@ _LIMIT_OPTIONS = (
     ("key_burst", "key_burst"),
     ("max_open_conversations", "max_open_conversations"),
     ("max_knowledge_documents", "max_knowledge_documents"),
+    ("idle_close_after", "idle_close_after_s"),
 )
 
 
@@ -111,6 +122,8 @@ def _describe_limits(settings: dict[str, Any]) -> str:
 def _setting_name(opt: str) -> str:
     if opt.startswith("max_"):
         return opt.upper()
+    if opt == "idle_close_after":
+        return "IDLE_CLOSE_AFTER_S"
     return f"{'TENANT_' if not opt.startswith('key') else ''}{opt.upper().replace('RATE', 'RATE_PER_S')}"
 
 
@@ -122,6 +135,7 @@ def _add_limit_options(a: argparse.ArgumentParser) -> None:
         ("key_burst", "each key's burst (0: one second's worth of --key-rate)"),
         ("max_open_conversations", "conversations the tenant may have open at once (0: unlimited)"),
         ("max_knowledge_documents", "documents in the tenant's knowledge base (0: unlimited)"),
+        ("idle_close_after", "seconds without activity after which a conversation is closed (0: never)"),
     ):
         a.add_argument(
             f"--{opt.replace('_', '-')}",
@@ -148,6 +162,16 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         a.add_argument("tenant")
         if name in ("create", "update"):
             _add_limit_options(a)
+        if name == "update":
+            a.add_argument(
+                "--retention-days",
+                dest="retention_days",
+                type=_limit_value,
+                default=...,
+                metavar="N|default",
+                help="keep the tenant's analytics rows and archived events N days ('default': forever); "
+                "applied by `switchboard tenant retention`",
+            )
     a = actions.add_parser("list", help="tenants with their status and active keys")
     a.add_argument("--json", action="store_true")
     p.set_defaults(func=_run)

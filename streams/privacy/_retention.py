@@ -1,0 +1,169 @@
+"""Per-tenant retention: ClickHouse rows and archived records older than the tenant's
+`retention_days` (a tenant setting on the tenants topic) are deleted.
+
+Why a periodic job and not a table TTL: the retention differs per tenant and changes at runtime.
+A TTL expression can only read the row and constants, so per-tenant days would need a dictionary
+(`dictGet`) the TTL re-reads at merge time, which embedded chdb has no server configuration for,
+and TTL deletes happen only when a merge runs, so "deleted after N days" would be "some time
+after". `ALTER TABLE … DELETE WHERE tenant_id = T AND occurred_at < cutoff` works the same on chdb
+and on a server, is synchronous (`mutations_sync`), and changing a tenant's days needs no DDL.
+Run `switchboard tenant retention` periodically (cron, hourly); it is idempotent.
+
+What is deleted, per tenant with a retention of N days (cutoff = now - N days):
+- every raw_* row that occurred before the cutoff, and the per-minute event counts before it;
+- the conversation facts (and so the `conversations` row) of conversations whose last event is
+  before the cutoff (a conversation still active keeps its row);
+- archived records of the tenant with a Kafka timestamp before the cutoff (segments rewritten,
+  see streams/privacy/_archive.py).
+The hot view (Redis) is not touched: it holds conversations for the API, not history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from schemas.events import HEADER_TENANT
+from services.analytics import DATABASE
+from services.settings import Settings
+from streams._consumer import Record
+from streams.archive import ArchiveStore, Manifest
+from streams.privacy._archive import RewriteStats, rewrite_archive
+from streams.privacy._erase import quote
+
+RETENTION_SETTING = "retention_days"
+
+
+@dataclass(slots=True)
+class RetentionResult:
+    tenant: str
+    days: float
+    cutoff: str
+    clickhouse_rows: dict[str, int] = field(default_factory=dict)
+    archive: RewriteStats = field(default_factory=RewriteStats)
+
+
+def check_retention_days(value: float | None) -> float | None:
+    if value is None:
+        return None
+    if value != value or value <= 0 or value == float("inf"):
+        raise ValueError(f"retention days must be a number > 0, got {value!r}")
+    return value
+
+
+async def set_tenant_retention(settings: Settings, tenant_id: str, days: float | None) -> Any:
+    """Set (None: remove) the tenant's retention on the tenants topic; returns the record."""
+    from services.auth._admin import AdminError
+    from services.auth._log import append_records, read_registry
+
+    days = check_retention_days(days)
+    registry = await read_registry(settings)
+    tenant = registry.tenants.get(tenant_id)
+    if tenant is None:
+        raise AdminError(f"no tenant {tenant_id!r} (see `switchboard tenants list`)")
+    merged = {k: v for k, v in tenant.settings.items() if k != RETENTION_SETTING}
+    if days is not None:
+        merged[RETENTION_SETTING] = days
+    record = replace(tenant, settings=merged, updated_at=time.time())
+    await append_records(settings, [record])
+    return record
+
+
+def purge_older(client: Any, tenant: str, cutoff: datetime) -> dict[str, int]:
+    """Delete the tenant's ClickHouse rows older than `cutoff` (blocking, synchronous)."""
+    from streams.replay._projections import storage_tables
+
+    at = f"toDateTime64({quote(cutoff.strftime('%Y-%m-%d %H:%M:%S.%f'))}, 6, 'UTC')"
+    t = quote(tenant)
+    deleted: dict[str, int] = {}
+    for table in sorted(storage_tables(client, DATABASE)):
+        columns = {
+            str(r[0])
+            for r in client.query(
+                "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+                parameters={"db": DATABASE, "t": table},
+            ).result_rows
+        }
+        if "tenant_id" not in columns:
+            continue
+        if "occurred_at" in columns:
+            condition = f"tenant_id = {t} AND occurred_at < {at}"
+        elif "minute" in columns:
+            condition = f"tenant_id = {t} AND minute < {at}"
+        elif "last_event_at" in columns:
+            condition = (
+                f"tenant_id = {t} AND conversation_id IN (SELECT conversation_id FROM {DATABASE}.`{table}` "
+                f"WHERE tenant_id = {t} GROUP BY conversation_id HAVING max(last_event_at) < {at})"
+            )
+        else:
+            continue
+        held = int(
+            client.query(f"SELECT count() FROM {DATABASE}.`{table}` WHERE {condition}").result_rows[0][0]
+        )
+        if held:
+            client.command(
+                f"ALTER TABLE {DATABASE}.`{table}` DELETE WHERE {condition}", settings={"mutations_sync": 2}
+            )
+            deleted[table] = held
+    return deleted
+
+
+def older_than(tenant: str, cutoff_ms: int) -> Any:
+    name = tenant.encode()
+
+    def drop(record: Record) -> bool:
+        if record.timestamp_ms >= cutoff_ms:
+            return False
+        header = next((v for k, v in record.headers if k == HEADER_TENANT), None)
+        return header == name
+
+    return drop
+
+
+async def apply_retention(
+    settings: Settings, only: str | None = None, now: float | None = None
+) -> list[RetentionResult]:
+    from services.auth._log import read_registry
+    from streams.replay._projections import clickhouse_client
+
+    registry = await read_registry(settings)
+    tenants = [
+        (t.tenant_id, float(t.settings[RETENTION_SETTING]))
+        for t in sorted(registry.tenants.values(), key=lambda t: t.tenant_id)
+        if t.settings.get(RETENTION_SETTING) and (only is None or t.tenant_id == only)
+    ]
+    if only is not None and only not in registry.tenants:
+        raise ValueError(f"no tenant {only!r}")
+    results: list[RetentionResult] = []
+    if not tenants:
+        return results
+    clock = time.time() if now is None else now
+    store = ArchiveStore(settings)
+    client = await asyncio.to_thread(clickhouse_client, settings)
+    try:
+        for tenant, days in tenants:
+            cutoff_s = clock - days * 86400
+            cutoff = datetime.fromtimestamp(cutoff_s, UTC)
+            result = RetentionResult(tenant, days, cutoff.isoformat())
+            result.clickhouse_rows = await asyncio.to_thread(purge_older, client, tenant, cutoff)
+            cutoff_ms = int(cutoff_s * 1000)
+
+            def newer(manifest: Manifest, cutoff_ms: int = cutoff_ms) -> bool:
+                # Nothing in the segment is old enough: not even read.
+                return manifest.count == 0 or manifest.min_timestamp_ms >= cutoff_ms
+
+            result.archive = await asyncio.to_thread(
+                rewrite_archive,
+                store,
+                settings.conversation_topic,
+                older_than(tenant, cutoff_ms),
+                settings.archive_zstd_level,
+                newer,
+            )
+            results.append(result)
+    finally:
+        await asyncio.to_thread(client.close)
+    return results
