@@ -113,6 +113,14 @@ CLAIM_PENDING = b"pending"
 # What starts and closes claim in the client_message_id space (no client id has a NUL in it).
 START_CLAIM = "\x00start"
 CLOSE_CLAIM = "\x00close"
+# Agents' messages have a client_message_id space of their own (an agent desk and a customer app
+# both may count 1, 2, 3…): claimed, and deduplicated by the fold, under this prefix.
+AGENT_CLAIM_PREFIX = "\x00agent:"
+
+
+def agent_claim(client_message_id: str) -> str:
+    """The claim (and the fold's dedup id) of an agent's message with this client_message_id."""
+    return AGENT_CLAIM_PREFIX + client_message_id
 
 
 def encode_claim(event_id: str, partition: int, offset: int) -> str:

@@ -212,14 +212,10 @@ class AgentService:
                 agent_id=req.agent_id, client_message_id=req.client_message_id, text=req.text
             ),
         )
-        # Known limit: agent and customer messages share one client_message_id space per
-        # conversation (an agent id equal to a customer's is answered with the customer's ack,
-        # duplicate=true). Namespacing only this claim key would not fix it: the sessions fold
-        # dedups both kinds on the bare id (it would drop the agent's message after acking it),
-        # and the worker rebuilds agent claims under the bare key after a Redis loss (a retry
-        # would then miss its claim). The fold, the rebuild and this key must change together.
+        # Claimed in the agents' own client_message_id space (hv.agent_claim): the fold dedups
+        # and the sessions worker rebuilds agent claims under the same key.
         ack, duplicate = await self._writes.publish_claimed(
-            event, (req.tenant_id, req.conversation_id, req.client_message_id)
+            event, (req.tenant_id, req.conversation_id, hv.agent_claim(req.client_message_id))
         )
         return ack_response(req, ack, duplicate)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from json.encoder import encode_basestring as _js
 from typing import Any
 
+from schemas import hotview as hv
 from schemas.events import Event, LogPosition, event_type
 
 STATUS_OPEN = "open"
@@ -229,7 +230,8 @@ class Fold:
                 agent_id = ""
             else:
                 sent = event.agent_message_sent
-                cmid, agent_id = sent.client_message_id, sent.agent_id
+                # The agents' own id space (see hotview.agent_claim).
+                cmid, agent_id = hv.agent_claim(sent.client_message_id), sent.agent_id
             if cmid and cmid in self.recent_client_message_ids:
                 # Same client message written twice (its first ack was lost): count it once.
                 self._advance(event, position, occurred_ns, count=False)

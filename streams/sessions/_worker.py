@@ -690,7 +690,7 @@ def _claim_of(event: Event) -> str:
     if kind == "message_received":
         return str(event.message_received.client_message_id)
     if kind == "agent_message_sent":
-        return str(event.agent_message_sent.client_message_id)
+        return hv.agent_claim(event.agent_message_sent.client_message_id)
     if kind == "conversation_started":
         return hv.START_CLAIM
     if kind == "conversation_closed":

@@ -277,3 +277,51 @@ async def test_reply_deltas_stream_live_and_keep_event_cursors(
     first = await asyncio.wait_for(resumed.read(), timeout=30)
     resumed.cancel()
     assert first.event.HasField("message_received") and first.event.message_received.client_message_id == "m1"
+
+
+@pytest.mark.timeout(300)
+async def test_an_agent_message_id_equal_to_a_customers_is_its_own_message(
+    system: System,
+    stub: chat_pb2_grpc.ChatServiceStub,
+    agents: agent_pb2_grpc.AgentServiceStub,
+    redis: aioredis.Redis,
+    tenant: str,
+) -> None:
+    """Customer apps and agent desks choose their client_message_ids apart (both may count 1, 2,
+    3…). Before: an agent message whose id a customer message already had was answered with the
+    customer's ack (duplicate=true) and never written: an acknowledged message lost."""
+    cid = await waiting_conversation(system, stub, agents, tenant)
+    await agents.AcceptConversation(
+        agent_pb2.AcceptConversationRequest(tenant_id=tenant, conversation_id=cid, agent_id="agent-1")
+    )
+    customer = chat_pb2.SendMessageRequest(
+        tenant_id=tenant, conversation_id=cid, client_message_id="1", text="我的订单还没到"
+    )
+    agent = agent_pb2.SendAgentMessageRequest(
+        tenant_id=tenant, conversation_id=cid, agent_id="agent-1", client_message_id="1", text="我来查一下"
+    )
+    c1 = await stub.SendMessage(customer)
+    a1 = await agents.SendAgentMessage(agent)
+    assert not a1.duplicate and a1.event_id != c1.event_id, (c1, a1)
+    # Each retry gets its own first ack.
+    c2, a2 = await stub.SendMessage(customer), await agents.SendAgentMessage(agent)
+    assert c2.duplicate and c2.event_id == c1.event_id
+    assert a2.duplicate and a2.event_id == a1.event_id
+    # Both are in the conversation, once each (the fold deduplicates each kind on its own ids).
+    conv = await eventually(
+        lambda: stub.GetConversation(chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=cid)),
+        lambda c: any(m.text == "我来查一下" for m in c.messages),
+        within_s=60,
+        what="the agent's message in the hot view",
+    )
+    assert sorted((m.sender, m.client_message_id, m.text) for m in conv.messages if m.client_message_id) == [
+        (events_pb2.SENDER_CUSTOMER, "1", "我的订单还没到"),
+        (events_pb2.SENDER_AGENT, "1", "我来查一下"),
+    ]
+    # The sessions worker records (and, after a Redis loss, rebuilds) each claim under the key the
+    # ingress claims it with, so a retry after a rebuild still finds its own ack.
+    agent_key = hv.idempotency_key(tenant, cid, hv.agent_claim("1"))
+    customer_key = hv.idempotency_key(tenant, cid, "1")
+    assert hv.decode_claim(await redis.get(agent_key) or b"pending") is not None
+    assert (hv.decode_claim(await redis.get(agent_key) or b"") or ("",))[0] == a1.event_id
+    assert (hv.decode_claim(await redis.get(customer_key) or b"") or ("",))[0] == c1.event_id
