@@ -23,6 +23,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,7 +44,31 @@ def pct(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def run(system: BenchSystem, rate: float, seconds: float, api: str = "unary") -> str:
+@dataclass
+class EndToEnd:
+    """One run's figures (latencies in ms, from each message's scheduled send) and its report."""
+
+    offered_rate: float
+    api: str
+    acked_rate: float
+    errors: int
+    ack_ms: list[float]
+    live_ms: list[float]
+    landed_ms: list[float]
+    text: str
+
+    def verdict(self) -> str:
+        """Issue 7's row: ≥ 3k msg/s sustained, p99 ack ≤ 50 ms, API → ClickHouse p99 ≤ 2 s."""
+        ack99, landed99 = pct(self.ack_ms, 0.99), pct(self.landed_ms, 0.99)
+        met = self.acked_rate >= 0.97 * 3000 and not self.errors and ack99 <= 50 and landed99 <= 2000
+        return (
+            f"{self.acked_rate:,.0f} msg/s acked of {self.offered_rate:,.0f} offered ({self.api}), "
+            f"{self.errors} errors, ack p99 {ack99:,.0f} ms, API → ClickHouse p99 {landed99:,.0f} ms, "
+            f"→ hot view p99 {pct(self.live_ms, 0.99):,.0f} ms: {'met' if met else '**missed**'}"
+        )
+
+
+async def run(system: BenchSystem, rate: float, seconds: float, api: str = "unary") -> EndToEnd:
     settings = system.settings
     channels = [grpc.aio.insecure_channel(settings.grpc_listen) for _ in range(CHANNELS)]
     stubs = [chat_pb2_grpc.ChatServiceStub(c) for c in channels]
@@ -196,7 +221,7 @@ async def run(system: BenchSystem, rate: float, seconds: float, api: str = "unar
             f"| {name} | {len(values):,} | {statistics.median(values) if values else float('nan'):.1f} | "
             f"{pct(values, 0.9):.1f} | {pct(values, 0.99):.1f} | {max(values, default=float('nan')):.1f} |"
         )
-    return "\n".join(
+    text = "\n".join(
         [
             f"### End to end — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
             "",
@@ -213,6 +238,8 @@ async def run(system: BenchSystem, rate: float, seconds: float, api: str = "unar
             "```",
         ]
     )
+    acked_rate = len(acked_at) / elapsed if elapsed > 0 else 0.0
+    return EndToEnd(rate, api, acked_rate, len(errors), acks, live, landed, text)
 
 
 async def main_async(rate: float, seconds: float, port_offset: int, api: str = "unary") -> int:
@@ -221,7 +248,8 @@ async def main_async(rate: float, seconds: float, port_offset: int, api: str = "
     async def body() -> str:
         await system.up()
         await start_processes(system)
-        return await run(system, rate, seconds, api)
+        outcome = await run(system, rate, seconds, api)
+        return f"{outcome.text}\n\nIssue 7's row: {outcome.verdict()}"
 
     return await report_after(system, body())
 
