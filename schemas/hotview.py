@@ -63,6 +63,20 @@ def open_conversations_key(tenant_id: str) -> str:
     return f"sb:{{{tenant_id}}}:open"
 
 
+def activity_key(tenant_id: str) -> str:
+    """Sorted set of the tenant's open conversations by last activity (score: the latest folded
+    event's occurred_at in ms, kept by the sessions worker, which may lag the truth by up to
+    `ACTIVITY_STEP_MS`: the conversation's state is the exact figure). The idle-close sweeper
+    (services/ingress/_idle.py) reads the oldest ones."""
+    return f"sb:{{{tenant_id}}}:activity"
+
+
+# Set of the tenants that have had a conversation (the idle-close sweeper's round).
+ACTIVE_TENANTS_KEY = "sb:tenants:active"
+# The sessions worker moves a conversation's activity score only once it advanced this much.
+ACTIVITY_STEP_MS = 5000
+
+
 def documents_key(tenant_id: str) -> str:
     """Hash of a tenant's knowledge documents: document id -> switchboard.v1.Document bytes."""
     return f"sb:{{{tenant_id}}}:documents"

@@ -193,6 +193,12 @@ class Settings(BaseSettings):
     # --max-open-conversations N --max-knowledge-documents N`); 0: unlimited.
     max_open_conversations: int = Field(default=0, ge=0)
     max_knowledge_documents: int = Field(default=0, ge=0)
+    # Idle close (services/ingress/_idle.py): a conversation with no event for this long is closed
+    # by the system (resolution "idle"), freeing its place in the open-conversation quota; per
+    # tenant: `switchboard tenants update T --idle-close-after S`. 0: never. How often each ingress
+    # process looks for idle conversations.
+    idle_close_after_s: float = Field(default=24 * 3600.0, ge=0)
+    idle_sweep_interval_s: float = Field(default=30.0, gt=0)
 
     # --- Observability: Prometheus metrics (one endpoint per process; empty: off) and traces ------
     ingress_metrics_listen: str = "127.0.0.1:9464"

@@ -42,7 +42,17 @@ KEY_BURST = "key_burst"
 # Quotas (services/ingress/_quotas.py): whole numbers, 0 unlimited.
 MAX_OPEN_CONVERSATIONS = "max_open_conversations"
 MAX_KNOWLEDGE_DOCUMENTS = "max_knowledge_documents"
-LIMIT_SETTINGS = (RATE, BURST, KEY_RATE, KEY_BURST, MAX_OPEN_CONVERSATIONS, MAX_KNOWLEDGE_DOCUMENTS)
+# Seconds without activity after which a conversation is closed (services/ingress/_idle.py); 0 never.
+IDLE_CLOSE_AFTER = "idle_close_after_s"
+LIMIT_SETTINGS = (
+    RATE,
+    BURST,
+    KEY_RATE,
+    KEY_BURST,
+    MAX_OPEN_CONVERSATIONS,
+    MAX_KNOWLEDGE_DOCUMENTS,
+    IDLE_CLOSE_AFTER,
+)
 _WHOLE = frozenset({BURST, KEY_BURST, MAX_OPEN_CONVERSATIONS, MAX_KNOWLEDGE_DOCUMENTS})
 
 # The methods that spend tokens (one per message or per write); reads and admin calls are free.

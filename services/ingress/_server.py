@@ -23,6 +23,7 @@ from services.ingress import _validation as v
 from services.ingress._agents import AgentService
 from services.ingress._errors import as_rejection, retry_metadata
 from services.ingress._hotview import IngressHotView, live_pool
+from services.ingress._idle import IdleSweeper
 from services.ingress._knowledge import KnowledgeService
 from services.ingress._producer import EventProducer
 from services.ingress._quotas import Quotas
@@ -410,6 +411,15 @@ class IngressServer:
         self.knowledge = KnowledgeService(settings, self.redis, quotas=self.quotas)
         self.agents = AgentService(settings, self.redis, self.hot, self.service.reads, self.service.writes)
         self._readiness: asyncio.Task[None] | None = None
+        # Closes conversations idle past the tenant's idle time (services/ingress/_idle.py).
+        self.idle = IdleSweeper(
+            settings,
+            self.redis,
+            self.service.writes,
+            lambda: self.auth.follower.registry,
+            lambda: self.hot.is_ready(settings.topic_partitions),
+        )
+        self._sweeping: asyncio.Task[None] | None = None
         self.health = ReadinessHealth(lambda: self.hot.is_ready(settings.topic_partitions))
         # API keys and tenants (services/auth): checked per call by its interceptor.
         self.auth = IngressAuth(settings)
@@ -454,6 +464,7 @@ class IngressServer:
         await self.server.start()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._readiness = asyncio.ensure_future(self._follow_readiness())
+        self._sweeping = asyncio.ensure_future(self.idle.run())
         log.info("ingress listening for %s on %s", SERVICE_NAME, self.settings.grpc_listen)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
@@ -485,10 +496,11 @@ class IngressServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain: report NOT_SERVING, finish in-flight calls (up to `grace`), flush the producer."""
-        if self._readiness is not None:
-            self._readiness.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._readiness
+        for task in (self._readiness, self._sweeping):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.health.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)

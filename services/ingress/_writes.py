@@ -775,7 +775,7 @@ class ConversationWrites:
         self,
         req: chat_pb2.CloseConversationRequest,
         traceparent: str,
-        closed_by: events_pb2.Sender.ValueType = events_pb2.SENDER_CUSTOMER,
+        closed_by: events_pb2.Sender = events_pb2.SENDER_CUSTOMER,
     ) -> None:
         conversation = (req.tenant_id, req.conversation_id)
         if not await self._gate.close(conversation):

@@ -342,6 +342,8 @@ class SessionsProcessor:
         folds = await self._load(slots)
         # Where each conversation waited before the batch (agents' queues follow the net change).
         queued_before = {slot: _queued(fold) for slot, fold in folds.items()}
+        # ...and when it was last active (the idle-close sweeper's index moves in steps).
+        active_before = {slot: fold.updated_at_ns if fold is not None else -1 for slot, fold in folds.items()}
         changed: set[tuple[str, str]] = set()
         writes = _Writes(self._settings.live_stream_maxlen)
         now_ms = int(time.time() * 1000)
@@ -384,6 +386,7 @@ class SessionsProcessor:
             assert fold is not None
             writes.mirror(hv.conversation_key(*slot), fold)
             _requeue(writes, slot, queued_before[slot], fold)
+            _track_activity(writes, slot, active_before[slot], fold)
         await self._execute(writes)
         # Positions last, in their own round trip once every state is in: a Redis that kept them
         # kept everything above.
@@ -674,12 +677,28 @@ def _requeue(writes: _Writes, slot: tuple[str, str], before: tuple[str, int], af
         writes.command("ZADD", hv.queue_key(tenant_id, now), now_at, conversation_id)
 
 
+def _track_activity(writes: _Writes, slot: tuple[str, str], before_ns: int, after: Fold) -> None:
+    """The tenant's open conversations by last activity (services/ingress/_idle.py closes the idle
+    ones): moved only once it advanced a step, so a busy conversation costs a write per step, not
+    per batch; GT: a replayed older batch never moves it back."""
+    tenant_id, conversation_id = slot
+    if after.status == STATUS_CLOSED:
+        writes.command("ZREM", hv.activity_key(tenant_id), conversation_id)
+        return
+    step_ns = hv.ACTIVITY_STEP_MS * 1_000_000
+    if before_ns < 0 or after.updated_at_ns // step_ns != before_ns // step_ns:
+        writes.command(
+            "ZADD", hv.activity_key(tenant_id), "GT", after.updated_at_ns // 1_000_000, conversation_id
+        )
+
+
 def _count_open(writes: _Writes, event: Event) -> None:
     """The tenant's open conversations (services/ingress/_quotas.py): a folded start is there for
     good (score 0, replacing the ingress's expiring reservation) until its close is folded."""
     kind = event_type(event)
     if kind == "conversation_started":
         writes.command("ZADD", hv.open_conversations_key(event.tenant_id), 0, event.conversation_id)
+        writes.command("SADD", hv.ACTIVE_TENANTS_KEY, event.tenant_id)
     elif kind == "conversation_closed":
         writes.command("ZREM", hv.open_conversations_key(event.tenant_id), event.conversation_id)
 

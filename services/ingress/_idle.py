@@ -1,0 +1,218 @@
+"""Idle close: conversations nobody touched for `idle_close_after_s` are closed by the system.
+
+Abandoned conversations used to stay open for ever and keep counting against the tenant's
+`max_open_conversations` quota. Each ingress process runs a sweeper: every
+`idle_sweep_interval_s` it goes through the tenants that have conversations
+(`hv.ACTIVE_TENANTS_KEY`), takes the open conversations whose last activity is older than the
+tenant's idle time from the index the sessions worker keeps (`hv.activity_key`, by the latest
+folded event's time), checks each against its state (the index may lag by a step), and closes the
+idle ones with ConversationClosed(resolution "idle", closed_by SENDER_SYSTEM) through the same path
+as CloseConversation (`ConversationWrites.close_for_system`: hold, wait for other processes'
+unsettled messages, publish, mark closed, free the quota place). So a message racing an idle close
+is before the close in the log or refused, as with any close; one acknowledged in the moment
+between the check and the hold is before the close (the conversation closes right after it).
+
+A tenant is swept by one process at a time: a Redis lock with an expiry (a sweeper that dies
+holding it only delays that tenant's sweep). The lock saves work, not correctness: two closes of
+one conversation meet at its close claim, and the second is a no-op.
+
+The idle time is the tenant's own (`switchboard tenants update T --idle-close-after S`), else the
+settings' default; 0 turns it off. A process that cannot reach Redis or Kafka skips the sweep and
+tries again at the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+
+from schemas import hotview as hv
+from services.auth._limits import IDLE_CLOSE_AFTER
+from services.auth._model import Registry
+from services.ingress import _validation as v
+from services.ingress._writes import ConversationWrites
+from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RESOLUTION = "idle"
+# Conversations one tenant's sweep looks at, and closes at once.
+SWEEP_BATCH = 200
+CLOSE_CONCURRENCY = 16
+# A tenant's lock outlives a sweep that is slow, not one whose process died.
+LOCK_TTL_MS = 120_000
+
+IDLE_CLOSED = Counter("switchboard_idle_closed_total", "Conversations closed for inactivity")
+
+# Compare-and-delete: only the owner's lock is released.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def lock_key(tenant_id: str) -> str:
+    return f"sb:{{{tenant_id}}}:idle-sweep"
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    conversation_id: str
+    indexed_ms: int  # its last activity in the index
+
+
+def idle_after_s(registry: Registry | None, settings: Settings, tenant_id: str) -> float:
+    """The tenant's idle time: its own setting, else the default (0: never)."""
+    tenant = registry.tenants.get(tenant_id) if registry is not None else None
+    own = tenant.settings if tenant is not None else {}
+    return float(own.get(IDLE_CLOSE_AFTER, settings.idle_close_after_s))
+
+
+CLOSE = "close"
+FORGET = "forget"
+
+
+def verdict(state_json: bytes | None, closed: bool, cutoff_ms: int) -> str | int:
+    """What to do with a candidate (pure): CLOSE it; FORGET it (closed already: the index drops
+    it); or its last activity in ms, newer than the cutoff, for the index (0: no state, leave it)."""
+    if closed:
+        return FORGET
+    if not state_json:
+        return 0
+    state: dict[str, Any] = json.loads(state_json)
+    if state.get("status") == "closed":
+        return FORGET
+    updated_ms = int(state.get("updated_at_ns", 0)) // 1_000_000
+    return updated_ms if updated_ms > cutoff_ms else CLOSE
+
+
+class IdleSweeper:
+    """Closes idle conversations; `run` forever, or `sweep` once (tests)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        writes: ConversationWrites,
+        registry: Callable[[], Registry | None] | None = None,
+        ready: Callable[[], Any] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._writes = writes
+        self._registry = registry or (lambda: None)
+        self._ready = ready
+        self._owner = uuid.uuid4().hex.encode()
+        self._release = redis.register_script(_RELEASE)
+        self.closed = 0
+
+    async def run(self) -> None:
+        interval = self._settings.idle_sweep_interval_s
+        while True:
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("idle close: the sweep failed (%r); trying again in %.0fs", exc, interval)
+            await asyncio.sleep(interval)
+
+    async def sweep(self) -> int:
+        """One round over every tenant; returns how many conversations it closed."""
+        if self._ready is not None and not await self._ready():
+            return 0  # the hot view is being rebuilt: closes would be refused anyway
+        members: Any = await self._redis.smembers(hv.ACTIVE_TENANTS_KEY)
+        registry = self._registry()
+        now_ms = int(time.time() * 1000)
+        due: list[tuple[str, float]] = []
+        for raw in sorted(members):
+            tenant_id = raw.decode()
+            after_s = idle_after_s(registry, self._settings, tenant_id)
+            if after_s > 0:
+                due.append((tenant_id, after_s))
+        if not due:
+            return 0
+        # Which tenants have a candidate at all: one round trip, before any lock.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tenant_id, after_s in due:
+                cutoff_ms = now_ms - math.ceil(after_s * 1000)
+                pipe.zrangebyscore(hv.activity_key(tenant_id), "-inf", cutoff_ms, start=0, num=1)
+            firsts = await pipe.execute()
+        closed = 0
+        for (tenant_id, after_s), first in zip(due, firsts, strict=True):
+            if first:
+                closed += await self.sweep_tenant(tenant_id, after_s)
+        return closed
+
+    async def sweep_tenant(self, tenant_id: str, after_s: float) -> int:
+        """Close the tenant's conversations idle for `after_s` (unless another process is
+        sweeping the tenant); returns how many it closed."""
+        cutoff_ms = int(time.time() * 1000) - math.ceil(after_s * 1000)
+        key = lock_key(tenant_id)
+        if not await self._redis.set(key, self._owner, nx=True, px=LOCK_TTL_MS):
+            return 0  # another process is sweeping this tenant
+        try:
+            candidates = await self._candidates(tenant_id, cutoff_ms)
+            closing = asyncio.Semaphore(CLOSE_CONCURRENCY)
+
+            async def close(conversation_id: str) -> bool:
+                async with closing:
+                    return await self._close(tenant_id, conversation_id)
+
+            results = await asyncio.gather(*(close(c) for c in candidates))
+            return sum(results)
+        finally:
+            await self._release(keys=[key], args=[self._owner])
+
+    async def _candidates(self, tenant_id: str, cutoff_ms: int) -> list[str]:
+        """The tenant's conversations idle since before `cutoff_ms`, checked against their state;
+        the index of the others is put right (it lags by up to a step)."""
+        index = hv.activity_key(tenant_id)
+        rows: Any = await self._redis.zrangebyscore(
+            index, "-inf", cutoff_ms, start=0, num=SWEEP_BATCH, withscores=True
+        )
+        found = [Candidate(raw.decode(), int(score)) for raw, score in rows]
+        if not found:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for c in found:
+                pipe.hmget(hv.conversation_key(tenant_id, c.conversation_id), hv.F_STATE, hv.F_CLOSED_NS)
+            states = await pipe.execute()
+        idle: list[str] = []
+        async with self._redis.pipeline(transaction=False) as fix:
+            for c, (state, closed_ns) in zip(found, states, strict=True):
+                what = verdict(state, closed_ns is not None, cutoff_ms)
+                if what == CLOSE:
+                    idle.append(c.conversation_id)
+                elif what == FORGET:
+                    fix.zrem(index, c.conversation_id)
+                elif isinstance(what, int) and what > c.indexed_ms:
+                    # XX: a close folded meanwhile removed it; it is not put back.
+                    fix.zadd(index, {c.conversation_id: what}, xx=True, gt=True)
+            await fix.execute()
+        return idle
+
+    async def _close(self, tenant_id: str, conversation_id: str) -> bool:
+        try:
+            closed = await self._writes.close_for_system(tenant_id, conversation_id, RESOLUTION)
+        except v.RequestRejected as exc:
+            # Being closed by someone else, messages still in flight, Kafka away: next sweep.
+            log.info("idle close of %s/%s deferred: %s", tenant_id, conversation_id, exc.message)
+            return False
+        if closed:
+            IDLE_CLOSED.inc()
+            self.closed += 1
+            log.info("closed idle conversation %s/%s", tenant_id, conversation_id)
+        return closed
