@@ -10,7 +10,13 @@ Brings up its own local stack (Kafka, Redis, SeaweedFS) on its own ports, writes
 - the archiver (the same processor `switchboard worker archiver` runs) archiving the topic to S3;
 - the records deleted from Kafka, then `replay --target projections` through the S3 archive.
 
-    .venv/bin/python benchmarks/replay.py [--events 200000] [--port-offset 0] [--keep-data]
+    .venv/bin/python benchmarks/replay.py [--events 200000] [--port-offset 0] [--batch-size 20000]
+        [--keep-data]
+
+Each replay also reports its CPU per event: this process's and its row-building workers' CPU
+time (user + system, the workers counted once the pool is shut down) over the records read; it
+moves far less with the machine's load than the rates do. The load average is printed at the
+start and the end.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -35,7 +43,7 @@ from services.settings import PROJECT_ROOT, Settings
 from streams._consumer import Record
 from streams.archive import ArchiveStore, archiver_consumer, build_segment
 from streams.projector import rows_of
-from streams.replay import ReplayOptions, kafka_offsets, plan_replay, read_log, replay
+from streams.replay import ReplayOptions, ReplaySummary, kafka_offsets, plan_replay, read_log, replay
 from streams.replay.workload import mixed_workload
 
 PORTS = {
@@ -50,6 +58,20 @@ PORTS = {
     "S3_ADMIN_PORT": 38434,
     "S3_ADMIN_GRPC_PORT": 38444,
 }
+
+
+def cpu_s() -> float:
+    """CPU seconds of this process and of its finished children (the replay's worker pool)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+async def timed_replay(settings: Settings, options: ReplayOptions) -> tuple[ReplaySummary, float]:
+    """The replay's summary and its CPU µs per record read."""
+    c0 = cpu_s()
+    (summary,) = await replay(settings, options)
+    return summary, (cpu_s() - c0) / max(summary.read, 1) * 1e6
 
 
 def log(message: str) -> None:
@@ -140,6 +162,7 @@ async def main(args: argparse.Namespace) -> int:
         (data_dir / "kafka").mkdir(parents=True, exist_ok=True)
         (data_dir / "kafka" / libs.name).symlink_to(libs, target_is_directory=True)
     results: list[tuple[str, float, str]] = []
+    load0 = os.getloadavg()
     try:
         await stack.install(settings)
         await stack.up(settings)
@@ -172,15 +195,23 @@ async def main(args: argparse.Namespace) -> int:
         client = open_clickhouse(settings)
         migrate(client)
         client.close()
-        options = ReplayOptions(target="projections", topic=topic, use_archive=False)
-        (summary,) = await replay(settings, options)
-        results.append(
-            ("replay --target projections (Kafka -> fresh tables + exchange)", summary.rate, "ev/s")
-        )
-        options = ReplayOptions(target="projections", topic=topic, use_archive=False, workers=2)
-        (pooled,) = await replay(settings, options)
-        results.append(("  the same, rows built by 2 processes (--workers 2)", pooled.rate, "ev/s"))
-
+        runs: list[tuple[str, ReplaySummary, float]] = []
+        for label, workers in (
+            ("replay --target projections (Kafka -> fresh tables + exchange)", 0),
+            ("  the same, rows built by 1 worker process (--workers 1)", 1),
+            ("  the same, rows built by 2 worker processes (--workers 2)", 2),
+        ):
+            options = ReplayOptions(
+                target="projections",
+                topic=topic,
+                use_archive=False,
+                workers=workers,
+                batch_size=args.batch_size,
+            )
+            run, cpu = await timed_replay(settings, options)
+            runs.append((label, run, cpu))
+            results.append((label, run.rate, f"ev/s, {cpu:.1f} µs CPU/event"))
+        summary, pooled = runs[0][1], max((r for _, r, _ in runs[1:]), key=lambda r: r.rate)
         store = ArchiveStore(settings)
         archive_s = await archive_all(settings, store, topic, ends)
         listing = [await asyncio.to_thread(store.listing, topic, p) for p in sorted(ends)]
@@ -203,21 +234,31 @@ async def main(args: argparse.Namespace) -> int:
         archived, archive_read_s = await read_all(settings, topic, store)
         assert len(archived) == n, (len(archived), n)
         results.append(("read the archive, nothing else (S3 + zstd + decode)", n / archive_read_s, "ev/s"))
-        options = ReplayOptions(target="projections", topic=topic, swap=False)
-        (through,) = await replay(settings, options)
-        results.append(("replay --target projections through the S3 archive", through.rate, "ev/s"))
+        options = ReplayOptions(
+            target="projections", topic=topic, swap=False, workers=2, batch_size=args.batch_size
+        )
+        through, through_cpu = await timed_replay(settings, options)
+        results.append(
+            (
+                "replay --target projections --workers 2 through the S3 archive",
+                through.rate,
+                f"ev/s, {through_cpu:.1f} µs CPU/event",
+            )
+        )
 
         print(
             f"\nreplay benchmark: {n:,} events ({len(ends)} partitions), {segments} segments, "
             f"{arch_raw / 1e6:.1f} MB raw -> {arch_stored / 1e6:.1f} MB stored"
         )
+        print(f"load average at the start {load0[0]:.1f}, at the end {os.getloadavg()[0]:.1f} (1 min)")
         print(f"{'measurement':<66} {'value':>12}")
         for name, value, unit in results:
             print(f"{name:<66} {value:>12,.1f} {unit}")
         base = results[0][1]
         print(f"\nreplay into projections / plain read of the topic: {summary.rate / base:.2f}")
         print(f"replay into projections / rows_of alone:          {summary.rate / results[1][1]:.2f}")
-        print(f"replay with --workers 2 / replay in one process:  {pooled.rate / summary.rate:.2f}")
+        print(f"best replay with workers / replay in one process: {pooled.rate / summary.rate:.2f}")
+        print(f"best replay with workers / rows_of alone:         {pooled.rate / results[1][1]:.2f}")
         print(f"identical through the archive: {through.identical} (rows and checksums of every table)")
         return 0
     finally:
@@ -232,6 +273,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--port-offset", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=20_000, help="records per replay batch")
     parser.add_argument("--keep-data", action="store_true")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)

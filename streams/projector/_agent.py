@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from schemas.events import Event, EventDecodeError, LogPosition, decode_event
+from schemas.events import Event, EventDecodeError, decode_event
 from services.analytics._clickhouse import DATABASE
 from services.settings import Settings
 from streams._consumer import BatchConsumer, PartitionControl, Record, Rejected, instance_id
@@ -40,20 +40,35 @@ class ProjectorStats:
     dead_lettered: int = 0
 
 
-def rows_of(records: Sequence[Record]) -> tuple[ProjectionBatch, list[tuple[Record, BaseException]]]:
+class RecordLike(Protocol):
+    """What `rows_of` reads of a record: a `Record`, or a replay worker's lighter tuple."""
+
+    @property
+    def value(self) -> bytes | None: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+
+R = TypeVar("R", bound=RecordLike)
+
+
+def rows_of(records: Sequence[R]) -> tuple[ProjectionBatch, list[tuple[R, BaseException]]]:
     """Rows for every record that decodes and projects; the others with their error."""
     with gc_paused():
         return _rows_of(records)
 
 
-def _rows_of(records: Sequence[Record]) -> tuple[ProjectionBatch, list[tuple[Record, BaseException]]]:
-    rejected: list[tuple[Record, BaseException]] = []
-    decoded: list[tuple[Event, LogPosition]] = []
-    kept: list[Record] = []
+def _rows_of(records: Sequence[R]) -> tuple[ProjectionBatch, list[tuple[R, BaseException]]]:
+    rejected: list[tuple[R, BaseException]] = []
+    # The record is the event's position (it has partition and offset): no object per event.
+    decoded: list[tuple[Event, R]] = []
     for r in records:
         try:
-            decoded.append((decode_event(r.value), LogPosition(r.partition, r.offset)))
-            kept.append(r)
+            decoded.append((decode_event(r.value), r))
         except EventDecodeError as exc:
             rejected.append((r, exc))
     try:
@@ -61,13 +76,13 @@ def _rows_of(records: Sequence[Record]) -> tuple[ProjectionBatch, list[tuple[Rec
     except Exception:
         pass
     # Some event makes the (pure) row builder raise: find it, event by event.
-    good: list[tuple[Event, LogPosition]] = []
-    for item, r in zip(decoded, kept, strict=True):
+    good: list[tuple[Event, R]] = []
+    for item in decoded:
         try:
             project([item])
             good.append(item)
         except Exception as exc:
-            rejected.append((r, exc))
+            rejected.append((item[1], exc))
     return project(good), rejected
 
 

@@ -14,14 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring as _js
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.internal import type_checkers
 from google.protobuf.json_format import MessageToJson
 from switchboard.v1 import events_pb2
 
-from schemas.events import Event, LogPosition, event_type
+from schemas.events import Event, event_type
 from streams.privacy import redact_event
 
 EVENTS = "raw_events"
@@ -522,7 +522,17 @@ def _appenders(batch: ProjectionBatch, table: str) -> tuple[Callable[[Any], None
     return tuple(column.append for column in batch.data[table])
 
 
-def project(records: Sequence[tuple[Event, LogPosition]]) -> ProjectionBatch:
+class Position(Protocol):
+    """Where an event sits in the log: a `LogPosition`, or the Kafka record it came in."""
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+
+def project(records: Sequence[tuple[Event, Position]]) -> ProjectionBatch:
     """Rows for every table from a batch of events; the same input always gives the same rows.
 
     Values go straight into their columns: `any(map(_call, appenders, row))` appends each value

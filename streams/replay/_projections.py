@@ -22,12 +22,13 @@ import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from services.analytics import DATABASE, endpoint_client, endpoint_is_up, load_migrations, open_clickhouse
 from services.settings import Settings
 from streams._consumer import Record
 from streams.projector import ProjectionBatch, insert_batch, rows_of
+from streams.projector._sink import NativeBatch, NativeSchema, insert_native, native_blocks, native_schema
 
 _DB_REF = re.compile(r"\bswitchboard\.")
 _VIEWS = ("View", "MaterializedView", "LiveView", "WindowView")
@@ -85,6 +86,28 @@ def table_checksums(client: Any, database: str) -> dict[str, tuple[int, int]]:
     return out
 
 
+class _Raw(NamedTuple):
+    """A record as a replay worker gets it: what `rows_of` reads, nothing more."""
+
+    value: bytes | None
+    partition: int
+    offset: int
+
+
+def build_native(
+    values: list[bytes | None], partitions: list[int], offsets: list[int], schema: NativeSchema
+) -> tuple[NativeBatch, int]:
+    """In a worker process: decode, project and serialize one batch; (blocks, records rejected).
+
+    Records travel as three plain lists and rows come back as Native bytes: pickling either as
+    objects cost the inserting process more than building the rows did."""
+    batch, rejected = rows_of([_Raw(v, p, o) for v, p, o in zip(values, partitions, offsets, strict=True)])
+    return native_blocks(batch, schema), len(rejected)
+
+
+Built = tuple[ProjectionBatch, list[tuple[Record, BaseException]]] | tuple[NativeBatch, int]
+
+
 @dataclass(slots=True)
 class ProjectionTarget:
     """Where a projections replay writes, and how it swaps.
@@ -95,34 +118,53 @@ class ProjectionTarget:
     client: Any
     database: str
     # Row builders in other processes (None: a thread of this one). With N processes, N batches
-    # are built at once while this process inserts.
+    # are built (and serialized to Native format, `build_native`) at once while this process
+    # reads the log and inserts.
     pool: ProcessPoolExecutor | None = None
     workers: int = 1
     # Records to project (the erasure registry: an erased customer's events stay out).
     keep: Callable[[Record], bool] | None = None
+    # The tables' column types, for the workers' serialization (`native_schema`; with a pool).
+    schema: NativeSchema | None = None
     _inflight: asyncio.Task[int] | None = None
 
-    async def build(
-        self, records: Sequence[Record]
-    ) -> tuple[ProjectionBatch, list[tuple[Record, BaseException]]]:
+    def __post_init__(self) -> None:
+        if self.pool is not None and self.schema is None:
+            self.schema = native_schema(self.client, self.database)
+
+    async def build(self, records: Sequence[Record]) -> Built:
         if self.keep is not None:
             records = [r for r in records if self.keep(r)]
         if self.pool is None:
             return await asyncio.to_thread(rows_of, records)
-        return await asyncio.get_running_loop().run_in_executor(self.pool, rows_of, list(records))
+        assert self.schema is not None
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool,
+            build_native,
+            [r.value for r in records],
+            [r.partition for r in records],
+            [r.offset for r in records],
+            self.schema,
+        )
 
     async def apply(self, records: Sequence[Record]) -> tuple[int, int]:
         """Project the records (the projector's pure row builder, then its sink); returns (events,
         rejected). Rejected records are those the live projector dead-letters too."""
         return await self.insert(await self.build(records), len(records))
 
-    async def insert(
-        self, built: tuple[ProjectionBatch, list[tuple[Record, BaseException]]], count: int
-    ) -> tuple[int, int]:
-        rows, rejected = built
+    async def insert(self, built: Built, count: int) -> tuple[int, int]:
         await self.flush()
-        self._inflight = asyncio.ensure_future(insert_batch(self.client, rows, database=self.database))
-        return count - len(rejected), len(rejected)
+        if isinstance(built[0], NativeBatch):
+            native, refused = built
+            assert isinstance(refused, int)
+            work = insert_native(self.client, native, database=self.database)
+        else:
+            rows, rejected = built
+            assert isinstance(rows, ProjectionBatch) and isinstance(rejected, list)
+            refused = len(rejected)
+            work = insert_batch(self.client, rows, database=self.database)
+        self._inflight = asyncio.ensure_future(work)
+        return count - refused, refused
 
     async def flush(self) -> None:
         if self._inflight is not None:
