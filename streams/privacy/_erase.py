@@ -261,6 +261,8 @@ async def purge_redis(redis: aioredis.Redis, tenant: str, conversations: list[st
                     batch = []
             if batch:
                 deleted += await redis.delete(*batch)
+        # The set of tenants with open conversations (the idle closer's index).
+        await redis.srem(getattr(hv, "ACTIVE_TENANTS_KEY", "sb:tenants:active"), tenant)
         return deleted
     for conversation in conversations:
         pattern = f"{_glob(f'sb:{{{tenant}:{conversation}}}:')}*"

@@ -94,10 +94,18 @@ def purge_older(client: Any, tenant: str, cutoff: datetime) -> dict[str, int]:
         elif "minute" in columns:
             condition = f"tenant_id = {t} AND minute < {at}"
         elif "last_event_at" in columns:
-            condition = (
-                f"tenant_id = {t} AND conversation_id IN (SELECT conversation_id FROM {DATABASE}.`{table}` "
-                f"WHERE tenant_id = {t} GROUP BY conversation_id HAVING max(last_event_at) < {at})"
-            )
+            # The ids first: a mutation whose subquery reads the table it rewrites deleted nothing
+            # through the embedded endpoint.
+            stale = [
+                str(r[0])
+                for r in client.query(
+                    f"SELECT conversation_id FROM {DATABASE}.`{table}` WHERE tenant_id = {t} "
+                    f"GROUP BY conversation_id HAVING max(last_event_at) < {at}"
+                ).result_rows
+            ]
+            if not stale:
+                continue
+            condition = f"tenant_id = {t} AND conversation_id IN ({', '.join(quote(c) for c in stale)})"
         else:
             continue
         held = int(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def produce(settings: Settings, events: list[Event]) -> None:
+async def produce(settings: Settings, events: list[Event], timestamp_ms: int | None = None) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True
     )
@@ -52,6 +53,7 @@ async def produce(settings: Settings, events: list[Event]) -> None:
                 key=event_key(event),
                 value=encode_event(event),
                 headers=event_headers(event),
+                timestamp_ms=timestamp_ms,
             )
         await producer.flush()
     finally:
@@ -353,3 +355,44 @@ async def test_erasing_a_whole_tenant_leaves_nothing_of_it(system: System) -> No
     # Re-projecting the tenant's part of the log (still in Kafka) projects nothing of it.
     await replay(settings, ReplayOptions(target="projections", tenant=tenant))
     assert await asyncio.to_thread(clickhouse_traces, settings, [tenant], tenant) == []
+
+
+@pytest.mark.timeout(600)
+async def test_retention_deletes_what_is_older_than_the_tenants_days(system: System) -> None:
+    settings = system.settings
+    tenant = f"rt{uuid.uuid4().hex[:8]}"
+    three_days_ago = time.time() - 3 * 86400
+    old = mixed_workload(tenant, 3, seed=5)
+    for e in old:
+        e.occurred_at.FromNanoseconds(int(three_days_ago * 1e9))
+    recent = mixed_workload(tenant, 2, seed=6)
+    await produce(settings, old, timestamp_ms=int(three_days_ago * 1000))
+    await produce(settings, recent)
+    await caught_up(settings)
+    count_sql = "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}"
+    assert await asyncio.to_thread(clickhouse_count, settings, count_sql, t=tenant) == len(old) + len(recent)
+
+    assert (await switchboard(system, "tenants", "create", tenant))[0] == 0
+    code, out, err = await switchboard(system, "tenants", "update", tenant, "--retention-days", "1")
+    assert code == 0 and "retention: 1 days" in out, (out, err)
+    code, out, err = await switchboard(system, "tenant", "retention", "--tenant", tenant)
+    assert code == 0, f"{out}\n{err[-4000:]}"
+
+    assert await asyncio.to_thread(clickhouse_count, settings, count_sql, t=tenant) == len(recent)
+    conversations = await asyncio.to_thread(
+        clickhouse_count,
+        settings,
+        "SELECT count() FROM switchboard.conversations WHERE tenant_id = {t:String}",
+        t=tenant,
+    )
+    assert conversations == len({e.conversation_id for e in recent}), out
+    store = ArchiveStore(settings)
+    archived: set[str] = set()
+    for p in store.partitions(settings.conversation_topic):
+        for manifest in store.listing(settings.conversation_topic, p).manifests:
+            for record in store.read_segment(manifest):
+                if dict(record.headers).get("sb-tenant") == tenant.encode():
+                    archived.add(decode_event(record.value).event_id)
+    assert archived == {e.event_id for e in recent}
+    reports = await asyncio.to_thread(verify_archive, store, settings.conversation_topic)
+    assert all(r.ok for r in reports), [r.problems for r in reports]
