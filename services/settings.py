@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     analytics_max_decompressed_mb: int = Field(default=256, ge=1)
     # A reader's queries stop after this (its own max_execution_time may only be lower).
     analytics_max_execution_time_s: int = Field(default=60, ge=1)
+    # Analysts who see one tenant only, as JSON: {"user": {"tenant": "acme", "password_sha256_hex":
+    # "<sha256 of the password>"}} (ClickHouse's users.xml form); docs/analytics.md.
+    analytics_tenant_users: dict[str, dict[str, str]] = Field(default_factory=dict)
+    # Seconds an idle connection, or one still sending a request's head, is kept open.
+    analytics_idle_timeout_s: float = Field(default=10.0, gt=0)
 
     # --- S3 (any S3-compatible store; SeaweedFS locally) ----------------------------------------
     s3_endpoint: str = "127.0.0.1:8333"

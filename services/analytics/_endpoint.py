@@ -44,7 +44,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,9 +52,11 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from services.analytics._clickhouse import split_statements
 from services.analytics._guard import (
     EndpointPolicy,
     Refusal,
+    TenantAnalyst,
     authenticate,
     browser_refusal,
     credentials,
@@ -62,10 +64,14 @@ from services.analytics._guard import (
     reader_settings,
 )
 from services.analytics._native import NativeFormatError, with_protocol_revision
+from services.analytics._tenancy import TENANT_TABLES_SQL, statement_refusal, tenant_settings, tree_refusal
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SETTINGS: Mapping[str, str] = {}
+
+# Seconds an idle connection, or one still sending a request's head, is kept (see start()).
+IDLE_TIMEOUT_S = 10.0
 
 # URL parameters that shape the HTTP exchange rather than the query (never sent to the engine).
 _TRANSPORT_PARAMS = frozenset(
@@ -182,6 +188,16 @@ class QueryRequest:
     query_id: str = ""
     # The client's ``client_protocol_version`` (0: none); shapes Native output (see _native).
     client_protocol_version: int = 0
+    # Who asks: sessions belong to a user (another user's session id is another session).
+    user: str = ""
+    # Marks the statement in the engine's process list so `ChdbQueryEngine.kill` can stop it
+    # (a client that hung up); "" for none.
+    cancel_tag: str = ""
+    # Settings the endpoint imposes (a tenant analyst's row filter): applied after the client's
+    # own, then the readonly level, so the client can change none of them.
+    enforced_settings: dict[str, str] = field(default_factory=dict)
+    # A tenant analyst's tenant: the statement reads only that tenant's rows (see _tenancy).
+    tenant: str = ""
 
 
 @dataclass(slots=True)
@@ -190,10 +206,146 @@ class QueryResult:
     # The output format when the statement produces a result set, else "".
     format: str
     summary: dict[str, str]
-    # An error after the first blocks of a Native result: `body` holds the blocks before it, and
-    # the endpoint answers as a ClickHouse server does mid-stream (200, the blocks, then the
-    # exception in an X-ClickHouse-Exception-Tag block), so clients raise where the stream broke.
-    error: QueryError | None = None
+
+
+# Output formats whose output for a whole result is the concatenation of their output for each
+# block (no header, footer or separator across blocks): these are streamed block by block.
+# Checked against chdb (tests/integration/test_analytics_stream.py: streamed == buffered); the
+# others (JSON, Pretty, *WithNames, Parquet, Arrow, Values, ...) are formatted whole, as before.
+STREAMED_FORMATS = frozenset(
+    name.lower()
+    for name in (
+        "Native",
+        "TabSeparated",
+        "TSV",
+        "TabSeparatedRaw",
+        "TSVRaw",
+        "CSV",
+        "JSONEachRow",
+        "JSONCompactEachRow",
+        "JSONStringsEachRow",
+        "JSONLines",
+        "NDJSON",
+        "RowBinary",
+        "CustomSeparated",
+        "MsgPack",
+        "TSKV",
+        "LineAsString",
+        "BSONEachRow",
+    )
+)
+
+
+class QueryStream:
+    """A SELECT's result read block by block: the endpoint holds one block at a time, never the
+    whole result. `first` is the first block (fetched before answering, so an error before any
+    row is an ordinary error response). `next_chunk` blocks (call it from a worker thread, one
+    call at a time); `close` may be called from any thread at any time: chdb's own cancel must
+    not run while another thread fetches (it hangs), so while a block is being fetched `close`
+    stops the query with KILL QUERY and the fetching thread cleans up when the engine returns."""
+
+    def __init__(self, raw: Any, fmt: str, protocol: int, tag: str, kill: Any) -> None:
+        self.format = fmt
+        self.first = b""
+        self.summary: dict[str, str] = {}
+        self._raw = raw
+        self._protocol = protocol
+        self._tag = tag
+        self._kill = kill
+        self._lock = threading.Lock()
+        self._fetching = False
+        self._closed = False
+        self._cleanups: list[Any] = []
+        self._rows = self._read_bytes = 0
+        self._elapsed = 0.0
+
+    @property
+    def tag(self) -> str:
+        return self._tag
+
+    def add_cleanup(self, action: Any) -> None:
+        """Run `action` when the stream closes (in the order added)."""
+        self._cleanups.append(action)
+
+    def next_chunk(self) -> bytes | None:
+        """The next block's bytes; None at the end (or once closed). Raises `QueryError` for an
+        error in the middle of the result."""
+        with self._lock:
+            if self._closed:
+                return None
+            self._fetching = True
+        error: QueryError | None = None
+        chunk: Any = None
+        try:
+            chunk = self._raw.fetch()
+        except Exception as exc:
+            error = QueryError.from_engine(exc)
+        with self._lock:
+            self._fetching = False
+            closed = self._closed
+        if closed:
+            self._cleanup()
+            return None
+        if error is not None:
+            raise error
+        if chunk is None:
+            return None
+        self._rows += chunk.rows_read()
+        self._read_bytes += chunk.bytes_read()
+        self._elapsed += chunk.elapsed()
+        body = bytes(chunk.bytes() or b"")
+        if self._protocol and self.format.lower() == "native":
+            try:
+                body = with_protocol_revision(body, self._protocol)
+            except NativeFormatError as exc:
+                raise QueryError(f"Code: 48. DB::Exception: {exc}. (NOT_IMPLEMENTED)", 48) from exc
+        return body
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            fetching = self._fetching
+        if fetching:
+            self._kill(self._tag)  # the fetching thread cleans up when the engine returns
+        else:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        try:
+            self._raw.close()
+        except Exception:  # the query already ended (or failed); nothing to cancel
+            pass
+        for action in self._cleanups:
+            try:
+                action()
+            except Exception:
+                log.exception("closing a query stream failed")
+        self._cleanups.clear()
+
+    def start(self) -> None:
+        """Fetch the first block (an error here is the query's error, before any byte is sent)."""
+        try:
+            chunk = self.next_chunk()
+        except BaseException:
+            self.close()
+            raise
+        self.first = chunk or b""
+        self.summary = _summary(self._rows, self._read_bytes, self._elapsed, len(self.first))
+
+
+def _summary(rows: int, read_bytes: int, elapsed: float, result_bytes: int) -> dict[str, str]:
+    return {
+        "read_rows": str(rows),
+        "read_bytes": str(read_bytes),
+        "written_rows": "0",
+        "written_bytes": "0",
+        "total_rows_to_read": str(rows),
+        "result_rows": "0",
+        "result_bytes": str(result_bytes),
+        "elapsed_ns": str(int(elapsed * 1e9)),
+    }
 
 
 def statement_kind(sql: str) -> str:
@@ -220,6 +372,10 @@ def _engine_text(sql: str) -> str | bytes:
 
 def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _tag_comment(tag: str) -> str:
+    return f"/* {tag} */"
 
 
 def _set_statement(settings: Mapping[str, str]) -> str:
@@ -358,7 +514,9 @@ class ChdbQueryEngine:
         now = time.monotonic()
         with self._sessions_lock:
             closing = self._sweep(now)
-            session = self._sessions.get(request.session_id)
+            # As on a server, a session belongs to its user: another user's id is another session.
+            key = f"{request.user}\x00{request.session_id}"
+            session = self._sessions.get(key)
             if session is None:
                 if request.session_check:
                     raise QueryError(
@@ -373,7 +531,7 @@ class ChdbQueryEngine:
                         202,
                     )
                 session = _Session(request.session_timeout_s)
-                self._sessions[request.session_id] = session
+                self._sessions[key] = session
             session.timeout_s = request.session_timeout_s
         for conn in closing:
             conn.close()
@@ -408,25 +566,80 @@ class ChdbQueryEngine:
     # --- execution ------------------------------------------------------------------------------
 
     def execute(self, request: QueryRequest) -> QueryResult:
+        """Run the statement to its end and return its whole result."""
+        outcome = self.open(request, stream=False)
+        assert isinstance(outcome, QueryResult)
+        return outcome
+
+    def open(self, request: QueryRequest, *, stream: bool = True) -> QueryResult | QueryStream:
+        """Run the statement; a SELECT in a format of `STREAMED_FORMATS` comes back as a
+        `QueryStream` (its first block fetched), everything else as a whole `QueryResult`.
+        A stream holds its connection (and session) until it is closed."""
         kind = statement_kind(request.sql)
+        if request.tenant:
+            # Looked up per request: a table made since the last one is filtered too.
+            tables = [(str(d), str(t)) for d, t in self._select_rows(TENANT_TABLES_SQL)]
+            request.enforced_settings = {
+                **tenant_settings(tables, request.tenant),
+                **request.enforced_settings,
+            }
+            request.readonly = "1"
         if not request.session_id:
-            return self._execute_fresh(request, kind, "", {})
+            return self._execute_fresh(request, kind, "", {}, stream)
         session = self._session(request)
+        outcome: QueryResult | QueryStream | None = None
         try:
             if session.conn is None and _NEEDS_OWN_CONNECTION.match(
                 _LEADING_NOISE.sub("", request.sql, count=1)
             ):
                 if request.readonly and kind not in _READONLY_ALLOWED:
                     raise _readonly_refusal()
+                if request.enforced_settings:
+                    raise QueryError(
+                        "Code: 497. DB::Exception: a tenant analyst's session cannot hold temporary "
+                        "tables or query parameters (SET param_...); pass parameters with the query. "
+                        "(ACCESS_DENIED)",
+                        497,
+                    )
                 self._give_own_connection(session)
             if session.conn is None:
                 if kind in ("SET", "USE"):
-                    return self._remember(session, request, kind)
-                return self._execute_fresh(request, kind, session.database, session.settings)
-            return self._execute_in_session(session.conn, request, kind)
+                    outcome = self._remember(session, request, kind)
+                else:
+                    outcome = self._execute_fresh(request, kind, session.database, session.settings, stream)
+            else:
+                outcome = self._execute_in_session(session.conn, request, kind, stream)
+            return outcome
         finally:
-            session.last_used = time.monotonic()
-            session.lock.release()
+            if isinstance(outcome, QueryStream):
+                # The session stays busy (SESSION_IS_LOCKED for others) until its stream ends.
+                outcome.add_cleanup(lambda: self._release(session))
+            else:
+                self._release(session)
+
+    @staticmethod
+    def _release(session: _Session) -> None:
+        session.last_used = time.monotonic()
+        session.lock.release()
+
+    def _select_rows(self, sql: str) -> list[list[Any]]:
+        conn = self._connect()
+        try:
+            rows = json.loads(self._run(conn, sql, "JSONCompact").bytes().decode())["data"]
+        finally:
+            conn.close()
+        return list(rows)
+
+    def kill(self, tag: str) -> None:
+        """Stop the running statement marked with `tag` (see `QueryRequest.cancel_tag`); nothing
+        if it already ended. Returns at once; the statement stops at its next check."""
+        if not tag:
+            return
+        conn = self._connect()
+        try:
+            self._run(conn, f"KILL QUERY WHERE endsWith(query, {_quote(_tag_comment(tag))}) ASYNC")
+        finally:
+            conn.close()
 
     def _replay(self, conn: Any, database: str, settings: Mapping[str, str]) -> None:
         if database:
@@ -435,11 +648,16 @@ class ChdbQueryEngine:
             self._run(conn, _set_statement(settings))
 
     def _fresh(self, request: QueryRequest, database: str, settings: Mapping[str, str]) -> Any:
-        """A new connection with a session's state, the request's settings, then its readonly
-        level (last, so the replayed SETs are allowed and the statement is not)."""
+        """A new connection with a session's state, the request's settings, the endpoint's
+        enforced settings, then its readonly level (last, so the replayed SETs are allowed and
+        the statement's own SETTINGS cannot change the enforced ones when readonly is 1)."""
         conn = self._connect()
         try:
-            self._replay(conn, request.database or database, {**settings, **request.settings})
+            self._replay(
+                conn,
+                request.database or database,
+                {**settings, **request.settings, **request.enforced_settings},
+            )
             if request.readonly:
                 self._run(conn, f"SET readonly = {int(request.readonly)}")
         except BaseException:
@@ -448,27 +666,39 @@ class ChdbQueryEngine:
         return conn
 
     def _execute_fresh(
-        self, request: QueryRequest, kind: str, database: str, settings: Mapping[str, str]
-    ) -> QueryResult:
+        self, request: QueryRequest, kind: str, database: str, settings: Mapping[str, str], stream: bool
+    ) -> QueryResult | QueryStream:
         conn = self._fresh(request, database, settings)
         try:
-            return self._execute_on(conn, request, kind)
-        finally:
+            outcome = self._execute_on(conn, request, kind, stream)
+        except BaseException:
             conn.close()
+            raise
+        if isinstance(outcome, QueryStream):
+            outcome.add_cleanup(conn.close)
+        else:
+            conn.close()
+        return outcome
 
     def _remember(self, session: _Session, request: QueryRequest, kind: str) -> QueryResult:
         """SET or USE in a session without a connection: run it (so errors are the engine's) on a
         fresh one with the session's state, then keep what it changed."""
-        scoped = QueryRequest(sql=request.sql, readonly=request.readonly)  # no URL settings: as on a session
+        # No URL settings: as on a session. The enforced ones stay, so a SET cannot lift them.
+        scoped = QueryRequest(
+            sql=request.sql, readonly=request.readonly, enforced_settings=request.enforced_settings
+        )
         conn = self._fresh(scoped, session.database, session.settings)
         try:
             result = self._execute_on(conn, scoped, kind)
+            assert isinstance(result, QueryResult)
             database = self._run(conn, "SELECT currentDatabase()").bytes().decode().strip()
             changed = self._changed_settings(conn)
         finally:
             conn.close()
         if request.readonly:
             changed.pop("readonly", None)  # ours, for this request
+        for name in request.enforced_settings:
+            changed.pop(name, None)  # ours, applied to every request anyway
         session.database = database if database != "default" or session.database else ""
         session.settings = {
             name: value
@@ -477,24 +707,36 @@ class ChdbQueryEngine:
         }
         return result
 
-    def _execute_in_session(self, conn: Any, request: QueryRequest, kind: str) -> QueryResult:
+    def _execute_in_session(
+        self, conn: Any, request: QueryRequest, kind: str, stream: bool
+    ) -> QueryResult | QueryStream:
         if request.readonly and kind not in _READONLY_ALLOWED:
             # A session's connection cannot be made read-only for one request (readonly cannot
             # be reset), so read-only requests in a session are checked by statement instead.
             raise _readonly_refusal()
         restore = self._apply_scoped_settings(conn, request.settings) if kind != "SET" else {}
         database = ""
+
+        def undo() -> None:
+            if database:
+                self._replay(conn, database, {})
+            if restore:
+                self._run(conn, _set_statement(restore))
+
         try:
             if request.database:
                 # The URL's database is for this request; the session's own (USE) comes back after.
                 database = self._run(conn, "SELECT currentDatabase()").bytes().decode().strip()
                 self._replay(conn, request.database, {})
-            return self._execute_on(conn, request, kind)
-        finally:
-            if database:
-                self._replay(conn, database, {})
-            if restore:
-                self._run(conn, _set_statement(restore))
+            outcome = self._execute_on(conn, request, kind, stream)
+        except BaseException:
+            undo()
+            raise
+        if isinstance(outcome, QueryStream):
+            outcome.add_cleanup(undo)
+        else:
+            undo()
+        return outcome
 
     def _apply_scoped_settings(self, conn: Any, settings: Mapping[str, str]) -> dict[str, str]:
         """Apply request settings on a session connection; return what restores the session."""
@@ -523,60 +765,49 @@ class ChdbQueryEngine:
         except Exception as exc:
             raise QueryError.from_engine(exc) from exc
 
-    def _execute_on(self, conn: Any, request: QueryRequest, kind: str) -> QueryResult:
+    def _execute_on(
+        self, conn: Any, request: QueryRequest, kind: str, stream: bool = False
+    ) -> QueryResult | QueryStream:
         if request.insert_data is not None:
             return self._insert(conn, request)
         produces_rows = kind in _READ_STATEMENTS
         fmt = output_format(request.sql, request.default_format)
-        error: QueryError | None = None
-        if kind in ("SELECT", "WITH") and fmt.lower() == "native":
-            body, read_rows, read_bytes, elapsed, error = self._stream_native(conn, request)
-        else:
-            result = self._run(conn, request.sql, request.default_format, request.params)
-            body = bytes(result.bytes() or b"")
-            read_rows, read_bytes, elapsed = result.rows_read(), result.bytes_read(), result.elapsed()
+        sql = request.sql
+        if request.tenant and kind in ("SELECT", "WITH"):
+            self._check_tenant_tree(conn, request)
+        if request.cancel_tag and kind in ("SELECT", "WITH"):
+            # At the end, after a line break: a trailing `-- comment` cannot swallow it, and
+            # error positions in the client's own text do not move.
+            sql = f"{sql}\n{_tag_comment(request.cancel_tag)}"
+        if stream and kind in ("SELECT", "WITH") and fmt.lower() in STREAMED_FORMATS:
+            try:
+                raw = conn.send_query(_engine_text(sql), request.default_format, params=dict(request.params))
+            except Exception as exc:
+                raise QueryError.from_engine(exc) from exc
+            opened = QueryStream(raw, fmt, request.client_protocol_version, request.cancel_tag, self.kill)
+            opened.start()
+            return opened
+        result = self._run(conn, sql, request.default_format, request.params)
+        body = bytes(result.bytes() or b"")
         if request.client_protocol_version and fmt.lower() == "native":
             try:
                 body = with_protocol_revision(body, request.client_protocol_version)
             except NativeFormatError as exc:
                 raise QueryError(f"Code: 48. DB::Exception: {exc}. (NOT_IMPLEMENTED)", 48) from exc
-        summary = {
-            "read_rows": str(read_rows),
-            "read_bytes": str(read_bytes),
-            "written_rows": "0",
-            "written_bytes": "0",
-            "total_rows_to_read": str(read_rows),
-            "result_rows": "0",
-            "result_bytes": str(len(body)),
-            "elapsed_ns": str(int(elapsed * 1e9)),
-        }
-        return QueryResult(body, fmt if produces_rows else "", summary, error)
+        summary = _summary(result.rows_read(), result.bytes_read(), result.elapsed(), len(body))
+        return QueryResult(body, fmt if produces_rows else "", summary)
 
-    def _stream_native(
-        self, conn: Any, request: QueryRequest
-    ) -> tuple[bytes, int, int, float, QueryError | None]:
-        """A Native result block by block (the blocks concatenate to exactly what a buffered query
-        returns); an error after the first block is returned with the blocks before it."""
-        chunks: list[bytes] = []
-        rows = read = 0
-        elapsed = 0.0
-        try:
-            stream = conn.send_query(_engine_text(request.sql), "Native", params=dict(request.params))
-        except Exception as exc:
-            raise QueryError.from_engine(exc) from exc
-        try:
-            for chunk in stream:
-                chunks.append(bytes(chunk.bytes() or b""))
-                rows += chunk.rows_read()
-                read += chunk.bytes_read()
-                elapsed += chunk.elapsed()
-        except Exception as exc:
-            if not chunks:
-                raise QueryError.from_engine(exc) from exc
-            return b"".join(chunks), rows, read, elapsed, QueryError.from_engine(exc)
-        finally:
-            stream.close()
-        return b"".join(chunks), rows, read, elapsed, None
+    def _check_tenant_tree(self, conn: Any, request: QueryRequest) -> None:
+        """Refuse what the tenant filter does not cover, from the engine's own analysis of the
+        statement on the tenant's connection (same settings, parameters and database)."""
+        statements = split_statements(request.sql)
+        if len(statements) != 1:
+            raise QueryError("Code: 62. DB::Exception: Multi-statements are not allowed. (SYNTAX_ERROR)", 62)
+        statement = _TRAILING_FORMAT.sub("", statements[0])
+        tree = self._run(conn, f"EXPLAIN QUERY TREE {statement}", "TSVRaw", request.params)
+        refusal = tree_refusal(bytes(tree.bytes() or b"").decode("utf-8", "replace"))
+        if refusal is not None:
+            raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
 
     def _insert(self, conn: Any, request: QueryRequest) -> QueryResult:
         assert request.insert_data is not None
@@ -788,6 +1019,8 @@ class QueryEndpoint:
         # Queries get their own threads, so a slow analyst query never delays the projector's
         # inserts (which use the loop's default executor).
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chdb-query")
+        # Stopping and closing abandoned queries: never queued behind the queries they stop.
+        self._stopper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chdb-stop")
         self._runner: web.AppRunner | None = None
         self._query_ids = itertools.count(1)
         # Who may do what (services/analytics/_guard.py); None: everything, for embedding in tests.
@@ -801,7 +1034,19 @@ class QueryEndpoint:
         # auto_decompress off: bodies are decoded once, by `_decompress` (with its size limit and
         # ClickHouse's errors); aiohttp's own decoding ran first and left gzip bodies to be
         # decoded twice, and its failures were 500s.
-        self._runner = web.AppRunner(self.app, access_log=None, auto_decompress=False)
+        # handler_cancellation: a client that hangs up cancels its handler, which stops its query
+        # (`_call`). keepalive_timeout also bounds how long a connection may take to send a
+        # request's head (aiohttp closes a connection still waiting for one when it expires):
+        # a client that sends part of a head and stalls is dropped, as ClickHouse's own
+        # keep_alive_timeout does.
+        idle = self.policy.idle_timeout_s if self.policy else IDLE_TIMEOUT_S
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            auto_decompress=False,
+            handler_cancellation=True,
+            keepalive_timeout=idle,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
@@ -817,6 +1062,7 @@ class QueryEndpoint:
             await self._runner.cleanup()
             self._runner = None
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._stopper.shutdown(wait=True)
 
     @property
     def url(self) -> str:
@@ -832,21 +1078,28 @@ class QueryEndpoint:
     async def _ok(self, request: web.Request) -> web.Response:
         return web.Response(text="Ok.\n")
 
-    def _admit(self, request: web.Request) -> bool:
-        """Whether the request only reads (raises QueryError when it is refused outright)."""
+    def _admit(self, request: web.Request) -> tuple[str, bool | TenantAnalyst]:
+        """(user, True for the admin | False for a reader | the tenant analyst's tenant); raises
+        QueryError when the request is refused outright. Without a policy everyone is admin."""
         if self.policy is None:
-            return False
+            return "", True
         refusal = browser_refusal(self.policy, request.method, request.headers)
         if refusal is None:
-            who = authenticate(self.policy, *credentials(request.headers, request.query))
+            user, password = credentials(request.headers, request.query)
+            who = authenticate(self.policy, user, password)
             if not isinstance(who, Refusal):
-                return not who
+                return user, who
             refusal = who
         raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
 
     @staticmethod
-    def _as_reader(parsed: QueryRequest, policy: EndpointPolicy) -> None:
+    def _as_reader(parsed: QueryRequest, policy: EndpointPolicy, analyst: TenantAnalyst | None) -> None:
         kind = statement_kind(parsed.sql)
+        if analyst is not None:
+            refusal = statement_refusal(kind, parsed.sql)
+            if refusal is not None:
+                raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
+            parsed.tenant = analyst.tenant
         if parsed.insert_data is not None or kind not in _READONLY_ALLOWED:
             raise QueryError(
                 f"Code: 164. DB::Exception: Cannot execute query in readonly mode: {kind or 'this statement'} "
@@ -882,20 +1135,15 @@ class QueryEndpoint:
                     "the X-ClickHouse-Query-Id header). (BAD_ARGUMENTS)",
                     36,
                 )
-            reader = self._admit(request)
+            user, who = self._admit(request)
             parsed = await parse_request(request, self.policy.max_decompressed_bytes if self.policy else None)
-            if reader and self.policy is not None:
-                self._as_reader(parsed, self.policy)
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._executor, self.engine.execute, parsed)
+            parsed.user = user
+            if who is not True and self.policy is not None:
+                self._as_reader(parsed, self.policy, who if isinstance(who, TenantAnalyst) else None)
+            parsed.cancel_tag = f"sb-query-{uuid.uuid4().hex}"
+            outcome = await self._call(parsed.cancel_tag, self.engine.open, parsed)
         except QueryError as exc:
-            message = str(exc)
-            if "(version " not in message:
-                message = f"{message} (version {self.engine.version})"
-            headers["X-ClickHouse-Exception-Code"] = str(exc.code)
-            return web.Response(
-                status=exc.http_status, text=message + "\n", headers=headers, content_type="text/plain"
-            )
+            return self._error_response(exc, headers)
         except Exception as exc:  # a bug of ours, not a query error: still answer like ClickHouse
             log.exception("query endpoint failed")
             headers["X-ClickHouse-Exception-Code"] = "1001"
@@ -906,23 +1154,86 @@ class QueryEndpoint:
                 headers=headers,
                 content_type="text/plain",
             )
-        body = result.body
-        if result.error is not None:
-            # As ClickHouse (25.11+) reports an error after the first bytes of a result.
-            tag = uuid.uuid4().hex[:16]
-            failure = f"{result.error} (version {self.engine.version})".encode()
-            body += b"__exception__\r\n%s\r\n%s\n%d %s\r\n__exception__\r\n" % (
-                tag.encode(),
-                failure,
-                len(failure),
-                tag.encode(),
-            )
-            headers["X-ClickHouse-Exception-Tag"] = tag
-        headers["X-ClickHouse-Summary"] = json.dumps(result.summary)
-        if result.format:
-            headers["X-ClickHouse-Format"] = result.format
-        content_type = _CONTENT_TYPES.get(result.format.lower(), "text/plain; charset=UTF-8")
-        if result.format.lower() in ("native", "rowbinary", "rowbinarywithnamesandtypes", "arrow", "parquet"):
-            content_type = "application/octet-stream"
-        headers["Content-Type"] = content_type
-        return web.Response(body=body, headers=headers)
+        if isinstance(outcome, QueryStream):
+            return await self._stream(request, outcome, headers)
+        headers["X-ClickHouse-Summary"] = json.dumps(outcome.summary)
+        if outcome.format:
+            headers["X-ClickHouse-Format"] = outcome.format
+        headers["Content-Type"] = _content_type(outcome.format)
+        return web.Response(body=outcome.body, headers=headers)
+
+    def _error_response(self, exc: QueryError, headers: dict[str, str]) -> web.Response:
+        message = str(exc)
+        if "(version " not in message:
+            message = f"{message} (version {self.engine.version})"
+        headers["X-ClickHouse-Exception-Code"] = str(exc.code)
+        return web.Response(
+            status=exc.http_status, text=message + "\n", headers=headers, content_type="text/plain"
+        )
+
+    async def _call(self, tag: str, action: Any, *args: Any) -> Any:
+        """`action(*args)` on a query thread. If the client hangs up meanwhile (the handler is
+        cancelled), the statement marked `tag` is killed and whatever `action` still returns (an
+        open stream) is closed: the engine never keeps working for nobody."""
+        future = self._executor.submit(action, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not future.cancel():  # already running: stop it where it is
+                self._stopper.submit(self.engine.kill, tag)
+                future.add_done_callback(self._close_abandoned)
+            raise
+
+    def _close_abandoned(self, future: Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            outcome = future.result()
+            if isinstance(outcome, QueryStream):
+                self._stopper.submit(outcome.close)
+
+    async def _stream(
+        self, request: web.Request, stream: QueryStream, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Send a result block by block with chunked transfer encoding. An error after the first
+        bytes is appended as ClickHouse (25.11+) does: an exception block framed by the tag sent
+        in X-ClickHouse-Exception-Tag, which clickhouse-connect raises as StreamFailureError."""
+        tag = uuid.uuid4().hex[:16]
+        headers["X-ClickHouse-Summary"] = json.dumps(stream.summary)
+        headers["X-ClickHouse-Format"] = stream.format
+        headers["X-ClickHouse-Exception-Tag"] = tag
+        headers["Content-Type"] = _content_type(stream.format)
+        response = web.StreamResponse(headers=headers)
+        response.enable_chunked_encoding()
+        try:
+            await response.prepare(request)
+            chunk: bytes | None = stream.first
+            failure: QueryError | None = None
+            while chunk is not None:
+                if chunk:
+                    await response.write(chunk)
+                try:
+                    chunk = await self._call(stream.tag, stream.next_chunk)
+                except QueryError as exc:
+                    failure = exc
+                    break
+            # Its connection and session are free before the client sees the end of the answer
+            # (its next query in the session must not find the session still locked).
+            await asyncio.wrap_future(self._stopper.submit(stream.close))
+            if failure is not None:
+                text = f"{failure} (version {self.engine.version})".encode()
+                await response.write(
+                    b"__exception__\r\n%s\r\n%s\n%d %s\r\n__exception__\r\n"
+                    % (tag.encode(), text, len(text), tag.encode())
+                )
+            await response.write_eof()
+        except ConnectionError:
+            # The client went away between blocks: the finally below stops the query.
+            pass
+        finally:
+            self._stopper.submit(stream.close)
+        return response
+
+
+def _content_type(fmt: str) -> str:
+    if fmt.lower() in ("native", "rowbinary", "rowbinarywithnamesandtypes", "arrow", "parquet"):
+        return "application/octet-stream"
+    return _CONTENT_TYPES.get(fmt.lower(), "text/plain; charset=UTF-8")

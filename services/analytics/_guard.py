@@ -8,6 +8,7 @@ them (services/analytics/_endpoint.py) and answers refusals the way ClickHouse d
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import re
 from collections.abc import Mapping
@@ -40,6 +41,15 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class TenantAnalyst:
+    """A user who sees one tenant's rows only. The password is kept as ClickHouse's users.xml
+    keeps one: the hex SHA-256 of it (``password_sha256_hex``)."""
+
+    tenant: str
+    password_sha256_hex: str
+
+
+@dataclass(frozen=True)
 class EndpointPolicy:
     # Only the admin user may write; "" means nobody can (the endpoint is read-only).
     admin_user: str = "admin"
@@ -53,6 +63,10 @@ class EndpointPolicy:
     # Applied when the request does not set its own (a reader's own is capped at this).
     max_execution_time_s: int = 60
     max_result_bytes: int = 1024 * 1024 * 1024
+    # Seconds an idle connection, or one still sending a request's head, is kept.
+    idle_timeout_s: float = 10.0
+    # user -> the one tenant that user reads (services/analytics/_tenancy.py).
+    tenant_analysts: Mapping[str, TenantAnalyst] = field(default_factory=dict)
 
 
 def _host_name(host: str) -> str:
@@ -122,14 +136,22 @@ def credentials(headers: Mapping[str, str], params: Mapping[str, str]) -> tuple[
     return params.get("user") or "default", params.get("password", "")
 
 
-def authenticate(policy: EndpointPolicy, user: str, password: str) -> bool | Refusal:
-    """True: the admin (may write); False: a reader; a Refusal for wrong credentials."""
+def authenticate(policy: EndpointPolicy, user: str, password: str) -> bool | TenantAnalyst | Refusal:
+    """True: the admin (may write); False: a reader of everything; a `TenantAnalyst`: a reader of
+    one tenant; a Refusal for wrong credentials."""
+    wrong = Refusal(
+        516, f"{user[:64]}: Authentication failed: password is incorrect. (AUTHENTICATION_FAILED)", 401
+    )
     if policy.admin_password and user == policy.admin_user:
         if hmac.compare_digest(password.encode(), policy.admin_password.encode()):
             return True
-        return Refusal(
-            516, f"{user}: Authentication failed: password is incorrect. (AUTHENTICATION_FAILED)", 401
-        )
+        return wrong
+    analyst = policy.tenant_analysts.get(user)
+    if analyst is not None:
+        digest = hashlib.sha256(password.encode()).hexdigest()
+        if hmac.compare_digest(digest, analyst.password_sha256_hex.lower()):
+            return analyst
+        return wrong
     if user == "default":
         return False
     return Refusal(

@@ -13,6 +13,7 @@ import base64
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import urllib.error
 import urllib.parse
@@ -31,7 +32,7 @@ from services.analytics._clickhouse import (
     open_clickhouse,
 )
 from services.analytics._endpoint import ChdbQueryEngine, QueryEndpoint, QueryError, QueryRequest
-from services.analytics._guard import EndpointPolicy
+from services.analytics._guard import EndpointPolicy, TenantAnalyst
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,24 @@ def endpoint_policy(settings: Settings) -> EndpointPolicy:
         max_body_bytes=settings.analytics_max_body_mb * 1024 * 1024,
         max_decompressed_bytes=settings.analytics_max_decompressed_mb * 1024 * 1024,
         max_execution_time_s=settings.analytics_max_execution_time_s,
+        idle_timeout_s=settings.analytics_idle_timeout_s,
+        tenant_analysts=tenant_analysts(settings),
     )
+
+
+def tenant_analysts(settings: Settings) -> dict[str, TenantAnalyst]:
+    """`settings.analytics_tenant_users` checked: each user names a tenant and a SHA-256 hex."""
+    analysts: dict[str, TenantAnalyst] = {}
+    for user, entry in settings.analytics_tenant_users.items():
+        tenant = str(entry.get("tenant", ""))
+        digest = str(entry.get("password_sha256_hex", "")).lower()
+        if not tenant or not re.fullmatch(r"[0-9a-f]{64}", digest) or user == ADMIN_USER:
+            raise AnalyticsError(
+                f"analytics_tenant_users[{user!r}] needs a tenant and a password_sha256_hex (64 hex "
+                f"digits: sha256 of the password), and may not be named {ADMIN_USER!r}"
+            )
+        analysts[user] = TenantAnalyst(tenant=tenant, password_sha256_hex=digest)
+    return analysts
 
 
 def endpoint_client(settings: Settings, *, write: bool = False, **kwargs: Any) -> Any:
