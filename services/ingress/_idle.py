@@ -16,6 +16,9 @@ A tenant is swept by one process at a time: a Redis lock with an expiry (a sweep
 holding it only delays that tenant's sweep). The lock saves work, not correctness: two closes of
 one conversation meet at its close claim, and the second is a no-op.
 
+Open conversations started before the sessions worker kept the activity index are put into it
+once per Redis, by the first sweeper to start (`backfill`: a SCAN of the tenants' open sets).
+
 The idle time is the tenant's own (`switchboard tenants update T --idle-close-after S`), else the
 settings' default; 0 turns it off. A process that cannot reach Redis or Kafka skips the sweep and
 tries again at the next one.
@@ -54,6 +57,10 @@ LOCK_TTL_MS = 120_000
 
 IDLE_CLOSED = Counter("switchboard_idle_closed_total", "Conversations closed for inactivity")
 
+# Set once every open conversation that predates the activity index is in it (see `backfill`).
+BACKFILLED_KEY = "sb:idle:backfilled"
+_SCAN_COUNT = 1000
+
 # Compare-and-delete: only the owner's lock is released.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -84,6 +91,16 @@ CLOSE = "close"
 FORGET = "forget"
 
 
+def last_activity_ms(state_json: bytes | None) -> int | None:
+    """An open conversation's last activity from its state (pure); None when closed or unknown."""
+    if not state_json:
+        return None
+    state: dict[str, Any] = json.loads(state_json)
+    if state.get("status") == "closed":
+        return None
+    return int(state.get("updated_at_ns", 0)) // 1_000_000
+
+
 def verdict(state_json: bytes | None, closed: bool, cutoff_ms: int) -> str | int:
     """What to do with a candidate (pure): CLOSE it; FORGET it (closed already: the index drops
     it); or its last activity in ms, newer than the cutoff, for the index (0: no state, leave it)."""
@@ -91,11 +108,10 @@ def verdict(state_json: bytes | None, closed: bool, cutoff_ms: int) -> str | int
         return FORGET
     if not state_json:
         return 0
-    state: dict[str, Any] = json.loads(state_json)
-    if state.get("status") == "closed":
+    last_ms = last_activity_ms(state_json)
+    if last_ms is None:
         return FORGET
-    updated_ms = int(state.get("updated_at_ns", 0)) // 1_000_000
-    return updated_ms if updated_ms > cutoff_ms else CLOSE
+    return last_ms if last_ms > cutoff_ms else CLOSE
 
 
 class IdleSweeper:
@@ -120,14 +136,55 @@ class IdleSweeper:
 
     async def run(self) -> None:
         interval = self._settings.idle_sweep_interval_s
+        backfilled = False
         while True:
             try:
+                if not backfilled:
+                    if not await self._redis.exists(BACKFILLED_KEY):
+                        await self.backfill()
+                        await self._redis.set(BACKFILLED_KEY, b"1")
+                    backfilled = True
                 await self.sweep()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("idle close: the sweep failed (%r); trying again in %.0fs", exc, interval)
             await asyncio.sleep(interval)
+
+    async def backfill(self) -> int:
+        """Put the open conversations the activity index lacks into it (they were started before
+        the sessions worker kept it, which only adds a conversation when it folds one of its
+        events): every tenant's open set, once per Redis. Returns how many it added. NX: the
+        worker's own entries win; a conversation closed meanwhile is dropped by the next sweep."""
+        added = 0
+        async for raw_key in self._redis.scan_iter(match="sb:{*}:open", count=_SCAN_COUNT, _type="zset"):
+            key = raw_key.decode()
+            tenant_id = key[len("sb:{") : -len("}:open")]
+            if not tenant_id:
+                continue
+            await self._redis.sadd(hv.ACTIVE_TENANTS_KEY, tenant_id)
+            # Score 0: folded starts (a positive score is a reservation, not open yet).
+            members: Any = await self._redis.zrangebyscore(key, 0, 0)
+            index = hv.activity_key(tenant_id)
+            for start in range(0, len(members), SWEEP_BATCH):
+                chunk = [m.decode() for m in members[start : start + SWEEP_BATCH]]
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for conversation_id in chunk:
+                        pipe.zscore(index, conversation_id)
+                        pipe.hget(hv.conversation_key(tenant_id, conversation_id), hv.F_STATE)
+                    found = await pipe.execute()
+                missing: dict[str, int] = {}
+                for i, conversation_id in enumerate(chunk):
+                    score, state = found[2 * i], found[2 * i + 1]
+                    last_ms = last_activity_ms(state) if score is None else None
+                    if last_ms:
+                        missing[conversation_id] = last_ms
+                if missing:
+                    count: Any = await self._redis.zadd(index, missing, nx=True)
+                    added += int(count)
+        if added:
+            log.info("idle close: %d open conversations from before the activity index added to it", added)
+        return added
 
     async def sweep(self) -> int:
         """One round over every tenant; returns how many conversations it closed."""

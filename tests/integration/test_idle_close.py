@@ -227,3 +227,49 @@ async def test_a_message_racing_an_idle_close_in_another_process_is_before_the_c
         for p in producers:
             await p.stop()
         await redis.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_open_conversations_from_before_the_activity_index_are_backfilled_and_closed(
+    system: System, stub: chat_pb2_grpc.ChatServiceStub, tenant: str
+) -> None:
+    """Conversations started by an earlier version have no activity entry (and their tenant is
+    not in the sweeper's round): the backfill puts them in, so they are closed when idle too."""
+    s = system.settings
+    redis = aioredis.Redis.from_url(s.redis_url)
+    producer = EventProducer(s)
+    await producer.start()
+    try:
+        old, closed = await start(stub, tenant), await start(stub, tenant)
+        await stub.CloseConversation(
+            chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=closed)
+        )
+        index = hv.activity_key(tenant)
+        await eventually(lambda: redis.zcard(index), lambda n: n == 1, within_s=30, what="the worker's index")
+        score = await redis.zscore(index, old)
+        assert score is not None
+        # As an earlier version left Redis: no index, the tenant not in the round.
+        await redis.delete(index)
+        await redis.srem(hv.ACTIVE_TENANTS_KEY, tenant)
+        writes = ConversationWrites(s, producer, IngressHotView(redis, s.idempotency_ttl_s), stub_read)
+        sweeper = IdleSweeper(s, redis, writes)
+        assert await sweeper.backfill() >= 1
+        assert await redis.zscore(index, old) == score  # the closed one stays out
+        assert await redis.zcard(index) == 1
+        assert await redis.sismember(hv.ACTIVE_TENANTS_KEY, tenant)
+        # Idle for a second since its start: closed by the sweep of its tenant.
+        await eventually(
+            lambda: redis.zscore(index, old),
+            lambda sc: sc is not None and sc < time.time() * 1000 - 1000,
+            within_s=10,
+        )
+        assert await sweeper.sweep_tenant(tenant, 1.0) == 1
+        conv = await eventually(
+            lambda: conversation(stub, tenant, old),
+            lambda c: c.status == chat_pb2.CONVERSATION_STATUS_CLOSED,
+            within_s=30,
+        )
+        assert conv.resolution == "idle"
+    finally:
+        await producer.stop()
+        await redis.aclose()
