@@ -20,16 +20,20 @@ What it implements of https://clickhouse.com/docs/interfaces/http:
   never compressed (no ``Content-Encoding``, which clients read as identity).
 - ``X-ClickHouse-Query-Id``, ``-Format``, ``-Timezone``, ``-Summary`` and ``-Server-Display-Name``
   headers; errors as ``Code: N. DB::Exception: … (NAME) (version …)`` with
-  ``X-ClickHouse-Exception-Code`` and ClickHouse's 4xx/5xx status, or, after the first blocks
-  of a Native result, appended in an ``X-ClickHouse-Exception-Tag`` block as a server does
+  ``X-ClickHouse-Exception-Code`` and ClickHouse's 4xx/5xx status, or, after the first rows of
+  a streamed result, appended in an ``X-ClickHouse-Exception-Tag`` block as a server does
   mid-stream; ``GET /ping`` -> ``Ok.``.
+- Results streamed block by block (chunked transfer encoding) in the formats of
+  `STREAMED_FORMATS`; a client that hangs up stops its query (`QueryEndpoint._call`).
 - GET requests (and ``readonly=1|2``) are read-only, as in ClickHouse.
 
 Settings are the client's: the endpoint applies none of its own, so a query gives the same
 answer here as on a ClickHouse server. Exact counts come from the schema (the analyst-facing
-views have FINAL inside, see docs/analytics.md), not from a setting. Not implemented: users and passwords (the endpoint
-listens on 127.0.0.1 only and ignores credentials), ClickHouse's native block compression
-(``compress=1`` / ``decompress=1``), external data tables, progress headers.
+views have FINAL inside, see docs/analytics.md), not from a setting; the exceptions are the
+limits a reader runs under and a tenant analyst's row filter (_guard, _tenancy). Users: see
+_guard (``default`` reads, ``admin`` writes, tenant analysts read one tenant). Not implemented:
+ClickHouse's native block compression (``compress=1`` / ``decompress=1``), external data tables,
+progress headers.
 """
 
 from __future__ import annotations

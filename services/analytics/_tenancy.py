@@ -64,7 +64,8 @@ _SYSTEM_TABLES = frozenset(
         "enabled_roles",
     }
 )
-# Table functions that generate rows, or read only what the query itself gives them.
+# Table functions that generate rows, or read only what the query itself gives them. Not view():
+# the tree does not show the tables of its inner query.
 _TABLE_FUNCTIONS = frozenset(
     {
         "numbers",
@@ -76,7 +77,6 @@ _TABLE_FUNCTIONS = frozenset(
         "generateSeries",
         "values",
         "null",
-        "view",
         "format",
     }
 )
