@@ -195,3 +195,34 @@ async def test_kill_9_of_the_assistant_leaves_exactly_one_intent_per_message(
         assert conv is not None
         bot = [m for m in conv.messages if m.sender == 2]
         assert len(bot) <= 6
+
+
+@pytest.mark.timeout(400)
+async def test_a_near_miss_is_asked_about_the_close_article_not_told_nothing_was_found(
+    system: System, stub, faq_tenant: str
+) -> None:
+    """Two-stage fallback: "can I change the size after paying" comes close to the FAQ's exchange
+    article without being relevant enough to answer from; the bot asks whether that is what the
+    customer means (and still offers a person) instead of saying it found nothing."""
+    cid = await start_conversation(stub, faq_tenant)
+    await stub.SendMessage(
+        chat_pb2.SendMessageRequest(
+            tenant_id=faq_tenant,
+            conversation_id=cid,
+            client_message_id="n1",
+            text="can I change the size after paying",
+        )
+    )
+    stream = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(tenant_id=faq_tenant, conversation_id=cid)
+    )
+    reply = None
+    async with asyncio.timeout(120):
+        async for update in stream:
+            if update.event.WhichOneof("payload") == "reply_generated":
+                reply = update.event.reply_generated
+                stream.cancel()
+                break
+    assert reply is not None and not reply.grounded and not reply.citations, reply
+    assert "Did you mean “Exchanging an item for a different size or colour”?" in reply.text, reply.text
+    assert "human agent" in reply.text

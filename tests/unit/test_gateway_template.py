@@ -1,6 +1,8 @@
 import time
 
+from streams.assistant._worker import suggestions_of
 from streams.assistant.gateway import (
+    DID_YOU_MEAN,
     NO_ANSWER,
     TEMPLATE_MODEL,
     AnswerRequest,
@@ -11,6 +13,8 @@ from streams.assistant.gateway import (
     TemplateAnswerer,
 )
 from streams.assistant.gateway._text import sentences, stream_chunks, terms
+from streams.knowledge import Hit
+from streams.knowledge._index import Scores
 
 REFUND_ZH = GroundingPassage(
     "doc-refund-zh",
@@ -149,3 +153,38 @@ def test_text_helpers():
     ]
     text = "Hello there, 退款一般需要3到5个工作日。 ok"
     assert "".join(stream_chunks(text)) == text
+
+
+async def test_articles_that_came_close_are_offered_not_answered_from():
+    """Two-stage fallback: nothing relevant enough to answer from, but articles came close."""
+    chunks, draft = await collect(
+        AnswerRequest(
+            "can I bring my cat", "en", [], intent="other", suggestions=("Pets on board", "Baggage")
+        )
+    )
+    text = "".join(chunks)
+    assert text == DID_YOU_MEAN["en"].format(titles="“Pets on board” or “Baggage”")
+    assert "human agent" in text and draft.citations == [] and not draft.grounded
+    chunks, _ = await collect(AnswerRequest("猫能带上飞机吗", "zh", [], suggestions=("宠物托运",)))
+    assert "".join(chunks) == DID_YOU_MEAN["zh"].format(titles="「宠物托运」")
+    assert "人工客服" in "".join(chunks)
+
+
+def _hit(doc: str, title: str, language: str, relevance: float) -> Hit:
+    return Hit(
+        doc, "c0", title, "…", language, "", (), Scores(0, 0, 0, relevance, relevance), relevance >= 0.325
+    )
+
+
+def test_suggestions_are_the_close_titles_in_the_customers_language():
+    hits = [
+        _hit("a", "Pets on board", "en", 0.30),
+        _hit("b", "宠物托运", "zh", 0.20),
+        _hit("c", "Travelling with animals", "en", 0.12),
+        _hit("d", "行李规定", "zh", 0.05),  # too far to offer
+    ]
+    assert suggestions_of(hits, "zh") == ("宠物托运",)
+    assert suggestions_of(hits, "en") == ("Pets on board", "Travelling with animals")
+    assert suggestions_of(hits[3:], "zh") == ()
+    assert suggestions_of(hits[:1], "zh") == ()  # only an English title: nothing offered in Chinese
+    assert suggestions_of([], "en") == ()

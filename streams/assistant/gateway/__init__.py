@@ -34,7 +34,7 @@ from ._config import TEMPLATE, AdapterConfig, GatewayConfig, RouteRule
 from ._errors import AdapterError, AdapterTimeout, GatewayConfigError, StreamInterrupted
 from ._gateway import ModelGateway, ReplyStream
 from ._openai import OpenAICompatibleAdapter, build_messages, cited_passages
-from ._template import NO_ANSWER, TEMPLATE_MODEL, TemplateAnswerer
+from ._template import DID_YOU_MEAN, NO_ANSWER, TEMPLATE_MODEL, TemplateAnswerer
 from ._text import estimate_tokens, guess_language
 from ._types import (
     Answer,
@@ -49,6 +49,7 @@ from ._types import (
 
 __all__ = [
     "CLOSED",
+    "DID_YOU_MEAN",
     "HALF_OPEN",
     "NO_ANSWER",
     "OPEN",

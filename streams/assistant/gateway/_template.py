@@ -3,7 +3,8 @@
 It never writes anything the knowledge base does not say. From the passages it picks one — the best
 in the customer's language, or the best in the other language with a short note saying so — then the
 sentences of it that overlap the question most (CJK bigrams, English words), kept in their original
-order, and cites that passage. With no passage it says it found nothing and offers a person.
+order, and cites that passage. With no passage it asks whether the customer meant one of the
+articles that came close (if any), else says it found nothing; either way it offers a person.
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ NO_ANSWER = {
     ),
     "zh": "抱歉，我在帮助中心没有找到这个问题的答案。需要为您转接人工客服吗？",
 }
+# No passage, but articles came close (AnswerRequest.suggestions): ask, as a person would, rather
+# than say nothing was found (a "two-stage fallback"). The customer may ask again in the words of
+# a title, or take the person offered.
+DID_YOU_MEAN = {
+    "en": (
+        "Sorry, I'm not sure I found the answer to that. Did you mean {titles}? Ask me about it, "
+        "or I can connect you with a human agent."
+    ),
+    "zh": "抱歉，我不确定找到了这个问题的答案。您是想问{titles}吗？可以直接问我，或者我为您转接人工客服。",
+}
+_TITLES = {"en": ("“{}”", " or "), "zh": ("「{}」", "还是")}
 SMALL_TALK = {
     "greeting": {"en": "Hello! How can I help you today?", "zh": "您好！请问有什么可以帮您？"},
     "thanks_goodbye": {
@@ -66,7 +78,14 @@ class TemplateAnswerer:
         passage = choose_passage(request.passages, language)
         if passage is None:
             small_talk = SMALL_TALK.get(request.intent)
-            text = small_talk[language] if small_talk else NO_ANSWER[language]
+            if small_talk:
+                text = small_talk[language]
+            elif request.suggestions:
+                quote, joiner = _TITLES[language]
+                titles = joiner.join(quote.format(t) for t in request.suggestions)
+                text = DID_YOU_MEAN[language].format(titles=titles)
+            else:
+                text = NO_ANSWER[language]
             draft.grounded = False
             draft.citations = []
         else:

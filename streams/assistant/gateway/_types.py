@@ -32,6 +32,9 @@ class AnswerRequest:
     tenant_id: str = ""
     # Only for logs and error messages.
     conversation_id: str = ""
+    # With no passages: titles of articles the knowledge base matched, though not closely enough
+    # to answer from (best first); the reply asks whether the customer meant one of them.
+    suggestions: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
