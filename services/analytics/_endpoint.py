@@ -68,7 +68,7 @@ from services.analytics._guard import (
     reader_settings,
 )
 from services.analytics._native import NativeFormatError, with_protocol_revision
-from services.analytics._tenancy import TENANT_TABLES_SQL, statement_refusal, tenant_settings, tree_refusal
+from services.analytics._tenancy import OBJECTS_SQL, Objects, statement_refusal, tenant_settings, tree_refusal
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,8 @@ class QueryRequest:
     enforced_settings: dict[str, str] = field(default_factory=dict)
     # A tenant analyst's tenant: the statement reads only that tenant's rows (see _tenancy).
     tenant: str = ""
+    # The tables and views there are, as the engine listed them for this request (_tenancy).
+    objects: Objects | None = None
 
 
 @dataclass(slots=True)
@@ -582,9 +584,9 @@ class ChdbQueryEngine:
         kind = statement_kind(request.sql)
         if request.tenant:
             # Looked up per request: a table made since the last one is filtered too.
-            tables = [(str(d), str(t)) for d, t in self._select_rows(TENANT_TABLES_SQL)]
+            request.objects = Objects.from_rows(self._select_rows(OBJECTS_SQL))
             request.enforced_settings = {
-                **tenant_settings(tables, request.tenant),
+                **tenant_settings(request.objects, request.tenant),
                 **request.enforced_settings,
             }
             request.readonly = "1"
@@ -809,7 +811,8 @@ class ChdbQueryEngine:
             raise QueryError("Code: 62. DB::Exception: Multi-statements are not allowed. (SYNTAX_ERROR)", 62)
         statement = _TRAILING_FORMAT.sub("", statements[0])
         tree = self._run(conn, f"EXPLAIN QUERY TREE {statement}", "TSVRaw", request.params)
-        refusal = tree_refusal(bytes(tree.bytes() or b"").decode("utf-8", "replace"))
+        assert request.objects is not None
+        refusal = tree_refusal(bytes(tree.bytes() or b"").decode("utf-8", "replace"), request.objects)
         if refusal is not None:
             raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
 

@@ -24,17 +24,47 @@ Pure functions; the engine (_endpoint.py) runs the look-ups.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from services.analytics._guard import Refusal
 
 TENANT_COLUMN = "tenant_id"
 
+_CATALOGUE_DATABASES = ("system", "INFORMATION_SCHEMA", "information_schema")
 # Lists every table and view with the tenant column (the filter's keys).
 TENANT_TABLES_SQL = (
     f"SELECT database, table FROM system.columns WHERE name = '{TENANT_COLUMN}' "
-    "AND database NOT IN ('system', 'INFORMATION_SCHEMA', 'information_schema')"
+    f"AND database NOT IN {_CATALOGUE_DATABASES}"
 )
+# Every table and view outside the catalogues: (database, name, is a plain view, has the column).
+OBJECTS_SQL = (
+    "SELECT database, name, engine = 'View', (database, name) IN "
+    f"(SELECT database, table FROM system.columns WHERE name = '{TENANT_COLUMN}') "
+    f"FROM system.tables WHERE database NOT IN {_CATALOGUE_DATABASES} AND NOT is_temporary"
+)
+
+
+@dataclass(frozen=True)
+class Objects:
+    """What a tenant analyst's statement may read outside the catalogues."""
+
+    # Tables and views with the tenant column: filtered (the filter's keys).
+    tenant_bearing: frozenset[str]
+    # Plain views: what they read is filtered where it is read (a view of a tenant table is).
+    views: frozenset[str]
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Sequence[Any]]) -> Objects:
+        tenant, views = set(), set()
+        for database, name, is_view, has_tenant in rows:
+            if has_tenant:
+                tenant.add(f"{database}.{name}")
+            elif is_view:
+                views.add(f"{database}.{name}")
+        return cls(frozenset(tenant), frozenset(views))
+
 
 # Catalogue and constant tables: schema, settings and functions, no one's rows.
 _SYSTEM_TABLES = frozenset(
@@ -95,10 +125,10 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def tenant_settings(tables: Iterable[tuple[str, str]], tenant: str) -> dict[str, str]:
+def tenant_settings(objects: Objects, tenant: str) -> dict[str, str]:
     """The settings that restrict a connection to `tenant` (applied before ``readonly = 1``)."""
     condition = f"{TENANT_COLUMN} = {_quote(tenant)}"
-    entries = sorted({f"{_quote(f'{database}.{table}')}: {_quote(condition)}" for database, table in tables})
+    entries = sorted(f"{_quote(name)}: {_quote(condition)}" for name in objects.tenant_bearing)
     return {
         "additional_table_filters": "{" + ", ".join(entries) + "}",
         "use_query_cache": "0",
@@ -121,9 +151,10 @@ def statement_refusal(kind: str, sql: str) -> Refusal | None:
     )
 
 
-def tree_refusal(tree: str) -> Refusal | None:
+def tree_refusal(tree: str, objects: Objects) -> Refusal | None:
     """Refuse a statement whose analysed tree (``EXPLAIN QUERY TREE``) reads a system table that
-    is not a catalogue, or calls a table function that could read past the tenant filter."""
+    is not a catalogue, a table without the tenant column (deny by default: a table added later
+    without one is not readable), or calls a table function that could read past the filter."""
     for function in _TREE_FUNCTION.findall(tree):
         if function not in _TABLE_FUNCTIONS:
             return Refusal(
@@ -133,8 +164,19 @@ def tree_refusal(tree: str) -> Refusal | None:
                 403,
             )
     for name in _TREE_TABLE.findall(tree):
-        database, _, table = name.strip().partition(".")
-        if database.lower() == "system" and table not in _SYSTEM_TABLES:
+        name = name.strip()
+        database, _, table = name.partition(".")
+        if database in _CATALOGUE_DATABASES[1:]:
+            continue  # information_schema: views of system.tables and system.columns
+        if database != "system":
+            if name in objects.tenant_bearing or name in objects.views:
+                continue
+            return Refusal(
+                497,
+                f"{name} has no {TENANT_COLUMN} column, so a tenant analyst cannot read it. (ACCESS_DENIED)",
+                403,
+            )
+        if table not in _SYSTEM_TABLES:
             return Refusal(
                 497,
                 f"system.{table} is not available to a tenant analyst (it holds other tenants' "

@@ -130,10 +130,19 @@ def test_a_table_made_later_is_filtered_at_once(
     table = f"default.later_{uuid.uuid4().hex[:8]}"
     admin.command(f"CREATE TABLE {table} (tenant_id String, x UInt8) ENGINE = MergeTree ORDER BY tenant_id")
     admin.insert(table, [[tenants[0], 1], [tenants[1], 2]], column_names=["tenant_id", "x"])
-    assert client(endpoint, "alice").query(f"SELECT tenant_id, x FROM {table}").result_rows == [
-        (tenants[0], 1)
-    ]
-    admin.command(f"DROP TABLE {table}")
+    alice = client(endpoint, "alice")
+    assert alice.query(f"SELECT tenant_id, x FROM {table}").result_rows == [(tenants[0], 1)]
+    # A view without the column is filtered where it reads; a table without it is not readable
+    # at all (deny by default: nothing says whose its rows are).
+    admin.command(f"CREATE VIEW {table}_total AS SELECT sum(x) AS total FROM {table}")
+    admin.command(f"CREATE TABLE {table}_bare (x UInt8) ENGINE = MergeTree ORDER BY x")
+    assert alice.query(f"SELECT total FROM {table}_total").result_rows == [(1,)]
+    with pytest.raises(DatabaseError, match=r"has no tenant_id column.*ACCESS_DENIED"):
+        alice.query(f"SELECT * FROM {table}_bare")
+    with pytest.raises(DatabaseError, match="ACCESS_DENIED"):
+        alice.query("SELECT * FROM switchboard.schema_migrations")
+    for name in (f"{table}_total", f"{table}_bare", table):
+        admin.command(f"DROP TABLE {name}")
 
 
 def test_no_setting_lifts_the_filter(endpoint: QueryEndpoint, tenants: tuple[str, str]) -> None:
