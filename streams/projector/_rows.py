@@ -9,6 +9,7 @@ what it is given twice (see the migrations), so writing a batch again is harmles
 from __future__ import annotations
 
 import base64
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -277,10 +278,7 @@ def _payload_json(payload: Any) -> str:
     encode = _ENCODERS.get(descriptor)
     if encode is None:
         encode = _ENCODERS[descriptor] = _message_encoder(descriptor, set()) or _message_to_json
-    try:
-        return encode(payload)
-    except _Unsupported:
-        return _message_to_json(payload)
+    return encode(payload)
 
 
 def _message_to_json(payload: Any) -> str:
@@ -291,10 +289,6 @@ def _message_to_json(payload: Any) -> str:
         ensure_ascii=False,
         sort_keys=True,
     )
-
-
-class _Unsupported(Exception):
-    """A value the compiled encoders do not write as MessageToJson would (an extension field)."""
 
 
 _Encode = Callable[[Any], str]
@@ -395,13 +389,26 @@ def _scalar_encoder(fd: Any, building: set[Any]) -> _Encode | None:
     return None
 
 
+# How `_message_encoder` tells a field MessageToJson would write (ListFields' rule): a repeated or
+# map field when not empty, a field with explicit presence (messages, `optional`) when set, an
+# implicit-presence scalar when not its default (a float: when not +0.0; -0.0 counts as set).
+_NONEMPTY, _HAS, _NONZERO_FLOAT = 0, 1, 2
+
+
 def _message_encoder(descriptor: Any, building: set[Any]) -> _Encode | None:
-    """An encoder for messages of this type, or None when some field needs MessageToJson."""
-    if descriptor.full_name.startswith("google.protobuf.") or descriptor in building:
+    """An encoder for messages of this type, or None when some field needs MessageToJson.
+
+    It visits the fields in name order (the order of the sorted keys) and reads each one; that
+    beat ListFields + a sort by three times on the replies' dozen fields."""
+    if (
+        descriptor.full_name.startswith("google.protobuf.")
+        or descriptor in building
+        or descriptor.extension_ranges
+    ):
         return None  # well-known types have their own JSON forms; recursion is not worth it
     building = building | {descriptor}
-    by_number: dict[int, tuple[str, str, _Encode]] = {}
-    for fd in descriptor.fields:
+    fields: list[tuple[str, str, _Encode, int]] = []
+    for fd in sorted(descriptor.fields, key=lambda f: f.name):
         key = _js(fd.name) + ": "
         if _is_map(fd):
             k_fd, v_fd = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
@@ -409,23 +416,35 @@ def _message_encoder(descriptor: Any, building: set[Any]) -> _Encode | None:
             if value_encoder is None:
                 return None
             encode = _map_encoder(k_fd.type == FieldDescriptor.TYPE_BOOL, value_encoder)
+            test = _NONEMPTY
         else:
             item = _scalar_encoder(fd, building)
             if item is None:
                 return None
             encode = _list_encoder(item) if fd.is_repeated else item
-        by_number[fd.number] = (fd.name, key, encode)
+            if fd.is_repeated:
+                test = _NONEMPTY
+            elif fd.has_presence:
+                test = _HAS
+            elif fd.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
+                test = _NONZERO_FLOAT
+            else:
+                test = _NONEMPTY
+        fields.append((fd.name, key, encode, test))
 
     def encode_message(message: Any) -> str:
-        items = []
-        for fd, value in message.ListFields():
-            known = by_number.get(fd.number)
-            if known is None or fd.is_extension:
-                raise _Unsupported(fd.full_name)
-            name, key, encode = known
-            items.append((name, key + encode(value)))
-        items.sort()
-        return "{" + ", ".join([text for _, text in items]) + "}"
+        parts = []
+        for name, key, encode, test in fields:
+            if test == _HAS:
+                if not message.HasField(name):
+                    continue
+                value = getattr(message, name)
+            else:
+                value = getattr(message, name)
+                if not value and (test == _NONEMPTY or math.copysign(1.0, value) > 0):
+                    continue
+            parts.append(key + encode(value))
+        return "{" + ", ".join(parts) + "}"
 
     return encode_message
 
