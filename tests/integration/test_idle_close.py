@@ -25,6 +25,7 @@ from services.ingress._writes import ConversationWrites
 from services.processes import wait_for_ingress
 from services.settings import Settings
 from tests.conftest import System, eventually
+from tests.integration.test_auth import cli
 from tests.integration.test_ingress_guarantees import message, start
 from tests.integration.test_ingress_review import stub_read
 from tests.integration.test_quotas import create_tenant
@@ -81,7 +82,7 @@ async def send_code(
 async def test_an_idle_conversation_is_closed_by_the_system_and_frees_its_quota_place(
     system: System, sweeping: chat_pb2_grpc.ChatServiceStub, tenant: str
 ) -> None:
-    await create_tenant(system, tenant, "--max-open-conversations", "1", "--idle-close-after", "2")
+    await create_tenant(system, tenant, "--max-open-conversations", "1")
     stub = sweeping
     opened: list[str] = []
 
@@ -97,12 +98,15 @@ async def test_an_idle_conversation_is_closed_by_the_system_and_frees_its_quota_
     await eventually(start_until_refused, lambda c: c is grpc.StatusCode.RESOURCE_EXHAUSTED, within_s=30)
     for i, cid in enumerate(opened):
         assert await send_code(stub, message(tenant, cid, f"m{i}")) is grpc.StatusCode.OK
+    # The default idle time (24 h) closes nothing; the tenant's own does.
+    done = await asyncio.to_thread(cli, system.env, "tenants", "update", tenant, "--idle-close-after", "2")
+    assert done.returncode == 0 and "idle_close_after_s=2" in done.stdout, (done.stdout, done.stderr)
 
     # Nobody touches them: the system closes every one after the tenant's 2 s.
     for cid in opened:
         conv = await eventually(
             lambda cid=cid: conversation(stub, tenant, cid),  # type: ignore[misc]
-            lambda c: c.status == chat_pb2.CONVERSATION_STATUS_CLOSED,
+            lambda c: c.status == chat_pb2.CONVERSATION_STATUS_CLOSED and c.resolution == "idle",
             within_s=60,
             what="the idle close",
         )
@@ -212,7 +216,7 @@ async def test_a_message_racing_an_idle_close_in_another_process_is_before_the_c
             stub = chat_pb2_grpc.ChatServiceStub(channel)
             state = await eventually(
                 lambda: conversation(stub, tenant, target),
-                lambda c: c.status == chat_pb2.CONVERSATION_STATUS_CLOSED,
+                lambda c: c.status == chat_pb2.CONVERSATION_STATUS_CLOSED and c.resolution == "idle",
                 within_s=30,
             )
         assert state.message_count == 1 and [m.client_message_id for m in state.messages] == ["m"]
@@ -266,7 +270,7 @@ async def test_open_conversations_from_before_the_activity_index_are_backfilled_
         assert await sweeper.sweep_tenant(tenant, 1.0) == 1
         conv = await eventually(
             lambda: conversation(stub, tenant, old),
-            lambda c: c.status == chat_pb2.CONVERSATION_STATUS_CLOSED,
+            lambda c: c.status == chat_pb2.CONVERSATION_STATUS_CLOSED and c.resolution == "idle",
             within_s=30,
         )
         assert conv.resolution == "idle"
