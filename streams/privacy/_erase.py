@@ -190,9 +190,19 @@ async def conversations_in_redis(redis: aioredis.Redis, tenant: str, customer: s
 # --- 3. purging ----------------------------------------------------------------------------------
 
 
-def purge_clickhouse(client: Any, tenant: str, conversations: list[str] | None) -> dict[str, int]:
+def database_exists(client: Any, database: str) -> bool:
+    rows = client.query(
+        "SELECT count() FROM system.databases WHERE name = {db:String}", parameters={"db": database}
+    ).result_rows
+    return bool(rows[0][0])
+
+
+def purge_clickhouse(
+    client: Any, tenant: str, conversations: list[str] | None, database: str = DATABASE
+) -> dict[str, int]:
     """Delete the tenant's rows (of `conversations`, or all) from every storage table; returns
-    the rows each table held before. Synchronous mutations: done when this returns."""
+    the rows each table held before. Synchronous mutations: done when this returns. Also run on
+    the replay's scratch database, which keeps a rebuild (`--no-swap`) or the previous tables."""
     from streams.replay._projections import storage_tables
 
     where_tenant = f"tenant_id = {quote(tenant)}"
@@ -204,21 +214,22 @@ def purge_clickhouse(client: Any, tenant: str, conversations: list[str] | None) 
     sync = {"mutations_sync": 2}
     deleted: dict[str, int] = {}
     minutes: list[Any] = []
-    if conversations is not None:
+    tables = storage_tables(client, database)
+    if conversations is not None and "raw_events" in tables and "event_counts" in tables:
         # The per-minute event counts hold sets of event ids per (tenant, minute, type): rebuilt
         # below for the minutes these conversations touched, from the rows that remain.
         minutes = [
             r[0]
             for r in client.query(
-                f"SELECT DISTINCT toStartOfMinute(occurred_at) FROM {DATABASE}.raw_events WHERE {where}"
+                f"SELECT DISTINCT toStartOfMinute(occurred_at) FROM `{database}`.raw_events WHERE {where}"
             ).result_rows
         ]
-    for table in sorted(storage_tables(client, DATABASE)):
+    for table in sorted(tables):
         columns = {
             str(r[0])
             for r in client.query(
                 "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
-                parameters={"db": DATABASE, "t": table},
+                parameters={"db": database, "t": table},
             ).result_rows
         }
         if "tenant_id" not in columns:
@@ -227,19 +238,19 @@ def purge_clickhouse(client: Any, tenant: str, conversations: list[str] | None) 
             continue
         condition = where if conversations is not None else where_tenant
         held = int(
-            client.query(f"SELECT count() FROM {DATABASE}.`{table}` WHERE {condition}").result_rows[0][0]
+            client.query(f"SELECT count() FROM `{database}`.`{table}` WHERE {condition}").result_rows[0][0]
         )
         if held:
-            client.command(f"ALTER TABLE {DATABASE}.`{table}` DELETE WHERE {condition}", settings=sync)
+            client.command(f"ALTER TABLE `{database}`.`{table}` DELETE WHERE {condition}", settings=sync)
             deleted[table] = held
     if minutes:
         listed = ", ".join(f"toDateTime({quote(m.strftime('%Y-%m-%d %H:%M:%S'))}, 'UTC')" for m in minutes)
         in_minutes = f"{where_tenant} AND minute IN ({listed})"
-        client.command(f"ALTER TABLE {DATABASE}.event_counts DELETE WHERE {in_minutes}", settings=sync)
+        client.command(f"ALTER TABLE `{database}`.event_counts DELETE WHERE {in_minutes}", settings=sync)
         client.command(
-            f"INSERT INTO {DATABASE}.event_counts (tenant_id, minute, type, event_ids) "
+            f"INSERT INTO `{database}`.event_counts (tenant_id, minute, type, event_ids) "
             "SELECT tenant_id, toStartOfMinute(occurred_at) AS minute, type, uniqExactState(event_id) "
-            f"FROM {DATABASE}.raw_events WHERE {where_tenant} AND toStartOfMinute(occurred_at) IN ({listed}) "
+            f"FROM `{database}`.raw_events WHERE {where_tenant} AND toStartOfMinute(occurred_at) IN ({listed}) "
             "GROUP BY tenant_id, minute, type"
         )
         deleted["event_counts (minutes rebuilt)"] = len(minutes)
@@ -336,6 +347,7 @@ async def erase(
     from services.auth._model import check_tenant_id
     from services.kafka_topics import ensure_topics
     from streams.replay._projections import clickhouse_client
+    from streams.replay._sessions import redis_for
 
     check_tenant_id(tenant)
     if customer is not None and not customer.strip():
@@ -346,6 +358,7 @@ async def erase(
     await asyncio.to_thread(store.ensure_bucket)
     client = await asyncio.to_thread(clickhouse_client, settings)
     redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=60)
+    scratch = redis_for(settings, settings.replay_redis_db)
     try:
         conversations: list[str] | None = None
         if customer is not None:
@@ -364,11 +377,18 @@ async def erase(
         progress(f"erasure recorded ({event.event_id}); purging")
         erasures = Erasures()
         erasures.apply(event)
+        databases = [DATABASE]
+        if await asyncio.to_thread(database_exists, client, settings.replay_database):
+            databases.append(settings.replay_database)
         for attempt in (1, 2):
-            rows = await asyncio.to_thread(purge_clickhouse, client, tenant, conversations)
-            for table, n in rows.items():
-                report.clickhouse_rows[table] = report.clickhouse_rows.get(table, 0) + n
+            for database in databases:
+                rows = await asyncio.to_thread(purge_clickhouse, client, tenant, conversations, database)
+                for table, n in rows.items():
+                    name = table if database == DATABASE else f"{database}.{table}"
+                    report.clickhouse_rows[name] = report.clickhouse_rows.get(name, 0) + n
             report.redis_keys += await purge_redis(redis, tenant, conversations)
+            # The replay's scratch database keeps the previous hot view (or a --no-swap rebuild).
+            report.redis_keys += await purge_redis(scratch, tenant, conversations)
             stats = await asyncio.to_thread(
                 rewrite_archive,
                 store,
@@ -386,4 +406,5 @@ async def erase(
         return report
     finally:
         await redis.aclose()
+        await scratch.aclose()
         await asyncio.to_thread(client.close)

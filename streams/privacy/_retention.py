@@ -32,7 +32,7 @@ from services.settings import Settings
 from streams._consumer import Record
 from streams.archive import ArchiveStore, Manifest
 from streams.privacy._archive import RewriteStats, rewrite_archive
-from streams.privacy._erase import quote
+from streams.privacy._erase import database_exists, quote
 
 RETENTION_SETTING = "retention_days"
 
@@ -72,19 +72,19 @@ async def set_tenant_retention(settings: Settings, tenant_id: str, days: float |
     return record
 
 
-def purge_older(client: Any, tenant: str, cutoff: datetime) -> dict[str, int]:
+def purge_older(client: Any, tenant: str, cutoff: datetime, database: str = DATABASE) -> dict[str, int]:
     """Delete the tenant's ClickHouse rows older than `cutoff` (blocking, synchronous)."""
     from streams.replay._projections import storage_tables
 
     at = f"toDateTime64({quote(cutoff.strftime('%Y-%m-%d %H:%M:%S.%f'))}, 6, 'UTC')"
     t = quote(tenant)
     deleted: dict[str, int] = {}
-    for table in sorted(storage_tables(client, DATABASE)):
+    for table in sorted(storage_tables(client, database)):
         columns = {
             str(r[0])
             for r in client.query(
                 "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
-                parameters={"db": DATABASE, "t": table},
+                parameters={"db": database, "t": table},
             ).result_rows
         }
         if "tenant_id" not in columns:
@@ -99,7 +99,7 @@ def purge_older(client: Any, tenant: str, cutoff: datetime) -> dict[str, int]:
             stale = [
                 str(r[0])
                 for r in client.query(
-                    f"SELECT conversation_id FROM {DATABASE}.`{table}` WHERE tenant_id = {t} "
+                    f"SELECT conversation_id FROM `{database}`.`{table}` WHERE tenant_id = {t} "
                     f"GROUP BY conversation_id HAVING max(last_event_at) < {at}"
                 ).result_rows
             ]
@@ -109,11 +109,11 @@ def purge_older(client: Any, tenant: str, cutoff: datetime) -> dict[str, int]:
         else:
             continue
         held = int(
-            client.query(f"SELECT count() FROM {DATABASE}.`{table}` WHERE {condition}").result_rows[0][0]
+            client.query(f"SELECT count() FROM `{database}`.`{table}` WHERE {condition}").result_rows[0][0]
         )
         if held:
             client.command(
-                f"ALTER TABLE {DATABASE}.`{table}` DELETE WHERE {condition}", settings={"mutations_sync": 2}
+                f"ALTER TABLE `{database}`.`{table}` DELETE WHERE {condition}", settings={"mutations_sync": 2}
             )
             deleted[table] = held
     return deleted
@@ -152,11 +152,18 @@ async def apply_retention(
     store = ArchiveStore(settings)
     client = await asyncio.to_thread(clickhouse_client, settings)
     try:
+        # The replay's scratch database too: it keeps a rebuild or the previous tables.
+        databases = [DATABASE]
+        if await asyncio.to_thread(database_exists, client, settings.replay_database):
+            databases.append(settings.replay_database)
         for tenant, days in tenants:
             cutoff_s = clock - days * 86400
             cutoff = datetime.fromtimestamp(cutoff_s, UTC)
             result = RetentionResult(tenant, days, cutoff.isoformat())
-            result.clickhouse_rows = await asyncio.to_thread(purge_older, client, tenant, cutoff)
+            for database in databases:
+                rows = await asyncio.to_thread(purge_older, client, tenant, cutoff, database)
+                for table, n in rows.items():
+                    result.clickhouse_rows[table if database == DATABASE else f"{database}.{table}"] = n
             cutoff_ms = int(cutoff_s * 1000)
 
             def newer(manifest: Manifest, cutoff_ms: int = cutoff_ms) -> bool:

@@ -77,7 +77,7 @@ def workload(tenant: str, victim: str, marker: str) -> tuple[list[Event], set[st
                     e.conversation_id,
                     message_received=events_pb2.MessageReceived(
                         client_message_id="secret",
-                        text=f"my e-mail is {marker}@example.com",
+                        text=f"note for the agent: {marker}",
                         sender=events_pb2.SENDER_CUSTOMER,
                     ),
                 )
@@ -93,34 +93,35 @@ def workload(tenant: str, victim: str, marker: str) -> tuple[list[Event], set[st
 
 
 def clickhouse_traces(settings: Settings, needles: list[str], tenant: str | None = None) -> list[str]:
-    """Every storage table and view, whole, searched for the needles (and, with `tenant`, any row
-    of that tenant)."""
+    """Every table and view of every database but the system ones (the live one and the replay's
+    scratch copy), whole, searched for the needles (and, with `tenant`, any row of that tenant)."""
     client = clickhouse_client(settings)
     found: list[str] = []
     try:
         objects = client.query(
-            "SELECT name FROM system.tables WHERE database = 'switchboard' AND name != 'schema_migrations' "
-            "AND engine != 'MaterializedView'"
+            "SELECT database, name FROM system.tables WHERE database NOT IN "
+            "('system', 'information_schema', 'INFORMATION_SCHEMA') "
+            "AND name != 'schema_migrations' AND engine != 'MaterializedView'"
         ).result_rows
-        for (name,) in objects:
-            body = client.raw_query(f"SELECT * FROM switchboard.`{name}` FORMAT TabSeparated")
+        for database, name in objects:
+            body = client.raw_query(f"SELECT * FROM `{database}`.`{name}` FORMAT TabSeparated")
             text = body.decode("utf-8", errors="replace")
-            found += [f"ClickHouse {name}: {n}" for n in needles if n in text]
+            found += [f"ClickHouse {database}.{name}: {n}" for n in needles if n in text]
             if tenant is not None:
                 columns = {
                     r[0]
                     for r in client.query(
-                        "SELECT name FROM system.columns WHERE database = 'switchboard' AND table = {t:String}",
-                        parameters={"t": name},
+                        "SELECT name FROM system.columns WHERE database = {d:String} AND table = {t:String}",
+                        parameters={"d": database, "t": name},
                     ).result_rows
                 }
                 if "tenant_id" in columns:
                     rows = client.query(
-                        f"SELECT count() FROM switchboard.`{name}` WHERE tenant_id = {{t:String}}",
+                        f"SELECT count() FROM `{database}`.`{name}` WHERE tenant_id = {{t:String}}",
                         parameters={"t": tenant},
                     ).result_rows[0][0]
                     if rows:
-                        found.append(f"ClickHouse {name}: {rows} rows of tenant {tenant}")
+                        found.append(f"ClickHouse {database}.{name}: {rows} rows of tenant {tenant}")
     finally:
         client.close()
     return found
@@ -178,9 +179,16 @@ def s3_traces(settings: Settings, needles: list[str], tenant: str | None = None)
 
 
 async def everywhere(settings: Settings, needles: list[str], tenant: str | None = None) -> list[str]:
+    """ClickHouse, every Redis database (the live hot view and the replay's scratch one), S3."""
     redis = aioredis.Redis.from_url(settings.redis_url)
+    in_redis: list[str] = []
     try:
-        in_redis = await redis_traces(redis, needles)
+        for db in (await redis.info("keyspace")).keys():
+            other = redis_for(settings, int(str(db).removeprefix("db")))
+            try:
+                in_redis += [f"db {db}: {t}" for t in await redis_traces(other, needles)]
+            finally:
+                await other.aclose()
     finally:
         await redis.aclose()
     in_clickhouse = await asyncio.to_thread(clickhouse_traces, settings, needles, tenant)
@@ -239,11 +247,25 @@ async def test_erasing_a_customer_leaves_nothing_of_them_and_spares_the_others(s
     await produce(settings, events)
     await caught_up(settings)
 
+    # Replays compared without swapping leave their rebuilds in the scratch database and the
+    # scratch Redis db: copies of the customer an erasure must find too.
+    (check,) = await replay(settings, ReplayOptions(target="projections", swap=False))
+    assert check.identical, check.differences
+    (check,) = await replay(settings, ReplayOptions(target="sessions", swap=False))
+    assert check.identical, check.differences
+
     needles = [victim, marker, *sorted(victims), *sorted(victim_events)]
     before = await everywhere(settings, needles)
     # The test can fail: the customer is everywhere before the erasure.
-    assert any(t.startswith("ClickHouse raw_messages") for t in before), before
-    assert any(t.startswith("Redis") for t in before) and any(t.startswith("S3") for t in before), before
+    for where in (
+        f"ClickHouse switchboard.raw_messages: {marker}",
+        f"ClickHouse {settings.replay_database}.raw_messages: {marker}",
+        f"ClickHouse switchboard.conversation_facts: {victim}",
+    ):
+        assert where in before, before
+    redis_dbs = {t.split(":")[0] for t in before if t.startswith("db ")}
+    assert redis_dbs == {"db db0", f"db db{settings.replay_redis_db}"}, redis_dbs
+    assert any(t.startswith("S3") for t in before), before
 
     code, out, err = await switchboard(
         system, "tenant", "erase", tenant, "--customer", victim, "--requested-by", "test"
