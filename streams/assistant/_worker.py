@@ -57,6 +57,7 @@ from streams.assistant.gateway import AnswerRequest, GatewayConfig, GroundingPas
 from streams.assistant.handoff import HandoffHistory, IntentDecision, decide_handoff, record_turn
 from streams.knowledge import Document, Hit, KnowledgeBase, detect_language
 from streams.knowledge._fair import FairQueue
+from streams.privacy.erasures import ErasureFollower
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,11 @@ class AssistantProcessor:
         knowledge: KnowledgeBase,
         classifier: Any,
         gateway: ModelGateway,
+        erasures: ErasureFollower | None = None,
     ) -> None:
         self._settings = settings
+        # Erased customers' conversations are not answered (streams/privacy/erasures.py).
+        self._erasures = erasures
         self._redis = redis
         self._producer = producer
         self._knowledge = knowledge
@@ -127,11 +131,17 @@ class AssistantProcessor:
     async def process(self, records: Sequence[Record]) -> Rejected:
         rejected: list[tuple[Record, BaseException]] = []
         jobs: list[_Job] = []
+        erased = None
+        if self._erasures is not None:
+            erased = await self._erasures.start()
         for r in records:
             try:
                 event = decode_event(r.value)
             except EventDecodeError as exc:
                 rejected.append((r, exc))
+                continue
+            if erased and not erased.keeps_event(event):
+                self._conversations.pop((event.tenant_id, event.conversation_id), None)
                 continue
             if self._observe(event):
                 jobs.append(_Job(event, r))
@@ -699,7 +709,9 @@ async def serve_assistant(settings: Settings) -> None:
     server.add_insecure_port(settings.assistant_listen)
     await server.start()
     metrics.observe_assistant(classifier, knowledge, gateway)
-    processor = AssistantProcessor(settings, redis, producer, knowledge, classifier, gateway)
+    processor = AssistantProcessor(
+        settings, redis, producer, knowledge, classifier, gateway, ErasureFollower(settings)
+    )
     consumer = BatchConsumer(
         settings,
         processor,
