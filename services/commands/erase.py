@@ -42,6 +42,8 @@ def _erase(args: argparse.Namespace) -> int:
         print(f"erased {who} (erasure event {report.event_id})")
         if report.customer is not None:
             print(f"  conversations: {len(report.conversations)}")
+        else:
+            print(f"  knowledge documents deleted: {report.documents}")
         rows = ", ".join(f"{t} {n}" for t, n in sorted(report.clickhouse_rows.items())) or "none"
         print(f"  ClickHouse rows deleted: {rows}")
         print(f"  Redis keys deleted: {report.redis_keys}")

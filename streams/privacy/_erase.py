@@ -57,6 +57,7 @@ class EraseReport:
     conversations: list[str] = field(default_factory=list)
     clickhouse_rows: dict[str, int] = field(default_factory=dict)
     redis_keys: int = 0
+    documents: int = 0
     archive: RewriteStats = field(default_factory=RewriteStats)
     notes: list[str] = field(default_factory=list)
 
@@ -124,8 +125,69 @@ def conversations_in_archive(store: ArchiveStore, topic: str, tenant: str, custo
     return found
 
 
+async def tenant_documents(settings: Settings, tenant: str) -> list[str]:
+    """The tenant's knowledge documents that are not deleted, from the (compacted) knowledge topic."""
+    from switchboard.v1 import knowledge_pb2
+
+    present: dict[str, bool] = {}
+
+    def fold(record: Record) -> None:
+        header = next((v for k, v in record.headers if k == HEADER_TENANT), None)
+        if header is not None and header != tenant.encode():
+            return
+        event = knowledge_pb2.KnowledgeEvent()
+        try:
+            event.ParseFromString(record.value or b"")
+        except Exception:  # not a knowledge event: nothing of the tenant's documents
+            return
+        if event.tenant_id != tenant:
+            return
+        if event.WhichOneof("payload") == "document_upserted":
+            present[event.document_upserted.document_id] = True
+        elif event.WhichOneof("payload") == "document_deleted":
+            present[event.document_deleted] = False
+
+    await read_topic(settings, settings.knowledge_topic, fold)
+    return sorted(d for d, alive in present.items() if alive)
+
+
+async def delete_documents(settings: Settings, tenant: str, documents: list[str]) -> None:
+    """A deletion for each document, keyed like its upsert: compaction then drops the upsert's
+    text from the knowledge topic, and every assistant removes it from its index and Redis."""
+    from aiokafka import AIOKafkaProducer
+
+    from schemas.events import HEADER_TYPE
+    from services.ingress._knowledge import deleted, record_key
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True
+    )
+    await producer.start()
+    try:
+        for document in documents:
+            await producer.send_and_wait(
+                settings.knowledge_topic,
+                deleted(tenant, document).SerializeToString(),
+                key=record_key(tenant, document),
+                headers=[(HEADER_TYPE, b"document_deleted"), (HEADER_TENANT, tenant.encode())],
+            )
+    finally:
+        await producer.stop()
+
+
 async def conversations_in_kafka(settings: Settings, tenant: str, customer: str) -> set[str]:
-    topic = settings.conversation_topic
+    found: set[str] = set()
+
+    def fold(record: Record) -> None:
+        if (conversation := _started_by(record, tenant, customer)) is not None:
+            found.add(conversation)
+
+    await read_topic(settings, settings.conversation_topic, fold)
+    return found
+
+
+async def read_topic(settings: Settings, topic: str, fold: Callable[[Record], None]) -> None:
+    """Every record Kafka holds of `topic`, from each partition's start to its end as of now."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         enable_auto_commit=False,
@@ -134,7 +196,6 @@ async def conversations_in_kafka(settings: Settings, tenant: str, customer: str)
         client_id="switchboard-erase-scan",
     )
     await consumer.start()
-    found: set[str] = set()
     try:
         from streams.replay._source import kafka_offsets
 
@@ -157,9 +218,7 @@ async def conversations_in_kafka(settings: Settings, tenant: str, customer: str)
                         m.timestamp,
                         tuple((k, v or b"") for k, v in (m.headers or ())),
                     )
-                    if (conversation := _started_by(record, tenant, customer)) is not None:
-                        found.add(conversation)
-        return found
+                    fold(record)
     finally:
         await consumer.stop()
 
@@ -371,6 +430,11 @@ async def erase(
             found |= await conversations_in_redis(redis, tenant, customer)
             conversations = sorted(found)
             report.conversations = conversations
+        if customer is None:
+            # The tenant's knowledge base goes too (it is folded again by every assistant at start).
+            documents = await tenant_documents(settings, tenant)
+            await delete_documents(settings, tenant, documents)
+            report.documents = len(documents)
         event = erasure_event(tenant, customer, conversations or [], requested_by, time.time_ns())
         await publish_erasure(settings, event)
         report.event_id = event.event_id

@@ -362,11 +362,44 @@ async def test_erasing_a_whole_tenant_leaves_nothing_of_it(system: System) -> No
     events = mixed_workload(tenant, 6, seed=3)
     kept = mixed_workload(bystander, 4, seed=4)
     await produce(settings, events + kept)
+    # The tenant's knowledge base: a document, indexed by the assistant into the hot view.
+    from switchboard.v1 import knowledge_pb2
+
+    from schemas.events import HEADER_TENANT, HEADER_TYPE
+    from services.ingress._knowledge import record_key, upserted
+    from streams.privacy._erase import tenant_documents
+
+    document = upserted(
+        tenant, knowledge_pb2.Document(document_id="faq/1", title="退货", body=f"return policy of {tenant}")
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            settings.knowledge_topic,
+            document.SerializeToString(),
+            key=record_key(tenant, "faq/1"),
+            headers=[(HEADER_TYPE, b"document_upserted"), (HEADER_TENANT, tenant.encode())],
+        )
+    finally:
+        await producer.stop()
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        await eventually(
+            lambda: redis.hkeys(f"sb:{{{tenant}}}:documents"),
+            lambda keys: keys == [b"faq/1"],
+            what="the assistant indexing the tenant's document",
+        )
+    finally:
+        await redis.aclose()
     await caught_up(settings)
     assert await everywhere(settings, [tenant])
 
     code, out, err = await switchboard(system, "tenant", "erase", tenant)
     assert code == 0, f"{out}\n{err[-4000:]}"
+    assert "knowledge documents deleted: 1" in out, out
+    # The knowledge topic now ends the document with a deletion (compaction drops its text).
+    assert await tenant_documents(settings, tenant) == []
     assert await everywhere(settings, [tenant], tenant=tenant) == []
     assert await asyncio.to_thread(
         clickhouse_count,
