@@ -67,7 +67,7 @@ from services.analytics._guard import (
     reader_refusal,
     reader_settings,
 )
-from services.analytics._native import NativeFormatError, with_protocol_revision
+from services.analytics._native import NativeFormatError, block_with_protocol_revision, with_protocol_revision
 from services.analytics._tenancy import OBJECTS_SQL, Objects, statement_refusal, tenant_settings, tree_refusal
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ class QueryStream:
         body = bytes(chunk.bytes() or b"")
         if self._protocol and self.format.lower() == "native":
             try:
-                body = with_protocol_revision(body, self._protocol)
+                body = block_with_protocol_revision(body, self._protocol)
             except NativeFormatError as exc:
                 raise QueryError(f"Code: 48. DB::Exception: {exc}. (NOT_IMPLEMENTED)", 48) from exc
         return body
@@ -789,10 +789,14 @@ class ChdbQueryEngine:
             try:
                 raw = conn.send_query(_engine_text(sql), request.default_format, params=dict(request.params))
             except Exception as exc:
-                raise QueryError.from_engine(exc) from exc
-            opened = QueryStream(raw, fmt, request.client_protocol_version, request.cancel_tag, self.kill)
-            opened.start()
-            return opened
+                error = QueryError.from_engine(exc)
+                # `WITH … INSERT` (a write that starts with WITH) cannot be streamed: run it whole.
+                if "Streaming query is not supported" not in str(error):
+                    raise error from exc
+            else:
+                opened = QueryStream(raw, fmt, request.client_protocol_version, request.cancel_tag, self.kill)
+                opened.start()
+                return opened
         result = self._run(conn, sql, request.default_format, request.params)
         body = bytes(result.bytes() or b"")
         if request.client_protocol_version and fmt.lower() == "native":

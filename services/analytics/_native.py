@@ -223,3 +223,15 @@ def with_protocol_revision(native: bytes, revision: int) -> bytes:
                 reader.skip_data(type_name, rows)
             out += native[start : reader.pos]
     return bytes(out)
+
+
+def block_with_protocol_revision(block: bytes, revision: int) -> bytes:
+    """One block (as chdb streams them: one block per chunk) as a server writes it for
+    ``revision``. Below the custom-serialization revision only the BlockInfo header is new, so
+    nothing is walked: every type passes through as written (clickhouse-connect asks for 54405,
+    and reads Variant, Dynamic and JSON columns this way)."""
+    if revision <= 0 or not block:
+        return block
+    if revision < CUSTOM_SERIALIZATION_REVISION:
+        return _BLOCK_INFO + block
+    return with_protocol_revision(block, revision)

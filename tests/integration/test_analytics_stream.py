@@ -258,3 +258,25 @@ def test_a_client_that_stalls_in_its_request_head_is_dropped(
     sock.close()
     # Whole requests are still answered.
     assert post(guarded.port, "SELECT 1")[2] == b"1\n"
+
+
+def test_clickhouse_connect_reads_variant_dynamic_and_json_columns(endpoint: QueryEndpoint) -> None:
+    # clickhouse-connect asks for client_protocol_version 54405 (BlockInfo before each block): the
+    # endpoint adds it per streamed block, so the types whose layout it cannot walk still work.
+    client = clickhouse_connect.get_client(host="127.0.0.1", port=endpoint.port)
+    assert client.protocol_version
+    rows = client.query(
+        "SELECT number::Variant(UInt64, String) AS v, number::Dynamic AS d, "
+        "CAST(concat('{\"a\":', toString(number), '}') AS JSON) AS j FROM numbers(3)"
+    ).result_rows
+    assert [(v, d, j) for v, d, j in rows] == [(n, n, {"a": n}) for n in range(3)]
+
+
+def test_a_with_insert_statement_is_not_streamed(endpoint: QueryEndpoint) -> None:
+    # `WITH … INSERT` starts with WITH but writes: chdb cannot stream it, so it runs whole.
+    table = f"default.with_insert_{uuid.uuid4().hex[:8]}"
+    client = clickhouse_connect.get_client(host="127.0.0.1", port=endpoint.port)
+    client.command(f"CREATE TABLE {table} (y UInt8) ENGINE = MergeTree ORDER BY y")
+    client.command(f"WITH 7 AS y INSERT INTO {table} SELECT y")
+    assert client.query(f"SELECT y FROM {table}").result_rows == [(7,)]
+    client.command(f"DROP TABLE {table}")
