@@ -224,5 +224,5 @@ async def test_a_near_miss_is_asked_about_the_close_article_not_told_nothing_was
                 stream.cancel()
                 break
     assert reply is not None and not reply.grounded and not reply.citations, reply
-    assert "Did you mean “Exchanging an item for a different size or colour”?" in reply.text, reply.text
+    assert "Did you mean “Exchanging an item for a different size or colour”" in reply.text, reply.text
     assert "human agent" in reply.text

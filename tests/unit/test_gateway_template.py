@@ -170,10 +170,9 @@ async def test_articles_that_came_close_are_offered_not_answered_from():
     assert "人工客服" in "".join(chunks)
 
 
-def _hit(doc: str, title: str, language: str, relevance: float) -> Hit:
-    return Hit(
-        doc, "c0", title, "…", language, "", (), Scores(0, 0, 0, relevance, relevance), relevance >= 0.325
-    )
+def _hit(doc: str, title: str, language: str, relevance: float, cosine: float = 0.0) -> Hit:
+    scores = Scores(0, cosine, 0, relevance, relevance)
+    return Hit(doc, "c0", title, "…", language, "", (), scores, relevance >= 0.325)
 
 
 def test_suggestions_are_the_close_titles_in_the_customers_language():
@@ -188,3 +187,8 @@ def test_suggestions_are_the_close_titles_in_the_customers_language():
     assert suggestions_of(hits[3:], "zh") == ()
     assert suggestions_of(hits[:1], "zh") == ()  # only an English title: nothing offered in Chinese
     assert suggestions_of([], "en") == ()
+    # No word in common ("cat" / "pets"): a low relevance, but close in meaning.
+    assert suggestions_of([_hit("p", "Travelling with pets", "en", 0.08, cosine=0.32)], "en") == (
+        "Travelling with pets",
+    )
+    assert suggestions_of([_hit("p", "Travelling with pets", "en", 0.08, cosine=0.2)], "en") == ()
