@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     # Erasure records (`switchboard tenant erase`), compacted by event id (each kept): every
     # processor and replay folds it and skips the erased customers' events still in the log.
     privacy_topic: str = "privacy-events"
+    # How often the archiver applies each tenant's retention (`tenants update T --retention-days
+    # N`) to ClickHouse and the archive (streams/privacy/_retention.py); 0: only by the command.
+    retention_interval_s: float = Field(default=3600.0, ge=0)
     # Pepper of the API-key hashes: the same everywhere keys are issued or checked. Empty: a random
     # one is made in <data_dir>/secrets/auth-pepper (0600) on first use (fine for one host).
     auth_pepper: str = ""

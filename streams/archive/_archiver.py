@@ -254,8 +254,16 @@ def archiver_consumer(
 
 async def serve_archiver(settings: Settings) -> None:
     consumer, processor = archiver_consumer(settings)
+    retention: asyncio.Task[None] | None = None
+    if settings.retention_interval_s > 0:
+        # Per-tenant retention, applied here because the archiver always runs (make run).
+        from streams.privacy._retention import retention_loop
+
+        retention = asyncio.ensure_future(retention_loop(settings, settings.retention_interval_s))
 
     async def flush() -> None:
+        if retention is not None:
+            retention.cancel()
         try:
             await processor.flush()
         except Exception as exc:  # read again from Kafka by the next run

@@ -21,18 +21,23 @@ The hot view (Redis) is not touched: it holds conversations for the API, not his
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.events import HEADER_TENANT
+from schemas.events import HEADER_TENANT, EventDecodeError, decode_event
 from services.analytics import DATABASE
 from services.settings import Settings
 from streams._consumer import Record
 from streams.archive import ArchiveStore, Manifest
 from streams.privacy._archive import RewriteStats, rewrite_archive
 from streams.privacy._erase import database_exists, quote
+from streams.privacy.erasures import load_erasures
+
+log = logging.getLogger(__name__)
 
 RETENTION_SETTING = "retention_days"
 
@@ -131,8 +136,23 @@ def older_than(tenant: str, cutoff_ms: int) -> Any:
     return drop
 
 
+def clickhouse_for_job(settings: Settings) -> Any | None:
+    """ClickHouse for a job outside the analytics process: a server DSN, or the embedded one
+    through its endpoint; None while the endpoint is down (opening chdb here would lock the
+    analytics process out of its own files)."""
+    from services.analytics import endpoint_is_up
+    from streams.replay._projections import clickhouse_client
+
+    if settings.embedded_clickhouse and not endpoint_is_up(settings):
+        return None
+    return clickhouse_client(settings)
+
+
 async def apply_retention(
-    settings: Settings, only: str | None = None, now: float | None = None
+    settings: Settings,
+    only: str | None = None,
+    now: float | None = None,
+    clickhouse: Callable[[Settings], Any | None] | None = None,
 ) -> list[RetentionResult]:
     from services.auth._log import read_registry
     from streams.replay._projections import clickhouse_client
@@ -150,11 +170,11 @@ async def apply_retention(
         return results
     clock = time.time() if now is None else now
     store = ArchiveStore(settings)
-    client = await asyncio.to_thread(clickhouse_client, settings)
+    client = await asyncio.to_thread(clickhouse or clickhouse_client, settings)
     try:
         # The replay's scratch database too: it keeps a rebuild or the previous tables.
-        databases = [DATABASE]
-        if await asyncio.to_thread(database_exists, client, settings.replay_database):
+        databases = [DATABASE] if client is not None else []
+        if client is not None and await asyncio.to_thread(database_exists, client, settings.replay_database):
             databases.append(settings.replay_database)
         for tenant, days in tenants:
             cutoff_s = clock - days * 86400
@@ -180,5 +200,66 @@ async def apply_retention(
             )
             results.append(result)
     finally:
-        await asyncio.to_thread(client.close)
+        if client is not None:
+            await asyncio.to_thread(client.close)
     return results
+
+
+def retention_cutoffs(tenants: dict[str, Any], now: float) -> dict[str, int]:
+    """tenant -> events that occurred before this (ns) are past its retention. Pure."""
+    return {
+        tenant_id: int((now - float(t.settings[RETENTION_SETTING]) * 86400) * 1_000_000_000)
+        for tenant_id, t in tenants.items()
+        if t.settings.get(RETENTION_SETTING)
+    }
+
+
+async def replay_filter(settings: Settings) -> Callable[[Record], bool]:
+    """What a replay may project: not erased (streams/privacy/erasures.py) and not past its
+    tenant's retention as of now, so a replay from Kafka brings back neither."""
+    from services.auth._log import read_registry
+
+    erasures = await load_erasures(settings)
+    try:
+        cutoffs = retention_cutoffs((await read_registry(settings)).tenants, time.time())
+    except Exception as exc:  # no tenants topic (a bare test stack): no retention anywhere
+        log.info("replay: no tenant retention applied (%r)", exc)
+        cutoffs = {}
+
+    def keep(record: Record) -> bool:
+        if not erasures.keeps(record):
+            return False
+        if not cutoffs:
+            return True
+        tenant = next((v for k, v in record.headers if k == HEADER_TENANT), None)
+        if tenant is not None and tenant.decode(errors="replace") not in cutoffs:
+            return True
+        try:
+            event = decode_event(record.value)
+        except EventDecodeError:
+            return True
+        cutoff = cutoffs.get(event.tenant_id)
+        return cutoff is None or event.occurred_at.ToNanoseconds() >= cutoff
+
+    return keep
+
+
+async def retention_loop(settings: Settings, interval_s: float) -> None:
+    """Apply every tenant's retention every `interval_s` (run by the archiver); failures are
+    logged and retried at the next round."""
+    while True:
+        try:
+            for result in await apply_retention(settings, clickhouse=clickhouse_for_job):
+                if result.clickhouse_rows or result.archive.records_removed:
+                    log.info(
+                        "retention %s (%g days): ClickHouse %s; archive %d records removed",
+                        result.tenant,
+                        result.days,
+                        result.clickhouse_rows,
+                        result.archive.records_removed,
+                    )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("retention: %r; trying again in %.0fs", exc, interval_s)
+        await asyncio.sleep(interval_s)

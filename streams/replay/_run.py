@@ -17,7 +17,7 @@ from services.analytics import DATABASE
 from services.settings import Settings
 from streams._consumer import Record
 from streams.archive import ArchiveStore
-from streams.privacy.erasures import load_erasures
+from streams.privacy._retention import replay_filter
 from streams.replay._knowledge import KnowledgeTarget
 from streams.replay._progress import Progress
 from streams.replay._projections import (
@@ -244,8 +244,9 @@ async def replay_projections(
     if options.dry_run:
         return _dry("projections", plan)
     client = clickhouse_client(settings)
-    # Erased customers' events still in the log stay out of the rebuilt projections.
-    erased = (await load_erasures(settings)).keeps
+    # Erased customers' events still in the log, and events past their tenant's retention, stay
+    # out of the rebuilt projections.
+    erased = await replay_filter(settings)
     pool = ProcessPoolExecutor(options.workers) if options.workers > 0 else None
     keep = _tenant_filter(options.tenant)
     in_place = (
