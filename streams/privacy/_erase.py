@@ -332,18 +332,25 @@ async def purge_redis(redis: aioredis.Redis, tenant: str, conversations: list[st
             if batch:
                 deleted += await redis.delete(*batch)
         # The set of tenants with open conversations (the idle closer's index).
-        await redis.srem(getattr(hv, "ACTIVE_TENANTS_KEY", "sb:tenants:active"), tenant)
+        await redis.srem(hv.ACTIVE_TENANTS_KEY, tenant)
         return deleted
     for conversation in conversations:
         pattern = f"{_glob(f'sb:{{{tenant}:{conversation}}}:')}*"
         keys = [key async for key in redis.scan_iter(match=pattern, count=1000)]
         if keys:
             deleted += await redis.delete(*keys)
-    # The tenant-wide sets that name conversations: agents' queues and the open conversations.
-    tenant_keys = [key async for key in redis.scan_iter(match=f"{_glob(f'sb:{{{tenant}}}:queue:')}*")]
-    tenant_keys.append(hv.open_conversations_key(tenant).encode())
-    for key in tenant_keys:
-        await redis.zrem(key, *conversations)
+    # The tenant-wide indexes that name conversations (agents' queues, the open conversations,
+    # the idle-close activity index, and whatever set or hash is added next): every sorted set,
+    # set and hash of the tenant loses the conversations as members or fields.
+    async for key in redis.scan_iter(match=f"{_glob(f'sb:{{{tenant}}}:')}*", count=1000):
+        kind = await redis.type(key)
+        kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+        if kind == "zset":
+            await redis.zrem(key, *conversations)
+        elif kind == "set":
+            await redis.srem(key, *conversations)
+        elif kind == "hash":
+            await redis.hdel(key, *conversations)
     return deleted
 
 

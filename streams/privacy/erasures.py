@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # how late a running processor learns of an erasure (`tenant erase` waits longer than this before
 # it takes the processors' positions).
 FOLLOW_FETCH_WAIT_MS = 100
-FOLLOW_BOUND_S = 1.0
+FOLLOW_BOUND_S = 3.0
 
 
 def _ns(event: Event) -> int:
@@ -132,7 +132,7 @@ async def publish_erasure(settings: Settings, event: Event) -> tuple[int, int]:
 
 class ErasureFollower:
     """An `Erasures` registry folded from the privacy topic: read whole by `start`, then followed
-    in a background task. A missing topic is an empty registry (looked for again every second)."""
+    in a background task. A missing topic is an empty registry (looked for again every 0.5 s)."""
 
     def __init__(self, settings: Settings, on_change: Callable[[Erasures], None] | None = None) -> None:
         self.settings = settings
@@ -186,7 +186,7 @@ class ErasureFollower:
                 try:
                     if not self._assigned:
                         if not await self._assign(consumer):
-                            await asyncio.sleep(1.0)
+                            await asyncio.sleep(0.5)
                         continue
                     self._apply(await consumer.getmany(timeout_ms=1000))
                 except asyncio.CancelledError:
