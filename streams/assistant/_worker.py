@@ -527,6 +527,11 @@ class KnowledgeFollower:
         self._queue: FairQueue[tuple[Document, bytes] | None] = FairQueue()
         self._work = asyncio.Event()
         self._caught_up = False
+        # What the start-up read queued and is not indexed yet (set once it caught up): `ready`
+        # waits for these only, not for an empty queue, which a steady trickle of upserts (one
+        # tenant's sync job) may never leave, and no conversation is answered before `ready`.
+        self._start_up: set[tuple[str, str]] | None = None
+        self._indexing: set[tuple[str, str]] = set()
 
     @property
     def queued(self) -> int:
@@ -557,7 +562,9 @@ class KnowledgeFollower:
                 positions = [await consumer.position(tp) for tp in tps]
                 if not self._caught_up and all(p >= ends[tp] for p, tp in zip(positions, tps, strict=True)):
                     self._caught_up = True
+                    self._start_up = self._queue.documents() | self._indexing
                     self._work.set()
+                    self._check_ready()
         finally:
             indexing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -588,17 +595,28 @@ class KnowledgeFollower:
         while True:
             turn = self._queue.take()
             if turn is None:
-                if self._caught_up and not self.ready.is_set():
-                    self.ready.set()
-                    log.info(
-                        "knowledge base loaded: %d records, tenants %s",
-                        self.applied,
-                        self._knowledge.tenants(),
-                    )
                 self._work.clear()
                 await self._work.wait()
                 continue
+            self._indexing = {(turn.tenant_id, document_id) for document_id, _ in turn.work}
             await self._index(turn.tenant_id, turn.work)
+            if self._start_up is not None:
+                self._start_up -= self._indexing
+            self._indexing = set()
+            self._check_ready()
+
+    def _check_ready(self) -> None:
+        """`ready` once everything the start-up read queued is indexed (a document replaced since
+        counts once its newer version is)."""
+        if self._start_up is None or self._start_up or self.ready.is_set():
+            return
+        self.ready.set()
+        log.info(
+            "knowledge base loaded: %d records, tenants %s (%d documents queued since)",
+            self.applied,
+            self._knowledge.tenants(),
+            len(self._queue),
+        )
 
     async def _index(self, tenant: str, work: list[tuple[str, tuple[Document, bytes] | None]]) -> None:
         """One tenant's turn: embed its upserts (one encoder call), apply its deletes, then write

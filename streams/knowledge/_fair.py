@@ -86,6 +86,13 @@ class FairQueue(Generic[T]):
         """Documents queued, over every tenant."""
         return self._size
 
+    def documents(self) -> set[tuple[str, str]]:
+        """(tenant, document id) of every document queued."""
+        queued = {(t, d) for t, pending in self._tenants.items() for d in pending}
+        if self._held is not None:
+            queued.update((self._held[0], d) for d in self._held[1])
+        return queued
+
     def pending(self, tenant_id: str) -> int:
         if self._held is not None and self._held[0] == tenant_id:
             return len(self._held[1])
