@@ -133,8 +133,9 @@ AGENT_CLAIM_PREFIX = "\x00agent:"
 
 
 def agent_claim(client_message_id: str) -> str:
-    """The claim (and the fold's dedup id) of an agent's message with this client_message_id."""
-    return AGENT_CLAIM_PREFIX + client_message_id
+    """The claim (and the fold's dedup id) of an agent's message with this client_message_id;
+    none ("") for a message without one, like a customer message without one."""
+    return AGENT_CLAIM_PREFIX + client_message_id if client_message_id else ""
 
 
 def encode_claim(event_id: str, partition: int, offset: int) -> str:
