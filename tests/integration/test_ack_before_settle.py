@@ -56,7 +56,8 @@ async def test_an_ack_does_not_wait_for_its_settle_and_retries_meanwhile_are_ans
         (sent,) = await asyncio.wait_for(a.accept_messages([message(tenant, target, "m")]), 15)
         assert isinstance(sent, chat_pb2.SendMessageResponse) and not sent.duplicate, sent
         key = hv.idempotency_key(tenant, target, "m")
-        assert (await redis.get(key) or b"").startswith(hv.CLAIM_PENDING), "settled although held back"
+        held: bytes = await redis.get(key) or b""  # type: ignore[assignment]
+        assert held.startswith(hv.CLAIM_PENDING), "settled although held back"
 
         # A retry in the same process: the first ack, from memory.
         (again,) = await a.accept_messages([message(tenant, target, "m")])
@@ -70,7 +71,7 @@ async def test_an_ack_does_not_wait_for_its_settle_and_retries_meanwhile_are_ans
         release.set()
         await eventually(
             lambda: redis.get(key),
-            lambda raw: raw is not None and not raw.startswith(hv.CLAIM_PENDING),
+            lambda raw: isinstance(raw, bytes) and not raw.startswith(hv.CLAIM_PENDING),
             within_s=10,
             what="the settle recorded in Redis",
         )

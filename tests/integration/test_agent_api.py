@@ -322,6 +322,8 @@ async def test_an_agent_message_id_equal_to_a_customers_is_its_own_message(
     # ingress claims it with, so a retry after a rebuild still finds its own ack.
     agent_key = hv.idempotency_key(tenant, cid, hv.agent_claim("1"))
     customer_key = hv.idempotency_key(tenant, cid, "1")
-    assert hv.decode_claim(await redis.get(agent_key) or b"pending") is not None
-    assert (hv.decode_claim(await redis.get(agent_key) or b"") or ("",))[0] == a1.event_id
-    assert (hv.decode_claim(await redis.get(customer_key) or b"") or ("",))[0] == c1.event_id
+    agent_raw: bytes = await redis.get(agent_key) or b""  # type: ignore[assignment]
+    customer_raw: bytes = await redis.get(customer_key) or b""  # type: ignore[assignment]
+    assert hv.decode_claim(agent_raw or b"pending") is not None
+    assert (hv.decode_claim(agent_raw) or ("",))[0] == a1.event_id
+    assert (hv.decode_claim(customer_raw) or ("",))[0] == c1.event_id
