@@ -1230,7 +1230,24 @@ async def http_exchange(
         writer.close()
     head, _, body = data.partition(b"\r\n\r\n")
     status = head.split(b" ", 2)[1].decode() if head.startswith(b"HTTP/") else "closed"
+    if b"\r\ntransfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)  # a streamed result (as ClickHouse sends one)
     return status, head, body
+
+
+def _dechunk(body: bytes) -> bytes:
+    """A chunked transfer-encoded body's content; what cannot be parsed is kept as it came."""
+    out, pos = bytearray(), 0
+    while True:
+        line_end = body.find(b"\r\n", pos)
+        try:
+            size = int(body[pos:line_end].split(b";", 1)[0], 16)
+        except ValueError:
+            return body
+        if line_end < 0 or size == 0:
+            return bytes(out)
+        out += body[line_end + 2 : line_end + 2 + size]
+        pos = line_end + 2 + size + 2
 
 
 def http_post(
