@@ -19,6 +19,12 @@ one conversation meet at its close claim, and the second is a no-op.
 Open conversations started before the sessions worker kept the activity index are put into it
 once per Redis, by the first sweeper to start (`backfill`: a SCAN of the tenants' open sets).
 
+The folded state is only as current as the sessions worker: while it lags (stopped, restarting,
+catching up), a conversation whose customer wrote a moment ago looks idle in it. So a sweep first
+takes Kafka's end offsets and waits (up to `FOLD_WAIT_S`) until the worker has folded up to them
+(`hv.APPLIED_KEY`); a candidate is closed only when its partition's fold got there, else it waits
+for a later sweep.
+
 The idle time is the tenant's own (`switchboard tenants update T --idle-close-after S`), else the
 settings' default; 0 turns it off. A process that cannot reach Redis or Kafka skips the sweep and
 tries again at the next one.
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter
 
 from schemas import hotview as hv
@@ -54,6 +61,8 @@ SWEEP_BATCH = 200
 CLOSE_CONCURRENCY = 16
 # A tenant's lock outlives a sweep that is slow, not one whose process died.
 LOCK_TTL_MS = 120_000
+# How long a sweep waits for the sessions worker to fold what Kafka had when the sweep began.
+FOLD_WAIT_S = 5.0
 
 IDLE_CLOSED = Counter("switchboard_idle_closed_total", "Conversations closed for inactivity")
 
@@ -99,6 +108,13 @@ def last_activity_ms(state_json: bytes | None) -> int | None:
     if state.get("status") == "closed":
         return None
     return int(state.get("updated_at_ns", 0)) // 1_000_000
+
+
+def folded_partition(state_json: bytes | None) -> int:
+    """The partition of the conversation's events, from its state (pure); -1 when unknown."""
+    if not state_json:
+        return -1
+    return int(json.loads(state_json).get("last_partition", -1))
 
 
 def verdict(state_json: bytes | None, closed: bool, cutoff_ms: int) -> str | int:
@@ -208,20 +224,60 @@ class IdleSweeper:
                 pipe.zrangebyscore(hv.activity_key(tenant_id), "-inf", cutoff_ms, start=0, num=1)
             firsts = await pipe.execute()
         closed = 0
+        folded: set[int] | None = None
         for (tenant_id, after_s), first in zip(due, firsts, strict=True):
             if first:
-                closed += await self.sweep_tenant(tenant_id, after_s)
+                if folded is None:
+                    folded = await self.folded_partitions()
+                closed += await self.sweep_tenant(tenant_id, after_s, folded)
         return closed
 
-    async def sweep_tenant(self, tenant_id: str, after_s: float) -> int:
+    async def folded_partitions(self) -> set[int]:
+        """The partitions whose folded states hold every event Kafka had when this was called:
+        Kafka's end offsets, then (waiting up to FOLD_WAIT_S) the sessions worker's positions."""
+        topic = self._settings.conversation_topic
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._settings.kafka_bootstrap, enable_auto_commit=False
+        )
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                await consumer._client.force_metadata_update()
+                partitions = consumer.partitions_for_topic(topic) or set()
+            ends = await consumer.end_offsets([TopicPartition(topic, p) for p in sorted(partitions)])
+        finally:
+            await consumer.stop()
+        deadline = time.monotonic() + FOLD_WAIT_S
+        while True:
+            applied: Any = await self._redis.hgetall(hv.APPLIED_KEY)
+            folded = {
+                tp.partition
+                for tp, end in ends.items()
+                if int(applied.get(str(tp.partition).encode(), 0)) >= end
+            }
+            if len(folded) == len(ends) or time.monotonic() > deadline:
+                if len(folded) < len(ends):
+                    log.info(
+                        "idle close: the sessions worker has not folded partitions %s up to now; "
+                        "their conversations wait for a later sweep",
+                        sorted(tp.partition for tp in ends if tp.partition not in folded),
+                    )
+                return folded
+            await asyncio.sleep(0.1)
+
+    async def sweep_tenant(self, tenant_id: str, after_s: float, folded: set[int] | None = None) -> int:
         """Close the tenant's conversations idle for `after_s` (unless another process is
-        sweeping the tenant); returns how many it closed."""
+        sweeping the tenant); returns how many it closed. `folded`: the partitions whose fold is
+        current (folded_partitions, taken now when not given)."""
         cutoff_ms = int(time.time() * 1000) - math.ceil(after_s * 1000)
         key = lock_key(tenant_id)
         if not await self._redis.set(key, self._owner, nx=True, px=LOCK_TTL_MS):
             return 0  # another process is sweeping this tenant
         try:
-            candidates = await self._candidates(tenant_id, cutoff_ms)
+            if folded is None:
+                folded = await self.folded_partitions()
+            candidates = await self._candidates(tenant_id, cutoff_ms, folded)
             closing = asyncio.Semaphore(CLOSE_CONCURRENCY)
 
             async def close(conversation_id: str) -> bool:
@@ -233,9 +289,10 @@ class IdleSweeper:
         finally:
             await self._release(keys=[key], args=[self._owner])
 
-    async def _candidates(self, tenant_id: str, cutoff_ms: int) -> list[str]:
-        """The tenant's conversations idle since before `cutoff_ms`, checked against their state;
-        the index of the others is put right (it lags by up to a step)."""
+    async def _candidates(self, tenant_id: str, cutoff_ms: int, folded: set[int]) -> list[str]:
+        """The tenant's conversations idle since before `cutoff_ms`, checked against their state
+        (read after `folded` was taken: only those of the partitions in it are judged); the index
+        of the others is put right (it lags by up to a step)."""
         index = hv.activity_key(tenant_id)
         rows: Any = await self._redis.zrangebyscore(
             index, "-inf", cutoff_ms, start=0, num=SWEEP_BATCH, withscores=True
@@ -252,7 +309,8 @@ class IdleSweeper:
             for c, (state, closed_ns) in zip(found, states, strict=True):
                 what = verdict(state, closed_ns is not None, cutoff_ms)
                 if what == CLOSE:
-                    idle.append(c.conversation_id)
+                    if folded_partition(state) in folded:
+                        idle.append(c.conversation_id)
                 elif what == FORGET:
                     fix.zrem(index, c.conversation_id)
                 elif isinstance(what, int) and what > c.indexed_ms:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from services.auth._model import Registry, Status, TenantRecord
-from services.ingress._idle import CLOSE, FORGET, idle_after_s, last_activity_ms, verdict
+from services.ingress._idle import CLOSE, FORGET, folded_partition, idle_after_s, last_activity_ms, verdict
 from services.settings import Settings
 
 
@@ -33,3 +33,10 @@ def test_the_idle_time_is_the_tenants_own_else_the_default_and_zero_is_off() -> 
     assert idle_after_s(registry, settings, "off") == 0
     assert idle_after_s(registry, settings, "other") == 3600
     assert idle_after_s(None, settings, "other") == 3600
+
+
+def test_a_candidates_partition_comes_from_its_state() -> None:
+    # A candidate is closed only when its partition's fold is current (test_idle_close_lag.py).
+    assert folded_partition(json.dumps({"status": "open", "last_partition": 3}).encode()) == 3
+    assert folded_partition(None) == -1
+    assert folded_partition(json.dumps({"status": "open"}).encode()) == -1
