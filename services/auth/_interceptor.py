@@ -99,7 +99,7 @@ class _Gate:
         plan = self.limiter.plan(self.registry(), principal)
         if plan is None or not isinstance(request, Message):
             return None  # unlimited, or a malformed request the service refuses anyway
-        need = cost_of(self.method, request)
+        need = cost_of(self.method, request, min(limit.burst for limit in plan.limits))
         if need <= 0:
             return None
         granted = await self.limiter.acquire(plan, need, need)

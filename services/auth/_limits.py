@@ -269,15 +269,18 @@ def plan_for(registry: Registry, settings: Settings, principal: Principal) -> Pl
     return Plan(tuple(keys), tuple(limits), tuple(names)) if keys else None
 
 
-def cost_of(method: str, request: Any) -> int:
+def cost_of(method: str, request: Any, most: int | None = None) -> int:
     """Tokens a unary request spends (a batch: one per message; an upsert: one per started 8 KiB
-    of each document, at least one per document)."""
+    of each document, at least one per document). `most`: what one document may cost at most,
+    the smallest burst it is charged to: a document larger than that takes a whole bucket (it
+    waits for a full one) rather than being refused for ever, since it cannot be split."""
     if method == _BATCH:
         return len(getattr(request, "messages", ()))
     if method == _UPSERT:
-        return sum(
+        costs = (
             max(1, -(-doc.ByteSize() // DOCUMENT_TOKEN_BYTES)) for doc in getattr(request, "documents", ())
         )
+        return sum(min(cost, most) if most else cost for cost in costs)
     return 1
 
 

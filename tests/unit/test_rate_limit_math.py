@@ -116,3 +116,22 @@ async def test_the_limiter_fails_open_when_redis_is_unreachable() -> None:
     finally:
         await limiter.close()
     assert REGISTRY.get_sample_value("switchboard_rate_limit_fail_open_total") == before + 1
+
+
+def test_one_document_larger_than_the_burst_takes_the_whole_bucket_instead_of_being_refused() -> None:
+    # A tenant with --rate 3 (so a burst of 3) upserting one 60 KiB document (8 tokens by size):
+    # refused INVALID_ARGUMENT "split the upsert" for ever, though one document cannot be split
+    # and the API accepts bodies up to 64 KiB. It waits for a full bucket and takes it instead.
+    from switchboard.v1 import knowledge_pb2
+
+    upsert = "/switchboard.v1.KnowledgeService/UpsertDocuments"
+    large = knowledge_pb2.Document(document_id="d", title="t", body="x" * (60 * 1024))
+    plan = Plan(("k",), (Limit(3.0, 3),), ("tenant 'acme'",))
+    one = knowledge_pb2.UpsertDocumentsRequest(documents=[large])
+    assert cost_of(upsert, one) == 8
+    need = cost_of(upsert, one, most=3)
+    assert need == 3 and too_big(plan, need) is None
+    # Several documents still pay by size, each up to a bucket; a call past the burst is split.
+    two = knowledge_pb2.UpsertDocumentsRequest(documents=[large, knowledge_pb2.Document(document_id="s")])
+    assert cost_of(upsert, two, most=3) == 4
+    assert too_big(plan, 4) is not None
