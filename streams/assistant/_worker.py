@@ -361,9 +361,12 @@ def suggestions_of(hits: Sequence[Hit], language: str) -> tuple[str, ...]:
     """Titles to offer when no hit is relevant: the best close ones in the customer's language (a
     title in the other language reads as a non sequitur, and its twin would say the same)."""
     titles: list[str] = []
+    # By the primary language subtag: a document may be tagged 'en-US' or 'zh-Hans'.
+    wanted = language.split("-")[0].lower()
     for h in hits:
         close = h.scores.relevance >= SUGGEST_MIN_RELEVANCE or h.scores.cosine >= SUGGEST_MIN_COSINE
-        if h.title and h.language == language and close and h.title not in titles:
+        same_language = h.language.split("-")[0].lower() == wanted
+        if h.title and same_language and close and h.title not in titles:
             titles.append(h.title)
     return tuple(titles[:SUGGESTIONS])
 

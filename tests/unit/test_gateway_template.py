@@ -192,3 +192,12 @@ def test_suggestions_are_the_close_titles_in_the_customers_language():
         "Travelling with pets",
     )
     assert suggestions_of([_hit("p", "Travelling with pets", "en", 0.08, cosine=0.2)], "en") == ()
+
+
+def test_suggestions_match_a_documents_language_tag_by_its_language():
+    # UpsertDocuments accepts language tags ('en-US', 'zh-Hans'); the customer's language is 'en'
+    # or 'zh'. A tagged article is in the customer's language all the same.
+    hits = [_hit("a", "Pets on board", "en-US", 0.30), _hit("b", "宠物托运", "zh-Hans", 0.20)]
+    assert suggestions_of(hits, "en") == ("Pets on board",)
+    assert suggestions_of(hits, "zh") == ("宠物托运",)
+    assert suggestions_of([_hit("c", "Animaux", "fr", 0.30)], "en") == ()
