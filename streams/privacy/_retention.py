@@ -124,16 +124,28 @@ def purge_older(client: Any, tenant: str, cutoff: datetime, database: str = DATA
     return deleted
 
 
-def older_than(tenant: str, cutoff_ms: int) -> Any:
+def older_than(tenant: str, cutoff_ms: int) -> Callable[[Record], bool]:
+    """Archived records of the tenant whose event occurred before the cutoff (the same instant
+    the ClickHouse rows and a replay go by; the Kafka timestamp only pre-selects)."""
     name = tenant.encode()
+    cutoff_ns = cutoff_ms * 1_000_000
 
     def drop(record: Record) -> bool:
-        if record.timestamp_ms >= cutoff_ms:
-            return False
         header = next((v for k, v in record.headers if k == HEADER_TENANT), None)
-        return header == name
+        if header is not None and header != name:
+            return False
+        try:
+            event = decode_event(record.value)
+        except EventDecodeError:
+            return False
+        return event.tenant_id == tenant and event.occurred_at.ToNanoseconds() < cutoff_ns
 
     return drop
+
+
+# An event occurs before Kafka stamps its record (the ingress sets occurred_at, then produces):
+# a segment whose oldest record was stamped this long after the cutoff holds nothing to delete.
+_STAMP_MARGIN_MS = 3_600_000
 
 
 def clickhouse_for_job(settings: Settings) -> Any | None:
@@ -188,7 +200,7 @@ async def apply_retention(
 
             def newer(manifest: Manifest, cutoff_ms: int = cutoff_ms) -> bool:
                 # Nothing in the segment is old enough: not even read.
-                return manifest.count == 0 or manifest.min_timestamp_ms >= cutoff_ms
+                return manifest.count == 0 or manifest.min_timestamp_ms >= cutoff_ms + _STAMP_MARGIN_MS
 
             result.archive = await asyncio.to_thread(
                 rewrite_archive,
