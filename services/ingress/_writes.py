@@ -610,13 +610,17 @@ class ConversationWrites:
         )
         if claim.earlier is not None:
             return claim.earlier, True
+        if not claim.claimed and (acked := self._unsettled.get(claim_key)):
+            # Acked by this process a moment ago, its settlement still on its way to Redis.
+            return acked, True
         if claim.closed:
             raise _closed(claim_key[1])
         if claim.closing:
             raise _being_closed(claim_key[1])
         if not claim.claimed:
+            client_id = claim_key[2].removeprefix(hv.AGENT_CLAIM_PREFIX)  # the id the caller sent
             raise unavailable(
-                f"client_message_id {claim_key[2]!r} is being written by an earlier attempt; "
+                f"client_message_id {client_id!r} is being written by an earlier attempt; "
                 "retry shortly to get its ack"
             )
         held = claim.held(claim_key)
