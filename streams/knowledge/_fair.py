@@ -8,8 +8,8 @@ the next tenant with work goes. A document that arrives for a tenant with nothin
 for at most the turn in progress plus one turn of each other tenant that has work.
 
 Within a tenant, work is keyed by document id: a later upsert or delete of a document replaces
-one still queued (the last event of an id wins, as in the compacted log), so the queue holds at
-most one entry per document and its memory is bounded by the documents themselves.
+one still queued, in its place (the last event of an id wins, as in the compacted log), so the
+queue holds at most one entry per document and its memory is bounded by the documents themselves.
 """
 
 from __future__ import annotations
@@ -47,15 +47,16 @@ class FairQueue(Generic[T]):
         self._size = 0
 
     def put(self, tenant_id: str, document_id: str, item: T, size: int) -> None:
-        """Queue work for a document, replacing work for it still queued (moved to the back)."""
+        """Queue work for a document, replacing work for it still queued in its place (were it
+        moved to the back at every update, a document edited more often than its tenant's queue
+        drains would never be indexed)."""
         if self._held is not None and self._held[0] == tenant_id:
             pending = self._held[1]
         else:
             pending = self._tenants.setdefault(tenant_id, {})
-        if pending.pop(document_id, None) is not None:
-            self._size -= 1
-        pending[document_id] = (item, max(0, size))
-        self._size += 1
+        if document_id not in pending:
+            self._size += 1
+        pending[document_id] = (item, max(0, size))  # an existing key keeps its place
 
     def take(self) -> Turn[T] | None:
         """The next tenant's turn, or None when nothing is queued."""

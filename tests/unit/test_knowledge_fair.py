@@ -56,7 +56,7 @@ def test_a_later_event_of_a_queued_document_replaces_it() -> None:
     queue.put("a", "doc", None, 0)  # deleted before it was indexed
     assert len(queue) == 2 and queue.pending("a") == 2
     turn = queue.take()
-    assert turn is not None and turn.work == [("other", "x"), ("doc", None)]
+    assert turn is not None and turn.work == [("doc", None), ("other", "x")]  # in its place
     # Work for the tenant whose turn was just taken joins its remaining queue.
     queue.put("a", "late", "y", 10)
     assert queue.pending("a") == 1 and len(queue) == 1
@@ -74,3 +74,25 @@ def test_an_upsert_costs_a_token_per_document_and_per_started_8_kib() -> None:
     assert (
         cost_of("/switchboard.v1.KnowledgeService/DeleteDocument", knowledge_pb2.DeleteDocumentRequest()) == 1
     )
+
+
+def test_a_document_updated_while_queued_keeps_its_place_and_is_not_starved() -> None:
+    # A sync job adds documents while one of them is edited every turn (a CMS autosaving it):
+    # moved to the back at every update, it waited behind every document added since, and was
+    # not indexed for as long as the job ran.
+    queue: FairQueue[str] = FairQueue(turn_documents=2, turn_bytes=1 << 20)
+    queue.put("a", "edited", "v0", 10)
+    for i in range(4):
+        queue.put("a", f"d{i}", "new", 10)
+    taken: list[str] = []
+    for n in range(1, 4):
+        turn = queue.take()
+        assert turn is not None
+        taken += [f"{d}={item}" for d, item in turn.work]
+        queue.put("a", "edited", f"v{n}", 10)
+        queue.put("a", f"d{2 + 2 * n}", "new", 10)
+        queue.put("a", f"d{3 + 2 * n}", "new", 10)
+    # Its first turn took it (as its latest version then); each later version takes the place
+    # of the one before it while queued.
+    assert taken[0] == "edited=v0"
+    assert any(t.startswith("edited=v") and t != "edited=v0" for t in taken[1:]), taken
