@@ -104,6 +104,7 @@ class AssistantProcessor:
         self._settings = settings
         # Erased customers' conversations are not answered (streams/privacy/erasures.py).
         self._erasures = erasures
+        self._erasures_seen = 0
         self._redis = redis
         self._producer = producer
         self._knowledge = knowledge
@@ -134,6 +135,14 @@ class AssistantProcessor:
         erased = None
         if self._erasures is not None:
             erased = await self._erasures.start()
+            if erased.applied != self._erasures_seen:
+                # An erasure came in: the contexts of what it erased go (a conversation of an
+                # erased tenant that goes on starts with no history).
+                self._erasures_seen = erased.applied
+                for slot in [s for s in self._conversations if s[1] in erased.conversations.get(s[0], ())]:
+                    del self._conversations[slot]
+                for slot in [s for s in self._conversations if s[0] in erased.tenants]:
+                    del self._conversations[slot]
         for r in records:
             try:
                 event = decode_event(r.value)

@@ -340,6 +340,16 @@ class SessionsProcessor:
     ) -> None:
         slots = list(dict.fromkeys((e.tenant_id, e.conversation_id) for e, _ in decoded))
         folds = await self._load(slots)
+        if self._erasures is not None and self._erasures.erasures.tenants:
+            # A conversation of an erased tenant that began before the erasure starts afresh:
+            # the state cached here (or written back by a batch that raced the erasure) is not
+            # carried on by its later events.
+            erased = self._erasures.erasures
+            for (tenant_id, conversation_id), fold in folds.items():
+                if fold is not None and erased.erased(
+                    tenant_id, conversation_id, fold.created_at_ns or fold.updated_at_ns
+                ):
+                    folds[(tenant_id, conversation_id)] = None
         # Where each conversation waited before the batch (agents' queues follow the net change).
         queued_before = {slot: _queued(fold) for slot, fold in folds.items()}
         # ...and when it was last active (the idle-close sweeper's index moves in steps).

@@ -411,6 +411,26 @@ async def test_erasing_a_whole_tenant_leaves_nothing_of_it(system: System) -> No
     await replay(settings, ReplayOptions(target="projections", tenant=tenant))
     assert await asyncio.to_thread(clickhouse_traces, settings, [tenant], tenant) == []
 
+    # A conversation of the tenant goes on after the erasure: its new events are kept, and
+    # nothing from before comes back with them (the sessions worker held its state in memory).
+    ongoing = events[0].conversation_id
+    after = new_event(
+        tenant,
+        ongoing,
+        message_received=events_pb2.MessageReceived(
+            client_message_id="after", text="still there?", sender=events_pb2.SENDER_CUSTOMER
+        ),
+    )
+    await produce(settings, [after])
+    await caught_up(settings)
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        state = await redis.hget(f"sb:{{{tenant}:{ongoing}}}:conv", "state")
+    finally:
+        await redis.aclose()
+    assert state is not None and after.event_id.encode() in state
+    assert await everywhere(settings, sorted({e.event_id for e in events})) == []
+
 
 @pytest.mark.timeout(600)
 async def test_retention_deletes_what_is_older_than_the_tenants_days(system: System) -> None:
