@@ -80,16 +80,22 @@ class Erasures:
         return not self.erased(event.tenant_id, event.conversation_id, _ns(event))
 
     def keeps(self, record: Record) -> bool:
-        """Whether a conversation-log record survives the erasures. Records of tenants without
-        an erasure are kept on their tenant header alone (no decode); an undecodable record is
+        """Whether a conversation-log record survives the erasures. Decided on the tenant header
+        and the key (the conversation id) where that is enough; decoded only for a tenant erased
+        whole (the event's time decides) or a record without headers. An undecodable record is
         kept for the processor to refuse as it would anyway."""
         if not self:
             return True
         tenant = next((v for k, v in record.headers if k == HEADER_TENANT), None)
         if tenant is not None:
             name = tenant.decode(errors="replace")
-            if name not in self.conversations and name not in self.tenants:
-                return True
+            if name not in self.tenants:
+                erased = self.conversations.get(name)
+                if erased is None:
+                    return True
+                if record.key is not None:
+                    # The key is the conversation id (schemas.events.event_key): no decode.
+                    return record.key.decode(errors="replace") not in erased
         try:
             return self.keeps_event(decode_event(record.value))
         except EventDecodeError:

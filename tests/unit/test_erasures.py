@@ -37,9 +37,11 @@ def test_a_customer_erasure_skips_its_conversations_only() -> None:
     assert erasures.keeps(record(message("acme", "c3")))
     # Ids are per tenant.
     assert erasures.keeps(record(message("other", "c1")))
-    # Undecodable records are kept for the processor to refuse as before.
-    garbage = Record("t", 0, 9, b"c1", b"\xffno", 0, (("sb-tenant", b"acme"),))
-    assert erasures.keeps(garbage)
+    # Undecodable records are kept for the processor to refuse as before, unless their key says
+    # they belong to an erased conversation.
+    assert erasures.keeps(Record("t", 0, 9, b"c3", b"\xffno", 0, (("sb-tenant", b"acme"),)))
+    assert erasures.keeps(Record("t", 0, 9, b"c1", b"\xffno", 0, ()))
+    assert not erasures.keeps(Record("t", 0, 9, b"c1", b"\xffno", 0, (("sb-tenant", b"acme"),)))
 
 
 def test_a_whole_tenant_erasure_skips_what_occurred_before_it() -> None:
