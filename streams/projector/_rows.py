@@ -22,6 +22,7 @@ from google.protobuf.internal import type_checkers
 from google.protobuf.json_format import MessageToJson
 from switchboard.v1 import events_pb2
 
+from schemas import hotview as hv
 from schemas.events import Event, event_type
 from streams.privacy import redact_event
 
@@ -705,7 +706,8 @@ def project(records: Sequence[tuple[Event, Position]]) -> ProjectionBatch:
                     (
                         tenant,
                         conversation,
-                        client_id or event_id,
+                        # Agents' ids are a space of their own (see hotview.agent_claim).
+                        hv.agent_claim(client_id) if client_id else event_id,
                         event_id,
                         client_id,
                         "agent",

@@ -327,3 +327,23 @@ async def test_an_agent_message_id_equal_to_a_customers_is_its_own_message(
     assert hv.decode_claim(agent_raw or b"pending") is not None
     assert (hv.decode_claim(agent_raw) or ("",))[0] == a1.event_id
     assert (hv.decode_claim(customer_raw) or ("",))[0] == c1.event_id
+    # And both are messages in ClickHouse (the projector keys the agent's in its own space).
+    ch = system.clickhouse()
+    try:
+        rows = await eventually(
+            lambda: asyncio.to_thread(
+                lambda: (
+                    ch.query(
+                        "SELECT sender, client_message_id FROM switchboard.messages "
+                        "WHERE tenant_id = {t:String} AND conversation_id = {c:String} ORDER BY sender",
+                        parameters={"t": tenant, "c": cid},
+                    ).result_rows
+                )
+            ),
+            lambda r: len(r) >= 2,
+            within_s=60,
+            what="both messages projected",
+        )
+    finally:
+        ch.close()
+    assert rows == [("agent", "1"), ("customer", "1")]

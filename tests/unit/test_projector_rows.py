@@ -145,8 +145,9 @@ def test_messages_are_customer_and_agent_messages_keyed_for_deduplication() -> N
         ("customer", "no id"),
     ]
     no_id_event = records[7][0]
-    # The client's idempotency key when there is one, else the event id.
-    assert [r["message_key"] for r in rows] == ["m1", "a1", no_id_event.event_id]
+    # The client's idempotency key when there is one (an agent's in the agents' own id space), else
+    # the event id.
+    assert [r["message_key"] for r in rows] == ["m1", "\x00agent:a1", no_id_event.event_id]
     assert rows[1]["agent_id"] == "agent-7"
 
 
@@ -310,3 +311,24 @@ def test_payload_json_is_message_to_json_for_every_payload() -> None:
             payload, preserving_proto_field_name=True, indent=None, ensure_ascii=False, sort_keys=True
         )
         assert payload_json(event) == expected
+
+
+def test_an_agent_message_with_a_customers_client_message_id_is_its_own_message() -> None:
+    """Agents have their own client_message_id space (hotview.agent_claim): an agent's "1" and a
+    customer's "1" in one conversation are two messages. Before, both were keyed "1" and the
+    ReplacingMergeTree kept one of them (the `messages` view lost the other)."""
+    events = [
+        new_event(
+            "acme",
+            "c1",
+            message_received=pb.MessageReceived(client_message_id="1", text="hi", sender=pb.SENDER_CUSTOMER),
+        ),
+        new_event(
+            "acme",
+            "c1",
+            agent_message_sent=pb.AgentMessageSent(agent_id="a", client_message_id="1", text="yo"),
+        ),
+    ]
+    rows = as_dicts(project([(e, LogPosition(0, i)) for i, e in enumerate(events)]).rows[MESSAGES], MESSAGES)
+    assert len({r["message_key"] for r in rows}) == 2, rows
+    assert [(r["sender"], r["client_message_id"]) for r in rows] == [("customer", "1"), ("agent", "1")]
