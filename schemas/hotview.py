@@ -82,6 +82,12 @@ def documents_key(tenant_id: str) -> str:
     return f"sb:{{{tenant_id}}}:documents"
 
 
+def pending_documents_key(tenant_id: str) -> str:
+    """Sorted set of a tenant's new documents acknowledged but not yet in `documents_key` (member:
+    document id, score: expiry ms), kept by the ingress so the document quota counts them."""
+    return f"sb:{{{tenant_id}}}:documents:pending"
+
+
 def inflight_key(tenant_id: str, conversation_id: str) -> str:
     """Sorted set of the conversation's messages claimed but not yet settled (member: the
     attempt's marker and claim key; score: when it expires, Redis TIME in ms). A close waits

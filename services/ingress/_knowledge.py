@@ -38,6 +38,41 @@ MAX_TAGS = 32
 MAX_TAG = 64
 MAX_URL = 2048
 MAX_QUERY = 2048
+# How long a new document acknowledged but not yet indexed counts against the quota: longer than
+# any indexing backlog should last; past it (the assistant down for an hour) it stops counting.
+PENDING_DOCUMENT_TTL_S = 3600
+# The document quota, atomically (KEYS: the documents hash the assistant keeps, the pending set;
+# ARGV: quota, pending TTL ms, the upsert's distinct ids): the tenant has the indexed documents
+# plus the pending ones not indexed yet; ids it has neither way are new. Over the quota: {0, would
+# have}; else the new ones become pending: {1, would have, the new ids...}.
+_RESERVE_DOCUMENTS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local count = redis.call('HLEN', KEYS[1])
+for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if redis.call('HEXISTS', KEYS[1], id) == 1 then
+    redis.call('ZREM', KEYS[2], id)
+  else
+    count = count + 1
+  end
+end
+local added = {}
+for i = 3, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[i]) then
+    added[#added + 1] = ARGV[i]
+  end
+end
+if #added > 0 and count + #added > tonumber(ARGV[1]) then
+  return {0, count + #added}
+end
+local reply = {1, count + #added}
+for _, id in ipairs(added) do
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), id)
+  reply[#reply + 1] = id
+end
+return reply
+"""
 DEFAULT_LIMIT = 5
 MAX_LIMIT = 50
 DEFAULT_PAGE = 100
@@ -283,6 +318,7 @@ class KnowledgeService:
     ) -> None:
         self._settings = settings
         self._redis = redis
+        self._reserve_documents = redis.register_script(_RESERVE_DOCUMENTS)
         self._quotas = quotas or Quotas(settings)
         self.producer = producer or KnowledgeProducer(settings)
         self._channel: grpc.aio.Channel | None = None
@@ -298,30 +334,41 @@ class KnowledgeService:
         self, req: knowledge_pb2.UpsertDocumentsRequest
     ) -> knowledge_pb2.UpsertDocumentsResponse:
         check_upsert(req, self._settings.allowed_tenants)
-        await self._check_quota(req)
+        reserved = await self._check_quota(req)
         records = [upserted(req.tenant_id, doc) for doc in req.documents]
-        acks = await self.producer.write(records)
+        try:
+            acks = await self.producer.write(records)
+        except BaseException:
+            if reserved:
+                # Not written: the new ids it reserved do not count.
+                await asyncio.shield(self._release(req.tenant_id, reserved))
+            raise
         return knowledge_pb2.UpsertDocumentsResponse(documents=acks)
 
-    async def _check_quota(self, req: knowledge_pb2.UpsertDocumentsRequest) -> None:
-        """Refuse an upsert that would take the tenant past its document quota. Counted on the
-        documents hash the assistant keeps from the log, so upserts acknowledged a moment ago and
-        not yet indexed are not counted: concurrent upserts can pass the quota by that much."""
+    async def _release(self, tenant_id: str, ids: Sequence[str]) -> None:
+        try:
+            await self._redis.zrem(hv.pending_documents_key(tenant_id), *ids)
+        except Exception as exc:  # they expire after PENDING_DOCUMENT_TTL_S
+            log.warning("releasing %d pending documents of %r failed: %r", len(ids), tenant_id, exc)
+
+    async def _check_quota(self, req: knowledge_pb2.UpsertDocumentsRequest) -> list[str]:
+        """Refuse an upsert that would take the tenant past its document quota; the new ids it
+        reserved (pending until indexed).
+
+        The tenant has what the assistant indexed plus what was acknowledged and is not indexed
+        yet (the pending set), so a backlog or a stopped assistant does not let upserts pass it.
+        Replacing a document it has adds nothing: allowed even at (or past) the quota."""
         quota = self._quotas.knowledge_documents(req.tenant_id)
         if quota <= 0:
-            return
-        key = hv.documents_key(req.tenant_id)
+            return []
         ids = list(dict.fromkeys(doc.document_id for doc in req.documents))
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hlen(key)
-            for document_id in ids:
-                pipe.hexists(key, document_id)
-            count, *present = await pipe.execute()
-        added = sum(1 for there in present if not there)
-        would_have = int(count) + added
-        # Replacing documents it has adds nothing: allowed even at (or past) the quota.
-        if added and would_have > quota:
-            raise too_many_documents(req.tenant_id, would_have, quota)
+        keys = [hv.documents_key(req.tenant_id), hv.pending_documents_key(req.tenant_id)]
+        ok, would_have, *added = await self._reserve_documents(
+            keys=keys, args=[quota, PENDING_DOCUMENT_TTL_S * 1000, *ids]
+        )
+        if not ok:
+            raise too_many_documents(req.tenant_id, int(would_have), quota)
+        return [a.decode() if isinstance(a, bytes) else str(a) for a in added]
 
     async def delete_document(
         self, req: knowledge_pb2.DeleteDocumentRequest
@@ -331,6 +378,10 @@ class KnowledgeService:
         # Deleting an unknown document writes a deletion all the same: the hash may lag an upsert
         # acknowledged a moment ago, and a deletion of nothing is harmless.
         (ack,) = await self.producer.write([deleted(req.tenant_id, req.document_id)])
+        if self._quotas.knowledge_documents(req.tenant_id) > 0:
+            # Not indexed yet and deleted: it no longer counts (an indexed one counts until its
+            # deletion is indexed).
+            await self._release(req.tenant_id, [req.document_id])
         return knowledge_pb2.DeleteDocumentResponse(ack=ack)
 
     async def get_document(self, req: knowledge_pb2.GetDocumentRequest) -> knowledge_pb2.Document:

@@ -144,3 +144,59 @@ async def test_a_tenant_at_its_document_quota_may_replace_but_not_add(
     await knowledge.DeleteDocument(knowledge_pb2.DeleteDocumentRequest(tenant_id=tenant, document_id="faq/b"))
     await eventually(listed, lambda n: n == 1, within_s=60, what="the deletion indexed")
     assert await upsert(doc("faq/c")) is grpc.StatusCode.OK
+
+
+@pytest.mark.timeout(240)
+async def test_documents_acked_but_not_yet_indexed_count_against_the_quota(
+    system: System, knowledge: knowledge_pb2_grpc.KnowledgeServiceStub, tenant: str
+) -> None:
+    """Found by review: the quota was counted on the assistant's index only, so behind an indexing
+    backlog (or with the assistant down) one upsert after another passed it many times over."""
+    await create_tenant(system, tenant, "--max-knowledge-documents", "3")
+
+    def doc(document_id: str) -> knowledge_pb2.Document:
+        return knowledge_pb2.Document(
+            document_id=document_id, title=document_id, body="Refunds take 3-5 days.", language="en"
+        )
+
+    async def upsert(*docs: knowledge_pb2.Document) -> grpc.StatusCode:
+        try:
+            await knowledge.UpsertDocuments(
+                knowledge_pb2.UpsertDocumentsRequest(tenant_id=tenant, documents=docs)
+            )
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+        return grpc.StatusCode.OK
+
+    # Four at once are refused once the ingress has the tenant's record (it may come a moment later).
+    await eventually(
+        lambda: upsert(doc("x1"), doc("x2"), doc("x3"), doc("x4")),
+        lambda c: c is grpc.StatusCode.RESOURCE_EXHAUSTED,
+        within_s=20,
+        what="the quota applied",
+    )
+    system.children["assistant"].stop()  # nothing is indexed from here on
+    try:
+        for name in ("a", "b", "c"):
+            assert await upsert(doc(name)) is grpc.StatusCode.OK
+        # Before the fix: accepted, as none of the three was indexed yet.
+        assert await upsert(doc("d")) is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await upsert(doc("a")) is grpc.StatusCode.OK  # a replacement is not growth
+    finally:
+        await system.start_children("assistant")
+
+    async def listed() -> list[str]:
+        reply = await knowledge.ListDocuments(knowledge_pb2.ListDocumentsRequest(tenant_id=tenant))
+        return sorted(d.document_id for d in reply.documents)
+
+    assert await eventually(listed, lambda ids: len(ids) == 3, within_s=120, what="indexed") == [
+        "a",
+        "b",
+        "c",
+    ]
+    assert await upsert(doc("d")) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    await knowledge.DeleteDocument(knowledge_pb2.DeleteDocumentRequest(tenant_id=tenant, document_id="b"))
+    # An indexed document's place is free once its deletion is indexed.
+    await eventually(
+        lambda: upsert(doc("d")), lambda c: c is grpc.StatusCode.OK, within_s=60, what="b's place"
+    )
