@@ -254,6 +254,9 @@ async def test_erasing_a_customer_leaves_nothing_of_them_and_spares_the_others(s
     (check,) = await replay(settings, ReplayOptions(target="sessions", swap=False))
     assert check.identical, check.differences
 
+    per_minute = "SELECT sum(events) FROM switchboard.events_per_minute WHERE tenant_id = {t:String}"
+    assert await asyncio.to_thread(clickhouse_count, settings, per_minute, t=tenant) == len(events)
+
     needles = [victim, marker, *sorted(victims), *sorted(victim_events)]
     before = await everywhere(settings, needles)
     # The test can fail: the customer is everywhere before the erasure.
@@ -288,6 +291,8 @@ async def test_erasing_a_customer_leaves_nothing_of_them_and_spares_the_others(s
         "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}",
         t=tenant,
     ) == len(others)
+    # The per-minute counts (sets of event ids) were rebuilt without the customer's events.
+    assert await asyncio.to_thread(clickhouse_count, settings, per_minute, t=tenant) == len(others)
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
         for cid in {e.conversation_id for e in others}:
