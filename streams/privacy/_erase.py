@@ -354,6 +354,31 @@ async def purge_redis(redis: aioredis.Redis, tenant: str, conversations: list[st
     return deleted
 
 
+async def compact_redis_files(redis: aioredis.Redis, within_s: float = 120.0) -> bool:
+    """With the append-only file on, Redis keeps every past write on disk until the file is
+    rewritten: rewrite it (after any rewrite already running, whose snapshot may predate the
+    purge) and wait for it. False when it did not finish in time; True also when AOF is off."""
+    from redis.exceptions import ResponseError
+
+    if not int((await redis.info("persistence")).get("aof_enabled", 0)):
+        return True
+    deadline = time.monotonic() + within_s
+    requested = False
+    while time.monotonic() < deadline:
+        info = await redis.info("persistence")
+        busy = int(info.get("aof_rewrite_in_progress", 0)) or int(info.get("aof_rewrite_scheduled", 0))
+        if not requested and not busy:
+            try:
+                await redis.bgrewriteaof()
+                requested = True
+            except ResponseError:  # another rewrite began meanwhile: ask again after it
+                pass
+        elif requested and not busy:
+            return str(info.get("aof_last_bgrewrite_status", "ok")) == "ok"
+        await asyncio.sleep(0.1)
+    return False
+
+
 # --- 4. waiting for the live processors ---------------------------------------------------------
 
 
@@ -474,6 +499,10 @@ async def erase(
             if attempt == 1:
                 progress("waiting for the live processors to pass the erasure")
                 report.notes.extend(await wait_for_live_processors(settings, wait_s))
+        # Redis's append-only file (one per server, every db) still holds the deleted keys' past
+        # writes: rewrite it.
+        if not await compact_redis_files(redis):
+            report.notes.append("Redis: the append-only file rewrite did not finish; run BGREWRITEAOF")
         return report
     finally:
         await redis.aclose()

@@ -178,6 +178,21 @@ def s3_traces(settings: Settings, needles: list[str], tenant: str | None = None)
     return found, decoded
 
 
+async def aof_traces(settings: Settings, needles: list[str]) -> list[str]:
+    """Redis's append-only files on disk (every past write until the file is rewritten)."""
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        directory = Path((await redis.config_get("dir"))["dir"])
+        directory /= (await redis.config_get("appenddirname"))["appenddirname"]
+    finally:
+        await redis.aclose()
+    found: list[str] = []
+    for path in sorted(directory.iterdir()):
+        body = path.read_bytes()
+        found += [f"AOF {path.name}: {n}" for n in needles if n.encode() in body]
+    return found
+
+
 async def everywhere(settings: Settings, needles: list[str], tenant: str | None = None) -> list[str]:
     """ClickHouse, every Redis database (the live hot view and the replay's scratch one), S3."""
     redis = aioredis.Redis.from_url(settings.redis_url)
@@ -269,6 +284,7 @@ async def test_erasing_a_customer_leaves_nothing_of_them_and_spares_the_others(s
     redis_dbs = {t.split(":")[0] for t in before if t.startswith("db ")}
     assert redis_dbs == {"db db0", f"db db{settings.replay_redis_db}"}, redis_dbs
     assert any(t.startswith("S3") for t in before), before
+    assert await aof_traces(settings, [marker])
 
     code, out, err = await switchboard(
         system, "tenant", "erase", tenant, "--customer", victim, "--requested-by", "test"
@@ -277,6 +293,8 @@ async def test_erasing_a_customer_leaves_nothing_of_them_and_spares_the_others(s
     assert "conversations: 2" in out, out
 
     assert await everywhere(settings, needles) == []
+    # Not on Redis's disk either: the append-only file was rewritten.
+    assert await aof_traces(settings, needles) == []
 
     # The erasure is an event: on the privacy topic, with the conversations it erased.
     from streams.privacy.erasures import load_erasures
