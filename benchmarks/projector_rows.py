@@ -10,7 +10,7 @@ as Kafka records, then times, round by round (median of the rounds, CPU time of 
 - both together, as the projector and a replay do per batch.
 
     .venv/bin/python benchmarks/projector_rows.py [--events 100000] [--batch 20000] [--rounds 3]
-        [--profile FILE.prof]
+        [--workload mixed|catchup] [--profile FILE.prof]
 """
 
 from __future__ import annotations
@@ -32,6 +32,22 @@ from services.settings import PROJECT_ROOT, Settings
 from streams._consumer import Record
 from streams.projector import rows_of, write_batch
 from streams.replay.workload import mixed_workload
+
+
+def catchup_records(events: int) -> list[Record]:
+    """The shape of ingest.py's pipeline catch-up backlog: a ConversationStarted per
+    conversation (one per 24 events), then MessageReceived round-robin."""
+    import uuid
+
+    from ingest import Traffic, started_event
+
+    conversations = [str(uuid.uuid4()) for _ in range(max(1, events // 24))]
+    traffic = Traffic(conversations)
+    made = [started_event(c, i) for i, c in enumerate(conversations)]
+    made += [traffic.event() for _ in range(events - len(made))]
+    return [
+        Record("bench", i % 4, i, e.conversation_id.encode(), encode_event(e), 0) for i, e in enumerate(made)
+    ]
 
 
 def records_of(events: int) -> list[Record]:
@@ -58,7 +74,7 @@ def cpu_per_event(fn: Callable[[], object], events: int, rounds: int) -> tuple[f
 
 
 def main(args: argparse.Namespace) -> int:
-    records = records_of(args.events)
+    records = catchup_records(args.events) if args.workload == "catchup" else records_of(args.events)
     batches = [records[i : i + args.batch] for i in range(0, len(records), args.batch)]
     data_dir = Path(tempfile.mkdtemp(prefix="bench-rows-", dir=PROJECT_ROOT / "var"))
     results: list[tuple[str, float, float]] = []
@@ -126,6 +142,12 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", default="")
+    parser.add_argument(
+        "--workload",
+        choices=("mixed", "catchup"),
+        default="mixed",
+        help="mixed: every event type (streams/replay/workload.py); catchup: ingest.py's backlog",
+    )
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
     sys.exit(main(parser.parse_args()))
