@@ -318,7 +318,6 @@ class KnowledgeService:
     ) -> None:
         self._settings = settings
         self._redis = redis
-        self._reserve_documents = redis.register_script(_RESERVE_DOCUMENTS)
         self._quotas = quotas or Quotas(settings)
         self.producer = producer or KnowledgeProducer(settings)
         self._channel: grpc.aio.Channel | None = None
@@ -363,8 +362,8 @@ class KnowledgeService:
             return []
         ids = list(dict.fromkeys(doc.document_id for doc in req.documents))
         keys = [hv.documents_key(req.tenant_id), hv.pending_documents_key(req.tenant_id)]
-        ok, would_have, *added = await self._reserve_documents(
-            keys=keys, args=[quota, PENDING_DOCUMENT_TTL_S * 1000, *ids]
+        ok, would_have, *added = await self._redis.eval(
+            _RESERVE_DOCUMENTS, len(keys), *keys, quota, PENDING_DOCUMENT_TTL_S * 1000, *ids
         )
         if not ok:
             raise too_many_documents(req.tenant_id, int(would_have), quota)
