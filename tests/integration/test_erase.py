@@ -182,8 +182,8 @@ async def aof_traces(settings: Settings, needles: list[str]) -> list[str]:
     """Redis's append-only files on disk (every past write until the file is rewritten)."""
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        directory = Path((await redis.config_get("dir"))["dir"])
-        directory /= (await redis.config_get("appenddirname"))["appenddirname"]
+        directory = Path(str((await redis.config_get("dir"))["dir"]))
+        directory /= str((await redis.config_get("appenddirname"))["appenddirname"])
     finally:
         await redis.aclose()
     found: list[str] = []
