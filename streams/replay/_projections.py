@@ -2,7 +2,8 @@
 
 The scratch database (`settings.replay_database`) gets the same schema as `switchboard` (every
 migration, with the database name replaced), is filled with the projector's own row builder
-(`rows_of`) and sink (`insert_batch`), and then each storage table is swapped with its live
+(`rows_of`) and sink (`insert_batch`; with `--workers`, the same rows serialized to Native bytes
+in the workers, `build_native`), and then each storage table is swapped with its live
 namesake by `EXCHANGE TABLES` (atomic per table; all of them within milliseconds). The live
 materialized and plain views follow the names, so they read and feed the new tables at once.
 
