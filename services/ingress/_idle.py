@@ -164,6 +164,11 @@ class IdleSweeper:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # A client library turned our cancellation into its own error (aiokafka and
+                    # redis do, mid-request): stop, as asked, instead of sleeping and sweeping on.
+                    raise asyncio.CancelledError from exc
                 log.warning("idle close: the sweep failed (%r); trying again in %.0fs", exc, interval)
             await asyncio.sleep(interval)
 

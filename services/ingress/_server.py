@@ -45,6 +45,8 @@ STREAM_BATCH = 256
 STREAM_PIPELINE = 8
 # How often the health status follows the hot view's readiness.
 READINESS_POLL_S = 0.5
+# How long stop() waits for its background tasks to end once cancelled.
+STOP_TASK_WAIT_S = 5.0
 
 M = TypeVar("M", bound=Message)
 
@@ -499,8 +501,13 @@ class IngressServer:
         for task in (self._readiness, self._sweeping):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                # Bounded: a task that swallowed its cancellation must not hold the drain up
+                # (and `await task` here would swallow a cancellation of stop() itself).
+                done, _ = await asyncio.wait([task], timeout=STOP_TASK_WAIT_S)
+                if not done:
+                    log.warning(
+                        "ingress stop: %r did not end within %.0fs of its cancel", task, STOP_TASK_WAIT_S
+                    )
         self.health.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)

@@ -198,6 +198,10 @@ class ErasureFollower:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the client reconnects by itself; keep what we have
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        # aiokafka turned our cancellation into its own error: stop, as asked.
+                        raise asyncio.CancelledError from exc
                     log.warning("privacy topic: fetch failed (%r); erasures as of the last record apply", exc)
                     await asyncio.sleep(0.5)
         finally:
