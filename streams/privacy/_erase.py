@@ -256,6 +256,16 @@ def database_exists(client: Any, database: str) -> bool:
     return bool(rows[0][0])
 
 
+def table_columns(client: Any, database: str, table: str) -> set[str]:
+    return {
+        str(r[0])
+        for r in client.query(
+            "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
+            parameters={"db": database, "t": table},
+        ).result_rows
+    }
+
+
 def purge_clickhouse(
     client: Any, tenant: str, conversations: list[str] | None, database: str = DATABASE
 ) -> dict[str, int]:
@@ -284,13 +294,7 @@ def purge_clickhouse(
             ).result_rows
         ]
     for table in sorted(tables):
-        columns = {
-            str(r[0])
-            for r in client.query(
-                "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
-                parameters={"db": database, "t": table},
-            ).result_rows
-        }
+        columns = table_columns(client, database, table)
         if "tenant_id" not in columns:
             continue
         if conversations is not None and "conversation_id" not in columns:

@@ -34,7 +34,7 @@ from services.settings import Settings
 from streams._consumer import Record
 from streams.archive import ArchiveStore, Manifest
 from streams.privacy._archive import RewriteStats, rewrite_archive
-from streams.privacy._erase import database_exists, quote
+from streams.privacy._erase import database_exists, quote, table_columns
 from streams.privacy.erasures import load_erasures
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,7 @@ def purge_older(client: Any, tenant: str, cutoff: datetime, database: str = DATA
     t = quote(tenant)
     deleted: dict[str, int] = {}
     for table in sorted(storage_tables(client, database)):
-        columns = {
-            str(r[0])
-            for r in client.query(
-                "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
-                parameters={"db": database, "t": table},
-            ).result_rows
-        }
+        columns = table_columns(client, database, table)
         if "tenant_id" not in columns:
             continue
         if "occurred_at" in columns:
