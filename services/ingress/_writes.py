@@ -274,11 +274,7 @@ class ConversationWrites:
             # also read whether the conversation was closed meanwhile, by any ingress process).
             writers = await self._admit(valid, results, followers) if valid else []
             granted = self._producer.reserve_up_to(len(writers))
-            claims = await self._hot.claim_many(
-                [_claim_key(req) for _, req in writers[:granted]],
-                self._settings.topic_partitions,
-                unless_closed=True,
-            )
+            claims = await self._claim_messages([_claim_key(req) for _, req in writers[:granted]])
             if order is not None:
                 await order.wait_turn()
             # Only a stream orders its messages: coalesced unary calls are independent callers,
@@ -376,9 +372,6 @@ class ConversationWrites:
         conversation = (req.tenant_id, req.conversation_id)
         if claim is not None and claim.earlier is not None:
             return ack_response(req, claim.earlier, duplicate=True)
-        if claim is not None and not claim.claimed and (acked := self._unsettled.get(_claim_key(req))):
-            # Acked by this process a moment ago, its settlement still on its way to Redis.
-            return ack_response(req, acked, duplicate=True)
         if claim is not None and claim.closed:
             self._remember(conversation, closed=True)
             return _closed(req.conversation_id)
@@ -482,20 +475,22 @@ class ConversationWrites:
                         log.exception("after-write step of event %s failed", w.event.event_id)
                 w.outcome.set_result(answer)
 
-    async def _settle(self, outcomes: list[tuple[HeldClaim, Ack | None]]) -> None:
+    async def _settle(self, outcomes: list[tuple[HeldClaim, Ack | None]]) -> asyncio.Task[None] | None:
         """Record outcomes of claims; Redis being away must not turn a durable write into an
-        error for its caller, so this retries in the background until Redis takes it."""
+        error for its caller, so this retries in the background until Redis takes it (the task
+        returned, None when the first attempt did)."""
         if not outcomes:
-            return
+            return None
         try:
             await self._hot.settle_many(outcomes)
         except Exception as exc:
             log.warning(
                 "recording %d write outcomes failed (%r); retrying in the background", len(outcomes), exc
             )
-            self._background(
+            return self._background(
                 _retrying(lambda: self._hot.settle_many(outcomes), f"recording {len(outcomes)} outcomes")
             )
+        return None
 
     def _remember_unsettled(self, outcomes: list[tuple[HeldClaim, Ack | None]]) -> list[ClaimKey]:
         """Remember acks before their callers are answered (so before any retry can come)."""
@@ -508,21 +503,30 @@ class ConversationWrites:
         return keys
 
     async def _settle_acked(self, outcomes: list[tuple[HeldClaim, Ack | None]], keys: list[ClaimKey]) -> None:
-        """_settle for messages already answered; forgets their acks in _unsettled once Redis has them."""
-        unsettled = self._unsettled
+        """_settle for messages already answered; forgets their acks in _unsettled once Redis has
+        them (or its retries gave up)."""
         try:
-            await self._hot.settle_many(outcomes)
-        except Exception as exc:
-            log.warning(
-                "recording %d write outcomes failed (%r); retrying until Redis takes them", len(outcomes), exc
-            )
-            with contextlib.suppress(Exception):
-                await _retrying(
-                    lambda: self._hot.settle_many(outcomes), f"recording {len(outcomes)} outcomes"
-                )
+            retry = await self._settle(outcomes)
+            if retry is not None:
+                with contextlib.suppress(Exception):
+                    await retry
         finally:
             for key in keys:
-                unsettled.pop(key, None)
+                self._unsettled.pop(key, None)
+
+    async def _claim_messages(self, keys: list[ClaimKey]) -> list[Claim]:
+        """claim_many for messages (into their conversation's in-flight set, unless closed). A key
+        still pending in Redis that this process acked a moment ago (its settle on its way, see
+        _settlement) comes back as the earlier ack it is, so every caller answers it as one."""
+        claims = await self._hot.claim_many(keys, self._settings.topic_partitions, unless_closed=True)
+        if not self._unsettled:
+            return claims
+        return [
+            Claim(claimed=False, earlier=acked)
+            if not c.claimed and c.earlier is None and (acked := self._unsettled.get(k)) is not None
+            else c
+            for c, k in zip(claims, keys, strict=True)
+        ]
 
     async def drain(self, within_s: float) -> None:
         """Wait (at most `within_s`) for writes and settlements still running (a stopping ingress)."""
@@ -605,14 +609,9 @@ class ConversationWrites:
     async def _publish_claimed(self, event: Event, claim_key: ClaimKey) -> tuple[Ack, bool]:
         # unless_closed: the message joins the conversation's in-flight set, which a close (in
         # any process) waits to drain before it publishes.
-        (claim,) = await self._hot.claim_many(
-            [claim_key], self._settings.topic_partitions, unless_closed=True
-        )
+        (claim,) = await self._claim_messages([claim_key])
         if claim.earlier is not None:
             return claim.earlier, True
-        if not claim.claimed and (acked := self._unsettled.get(claim_key)):
-            # Acked by this process a moment ago, its settlement still on its way to Redis.
-            return acked, True
         if claim.closed:
             raise _closed(claim_key[1])
         if claim.closing:
