@@ -27,6 +27,7 @@ from switchboard.v1 import events_pb2 as pb
 from schemas.events import Event, LogPosition, new_event
 from services.analytics import (
     ChdbQueryEngine,
+    EndpointPolicy,
     QueryEndpoint,
     QueryFailedError,
     applied_migrations,
@@ -63,13 +64,18 @@ def process_endpoint(factory: pytest.TempPathFactory) -> QueryEndpoint:
     """The query endpoint over `process_chdb`'s directory, on a free port, in its own thread."""
     if "endpoint" in _PROCESS:
         return cast(QueryEndpoint, _PROCESS["endpoint"])
-    path = process_chdb(factory)[0]
+    _PROCESS["endpoint"] = serve(process_chdb(factory)[0])
+    return cast(QueryEndpoint, _PROCESS["endpoint"])
+
+
+def serve(path: Path, policy: EndpointPolicy | None = None, threads: int = 4) -> QueryEndpoint:
+    """An endpoint over a chdb directory, on a free port, in its own thread (stopped at exit)."""
     ready = threading.Event()
     box: dict[str, Any] = {}
 
-    def serve() -> None:
+    def run() -> None:
         async def main() -> None:
-            ep = QueryEndpoint(ChdbQueryEngine(path), "127.0.0.1", 0)
+            ep = QueryEndpoint(ChdbQueryEngine(path), "127.0.0.1", 0, policy=policy, threads=threads)
             await ep.start()
             box["endpoint"], box["stop"], box["loop"] = ep, asyncio.Event(), asyncio.get_running_loop()
             ready.set()
@@ -79,7 +85,7 @@ def process_endpoint(factory: pytest.TempPathFactory) -> QueryEndpoint:
 
         asyncio.run(main())
 
-    thread = threading.Thread(target=serve, name="query-endpoint", daemon=True)
+    thread = threading.Thread(target=run, name="query-endpoint", daemon=True)
     thread.start()
     assert ready.wait(30), "endpoint did not start"
 
@@ -89,7 +95,6 @@ def process_endpoint(factory: pytest.TempPathFactory) -> QueryEndpoint:
         thread.join(10)
 
     atexit.register(stop)
-    _PROCESS["endpoint"] = box["endpoint"]
     return cast(QueryEndpoint, box["endpoint"])
 
 

@@ -8,16 +8,13 @@ dropped. Real chdb, real sockets, real clickhouse-connect.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import os
 import socket
-import threading
 import time
 import urllib.parse
 import urllib.request
 import uuid
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import chdb
 import clickhouse_connect
@@ -25,10 +22,10 @@ import psutil
 import pytest
 from clickhouse_connect.driver.exceptions import StreamFailureError
 
-from services.analytics import ChdbQueryEngine, EndpointPolicy, QueryEndpoint
+from services.analytics import EndpointPolicy, QueryEndpoint
 from services.analytics._endpoint import STREAMED_FORMATS
 from tests.conftest import eventually
-from tests.integration.test_analytics import process_chdb, process_endpoint
+from tests.integration.test_analytics import process_chdb, process_endpoint, serve
 
 pytestmark = pytest.mark.integration
 
@@ -36,35 +33,6 @@ pytestmark = pytest.mark.integration
 SLOW = "SELECT count() FROM numbers(10000000000) WHERE sipHash64(number) = 0"
 # Endless, for a streaming client: rows as fast as the engine makes them.
 ENDLESS = "SELECT number, toString(number) FROM numbers(10000000000)"
-
-
-def serve(path: Path, policy: EndpointPolicy | None, threads: int = 4) -> QueryEndpoint:
-    """Another endpoint over the process's chdb directory, on a free port, in its own thread."""
-    ready = threading.Event()
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        async def main() -> None:
-            ep = QueryEndpoint(ChdbQueryEngine(path), "127.0.0.1", 0, policy=policy, threads=threads)
-            await ep.start()
-            box["endpoint"], box["stop"], box["loop"] = ep, asyncio.Event(), asyncio.get_running_loop()
-            ready.set()
-            await box["stop"].wait()
-            await ep.stop()
-            ep.engine.close()
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=run, name="query-endpoint-policy", daemon=True)
-    thread.start()
-    assert ready.wait(30), "endpoint did not start"
-
-    def stop() -> None:
-        box["loop"].call_soon_threadsafe(box["stop"].set)
-        thread.join(10)
-
-    atexit.register(stop)
-    return cast(QueryEndpoint, box["endpoint"])
 
 
 @pytest.fixture(scope="module")
