@@ -27,8 +27,7 @@ from services.analytics._process import tenant_analysts
 from services.analytics._tenancy import TENANT_TABLES_SQL
 from services.settings import Settings
 from streams.projector import project, write_batch
-from tests.integration.test_analytics import process_chdb
-from tests.integration.test_analytics import serve
+from tests.integration.test_analytics import process_chdb, serve
 from tests.integration.test_metrics import support_day
 
 pytestmark = pytest.mark.integration
