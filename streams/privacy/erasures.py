@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,11 @@ log = logging.getLogger(__name__)
 # it takes the processors' positions).
 FOLLOW_FETCH_WAIT_MS = 100
 FOLLOW_BOUND_S = 3.0
+# How long a processor's batch waits for the registry's first read (see `ErasureFollower.start`);
+# normally well under a second. Beyond it the batch fails as an outage and is retried.
+START_BOUND_S = 10.0
+# How long stopping the follower waits for its consumer to close.
+STOP_BOUND_S = 5.0
 
 
 def _ns(event: Event) -> int:
@@ -136,17 +142,39 @@ async def publish_erasure(settings: Settings, event: Event) -> tuple[int, int]:
         await producer.stop()
 
 
-class ErasureFollower:
-    """An `Erasures` registry folded from the privacy topic: read whole by `start`, then followed
-    in a background task. A missing topic is an empty registry (looked for again every 0.5 s)."""
+class ErasuresUnavailable(TimeoutError):
+    """The registry was not read within the bound. A `TimeoutError`, so `BatchConsumer` takes it
+    for an outage: the batch is retried (never committed without the erasures, never
+    dead-lettered because of them)."""
 
-    def __init__(self, settings: Settings, on_change: Callable[[Erasures], None] | None = None) -> None:
+
+class ErasureFollower:
+    """An `Erasures` registry folded from the privacy topic: read whole (the catch-up), then
+    followed, by one background task. A missing topic is an empty registry (looked for again
+    every 0.5 s).
+
+    `start` waits for the catch-up at most `start_timeout_s`: aiokafka's `position()` (and the
+    loop that reads up to the end offsets) waits without bound while Kafka does not answer, and a
+    processor awaits `start` inside a batch. The catch-up goes on in the background between calls,
+    so a slow read is not begun again by each retry (which could then never finish)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        on_change: Callable[[Erasures], None] | None = None,
+        *,
+        start_timeout_s: float = START_BOUND_S,
+    ) -> None:
         self.settings = settings
         self.erasures = Erasures()
+        self.start_timeout_s = start_timeout_s
         self._on_change = on_change
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._assigned = False
+        self._caught_up = asyncio.Event()
+        self._last_error: BaseException | None = None
+        self._started_at = 0.0
 
     async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
         topic = self.settings.privacy_topic
@@ -163,10 +191,44 @@ class ErasureFollower:
         return True
 
     async def start(self) -> Erasures:
-        """Read the topic to its current end; then follow it. Idempotent."""
-        if self._consumer is not None:
+        """The registry read to the topic's end as of the first call; then followed. Waits at
+        most `start_timeout_s` for that read, else raises `ErasuresUnavailable` (the read goes
+        on: a later call waits for it again). Idempotent."""
+        if self._caught_up.is_set():
             return self.erasures
-        consumer = AIOKafkaConsumer(
+        self.begin()
+        # Not the task itself: a caller that gives up (the bound, a cancellation) leaves the read
+        # going for the next call.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._caught_up.wait(), self.start_timeout_s)
+        if self._caught_up.is_set():
+            return self.erasures
+        why = (
+            f"last error: {self._last_error!r}"
+            if self._last_error
+            else "no error: Kafka slow or not answering"
+        )
+        log.warning(
+            "privacy topic %s: erasures not read within %.1fs (%s); still reading; refusing to go on "
+            "without them, so that no erased customer's events are let through",
+            self.settings.privacy_topic,
+            self.start_timeout_s,
+            why,
+        )
+        raise ErasuresUnavailable(
+            f"the erasure registry (topic {self.settings.privacy_topic}) was not read within "
+            f"{self.start_timeout_s:.1f}s ({why})"
+        )
+
+    def begin(self) -> None:
+        """Start reading the topic in the background, without waiting (at a worker's start-up:
+        its first batch then seldom waits for the read)."""
+        if self._task is None or self._task.done():  # (done: only if cancelled from outside)
+            self._started_at = time.monotonic()
+            self._task = asyncio.ensure_future(self._run())
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=None,
             enable_auto_commit=False,
@@ -174,27 +236,41 @@ class ErasureFollower:
             fetch_max_wait_ms=FOLLOW_FETCH_WAIT_MS,
             client_id="switchboard-erasures-follower",
         )
-        await consumer.start()
-        try:
-            await self._assign(consumer)
-        except BaseException:
-            await consumer.stop()
-            raise
-        self._consumer = consumer
-        self._task = asyncio.ensure_future(self._follow())
-        return self.erasures
 
-    async def _follow(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
+    def _ready(self, what: str) -> None:
+        if not self._caught_up.is_set():
+            self._caught_up.set()
+            log.info(
+                "privacy topic %s: %s (%d erasures, %.1fs)",
+                self.settings.privacy_topic,
+                what,
+                self.erasures.applied,
+                time.monotonic() - self._started_at,
+            )
+
+    async def _run(self) -> None:
+        """Connect, read the topic to its end, then follow it; every Kafka failure is retried."""
+        consumer: AIOKafkaConsumer | None = None
         try:
             while True:
                 try:
+                    if consumer is None:
+                        fresh = self._new_consumer()
+                        try:
+                            await fresh.start()
+                        except BaseException:
+                            with contextlib.suppress(Exception):
+                                await fresh.stop()
+                            raise
+                        consumer = self._consumer = fresh
                     if not self._assigned:
                         if not await self._assign(consumer):
+                            self._ready("no topic yet: no erasures")
                             await asyncio.sleep(0.5)
-                        continue
+                            continue
+                        self._ready("read to its end")
                     self._apply(await consumer.getmany(timeout_ms=1000))
+                    self._last_error = None
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the client reconnects by itself; keep what we have
@@ -202,12 +278,14 @@ class ErasureFollower:
                     if task is not None and task.cancelling():
                         # aiokafka turned our cancellation into its own error: stop, as asked.
                         raise asyncio.CancelledError from exc
-                    log.warning("privacy topic: fetch failed (%r); erasures as of the last record apply", exc)
+                    self._last_error = exc
+                    log.warning("privacy topic: read failed (%r); erasures as of the last record apply", exc)
                     await asyncio.sleep(0.5)
         finally:
             # Also when the event loop cancels the task at exit: no consumer left open.
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            if consumer is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(consumer.stop(), STOP_BOUND_S)
 
     def _apply(self, batches: dict[TopicPartition, list[object]]) -> None:
         applied = 0
@@ -225,10 +303,12 @@ class ErasureFollower:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: the task's own clean-up (the consumer's stop) is bounded too.
+            await asyncio.wait({self._task}, timeout=STOP_BOUND_S + 1)
             self._task = None
         self._consumer = None
+        self._assigned = False
+        self._caught_up.clear()
 
 
 async def load_erasures(settings: Settings) -> Erasures:

@@ -98,6 +98,15 @@ class SessionsProcessor:
         self._apply_sha = hashlib.sha1(APPLY_SCRIPT.encode()).hexdigest()
         self._set_positions = redis.register_script(POSITIONS_SCRIPT)
 
+    def begin(self) -> None:
+        """Begin reading the erasure registry (at the worker's start-up), without waiting."""
+        if self._erasures is not None:
+            self._erasures.begin()
+
+    async def close(self) -> None:
+        if self._erasures is not None:
+            await self._erasures.stop()
+
     # --- assignment ----------------------------------------------------------------------------
 
     async def on_assigned(self, partitions: set[int], consumer: PartitionControl) -> None:
@@ -305,6 +314,12 @@ class SessionsProcessor:
             except EventDecodeError as exc:
                 rejected.append((r, exc))
         if self._erasures is not None:
+            # Bounded (ErasureFollower.start_timeout_s; it used to wait as long as Kafka did not
+            # answer, and the partitions' folds stood still). A registry not read in time raises
+            # ErasuresUnavailable, a TimeoutError: the BatchConsumer retries the batch as an
+            # outage, uncommitted and not dead-lettered, while the read goes on in the
+            # background. Folding without the registry instead would bring an erased customer's
+            # conversations back into the hot view.
             await self._erasures.start()
             if erased := self._erasures.erasures:
                 decoded = [(e, r) for e, r in decoded if erased.keeps_event(e)]
@@ -742,8 +757,10 @@ def sessions_consumer(settings: Settings, redis: aioredis.Redis) -> tuple[BatchC
 
 async def serve_sessions(settings: Settings) -> None:
     redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=5)
-    consumer, _ = sessions_consumer(settings, redis)
-    await run_until_signalled(consumer, redis.aclose)
+    consumer, processor = sessions_consumer(settings, redis)
+    # The erasure registry's read begins with the worker, not inside its first batch.
+    processor.begin()
+    await run_until_signalled(consumer, redis.aclose, processor.close)
 
 
 def run_sessions(settings: Settings, loglevel: str = "info") -> None:
