@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -160,6 +161,13 @@ def check_page(req: knowledge_pb2.ListDocumentsRequest, allowed_tenants: frozens
     if req.page_token:
         check_document_id(req.page_token, "page_token")
     return req.page_size or DEFAULT_PAGE
+
+
+def failed_documents_key(tenant_id: str) -> str:
+    """Hash of a tenant's documents whose latest version the assistant could not index (document
+    id -> JSON {"error", "attempts", "updated_at"}); the assistant keeps retrying them and removes
+    an entry once the document is indexed or deleted."""
+    return f"sb:{{{tenant_id}}}:documents:failed"
 
 
 def record_key(tenant_id: str, document_id: str) -> bytes:
@@ -388,6 +396,9 @@ class KnowledgeService:
         check_document_id(req.document_id)
         raw: Any = await self._redis.hget(hv.documents_key(req.tenant_id), req.document_id)
         if raw is None:
+            failure: Any = await self._redis.hget(failed_documents_key(req.tenant_id), req.document_id)
+            if failure is not None:
+                raise v.RequestRejected(grpc.StatusCode.FAILED_PRECONDITION, not_indexed(req, failure))
             raise v.RequestRejected(
                 grpc.StatusCode.NOT_FOUND,
                 f"document {req.document_id!r} of tenant {req.tenant_id!r} does not exist (or was "
@@ -453,6 +464,20 @@ class KnowledgeService:
             self._channel = grpc.aio.insecure_channel(self._settings.assistant_listen)
             self._assistant = knowledge_pb2_grpc.KnowledgeServiceStub(self._channel)
         return self._assistant
+
+
+def not_indexed(req: knowledge_pb2.GetDocumentRequest, failure: bytes) -> str:
+    """GetDocument's message for a document the assistant reported it could not index."""
+    try:
+        report = json.loads(failure)
+        error, attempts = str(report["error"]), int(report["attempts"])
+    except (ValueError, KeyError, TypeError):
+        error, attempts = failure.decode(errors="replace"), 0
+    return (
+        f"document {req.document_id!r} of tenant {req.tenant_id!r} was acknowledged but could not be "
+        f"indexed ({attempts} attempts; last error: {error}); it is not searchable. The assistant "
+        "retries it every few minutes: upsert a corrected version or delete it"
+    )
 
 
 def _document(raw: bytes, tenant_id: str, document_id: str) -> knowledge_pb2.Document:

@@ -44,6 +44,7 @@ from schemas.events import (
     event_type,
     now_timestamp,
 )
+from services.ingress._knowledge import failed_documents_key
 from services.settings import Settings
 from streams._consumer import (
     BatchConsumer,
@@ -516,28 +517,82 @@ def stored_document(record: knowledge_pb2.KnowledgeEvent) -> tuple[Document, byt
     return document, stored.SerializeToString()
 
 
+READ_AHEAD_DOCUMENTS = 2000
+"""Documents the follower holds read but not indexed at most (queued, or awaiting a retry not yet
+reported failed). Past it the reader fetches nothing until the indexer has made room: at start-up
+it read the whole topic into memory ahead of the indexer (every tenant's documents, twice: the
+Document and its stored bytes). Fairness between tenants holds within this window, so it is sized
+well above one tenant's burst (an UpsertDocuments call is at most 100)."""
+READ_AHEAD_BYTES = 32 * 1024 * 1024
+"""...and at most about this much of their titles and bodies (a fetch may pass it once)."""
+FETCH_RECORDS = 500
+RETRY_DELAY_CAP_S = 300.0
+"""A document that keeps failing is retried this often at most (it may be a transient failure
+that outlasted the first retries: the encoder out of memory for minutes)."""
+
+
+@dataclass
+class _Retry:
+    """A document whose indexing failed: tried again alone once `due` (time.monotonic())."""
+
+    item: tuple[Document, bytes]
+    attempts: int  # failed attempts alone (0: it failed in a turn with others, not tried alone yet)
+    due: float
+    error: str = ""
+    reported: bool = False
+
+
 class KnowledgeFollower:
     """Reads knowledge-events from the start (no consumer group: every assistant holds every
     tenant's index) and keeps following; `ready` is set once the start-up read reached the end
-    and everything it read is indexed.
+    and everything it read is indexed (or reported failed).
 
     Reading and indexing are two tasks: what is read goes into a queue per tenant
     (streams/knowledge/_fair.py) and the indexer serves the tenants in turns, so one tenant's
     backlog of upserts does not hold up another tenant's document (it did: the follower embedded
-    each fetched batch whole, in log order). A document is in the documents hash (Get/List) once
-    it is indexed."""
+    each fetched batch whole, in log order). The reader holds at most READ_AHEAD_DOCUMENTS /
+    READ_AHEAD_BYTES read and not indexed. A document is in the documents hash (Get/List) once it
+    is indexed, never before: a listed document is a searchable one.
 
-    def __init__(self, settings: Settings, knowledge: KnowledgeBase, redis: aioredis.Redis) -> None:
+    A turn that fails is not the end of its documents (it was: they were listed but never
+    searchable until a restart). Which document failed is unknown, so each is tried alone, at
+    once: one poison document then fails alone and the others are indexed. A document that fails
+    alone is retried with back-off (`retry_delay_s`, doubling, at most RETRY_DELAY_CAP_S); after
+    `report_after` failed attempts it is logged as an error and reported in the tenant's failed
+    documents hash (GetDocument answers FAILED_PRECONDITION with the error), and no longer holds
+    up `ready` or the read-ahead; it is still retried at the capped interval, and a newer upsert
+    or a delete of it replaces it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        knowledge: KnowledgeBase,
+        redis: aioredis.Redis,
+        retry_delay_s: float = 1.0,
+        report_after: int = 5,
+        read_ahead_documents: int = READ_AHEAD_DOCUMENTS,
+        read_ahead_bytes: int = READ_AHEAD_BYTES,
+    ) -> None:
+        if read_ahead_documents < 1 or read_ahead_bytes < 1 or report_after < 1:
+            raise ValueError("the read-ahead bounds and report_after must be at least 1")
         self._settings = settings
         self._knowledge = knowledge
         self._redis = redis
+        self._retry_delay_s = retry_delay_s
+        self._report_after = report_after
+        self._read_ahead_documents = read_ahead_documents
+        self._read_ahead_bytes = read_ahead_bytes
         self.ready = asyncio.Event()
         self.applied = 0  # records read and queued
         self.indexed = 0  # documents indexed (or deleted) and written to the hash
+        self.held_most = 0  # the most documents ever held read and not indexed
+        self.waiting_for_room = False  # the reader is waiting for the indexer (read-ahead full)
         self._models = ThreadPoolExecutor(max_workers=1, thread_name_prefix="knowledge-index")
         # Per document: (the Document, its stored bytes) to upsert, or None to delete.
         self._queue: FairQueue[tuple[Document, bytes] | None] = FairQueue()
+        self._retries: dict[tuple[str, str], _Retry] = {}
         self._work = asyncio.Event()
+        self._room = asyncio.Event()
         self._caught_up = False
         # What the start-up read queued and is not indexed yet (set once it caught up): `ready`
         # waits for these only, not for an empty queue, which a steady trickle of upserts (one
@@ -549,10 +604,30 @@ class KnowledgeFollower:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def held(self) -> int:
+        """Documents read and not indexed that count against the read-ahead bound."""
+        return len(self._queue) + sum(1 for r in self._retries.values() if not r.reported)
+
+    @property
+    def failed(self) -> int:
+        """Documents reported failed (still retried now and then)."""
+        return sum(1 for r in self._retries.values() if r.reported)
+
+    def _fetchable(self) -> int:
+        """How many records the reader may fetch now (0: wait for the indexer)."""
+        if self._queue.bytes >= self._read_ahead_bytes:
+            return 0
+        return max(0, min(FETCH_RECORDS, self._read_ahead_documents - self.held))
+
     async def run(self) -> None:
         indexing = asyncio.create_task(self._index_forever())
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.kafka_bootstrap, enable_auto_commit=False, fetch_max_wait_ms=100
+            bootstrap_servers=self._settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=100,
+            # What aiokafka prefetches beside the queue (one fetch per partition, held until read).
+            fetch_max_bytes=8 * 1024 * 1024,
         )
         try:
             await consumer.start()
@@ -568,13 +643,26 @@ class KnowledgeFollower:
             while True:
                 if indexing.done():
                     indexing.result()  # its failure ends the follower as a read failure would
-                fetched = await consumer.getmany(timeout_ms=200, max_records=500)
+                room = self._fetchable()
+                if room == 0:
+                    # Backpressure: the indexer sets `_room` after every turn.
+                    self.waiting_for_room = True
+                    self._room.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._room.wait(), 1.0)
+                    continue
+                self.waiting_for_room = False
+                fetched = await consumer.getmany(timeout_ms=200, max_records=room)
                 for tp, batch in fetched.items():
                     self._read([r.value for r in batch if r.value], tp)
                 positions = [await consumer.position(tp) for tp in tps]
                 if not self._caught_up and all(p >= ends[tp] for p, tp in zip(positions, tps, strict=True)):
                     self._caught_up = True
-                    self._start_up = self._queue.documents() | self._indexing
+                    self._start_up = (
+                        self._queue.documents()
+                        | self._indexing
+                        | {key for key, r in self._retries.items() if not r.reported}
+                    )
                     self._work.set()
                     self._check_ready()
         finally:
@@ -594,67 +682,175 @@ class KnowledgeFollower:
                     document, stored = stored_document(record)
                     size = len(document.title) + len(document.body)
                     self._queue.put(record.tenant_id, document.document_id, (document, stored), size)
+                    # The newer version replaces one waiting for a retry.
+                    self._retries.pop((record.tenant_id, document.document_id), None)
                 elif kind == "document_deleted":
                     self._queue.put(record.tenant_id, record.document_deleted, None, 0)
+                    self._retries.pop((record.tenant_id, record.document_deleted), None)
             except Exception as exc:
                 log.error("knowledge record on %s skipped: %r", tp, exc)
                 continue
             self.applied += 1
+        self.held_most = max(self.held_most, self.held)
         if values:
             self._work.set()
 
+    def _due_retry(self) -> tuple[tuple[str, str], _Retry] | None:
+        """The retry that is due soonest, if one is due now (taken out of the retries)."""
+        if not self._retries:
+            return None
+        key = min(self._retries, key=lambda k: self._retries[k].due)
+        if self._retries[key].due > time.monotonic():
+            return None
+        return key, self._retries.pop(key)
+
+    async def _idle(self) -> None:
+        """Wait for work read, or for the next retry to be due."""
+        self._work.clear()
+        if not self._retries:
+            await self._work.wait()
+            return
+        due = min(r.due for r in self._retries.values())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work.wait(), max(0.0, due - time.monotonic()))
+
     async def _index_forever(self) -> None:
         while True:
-            turn = self._queue.take()
-            if turn is None:
-                self._work.clear()
-                await self._work.wait()
-                continue
-            self._indexing = {(turn.tenant_id, document_id) for document_id, _ in turn.work}
-            await self._index(turn.tenant_id, turn.work)
+            retry = self._due_retry()
+            if retry is not None:
+                (tenant, document_id), previous = retry
+                done = await self._turn(tenant, [(document_id, previous.item)], previous)
+            else:
+                turn = self._queue.take()
+                if turn is None:
+                    await self._idle()
+                    continue
+                done = await self._turn(turn.tenant_id, turn.work, None)
             if self._start_up is not None:
-                self._start_up -= self._indexing
-            self._indexing = set()
+                self._start_up -= done
+            self._room.set()
             self._check_ready()
+
+    async def _turn(
+        self, tenant: str, work: list[tuple[str, tuple[Document, bytes] | None]], retry: _Retry | None
+    ) -> set[tuple[str, str]]:
+        self._indexing = {(tenant, document_id) for document_id, _ in work}
+        try:
+            return await self._index(tenant, work, retry)
+        finally:
+            self._indexing = set()
 
     def _check_ready(self) -> None:
         """`ready` once everything the start-up read queued is indexed (a document replaced since
-        counts once its newer version is)."""
+        counts once its newer version is; one reported failed counts as done)."""
         if self._start_up is None or self._start_up or self.ready.is_set():
             return
         self.ready.set()
         log.info(
-            "knowledge base loaded: %d records, tenants %s (%d documents queued since)",
+            "knowledge base loaded: %d records, tenants %s (%d documents queued since, %d failed)",
             self.applied,
             self._knowledge.tenants(),
             len(self._queue),
+            self.failed,
         )
 
-    async def _index(self, tenant: str, work: list[tuple[str, tuple[Document, bytes] | None]]) -> None:
-        """One tenant's turn: embed its upserts (one encoder call), apply its deletes, then write
-        the documents hash."""
-        upserts = [item[0] for _, item in work if item is not None]
-        try:
-            for document_id, item in work:
-                if item is None:
-                    self._knowledge.delete(tenant, document_id)
-            if upserts:
+    async def _index(
+        self, tenant: str, work: list[tuple[str, tuple[Document, bytes] | None]], retry: _Retry | None
+    ) -> set[tuple[str, str]]:
+        """One tenant's turn (or one document's retry): apply its deletes, embed its upserts (one
+        encoder call), then write the documents hash for what is indexed; a failure schedules
+        retries (see the class). Returns the documents done with: indexed, deleted or reported."""
+        upserts = [(document_id, item) for document_id, item in work if item is not None]
+        deletes = [document_id for document_id, item in work if item is None]
+        for document_id in deletes:
+            self._knowledge.delete(tenant, document_id)
+        failure: Exception | None = None
+        if upserts:
+            try:
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._models, self._knowledge.upsert, tenant, upserts)
-        except Exception:
-            # One tenant's failure must not stop every tenant's indexing; the log keeps the
-            # documents, and the next start indexes them again.
-            log.exception("knowledge: indexing %d documents of tenant %r failed", len(upserts), tenant)
-        key = hv.documents_key(tenant)
-        await self._write(
-            [(key, document_id, item[1] if item is not None else None) for document_id, item in work]
-        )
-        self.indexed += len(work)
+                await loop.run_in_executor(
+                    self._models, self._knowledge.upsert, tenant, [item[0] for _, item in upserts]
+                )
+            except Exception as exc:
+                failure = exc
+        documents, failed = hv.documents_key(tenant), failed_documents_key(tenant)
+        writes: list[tuple[str, str, bytes | None]] = []
+        done = {(tenant, document_id) for document_id in deletes}
+        for document_id in deletes:
+            writes += [(documents, document_id, None), (failed, document_id, None)]
+        if failure is None:
+            for document_id, item in upserts:
+                writes += [(documents, document_id, item[1]), (failed, document_id, None)]
+                done.add((tenant, document_id))
+        else:
+            writes += self._schedule_retries(tenant, upserts, retry, failure, done)
+        await self._write(writes)
+        self.indexed += len(done)
+        return done
+
+    def _schedule_retries(
+        self,
+        tenant: str,
+        upserts: list[tuple[str, tuple[Document, bytes]]],
+        retry: _Retry | None,
+        failure: Exception,
+        done: set[tuple[str, str]],
+    ) -> list[tuple[str, str, bytes | None]]:
+        """Retries for a failed turn's upserts; the reports to write (adds the reported to `done`)."""
+        error = f"{type(failure).__name__}: {failure}"[:2000]
+        now = time.monotonic()
+        reports: list[tuple[str, str, bytes | None]] = []
+        if len(upserts) > 1:
+            log.warning(
+                "knowledge: indexing %d documents of tenant %r failed (%s); trying each alone",
+                len(upserts),
+                tenant,
+                error,
+            )
+        for document_id, item in upserts:
+            key = (tenant, document_id)
+            if key in self._queue or key in self._retries:
+                continue  # a newer version was read meanwhile: it replaces this one
+            if len(upserts) > 1:
+                self._retries[key] = _Retry(item, 0, now, error)
+                continue
+            attempts = (retry.attempts if retry is not None else 0) + 1
+            delay = min(self._retry_delay_s * 2 ** min(attempts - 1, 30), RETRY_DELAY_CAP_S)
+            reported = attempts >= self._report_after
+            self._retries[key] = _Retry(item, attempts, now + delay, error, reported)
+            if not reported:
+                log.warning(
+                    "knowledge: indexing document %r of tenant %r failed (attempt %d: %s); retrying in %.1fs",
+                    document_id,
+                    tenant,
+                    attempts,
+                    error,
+                    delay,
+                )
+                continue
+            if attempts == self._report_after:
+                log.error(
+                    "knowledge: document %r of tenant %r could not be indexed after %d attempts (%s); "
+                    "reported failed, retried every %.0fs until it is replaced or deleted",
+                    document_id,
+                    tenant,
+                    attempts,
+                    error,
+                    RETRY_DELAY_CAP_S,
+                    exc_info=failure,
+                )
+            done.add(key)
+            report = json.dumps({"error": error, "attempts": attempts}).encode()
+            reports.append((failed_documents_key(tenant), document_id, report))
+        return reports
 
     async def _write(self, writes: list[tuple[str, str, bytes | None]]) -> None:
-        """The documents hash, retried until Redis takes it: a Redis restart or outage must not
-        end the follower (it did: the first write on a dead connection raised out of `run`, and no
-        tenant's knowledge was indexed again until the assistant restarted)."""
+        """The documents hash (and the failed documents hash), retried until Redis takes it: a
+        Redis restart or outage must not end the follower (it did: the first write on a dead
+        connection raised out of `run`, and no tenant's knowledge was indexed again until the
+        assistant restarted)."""
+        if not writes:
+            return
         delay = 0.1
         while True:
             try:
