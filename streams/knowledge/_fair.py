@@ -45,6 +45,7 @@ class FairQueue(Generic[T]):
         # round only at the next `take`, behind tenants whose work arrived during its turn.
         self._held: tuple[str, dict[str, tuple[T, int]]] | None = None
         self._size = 0
+        self._bytes = 0
 
     def put(self, tenant_id: str, document_id: str, item: T, size: int) -> None:
         """Queue work for a document, replacing work for it still queued in its place (were it
@@ -54,9 +55,13 @@ class FairQueue(Generic[T]):
             pending = self._held[1]
         else:
             pending = self._tenants.setdefault(tenant_id, {})
-        if document_id not in pending:
+        if document_id in pending:
+            self._bytes -= pending[document_id][1]
+        else:
             self._size += 1
-        pending[document_id] = (item, max(0, size))  # an existing key keeps its place
+        size = max(0, size)
+        self._bytes += size
+        pending[document_id] = (item, size)  # an existing key keeps its place
 
     def take(self) -> Turn[T] | None:
         """The next tenant's turn, or None when nothing is queued."""
@@ -80,12 +85,27 @@ class FairQueue(Generic[T]):
             work.append((document_id, item))
             total += size
         self._size -= len(work)
+        self._bytes -= total
         self._held = (tenant_id, pending)
         return Turn(tenant_id, work)
 
     def __len__(self) -> int:
         """Documents queued, over every tenant."""
         return self._size
+
+    @property
+    def bytes(self) -> int:
+        """The sizes of the documents queued, summed (what the follower bounds its read-ahead by)."""
+        return self._bytes
+
+    def __contains__(self, key: object) -> bool:
+        """Whether work for a (tenant, document id) is queued."""
+        if not isinstance(key, tuple) or len(key) != 2:
+            return False
+        tenant_id, document_id = key
+        if self._held is not None and self._held[0] == tenant_id and document_id in self._held[1]:
+            return True
+        return document_id in self._tenants.get(tenant_id, ())
 
     def documents(self) -> set[tuple[str, str]]:
         """(tenant, document id) of every document queued."""

@@ -96,3 +96,21 @@ def test_a_document_updated_while_queued_keeps_its_place_and_is_not_starved() ->
     # of the one before it while queued.
     assert taken[0] == "edited=v0"
     assert any(t.startswith("edited=v") and t != "edited=v0" for t in taken[1:]), taken
+
+
+def test_the_queue_counts_the_bytes_it_holds_and_knows_what_it_holds() -> None:
+    # The follower bounds its read-ahead by these (streams/assistant/_worker.py READ_AHEAD_*).
+    queue: FairQueue[str] = FairQueue(turn_documents=2, turn_bytes=1 << 20)
+    queue.put("a", "a0", "v1", 100)
+    queue.put("a", "a1", "v1", 50)
+    queue.put("b", "b0", "v1", 7)
+    queue.put("a", "a0", "v2", 30)  # replaces a0's work: its size too
+    assert (len(queue), queue.bytes) == (3, 87)
+    assert ("a", "a0") in queue and ("b", "b0") in queue and ("b", "a0") not in queue
+    turn = queue.take()
+    assert turn is not None and turn.work == [("a0", "v2"), ("a1", "v1")]
+    assert (len(queue), queue.bytes) == (1, 7) and ("a", "a0") not in queue
+    queue.put("a", "a0", "v3", 10)  # arrives for the tenant whose turn was just taken
+    assert ("a", "a0") in queue and queue.bytes == 17
+    assert drain(queue) == [("b", ["v1"]), ("a", ["v3"])]
+    assert (len(queue), queue.bytes) == (0, 0)
