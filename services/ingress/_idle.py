@@ -65,6 +65,9 @@ LOCK_TTL_MS = 120_000
 FOLD_WAIT_S = 5.0
 
 IDLE_CLOSED = Counter("switchboard_idle_closed_total", "Conversations closed for inactivity")
+SWEEP_FAILURES = Counter(
+    "switchboard_idle_sweep_failures_total", "Tenants' idle-close sweeps that failed (logged with the tenant)"
+)
 
 # Set once every open conversation that predates the activity index is in it (see `backfill`).
 BACKFILLED_KEY = "sb:idle:backfilled"
@@ -77,6 +80,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+def _raise_if_cancelling(exc: Exception) -> None:
+    """A client library turned our cancellation into its own error (aiokafka and redis do,
+    mid-request): stop, as asked, instead of going on."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
 
 
 def lock_key(tenant_id: str) -> str:
@@ -164,11 +175,7 @@ class IdleSweeper:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # A client library turned our cancellation into its own error (aiokafka and
-                    # redis do, mid-request): stop, as asked, instead of sleeping and sweeping on.
-                    raise asyncio.CancelledError from exc
+                _raise_if_cancelling(exc)
                 log.warning("idle close: the sweep failed (%r); trying again in %.0fs", exc, interval)
             await asyncio.sleep(interval)
 
@@ -227,15 +234,32 @@ class IdleSweeper:
             for tenant_id, after_s in due:
                 cutoff_ms = now_ms - math.ceil(after_s * 1000)
                 pipe.zrangebyscore(hv.activity_key(tenant_id), "-inf", cutoff_ms, start=0, num=1)
-            firsts = await pipe.execute()
+            # A tenant's key that cannot be read (wrong type, ...) is that tenant's failure only.
+            firsts = await pipe.execute(raise_on_error=False)
         closed = 0
         folded: set[int] | None = None
         for (tenant_id, after_s), first in zip(due, firsts, strict=True):
+            if isinstance(first, Exception):
+                self._tenant_failed(tenant_id, first)
+                continue
             if first:
                 if folded is None:
+                    # Not the tenant's: Kafka or Redis away ends the round (`run` retries it).
                     folded = await self.folded_partitions()
-                closed += await self.sweep_tenant(tenant_id, after_s, folded)
+                try:
+                    closed += await self.sweep_tenant(tenant_id, after_s, folded)
+                except Exception as exc:
+                    # Each tenant on its own: one whose sweep fails every time (a corrupt state,
+                    # a key of the wrong type) used to end every round before the tenants after it.
+                    _raise_if_cancelling(exc)
+                    self._tenant_failed(tenant_id, exc)
         return closed
+
+    def _tenant_failed(self, tenant_id: str, exc: BaseException) -> None:
+        SWEEP_FAILURES.inc()
+        log.warning(
+            "idle close: the sweep of tenant %s failed (%r); the other tenants' go on", tenant_id, exc
+        )
 
     async def folded_partitions(self) -> set[int]:
         """The partitions whose folded states hold every event Kafka had when this was called:
