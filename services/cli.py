@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from services import eventloop
+
+    eventloop.install()
     return int(args.func(args) or 0)
 
 

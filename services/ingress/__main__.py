@@ -11,6 +11,7 @@ import sys
 
 from pydantic import ValidationError
 
+from services import eventloop
 from services.ingress._server import serve
 from services.ingress._supervisor import CHILD_ENV
 from services.settings import load_settings
@@ -29,6 +30,7 @@ def main() -> int:
         settings = load_settings()
     except ValidationError as exc:
         sys.exit(f"switchboard ingress: invalid configuration:\n{exc}")
+    eventloop.install()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
     return 0
