@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc
-from ingest import BenchSystem, log, machine, report_after, start_processes
+from ingest import BenchSystem, CpuMeter, log, machine, report_after, start_processes
 from switchboard.v1 import chat_pb2, chat_pb2_grpc
 
 from services.analytics._process import endpoint_client
@@ -171,6 +171,9 @@ async def run(system: BenchSystem, rate: float, seconds: float, api: str = "unar
             errors.append(exc.code().name)
 
     log(f"offering {rate:,.0f} msg/s for {seconds:.0f} s over {CONVERSATIONS} conversations")
+    meter = CpuMeter(system)
+    await meter.refresh()
+    cpu_start = meter.snapshot()
     total = int(rate * seconds)
     start = time.monotonic() + 0.2
     tasks = []
@@ -190,6 +193,7 @@ async def run(system: BenchSystem, rate: float, seconds: float, api: str = "unar
     for outbox in outboxes:
         outbox.put_nowait(None)
     await asyncio.gather(*streams)
+    cores = CpuMeter.cores(cpu_start, meter.snapshot())
     elapsed = max(acked_at.values(), default=start) - start
     expected_live = {m for m in acked_at if conversations[int(m[1:]) % CONVERSATIONS] in watched}
     deadline = time.monotonic() + 60
@@ -232,6 +236,9 @@ async def run(system: BenchSystem, rate: float, seconds: float, api: str = "unar
             f"{len(expected_live):,} watched; in ClickHouse {len(landed):,} of {len(sampled):,} sampled.",
             "",
             *rows,
+            "",
+            "CPU cores used while the load was offered: "
+            + ", ".join(f"{name} {used:.2f}" for name, used in sorted(cores.items(), key=lambda kv: -kv[1])),
             "",
             "```",
             machine(),
