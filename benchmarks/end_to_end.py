@@ -249,8 +249,10 @@ async def run(system: BenchSystem, rate: float, seconds: float, api: str = "unar
     return EndToEnd(rate, api, acked_rate, len(errors), acks, live, landed, text)
 
 
-async def main_async(rate: float, seconds: float, port_offset: int, api: str = "unary") -> int:
-    system = BenchSystem(False, port_offset)
+async def main_async(
+    rate: float, seconds: float, port_offset: int, api: str = "unary", keep_data: bool = False
+) -> int:
+    system = BenchSystem(keep_data, port_offset)
 
     async def body() -> str:
         await system.up()
@@ -267,8 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--port-offset", type=int, default=1600)
     parser.add_argument("--api", choices=("unary", "stream"), default="unary")
+    parser.add_argument("--keep-data", action="store_true", help="keep var/bench-* (logs) after the run")
     args = parser.parse_args(argv)
-    return asyncio.run(main_async(args.rate, args.seconds, args.port_offset, args.api))
+    return asyncio.run(main_async(args.rate, args.seconds, args.port_offset, args.api, args.keep_data))
 
 
 if __name__ == "__main__":

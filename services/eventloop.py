@@ -1,4 +1,4 @@
-"""The event loop every Switchboard process runs on.
+"""The event loop every Switchboard process runs on, and its heap once started.
 
 uvloop (libuv) when it is installed and SWITCHBOARD_EVENT_LOOP is not "asyncio": its transports,
 callbacks and timers are C, where the standard loop's are Python, and every Switchboard process
@@ -10,6 +10,7 @@ for what it bought). grpc.aio supports it. SWITCHBOARD_EVENT_LOOP=asyncio keeps 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 
 
@@ -33,3 +34,19 @@ def install() -> str:
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return name
+
+
+def freeze_heap() -> None:
+    """Once a server process has started (clients connected, models and indexes loaded): collect
+    what start-up left for the cyclic collector, then move every surviving object out of its
+    reach for good (`gc.freeze`).
+
+    A full (generation 2) collection walks every tracked object of the process and stops the
+    event loop meanwhile: in an ingress under 2-3k msg/s that was one collection every ~2.5 s
+    taking ~50 ms of CPU (more wall time on a busy machine), i.e. every call in flight then waited
+    50 ms more: the tail of the ack latency. Frozen, the same collections took ~4 ms. Frozen
+    objects are still freed by reference counting; only cycles among them are never collected,
+    and start-up's long-lived objects are not garbage anyway.
+    """
+    gc.collect()
+    gc.freeze()

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectionError, KafkaError
 
+from services import eventloop
 from services.observability import metrics
 from services.settings import Settings
 
@@ -510,6 +511,7 @@ async def run_until_signalled(consumer: BatchConsumer, *extra: Callable[[], Awai
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(consumer.stop()))
     metrics.serve_metrics(consumer._settings, metrics.ROLES.get(consumer._processor.name, ""))
     await consumer.start()
+    eventloop.freeze_heap()
     try:
         await consumer.run()
     finally:

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from switchboard.v1 import agent_pb2, chat_pb2, knowledge_pb2
 
+from services import eventloop
 from services.auth import IngressAuth, preflight
 from services.ingress import _validation as v
 from services.ingress._agents import AgentService
@@ -467,6 +468,8 @@ class IngressServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._readiness = asyncio.ensure_future(self._follow_readiness())
         self._sweeping = asyncio.ensure_future(self.idle.run())
+        # Writes to conversations erased by `switchboard tenant erase` are refused (_writes.py).
+        self.service.writes.follow_erasures()
         log.info("ingress listening for %s on %s", SERVICE_NAME, self.settings.grpc_listen)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
@@ -516,6 +519,7 @@ class IngressServer:
         # The producer flushed: let the writes' settlements record their acks in Redis (else a
         # retry would find a pending claim until it expires).
         await self.service.writes.drain(self.settings.produce_timeout_s)
+        await self.service.writes.stop_erasures()
         await self.knowledge.close()
         await self.service.reads.close()
         await self.redis.aclose()
@@ -535,6 +539,7 @@ async def serve(settings: Settings) -> None:
         return
     server = IngressServer(settings, reuse_port=child is not None)
     await server.start()
+    eventloop.freeze_heap()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -30,3 +30,19 @@ def test_the_loop_asyncio_run_uses_is_the_one_the_setting_names(setting: str | N
     ).stdout.split()
     assert out[0] == expected
     assert out[1].split(".")[0] == expected
+
+
+def test_freeze_heap_moves_what_start_up_made_out_of_the_collectors_reach() -> None:
+    probe = (
+        "import gc\n"
+        "from services import eventloop\n"
+        "made_at_start_up = [[i] for i in range(50_000)]\n"
+        "eventloop.freeze_heap()\n"
+        "print(gc.get_freeze_count(), len(gc.get_objects(2)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    frozen, left_in_oldest = int(out[0]), int(out[1])
+    assert frozen > 50_000
+    assert left_in_oldest < 1_000  # a full collection no longer walks them
