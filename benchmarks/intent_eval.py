@@ -4,6 +4,10 @@ Trains nothing: loads the artifacts `switchboard models build` wrote (default va
 reads streams/assistant/intent/data/heldout.jsonl, which no build step ever reads.
 
     .venv/bin/python benchmarks/intent_eval.py [--models-dir var/models]
+    .venv/bin/python benchmarks/intent_eval.py --questions benchmarks/data/shop_unseen_questions.jsonl
+
+`--questions` also scores a knowledge question set's gold intents ("question", "language",
+"intent" per line), and how many are confident enough (>= 0.5) for retrieval to use the label.
 """
 
 from __future__ import annotations
@@ -41,9 +45,29 @@ def per_message_ms(fn: Callable[[list[str]], object], texts: list[str], batch: i
     return (time.perf_counter() - started) * 1000 / len(texts)
 
 
+def extra_set(clf: object, path: Path) -> None:
+    """Intent accuracy on a knowledge question set, per language, and the share of trusted labels."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("intent")]
+    decisions = clf.classify([r["question"] for r in rows])  # type: ignore[attr-defined]
+    print(f"\n== {path.name}: {len(rows)} messages with a gold intent ==")
+    for lang in ("zh", "en"):
+        idx = [i for i, r in enumerate(rows) if r["language"] == lang]
+        if not idx:
+            continue
+        right = [decisions[i].label == rows[i]["intent"] for i in idx]
+        trusted = [decisions[i].confidence >= 0.5 for i in idx]
+        right_trusted = [r for r, t in zip(right, trusted, strict=True) if t]
+        print(
+            f"{lang}: accuracy {np.mean(right):.3f} (n={len(idx)}); confidence >= 0.5: {np.mean(trusted):.3f}, "
+            f"accuracy of those {np.mean(right_trusted) if right_trusted else float('nan'):.3f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=ROOT / "var" / "models")
+    parser.add_argument("--questions", type=Path, help="also score this question set's gold intents")
     args = parser.parse_args()
 
     rows = [json.loads(line) for line in HELDOUT.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -106,6 +130,9 @@ def main() -> None:
         print(
             f"batch {batch:2d}: n-gram stage {ng:.3f} ms  encoder stage {enc:.3f} ms  cascade {full:.3f} ms"
         )
+
+    if args.questions:
+        extra_set(clf, args.questions)
 
     cv = meta.get("cross_validation", {})
     print(

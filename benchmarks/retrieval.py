@@ -11,16 +11,30 @@ cross-language), and with the answer left out entirely (out of scope, but the ne
     .venv/bin/python benchmarks/retrieval.py --keyword-only  # BM25 + reranker, no encoder
     .venv/bin/python benchmarks/retrieval.py --intent        # pass the shop questions' gold intent
     .venv/bin/python benchmarks/retrieval.py --misses        # list every miss
+    .venv/bin/python benchmarks/retrieval.py --decisions     # also: what the assistant does with each
+    .venv/bin/python benchmarks/retrieval.py --decisions --only unseen  # just the unseen set
+
+A third set, benchmarks/data/shop_unseen_questions.jsonl (written 2026-11-30 without reading the
+other question sets: 47 en + 46 zh paraphrases against the demo FAQ, 24 small-talk, out-of-scope,
+hostile and hand-off messages), carries the outcome each message should get (`expect`: answer,
+no_answer, handoff). `--decisions` runs every set through the assistant's whole decision for a
+first message of a conversation, as streams/assistant/_worker.py makes it: the intent cascade's
+prediction, search (3 hits, predicted intent), decide_handoff, then an answer from the top
+relevant hit, a "did you mean" offer (suggestions_of) or a plain "no answer".
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,6 +45,7 @@ from streams.knowledge._eval import CachingEncoder, Metrics, cases, run_cases
 MODELS_DIR = Path(__file__).resolve().parents[1] / "var" / "models"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SCENARIOS = ("asked", "twin removed", "answer removed")
+UNSEEN = DATA_DIR / "shop_unseen_questions.jsonl"
 
 
 def load_encoder(models_dir: Path, build: bool) -> SentenceEncoder:
@@ -89,6 +104,120 @@ def evaluate(
     return metrics
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What the assistant should do with a message (the unseen set says; the older sets imply it:
+    an article to answer from, or nothing; a hand-off is fine for a gold talk-to-human or
+    complaint intent, whose articles say how to reach a person or what to do)."""
+
+    text: str
+    language: str
+    document_id: str | None
+    expect: str  # answer | no_answer | handoff
+    handoff_ok: bool
+
+
+def expectations(rows: list[dict[str, object]]) -> list[Expected]:
+    out = []
+    for row in rows:
+        document = None if row.get("document_id") is None else str(row["document_id"])
+        intent = str(row.get("intent") or "")
+        expect = str(row.get("expect") or ("answer" if document else "no_answer"))
+        handoff_ok = bool(row.get("handoff_ok", intent in ("talk_to_human", "complaint")))
+        out.append(Expected(str(row["question"]), str(row["language"]), document, expect, handoff_ok))
+    return out
+
+
+def decide(
+    classifier: Any, index: KnowledgeIndex, texts: list[str]
+) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(outcome, document answered from, titles offered) per first message, as the assistant decides."""
+    from streams.assistant._worker import SEARCH_LIMIT, grounding, suggestions_of
+    from streams.assistant.handoff import IntentDecision, decide_handoff
+    from streams.knowledge import detect_language
+
+    out = []
+    for text, intent in zip(texts, classifier.classify(texts), strict=True):
+        hits = index.search(text, SEARCH_LIMIT, intent.label)
+        relevant = grounding(hits)
+        verdict = IntentDecision(intent.label, float(intent.confidence))
+        if decide_handoff(text=text, intent=verdict, answered=bool(relevant)) is not None:
+            out.append(("handoff", "", ()))
+        elif relevant:
+            out.append(("answer", relevant[0].document_id, ()))
+        else:
+            language = getattr(intent, "language", "") or detect_language(text)
+            offered = suggestions_of(hits, language)
+            out.append(("offer" if offered else "decline", "", offered))
+    return out
+
+
+def decision_table(
+    classifier: Any,
+    encoder: SentenceEncoder | None,
+    documents: list[Document],
+    rows: list[dict[str, object]],
+    show: bool,
+) -> dict[str, float]:
+    """How often the assistant does the right thing with each kind of message."""
+    index = KnowledgeIndex(CachingEncoder(encoder) if encoder is not None else None)
+    index.upsert_many(documents)
+    titles = {d.document_id: d.title for d in documents}
+    wanted = expectations(rows)
+    got = decide(classifier, index, [w.text for w in wanted])
+    counts: Counter[tuple[str, str]] = Counter()
+    misses = []
+    for w, (outcome, document_id, offered) in zip(wanted, got, strict=True):
+        if w.expect == "answer":
+            if outcome == "answer":
+                verdict = "right" if document_id == w.document_id else "wrong article"
+            elif outcome == "offer":
+                verdict = "offered it" if titles.get(w.document_id or "") in offered else "offered others"
+            elif outcome == "handoff":
+                verdict = "handoff (fine)" if w.handoff_ok else "handoff"
+            else:
+                verdict = "no answer"
+        elif w.expect == "handoff":
+            verdict = "handoff" if outcome == "handoff" else f"not handed off ({outcome})"
+        else:
+            verdict = {"answer": "answered", "offer": "offered", "decline": "declined", "handoff": "handoff"}[
+                outcome
+            ]
+        counts[(w.expect, verdict)] += 1
+        counts[(w.expect, "n")] += 1
+        good = verdict in ("right", "handoff (fine)", "handoff", "declined", "offered")
+        if not good or (w.expect == "answer" and verdict != "right" and show):
+            misses.append(
+                f"  [{w.expect}/{verdict}] {w.text!r} want {w.document_id} got {document_id or offered}"
+            )
+    for expect in ("answer", "no_answer", "handoff"):
+        n = counts[(expect, "n")]
+        if n:
+            parts = ", ".join(f"{v} {c}" for (e, v), c in sorted(counts.items()) if e == expect and v != "n")
+            print(f"  expect {expect:9} n={n:3d}: {parts}")
+    answerable = counts[("answer", "n")] or 1
+    oos = counts[("no_answer", "n")] or 1
+    handoff = counts[("handoff", "n")] or 1
+    summary = {
+        "answered right": counts[("answer", "right")] / answerable,
+        "right or fine handoff": (counts[("answer", "right")] + counts[("answer", "handoff (fine)")])
+        / answerable,
+        "right or offered it": (
+            counts[("answer", "right")]
+            + counts[("answer", "handoff (fine)")]
+            + counts[("answer", "offered it")]
+        )
+        / answerable,
+        "wrong article": counts[("answer", "wrong article")] / answerable,
+        "no-answer msgs answered": counts[("no_answer", "answered")] / oos,
+        "hand-offs made": counts[("handoff", "handoff")] / handoff,
+    }
+    print("  " + "; ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    if show and misses:
+        print("\n".join(misses))
+    return summary
+
+
 def filler_documents(base: list[Document], n: int, seed: int = 7) -> list[Document]:
     """Synthetic articles recombined from the FAQ's sentences, to measure latency at a larger size."""
     rng = random.Random(seed)
@@ -123,6 +252,13 @@ def latency(index: KnowledgeIndex, questions: list[Question], label: str) -> Non
     )
 
 
+def _package_rows(name: str) -> list[dict[str, object]]:
+    from importlib import resources
+
+    text = resources.files("streams.knowledge").joinpath("data", name).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,6 +268,8 @@ def main() -> None:
     parser.add_argument("--no-build", action="store_true", help="do not run build_models first")
     parser.add_argument("--intent", action="store_true", help="pass the gold intent to search (shop set)")
     parser.add_argument("--misses", action="store_true", help="list every miss")
+    parser.add_argument("--decisions", action="store_true", help="the assistant's decision on each set")
+    parser.add_argument("--only", choices=("shop", "telecom", "unseen"), help="run one set (no latency)")
     args = parser.parse_args()
 
     encoder = None if args.keyword_only else load_encoder(args.models_dir, build=not args.no_build)
@@ -151,14 +289,37 @@ def main() -> None:
             questions_from_rows(read_jsonl(DATA_DIR / "telecom_questions.jsonl")),
             False,
         ),
+        (
+            "shop FAQ, unseen set (shop_unseen_questions.jsonl)",
+            documents,
+            questions_from_rows(read_jsonl(UNSEEN)),
+            args.intent,
+        ),
     ]
-    for title, docs, questions, use_intent in sets:
+    rows = {
+        "shop": _package_rows("heldout_questions.jsonl"),
+        "telecom": read_jsonl(DATA_DIR / "telecom_questions.jsonl"),
+        "unseen": read_jsonl(UNSEEN),
+    }
+    classifier = None
+    if args.decisions:
+        from streams.assistant.intent._classifier import load_intent_classifier
+
+        classifier = load_intent_classifier(args.models_dir, encoder=encoder)  # type: ignore[arg-type]
+    for name, (title, docs, questions, use_intent) in zip(rows, sets, strict=True):
+        if args.only and name != args.only:
+            continue
         print(
             f"== {title}: {len(questions)} questions, {len(docs)} documents ({mode}, reranker {reranker}, "
             f"intent {'given' if use_intent else 'not given'})\n"
         )
         evaluate(encoder, docs, questions, use_intent, args.misses)
+        if classifier is not None:
+            print("\nthe assistant's decision on a first message (predicted intent):")
+            decision_table(classifier, encoder, docs, rows[name], args.misses)
         print()
+    if args.only:
+        return
 
     index = KnowledgeIndex(encoder)
     start = time.perf_counter()
