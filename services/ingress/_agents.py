@@ -277,6 +277,8 @@ class AgentService:
     # ------------------------------------------------------------------ helpers
 
     async def _open_state(self, tenant_id: str, conversation_id: str) -> ConversationState | None:
+        # Erased: said so, as to the customer's writes (the hot view would only say NOT_FOUND).
+        await self._writes.refuse_if_erased(tenant_id, conversation_id)
         reg = await self._reads.require(tenant_id, conversation_id)
         state = state_of(reg)
         if reg.closed_ns or (state is not None and state.status == STATUS_CLOSED):

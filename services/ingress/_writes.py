@@ -53,6 +53,7 @@ from services.ingress._hotview import (
 from services.ingress._producer import Ack, EventProducer, Unavailable, unavailable
 from services.ingress._quotas import Quotas, too_many_open
 from services.settings import Settings
+from streams.privacy.erasures import ErasureFollower, Erasures, ErasuresUnavailable
 from streams.sessions import STATUS_CLOSED, ConversationState
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,55 @@ class ConversationWrites:
         # Messages acked to their caller whose ack Redis has not recorded yet (see _settlement):
         # a retry in this process is answered from here rather than told to retry.
         self._unsettled: dict[ClaimKey, Ack] = {}
+        # Conversations erased by `switchboard tenant erase` (follow_erasures): refused in
+        # process memory, as every processor skips their events (streams/privacy/erasures.py).
+        self._erasures: ErasureFollower | None = None
+
+    def follow_erasures(self) -> None:
+        """Refuse writes to erased conversations from now on (the server calls this at start).
+
+        The erasure deletes the conversation's hot view, and this process's registry said it
+        exists: its messages were acknowledged and then skipped downstream. The registry learns of
+        a close from the claim script (the conversation hash's close); an erasure leaves nothing
+        naming the conversation in Redis (that is its point), so each process follows the
+        privacy topic as the processors do, and _admit checks it in memory: no Redis round trip."""
+        if self._erasures is None:
+            self._erasures = ErasureFollower(
+                self._settings, self._forget_erased, start_timeout_s=self._settings.produce_timeout_s
+            )
+        self._erasures.begin()
+
+    async def stop_erasures(self) -> None:
+        if self._erasures is not None:
+            await self._erasures.stop()
+
+    def _forget_erased(self, erasures: Erasures) -> None:
+        """The registry drops what an erasure purged from the hot view: erased conversations (also
+        refused before the registry is read), and a tenant erased whole (looked up again)."""
+        registry = self._registry
+        for conversation in [
+            c for c in registry if c[1] in erasures.conversations.get(c[0], ()) or c[0] in erasures.tenants
+        ]:
+            del registry[conversation]
+
+    async def _erased(self) -> dict[str, set[str]] | None:
+        """Erased conversations per tenant (None: erasures not followed). Until the registry was
+        read once, waits for it (bounded: UNAVAILABLE), so none is written while it is unknown."""
+        follower = self._erasures
+        if follower is None:
+            return None
+        if not follower.ready:
+            try:
+                await follower.start()
+            except ErasuresUnavailable as exc:
+                raise unavailable(f"{exc}; retry") from exc
+        return follower.erasures.conversations
+
+    async def refuse_if_erased(self, tenant_id: str, conversation_id: str) -> None:
+        """FAILED_PRECONDITION for a conversation erased by `switchboard tenant erase`."""
+        erased = await self._erased()
+        if erased and conversation_id in erased.get(tenant_id, ()):
+            raise _erased_conversation(conversation_id)
 
     def _remember(self, conversation: Conversation, *, closed: bool) -> None:
         registry = self._registry
@@ -179,8 +229,11 @@ class ConversationWrites:
         registry[conversation] = closed
 
     async def _absent(self, tenant_id: str, conversation_id: str) -> v.RequestRejected:
-        """Why a conversation the hot view does not have is refused: NOT_FOUND only once the hot
-        view is complete; while it is rebuilt, the conversation may exist (UNAVAILABLE)."""
+        """Why a conversation the hot view does not have is refused: erased; NOT_FOUND only once
+        the hot view is complete; while it is rebuilt, the conversation may exist (UNAVAILABLE)."""
+        erased = await self._erased()
+        if erased and conversation_id in erased.get(tenant_id, ()):
+            return _erased_conversation(conversation_id)
         if await self._hot.is_ready(self._settings.topic_partitions):
             return _not_found(tenant_id, conversation_id)
         return unknown_while_rebuilding(tenant_id, conversation_id)
@@ -336,6 +389,7 @@ class ConversationWrites:
         the claim (claim_many unless_closed), also for one known closed: a retry of a message
         written before the close still gets its ack there (duplicate=true), the rest FAILED_PRECONDITION."""
         registry = self._registry
+        erased = await self._erased()
         missing = sorted({(req.tenant_id, req.conversation_id) for _, req in valid} - registry.keys())
         ready = True
         if missing:
@@ -348,7 +402,9 @@ class ConversationWrites:
         first: dict[ClaimKey, int] = {}
         writers = []
         for i, req in valid:
-            if (req.tenant_id, req.conversation_id) not in registry:
+            if erased and req.conversation_id in erased.get(req.tenant_id, ()):
+                results[i] = _erased_conversation(req.conversation_id)
+            elif (req.tenant_id, req.conversation_id) not in registry:
                 results[i] = (
                     _not_found(req.tenant_id, req.conversation_id)
                     if ready
@@ -607,6 +663,7 @@ class ConversationWrites:
         return await asyncio.shield(self._background(self._publish_claimed(event, claim_key)))
 
     async def _publish_claimed(self, event: Event, claim_key: ClaimKey) -> tuple[Ack, bool]:
+        await self.refuse_if_erased(claim_key[0], claim_key[1])
         # unless_closed: the message joins the conversation's in-flight set, which a close (in
         # any process) waits to drain before it publishes.
         (claim,) = await self._claim_messages([claim_key])
@@ -667,6 +724,9 @@ class ConversationWrites:
         v.check_short_text(req.customer_id, "customer_id", v.MAX_CUSTOMER_ID)
         v.check_short_text(req.locale, "locale", 35)
         v.check_metadata(dict(req.metadata), s.max_metadata_entries)
+        if req.conversation_id:
+            # Its start claim went with the erasure: it would start again, and be skipped.
+            await self.refuse_if_erased(req.tenant_id, req.conversation_id)
         if req.conversation_id and await self._hot.lookup(req.tenant_id, req.conversation_id) is not None:
             return await self._read(req.tenant_id, req.conversation_id)
         return await asyncio.shield(self._background(self._start(req, traceparent)))
@@ -1008,6 +1068,14 @@ def _not_found(tenant_id: str, conversation_id: str) -> v.RequestRejected:
         grpc.StatusCode.NOT_FOUND,
         f"conversation {conversation_id!r} of tenant {tenant_id!r} does not exist "
         "(start it with StartConversation)",
+    )
+
+
+def _erased_conversation(conversation_id: str) -> v.RequestRejected:
+    return v.RequestRejected(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"conversation {conversation_id!r} was erased (switchboard tenant erase): it takes no more "
+        "writes and cannot be started again; start a new conversation",
     )
 
 

@@ -190,6 +190,11 @@ class ErasureFollower:
         self._assigned = True
         return True
 
+    @property
+    def ready(self) -> bool:
+        """Whether the registry was read to the topic's end (then `start` returns at once)."""
+        return self._caught_up.is_set()
+
     async def start(self) -> Erasures:
         """The registry read to the topic's end as of the first call; then followed. Waits at
         most `start_timeout_s` for that read, else raises `ErasuresUnavailable` (the read goes
