@@ -256,6 +256,7 @@ class ErasureFollower:
     async def _run(self) -> None:
         """Connect, read the topic to its end, then follow it; every Kafka failure is retried."""
         consumer: AIOKafkaConsumer | None = None
+        delay = 0.5
         try:
             while True:
                 try:
@@ -276,6 +277,7 @@ class ErasureFollower:
                         self._ready("read to its end")
                     self._apply(await consumer.getmany(timeout_ms=1000))
                     self._last_error = None
+                    delay = 0.5
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the client reconnects by itself; keep what we have
@@ -284,8 +286,14 @@ class ErasureFollower:
                         # aiokafka turned our cancellation into its own error: stop, as asked.
                         raise asyncio.CancelledError from exc
                     self._last_error = exc
-                    log.warning("privacy topic: read failed (%r); erasures as of the last record apply", exc)
-                    await asyncio.sleep(0.5)
+                    log.warning(
+                        "privacy topic: read failed (%r); erasures as of the last record apply; "
+                        "retrying in %.1fs",
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
         finally:
             # Also when the event loop cancels the task at exit: no consumer left open.
             if consumer is not None:
