@@ -43,6 +43,9 @@ FOLLOW_BOUND_S = 3.0
 # How long a processor's batch waits for the registry's first read (see `ErasureFollower.start`);
 # normally well under a second. Beyond it the batch fails as an outage and is retried.
 START_BOUND_S = 10.0
+# One-shot reads (replays, commands) are not a batch holding a partition up: they wait longer for
+# a slow Kafka before they give up.
+ONE_SHOT_BOUND_S = 120.0
 # How long stopping the follower waits for its consumer to close.
 STOP_BOUND_S = 5.0
 
@@ -326,7 +329,7 @@ class ErasureFollower:
 
 async def load_erasures(settings: Settings) -> Erasures:
     """The registry as of now (read once; for replays and commands)."""
-    follower = ErasureFollower(settings)
+    follower = ErasureFollower(settings, start_timeout_s=ONE_SHOT_BOUND_S)
     try:
         return await follower.start()
     finally:

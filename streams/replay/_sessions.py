@@ -28,7 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas import hotview as hv
 from services.settings import Settings
 from streams._consumer import Record
-from streams.privacy.erasures import ErasureFollower
+from streams.privacy.erasures import ONE_SHOT_BOUND_S, ErasureFollower
 from streams.sessions._worker import SessionsProcessor
 
 
@@ -57,7 +57,7 @@ class SessionsTarget:
     def __init__(self, settings: Settings, scratch: aioredis.Redis) -> None:
         self.scratch = scratch
         # With the live worker's erasure registry: a replay never brings an erased customer back.
-        self._erasures = ErasureFollower(settings)
+        self._erasures = ErasureFollower(settings, start_timeout_s=ONE_SHOT_BOUND_S)
         self._processor = SessionsProcessor(settings, scratch, self._erasures)
 
     async def apply(self, records: Sequence[Record]) -> tuple[int, int]:
