@@ -42,25 +42,33 @@ MAX_QUERY = 2048
 # How long a new document acknowledged but not yet indexed counts against the quota: longer than
 # any indexing backlog should last; past it (the assistant down for an hour) it stops counting.
 PENDING_DOCUMENT_TTL_S = 3600
-# The document quota, atomically (KEYS: the documents hash the assistant keeps, the pending set;
-# ARGV: quota, pending TTL ms, the upsert's distinct ids): the tenant has the indexed documents
-# plus the pending ones not indexed yet; ids it has neither way are new. Over the quota: {0, would
-# have}; else the new ones become pending: {1, would have, the new ids...}.
+# The document quota, atomically (KEYS: the documents hash the assistant keeps, the pending set,
+# the failed documents hash; ARGV: quota, pending TTL ms, the upsert's distinct ids): the tenant
+# has the indexed documents, plus those the assistant reported it could not index (it holds and
+# retries them: not counting them once their reservation expired let a tenant past its quota),
+# plus the pending ones neither; ids it has no way are new. Over the quota: {0, would have}; else
+# the new ones become pending: {1, would have, the new ids...}.
 _RESERVE_DOCUMENTS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local count = redis.call('HLEN', KEYS[1])
+for _, id in ipairs(redis.call('HKEYS', KEYS[3])) do
+  if redis.call('HEXISTS', KEYS[1], id) == 0 then
+    count = count + 1
+  end
+end
 for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   if redis.call('HEXISTS', KEYS[1], id) == 1 then
     redis.call('ZREM', KEYS[2], id)
-  else
+  elseif redis.call('HEXISTS', KEYS[3], id) == 0 then
     count = count + 1
   end
 end
 local added = {}
 for i = 3, #ARGV do
-  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 and not redis.call('ZSCORE', KEYS[2], ARGV[i]) then
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 and redis.call('HEXISTS', KEYS[3], ARGV[i]) == 0
+      and not redis.call('ZSCORE', KEYS[2], ARGV[i]) then
     added[#added + 1] = ARGV[i]
   end
 end
@@ -362,14 +370,19 @@ class KnowledgeService:
         """Refuse an upsert that would take the tenant past its document quota; the new ids it
         reserved (pending until indexed).
 
-        The tenant has what the assistant indexed plus what was acknowledged and is not indexed
-        yet (the pending set), so a backlog or a stopped assistant does not let upserts pass it.
+        The tenant has what the assistant indexed, what it reported it could not index (the
+        failed documents hash), and what was acknowledged and is not indexed yet (the pending
+        set), so a backlog, a stopped assistant or failing documents do not let upserts pass it.
         Replacing a document it has adds nothing: allowed even at (or past) the quota."""
         quota = self._quotas.knowledge_documents(req.tenant_id)
         if quota <= 0:
             return []
         ids = list(dict.fromkeys(doc.document_id for doc in req.documents))
-        keys = [hv.documents_key(req.tenant_id), hv.pending_documents_key(req.tenant_id)]
+        keys = [
+            hv.documents_key(req.tenant_id),
+            hv.pending_documents_key(req.tenant_id),
+            failed_documents_key(req.tenant_id),
+        ]
         ok, would_have, *added = await self._redis.eval(
             _RESERVE_DOCUMENTS, len(keys), *keys, quota, PENDING_DOCUMENT_TTL_S * 1000, *ids
         )
