@@ -48,6 +48,9 @@ START_BOUND_S = 10.0
 ONE_SHOT_BOUND_S = 120.0
 # How long stopping the follower waits for its consumer to close.
 STOP_BOUND_S = 5.0
+# While the registry cannot be read, `start` says so at most this often: every write of an
+# ingress waits for it, and one warning per write refused was a flood under load.
+UNAVAILABLE_LOG_EVERY_S = 10.0
 
 
 def _ns(event: Event) -> int:
@@ -178,6 +181,8 @@ class ErasureFollower:
         self._caught_up = asyncio.Event()
         self._last_error: BaseException | None = None
         self._started_at = 0.0
+        self._unavailable_logged_at: float | None = None
+        self._unavailable_unlogged = 0  # callers refused since the last warning
 
     async def _assign(self, consumer: AIOKafkaConsumer) -> bool:
         topic = self.settings.privacy_topic
@@ -216,13 +221,23 @@ class ErasureFollower:
             if self._last_error
             else "no error: Kafka slow or not answering"
         )
-        log.warning(
-            "privacy topic %s: erasures not read within %.1fs (%s); still reading; refusing to go on "
-            "without them, so that no erased customer's events are let through",
-            self.settings.privacy_topic,
-            self.start_timeout_s,
-            why,
-        )
+        now = time.monotonic()
+        if (
+            self._unavailable_logged_at is None
+            or now - self._unavailable_logged_at >= UNAVAILABLE_LOG_EVERY_S
+        ):
+            log.warning(
+                "privacy topic %s: erasures not read within %.1fs (%s); still reading; refusing to go "
+                "on without them, so that no erased customer's events are let through (%d more callers "
+                "refused since the last warning)",
+                self.settings.privacy_topic,
+                self.start_timeout_s,
+                why,
+                self._unavailable_unlogged,
+            )
+            self._unavailable_logged_at, self._unavailable_unlogged = now, 0
+        else:
+            self._unavailable_unlogged += 1
         raise ErasuresUnavailable(
             f"the erasure registry (topic {self.settings.privacy_topic}) was not read within "
             f"{self.start_timeout_s:.1f}s ({why})"
