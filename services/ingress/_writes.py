@@ -700,6 +700,8 @@ class ConversationWrites:
         v.check_conversation_id(req.conversation_id)
         v.check_score(req.score)
         v.check_short_text(req.comment, "comment", v.MAX_CSAT_COMMENT)
+        # Before the hot view: `tenant erase` purges it only after it recorded the erasure.
+        await self.refuse_if_erased(req.tenant_id, req.conversation_id)
         if await self._hot.lookup(req.tenant_id, req.conversation_id) is None:
             raise await self._absent(req.tenant_id, req.conversation_id)
         event = new_event(
@@ -813,6 +815,8 @@ class ConversationWrites:
         v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
         v.check_conversation_id(req.conversation_id)
         v.check_short_text(req.resolution, "resolution", v.MAX_RESOLUTION)
+        # Before the hot view: `tenant erase` purges it only after it recorded the erasure.
+        await self.refuse_if_erased(req.tenant_id, req.conversation_id)
         reg = await self._hot.lookup(req.tenant_id, req.conversation_id)
         if reg is None:
             raise await self._absent(req.tenant_id, req.conversation_id)
