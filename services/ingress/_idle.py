@@ -52,6 +52,7 @@ from services.auth._model import Registry
 from services.ingress import _validation as v
 from services.ingress._writes import ConversationWrites
 from services.settings import Settings
+from streams._consumer import is_outage
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,8 @@ class IdleSweeper:
                     # Each tenant on its own: one whose sweep fails every time (a corrupt state,
                     # a key of the wrong type) used to end every round before the tenants after it.
                     _raise_if_cancelling(exc)
+                    if is_outage(exc):
+                        raise  # Redis or Kafka away is nobody's tenant: the round ends, `run` retries
                     self._tenant_failed(tenant_id, exc)
         return closed
 

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # it takes the processors' positions).
 FOLLOW_FETCH_WAIT_MS = 100
 FOLLOW_BOUND_S = 3.0
+RETRY_MAX_S = 2.0
 # How long a processor's batch waits for the registry's first read (see `ErasureFollower.start`);
 # normally well under a second. Beyond it the batch fails as an outage and is retried.
 START_BOUND_S = 10.0
@@ -311,7 +312,9 @@ class ErasureFollower:
                         delay,
                     )
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    # Capped under FOLLOW_BOUND_S: `tenant erase` counts on every running
+                    # processor knowing of an erasure within that bound.
+                    delay = min(delay * 2, RETRY_MAX_S)
         finally:
             # Also when the event loop cancels the task at exit: no consumer left open.
             if consumer is not None:
