@@ -10,22 +10,20 @@ answering anyone for as long as the trickle lasted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Iterable
 
 import pytest
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from switchboard.v1 import knowledge_pb2
 
 from schemas import hotview as hv
 from services.ingress._knowledge import record_key, upserted
-from services.kafka_topics import ensure_topics
 from services.settings import Settings
 from streams.assistant._worker import KnowledgeFollower
 from streams.knowledge import Document, KnowledgeBase
+from tests.integration.knowledge_rig import cancel_quietly, knowledge_topic
 
 pytestmark = pytest.mark.integration
 
@@ -53,39 +51,29 @@ async def _send(
 async def test_the_follower_is_ready_once_its_start_up_read_is_indexed_while_upserts_keep_coming(
     local_stack: Settings,
 ) -> None:
-    settings = local_stack.model_copy(update={"knowledge_topic": f"knowledge-{uuid.uuid4().hex[:8]}"})
-    await ensure_topics(settings)
     a, b = f"ka{uuid.uuid4().hex[:8]}", f"kb{uuid.uuid4().hex[:8]}"
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    redis = aioredis.Redis.from_url(settings.redis_url)
-    follower = KnowledgeFollower(settings, SlowKnowledgeBase(), redis)
-    stop = asyncio.Event()
+    async with knowledge_topic(local_stack) as (settings, producer, redis):
+        follower = KnowledgeFollower(settings, SlowKnowledgeBase(), redis)
+        stop = asyncio.Event()
 
-    async def trickle() -> None:
-        # Another tenant's sync job: a document every 20 ms, many per 0.5 s turn.
-        n = 0
-        while not stop.is_set():
-            await _send(producer, settings.knowledge_topic, b, f"b-{n}", wait=False)
-            n += 1
-            await asyncio.sleep(0.02)
+        async def trickle() -> None:
+            # Another tenant's sync job: a document every 20 ms, many per 0.5 s turn.
+            n = 0
+            while not stop.is_set():
+                await _send(producer, settings.knowledge_topic, b, f"b-{n}", wait=False)
+                n += 1
+                await asyncio.sleep(0.02)
 
-    following = trickling = None
-    try:
-        for i in range(20):
-            await _send(producer, settings.knowledge_topic, a, f"a-{i}")
-        trickling = asyncio.create_task(trickle())
-        await asyncio.sleep(0.3)  # the trickle is under way when the assistant starts
-        following = asyncio.create_task(follower.run())
-        await asyncio.wait_for(follower.ready.wait(), 20)
-        # Ready means the start-up read is indexed (and so in the documents hash).
-        assert await redis.hlen(hv.documents_key(a)) == 20
-    finally:
-        stop.set()
-        for task in (trickling, following):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        await producer.stop()
-        await redis.aclose()
+        following = trickling = None
+        try:
+            for i in range(20):
+                await _send(producer, settings.knowledge_topic, a, f"a-{i}")
+            trickling = asyncio.create_task(trickle())
+            await asyncio.sleep(0.3)  # the trickle is under way when the assistant starts
+            following = asyncio.create_task(follower.run())
+            await asyncio.wait_for(follower.ready.wait(), 20)
+            # Ready means the start-up read is indexed (and so in the documents hash).
+            assert await redis.hlen(hv.documents_key(a)) == 20
+        finally:
+            stop.set()
+            await cancel_quietly(trickling, following)

@@ -24,11 +24,11 @@ from switchboard.v1 import knowledge_pb2
 from schemas import hotview as hv
 from services.ingress._knowledge import KnowledgeService, failed_documents_key, record_key, upserted
 from services.ingress._validation import RequestRejected
-from services.kafka_topics import ensure_topics
 from services.settings import Settings
 from streams.assistant._worker import KnowledgeFollower
 from streams.knowledge import Document, KnowledgeBase
 from tests.conftest import eventually
+from tests.integration.knowledge_rig import cancel_quietly, knowledge_topic
 
 pytestmark = pytest.mark.integration
 
@@ -71,27 +71,18 @@ async def following(
     knowledge: KnowledgeBase,
     produce_first: list[tuple[str, str]] = (),  # type: ignore[assignment]
 ) -> AsyncIterator[tuple[KnowledgeFollower, AIOKafkaProducer, aioredis.Redis, Settings, str]]:
-    settings = local_stack.model_copy(update={"knowledge_topic": f"knowledge-{uuid.uuid4().hex[:8]}"})
-    await ensure_topics(settings)
     tenant = f"kf{uuid.uuid4().hex[:8]}"
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    redis = aioredis.Redis.from_url(settings.redis_url)
-    follower = KnowledgeFollower(settings, knowledge, redis, retry_delay_s=0.05, report_after=3)
-    task = None
-    try:
-        for document_id, body in produce_first:
-            await _send(producer, settings.knowledge_topic, tenant, document_id, body)
-        task = asyncio.create_task(follower.run())
-        await asyncio.wait_for(follower.ready.wait(), 30)
-        yield follower, producer, redis, settings, tenant
-    finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await producer.stop()
-        await redis.aclose()
+    async with knowledge_topic(local_stack) as (settings, producer, redis):
+        follower = KnowledgeFollower(settings, knowledge, redis, retry_delay_s=0.05, report_after=3)
+        task = None
+        try:
+            for document_id, body in produce_first:
+                await _send(producer, settings.knowledge_topic, tenant, document_id, body)
+            task = asyncio.create_task(follower.run())
+            await asyncio.wait_for(follower.ready.wait(), 30)
+            yield follower, producer, redis, settings, tenant
+        finally:
+            await cancel_quietly(task)
 
 
 async def _keys(redis: aioredis.Redis, key: str) -> set[str]:
