@@ -464,12 +464,13 @@ class IngressServer:
         await self.redis.ping()
         await self.producer.start()
         await self.auth.start()
+        # Writes to conversations erased by `switchboard tenant erase` are refused (_writes.py);
+        # before the server takes calls, or the first ones would not be checked at all.
+        self.service.writes.follow_erasures()
         await self.server.start()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._readiness = asyncio.ensure_future(self._follow_readiness())
         self._sweeping = asyncio.ensure_future(self.idle.run())
-        # Writes to conversations erased by `switchboard tenant erase` are refused (_writes.py).
-        self.service.writes.follow_erasures()
         log.info("ingress listening for %s on %s", SERVICE_NAME, self.settings.grpc_listen)
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
