@@ -30,19 +30,6 @@ from services.settings import PROJECT_ROOT, Settings
 
 T = TypeVar("T")
 
-
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
-    """Async tests, and the servers they run in-process, on the loop production runs
-    (services/eventloop.py: uvloop unless SWITCHBOARD_EVENT_LOOP=asyncio)."""
-    from services import eventloop
-
-    if eventloop.loop_name() == "uvloop":
-        import uvloop
-
-        return {"uvloop": uvloop.new_event_loop}
-    return {"asyncio": asyncio.new_event_loop}
-
-
 # Another checkout's suite (or a helper's) can run beside this one with its own ports:
 # SWITCHBOARD_TEST_PORT_OFFSET=100 moves every port below up by 100.
 _PORT_OFFSET = int(os.environ.get("SWITCHBOARD_TEST_PORT_OFFSET", "0"))

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 
 import pytest
-
-from services import eventloop
 
 PROBE = (
     "import asyncio\n"
@@ -49,9 +46,3 @@ def test_freeze_heap_moves_what_start_up_made_out_of_the_collectors_reach() -> N
     frozen, left_in_oldest = int(out[0]), int(out[1])
     assert frozen > 50_000
     assert left_in_oldest < 1_000  # a full collection no longer walks them
-
-
-async def test_async_tests_run_on_the_production_loop() -> None:
-    # tests/conftest.py's loop factory: in-process servers in tests run on what production runs.
-    expected = eventloop.loop_name()
-    assert type(asyncio.get_running_loop()).__module__.split(".")[0] == expected
