@@ -206,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from services import eventloop
+    from services.observability.logs import quiet_repeats
 
     eventloop.install()
+    quiet_repeats()
     return int(args.func(args) or 0)
 
 

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from services import eventloop
 from services.ingress._server import serve
 from services.ingress._supervisor import CHILD_ENV
+from services.observability.logs import quiet_repeats
 from services.settings import load_settings
 
 
@@ -31,6 +32,7 @@ def main() -> int:
     except ValidationError as exc:
         sys.exit(f"switchboard ingress: invalid configuration:\n{exc}")
     eventloop.install()
+    quiet_repeats()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
     return 0
