@@ -88,6 +88,13 @@ def pending_documents_key(tenant_id: str) -> str:
     return f"sb:{{{tenant_id}}}:documents:pending"
 
 
+def failed_documents_key(tenant_id: str) -> str:
+    """Hash of a tenant's documents whose latest version the assistant could not index (document
+    id -> JSON {"error", "attempts", "updated_at"}); the assistant keeps retrying them and removes
+    an entry once the document is indexed or deleted."""
+    return f"sb:{{{tenant_id}}}:documents:failed"
+
+
 def inflight_key(tenant_id: str, conversation_id: str) -> str:
     """Sorted set of the conversation's messages claimed but not yet settled (member: the
     attempt's marker and claim key; score: when it expires, Redis TIME in ms). A close waits

@@ -126,6 +126,14 @@ def is_outage(exc: BaseException) -> bool:
     return False
 
 
+def raise_if_cancelling(exc: Exception) -> None:
+    """For a loop that survives errors: a client library turned our cancellation into its own
+    error (aiokafka and redis-py do, mid-request), so stop, as asked, instead of going on."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
+
+
 @dataclass
 class ConsumerStats:
     batches: int = 0

@@ -52,7 +52,7 @@ from services.auth._model import Registry
 from services.ingress import _validation as v
 from services.ingress._writes import ConversationWrites
 from services.settings import Settings
-from streams._consumer import is_outage
+from streams._consumer import is_outage, raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-def _raise_if_cancelling(exc: Exception) -> None:
-    """A client library turned our cancellation into its own error (aiokafka and redis do,
-    mid-request): stop, as asked, instead of going on."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError from exc
 
 
 def lock_key(tenant_id: str) -> str:
@@ -176,7 +168,7 @@ class IdleSweeper:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                _raise_if_cancelling(exc)
+                raise_if_cancelling(exc)
                 log.warning("idle close: the sweep failed (%r); trying again in %.0fs", exc, interval)
             await asyncio.sleep(interval)
 
@@ -252,7 +244,7 @@ class IdleSweeper:
                 except Exception as exc:
                     # Each tenant on its own: one whose sweep fails every time (a corrupt state,
                     # a key of the wrong type) used to end every round before the tenants after it.
-                    _raise_if_cancelling(exc)
+                    raise_if_cancelling(exc)
                     if is_outage(exc):
                         raise  # Redis or Kafka away is nobody's tenant: the round ends, `run` retries
                     self._tenant_failed(tenant_id, exc)

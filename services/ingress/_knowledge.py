@@ -171,13 +171,6 @@ def check_page(req: knowledge_pb2.ListDocumentsRequest, allowed_tenants: frozens
     return req.page_size or DEFAULT_PAGE
 
 
-def failed_documents_key(tenant_id: str) -> str:
-    """Hash of a tenant's documents whose latest version the assistant could not index (document
-    id -> JSON {"error", "attempts", "updated_at"}); the assistant keeps retrying them and removes
-    an entry once the document is indexed or deleted."""
-    return f"sb:{{{tenant_id}}}:documents:failed"
-
-
 def record_key(tenant_id: str, document_id: str) -> bytes:
     return f"{tenant_id}/{document_id}".encode()
 
@@ -381,7 +374,7 @@ class KnowledgeService:
         keys = [
             hv.documents_key(req.tenant_id),
             hv.pending_documents_key(req.tenant_id),
-            failed_documents_key(req.tenant_id),
+            hv.failed_documents_key(req.tenant_id),
         ]
         ok, would_have, *added = await self._redis.eval(
             _RESERVE_DOCUMENTS, len(keys), *keys, quota, PENDING_DOCUMENT_TTL_S * 1000, *ids
@@ -409,7 +402,7 @@ class KnowledgeService:
         check_document_id(req.document_id)
         raw: Any = await self._redis.hget(hv.documents_key(req.tenant_id), req.document_id)
         if raw is None:
-            failure: Any = await self._redis.hget(failed_documents_key(req.tenant_id), req.document_id)
+            failure: Any = await self._redis.hget(hv.failed_documents_key(req.tenant_id), req.document_id)
             if failure is not None:
                 raise v.RequestRejected(grpc.StatusCode.FAILED_PRECONDITION, not_indexed(req, failure))
             raise v.RequestRejected(

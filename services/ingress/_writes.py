@@ -199,13 +199,13 @@ class ConversationWrites:
         refused before the registry is read), and a tenant erased whole (looked up again)."""
         registry = self._registry
         for conversation in [
-            c for c in registry if c[1] in erasures.conversations.get(c[0], ()) or c[0] in erasures.tenants
+            c for c in registry if erasures.conversation_erased(*c) or c[0] in erasures.tenants
         ]:
             del registry[conversation]
 
-    async def _erased(self) -> dict[str, set[str]] | None:
-        """Erased conversations per tenant (None: erasures not followed). Until the registry was
-        read once, waits for it (bounded: UNAVAILABLE), so none is written while it is unknown."""
+    async def _erased(self) -> Erasures | None:
+        """The erasure registry (None: erasures not followed). Until it was read once, waits for
+        it (bounded: UNAVAILABLE), so nothing is written while it is unknown."""
         follower = self._erasures
         if follower is None:
             return None
@@ -214,12 +214,13 @@ class ConversationWrites:
                 await follower.start()
             except ErasuresUnavailable as exc:
                 raise unavailable(f"{exc}; retry") from exc
-        return follower.erasures.conversations
+        return follower.erasures
 
     async def refuse_if_erased(self, tenant_id: str, conversation_id: str) -> None:
-        """FAILED_PRECONDITION for a conversation erased by `switchboard tenant erase`."""
+        """FAILED_PRECONDITION for a conversation erased by `switchboard tenant erase` (checked
+        before the hot view: `tenant erase` purges that only after it recorded the erasure)."""
         erased = await self._erased()
-        if erased and conversation_id in erased.get(tenant_id, ()):
+        if erased is not None and erased.conversation_erased(tenant_id, conversation_id):
             raise _erased_conversation(conversation_id)
 
     def _remember(self, conversation: Conversation, *, closed: bool) -> None:
@@ -229,11 +230,9 @@ class ConversationWrites:
         registry[conversation] = closed
 
     async def _absent(self, tenant_id: str, conversation_id: str) -> v.RequestRejected:
-        """Why a conversation the hot view does not have is refused: erased; NOT_FOUND only once
-        the hot view is complete; while it is rebuilt, the conversation may exist (UNAVAILABLE)."""
-        erased = await self._erased()
-        if erased and conversation_id in erased.get(tenant_id, ()):
-            return _erased_conversation(conversation_id)
+        """Why a conversation the hot view does not have is refused (its callers checked
+        refuse_if_erased first): NOT_FOUND only once the hot view is complete; while it is
+        rebuilt, the conversation may exist (UNAVAILABLE)."""
         if await self._hot.is_ready(self._settings.topic_partitions):
             return _not_found(tenant_id, conversation_id)
         return unknown_while_rebuilding(tenant_id, conversation_id)
@@ -402,7 +401,7 @@ class ConversationWrites:
         first: dict[ClaimKey, int] = {}
         writers = []
         for i, req in valid:
-            if erased and req.conversation_id in erased.get(req.tenant_id, ()):
+            if erased is not None and erased.conversation_erased(req.tenant_id, req.conversation_id):
                 results[i] = _erased_conversation(req.conversation_id)
             elif (req.tenant_id, req.conversation_id) not in registry:
                 results[i] = (
@@ -700,7 +699,6 @@ class ConversationWrites:
         v.check_conversation_id(req.conversation_id)
         v.check_score(req.score)
         v.check_short_text(req.comment, "comment", v.MAX_CSAT_COMMENT)
-        # Before the hot view: `tenant erase` purges it only after it recorded the erasure.
         await self.refuse_if_erased(req.tenant_id, req.conversation_id)
         if await self._hot.lookup(req.tenant_id, req.conversation_id) is None:
             raise await self._absent(req.tenant_id, req.conversation_id)
@@ -815,7 +813,6 @@ class ConversationWrites:
         v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
         v.check_conversation_id(req.conversation_id)
         v.check_short_text(req.resolution, "resolution", v.MAX_RESOLUTION)
-        # Before the hot view: `tenant erase` purges it only after it recorded the erasure.
         await self.refuse_if_erased(req.tenant_id, req.conversation_id)
         reg = await self._hot.lookup(req.tenant_id, req.conversation_id)
         if reg is None:

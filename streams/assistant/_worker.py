@@ -44,7 +44,6 @@ from schemas.events import (
     event_type,
     now_timestamp,
 )
-from services.ingress._knowledge import failed_documents_key
 from services.settings import Settings
 from streams._consumer import (
     BatchConsumer,
@@ -787,7 +786,7 @@ class KnowledgeFollower:
                 )
             except Exception as exc:
                 failure = exc
-        documents, failed = hv.documents_key(tenant), failed_documents_key(tenant)
+        documents, failed = hv.documents_key(tenant), hv.failed_documents_key(tenant)
         writes: list[tuple[str, str, bytes | None]] = []
         done = {(tenant, document_id) for document_id in deletes}
         for document_id in deletes:
@@ -855,7 +854,7 @@ class KnowledgeFollower:
                 )
             done.add(key)
             report = json.dumps({"error": error, "attempts": attempts}).encode()
-            reports.append((failed_documents_key(tenant), document_id, report))
+            reports.append((hv.failed_documents_key(tenant), document_id, report))
         return reports
 
     async def _write(self, writes: list[tuple[str, str, bytes | None]]) -> None:

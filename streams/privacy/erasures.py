@@ -31,7 +31,7 @@ from schemas.events import (
     event_headers,
 )
 from services.settings import Settings
-from streams._consumer import Record
+from streams._consumer import Record, raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,12 @@ class Erasures:
     def __bool__(self) -> bool:
         return bool(self.conversations or self.tenants)
 
+    def conversation_erased(self, tenant: str, conversation: str) -> bool:
+        """Erased by name (`tenant erase --customer`); a tenant erased whole names none."""
+        return conversation in self.conversations.get(tenant, ())
+
     def erased(self, tenant: str, conversation: str, occurred_ns: int) -> bool:
-        if conversation in self.conversations.get(tenant, ()):
+        if self.conversation_erased(tenant, conversation):
             return True
         before = self.tenants.get(tenant)
         return before is not None and occurred_ns < before
@@ -300,10 +304,7 @@ class ErasureFollower:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the client reconnects by itself; keep what we have
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        # aiokafka turned our cancellation into its own error: stop, as asked.
-                        raise asyncio.CancelledError from exc
+                    raise_if_cancelling(exc)
                     self._last_error = exc
                     log.warning(
                         "privacy topic: read failed (%r); erasures as of the last record apply; "

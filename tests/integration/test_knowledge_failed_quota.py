@@ -13,7 +13,7 @@ import pytest
 from switchboard.v1 import knowledge_pb2
 
 from schemas import hotview as hv
-from services.ingress._knowledge import KnowledgeService, failed_documents_key
+from services.ingress._knowledge import KnowledgeService
 from services.ingress._validation import RequestRejected
 from services.settings import Settings
 from tests.conftest import eventually
@@ -40,7 +40,7 @@ async def test_a_document_reported_failed_counts_against_the_quota(local_stack: 
             for document_id, body in (("good", "Refunds take 5 days."), ("bad", f"Returns {POISON}")):
                 await service.upsert_documents(_upsert(tenant, document_id, body))
             await eventually(
-                lambda: _keys(redis, failed_documents_key(tenant)),
+                lambda: _keys(redis, hv.failed_documents_key(tenant)),
                 lambda failed: failed == {"bad"},
                 within_s=30,
                 what="the poison document reported failed",
@@ -59,5 +59,5 @@ async def test_a_document_reported_failed_counts_against_the_quota(local_stack: 
         finally:
             await service.close()
             await redis.delete(
-                hv.documents_key(tenant), hv.pending_documents_key(tenant), failed_documents_key(tenant)
+                hv.documents_key(tenant), hv.pending_documents_key(tenant), hv.failed_documents_key(tenant)
             )

@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaProducer
 from switchboard.v1 import knowledge_pb2
 
 from schemas import hotview as hv
-from services.ingress._knowledge import KnowledgeService, failed_documents_key, record_key, upserted
+from services.ingress._knowledge import KnowledgeService, record_key, upserted
 from services.ingress._validation import RequestRejected
 from services.settings import Settings
 from streams.assistant._worker import KnowledgeFollower
@@ -130,7 +130,7 @@ async def test_a_poison_document_does_not_block_the_others_and_is_reported(local
 
         async def state() -> tuple[set[str], set[str], set[str]]:
             indexed = {d.document_id for d in knowledge.index(tenant).documents()}
-            failed = await _keys(redis, failed_documents_key(tenant))
+            failed = await _keys(redis, hv.failed_documents_key(tenant))
             return indexed, await _listed(redis, tenant), failed
 
         indexed, listed, _ = await eventually(
@@ -138,7 +138,7 @@ async def test_a_poison_document_does_not_block_the_others_and_is_reported(local
         )
         assert indexed == listed == {"good-1", "good-2"}
         assert follower.failed == 1
-        raw = await redis.hget(failed_documents_key(tenant), "bad")
+        raw = await redis.hget(hv.failed_documents_key(tenant), "bad")
         assert raw is not None
         report = json.loads(raw)
         assert "cannot tokenize document bad" in report["error"] and report["attempts"] >= 3
