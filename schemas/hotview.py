@@ -90,7 +90,7 @@ def pending_documents_key(tenant_id: str) -> str:
 
 def failed_documents_key(tenant_id: str) -> str:
     """Hash of a tenant's documents whose latest version the assistant could not index (document
-    id -> JSON {"error", "attempts", "updated_at"}); the assistant keeps retrying them and removes
+    id -> JSON {"error", "attempts"}); the assistant keeps retrying them and removes
     an entry once the document is indexed or deleted."""
     return f"sb:{{{tenant_id}}}:documents:failed"
 
