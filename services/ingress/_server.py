@@ -367,8 +367,9 @@ def _handlers(servicer: ChatServicer, settings: Settings) -> grpc.GenericRpcHand
 class ReadinessHealth(health.aio.HealthServicer):
     """Check answers from the hot view's readiness at the time of the call, not from the last poll:
     with N ingress processes behind one port, a new connection may reach any of them, and all must
-    give the same answer (the readiness is one fact, in Redis). Watch follows the polled status;
-    a draining process says NOT_SERVING."""
+    give the same answer (the readiness is one fact, in Redis). A process that has not read the
+    erasure registry yet says NOT_SERVING too (IngressServer._serving). Watch follows the polled
+    status; a draining process says NOT_SERVING."""
 
     def __init__(self, ready: Callable[[], Awaitable[bool]]) -> None:
         super().__init__()
@@ -423,7 +424,7 @@ class IngressServer:
             lambda: self.hot.is_ready(settings.topic_partitions),
         )
         self._sweeping: asyncio.Task[None] | None = None
-        self.health = ReadinessHealth(lambda: self.hot.is_ready(settings.topic_partitions))
+        self.health = ReadinessHealth(self._serving)
         # API keys and tenants (services/auth): checked per call by its interceptor.
         self.auth = IngressAuth(settings)
         self.server = grpc.aio.server(
@@ -473,17 +474,24 @@ class IngressServer:
         self._sweeping = asyncio.ensure_future(self.idle.run())
         log.info("ingress listening for %s on %s", SERVICE_NAME, self.settings.grpc_listen)
 
+    async def _serving(self) -> bool:
+        """Whether writes can be taken: the hot view is complete and the erasure registry was
+        read once (until then every write waits for it, up to produce_timeout_s, and is refused
+        UNAVAILABLE: a load balancer should send it elsewhere)."""
+        return self.service.writes.erasures_ready and await self.hot.is_ready(self.settings.topic_partitions)
+
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
 
     async def _follow_readiness(self) -> None:
-        """SERVING only while the hot view is complete (the write gate itself is checked in Redis
-        with every claim; this tells load balancers and `make run`)."""
+        """SERVING only while the hot view is complete and the erasure registry was read (the
+        write gates themselves are checked with every write; this tells load balancers and
+        `make run`)."""
         serving: bool | None = None
         while True:
             try:
-                ready = await self.hot.is_ready(self.settings.topic_partitions)
+                ready = await self._serving()
             except Exception as exc:
                 log.warning("readiness check failed: %r", exc)
                 ready = False
@@ -494,11 +502,13 @@ class IngressServer:
                     if ready
                     else health_pb2.HealthCheckResponse.NOT_SERVING
                 )
-                log.info(
-                    "ingress %s",
-                    "serving" if ready else "NOT serving: the hot view is incomplete (being rebuilt)",
-                )
+                log.info("ingress %s", "serving" if ready else f"NOT serving: {self._not_serving_why()}")
             await asyncio.sleep(READINESS_POLL_S)
+
+    def _not_serving_why(self) -> str:
+        if not self.service.writes.erasures_ready:
+            return f"the erasure registry (topic {self.settings.privacy_topic}) is not read yet"
+        return "the hot view is incomplete (being rebuilt)"
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain: report NOT_SERVING, finish in-flight calls (up to `grace`), flush the producer."""

@@ -190,6 +190,13 @@ class ConversationWrites:
             )
         self._erasures.begin()
 
+    @property
+    def erasures_ready(self) -> bool:
+        """Whether writes are checked against erasures without waiting: the registry was read
+        once (or erasures are not followed). Until then every write waits for it, up to
+        produce_timeout_s, and is refused UNAVAILABLE: the server's health says NOT_SERVING."""
+        return self._erasures is None or self._erasures.ready
+
     async def stop_erasures(self) -> None:
         if self._erasures is not None:
             await self._erasures.stop()
