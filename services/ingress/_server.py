@@ -44,6 +44,12 @@ SERVICE_NAMES = (SERVICE_NAME, KNOWLEDGE_SERVICE_NAME, AGENT_SERVICE_NAME)
 STREAM_BATCH = 256
 # Batches of one stream in flight at once; responses still leave in request order.
 STREAM_PIPELINE = 8
+# Of those, how many may be being admitted (claimed in Redis and handed to the producer) at once.
+# While one is, the requests read meanwhile wait and leave together as the next batch (group
+# commit, as MessageBatcher does for unary calls): a lone message is never delayed, and under load
+# batches grow instead of each message paying its own round trips (grpc.aio hands the handler one
+# request per loop iteration, so taking only what was already read made batches of one).
+STREAM_ADMITTING = 1
 # How often the health status follows the hot view's readiness.
 READINESS_POLL_S = 0.5
 # How long stop() waits for its background tasks to end once cancelled.
@@ -79,6 +85,17 @@ def _error_response(req: Any, rejection: v.RequestRejected) -> chat_pb2.SendMess
         response.client_message_id = req.client_message_id
         response.conversation_id = req.conversation_id
     return response
+
+
+def _once(action: Callable[[], object]) -> Callable[..., None]:
+    """`action`, run by the first call only (whatever its arguments: also a done callback)."""
+    pending = [action]
+
+    def run(*_: object) -> None:
+        if pending:
+            pending.pop()()
+
+    return run
 
 
 def _checked(req: Any) -> Any:
@@ -133,11 +150,13 @@ class ChatServicer:
 
         async def batch() -> None:
             order: WriteOrder | None = None
+            admitting = asyncio.Semaphore(STREAM_ADMITTING)
             finished = False
             while not finished:
                 first = await incoming.get()
                 if first is done:
                     break
+                await admitting.acquire()
                 items = [first]
                 while len(items) < STREAM_BATCH and not incoming.empty():
                     item = incoming.get_nowait()
@@ -146,7 +165,12 @@ class ChatServicer:
                         break
                     items.append(item)
                 order = WriteOrder(order)
-                task = asyncio.ensure_future(self._service.accept_messages(items, traceparent, order))
+                admitted = _once(admitting.release)
+                task = asyncio.ensure_future(
+                    self._service.accept_messages(items, traceparent, order, on_admitted=admitted)
+                )
+                # Also when the batch failed before it was admitted.
+                task.add_done_callback(admitted)
                 await batches.put((items, task))
             await batches.put(None)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 import redis.asyncio as aioredis
@@ -42,8 +42,9 @@ class ChatService:
         requests: Sequence[chat_pb2.SendMessageRequest | v.MalformedRequest],
         traceparents: Sequence[str] | str = "",
         order: WriteOrder | None = None,
+        on_admitted: Callable[[], None] | None = None,
     ) -> list[Outcome]:
-        return await self.writes.accept_messages(requests, traceparents, order)
+        return await self.writes.accept_messages(requests, traceparents, order, on_admitted)
 
     async def close_conversation(
         self, req: chat_pb2.CloseConversationRequest, traceparent: str = ""

@@ -12,7 +12,7 @@ import pytest
 from switchboard.v1 import chat_pb2
 
 from services.ingress._server import ChatServicer
-from tests.unit.test_ingress_write_path import A, T, make, msg
+from tests.unit.test_ingress_write_path import A, T, make, msg, until
 
 
 class FakeContext:
@@ -63,3 +63,34 @@ async def test_refused_messages_echo_their_ids() -> None:
     ]
     assert all(r.error_message for r in responses)
     assert T
+
+
+async def test_requests_read_while_a_batch_is_admitted_leave_together() -> None:
+    """Group commit: while one batch of a stream is being claimed, what the stream reads meanwhile
+    waits and is claimed as one batch (one round trip), not one batch per request."""
+    service, hot, _ = make()
+    servicer = ChatServicer(service)
+    hot.hold_claims["m0"] = asyncio.Event()
+    batches: list[list[str]] = []
+    claim_many = hot.claim_many
+
+    async def recording(keys: Any, *args: Any, **kwargs: Any) -> Any:
+        batches.append([k[2] for k in keys])
+        return await claim_many(keys, *args, **kwargs)
+
+    hot.claim_many = recording  # type: ignore[method-assign]
+    sent = [f"m{i}" for i in range(6)]
+
+    async def requests() -> AsyncIterator[chat_pb2.SendMessageRequest]:
+        yield msg(sent[0])
+        await until(lambda: "m0" in hot.claiming, "the first batch claiming")
+        for cmid in sent[1:]:
+            yield msg(cmid)
+            await asyncio.sleep(0)  # grpc.aio hands the handler one request per loop iteration
+        for _ in range(50):  # every chance for the rest to leave on their own
+            await asyncio.sleep(0)
+        hot.hold_claims["m0"].set()
+
+    responses = [r async for r in servicer.SendMessages(requests(), FakeContext())]
+    assert [(r.client_message_id, r.error_code) for r in responses] == [(m, 0) for m in sent]
+    assert batches == [["m0"], sent[1:]]
