@@ -86,6 +86,10 @@ class ArchiverProcessor:
         self.last_manifest: Manifest | None = None
 
     async def on_assigned(self, partitions: set[int], consumer: PartitionControl) -> None:
+        # The erasure registry's read begins with the consumer (as the sessions worker's does),
+        # so the first segment seldom waits for it; _close still waits for it, bounded.
+        if self._erasures is not None:
+            self._erasures.begin()
         self._control = consumer
         delay = 0.2
         pending = set(partitions)

@@ -118,7 +118,10 @@ class AssistantProcessor:
         self.decided = 0
 
     async def on_assigned(self, partitions: set[int], consumer: PartitionControl) -> None:
-        return None
+        # The erasure registry's read begins with the consumer (as the sessions worker's does),
+        # so the first batch seldom waits for it; process() still waits for it, bounded.
+        if self._erasures is not None:
+            self._erasures.begin()
 
     async def on_revoked(self, partitions: set[int]) -> None:
         self._conversations.clear()

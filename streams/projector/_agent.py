@@ -96,9 +96,12 @@ class ProjectorProcessor:
         self._erasures = erasures
 
     async def on_assigned(self, partitions: set[int], consumer: PartitionControl) -> None:
+        # The erasure registry's read begins with the consumer (as the sessions worker's does),
+        # so the first batch seldom waits for it; process() still waits for it, bounded.
+        if self._erasures is not None:
+            self._erasures.begin()
         # Kafka's committed offsets are the projector's position: ClickHouse deduplicates anything
         # applied again after them.
-        return None
 
     async def on_revoked(self, partitions: set[int]) -> None:
         return None
