@@ -53,7 +53,7 @@ from services.ingress._hotview import (
 from services.ingress._producer import Ack, EventProducer, Unavailable, unavailable
 from services.ingress._quotas import Quotas, too_many_open
 from services.settings import Settings
-from streams.privacy.erasures import ErasureFollower, Erasures, ErasuresUnavailable
+from streams.privacy.erasures import ErasureChange, ErasureFollower, Erasures, ErasuresUnavailable
 from streams.sessions import STATUS_CLOSED, ConversationState
 
 log = logging.getLogger(__name__)
@@ -201,14 +201,17 @@ class ConversationWrites:
         if self._erasures is not None:
             await self._erasures.stop()
 
-    def _forget_erased(self, erasures: Erasures) -> None:
-        """The registry drops what an erasure purged from the hot view: erased conversations (also
-        refused before the registry is read), and a tenant erased whole (looked up again)."""
+    def _forget_erased(self, change: ErasureChange) -> None:
+        """The registry drops what an erasure purged from the hot view: the conversations it
+        erased (refused from now on anyway), and those of a tenant erased whole (looked up again).
+        Handed only what changed: a conversation erasure costs a lookup per conversation, not a
+        scan of the registry; a whole-tenant erasure (rare) scans it once."""
         registry = self._registry
-        for conversation in [
-            c for c in registry if erasures.conversation_erased(*c) or c[0] in erasures.tenants
-        ]:
-            del registry[conversation]
+        for conversation in change.conversations:
+            registry.pop(conversation, None)
+        if change.tenants:
+            for conversation in [c for c in registry if c[0] in change.tenants]:
+                del registry[conversation]
 
     async def _erased(self) -> Erasures | None:
         """The erasure registry (None: erasures not followed). Until it was read once, waits for

@@ -58,6 +58,22 @@ def _ns(event: Event) -> int:
     return event.occurred_at.seconds * 1_000_000_000 + event.occurred_at.nanos
 
 
+@dataclass(frozen=True)
+class ErasureChange:
+    """What applying erasures added to an `Erasures` registry (what a follower's `on_change` is
+    handed): conversations newly erased by name, and tenants newly erased whole (or up to a
+    later instant than before)."""
+
+    conversations: frozenset[tuple[str, str]] = frozenset()  # (tenant, conversation)
+    tenants: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.conversations or self.tenants)
+
+    def __or__(self, other: ErasureChange) -> ErasureChange:
+        return ErasureChange(self.conversations | other.conversations, self.tenants | other.tenants)
+
+
 @dataclass
 class Erasures:
     """Erased conversations per tenant, and tenants erased whole up to an instant. Pure."""
@@ -67,18 +83,25 @@ class Erasures:
     tenants: dict[str, int] = field(default_factory=dict)
     applied: int = 0
 
-    def apply(self, event: Event) -> None:
-        """Fold one `CustomerErased` event (other payloads are ignored)."""
+    def apply(self, event: Event) -> ErasureChange:
+        """Fold one `CustomerErased` event (other payloads are ignored); returns what it added."""
         if event.WhichOneof("payload") != "customer_erased":
-            return
+            return ErasureChange()
         erased = event.customer_erased
         tenant = event.tenant_id
+        tenants: frozenset[str] = frozenset()
         if erased.whole_tenant:
             before = erased.erased_before.seconds * 1_000_000_000 + erased.erased_before.nanos
-            self.tenants[tenant] = max(self.tenants.get(tenant, 0), before)
+            if before > self.tenants.get(tenant, -1):
+                self.tenants[tenant] = before
+                tenants = frozenset((tenant,))
+        conversations: frozenset[tuple[str, str]] = frozenset()
         if erased.conversation_ids:
-            self.conversations.setdefault(tenant, set()).update(erased.conversation_ids)
+            known = self.conversations.setdefault(tenant, set())
+            conversations = frozenset((tenant, c) for c in erased.conversation_ids if c not in known)
+            known.update(erased.conversation_ids)
         self.applied += 1
+        return ErasureChange(conversations, tenants)
 
     def __bool__(self) -> bool:
         return bool(self.conversations or self.tenants)
@@ -172,7 +195,7 @@ class ErasureFollower:
     def __init__(
         self,
         settings: Settings,
-        on_change: Callable[[Erasures], None] | None = None,
+        on_change: Callable[[ErasureChange], None] | None = None,
         *,
         start_timeout_s: float = START_BOUND_S,
     ) -> None:
@@ -323,17 +346,17 @@ class ErasureFollower:
                     await asyncio.wait_for(consumer.stop(), STOP_BOUND_S)
 
     def _apply(self, batches: dict[TopicPartition, list[object]]) -> None:
-        applied = 0
+        change = ErasureChange()
         for records in batches.values():
             for msg in records:
                 event = erasure_event_of(getattr(msg, "value", None))
                 if event is None:
                     log.error("privacy topic: skipped offset %s: not an erasure", getattr(msg, "offset", "?"))
                     continue
-                self.erasures.apply(event)
-                applied += 1
-        if applied and self._on_change is not None:
-            self._on_change(self.erasures)
+                change |= self.erasures.apply(event)
+        # Only what changed: a follower's user (the ingress) need not look at the whole registry.
+        if change and self._on_change is not None:
+            self._on_change(change)
 
     async def stop(self) -> None:
         if self._task is not None:
