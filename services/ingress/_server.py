@@ -50,6 +50,10 @@ STREAM_PIPELINE = 8
 # batches grow instead of each message paying its own round trips (grpc.aio hands the handler one
 # request per loop iteration, so taking only what was already read made batches of one).
 STREAM_ADMITTING = 1
+# Messages of one stream taken but not answered yet. Beyond it the handler reads no more, so HTTP/2
+# flow control slows the client down, instead of its backlog becoming writes in flight (which
+# would crowd out other callers and meet the process's in-flight bound: RESOURCE_EXHAUSTED).
+STREAM_WINDOW = 2 * STREAM_BATCH
 # How often the health status follows the hot view's readiness.
 READINESS_POLL_S = 0.5
 # How long stop() waits for its background tasks to end once cancelled.
@@ -137,6 +141,8 @@ class ChatServicer:
         incoming: asyncio.Queue[Any] = asyncio.Queue(STREAM_BATCH * 2)
         done = object()
         broken: list[BaseException] = []
+        unanswered = 0
+        answered = asyncio.Event()
 
         async def read() -> None:
             try:
@@ -149,6 +155,7 @@ class ChatServicer:
                 await incoming.put(done)
 
         async def batch() -> None:
+            nonlocal unanswered
             order: WriteOrder | None = None
             admitting = asyncio.Semaphore(STREAM_ADMITTING)
             finished = False
@@ -156,14 +163,19 @@ class ChatServicer:
                 first = await incoming.get()
                 if first is done:
                     break
+                while unanswered >= STREAM_WINDOW:
+                    answered.clear()
+                    await answered.wait()
                 await admitting.acquire()
                 items = [first]
-                while len(items) < STREAM_BATCH and not incoming.empty():
+                room = min(STREAM_BATCH, STREAM_WINDOW - unanswered)
+                while len(items) < room and not incoming.empty():
                     item = incoming.get_nowait()
                     if item is done:
                         finished = True
                         break
                     items.append(item)
+                unanswered += len(items)
                 order = WriteOrder(order)
                 admitted = _once(admitting.release)
                 task = asyncio.ensure_future(
@@ -188,6 +200,8 @@ class ChatServicer:
                         yield _error_response(req, outcome)
                     else:
                         yield outcome
+                unanswered -= len(items)
+                answered.set()
             if broken:
                 await _abort(context, as_rejection(broken[0], "SendMessages (request stream)"))
         finally:

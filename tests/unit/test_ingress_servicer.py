@@ -11,8 +11,10 @@ import grpc
 import pytest
 from switchboard.v1 import chat_pb2
 
-from services.ingress._server import ChatServicer
-from tests.unit.test_ingress_write_path import A, T, make, msg, until
+from services.ingress._server import STREAM_WINDOW, ChatServicer
+from services.ingress._service import ChatService
+from services.settings import Settings
+from tests.unit.test_ingress_write_path import A, FakeHotView, FakeProducer, T, make, msg, until
 
 
 class FakeContext:
@@ -94,3 +96,38 @@ async def test_requests_read_while_a_batch_is_admitted_leave_together() -> None:
     responses = [r async for r in servicer.SendMessages(requests(), FakeContext())]
     assert [(r.client_message_id, r.error_code) for r in responses] == [(m, 0) for m in sent]
     assert batches == [["m0"], sent[1:]]
+
+
+async def test_a_stream_holds_at_most_its_window_of_unanswered_messages() -> None:
+    """A client writing faster than Kafka acknowledges is slowed by flow control (the handler stops
+    reading), not turned into thousands of writes in flight."""
+    settings = Settings(max_inflight_produce=100_000, produce_timeout_s=30, topic_partitions=1)
+    hot = FakeHotView()
+    producer = FakeProducer(settings)
+    producer.auto_ack = False
+    servicer = ChatServicer(ChatService(settings, producer, hot))
+    sent = [f"m{i}" for i in range(3 * STREAM_WINDOW)]
+    read: list[str] = []
+
+    async def requests() -> AsyncIterator[chat_pb2.SendMessageRequest]:
+        for cmid in sent:
+            read.append(cmid)
+            yield msg(cmid)
+
+    responses: list[chat_pb2.SendMessageResponse] = []
+
+    async def consume() -> None:
+        async for response in servicer.SendMessages(requests(), FakeContext()):
+            responses.append(response)
+
+    consumer = asyncio.ensure_future(consume())
+    await until(lambda: len(producer.order) >= STREAM_WINDOW, "a window's worth handed to Kafka")
+    for _ in range(200):  # every chance to take more
+        await asyncio.sleep(0)
+    assert len(producer.order) == STREAM_WINDOW
+    assert len(read) < len(sent)  # beyond the window and the read-ahead, the rest waits with the client
+    producer.auto_ack = True
+    for name in list(producer.deliveries):
+        producer.ack(name)
+    await asyncio.wait_for(consumer, 10)
+    assert [(r.client_message_id, r.error_code) for r in responses] == [(m, 0) for m in sent]
