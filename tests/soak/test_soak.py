@@ -210,7 +210,15 @@ async def test_soak_under_chaos_keeps_every_acknowledged_message_once_in_order(
             if cycle % 2 == 0:
                 poison_sources += await inject_poison(system, random.choice(conversations))
             recoveries.setdefault(victim, []).append(await restart(system, victim))
-            folded, projected = await probe_liveness(system, stub, tenant, probes, cycle)
+            try:
+                folded, projected = await probe_liveness(system, stub, tenant, probes, cycle)
+            except AssertionError as exc:
+                # CI keeps no data directory: what the processors were doing goes with the failure.
+                tails = "\n".join(
+                    f"--- {name} log, last lines ---\n{system.children[name].log_tail(80)}"
+                    for name in ("analytics", "sessions")
+                )
+                raise AssertionError(f"cycle {cycle}, after restarting {victim}: {exc}\n{tails}") from None
             liveness.append((victim, folded, projected))
     finally:
         load.stopping = True
