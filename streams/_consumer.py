@@ -14,7 +14,8 @@ stalled for minutes). The shape below is the one getsentry/arroyo uses:
   processor, partition and offset in its headers, and the partition moves on;
 - a revocation waits for the batch in hand, so two members never apply one partition at once;
 - stopping (SIGTERM) finishes the batch in hand; a stop during an outage exits without
-  committing, and the batch is delivered again on the next start.
+  committing, and the batch is delivered again on the next start;
+- a Kafka client that stopped fetching with records waiting is started again (`_stalled`).
 
 Processors are idempotent (they remember what they applied per partition/conversation), so a
 batch applied again after a crash or a rebalance changes nothing.
@@ -45,6 +46,14 @@ log = logging.getLogger(__name__)
 POISON_ATTEMPTS = 3
 RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
+# The stall watchdog (`BatchConsumer._stalled`): while polls return nothing, every this often it
+# asks whether an assigned partition has records past the consumer's position; a consumer that
+# returned none for STALL_BOUND_S although there were some is started again.
+STALL_CHECK_EVERY_S = 5.0
+STALL_BOUND_S = 30.0
+# Bound on each of the watchdog's requests: a Kafka that does not answer is an outage (the client
+# reconnects by itself), never a reason to start the consumer again.
+STALL_REQUEST_BOUND_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +152,8 @@ class ConsumerStats:
     # Per partition: the next offset to apply, and the log end seen at the last poll.
     position: dict[int, int] = field(default_factory=dict)
     last_poll_monotonic: float = 0.0
+    # Times the stall watchdog started the Kafka consumer again.
+    restarts: int = 0
 
 
 class _Control:
@@ -212,10 +223,22 @@ class BatchConsumer:
         self._in_hand = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.stats = ConsumerStats()
+        # The stall watchdog's clocks: records last returned (or nothing was there to return), and
+        # the last check.
+        self._progress_at = self._checked_at = time.monotonic()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self._start_consumer()
+        assert self._producer is None
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self._settings.kafka_bootstrap, acks="all", enable_idempotence=True
+        )
+        await _until_up("Kafka (dead-letter producer)", self._producer.start)
+        metrics.observe_consumer(self)
+
+    async def _start_consumer(self) -> None:
         s = self._settings
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap,
@@ -231,13 +254,9 @@ class BatchConsumer:
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         self._control = _Control(self._consumer, self._topic)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap, acks="all", enable_idempotence=True
-        )
         await _until_up("Kafka (consumer)", self._consumer.start)
-        await _until_up("Kafka (dead-letter producer)", self._producer.start)
         self._consumer.subscribe([self._topic], listener=_Rebalance(self))
-        metrics.observe_consumer(self)
+        self._progress_at = self._checked_at = time.monotonic()
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -253,9 +272,8 @@ class BatchConsumer:
     async def run(self) -> None:
         """Poll, process and commit until `stop()`."""
         assert self._consumer is not None and self._control is not None
-        consumer = self._consumer
         while not self._stopping.is_set():
-            fetched = await consumer.getmany(
+            fetched = await self._consumer.getmany(
                 timeout_ms=int(self._settings.batch_within_s * 1000) or 1, max_records=self._batch_size
             )
             self.stats.last_poll_monotonic = time.monotonic()
@@ -264,7 +282,10 @@ class BatchConsumer:
                 records = await self._linger(records)
             if not records:
                 await self._processor.idle(self._control)
+                if await self._stalled():
+                    await self._restart_consumer()
                 continue
+            self._progress_at = time.monotonic()
             async with self._in_hand:
                 # A revocation that came in between: drop what is no longer ours.
                 mine = self._control.assigned()
@@ -292,6 +313,75 @@ class BatchConsumer:
             self.stats.last_poll_monotonic = time.monotonic()
             records.extend(_records(fetched))
         return records
+
+    # --- the stall watchdog ------------------------------------------------------------------
+
+    async def _stalled(self) -> bool:
+        """Whether the Kafka consumer stopped returning records it has to return.
+
+        aiokafka fetches in a background task, and `getmany` only reads what that task buffered: if
+        the task ends (aio-libs/aiokafka#983: it swallows a cancellation and finishes without a
+        word), every poll returns nothing, forever, with records waiting. So: the fetch task ended,
+        or an assigned partition has had records past the position for STALL_BOUND_S while polls
+        returned none. Kafka not answering the check is an outage, not a stall."""
+        now = time.monotonic()
+        if now - self._checked_at < STALL_CHECK_EVERY_S:
+            return False
+        self._checked_at = now
+        assert self._consumer is not None
+        consumer = self._consumer
+        fetching = getattr(getattr(consumer, "_fetcher", None), "error_future", None)
+        if isinstance(fetching, asyncio.Future) and fetching.done():
+            log.error("%s: the Kafka consumer's fetch task has ended (%r)", self._processor.name, fetching)
+            return True
+        partitions = [tp for tp in consumer.assignment() if tp.topic == self._topic]
+        if not partitions:
+            self._progress_at = now
+            return False
+        try:
+            ends = await asyncio.wait_for(consumer.end_offsets(partitions), STALL_REQUEST_BOUND_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return False  # Kafka away or busy: an outage, and the client reconnects by itself
+        behind: list[str] = []
+        for tp in partitions:
+            try:
+                position = await asyncio.wait_for(consumer.position(tp), STALL_REQUEST_BOUND_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Kafka answered for the end offsets, but the position never resolves.
+                position = -1
+            if position < ends.get(tp, 0):
+                behind.append(f"{tp.partition}: at {position}, end {ends.get(tp)}")
+        if not behind:
+            self._progress_at = now
+            return False
+        if now - self._progress_at < STALL_BOUND_S:
+            return False
+        log.error(
+            "%s: no records returned for %.0fs while partitions have some (%s)",
+            self._processor.name,
+            now - self._progress_at,
+            "; ".join(behind),
+        )
+        return True
+
+    async def _restart_consumer(self) -> None:
+        """Stop the Kafka consumer and start a new one with the same group and static id: its
+        partitions go through revocation and assignment, as in a rebalance (the processor's own
+        bookkeeping says where to resume; nothing uncommitted was committed)."""
+        assert self._consumer is not None and self._control is not None
+        self.stats.restarts += 1
+        log.error(
+            "%s: starting the Kafka consumer again (restart %d)", self._processor.name, self.stats.restarts
+        )
+        await self._revoked(self._control.assigned())
+        old = self._consumer
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(old.stop(), STALL_REQUEST_BOUND_S * 2)
+        await self._start_consumer()
 
     # --- one batch ---------------------------------------------------------------------------
 

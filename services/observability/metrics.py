@@ -348,11 +348,17 @@ class _ConsumerCollector(Collector):
         failures = CounterMetricFamily(
             "switchboard_batch_failures", "Batch attempts that failed (retried)", labels=["processor"]
         )
+        restarts = CounterMetricFamily(
+            "switchboard_consumer_restarts",
+            "Kafka consumers started again by the stall watchdog (fetching had stopped with records waiting)",
+            labels=["processor"],
+        )
         for consumer in list(self._consumers):
             name = consumer._processor.name
             records.add_metric([name], consumer.stats.records)
             dead.add_metric([name], consumer.stats.dead_lettered)
             failures.add_metric([name], consumer.stats.failures)
+            restarts.add_metric([name], consumer.stats.restarts)
             for partition, (end, fetched) in _log_ends(consumer).items():
                 # The next offset to apply: after the last committed batch, else (nothing applied
                 # since the assignment) where the consumer fetches from.
@@ -361,7 +367,7 @@ class _ConsumerCollector(Collector):
                     lag.add_metric(
                         [consumer._group_id, consumer._topic, str(partition)], max(0, end - position)
                     )
-        yield from (lag, records, dead, failures)
+        yield from (lag, records, dead, failures, restarts)
 
 
 def _log_ends(consumer: BatchConsumer) -> dict[int, tuple[int, int | None]]:
