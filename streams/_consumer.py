@@ -330,9 +330,9 @@ class BatchConsumer:
         self._checked_at = now
         assert self._consumer is not None
         consumer = self._consumer
-        fetching = getattr(getattr(consumer, "_fetcher", None), "error_future", None)
-        if isinstance(fetching, asyncio.Future) and fetching.done():
-            log.error("%s: the Kafka consumer's fetch task has ended (%r)", self._processor.name, fetching)
+        ended = fetch_task_ended(consumer)
+        if ended is not None:
+            log.error("%s: the Kafka consumer's fetch task has ended (%r)", self._processor.name, ended)
             return True
         partitions = [tp for tp in consumer.assignment() if tp.topic == self._topic]
         if not partitions:
@@ -568,6 +568,16 @@ class BatchConsumer:
         assert self._control is not None
         log.info("%s: assigned partitions %s", self._processor.name, sorted(partitions))
         await self._processor.on_assigned(partitions, self._control)
+
+
+def fetch_task_ended(consumer: AIOKafkaConsumer) -> asyncio.Future[Any] | None:
+    """aiokafka's background fetch task, if it has ended while the consumer runs (then `getmany`
+    returns nothing, forever, and `position()` of a partition being reset never returns:
+    aio-libs/aiokafka#983). Reads a private attribute; None when it is not there."""
+    fetching = getattr(getattr(consumer, "_fetcher", None), "error_future", None)
+    if isinstance(fetching, asyncio.Future) and fetching.done():
+        return fetching
+    return None
 
 
 def _records(fetched: dict[Any, Any]) -> list[Record]:

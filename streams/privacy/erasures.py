@@ -31,7 +31,7 @@ from schemas.events import (
     event_headers,
 )
 from services.settings import Settings
-from streams._consumer import Record, raise_if_cancelling
+from streams._consumer import Record, fetch_task_ended, raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ START_BOUND_S = 10.0
 ONE_SHOT_BOUND_S = 120.0
 # How long stopping the follower waits for its consumer to close.
 STOP_BOUND_S = 5.0
+# How long one read of the topic to its end may take before the follower gives its consumer up
+# and starts a new one (aiokafka's `position()` never returns once its fetch task has ended).
+CATCH_UP_BOUND_S = 30.0
 # While the registry cannot be read, `start` says so at most this often: every write of an
 # ingress waits for it, and one warning per write refused was a flood under load.
 UNAVAILABLE_LOG_EVERY_S = 10.0
@@ -174,6 +177,10 @@ async def publish_erasure(settings: Settings, event: Event) -> tuple[int, int]:
         return meta.partition, meta.offset
     finally:
         await producer.stop()
+
+
+class FetchEnded(Exception):
+    """The follower's Kafka consumer stopped fetching (see `fetch_task_ended`)."""
 
 
 class ErasuresUnavailable(TimeoutError):
@@ -315,8 +322,11 @@ class ErasureFollower:
                                 await fresh.stop()
                             raise
                         consumer = self._consumer = fresh
+                    ended = fetch_task_ended(consumer)
+                    if ended is not None:
+                        raise FetchEnded(f"the consumer's fetch task has ended ({ended!r})")
                     if not self._assigned:
-                        if not await self._assign(consumer):
+                        if not await asyncio.wait_for(self._assign(consumer), CATCH_UP_BOUND_S):
                             self._ready("no topic yet: no erasures")
                             await asyncio.sleep(0.5)
                             continue
@@ -329,6 +339,14 @@ class ErasureFollower:
                 except Exception as exc:  # the client reconnects by itself; keep what we have
                     raise_if_cancelling(exc)
                     self._last_error = exc
+                    if consumer is not None and (not self._assigned or isinstance(exc, FetchEnded)):
+                        # A read to the end that failed, or a client that stopped fetching: start
+                        # over with a new consumer (what was applied stays; applying it again is
+                        # harmless).
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(consumer.stop(), STOP_BOUND_S)
+                        consumer = self._consumer = None
+                        self._assigned = False
                     log.warning(
                         "privacy topic: read failed (%r); erasures as of the last record apply; "
                         "retrying in %.1fs",
