@@ -226,6 +226,7 @@ class BatchConsumer:
         # The stall watchdog's clocks: records last returned (or nothing was there to return), and
         # the last check.
         self._progress_at = self._checked_at = time.monotonic()
+        self._poll_delay = RETRY_INITIAL_S
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -273,7 +274,7 @@ class BatchConsumer:
         """Poll, process and commit until `stop()`."""
         assert self._consumer is not None and self._control is not None
         while not self._stopping.is_set():
-            fetched = await self._consumer.getmany(
+            fetched = await self._poll(
                 timeout_ms=int(self._settings.batch_within_s * 1000) or 1, max_records=self._batch_size
             )
             self.stats.last_poll_monotonic = time.monotonic()
@@ -298,6 +299,30 @@ class BatchConsumer:
                         return
                     await self._commit(records)
 
+    async def _poll(self, *, timeout_ms: int, max_records: int) -> dict[Any, Any]:
+        """`getmany`, through the errors aiokafka hands up from group coordination.
+
+        After a broker restart its coordinator may answer a SyncGroup with GroupLoadInProgress,
+        which aiokafka raises from the next poll once it has asked to rejoin (seen in a soak: the
+        assistant process exited on it). Nothing was fetched, nothing is committed: poll again
+        after a pause (a lasting error, such as an authorization refused, is logged each time)."""
+        assert self._consumer is not None
+        try:
+            fetched = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            self._poll_delay = RETRY_INITIAL_S
+            return fetched
+        except KafkaError as exc:
+            self.stats.failures += 1
+            log.error(
+                "%s: polling Kafka failed (%r); polling again in %.1fs",
+                self._processor.name,
+                exc,
+                self._poll_delay,
+            )
+            await self._pause(self._poll_delay)
+            self._poll_delay = min(self._poll_delay * 2, RETRY_MAX_S)
+            return {}
+
     async def _linger(self, records: list[Record]) -> list[Record]:
         """Add what arrives within the linger time to a batch, until it is full. Records of one
         partition stay in offset order (each poll continues where the previous one stopped)."""
@@ -307,7 +332,7 @@ class BatchConsumer:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            fetched = await self._consumer.getmany(
+            fetched = await self._poll(
                 timeout_ms=max(1, int(left * 1000)), max_records=self._batch_size - len(records)
             )
             self.stats.last_poll_monotonic = time.monotonic()
