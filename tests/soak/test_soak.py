@@ -220,6 +220,11 @@ async def test_soak_under_chaos_keeps_every_acknowledged_message_once_in_order(
                 )
                 raise AssertionError(f"cycle {cycle}, after restarting {victim}: {exc}\n{tails}") from None
             liveness.append((victim, folded, projected))
+            # No process may have died of another's restart (nothing here restarts it).
+            dead = [name for name, child in system.children.items() if not child.alive]
+            assert not dead, f"cycle {cycle}, after restarting {victim}: exited: {dead}\n" + "\n".join(
+                f"--- {name} log, last lines ---\n{system.children[name].log_tail(60)}" for name in dead
+            )
     finally:
         load.stopping = True
         await asyncio.wait_for(asyncio.gather(*senders), 300)
