@@ -124,20 +124,63 @@ async def folded(redis: aioredis.Redis, tenant: str, conversations: list[str], m
 
 
 async def key_breakdown(
-    redis: aioredis.Redis, tenant: str, conversation: str, messages: int
-) -> dict[str, int]:
+    redis: aioredis.Redis, tenant: str, conversation: str, messages: int, n_conv: int
+) -> list[tuple[str, int, str]]:
+    """(what, bytes, encoding) of one conversation's keys, and its share of the tenant's sets."""
+
+    async def one(key: str) -> tuple[int, str]:
+        size = int(await redis.memory_usage(key, samples=0) or 0)
+        encoding = await redis.object("encoding", key)
+        return size, encoding.decode() if isinstance(encoding, bytes) else str(encoding)
+
     claims = 0
     for n in range(messages):
-        claims += int(await redis.memory_usage(hv.idempotency_key(tenant, conversation, f"m{n}-0")) or 0)
-    return {
-        "conversation hash (state JSON, registry fields)": int(
-            await redis.memory_usage(hv.conversation_key(tenant, conversation)) or 0
+        claims += (await one(hv.idempotency_key(tenant, conversation, f"m{n}-0")))[0]
+    start_claim, claim_encoding = await one(hv.idempotency_key(tenant, conversation, hv.START_CLAIM))
+    live = hv.live_stream_key(tenant, conversation)
+    entries: Any = await redis.xrange(live)
+    event_bytes = sum(len(fields[hv.S_EVENT.encode()]) for _, fields in entries) / max(1, len(entries))
+    rows = [
+        (
+            "conversation hash (state JSON, registry fields)",
+            *await one(hv.conversation_key(tenant, conversation)),
         ),
-        "live stream (one entry per event)": int(
-            await redis.memory_usage(hv.live_stream_key(tenant, conversation), samples=0) or 0
+        (
+            f"live stream ({len(entries)} entries, one per event; stored event {event_bytes:.0f} B on average)",
+            *await one(live),
         ),
-        f"idempotency claims ({messages})": claims,
+        (f"idempotency claims ({messages} messages and the start)", claims + start_claim, claim_encoding),
+    ]
+    for name, key in (
+        ("tenant's open conversations", hv.open_conversations_key(tenant)),
+        ("tenant's activity index", hv.activity_key(tenant)),
+    ):
+        size, encoding = await one(key)
+        rows.append((f"share of the {name} (1/{n_conv:,} of {size:,} B)", size // n_conv, encoding))
+    return rows
+
+
+async def freed_by_kind(
+    redis: aioredis.Redis, tenant: str, conversations: list[str], messages: int
+) -> dict[str, float]:
+    """Per conversation, what deleting each kind of its keys frees (Redis's own accounting)."""
+    kinds = {
+        "live stream": lambda i, c: [hv.live_stream_key(tenant, c)],
+        "conversation hash": lambda i, c: [hv.conversation_key(tenant, c)],
+        "idempotency claims (with their expiry entries)": lambda i, c: [
+            hv.idempotency_key(tenant, c, cmid)
+            for cmid in (hv.START_CLAIM, *(f"m{n}-{i}" for n in range(messages)))
+        ],
     }
+    freed: dict[str, float] = {}
+    for name, keys_of in kinds.items():
+        before = await used_memory(redis)
+        async with redis.pipeline(transaction=False) as pipe:
+            for i, c in enumerate(conversations):
+                pipe.delete(*keys_of(i, c))
+            await pipe.execute()
+        freed[name] = (before - await used_memory(redis)) / len(conversations)
+    return freed
 
 
 async def run(system: BenchSystem, n_conv: int, n_msg: int, n_streams: int) -> str:
@@ -167,7 +210,7 @@ async def run(system: BenchSystem, n_conv: int, n_msg: int, n_streams: int) -> s
         await asyncio.sleep(1)
     redis_after = await used_memory(redis)
     worker_after = await settle_rss(sessions_pid)
-    breakdown = await key_breakdown(redis, tenant, conversations[0], n_msg)
+    breakdown = await key_breakdown(redis, tenant, conversations[0], n_msg, n_conv)
     redis_per = (redis_after - redis_before) / n_conv
     worker_per = (worker_after - worker_before) / n_conv
 
@@ -221,6 +264,7 @@ async def run(system: BenchSystem, n_conv: int, n_msg: int, n_streams: int) -> s
     await asyncio.gather(*followers, return_exceptions=True)
     for c in channels:
         await c.close()
+    freed = await freed_by_kind(redis, tenant, conversations, n_msg)
     await redis.aclose()
 
     rows = [
@@ -233,7 +277,7 @@ async def run(system: BenchSystem, n_conv: int, n_msg: int, n_streams: int) -> s
         f"| 20k streams in ≤ 2 GB (≤ 100 KB each) |",
         f"| Redis connections per live stream | {(clients_after - clients_before) / n_streams:.2f} | |",
     ]
-    parts = [f"| {name} | {size:,} B |" for name, size in breakdown.items()]
+    parts = [f"| {name} | {size:,} B | {encoding} |" for name, size, encoding in breakdown]
     return "\n".join(
         [
             f"### Memory — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
@@ -246,10 +290,18 @@ async def run(system: BenchSystem, n_conv: int, n_msg: int, n_streams: int) -> s
             "",
             *rows,
             "",
+            "Redis per conversation by kind: `used_memory` freed when every conversation's keys of",
+            "that kind are deleted (at the end), / N. Exact, unlike `MEMORY USAGE`, which estimates",
+            "a stream's nodes:",
+            "",
+            "| kind | bytes per conversation |",
+            "|---|---:|",
+            *(f"| {name} | {size:,.0f} B |" for name, size in freed.items()),
+            "",
             "One conversation's keys (`MEMORY USAGE`):",
             "",
-            "| key | bytes |",
-            "|---|---:|",
+            "| key | bytes | encoding |",
+            "|---|---:|---|",
             *parts,
             "",
             "```",

@@ -20,7 +20,7 @@ F_CHANNEL = "channel"
 F_CUSTOMER = "customer_id"
 
 # Fields of each live-stream entry.
-S_EVENT = "e"  # the encoded switchboard.v1.Event
+S_EVENT = "e"  # the encoded switchboard.v1.Event, without tenant_id and conversation_id (see below)
 S_STATUS = "s"
 S_MESSAGES = "n"
 S_SEQUENCE = "q"
@@ -115,6 +115,54 @@ def live_stream_id(offset: int) -> str:
 
 def is_valid_cursor(cursor: str) -> bool:
     return _CURSOR.fullmatch(cursor) is not None
+
+
+# A live-stream entry's event leaves out tenant_id and conversation_id (fields 2 and 3 of
+# switchboard.v1.Event), which the stream's key has: ~50 of an entry's ~200 bytes, in every entry
+# of every conversation. A reader appends them back (`live_event_suffix`) before it parses: protobuf
+# keeps the last occurrence of a field, so an entry written whole (by an older version, or when the
+# fields are not where `compact_live_event` looks) parses the same.
+_EVENT_ID_TAG = 0x0A  # field 1, length-delimited
+_TENANT_TAG = 0x12  # field 2
+_CONVERSATION_TAG = 0x1A  # field 3
+
+
+def compact_live_event(value: bytes) -> bytes:
+    """An encoded Event without its tenant_id and conversation_id when they follow its event_id,
+    as every protobuf serializer writes them (fields in number order; lengths under 128 bytes,
+    one-byte length prefixes); otherwise the event as it is."""
+    size = len(value)
+    if size < 2 or value[0] != _EVENT_ID_TAG or value[1] & 0x80:
+        return value
+    cut = end = 2 + value[1]
+    for tag in (_TENANT_TAG, _CONVERSATION_TAG):
+        if end + 1 < size and value[end] == tag and not value[end + 1] & 0x80:
+            end += 2 + value[end + 1]
+    if end == cut or end > size:
+        return value
+    return value[:cut] + value[end:]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def live_event_suffix(tenant_id: str, conversation_id: str) -> bytes:
+    """What a reader appends to a live-stream entry's event of this conversation before parsing it."""
+    tenant, conversation = tenant_id.encode(), conversation_id.encode()
+    return (
+        bytes([_TENANT_TAG])
+        + _varint(len(tenant))
+        + tenant
+        + bytes([_CONVERSATION_TAG])
+        + _varint(len(conversation))
+        + conversation
+    )
 
 
 # --- the sessions worker's bookkeeping and the ingress's readiness gate ---------------------------

@@ -132,7 +132,8 @@ class ConversationReads:
                 conv.closed_at.CopyFrom(_timestamp(state.closed_at_ns))
         wanted = req.recent_messages or 20
         entries = await self._hot.recent_entries(req.tenant_id, req.conversation_id, wanted * 3)
-        messages = [m for m in (_message_of(eid, fields) for eid, fields in entries) if m is not None]
+        suffix = hv.live_event_suffix(req.tenant_id, req.conversation_id)
+        messages = [m for m in (_message_of(eid, fields, suffix) for eid, fields in entries) if m is not None]
         conv.messages.extend(messages[-wanted:])
         return conv
 
@@ -187,12 +188,13 @@ class ConversationReads:
         """Events after `after`, and reply deltas from the moment the call began. A delta carries
         the cursor of the last event sent (`cursor`), so resuming from any update's cursor
         misses no event and repeats none; deltas themselves are never replayed."""
+        suffix = hv.live_event_suffix(tenant_id, conversation_id)
         if self._live is None:
             while True:
                 entries = await self._hot.read_live(tenant_id, conversation_id, after, LIVE_BLOCK_MS)
                 for entry_id, fields in entries:
                     after = entry_id.decode()
-                    update = _update_of(after, fields)
+                    update = _update_of(after, fields, suffix)
                     if update is not None:
                         yield update
         assert self._hub is not None
@@ -212,7 +214,7 @@ class ConversationReads:
                     if delta is not None:
                         yield chat_pb2.ConversationUpdate(cursor=cursor, reply_delta=delta)
                 for entry_id, fields in events:
-                    update = _update_of(entry_id.decode(), fields)
+                    update = _update_of(entry_id.decode(), fields, suffix)
                     if update is not None:
                         cursor = update.cursor
                         yield update
@@ -244,16 +246,18 @@ def _cursor_key(cursor: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _decode_entry(fields: dict[bytes, bytes]) -> Event | None:
+def _decode_entry(fields: dict[bytes, bytes], suffix: bytes) -> Event | None:
+    """The entry's event, its tenant and conversation ids put back (`hv.live_event_suffix`)."""
+    raw = fields.get(hv.S_EVENT.encode())
     try:
-        return decode_event(fields.get(hv.S_EVENT.encode()))
+        return decode_event(raw + suffix if raw else raw)
     except EventDecodeError:
         log.warning("undecodable live-stream entry skipped")
         return None
 
 
-def _update_of(cursor: str, fields: dict[bytes, bytes]) -> chat_pb2.ConversationUpdate | None:
-    event = _decode_entry(fields)
+def _update_of(cursor: str, fields: dict[bytes, bytes], suffix: bytes) -> chat_pb2.ConversationUpdate | None:
+    event = _decode_entry(fields, suffix)
     if event is None:
         return None
     closed = fields.get(hv.S_STATUS.encode()) == STATUS_CLOSED.encode()
@@ -275,11 +279,11 @@ def _delta_of(fields: dict[bytes, bytes]) -> chat_pb2.ReplyDelta | None:
     return delta if delta.reply_id else None
 
 
-def _message_of(entry_id: bytes, fields: dict[bytes, bytes]) -> chat_pb2.Message | None:
+def _message_of(entry_id: bytes, fields: dict[bytes, bytes], suffix: bytes) -> chat_pb2.Message | None:
     sequence = int(fields.get(hv.S_SEQUENCE.encode(), b"0"))
     if not sequence:
         return None
-    event = _decode_entry(fields)
+    event = _decode_entry(fields, suffix)
     if event is None:
         return None
     kind = event_type(event)

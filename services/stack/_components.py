@@ -273,6 +273,17 @@ class Kafka(Component):
         return not self.cluster or self.node_id in {b.get("node_id") for b in cluster.get("brokers", [])}
 
 
+# Encodings for the hot view's many small keys (benchmarks/memory.py, benchmarks/RESULTS.md).
+# - stream-node-max-bytes: a stream's newest node is allocated at this size (Redis preallocates
+#   min(4096, this) for it), so at the default of 4096 every live stream cost ~4.3 KB however few
+#   its events; at 1 KB a conversation of 10 messages costs ~3.4 KB, a long one ~5% more than at
+#   4096 (more nodes).
+# - hash-max-listpack-value: a conversation hash whose state JSON (~0.8-1.5 KB) passed the
+#   default of 64 bytes became a hash table (~290 B more per conversation than a listpack).
+# infra/docker-compose.yml passes the same; a Redis of your own should have them too.
+REDIS_MEMORY_CONFIG = ("--stream-node-max-bytes", "1024", "--hash-max-listpack-value", "2048")
+
+
 class Redis(Component):
     name = "redis"
     start_timeout_s = 30.0
@@ -318,6 +329,7 @@ class Redis(Component):
             "yes",
             "--logfile",
             "",
+            *REDIS_MEMORY_CONFIG,
         ]
 
     async def prepare(self) -> None:

@@ -29,6 +29,7 @@ from schemas import hotview as hv
 from services.settings import Settings
 from streams._consumer import Record
 from streams.privacy.erasures import ONE_SHOT_BOUND_S, ErasureFollower
+from streams.sessions import ConversationState
 from streams.sessions._worker import SessionsProcessor
 
 
@@ -137,7 +138,8 @@ async def _exists_many(redis: aioredis.Redis, keys: list[bytes]) -> list[bool]:
 async def hot_view_snapshot(redis: aioredis.Redis, tenant: str | None = None) -> dict[str, Any]:
     """What the sessions fold owns, comparable across databases: each conversation's state, its
     live stream (ids and fields) and the agents' queues. Claims are left out: their expiry is
-    computed from the wall clock at write time."""
+    computed from the wall clock at write time. States and entries written by an older version
+    (client message ids in full, whole events) are compared in today's layout."""
     snapshot: dict[str, Any] = {}
     async for raw in redis.scan_iter(match=f"sb:{{{tenant}*" if tenant else "sb:{*", count=1000):
         key = raw.decode()
@@ -146,10 +148,17 @@ async def hot_view_snapshot(redis: aioredis.Redis, tenant: str | None = None) ->
         if key.endswith(":conv"):
             state = await redis.hget(key, hv.F_STATE)
             if state is not None:
-                snapshot[key] = json.loads(state)
+                snapshot[key] = ConversationState.from_json(json.loads(state)).to_json()
         elif key.endswith(":live"):
             entries: Any = await redis.xrange(key)
-            snapshot[key] = [(bytes(i).decode(), sorted(dict(f).items())) for i, f in entries]
+            event = hv.S_EVENT.encode()
+            snapshot[key] = [
+                (
+                    bytes(i).decode(),
+                    sorted((k, hv.compact_live_event(v) if k == event else v) for k, v in f.items()),
+                )
+                for i, f in entries
+            ]
         elif ":queue:" in key:
             snapshot[key] = await redis.zrange(key, 0, -1, withscores=True)
     if tenant is None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import sys
 from dataclasses import dataclass, field, fields
 from json.encoder import encode_basestring as _js
 from typing import Any
@@ -18,6 +21,37 @@ MODE_AGENT = "agent"
 # How many recent client_message_ids a conversation remembers to drop redelivered duplicates
 # (a retry whose first ack was lost). The ingress deduplicates first; this is the backstop.
 DEDUP_WINDOW = 64
+# Each remembered as an 8-byte digest of the id, not the id: a window of 64 UUIDs was ~11 KB of
+# the worker's memory per conversation (each id held raw and JSON-encoded) and ~2.5 KB of its
+# state in Redis; digests are 512 bytes and ~700 characters of base64. Two different ids of one
+# conversation share a digest with probability ~2^-64 per pair.
+DIGEST_BYTES = 8
+_WINDOW_BYTES = DEDUP_WINDOW * DIGEST_BYTES
+
+
+def message_digest(client_message_id: str) -> bytes:
+    """What the dedup window keeps of a client_message_id."""
+    return hashlib.blake2b(client_message_id.encode(), digest_size=DIGEST_BYTES).digest()
+
+
+def _holds(window: bytes, digest: bytes) -> bool:
+    """Whether the window (digests end to end) has this one at a digest boundary."""
+    at = window.find(digest)
+    while at >= 0:
+        if at % DIGEST_BYTES == 0:
+            return True
+        at = window.find(digest, at + 1)
+    return False
+
+
+def _window_of(data: dict[str, Any]) -> bytes:
+    """The dedup window of a stored state: its digests (base64), or, in a state written before
+    them, its ids in full, digested here (it is written back with digests)."""
+    encoded = data.get("recent_message_digests")
+    if encoded is not None:
+        return base64.b64decode(encoded)
+    ids = data.get("recent_client_message_ids") or ()
+    return b"".join(message_digest(m) for m in list(ids)[-DEDUP_WINDOW:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,21 +89,22 @@ class ConversationState:
     last_partition: int = -1
     last_offset: int = -1
     last_event_id: str = ""
-    recent_client_message_ids: tuple[str, ...] = ()
+    # The recent client_message_ids' digests (`message_digest`), oldest first, end to end.
+    recent_message_digests: bytes = b""
 
     def to_json(self) -> dict[str, Any]:
         # A plain field copy: dataclasses.asdict deep-copies and was the worker's top cost.
         data = {name: getattr(self, name) for name in _FIELDS}
         data["metadata"] = dict(self.metadata)
-        data["recent_client_message_ids"] = list(self.recent_client_message_ids)
         data["recent_decisions"] = list(self.recent_decisions)
+        data["recent_message_digests"] = base64.b64encode(self.recent_message_digests).decode()
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ConversationState:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        known["recent_client_message_ids"] = tuple(known.get("recent_client_message_ids", ()))
         known["recent_decisions"] = tuple(known.get("recent_decisions", ()))
+        known["recent_message_digests"] = _window_of(data)
         return cls(**known)
 
 
@@ -113,9 +148,7 @@ class Fold:
     `apply` reads everything it needs from the event before it changes anything, so an event that
     makes it raise (to be dead-lettered) leaves the state as it was."""
 
-    # _recent_json: the client message ids of the window, each already JSON-encoded (the list is
-    # most of the document, and a message moves it by one).
-    __slots__ = (*_FIELDS, "_recent_json")
+    __slots__ = _FIELDS
 
     # Set by the loops below (slots, no class-level defaults); declared for the type checker.
     tenant_id: str
@@ -146,28 +179,27 @@ class Fold:
     last_partition: int
     last_offset: int
     last_event_id: str
-    recent_client_message_ids: tuple[str, ...]
-    _recent_json: list[str]
+    recent_message_digests: bytes
 
     def __init__(self, state: ConversationState) -> None:
         for name in _FIELDS:
             setattr(self, name, getattr(state, name))
         self.metadata = dict(state.metadata)
-        self._recent_json = [_js(m) for m in self.recent_client_message_ids]
 
     @classmethod
     def new(cls, tenant_id: str, conversation_id: str) -> Fold:
-        return cls(ConversationState(tenant_id=tenant_id, conversation_id=conversation_id))
+        # A worker holds thousands of states of a few tenants: one copy of each tenant id.
+        return cls(ConversationState(tenant_id=sys.intern(tenant_id), conversation_id=conversation_id))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Fold:
         fold = cls.__new__(cls)
         for name, default in _DEFAULTS:
             setattr(fold, name, data.get(name, default))
+        fold.tenant_id = sys.intern(fold.tenant_id)
         fold.metadata = dict(fold.metadata)
-        fold.recent_client_message_ids = tuple(fold.recent_client_message_ids)
         fold.recent_decisions = tuple(fold.recent_decisions)
-        fold._recent_json = [_js(m) for m in fold.recent_client_message_ids]
+        fold.recent_message_digests = _window_of(data)
         return fold
 
     def freeze(self) -> ConversationState:
@@ -177,8 +209,8 @@ class Fold:
         """The same document as `ConversationState.to_json` (readers parse either)."""
         data = {name: getattr(self, name) for name in _FIELDS}
         data["metadata"] = dict(self.metadata)
-        data["recent_client_message_ids"] = list(self.recent_client_message_ids)
         data["recent_decisions"] = list(self.recent_decisions)
+        data["recent_message_digests"] = base64.b64encode(self.recent_message_digests).decode()
         return data
 
     def json_text(self) -> str:
@@ -201,7 +233,7 @@ class Fold:
             f'"recent_decisions": [{", ".join(map(_js, self.recent_decisions))}], '
             f'"last_partition": {self.last_partition}, "last_offset": {self.last_offset}, '
             f'"last_event_id": {_js(self.last_event_id)}, '
-            f'"recent_client_message_ids": [{", ".join(self._recent_json)}]}}'
+            f'"recent_message_digests": "{base64.b64encode(self.recent_message_digests).decode()}"}}'
         )
 
     def apply(self, event: Event, position: LogPosition) -> tuple[bool, int]:
@@ -232,7 +264,8 @@ class Fold:
                 sent = event.agent_message_sent
                 # The agents' own id space (see hotview.agent_claim).
                 cmid, agent_id = hv.agent_claim(sent.client_message_id), sent.agent_id
-            if cmid and cmid in self.recent_client_message_ids:
+            digest = message_digest(cmid) if cmid else b""
+            if digest and _holds(self.recent_message_digests, digest):
                 # Same client message written twice (its first ack was lost): count it once.
                 self._advance(event, position, occurred_ns, count=False)
                 return False, 0
@@ -241,7 +274,7 @@ class Fold:
             else:
                 self.agent_message_count += 1
                 self.assignee = self.assignee or agent_id
-            sequence = self._add_message(cmid)
+            sequence = self._add_message(digest)
         elif kind == "conversation_started":
             started = event.conversation_started
             channel, customer_id, locale = int(started.channel), started.customer_id, started.locale
@@ -255,7 +288,7 @@ class Fold:
             self.created_at_ns = self.created_at_ns or occurred_ns
         elif kind == "reply_generated":
             self.bot_message_count += 1
-            sequence = self._add_message("")
+            sequence = self._add_message(b"")
         elif kind == "intent_classified":
             self.last_intent = event.intent_classified.intent
         elif kind == "handoff_requested":
@@ -281,15 +314,9 @@ class Fold:
         self._advance(event, position, occurred_ns)
         return True, sequence
 
-    def _add_message(self, client_message_id: str) -> int:
-        if client_message_id:
-            recent = self.recent_client_message_ids
-            encoded = self._recent_json
-            if len(recent) >= DEDUP_WINDOW:
-                recent = recent[len(recent) - DEDUP_WINDOW + 1 :]
-                del encoded[: len(encoded) - DEDUP_WINDOW + 1]
-            self.recent_client_message_ids = (*recent, client_message_id)
-            encoded.append(_js(client_message_id))
+    def _add_message(self, digest: bytes) -> int:
+        if digest:
+            self.recent_message_digests = (self.recent_message_digests + digest)[-_WINDOW_BYTES:]
         self.message_count += 1
         return self.message_count
 
@@ -306,8 +333,7 @@ class Fold:
 
 
 _DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
-    (f.name, {} if f.name == "metadata" else () if f.name.startswith("recent_") else f.default)
-    for f in fields(ConversationState)
+    (f.name, {} if f.name == "metadata" else f.default) for f in fields(ConversationState)
 )
 
 

@@ -391,7 +391,7 @@ class SessionsProcessor:
             writes.live(
                 hv.live_stream_key(*slot),
                 position.cursor,
-                record.value or b"",
+                hv.compact_live_event(record.value or b""),
                 fold.status,
                 fold.message_count,
                 sequence,
@@ -451,10 +451,11 @@ class SessionsProcessor:
             if p not in lost:
                 self._rebuilding.pop(p, None)
                 log.info("partition %d: hot view rebuilt up to offset %d; accepting writes again", p, last[p])
-        # The batch is in Redis: its states go (back) into the table, most recent last.
-        for slot, fold in folds.items():
+        # The batch is in Redis: its states go (back) into the table, most recent last, keyed by
+        # the state's own id strings (the batch's key strings are copies: ~150 B a conversation).
+        for fold in folds.values():
             if fold is not None and fold.last_partition in self._owned and fold.last_partition not in lost:
-                self._table[slot] = fold
+                self._table[(fold.tenant_id, fold.conversation_id)] = fold
         while len(self._table) > self._table_max:
             del self._table[next(iter(self._table))]
 

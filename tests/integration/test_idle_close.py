@@ -62,7 +62,8 @@ async def conversation(stub: chat_pb2_grpc.ChatServiceStub, tenant: str, cid: st
 async def closed_event(redis: aioredis.Redis, tenant: str, cid: str) -> Event:
     """The conversation's ConversationClosed, from its live stream (the folded log)."""
     entries: Any = await redis.xrange(hv.live_stream_key(tenant, cid))
-    events = [decode_event(fields[hv.S_EVENT.encode()]) for _, fields in entries]
+    suffix = hv.live_event_suffix(tenant, cid)  # entries leave the ids out
+    events = [decode_event(fields[hv.S_EVENT.encode()] + suffix) for _, fields in entries]
     closes = [e for e in events if e.HasField("conversation_closed")]
     assert len(closes) == 1, closes
     return closes[0]

@@ -188,3 +188,37 @@ def test_an_event_the_fold_cannot_apply_leaves_the_state_as_it_was() -> None:
     with pytest.raises(ValueError):
         fold.apply(Hostile(), LogPosition(0, 2))  # type: ignore[arg-type]
     assert fold.freeze() == before
+
+
+def test_the_dedup_window_is_the_last_64_client_message_ids() -> None:
+    from streams.sessions._state import DEDUP_WINDOW
+
+    events = [started(), *(message(f"id-{i}") for i in range(DEDUP_WINDOW + 1))]
+    state = fold_all(events)
+    assert state.message_count == DEDUP_WINDOW + 1
+    assert len(state.recent_message_digests) == DEDUP_WINDOW * 8
+    # id-1 is the oldest the window holds; id-0 fell out of it.
+    again = fold_event(state, message("id-1"), LogPosition(0, len(events)))
+    assert not again.applied and again.state.message_count == state.message_count
+    older = fold_event(state, message("id-0"), LogPosition(0, len(events)))
+    assert older.applied and older.state.message_count == state.message_count + 1
+
+
+def test_a_state_written_with_the_ids_in_full_is_read_and_written_back_with_digests() -> None:
+    """Redis keeps states written by the version before the digests (the ids themselves)."""
+    import json
+
+    from streams.sessions._state import Fold
+
+    state = fold_all([started(), message("a"), message("b")])
+    old = state.to_json()
+    del old["recent_message_digests"]
+    old["recent_client_message_ids"] = ["a", "b"]
+    for read in (ConversationState.from_json(old), Fold.from_json(old).freeze()):
+        assert read == state
+        retry = fold_event(read, message("a"), LogPosition(0, 3))
+        assert not retry.applied and retry.state.message_count == 2
+    fold = Fold.from_json(json.loads(json.dumps(old)))
+    written = json.loads(fold.json_text())
+    assert "recent_client_message_ids" not in written
+    assert ConversationState.from_json(written) == state
