@@ -7,8 +7,10 @@ bound callers are refused at once (RESOURCE_EXHAUSTED) instead of queueing witho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +45,10 @@ _FATAL_PRODUCER_ERRORS = (
 
 # gRPC trailing-metadata key telling a caller how long to wait before retrying.
 RETRY_AFTER_KEY = "retry-after-ms"
+# After a start of the producer failed (Kafka away), sends are refused at once for this long with
+# its reason, rather than each starting a producer of its own (a connection and a metadata
+# request per send: thousands a second under load, with a killed broker).
+START_RETRY_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +76,9 @@ class EventProducer:
         self._settings = settings
         self._topic = settings.conversation_topic
         self._producer: AIOKafkaProducer | None = None
-        self._start_lock = asyncio.Lock()
+        # The one start under way, shared by every caller (see start).
+        self._starting: asyncio.Task[None] | None = None
+        self._start_failed: tuple[float, str] | None = None  # (monotonic time, reason)
         self._inflight = 0
         self._limit = settings.max_inflight_produce
         self._replacing: asyncio.Task[None] | None = None
@@ -84,30 +92,62 @@ class EventProducer:
         return self._inflight
 
     async def start(self) -> None:
-        async with self._start_lock:
-            if self._producer is not None:
-                return
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self._settings.kafka_bootstrap,
-                client_id="switchboard-ingress",
-                enable_idempotence=True,
-                acks="all",
-                linger_ms=self._settings.producer_linger_ms,
-                max_batch_size=256 * 1024,
-                request_timeout_ms=int(self._settings.produce_timeout_s * 1000) + 20_000,
-                retry_backoff_ms=100,
-                metadata_max_age_ms=60_000,
-            )
-            try:
-                await producer.start()
-            except KafkaError as exc:
+        """Start the Kafka producer (at the ingress's start, and again after `_replace_producer`).
+
+        One attempt at a time, shared by every caller: a caller that stops waiting (its deadline)
+        leaves it going for the others, so a Kafka that does not answer costs one bootstrap, not
+        one per send. After a failed attempt, callers are refused for START_RETRY_S without
+        another."""
+        if self._producer is not None:
+            return
+        starting = self._starting
+        if starting is None or starting.done():
+            failed = self._start_failed
+            if failed is not None and time.monotonic() - failed[0] < START_RETRY_S:
+                raise unavailable(failed[1])
+            starting = self._starting = asyncio.ensure_future(self._start())
+            # Retrieved here, so a failure nobody waited for is not reported as never retrieved.
+            starting.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            await asyncio.shield(starting)
+        except Unavailable as exc:
+            raise unavailable(exc.message) from None  # an exception of its own per caller
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if starting.cancelled() and task is not None and not task.cancelling():
+                raise unavailable("the ingress is stopping; retry") from None  # (stop)
+            raise
+
+    async def _start(self) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._settings.kafka_bootstrap,
+            client_id="switchboard-ingress",
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=self._settings.producer_linger_ms,
+            max_batch_size=256 * 1024,
+            request_timeout_ms=int(self._settings.produce_timeout_s * 1000) + 20_000,
+            retry_backoff_ms=100,
+            metadata_max_age_ms=60_000,
+        )
+        try:
+            await producer.start()
+        except BaseException as exc:  # also cancelled (by stop): no half-started client left open
+            with contextlib.suppress(Exception):
                 await producer.stop()
-                raise unavailable(
-                    f"Kafka at {self._settings.kafka_bootstrap} is not reachable: {exc}"
-                ) from exc
-            self._producer = producer
+            if not isinstance(exc, KafkaError):
+                raise
+            reason = f"Kafka at {self._settings.kafka_bootstrap} is not reachable: {exc}; retry"
+            self._start_failed = (time.monotonic(), reason)
+            raise unavailable(reason) from exc
+        self._producer = producer
+        self._start_failed = None
 
     async def stop(self) -> None:
+        starting, self._starting = self._starting, None
+        if starting is not None and not starting.done():
+            starting.cancel()
+            await asyncio.wait({starting})
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
@@ -140,10 +180,20 @@ class EventProducer:
 
         `bounded=False`: the caller bounds the wait for buffer space itself (one deadline for a
         whole batch instead of a timer per record)."""
-        if self._producer is None:
-            await self.start()
-        assert self._producer is not None
         timeout = self._settings.produce_timeout_s
+        if self._producer is None:
+            if bounded:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self.start()
+                except TimeoutError as exc:
+                    raise unavailable(
+                        f"Kafka did not answer the producer's start within {timeout:.0f}s; retry"
+                    ) from exc
+            else:
+                await self.start()
+        if self._producer is None:  # replaced again meanwhile (see _replace_producer)
+            raise unavailable("the Kafka producer is being replaced; retry")
         key = event_key(event)
         partition = self._partitions.get(key)
         if partition is None:
