@@ -558,6 +558,11 @@ class _Retry:
     reported: bool = False
 
 
+# Back-off of `KnowledgeFollower.follow` between failed reads.
+KNOWLEDGE_RETRY_INITIAL_S = 0.5
+KNOWLEDGE_RETRY_MAX_S = 5.0
+
+
 class KnowledgeFollower:
     """Reads knowledge-events from the start (no consumer group: every assistant holds every
     tenant's index) and keeps following; `ready` is set once the start-up read reached the end
@@ -599,6 +604,8 @@ class KnowledgeFollower:
         self._read_ahead_documents = read_ahead_documents
         self._read_ahead_bytes = read_ahead_bytes
         self.ready = asyncio.Event()
+        # Where the reader has read up to: a `run` after a failed one resumes there (`follow`).
+        self._positions: dict[TopicPartition, int] = {}
         self.applied = 0  # records read and queued
         self.indexed = 0  # documents indexed (or deleted) and written to the hash
         self.held_most = 0  # the most documents ever held read and not indexed
@@ -655,6 +662,9 @@ class KnowledgeFollower:
             tps = [TopicPartition(topic, p) for p in sorted(partitions)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
+            for tp in tps:
+                if tp in self._positions:
+                    consumer.seek(tp, self._positions[tp])
             ends = await consumer.end_offsets(tps)
             while True:
                 if indexing.done():
@@ -672,6 +682,7 @@ class KnowledgeFollower:
                 for tp, batch in fetched.items():
                     self._read([r.value for r in batch if r.value], tp)
                 positions = [await consumer.position(tp) for tp in tps]
+                self._positions = dict(zip(tps, positions, strict=True))
                 if not self._caught_up and all(p >= ends[tp] for p, tp in zip(positions, tps, strict=True)):
                     self._caught_up = True
                     self._start_up = (
@@ -686,6 +697,25 @@ class KnowledgeFollower:
             with contextlib.suppress(asyncio.CancelledError):
                 await indexing
             await consumer.stop()
+
+    async def follow(self) -> None:
+        """`run`, again after any failure (Kafka away when the assistant starts, a fetch error),
+        resuming where the reader had read up to; until cancelled. Run alone, a failure ended the
+        reading for good: no later document was ever indexed, and one at start-up left `ready`
+        unset (the assistant never answered)."""
+        delay = KNOWLEDGE_RETRY_INITIAL_S
+        while True:
+            read_before = self.applied
+            try:
+                await self.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.applied > read_before:
+                    delay = KNOWLEDGE_RETRY_INITIAL_S
+                log.error("knowledge topic: reading failed (%r); reading on in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, KNOWLEDGE_RETRY_MAX_S)
 
     def _read(self, values: list[bytes], tp: TopicPartition) -> None:
         """Queue the records' work (pure bookkeeping: the indexer does the embedding)."""
@@ -947,7 +977,7 @@ async def serve_assistant(settings: Settings) -> None:
     await producer.start()
     gateway = ModelGateway(GatewayConfig.from_env_string(settings.gateway))
     follower = KnowledgeFollower(settings, knowledge, redis)
-    following = asyncio.create_task(follower.run())
+    following = asyncio.create_task(follower.follow())
     server = grpc.aio.server()
     knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server(SearchServicer(knowledge), server)
     server.add_insecure_port(settings.assistant_listen)
