@@ -15,6 +15,7 @@ batch.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import threading
 import time
@@ -264,9 +265,12 @@ def _wrap(handler: grpc.RpcMethodHandler, observed: _Observed, method: str) -> g
 
         return call
 
-    def streaming(
-        behaviour: Callable[[Any, Any], AsyncIterator[Any]],
-    ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    def streaming(behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        if not inspect.isasyncgenfunction(behaviour):
+            # A coroutine that answers with `context.write()` (grpc_health's Watch): wrapped as
+            # such; grpc.aio serves the two kinds differently.
+            return unary(behaviour)
+
         async def call(request: Any, context: Any) -> AsyncIterator[Any]:
             started = clock()
             failed = True

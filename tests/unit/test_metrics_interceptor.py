@@ -65,3 +65,29 @@ async def test_the_wrapper_cache_stays_bounded_under_a_flood_of_refusals() -> No
 
         await interceptor.intercept_service(continuation, details)
     assert len(interceptor._handlers) <= 4096
+
+
+async def test_a_streaming_handler_that_writes_through_its_context_is_served() -> None:
+    """grpc_health's aio Watch is a coroutine that answers with `context.write()`, not an async
+    generator: the interceptor iterated every streaming handler, so each Watch call failed with
+    "'async for' requires an object with __aiter__ method, got coroutine" (Check worked)."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.aio.server(interceptors=[MetricsInterceptor()])
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        await servicer.set("switchboard.v1.ChatService", health_pb2.HealthCheckResponse.SERVING)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="switchboard.v1.ChatService"), timeout=10
+            )
+            first = await watch.read()
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            await servicer.set("switchboard.v1.ChatService", health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+    finally:
+        await server.stop(0)
