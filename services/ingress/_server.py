@@ -151,8 +151,9 @@ class ChatServicer:
             except Exception as exc:
                 # The request stream broke: answer what was read, then end the call.
                 broken.append(exc)
-            finally:
-                await incoming.put(done)
+            # Not in a `finally`: cancelled (the call is over), the queue may be full and nothing
+            # reads it any more, so waiting to put the marker there would never end.
+            await incoming.put(done)
 
         async def batch() -> None:
             nonlocal unanswered
@@ -207,6 +208,7 @@ class ChatServicer:
         finally:
             for t in (reader, batcher):
                 t.cancel()
+            for t in (reader, batcher):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
 

@@ -131,3 +131,34 @@ async def test_a_stream_holds_at_most_its_window_of_unanswered_messages() -> Non
         producer.ack(name)
     await asyncio.wait_for(consumer, 10)
     assert [(r.client_message_id, r.error_code) for r in responses] == [(m, 0) for m in sent]
+
+
+async def test_a_client_cancelling_a_stream_held_back_by_its_window_ends_the_call() -> None:
+    """Found by review: with the window full (the handler reads no more) and its read-ahead full,
+    a client's cancellation (or deadline) reached the reader blocked putting into the full queue;
+    its `finally` then waited to put the end marker into that queue, which nothing read any more,
+    and the handler's own `finally` waited for the reader: the call never ended (its tasks and
+    buffered requests held for good)."""
+    settings = Settings(max_inflight_produce=100_000, produce_timeout_s=30, topic_partitions=1)
+    producer = FakeProducer(settings)
+    producer.auto_ack = False
+    servicer = ChatServicer(ChatService(settings, producer, FakeHotView()))
+    read: list[str] = []
+
+    async def requests() -> AsyncIterator[chat_pb2.SendMessageRequest]:
+        for i in range(4 * STREAM_WINDOW):
+            read.append(f"m{i}")
+            yield msg(f"m{i}")
+
+    async def consume() -> None:
+        async for _ in servicer.SendMessages(requests(), FakeContext()):
+            pass
+
+    consumer = asyncio.ensure_future(consume())
+    await until(lambda: len(producer.order) >= STREAM_WINDOW, "a window's worth handed to Kafka")
+    for _ in range(200):  # the reader fills its read-ahead and blocks
+        await asyncio.sleep(0)
+    assert len(read) < 4 * STREAM_WINDOW
+    consumer.cancel()  # the client cancels the call
+    done, _ = await asyncio.wait({consumer}, timeout=5)
+    assert done, "the cancelled call never ended"
