@@ -50,6 +50,7 @@ from streams._consumer import (
     PartitionControl,
     Record,
     Rejected,
+    fetch_task_ended,
     instance_id,
     run_until_signalled,
 )
@@ -669,6 +670,11 @@ class KnowledgeFollower:
             while True:
                 if indexing.done():
                     indexing.result()  # its failure ends the follower as a read failure would
+                ended = fetch_task_ended(consumer)
+                if ended is not None:
+                    # aio-libs/aiokafka#983: getmany would return nothing, forever, and raise
+                    # nothing; a new consumer (`follow`) reads on from `_positions`.
+                    raise RuntimeError(f"the knowledge consumer's fetch task has ended ({ended!r})")
                 room = self._fetchable()
                 if room == 0:
                     # Backpressure: the indexer sets `_room` after every turn.
