@@ -19,15 +19,22 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.auth._model import Record, Registry, encode_record
 from services.settings import Settings
+from streams._consumer import fetch_task_ended, raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
 # How long the follower's fetch waits for new records: the bound on a revocation's delay.
 FOLLOW_FETCH_WAIT_MS = 100
+# How long a broken consumer may take to stop before a new one replaces it.
+STOP_BOUND_S = 10.0
 
 
 class TenantsTopicMissing(RuntimeError):
     pass
+
+
+class FetchEnded(RuntimeError):
+    """The follower's Kafka consumer stopped fetching (see `fetch_task_ended`)."""
 
 
 def load_pepper(settings: Settings) -> bytes:
@@ -72,10 +79,25 @@ class RegistryFollower:
         self._on_change = on_change
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        # Per partition: the offset after the last record read (where a new consumer goes on).
+        self._next: dict[TopicPartition, int] = {}
 
     async def catch_up(self) -> Registry:
         """Read the topic from the beginning to its current end."""
-        topic = self.settings.tenants_topic
+        consumer, partitions = await self._open()
+        try:
+            ends = await consumer.end_offsets(partitions)
+            while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+                self._apply(await consumer.getmany(timeout_ms=500))
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+        return self.registry
+
+    async def _open(self) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
+        """A consumer of the topic's partitions, each where this follower has read up to (from
+        the beginning for one it has not read yet)."""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=None,
@@ -86,17 +108,16 @@ class RegistryFollower:
         )
         await consumer.start()
         try:
-            partitions = await topic_partitions(consumer, topic)
+            partitions = await topic_partitions(consumer, self.settings.tenants_topic)
             consumer.assign(partitions)
             await consumer.seek_to_beginning(*partitions)
-            ends = await consumer.end_offsets(partitions)
-            while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
-                self._apply(await consumer.getmany(timeout_ms=500))
+            for tp in partitions:
+                if tp in self._next:
+                    consumer.seek(tp, self._next[tp])
         except BaseException:
             await consumer.stop()
             raise
-        self._consumer = consumer
-        return self.registry
+        return consumer, partitions
 
     async def start(self) -> Registry:
         registry = await self.catch_up()
@@ -104,20 +125,32 @@ class RegistryFollower:
         return registry
 
     async def _follow(self) -> None:
-        assert self._consumer is not None
         while True:
             try:
+                if self._consumer is None:
+                    self._consumer, _ = await self._open()
+                ended = fetch_task_ended(self._consumer)
+                if ended is not None:
+                    # aio-libs/aiokafka#983: getmany would return nothing, forever, and raise
+                    # nothing (a revoked key would go on working here): read on with a new one.
+                    raise FetchEnded(f"the consumer's fetch task has ended ({ended!r})")
                 self._apply(await self._consumer.getmany(timeout_ms=1000))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the client reconnects by itself; keep the last registry
+                raise_if_cancelling(exc)
+                if isinstance(exc, FetchEnded) and self._consumer is not None:
+                    consumer, self._consumer = self._consumer, None
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(consumer.stop(), STOP_BOUND_S)
                 log.warning("tenants topic: fetch failed (%r); keys as of the last record stay in force", exc)
                 await asyncio.sleep(0.5)
 
     def _apply(self, batches: dict[TopicPartition, list[object]]) -> None:
         applied = 0
-        for records in batches.values():
+        for tp, records in batches.items():
             for msg in records:
+                self._next[tp] = msg.offset + 1  # type: ignore[attr-defined]
                 try:
                     self.registry.apply(msg.key, msg.value)  # type: ignore[attr-defined]
                     applied += 1

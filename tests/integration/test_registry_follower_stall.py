@@ -1,0 +1,52 @@
+"""The ingress's tenants-topic follower survives a Kafka client that stopped fetching
+(aio-libs/aiokafka#983).
+
+aiokafka fetches in a background task; when it ends (it swallows a cancellation and finishes
+without a word), `getmany` returns nothing forever. The follower then looked alive and never
+learned of another key or revocation: a revoked key went on working on that ingress until it was
+restarted. Here the fetch task is ended the way that issue describes, on real Kafka.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from services.auth._log import RegistryFollower, append_records
+from services.auth._model import Status, TenantRecord
+from services.kafka_topics import ensure_topics
+from services.settings import Settings
+from tests.conftest import eventually
+from tests.integration.test_erasure_follower_stall import end_fetch_task
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.timeout(120)
+async def test_a_follower_whose_client_stopped_fetching_still_learns_of_changes(
+    local_stack: Settings,
+) -> None:
+    settings = local_stack.model_copy(update={"tenants_topic": f"tenants-{uuid.uuid4().hex[:8]}"})
+    await ensure_topics(settings)
+    await append_records(settings, [TenantRecord("before", created_at=1.0)])
+    follower = RegistryFollower(settings)
+    try:
+        registry = await follower.start()
+        assert "before" in registry.tenants
+        assert follower._consumer is not None
+        await end_fetch_task(follower._consumer)
+        await append_records(
+            settings,
+            [TenantRecord("later", created_at=2.0), TenantRecord("before", Status.DISABLED, 1.0, 3.0)],
+        )
+
+        async def learned() -> tuple[bool, Status | None]:
+            before = follower.registry.tenants.get("before")
+            return "later" in follower.registry.tenants, before.status if before else None
+
+        await eventually(
+            learned, lambda v: v == (True, Status.DISABLED), within_s=30, what="the records after the fault"
+        )
+    finally:
+        await follower.stop()
