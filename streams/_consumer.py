@@ -223,9 +223,10 @@ class BatchConsumer:
         self._in_hand = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.stats = ConsumerStats()
-        # The stall watchdog's clocks: records last returned (or nothing was there to return), and
-        # the last check.
-        self._progress_at = self._checked_at = time.monotonic()
+        # The stall watchdog's clocks: the last check, and since when checks have seen records
+        # waiting with none returned (None: not seen, or records returned since).
+        self._checked_at = time.monotonic()
+        self._behind_since: float | None = None
         self._poll_delay = RETRY_INITIAL_S
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -257,7 +258,7 @@ class BatchConsumer:
         self._control = _Control(self._consumer, self._topic)
         await _until_up("Kafka (consumer)", self._consumer.start)
         self._consumer.subscribe([self._topic], listener=_Rebalance(self))
-        self._progress_at = self._checked_at = time.monotonic()
+        self._checked_at, self._behind_since = time.monotonic(), None
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -286,7 +287,7 @@ class BatchConsumer:
                 if await self._stalled():
                     await self._restart_consumer()
                 continue
-            self._progress_at = time.monotonic()
+            self._behind_since = None
             async with self._in_hand:
                 # A revocation that came in between: drop what is no longer ours.
                 mine = self._control.assigned()
@@ -347,8 +348,12 @@ class BatchConsumer:
         aiokafka fetches in a background task, and `getmany` only reads what that task buffered: if
         the task ends (aio-libs/aiokafka#983: it swallows a cancellation and finishes without a
         word), every poll returns nothing, forever, with records waiting. So: the fetch task ended,
-        or an assigned partition has had records past the position for STALL_BOUND_S while polls
-        returned none. Kafka not answering the check is an outage, not a stall."""
+        or checks have seen an assigned partition with records past the position for STALL_BOUND_S
+        while polls returned none. The bound runs from the first check that saw records waiting,
+        not from the last records returned: after a long batch (a sink's outage retried), a slow
+        group join or checks Kafka did not answer, a record that arrived a moment before the
+        check is not a stall. Kafka not answering the check is an outage, not a stall (and starts
+        the clock again: nothing is known of that time)."""
         now = time.monotonic()
         if now - self._checked_at < STALL_CHECK_EVERY_S:
             return False
@@ -361,34 +366,34 @@ class BatchConsumer:
             return True
         partitions = [tp for tp in consumer.assignment() if tp.topic == self._topic]
         if not partitions:
-            self._progress_at = now
+            self._behind_since = None
             return False
         try:
             ends = await asyncio.wait_for(consumer.end_offsets(partitions), STALL_REQUEST_BOUND_S)
         except asyncio.CancelledError:
             raise
         except Exception:
-            return False  # Kafka away or busy: an outage, and the client reconnects by itself
-        behind: list[str] = []
-        for tp in partitions:
-            try:
-                position = await asyncio.wait_for(consumer.position(tp), STALL_REQUEST_BOUND_S)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # Kafka answered for the end offsets, but the position never resolves.
-                position = -1
-            if position < ends.get(tp, 0):
-                behind.append(f"{tp.partition}: at {position}, end {ends.get(tp)}")
-        if not behind:
-            self._progress_at = now
+            # Kafka away or busy: an outage, and the client reconnects by itself.
+            self._behind_since = None
             return False
-        if now - self._progress_at < STALL_BOUND_S:
+        # At once, so that one bound covers them all however many partitions there are.
+        positions = await asyncio.gather(*(_position(consumer, tp) for tp in partitions))
+        behind = [
+            f"{tp.partition}: at {position}, end {ends.get(tp)}"
+            for tp, position in zip(partitions, positions, strict=True)
+            if position < ends.get(tp, 0)
+        ]
+        if not behind:
+            self._behind_since = None
+            return False
+        if self._behind_since is None:
+            self._behind_since = now
+        if now - self._behind_since < STALL_BOUND_S:
             return False
         log.error(
             "%s: no records returned for %.0fs while partitions have some (%s)",
             self._processor.name,
-            now - self._progress_at,
+            now - self._behind_since,
             "; ".join(behind),
         )
         return True
@@ -593,6 +598,17 @@ class BatchConsumer:
         assert self._control is not None
         log.info("%s: assigned partitions %s", self._processor.name, sorted(partitions))
         await self._processor.on_assigned(partitions, self._control)
+
+
+async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
+    """The consumer's position in `tp`; -1 when it does not resolve within the bound (Kafka
+    answered for the end offsets, so it should have: counted as behind)."""
+    try:
+        return int(await asyncio.wait_for(consumer.position(tp), STALL_REQUEST_BOUND_S))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        return -1
 
 
 def fetch_task_ended(consumer: AIOKafkaConsumer) -> asyncio.Future[Any] | None:
