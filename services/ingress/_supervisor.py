@@ -38,6 +38,11 @@ _HEALTHY_AFTER_S = 10.0
 _MAX_BACKOFF_S = 10.0
 
 
+def _backoff_s(failures: int) -> float:
+    """The pause before a child's next start after `failures` quick deaths or failed starts."""
+    return min(_MAX_BACKOFF_S, 0.5 * (2**failures - 1)) if failures else 0.0
+
+
 def process_count(settings: Settings) -> int:
     """settings.ingress_processes, or the cores this process may run on (its CPU affinity, which
     a container's cpuset narrows; a CPU quota does not: set the count explicitly then)."""
@@ -112,14 +117,29 @@ class Supervisor:
         """Keep one child running until the supervisor stops."""
         while not self._stopping.is_set():
             if child.proc is None:
-                await self._start(child)
+                try:
+                    await self._start(child)
+                except Exception as exc:
+                    # fork/exec refused for now (EAGAIN, ENOMEM, EMFILE): it ended this task, and
+                    # the child was never started again while the supervisor lived on.
+                    child.failures += 1
+                    pause = _backoff_s(child.failures)
+                    log.error(
+                        "ingress process %d could not be started (%r); trying again in %.1fs",
+                        child.index,
+                        exc,
+                        pause,
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), pause)
+                    continue
             assert child.proc is not None
             code = await child.proc.wait()
             if self._stopping.is_set():
                 return
             lived = time.monotonic() - child.started
             child.failures = 0 if lived > _HEALTHY_AFTER_S else child.failures + 1
-            pause = min(_MAX_BACKOFF_S, 0.5 * (2**child.failures - 1)) if child.failures else 0.0
+            pause = _backoff_s(child.failures)
             log.warning(
                 "ingress process %d (pid %d) exited with %s after %.1fs; restarting it%s",
                 child.index,

@@ -59,17 +59,29 @@ async def supervise(settings: Settings, count: int, log_level: str = "info") -> 
                 "SWITCHBOARD_SESSIONS_PROCESSES": "1",
             }
             started = time.monotonic()
-            proc = procs[member] = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "services.cli",
-                "worker",
-                "sessions",
-                "--log-level",
-                log_level,
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
+            try:
+                proc = procs[member] = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "services.cli",
+                    "worker",
+                    "sessions",
+                    "--log-level",
+                    log_level,
+                    env=env,
+                    preexec_fn=_die_with_parent,
+                )
+            except Exception as exc:
+                # fork/exec refused for now (EAGAIN, ENOMEM, EMFILE): it ended this task, and the
+                # member was never started again (its partitions unfolded) while this lived on.
+                failures += 1
+                pause = min(_MAX_BACKOFF_S, 0.5 * (2**failures - 1))
+                log.error(
+                    "sessions process %s could not be started (%r); trying again in %.1fs", member, exc, pause
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), pause)
+                continue
             log.info("sessions process %s started (pid %d)", member, proc.pid)
             code = await proc.wait()
             if stopping.is_set():
