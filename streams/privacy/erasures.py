@@ -213,6 +213,10 @@ class ErasureFollower:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._assigned = False
+        # Per partition: the offset after the last record applied. A read begun again (a new
+        # consumer after a failed or bounded one) goes on from there, not from the beginning: a
+        # topic that takes longer than CATCH_UP_BOUND_S to read is still read, over attempts.
+        self._read_to: dict[TopicPartition, int] = {}
         self._caught_up = asyncio.Event()
         self._last_error: BaseException | None = None
         self._started_at = 0.0
@@ -227,6 +231,9 @@ class ErasureFollower:
         partitions = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
+        for tp in partitions:
+            if tp in self._read_to:
+                consumer.seek(tp, self._read_to[tp])
         ends = await consumer.end_offsets(partitions)
         while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
             self._apply(await consumer.getmany(timeout_ms=500))
@@ -365,7 +372,9 @@ class ErasureFollower:
 
     def _apply(self, batches: dict[TopicPartition, list[object]]) -> None:
         change = ErasureChange()
-        for records in batches.values():
+        for tp, records in batches.items():
+            if records:
+                self._read_to[tp] = int(getattr(records[-1], "offset", -1)) + 1
             for msg in records:
                 event = erasure_event_of(getattr(msg, "value", None))
                 if event is None:
