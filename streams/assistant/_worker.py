@@ -789,8 +789,28 @@ class KnowledgeFollower:
         self._indexing = {(tenant, document_id) for document_id, _ in work}
         try:
             return await self._index(tenant, work, retry)
+        except asyncio.CancelledError:
+            # `run` cancels its indexer when the read fails, and `follow` reads on from where the
+            # reader had read: this turn's documents are not read again, so they go back (else
+            # never listed, and one of the start-up read would leave `ready` unset for good).
+            self._give_back(tenant, work, retry)
+            raise
         finally:
             self._indexing = set()
+
+    def _give_back(
+        self, tenant: str, work: list[tuple[str, tuple[Document, bytes] | None]], retry: _Retry | None
+    ) -> None:
+        """Queue a turn's work again (unless a newer version of a document was read meanwhile)."""
+        for document_id, item in work:
+            key = (tenant, document_id)
+            if key in self._queue or key in self._retries:
+                continue
+            if retry is not None:
+                self._retries[key] = retry
+            else:
+                size = 0 if item is None else len(item[0].title) + len(item[0].body)
+                self._queue.put(tenant, document_id, item, size)
 
     def _check_ready(self) -> None:
         """`ready` once everything the start-up read queued is indexed (a document replaced since
