@@ -31,6 +31,14 @@ import grpc
 import numpy as np
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 from redis.exceptions import RedisError
 from switchboard.v1 import chat_pb2, events_pb2, knowledge_pb2, knowledge_pb2_grpc
 
@@ -69,6 +77,28 @@ SEARCH_LIMIT = 3
 UNDERSTAND_CHUNK = 16
 DELTA_STREAM_MAXLEN = 1000
 DELTA_STREAM_TTL_S = 3600
+# Errors after which an idempotent producer's sequence state is broken for good (a broker restart
+# can leave it so): every later send fails; only a new producer, with a new producer id, writes.
+_FATAL_PRODUCER_ERRORS = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    ProducerFenced,
+)
+PRODUCER_STOP_BOUND_S = 10.0
+
+
+class ProducerReplaced(ConnectionError):
+    """The decisions' producer was broken for good and is replaced: an outage (the batch is
+    applied again, with the same decision ids), never the records' fault."""
+
+
+def assistant_producer(settings: Settings) -> AIOKafkaProducer:
+    """The producer of the assistant's decisions (not started)."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=2
+    )
 
 
 def decision_id(kind: str, message_event_id: str) -> str:
@@ -107,7 +137,8 @@ class AssistantProcessor:
         self._erasures = erasures
         self._erasures_seen = 0
         self._redis = redis
-        self._producer = producer
+        # None after it broke for good: the next batch starts a new one (`_producer_ready`).
+        self._producer: AIOKafkaProducer | None = producer
         self._knowledge = knowledge
         self._classifier = classifier
         self._gateway = gateway
@@ -180,14 +211,46 @@ class AssistantProcessor:
                 slot = (job.event.tenant_id, job.event.conversation_id)
                 by_conversation.setdefault(slot, []).append((job, future, i))
         try:
-            sent = await asyncio.gather(*(self._answer_in_order(items) for items in by_conversation.values()))
+            producer = await self._producer_ready()
+            sent = await asyncio.gather(
+                *(self._answer_in_order(producer, items) for items in by_conversation.values())
+            )
             # Durable before the batch is done (and its offsets committed).
             await asyncio.gather(*(ack for acks in sent for ack in acks))
-        except BaseException:
+        except BaseException as exc:
             await asyncio.gather(*understanding, return_exceptions=True)
+            if isinstance(exc, _FATAL_PRODUCER_ERRORS) or (
+                isinstance(exc, KafkaError) and _sender_ended(self._producer)
+            ):
+                # Every message would fail so, taken for poison and dead-lettered unanswered.
+                await self._drop_producer(exc)
+                raise ProducerReplaced(f"the Kafka producer failed for good ({exc!r}); replacing it") from exc
             raise
         self.decided += len(jobs)
         return rejected
+
+    async def _producer_ready(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            fresh = assistant_producer(self._settings)
+            try:
+                await fresh.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await fresh.stop()
+                raise
+            self._producer = fresh
+        return self._producer
+
+    async def _drop_producer(self, cause: BaseException) -> None:
+        broken, self._producer = self._producer, None
+        log.error("assistant: the Kafka producer is broken (%r); a new one writes the decisions", cause)
+        if broken is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(broken.stop(), PRODUCER_STOP_BOUND_S)
+
+    async def stop_producer(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
 
     def _observe(self, event: Event) -> bool:
         """Track each conversation's mode from the log; True for a message the bot should answer."""
@@ -252,7 +315,7 @@ class AssistantProcessor:
             yield
 
     async def _answer_in_order(
-        self, items: list[tuple[_Job, asyncio.Future[list[_Understood]], int]]
+        self, producer: AIOKafkaProducer, items: list[tuple[_Job, asyncio.Future[list[_Understood]], int]]
     ) -> list[asyncio.Future[Any]]:
         """One conversation's messages of the batch, in order; its decisions are handed to the
         producer as they are made (one key, so Kafka keeps their order); returns their acks."""
@@ -262,7 +325,7 @@ class AssistantProcessor:
             decided = await self._decide(job, item.intent, item.hits)
             for event in decided:
                 acks.append(
-                    await self._producer.send(
+                    await producer.send(
                         self._settings.conversation_topic,
                         key=event.conversation_id.encode(),
                         value=encode_event(event),
@@ -451,6 +514,13 @@ class _DeltaPublisher:
                     await pipe.execute()
             except Exception as exc:  # deltas are a courtesy: the finished reply is the record
                 log.warning("reply deltas for %s not published: %r", self._reply_id, exc)
+
+
+def _sender_ended(producer: AIOKafkaProducer | None) -> bool:
+    """Whether aiokafka's background sender has ended (then every send raises its error, for
+    good). Reads a private attribute; False when it is not there."""
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    return isinstance(task, asyncio.Future) and task.done()
 
 
 def merge_deltas(deltas: Sequence[Any]) -> list[tuple[int, str, bool]]:
@@ -997,9 +1067,7 @@ async def serve_assistant(settings: Settings) -> None:
     knowledge, classifier = await asyncio.to_thread(load_models, settings)
     log.info("models loaded in %.1fs", time.monotonic() - started)
     redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=5)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=2
-    )
+    producer = assistant_producer(settings)
     await producer.start()
     gateway = ModelGateway(GatewayConfig.from_env_string(settings.gateway))
     follower = KnowledgeFollower(settings, knowledge, redis)
@@ -1025,7 +1093,7 @@ async def serve_assistant(settings: Settings) -> None:
         following.cancel()
         await server.stop(2)
         await gateway.aclose()
-        await producer.stop()
+        await processor.stop_producer()
         await redis.aclose()
 
     # The index is loaded before the first message is answered.
