@@ -4,6 +4,7 @@ whole event, states holding the client message ids themselves) is read and carri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import Any
@@ -114,14 +115,20 @@ async def test_the_worker_carries_on_a_state_that_holds_the_client_message_ids(l
     try:
         # What the previous version left after applying offsets 0-2: the state with the ids in
         # full, entries with whole events, its position.
-        old = ConversationState(tenant_id=tenant, conversation_id=cid, message_count=2, event_count=3)
-        document = old.to_json() | {
-            "last_partition": 0,
-            "last_offset": 2,
-            "last_event_id": events[2].event_id,
-        }
+        old = ConversationState(
+            tenant_id=tenant,
+            conversation_id=cid,
+            message_count=2,
+            customer_message_count=2,
+            event_count=3,
+            last_partition=0,
+            last_offset=2,
+            last_event_id=events[2].event_id,
+        )
+        # Every field, as that version wrote them.
+        document: dict[str, Any] = {f.name: getattr(old, f.name) for f in dataclasses.fields(old)}
         del document["recent_message_digests"]
-        document["recent_client_message_ids"] = ["m1", "m2"]
+        document |= {"recent_decisions": [], "recent_client_message_ids": ["m1", "m2"]}
         async with redis.pipeline(transaction=True) as pipe:
             pipe.hset(hv.conversation_key(tenant, cid), mapping={hv.F_STATE: json.dumps(document)})
             for offset in range(3):

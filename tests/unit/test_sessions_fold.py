@@ -155,6 +155,7 @@ def test_the_workers_json_is_the_documents_json_character_for_character() -> Non
     from streams.sessions._state import Fold
 
     fold = Fold.new('tenant "q"', "会话-1\n")
+    assert fold.json_text() == json.dumps(fold.to_json(), ensure_ascii=False)
     for offset, event in enumerate([*conversation_with_everything(), *(message(f"m{i}") for i in range(70))]):
         fold.apply(event, LogPosition(0, offset))
         text = fold.json_text()
@@ -222,3 +223,18 @@ def test_a_state_written_with_the_ids_in_full_is_read_and_written_back_with_dige
     written = json.loads(fold.json_text())
     assert "recent_client_message_ids" not in written
     assert ConversationState.from_json(written) == state
+
+
+def test_the_stored_document_leaves_out_the_fields_at_their_defaults() -> None:
+    import json
+
+    from streams.sessions._state import Fold
+
+    state = fold_all([started(), message("a")])
+    document = json.loads(Fold(state).json_text())
+    assert "assignee" not in document and "resolution" not in document and "recent_decisions" not in document
+    assert document["status"] == STATUS_OPEN and document["mode"] == "bot"  # always there
+    assert document["message_count"] == 1 and document["customer_id"] == "cust-9"
+    assert ConversationState.from_json(document) == state
+    closed_document = json.loads(Fold(fold_all([started(), closed()])).json_text())
+    assert closed_document["status"] == STATUS_CLOSED
