@@ -32,6 +32,7 @@ from streams._consumer import (
     Rejected,
     instance_id,
     is_outage,
+    raise_if_cancelling,
     run_until_signalled,
 )
 from streams.archive._segment import Manifest
@@ -112,9 +113,16 @@ class ArchiverProcessor:
                     self._ready.add(p)
                     pending.discard(p)
             except Exception as exc:
-                if not is_outage(exc):
-                    raise
-                log.error("archiver: reading positions from S3: %r; retrying in %.1fs", exc, delay)
+                # Every error, not only outages: aiokafka runs this as a rebalance listener and
+                # only logs what it raises, so the partitions would stay assigned and never ready
+                # (their records skipped, nothing archived) while the archiver looked alive.
+                raise_if_cancelling(exc)
+                log.error(
+                    "archiver: reading positions of partitions %s from S3: %r; retrying in %.1fs",
+                    sorted(pending),
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
