@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 FOLLOW_FETCH_WAIT_MS = 100
 # How long a broken consumer may take to stop before a new one replaces it.
 STOP_BOUND_S = 10.0
+# A read to the topic's end that takes longer is begun again, with a new consumer, from where it
+# got to: one whose fetch task ended (aio-libs/aiokafka#983) never gets there, and position() of a
+# partition being reset never returns.
+CATCH_UP_BOUND_S = 30.0
 
 
 class TenantsTopicMissing(RuntimeError):
@@ -84,16 +88,30 @@ class RegistryFollower:
 
     async def catch_up(self) -> Registry:
         """Read the topic from the beginning to its current end."""
-        consumer, partitions = await self._open()
-        try:
-            ends = await consumer.end_offsets(partitions)
-            while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
-                self._apply(await consumer.getmany(timeout_ms=500))
-        except BaseException:
-            await consumer.stop()
-            raise
-        self._consumer = consumer
-        return self.registry
+        while True:
+            consumer, partitions = await self._open()
+            try:
+                await asyncio.wait_for(self._read_to_end(consumer, partitions), CATCH_UP_BOUND_S)
+            except (TimeoutError, FetchEnded) as exc:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(consumer.stop(), STOP_BOUND_S)
+                log.warning(
+                    "tenants topic: the read to its end stalled (%r); reading on with a new consumer", exc
+                )
+                continue
+            except BaseException:
+                await consumer.stop()
+                raise
+            self._consumer = consumer
+            return self.registry
+
+    async def _read_to_end(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+        ends = await consumer.end_offsets(partitions)
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            ended = fetch_task_ended(consumer)
+            if ended is not None:
+                raise FetchEnded(f"the consumer's fetch task has ended ({ended!r})")
+            self._apply(await consumer.getmany(timeout_ms=500))
 
     async def _open(self) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
         """A consumer of the topic's partitions, each where this follower has read up to (from
