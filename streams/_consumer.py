@@ -54,6 +54,11 @@ STALL_BOUND_S = 30.0
 # Bound on each of the watchdog's requests: a Kafka that does not answer is an outage (the client
 # reconnects by itself), never a reason to start the consumer again.
 STALL_REQUEST_BOUND_S = 5.0
+# A group join that has not completed for this long is logged as an error (again after as long
+# again) and shows in switchboard_consumer_joining_seconds. Starting the consumer again does not
+# help: seen in a soak, Kafka 4.1's group coordinator was left refusing every join of one group
+# (NOT_COORDINATOR) after an unclean broker restart, until the broker was restarted.
+JOIN_BOUND_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +159,8 @@ class ConsumerStats:
     last_poll_monotonic: float = 0.0
     # Times the stall watchdog started the Kafka consumer again.
     restarts: int = 0
+    # Since when (monotonic) the consumer has been joining its group without an assignment.
+    joining_since: float | None = None
 
 
 class _Control:
@@ -228,6 +235,7 @@ class BatchConsumer:
         self._checked_at = time.monotonic()
         self._behind_since: float | None = None
         self._poll_delay = RETRY_INITIAL_S
+        self._join_logged_at = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -273,6 +281,22 @@ class BatchConsumer:
 
     async def run(self) -> None:
         """Poll, process and commit until `stop()`."""
+        # Apart from the polls: aiokafka's getmany waits, without bound, for the group join.
+        watching = asyncio.ensure_future(self._watch_joins())
+        try:
+            await self._run()
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+
+    async def _watch_joins(self) -> None:
+        while True:
+            await asyncio.sleep(STALL_CHECK_EVERY_S)
+            if self._consumer is not None:
+                self._watch_join(self._consumer, time.monotonic())
+
+    async def _run(self) -> None:
         assert self._consumer is not None and self._control is not None
         while not self._stopping.is_set():
             fetched = await self._poll(
@@ -397,6 +421,27 @@ class BatchConsumer:
             "; ".join(behind),
         )
         return True
+
+    def _watch_join(self, consumer: AIOKafkaConsumer, now: float) -> None:
+        """Note since when the group join has been under way, and say so past JOIN_BOUND_S (a
+        member that is not assigned anything applies nothing, and reports no lag either)."""
+        if not _joining(consumer):
+            self.stats.joining_since = None
+            return
+        if self.stats.joining_since is None:
+            self.stats.joining_since = self._join_logged_at = now
+            return
+        if now - self._join_logged_at >= JOIN_BOUND_S:
+            self._join_logged_at = now
+            log.error(
+                "%s: group %s has been joining for %.0fs without an assignment: Kafka unreachable, "
+                "or its group coordinator refusing the join (Kafka 4.1 can be left refusing every "
+                "join of a group, NOT_COORDINATOR, after an unclean broker restart: restarting the "
+                "broker clears it)",
+                self._processor.name,
+                self._group_id,
+                now - self.stats.joining_since,
+            )
 
     async def _restart_consumer(self) -> None:
         """Stop the Kafka consumer and start a new one with the same group and static id: its
@@ -609,6 +654,13 @@ async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
         raise
     except Exception:
         return -1
+
+
+def _joining(consumer: AIOKafkaConsumer) -> bool:
+    """Whether the consumer is (re)joining its group: subscribed, and its assignment not yet
+    given. Reads aiokafka's subscription state (private); False when it is not there."""
+    subscription = getattr(getattr(consumer, "_subscription", None), "subscription", None)
+    return bool(getattr(subscription, "_reassignment_in_progress", False))
 
 
 def fetch_task_ended(consumer: AIOKafkaConsumer) -> asyncio.Future[Any] | None:

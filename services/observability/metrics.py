@@ -357,12 +357,19 @@ class _ConsumerCollector(Collector):
             "Kafka consumers started again by the stall watchdog (fetching had stopped with records waiting)",
             labels=["processor"],
         )
+        joining = GaugeMetricFamily(
+            "switchboard_consumer_joining_seconds",
+            "How long the consumer has been joining its group without an assignment (0: assigned)",
+            labels=["processor"],
+        )
         for consumer in list(self._consumers):
             name = consumer._processor.name
             records.add_metric([name], consumer.stats.records)
             dead.add_metric([name], consumer.stats.dead_lettered)
             failures.add_metric([name], consumer.stats.failures)
             restarts.add_metric([name], consumer.stats.restarts)
+            since = consumer.stats.joining_since
+            joining.add_metric([name], time.monotonic() - since if since is not None else 0.0)
             for partition, (end, fetched) in _log_ends(consumer).items():
                 # The next offset to apply: after the last committed batch, else (nothing applied
                 # since the assignment) where the consumer fetches from.
@@ -371,7 +378,7 @@ class _ConsumerCollector(Collector):
                     lag.add_metric(
                         [consumer._group_id, consumer._topic, str(partition)], max(0, end - position)
                     )
-        yield from (lag, records, dead, failures, restarts)
+        yield from (lag, records, dead, failures, restarts, joining)
 
 
 def _log_ends(consumer: BatchConsumer) -> dict[int, tuple[int, int | None]]:
