@@ -51,6 +51,7 @@ from streams._consumer import (
     Rejected,
     instance_id,
     is_outage,
+    raise_if_cancelling,
     run_until_signalled,
 )
 from streams.privacy.erasures import ErasureFollower
@@ -117,8 +118,10 @@ class SessionsProcessor:
             try:
                 return await self._take(partitions, consumer)
             except Exception as exc:
-                if not is_outage(exc):
-                    raise
+                # Every error, not only outages (a Redis error reply such as MISCONF or OOM too):
+                # aiokafka runs this as a rebalance listener and only logs what it raises, so the
+                # partitions would be folded with no rebuild and their write gate never opened.
+                raise_if_cancelling(exc)
                 log.error("taking partitions %s: %r; retrying in %.1fs", sorted(partitions), exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
