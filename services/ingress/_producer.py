@@ -82,6 +82,9 @@ class EventProducer:
         self._inflight = 0
         self._limit = settings.max_inflight_produce
         self._replacing: asyncio.Task[None] | None = None
+        # Bumped by each `_replace_producer`: records enqueued under different generations went to
+        # different producers, so nothing orders them (see WriteOrder.stopped).
+        self._generation = 0
         # Kafka key (conversation id) -> partition, as the default partitioner computes it (murmur2
         # is pure Python in aiokafka: worth computing once per conversation). The topic's partition
         # count is fixed once created (the key -> partition map depends on it).
@@ -90,6 +93,13 @@ class EventProducer:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+    @property
+    def generation(self) -> int:
+        """Which producer the next `enqueue` hands its record to (read it right before the call:
+        an enqueue binds its producer before its first suspension, and a replacement bumps this
+        before any later enqueue can start the new producer)."""
+        return self._generation
 
     async def start(self) -> None:
         """Start the Kafka producer (at the ingress's start, and again after `_replace_producer`).
@@ -126,6 +136,12 @@ class EventProducer:
             acks="all",
             linger_ms=self._settings.producer_linger_ms,
             max_batch_size=256 * 1024,
+            # Also the age at which aiokafka fails a batch still in its buffer, which it does only
+            # while the partition has no leader in the metadata (a batch once sent is retried until
+            # it lands: idempotence). A later batch of the partition could then land ahead of a
+            # failed one only if it was enqueued before that failure and the broker takes its
+            # sequence gap (it has no state of this producer id on the partition yet); otherwise it
+            # fails too (OutOfOrderSequenceNumber). WriteOrder.stopped refuses what comes after.
             request_timeout_ms=int(self._settings.produce_timeout_s * 1000) + 20_000,
             retry_backoff_ms=100,
             metadata_max_age_ms=60_000,
@@ -240,6 +256,7 @@ class EventProducer:
             return
         log.warning("replacing the Kafka producer after %r (its sequence state is broken)", cause)
         broken, self._producer = self._producer, None
+        self._generation += 1
         self._replacing = asyncio.ensure_future(self._close_quietly(broken))
 
     @staticmethod

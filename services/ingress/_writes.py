@@ -9,7 +9,11 @@
   the previous one did, and ends its turn only after that, whether it wrote anything or not.
 - Failure stops the conversation (`WriteOrder.failed`): after any failure of a message (refused,
   in flight elsewhere, over the in-flight bound, Kafka away, an exception) the stream's later
-  messages of that conversation are ABORTED, so a resend can never land behind them.
+  messages of that conversation are ABORTED, so a resend can never land behind them. That is
+  checked against each conversation's last record handed over (`WriteOrder.stopped`), not only
+  against batch outcomes (known once all of a batch's acks are in): a later message is ABORTED
+  as soon as that record failed, or while it is unacknowledged on a producer since replaced
+  (records of one producer land in enqueue order; of two producers, in no order).
 - Close after durable (`ConversationGate`): sends and closes of one conversation take turns in
   this process. A close refuses new sends, waits for sends being handed to the producer, and
   the hot view says closed only once the close event is durable.
@@ -81,6 +85,36 @@ class WriteOrder:
         # Conversations of this stream with a message that was not written: their later messages
         # are refused, so that resending the failed one cannot land after them.
         self.failed: set[Conversation] = previous.failed if previous is not None else set()
+        # Per conversation, its last record handed to the producer and that producer's generation;
+        # an entry goes once its batch has the outcome (a failure is in `failed` then).
+        self.last: dict[Conversation, tuple[asyncio.Future[object], int]] = (
+            previous.last if previous is not None else {}
+        )
+
+    def stopped(self, conversation: Conversation, generation: int) -> bool:
+        """Whether a record of `conversation` enqueued now (to producer `generation`) could land
+        ahead of the stream's earlier one: that one failed already (its batch has not said so
+        yet), or it is still unacknowledged on a replaced producer. Marks it failed if so."""
+        last = self.last.get(conversation)
+        if last is None:
+            return False
+        delivery, written_by = last
+        if delivery.done():
+            if not delivery.cancelled() and delivery.exception() is None:
+                return False
+        elif written_by == generation:
+            return False  # one idempotent producer writes a partition's records in enqueue order
+        self.failed.add(conversation)
+        return True
+
+    def handed(self, conversation: Conversation, delivery: asyncio.Future[object], generation: int) -> None:
+        self.last[conversation] = (delivery, generation)
+
+    def answered(self, conversation: Conversation, delivery: asyncio.Future[object]) -> None:
+        """The batch that handed `delivery` over has its outcome (a failure is in `failed`)."""
+        last = self.last.get(conversation)
+        if last is not None and last[0] is delivery:
+            del self.last[conversation]
 
     async def wait_turn(self) -> None:
         if self._previous is not None:
@@ -306,6 +340,9 @@ class ConversationWrites:
             for req, outcome in zip(requests, final, strict=True):
                 if _stops_the_conversation(outcome) and isinstance(req, chat_pb2.SendMessageRequest):
                     order.failed.add((req.tenant_id, req.conversation_id))
+            for r in results:
+                if isinstance(r, _Write):
+                    order.answered((r.event.tenant_id, r.event.conversation_id), r.delivery)
         return final
 
     def _answer(self, req: chat_pb2.SendMessageRequest, write: _Write) -> Outcome:
@@ -349,7 +386,7 @@ class ConversationWrites:
                 async with asyncio.timeout(self._settings.produce_timeout_s):
                     for n, (i, req) in enumerate(writers):
                         claim = claims[n] if n < granted else None
-                        outcome = await self._write_one(req, claim, failed or set(), traceparents[i])
+                        outcome = await self._write_one(req, claim, order, traceparents[i])
                         results[i] = outcome
                         written = n + 1
                         if isinstance(outcome, _Write):
@@ -430,7 +467,7 @@ class ConversationWrites:
         self,
         req: chat_pb2.SendMessageRequest,
         claim: Claim | None,
-        failed: set[Conversation],
+        order: WriteOrder | None,
         traceparent: str,
     ) -> Outcome | _Write:
         """In the batch's turn and in request order: hand one message to the producer, or why not."""
@@ -442,7 +479,8 @@ class ConversationWrites:
             return _closed(req.conversation_id)
         if claim is not None and claim.closing:
             return _being_closed(req.conversation_id)
-        if conversation in failed:
+        generation = self._producer.generation  # the producer the enqueue below binds (no await between)
+        if order is not None and (conversation in order.failed or order.stopped(conversation, generation)):
             return _after_failure(req)
         if claim is None:
             return self._producer.exhausted()
@@ -477,6 +515,8 @@ class ConversationWrites:
             return _incident("SendMessage", f"handing {req.client_message_id!r} to the producer")
         finally:
             self._gate.end_send(conversation)
+        if order is not None:
+            order.handed(conversation, delivery, generation)
         return _Write(event, delivery, claim.held(_claim_key(req)))
 
     # ------------------------------------------------------------------ claims
@@ -1105,7 +1145,7 @@ def _after_failure(req: chat_pb2.SendMessageRequest) -> v.RequestRejected:
     return v.RequestRejected(
         grpc.StatusCode.ABORTED,
         f"not written: an earlier message of conversation {req.conversation_id!r} in this stream "
-        "failed; resend from that one to keep the order",
+        "failed (or its outcome is not known yet); resend from that one to keep the order",
     )
 
 

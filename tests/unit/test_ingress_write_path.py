@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+from aiokafka.errors import OutOfOrderSequenceNumber
 from switchboard.v1 import chat_pb2
 
 from schemas import hotview as hv
@@ -106,11 +107,19 @@ def label(event: Event) -> str:
     return kind
 
 
+class _Client:
+    """Stands in for the AIOKafkaProducer, so `_replace_producer` swaps it out as for real."""
+
+    async def stop(self) -> None:
+        pass
+
+
 class FakeProducer(EventProducer):
     """Records the order records were handed over; each delivery is a future the test resolves."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
+        self._producer = _Client()
         self.order: list[str] = []
         self.deliveries: dict[str, asyncio.Future[object]] = {}
         self.raise_on: set[str] = set()
@@ -124,6 +133,8 @@ class FakeProducer(EventProducer):
             await self.hold_enqueue[name].wait()
         if name in self.raise_on:
             raise RuntimeError(f"boom on {name}")
+        if self._producer is None:
+            self._producer = _Client()  # replaced: the send starts a new one
         self.order.append(name)
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self.deliveries[name] = fut
@@ -213,6 +224,85 @@ async def test_an_exception_aborts_later_messages_of_the_conversation() -> None:
     (out2,) = await service.accept_messages([msg("m2")], "", WriteOrder(first))
     assert code(out2) == grpc.StatusCode.ABORTED
     assert producer.order == []
+
+
+async def test_a_stream_message_is_not_written_behind_an_earlier_one_that_failed_meanwhile() -> None:
+    # Review finding: batch N's m1 fails with a fatal producer error (a broker restart) and the
+    # producer is replaced; batch N+1 (admitted once N was handed over, its claim slow) passed the
+    # `failed` check, which is filled only once all of N's acks are in (b1 still pending), and was
+    # written by the new producer: m2 acked, m1 UNAVAILABLE, so the resent m1 landed after m2.
+    service, hot, producer = make()
+    producer.auto_ack = False
+    first = WriteOrder(None)
+    batch_n = asyncio.ensure_future(service.accept_messages([msg("m1"), msg("b1", B)], "", first))
+    await until(lambda: "b1" in producer.deliveries, "batch N handed over")
+    hot.hold_claims["m2"] = asyncio.Event()
+    batch_n1 = asyncio.ensure_future(service.accept_messages([msg("m2")], "", WriteOrder(first)))
+    await until(lambda: "m2" in hot.claiming, "batch N+1 claiming")
+    producer.deliveries["m1"].set_exception(OutOfOrderSequenceNumber())
+    await until(lambda: producer.generation == 1, "the broken producer replaced")
+    producer.auto_ack = True
+    hot.hold_claims["m2"].set()
+    (out2,) = await batch_n1
+    producer.ack("b1")
+    out1, _ = await batch_n
+    assert code(out1) == grpc.StatusCode.UNAVAILABLE
+    assert code(out2) == grpc.StatusCode.ABORTED, "m2 acked ahead of the failed m1"
+    assert producer.order == ["m1", "b1"]
+    assert (T, A, "m2") not in hot.claims, "the refused message's claim was kept"
+
+
+async def test_a_stream_message_waits_out_an_earlier_one_left_on_a_replaced_producer() -> None:
+    # m1 is still unacknowledged on a producer that another caller's fatal error replaced: the old
+    # one may yet deliver it (while it is closed) or fail it, after m2 went out on the new one.
+    service, _, producer = make()
+    producer.auto_ack = False
+    first = WriteOrder(None)
+    batch_n = asyncio.ensure_future(service.accept_messages([msg("m1")], "", first))
+    await until(lambda: "m1" in producer.deliveries, "m1 handed over")
+    other = asyncio.ensure_future(service.accept_messages([msg("b1", B)], ""))
+    await until(lambda: "b1" in producer.deliveries, "b1 handed over")
+    producer.deliveries["b1"].set_exception(OutOfOrderSequenceNumber())
+    await other
+    assert producer.generation == 1
+    producer.auto_ack = True
+    second = WriteOrder(first)
+    (out2,) = await service.accept_messages([msg("m2")], "", second)
+    assert code(out2) == grpc.StatusCode.ABORTED, "m2 written by the new producer while m1 was in doubt"
+    producer.ack("m1")  # the old producer delivered it after all
+    (out1,) = await batch_n
+    assert isinstance(out1, chat_pb2.SendMessageResponse)
+    # m2 was refused, so m3 must not go ahead of its resend either.
+    (out3,) = await service.accept_messages([msg("m3")], "", WriteOrder(second))
+    assert code(out3) == grpc.StatusCode.ABORTED
+    assert producer.order == ["m1", "b1"]
+
+
+async def test_a_batch_does_not_split_a_conversation_across_a_producer_replacement() -> None:
+    # SendMessageBatch: one WriteOrder; m1 is in the old producer's send when a fatal error of
+    # another caller replaces it, so m2 (same batch, same conversation) would go to the new one.
+    service, hot, producer = make()
+    producer.auto_ack = False
+    producer.hold_enqueue["m1"] = asyncio.Event()
+    batch = asyncio.ensure_future(service.accept_messages([msg("m1"), msg("m2")], "", WriteOrder(None)))
+    await until(lambda: (T, A, "m2") in hot.claims, "the batch claimed")
+    for _ in range(20):
+        await asyncio.sleep(0)  # m1 is inside the producer's send
+    other = asyncio.ensure_future(service.accept_messages([msg("b1", B)], ""))
+    await until(lambda: "b1" in producer.deliveries, "b1 handed over")
+    producer.deliveries["b1"].set_exception(OutOfOrderSequenceNumber())
+    await other
+    producer.hold_enqueue["m1"].set()
+    await until(lambda: "m1" in producer.deliveries, "m1 handed over (to the old producer)")
+    for _ in range(20):
+        await asyncio.sleep(0)
+    for name in ("m1", "m2"):
+        if name in producer.deliveries:
+            producer.ack(name)
+    out1, out2 = await batch
+    assert isinstance(out1, chat_pb2.SendMessageResponse)
+    assert code(out2) == grpc.StatusCode.ABORTED
+    assert producer.order == ["b1", "m1"]
 
 
 async def test_cancelling_a_stream_batch_keeps_the_claim_of_a_record_handed_to_kafka() -> None:
