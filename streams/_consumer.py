@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import socket
 import time
@@ -130,14 +131,25 @@ def is_outage(exc: BaseException) -> bool:
         rx.MasterDownError,
     )
     with contextlib.suppress(ImportError):
-        from clickhouse_connect.driver.exceptions import OperationalError
+        from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
         outage = (*outage, OperationalError)
+        if isinstance(exc, DatabaseError) and _TRANSIENT_CLICKHOUSE.search(str(exc)):
+            return True
     if isinstance(exc, outage):
         return True
     if isinstance(exc, KafkaError):
         return bool(getattr(exc, "retriable", False))
     return False
+
+
+# ClickHouse errors of the server's state, not of the data (``Code: N.`` in its message): the
+# batch is retried, never dead-lettered. Its health probe would still pass during most of them,
+# so without this a whole batch of good events went to the dead-letter topic. 159 TIMEOUT_EXCEEDED,
+# 202 TOO_MANY_SIMULTANEOUS_QUERIES, 209 SOCKET_TIMEOUT, 210 NETWORK_ERROR, 241
+# MEMORY_LIMIT_EXCEEDED, 242 TABLE_IS_READ_ONLY, 252 TOO_MANY_PARTS, 425 SYSTEM_ERROR, 999
+# KEEPER_EXCEPTION.
+_TRANSIENT_CLICKHOUSE = re.compile(r"\bCode: (159|202|209|210|241|242|252|425|999)\b")
 
 
 def raise_if_cancelling(exc: Exception) -> None:

@@ -84,3 +84,23 @@ def test_only_redis_outages_are_unavailable():
     for bug in (r.ResponseError("WRONGTYPE"), r.DataError("x"), r.NoScriptError("x")):
         rejection = as_rejection(bug, "t")
         assert rejection.code == grpc.StatusCode.INTERNAL and "incident" in rejection.message
+
+
+def test_clickhouse_errors_of_the_servers_state_are_outages_not_poison() -> None:
+    """A projector batch that ClickHouse refuses for its own state (too many parts, a read-only
+    table, memory) is retried; only an error of the data itself may dead-letter a record."""
+    from clickhouse_connect.driver.exceptions import DatabaseError
+
+    from streams._consumer import is_outage
+
+    too_many_parts = DatabaseError(
+        "HTTPDriver for http://127.0.0.1:8123 received ClickHouse error code 252\\n Code: 252. "
+        "DB::Exception: Too many parts (3001). Merges are processing significantly slower than inserts"
+    )
+    read_only = DatabaseError("Code: 242. DB::Exception: Table is in readonly mode. (TABLE_IS_READ_ONLY)")
+    bad_data = DatabaseError(
+        "Code: 27. DB::Exception: Cannot parse input: expected '\\t'. (CANNOT_PARSE_INPUT)"
+    )
+    assert is_outage(too_many_parts)
+    assert is_outage(read_only)
+    assert not is_outage(bad_data)
