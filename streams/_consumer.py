@@ -258,6 +258,11 @@ class BatchConsumer:
             bootstrap_servers=self._settings.kafka_bootstrap, acks="all", enable_idempotence=True
         )
         await _until_up("Kafka (dead-letter producer)", self._producer.start)
+        # A processor that keeps its own position dead-letters before that position passes a
+        # refused record (streams/sessions: SessionsProcessor.bind_dead_letter).
+        bind = getattr(self._processor, "bind_dead_letter", None)
+        if bind is not None:
+            bind(self._dead_letter_all)
         metrics.observe_consumer(self)
 
     async def _start_consumer(self) -> None:
@@ -565,6 +570,10 @@ class BatchConsumer:
         except Exception as exc:
             log.error("%s: health probe failed: %r", self._processor.name, exc)
             return False
+
+    async def _dead_letter_all(self, rejected: Rejected) -> None:
+        for record, error in rejected:
+            await self._dead_letter(record, error)
 
     async def _dead_letter(self, record: Record, exc: BaseException) -> None:
         assert self._producer is not None

@@ -35,7 +35,7 @@ import json
 import logging
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -99,6 +99,15 @@ class SessionsProcessor:
         self.table_misses = 0
         self._apply_sha = hashlib.sha1(APPLY_SCRIPT.encode()).hexdigest()
         self._set_positions = redis.register_script(POSITIONS_SCRIPT)
+        # Dead-letters refused records durably (the BatchConsumer's, see bind_dead_letter).
+        self._dead_letter_first: Callable[[Rejected], Awaitable[None]] | None = None
+
+    def bind_dead_letter(self, dead_letter: Callable[[Rejected], Awaitable[None]]) -> None:
+        """How to dead-letter refused records durably. This worker resumes from its own position
+        in Redis, not from Kafka's committed offsets: a record refused in a batch is dead-lettered
+        before the position that passes it is written (the consumer would only do so after
+        `process` returned, and a crash in between lost the dead letter)."""
+        self._dead_letter_first = dead_letter
 
     def begin(self) -> None:
         """Begin reading the erasure registry (at the worker's start-up), without waiting."""
@@ -417,6 +426,10 @@ class SessionsProcessor:
             _requeue(writes, slot, queued_before[slot], fold)
             _track_activity(writes, slot, active_before[slot], fold)
         await self._execute(writes)
+        if rejected and self._dead_letter_first is not None:
+            # Before the position passes them (see bind_dead_letter); not again by the consumer.
+            await self._dead_letter_first(list(rejected))
+            rejected.clear()
         # Positions last, in their own round trip once every state is in: a Redis that kept them
         # kept everything above.
         last: dict[int, int] = {}
