@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     # --- Kafka -------------------------------------------------------------------------------
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_controller_port: int = 9093
-    kafka_version: str = "4.1.1"
+    kafka_version: str = "4.1.2"
     conversation_topic: str = "conversation-events"
     knowledge_topic: str = "knowledge-events"
     dead_letter_topic: str = "switchboard-dead-letter"
