@@ -95,15 +95,7 @@ def _cmd_ingress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _processor_priority(settings: Settings) -> None:
-    """Lower this stream processor's CPU priority by `settings.processor_nice` (its children
-    inherit it)."""
-    if settings.processor_nice:
-        os.nice(settings.processor_nice)
-
-
 def _cmd_worker(args: argparse.Namespace) -> int:
-    _processor_priority(_settings())
     if args.role == "sessions":
         from streams.sessions._worker import run_sessions
 
@@ -135,7 +127,6 @@ def _cmd_analytics(args: argparse.Namespace) -> int:
     from services.analytics import run_analytics
 
     _logging(args.log_level)
-    _processor_priority(_settings())
     run_analytics(_settings())
     return 0
 

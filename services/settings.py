@@ -146,11 +146,6 @@ class Settings(BaseSettings):
     # `switchboard worker sessions` runs this many processes, each a group member with the static
     # id "<worker_instance_id or sessions-hostname>-<i>"; useful up to the topic's partition count.
     sessions_processes: int = Field(default=1, ge=1, le=1024)
-    # CPU niceness of the stream processors (sessions, assistant, archiver, analytics): they are
-    # off the ack path, so on a machine they share with the ingress, Kafka and Redis, a higher
-    # value gives the write path the CPU first and the processors catch up in the slack. 0: as
-    # the parent. (Only ever lowers their priority; raising it needs privileges.)
-    processor_nice: int = Field(default=0, ge=0, le=19)
     batch_size: int = Field(default=500, ge=1)
     # Each ClickHouse insert has a fixed cost (~20-40 ms on chdb here), so the projector takes
     # bigger batches than the sessions worker (filled for up to 0.5 s, streams/projector/_agent.py).
