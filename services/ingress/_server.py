@@ -53,7 +53,7 @@ STREAM_ADMITTING = 1
 # Messages of one stream taken but not answered yet. Beyond it the handler reads no more, so HTTP/2
 # flow control slows the client down, instead of its backlog becoming writes in flight (which
 # would crowd out other callers and meet the process's in-flight bound: RESOURCE_EXHAUSTED).
-STREAM_WINDOW = 2 * STREAM_BATCH
+STREAM_WINDOW = 4 * STREAM_BATCH
 # How often the health status follows the hot view's readiness.
 READINESS_POLL_S = 0.5
 # How long stop() waits for its background tasks to end once cancelled.
