@@ -11,66 +11,39 @@ raises; polling again is all it takes. Here the error is handed up the way aioka
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import uuid
 
 import pytest
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from services.kafka_topics import ensure_topics
 from services.settings import Settings
-from streams._consumer import BatchConsumer
 from tests.integration.conftest import eventually
-from tests.integration.test_consumer_stall import Collect
+from tests.integration.consumer_rig import Collect, fresh_topic, running_consumer, send_all, started_producer
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.mark.timeout(180)
 async def test_a_group_coordination_error_does_not_end_the_consumer(local_stack: Settings) -> None:
-    settings = local_stack.model_copy(update={"conversation_topic": f"grouperr-{uuid.uuid4().hex[:8]}"})
-    await ensure_topics(settings)
-    processor = Collect()
-    consumer = BatchConsumer(
-        settings,
-        processor,
-        topic=settings.conversation_topic,
-        group_id=f"grouperr-{uuid.uuid4().hex[:8]}",
-        instance_id=f"grouperr-{uuid.uuid4().hex[:8]}",
-        batch_size=64,
-    )
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    await consumer.start()
-    running = asyncio.ensure_future(consumer.run())
-
-    async def applied() -> list[bytes]:
-        assert not running.done(), running
-        return list(processor.values)
-
-    try:
+    settings = await fresh_topic(local_stack, "grouperr")
+    async with (
+        started_producer(settings) as producer,
+        running_consumer(settings, Collect(), "grouperr") as rig,
+    ):
         before = [f"before-{i}".encode() for i in range(10)]
-        for value in before:
-            await producer.send_and_wait(settings.conversation_topic, value, key=b"k")
-        await eventually(applied, lambda v: v == before, within_s=60, what="records before the error")
+        await send_all(producer, settings.conversation_topic, before)
+        await eventually(rig.applied, lambda v: v == before, within_s=60, what="records before the error")
 
         # What aiokafka does with an unexpected SyncGroup error: hand it to the next poll.
-        assert consumer._consumer is not None
-        coordinator = consumer._consumer._coordinator
+        assert rig.consumer._consumer is not None
+        coordinator = rig.consumer._consumer._coordinator
         coordinator.request_rejoin()
         waiting = asyncio.ensure_future(
             coordinator._push_error_to_user(KafkaError("GroupLoadInProgressError()"))
         )
 
         after = [f"after-{i}".encode() for i in range(10)]
-        for value in after:
-            await producer.send_and_wait(settings.conversation_topic, value, key=b"k")
-        await eventually(applied, lambda v: v == before + after, within_s=60, what="records after the error")
+        await send_all(producer, settings.conversation_topic, after)
+        await eventually(
+            rig.applied, lambda v: v == before + after, within_s=60, what="records after the error"
+        )
         assert waiting.done()  # the error was taken by a poll
-    finally:
-        await consumer.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(running, 10)
-        await consumer.close()
-        await producer.stop()

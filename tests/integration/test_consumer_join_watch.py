@@ -9,22 +9,17 @@ is held up by a broker that does not answer (SIGSTOP) while the consumer rejoins
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import signal
-import uuid
 
 import psutil
 import pytest
 
 from services import stack
-from services.kafka_topics import ensure_topics
 from services.settings import Settings
 from streams import _consumer
-from streams._consumer import BatchConsumer
 from tests.integration.conftest import eventually
-from tests.integration.test_consumer_stall import Collect
+from tests.integration.consumer_rig import Collect, fresh_topic, running_consumer
 
 pytestmark = pytest.mark.integration
 
@@ -35,25 +30,15 @@ async def test_a_join_that_does_not_complete_is_reported(
 ) -> None:
     monkeypatch.setattr(_consumer, "STALL_CHECK_EVERY_S", 0.2)
     monkeypatch.setattr(_consumer, "JOIN_BOUND_S", 1.0)
-    settings = local_stack.model_copy(update={"conversation_topic": f"join-{uuid.uuid4().hex[:8]}"})
-    await ensure_topics(settings)
-    consumer = BatchConsumer(
-        settings,
-        Collect(),
-        topic=settings.conversation_topic,
-        group_id=f"join-{uuid.uuid4().hex[:8]}",
-        instance_id=f"join-{uuid.uuid4().hex[:8]}",
-        batch_size=16,
-    )
-    await consumer.start()
-    running = asyncio.ensure_future(consumer.run())
+    settings = await fresh_topic(local_stack, "join")
+    async with running_consumer(settings, Collect(), "join", batch_size=16) as rig:
+        consumer = rig.consumer
 
-    async def assigned() -> bool:
-        assert not running.done(), running
-        return bool(consumer._consumer and consumer._consumer.assignment())
+        async def assigned() -> bool:
+            rig.alive()
+            return bool(consumer._consumer and consumer._consumer.assignment())
 
-    broker = psutil.Process((await stack.status(local_stack))["kafka"]["pid"])
-    try:
+        broker = psutil.Process((await stack.status(local_stack))["kafka"]["pid"])
         await eventually(assigned, bool, within_s=60, what="the first assignment")
         assert consumer.stats.joining_since is None
         caplog.set_level(logging.ERROR, logger="streams._consumer")
@@ -74,8 +59,3 @@ async def test_a_join_that_does_not_complete_is_reported(
             return await assigned() and consumer.stats.joining_since is None
 
         await eventually(rejoined, bool, within_s=90, what="assigned again once Kafka answers")
-    finally:
-        await consumer.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(running, 10)
-        await consumer.close()

@@ -11,18 +11,16 @@ revocation and a new member for nothing, after every such outage.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import uuid
 from collections.abc import Sequence
 
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from services.kafka_topics import ensure_topics
 from services.settings import Settings
 from streams import _consumer
-from streams._consumer import BatchConsumer, PartitionControl, Record, Rejected
+from streams._consumer import PartitionControl, Record, Rejected
 from tests.integration.conftest import eventually
+from tests.integration.consumer_rig import fresh_topic, running_consumer, started_producer
 
 pytestmark = pytest.mark.integration
 
@@ -68,35 +66,13 @@ async def test_a_record_arriving_after_a_long_batch_does_not_restart_the_consume
 ) -> None:
     monkeypatch.setattr(_consumer, "STALL_CHECK_EVERY_S", 0.5)
     monkeypatch.setattr(_consumer, "STALL_BOUND_S", BOUND_S)
-    settings = local_stack.model_copy(update={"conversation_topic": f"stallfa-{uuid.uuid4().hex[:8]}"})
-    await ensure_topics(settings)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    processor = SlowThenQuick(producer, settings.conversation_topic)
-    consumer = BatchConsumer(
-        settings,
-        processor,
-        topic=settings.conversation_topic,
-        group_id=f"stallfa-{uuid.uuid4().hex[:8]}",
-        instance_id=f"stallfa-{uuid.uuid4().hex[:8]}",
-        batch_size=64,
-    )
-    await consumer.start()
-    running = asyncio.ensure_future(consumer.run())
-
-    async def applied() -> list[bytes]:
-        assert not running.done(), running
-        return list(processor.values)
-
-    try:
+    settings = await fresh_topic(local_stack, "stallfa")
+    async with (
+        started_producer(settings) as producer,
+        running_consumer(settings, SlowThenQuick(producer, settings.conversation_topic), "stallfa") as rig,
+    ):
         await producer.send_and_wait(settings.conversation_topic, b"first", key=b"k")
-        await eventually(applied, lambda v: v == [b"first", b"late"], within_s=60, what="both records")
+        await eventually(rig.applied, lambda v: v == [b"first", b"late"], within_s=60, what="both records")
         # The check right after the late record's arrival (before it was returned) found it behind.
-        assert consumer.stats.restarts == 0
-        assert processor.values == [b"first", b"late"]
-    finally:
-        await consumer.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(running, 10)
-        await consumer.close()
-        await producer.stop()
+        assert rig.consumer.stats.restarts == 0
+        assert rig.processor.values == [b"first", b"late"]

@@ -9,23 +9,21 @@ all: the registry must be read all the same.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from services.kafka_topics import ensure_topics
 from services.settings import Settings
-from streams._consumer import BatchConsumer, Processor
+from streams._consumer import Processor
 from streams.archive._archiver import ArchiverProcessor
 from streams.archive._store import ArchiveStore
 from streams.assistant._worker import AssistantProcessor
 from streams.privacy.erasures import ErasureFollower
 from streams.projector import ProjectorProcessor
 from tests.integration.conftest import eventually
+from tests.integration.consumer_rig import fresh_topic, running_consumer
 
 pytestmark = pytest.mark.integration
 
@@ -50,30 +48,19 @@ PROCESSORS: dict[str, Callable[[Settings, ErasureFollower], Processor]] = {
 async def test_a_started_processor_reads_the_erasure_registry_before_any_record(
     local_stack: Settings, role: str
 ) -> None:
-    settings = local_stack.model_copy(update={"conversation_topic": f"begin-{uuid.uuid4().hex[:8]}"})
-    await ensure_topics(settings)
+    settings = await fresh_topic(local_stack, "begin")
     follower = ErasureFollower(settings)
-    processor = PROCESSORS[role](settings, follower)
-    consumer = BatchConsumer(
-        settings,
-        processor,
-        topic=settings.conversation_topic,
-        group_id=f"begin-{role}-{uuid.uuid4().hex[:8]}",
-        batch_size=16,
-    )
-    await consumer.start()
-    running = asyncio.ensure_future(consumer.run())
-
-    async def read() -> bool:
-        assert not running.done(), running
-        return follower.ready
-
     try:
-        await eventually(read, bool, within_s=60, what=f"the {role}'s erasure registry read with no record")
-        assert consumer.stats.batches == 0
+        processor = PROCESSORS[role](settings, follower)
+        async with running_consumer(settings, processor, f"begin-{role}", batch_size=16, static=False) as rig:
+
+            async def read() -> bool:
+                rig.alive()
+                return follower.ready
+
+            await eventually(
+                read, bool, within_s=60, what=f"the {role}'s erasure registry read with no record"
+            )
+            assert rig.consumer.stats.batches == 0
     finally:
-        await consumer.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(running, 10)
-        await consumer.close()
         await follower.stop()

@@ -9,22 +9,16 @@ client's own errors, raised where aiokafka raises them.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaConnectionError, KafkaError
-from switchboard.v1 import knowledge_pb2
 
-from schemas import hotview as hv
-from services.ingress._knowledge import record_key, upserted
 from services.settings import Settings
-from streams.assistant import _worker
-from streams.assistant._worker import KnowledgeFollower
 from streams.knowledge import KnowledgeBase
 from tests.conftest import eventually
-from tests.integration.knowledge_rig import cancel_quietly, knowledge_topic
+from tests.integration.knowledge_rig import knowledge_follower
 
 pytestmark = pytest.mark.integration
 
@@ -52,47 +46,24 @@ class FlakyConsumer(AIOKafkaConsumer):
 async def test_the_follower_reads_on_after_a_failure_where_it_had_read_up_to(
     local_stack: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_worker, "AIOKafkaConsumer", FlakyConsumer)
-    monkeypatch.setattr(_worker, "KNOWLEDGE_RETRY_INITIAL_S", 0.05)
-    tenant = f"kf{uuid.uuid4().hex[:6]}"
-    knowledge = KnowledgeBase()
-    task = None
-    async with knowledge_topic(local_stack) as (settings, producer, redis):
-        follower = KnowledgeFollower(settings, knowledge, redis)
+    async with knowledge_follower(local_stack, monkeypatch, FlakyConsumer, KnowledgeBase(), "kf") as rig:
+        for i in range(3):
+            await rig.docs.upsert(i)
+        task = rig.start()
+        # The first start failed (Kafka away): the follower still becomes ready.
+        await rig.ready()
+        assert FlakyConsumer.starts >= 2
+        assert await rig.docs.indexed() == 3
 
-        async def upsert(i: int) -> None:
-            doc = knowledge_pb2.Document(
-                document_id=f"d-{i}", title=f"Article {i}", body=f"Parcel {i} ships."
-            )
-            await producer.send_and_wait(
-                settings.knowledge_topic,
-                key=record_key(tenant, doc.document_id),
-                value=upserted(tenant, doc).SerializeToString(),
-            )
-
-        async def indexed() -> int:
-            return int(await redis.hlen(hv.documents_key(tenant)))
-
-        try:
-            for i in range(3):
-                await upsert(i)
-            task = asyncio.create_task(follower.follow())
-            # The first start failed (Kafka away): the follower still becomes ready.
-            await asyncio.wait_for(follower.ready.wait(), 60)
-            assert FlakyConsumer.starts >= 2
-            assert await indexed() == 3
-
-            FlakyConsumer.fail_poll = True
-            await eventually(
-                lambda: asyncio.sleep(0, FlakyConsumer.fail_poll), lambda f: not f, what="the poll failed"
-            )
-            for i in range(3, 6):
-                await upsert(i)
-            await eventually(
-                indexed, lambda n: n == 6, within_s=60, what="documents upserted after the failure"
-            )
-            # Resumed where it had read up to: nothing read twice.
-            assert follower.applied == 6
-            assert not task.done()
-        finally:
-            await cancel_quietly(task)
+        FlakyConsumer.fail_poll = True
+        await eventually(
+            lambda: asyncio.sleep(0, FlakyConsumer.fail_poll), lambda f: not f, what="the poll failed"
+        )
+        for i in range(3, 6):
+            await rig.docs.upsert(i)
+        await eventually(
+            rig.docs.indexed, lambda n: n == 6, within_s=60, what="documents upserted after the failure"
+        )
+        # Resumed where it had read up to: nothing read twice.
+        assert rig.follower.applied == 6
+        assert not task.done()

@@ -12,24 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
-from switchboard.v1 import knowledge_pb2
 
-from schemas import hotview as hv
-from services.ingress._knowledge import record_key, upserted
 from services.settings import Settings
-from streams.assistant import _worker
-from streams.assistant._worker import KnowledgeFollower
 from streams.knowledge import KnowledgeBase
 from streams.knowledge._index import Document
 from tests.conftest import eventually
-from tests.integration.knowledge_rig import cancel_quietly, knowledge_topic
+from tests.integration.knowledge_rig import knowledge_follower
 
 pytestmark = pytest.mark.integration
 
@@ -63,46 +57,28 @@ class HeldKnowledge(KnowledgeBase):
 async def test_a_read_failure_during_a_turn_does_not_lose_its_documents(
     local_stack: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_worker, "AIOKafkaConsumer", FailingPoll)
-    monkeypatch.setattr(_worker, "KNOWLEDGE_RETRY_INITIAL_S", 0.05)
-    tenant = f"kt{uuid.uuid4().hex[:6]}"
     knowledge = HeldKnowledge()
-    task = None
-    async with knowledge_topic(local_stack) as (settings, producer, redis):
-        follower = KnowledgeFollower(settings, knowledge, redis)
-
-        async def upsert(i: int) -> None:
-            doc = knowledge_pb2.Document(
-                document_id=f"d-{i}", title=f"Article {i}", body=f"Parcel {i} ships."
-            )
-            await producer.send_and_wait(
-                settings.knowledge_topic,
-                key=record_key(tenant, doc.document_id),
-                value=upserted(tenant, doc).SerializeToString(),
-            )
-
-        async def listed() -> set[str]:
-            keys = await redis.hkeys(hv.documents_key(tenant))
-            return {k.decode() if isinstance(k, bytes) else k for k in keys}
-
+    async with knowledge_follower(local_stack, monkeypatch, FailingPoll, knowledge, "kt") as rig:
         try:
-            task = asyncio.create_task(follower.follow())
-            await asyncio.wait_for(follower.ready.wait(), 60)
+            task = rig.start()
+            await rig.ready()
             knowledge.hold.clear()
             knowledge.upserting.clear()
-            await upsert(0)
+            await rig.docs.upsert(0)
             await asyncio.to_thread(knowledge.upserting.wait, 60)  # d-0's turn is in hand
             FailingPoll.fail_poll = True
             await eventually(
                 lambda: asyncio.sleep(0, FailingPoll.fail_poll), lambda f: not f, what="the poll failed"
             )
             knowledge.hold.set()
-            await upsert(1)
+            await rig.docs.upsert(1)
             await eventually(
-                listed, lambda keys: keys == {"d-0", "d-1"}, within_s=30, what="both documents listed"
+                rig.docs.listed,
+                lambda keys: keys == {"d-0", "d-1"},
+                within_s=30,
+                what="both documents listed",
             )
-            assert follower.applied == 2  # d-0 was not read again: its turn was given back
+            assert rig.follower.applied == 2  # d-0 was not read again: its turn was given back
             assert not task.done()
         finally:
             knowledge.hold.set()
-            await cancel_quietly(task)

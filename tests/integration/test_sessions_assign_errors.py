@@ -12,10 +12,6 @@ ResponseError, raised once where the worker reads the positions.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import uuid
-
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -24,9 +20,9 @@ from switchboard.v1 import events_pb2
 from schemas import hotview as hv
 from schemas.events import new_event
 from services.settings import Settings
-from streams._consumer import BatchConsumer
 from streams.sessions._worker import SessionsProcessor
 from tests.conftest import eventually
+from tests.integration.consumer_rig import running_consumer
 from tests.integration.test_sessions_redis_loss import PARTITIONS, own_log, produce
 
 pytestmark = pytest.mark.integration
@@ -57,31 +53,21 @@ async def test_partitions_whose_first_position_read_was_refused_are_rebuilt_and_
         await produce(settings, events)
         worker_redis = aioredis.Redis.from_url(settings.redis_url)
         processor = RefusedOnce(settings, worker_redis)
-        consumer = BatchConsumer(
-            settings,
-            processor,
-            topic=settings.conversation_topic,
-            group_id=f"assign-{uuid.uuid4().hex[:8]}",
-            batch_size=settings.batch_size,
-        )
-        await consumer.start()
-        running = asyncio.ensure_future(consumer.run())
-
-        async def gate() -> int:
-            assert not running.done(), running
-            return int(await redis.hlen(hv.READY_KEY))
-
         try:
-            await eventually(
-                gate,
-                lambda ready: ready == PARTITIONS,
-                within_s=60,
-                what="every partition's write gate open again",
-            )
-            assert processor.refusals == 0
+            async with running_consumer(
+                settings, processor, "assign", batch_size=settings.batch_size, static=False, stop_within_s=30
+            ) as rig:
+
+                async def gate() -> int:
+                    rig.alive()
+                    return int(await redis.hlen(hv.READY_KEY))
+
+                await eventually(
+                    gate,
+                    lambda ready: ready == PARTITIONS,
+                    within_s=60,
+                    what="every partition's write gate open again",
+                )
+                assert processor.refusals == 0
         finally:
-            await consumer.stop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(running, 30)
-            await consumer.close()
             await worker_redis.aclose()
