@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -68,12 +68,14 @@ def _free_listen() -> str:
 
 
 @pytest.fixture
-def signals_restored() -> Iterator[None]:
+async def signals_restored() -> AsyncIterator[None]:
+    # Async, so that its teardown runs on the tests' loop: a plain fixture's teardown found no
+    # current event loop when the whole suite ran (asyncio.get_event_loop() raised).
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        loop = asyncio.get_event_loop()
+        loop = asyncio.get_running_loop()
         for sig, handler in handlers.items():
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
