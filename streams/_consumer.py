@@ -60,6 +60,9 @@ STALL_REQUEST_BOUND_S = 5.0
 # help: seen in a soak, Kafka 4.1's group coordinator was left refusing every join of one group
 # (NOT_COORDINATOR) after an unclean broker restart, until the broker was restarted.
 JOIN_BOUND_S = 60.0
+# One attempt to dead-letter a record; past it the attempt fails and the next one goes through a
+# new producer (a healthy Kafka answers in milliseconds).
+DEAD_LETTER_ATTEMPT_S = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -598,13 +601,42 @@ class BatchConsumer:
         ]
 
         async def send() -> None:
-            assert self._producer is not None
-            await self._producer.send_and_wait(
-                self._settings.dead_letter_topic, key=record.key, value=record.value, headers=headers
-            )
+            producer = await self._dead_letter_producer()
+            try:
+                await asyncio.wait_for(
+                    producer.send_and_wait(
+                        self._settings.dead_letter_topic, key=record.key, value=record.value, headers=headers
+                    ),
+                    DEAD_LETTER_ATTEMPT_S,
+                )
+            except Exception:
+                # Timed out or failed: the next attempt goes through a new producer. Seen after a
+                # broker restart: a producer whose send neither completed nor failed, for good.
+                await self._drop_dead_letter_producer()
+                raise
 
         await self._until_durable("dead-lettering", send)
         self.stats.dead_lettered += 1
+
+    async def _dead_letter_producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            fresh = AIOKafkaProducer(
+                bootstrap_servers=self._settings.kafka_bootstrap, acks="all", enable_idempotence=True
+            )
+            try:
+                await fresh.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await fresh.stop()
+                raise
+            self._producer = fresh
+        return self._producer
+
+    async def _drop_dead_letter_producer(self) -> None:
+        broken, self._producer = self._producer, None
+        if broken is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(broken.stop(), STALL_REQUEST_BOUND_S * 2)
 
     async def _until_durable(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
         delay = RETRY_INITIAL_S
