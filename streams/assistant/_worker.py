@@ -87,6 +87,13 @@ _FATAL_PRODUCER_ERRORS = (
     ProducerFenced,
 )
 PRODUCER_STOP_BOUND_S = 10.0
+# How long a batch's decisions may wait for Kafka's acks; past it the producer is replaced and the
+# batch applied again as an outage (with the same decision ids).
+DECISIONS_ACK_BOUND_S = 30.0
+
+
+class _AcksTimedOut(Exception):
+    """The decisions' producer did not answer within DECISIONS_ACK_BOUND_S."""
 
 
 class ProducerReplaced(ConnectionError):
@@ -215,11 +222,19 @@ class AssistantProcessor:
             sent = await asyncio.gather(
                 *(self._answer_in_order(producer, items) for items in by_conversation.values())
             )
-            # Durable before the batch is done (and its offsets committed).
-            await asyncio.gather(*(ack for acks in sent for ack in acks))
+            # Durable before the batch is done (and its offsets committed); bounded: seen after a
+            # broker restart, a producer whose sends neither completed nor failed, for good.
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*(ack for acks in sent for ack in acks)), DECISIONS_ACK_BOUND_S
+                )
+            except TimeoutError as exc:
+                raise _AcksTimedOut(
+                    f"Kafka did not acknowledge the decisions within {DECISIONS_ACK_BOUND_S:.0f}s"
+                ) from exc
         except BaseException as exc:
             await asyncio.gather(*understanding, return_exceptions=True)
-            if isinstance(exc, _FATAL_PRODUCER_ERRORS) or (
+            if isinstance(exc, (*_FATAL_PRODUCER_ERRORS, _AcksTimedOut)) or (
                 isinstance(exc, KafkaError) and _sender_ended(self._producer)
             ):
                 # Every message would fail so, taken for poison and dead-lettered unanswered.

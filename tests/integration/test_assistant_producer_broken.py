@@ -27,6 +27,7 @@ from schemas.events import encode_event, event_headers, new_event
 from services.kafka_topics import ensure_topics
 from services.settings import Settings
 from streams._consumer import BatchConsumer
+from streams.assistant import _worker
 from streams.assistant._worker import AssistantProcessor, load_models
 from streams.assistant.gateway import GatewayConfig, ModelGateway
 from streams.knowledge import Document
@@ -38,9 +39,13 @@ MODELS_DIR = Path(__file__).resolve().parents[2] / "var" / "models"
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("fault", ["sequence broken", "never answers"])
 async def test_customer_messages_are_answered_not_dead_lettered_after_the_producer_broke(
-    local_stack: Settings,
+    local_stack: Settings, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
+    # "never answers": seen after a broker restart (a dead-letter producer there), sends that
+    # neither complete nor fail; the batch must not wait for them without bound.
+    monkeypatch.setattr(_worker, "DECISIONS_ACK_BOUND_S", 2.0)
     suffix = uuid.uuid4().hex[:8]
     settings = local_stack.model_copy(
         update={
@@ -64,7 +69,8 @@ async def test_customer_messages_are_answered_not_dead_lettered_after_the_produc
 
     async def broken_send(*args: Any, **kwargs: Any) -> asyncio.Future[Any]:
         delivery: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        delivery.set_exception(OutOfOrderSequenceNumber())
+        if fault == "sequence broken":
+            delivery.set_exception(OutOfOrderSequenceNumber())
         return delivery
 
     producer.send = broken_send
