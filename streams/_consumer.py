@@ -38,6 +38,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectionError, KafkaError
 
 from services import eventloop
+from services.kafka_clients import started
 from services.observability import metrics
 from services.settings import Settings
 
@@ -620,16 +621,11 @@ class BatchConsumer:
 
     async def _dead_letter_producer(self) -> AIOKafkaProducer:
         if self._producer is None:
-            fresh = AIOKafkaProducer(
-                bootstrap_servers=self._settings.kafka_bootstrap, acks="all", enable_idempotence=True
+            self._producer = await started(
+                AIOKafkaProducer(
+                    bootstrap_servers=self._settings.kafka_bootstrap, acks="all", enable_idempotence=True
+                )
             )
-            try:
-                await fresh.start()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await fresh.stop()
-                raise
-            self._producer = fresh
         return self._producer
 
     async def _drop_dead_letter_producer(self) -> None:

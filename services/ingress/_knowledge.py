@@ -23,8 +23,9 @@ from switchboard.v1 import knowledge_pb2, knowledge_pb2_grpc
 from schemas import hotview as hv
 from schemas.events import new_event_id, now_timestamp
 from services.ingress import _validation as v
-from services.ingress._producer import _FATAL_PRODUCER_ERRORS, unavailable
+from services.ingress._producer import unavailable
 from services.ingress._quotas import Quotas, too_many_documents
+from services.kafka_clients import FATAL_PRODUCER_ERRORS
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ class KnowledgeProducer:
                 )
             acks = []
             for record, delivery in zip(records, deliveries, strict=True):
-                if isinstance(delivery.exception(), _FATAL_PRODUCER_ERRORS):
+                if isinstance(delivery.exception(), FATAL_PRODUCER_ERRORS):
                     # Its sequence state is broken for good (seen after a broker restart).
                     await self._replace()
                 meta: Any = delivery.result()

@@ -17,31 +17,15 @@ from typing import Any
 
 import grpc
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import (
-    InvalidProducerEpoch,
-    InvalidProducerIdMapping,
-    KafkaError,
-    OutOfOrderSequenceNumber,
-    ProducerFenced,
-    UnknownProducerId,
-)
+from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
 from schemas.events import Event, encode_event, event_headers, event_key
 from services.ingress._validation import RequestRejected
+from services.kafka_clients import FATAL_PRODUCER_ERRORS
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# Errors after which an idempotent producer's sequence state is broken for good (seen after a
-# broker restart): only a new producer, with a new producer id, writes again.
-_FATAL_PRODUCER_ERRORS = (
-    OutOfOrderSequenceNumber,
-    UnknownProducerId,
-    InvalidProducerEpoch,
-    InvalidProducerIdMapping,
-    ProducerFenced,
-)
 
 # gRPC trailing-metadata key telling a caller how long to wait before retrying.
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -296,7 +280,7 @@ class EventProducer:
                 continue
             exc = delivery.exception()
             if exc is not None:
-                if isinstance(exc, _FATAL_PRODUCER_ERRORS):
+                if isinstance(exc, FATAL_PRODUCER_ERRORS):
                     self._replace_producer(exc)
                 outcomes.append(unavailable(f"Kafka refused the event: {exc!r}; retry"))
                 continue

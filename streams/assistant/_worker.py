@@ -31,14 +31,7 @@ import grpc
 import numpy as np
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import (
-    InvalidProducerEpoch,
-    InvalidProducerIdMapping,
-    KafkaError,
-    OutOfOrderSequenceNumber,
-    ProducerFenced,
-    UnknownProducerId,
-)
+from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 from switchboard.v1 import chat_pb2, events_pb2, knowledge_pb2, knowledge_pb2_grpc
 
@@ -52,6 +45,7 @@ from schemas.events import (
     event_type,
     now_timestamp,
 )
+from services.kafka_clients import FATAL_PRODUCER_ERRORS, started
 from services.settings import Settings
 from streams._consumer import (
     BatchConsumer,
@@ -77,15 +71,6 @@ SEARCH_LIMIT = 3
 UNDERSTAND_CHUNK = 16
 DELTA_STREAM_MAXLEN = 1000
 DELTA_STREAM_TTL_S = 3600
-# Errors after which an idempotent producer's sequence state is broken for good (a broker restart
-# can leave it so): every later send fails; only a new producer, with a new producer id, writes.
-_FATAL_PRODUCER_ERRORS = (
-    OutOfOrderSequenceNumber,
-    UnknownProducerId,
-    InvalidProducerEpoch,
-    InvalidProducerIdMapping,
-    ProducerFenced,
-)
 PRODUCER_STOP_BOUND_S = 10.0
 # How long a batch's decisions may wait for Kafka's acks; past it the producer is replaced and the
 # batch applied again as an outage (with the same decision ids).
@@ -234,7 +219,7 @@ class AssistantProcessor:
                 ) from exc
         except BaseException as exc:
             await asyncio.gather(*understanding, return_exceptions=True)
-            if isinstance(exc, (*_FATAL_PRODUCER_ERRORS, _AcksTimedOut)) or (
+            if isinstance(exc, (*FATAL_PRODUCER_ERRORS, _AcksTimedOut)) or (
                 isinstance(exc, KafkaError) and _sender_ended(self._producer)
             ):
                 # Every message would fail so, taken for poison and dead-lettered unanswered.
@@ -246,14 +231,7 @@ class AssistantProcessor:
 
     async def _producer_ready(self) -> AIOKafkaProducer:
         if self._producer is None:
-            fresh = assistant_producer(self._settings)
-            try:
-                await fresh.start()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await fresh.stop()
-                raise
-            self._producer = fresh
+            self._producer = await started(assistant_producer(self._settings))
         return self._producer
 
     async def _drop_producer(self, cause: BaseException) -> None:

@@ -30,6 +30,7 @@ from schemas.events import (
     encode_event,
     event_headers,
 )
+from services.kafka_clients import started
 from services.settings import Settings
 from streams._consumer import Record, fetch_task_ended, raise_if_cancelling
 
@@ -321,14 +322,7 @@ class ErasureFollower:
             while True:
                 try:
                     if consumer is None:
-                        fresh = self._new_consumer()
-                        try:
-                            await fresh.start()
-                        except BaseException:
-                            with contextlib.suppress(Exception):
-                                await fresh.stop()
-                            raise
-                        consumer = self._consumer = fresh
+                        consumer = self._consumer = await started(self._new_consumer())
                     ended = fetch_task_ended(consumer)
                     if ended is not None:
                         raise FetchEnded(f"the consumer's fetch task has ended ({ended!r})")
