@@ -409,6 +409,12 @@ class BatchConsumer:
         if ended is not None:
             log.error("%s: the Kafka consumer's fetch task has ended (%r)", self._processor.name, ended)
             return True
+        coordinating = _coordination_task(consumer)
+        if coordinating is not None and coordinating.done():
+            # It ended on an error (seen in a soak: uvloop's RuntimeError writing to a transport
+            # closed by a Kafka restart); every poll raises it from now on, and nothing heartbeats.
+            log.error("%s: the Kafka consumer's group coordination has ended", self._processor.name)
+            return True
         partitions = [tp for tp in consumer.assignment() if tp.topic == self._topic]
         if not partitions:
             self._behind_since = None
@@ -703,6 +709,12 @@ async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
         raise
     except Exception:
         return -1
+
+
+def _coordination_task(consumer: AIOKafkaConsumer) -> asyncio.Future[Any] | None:
+    """aiokafka's group coordination task (private); None when it is not there."""
+    task = getattr(getattr(consumer, "_coordinator", None), "_coordination_task", None)
+    return task if isinstance(task, asyncio.Future) else None
 
 
 def _joining(consumer: AIOKafkaConsumer) -> bool:
