@@ -1,11 +1,18 @@
-"""What Switchboard's Kafka clients share: starting one without leaving it half open, and the
-errors after which an idempotent producer is broken for good."""
+"""What Switchboard's Kafka clients share: starting one without leaving it half open, the
+errors after which an idempotent producer is broken for good, and a back-off between failed
+metadata updates (applied to aiokafka when this module is imported: every module of ours that
+imports aiokafka imports this one, see tests/unit/test_kafka_metadata_backoff.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from typing import Protocol, TypeVar
+import inspect
+import logging
+from typing import Any, Protocol, TypeVar
 
+import aiokafka
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import (
     InvalidProducerEpoch,
     InvalidProducerIdMapping,
@@ -45,3 +52,54 @@ async def started(client: C) -> C:
             await client.stop()
         raise
     return client
+
+
+log = logging.getLogger(__name__)
+
+# The aiokafka versions whose AIOKafkaClient._metadata_update we have read and patch.
+_BACKOFF_VERSIONS = ("0.14.",)
+
+
+def _throttle_failed_metadata_updates() -> bool:
+    """Make a failed metadata update wait retry_backoff_ms before it reports its failure.
+
+    Why: in aiokafka 0.14 a metadata update against a broker that refuses connections fails at
+    once and returns False with no back-off, and its callers (the consumer's fetcher while a
+    leader is unknown, `_wait_on_metadata`, the producer's sender, the group coordinator) ask for
+    the next one at once, so while Kafka is down every client spins: ~5,700 failed updates a
+    second in one worker during a broker kill -9, in every process, on the cores the broker
+    needs to restart (aio-libs/aiokafka#1155; no setting changes it: retry_backoff_ms is not
+    applied here). The wait sits inside the update, so the metadata task and every caller
+    awaiting `force_metadata_update()` are held by it; a successful update returns at once, and
+    `bootstrap()` does not go through this method. Returns whether the patch is in place.
+    """
+    original = AIOKafkaClient._metadata_update
+    if getattr(original, "_switchboard_backoff", False):
+        return True
+    params = list(inspect.signature(original).parameters)
+    if not (
+        aiokafka.__version__.startswith(_BACKOFF_VERSIONS)
+        and inspect.iscoroutinefunction(original)
+        and params == ["self", "cluster_metadata", "topics"]
+    ):
+        # Another aiokafka: read its client.py before extending _BACKOFF_VERSIONS (the unit test
+        # above fails if the spin is still there).
+        log.warning(
+            "aiokafka %s: failed metadata updates are not throttled (patch written for %s)",
+            aiokafka.__version__,
+            _BACKOFF_VERSIONS,
+        )
+        return False
+
+    async def _metadata_update(self: AIOKafkaClient, cluster_metadata: Any, topics: Any) -> bool:
+        updated: bool = await original(self, cluster_metadata, topics)
+        if not updated:
+            await asyncio.sleep(self._retry_backoff)
+        return updated
+
+    _metadata_update._switchboard_backoff = True  # type: ignore[attr-defined]
+    AIOKafkaClient._metadata_update = _metadata_update
+    return True
+
+
+METADATA_BACKOFF = _throttle_failed_metadata_updates()

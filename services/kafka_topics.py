@@ -9,6 +9,7 @@ import time
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
 from schemas.topics import TopicSpec, topic_catalogue
 from services.settings import Settings
 

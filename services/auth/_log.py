@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
 from services.auth._model import Record, Registry, encode_record
 from services.settings import Settings
 from streams._consumer import fetch_task_ended, raise_if_cancelling

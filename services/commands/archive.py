@@ -151,6 +151,7 @@ def _verify(settings: Any, topic: str, args: argparse.Namespace) -> int:
 async def _restore(settings: Any, topic: str, args: argparse.Namespace) -> int:
     from aiokafka import AIOKafkaProducer
 
+    import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
     from streams.archive import ArchiveStore
     from streams.replay import PartitionPlan, ReplayPlan, read_log
     from streams.replay._source import _cover

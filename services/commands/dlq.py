@@ -136,6 +136,7 @@ def describe_value(value: bytes | None) -> dict[str, Any]:
 async def read_dead_letters(settings: Any) -> list[DeadLetter]:
     from aiokafka import AIOKafkaConsumer
 
+    import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
     from services.auth._log import TenantsTopicMissing, topic_partitions
 
     topic = settings.dead_letter_topic
@@ -180,6 +181,8 @@ async def replay(
 ) -> list[tuple[DeadLetter, str]]:
     """Re-drive each letter; returns (letter, where it went or why not)."""
     from aiokafka import AIOKafkaProducer
+
+    import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
 
     outcomes: list[tuple[DeadLetter, str]] = []
     producer = None

@@ -46,6 +46,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter
 
+import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
 from schemas import hotview as hv
 from services.auth._limits import IDLE_CLOSE_AFTER
 from services.auth._model import Registry

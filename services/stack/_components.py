@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError
 from minio import Minio
 from minio.error import MinioException
 
+import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
 from services.settings import Settings
 from services.stack._layout import (
     INFRA_DIR,

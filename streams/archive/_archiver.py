@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
 from services.settings import Settings
 from streams._consumer import (
     BatchConsumer,

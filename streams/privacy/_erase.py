@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.timestamp_pb2 import Timestamp
 from switchboard.v1 import events_pb2
 
+import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
 from schemas import hotview as hv
 from schemas.events import HEADER_TENANT, Event, EventDecodeError, decode_event, new_event
 from services.analytics import DATABASE

@@ -451,6 +451,8 @@ async def _settled_position(
     `within_s`): the position a comparison with the live state is made at."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
+
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
     )

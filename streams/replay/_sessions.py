@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, urlencode, urlparse
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
 
+import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
 from schemas import hotview as hv
 from services.settings import Settings
 from streams._consumer import Record

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import OffsetOutOfRangeError
 
+import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
 from services.settings import Settings
 from streams._consumer import Record
 from streams.archive import ArchiveStore, Manifest
