@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -72,13 +75,9 @@ def run_system(settings: Settings, demo: bool = True) -> int:
         )
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        # The handler sets the event, which wakes this wait at once; every second the children
-        # are checked and a crashed one is restarted (its log says why it died).
-        while not stopping.wait(1.0):
-            for child in children.values():
-                if not child.alive:
-                    print(f"{child.name} exited; restarting it (log: {child.log_path})", flush=True)
-                    child.start()
+        # The handlers only set the event (SIGINT is not asyncio.run's then, so no
+        # KeyboardInterrupt lands inside a restart); `supervise` sees it within a tenth of a second.
+        asyncio.run(supervise(settings, children, stopping))
         return 0
     except KeyboardInterrupt:
         return 0
@@ -86,6 +85,140 @@ def run_system(settings: Settings, demo: bool = True) -> int:
         _banner("stopping")
         _stop_children(list(children.values()))
         asyncio.run(stack.down(settings))
+
+
+# A process that died is started again at once; one that dies again within STABLE_S of its start
+# (or fails to start) waits RESTART_FIRST_S, then twice as long each time up to RESTART_CAP_S, so a
+# process that cannot live neither spins nor fills the terminal. Up STABLE_S, it starts afresh.
+RESTART_FIRST_S = 1.0
+RESTART_CAP_S = 30.0
+STABLE_S = 30.0
+# How often the children and the stack's processes are looked at, and how often the stop event is.
+CHECK_S = 1.0
+STOP_POLL_S = 0.1
+# On a stop, how long a cancelled server restart may take to unwind (it releases the stack lock;
+# whatever it spawned has its pid file, so `stack.down` stops it).
+CANCEL_WAIT_S = 5.0
+
+
+@dataclass
+class Backoff:
+    """When one process may be started again: pure, given the time (monotonic seconds)."""
+
+    up_since: float | None = None  # started (or found running) then; None while down
+    failures: int = 0  # deaths and failed starts since it last stayed up STABLE_S
+    next_at: float = 0.0
+
+    def started(self, now: float) -> None:
+        self.up_since = now
+
+    def failed(self, now: float) -> float:
+        """It died or could not be started: the pause before the next start."""
+        if self.up_since is not None and now - self.up_since >= STABLE_S:
+            self.failures = 0
+        self.up_since = None
+        self.failures += 1
+        pause = 0.0 if self.failures == 1 else min(RESTART_CAP_S, RESTART_FIRST_S * 2 ** (self.failures - 2))
+        self.next_at = now + pause
+        return pause
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_at
+
+
+async def supervise(settings: Settings, children: dict[str, Child], stopping: threading.Event) -> None:
+    """Until `stopping` is set: every CHECK_S, start again each child that exited and each stack
+    server (Kafka, Redis, SeaweedFS) whose process is gone, with its data; never raises for a
+    process that cannot be started (it is tried again, with back-off).
+
+    A server's start runs as a task of this loop, not inline and not in a thread: Kafka takes
+    seconds to answer (up to its 90 s start timeout), during which the children are still looked
+    after, and a stop cancels the task at its next await. That releases the stack lock at once,
+    so the runner's `stack.down` does not wait for a start nobody wants any more (a thread could
+    not be interrupted: `down` would wait for the lock until the start ended)."""
+    now = time.monotonic()
+    child_backoff = {name: Backoff(up_since=now) for name in children}
+    server_backoff: dict[str, Backoff] = {}
+    starting: dict[str, asyncio.Task[None]] = {}
+    try:
+        while not stopping.is_set():
+            now = time.monotonic()
+            look_after_children(children, child_backoff, now)
+            starting = {name: task for name, task in starting.items() if not task.done()}
+            for name, log_path in stack.gone(settings).items():
+                if name in starting or stopping.is_set():
+                    continue
+                backoff = server_backoff.setdefault(name, Backoff(up_since=now))
+                if backoff.up_since is not None:
+                    backoff.failed(now)
+                    print(f"{name} is gone; starting it again, its data kept (log: {log_path})", flush=True)
+                if backoff.due(now):
+                    starting[name] = asyncio.create_task(_start_server(settings, name, log_path, backoff))
+            await _wait(stopping, CHECK_S)
+    finally:
+        # Stopping: no server is started any more; one being started is abandoned.
+        for task in starting.values():
+            task.cancel()
+        if starting:
+            await asyncio.wait(starting.values(), timeout=CANCEL_WAIT_S)
+
+
+def look_after_children(children: dict[str, Child], backoffs: dict[str, Backoff], now: float) -> None:
+    """Start again each child that exited, when its back-off allows; a start that fails (OSError:
+    no memory, no file descriptors, its log not writable) is reported and tried again later."""
+    for name, child in children.items():
+        if child.alive:
+            continue
+        backoff = backoffs[name]
+        if backoff.up_since is not None:
+            lived = now - backoff.up_since
+            pause = backoff.failed(now)
+            code = child.proc.returncode if child.proc is not None else None
+            when = "now" if pause == 0 else f"in {pause:.0f}s"
+            print(
+                f"{name} exited (code {code}, after {lived:.0f}s); starting it again {when} "
+                f"(log: {child.log_path})",
+                flush=True,
+            )
+        if not backoff.due(now):
+            continue
+        try:
+            child.start()
+        except OSError as exc:
+            pause = backoff.failed(now)
+            print(f"starting {name} failed ({exc}); next try in {pause:.0f}s", flush=True)
+        else:
+            backoff.started(now)
+
+
+async def _start_server(settings: Settings, name: str, log_path: Path, backoff: Backoff) -> None:
+    began = time.monotonic()
+    try:
+        await stack.start_component(settings, name)
+    except Exception as exc:
+        # StackError (port still held by the killed process, exited while starting, no answer
+        # in time), OSError, or anything else: reported, and tried again; the runner goes on.
+        pause = backoff.failed(time.monotonic())
+        first = str(exc).splitlines()[0] if str(exc) else "no detail"
+        print(
+            f"starting {name} again failed ({type(exc).__name__}: {first}); next try in {pause:.0f}s "
+            f"(log: {log_path})",
+            flush=True,
+        )
+        return
+    backoff.started(time.monotonic())
+    print(f"{name} is up again ({time.monotonic() - began:.1f}s to start)", flush=True)
+
+
+async def _wait(stopping: threading.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less once `stopping` is set.
+
+    Polled, not an asyncio.Event: it is set by a plain signal handler (also while no loop runs,
+    in start-up and in the `finally`), and a signal may land on another thread, which would not
+    wake a loop blocked without a timeout; a short sleep bounds that."""
+    deadline = time.monotonic() + seconds
+    while not stopping.is_set() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(STOP_POLL_S)
 
 
 def run_demo_step(settings: Settings) -> bool:

@@ -9,12 +9,13 @@ processes under ``<data_dir>`` and tracked by pid files, on the ports from Setti
 
 from services.stack._install import install
 from services.stack._layout import COMPONENTS, StackError
-from services.stack._supervisor import down, logs, start_component, status, stop_component, up
+from services.stack._supervisor import down, gone, logs, start_component, status, stop_component, up
 
 __all__ = [
     "COMPONENTS",
     "StackError",
     "down",
+    "gone",
     "install",
     "logs",
     "start_component",

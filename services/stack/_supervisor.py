@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from services.settings import Settings
@@ -74,6 +75,18 @@ async def status(settings: Settings) -> dict[str, dict[str, Any]]:
     comps = components(settings)
     results = await asyncio.gather(*(one(c) for c in comps.values()))
     return dict(zip(comps, results, strict=True))
+
+
+def gone(settings: Settings) -> dict[str, Path]:
+    """The components whose process is not running (died, killed, never started), each with its log.
+
+    Only the process is looked at, not its health: cheap enough to ask every second, and a server
+    that is running but not answering yet is starting, not gone."""
+    return {
+        name: c.log_path
+        for name, c in components(settings).items()
+        if running_pid(c.pid_path, c.identity) is None
+    }
 
 
 def logs(settings: Settings, name: str | None = None, lines: int = 50) -> str:
@@ -159,4 +172,4 @@ async def _stop(c: Component, *, kill: bool) -> None:
     c.pid_path.unlink(missing_ok=True)
 
 
-__all__ = ["StackError", "down", "logs", "start_component", "status", "stop_component", "up"]
+__all__ = ["StackError", "down", "gone", "logs", "start_component", "status", "stop_component", "up"]

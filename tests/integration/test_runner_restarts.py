@@ -1,0 +1,255 @@
+"""`switchboard run` (what `make run` runs) keeps the whole system alive: a stack server killed
+with kill -9 is started again, with its data, and the gRPC API serves writes again.
+
+One runner for the module (starting it costs a stack and five processes), on its own data
+directory and its own ports: a block of 20 from 11000 (moved by SWITCHBOARD_TEST_PORT_OFFSET), whose
+last two digits (00-19) no port of the shared test stack (2xxxx) nor of test_stack's (1xxxx) has,
+so no offset another suite runs with can make them meet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
+
+from services import stack
+from services.auth import ingress_channel
+from services.processes import wait_for_ingress
+from services.settings import PROJECT_ROOT, Settings
+from tests.integration.conftest import eventually
+
+pytestmark = pytest.mark.integration
+
+_BASE = 11000 + int(os.environ.get("SWITCHBOARD_TEST_PORT_OFFSET", "0"))
+_PORTS = {
+    "SWITCHBOARD_KAFKA_BOOTSTRAP": f"127.0.0.1:{_BASE}",
+    "SWITCHBOARD_KAFKA_CONTROLLER_PORT": f"{_BASE + 1}",
+    "SWITCHBOARD_REDIS_URL": f"redis://127.0.0.1:{_BASE + 2}/0",
+    "SWITCHBOARD_S3_ENDPOINT": f"127.0.0.1:{_BASE + 3}",
+    "SWITCHBOARD_S3_GRPC_PORT": f"{_BASE + 4}",
+    "SWITCHBOARD_S3_MASTER_PORT": f"{_BASE + 5}",
+    "SWITCHBOARD_S3_MASTER_GRPC_PORT": f"{_BASE + 6}",
+    "SWITCHBOARD_S3_VOLUME_PORT": f"{_BASE + 7}",
+    "SWITCHBOARD_S3_VOLUME_GRPC_PORT": f"{_BASE + 8}",
+    "SWITCHBOARD_S3_FILER_PORT": f"{_BASE + 9}",
+    "SWITCHBOARD_S3_FILER_GRPC_PORT": f"{_BASE + 10}",
+    "SWITCHBOARD_S3_ADMIN_PORT": f"{_BASE + 11}",
+    "SWITCHBOARD_S3_ADMIN_GRPC_PORT": f"{_BASE + 12}",
+    "SWITCHBOARD_GRPC_LISTEN": f"127.0.0.1:{_BASE + 13}",
+    "SWITCHBOARD_ANALYTICS_LISTEN": f"127.0.0.1:{_BASE + 14}",
+    "SWITCHBOARD_ASSISTANT_LISTEN": f"127.0.0.1:{_BASE + 15}",
+    "SWITCHBOARD_INGRESS_METRICS_LISTEN": f"127.0.0.1:{_BASE + 16}",
+    "SWITCHBOARD_SESSIONS_METRICS_LISTEN": f"127.0.0.1:{_BASE + 17}",
+    "SWITCHBOARD_ASSISTANT_METRICS_LISTEN": f"127.0.0.1:{_BASE + 18}",
+    "SWITCHBOARD_ANALYTICS_METRICS_LISTEN": f"127.0.0.1:{_BASE + 19}",
+}
+KEY = re.compile(r"demo API key \(tenant '([^']+)'.*?\): (sbk_\S+)")
+SERVING = "== serving; Ctrl-C stops everything"
+
+
+@dataclass
+class Runner:
+    proc: subprocess.Popen[bytes]
+    out: Path
+    settings: Settings
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+
+def _settings(env: dict[str, str]) -> Settings:
+    fields = {
+        k.removeprefix("SWITCHBOARD_").lower(): v for k, v in env.items() if k.startswith("SWITCHBOARD_")
+    }
+    return Settings(**{k: v for k, v in fields.items() if k in Settings.model_fields})  # type: ignore[arg-type]
+
+
+def _stop(proc: subprocess.Popen[bytes], within_s: float) -> int | None:
+    """SIGTERM, as a terminal's Ctrl-C would stop `make run`; the exit code, None if it did not stop."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(within_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """What a runner that would not stop leaves: its children (each in a session of its own)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for each in [*family, psutil.Process(proc.pid)] if proc.poll() is None else family:
+        try:
+            each.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def runner_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")},
+        **_PORTS,
+        "SWITCHBOARD_DATA_DIR": str(tmp_path_factory.mktemp("runner")),
+        "SWITCHBOARD_MODELS_DIR": str(PROJECT_ROOT / "var" / "models"),
+        "SWITCHBOARD_TOPIC_PARTITIONS": "2",
+        # The machine is small: one ingress server process is enough to see writes served.
+        "SWITCHBOARD_INGRESS_PROCESSES": "1",
+    }
+
+
+def _start_runner(env: dict[str, str], out: Path) -> subprocess.Popen[bytes]:
+    """`make run` without the demo; its output (the key, the restart lines) into `out`."""
+    with out.open("wb") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-u", "-m", "services.cli", "run", "--no-demo"],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+@pytest.fixture(scope="module")
+async def runner(runner_env: dict[str, str]) -> AsyncIterator[Runner]:
+    settings = _settings(runner_env)
+    out = settings.data_dir / "runner.out"
+    proc = _start_runner(runner_env, out)
+    started = Runner(proc, out, settings)
+    try:
+        await eventually(
+            lambda: asyncio.to_thread(started.output),
+            lambda text: SERVING in text or proc.poll() is not None,
+            within_s=240,
+            what="`switchboard run` to serve",
+        )
+        assert proc.poll() is None, started.output()
+        found = KEY.search(started.output())
+        assert found, started.output()
+        started.settings = settings.model_copy(update={"api_key": found.group(2)})
+        await wait_for_ingress(started.settings)
+        yield started
+    finally:
+        if await asyncio.to_thread(_stop, proc, 60.0) is None:
+            await asyncio.to_thread(_kill_tree, proc)
+        # Whatever the runner left (it should leave nothing), so no server outlives the module.
+        await stack.down(settings)
+        print(started.output()[-4000:])
+
+
+async def _pid(settings: Settings, name: str) -> int | None:
+    pid: int | None = (await stack.status(settings))[name]["pid"]
+    return pid
+
+
+async def _alive_again(settings: Settings, name: str, old_pid: int) -> bool:
+    status = (await stack.status(settings))[name]
+    return bool(status["alive"]) and status["pid"] not in (None, old_pid)
+
+
+async def _write_acked(settings: Settings, tag: str) -> bool:
+    """One conversation started and one message sent through the gRPC API, both acked."""
+    try:
+        async with ingress_channel(settings) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            conv = await stub.StartConversation(
+                chat_pb2.StartConversationRequest(channel=events_pb2.CHANNEL_WEB, customer_id=f"c-{tag}"),
+                timeout=5,
+            )
+            ack = await stub.SendMessage(
+                chat_pb2.SendMessageRequest(
+                    conversation_id=conv.conversation_id, client_message_id=f"m-{tag}", text="still there?"
+                ),
+                timeout=5,
+            )
+            return ack.offset >= 0
+    except grpc.aio.AioRpcError:
+        return False
+
+
+async def _kill_and_recover(runner: Runner, name: str) -> tuple[float, float]:
+    """kill -9 one stack server under the runner; seconds until it answered again and until a write
+    through the gRPC API was acked again, both from the kill."""
+    assert await _write_acked(runner.settings, f"{name}-before")
+    pid = await _pid(runner.settings, name)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    await eventually(
+        lambda: _alive_again(runner.settings, name, pid),
+        bool,
+        within_s=60,
+        what=f"{name} running again under `switchboard run`",
+    )
+    back = time.monotonic() - killed
+    await eventually(
+        lambda: _write_acked(runner.settings, f"{name}-after"),
+        bool,
+        within_s=60,
+        what=f"a write acked after {name}'s kill -9",
+    )
+    served = time.monotonic() - killed
+    assert runner.proc.poll() is None, runner.output()[-4000:]
+    assert f"{name} is gone" in runner.output(), runner.output()[-4000:]
+    print(f"{name}: kill -9 -> answering again {back:.1f}s, a write acked {served:.1f}s")
+    return back, served
+
+
+@pytest.mark.timeout(360)
+async def test_kafka_killed_under_the_runner_is_started_again_and_writes_are_acked(runner: Runner) -> None:
+    await _kill_and_recover(runner, "kafka")
+
+
+@pytest.mark.timeout(150)
+async def test_redis_killed_under_the_runner_is_started_again_and_writes_are_acked(runner: Runner) -> None:
+    await _kill_and_recover(runner, "redis")
+
+
+@pytest.mark.timeout(180)
+async def test_a_stop_during_a_server_restart_is_honoured_and_leaves_no_server(runner: Runner) -> None:
+    # Module order: this runs last, it stops the module's runner.
+    pid = await _pid(runner.settings, "kafka")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    # Kafka takes seconds to answer: the stop arrives while the runner is starting it again.
+    await eventually(
+        lambda: asyncio.to_thread(runner.output),
+        lambda text: text.count("kafka is gone") >= 2,
+        within_s=30,
+        what="the runner to start kafka again",
+    )
+    asked = time.monotonic()
+    runner.proc.send_signal(signal.SIGTERM)
+    # Honoured within a couple of seconds: the restart in hand does not hold the stop up.
+    await eventually(
+        lambda: asyncio.to_thread(runner.output),
+        lambda text: "== stopping" in text,
+        within_s=3,
+        what="the runner to begin stopping",
+    )
+    honoured = time.monotonic() - asked
+    code = await asyncio.to_thread(_stop, runner.proc, 90.0)
+    took = time.monotonic() - asked
+    assert code == 0, runner.output()[-4000:]
+    # The restart was abandoned, not finished first; what it had started was stopped with the rest.
+    assert runner.output().count("kafka is up again") == 1, runner.output()[-4000:]
+    status = await stack.status(runner.settings)
+    assert all(each["pid"] is None for each in status.values()), status
+    print(f"SIGTERM mid-restart: stopping began after {honoured:.1f}s, the runner exited after {took:.1f}s")
