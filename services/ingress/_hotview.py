@@ -552,10 +552,11 @@ class IngressHotView:
         await self._in_tick(self._settle_script, keys, args)
 
     async def recent_entries(
-        self, tenant_id: str, conversation_id: str, count: int
+        self, tenant_id: str, conversation_id: str, count: int, until: str = "+"
     ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The last `count` live-stream entries up to and including the id `until`."""
         entries: Any = await self._redis.xrevrange(
-            hv.live_stream_key(tenant_id, conversation_id), count=count
+            hv.live_stream_key(tenant_id, conversation_id), max=until, count=count
         )
         return list(reversed(entries))
 

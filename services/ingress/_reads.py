@@ -131,7 +131,17 @@ class ConversationReads:
             if state.closed_at_ns and not reg.closed_ns:
                 conv.closed_at.CopyFrom(_timestamp(state.closed_at_ns))
         wanted = req.recent_messages or 20
-        entries = await self._hot.recent_entries(req.tenant_id, req.conversation_id, wanted * 3)
+        # Only the entries the state read above has folded, up to its cursor: the worker writes a
+        # batch's live entries before the states (streams/sessions/_worker.py, APPLY_SCRIPT), and this is
+        # a second round trip, so later entries may be there already. Without the bound, a view's
+        # last message could be one its count does not include yet, and following on from its
+        # cursor would deliver that message twice.
+        until = reg.cursor or ("+" if state is not None else "")
+        entries = (
+            await self._hot.recent_entries(req.tenant_id, req.conversation_id, wanted * 3, until)
+            if until
+            else []
+        )
         suffix = hv.live_event_suffix(req.tenant_id, req.conversation_id)
         messages = [m for m in (_message_of(eid, fields, suffix) for eid, fields in entries) if m is not None]
         conv.messages.extend(messages[-wanted:])

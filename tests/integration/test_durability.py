@@ -106,7 +106,9 @@ async def assert_exactly_once_in_clickhouse(system: System, tenant: str, acked: 
     assert len(stored) == len(acked), "ClickHouse holds messages nobody was told were acknowledged"
 
 
-async def assert_state_counts(stub, tenant: str, conversations: list[str], expected_total: int) -> None:
+async def assert_state_counts(
+    stub, tenant: str, conversations: list[str], expected_total: int, system: System | None = None
+) -> None:
     """Send a sentinel to every conversation; once each sentinel is the last folded message, all
     earlier events are folded too (one conversation is one partition, in order), so the counts
     are final and must be exact."""
@@ -137,7 +139,48 @@ async def assert_state_counts(stub, tenant: str, conversations: list[str], expec
         within_s=180,
         what="every sentinel folded",
     )
-    assert sum(c.message_count for c in convs) == expected_total + len(conversations)
+    total = sum(c.message_count for c in convs)
+    if total != expected_total + len(conversations):
+        raise AssertionError(
+            f"hot-view message counts sum to {total}, not {expected_total + len(conversations)}:\n"
+            + await _count_report(stub, tenant, convs)
+            + ("\nsessions log:\n" + _sessions_log_excerpt(system) if system is not None else "")
+        )
+
+
+async def _count_report(stub, tenant: str, convs: list[chat_pb2.Conversation]) -> str:
+    """Per conversation: its count, and its messages in the hot view whose sequence numbers are
+    not 1..n in order (to see where a fold skipped or doubled)."""
+    lines = []
+    for c in convs:
+        full = await stub.GetConversation(
+            chat_pb2.GetConversationRequest(
+                tenant_id=tenant, conversation_id=c.conversation_id, recent_messages=200
+            )
+        )
+        sequences = [m.sequence for m in full.messages]
+        senders: dict[int, int] = {}
+        for m in full.messages:
+            senders[m.sender] = senders.get(m.sender, 0) + 1
+        odd = [
+            (m.client_message_id, m.sequence, m.cursor)
+            for i, m in enumerate(full.messages)
+            if i and m.sequence != full.messages[i - 1].sequence + 1
+        ]
+        lines.append(
+            f"{c.conversation_id}: count {c.message_count}, {len(full.messages)} messages "
+            f"(senders {senders}), sequences {sequences[:1]}..{sequences[-1:]}, breaks {odd[:5]}"
+        )
+    return "\n".join(lines)
+
+
+def _sessions_log_excerpt(system: System) -> str:
+    """The sessions worker's lines about what it did not apply: dead letters, failed batches,
+    positions, rebuilds and consumer restarts."""
+    path = system.settings.data_dir / "logs" / "sessions.log"
+    wanted = ("dead-letter", "failed (", "position", "rebuild", "starting the Kafka consumer", "assigned")
+    lines = [line for line in path.read_text(errors="replace").splitlines() if any(w in line for w in wanted)]
+    return "\n".join(line[:300] for line in lines[-60:])
 
 
 @pytest.mark.timeout(900)
@@ -159,7 +202,7 @@ async def test_kill_9_workers_mid_load_loses_and_duplicates_nothing(
     await task
     assert len(load.acked) == 5000
     await assert_exactly_once_in_clickhouse(system, tenant, load.acked)
-    await assert_state_counts(stub, tenant, conversations, 5000)
+    await assert_state_counts(stub, tenant, conversations, 5000, system)
 
 
 @pytest.mark.timeout(900)
@@ -185,7 +228,7 @@ async def test_broker_restart_never_acks_what_kafka_did_not_persist(
     await asyncio.wait_for(task, 240)
     assert len(load.acked) == 3000
     await assert_exactly_once_in_clickhouse(system, tenant, load.acked)
-    await assert_state_counts(stub, tenant, conversations, 3000)
+    await assert_state_counts(stub, tenant, conversations, 3000, system)
 
 
 @pytest.mark.timeout(900)
