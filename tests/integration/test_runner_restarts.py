@@ -222,7 +222,7 @@ async def test_redis_killed_under_the_runner_is_started_again_and_writes_are_ack
     await _kill_and_recover(runner, "redis")
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 async def test_a_stop_during_a_server_restart_is_honoured_and_leaves_no_server(runner: Runner) -> None:
     # Module order: this runs last, it stops the module's runner.
     pid = await _pid(runner.settings, "kafka")
@@ -245,7 +245,7 @@ async def test_a_stop_during_a_server_restart_is_honoured_and_leaves_no_server(r
         what="the runner to begin stopping",
     )
     honoured = time.monotonic() - asked
-    code = await asyncio.to_thread(_stop, runner.proc, 90.0)
+    code = await asyncio.to_thread(_stop, runner.proc, 120.0)
     took = time.monotonic() - asked
     assert code == 0, runner.output()[-4000:]
     # The restart was abandoned, not finished first; what it had started was stopped with the rest.
