@@ -222,6 +222,11 @@ async def test_redis_killed_under_the_runner_is_started_again_and_writes_are_ack
     await _kill_and_recover(runner, "redis")
 
 
+@pytest.mark.timeout(150)
+async def test_seaweedfs_killed_under_the_runner_is_started_again(runner: Runner) -> None:
+    await _kill_and_recover(runner, "s3")
+
+
 @pytest.mark.timeout(240)
 async def test_a_stop_during_a_server_restart_is_honoured_and_leaves_no_server(runner: Runner) -> None:
     # Module order: this runs last, it stops the module's runner.
