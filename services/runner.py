@@ -145,13 +145,22 @@ async def supervise(settings: Settings, children: dict[str, Child], stopping: th
             now = time.monotonic()
             look_after_children(children, child_backoff, now)
             starting = {name: task for name, task in starting.items() if not task.done()}
-            for name, log_path in stack.gone(settings).items():
+            try:
+                gone = stack.gone(settings)
+            except OSError as exc:  # a pid file it may not read: looked at again next time
+                print(f"could not check the stack's processes ({exc})", flush=True)
+                gone = {}
+            for name, log_path in gone.items():
                 if name in starting or stopping.is_set():
                     continue
                 backoff = server_backoff.setdefault(name, Backoff(up_since=now))
                 if backoff.up_since is not None:
-                    backoff.failed(now)
-                    print(f"{name} is gone; starting it again, its data kept (log: {log_path})", flush=True)
+                    pause = backoff.failed(now)
+                    when = "" if pause == 0 else f" in {pause:.0f}s"
+                    print(
+                        f"{name} is gone; starting it again{when}, its data kept (log: {log_path})",
+                        flush=True,
+                    )
                 if backoff.due(now):
                     starting[name] = asyncio.create_task(_start_server(settings, name, log_path, backoff))
             await _wait(stopping, CHECK_S)
