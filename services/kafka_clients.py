@@ -64,14 +64,19 @@ def _throttle_failed_metadata_updates() -> bool:
     """Make a failed metadata update wait retry_backoff_ms before it reports its failure.
 
     Why: in aiokafka 0.14 a metadata update against a broker that refuses connections fails at
-    once and returns False with no back-off, and its callers (the consumer's fetcher while a
-    leader is unknown, `_wait_on_metadata`, the producer's sender, the group coordinator) ask for
-    the next one at once, so while Kafka is down every client spins: ~5,700 failed updates a
-    second in one worker during a broker kill -9, in every process, on the cores the broker
-    needs to restart (aio-libs/aiokafka#1155; no setting changes it: retry_backoff_ms is not
-    applied here). The wait sits inside the update, so the metadata task and every caller
-    awaiting `force_metadata_update()` are held by it; a successful update returns at once, and
-    `bootstrap()` does not go through this method. Returns whether the patch is in place.
+    once and returns False with no back-off, and the consumer's fetcher (while its metadata says
+    a partition has no leader) and the producer's sender (a batch for such a partition) ask for
+    the next one at once. A broker in controlled shutdown hands out exactly that metadata (leader
+    -1) just before it closes its port, so while it was down a client spun: 4,000-8,000 failed
+    updates a second in the ingress, assistant and archiver in test_durability's broker restart,
+    a whole core per client in benchmarks/kafka_outage.py, on the cores the broker needs to
+    restart. No setting changes it (retry_backoff_ms is not applied on that path); upstream
+    has the same missing back-off in the fetcher after NotLeader answers open as
+    aio-libs/aiokafka#1155. The wait sits inside the update, so the metadata task and every
+    caller awaiting `force_metadata_update()` are held by it; a successful update returns at
+    once, and `bootstrap()` does not go through this method (`fetch_all_metadata()`, behind
+    `consumer.topics()`, does: its failure is raised retry_backoff_ms later). Returns whether
+    the patch is in place.
     """
     original = AIOKafkaClient._metadata_update
     if getattr(original, "_switchboard_backoff", False):
@@ -82,8 +87,8 @@ def _throttle_failed_metadata_updates() -> bool:
         and inspect.iscoroutinefunction(original)
         and params == ["self", "cluster_metadata", "topics"]
     ):
-        # Another aiokafka: read its client.py before extending _BACKOFF_VERSIONS (the unit test
-        # above fails if the spin is still there).
+        # Another aiokafka: read its client.py before extending _BACKOFF_VERSIONS
+        # (tests/unit/test_kafka_metadata_backoff.py fails if the spin is still there).
         log.warning(
             "aiokafka %s: failed metadata updates are not throttled (patch written for %s)",
             aiokafka.__version__,
