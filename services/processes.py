@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.auth import ingress_channel
 from services.settings import Settings
+
+_PR_SET_PDEATHSIG = 1
+# Looked up here, in the parent: the child between fork and exec only calls it (no dlopen there).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """For `preexec_fn`: SIGKILL this child when its parent dies (Linux PR_SET_PDEATHSIG)."""
+
+    def arm() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            # The parent died before the line above: nothing would signal this child.
+            os._exit(1)
+
+    return arm
 
 
 @dataclass
@@ -27,6 +45,11 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start it in a session of its own (a kill takes its whole group), tied to this process:
+        if the parent dies, even by kill -9, the kernel kills the child too. Orphans of a killed
+        `make run` would otherwise keep serving without a supervisor, and the next `make run`
+        would start a second set next to them. Start children from the main thread: the tie is to
+        the thread that starts them."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -35,6 +58,7 @@ class Child:
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
             start_new_session=True,
+            preexec_fn=_dies_with(os.getpid()),
         )
         log.close()
 
