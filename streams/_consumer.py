@@ -14,7 +14,9 @@ stalled for minutes). The shape below is the one getsentry/arroyo uses:
   processor, partition and offset in its headers, and the partition moves on;
 - a revocation waits for the batch in hand, so two members never apply one partition at once;
 - stopping (SIGTERM) finishes the batch in hand; a stop during an outage exits without
-  committing, and the batch is delivered again on the next start;
+  committing, and the batch is delivered again on the next start. No wait on Kafka holds a stop
+  up: a poll, a start, a commit or a dead letter still under way is abandoned (a request already
+  sent gets STOP_GRACE_S), and the clients' own stops are bounded (CLOSE_BOUND_S);
 - a Kafka client that stopped fetching with records waiting is started again (`_stalled`).
 
 Processors are idempotent (they remember what they applied per partition/conversation), so a
@@ -32,7 +34,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectionError, KafkaError
@@ -64,6 +66,23 @@ JOIN_BOUND_S = 60.0
 # One attempt to dead-letter a record; past it the attempt fails and the next one goes through a
 # new producer (a healthy Kafka answers in milliseconds).
 DEAD_LETTER_ATTEMPT_S = 15.0
+# After a stop: how long a commit or a dead letter already under way may still take before it is
+# abandoned (a healthy Kafka answers in milliseconds; a Kafka that is down never does, and the
+# batch is then applied again after the restart, as after a crash).
+STOP_GRACE_S = 2.0
+# Each Kafka client's own stop at `close()`: with the broker gone, aiokafka's consumer waits on its
+# group coordination (and a dynamic member's LeaveGroup) for up to its request timeout, 40 s.
+CLOSE_BOUND_S = 5.0
+# How long a wait abandoned at a stop may take to unwind once cancelled.
+CANCEL_BOUND_S = 1.0
+
+T = TypeVar("T")
+
+
+class _Stopped(BaseException):
+    """The process is stopping and a wait on Kafka was abandoned: the batch in hand is not
+    committed. A BaseException, like a cancellation, so that no processor's or retry loop's
+    `except Exception` takes it for a failure of the batch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,12 +275,16 @@ class BatchConsumer:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._start_consumer()
+        """Start the Kafka clients, waiting (forever) for Kafka; returns early on `stop()`, and
+        `run()` then returns at once."""
+        if not await self._start_consumer():
+            return
         assert self._producer is None
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self._settings.kafka_bootstrap, acks="all", enable_idempotence=True
         )
-        await _until_up("Kafka (dead-letter producer)", self._producer.start)
+        if not await self._until_up("Kafka (dead-letter producer)", self._producer.start):
+            return
         # A processor that keeps its own position dead-letters before that position passes a
         # refused record (streams/sessions: SessionsProcessor.bind_dead_letter).
         bind = getattr(self._processor, "bind_dead_letter", None)
@@ -269,7 +292,10 @@ class BatchConsumer:
             bind(self._dead_letter_all)
         metrics.observe_consumer(self)
 
-    async def _start_consumer(self) -> None:
+    async def _start_consumer(self) -> bool:
+        """A new Kafka consumer, started and subscribed; False when stopping first."""
+        if self._stopping.is_set():
+            return False
         s = self._settings
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap,
@@ -285,20 +311,60 @@ class BatchConsumer:
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         self._control = _Control(self._consumer, self._topic)
-        await _until_up("Kafka (consumer)", self._consumer.start)
+        if not await self._until_up("Kafka (consumer)", self._consumer.start):
+            return False
         self._consumer.subscribe([self._topic], listener=_Rebalance(self))
         self._checked_at, self._behind_since = time.monotonic(), None
+        return True
+
+    async def _until_up(self, what: str, start: Callable[[], Awaitable[None]]) -> bool:
+        """`start()` a Kafka client, again after a pause while Kafka is not reachable, forever;
+        False when stopping first (the half-started client is stopped by `close()`)."""
+        delay = RETRY_INITIAL_S
+        while True:
+            try:
+                await self._unless_stopping(start())
+                return True
+            except _Stopped:
+                return False
+            except KafkaError as exc:
+                log.warning("%s not reachable yet (%r); retrying in %.1fs", what, exc, delay)
+            if not await self._pause(delay):
+                return False
+            delay = min(delay * 2, RETRY_MAX_S)
 
     async def stop(self) -> None:
         self._stopping.set()
 
     async def close(self) -> None:
-        if self._consumer is not None:
-            with contextlib.suppress(Exception):
-                await self._consumer.stop()
-        if self._producer is not None:
-            with contextlib.suppress(Exception):
-                await self._producer.stop()
+        """Stop the Kafka clients, each within CLOSE_BOUND_S (at once, so that a Kafka that is
+        down costs the bound once): nothing is committed here, and what a client still held
+        unsent or uncommitted is delivered again on the next start."""
+        stops = [
+            self._bounded_stop(name, client)
+            for name, client in (("consumer", self._consumer), ("dead-letter producer", self._producer))
+            if client is not None
+        ]
+        await asyncio.gather(*stops)
+
+    async def _bounded_stop(self, name: str, client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+        # Not wait_for: it waits for the cancelled stop to unwind, and aiokafka's consumer does
+        # not unwind promptly while it waits on its group coordination.
+        stopping = asyncio.ensure_future(client.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=CLOSE_BOUND_S)
+        if not done:
+            stopping.cancel()
+            stopping.add_done_callback(_ignore_outcome)
+            log.warning(
+                "%s: the Kafka %s did not stop within %.0fs (Kafka unreachable?); going on without it",
+                self._processor.name,
+                name,
+                CLOSE_BOUND_S,
+            )
+        elif not stopping.cancelled() and stopping.exception() is not None:
+            log.warning(
+                "%s: stopping the Kafka %s failed: %r", self._processor.name, name, stopping.exception()
+            )
 
     async def run(self) -> None:
         """Poll, process and commit until `stop()`."""
@@ -318,6 +384,9 @@ class BatchConsumer:
                 self._watch_join(self._consumer, time.monotonic())
 
     async def _run(self) -> None:
+        if self._stopping.is_set():
+            # Stopped before or while starting: the consumer may not even exist.
+            return
         assert self._consumer is not None and self._control is not None
         while not self._stopping.is_set():
             fetched = await self._poll(
@@ -328,9 +397,14 @@ class BatchConsumer:
             if records and self._linger_s > 0:
                 records = await self._linger(records)
             if not records:
+                if self._stopping.is_set():
+                    break
                 await self._processor.idle(self._control)
-                if await self._stalled():
-                    await self._restart_consumer()
+                try:
+                    if await self._unless_stopping(self._stalled()):
+                        await self._restart_consumer()
+                except _Stopped:
+                    break
                 continue
             self._behind_since = None
             async with self._in_hand:
@@ -354,9 +428,15 @@ class BatchConsumer:
         after a pause (a lasting error, such as an authorization refused, is logged each time)."""
         assert self._consumer is not None
         try:
-            fetched = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            # Raced with the stop: with the group coordinator gone, getmany waits for the
+            # rejoin without bound (records it has not returned were not applied: none lost).
+            fetched = await self._unless_stopping(
+                self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            )
             self._poll_delay = RETRY_INITIAL_S
             return fetched
+        except _Stopped:
+            return {}
         except KafkaError as exc:
             self.stats.failures += 1
             log.error(
@@ -481,14 +561,27 @@ class BatchConsumer:
         )
         await self._revoked(self._control.assigned())
         old = self._consumer
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(old.stop(), STALL_REQUEST_BOUND_S * 2)
+        with contextlib.suppress(Exception, _Stopped):
+            await self._unless_stopping(asyncio.wait_for(old.stop(), STALL_REQUEST_BOUND_S * 2))
+        # Stopping: not started again (close() stops what is left of the old one).
         await self._start_consumer()
 
     # --- one batch ---------------------------------------------------------------------------
 
     async def _apply(self, records: Sequence[Record]) -> bool:
         """Process the batch; False if the process is stopping with it unfinished."""
+        try:
+            return await self._apply_until_done(records)
+        except _Stopped:
+            # Its dead letters did not reach Kafka before the stop.
+            log.error(
+                "%s: stopped with batch %s unfinished (Kafka unreachable); not committing it",
+                self._processor.name,
+                _span(records),
+            )
+            return False
+
+    async def _apply_until_done(self, records: Sequence[Record]) -> bool:
         attempts = 0
         delay = RETRY_INITIAL_S
         while True:
@@ -641,16 +734,20 @@ class BatchConsumer:
                 await asyncio.wait_for(broken.stop(), STALL_REQUEST_BOUND_S * 2)
 
     async def _until_durable(self, what: str, attempt: Callable[[], Awaitable[None]]) -> None:
+        """`attempt()` until it succeeds, forever while running; raises `_Stopped` when a stop
+        comes first (an attempt under way gets STOP_GRACE_S): the batch is then not committed,
+        and what it refused is dead-lettered again after the restart."""
         delay = RETRY_INITIAL_S
         while True:
             try:
-                await attempt()
+                await self._unless_stopping(attempt(), STOP_GRACE_S)
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.error("%s: %s failed, retrying in %.1fs: %r", self._processor.name, what, delay, exc)
-            await asyncio.sleep(delay)
+            if not await self._pause(delay):
+                raise _Stopped
             delay = min(delay * 2, RETRY_MAX_S)
 
     async def _commit(self, records: Sequence[Record]) -> None:
@@ -662,7 +759,16 @@ class BatchConsumer:
         for p, o in last.items():
             self.stats.position[p] = o + 1
         try:
-            await self._consumer.commit(offsets)
+            # A commit retries while Kafka's group coordinator is unknown, i.e. for as long as
+            # Kafka is down: a stop abandons it (after STOP_GRACE_S if already under way).
+            await self._unless_stopping(self._consumer.commit(offsets), STOP_GRACE_S)
+        except _Stopped:
+            log.warning(
+                "%s: stopped before Kafka confirmed the commit of %s; unless it did, the records "
+                "are applied again after a restart",
+                self._processor.name,
+                offsets,
+            )
         except (CommitFailedError, IllegalStateError) as exc:
             # The group moved on (rebalance): the next owner applies these again, idempotently.
             log.warning(
@@ -683,6 +789,32 @@ class BatchConsumer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
         return not self._stopping.is_set()
+
+    async def _unless_stopping(self, work: Awaitable[T], grace_s: float = 0.0) -> T:
+        """`work`'s result, unless `stop()` comes first: then `work` gets `grace_s` more to end,
+        is cancelled, and `_Stopped` is raised.
+
+        Why: aiokafka's waits on Kafka have no bound of their own that a stop could use (a poll
+        waits for the group join, a start or a commit retries while the coordinator is unknown,
+        for as long as Kafka is down). Abandoning one loses nothing: records a poll did not
+        return were not applied, and an offset not committed makes its batch be applied again
+        after the restart (processors are idempotent)."""
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and grace_s > 0:
+                await asyncio.wait({task}, timeout=grace_s)
+        finally:
+            stopping.cancel()
+            if not task.done():
+                task.cancel()
+                # Its outcome (a client's error for the cancellation) is of no interest any more.
+                task.add_done_callback(_ignore_outcome)
+                await asyncio.wait({task}, timeout=CANCEL_BOUND_S)
+        if task.cancelled() or not task.done():
+            raise _Stopped
+        return task.result()
 
     # --- rebalances --------------------------------------------------------------------------
 
@@ -734,6 +866,11 @@ def fetch_task_ended(consumer: AIOKafkaConsumer) -> asyncio.Future[Any] | None:
     return None
 
 
+def _ignore_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _records(fetched: dict[Any, Any]) -> list[Record]:
     return [
         Record(tp.topic, tp.partition, r.offset, r.key, r.value, r.timestamp, tuple(r.headers or ()))
@@ -748,18 +885,6 @@ def _span(records: Sequence[Record]) -> str:
         lo, hi = parts.get(r.partition, (r.offset, r.offset))
         parts[r.partition] = (min(lo, r.offset), max(hi, r.offset))
     return ", ".join(f"{p}:{lo}..{hi}" for p, (lo, hi) in sorted(parts.items()))
-
-
-async def _until_up(what: str, start: Callable[[], Awaitable[None]]) -> None:
-    delay = RETRY_INITIAL_S
-    while True:
-        try:
-            await start()
-            return
-        except KafkaError as exc:
-            log.warning("%s not reachable yet (%r); retrying in %.1fs", what, exc, delay)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, RETRY_MAX_S)
 
 
 def instance_id(settings: Settings, role: str) -> str:
