@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
 import time
@@ -29,8 +30,14 @@ def _interrupt(*_: object) -> None:
 
 def run_system(settings: Settings, demo: bool = True) -> int:
     # Until the system serves, SIGTERM interrupts start-up like Ctrl-C does, so whatever was
-    # started is stopped again (the `finally` below).
+    # started is stopped again (the `finally` below). SIGHUP too: a closed terminal or a dropped
+    # SSH session sends it, and its default (die at once) would SIGKILL every child (they die
+    # with the runner) and leave the stack's servers running. Unless it is ignored (`nohup`):
+    # then the runner is meant to outlive its terminal.
+    hangup = signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
     signal.signal(signal.SIGTERM, _interrupt)
+    if hangup:
+        signal.signal(signal.SIGHUP, _interrupt)
     children = switchboard_children(settings)
     stopping = threading.Event()
 
@@ -74,6 +81,8 @@ def run_system(settings: Settings, demo: bool = True) -> int:
             flush=True,
         )
         signal.signal(signal.SIGTERM, stop)
+        if hangup:
+            signal.signal(signal.SIGHUP, stop)
         signal.signal(signal.SIGINT, stop)
         # The handlers only set the event (SIGINT is not asyncio.run's then, so no
         # KeyboardInterrupt lands inside a restart); `supervise` sees it within a tenth of a second.
@@ -82,7 +91,9 @@ def run_system(settings: Settings, demo: bool = True) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        _banner("stopping")
+        # After a hangup the terminal refuses writes (EIO): that must not skip the stop itself.
+        with contextlib.suppress(OSError):
+            _banner("stopping")
         _stop_children(list(children.values()))
         asyncio.run(stack.down(settings))
 

@@ -1,0 +1,110 @@
+"""`switchboard run` (`make run`) stops as on Ctrl-C when its terminal goes away (SIGHUP).
+
+Review of 7d6905e (services/processes.py, PR_SET_PDEATHSIG): a runner that dies now takes its
+children with it by SIGKILL. `run_system` handles SIGINT and SIGTERM but not SIGHUP, which a
+closed terminal or a dropped SSH session sends to `make` and the runner (the foreground process
+group): the runner dies at once, the ingress and the workers are SIGKILLed without draining, and
+Kafka, Redis and SeaweedFS are left running, as after a kill -9 (the next `make run` adopts them).
+
+Own runner, data directory and ports: the block of test_runner_restarts.py moved up by 2000.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services import stack
+from services.settings import PROJECT_ROOT
+from tests.integration.conftest import eventually
+from tests.integration.test_runner_restarts import (
+    _PORTS,
+    KEY,
+    SERVING,
+    Runner,
+    _kill_tree,
+    _settings,
+    _start_runner,
+    _stop,
+)
+
+pytestmark = pytest.mark.integration
+
+_SHIFT = 2000
+PORTS = {k: re.sub(r"\d{4,5}(?=/|$)", lambda m: str(int(m.group()) + _SHIFT), v) for k, v in _PORTS.items()}
+
+
+class HangupNotAStop(AssertionError):
+    """The finding itself: a hangup that is not a stop."""
+
+
+@pytest.fixture(params=[False, True], ids=["terminal", "nohup"])
+async def own_runner(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> AsyncIterator[Runner]:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")},
+        **PORTS,
+        "SWITCHBOARD_DATA_DIR": str(tmp_path_factory.mktemp("runner-hangup")),
+        "SWITCHBOARD_MODELS_DIR": str(PROJECT_ROOT / "var" / "models"),
+        "SWITCHBOARD_TOPIC_PARTITIONS": "2",
+        "SWITCHBOARD_INGRESS_PROCESSES": "1",
+    }
+    settings = _settings(env)
+    out = settings.data_dir / "runner.out"
+    # Under `nohup` the runner starts with SIGHUP ignored (inherited across exec).
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN) if request.param else None
+    try:
+        proc = _start_runner(env, out)
+    finally:
+        if request.param:
+            signal.signal(signal.SIGHUP, previous or signal.SIG_DFL)
+    started = Runner(proc, out, settings)
+    try:
+        await eventually(
+            lambda: asyncio.to_thread(started.output),
+            lambda text: SERVING in text or proc.poll() is not None,
+            within_s=240,
+            what="`switchboard run` to serve",
+        )
+        assert proc.poll() is None, started.output()
+        assert KEY.search(started.output()), started.output()
+        yield started
+    finally:
+        if await asyncio.to_thread(_stop, proc, 60.0) is None:
+            await asyncio.to_thread(_kill_tree, proc)
+        await stack.down(settings)
+
+
+@pytest.mark.timeout(300)
+async def test_a_hangup_stops_the_runner_as_ctrl_c_does_unless_ignored(
+    own_runner: Runner, request: pytest.FixtureRequest
+) -> None:
+    own_runner.proc.send_signal(signal.SIGHUP)
+    if "nohup" in request.node.callspec.id:
+        # Nothing to wait for: a stop would begin within STOP_POLL_S (0.1 s); give it 2 s.
+        await asyncio.sleep(2)
+        assert own_runner.proc.poll() is None and "== stopping" not in own_runner.output(), (
+            f"a runner under nohup stopped on SIGHUP:\n{own_runner.output()[-1500:]}"
+        )
+        return
+    code = await asyncio.to_thread(_stop_within, own_runner, 90.0)
+    servers = {name: s["pid"] for name, s in (await stack.status(own_runner.settings)).items()}
+    print(f"after SIGHUP: runner exit code {code}, servers {servers}")
+    if code != 0 or "== stopping" not in own_runner.output() or any(servers.values()):
+        raise HangupNotAStop(
+            f"after SIGHUP the runner exited with {code} (0 and '== stopping' expected) and left "
+            f"servers running: {servers}; output tail:\n{own_runner.output()[-1500:]}"
+        )
+
+
+def _stop_within(runner: Runner, within_s: float) -> int | None:
+    try:
+        return runner.proc.wait(within_s)
+    except Exception:
+        return None
