@@ -53,8 +53,13 @@ async def start_component(settings: Settings, name: str) -> None:
     not running; its data is kept."""
     component = _component(settings, name)
     check_ports_distinct(settings)
+    # The lock covers the checks and the spawn, not the wait until it answers: Kafka may take
+    # seconds to, and a Redis started again meanwhile (by `switchboard run`) must not wait for
+    # that. The spawned process has its pid file before the lock is released.
     async with stack_lock(component.layout.lock_path):
-        await _start(component)
+        pid = await _spawn(component)
+    await _wait_healthy(component, pid)
+    await component.after_start()
 
 
 async def stop_component(settings: Settings, name: str, *, kill: bool = False) -> None:
@@ -116,12 +121,16 @@ async def _all(settings: Settings, action: Callable[[Component], Awaitable[None]
 
 
 async def _start(c: Component) -> None:
+    pid = await _spawn(c)
+    await _wait_healthy(c, pid)
+    await c.after_start()
+
+
+async def _spawn(c: Component) -> int:
+    """Spawn the component unless it runs already (ours, maybe still starting); its pid."""
     pid = running_pid(c.pid_path, c.identity)
     if pid is not None:
-        # Ours and running (maybe still starting): just wait until it answers.
-        await _wait_healthy(c, pid)
-        await c.after_start()
-        return
+        return pid
     taken = {
         port: holder
         for port in component_ports(c.settings)[c.name]
@@ -133,11 +142,9 @@ async def _start(c: Component) -> None:
             f"cannot start {c.name}: port(s) already in use ({detail}). Stop that or change ports."
         )
     await c.prepare()
-    started = time.monotonic()
     pid = spawn(c.argv(), name=c.name, log_path=c.log_path, pid_path=c.pid_path, cwd=c.cwd)
-    await _wait_healthy(c, pid)
-    await c.after_start()
-    log.info("%s up on %s (pid %d) in %.1fs", c.name, c.address, pid, time.monotonic() - started)
+    log.info("%s started on %s (pid %d)", c.name, c.address, pid)
+    return pid
 
 
 async def _wait_healthy(c: Component, pid: int) -> None:
