@@ -21,13 +21,15 @@ from services.settings import Settings
 
 _PR_SET_PDEATHSIG = 1
 # Looked up here, in the parent: the child between fork and exec only calls it (no dlopen there).
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
+# Linux only; elsewhere children are not tied to their parent.
+_prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
 
 
 def _dies_with(parent: int) -> Callable[[], None]:
     """For `preexec_fn`: SIGKILL this child when its parent dies (Linux PR_SET_PDEATHSIG)."""
 
     def arm() -> None:
+        assert _prctl is not None
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             # The parent died before the line above: nothing would signal this child.
@@ -58,7 +60,7 @@ class Child:
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
             start_new_session=True,
-            preexec_fn=_dies_with(os.getpid()),
+            preexec_fn=_dies_with(os.getpid()) if _prctl is not None else None,
         )
         log.close()
 
