@@ -12,31 +12,17 @@ Own runner, data directory and ports: the block of test_runner_restarts.py moved
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
 from collections.abc import AsyncIterator
 
 import pytest
 
 from services import stack
-from services.settings import PROJECT_ROOT
-from tests.integration.conftest import eventually
-from tests.integration.test_runner_restarts import (
-    _PORTS,
-    KEY,
-    SERVING,
-    Runner,
-    _kill_tree,
-    _settings,
-    _start_runner,
-    _stop,
-)
+from tests.integration.test_runner_restarts import Runner, runner_env, serving_runner
 
 pytestmark = pytest.mark.integration
 
 _SHIFT = 2000
-PORTS = {k: re.sub(r"\d{4,5}(?=/|$)", lambda m: str(int(m.group()) + _SHIFT), v) for k, v in _PORTS.items()}
 
 
 class HangupNotAStop(AssertionError):
@@ -47,38 +33,9 @@ class HangupNotAStop(AssertionError):
 async def own_runner(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> AsyncIterator[Runner]:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")},
-        **PORTS,
-        "SWITCHBOARD_DATA_DIR": str(tmp_path_factory.mktemp("runner-hangup")),
-        "SWITCHBOARD_MODELS_DIR": str(PROJECT_ROOT / "var" / "models"),
-        "SWITCHBOARD_TOPIC_PARTITIONS": "2",
-        "SWITCHBOARD_INGRESS_PROCESSES": "1",
-    }
-    settings = _settings(env)
-    out = settings.data_dir / "runner.out"
-    # Under `nohup` the runner starts with SIGHUP ignored (inherited across exec).
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN) if request.param else None
-    try:
-        proc = _start_runner(env, out)
-    finally:
-        if request.param:
-            signal.signal(signal.SIGHUP, previous or signal.SIG_DFL)
-    started = Runner(proc, out, settings)
-    try:
-        await eventually(
-            lambda: asyncio.to_thread(started.output),
-            lambda text: SERVING in text or proc.poll() is not None,
-            within_s=240,
-            what="`switchboard run` to serve",
-        )
-        assert proc.poll() is None, started.output()
-        assert KEY.search(started.output()), started.output()
+    env = runner_env(tmp_path_factory.mktemp("runner-hangup"), shift=_SHIFT)
+    async with serving_runner(env, hangup_ignored=request.param) as started:
         yield started
-    finally:
-        if await asyncio.to_thread(_stop, proc, 60.0) is None:
-            await asyncio.to_thread(_kill_tree, proc)
-        await stack.down(settings)
 
 
 @pytest.mark.timeout(300)

@@ -10,6 +10,7 @@ so no offset another suite runs with can make them meet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -101,12 +102,18 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-@pytest.fixture(scope="module")
-def runner_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def runner_env(data_dir: Path, shift: int = 0) -> dict[str, str]:
+    """A runner's environment: its own data directory, and the port block moved by `shift`
+    (another module's runner beside this one's)."""
+    ports = (
+        {k: re.sub(r"\d{4,5}(?=/|$)", lambda m: str(int(m.group()) + shift), v) for k, v in _PORTS.items()}
+        if shift
+        else _PORTS
+    )
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")},
-        **_PORTS,
-        "SWITCHBOARD_DATA_DIR": str(tmp_path_factory.mktemp("runner")),
+        **ports,
+        "SWITCHBOARD_DATA_DIR": str(data_dir),
         "SWITCHBOARD_MODELS_DIR": str(PROJECT_ROOT / "var" / "models"),
         "SWITCHBOARD_TOPIC_PARTITIONS": "2",
         # The machine is small: one ingress server process is enough to see writes served.
@@ -127,11 +134,19 @@ def _start_runner(env: dict[str, str], out: Path) -> subprocess.Popen[bytes]:
         )
 
 
-@pytest.fixture(scope="module")
-async def runner(runner_env: dict[str, str]) -> AsyncIterator[Runner]:
-    settings = _settings(runner_env)
+@contextlib.asynccontextmanager
+async def serving_runner(env: dict[str, str], *, hangup_ignored: bool = False) -> AsyncIterator[Runner]:
+    """`switchboard run --no-demo` until it serves (its settings carry the demo key); stopped as
+    Ctrl-C would, and every server of its stack stopped, on the way out. `hangup_ignored`: started
+    as under `nohup` (SIGHUP ignored, inherited across exec)."""
+    settings = _settings(env)
     out = settings.data_dir / "runner.out"
-    proc = _start_runner(runner_env, out)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN) if hangup_ignored else None
+    try:
+        proc = _start_runner(env, out)
+    finally:
+        if hangup_ignored:
+            signal.signal(signal.SIGHUP, previous or signal.SIG_DFL)
     started = Runner(proc, out, settings)
     try:
         await eventually(
@@ -144,14 +159,20 @@ async def runner(runner_env: dict[str, str]) -> AsyncIterator[Runner]:
         found = KEY.search(started.output())
         assert found, started.output()
         started.settings = settings.model_copy(update={"api_key": found.group(2)})
-        await wait_for_ingress(started.settings)
         yield started
     finally:
         if await asyncio.to_thread(_stop, proc, 60.0) is None:
             await asyncio.to_thread(_kill_tree, proc)
-        # Whatever the runner left (it should leave nothing), so no server outlives the module.
+        # Whatever the runner left (it should leave nothing), so no server outlives the test.
         await stack.down(settings)
         print(started.output()[-4000:])
+
+
+@pytest.fixture(scope="module")
+async def runner(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Runner]:
+    async with serving_runner(runner_env(tmp_path_factory.mktemp("runner"))) as started:
+        await wait_for_ingress(started.settings)
+        yield started
 
 
 async def _pid(settings: Settings, name: str) -> int | None:
