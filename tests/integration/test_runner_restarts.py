@@ -141,12 +141,13 @@ async def serving_runner(env: dict[str, str], *, hangup_ignored: bool = False) -
     as under `nohup` (SIGHUP ignored, inherited across exec)."""
     settings = _settings(env)
     out = settings.data_dir / "runner.out"
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN) if hangup_ignored else None
+    # Set either way, not inherited from whoever started the tests (a CI job under nohup has
+    # SIGHUP ignored, which the runner would inherit across exec).
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN if hangup_ignored else signal.SIG_DFL)
     try:
         proc = _start_runner(env, out)
     finally:
-        if hangup_ignored:
-            signal.signal(signal.SIGHUP, previous or signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, previous if previous is not None else signal.SIG_DFL)
     started = Runner(proc, out, settings)
     try:
         await eventually(
