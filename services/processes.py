@@ -58,7 +58,8 @@ class Child:
             [sys.executable, "-m", "services.cli", *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
+            # A crash in native code (a segfault) leaves the Python stacks in the child's log.
+            env={"PYTHONFAULTHANDLER": "1", **os.environ, **self.env},
             start_new_session=True,
             preexec_fn=_dies_with(os.getpid()) if _prctl is not None else None,
         )
