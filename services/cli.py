@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from services.processes import die_with_parent
+
+    die_with_parent()
     args = build_parser().parse_args(argv)
     from services import eventloop
     from services.observability.logs import quiet_repeats

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,23 +18,27 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.auth import ingress_channel
 from services.settings import Settings
 
+# Set by Child.start to its own pid: the child ties itself to that parent once it runs
+# (`die_with_parent`, called first thing by the CLI). Not in a `preexec_fn`: calling into ctypes
+# between fork and exec in a parent with threads (the runner's and the tests' gRPC threads) made a
+# child die of SIGSEGV before exec now and then (seen twice in the soak).
+PARENT_ENV = "SWITCHBOARD_DIE_WITH_PARENT"
 _PR_SET_PDEATHSIG = 1
-# Looked up here, in the parent: the child between fork and exec only calls it (no dlopen there).
-# Linux only; elsewhere children are not tied to their parent.
-_prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
 
 
-def _dies_with(parent: int) -> Callable[[], None]:
-    """For `preexec_fn`: SIGKILL this child when its parent dies (Linux PR_SET_PDEATHSIG)."""
-
-    def arm() -> None:
-        assert _prctl is not None
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            # The parent died before the line above: nothing would signal this child.
-            os._exit(1)
-
-    return arm
+def die_with_parent() -> None:
+    """If started by a Child: SIGKILL this process when that parent dies (Linux PR_SET_PDEATHSIG).
+    The variable is removed so this process's own children do not take it for theirs."""
+    parent = os.environ.pop(PARENT_ENV, "")
+    if not parent:
+        return
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is None:  # not Linux: not tied
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(parent):
+        # The parent died before the line above: nothing would signal this process.
+        os._exit(1)
 
 
 @dataclass
@@ -59,9 +62,8 @@ class Child:
             stdout=log,
             stderr=subprocess.STDOUT,
             # A crash in native code (a segfault) leaves the Python stacks in the child's log.
-            env={"PYTHONFAULTHANDLER": "1", **os.environ, **self.env},
+            env={"PYTHONFAULTHANDLER": "1", **os.environ, **self.env, PARENT_ENV: str(os.getpid())},
             start_new_session=True,
-            preexec_fn=_dies_with(os.getpid()) if _prctl is not None else None,
         )
         log.close()
 
