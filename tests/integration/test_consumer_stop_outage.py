@@ -26,7 +26,7 @@ from aiokafka.errors import KafkaError
 
 from services import stack
 from services.settings import Settings
-from streams._consumer import BatchConsumer, Record, Rejected, _joining
+from streams._consumer import BatchConsumer, Processor, Record, Rejected, _joining
 from tests.conftest import eventually
 from tests.integration.consumer_rig import Collect, fresh_topic, send_all, started_producer
 
@@ -59,19 +59,24 @@ async def _timed(what: str, awaitable: asyncio.Future[None], within_s: float) ->
     return took
 
 
+def _consumer(settings: Settings, processor: Processor, topic: str, group: str = "") -> BatchConsumer:
+    """A consumer of `topic` in a group of its own (or `group`), with a static member id."""
+    return BatchConsumer(
+        settings,
+        processor,
+        topic=topic,
+        group_id=group or f"stopout-{uuid.uuid4().hex[:8]}",
+        instance_id=f"stopout-{uuid.uuid4().hex[:8]}",
+        batch_size=16,
+    )
+
+
 @pytest.mark.timeout(60)
 async def test_a_consumer_starting_against_a_refused_kafka_stops_when_asked(
     local_stack: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = local_stack.model_copy(update={"kafka_bootstrap": _refused_bootstrap()})
-    consumer = BatchConsumer(
-        settings,
-        Collect(),
-        topic="stop-outage-unreachable",
-        group_id=f"stopout-{uuid.uuid4().hex[:8]}",
-        instance_id=f"stopout-{uuid.uuid4().hex[:8]}",
-        batch_size=16,
-    )
+    consumer = _consumer(settings, Collect(), "stop-outage-unreachable")
     caplog.set_level(logging.WARNING, logger="streams._consumer")
     starting = asyncio.ensure_future(consumer.start())
     await eventually(
@@ -132,14 +137,7 @@ async def _committed(settings: Settings, group: str, tp: TopicPartition) -> int 
 async def test_a_consumer_polling_while_kafka_is_down_stops_when_asked(local_stack: Settings) -> None:
     settings = await fresh_topic(local_stack, "stopout")
     processor = Collect()
-    consumer = BatchConsumer(
-        settings,
-        processor,
-        topic=settings.conversation_topic,
-        group_id=f"stopout-{uuid.uuid4().hex[:8]}",
-        instance_id=f"stopout-{uuid.uuid4().hex[:8]}",
-        batch_size=16,
-    )
+    consumer = _consumer(settings, processor, settings.conversation_topic)
     await consumer.start()
     running = asyncio.ensure_future(consumer.run())
     kafka_down = False
@@ -186,14 +184,7 @@ async def test_a_consumer_waiting_for_its_group_join_stops_when_asked(local_stac
     complete because the broker does not answer (SIGSTOP) while the consumer rejoins."""
     settings = await fresh_topic(local_stack, "stopout")
     processor = Collect()
-    consumer = BatchConsumer(
-        settings,
-        processor,
-        topic=settings.conversation_topic,
-        group_id=f"stopout-{uuid.uuid4().hex[:8]}",
-        instance_id=f"stopout-{uuid.uuid4().hex[:8]}",
-        batch_size=16,
-    )
+    consumer = _consumer(settings, processor, settings.conversation_topic)
     await consumer.start()
     running = asyncio.ensure_future(consumer.run())
     broker = psutil.Process((await stack.status(local_stack))["kafka"]["pid"])
@@ -234,14 +225,7 @@ async def test_a_stop_while_kafka_is_down_ends_promptly_and_commits_nothing_unfi
     settings = await fresh_topic(local_stack, "stopout")
     processor = Held(refuse)
     group = f"stopout-{uuid.uuid4().hex[:8]}"
-    consumer = BatchConsumer(
-        settings,
-        processor,
-        topic=settings.conversation_topic,
-        group_id=group,
-        instance_id=f"stopout-{uuid.uuid4().hex[:8]}",
-        batch_size=16,
-    )
+    consumer = _consumer(settings, processor, settings.conversation_topic, group)
     await consumer.start()
     running = asyncio.ensure_future(consumer.run())
     kafka_down = False
