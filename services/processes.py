@@ -26,6 +26,11 @@ PARENT_ENV = "SWITCHBOARD_DIE_WITH_PARENT"
 _PR_SET_PDEATHSIG = 1
 
 
+def tied_to_this_process(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a child that is to die with this process: the child calls `die_with_parent`."""
+    return {**env, PARENT_ENV: str(os.getpid())}
+
+
 def die_with_parent() -> None:
     """If started by a Child: SIGKILL this process when that parent dies (Linux PR_SET_PDEATHSIG).
     The variable is removed so this process's own children do not take it for theirs."""
@@ -62,7 +67,7 @@ class Child:
             stdout=log,
             stderr=subprocess.STDOUT,
             # A crash in native code (a segfault) leaves the Python stacks in the child's log.
-            env={"PYTHONFAULTHANDLER": "1", **os.environ, **self.env, PARENT_ENV: str(os.getpid())},
+            env=tied_to_this_process({"PYTHONFAULTHANDLER": "1", **os.environ, **self.env}),
             start_new_session=True,
         )
         log.close()

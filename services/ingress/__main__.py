@@ -15,10 +15,12 @@ from services import eventloop
 from services.ingress._server import serve
 from services.ingress._supervisor import CHILD_ENV
 from services.observability.logs import quiet_repeats
+from services.processes import die_with_parent
 from services.settings import load_settings
 
 
 def main() -> int:
+    die_with_parent()  # first: a supervisor killed from here on takes this process with it
     parser = argparse.ArgumentParser(prog="python -m services.ingress")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args()

@@ -10,14 +10,14 @@ Redis, and order per conversation is the log's (see the README's design note).
 The parent only supervises: it checks the port is free, starts the children, restarts one that
 dies (with a back-off when it keeps dying), and on SIGTERM/SIGINT passes SIGTERM on, so that each
 child drains (stops listening, lets in-flight calls finish, flushes its producer). Children die with
-the parent (PR_SET_PDEATHSIG), so a kill -9 of `switchboard ingress` is a crash of all of it.
+the parent (PR_SET_PDEATHSIG, armed by each child after exec), so a kill -9 of `switchboard
+ingress` is a crash of all of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -26,13 +26,13 @@ import sys
 import time
 from dataclasses import dataclass
 
+from services.processes import tied_to_this_process
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # Set in a child's environment: its index; the child listens with SO_REUSEPORT.
 CHILD_ENV = "SWITCHBOARD_INGRESS_CHILD"
-_PR_SET_PDEATHSIG = 1
 # A child that lived shorter than this is restarted after a growing pause (up to the maximum).
 _HEALTHY_AFTER_S = 10.0
 _MAX_BACKOFF_S = 10.0
@@ -52,12 +52,6 @@ def process_count(settings: Settings) -> int:
         return len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the supervisor goes, however it goes (Linux)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def check_port_free(listen: str, within_s: float = 10.0) -> None:
@@ -100,7 +94,11 @@ class Supervisor:
         self._stopping = asyncio.Event()
 
     async def _start(self, child: _Child) -> None:
-        env = {**os.environ, CHILD_ENV: str(child.index), "SWITCHBOARD_INGRESS_PROCESSES": "1"}
+        # Tied after exec (services.ingress.__main__ calls die_with_parent), not in a preexec_fn:
+        # ctypes between fork and exec in a process with threads can crash the child.
+        env = tied_to_this_process(
+            {**os.environ, CHILD_ENV: str(child.index), "SWITCHBOARD_INGRESS_PROCESSES": "1"}
+        )
         child.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -108,7 +106,6 @@ class Supervisor:
             "--log-level",
             self._log_level,
             env=env,
-            preexec_fn=_die_with_parent,
         )
         child.started = time.monotonic()
         log.info("ingress process %d started (pid %d)", child.index, child.proc.pid)

@@ -8,26 +8,25 @@ shared (states, positions, claims) is in Redis, written per partition by its own
 
 The parent only supervises: it starts the children, restarts one that dies (same id, a growing
 pause when it keeps dying) and passes SIGTERM/SIGINT on, so each finishes its batch in hand.
-Children die with the parent (PR_SET_PDEATHSIG).
+Children die with the parent (PR_SET_PDEATHSIG, armed by each child after exec).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
 import sys
 import time
 
+from services.processes import tied_to_this_process
 from services.settings import Settings
 from streams._consumer import instance_id
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _HEALTHY_AFTER_S = 10.0
 _MAX_BACKOFF_S = 10.0
 
@@ -36,11 +35,6 @@ def member_ids(settings: Settings, count: int) -> list[str]:
     """One static membership id per process, stable across restarts."""
     base = instance_id(settings, "sessions")
     return [f"{base}-{i}" for i in range(count)]
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 async def supervise(settings: Settings, count: int, log_level: str = "info") -> None:
@@ -53,11 +47,14 @@ async def supervise(settings: Settings, count: int, log_level: str = "info") -> 
     async def keep(member: str) -> None:
         failures = 0
         while not stopping.is_set():
-            env = {
-                **os.environ,
-                "SWITCHBOARD_WORKER_INSTANCE_ID": member,
-                "SWITCHBOARD_SESSIONS_PROCESSES": "1",
-            }
+            # The child arms the tie after exec (services.cli calls die_with_parent).
+            env = tied_to_this_process(
+                {
+                    **os.environ,
+                    "SWITCHBOARD_WORKER_INSTANCE_ID": member,
+                    "SWITCHBOARD_SESSIONS_PROCESSES": "1",
+                }
+            )
             started = time.monotonic()
             try:
                 proc = procs[member] = await asyncio.create_subprocess_exec(
@@ -69,7 +66,6 @@ async def supervise(settings: Settings, count: int, log_level: str = "info") -> 
                     "--log-level",
                     log_level,
                     env=env,
-                    preexec_fn=_die_with_parent,
                 )
             except Exception as exc:
                 # fork/exec refused for now (EAGAIN, ENOMEM, EMFILE): it ended this task, and the

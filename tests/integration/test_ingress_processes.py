@@ -5,8 +5,13 @@ stack: connections reach every process, a process that dies is replaced, and a p
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import psutil
@@ -19,6 +24,7 @@ from schemas import hotview as hv
 from services import stack
 from services.processes import wait_for_ingress
 from tests.integration.conftest import System, eventually, start_conversation
+from tests.unit.test_child_dies_with_parent import assert_children_die_with
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +42,12 @@ def servers(system: System) -> list[psutil.Process]:
         and p.status() != psutil.STATUS_ZOMBIE
         and "services.ingress" in " ".join(p.cmdline())
     ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def port(system: System) -> int:
@@ -214,3 +226,33 @@ async def test_every_process_answers_health_from_the_hot_view_at_once(system: Sy
     assert await statuses() == {health_pb2.HealthCheckResponse.SERVING}
     for channel in channels:
         await channel.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_killed_supervisor_takes_its_ingress_processes(
+    system: System, test_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A second `switchboard ingress` (on ports of its own) killed with -9: its processes go too."""
+    ports = [free_port() for _ in range(2)]
+    env = {
+        **os.environ,
+        **test_env,
+        "SWITCHBOARD_INGRESS_PROCESSES": "2",
+        "SWITCHBOARD_GRPC_LISTEN": f"127.0.0.1:{ports[0]}",
+        "SWITCHBOARD_INGRESS_METRICS_LISTEN": f"127.0.0.1:{ports[1]}",
+    }
+    env.pop("SWITCHBOARD_DIE_WITH_PARENT", None)
+    log = tmp_path / "ingress.log"
+
+    def start_and_kill() -> None:
+        with log.open("wb") as out:
+            supervisor = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "ingress"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        assert_children_die_with(supervisor, 2, log)
+
+    await asyncio.to_thread(start_and_kill)

@@ -70,3 +70,57 @@ def test_a_child_is_killed_with_its_parent(tmp_path: Path) -> None:
         parent.kill()
         if child_pid and not _gone(child_pid):
             os.kill(child_pid, signal.SIGKILL)
+
+
+def _children_of(pid: int, count: int, within_s: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + within_s
+    while True:
+        kids = [p.pid for p in psutil.Process(pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+        if len(kids) >= count or time.monotonic() > deadline:
+            return kids
+        time.sleep(0.05)
+
+
+def assert_children_die_with(supervisor: subprocess.Popen[bytes], count: int, log: Path) -> None:
+    """Kill -9 `supervisor` once it runs `count` children; every child must go with it. Whether
+    the kill lands before or after a child has armed its tie, the child goes (one that finds its
+    parent gone when it arms the tie exits)."""
+    kids: list[int] = []
+    try:
+        kids = _children_of(supervisor.pid, count)
+        assert len(kids) == count, log.read_text(errors="replace")
+        os.kill(supervisor.pid, signal.SIGKILL)
+        supervisor.wait(10)
+        deadline = time.monotonic() + 10
+        while not all(_gone(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(_gone(k) for k in kids), "a child outlived its supervisor's kill -9"
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+        for k in kids:
+            if not _gone(k):
+                os.kill(k, signal.SIGKILL)
+
+
+def test_the_sessions_processes_are_killed_with_their_supervisor(tmp_path: Path) -> None:
+    """`switchboard worker sessions` with N processes: a kill -9 of the command takes them too."""
+    env = {
+        **os.environ,
+        "SWITCHBOARD_SESSIONS_PROCESSES": "2",
+        "SWITCHBOARD_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+        "SWITCHBOARD_REDIS_URL": "redis://127.0.0.1:2/0",
+        "SWITCHBOARD_DATA_DIR": str(tmp_path),
+    }
+    env.pop("SWITCHBOARD_DIE_WITH_PARENT", None)
+    log = tmp_path / "supervisor.log"
+    with log.open("wb") as out:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "worker", "sessions"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    assert_children_die_with(supervisor, 2, log)
