@@ -101,6 +101,37 @@ class System:
         return clickhouse_connect.get_client(host=host, port=int(port))
 
 
+_LOG_OFFSETS = pytest.StashKey[dict[str, int]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test that used the shared system gets what its processes logged while it ran (a
+    CI run's data directory is gone by the time anyone reads the failure)."""
+    report = yield
+    system = getattr(item, "funcargs", {}).get("system")
+    if not isinstance(system, System):
+        return report
+    if call.when == "setup" and report.passed:
+        item.stash[_LOG_OFFSETS] = {
+            name: child.log_path.stat().st_size if child.log_path.exists() else 0
+            for name, child in system.children.items()
+        }
+    elif report.failed and call.when == "call":
+        for name, start in item.stash.get(_LOG_OFFSETS, {}).items():
+            path = system.children[name].log_path
+            try:
+                with path.open("rb") as log:
+                    log.seek(start)
+                    lines = log.read().decode(errors="replace").splitlines()
+            except FileNotFoundError:
+                continue
+            shown = lines[-80:]
+            head = f"({len(lines) - len(shown)} earlier lines not shown)\n" if len(lines) > len(shown) else ""
+            report.sections.append((f"{name} log during the test", head + "\n".join(shown)))
+    return report
+
+
 @pytest.fixture(scope="session")
 def test_env() -> Iterator[dict[str, str]]:
     keep = os.environ.get("SWITCHBOARD_TEST_KEEP_DATA")

@@ -15,7 +15,7 @@ import asyncio
 import pytest
 from switchboard.v1 import chat_pb2, chat_pb2_grpc
 
-from tests.integration.conftest import System, start_conversation
+from tests.integration.conftest import System, eventually, start_conversation
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +30,22 @@ async def test_count_cursor_and_messages_agree_under_writes(
     system: System, stub: chat_pb2_grpc.ChatServiceStub, tenant: str
 ) -> None:
     conversation_id = await start_conversation(stub, tenant)
+    request = chat_pb2.GetConversationRequest(
+        tenant_id=tenant, conversation_id=conversation_id, recent_messages=3
+    )
+    # The reads below must overlap the folds: first the sessions worker is seen folding at all
+    # (after tests that restart Kafka it may still be rejoining its group).
+    await stub.SendMessage(
+        chat_pb2.SendMessageRequest(
+            tenant_id=tenant, conversation_id=conversation_id, client_message_id="first", text="first"
+        )
+    )
+    await eventually(
+        lambda: stub.GetConversation(request),
+        lambda c: c.message_count >= 1,
+        within_s=90,
+        what="the first message folded",
+    )
     total = 1500
     sent = 0
 
@@ -53,9 +69,6 @@ async def test_count_cursor_and_messages_agree_under_writes(
         await asyncio.gather(*(one_sender() for _ in range(4)))
 
     sending = asyncio.create_task(send())
-    request = chat_pb2.GetConversationRequest(
-        tenant_id=tenant, conversation_id=conversation_id, recent_messages=3
-    )
     reads = 0
     counts_seen: set[int] = set()
     torn: list[str] = []
