@@ -14,7 +14,7 @@ run: install ## bring the whole system up on the embedded defaults, play a demo,
 	$(SB) run
 
 test: install lint typecheck ## install what is missing, then ruff, mypy and pytest (unit + integration)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 install: $(STAMP) $(GEN) system-deps
 
