@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from switchboard.v1 import chat_pb2, chat_pb2_grpc
 
 from services import stack
 from services.kafka_topics import ensure_topics
+from services.observability.metrics import metrics_listen
 from services.processes import Child, switchboard_children, wait_for_analytics, wait_for_ingress
 from services.settings import PROJECT_ROOT, Settings
 
@@ -129,7 +131,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             shown = lines[-80:]
             head = f"({len(lines) - len(shown)} earlier lines not shown)\n" if len(lines) > len(shown) else ""
             report.sections.append((f"{name} log during the test", head + "\n".join(shown)))
+        # Whether a processor was behind (lag) or stuck (no restarts, joining) when it failed.
+        report.sections.append(("consumer metrics at the failure", _consumer_metrics(system.settings)))
     return report
+
+
+def _consumer_metrics(settings: Settings) -> str:
+    lines = []
+    for role in ("sessions", "assistant", "analytics"):
+        address = metrics_listen(settings, role)
+        try:
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=3) as response:
+                text = response.read().decode(errors="replace")
+        except OSError as exc:
+            lines.append(f"{role}: {address} did not answer ({exc!r})")
+            continue
+        lines += [f"{role}: {line}" for line in text.splitlines() if line.startswith("switchboard_consumer_")]
+    return "\n".join(lines)
 
 
 @pytest.fixture(scope="session")
