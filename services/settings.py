@@ -35,6 +35,10 @@ class Settings(BaseSettings):
 
     # --- Redis -------------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # How long the ingress waits for Redis to connect or answer a command before the call fails
+    # UNAVAILABLE (and readiness says NOT_SERVING): a Redis that hangs must not hold callers to
+    # their own deadlines. Not retried on a timeout; every command it sends takes milliseconds.
+    redis_timeout_s: float = Field(default=5.0, gt=0)
 
     # --- ClickHouse --------------------------------------------------------------------------
     # chdb:///abs/path runs ClickHouse in-process (only one process may open a path);

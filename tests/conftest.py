@@ -25,6 +25,7 @@ import pytest
 from switchboard.v1 import chat_pb2, chat_pb2_grpc
 
 from services import stack
+from services.eventloop import DUMP_MARK, DUMP_SIGNAL
 from services.kafka_topics import ensure_topics
 from services.observability.metrics import metrics_listen
 from services.processes import Child, switchboard_children, wait_for_analytics, wait_for_ingress
@@ -65,6 +66,7 @@ _BASE_ENV = {
     "SWITCHBOARD_ANALYTICS_METRICS_LISTEN": "127.0.0.1:29467",
     "SWITCHBOARD_TOPIC_PARTITIONS": "4",
     "SWITCHBOARD_PRODUCE_TIMEOUT_S": "5",
+    "SWITCHBOARD_REDIS_TIMEOUT_S": "2",  # test_ingress_redis_hang waits for it while Redis is stopped
     # The archiver closes segments after 2 s, so tests see them soon (streams/archive).
     "SWITCHBOARD_ARCHIVE_SEGMENT_AGE_S": "2",
     # `switchboard ingress` as two processes on one port, whatever the machine's core count.
@@ -120,20 +122,51 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             for name, child in system.children.items()
         }
     elif report.failed and call.when == "call":
-        for name, start in item.stash.get(_LOG_OFFSETS, {}).items():
-            path = system.children[name].log_path
-            try:
-                with path.open("rb") as log:
-                    log.seek(start)
-                    lines = log.read().decode(errors="replace").splitlines()
-            except FileNotFoundError:
-                continue
-            shown = lines[-80:]
+        offsets = item.stash.get(_LOG_OFFSETS, {})
+        _dump_tasks(system, offsets)
+        for name, start in offsets.items():
+            lines = _log_since(system.children[name].log_path, start).splitlines()
+            shown = lines[-150:]
             head = f"({len(lines) - len(shown)} earlier lines not shown)\n" if len(lines) > len(shown) else ""
             report.sections.append((f"{name} log during the test", head + "\n".join(shown)))
         # Whether a processor was behind (lag) or stuck (no restarts, joining) when it failed.
         report.sections.append(("consumer metrics at the failure", _consumer_metrics(system.settings)))
     return report
+
+
+def _dump_tasks(system: System, offsets: dict[str, int]) -> None:
+    """Have each process log its asyncio tasks and where they wait (services/eventloop.dump_tasks,
+    SIGUSR2), and wait a little for the dumps to reach the logs."""
+    asked = []
+    for name, child in system.children.items():
+        if child.proc is None or not child.alive or not _catches(child.proc.pid, DUMP_SIGNAL):
+            continue  # a process still starting would be killed by a signal it does not catch yet
+        child.proc.send_signal(DUMP_SIGNAL)
+        asked.append(name)
+    deadline = time.monotonic() + 5
+    while asked and time.monotonic() < deadline:
+        asked = [
+            n for n in asked if DUMP_MARK not in _log_since(system.children[n].log_path, offsets.get(n, 0))
+        ]
+        time.sleep(0.1)
+
+
+def _catches(pid: int, signum: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+    return bool(int(caught, 16) & (1 << (signum - 1)))
+
+
+def _log_since(path: Path, start: int) -> str:
+    try:
+        with path.open("rb") as log:
+            log.seek(start)
+            return log.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def _consumer_metrics(settings: Settings) -> str:

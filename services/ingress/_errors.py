@@ -32,6 +32,10 @@ def as_rejection(exc: BaseException, method: str) -> RequestRejected:
     """A failure that is not the caller's fault, as a status."""
     if isinstance(exc, RequestRejected):
         return exc
+    if isinstance(exc, redis_errors.TimeoutError):
+        # redis-py's repr of it is only "network:TimeoutError": say what happened, and where.
+        log.warning("%s: Redis did not answer: %s", method, exc)
+        return unavailable("Redis did not answer in time (SWITCHBOARD_REDIS_TIMEOUT_S); retry")
     if isinstance(exc, _OUTAGES) or (
         isinstance(exc, OSError) and not isinstance(exc, redis_errors.RedisError)
     ):

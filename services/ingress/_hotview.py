@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import hotview as hv
 from services.ingress._producer import Ack, Unavailable, unavailable
+
+log = logging.getLogger(__name__)
 
 # Readiness and claims in one step: while the hot view is incomplete (HLEN of READY_KEY below the
 # partition count, as after Redis lost data) nothing is claimed, so no write can miss the claim
@@ -359,6 +365,7 @@ class IngressHotView:
         # Starts every claim marker of this instance (one per ingress process): a close tells its
         # own process's in-flight messages from other processes' by it.
         self._marker_prefix = hv.CLAIM_PENDING + b":" + os.urandom(6).hex().encode()
+        self._releasing: set[asyncio.Task[None]] = set()  # see _release_unanswered
 
     async def lookup_many(self, keys: Sequence[tuple[str, str]]) -> list[Registration | None]:
         fields = (hv.F_CREATED_NS, hv.F_CLOSED_NS, hv.F_CHANNEL, hv.F_CUSTOMER, hv.F_STATE, hv.F_CURSOR)
@@ -471,7 +478,11 @@ class IngressHotView:
             script = self._claim_if_ready
             redis_keys = [hv.READY_KEY, *(hv.idempotency_key(t, c, m) for t, c, m in keys)]
             args = [partitions, marker, CLAIM_TTL_S]
-        reply = await self._in_tick(script, redis_keys, args)
+        try:
+            reply = await self._in_tick(script, redis_keys, args)
+        except (RedisConnectionError, RedisTimeoutError):
+            self._release_unanswered([HeldClaim(t, c, m, marker, unless_closed) for t, c, m in keys])
+            raise
         if reply == -1:
             raise rebuilding()
         claims = []
@@ -485,6 +496,39 @@ class IngressHotView:
             else:
                 claims.append(Claim(claimed=False, earlier=_parse_ack(previous)))
         return claims
+
+    def _release_unanswered(self, claims: list[HeldClaim]) -> None:
+        """A claim script sent without an answer may still run: a Redis that stopped answering
+        (SIGSTOP, a long command) runs what was sent on an open connection once it resumes, after
+        the caller was told UNAVAILABLE. Its ids would stay pending under a marker nobody holds,
+        refusing every retry as "in flight" until CLAIM_TTL_S. Nothing is ever written under that
+        marker, so its claims are dropped once Redis answers (a drop removes only that marker's)."""
+        task = asyncio.ensure_future(self._release(claims))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, claims: list[HeldClaim]) -> None:
+        outcomes: list[tuple[HeldClaim, Ack | None]] = [(c, None) for c in claims]
+        give_up = time.monotonic() + CLAIM_TTL_S  # by then the claims expired by themselves
+        delay = 0.2
+        while True:
+            try:
+                await self.settle_many(outcomes)
+                break
+            except Exception as exc:
+                if time.monotonic() + delay > give_up:
+                    log.warning("dropping %d unanswered claims failed (%r); they expire", len(claims), exc)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        # Once more a moment later: the drop that succeeded may have been sent while Redis was
+        # still stopped, on another connection, and Redis does not promise to read connections
+        # in the order they were written to.
+        await asyncio.sleep(1.0)
+        try:
+            await self.settle_many(outcomes)
+        except Exception as exc:
+            log.warning("dropping %d unanswered claims again failed (%r)", len(claims), exc)
 
     async def _in_tick(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """A script's reply, its call sent in this tick's pipeline (EVALSHA; loaded on first use)."""

@@ -15,6 +15,8 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from switchboard.v1 import agent_pb2, chat_pb2, knowledge_pb2
 
@@ -437,11 +439,20 @@ class IngressServer:
 
     def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
-        # Pipelines too retry a dropped connection (redis-py retries only single commands by
-        # default): after a Redis restart every pooled connection fails once. Safe: settlements
-        # and touches are idempotent, and a claim script run again sees its own marker as its.
+        # A dropped connection is retried once, pipelines too: after a Redis restart every pooled
+        # connection fails once. Safe: settlements and touches are idempotent, and a claim script
+        # run again sees its own marker as its. A timeout is not retried: redis-py's default
+        # retries it (here once, by default 10 times), each attempt waiting the socket timeout
+        # again, so a Redis that stopped answering (SIGSTOP, a partition, a long command) held
+        # every call 2 x 5 s and readiness as long. Every command the ingress sends on this pool
+        # takes milliseconds (short pipelines and scripts, SCAN pages; no blocking reads: live
+        # streams have their own pools), so one timeout says Redis is not answering.
         self.redis = aioredis.Redis.from_url(
-            settings.redis_url, max_connections=512, retry_on_error=[RedisConnectionError]
+            settings.redis_url,
+            max_connections=512,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         # Live streams share a few blocking connections of their own (services/ingress/_live.py);
         # this pool serves their short reads and wake-ups.
@@ -455,6 +466,7 @@ class IngressServer:
         self.knowledge = KnowledgeService(settings, self.redis, quotas=self.quotas)
         self.agents = AgentService(settings, self.redis, self.hot, self.service.reads, self.service.writes)
         self._readiness: asyncio.Task[None] | None = None
+        self._readiness_error: Exception | None = None  # why the last readiness check failed
         # Closes conversations idle past the tenant's idle time (services/ingress/_idle.py).
         self.idle = IdleSweeper(
             settings,
@@ -530,10 +542,13 @@ class IngressServer:
         `make run`)."""
         serving: bool | None = None
         while True:
+            self._readiness_error = None
             try:
                 ready = await self._serving()
             except Exception as exc:
-                log.warning("readiness check failed: %r", exc)
+                # Within redis_timeout_s when Redis hangs (the pool's timeouts are not retried).
+                self._readiness_error = exc
+                log.warning("readiness check failed: %r %s", exc, exc)
                 ready = False
             if ready != serving:
                 serving = ready
@@ -546,6 +561,11 @@ class IngressServer:
             await asyncio.sleep(READINESS_POLL_S)
 
     def _not_serving_why(self) -> str:
+        if self._readiness_error is not None:
+            error = self._readiness_error
+            return (
+                f"the readiness check failed ({type(error).__name__}: {error}; Redis away or not answering?)"
+            )
         if not self.service.writes.erasures_ready:
             return f"the erasure registry (topic {self.settings.privacy_topic}) is not read yet"
         return "the hot view is incomplete (being rebuilt)"
