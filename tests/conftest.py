@@ -126,7 +126,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         _dump_tasks(system, offsets)
         for name, start in offsets.items():
             lines = _log_since(system.children[name].log_path, start).splitlines()
-            shown = lines[-150:]
+            shown = lines[-400:]
             head = f"({len(lines) - len(shown)} earlier lines not shown)\n" if len(lines) > len(shown) else ""
             report.sections.append((f"{name} log during the test", head + "\n".join(shown)))
         # Whether a processor was behind (lag) or stuck (no restarts, joining) when it failed.
