@@ -66,7 +66,7 @@ _BASE_ENV = {
     "SWITCHBOARD_ANALYTICS_METRICS_LISTEN": "127.0.0.1:29467",
     "SWITCHBOARD_TOPIC_PARTITIONS": "4",
     "SWITCHBOARD_PRODUCE_TIMEOUT_S": "5",
-    "SWITCHBOARD_REDIS_TIMEOUT_S": "2",  # test_ingress_redis_hang waits for it while Redis is stopped
+    "SWITCHBOARD_REDIS_TIMEOUT_S": "3",  # test_ingress_redis_hang waits for it while Redis is stopped
     # The archiver closes segments after 2 s, so tests see them soon (streams/archive).
     "SWITCHBOARD_ARCHIVE_SEGMENT_AGE_S": "2",
     # `switchboard ingress` as two processes on one port, whatever the machine's core count.
