@@ -425,11 +425,14 @@ class SessionsProcessor:
             writes.mirror(hv.conversation_key(*slot), fold)
             _requeue(writes, slot, queued_before[slot], fold)
             _track_activity(writes, slot, active_before[slot], fold)
-        await self._execute(writes)
         if rejected and self._dead_letter_first is not None:
-            # Before the position passes them (see bind_dead_letter); not again by the consumer.
+            # Before the position passes them (see bind_dead_letter), and before the states: a
+            # state written past a refused record makes the fold skip it as seen when the batch
+            # is applied again (after a dead letter that did not reach Kafka), so it would never
+            # be dead-lettered. Not again by the consumer.
             await self._dead_letter_first(list(rejected))
             rejected.clear()
+        await self._execute(writes)
         # Positions last, in their own round trip once every state is in: a Redis that kept them
         # kept everything above.
         last: dict[int, int] = {}

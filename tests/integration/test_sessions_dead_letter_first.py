@@ -15,9 +15,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from switchboard.v1 import events_pb2
 
+from schemas.events import encode_event, event_headers, event_key, new_event
 from services.settings import Settings
 from streams._consumer import Record
+from streams.sessions._state import Fold
 from streams.sessions._worker import SessionsProcessor
 from tests.integration.test_erasure_follower_bound import started
 
@@ -48,6 +51,75 @@ async def test_poison_is_dead_lettered_before_the_position_passes_it(local_stack
         rejected = await processor.process([started(tenant, "c1", 0), poison, started(tenant, "c2", 2)])
         assert steps == ["dead-letter 1", "positions"]
         assert list(rejected) == []  # dead-lettered already: not a second time by the consumer
+        assert await redis.hget("sb:sessions:applied", "0") == b"3"
+    finally:
+        await processor.close()
+        await redis.flushdb()
+        await redis.aclose()
+
+
+def _message(tenant: str, conversation: str, offset: int, text: str) -> Record:
+    event = new_event(
+        tenant,
+        conversation,
+        message_received=events_pb2.MessageReceived(client_message_id=f"m{offset}", text=text),
+    )
+    return Record(
+        "conversation-events",
+        0,
+        offset,
+        event_key(event),
+        encode_event(event),
+        0,
+        tuple(event_headers(event)),
+    )
+
+
+@pytest.mark.timeout(120)
+async def test_a_record_the_fold_refuses_is_dead_lettered_when_its_batch_is_applied_again(
+    local_stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding (sixth session): the states were written before the refused records were
+    dead-lettered. A batch whose dead letter did not reach Kafka (a stop, an outage) is applied
+    again, but its conversations' states already stood past the refused record, which the fold
+    then skipped as seen: it was never dead-lettered. The fold's own refusal is simulated (no input
+    is known to make it raise); every other part is the worker's, on a real Redis."""
+    original = Fold.apply
+
+    def refusing(self: Fold, event: Any, position: Any) -> Any:
+        seen = self.last_partition == position.partition and position.offset <= self.last_offset
+        if event.message_received.text == "refuse me" and not seen:
+            # As a refusal of the fold itself would be: for an event it has not applied yet.
+            raise ValueError("the fold refuses this event")
+        return original(self, event, position)
+
+    monkeypatch.setattr(Fold, "apply", refusing)
+    redis = aioredis.Redis.from_url(local_stack.redis_url.rsplit("/", 1)[0] + "/9")
+    await redis.flushdb()
+    processor = SessionsProcessor(local_stack, redis)
+    tenant = f"t{uuid.uuid4().hex[:10]}"
+    batch = [
+        started(tenant, "c1", 0),
+        _message(tenant, "c1", 1, "refuse me"),
+        _message(tenant, "c1", 2, "a later message of the same conversation"),
+    ]
+    dead_lettered: list[int] = []
+
+    async def kafka_down(rejected: Any) -> None:
+        raise ConnectionError("Kafka unreachable: the dead letter was not written")
+
+    async def kafka_up(rejected: Any) -> None:
+        dead_lettered.extend(r.offset for r, _ in rejected)
+
+    try:
+        processor.bind_dead_letter(kafka_down)
+        with pytest.raises(ConnectionError):
+            await processor.process(batch)
+        # The consumer applies the batch again (nothing of it was committed).
+        processor = SessionsProcessor(local_stack, redis)
+        processor.bind_dead_letter(kafka_up)
+        await processor.process(batch)
+        assert dead_lettered == [1]
         assert await redis.hget("sb:sessions:applied", "0") == b"3"
     finally:
         await processor.close()
