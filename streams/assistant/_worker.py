@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -75,6 +76,18 @@ PRODUCER_STOP_BOUND_S = 10.0
 # How long a batch's decisions may wait for Kafka's acks; past it the producer is replaced and the
 # batch applied again as an outage (with the same decision ids).
 DECISIONS_ACK_BOUND_S = 30.0
+
+
+# A conversation this process has not followed from its start (a restart, a rebalance, one
+# evicted from memory) takes its mode from the hot view, once the sessions worker has folded
+# everything before the batch's first record of it; past this the batch is retried as an outage.
+HOT_VIEW_WAIT_S = 10.0
+# Conversations followed in memory; past it the oldest are forgotten (and read again when seen).
+MAX_CONVERSATIONS = 200_000
+
+
+class HotViewBehind(ConnectionError):
+    """The sessions worker has not folded the log up to this batch yet: an outage (retried)."""
 
 
 class _AcksTimedOut(Exception):
@@ -158,6 +171,7 @@ class AssistantProcessor:
 
     async def process(self, records: Sequence[Record]) -> Rejected:
         rejected: list[tuple[Record, BaseException]] = []
+        decoded: list[tuple[Event, Record]] = []
         jobs: list[_Job] = []
         erased = None
         if self._erasures is not None:
@@ -179,6 +193,9 @@ class AssistantProcessor:
             if erased and not erased.keeps_event(event):
                 self._conversations.pop((event.tenant_id, event.conversation_id), None)
                 continue
+            decoded.append((event, r))
+        await self._follow(decoded)
+        for event, r in decoded:
             if self._observe(event):
                 jobs.append(_Job(event, r))
         # The bot answers for tenants that have a knowledge base; others are left to their agents.
@@ -244,6 +261,64 @@ class AssistantProcessor:
     async def stop_producer(self) -> None:
         if self._producer is not None:
             await self._producer.stop()
+
+    async def _follow(self, decoded: list[tuple[Event, Record]]) -> None:
+        """Know the mode of every conversation of the batch before its events are observed.
+
+        The mode is followed from the log, in memory; a conversation first seen here other than
+        by its start (this process restarted, took the partition over, or forgot it) was handed
+        to a human, returned, or closed earlier for all this process knows. Seen in a rehearsal:
+        after a kill -9 of the assistant the bot answered, and handed off again, every
+        conversation an agent had. Its state in the hot view says, once the sessions worker has
+        folded everything before this batch's first record of it (`APPLIED_KEY`: the next offset
+        it applies, per partition). The hot view may be further on; then it says what the log
+        says a little later, which the events of this batch confirm as they are observed."""
+        if len(self._conversations) > MAX_CONVERSATIONS:
+            # Oldest first (insertion order); they are read from the hot view again when seen.
+            for slot in list(itertools.islice(self._conversations, len(self._conversations) // 10)):
+                del self._conversations[slot]
+        first: dict[tuple[str, str], Record] = {}
+        for event, r in decoded:
+            slot = (event.tenant_id, event.conversation_id)
+            if slot in self._conversations or slot in first:
+                continue
+            if event_type(event) == "conversation_started":
+                self._conversations[slot] = _Conversation()
+            else:
+                first[slot] = r
+        if not first:
+            return
+        needed: dict[int, int] = {}
+        for r in first.values():
+            needed[r.partition] = min(needed.get(r.partition, r.offset), r.offset)
+        deadline = time.monotonic() + HOT_VIEW_WAIT_S
+        while True:
+            applied = await self._redis.hmget(hv.APPLIED_KEY, [str(p) for p in needed])
+            behind = {
+                p: (int(a) if a is not None else None)
+                for (p, offset), a in zip(needed.items(), applied, strict=True)
+                if a is None or int(a) < offset
+            }
+            if not behind:
+                break
+            if time.monotonic() > deadline:
+                raise HotViewBehind(
+                    f"the sessions worker has not folded up to this batch yet (partition: applied up "
+                    f"to, needed): {sorted((p, behind[p], needed[p]) for p in behind)}"
+                )
+            await asyncio.sleep(0.1)
+        slots = list(first)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for slot in slots:
+                pipe.hget(hv.conversation_key(*slot), hv.F_STATE)
+            states = await pipe.execute()
+        for slot, raw in zip(slots, states, strict=True):
+            conv = _Conversation()
+            if raw:
+                state = json.loads(raw)
+                conv.mode = "agent" if state.get("mode") == "agent" else "bot"
+                conv.closed = state.get("status") == "closed"
+            self._conversations[slot] = conv
 
     def _observe(self, event: Event) -> bool:
         """Track each conversation's mode from the log; True for a message the bot should answer."""

@@ -85,17 +85,22 @@ async def test_customer_messages_are_answered_not_dead_lettered_after_the_produc
     running = asyncio.ensure_future(consumer.run())
     try:
         for i in range(3):
-            event = new_event(
-                tenant,
-                f"c{i}",
-                message_received=events_pb2.MessageReceived(text="How long does shipping take?"),
-            )
-            await writer.send_and_wait(
-                settings.conversation_topic,
-                key=event.conversation_id.encode(),
-                value=encode_event(event),
-                headers=event_headers(event),
-            )
+            # Each conversation from its start, as in the log (the assistant reads the mode of a
+            # conversation it joins midway from the sessions worker's hot view).
+            for event in (
+                new_event(tenant, f"c{i}", conversation_started=events_pb2.ConversationStarted()),
+                new_event(
+                    tenant,
+                    f"c{i}",
+                    message_received=events_pb2.MessageReceived(text="How long does shipping take?"),
+                ),
+            ):
+                await writer.send_and_wait(
+                    settings.conversation_topic,
+                    key=event.conversation_id.encode(),
+                    value=encode_event(event),
+                    headers=event_headers(event),
+                )
 
         async def outcome() -> tuple[int, int]:
             assert not running.done(), running

@@ -1,0 +1,91 @@
+"""A restarted assistant leaves the conversations an agent has to the agent.
+
+Seen in a rehearsal of the judges' trial (`make run`, kill -9 of `worker assistant`): the bot
+answered the next customer message of every conversation that had been handed to a human, and
+handed each off a second time (400 handoffs for 200 conversations). The assistant followed each
+conversation's mode from the log in memory only, so a new process took every conversation it had
+not seen start for a bot conversation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+from switchboard.v1 import chat_pb2, events_pb2
+
+from tests.conftest import System, eventually, start_conversation
+from tests.integration.test_assistant import conversation, faq_tenant  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.integration
+
+BOT = events_pb2.SENDER_BOT
+
+
+def _partition(cid: str, partitions: int) -> int:
+    every = list(range(partitions))
+    return int(DefaultPartitioner()(cid.encode(), every, every))
+
+
+async def _bot_messages(stub, tenant: str, cid: str) -> list[chat_pb2.Message]:
+    conv = await stub.GetConversation(
+        chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=cid, recent_messages=100)
+    )
+    return [m for m in conv.messages if m.sender == BOT]
+
+
+def _answered(count: int) -> Callable[[list[chat_pb2.Message]], bool]:
+    return lambda bot: len(bot) >= count
+
+
+@pytest.mark.timeout(400)
+async def test_a_restarted_assistant_does_not_answer_a_conversation_an_agent_has(
+    system: System,
+    stub,
+    faq_tenant: str,  # noqa: F811
+) -> None:
+    partitions = system.settings.topic_partitions
+    handed = await start_conversation(stub, faq_tenant)
+    # A bot conversation on the same partition: its answers, later in the log, show how far the
+    # assistant has come.
+    probe = await start_conversation(stub, faq_tenant)
+    while _partition(probe, partitions) != _partition(handed, partitions):
+        probe = await start_conversation(stub, faq_tenant)
+
+    async def send(cid: str, cmid: str, text: str) -> None:
+        await stub.SendMessage(
+            chat_pb2.SendMessageRequest(
+                tenant_id=faq_tenant, conversation_id=cid, client_message_id=cmid, text=text
+            )
+        )
+
+    await send(handed, "h1", "我要人工客服")
+    await eventually(
+        lambda: conversation(stub, faq_tenant, handed),
+        lambda c: c is not None and c.mode == chat_pb2.CONVERSATION_MODE_AGENT,
+        within_s=120,
+        what="the handoff",
+    )
+    bot_before = len(await _bot_messages(stub, faq_tenant, handed))
+
+    system.children["assistant"].kill()
+    system.children["assistant"].start()
+
+    await send(handed, "h2", "how long does a refund take?")  # the bot would answer it
+    # Two probes, the second sent once the first was answered: the second's batch began after
+    # the batch with h2 had all its decisions acknowledged, and its answer is later in the
+    # partition than anything decided about h2, so once it is folded so is any answer to h2.
+    for n, text in enumerate(["how long does a refund take?", "运费怎么算"]):
+        await send(probe, f"p{n}", text)
+        await eventually(
+            lambda: _bot_messages(stub, faq_tenant, probe),
+            _answered(n + 1),
+            within_s=180,
+            what=f"the bot's answer to probe {n}",
+        )
+    after = await conversation(stub, faq_tenant, handed)
+    assert after is not None and after.mode == chat_pb2.CONVERSATION_MODE_AGENT
+    assert len(await _bot_messages(stub, faq_tenant, handed)) == bot_before, (
+        "the restarted assistant answered a conversation an agent has"
+    )
