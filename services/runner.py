@@ -45,7 +45,7 @@ def run_system(settings: Settings, demo: bool = True) -> int:
         stopping.set()
 
     try:
-        _banner("installing what is missing (first run only)")
+        _banner("checking the servers are installed (the first run downloads them)")
         asyncio.run(stack.install(settings))
         _banner("starting the local stack: Kafka (KRaft), Redis, SeaweedFS")
         asyncio.run(stack.up(settings))

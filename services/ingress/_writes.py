@@ -321,7 +321,7 @@ class ConversationWrites:
         try:
             await asyncio.shield(task)
         except Exception as exc:
-            rejection = as_rejection(exc, "SendMessages")
+            rejection = as_rejection(exc, "SendMessage, SendMessageBatch or SendMessages")
             for i, _ in valid:
                 if results[i] is None:
                     results[i] = rejection
