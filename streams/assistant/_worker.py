@@ -325,9 +325,10 @@ class AssistantProcessor:
         slot = (event.tenant_id, event.conversation_id)
         conv = self._conversations.setdefault(slot, _Conversation())
         kind = event_type(event)
-        if kind == "conversation_started":
-            self._conversations[slot] = _Conversation()
-        elif kind in ("handoff_requested", "agent_assigned"):
+        # A conversation_started changes nothing here: a new conversation was set up by `_follow`,
+        # and a second one (a start retried after its first write landed) must not put a
+        # conversation an agent has back in the bot's hands (the sessions fold keeps its state too).
+        if kind in ("handoff_requested", "agent_assigned"):
             conv.mode = "agent"
         elif kind == "returned_to_bot":
             conv.mode = "bot"
