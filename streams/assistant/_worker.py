@@ -78,6 +78,8 @@ PRODUCER_STOP_BOUND_S = 10.0
 DECISIONS_ACK_BOUND_S = 30.0
 
 
+# Articles up to this long are passed whole to the answerer; longer ones as their best chunk.
+WHOLE_ARTICLE_CHARS = 1200
 # A conversation this process has not followed from its start (a restart, a rebalance, one
 # evicted from memory) takes its mode from the hot view, once the sessions worker has folded
 # everything before the batch's first record of it; past this the batch is retried as an outage.
@@ -341,6 +343,15 @@ class AssistantProcessor:
             return customer and conv.mode == "bot" and not conv.closed
         return False
 
+    def _passage_text(self, tenant_id: str, hit: Hit) -> str:
+        """What the answer is grounded on: a short article whole (its chunk alone may lack what
+        the question asks, or start mid-thought: "The carrier will contact you to pay them…"),
+        a long one's best chunk."""
+        document = self._knowledge.get(tenant_id, hit.document_id)
+        if document is not None and len(document.body) <= WHOLE_ARTICLE_CHARS:
+            return document.body
+        return hit.snippet
+
     async def _undecided(self, jobs: list[_Job]) -> list[_Job]:
         """Drop messages the log already has a decision for (a batch applied again after a crash
         whose decisions were written): the hot view's state lists recent decisions."""
@@ -447,7 +458,14 @@ class AssistantProcessor:
             question=text,
             language=language,
             passages=[
-                GroundingPassage(h.document_id, h.chunk_id, h.title, h.snippet, h.scores.rerank, h.language)
+                GroundingPassage(
+                    h.document_id,
+                    h.chunk_id,
+                    h.title,
+                    self._passage_text(message.tenant_id, h),
+                    h.scores.rerank,
+                    h.language,
+                )
                 for h in relevant
             ],
             intent=intent.label,

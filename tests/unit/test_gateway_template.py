@@ -63,6 +63,28 @@ async def test_chinese_question_gets_the_relevant_sentences_of_the_chinese_passa
     assert len(chunks) > 10 and all(len(c) <= 12 for c in chunks)  # token-sized pieces
 
 
+GIFT_CARDS_EN = GroundingPassage(
+    "en-gift-cards",
+    "en-gift-cards#0",
+    "Gift cards",
+    "Gift cards are available from $10 to $500 and are delivered by email, either immediately or on a "
+    "date you choose. They never expire and can be used for several orders until the balance is used "
+    "up.\n\nCheck your balance in My Account > Gift cards. Gift cards cannot be exchanged for cash, used "
+    "to buy other gift cards or refunded, except where the law requires it. A lost gift card code can "
+    "be resent to the buyer's email.",
+    0.9,
+    "en",
+)
+
+
+async def test_the_sentence_with_the_questions_distinctive_word_is_in_the_answer():
+    """Judge rehearsal: "Do your gift cards expire?" was answered with three sentences about gift
+    cards and not the one that says they never expire: every sentence counted "gift cards" as much
+    as "expire"."""
+    chunks, _ = await collect(AnswerRequest("Do your gift cards expire?", "en", [GIFT_CARDS_EN]))
+    assert "They never expire" in "".join(chunks)
+
+
 async def test_english_question_prefers_the_english_passage_even_if_a_chinese_one_scores_a_bit_higher():
     chunks, draft = await collect(
         AnswerRequest(

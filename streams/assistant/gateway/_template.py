@@ -2,8 +2,8 @@
 
 It never writes anything the knowledge base does not say. From the passages it picks one — the best
 in the customer's language, or the best in the other language with a short note saying so — then the
-sentences of it that overlap the question most (CJK bigrams, English words), kept in their original
-order, and cites that passage. With no passage it asks whether the customer meant one of the
+sentences of it that overlap the question most (CJK bigrams, English words; a term few of its
+sentences share weighs more), kept in their original order, and cites that passage. With no passage it asks whether the customer meant one of the
 articles that came close (if any), else says it found nothing; either way it offers a person.
 """
 
@@ -113,7 +113,14 @@ class TemplateAnswerer:
         if not candidates:
             return passage_text.strip()[: self._max_chars]
         question_terms = terms(question)
-        scored = [(len(question_terms & terms(s)), -i, i) for i, s in enumerate(candidates)]
+        sentence_terms = [terms(s) for s in candidates]
+        # A question term found in few sentences of the passage says more about which one answers
+        # than one the whole article repeats: "do your gift cards expire?" against a gift-card
+        # article is answered by the one sentence with "expire", not by the three with "gift cards".
+        spread = {t: sum(t in st for st in sentence_terms) for t in question_terms}
+        scored = [
+            (sum(1 / spread[t] for t in question_terms & st), -i, i) for i, st in enumerate(sentence_terms)
+        ]
         best = sorted(scored, reverse=True)
         if best[0][0] == 0:
             # Nothing overlaps (typically a cross-language passage): the passage's lead answers best.
