@@ -22,7 +22,7 @@ from schemas import hotview as hv
 from schemas.events import new_event
 from schemas.hotview import accept_key
 from services.ingress import _validation as v
-from services.ingress._hotview import IngressHotView, Registration, rebuilding
+from services.ingress._hotview import CLAIM_TTL_S, IngressHotView, Registration, rebuilding
 from services.ingress._producer import Unavailable
 from services.ingress._reads import ConversationReads
 from services.ingress._writes import ConversationWrites, ack_response
@@ -31,10 +31,6 @@ from streams.sessions import MODE_AGENT, STATUS_CLOSED, ConversationState
 
 DEFAULT_QUEUE_LIMIT = 50
 MAX_QUEUE_LIMIT = 500
-# How long an agent's accept holds the conversation against other agents' accepts while its
-# AgentAssigned is written and folded. Longer than the message claims (hotview.CLAIM_TTL_S): two
-# agents both told they have the conversation is worse than a retry that waits.
-ACCEPT_TTL_S = 120
 
 
 def queue_pattern(tenant_id: str) -> str:
@@ -170,7 +166,7 @@ class AgentService:
         if not await self._hot.is_ready(self._settings.topic_partitions):
             raise rebuilding()
         key = accept_key(req.tenant_id, req.conversation_id, state.handoff_count)
-        previous = await self._redis.set(key, req.agent_id, nx=True, get=True, ex=ACCEPT_TTL_S)
+        previous = await self._redis.set(key, req.agent_id, nx=True, get=True, ex=CLAIM_TTL_S)
         if previous is not None:
             winner = previous.decode() if isinstance(previous, bytes) else str(previous)
             if winner != req.agent_id:

