@@ -170,9 +170,11 @@ class ConversationReads:
             self._free_slot,
         )
         try:
-            await self.require(req.tenant_id, req.conversation_id)
+            reg = await self.require(req.tenant_id, req.conversation_id)
             if req.after_cursor:
-                await self._check_cursor_retained(req.tenant_id, req.conversation_id, req.after_cursor)
+                await self._check_cursor_retained(
+                    req.tenant_id, req.conversation_id, req.after_cursor, reg.cursor
+                )
         except BaseException:
             await follow.aclose()
             raise
@@ -181,7 +183,9 @@ class ConversationReads:
     def _free_slot(self) -> None:
         self._live_streams -= 1
 
-    async def _check_cursor_retained(self, tenant_id: str, conversation_id: str, cursor: str) -> None:
+    async def _check_cursor_retained(
+        self, tenant_id: str, conversation_id: str, cursor: str, state_cursor: str
+    ) -> None:
         """A cursor older than what the live stream still holds would silently skip the trimmed
         entries, and one past its last entry (never handed out for this conversation: another
         conversation's, or made up) would wait for ever without delivering anything: refuse both
@@ -193,10 +197,16 @@ class ConversationReads:
                 f"cursor {cursor} is older than the live window (it starts at {first}; older entries "
                 "were trimmed); call GetConversation and follow from its cursor",
             )
-        if last is not None and _cursor_key(cursor) > _cursor_key(last):
+        # The state's cursor (what GetConversation hands out) can be past the stream's last entry:
+        # the fold advances it over events it does not apply (a duplicate, a message that raced a
+        # close), which get no entry. Either may be the newest cursor handed out.
+        newest = max(
+            (_cursor_key(c) for c in (last, state_cursor) if c and hv.is_valid_cursor(c)), default=None
+        )
+        if newest is not None and _cursor_key(cursor) > newest:
             raise v.RequestRejected(
                 grpc.StatusCode.OUT_OF_RANGE,
-                f"cursor {cursor} is past this conversation's last update ({last}): it is not a cursor "
+                f"cursor {cursor} is past this conversation's last update: it is not a cursor "
                 "of this conversation; call GetConversation and follow from its cursor",
             )
 

@@ -433,7 +433,68 @@ async def test_a_cursor_past_the_conversations_last_update_is_refused(
             tenant_id=tenant, conversation_id=conversation_id, after_cursor=conv.cursor
         )
     )
-    later = await stub.SendMessage(send(tenant, conversation_id, "m1"))
+    later = await stub.SendMessage(send(tenant, conversation_id, "m2"))
+    update = await asyncio.wait_for(following.read(), 30)
+    assert update.event.event_id == later.event_id
+    following.cancel()
+
+
+async def test_the_cursor_getconversation_hands_out_is_accepted_when_no_entry_has_it(
+    system: System, stub, tenant: str
+) -> None:
+    """Review of ef033d7: the fold advances a conversation's cursor over events it does not apply
+    (here a message written twice, as a retry whose ack was lost writes it), which get no live
+    entry, so the cursor GetConversation hands out can be past the stream's last entry. That
+    cursor must be followed from, not refused."""
+    from aiokafka import AIOKafkaProducer
+
+    from schemas.events import encode_event, event_headers, new_event
+
+    conversation_id = await start_conversation(stub, tenant)
+    await stub.SendMessage(send(tenant, conversation_id, "m0", cmid="m0"))
+    request = chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
+    await eventually(functools.partial(stub.GetConversation, request), lambda c: c.message_count == 1)
+    # A new message and, right behind it in the same batch, m0 again: the fold applies the first
+    # and advances over the second.
+    producer = AIOKafkaProducer(bootstrap_servers=system.settings.kafka_bootstrap, acks="all", linger_ms=50)
+    await producer.start()
+    try:
+        for attempt in range(1, 6):
+            events = [
+                new_event(
+                    tenant,
+                    conversation_id,
+                    message_received=events_pb2.MessageReceived(client_message_id=cmid, text=cmid),
+                )
+                for cmid in (f"new{attempt}", "m0")
+            ]
+            sent = [
+                await producer.send(
+                    system.settings.conversation_topic,
+                    key=conversation_id.encode(),
+                    value=encode_event(e),
+                    headers=event_headers(e),
+                )
+                for e in events
+            ]
+            await asyncio.gather(*sent)
+            advanced = await eventually(
+                functools.partial(stub.GetConversation, request),
+                lambda c, n=attempt: c.message_count == 1 + n,
+                what=f"new{attempt} folded",
+            )
+            if advanced.cursor != advanced.messages[-1].cursor:
+                break  # folded in one batch: the state's cursor is the duplicate's, past every entry
+        else:
+            pytest.fail("the worker never folded the pair in one batch: the case was not shown")
+    finally:
+        await producer.stop()
+    following = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(
+            tenant_id=tenant, conversation_id=conversation_id, after_cursor=advanced.cursor
+        )
+    )
+    later = await stub.SendMessage(send(tenant, conversation_id, "m2"))
     update = await asyncio.wait_for(following.read(), 30)
     assert update.event.event_id == later.event_id
     following.cancel()
