@@ -23,7 +23,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,14 +83,12 @@ DECISIONS_ACK_BOUND_S = 30.0
 WHOLE_ARTICLE_CHARS = 1200
 # A conversation this process has not followed from its start (a restart, a rebalance, one
 # evicted from memory) takes its mode from the hot view, once the sessions worker has folded
-# everything before the batch's first record of it; past this the batch is retried as an outage.
-HOT_VIEW_WAIT_S = 10.0
+# everything before the batch's first record of it; past this the batch goes on with the hot view
+# as it is, and batches do not wait again for HOT_VIEW_RETRY_S (see _follow).
+HOT_VIEW_WAIT_S = 5.0
+HOT_VIEW_RETRY_S = 60.0
 # Conversations followed in memory; past it the oldest are forgotten (and read again when seen).
 MAX_CONVERSATIONS = 200_000
-
-
-class HotViewBehind(ConnectionError):
-    """The sessions worker has not folded the log up to this batch yet: an outage (retried)."""
 
 
 class _AcksTimedOut(Exception):
@@ -151,7 +150,9 @@ class AssistantProcessor:
         self._gateway = gateway
         # The encoder the classifier and the knowledge base share (None: keyword retrieval only).
         self._encoder = getattr(knowledge, "encoder", None)
-        self._conversations: dict[tuple[str, str], _Conversation] = {}
+        # Least recently seen first (bounded: MAX_CONVERSATIONS).
+        self._conversations: OrderedDict[tuple[str, str], _Conversation] = OrderedDict()
+        self._hot_view_lagging_until = 0.0  # see _follow
         # Model inference is CPU-bound: one thread, off the event loop.
         self._models = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assistant-models")
         self.decided = 0
@@ -267,49 +268,37 @@ class AssistantProcessor:
     async def _follow(self, decoded: list[tuple[Event, Record]]) -> None:
         """Know the mode of every conversation of the batch before its events are observed.
 
-        The mode is followed from the log, in memory; a conversation first seen here other than
-        by its start (this process restarted, took the partition over, or forgot it) was handed
-        to a human, returned, or closed earlier for all this process knows. Seen in a rehearsal:
-        after a kill -9 of the assistant the bot answered, and handed off again, every
-        conversation an agent had. Its state in the hot view says, once the sessions worker has
-        folded everything before this batch's first record of it (`APPLIED_KEY`: the next offset
-        it applies, per partition). The hot view may be further on; then it says what the log
-        says a little later, which the events of this batch confirm as they are observed."""
+        The mode is followed from the log, in memory; a conversation first seen here (this process
+        restarted, took the partition over, or forgot it) may have been handed to a human,
+        returned, or closed earlier for all this process knows. Seen in a rehearsal: after a kill
+        -9 of the assistant the bot answered, and handed off again, every conversation an agent
+        had. Its state in the hot view says, once the sessions worker has folded everything
+        before this batch's first record of it (`APPLIED_KEY`: the next offset it applies, per
+        partition). The hot view may be further on; then it says what the log says a little
+        later, which the events of this batch confirm as they are observed. A conversation whose
+        first record here is its start is read too, without waiting: the sessions worker has it
+        only if it was started before (a start written again) or is ahead.
+
+        The wait is bounded (HOT_VIEW_WAIT_S): with the sessions worker away (down, rebuilding,
+        an operator's replay) the batch goes on with the hot view as it is rather than stalling
+        every answer, and later batches do not wait again for HOT_VIEW_RETRY_S."""
         if len(self._conversations) > MAX_CONVERSATIONS:
-            # Oldest first (insertion order); they are read from the hot view again when seen.
+            # Least recently seen first (_observe moves a conversation to the end); they are read
+            # from the hot view again when seen.
             for slot in list(itertools.islice(self._conversations, len(self._conversations) // 10)):
                 del self._conversations[slot]
         first: dict[tuple[str, str], Record] = {}
+        starts: dict[tuple[str, str], Record] = {}
         for event, r in decoded:
             slot = (event.tenant_id, event.conversation_id)
-            if slot in self._conversations or slot in first:
+            if slot in self._conversations or slot in first or slot in starts:
                 continue
-            if event_type(event) == "conversation_started":
-                self._conversations[slot] = _Conversation()
-            else:
-                first[slot] = r
-        if not first:
+            (starts if event_type(event) == "conversation_started" else first)[slot] = r
+        if not first and not starts:
             return
-        needed: dict[int, int] = {}
-        for r in first.values():
-            needed[r.partition] = min(needed.get(r.partition, r.offset), r.offset)
-        deadline = time.monotonic() + HOT_VIEW_WAIT_S
-        while True:
-            applied = await self._redis.hmget(hv.APPLIED_KEY, [str(p) for p in needed])
-            behind = {
-                p: (int(a) if a is not None else None)
-                for (p, offset), a in zip(needed.items(), applied, strict=True)
-                if a is None or int(a) < offset
-            }
-            if not behind:
-                break
-            if time.monotonic() > deadline:
-                raise HotViewBehind(
-                    f"the sessions worker has not folded up to this batch yet (partition: applied up "
-                    f"to, needed): {sorted((p, behind[p], needed[p]) for p in behind)}"
-                )
-            await asyncio.sleep(0.1)
-        slots = list(first)
+        if first and time.monotonic() >= self._hot_view_lagging_until:
+            await self._wait_for_hot_view(first.values())
+        slots = [*first, *starts]
         async with self._redis.pipeline(transaction=False) as pipe:
             for slot in slots:
                 pipe.hget(hv.conversation_key(*slot), hv.F_STATE)
@@ -322,10 +311,38 @@ class AssistantProcessor:
                 conv.closed = state.get("status") == "closed"
             self._conversations[slot] = conv
 
+    async def _wait_for_hot_view(self, records: Iterable[Record]) -> None:
+        """Until the sessions worker has folded every partition up to these records (bounded)."""
+        needed: dict[int, int] = {}
+        for r in records:
+            needed[r.partition] = min(needed.get(r.partition, r.offset), r.offset)
+        deadline = time.monotonic() + HOT_VIEW_WAIT_S
+        while True:
+            applied = await self._redis.hmget(hv.APPLIED_KEY, [str(p) for p in needed])
+            behind = sorted(
+                (p, offset, None if a is None else int(a))
+                for (p, offset), a in zip(needed.items(), applied, strict=True)
+                if a is None or int(a) < offset
+            )
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                self._hot_view_lagging_until = time.monotonic() + HOT_VIEW_RETRY_S
+                log.warning(
+                    "assistant: the sessions worker has not folded up to this batch within %.0fs "
+                    "(partition, needed offset, applied): %s; going on with the hot view as it is "
+                    "(a conversation handed to an agent meanwhile may get one more bot answer)",
+                    HOT_VIEW_WAIT_S,
+                    behind,
+                )
+                return
+            await asyncio.sleep(0.1)
+
     def _observe(self, event: Event) -> bool:
         """Track each conversation's mode from the log; True for a message the bot should answer."""
         slot = (event.tenant_id, event.conversation_id)
         conv = self._conversations.setdefault(slot, _Conversation())
+        self._conversations.move_to_end(slot)
         kind = event_type(event)
         # A conversation_started changes nothing here: a new conversation was set up by `_follow`,
         # and a second one (a start retried after its first write landed) must not put a

@@ -9,12 +9,22 @@ not seen start for a bot conversation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from aiokafka.partitioner import DefaultPartitioner
 from switchboard.v1 import chat_pb2, events_pb2
 
+from schemas import hotview as hv
+from schemas.events import encode_event, event_key, new_event
+from services.settings import Settings
+from streams._consumer import Record
+from streams.assistant import _worker
+from streams.assistant._worker import AssistantProcessor
 from tests.conftest import System, eventually, start_conversation
 from tests.integration.test_assistant import conversation, faq_tenant  # noqa: F401 (fixture)
 
@@ -89,3 +99,69 @@ async def test_a_restarted_assistant_does_not_answer_a_conversation_an_agent_has
     assert len(await _bot_messages(stub, faq_tenant, handed)) == bot_before, (
         "the restarted assistant answered a conversation an agent has"
     )
+
+
+# --- the review's cases, on the processor with a real Redis (no Kafka needed) ------------------
+
+
+def _record(event: Any, offset: int) -> Record:
+    return Record("conversation-events", 0, offset, event_key(event), encode_event(event), 0, ())
+
+
+@pytest.fixture
+async def redis9(local_stack: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(local_stack.redis_url.rsplit("/", 1)[0] + "/9")
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.flushdb()
+        await client.aclose()
+
+
+def _processor(settings: Settings, redis: aioredis.Redis) -> AssistantProcessor:
+    # _follow and _observe use Redis and memory only.
+    return AssistantProcessor(settings, redis, None, None, None, None)  # type: ignore[arg-type]
+
+
+async def test_a_start_written_again_keeps_the_agents_conversation(
+    local_stack: Settings, redis9: aioredis.Redis
+) -> None:
+    """Review: a start retried after its first write landed, first seen by a restarted assistant,
+    set the conversation up as new (bot mode) although an agent had it."""
+    tenant, cid = "t-review", "c-handed"
+    await redis9.hset(
+        hv.conversation_key(tenant, cid), hv.F_STATE, json.dumps({"mode": "agent", "status": "open"})
+    )
+    await redis9.hset(hv.APPLIED_KEY, "0", 5)
+    processor = _processor(local_stack, redis9)
+    try:
+        start = new_event(tenant, cid, conversation_started=events_pb2.ConversationStarted())
+        message = new_event(tenant, cid, message_received=events_pb2.MessageReceived(text="refund?"))
+        decoded = [(start, _record(start, 4)), (message, _record(message, 5))]
+        await processor._follow(decoded)
+        assert [processor._observe(e) for e, _ in decoded] == [False, False]
+    finally:
+        processor._models.shutdown()
+
+
+async def test_a_sessions_worker_away_does_not_stop_the_assistant(
+    local_stack: Settings, redis9: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: with no position from the sessions worker (down, Redis rebuilding, a replay), every
+    batch holding a conversation joined midway was retried as an outage for as long as that
+    lasted, new conversations included. Now it waits a bounded time once, then goes on."""
+    monkeypatch.setattr(_worker, "HOT_VIEW_WAIT_S", 0.3)
+    tenant = "t-review"
+    processor = _processor(local_stack, redis9)
+    try:
+        old = new_event(tenant, "c-old", message_received=events_pb2.MessageReceived(text="hi"))
+        start = new_event(tenant, "c-new", conversation_started=events_pb2.ConversationStarted())
+        first = new_event(tenant, "c-new", message_received=events_pb2.MessageReceived(text="hi"))
+        decoded = [(old, _record(old, 7)), (start, _record(start, 8)), (first, _record(first, 9))]
+        await processor._follow(decoded)
+        assert [processor._observe(e) for e, _ in decoded] == [True, False, True]
+        # And the next batch does not wait again meanwhile.
+        assert processor._hot_view_lagging_until > time.monotonic()
+    finally:
+        processor._models.shutdown()
