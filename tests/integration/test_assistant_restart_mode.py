@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,13 +19,13 @@ from aiokafka.partitioner import DefaultPartitioner
 from switchboard.v1 import chat_pb2, events_pb2
 
 from schemas import hotview as hv
-from schemas.events import encode_event, event_key, new_event
+from schemas.events import new_event
 from services.settings import Settings
-from streams._consumer import Record
 from streams.assistant import _worker
 from streams.assistant._worker import AssistantProcessor
 from tests.conftest import System, eventually, start_conversation
 from tests.integration.test_assistant import conversation, faq_tenant  # noqa: F401 (fixture)
+from tests.integration.test_erasure_follower_bound import record_of
 
 pytestmark = pytest.mark.integration
 
@@ -104,10 +103,6 @@ async def test_a_restarted_assistant_does_not_answer_a_conversation_an_agent_has
 # --- the review's cases, on the processor with a real Redis (no Kafka needed) ------------------
 
 
-def _record(event: Any, offset: int) -> Record:
-    return Record("conversation-events", 0, offset, event_key(event), encode_event(event), 0, ())
-
-
 @pytest.fixture
 async def redis9(local_stack: Settings) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(local_stack.redis_url.rsplit("/", 1)[0] + "/9")
@@ -138,7 +133,7 @@ async def test_a_start_written_again_keeps_the_agents_conversation(
     try:
         start = new_event(tenant, cid, conversation_started=events_pb2.ConversationStarted())
         message = new_event(tenant, cid, message_received=events_pb2.MessageReceived(text="refund?"))
-        decoded = [(start, _record(start, 4)), (message, _record(message, 5))]
+        decoded = [(start, record_of(start, 4)), (message, record_of(message, 5))]
         await processor._follow(decoded)
         assert [processor._observe(e) for e, _ in decoded] == [False, False]
     finally:
@@ -158,7 +153,7 @@ async def test_a_sessions_worker_away_does_not_stop_the_assistant(
         old = new_event(tenant, "c-old", message_received=events_pb2.MessageReceived(text="hi"))
         start = new_event(tenant, "c-new", conversation_started=events_pb2.ConversationStarted())
         first = new_event(tenant, "c-new", message_received=events_pb2.MessageReceived(text="hi"))
-        decoded = [(old, _record(old, 7)), (start, _record(start, 8)), (first, _record(first, 9))]
+        decoded = [(old, record_of(old, 7)), (start, record_of(start, 8)), (first, record_of(first, 9))]
         await processor._follow(decoded)
         assert [processor._observe(e) for e, _ in decoded] == [True, False, True]
         # And the next batch does not wait again meanwhile.

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from switchboard.v1 import events_pb2
 
 from schemas import hotview as hv
-from schemas.events import encode_event, event_headers, event_key, new_event
+from schemas.events import Event, encode_event, event_headers, event_key, new_event
 from services import stack
 from services.settings import Settings
 from streams._consumer import Record, is_outage
@@ -34,8 +34,8 @@ BOUND_S = 2.0
 GIVEN_S = 20.0
 
 
-def started(tenant: str, conversation: str, offset: int) -> Record:
-    event = new_event(tenant, conversation, conversation_started=events_pb2.ConversationStarted())
+def record_of(event: Event, offset: int) -> Record:
+    """`event` as the consumer hands it over from partition 0 of conversation-events."""
     return Record(
         "conversation-events",
         0,
@@ -44,6 +44,12 @@ def started(tenant: str, conversation: str, offset: int) -> Record:
         encode_event(event),
         0,
         tuple(event_headers(event)),
+    )
+
+
+def started(tenant: str, conversation: str, offset: int) -> Record:
+    return record_of(
+        new_event(tenant, conversation, conversation_started=events_pb2.ConversationStarted()), offset
     )
 
 

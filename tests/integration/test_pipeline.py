@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import uuid
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -309,6 +310,19 @@ async def test_start_with_a_client_chosen_id_is_idempotent(system: System, stub,
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def follows_on(stub, tenant: str, conversation_id: str, cursor: str, text: str) -> None:
+    """StreamConversation from `cursor` delivers the next message sent."""
+    following = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(
+            tenant_id=tenant, conversation_id=conversation_id, after_cursor=cursor
+        )
+    )
+    later = await stub.SendMessage(send(tenant, conversation_id, text))
+    update = await asyncio.wait_for(following.read(), 30)
+    assert update.event.event_id == later.event_id
+    following.cancel()
+
+
 def has_messages(conversation: chat_pb2.Conversation, n: int) -> bool:
     return conversation.message_count == n
 
@@ -395,15 +409,7 @@ async def test_a_cursor_older_than_the_live_window_is_refused(system: System, st
         await stale.read()
     assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
     # Following on from GetConversation's cursor works and sees nothing twice.
-    fresh = stub.StreamConversation(
-        chat_pb2.StreamConversationRequest(
-            tenant_id=tenant, conversation_id=conversation_id, after_cursor=conv.cursor
-        )
-    )
-    later = await stub.SendMessage(send(tenant, conversation_id, "after the trim"))
-    update = await asyncio.wait_for(fresh.read(), 30)
-    assert update.event.event_id == later.event_id
-    fresh.cancel()
+    await follows_on(stub, tenant, conversation_id, conv.cursor, "after the trim")
 
 
 async def test_a_cursor_past_the_conversations_last_update_is_refused(
@@ -428,15 +434,11 @@ async def test_a_cursor_past_the_conversations_last_update_is_refused(
         assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE, err.value
         assert "GetConversation" in str(err.value.details())
     # The conversation's own last cursor is still good: it delivers the next message.
-    following = stub.StreamConversation(
-        chat_pb2.StreamConversationRequest(
-            tenant_id=tenant, conversation_id=conversation_id, after_cursor=conv.cursor
-        )
-    )
-    later = await stub.SendMessage(send(tenant, conversation_id, "m2"))
-    update = await asyncio.wait_for(following.read(), 30)
-    assert update.event.event_id == later.event_id
-    following.cancel()
+    await follows_on(stub, tenant, conversation_id, conv.cursor, "m2")
+
+
+def _has_messages(count: int) -> Callable[[chat_pb2.Conversation], bool]:
+    return lambda c: c.message_count == count
 
 
 async def test_the_cursor_getconversation_hands_out_is_accepted_when_no_entry_has_it(
@@ -480,7 +482,7 @@ async def test_the_cursor_getconversation_hands_out_is_accepted_when_no_entry_ha
             await asyncio.gather(*sent)
             advanced = await eventually(
                 functools.partial(stub.GetConversation, request),
-                lambda c, n=attempt: c.message_count == 1 + n,
+                _has_messages(1 + attempt),
                 what=f"new{attempt} folded",
             )
             if advanced.cursor != advanced.messages[-1].cursor:
@@ -489,12 +491,4 @@ async def test_the_cursor_getconversation_hands_out_is_accepted_when_no_entry_ha
             pytest.fail("the worker never folded the pair in one batch: the case was not shown")
     finally:
         await producer.stop()
-    following = stub.StreamConversation(
-        chat_pb2.StreamConversationRequest(
-            tenant_id=tenant, conversation_id=conversation_id, after_cursor=advanced.cursor
-        )
-    )
-    later = await stub.SendMessage(send(tenant, conversation_id, "m2"))
-    update = await asyncio.wait_for(following.read(), 30)
-    assert update.event.event_id == later.event_id
-    following.cancel()
+    await follows_on(stub, tenant, conversation_id, advanced.cursor, "m2")

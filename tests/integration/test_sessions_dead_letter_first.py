@@ -17,12 +17,12 @@ import pytest
 import redis.asyncio as aioredis
 from switchboard.v1 import events_pb2
 
-from schemas.events import encode_event, event_headers, event_key, new_event
+from schemas.events import new_event
 from services.settings import Settings
 from streams._consumer import Record
 from streams.sessions._state import Fold
 from streams.sessions._worker import SessionsProcessor
-from tests.integration.test_erasure_follower_bound import started
+from tests.integration.test_erasure_follower_bound import record_of, started
 
 pytestmark = pytest.mark.integration
 
@@ -59,20 +59,8 @@ async def test_poison_is_dead_lettered_before_the_position_passes_it(local_stack
 
 
 def _message(tenant: str, conversation: str, offset: int, text: str) -> Record:
-    event = new_event(
-        tenant,
-        conversation,
-        message_received=events_pb2.MessageReceived(client_message_id=f"m{offset}", text=text),
-    )
-    return Record(
-        "conversation-events",
-        0,
-        offset,
-        event_key(event),
-        encode_event(event),
-        0,
-        tuple(event_headers(event)),
-    )
+    received = events_pb2.MessageReceived(client_message_id=f"m{offset}", text=text)
+    return record_of(new_event(tenant, conversation, message_received=received), offset)
 
 
 @pytest.mark.timeout(120)
