@@ -137,8 +137,9 @@ def check_document(doc: knowledge_pb2.Document, position: int) -> None:
 
 
 def _web_link(url: str) -> bool:
-    if url.startswith("/") and not url.startswith("//"):
-        return True
+    if url.startswith("/"):
+        # Not "//host" (another site), nor "/\\host", which browsers read as "//host".
+        return len(url) == 1 or url[1] not in "/\\"
     parts = urlsplit(url)
     return parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
 

@@ -135,6 +135,7 @@ async def test_search_says_so_when_the_assistant_is_not_running() -> None:
         "data:text/html,<b>x</b>",
         "file:///etc/passwd",
         "//evil.example/x",
+        "/\\evil.example/x",
         "ftp://x/y",
         "https://",
     ],
