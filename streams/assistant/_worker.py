@@ -89,6 +89,9 @@ HOT_VIEW_WAIT_S = 5.0
 HOT_VIEW_RETRY_S = 60.0
 # Conversations followed in memory; past it the oldest are forgotten (and read again when seen).
 MAX_CONVERSATIONS = 200_000
+# Customer messages remembered by client_message_id, so that one written twice is answered once:
+# the second copy comes within the claim's life (two minutes), 50k covers ~400 messages/s of it.
+RECENT_MESSAGES = 50_000
 
 
 class _AcksTimedOut(Exception):
@@ -153,6 +156,8 @@ class AssistantProcessor:
         # Least recently seen first (bounded: MAX_CONVERSATIONS).
         self._conversations: OrderedDict[tuple[str, str], _Conversation] = OrderedDict()
         self._hot_view_lagging_until = 0.0  # see _follow
+        # The last customer messages seen, by client_message_id (see _observe).
+        self._recent_messages: OrderedDict[tuple[str, str, str], str] = OrderedDict()
         # Model inference is CPU-bound: one thread, off the event loop.
         self._models = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assistant-models")
         self.decided = 0
@@ -357,7 +362,27 @@ class AssistantProcessor:
         elif kind == "message_received":
             sender = event.message_received.sender
             customer = sender in (events_pb2.SENDER_UNSPECIFIED, events_pb2.SENDER_CUSTOMER)
+            if customer and self._written_before(
+                slot, event.message_received.client_message_id, event.event_id
+            ):
+                # Written twice (a retry whose ack was lost, or that took over an expired claim):
+                # the fold counts it once and shows it once, so it is answered once.
+                return False
             return customer and conv.mode == "bot" and not conv.closed
+        return False
+
+    def _written_before(self, slot: tuple[str, str], client_message_id: str, event_id: str) -> bool:
+        """Whether another event carried this client message before. The same event seen again (a
+        batch applied again after an outage) is not: it is decided again, with the same ids."""
+        if not client_message_id:
+            return False
+        key = (*slot, client_message_id)
+        first = self._recent_messages.get(key)
+        if first is not None:
+            return first != event_id
+        self._recent_messages[key] = event_id
+        if len(self._recent_messages) > RECENT_MESSAGES:
+            self._recent_messages.popitem(last=False)
         return False
 
     def _passage_text(self, tenant_id: str, hit: Hit) -> str:

@@ -160,3 +160,28 @@ async def test_a_sessions_worker_away_does_not_stop_the_assistant(
         assert processor._hot_view_lagging_until > time.monotonic()
     finally:
         processor._models.shutdown()
+
+
+async def test_a_customer_message_written_twice_is_answered_once(
+    local_stack: Settings, redis9: aioredis.Redis
+) -> None:
+    """Review: a message a lost-ack retry wrote twice (two event ids, one client_message_id) was
+    answered twice (decisions are keyed by the message's event id), though the fold counts it once."""
+    tenant, cid = "t-review", "c-twice"
+    processor = _processor(local_stack, redis9)
+    try:
+        start = new_event(tenant, cid, conversation_started=events_pb2.ConversationStarted())
+        first, again = (
+            new_event(
+                tenant, cid, message_received=events_pb2.MessageReceived(client_message_id="m1", text="hi")
+            )
+            for _ in range(2)
+        )
+        assert first.event_id != again.event_id
+        decoded = [(start, record_of(start, 0)), (first, record_of(first, 1)), (again, record_of(again, 2))]
+        await processor._follow(decoded)
+        assert [processor._observe(e) for e, _ in decoded] == [False, True, False]
+        # The same batch applied again (after an outage) is decided again: the first copy again.
+        assert [processor._observe(e) for e, _ in decoded] == [False, True, False]
+    finally:
+        processor._models.shutdown()
