@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import urllib.request
@@ -105,6 +106,19 @@ class System:
         return clickhouse_connect.get_client(host=host, port=int(port))
 
 
+def free_port() -> int:
+    """A port nothing listens on now (for a process of a test's own)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape_text(address: str, timeout_s: float = 5.0) -> str:
+    """A process's Prometheus /metrics page."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=timeout_s) as response:
+        return str(response.read().decode(errors="replace"))
+
+
 _LOG_OFFSETS = pytest.StashKey[dict[str, int]]()
 
 
@@ -174,8 +188,7 @@ def _consumer_metrics(settings: Settings) -> str:
     for role in ("sessions", "assistant", "analytics"):
         address = metrics_listen(settings, role)
         try:
-            with urllib.request.urlopen(f"http://{address}/metrics", timeout=3) as response:
-                text = response.read().decode(errors="replace")
+            text = scrape_text(address, timeout_s=3)
         except OSError as exc:
             lines.append(f"{role}: {address} did not answer ({exc!r})")
             continue

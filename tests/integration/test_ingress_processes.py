@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from switchboard.v1 import chat_pb2, chat_pb2_grpc
 from schemas import hotview as hv
 from services import stack
 from services.processes import wait_for_ingress
+from tests.conftest import free_port
 from tests.integration.conftest import System, eventually, start_conversation
 from tests.unit.test_child_dies_with_parent import assert_children_die_with
 
@@ -42,12 +42,6 @@ def servers(system: System) -> list[psutil.Process]:
         and p.status() != psutil.STATUS_ZOMBIE
         and "services.ingress" in " ".join(p.cmdline())
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def port(system: System) -> int:

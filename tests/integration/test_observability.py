@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import urllib.request
 from collections.abc import Mapping
 
 import grpc
@@ -17,7 +16,7 @@ from switchboard.v1 import chat_pb2
 
 from services.commands.status import process_status
 from services.observability.metrics import metrics_listen
-from tests.conftest import System, eventually, start_conversation
+from tests.conftest import System, eventually, scrape_text, start_conversation
 from tests.integration.test_assistant import conversation, faq_tenant
 from tests.integration.test_grafana_dashboards import prometheus_exprs
 
@@ -26,11 +25,6 @@ __all__ = ["faq_tenant"]  # a fixture, imported for its side of pytest
 
 ROLES = ("ingress", "sessions", "assistant", "analytics")
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape_text(address: str) -> str:
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
-        return str(resp.read().decode())
 
 
 def scrape(address: str) -> Samples:

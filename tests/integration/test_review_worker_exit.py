@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 from services import stack
 from services.processes import Child
 from services.settings import Settings
-from tests.conftest import eventually
+from tests.conftest import eventually, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -36,12 +35,6 @@ EXIT_WITHIN_S = 12.0
 JOINED = {False: "assigned partitions [", True: "ingress listening for"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _own_places(args: list[str], tmp_path: Path) -> dict[str, str]:
     """In the full suite the test system's own processes run beside this one: an analytics of its
     own needs its own embedded ClickHouse (one process per chdb path) and ports, an ingress its own
@@ -49,13 +42,13 @@ def _own_places(args: list[str], tmp_path: Path) -> dict[str, str]:
     if args == ["analytics"]:
         return {
             "SWITCHBOARD_DATA_DIR": str(tmp_path),
-            "SWITCHBOARD_ANALYTICS_LISTEN": f"127.0.0.1:{_free_port()}",
-            "SWITCHBOARD_ANALYTICS_METRICS_LISTEN": f"127.0.0.1:{_free_port()}",
+            "SWITCHBOARD_ANALYTICS_LISTEN": f"127.0.0.1:{free_port()}",
+            "SWITCHBOARD_ANALYTICS_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
         }
     if args == ["ingress"]:
         return {
-            "SWITCHBOARD_GRPC_LISTEN": f"127.0.0.1:{_free_port()}",
-            "SWITCHBOARD_INGRESS_METRICS_LISTEN": f"127.0.0.1:{_free_port()}",
+            "SWITCHBOARD_GRPC_LISTEN": f"127.0.0.1:{free_port()}",
+            "SWITCHBOARD_INGRESS_METRICS_LISTEN": f"127.0.0.1:{free_port()}",
             "SWITCHBOARD_INGRESS_PROCESSES": "1",
         }
     return {}

@@ -3,8 +3,9 @@
 It never writes anything the knowledge base does not say. From the passages it picks one — the best
 in the customer's language, or the best in the other language with a short note saying so — then the
 sentences of it that overlap the question most (CJK bigrams, English words; a term few of its
-sentences share weighs more), kept in their original order, and cites that passage. With no passage it asks whether the customer meant one of the
-articles that came close (if any), else says it found nothing; either way it offers a person.
+sentences share weighs more), kept in their original order, and cites that passage. With no
+passage it asks whether the customer meant one of the articles that came close (if any), else says
+it found nothing; either way it offers a person.
 """
 
 from __future__ import annotations
