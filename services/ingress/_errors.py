@@ -28,6 +28,13 @@ _REDIS_OUTAGES = (
 _OUTAGES = (*_REDIS_OUTAGES, ConnectionError, TimeoutError, asyncio.TimeoutError)
 
 
+def _closed_transport(exc: BaseException) -> bool:
+    """uvloop's answer to a write on a connection the peer just closed (a Redis killed under a
+    pipeline: seen in the soak, answered INTERNAL): redis-py passes it on as a RuntimeError, not
+    as the ConnectionError it is."""
+    return isinstance(exc, RuntimeError) and "the handler is closed" in str(exc)
+
+
 def as_rejection(exc: BaseException, method: str) -> RequestRejected:
     """A failure that is not the caller's fault, as a status."""
     if isinstance(exc, RequestRejected):
@@ -36,8 +43,10 @@ def as_rejection(exc: BaseException, method: str) -> RequestRejected:
         # redis-py's repr of it is only "network:TimeoutError": say what happened, and where.
         log.warning("%s: Redis did not answer: %s", method, exc)
         return unavailable("Redis did not answer in time (SWITCHBOARD_REDIS_TIMEOUT_S); retry")
-    if isinstance(exc, _OUTAGES) or (
-        isinstance(exc, OSError) and not isinstance(exc, redis_errors.RedisError)
+    if (
+        isinstance(exc, _OUTAGES)
+        or (isinstance(exc, OSError) and not isinstance(exc, redis_errors.RedisError))
+        or _closed_transport(exc)
     ):
         log.warning("%s: dependency unavailable: %r", method, exc)
         return unavailable(f"a dependency is unavailable ({type(exc).__name__}); retry")

@@ -104,3 +104,15 @@ def test_clickhouse_errors_of_the_servers_state_are_outages_not_poison() -> None
     assert is_outage(too_many_parts)
     assert is_outage(read_only)
     assert not is_outage(bad_data)
+
+
+def test_a_write_on_a_connection_redis_just_closed_is_unavailable_not_internal() -> None:
+    """Seen in the soak (Redis kill -9 under load): uvloop raised RuntimeError from a pipeline's
+    write on the closed connection, and the caller got INTERNAL for what is an outage."""
+    from services.ingress._errors import as_rejection
+
+    closed = RuntimeError(
+        "unable to perform operation on <TCPTransport closed=True reading=False 0x7f>; the handler is closed"
+    )
+    assert as_rejection(closed, "SendMessage").code == grpc.StatusCode.UNAVAILABLE
+    assert as_rejection(RuntimeError("a bug of ours"), "SendMessage").code == grpc.StatusCode.INTERNAL
