@@ -185,6 +185,13 @@ REBUILDING_KEY = "sb:sessions:rebuilding"
 # own marker, so a late delete of a failed attempt spares a later one), then
 # "event_id|partition|offset" once the record is in the log.
 CLAIM_PENDING = b"pending"
+# Hash: an ingress process's marker prefix (CLAIM_PENDING + ":" + 12 hex digits, which starts every
+# marker it sets) -> until when (Redis time, ms) it is alive; renewed every second. A pending claim
+# whose owner's lease ran out is its dead process's (kill -9, a crash): a retry takes it over within
+# the lease instead of waiting for the claim's own expiry. No lease at all (a Redis that lost it)
+# is not taken for dead.
+INGRESS_LEASES_KEY = "sb:ingress:leases"
+MARKER_PREFIX_LEN = len(CLAIM_PENDING) + 1 + 12
 # What starts and closes claim in the client_message_id space (no client id has a NUL in it).
 START_CLAIM = "\x00start"
 CLOSE_CLAIM = "\x00close"

@@ -82,7 +82,8 @@ def _await_chain(awaitable: object, depth: int = 40) -> list[str]:
         code = frame.f_code
         if not code.co_filename.startswith(_ASYNCIO_DIR):  # asyncio's own waits say nothing
             lines.append(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}')
-            source = linecache.getline(code.co_filename, frame.f_lineno).strip()
+            # f_lineno is None in some frames (a coroutine being closed, say).
+            source = linecache.getline(code.co_filename, frame.f_lineno or 0).strip()
             if source:
                 lines.append(f"    {source}")
         awaitable = next(

@@ -23,18 +23,28 @@ log = logging.getLogger(__name__)
 # Readiness and claims in one step: while the hot view is incomplete (HLEN of READY_KEY below the
 # partition count, as after Redis lost data) nothing is claimed, so no write can miss the claim
 # of an earlier attempt that a rebuild has not restored yet. SET NX GET returns what was there.
+# KEYS[2] is the ingress processes' leases: a pending claim of a process whose lease ran out (it
+# died mid-write) is taken over, as for messages below (ARGV[4]: a marker's prefix length).
 _CLAIM_IF_READY = """
 local need = tonumber(ARGV[1])
 if need > 0 and redis.call('HLEN', KEYS[1]) < need then
   return -1
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local previous = {}
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local earlier = redis.call('SET', KEYS[i], ARGV[2], 'NX', 'GET', 'EX', ARGV[3])
   if earlier == ARGV[2] then
     earlier = false  -- this very attempt, run again (a retried pipeline): it is ours
+  elseif earlier and string.sub(earlier, 1, 8) == 'pending:' then
+    local lease = redis.call('HGET', KEYS[2], string.sub(earlier, 1, tonumber(ARGV[4])))
+    if lease and tonumber(lease) < now then
+      redis.call('SET', KEYS[i], ARGV[2], 'EX', ARGV[3])
+      earlier = false
+    end
   end
-  previous[i - 1] = earlier
+  previous[i - 2] = earlier
 end
 return previous
 """
@@ -49,6 +59,11 @@ return previous
 # empty before it publishes, so no message acknowledged to anyone lands after the close in the
 # log. This is what lets the ingress keep the conversation registry in process memory:
 # existence never changes, and the close, which does, is read here.
+#
+# KEYS[2] is the ingress processes' leases (hv.INGRESS_LEASES_KEY; ARGV[6]: a marker's prefix
+# length): a pending claim whose process's lease ran out (it died mid-write) is taken over by this
+# attempt. Its write may still be in the log (a record Kafka had taken); the fold and the
+# projections keep one message per client_message_id, and this attempt's ack is the one recorded.
 _CLAIM_OPEN_IF_READY = """
 local need = tonumber(ARGV[1])
 if need > 0 and redis.call('HLEN', KEYS[1]) < need then
@@ -57,10 +72,18 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl_ms = tonumber(ARGV[3]) * 1000
+local prefix_len = tonumber(ARGV[6])
+local function orphaned(value)
+  if string.sub(value, 1, 8) ~= 'pending:' then
+    return false
+  end
+  local lease = redis.call('HGET', KEYS[2], string.sub(value, 1, prefix_len))
+  return lease and tonumber(lease) < now
+end
 local previous = {}
 local shut_of = {}  -- a batch's messages of one conversation read its hash once
 local expiring = {}  -- and set its in-flight set's expiry once
-for i = 2, #KEYS, 3 do
+for i = 3, #KEYS, 3 do
   local shut = shut_of[KEYS[i]]
   if shut == nil then
     shut = -1
@@ -91,6 +114,11 @@ for i = 2, #KEYS, 3 do
     local earlier = redis.call('SET', KEYS[i + 1], ARGV[2], 'NX', 'GET', 'EX', ARGV[3])
     if earlier == ARGV[2] then
       earlier = false  -- this very attempt, run again (a retried pipeline): it is ours
+    elseif earlier and orphaned(earlier) then
+      -- Its process died. Its member stays in the in-flight set until it expires: a close
+      -- waits for it as before (a process that only stalled could still write it).
+      redis.call('SET', KEYS[i + 1], ARGV[2], 'EX', ARGV[3])
+      earlier = false
     end
     if not earlier then
       redis.call('ZADD', KEYS[i + 2], now + ttl_ms, ARGV[2] .. KEYS[i + 1])
@@ -152,6 +180,22 @@ if count >= tonumber(ARGV[1]) then
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 return {1, count + 1}
+"""
+
+# Renew this process's lease (KEYS: the leases hash; ARGV: marker prefix, lease ms (0: it ends
+# now), forget ms): leases that ran out longer ago than any claim of theirs lives go.
+_RENEW_LEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
+local all = redis.call('HGETALL', KEYS[1])
+local forget = now - tonumber(ARGV[3])
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) < forget then
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return 1
 """
 
 # Keep an unsettled message in its in-flight set for another TTL (KEYS: set; ARGV: member, ms).
@@ -258,6 +302,13 @@ def unknown_while_rebuilding(tenant_id: str, conversation_id: str) -> Unavailabl
 # How long a claim on a client_message_id may stay unresolved (the produce timeout plus margin)
 # before a retry may write again.
 CLAIM_TTL_S = 120
+# An ingress process's lease (hv.INGRESS_LEASES_KEY), renewed every LEASE_RENEW_S: a retry takes a
+# claim of a process that died mid-write over this long after its last renewal, not CLAIM_TTL_S.
+# A process whose renewals failed for LEASE_FRESH_S (Redis away from it, its loop stalled) hands
+# no claimed message to Kafka: another process may be taking its claims over by then.
+LEASE_S = 10.0
+LEASE_RENEW_S = 1.0
+LEASE_FRESH_S = LEASE_S - 4 * LEASE_RENEW_S
 # A blocking live read waits this long for new entries, then loops. Its connection's socket
 # timeout must exceed it, or an idle StreamConversation fails with TimeoutError on its own wait.
 LIVE_BLOCK_MS = 5_000
@@ -361,11 +412,47 @@ class IngressHotView:
         self._reserve_open = redis.register_script(_RESERVE_OPEN)
         self._settle_script = redis.register_script(_SETTLE)
         self._touch_in_flight = redis.register_script(_TOUCH_IN_FLIGHT)
+        self._renew_lease = redis.register_script(_RENEW_LEASE)
+        # Whether this view ever asked for a lease (IngressServer does before it serves), and the
+        # monotonic time its last successful renewal was sent.
+        self._leased = False
+        self._lease_renewed = -float("inf")
         self._tick = TickPipeline(redis)
         # Starts every claim marker of this instance (one per ingress process): a close tells its
         # own process's in-flight messages from other processes' by it.
         self._marker_prefix = hv.CLAIM_PENDING + b":" + os.urandom(6).hex().encode()
         self._releasing: set[asyncio.Task[None]] = set()  # see _release_unanswered
+
+    async def renew_lease(self, lease_s: float = LEASE_S) -> None:
+        """This process is alive for `lease_s` more (0: its lease ends now, as it stops)."""
+        sent = time.monotonic()
+        self._leased = True  # from the moment it is sent: Redis may have it, answered or not
+        await self._renew_lease(
+            keys=[hv.INGRESS_LEASES_KEY],
+            args=[self._marker_prefix, int(lease_s * 1000), 2 * CLAIM_TTL_S * 1000],
+        )
+        if lease_s > 0:
+            self._lease_renewed = max(self._lease_renewed, sent)
+
+    async def keep_lease(self) -> None:
+        """Renew the lease every LEASE_RENEW_S until cancelled (a failure is logged once per outage)."""
+        failing = False
+        while True:
+            try:
+                await self.renew_lease()
+                if failing:
+                    log.info("ingress lease renewed again")
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    log.warning("renewing this ingress process's lease failed: %r", exc)
+                failing = True
+            await asyncio.sleep(LEASE_RENEW_S)
+
+    def lease_fresh(self) -> bool:
+        """Whether no other process can have taken this one's claims over (see LEASE_FRESH_S).
+        A view that never asked for a lease has claims no one takes over (no lease is not dead)."""
+        return not self._leased or time.monotonic() - self._lease_renewed < LEASE_FRESH_S
 
     async def lookup_many(self, keys: Sequence[tuple[str, str]]) -> list[Registration | None]:
         fields = (hv.F_CREATED_NS, hv.F_CLOSED_NS, hv.F_CHANNEL, hv.F_CUSTOMER, hv.F_STATE, hv.F_CURSOR)
@@ -470,14 +557,25 @@ class IngressHotView:
         marker = self._marker_prefix + os.urandom(8).hex().encode()
         if unless_closed:
             script = self._claim_open_if_ready
-            redis_keys = [hv.READY_KEY]
+            redis_keys = [hv.READY_KEY, hv.INGRESS_LEASES_KEY]
             for t, c, m in keys:
                 redis_keys += (hv.conversation_key(t, c), hv.idempotency_key(t, c, m), hv.inflight_key(t, c))
-            args: list[Any] = [partitions, marker, CLAIM_TTL_S, hv.F_CLOSED_NS, hv.F_CLOSING]
+            args: list[Any] = [
+                partitions,
+                marker,
+                CLAIM_TTL_S,
+                hv.F_CLOSED_NS,
+                hv.F_CLOSING,
+                hv.MARKER_PREFIX_LEN,
+            ]
         else:
             script = self._claim_if_ready
-            redis_keys = [hv.READY_KEY, *(hv.idempotency_key(t, c, m) for t, c, m in keys)]
-            args = [partitions, marker, CLAIM_TTL_S]
+            redis_keys = [
+                hv.READY_KEY,
+                hv.INGRESS_LEASES_KEY,
+                *(hv.idempotency_key(t, c, m) for t, c, m in keys),
+            ]
+            args = [partitions, marker, CLAIM_TTL_S, hv.MARKER_PREFIX_LEN]
         try:
             reply = await self._in_tick(script, redis_keys, args)
         except (RedisConnectionError, RedisTimeoutError):

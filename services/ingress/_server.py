@@ -476,6 +476,7 @@ class IngressServer:
             lambda: self.hot.is_ready(settings.topic_partitions),
         )
         self._sweeping: asyncio.Task[None] | None = None
+        self._leasing: asyncio.Task[None] | None = None
         self.health = ReadinessHealth(self._serving)
         # API keys and tenants (services/auth): checked per call by its interceptor.
         self.auth = IngressAuth(settings)
@@ -515,6 +516,9 @@ class IngressServer:
 
     async def start(self) -> None:
         await self.redis.ping()
+        # Alive before the first claim: a retry may take over claims of dead processes only.
+        await self.hot.renew_lease()
+        self._leasing = asyncio.ensure_future(self.hot.keep_lease())
         await self.producer.start()
         await self.auth.start()
         # Writes to conversations erased by `switchboard tenant erase` are refused (_writes.py);
@@ -590,6 +594,15 @@ class IngressServer:
         # The producer flushed: let the writes' settlements record their acks in Redis (else a
         # retry would find a pending claim until it expires).
         await self.service.writes.drain(self.settings.produce_timeout_s)
+        # Renewed through the drain (its writes are live); what is left pending now is abandoned:
+        # retries elsewhere take it over at once.
+        if self._leasing is not None:
+            self._leasing.cancel()
+            await asyncio.wait([self._leasing], timeout=STOP_TASK_WAIT_S)
+        try:
+            await self.hot.renew_lease(0)
+        except Exception as exc:
+            log.warning("ending this ingress process's lease failed (%r); it runs out by itself", exc)
         await self.service.writes.stop_erasures()
         await self.knowledge.close()
         await self.service.reads.close()

@@ -489,6 +489,13 @@ class ConversationWrites:
                 f"client_message_id {req.client_message_id!r} is being written by an earlier attempt; "
                 "retry shortly to get its ack"
             )
+        if not self._hot.lease_fresh():
+            # Another process may have taken this claim over (see LEASE_FRESH_S): the caller
+            # drops it (only while it is still this attempt's) and the client retries.
+            return unavailable(
+                "this ingress process could not renew its lease in Redis lately; retry (another "
+                "process, or this one once Redis answers it again)"
+            )
         if not self._gate.begin_send(conversation):
             return _being_closed(req.conversation_id)
         if self._registry.get(conversation):

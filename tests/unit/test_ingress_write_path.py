@@ -38,6 +38,10 @@ class FakeHotView(IngressHotView):
         self.registered: set[tuple[str, str]] = {(T, A), (T, B)}
         self.hold_claims: dict[str, asyncio.Event] = {}  # client_message_id -> released when set
         self.claiming: set[str] = set()
+        self.fresh = True  # lease_fresh()
+
+    def lease_fresh(self) -> bool:
+        return self.fresh
 
     async def lookup_many(self, keys: Sequence[tuple[str, str]]) -> list[Registration | None]:
         await asyncio.sleep(0)
@@ -213,6 +217,20 @@ async def test_an_in_flight_refusal_aborts_later_messages_of_the_conversation() 
     assert [code(o) for o in out] == [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, None]
     assert producer.order == ["b1"]
     assert (T, A, "m2") not in hot.claims  # nothing written, so nothing claimed
+
+
+async def test_a_process_whose_lease_is_not_fresh_hands_nothing_to_kafka() -> None:
+    # Its claims may be another process's by now (taken over as a dead process's): writing them
+    # too would put a second copy in the log. It answers UNAVAILABLE and drops its claims.
+    service, hot, producer = make()
+    hot.fresh = False
+    (out,) = await service.accept_messages([msg("m1")], "", WriteOrder(None))
+    assert code(out) == grpc.StatusCode.UNAVAILABLE
+    assert "lease" in str(out), out
+    assert producer.order == [] and (T, A, "m1") not in hot.claims
+    hot.fresh = True
+    (out,) = await service.accept_messages([msg("m1")], "", WriteOrder(None))
+    assert code(out) is None and producer.order == ["m1"]
 
 
 async def test_an_exception_aborts_later_messages_of_the_conversation() -> None:

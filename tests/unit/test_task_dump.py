@@ -70,3 +70,20 @@ def test_sigusr2_logs_each_task_and_the_line_it_waits_on(tmp_path: Path, loop: s
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_frame_without_a_line_number_does_not_break_the_dump() -> None:
+    # Seen in a test's failure report: a frame whose f_lineno is None (CPython gives None for some
+    # frames) made linecache raise TypeError, and the dump of that process was lost.
+    from services.eventloop import _await_chain
+
+    class Frame:
+        f_code = test_a_frame_without_a_line_number_does_not_break_the_dump.__code__
+        f_lineno = None
+
+    class Coroutine:
+        cr_frame = Frame()
+        cr_await = None
+
+    lines = _await_chain(Coroutine())
+    assert "line None, in test_a_frame_without_a_line_number_does_not_break_the_dump" in lines[0], lines

@@ -1,0 +1,172 @@
+"""A message claimed by an ingress process that died mid-write is written by the retry within a
+lease, not after the claim's 120 s expiry.
+
+Seen in the judges' rehearsal (finding 2): `kill -9` of `switchboard run` under load, `make run`
+again: one message whose claim was taken but never produced was refused "is being written by an
+earlier attempt; retry shortly" 285 times, for 120 s (CLAIM_TTL_S), before its retry was acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+import time
+import uuid
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
+
+from schemas import hotview as hv
+from services.ingress._hotview import CLAIM_TTL_S, LEASE_S, IngressHotView
+from services.processes import wait_for_ingress
+from tests.conftest import eventually
+from tests.integration.conftest import System
+
+pytestmark = pytest.mark.integration
+
+# A process that renews its lease, claims one message as the ingress does, says so and waits to be
+# killed: an ingress process killed between its claim and its produce.
+_CLAIMER = textwrap.dedent(
+    """
+    import asyncio, sys
+    import redis.asyncio as aioredis
+    from services.ingress._hotview import IngressHotView
+
+    async def main(url, partitions, tenant, conversation, cmid):
+        redis = aioredis.Redis.from_url(url)
+        hot = IngressHotView(redis, 3600)
+        await hot.renew_lease()
+        (claim,) = await hot.claim_many([(tenant, conversation, cmid)], int(partitions), unless_closed=True)
+        print("claimed" if claim.claimed else "refused", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main(*sys.argv[1:]))
+    """
+)
+
+
+@pytest.mark.timeout(120)
+async def test_a_claim_of_a_killed_ingress_process_is_taken_over_within_the_lease(
+    system: System, tenant: str
+) -> None:
+    settings = system.settings
+    await wait_for_ingress(settings)
+    async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
+        chat = chat_pb2_grpc.ChatServiceStub(channel)
+        conv = await chat.StartConversation(
+            chat_pb2.StartConversationRequest(
+                tenant_id=tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c"
+            )
+        )
+        cmid = f"mid-write-{uuid.uuid4().hex[:8]}"
+        claimer = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _CLAIMER,
+            settings.redis_url,
+            str(settings.topic_partitions),
+            tenant,
+            conv.conversation_id,
+            cmid,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, **system.env},
+        )
+        try:
+            assert claimer.stdout is not None
+            line = await asyncio.wait_for(claimer.stdout.readline(), 60)
+            assert line.strip() == b"claimed", line
+        finally:
+            claimer.send_signal(signal.SIGKILL)
+            await claimer.wait()
+        killed_at = time.monotonic()
+        request = chat_pb2.SendMessageRequest(
+            tenant_id=tenant, conversation_id=conv.conversation_id, client_message_id=cmid, text="hello"
+        )
+        refusals: list[str] = []
+
+        async def send() -> chat_pb2.SendMessageResponse | None:
+            try:
+                return await chat.SendMessage(request, timeout=10)
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                refusals.append(err.details() or "")
+                return None
+
+        # Right after the kill the dead process's lease still runs: the claim is honoured.
+        assert await send() is None
+        assert "being written by an earlier attempt" in refusals[0], refusals[0]
+        ack = await eventually(send, lambda r: r is not None, within_s=LEASE_S + 20, what="the retry's ack")
+        took = time.monotonic() - killed_at
+        assert ack is not None and not ack.duplicate
+        assert took < LEASE_S + 10 < CLAIM_TTL_S, f"acked {took:.1f}s after the kill"
+        # Its retries from now on are duplicates of that ack, and the conversation has it once.
+        again = await chat.SendMessage(request, timeout=10)
+        assert again.duplicate and again.event_id == ack.event_id
+
+        async def texts() -> list[str]:
+            got = await chat.GetConversation(
+                chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=conv.conversation_id),
+                timeout=10,
+            )
+            return [m.text for m in got.messages if m.sender == events_pb2.SENDER_CUSTOMER]
+
+        assert await eventually(texts, lambda t: t == ["hello"], what="the message once") == ["hello"]
+        print(f"\nretry acked {took:.1f}s after the claiming process was killed ({len(refusals)} refusals)")
+
+
+async def test_only_claims_of_processes_whose_lease_ran_out_are_taken_over(
+    system: System, tenant: str
+) -> None:
+    redis = aioredis.Redis.from_url(system.settings.redis_url)
+    # Three processes' views (each its own marker prefix, so its own lease).
+    dead, alive, retrier = (IngressHotView(redis, 3600) for _ in range(3))
+    partitions = system.settings.topic_partitions
+    try:
+        await alive.renew_lease()
+        await retrier.renew_lease()
+        await dead.renew_lease(3)  # a process whose last renewal gave it 3 s more
+        conversation = f"c-{uuid.uuid4().hex[:8]}"
+        await redis.hset(hv.conversation_key(tenant, conversation), hv.F_CREATED_NS, 1)
+        dead_key, alive_key, unknown_key = (
+            (tenant, conversation, "dead"),
+            (tenant, conversation, "alive"),
+            (tenant, conversation, "unknown"),
+        )
+        (d,) = await dead.claim_many([dead_key], partitions, unless_closed=True)
+        (a,) = await alive.claim_many([alive_key], partitions, unless_closed=True)
+        start_key = (tenant, conversation, hv.START_CLAIM)
+        (ds,) = await dead.claim_many([start_key], partitions)  # a start (or close) claim
+        assert d.claimed and a.claimed and ds.claimed
+        assert (await retrier.claim_many([start_key], partitions))[0].in_flight
+        # A claim whose owner has no lease at all (Redis lost the leases hash) is not taken for dead.
+        await redis.set(hv.idempotency_key(*unknown_key), hv.CLAIM_PENDING + b":" + b"f" * 28, ex=CLAIM_TTL_S)
+
+        first = await retrier.claim_many([dead_key, alive_key, unknown_key], partitions, unless_closed=True)
+        assert [c.in_flight for c in first] == [True, True, True]
+        taken = await eventually(
+            lambda: retrier.claim_many([dead_key, alive_key, unknown_key], partitions, unless_closed=True),
+            lambda claims: claims[0].claimed,
+            within_s=10,
+            what="the dead process's claim taken over",
+        )
+        assert [c.in_flight for c in taken[1:]] == [True, True]
+        assert (await retrier.claim_many([start_key], partitions))[0].claimed
+        # The dead attempt's late drop (were it only stalled) leaves the new claim alone.
+        await dead.settle_many([(d.held(dead_key), None)])
+        assert (await redis.get(hv.idempotency_key(*dead_key))) == taken[0].marker
+        # A process that stops ends its lease: its claims are taken at once.
+        await alive.renew_lease(0)
+        (now,) = await eventually(
+            lambda: retrier.claim_many([alive_key], partitions, unless_closed=True),
+            lambda claims: claims[0].claimed,
+            within_s=2,
+            what="a stopped process's claim taken over",
+        )
+        assert now.claimed
+    finally:
+        await redis.aclose()
