@@ -1,8 +1,8 @@
 """The assistant: for each customer message in a conversation in bot mode, decide — intent, then a
 handoff or a grounded answer — and append the decisions to the conversation as events.
 
-Decisions are events with ids derived from the message they answer (`decision_id`), so a batch
-applied again after a crash writes the same ids, and the sessions fold and the projections keep
+Decisions are events with ids derived from the message they answer (`decision_id`,
+`decision_basis`), so a batch applied again after a crash writes the same ids, and the sessions fold and the projections keep
 one of each. Offsets are committed only after the decisions are durable in Kafka (the consumer's
 contract). Replies of different conversations are generated concurrently; each conversation's
 messages are answered in order. While a reply is generated its text goes to the conversation's
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -110,9 +111,24 @@ def assistant_producer(settings: Settings) -> AIOKafkaProducer:
     )
 
 
-def decision_id(kind: str, message_event_id: str) -> str:
-    """The id of the `kind` decision about a message: the same on every run."""
-    return str(uuid.uuid5(_DECISIONS, f"{kind}:{message_event_id}"))
+def decision_id(kind: str, basis: str) -> str:
+    """The id of the `kind` decision about a message (`decision_basis`): the same on every run."""
+    return str(uuid.uuid5(_DECISIONS, f"{kind}:{basis}"))
+
+
+def decision_basis(message: Event) -> str:
+    """What a decision is about: the client's message, one however often it was written. A
+    message written twice (its first write landed, then a retry took over the claim of the dead
+    process that wrote it) has two event ids and one client_message_id; the fold counts it once,
+    and its decisions get the same ids from either copy, so the copy seen later (by a restarted
+    assistant too) finds them in the hot view and is not answered again. The text is part of it:
+    a client that reuses an id for another message long after (past the ingress's idempotency
+    window) gets that message answered on its own. A message without a client id: its event id."""
+    received = message.message_received
+    if not received.client_message_id:
+        return message.event_id
+    text = hashlib.blake2b(received.text.encode(), digest_size=8).hexdigest()
+    return f"{message.tenant_id}/{message.conversation_id}/{received.client_message_id}/{text}"
 
 
 @dataclass
@@ -406,7 +422,7 @@ class AssistantProcessor:
         for raw in states:
             if raw:
                 decided.update(json.loads(raw).get("recent_decisions", ()))
-        return [j for j in jobs if f"intent:{j.event.event_id}" not in decided]
+        return [j for j in jobs if f"intent:{decision_id('intent', decision_basis(j.event))}" not in decided]
 
     def _understand(self, messages: list[Event]) -> list[_Understood]:
         """Intent and retrieval for a whole batch, in the model thread: every text is embedded in
@@ -495,7 +511,7 @@ class AssistantProcessor:
                     ),
                 ),
             ]
-        reply_id = decision_id("reply", message.event_id)
+        reply_id = decision_id("reply", decision_basis(message))
         request = AnswerRequest(
             question=text,
             language=language,
@@ -694,7 +710,7 @@ class PrimedEncoder:
 
 def _event(message: Event, kind: str, **payload: Any) -> Event:
     event = Event(
-        event_id=decision_id(kind, message.event_id),
+        event_id=decision_id(kind, decision_basis(message)),
         tenant_id=message.tenant_id,
         conversation_id=message.conversation_id,
         causation_id=message.event_id,

@@ -122,16 +122,19 @@ def _is_redelivery(state: ConversationState, position: LogPosition, event: Event
 
 
 def decision_key(event: Event) -> str:
-    """What a decision event decides, e.g. ``reply:<message event id>``; empty for other events.
-    The assistant derives its event ids from the same pair, so a decision written twice (a crash
-    between its write and its commit) has one key and one id."""
+    """What a decision event decides, e.g. ``reply:<decision event id>``; empty for other events.
+    The assistant derives a decision's event id from its kind and the message it is about (the
+    client's message, however many times it was written: assistant `decision_basis`), so a
+    decision written twice (a crash between its write and its commit, or the two copies of a
+    message written twice) has one id, and one key. (Before 2026-12-01 the key named the
+    message's event id; a batch re-applied across that upgrade may be counted twice.)"""
     kind = event_type(event)
     if kind == "intent_classified":
-        return f"intent:{event.intent_classified.message_event_id}"
+        return f"intent:{event.event_id}"
     if kind == "reply_generated" and event.reply_generated.message_event_id:
-        return f"reply:{event.reply_generated.message_event_id}"
+        return f"reply:{event.event_id}"
     if kind == "handoff_requested" and event.handoff_requested.message_event_id:
-        return f"handoff:{event.handoff_requested.message_event_id}"
+        return f"handoff:{event.event_id}"
     return ""
 
 

@@ -19,10 +19,11 @@ from aiokafka.partitioner import DefaultPartitioner
 from switchboard.v1 import chat_pb2, events_pb2
 
 from schemas import hotview as hv
-from schemas.events import new_event
+from schemas.events import LogPosition, new_event
 from services.settings import Settings
 from streams.assistant import _worker
 from streams.assistant._worker import AssistantProcessor
+from streams.sessions._state import Fold
 from tests.conftest import System, eventually, start_conversation
 from tests.integration.test_assistant import conversation, faq_tenant  # noqa: F401 (fixture)
 from tests.integration.test_erasure_follower_bound import record_of
@@ -183,5 +184,42 @@ async def test_a_customer_message_written_twice_is_answered_once(
         assert [processor._observe(e) for e, _ in decoded] == [False, True, False]
         # The same batch applied again (after an outage) is decided again: the first copy again.
         assert [processor._observe(e) for e, _ in decoded] == [False, True, False]
+    finally:
+        processor._models.shutdown()
+
+
+async def test_a_message_written_twice_is_not_answered_again_by_a_restarted_assistant(
+    local_stack: Settings, redis9: aioredis.Redis
+) -> None:
+    """The in-memory check above forgets on a restart. Seen as a risk of kill -9 of `switchboard
+    run` mid-write: the first copy of a message lands and is answered, every process dies, the
+    client's retry takes the dead process's claim over and writes it again; the restarted
+    assistant, which has not seen the first copy, answered the second. Now the decisions of both
+    copies have the same ids, and the one the fold applied for the first is in the hot view."""
+    tenant, cid = "t-review", "c-twice-restart"
+    first, again = (
+        new_event(
+            tenant, cid, message_received=events_pb2.MessageReceived(client_message_id="m1", text="refund?")
+        )
+        for _ in range(2)
+    )
+    other = new_event(
+        tenant, cid, message_received=events_pb2.MessageReceived(client_message_id="m2", text="refund?")
+    )
+    # The first copy was answered and the fold applied that (the sessions worker's own fold).
+    fold = Fold.new(tenant, cid)
+    start = new_event(tenant, cid, conversation_started=events_pb2.ConversationStarted())
+    decided = _worker._event(
+        first,
+        "intent",
+        intent_classified=events_pb2.IntentClassified(message_event_id=first.event_id, intent="refund"),
+    )
+    for offset, event in enumerate([start, first, decided]):
+        fold.apply(event, LogPosition(0, offset))
+    await redis9.hset(hv.conversation_key(tenant, cid), hv.F_STATE, fold.json_text())
+    processor = _processor(local_stack, redis9)  # a new process: it never saw the first copy
+    try:
+        jobs = [_worker._Job(e, record_of(e, n)) for n, e in enumerate([again, other], start=3)]
+        assert [j.event for j in await processor._undecided(jobs)] == [other]
     finally:
         processor._models.shutdown()
