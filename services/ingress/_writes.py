@@ -68,6 +68,12 @@ Outcome = chat_pb2.SendMessageResponse | v.RequestRejected
 _CHANNELS = frozenset(events_pb2.Channel.values())
 # Conversations the registry remembers per process (about 200 bytes each).
 REGISTRY_MAX = 200_000
+# How long a message whose claim is pending in another attempt waits for that attempt's outcome
+# before it is refused UNAVAILABLE ("being written by an earlier attempt"): a retry right after
+# an ack, in another process, usually finds the ack recorded within milliseconds. Looked at again
+# after IN_FLIGHT_RECHECK_S, then twice as long each time. Only such a message's batch waits.
+IN_FLIGHT_WAIT_S = 0.25
+IN_FLIGHT_RECHECK_S = 0.005
 # A state document's status field says "closed" (the key `closed_at_ns` does not match this).
 _CLOSED_STATUS = f'"{STATUS_CLOSED}"'.encode()
 R = TypeVar("R")
@@ -630,7 +636,24 @@ class ConversationWrites:
         """claim_many for messages (into their conversation's in-flight set, unless closed). A key
         still pending in Redis that this process acked a moment ago (its settle on its way, see
         _settlement) comes back as the earlier ack it is, so every caller answers it as one."""
-        claims = await self._hot.claim_many(keys, self._settings.topic_partitions, unless_closed=True)
+        claims = self._known_acks(
+            keys, await self._hot.claim_many(keys, self._settings.topic_partitions, unless_closed=True)
+        )
+        # A claim pending in another process is most often a write acked a moment ago whose
+        # record is on its way to Redis (a retry right after its ack): look again for a moment
+        # before refusing it as in flight (a claim the earlier attempt drops meanwhile is ours).
+        waited, delay = 0.0, IN_FLIGHT_RECHECK_S
+        while waited < IN_FLIGHT_WAIT_S and (pending := [n for n, c in enumerate(claims) if c.in_flight]):
+            await asyncio.sleep(delay)
+            waited, delay = waited + delay, min(delay * 2, IN_FLIGHT_WAIT_S / 4)
+            again = await self._hot.claim_many(
+                [keys[n] for n in pending], self._settings.topic_partitions, unless_closed=True
+            )
+            for n, claim in zip(pending, self._known_acks([keys[n] for n in pending], again), strict=True):
+                claims[n] = claim
+        return claims
+
+    def _known_acks(self, keys: list[ClaimKey], claims: list[Claim]) -> list[Claim]:
         if not self._unsettled:
             return claims
         return [
