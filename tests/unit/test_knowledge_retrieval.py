@@ -183,3 +183,13 @@ def test_a_cross_language_hit_whose_translation_does_not_match_is_not_answered(
 def test_a_cross_language_article_without_a_translation_is_still_answered(demo_index: KnowledgeIndex) -> None:
     hits = demo_index.search("how do reward points work", 3, intent="discount_coupon")
     assert hits[0].document_id == "zh-member-points" and hits[0].relevant
+
+
+def test_a_top_hit_is_as_relevant_as_its_translation(demo_index: KnowledgeIndex) -> None:
+    """The English exchange article ranks first but alone is below the relevance threshold (0.27);
+    its Chinese translation is relevant for the question (0.53). One article in two languages: the
+    customer gets the answer in English instead of a "did you mean"."""
+    hits = demo_index.search("I'd like the same coat in red instead of black", 3, intent="return_exchange")
+    assert hits[0].document_id == "en-exchange" and hits[0].relevant, [
+        (h.document_id, h.scores) for h in hits
+    ]
