@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import signal
 import socket
 import time
@@ -37,11 +36,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectionError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from services import eventloop
 from services.kafka_clients import started
 from services.observability import metrics
+from services.outages import is_outage
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -136,46 +136,6 @@ class PartitionControl(Protocol):
     async def end_offsets(self, partitions: Iterable[int]) -> dict[int, int]: ...
 
     def assigned(self) -> set[int]: ...
-
-
-def is_outage(exc: BaseException) -> bool:
-    """A failure of something we depend on (retry it, never dead-letter because of it)."""
-    import redis.exceptions as rx
-
-    outage: tuple[type[BaseException], ...] = (
-        OSError,
-        ConnectionError,
-        TimeoutError,
-        asyncio.TimeoutError,
-        KafkaConnectionError,
-        rx.ConnectionError,
-        rx.TimeoutError,
-        rx.BusyLoadingError,
-        rx.ReadOnlyError,
-        rx.TryAgainError,
-        rx.ClusterDownError,
-        rx.MasterDownError,
-    )
-    with contextlib.suppress(ImportError):
-        from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
-
-        outage = (*outage, OperationalError)
-        if isinstance(exc, DatabaseError) and _TRANSIENT_CLICKHOUSE.search(str(exc)):
-            return True
-    if isinstance(exc, outage):
-        return True
-    if isinstance(exc, KafkaError):
-        return bool(getattr(exc, "retriable", False))
-    return False
-
-
-# ClickHouse errors of the server's state, not of the data (``Code: N.`` in its message): the
-# batch is retried, never dead-lettered. Its health probe would still pass during most of them,
-# so without this a whole batch of good events went to the dead-letter topic. 159 TIMEOUT_EXCEEDED,
-# 202 TOO_MANY_SIMULTANEOUS_QUERIES, 209 SOCKET_TIMEOUT, 210 NETWORK_ERROR, 241
-# MEMORY_LIMIT_EXCEEDED, 242 TABLE_IS_READ_ONLY, 252 TOO_MANY_PARTS, 425 SYSTEM_ERROR, 999
-# KEEPER_EXCEPTION.
-_TRANSIENT_CLICKHOUSE = re.compile(r"\bCode: (159|202|209|210|241|242|252|425|999)\b")
 
 
 def raise_if_cancelling(exc: Exception) -> None:

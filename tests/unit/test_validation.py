@@ -116,3 +116,34 @@ def test_a_write_on_a_connection_redis_just_closed_is_unavailable_not_internal()
     )
     assert as_rejection(closed, "SendMessage").code == grpc.StatusCode.UNAVAILABLE
     assert as_rejection(RuntimeError("a bug of ours"), "SendMessage").code == grpc.StatusCode.INTERNAL
+
+
+def test_the_ingress_and_the_processors_take_the_same_failures_for_outages() -> None:
+    """They kept a list each, and the lists drifted: a write on a connection Redis had just
+    closed (uvloop's RuntimeError, above) was an outage to the ingress but poison to a processor,
+    whose batch would have been bisected towards the dead-letter topic."""
+    from aiokafka.errors import KafkaConnectionError, NotLeaderForPartitionError, RecordTooLargeError
+    from redis import exceptions as r
+
+    from services.ingress._errors import as_rejection
+    from streams._consumer import is_outage
+
+    closed = RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+    outages = [
+        closed,
+        r.ConnectionError("x"),
+        r.TimeoutError("x"),
+        r.BusyLoadingError("x"),
+        r.ReadOnlyError("x"),
+        ConnectionResetError(),
+        TimeoutError(),
+        KafkaConnectionError(),
+        NotLeaderForPartitionError(),
+    ]
+    bugs = [RuntimeError("a bug of ours"), r.ResponseError("WRONGTYPE"), RecordTooLargeError(), KeyError("k")]
+    for exc in outages:
+        assert is_outage(exc), exc
+        assert as_rejection(exc, "t").code == grpc.StatusCode.UNAVAILABLE, exc
+    for exc in bugs:
+        assert not is_outage(exc), exc
+        assert as_rejection(exc, "t").code == grpc.StatusCode.INTERNAL, exc
