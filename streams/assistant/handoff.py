@@ -3,7 +3,7 @@
 Order of the rules (the first that fires decides the reason):
 1. `customer_request`: the message asks for a person by keyword ("转人工", "人工客服", "真人",
    "talk to a human", "real person", …) or the intent is `talk_to_human`. A negated request
-   ("不要转人工", "no need for a human") does not count.
+   ("不要转人工", "no need for a human") does not count, and overrides the intent.
 2. `tenant_rule`: the intent is in the tenant's always-hand-off list, or the message contains one of
    the tenant's keywords.
 3. `complaint`: the intent is `complaint` (confident enough to trust the label).
@@ -123,6 +123,18 @@ def asks_for_human(text: str) -> str | None:
     return None
 
 
+def declines_human(text: str) -> bool:
+    """Does `text` say it does *not* want a person ("不要转人工", "I don't want to talk to a human")
+    and nowhere that it does? The intent model reads the words, not the negation."""
+    declined = False
+    for pattern, negation in ((_ZH_REQUEST, _ZH_NEGATION), (_EN_REQUEST, _EN_NEGATION)):
+        for match in pattern.finditer(text):
+            if not negation.search(text[max(0, match.start() - 20) : match.start()]):
+                return False
+            declined = True
+    return declined
+
+
 def is_unresolved(
     intent: IntentDecision, answered: bool | None, rules: TenantHandoffRules = DEFAULT_RULES
 ) -> bool:
@@ -169,7 +181,7 @@ def decide_handoff(
     phrase = asks_for_human(text)
     if phrase is not None:
         return Handoff(REASON_CUSTOMER_REQUEST, queue, f"keyword {phrase!r}")
-    if intent.label == TALK_TO_HUMAN and confident:
+    if intent.label == TALK_TO_HUMAN and confident and not declines_human(text):
         return Handoff(REASON_CUSTOMER_REQUEST, queue, f"intent {TALK_TO_HUMAN}")
 
     if intent.label in rules.always_handoff_intents and confident:

@@ -75,6 +75,20 @@ def test_no_handoff_for_negated_requests_or_unrelated_words(text: str):
     assert decide(text, CONFIDENT_REFUND) is None
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I don't want to talk to a human, just tell me the refund time",
+        "no need to connect me to an agent, where is my parcel",
+        "不要转人工，告诉我退款多久",
+    ],
+)
+def test_a_declined_person_is_not_handed_off_on_the_talk_to_human_intent(text: str):
+    """The intent model reads "talk to a human" and says talk_to_human (0.68 for the first): the
+    customer said the opposite, so the negation wins as it does for the keywords."""
+    assert decide(text, IntentDecision("talk_to_human", 0.9)) is None
+
+
 def test_queue_by_intent_and_a_low_confidence_label_is_not_trusted_for_routing():
     assert queue("转人工", IntentDecision("payment_problem", 0.8)) == "billing"
     assert queue("转人工", IntentDecision("invoice", 0.8)) == "billing"
