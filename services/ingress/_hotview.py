@@ -397,9 +397,32 @@ def _parse_ack(raw: bytes) -> Ack | None:
     return Ack(*decoded) if decoded is not None else None
 
 
+def new_lease_id() -> str:
+    return os.urandom(6).hex()
+
+
+def marker_prefix(lease_id: str) -> bytes:
+    """What starts every claim marker of the process holding `lease_id` (hv.MARKER_PREFIX_LEN)."""
+    if len(lease_id) != 12 or any(c not in "0123456789abcdef" for c in lease_id):
+        raise ValueError(f"a lease id is 12 lowercase hex digits, not {lease_id!r}")
+    return hv.CLAIM_PENDING + b":" + lease_id.encode()
+
+
+async def end_lease(redis: aioredis.Redis, lease_id: str) -> None:
+    """The process holding `lease_id` is gone (its supervisor saw it exit): its claims may be
+    taken over from now on, not only once its lease runs out."""
+    await redis.eval(
+        _RENEW_LEASE, 1, hv.INGRESS_LEASES_KEY, marker_prefix(lease_id), 0, 2 * CLAIM_TTL_S * 1000
+    )
+
+
 class IngressHotView:
     def __init__(
-        self, redis: aioredis.Redis, idempotency_ttl_s: int, live_redis: aioredis.Redis | None = None
+        self,
+        redis: aioredis.Redis,
+        idempotency_ttl_s: int,
+        live_redis: aioredis.Redis | None = None,
+        lease_id: str | None = None,
     ) -> None:
         self._redis = redis
         # Blocking stream reads hold a connection each: they get a pool of their own so that
@@ -420,7 +443,9 @@ class IngressHotView:
         self._tick = TickPipeline(redis)
         # Starts every claim marker of this instance (one per ingress process): a close tells its
         # own process's in-flight messages from other processes' by it.
-        self._marker_prefix = hv.CLAIM_PENDING + b":" + os.urandom(6).hex().encode()
+        # Its lease's id (`lease_id`: 12 hex digits a supervisor chose, so that it can end the
+        # lease once the process died; else random) follows the ":".
+        self._marker_prefix = marker_prefix(lease_id or new_lease_id())
         self._releasing: set[asyncio.Task[None]] = set()  # see _release_unanswered
 
     async def renew_lease(self, lease_s: float = LEASE_S) -> None:

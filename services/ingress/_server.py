@@ -31,7 +31,7 @@ from services.ingress._knowledge import KnowledgeService
 from services.ingress._producer import EventProducer
 from services.ingress._quotas import Quotas
 from services.ingress._service import ChatService, MessageBatcher, WriteOrder
-from services.ingress._supervisor import CHILD_ENV, Supervisor, process_count
+from services.ingress._supervisor import CHILD_ENV, LEASE_ENV, Supervisor, process_count
 from services.observability import metrics
 from services.observability.tracing import traceparent_of
 from services.settings import Settings
@@ -459,7 +459,12 @@ class IngressServer:
         self.live_redis = live_pool(settings.redis_url, 64)
         self.producer = EventProducer(settings)
         metrics.observe_producer(self.producer)
-        self.hot = IngressHotView(self.redis, settings.idempotency_ttl_s, self.live_redis)
+        self.hot = IngressHotView(
+            self.redis,
+            settings.idempotency_ttl_s,
+            self.live_redis,
+            lease_id=os.environ.get(LEASE_ENV) or None,
+        )
         # Quotas read the tenants the auth follower keeps (self.auth, made below).
         self.quotas = Quotas(settings, lambda: self.auth.follower.registry)
         self.service = ChatService(settings, self.producer, self.hot, self.live_redis, self.quotas)

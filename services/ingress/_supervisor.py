@@ -26,6 +26,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
+
+from services.ingress._hotview import end_lease, new_lease_id
 from services.processes import tied_to_this_process
 from services.settings import Settings
 
@@ -33,6 +36,12 @@ log = logging.getLogger(__name__)
 
 # Set in a child's environment: its index; the child listens with SO_REUSEPORT.
 CHILD_ENV = "SWITCHBOARD_INGRESS_CHILD"
+# And the id of its lease in Redis (services/ingress/_hotview.py), new for every start: once the
+# child exited, the parent ends it, so a retry of a message the child died writing is taken over
+# at once instead of when the lease runs out (LEASE_S).
+LEASE_ENV = "SWITCHBOARD_INGRESS_LEASE"
+# How long the parent tries to end a dead child's lease (Redis away: it runs out by itself).
+_END_LEASE_TIMEOUT_S = 3.0
 # A child that lived shorter than this is restarted after a growing pause (up to the maximum).
 _HEALTHY_AFTER_S = 10.0
 _MAX_BACKOFF_S = 10.0
@@ -83,6 +92,7 @@ class _Child:
     proc: asyncio.subprocess.Process | None = None
     started: float = 0.0
     failures: int = 0
+    lease_id: str = ""
 
 
 class Supervisor:
@@ -96,8 +106,14 @@ class Supervisor:
     async def _start(self, child: _Child) -> None:
         # Tied after exec (services.ingress.__main__ calls die_with_parent), not in a preexec_fn:
         # ctypes between fork and exec in a process with threads can crash the child.
+        child.lease_id = new_lease_id()
         env = tied_to_this_process(
-            {**os.environ, CHILD_ENV: str(child.index), "SWITCHBOARD_INGRESS_PROCESSES": "1"}
+            {
+                **os.environ,
+                CHILD_ENV: str(child.index),
+                LEASE_ENV: child.lease_id,
+                "SWITCHBOARD_INGRESS_PROCESSES": "1",
+            }
         )
         child.proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -134,6 +150,7 @@ class Supervisor:
             code = await child.proc.wait()
             if self._stopping.is_set():
                 return
+            await self._end_lease(child)
             lived = time.monotonic() - child.started
             child.failures = 0 if lived > _HEALTHY_AFTER_S else child.failures + 1
             pause = _backoff_s(child.failures)
@@ -171,6 +188,22 @@ class Supervisor:
                 w.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
 
+    async def _end_lease(self, child: _Child) -> None:
+        """The child is dead (waited for): nothing it claimed can be written by it any more."""
+        redis = aioredis.Redis.from_url(
+            self._settings.redis_url,
+            socket_timeout=_END_LEASE_TIMEOUT_S,
+            socket_connect_timeout=_END_LEASE_TIMEOUT_S,
+        )
+        try:
+            await end_lease(redis, child.lease_id)
+        except Exception as exc:
+            log.warning(
+                "ending the lease of ingress process %d failed (%r); it runs out by itself", child.index, exc
+            )
+        finally:
+            await redis.aclose()
+
     async def _stop_children(self) -> None:
         running = [c.proc for c in self._children if c.proc is not None and c.proc.returncode is None]
         for proc in running:
@@ -186,3 +219,5 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+        # A child that drained ended its lease itself; one killed here did not.
+        await asyncio.gather(*(self._end_lease(c) for c in self._children if c.lease_id))

@@ -17,12 +17,14 @@ import time
 import uuid
 
 import grpc
+import psutil
 import pytest
 import redis.asyncio as aioredis
 from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 
 from schemas import hotview as hv
 from services.ingress._hotview import CLAIM_TTL_S, LEASE_S, IngressHotView
+from services.ingress._supervisor import LEASE_ENV
 from services.processes import wait_for_ingress
 from tests.conftest import eventually
 from tests.integration.conftest import System
@@ -117,6 +119,58 @@ async def test_a_claim_of_a_killed_ingress_process_is_taken_over_within_the_leas
 
         assert await eventually(texts, lambda t: t == ["hello"], what="the message once") == ["hello"]
         print(f"\nretry acked {took:.1f}s after the claiming process was killed ({len(refusals)} refusals)")
+
+
+@pytest.mark.timeout(120)
+async def test_the_supervisor_ends_the_lease_of_an_ingress_process_that_died(
+    system: System, tenant: str
+) -> None:
+    """`switchboard ingress` runs N processes; one killed mid-write (kill -9) is seen dead by its
+    supervisor at once, which ends its lease: the retry is acked without waiting LEASE_S."""
+    settings = system.settings
+    await wait_for_ingress(settings)
+    supervisor = system.children["ingress"].proc
+    assert supervisor is not None
+    victim = psutil.Process(supervisor.pid).children()[0]
+    lease_id = victim.environ()[LEASE_ENV]
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
+            chat = chat_pb2_grpc.ChatServiceStub(channel)
+            conv = await chat.StartConversation(
+                chat_pb2.StartConversationRequest(
+                    tenant_id=tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c"
+                )
+            )
+            cmid = f"mid-write-{uuid.uuid4().hex[:8]}"
+            # The victim's claim, as it makes them (its marker prefix is its lease's).
+            as_victim = IngressHotView(redis, 3600, lease_id=lease_id)
+            key = (tenant, conv.conversation_id, cmid)
+            (claim,) = await as_victim.claim_many([key], settings.topic_partitions, unless_closed=True)
+            assert claim.claimed
+            victim.kill()
+            killed_at = time.monotonic()
+            request = chat_pb2.SendMessageRequest(
+                tenant_id=tenant, conversation_id=conv.conversation_id, client_message_id=cmid, text="hi"
+            )
+
+            async def send() -> chat_pb2.SendMessageResponse | None:
+                try:
+                    return await chat.SendMessage(request, timeout=10)
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                    return None
+
+            ack = await eventually(send, lambda r: r is not None, within_s=LEASE_S + 20, what="the ack")
+            took = time.monotonic() - killed_at
+            assert ack is not None and not ack.duplicate
+            assert took < LEASE_S / 2, f"acked {took:.1f}s after the kill: the lease ran out by itself"
+            print(
+                f"\nretry acked {took:.2f}s after kill -9 of an ingress process (its lease ended by its supervisor)"
+            )
+    finally:
+        await redis.aclose()
+    await wait_for_ingress(settings)
 
 
 async def test_only_claims_of_processes_whose_lease_ran_out_are_taken_over(
