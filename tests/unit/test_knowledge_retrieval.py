@@ -193,3 +193,15 @@ def test_a_top_hit_is_as_relevant_as_its_translation(demo_index: KnowledgeIndex)
     assert hits[0].document_id == "en-exchange" and hits[0].relevant, [
         (h.document_id, h.scores) for h in hits
     ]
+
+
+def test_a_deleted_translation_is_no_longer_paired() -> None:
+    index = KnowledgeIndex(None)
+    index.upsert_many(load_demo_documents())
+    assert index._translation("en-return-policy", "zh") == "zh-return-policy"
+    index.delete("zh-return-policy")
+    assert index._translation("en-return-policy", "zh") is None
+    # Two documents of one language with the same key: which one is the translation is unknown.
+    index.upsert(Document("zh-return-policy", "退货政策", "7天无理由退货", "zh"))
+    index.upsert(Document("return-policy-zh", "退货", "退货说明", "zh"))
+    assert index._translation("en-return-policy", "zh") is None
