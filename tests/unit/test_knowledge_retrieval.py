@@ -203,5 +203,5 @@ def test_a_deleted_translation_is_no_longer_paired() -> None:
     assert index._translation("en-return-policy", "zh") is None
     # Two documents of one language with the same key: which one is the translation is unknown.
     index.upsert(Document("zh-return-policy", "退货政策", "7天无理由退货", "zh"))
-    index.upsert(Document("return-policy-zh", "退货", "退货说明", "zh"))
+    index.upsert(Document("returns-copy", "退货", "退货说明", "zh", url="zh-return-policy"))
     assert index._translation("en-return-policy", "zh") is None
