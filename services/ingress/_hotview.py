@@ -115,8 +115,8 @@ for i = 3, #KEYS, 3 do
     if earlier == ARGV[2] then
       earlier = false  -- this very attempt, run again (a retried pipeline): it is ours
     elseif earlier and orphaned(earlier) then
-      -- Its process died. Its member stays in the in-flight set until it expires: a close
-      -- waits for it as before (a process that only stalled could still write it).
+      -- Its process died. Its member stays in the in-flight set (until it expires, or the lease
+      -- was ended for good) for a close to wait for: a process that only stalled could write it.
       redis.call('SET', KEYS[i + 1], ARGV[2], 'EX', ARGV[3])
       earlier = false
     end
@@ -133,23 +133,31 @@ end
 return previous
 """
 
-# A close holds its conversation (KEYS: hash, in-flight set; ARGV: hold field, hold ms, the
-# closing process's marker prefix, the close attempt's own marker, kept in the hold as
-# "<until ms>:<marker>" so that only it releases the hold): sends are refused from now on, in every process, and the
-# answer is how many messages claimed by other processes are still unsettled (expired members,
-# of a process that died, are dropped first). The closing process's own messages need no wait:
-# its gate refuses those not yet handed to its producer, and those handed over are before the
-# close in the log (one producer keeps a partition's order).
+# A close holds its conversation (KEYS: hash, in-flight set, the ingress leases; ARGV: hold
+# field, hold ms, the closing process's marker prefix, the close attempt's own marker, kept in the
+# hold as "<until ms>:<marker>" so that only it releases the hold; a marker prefix's length):
+# sends are refused from now on, in every process, and the answer is how many messages claimed by
+# other processes are still unsettled (expired members, and those of a process whose lease was
+# ended (negative: it stopped, or its supervisor saw it die), are dropped first; a lease that only
+# ran out is waited for: that process may be stalled, not dead). The closing process's own
+# messages need no wait: its gate refuses those not yet handed to its producer, and those handed
+# over are before the close in the log (one producer keeps a partition's order).
 _HOLD_FOR_CLOSE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], ARGV[1], (now + tonumber(ARGV[2])) .. ':' .. ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local mine = ARGV[3]
+local prefix_len = tonumber(ARGV[5])
 local others = 0
 for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   if string.sub(member, 1, #mine) ~= mine then
-    others = others + 1
+    local lease = redis.call('HGET', KEYS[3], string.sub(member, 1, prefix_len))
+    if lease and tonumber(lease) < 0 then
+      redis.call('ZREM', KEYS[2], member)
+    else
+      others = others + 1
+    end
   end
 end
 return others
@@ -182,16 +190,28 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 return {1, count + 1}
 """
 
-# Renew this process's lease (KEYS: the leases hash; ARGV: marker prefix, lease ms (0: it ends
-# now), forget ms): leases that ran out longer ago than any claim of theirs lives go.
+# Renew this process's lease (KEYS: the leases hash; ARGV: marker prefix, lease ms, forget ms).
+# Lease ms 0 ends it for good: stored as minus the time it ended, which says "this process writes
+# nothing any more" (it stopped after its producer, or its supervisor saw it die), so a close
+# need not wait for its unsettled messages either; an ended lease is never renewed again (a late
+# renewal, sent before the end on another connection). Leases that ended or ran out longer ago
+# than any claim of theirs lives go.
 _RENEW_LEASE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2]))
+local ms = tonumber(ARGV[2])
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if ms == 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], -now)
+elseif current and tonumber(current) < 0 then
+  return 0
+else
+  redis.call('HSET', KEYS[1], ARGV[1], now + ms)
+end
 local all = redis.call('HGETALL', KEYS[1])
 local forget = now - tonumber(ARGV[3])
 for i = 1, #all, 2 do
-  if tonumber(all[i + 1]) < forget then
+  if math.abs(tonumber(all[i + 1])) < forget then
     redis.call('HDEL', KEYS[1], all[i])
   end
 end
@@ -449,7 +469,8 @@ class IngressHotView:
         self._releasing: set[asyncio.Task[None]] = set()  # see _release_unanswered
 
     async def renew_lease(self, lease_s: float = LEASE_S) -> None:
-        """This process is alive for `lease_s` more (0: its lease ends now, as it stops)."""
+        """This process is alive for `lease_s` more (0: its lease ends for good, as it stops: call
+        it only once its producer is stopped)."""
         sent = time.monotonic()
         self._leased = True  # from the moment it is sent: Redis may have it, answered or not
         await self._renew_lease(
@@ -550,8 +571,9 @@ class IngressHotView:
                 keys=[
                     hv.conversation_key(tenant_id, conversation_id),
                     hv.inflight_key(tenant_id, conversation_id),
+                    hv.INGRESS_LEASES_KEY,
                 ],
-                args=[hv.F_CLOSING, CLAIM_TTL_S * 1000, self._marker_prefix, owner],
+                args=[hv.F_CLOSING, CLAIM_TTL_S * 1000, self._marker_prefix, owner, hv.MARKER_PREFIX_LEN],
             )
         )
 
@@ -686,13 +708,15 @@ class IngressHotView:
                     pipe.execute_command(
                         "EVAL",
                         _HOLD_FOR_CLOSE,
-                        2,
+                        3,
                         hv.conversation_key(key.tenant_id, key.conversation_id),
                         key.in_flight_key,
+                        hv.INGRESS_LEASES_KEY,
                         hv.F_CLOSING,
                         CLAIM_TTL_S * 1000,
                         self._marker_prefix,
                         key.marker,
+                        hv.MARKER_PREFIX_LEN,
                     )
 
         count = sum(1 + k.in_flight + (k.client_message_id == hv.CLOSE_CLAIM) for k in keys)

@@ -168,6 +168,14 @@ async def test_the_supervisor_ends_the_lease_of_an_ingress_process_that_died(
             print(
                 f"\nretry acked {took:.2f}s after kill -9 of an ingress process (its lease ended by its supervisor)"
             )
+            # The dead attempt's entry in the conversation's in-flight set stays behind; a close
+            # need not wait for it (its process is dead for sure), where it used to wait out the
+            # produce timeout and answer UNAVAILABLE for the entry's 120 s.
+            closed = await chat.CloseConversation(
+                chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=conv.conversation_id),
+                timeout=30,
+            )
+            assert closed.status == chat_pb2.CONVERSATION_STATUS_CLOSED
     finally:
         await redis.aclose()
     await wait_for_ingress(settings)
@@ -210,11 +218,19 @@ async def test_only_claims_of_processes_whose_lease_ran_out_are_taken_over(
         )
         assert [c.in_flight for c in taken[1:]] == [True, True]
         assert (await retrier.claim_many([start_key], partitions))[0].claimed
+        # A close waits for the unsettled messages of other processes, also of one whose lease
+        # only ran out (it may be stalled, not dead)...
+        assert await retrier.hold_for_close(tenant, conversation, b"pending:close-attempt") == 2
+        await retrier.release_close(tenant, conversation, b"pending:close-attempt")
         # The dead attempt's late drop (were it only stalled) leaves the new claim alone.
         await dead.settle_many([(d.held(dead_key), None)])
         assert (await redis.get(hv.idempotency_key(*dead_key))) == taken[0].marker
-        # A process that stops ends its lease: its claims are taken at once.
+        # A process that stops ends its lease: its claims are taken at once, and a close no
+        # longer waits for its messages; its late renewal does not bring it back.
         await alive.renew_lease(0)
+        await alive.renew_lease()
+        assert await retrier.hold_for_close(tenant, conversation, b"pending:close-attempt") == 0
+        await retrier.release_close(tenant, conversation, b"pending:close-attempt")
         (now,) = await eventually(
             lambda: retrier.claim_many([alive_key], partitions, unless_closed=True),
             lambda claims: claims[0].claimed,
