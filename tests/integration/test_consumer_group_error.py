@@ -22,8 +22,21 @@ from tests.integration.consumer_rig import Collect, fresh_topic, running_consume
 pytestmark = pytest.mark.integration
 
 
+# The second: seen in this session's CI soak (Kafka killed and restarted): aiokafka's coordinator
+# handed up uvloop's RuntimeError for a write on the connection the restart had closed, and the
+# sessions worker exited with it.
 @pytest.mark.timeout(180)
-async def test_a_group_coordination_error_does_not_end_the_consumer(local_stack: Settings) -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        KafkaError("GroupLoadInProgressError()"),
+        RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed"),
+    ],
+    ids=["group-load-in-progress", "closed-transport"],
+)
+async def test_a_group_coordination_error_does_not_end_the_consumer(
+    local_stack: Settings, error: Exception
+) -> None:
     settings = await fresh_topic(local_stack, "grouperr")
     async with (
         started_producer(settings) as producer,
@@ -37,9 +50,7 @@ async def test_a_group_coordination_error_does_not_end_the_consumer(local_stack:
         assert rig.consumer._consumer is not None
         coordinator = rig.consumer._consumer._coordinator
         coordinator.request_rejoin()
-        waiting = asyncio.ensure_future(
-            coordinator._push_error_to_user(KafkaError("GroupLoadInProgressError()"))
-        )
+        waiting = asyncio.ensure_future(coordinator._push_error_to_user(error))
 
         after = [f"after-{i}".encode() for i in range(10)]
         await send_all(producer, settings.conversation_topic, after)
