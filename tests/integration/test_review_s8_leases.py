@@ -256,3 +256,75 @@ async def test_review_s8_a_process_with_a_stale_lease_hands_no_agent_message_to_
         await writes.drain(10)
         await producer.stop()
         await redis.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review s8: a retried close takes over the CLOSE claim of a dead process whose close is "
+    "already in the log; when the retry fails it releases the hold (now its own), so sends are "
+    "acked after the close in the log until the sessions worker folds it",
+)
+@pytest.mark.timeout(120)
+async def test_review_s8_a_failed_retry_of_a_dead_processs_durable_close_does_not_reopen_sends(
+    system: System, stub: chat_pb2_grpc.ChatServiceStub, tenant: str
+) -> None:
+    """Process A's close is durable in Kafka; A dies before it records that in Redis (its hold
+    stays, its CLOSE claim stays pending). Its supervisor ends its lease. The
+    client retries the close at B, which takes the CLOSE claim over, holds, and fails to publish
+    (Kafka away from B, or other processes' messages not settled within the produce timeout): B
+    releases the hold. A send at C is then acked, after the close in the log, and the fold drops
+    it. Before the takeover, A's claim and hold refused both for 120 s, and the sessions worker
+    marked the conversation closed from the log meanwhile."""
+    s = system.settings
+    conversation = await start(stub, tenant)
+    redis = aioredis.Redis.from_url(s.redis_url)
+    good = [EventProducer(s), EventProducer(s)]
+    for p in good:
+        await p.start()
+    away = EventProducer(s.model_copy(update={"kafka_bootstrap": "127.0.0.1:1"}))  # Kafka away from B
+    lease_a = new_lease_id()
+    hot_a = IngressHotView(redis, s.idempotency_ttl_s, lease_id=lease_a)
+    hot_b, hot_c = IngressHotView(redis, s.idempotency_ttl_s), IngressHotView(redis, s.idempotency_ttl_s)
+    for h in (hot_a, hot_b, hot_c):
+        await h.renew_lease()
+    leasing = [asyncio.ensure_future(h.keep_lease()) for h in (hot_b, hot_c)]
+    a = ConversationWrites(s, good[0], hot_a, stub_read)
+    b = ConversationWrites(s, away, hot_b, stub_read)
+    c = ConversationWrites(s, good[1], hot_c, stub_read)
+    durable, never = asyncio.Event(), asyncio.Event()
+    settle_a = hot_a.settle_many
+
+    async def dies_before_recording(outcomes: Sequence[tuple[HeldClaim, Ack | None]]) -> None:
+        if any(held.client_message_id == hv.CLOSE_CLAIM and ack is not None for held, ack in outcomes):
+            durable.set()  # Kafka acked the close: it is in the log; A dies before recording it
+            await never.wait()
+        await settle_a(outcomes)
+
+    hot_a.settle_many = dies_before_recording  # type: ignore[method-assign]
+    sessions = system.children["sessions"].proc
+    assert sessions is not None
+    os.killpg(sessions.pid, signal.SIGSTOP)  # lagging: it has not folded A's close yet
+    close = chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=conversation)
+    closing = asyncio.ensure_future(a.close_conversation(close))
+    try:
+        await asyncio.wait_for(durable.wait(), 30)
+        await end_lease(redis, lease_a)  # what `switchboard ingress` does once A exited
+        with pytest.raises(RequestRejected):
+            await b.close_conversation(close)
+        (late,) = await c.accept_messages(
+            [message(tenant, conversation, "after-close")], "", WriteOrder(None)
+        )
+        assert not isinstance(late, chat_pb2.SendMessageResponse), (
+            f"a message acked after the conversation's close in the log: {late}"
+        )
+    finally:
+        os.killpg(sessions.pid, signal.SIGCONT)
+        never.set()
+        closing.cancel()
+        for task in leasing:
+            task.cancel()
+        for w in (a, b, c):
+            await w.drain(10)
+        for p in (*good, away):
+            await p.stop()
+        await redis.aclose()
