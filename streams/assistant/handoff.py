@@ -2,8 +2,10 @@
 
 Order of the rules (the first that fires decides the reason):
 1. `customer_request`: the message asks for a person by keyword ("转人工", "人工客服", "真人",
-   "talk to a human", "real person", …) or the intent is `talk_to_human`. A negated request
-   ("不要转人工", "no need for a human") does not count, and overrides the intent.
+   "talk to a human", "real person", …) or the intent is `talk_to_human`. A refused person
+   ("不要转人工", "no need for a human", "I don't want to talk to an agent") does not count, and
+   overrides the intent; any other negation near a request ("you are not helping, talk to an
+   agent", "why not talk to a human") leaves the request standing.
 2. `tenant_rule`: the intent is in the tenant's always-hand-off list, or the message contains one of
    the tenant's keywords.
 3. `complaint`: the intent is `complaint` (confident enough to trust the label).
@@ -48,7 +50,14 @@ REASON_UNANSWERED = "unanswered"
 
 # "人工" alone is how many Chinese customers ask for an agent, but not inside 人工智能 (AI) and the like.
 _ZH_REQUEST = re.compile(r"人工(?!智能|合成|成本|费)|真人|活人|客服小姐姐|找客服|人类客服")
-_ZH_NEGATION = re.compile(r"(不要|不用|不需要|别|无需|不想)(转|找|叫)?$")
+# A Chinese refusal sits right before the request, at most with "帮我/再" and a verb between
+# (不要转人工, 不需要帮我转人工, 别找客服), or right after it (人工就不用了). A bare 不 only with a
+# verb, and not in 要不 (how about), 能不/可不 (can't) or an A-not-A question (转不转人工).
+_ZH_REFUSED_BEFORE = re.compile(
+    r"(?:(?:不要|不用|不需要|不必|别|无需|不想|没必要|用不着)(?:帮我|给我|替我|再|去)?"
+    r"|(?<![要能可是行转找叫])不)(?:转接|转到|转给|转|找|叫|接|联系)?$"
+)
+_ZH_REFUSED_AFTER = re.compile(r"(?:客服)?\s*(?:就|也|先|暂时|还是)?(?:不用|不需要|不必|没必要|免了)")
 _EN_REQUEST = re.compile(
     r"\b(?:(?:talk|speak|chat|connect(?:\s+me)?)\s+(?:to|with)\s+(?:a\s+|an\s+|some\s*one\s*|your\s+)?"
     r"(?:real\s+|live\s+|actual\s+)?(?:human|person|agent|representative|operator|staff)"
@@ -57,7 +66,49 @@ _EN_REQUEST = re.compile(
     r"|^\s*(?:an?\s+)?(?:human|agent|operator|representative)(?:\s+please|\s+pls)?\s*[.!?]*\s*$",
     re.IGNORECASE,
 )
-_EN_NEGATION = re.compile(r"\b(?:don'?t|do\s+not|no\s+need\s+to|not)\s+(?:\w+\s+){0,3}$", re.IGNORECASE)
+# An English refusal: a negation governing the wanting, needing or asking for a person or the
+# talking to one ("I don't want to talk to a human", "no need for an agent", "do not transfer me
+# to a person", "I'm not asking for a real person"), or "no human please". The chain from the
+# negation to the person admits only those words, so an unrelated "not" a few words before a
+# request ("you are not helping me talk to an agent", "is it not possible to talk to a person?")
+# refuses nothing. Where it is unclear, the customer gets a person: a needless hand-off costs less
+# than one refused ("I did not talk to an agent yet" is a fact, not a refusal).
+_EN_PERSON = (
+    r"(?:(?:a|an|the|any|your|some|one\s+of\s+your)\s+)?"
+    r"(?:(?:real|live|actual|human|customer\s+service|support)\s+)?"
+    r"(?:humans?|persons?|people|agents?|representatives?|reps?|operators?|staff"
+    r"|some\s*one|some\s*body|any\s*one|any\s*body)\b(?!['’]s)"
+)
+_EN_WANT = (
+    r"(?:(?:want|wanna|need|wish|like|care|require)(?:\s+(?:to|for))?"
+    r"|ask(?:ing)?\s+for|request(?:ing)?|interested\s+in|looking\s+for|have\s+to)"
+)
+_EN_CONTACT = (
+    r"(?:(?:talk|speak|chat)\w*(?:\s+(?:to|with))?"
+    r"|(?:be\s+|being\s+|get\s+)?(?:transferred|connected|put\s+through|passed|handed(?:\s+over)?"
+    r"|sent|escalated)\s+(?:to|with)"
+    r"|(?:transfer|connect|put|pass|hand|send|escalate|route)\w*\s+(?:(?:me|this|it|us)\s+)?"
+    r"(?:(?:through|over|on)\s+)?(?:to|with)"
+    r"|bother)"
+)
+_EN_REFUSAL = re.compile(
+    # "don't/do not/not/never (really) want/need/ask for (to talk to)" or "don't talk to"...
+    r"\b(?:(?:do(?:es)?\s*n[o'’]?t|won[’']?t|will\s+not|would\s*n[o'’]?t|not|never)\s+"
+    r"(?:(?:really|even|actually|necessarily|particularly|ever)\s+)?"
+    rf"(?:{_EN_WANT}\s+(?:{_EN_CONTACT}\s+)?|{_EN_CONTACT}\s+)"
+    # ..."no need to talk to", "no need for"...
+    rf"|no\s+(?:need|reason)\s+(?:to\s+{_EN_CONTACT}|for|of)\s+)"
+    # ...a person; or "no human please".
+    + _EN_PERSON
+    + r"|\bno\s+(?:(?:real|live|actual|human)\s+)?"
+    r"(?:humans?|persons?|people|agents?|operators?|representatives?|staff)\b"
+    r"(?=\s*(?:please|pls|thanks|thank\s+you|needed|necessary|required|[,.;!]|$))",
+    re.IGNORECASE,
+)
+# A negation after these is a suggestion, a complaint or a fact, not a refusal ("why not talk to a
+# human", "why don't you connect me to an agent", "I could not talk to a person", "I did not talk
+# to an agent yet").
+_EN_NOT_A_REFUSAL_AFTER = re.compile(r"\b(?:why|can|could|did|have|has|had)\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,25 +165,38 @@ class Handoff:
     detail: str = ""
 
 
+def _requests(text: str) -> tuple[list[tuple[str, bool]], bool]:
+    """Each phrase in `text` asking for a person, with whether it is refused; and whether the text
+    refuses a person anywhere (also without a request phrase: "I don't need a human")."""
+    requests: list[tuple[str, bool]] = []
+    refused_anywhere = False
+    for match in _ZH_REQUEST.finditer(text):
+        refused = bool(
+            _ZH_REFUSED_BEFORE.search(text[max(0, match.start() - 8) : match.start()])
+            or _ZH_REFUSED_AFTER.match(text, match.end())
+        )
+        refused_anywhere |= refused
+        requests.append((match.group(0), refused))
+    refusals = [
+        m.span() for m in _EN_REFUSAL.finditer(text) if not _EN_NOT_A_REFUSAL_AFTER.search(text[: m.start()])
+    ]
+    refused_anywhere |= bool(refusals)
+    for match in _EN_REQUEST.finditer(text):
+        refused = any(start <= match.start() < end for start, end in refusals)
+        requests.append((match.group(0).strip(), refused))
+    return requests, refused_anywhere
+
+
 def asks_for_human(text: str) -> str | None:
-    """The phrase in `text` asking for a person, or None (negated requests do not count)."""
-    for pattern, negation in ((_ZH_REQUEST, _ZH_NEGATION), (_EN_REQUEST, _EN_NEGATION)):
-        for match in pattern.finditer(text):
-            if not negation.search(text[max(0, match.start() - 20) : match.start()]):
-                return match.group(0).strip()
-    return None
+    """The phrase in `text` asking for a person, or None (refused persons do not count)."""
+    return next((phrase for phrase, refused in _requests(text)[0] if not refused), None)
 
 
 def declines_human(text: str) -> bool:
-    """Does `text` say it does *not* want a person ("不要转人工", "I don't want to talk to a human")
-    and nowhere that it does? The intent model reads the words, not the negation."""
-    declined = False
-    for pattern, negation in ((_ZH_REQUEST, _ZH_NEGATION), (_EN_REQUEST, _EN_NEGATION)):
-        for match in pattern.finditer(text):
-            if not negation.search(text[max(0, match.start() - 20) : match.start()]):
-                return False
-            declined = True
-    return declined
+    """Does `text` refuse a person ("不要转人工", "I don't want to talk to a human", "no need for a
+    person") and nowhere ask for one? The intent model reads the words, not the negation."""
+    requests, refused_anywhere = _requests(text)
+    return refused_anywhere and all(refused for _, refused in requests)
 
 
 def is_unresolved(

@@ -81,12 +81,42 @@ def test_no_handoff_for_negated_requests_or_unrelated_words(text: str):
         "I don't want to talk to a human, just tell me the refund time",
         "no need to connect me to an agent, where is my parcel",
         "不要转人工，告诉我退款多久",
+        "no need for a person",
+        "I don't need a human",
+        "no human please",
+        "不用转人工",
+        "不需要人工",
+        "I do not need to speak with a real person, what is the return window?",
+        "I'm not asking for a human, just the tracking link",
+        "不需要帮我转人工，运费多少",
+        "人工就不用了，告诉我运费",
     ],
 )
 def test_a_declined_person_is_not_handed_off_on_the_talk_to_human_intent(text: str):
     """The intent model reads "talk to a human" and says talk_to_human (0.68 for the first): the
     customer said the opposite, so the negation wins as it does for the keywords."""
     assert decide(text, IntentDecision("talk_to_human", 0.9)) is None
+    assert asks_for_human(text) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "this is not working let me talk to an agent",
+        "I do not trust bots connect me to an agent",
+        "why don't you connect me to an agent",
+        "I did not talk to an agent yet",
+        "我不要退款，我要人工客服",
+        "要不转人工吧",
+    ],
+)
+def test_a_request_after_a_negation_of_something_else_is_handed_off(text: str):
+    """Only a negation that governs wanting or talking to the person refuses one: "not working",
+    "do not trust bots", "why don't you…" leave the request standing, for the keyword rule and
+    for the talk_to_human intent."""
+    for intent in (CONFIDENT_REFUND, IntentDecision("talk_to_human", 0.9)):
+        handoff = decide(text, intent)
+        assert handoff is not None and handoff.reason == "customer_request", (intent, handoff)
 
 
 def test_queue_by_intent_and_a_low_confidence_label_is_not_trusted_for_routing():

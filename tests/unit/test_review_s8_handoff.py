@@ -11,11 +11,6 @@ import pytest
 from streams.assistant.handoff import IntentDecision, decide_handoff
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s8: _EN_NEGATION reads any 'not' within three words before the request as a "
-    "refusal, and since 7464a07 that also overrides a confident talk_to_human intent",
-)
 @pytest.mark.parametrize(
     "text",
     [
