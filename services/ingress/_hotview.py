@@ -23,28 +23,18 @@ log = logging.getLogger(__name__)
 # Readiness and claims in one step: while the hot view is incomplete (HLEN of READY_KEY below the
 # partition count, as after Redis lost data) nothing is claimed, so no write can miss the claim
 # of an earlier attempt that a rebuild has not restored yet. SET NX GET returns what was there.
-# KEYS[2] is the ingress processes' leases: a pending claim of a process whose lease ran out (it
-# died mid-write) is taken over, as for messages below (ARGV[4]: a marker's prefix length).
 _CLAIM_IF_READY = """
 local need = tonumber(ARGV[1])
 if need > 0 and redis.call('HLEN', KEYS[1]) < need then
   return -1
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local previous = {}
-for i = 3, #KEYS do
+for i = 2, #KEYS do
   local earlier = redis.call('SET', KEYS[i], ARGV[2], 'NX', 'GET', 'EX', ARGV[3])
   if earlier == ARGV[2] then
     earlier = false  -- this very attempt, run again (a retried pipeline): it is ours
-  elseif earlier and string.sub(earlier, 1, 8) == 'pending:' then
-    local lease = redis.call('HGET', KEYS[2], string.sub(earlier, 1, tonumber(ARGV[4])))
-    if lease and tonumber(lease) < now then
-      redis.call('SET', KEYS[i], ARGV[2], 'EX', ARGV[3])
-      earlier = false
-    end
   end
-  previous[i - 2] = earlier
+  previous[i - 1] = earlier
 end
 return previous
 """
@@ -61,9 +51,11 @@ return previous
 # existence never changes, and the close, which does, is read here.
 #
 # KEYS[2] is the ingress processes' leases (hv.INGRESS_LEASES_KEY; ARGV[6]: a marker's prefix
-# length): a pending claim whose process's lease ran out (it died mid-write) is taken over by this
-# attempt. Its write may still be in the log (a record Kafka had taken); the fold and the
-# projections keep one message per client_message_id, and this attempt's ack is the one recorded.
+# length). A pending claim whose process's lease ran out or was ended (it died mid-write) is
+# answered "orphaned:<its value>"; with ARGV[7] = "1" it is taken over by this attempt instead.
+# The caller asks for that only once the sessions worker has folded the log past everything the
+# dead process can have written (see ConversationWrites._take_over): had its record landed, the
+# fold would have recorded its ack in the claim (duplicate=true) by then.
 _CLAIM_OPEN_IF_READY = """
 local need = tonumber(ARGV[1])
 if need > 0 and redis.call('HLEN', KEYS[1]) < need then
@@ -80,6 +72,7 @@ local function orphaned(value)
   local lease = redis.call('HGET', KEYS[2], string.sub(value, 1, prefix_len))
   return lease and tonumber(lease) < now
 end
+local take_over = ARGV[7] == '1'
 local previous = {}
 local shut_of = {}  -- a batch's messages of one conversation read its hash once
 local expiring = {}  -- and set its in-flight set's expiry once
@@ -115,10 +108,14 @@ for i = 3, #KEYS, 3 do
     if earlier == ARGV[2] then
       earlier = false  -- this very attempt, run again (a retried pipeline): it is ours
     elseif earlier and orphaned(earlier) then
-      -- Its process died. Its member stays in the in-flight set (until it expires, or the lease
-      -- was ended for good) for a close to wait for: a process that only stalled could write it.
-      redis.call('SET', KEYS[i + 1], ARGV[2], 'EX', ARGV[3])
-      earlier = false
+      if take_over then
+        -- Its member stays in the in-flight set (until it expires, or the lease was ended for
+        -- good) for a close to wait for: a process that only stalled could write it.
+        redis.call('SET', KEYS[i + 1], ARGV[2], 'EX', ARGV[3])
+        earlier = false
+      else
+        earlier = 'orphaned:' .. earlier
+      end
     end
     if not earlier then
       redis.call('ZADD', KEYS[i + 2], now + ttl_ms, ARGV[2] .. KEYS[i + 1])
@@ -232,7 +229,7 @@ return redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 # work itself). KEYS: the n claim keys, then each claim's in-flight set. ARGV: the ack TTL, n, then
 # per claim its ack value (empty: the write failed), its attempt's marker, and "1" if it is in its
 # in-flight set. An ack is recorded whatever the key holds (the record is in the log: that is the
-# answer for the id); a failed attempt's claim is dropped only while it holds that attempt's own
+# answer for the id), unless an ack at a lower offset is there already; a failed attempt's claim is dropped only while it holds that attempt's own
 # marker (a late drop must not remove a later attempt's claim or recorded ack).
 _SETTLE = """
 local ttl = ARGV[1]
@@ -240,7 +237,20 @@ local n = tonumber(ARGV[2])
 for i = 1, n do
   local value, marker = ARGV[3 * i], ARGV[3 * i + 1]
   if value ~= '' then
-    redis.call('SET', KEYS[i], value, 'EX', ttl)
+    -- An ack already recorded at a lower offset of the partition stays: of two writes of one id
+    -- (a takeover, and a dead-seeming owner that was only stalled) the fold keeps the first.
+    local current = redis.call('GET', KEYS[i])
+    local kept = false
+    if current and string.sub(current, 1, 8) ~= 'pending:' then
+      local cp, co = string.match(current, '|(%d+)|(%d+)$')
+      local np, no = string.match(value, '|(%d+)|(%d+)$')
+      kept = cp ~= nil and cp == np and tonumber(co) < tonumber(no)
+    end
+    if kept then
+      redis.call('EXPIRE', KEYS[i], ttl)
+    else
+      redis.call('SET', KEYS[i], value, 'EX', ttl)
+    end
   elseif redis.call('GET', KEYS[i]) == marker then
     redis.call('DEL', KEYS[i])
   end
@@ -395,6 +405,8 @@ class Claim:
     marker: bytes = hv.CLAIM_PENDING
     # Claimed into the conversation's in-flight set (claim_many(..., unless_closed=True)).
     tracked: bool = False
+    # Pending in an attempt of a process whose lease ran out or was ended: take_over may write it.
+    orphaned: bool = False
 
     @property
     def in_flight(self) -> bool:
@@ -587,17 +599,29 @@ class IngressHotView:
     async def clear_closed(self, tenant_id: str, conversation_id: str) -> None:
         await self._redis.hdel(hv.conversation_key(tenant_id, conversation_id), hv.F_CLOSED_NS)
 
+    async def applied_offsets(self, partitions: Sequence[int]) -> dict[int, int]:
+        """The next offset the sessions worker applies, of each partition it has a position for."""
+        values = await self._redis.hmget(hv.APPLIED_KEY, [str(p) for p in partitions])
+        return {p: int(v) for p, v in zip(partitions, values, strict=True) if v is not None}
+
     async def is_ready(self, partitions: int) -> bool:
         """Whether the sessions worker has marked every partition's hot view complete."""
         return int(await self._redis.hlen(hv.READY_KEY)) >= partitions
 
     async def claim_many(
-        self, keys: Sequence[tuple[str, str, str]], partitions: int = 0, *, unless_closed: bool = False
+        self,
+        keys: Sequence[tuple[str, str, str]],
+        partitions: int = 0,
+        *,
+        unless_closed: bool = False,
+        take_over: bool = False,
     ) -> list[Claim]:
         """Claim each (tenant, conversation, client_message_id) for writing, in one round trip
         (shared with whatever else this tick sends) and only while the hot view is complete
         (`partitions` > 0: raises UNAVAILABLE otherwise). `unless_closed`: a key of a closed
-        conversation is not claimed but answered Claim(closed=True)."""
+        conversation is not claimed but answered Claim(closed=True). A key pending in a dead
+        process's attempt is answered Claim(orphaned=True), or with `take_over` (unless_closed
+        only) claimed from it."""
         if not keys:
             return []
         # One marker per call (one attempt of each key): settling compares against it.
@@ -614,15 +638,14 @@ class IngressHotView:
                 hv.F_CLOSED_NS,
                 hv.F_CLOSING,
                 hv.MARKER_PREFIX_LEN,
+                "1" if take_over else "0",
             ]
         else:
             script = self._claim_if_ready
-            redis_keys = [
-                hv.READY_KEY,
-                hv.INGRESS_LEASES_KEY,
-                *(hv.idempotency_key(t, c, m) for t, c, m in keys),
-            ]
-            args = [partitions, marker, CLAIM_TTL_S, hv.MARKER_PREFIX_LEN]
+            # Starts and closes: a dead process's claim is not taken over (a close of it may be
+            # in the log: its hold and claim keep sends refused until they expire).
+            redis_keys = [hv.READY_KEY, *(hv.idempotency_key(t, c, m) for t, c, m in keys)]
+            args = [partitions, marker, CLAIM_TTL_S]
         try:
             reply = await self._in_tick(script, redis_keys, args)
         except (RedisConnectionError, RedisTimeoutError):
@@ -638,6 +661,8 @@ class IngressHotView:
                 claims.append(Claim(claimed=False, closed=True))
             elif previous == 1:
                 claims.append(Claim(claimed=False, closing=True))
+            elif previous.startswith(b"orphaned:"):
+                claims.append(Claim(claimed=False, orphaned=True))
             else:
                 claims.append(Claim(claimed=False, earlier=_parse_ack(previous)))
         return claims

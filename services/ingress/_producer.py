@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
 from schemas.events import Event, encode_event, event_headers, event_key
 from services.ingress._validation import RequestRejected
-from services.kafka_clients import FATAL_PRODUCER_ERRORS
+from services.kafka_clients import FATAL_PRODUCER_ERRORS, started
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class EventProducer:
         # is pure Python in aiokafka: worth computing once per conversation). The topic's partition
         # count is fixed once created (the key -> partition map depends on it).
         self._partitions: dict[bytes, int] = {}
+        self._offsets_reader: AIOKafkaConsumer | None = None  # see end_offset
 
     @property
     def inflight(self) -> int:
@@ -151,6 +152,36 @@ class EventProducer:
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
+        reader, self._offsets_reader = self._offsets_reader, None
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                await reader.stop()
+
+    def partition_of(self, conversation_id: str) -> int | None:
+        """The partition of the conversation topic a conversation's records go to; None while the
+        topic's metadata is not known (the producer has not written yet)."""
+        key = conversation_id.encode()
+        known = self._partitions.get(key)
+        if known is not None:
+            return known
+        return self._partition_of(key) if self._producer is not None else None
+
+    async def end_offset(self, partition: int, within_s: float) -> int:
+        """The log end offset of a partition of the conversation topic, asked of Kafka now (for
+        the rare takeover of a dead process's claim: a consumer without a group, made on first
+        use). Raises UNAVAILABLE when Kafka does not answer within `within_s`."""
+        try:
+            async with asyncio.timeout(within_s):
+                if self._offsets_reader is None:
+                    self._offsets_reader = await started(
+                        AIOKafkaConsumer(
+                            bootstrap_servers=self._settings.kafka_bootstrap, enable_auto_commit=False
+                        )
+                    )
+                tp = TopicPartition(self._topic, partition)
+                return int((await self._offsets_reader.end_offsets([tp]))[tp])
+        except (TimeoutError, KafkaError) as exc:
+            raise unavailable(f"Kafka did not say where partition {partition} ends ({exc!r}); retry") from exc
 
     def reserve(self, count: int = 1) -> None:
         """Claim in-flight slots or refuse at once; pair with `release`."""

@@ -74,6 +74,10 @@ REGISTRY_MAX = 200_000
 # after IN_FLIGHT_RECHECK_S, then twice as long each time. Only such a message's batch waits.
 IN_FLIGHT_WAIT_S = 0.25
 IN_FLIGHT_RECHECK_S = 0.005
+# How long a message whose claim is pending in a dead process's attempt waits for the sessions
+# worker to fold its partition to the log's end before it takes the claim over (see _take_over).
+TAKEOVER_WAIT_S = 3.0
+TAKEOVER_POLL_S = 0.05
 # A state document's status field says "closed" (the key `closed_at_ns` does not match this).
 _CLOSED_STATUS = f'"{STATUS_CLOSED}"'.encode()
 R = TypeVar("R")
@@ -498,10 +502,7 @@ class ConversationWrites:
         if not self._hot.lease_fresh():
             # Another process may have taken this claim over (see LEASE_FRESH_S): the caller
             # drops it (only while it is still this attempt's) and the client retries.
-            return unavailable(
-                "this ingress process could not renew its lease in Redis lately; retry (another "
-                "process, or this one once Redis answers it again)"
-            )
+            return _lease_stale()
         if not self._gate.begin_send(conversation):
             return _being_closed(req.conversation_id)
         if self._registry.get(conversation):
@@ -639,19 +640,79 @@ class ConversationWrites:
         claims = self._known_acks(
             keys, await self._hot.claim_many(keys, self._settings.topic_partitions, unless_closed=True)
         )
-        # A claim pending in another process is most often a write acked a moment ago whose
-        # record is on its way to Redis (a retry right after its ack): look again for a moment
-        # before refusing it as in flight (a claim the earlier attempt drops meanwhile is ours).
-        waited, delay = 0.0, IN_FLIGHT_RECHECK_S
-        while waited < IN_FLIGHT_WAIT_S and (pending := [n for n, c in enumerate(claims) if c.in_flight]):
-            await asyncio.sleep(delay)
-            waited, delay = waited + delay, min(delay * 2, IN_FLIGHT_WAIT_S / 4)
-            again = await self._hot.claim_many(
-                [keys[n] for n in pending], self._settings.topic_partitions, unless_closed=True
-            )
-            for n, claim in zip(pending, self._known_acks([keys[n] for n in pending], again), strict=True):
-                claims[n] = claim
+        try:
+            await self._take_over(keys, claims)
+            # A claim pending in another process is most often a write acked a moment ago whose
+            # record is on its way to Redis (a retry right after its ack): look again for a
+            # moment before refusing it as in flight (a claim the earlier attempt drops
+            # meanwhile is ours).
+            waited, delay = 0.0, IN_FLIGHT_RECHECK_S
+            while waited < IN_FLIGHT_WAIT_S and (
+                pending := [n for n, c in enumerate(claims) if c.in_flight and not c.orphaned]
+            ):
+                await asyncio.sleep(delay)
+                waited, delay = waited + delay, min(delay * 2, IN_FLIGHT_WAIT_S / 4)
+                again = await self._hot.claim_many(
+                    [keys[n] for n in pending], self._settings.topic_partitions, unless_closed=True
+                )
+                for n, claim in zip(
+                    pending, self._known_acks([keys[n] for n in pending], again), strict=True
+                ):
+                    claims[n] = claim
+        except BaseException:
+            # The claims this call holds already would refuse every retry for CLAIM_TTL_S (this
+            # process lives on, so no one takes them over): nothing was written under them.
+            held: list[tuple[HeldClaim, Ack | None]] = [
+                (c.held(k), None) for c, k in zip(claims, keys, strict=True) if c.claimed
+            ]
+            if held:
+                with contextlib.suppress(Exception):
+                    await self._settle(held)
+            raise
         return claims
+
+    async def _take_over(self, keys: list[ClaimKey], claims: list[Claim]) -> None:
+        """Claims pending in an attempt of a process that died (its lease ran out or was ended)
+        are claimed by this attempt, but only once the sessions worker has folded each such
+        key's partition up to where the log ends now: had the dead attempt's record landed, the
+        fold has recorded its ack in the claim by then, and the retry is answered that ack
+        (duplicate=true) instead of being written a second time. Within TAKEOVER_WAIT_S, or the
+        key stays in flight (UNAVAILABLE: retry)."""
+        orphans = [n for n, c in enumerate(claims) if c.orphaned]
+        if not orphans:
+            return
+        try:
+            by_partition: dict[int, list[int]] = {}
+            for n in orphans:
+                partition = self._producer.partition_of(keys[n][1])
+                if partition is None:
+                    return  # no metadata yet (nothing written by this process): not now
+                by_partition.setdefault(partition, []).append(n)
+            deadline = time.monotonic() + TAKEOVER_WAIT_S
+            ends = {p: await self._producer.end_offset(p, TAKEOVER_WAIT_S) for p in by_partition}
+            while True:
+                applied = await self._hot.applied_offsets(list(ends))
+                if all(applied.get(p, -1) >= end for p, end in ends.items()):
+                    break
+                if time.monotonic() > deadline:
+                    log.warning(
+                        "claims of a dead ingress process not taken over: the sessions worker has not "
+                        "folded partitions %s to their end (%s) within %.1fs",
+                        sorted(ends),
+                        applied,
+                        TAKEOVER_WAIT_S,
+                    )
+                    return
+                await asyncio.sleep(TAKEOVER_POLL_S)
+            mine = [keys[n] for n in orphans]
+            again = await self._hot.claim_many(
+                mine, self._settings.topic_partitions, unless_closed=True, take_over=True
+            )
+        except Exception as exc:
+            log.warning("taking over claims of a dead ingress process failed (%r); they stay in flight", exc)
+            return
+        for n, claim in zip(orphans, self._known_acks(mine, again), strict=True):
+            claims[n] = claim
 
     def _known_acks(self, keys: list[ClaimKey], claims: list[Claim]) -> list[Claim]:
         if not self._unsettled:
@@ -760,6 +821,9 @@ class ConversationWrites:
             )
         held = claim.held(claim_key)
         conversation = (claim_key[0], claim_key[1])
+        if not self._hot.lease_fresh():
+            await self._settle([(held, None)])
+            raise _lease_stale()
         if not self._gate.begin_send(conversation):
             await self._settle([(held, None)])
             raise _being_closed(claim_key[1])
@@ -1164,6 +1228,13 @@ def _closed(conversation_id: str) -> v.RequestRejected:
     return v.RequestRejected(
         grpc.StatusCode.FAILED_PRECONDITION,
         f"conversation {conversation_id!r} is closed; start a new conversation",
+    )
+
+
+def _lease_stale() -> Unavailable:
+    return unavailable(
+        "this ingress process could not renew its lease in Redis lately; retry (another process, "
+        "or this one once Redis answers it again)"
     )
 
 

@@ -209,15 +209,23 @@ async def test_only_claims_of_processes_whose_lease_ran_out_are_taken_over(
         await redis.set(hv.idempotency_key(*unknown_key), hv.CLAIM_PENDING + b":" + b"f" * 28, ex=CLAIM_TTL_S)
 
         first = await retrier.claim_many([dead_key, alive_key, unknown_key], partitions, unless_closed=True)
-        assert [c.in_flight for c in first] == [True, True, True]
-        taken = await eventually(
+        assert [(c.in_flight, c.orphaned) for c in first] == [(True, False)] * 3
+        orphaned = await eventually(
             lambda: retrier.claim_many([dead_key, alive_key, unknown_key], partitions, unless_closed=True),
-            lambda claims: claims[0].claimed,
+            lambda claims: claims[0].orphaned,
             within_s=10,
-            what="the dead process's claim taken over",
+            what="the dead process's claim seen orphaned",
         )
-        assert [c.in_flight for c in taken[1:]] == [True, True]
-        assert (await retrier.claim_many([start_key], partitions))[0].claimed
+        # Orphaned is not taken: only a caller that made sure the dead attempt's record, had it
+        # landed, is folded (ConversationWrites._take_over) asks for that.
+        assert orphaned[0].in_flight and not orphaned[0].claimed
+        assert [(c.in_flight, c.orphaned) for c in orphaned[1:]] == [(True, False)] * 2
+        taken = await retrier.claim_many(
+            [dead_key, alive_key, unknown_key], partitions, unless_closed=True, take_over=True
+        )
+        assert taken[0].claimed and [(c.in_flight, c.orphaned) for c in taken[1:]] == [(True, False)] * 2
+        # Starts and closes are never taken over (a dead process's close may be in the log).
+        assert (await retrier.claim_many([start_key], partitions))[0].in_flight
         # A close waits for the unsettled messages of other processes, also of one whose lease
         # only ran out (it may be stalled, not dead)...
         assert await retrier.hold_for_close(tenant, conversation, b"pending:close-attempt") == 2
@@ -225,18 +233,13 @@ async def test_only_claims_of_processes_whose_lease_ran_out_are_taken_over(
         # The dead attempt's late drop (were it only stalled) leaves the new claim alone.
         await dead.settle_many([(d.held(dead_key), None)])
         assert (await redis.get(hv.idempotency_key(*dead_key))) == taken[0].marker
-        # A process that stops ends its lease: its claims are taken at once, and a close no
+        # A process that stops ends its lease: its claims are orphaned at once, and a close no
         # longer waits for its messages; its late renewal does not bring it back.
         await alive.renew_lease(0)
         await alive.renew_lease()
         assert await retrier.hold_for_close(tenant, conversation, b"pending:close-attempt") == 0
         await retrier.release_close(tenant, conversation, b"pending:close-attempt")
-        (now,) = await eventually(
-            lambda: retrier.claim_many([alive_key], partitions, unless_closed=True),
-            lambda claims: claims[0].claimed,
-            within_s=2,
-            what="a stopped process's claim taken over",
-        )
-        assert now.claimed
+        (now,) = await retrier.claim_many([alive_key], partitions, unless_closed=True)
+        assert now.orphaned
     finally:
         await redis.aclose()

@@ -1,7 +1,7 @@
 """Review of the ingress leases (session 8): cases where a claim's takeover or the pending-claim
 recheck breaks "once per client_message_id".
 
-Each test here reproduces a finding and is marked xfail(strict=True) until it is fixed.
+Each test here reproduced a finding (failing before its fix).
 """
 
 from __future__ import annotations
@@ -31,11 +31,6 @@ from tests.integration.test_ingress_review import stub_read
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s8: a claim whose ack was returned but not yet recorded in Redis is taken over "
-    "once the dead process's lease is ended: the re-send is written again, with a new event id",
-)
 @pytest.mark.timeout(120)
 async def test_review_s8_a_resend_of_an_acked_message_of_a_dead_process_is_not_written_again(
     system: System, stub: chat_pb2_grpc.ChatServiceStub, tenant: str
@@ -91,11 +86,6 @@ async def test_review_s8_a_resend_of_an_acked_message_of_a_dead_process_is_not_w
         await redis.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s8: _claim_messages' recheck loop raising (hot view not ready, Redis away) leaks "
-    "the claims its first call made: pending under a live process's marker for CLAIM_TTL_S",
-)
 @pytest.mark.timeout(120)
 async def test_review_s8_a_failed_recheck_does_not_leave_the_batchs_other_claims_pending(
     system: System, stub: chat_pb2_grpc.ChatServiceStub, tenant: str
@@ -166,11 +156,6 @@ async def test_review_s8_a_failed_recheck_does_not_leave_the_batchs_other_claims
         await redis.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s8: _SETTLE records an ack whatever the key holds: the late settle of an owner "
-    "whose claim was taken over (it only stalled) replaces the ack of the attempt that took it over",
-)
 async def test_review_s8_the_taken_over_owners_late_settle_keeps_the_takers_ack(
     system: System, tenant: str
 ) -> None:
@@ -191,7 +176,7 @@ async def test_review_s8_the_taken_over_owners_late_settle_keeps_the_takers_ack(
         (mine,) = await stalled.claim_many([key], partitions, unless_closed=True)
         assert mine.claimed
         (taken,) = await eventually(
-            lambda: taker.claim_many([key], partitions, unless_closed=True),
+            lambda: taker.claim_many([key], partitions, unless_closed=True, take_over=True),
             lambda claims: claims[0].claimed,
             within_s=5,
             what="the stalled process's claim taken over",
@@ -207,11 +192,6 @@ async def test_review_s8_the_taken_over_owners_late_settle_keeps_the_takers_ack(
         await redis.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s8: the lease fence is in _write_one only: publish_claimed (agent messages) "
-    "hands a claimed message to Kafka while the process's lease is not fresh",
-)
 @pytest.mark.timeout(120)
 async def test_review_s8_a_process_with_a_stale_lease_hands_no_agent_message_to_kafka(
     system: System, stub: chat_pb2_grpc.ChatServiceStub, tenant: str
@@ -258,12 +238,6 @@ async def test_review_s8_a_process_with_a_stale_lease_hands_no_agent_message_to_
         await redis.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s8: a retried close takes over the CLOSE claim of a dead process whose close is "
-    "already in the log; when the retry fails it releases the hold (now its own), so sends are "
-    "acked after the close in the log until the sessions worker folds it",
-)
 @pytest.mark.timeout(120)
 async def test_review_s8_a_failed_retry_of_a_dead_processs_durable_close_does_not_reopen_sends(
     system: System, stub: chat_pb2_grpc.ChatServiceStub, tenant: str

@@ -54,7 +54,12 @@ class FakeHotView(IngressHotView):
         return True
 
     async def claim_many(
-        self, keys: Sequence[tuple[str, str, str]], partitions: int = 0, *, unless_closed: bool = False
+        self,
+        keys: Sequence[tuple[str, str, str]],
+        partitions: int = 0,
+        *,
+        unless_closed: bool = False,
+        take_over: bool = False,
     ) -> list[Claim]:
         for key in keys:
             self.claiming.add(key[2])
