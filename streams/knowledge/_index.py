@@ -39,7 +39,36 @@ TRANSLATION_MIN_SCORE = 0.3
 """...and only when the ranker itself gives the translation at least this probability: a related
 but untranslated article that happens to be the top hit's nearest neighbour scores low for the
 question. The most conservative value that keeps the training gain (0.3 to 0.45 lose one fix)."""
-_LANGUAGE_SUBTAGS = r"(?:[-_](?:[a-z]{2}|hans|hant))?"
+_SCRIPTS: Mapping[str, tuple[str, ...]] = {"zh": ("hans", "hant"), "sr": ("latn", "cyrl")}
+_REGIONS: Mapping[str, tuple[str, ...]] = {
+    "en": ("us", "gb", "uk", "au", "ca", "nz", "ie", "sg", "za", "ph", "hk", "ae"),
+    "zh": ("cn", "tw", "hk", "mo", "sg"),
+    "es": ("es", "mx", "ar", "co", "cl", "pe", "us", "419"),
+    "pt": ("br", "pt"),
+    "fr": ("fr", "ca", "be", "ch"),
+    "de": ("de", "at", "ch"),
+    "it": ("it", "ch"),
+    "nl": ("nl", "be"),
+    "ja": ("jp",),
+    "ko": ("kr",),
+    "ru": ("ru",),
+    "sv": ("se",),
+    "da": ("dk",),
+    "nb": ("no",),
+    "fi": ("fi",),
+    "pl": ("pl",),
+    "tr": ("tr",),
+    "th": ("th",),
+    "vi": ("vn",),
+    "id": ("id",),
+    "ms": ("my",),
+    "ar": ("sa", "ae", "eg"),
+}
+"""The regions a language's locales commonly name in help-centre ids and URLs (en-us, zh-tw,
+pt-br…), besides the one the document's own language declares (en-IN). Only these are read as a
+region after the language tag: any two letters would make "en-no-refund-items" (no refunds) and
+"zh-refund-items" one key. Regions that are also words after the tag (en-in, en-my, en-at) are left
+out: a missed region only leaves the pairing to the encoder, a wrong one pairs the wrong article."""
 
 
 def translation_key(document: Document) -> str | None:
@@ -47,10 +76,14 @@ def translation_key(document: Document) -> str | None:
     taken out, e.g. "en-returns" / "zh-returns", ".../help/en-us/returns" / ".../help/zh-cn/returns".
     Help centres and CMSs name translations so; the encoder alone finds only the closest pairs
     (TWIN_SIMILARITY), and a translation it misses looks like a second article on the topic."""
-    primary = document.language.split("-")[0].lower()
+    primary, *subtags = document.language.lower().replace("_", "-").split("-")
     if not primary:
         return None
-    tag = re.compile(rf"(?<![a-z0-9]){re.escape(primary)}{_LANGUAGE_SUBTAGS}(?![a-z0-9])")
+    regions = {*_REGIONS.get(primary, ()), *(t for t in subtags if len(t) == 2 or t.isdigit())}
+    scripts = _SCRIPTS.get(primary, ())
+    script = rf"(?:[-_](?:{'|'.join(scripts)}))?" if scripts else ""
+    region = rf"(?:[-_](?:{'|'.join(sorted(regions))}))?" if regions else ""
+    tag = re.compile(rf"(?<![a-z0-9]){re.escape(primary)}{script}{region}(?![a-z0-9])")
     for name in (document.document_id, document.url):
         key, found = tag.subn("\x00", name.lower(), count=1)
         if found and len(re.sub(r"[\W_]+", "", key)) >= 2:
@@ -354,13 +387,17 @@ class KnowledgeIndex:
         return relevance
 
     def _translation(self, document_id: str, language: str) -> str | None:
-        """The document's translation into `language`: by `translation_key` when exactly one
-        document of that language shares it, else the encoder's mutual nearest (TWIN_SIMILARITY)."""
+        """The document's translation into `language`: by `translation_key` when it is the only
+        document of its language with the key and exactly one document of `language` has it (several
+        articles sharing a help centre's home URL are no one's translation), else the encoder's
+        mutual nearest (TWIN_SIMILARITY)."""
         wanted = _primary(language)
         key = self._translation_keys.get(document_id)
         if key is not None:
-            same = self._translations.get(key, {}).get(wanted, set())
-            if len(same) == 1:
+            by_language = self._translations.get(key, {})
+            own = by_language.get(_primary(self._documents[document_id].language), set())
+            same = by_language.get(wanted, set())
+            if len(own) == 1 and len(same) == 1:
                 return next(iter(same))
         matrix = self._vectors()
         twin = matrix.translation_of(document_id) if matrix is not None else None

@@ -156,6 +156,40 @@ def test_translations_are_paired_by_their_ids_or_urls_without_the_language_tag()
     assert key("when-to-open", "en") is None
 
 
+def test_only_a_locale_region_after_the_language_tag_is_taken_out_of_the_key() -> None:
+    from streams.knowledge._index import translation_key
+
+    def key(document_id: str, language: str) -> str | None:
+        return translation_key(Document(document_id=document_id, title="t", body="b", language=language))
+
+    assert key("returns_en-gb", "en") == key("returns_zh-hans-cn", "zh") == key("returns_pt-br", "pt")
+    assert key("zh-tw-returns", "zh") == key("en-returns", "en")
+    # A word after the tag is part of the article's name, not a region ("in-store", "my account").
+    assert key("en-in-store-pickup", "en") != key("zh-store-pickup", "zh")
+    assert key("en-my-account", "en") != key("zh-account", "zh")
+    # A region the document's own language declares is one, even if not a common one.
+    assert key("en-in-store-pickup", "en-IN") == key("zh-store-pickup", "zh")
+
+
+def test_a_shared_key_pairs_again_once_it_is_one_document_per_language() -> None:
+    index = KnowledgeIndex(None)
+    index.upsert_many(
+        [
+            Document(
+                "faq-shipping", "Shipping", "We ship within 3 days.", "en", url="https://s.example/en/help"
+            ),
+            Document(
+                "faq-returns", "Returns", "Return within 7 days.", "en", url="https://s.example/en/help"
+            ),
+            Document("帮助中心", "退货", "七天内可退货。", "zh", url="https://s.example/zh/help"),
+        ]
+    )
+    assert index._translation("帮助中心", "en") is None  # two English articles: which one is unknown
+    index.delete("faq-shipping")
+    assert index._translation("faq-returns", "zh") == "帮助中心"
+    assert index._translation("帮助中心", "en") == "faq-returns"
+
+
 def test_a_cross_language_top_hit_gives_way_to_its_translation_the_encoder_does_not_pair(
     demo_index: KnowledgeIndex,
 ) -> None:

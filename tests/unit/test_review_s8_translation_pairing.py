@@ -5,18 +5,10 @@ answered from (capped below the threshold), and one that is rated is promoted in
 the top hit's relevance. A wrong pair therefore loses a right answer or gives a wrong one.
 """
 
-import pytest
-
 from streams.knowledge._document import Document
 from streams.knowledge._index import KnowledgeIndex
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s8: _translation checks only that one document of the wanted language has the "
-    "key, not that one of the source language has it: several articles sharing a URL all pair "
-    "with the one other-language document that has it",
-)
 def test_review_s8_articles_that_share_one_url_are_no_ones_translation() -> None:
     index = KnowledgeIndex(None)
     # A CMS export where articles without a page of their own link the help centre's home.
@@ -36,11 +28,6 @@ def test_review_s8_articles_that_share_one_url_are_no_ones_translation() -> None
     assert pairs == {"faq-shipping": None, "faq-returns": None}, pairs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review s8: _LANGUAGE_SUBTAGS takes any two letters after the language as a region, so "
-    "'en-no-refund-items' (no refunds) and 'zh-refund-items' share a key",
-)
 def test_review_s8_a_two_letter_word_after_the_language_is_not_a_region() -> None:
     index = KnowledgeIndex(None)
     index.upsert_many(
