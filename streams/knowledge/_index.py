@@ -39,6 +39,9 @@ TRANSLATION_MIN_SCORE = 0.3
 """...and only when the ranker itself gives the translation at least this probability: a related
 but untranslated article that happens to be the top hit's nearest neighbour scores low for the
 question. The most conservative value that keeps the training gain (0.3 to 0.45 lose one fix)."""
+UNTRANSLATED_DEPTH = 3
+"""How far under the top hit `_prefer_untranslated` looks (the assistant's 3 hits; 2 and 5
+measured the same)."""
 _SCRIPTS: Mapping[str, tuple[str, ...]] = {"zh": ("hans", "hant"), "sr": ("latn", "cyrl")}
 _REGIONS: Mapping[str, tuple[str, ...]] = {
     "en": ("us", "gb", "uk", "au", "ca", "nz", "ie", "sg", "za", "ph", "hk", "ae"),
@@ -305,6 +308,7 @@ class KnowledgeIndex:
             )
             order, relevance = self._prefer_translation(query, candidates, order, probabilities, relevance)
             relevance = self._share_with_translation(query, candidates, order, relevance)
+            order = self._prefer_untranslated(query, candidates, order, relevance)
             hits = []
             for i in order[:limit]:
                 c = candidates[i]
@@ -385,6 +389,50 @@ class KnowledgeIndex:
         relevance = relevance.copy()
         relevance[top] = relevance[other]
         return relevance
+
+    def _prefer_untranslated(
+        self, query: str, candidates: Sequence[Candidate], order: list[int], relevance: np.ndarray
+    ) -> list[int]:
+        """Put a relevant article that exists only in the other language above a relevant
+        same-language top hit, when the other language's reading prefers it.
+
+        A same-language hit has a head start that says nothing about the topic (shared words for
+        BM25, the encoder's same-language bias), so an article the FAQ has in one language only
+        loses to a same-language neighbour ("学生有优惠吗": the Chinese coupon rules above the
+        English student discount). Compared like with like, in the other language, the neighbour's
+        own translation ranks below the one-language article; then the one-language article is
+        the answer. When the top hit has no translation either, the one-language article must be
+        the nearest in meaning of its language's documents (centered rank 0). Both must already be
+        relevant: this only chooses between two articles the relevance model would answer from
+        (a relevant hit under an unsure top hit is mostly wrong: `grounding`). Over the five
+        question sets: 6 wrong answers became right, none the other way (benchmarks/RESULTS.md,
+        "ninth session"). Not without an encoder: keywords match across languages only on
+        incidental tokens (numbers, brand names), and there it traded right answers for wrong."""
+        if self.encoder is None or not order or not candidates[order[0]].same_language:
+            return order
+        threshold = self.reranker.threshold
+        top = order[0]
+        if relevance[top] < threshold:
+            return order
+        language = detect_language(query)
+        for position in range(1, min(UNTRANSLATED_DEPTH, len(order))):
+            i = order[position]
+            document_id = candidates[i].document_id
+            if (
+                candidates[i].same_language
+                or relevance[i] < threshold
+                or self._translation(document_id, language) is not None
+            ):
+                continue
+            rival = self._translation(candidates[top].document_id, self._documents[document_id].language)
+            if rival is None:
+                preferred = candidates[i].centered_language_rank == 0
+            else:
+                # The rival's translation below this article (or not a candidate at all).
+                preferred = all(candidates[j].document_id != rival for j in order[:position])
+            if preferred:
+                return [i, *order[:position], *order[position + 1 :]]
+        return order
 
     def _translation(self, document_id: str, language: str) -> str | None:
         """The document's translation into `language`: by `translation_key` when it is the only

@@ -239,3 +239,38 @@ def test_a_deleted_translation_is_no_longer_paired() -> None:
     index.upsert(Document("zh-return-policy", "退货政策", "7天无理由退货", "zh"))
     index.upsert(Document("returns-copy", "退货", "退货说明", "zh", url="zh-return-policy"))
     assert index._translation("en-return-policy", "zh") is None
+
+
+@pytest.mark.parametrize("question", ["大学生有优惠吗", "学生党有什么优惠"])
+def test_an_article_only_in_the_other_language_beats_a_neighbour_whose_translation_it_outranks(
+    demo_index: KnowledgeIndex, question: str
+) -> None:
+    """The student discount exists in English only. The Chinese coupon rules rank first on shared
+    words (优惠) and both are relevant; in English the student discount ranks above the coupon
+    rules' own translation, so it is the answer (before: zh-coupon-rules)."""
+    hits = demo_index.search(question, 3, intent="discount_coupon")
+    assert hits[0].document_id == "en-student-discount" and hits[0].relevant, [
+        (h.document_id, h.scores.relevance) for h in hits
+    ]
+
+
+def test_an_article_only_in_the_other_language_beats_an_untranslated_neighbour_it_is_nearest_to(
+    demo_index: KnowledgeIndex,
+) -> None:
+    """Both the Chinese cash-on-delivery and the English buy-now-pay-later articles exist in one
+    language only and both are relevant; the English one is the nearest English article in meaning
+    (before: zh-cash-on-delivery answered a question about Afterpay)."""
+    hits = demo_index.search("可以用Afterpay付款吗", 3, intent="payment_problem")
+    assert hits[0].document_id == "en-buy-now-pay-later" and hits[0].relevant, [
+        (h.document_id, h.scores.relevance) for h in hits
+    ]
+
+
+def test_a_relevant_one_language_article_does_not_jump_an_unsure_top_hit(demo_index: KnowledgeIndex) -> None:
+    """Under a top hit that is not relevant, a lower relevant hit is mostly a wrong article
+    (`grounding`): the order is left alone and nothing is answered."""
+    hits = demo_index.search("can I pay in instalments", 3, intent="payment_problem")
+    assert hits[0].document_id == "en-buy-now-pay-later" and not hits[0].relevant, [
+        (h.document_id, h.scores.relevance) for h in hits
+    ]
+    assert "zh-cash-on-delivery" in [h.document_id for h in hits]
