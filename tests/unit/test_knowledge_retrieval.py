@@ -274,3 +274,13 @@ def test_a_relevant_one_language_article_does_not_jump_an_unsure_top_hit(demo_in
         (h.document_id, h.scores.relevance) for h in hits
     ]
     assert "zh-cash-on-delivery" in [h.document_id for h in hits]
+
+
+def test_a_cross_language_top_hit_whose_translation_the_ranker_doubts_is_not_answered(
+    demo_index: KnowledgeIndex,
+) -> None:
+    """Fabric is not in the FAQ; the question matched only the Chinese size guide (no shared word,
+    weak cosine) and the ranker gives the English size guide 0.3-0.45 for it: no answer (before:
+    the size guide, from the translation inheriting the Chinese version's relevance)."""
+    hits = demo_index.search("is this sweater made of wool", 3, intent="product_question")
+    assert not any(h.relevant for h in hits), [(h.document_id, h.scores) for h in hits]
