@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hmac
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from services.auth._limits import check_limit_settings
@@ -18,7 +21,9 @@ from services.auth._model import (
     TenantRecord,
     check_roles,
     check_tenant_id,
+    hash_secret,
     new_key,
+    parse_token,
 )
 from services.settings import Settings
 
@@ -137,10 +142,38 @@ async def registry(settings: Settings) -> Registry:
 DEMO_KEY_LABEL = "make run demo"
 
 
+def demo_key_path(settings: Settings) -> Path:
+    """Where `make run` keeps its demo tenant's key (mode 0600), next to the data it serves."""
+    check_tenant_id(settings.demo_tenant)  # a file name: no separators, no dot-dot
+    return Path(settings.data_dir) / "secrets" / f"demo-api-key-{settings.demo_tenant}"
+
+
+def _still_valid(registry: Registry, settings: Settings, token: str) -> bool:
+    parsed = parse_token(token)
+    key = registry.keys.get(parsed[0]) if parsed else None
+    return (
+        parsed is not None
+        and key is not None
+        and key.tenant_id == settings.demo_tenant
+        and key.label == DEMO_KEY_LABEL
+        and key.status is Status.ACTIVE
+        and key.expires_at is None
+        and hmac.compare_digest(key.secret_hash, hash_secret(load_pepper(settings), parsed[1]))
+    )
+
+
 async def _demo_key(settings: Settings) -> str:
-    # Each run issues a fresh key and revokes the previous runs' ones: a key printed on a
-    # terminal long ago does not stay valid.
+    # The same key on every run over the same data: a client started against one run (its key
+    # copied from the banner) keeps working after `make run` again, a restart after a kill -9
+    # included. It used to be replaced on every run, which refused every such client
+    # UNAUTHENTICATED ("revoked"). A new one is issued, and the demo tenant's other demo keys
+    # revoked, when the saved one is missing or no longer valid (`switchboard keys revoke` it to
+    # get a new one).
     current = await read_registry(settings)
+    path = demo_key_path(settings)
+    saved = path.read_text().strip() if path.exists() else ""
+    if saved and _still_valid(current, settings, saved):
+        return saved
     stale = [
         replace(k, status=Status.REVOKED, revoked_at=time.time())
         for k in current.keys_of(settings.demo_tenant)
@@ -155,6 +188,12 @@ async def _demo_key(settings: Settings) -> str:
     )
     if stale:
         await append_records(settings, stale)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    scratch = path.with_name(path.name + ".new")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    os.replace(scratch, path)
     return token
 
 
