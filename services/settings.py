@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     s3_admin_grpc_port: int = Field(default=0, ge=0, le=65535)
     # Heap of the embedded Kafka broker, in MiB.
     kafka_heap_mb: int = Field(default=512, ge=128)
+    # Start the embedded Kafka with a class-data archive of its classes (made once by `stack
+    # install` from a short start and stop: services/stack/_cds.py). Saves about a second of JVM
+    # start-up, most of all after a kill -9; false: a plain JVM start, no archive made.
+    kafka_cds: bool = True
     # Brokers of the embedded Kafka: 1, or a KRaft cluster of combined broker+controller nodes on
     # loopback (node i listens on the Kafka and controller ports + 10*(i-1)); with 3 or more,
     # topics get replication factor 3 and min.insync.replicas 2 (services/kafka_topics.py).

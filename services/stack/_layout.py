@@ -53,6 +53,11 @@ class Layout:
     def kafka_libs(self, version: str) -> Path:
         return self.kafka_dir / f"libs-{version}"
 
+    def kafka_cds_archive(self, version: str) -> Path:
+        """The class-data archive of Kafka's classes from libs-<version>, made at install
+        (services/stack/_cds.py); beside it the same name + ".json" says what it was made with."""
+        return self.kafka_dir / f"classes-{version}.jsa"
+
     @property
     def kafka_log_dir(self) -> Path:
         return self.kafka_dir / "data"

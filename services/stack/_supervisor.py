@@ -24,6 +24,12 @@ from services.stack._process import is_running, port_holder, running_pid, spawn,
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 20.0
+
+
+class ExitedWhileStarting(StackError):
+    """The server's process ended before it answered."""
+
+
 PORT_RELEASE_S = 10.0
 
 
@@ -58,7 +64,12 @@ async def start_component(settings: Settings, name: str) -> None:
     # that. The spawned process has its pid file before the lock is released.
     async with stack_lock(component.layout.lock_path):
         pid = await _spawn(component)
-    await _wait_healthy(component, pid)
+
+    async def again() -> int:
+        async with stack_lock(component.layout.lock_path):
+            return await _spawn(component)
+
+    await _wait_started(component, pid, again)
     await component.after_start()
 
 
@@ -122,8 +133,20 @@ async def _all(settings: Settings, action: Callable[[Component], Awaitable[None]
 
 async def _start(c: Component) -> None:
     pid = await _spawn(c)
-    await _wait_healthy(c, pid)
+    await _wait_started(c, pid, lambda: _spawn(c))
     await c.after_start()
+
+
+async def _wait_started(c: Component, pid: int, spawn_again: Callable[[], Awaitable[int]]) -> None:
+    """Wait until it answers; if it exited while starting with a start-up aid (Kafka's class-data
+    archive), start it once more without: such an aid must never keep a server down."""
+    try:
+        await _wait_healthy(c, pid)
+    except ExitedWhileStarting as exc:
+        if not c.drop_start_aid(str(exc)):
+            raise
+        log.warning("%s exited while starting with its class-data archive; starting it without", c.name)
+        await _wait_healthy(c, await spawn_again())
 
 
 async def _spawn(c: Component) -> int:
@@ -152,7 +175,7 @@ async def _wait_healthy(c: Component, pid: int) -> None:
     while not await c.healthy():
         if not is_running(pid):
             c.pid_path.unlink(missing_ok=True)
-            raise StackError(
+            raise ExitedWhileStarting(
                 f"{c.name} exited while starting; last lines of {c.log_path}:\n{tail(c.log_path, 40)}"
             )
         if time.monotonic() > deadline:

@@ -1,0 +1,141 @@
+"""The embedded Kafka's class-data archive against a real JVM: `stack install` makes it, Kafka
+starts with it, and a stale or damaged one never keeps Kafka down (services/stack/_cds.py).
+
+Its own data directory and ports (18592/18593 + SWITCHBOARD_TEST_PORT_OFFSET), Kafka only."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from services import stack
+from services.settings import Settings, load_settings
+from services.stack._cds import identity, note_path, read_note
+from services.stack._components import Kafka, java_executable
+from services.stack._layout import Layout
+from services.stack._process import read_pid
+
+pytestmark = pytest.mark.integration
+
+_OFFSET = int(os.environ.get("SWITCHBOARD_TEST_PORT_OFFSET", "0"))
+
+
+@pytest.fixture(scope="module")
+async def settings(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Settings]:
+    s = load_settings(
+        data_dir=tmp_path_factory.mktemp("cds"),
+        kafka_bootstrap=f"127.0.0.1:{18592 + _OFFSET}",
+        kafka_controller_port=18593 + _OFFSET,
+    )
+    try:
+        await stack.install(s)
+        yield s
+    finally:
+        await stack.stop_component(s, "kafka")
+
+
+def archive_of(settings: Settings) -> Path:
+    return Layout.of(settings).kafka_cds_archive(settings.kafka_version)
+
+
+def started_with(settings: Settings) -> str:
+    """The command line of the Kafka the pid file names."""
+    found = read_pid(Layout.of(settings).pid_path("kafka"))
+    assert found is not None
+    return Path(f"/proc/{found[0]}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def log_since(settings: Settings, offset: int) -> str:
+    return Layout.of(settings).log_path("kafka").read_bytes()[offset:].decode(errors="replace")
+
+
+def log_size(settings: Settings) -> int:
+    path = Layout.of(settings).log_path("kafka")
+    return path.stat().st_size if path.exists() else 0
+
+
+async def write_one(settings: Settings) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        if "cds-test" not in await admin.list_topics():
+            await admin.create_topics([NewTopic("cds-test", 1, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, enable_idempotence=True, acks="all"
+    )
+    await producer.start()
+    try:
+        meta = await producer.send_and_wait("cds-test", b"x")
+    finally:
+        await producer.stop()
+    return int(meta.offset)
+
+
+async def restart_after_kill(settings: Settings) -> None:
+    await stack.stop_component(settings, "kafka", kill=True)
+    await stack.start_component(settings, "kafka")
+
+
+async def test_install_makes_the_archive_and_kafka_starts_with_it(settings: Settings) -> None:
+    archive = archive_of(settings)
+    note = read_note(archive)
+    assert note is not None and "failed" not in note, note
+    assert archive.stat().st_size == note["size"] > 1_000_000
+    before = log_size(settings)
+    await stack.start_component(settings, "kafka")
+    assert f"-XX:SharedArchiveFile={archive}" in started_with(settings)
+    assert "Unable to use shared archive" not in log_since(settings, before)
+    assert await write_one(settings) >= 0
+    # Installed again: the archive is kept, not made again.
+    mtime = archive.stat().st_mtime_ns
+    await stack.install(settings)
+    assert archive.stat().st_mtime_ns == mtime
+
+
+async def test_kafka_starts_with_an_archive_the_jvm_finds_stale(settings: Settings) -> None:
+    archive = archive_of(settings)
+    libs = Kafka(settings).libs
+    # A jar changed since the archive was made, and the note claims it is current anyway: only
+    # the JVM's own check stands between the archive and a start.
+    jar = next(libs.glob("kafka-clients-*.jar"))
+    os.utime(jar, ns=(jar.stat().st_atime_ns, jar.stat().st_mtime_ns + 1_000_000_000))
+    note = read_note(archive)
+    assert note is not None
+    note_path(archive).write_text(json.dumps({**note, "identity": identity(java_executable(), libs)}))
+    before = log_size(settings)
+    await restart_after_kill(settings)
+    assert f"-XX:SharedArchiveFile={archive}" in started_with(settings)
+    assert "Unable to use shared archive" in log_since(settings, before)
+    assert await write_one(settings) >= 0
+
+
+async def test_kafka_that_dies_starting_with_a_damaged_archive_is_started_without_it(
+    settings: Settings,
+) -> None:
+    archive = archive_of(settings)
+    libs = Kafka(settings).libs
+    # A truncated archive whose note matches its size: Java 17 dies of SIGBUS mapping it.
+    with archive.open("r+b") as fh:
+        fh.truncate(1_000_000)
+    note = read_note(archive)
+    assert note is not None
+    note_path(archive).write_text(
+        json.dumps({"identity": identity(java_executable(), libs), "size": archive.stat().st_size})
+    )
+    await restart_after_kill(settings)
+    assert "SharedArchiveFile" not in started_with(settings)
+    assert await write_one(settings) >= 0
+    # Dropped, and not made again for the same Java and jars.
+    assert not archive.exists()
+    dropped = read_note(archive)
+    assert dropped is not None and "failed" in dropped
+    await stack.install(settings)
+    assert not archive.exists()
