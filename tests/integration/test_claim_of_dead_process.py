@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Awaitable
 
 import grpc
 import psutil
@@ -50,6 +51,18 @@ _CLAIMER = textwrap.dedent(
     asyncio.run(main(*sys.argv[1:]))
     """
 )
+
+
+async def _send(
+    chat: chat_pb2_grpc.ChatServiceStub, request: chat_pb2.SendMessageRequest, refusals: list[str]
+) -> chat_pb2.SendMessageResponse | None:
+    """The ack, or None for an UNAVAILABLE (its details kept in `refusals`); nothing else."""
+    try:
+        return await chat.SendMessage(request, timeout=10)
+    except grpc.aio.AioRpcError as err:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        refusals.append(err.details() or "")
+        return None
 
 
 @pytest.mark.timeout(120)
@@ -91,13 +104,8 @@ async def test_a_claim_of_a_killed_ingress_process_is_taken_over_within_the_leas
         )
         refusals: list[str] = []
 
-        async def send() -> chat_pb2.SendMessageResponse | None:
-            try:
-                return await chat.SendMessage(request, timeout=10)
-            except grpc.aio.AioRpcError as err:
-                assert err.code() == grpc.StatusCode.UNAVAILABLE, err
-                refusals.append(err.details() or "")
-                return None
+        def send() -> Awaitable[chat_pb2.SendMessageResponse | None]:
+            return _send(chat, request, refusals)
 
         # Right after the kill the dead process's lease still runs: the claim is honoured.
         assert await send() is None
@@ -153,15 +161,12 @@ async def test_the_supervisor_ends_the_lease_of_an_ingress_process_that_died(
             request = chat_pb2.SendMessageRequest(
                 tenant_id=tenant, conversation_id=conv.conversation_id, client_message_id=cmid, text="hi"
             )
-
-            async def send() -> chat_pb2.SendMessageResponse | None:
-                try:
-                    return await chat.SendMessage(request, timeout=10)
-                except grpc.aio.AioRpcError as err:
-                    assert err.code() == grpc.StatusCode.UNAVAILABLE, err
-                    return None
-
-            ack = await eventually(send, lambda r: r is not None, within_s=LEASE_S + 20, what="the ack")
+            ack = await eventually(
+                lambda: _send(chat, request, []),
+                lambda r: r is not None,
+                within_s=LEASE_S + 20,
+                what="the ack",
+            )
             took = time.monotonic() - killed_at
             assert ack is not None and not ack.duplicate
             assert took < LEASE_S / 2, f"acked {took:.1f}s after the kill: the lease ran out by itself"
