@@ -70,6 +70,9 @@ DEAD_LETTER_ATTEMPT_S = 15.0
 # abandoned (a healthy Kafka answers in milliseconds; a Kafka that is down never does, and the
 # batch is then applied again after the restart, as after a crash).
 STOP_GRACE_S = 2.0
+# A commit not completed by then restarts the consumer (its batch is applied again). Seen: an
+# aiokafka client wedged for minutes on a coordinator lookup the killed broker never answered.
+COMMIT_BOUND_S = 30.0
 # Each Kafka client's own stop at `close()`: with the broker gone or hung, aiokafka's consumer
 # waits on its group coordination (and a dynamic member's LeaveGroup) for up to its request
 # timeout, 40 s, and gains nothing by it: close() commits nothing, and a dead letter the producer
@@ -382,7 +385,12 @@ class BatchConsumer:
                     done = await self._apply(records)
                     if not done:
                         return
-                    await self._commit(records)
+                    committed = await self._commit(records)
+            if not committed:
+                try:
+                    await self._restart_consumer()
+                except _Stopped:
+                    break
 
     async def _poll(self, *, timeout_ms: int, max_records: int) -> dict[Any, Any]:
         """`getmany`, through the errors aiokafka hands up from group coordination.
@@ -721,7 +729,9 @@ class BatchConsumer:
                 raise _Stopped
             delay = min(delay * 2, RETRY_MAX_S)
 
-    async def _commit(self, records: Sequence[Record]) -> None:
+    async def _commit(self, records: Sequence[Record]) -> bool:
+        """Commit the batch's offsets; False when Kafka's client did not complete the commit
+        within COMMIT_BOUND_S (the caller starts the consumer again)."""
         assert self._consumer is not None
         last: dict[int, int] = {}
         for r in records:
@@ -730,9 +740,22 @@ class BatchConsumer:
         for p, o in last.items():
             self.stats.position[p] = o + 1
         try:
-            # A commit retries while Kafka's group coordinator is unknown, i.e. for as long as
-            # Kafka is down: a stop abandons it (after STOP_GRACE_S if already under way).
-            await self._unless_stopping(self._consumer.commit(offsets), STOP_GRACE_S)
+            # A commit retries while Kafka's group coordinator is unknown, i.e. while Kafka is
+            # down: a stop abandons it (after STOP_GRACE_S if already under way), and so does
+            # COMMIT_BOUND_S (a client wedged on a request the killed broker never answered).
+            await self._unless_stopping(
+                asyncio.wait_for(self._consumer.commit(offsets), COMMIT_BOUND_S), STOP_GRACE_S
+            )
+        except TimeoutError:
+            log.error(
+                "%s: Kafka's client did not complete the commit of %s within %.0fs (wedged on a "
+                "request a restarted broker never answered, or Kafka away that long); starting the "
+                "consumer again: the batch is applied again",
+                self._processor.name,
+                offsets,
+                COMMIT_BOUND_S,
+            )
+            return False
         except _Stopped:
             log.warning(
                 "%s: stopped before Kafka confirmed the commit of %s; unless it did, the records "
@@ -757,6 +780,7 @@ class BatchConsumer:
                 self._processor.name,
                 exc,
             )
+        return True
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep unless stopping; False when the process is stopping."""
