@@ -27,7 +27,7 @@ from schemas import hotview as hv
 from services.ingress._hotview import CLAIM_TTL_S, LEASE_S, IngressHotView
 from services.ingress._supervisor import LEASE_ENV
 from services.processes import wait_for_ingress
-from tests.conftest import eventually
+from tests.conftest import eventually, start_conversation
 from tests.integration.conftest import System
 
 pytestmark = pytest.mark.integration
@@ -73,10 +73,8 @@ async def test_a_claim_of_a_killed_ingress_process_is_taken_over_within_the_leas
     await wait_for_ingress(settings)
     async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
         chat = chat_pb2_grpc.ChatServiceStub(channel)
-        conv = await chat.StartConversation(
-            chat_pb2.StartConversationRequest(
-                tenant_id=tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c"
-            )
+        conversation_id = await start_conversation(
+            chat, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c"
         )
         cmid = f"mid-write-{uuid.uuid4().hex[:8]}"
         claimer = await asyncio.create_subprocess_exec(
@@ -86,7 +84,7 @@ async def test_a_claim_of_a_killed_ingress_process_is_taken_over_within_the_leas
             settings.redis_url,
             str(settings.topic_partitions),
             tenant,
-            conv.conversation_id,
+            conversation_id,
             cmid,
             stdout=asyncio.subprocess.PIPE,
             env={**os.environ, **system.env},
@@ -100,7 +98,7 @@ async def test_a_claim_of_a_killed_ingress_process_is_taken_over_within_the_leas
             await claimer.wait()
         killed_at = time.monotonic()
         request = chat_pb2.SendMessageRequest(
-            tenant_id=tenant, conversation_id=conv.conversation_id, client_message_id=cmid, text="hello"
+            tenant_id=tenant, conversation_id=conversation_id, client_message_id=cmid, text="hello"
         )
         refusals: list[str] = []
 
@@ -120,7 +118,7 @@ async def test_a_claim_of_a_killed_ingress_process_is_taken_over_within_the_leas
 
         async def texts() -> list[str]:
             got = await chat.GetConversation(
-                chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=conv.conversation_id),
+                chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=conversation_id),
                 timeout=10,
             )
             return [m.text for m in got.messages if m.sender == events_pb2.SENDER_CUSTOMER]
@@ -145,21 +143,19 @@ async def test_the_supervisor_ends_the_lease_of_an_ingress_process_that_died(
     try:
         async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
             chat = chat_pb2_grpc.ChatServiceStub(channel)
-            conv = await chat.StartConversation(
-                chat_pb2.StartConversationRequest(
-                    tenant_id=tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c"
-                )
+            conversation_id = await start_conversation(
+                chat, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c"
             )
             cmid = f"mid-write-{uuid.uuid4().hex[:8]}"
             # The victim's claim, as it makes them (its marker prefix is its lease's).
             as_victim = IngressHotView(redis, 3600, lease_id=lease_id)
-            key = (tenant, conv.conversation_id, cmid)
+            key = (tenant, conversation_id, cmid)
             (claim,) = await as_victim.claim_many([key], settings.topic_partitions, unless_closed=True)
             assert claim.claimed
             victim.kill()
             killed_at = time.monotonic()
             request = chat_pb2.SendMessageRequest(
-                tenant_id=tenant, conversation_id=conv.conversation_id, client_message_id=cmid, text="hi"
+                tenant_id=tenant, conversation_id=conversation_id, client_message_id=cmid, text="hi"
             )
             ack = await eventually(
                 lambda: _send(chat, request, []),
@@ -177,7 +173,7 @@ async def test_the_supervisor_ends_the_lease_of_an_ingress_process_that_died(
             # need not wait for it (its process is dead for sure), where it used to wait out the
             # produce timeout and answer UNAVAILABLE for the entry's 120 s.
             closed = await chat.CloseConversation(
-                chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=conv.conversation_id),
+                chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=conversation_id),
                 timeout=30,
             )
             assert closed.status == chat_pb2.CONVERSATION_STATUS_CLOSED
