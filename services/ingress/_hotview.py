@@ -23,18 +23,35 @@ log = logging.getLogger(__name__)
 # Readiness and claims in one step: while the hot view is incomplete (HLEN of READY_KEY below the
 # partition count, as after Redis lost data) nothing is claimed, so no write can miss the claim
 # of an earlier attempt that a rebuild has not restored yet. SET NX GET returns what was there.
+# KEYS: the readiness hash, the ingress processes' leases (hv.INGRESS_LEASES_KEY), then the claim
+# keys (starts and closes). A claim pending in an attempt of a dead process is answered
+# "orphaned:<its value>", or with ARGV[5] = "1" taken over, as _CLAIM_OPEN_IF_READY says below.
 _CLAIM_IF_READY = """
 local need = tonumber(ARGV[1])
 if need > 0 and redis.call('HLEN', KEYS[1]) < need then
   return -1
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local prefix_len = tonumber(ARGV[4])
+local take_over = ARGV[5] == '1'
 local previous = {}
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local earlier = redis.call('SET', KEYS[i], ARGV[2], 'NX', 'GET', 'EX', ARGV[3])
   if earlier == ARGV[2] then
     earlier = false  -- this very attempt, run again (a retried pipeline): it is ours
+  elseif earlier and string.sub(earlier, 1, 8) == 'pending:' then
+    local lease = redis.call('HGET', KEYS[2], string.sub(earlier, 1, prefix_len))
+    if lease and tonumber(lease) < now then
+      if take_over then
+        redis.call('SET', KEYS[i], ARGV[2], 'EX', ARGV[3])
+        earlier = false
+      else
+        earlier = 'orphaned:' .. earlier
+      end
+    end
   end
-  previous[i - 1] = earlier
+  previous[i - 2] = earlier
 end
 return previous
 """
@@ -44,7 +61,8 @@ return previous
 # conversation whose hash has `closed_ns` (written once the close is durable, by the ingress and
 # by the sessions worker) or a `closing` hold that has not expired (a close under way, in any
 # ingress process) claims nothing: the key's earlier value is answered if it has one (a retry of
-# a written message still gets its ack), else 0 (closed) or 1 (being closed). A claimed key joins
+# a written message still gets its ack), else 0 (closed) or 1 (being closed; 2: by a close of a
+# process whose lease ran out or was ended, which with take_over is dropped: see below). A claimed key joins
 # the conversation's in-flight set until its outcome is settled; a close waits for that set to
 # empty before it publishes, so no message acknowledged to anyone lands after the close in the
 # log. This is what lets the ingress keep the conversation registry in process memory:
@@ -55,7 +73,10 @@ return previous
 # answered "orphaned:<its value>"; with ARGV[7] = "1" it is taken over by this attempt instead.
 # The caller asks for that only once the sessions worker has folded the log past everything the
 # dead process can have written (see ConversationWrites._take_over): had its record landed, the
-# fold would have recorded its ack in the claim (duplicate=true) by then.
+# fold would have recorded its ack in the claim (duplicate=true) by then. The same goes for a close
+# hold of a dead process: had its close landed, the fold has set `closed_ns` by then; if not, the
+# hold is dropped, and the close's own claim is taken over by the next close (its retry, or the
+# idle close).
 _CLAIM_OPEN_IF_READY = """
 local need = tonumber(ARGV[1])
 if need > 0 and redis.call('HLEN', KEYS[1]) < need then
@@ -73,6 +94,22 @@ local function orphaned(value)
   return lease and tonumber(lease) < now
 end
 local take_over = ARGV[7] == '1'
+local function closing_now(hash)
+  local holding = redis.call('HGET', hash, ARGV[5])
+  if not holding or tonumber(string.match(holding, '^%d+') or '0') <= now then
+    return -1
+  end
+  local owner = string.match(holding, '^%d+:(.*)$') or ''
+  local lease = redis.call('HGET', KEYS[2], string.sub(owner, 1, prefix_len))
+  if not (lease and tonumber(lease) < now) then
+    return 1
+  end
+  if take_over then
+    redis.call('HDEL', hash, ARGV[5])
+    return -1
+  end
+  return 2
+end
 local previous = {}
 local shut_of = {}  -- a batch's messages of one conversation read its hash once
 local expiring = {}  -- and set its in-flight set's expiry once
@@ -83,10 +120,7 @@ for i = 3, #KEYS, 3 do
     if redis.call('HEXISTS', KEYS[i], ARGV[4]) == 1 then
       shut = 0
     else
-      local holding = redis.call('HGET', KEYS[i], ARGV[5])
-      if holding and tonumber(string.match(holding, '^%d+') or '0') > now then
-        shut = 1
-      end
+      shut = closing_now(KEYS[i])
     end
     shut_of[KEYS[i]] = shut
   end
@@ -405,7 +439,8 @@ class Claim:
     marker: bytes = hv.CLAIM_PENDING
     # Claimed into the conversation's in-flight set (claim_many(..., unless_closed=True)).
     tracked: bool = False
-    # Pending in an attempt of a process whose lease ran out or was ended: take_over may write it.
+    # Pending in an attempt of a process whose lease ran out or was ended (or, with `closing`,
+    # held by such a process's close): take_over may write it.
     orphaned: bool = False
 
     @property
@@ -620,8 +655,9 @@ class IngressHotView:
         (shared with whatever else this tick sends) and only while the hot view is complete
         (`partitions` > 0: raises UNAVAILABLE otherwise). `unless_closed`: a key of a closed
         conversation is not claimed but answered Claim(closed=True). A key pending in a dead
-        process's attempt is answered Claim(orphaned=True), or with `take_over` (unless_closed
-        only) claimed from it."""
+        process's attempt is answered Claim(orphaned=True), or with `take_over` claimed from it;
+        so is (unless_closed) a conversation held by a dead process's close: Claim(closing=True,
+        orphaned=True), or with `take_over` its hold is dropped and the key claimed."""
         if not keys:
             return []
         # One marker per call (one attempt of each key): settling compares against it.
@@ -642,10 +678,12 @@ class IngressHotView:
             ]
         else:
             script = self._claim_if_ready
-            # Starts and closes: a dead process's claim is not taken over (a close of it may be
-            # in the log: its hold and claim keep sends refused until they expire).
-            redis_keys = [hv.READY_KEY, *(hv.idempotency_key(t, c, m) for t, c, m in keys)]
-            args = [partitions, marker, CLAIM_TTL_S]
+            redis_keys = [
+                hv.READY_KEY,
+                hv.INGRESS_LEASES_KEY,
+                *(hv.idempotency_key(t, c, m) for t, c, m in keys),
+            ]
+            args = [partitions, marker, CLAIM_TTL_S, hv.MARKER_PREFIX_LEN, "1" if take_over else "0"]
         try:
             reply = await self._in_tick(script, redis_keys, args)
         except (RedisConnectionError, RedisTimeoutError):
@@ -661,6 +699,8 @@ class IngressHotView:
                 claims.append(Claim(claimed=False, closed=True))
             elif previous == 1:
                 claims.append(Claim(claimed=False, closing=True))
+            elif previous == 2:  # held by a close of a dead process
+                claims.append(Claim(claimed=False, closing=True, orphaned=True))
             elif previous.startswith(b"orphaned:"):
                 claims.append(Claim(claimed=False, orphaned=True))
             else:

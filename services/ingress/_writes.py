@@ -671,13 +671,17 @@ class ConversationWrites:
             raise
         return claims
 
-    async def _take_over(self, keys: list[ClaimKey], claims: list[Claim]) -> None:
+    async def _take_over(
+        self, keys: list[ClaimKey], claims: list[Claim], *, unless_closed: bool = True
+    ) -> None:
         """Claims pending in an attempt of a process that died (its lease ran out or was ended)
         are claimed by this attempt, but only once the sessions worker has folded each such
         key's partition up to where the log ends now: had the dead attempt's record landed, the
         fold has recorded its ack in the claim by then, and the retry is answered that ack
         (duplicate=true) instead of being written a second time. Within TAKEOVER_WAIT_S, or the
-        key stays in flight (UNAVAILABLE: retry)."""
+        key stays in flight (UNAVAILABLE: retry). The same for a start's or close's claim
+        (`unless_closed` False), and for a message of a conversation held by a dead process's
+        close: had the close landed, the fold has marked the conversation closed by then."""
         orphans = [n for n, c in enumerate(claims) if c.orphaned]
         if not orphans:
             return
@@ -706,7 +710,7 @@ class ConversationWrites:
                 await asyncio.sleep(TAKEOVER_POLL_S)
             mine = [keys[n] for n in orphans]
             again = await self._hot.claim_many(
-                mine, self._settings.topic_partitions, unless_closed=True, take_over=True
+                mine, self._settings.topic_partitions, unless_closed=unless_closed, take_over=True
             )
         except Exception as exc:
             log.warning("taking over claims of a dead ingress process failed (%r); they stay in flight", exc)
@@ -748,6 +752,9 @@ class ConversationWrites:
         With `gate`, the caller holds `begin_send` of that conversation; it ends once the record
         is handed to the producer (or refused), so a close waits for it."""
         try:
+            if claim is not None and not self._hot.lease_fresh():
+                # Another process may be taking this claim over (see LEASE_FRESH_S).
+                raise _lease_stale()
             self._producer.reserve()
         except v.RequestRejected:
             if gate is not None:
@@ -880,7 +887,7 @@ class ConversationWrites:
         held: HeldClaim | None = None
         if req.conversation_id:
             claim_key = (req.tenant_id, conversation_id, hv.START_CLAIM)
-            (claim,) = await self._hot.claim_many([claim_key], self._settings.topic_partitions)
+            claim = await self._claim_start_or_close(claim_key)
             if not claim.claimed:
                 if claim.earlier is not None:
                     return await self._read(req.tenant_id, conversation_id)
@@ -993,7 +1000,7 @@ class ConversationWrites:
         reopen = True
         try:
             claim_key = (req.tenant_id, req.conversation_id, hv.CLOSE_CLAIM)
-            (claim,) = await self._hot.claim_many([claim_key], self._settings.topic_partitions)
+            claim = await self._claim_start_or_close(claim_key)
             if not claim.claimed:
                 if claim.earlier is None:
                     raise unavailable(
@@ -1044,6 +1051,14 @@ class ConversationWrites:
         finally:
             if reopen:
                 self._gate.reopen(conversation)
+
+    async def _claim_start_or_close(self, claim_key: ClaimKey) -> Claim:
+        """The claim of a start or a close; one pending in an attempt of a dead ingress process is
+        taken over (see _take_over), so its retry need not wait for the claim to expire."""
+        claims = await self._hot.claim_many([claim_key], self._settings.topic_partitions)
+        if claims[0].orphaned:
+            await self._take_over([claim_key], claims, unless_closed=False)
+        return claims[0]
 
     async def _release_hold(self, conversation: Conversation, owner: bytes) -> None:
         """Let sends of the conversation go on after a close that did not happen; if Redis is
