@@ -73,6 +73,8 @@ STOP_GRACE_S = 2.0
 # A commit not completed by then restarts the consumer (its batch is applied again). Seen: an
 # aiokafka client wedged for minutes on a coordinator lookup the killed broker never answered.
 COMMIT_BOUND_S = 30.0
+# The same bound on a processor's own requests through PartitionControl (committed, end offsets).
+CONTROL_BOUND_S = 30.0
 # Each Kafka client's own stop at `close()`: with the broker gone or hung, aiokafka's consumer
 # waits on its group coordination (and a dynamic member's LeaveGroup) for up to its request
 # timeout, 40 s, and gains nothing by it: close() commits nothing, and a dead letter the producer
@@ -178,12 +180,17 @@ class _Control:
     async def seek_to_beginning(self, partition: int) -> None:
         await self._consumer.seek_to_beginning(self._tp(partition))
 
+    # Bounded (CONTROL_BOUND_S): processors call these in rebalance callbacks, where a client
+    # wedged on a request would hold the assignment, silently, for good; a TimeoutError is logged
+    # and retried by the caller like any Kafka error.
     async def committed(self, partition: int) -> int | None:
-        offset = await self._consumer.committed(self._tp(partition))
+        offset = await asyncio.wait_for(self._consumer.committed(self._tp(partition)), CONTROL_BOUND_S)
         return None if offset is None or offset < 0 else int(offset)
 
     async def end_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
-        ends = await self._consumer.end_offsets([self._tp(p) for p in partitions])
+        ends = await asyncio.wait_for(
+            self._consumer.end_offsets([self._tp(p) for p in partitions]), CONTROL_BOUND_S
+        )
         return {tp.partition: int(offset) for tp, offset in ends.items()}
 
     def assigned(self) -> set[int]:
