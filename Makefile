@@ -8,12 +8,12 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/switchboard/v1/*.proto)
 GEN := schemas/switchboard/v1/.generated
 
-.PHONY: run test install proto lint typecheck unit integration soak bench bench-assistant clean stack-up stack-down
+.PHONY: run test install test-deps proto lint typecheck unit integration soak bench bench-assistant clean stack-up stack-down
 
 run: install ## bring the whole system up on the embedded defaults, play a demo, serve until Ctrl-C
 	$(SB) run
 
-test: install lint typecheck ## install what is missing, then ruff, mypy and pytest (unit + integration)
+test: install test-deps lint typecheck ## install what is missing, then ruff, mypy and pytest (unit + integration)
 	$(PY) -m pytest -q --durations=30 tests
 
 install: $(STAMP) $(GEN) system-deps
@@ -38,6 +38,10 @@ $(GEN): $(PROTOS)
 system-deps: $(STAMP)
 	$(SB) stack install
 	$(SB) models build
+
+# What only the tests need besides the stack (Debian's chromium, for the report's rendering).
+test-deps: system-deps
+	$(SB) stack install --for-tests
 
 lint: install
 	$(VENV)/bin/ruff check .

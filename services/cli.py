@@ -33,7 +33,7 @@ def _cmd_stack(args: argparse.Namespace) -> int:
         os.environ["SWITCHBOARD_KAFKA_BROKERS"] = str(args.brokers)
     settings = _settings()
     if args.action == "install":
-        asyncio.run(stack.install(settings))
+        asyncio.run(stack.install(settings, for_tests=args.for_tests))
     elif args.action == "up":
         asyncio.run(stack.install(settings))
         asyncio.run(stack.up(settings))
@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--lines", type=int, default=50)
     p.add_argument(
         "--brokers", type=int, help="Kafka brokers (a KRaft cluster on loopback); SWITCHBOARD_KAFKA_BROKERS"
+    )
+    p.add_argument(
+        "--for-tests", action="store_true", help="install: also what the test suite needs (chromium)"
     )
     p.set_defaults(func=_cmd_stack)
 

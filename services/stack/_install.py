@@ -17,13 +17,18 @@ log = logging.getLogger(__name__)
 
 # executable -> the Debian package that provides it
 _APT_PACKAGES = {"redis-server": "redis-server", "java": "openjdk-17-jre-headless", "mvn": "maven"}
+# What only the tests need besides: tests/integration/test_report.py renders the analysts' report
+# in a headless browser.
+_TEST_APT_PACKAGES = {"chromium": "chromium"}
 
 
-async def install(settings: Settings) -> None:
-    """Install what is missing for the local stack; returns fast when everything is there."""
+async def install(settings: Settings, *, for_tests: bool = False) -> None:
+    """Install what is missing for the local stack (and, `for_tests`, for the test suite);
+    returns fast when everything is there."""
     layout = Layout.of(settings)
     install_log = layout.log_path("install")
-    missing = [pkg for exe, pkg in _APT_PACKAGES.items() if not shutil.which(exe)]
+    wanted = {**_APT_PACKAGES, **(_TEST_APT_PACKAGES if for_tests else {})}
+    missing = [pkg for exe, pkg in wanted.items() if not shutil.which(exe)]
     if missing:
         if os.geteuid() != 0 or not shutil.which("apt-get"):
             raise StackError(
