@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 import redis.asyncio as aioredis
+from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -296,6 +297,31 @@ def _unary(method: str, call: Callable[..., Awaitable[Any]], with_trace: bool) -
     return handle
 
 
+class _MethodSymbols:
+    """The descriptor pool for reflection, which also finds the file of a method's full name
+    (`grpcurl describe switchboard.v1.ChatService.SendMessage`): Python's pool finds services and
+    messages, not methods, so the reflection service answered NOT_FOUND (grpc/grpc#34743)."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # the pool's own name
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service_name, _, method = symbol.rpartition(".")
+            try:
+                service = self._pool.FindServiceByName(service_name)
+            except KeyError:
+                raise KeyError(symbol) from None
+            if method not in service.methods_by_name:
+                raise KeyError(symbol) from None
+            return service.file
+
+
 def _knowledge_handlers(service: KnowledgeService) -> grpc.GenericRpcHandler:
     methods: dict[str, tuple[Callable[..., Awaitable[Any]], type[Message]]] = {
         "UpsertDocuments": (service.upsert_documents, knowledge_pb2.UpsertDocumentsRequest),
@@ -514,6 +540,7 @@ class IngressServer:
                 reflection.SERVICE_NAME,
             ),
             self.server,
+            pool=_MethodSymbols(descriptor_pool.Default()),
         )
         self.port = self.auth.add_port(self.server)  # TLS when configured
         if self.port == 0:
