@@ -60,14 +60,23 @@ async def tenant_key(keyed: Replicas) -> tuple[str, str]:
 
 
 def run(
-    binary: Path, target: str, *args: str, key: str = "", data: object = None
+    binary: Path,
+    target: str,
+    *args: str,
+    key: str = "",
+    data: object = None,
+    stdin: str | None = None,
+    max_time: float = 30,
 ) -> subprocess.CompletedProcess[str]:
-    argv = [str(binary), "-plaintext", "-max-time", "30"]
+    """grpcurl with `data` as its -d JSON, or `stdin` read as a stream of JSON requests (-d @)."""
+    argv = [str(binary), "-plaintext", "-max-time", str(max_time)]
     if key:
         argv += ["-H", f"authorization: Bearer {key}"]
     if data is not None:
         argv += ["-d", json.dumps(data)]
-    return subprocess.run([*argv, target, *args], capture_output=True, text=True, timeout=60)
+    elif stdin is not None:
+        argv += ["-d", "@"]
+    return subprocess.run([*argv, target, *args], input=stdin, capture_output=True, text=True, timeout=60)
 
 
 async def test_grpcurl_lists_describes_and_calls_with_a_key(
@@ -81,6 +90,9 @@ async def test_grpcurl_lists_describes_and_calls_with_a_key(
     assert {"switchboard.v1.ChatService", "grpc.health.v1.Health"} <= set(listed.stdout.split()), (
         listed.stdout
     )
+    methods = run(grpcurl, target, "list", "switchboard.v1.ChatService")
+    assert methods.returncode == 0, methods.stderr
+    assert "switchboard.v1.ChatService.SendMessageBatch" in methods.stdout.split(), methods.stdout
     described = run(grpcurl, target, "describe", "switchboard.v1.ChatService.SendMessage")
     assert described.returncode == 0, described.stderr
     assert "SendMessageRequest" in described.stdout and "SendMessageResponse" in described.stdout
@@ -117,6 +129,35 @@ async def test_grpcurl_lists_describes_and_calls_with_a_key(
     assert json.loads(again.stdout)["event_id"] == ack["event_id"]
     assert json.loads(again.stdout)["duplicate"] is True
 
+    # Several messages on one SendMessages stream, as grpcurl sends JSON objects from stdin: one
+    # ack each, in order.
+    stream = run(
+        grpcurl,
+        target,
+        "switchboard.v1.ChatService/SendMessages",
+        key=key,
+        stdin="\n".join(
+            json.dumps({"conversation_id": cid, "client_message_id": f"s-{n}", "text": f"stream {n}"})
+            for n in range(3)
+        ),
+    )
+    assert stream.returncode == 0, stream.stderr
+    acks = [json.loads(chunk) for chunk in stream.stdout.replace("}\n{", "}\0{").split("\0")]
+    assert len(acks) == 3 and all(a["event_id"] and not a.get("duplicate") for a in acks), stream.stdout
+
+    # The conversation's updates as a server stream, until grpcurl's own deadline ends it.
+    followed = run(
+        grpcurl,
+        target,
+        "switchboard.v1.ChatService/StreamConversation",
+        key=key,
+        data={"conversation_id": cid},
+        max_time=3,
+    )
+    assert "Code: DeadlineExceeded" in followed.stderr or followed.returncode == 0, followed.stderr
+    for text in ("我的包裹到哪里了？", "stream 0", "stream 2"):
+        assert text in followed.stdout, followed.stdout
+
     got = run(
         grpcurl, target, "switchboard.v1.ChatService/GetConversation", key=key, data={"conversation_id": cid}
     )
@@ -124,7 +165,7 @@ async def test_grpcurl_lists_describes_and_calls_with_a_key(
     texts = [
         m["text"] for m in json.loads(got.stdout).get("messages", []) if m["sender"] == "SENDER_CUSTOMER"
     ]
-    assert texts == ["我的包裹到哪里了？"]
+    assert texts == ["我的包裹到哪里了？", "stream 0", "stream 1", "stream 2"]
 
 
 @pytest.mark.parametrize(
