@@ -62,7 +62,7 @@ return previous
 # by the sessions worker) or a `closing` hold that has not expired (a close under way, in any
 # ingress process) claims nothing: the key's earlier value is answered if it has one (a retry of
 # a written message still gets its ack), else 0 (closed) or 1 (being closed; 2: by a close of a
-# process whose lease ran out or was ended, which with take_over is dropped: see below). A claimed key joins
+# process whose lease ran out or was ended, see below). A claimed key joins
 # the conversation's in-flight set until its outcome is settled; a close waits for that set to
 # empty before it publishes, so no message acknowledged to anyone lands after the close in the
 # log. This is what lets the ingress keep the conversation registry in process memory:
@@ -73,10 +73,11 @@ return previous
 # answered "orphaned:<its value>"; with ARGV[7] = "1" it is taken over by this attempt instead.
 # The caller asks for that only once the sessions worker has folded the log past everything the
 # dead process can have written (see ConversationWrites._take_over): had its record landed, the
-# fold would have recorded its ack in the claim (duplicate=true) by then. The same goes for a close
-# hold of a dead process: had its close landed, the fold has set `closed_ns` by then; if not, the
-# hold is dropped, and the close's own claim is taken over by the next close (its retry, or the
-# idle close).
+# fold would have recorded its ack in the claim (duplicate=true) by then. A close hold of a dead
+# process is never dropped here: that process may only be stalled, its close still to land, and a
+# message acknowledged meanwhile would land after it (lost to the fold). The ingress finishes such
+# a close instead (ConversationWrites._finish_dead_close): a late copy of it is a second close,
+# which the fold ignores.
 _CLAIM_OPEN_IF_READY = """
 local need = tonumber(ARGV[1])
 if need > 0 and redis.call('HLEN', KEYS[1]) < need then
@@ -101,14 +102,10 @@ local function closing_now(hash)
   end
   local owner = string.match(holding, '^%d+:(.*)$') or ''
   local lease = redis.call('HGET', KEYS[2], string.sub(owner, 1, prefix_len))
-  if not (lease and tonumber(lease) < now) then
-    return 1
+  if lease and tonumber(lease) < now then
+    return 2
   end
-  if take_over then
-    redis.call('HDEL', hash, ARGV[5])
-    return -1
-  end
-  return 2
+  return 1
 end
 local previous = {}
 local shut_of = {}  -- a batch's messages of one conversation read its hash once
@@ -656,8 +653,8 @@ class IngressHotView:
         (`partitions` > 0: raises UNAVAILABLE otherwise). `unless_closed`: a key of a closed
         conversation is not claimed but answered Claim(closed=True). A key pending in a dead
         process's attempt is answered Claim(orphaned=True), or with `take_over` claimed from it;
-        so is (unless_closed) a conversation held by a dead process's close: Claim(closing=True,
-        orphaned=True), or with `take_over` its hold is dropped and the key claimed."""
+        a message of a conversation held by a dead process's close (unless_closed) is answered
+        Claim(closing=True, orphaned=True), take_over or not."""
         if not keys:
             return []
         # One marker per call (one attempt of each key): settling compares against it.

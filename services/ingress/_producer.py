@@ -74,6 +74,9 @@ class EventProducer:
         # count is fixed once created (the key -> partition map depends on it).
         self._partitions: dict[bytes, int] = {}
         self._offsets_reader: AIOKafkaConsumer | None = None  # see end_offset
+        # Set by `stop`: nothing is handed to Kafka after it (a write still running in a stopping
+        # ingress would otherwise start a new producer after the process's lease ended).
+        self._stopped = False
 
     @property
     def inflight(self) -> int:
@@ -145,6 +148,7 @@ class EventProducer:
         self._start_failed = None
 
     async def stop(self) -> None:
+        self._stopped = True
         starting, self._starting = self._starting, None
         if starting is not None and not starting.done():
             starting.cancel()
@@ -165,6 +169,24 @@ class EventProducer:
         if known is not None:
             return known
         return self._partition_of(key) if self._producer is not None else None
+
+    async def partition_for(self, conversation_id: str, within_s: float) -> int:
+        """partition_of, asking Kafka for the topic's metadata when it is not known yet (a process
+        that has not written since it started). Raises UNAVAILABLE past `within_s`."""
+        known = self.partition_of(conversation_id)
+        if known is not None:
+            return known
+        try:
+            async with asyncio.timeout(within_s):
+                await self.start()
+                if self._producer is not None:
+                    await self._producer.partitions_for(self._topic)
+        except (TimeoutError, KafkaError) as exc:
+            raise unavailable(f"Kafka did not give the topic's partitions within {within_s:.0f}s") from exc
+        known = self.partition_of(conversation_id)
+        if known is None:
+            raise unavailable("the topic's partitions are not known yet; retry")
+        return known
 
     async def end_offset(self, partition: int, within_s: float) -> int:
         """The log end offset of a partition of the conversation topic, asked of Kafka now (for
@@ -212,6 +234,8 @@ class EventProducer:
         `bounded=False`: the caller bounds the wait for buffer space itself (one deadline for a
         whole batch instead of a timer per record)."""
         timeout = self._settings.produce_timeout_s
+        if self._stopped:
+            raise unavailable("this ingress process is stopping; retry (another process takes it)")
         if self._producer is None:
             if bounded:
                 try:

@@ -77,6 +77,8 @@ IN_FLIGHT_RECHECK_S = 0.005
 # How long a message whose claim is pending in a dead process's attempt waits for the sessions
 # worker to fold its partition to the log's end before it takes the claim over (see _take_over).
 TAKEOVER_WAIT_S = 3.0
+# The resolution of a close finished for an ingress process that died while making it.
+DEAD_CLOSE_RESOLUTION = "closed on behalf of an ingress process that died while closing it"
 TAKEOVER_POLL_S = 0.05
 # A state document's status field says "closed" (the key `closed_at_ns` does not match this).
 _CLOSED_STATUS = f'"{STATUS_CLOSED}"'.encode()
@@ -219,6 +221,8 @@ class ConversationWrites:
         # Conversations erased by `switchboard tenant erase` (follow_erasures): refused in
         # process memory, as every processor skips their events (streams/privacy/erasures.py).
         self._erasures: ErasureFollower | None = None
+        # Conversations whose close, begun by a dead process, this one is finishing.
+        self._finishing: set[Conversation] = set()
 
     def follow_erasures(self) -> None:
         """Refuse writes to erased conversations from now on (the server calls this at start).
@@ -686,13 +690,11 @@ class ConversationWrites:
         if not orphans:
             return
         try:
+            deadline = time.monotonic() + TAKEOVER_WAIT_S
             by_partition: dict[int, list[int]] = {}
             for n in orphans:
-                partition = self._producer.partition_of(keys[n][1])
-                if partition is None:
-                    return  # no metadata yet (nothing written by this process): not now
+                partition = await self._producer.partition_for(keys[n][1], TAKEOVER_WAIT_S)
                 by_partition.setdefault(partition, []).append(n)
-            deadline = time.monotonic() + TAKEOVER_WAIT_S
             ends = {p: await self._producer.end_offset(p, TAKEOVER_WAIT_S) for p in by_partition}
             while True:
                 applied = await self._hot.applied_offsets(list(ends))
@@ -717,6 +719,32 @@ class ConversationWrites:
             return
         for n, claim in zip(orphans, self._known_acks(mine, again), strict=True):
             claims[n] = claim
+            if claim.closing and claim.orphaned:
+                # Held by a dead process's close that is not in the log (the fold is past where
+                # the log ended): finish it (the message is refused "being closed" meanwhile).
+                self._finish_dead_close(keys[n][0], keys[n][1])
+
+    def _finish_dead_close(self, tenant_id: str, conversation_id: str) -> None:
+        """Close, on the system's behalf, a conversation whose close a dead ingress process began
+        and did not finish. Its hold is never just dropped: that process may be stalled, not dead,
+        its close still to land, and a message acknowledged meanwhile would land after it (the fold
+        ignores such messages). Finished here, a late copy is a second close, which the fold
+        ignores; and the close was asked for, by whoever called it."""
+        conversation = (tenant_id, conversation_id)
+        if conversation in self._finishing:
+            return
+        self._finishing.add(conversation)
+
+        def done(task: asyncio.Task[bool]) -> None:
+            self._finishing.discard(conversation)
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.warning(
+                    "finishing the close of %r begun by a dead process failed: %r", conversation_id, exc
+                )
+
+        self._background(
+            self.close_for_system(tenant_id, conversation_id, DEAD_CLOSE_RESOLUTION)
+        ).add_done_callback(done)
 
     def _known_acks(self, keys: list[ClaimKey], claims: list[Claim]) -> list[Claim]:
         if not self._unsettled:
@@ -887,7 +915,7 @@ class ConversationWrites:
         held: HeldClaim | None = None
         if req.conversation_id:
             claim_key = (req.tenant_id, conversation_id, hv.START_CLAIM)
-            claim = await self._claim_start_or_close(claim_key)
+            claim, _ = await self._claim_start_or_close(claim_key)
             if not claim.claimed:
                 if claim.earlier is not None:
                     return await self._read(req.tenant_id, conversation_id)
@@ -1000,7 +1028,7 @@ class ConversationWrites:
         reopen = True
         try:
             claim_key = (req.tenant_id, req.conversation_id, hv.CLOSE_CLAIM)
-            claim = await self._claim_start_or_close(claim_key)
+            claim, taken_over = await self._claim_start_or_close(claim_key)
             if not claim.claimed:
                 if claim.earlier is None:
                     raise unavailable(
@@ -1016,8 +1044,11 @@ class ConversationWrites:
             try:
                 await self._wait_in_flight(req.tenant_id, req.conversation_id, held.marker)
             except BaseException:
-                # The hold first: once the claim is dropped another close may claim and hold.
-                await self._release_hold(conversation, held.marker)
+                # The hold first: once the claim is dropped another close may claim and hold. A
+                # close taken over from a dead process keeps it until it expires: that process's
+                # own close may still land (it may be stalled, not dead).
+                if not taken_over:
+                    await self._release_hold(conversation, held.marker)
                 await self._settle([(held, None)])
                 raise
             event = new_event(
@@ -1040,8 +1071,9 @@ class ConversationWrites:
                             lambda: self._hot.mark_closed(*conversation, event.occurred_at.ToNanoseconds()),
                             f"marking {req.conversation_id!r} closed",
                         )
-                    else:
-                        # Not in the log: sends may go on.
+                    elif not taken_over:
+                        # Not in the log: sends may go on (after a taken-over close, once the
+                        # hold expires, as above).
                         await self._release_hold(conversation, held.marker)
                 finally:
                     self._gate.reopen(conversation)
@@ -1052,13 +1084,16 @@ class ConversationWrites:
             if reopen:
                 self._gate.reopen(conversation)
 
-    async def _claim_start_or_close(self, claim_key: ClaimKey) -> Claim:
-        """The claim of a start or a close; one pending in an attempt of a dead ingress process is
-        taken over (see _take_over), so its retry need not wait for the claim to expire."""
+    async def _claim_start_or_close(self, claim_key: ClaimKey) -> tuple[Claim, bool]:
+        """The claim of a start or a close, and whether it was taken over: one pending in an
+        attempt of a dead ingress process is (see _take_over), so its retry need not wait for the
+        claim to expire. (Had that process only stalled, its own record may land later: a second
+        start or close, which the fold ignores.)"""
         claims = await self._hot.claim_many([claim_key], self._settings.topic_partitions)
-        if claims[0].orphaned:
-            await self._take_over([claim_key], claims, unless_closed=False)
-        return claims[0]
+        if not claims[0].orphaned:
+            return claims[0], False
+        await self._take_over([claim_key], claims, unless_closed=False)
+        return claims[0], claims[0].claimed
 
     async def _release_hold(self, conversation: Conversation, owner: bytes) -> None:
         """Let sends of the conversation go on after a close that did not happen; if Redis is

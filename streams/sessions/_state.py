@@ -307,6 +307,11 @@ class Fold:
                 self.assignee = self.assignee or agent_id
             sequence = self._add_message(digest)
         elif kind == "conversation_started":
+            if self.created_at_ns:
+                # A second start of the conversation (a retry took over the claim of an ingress
+                # process that had only stalled, and its own start landed too): the first stands.
+                self._advance(event, position, occurred_ns, count=False)
+                return False, 0
             started = event.conversation_started
             channel, customer_id, locale = int(started.channel), started.customer_id, started.locale
             metadata = dict(started.metadata)
@@ -335,6 +340,11 @@ class Fold:
         elif kind == "returned_to_bot":
             self.mode, self.assignee, self.queue = MODE_BOT, "", ""
         elif kind == "conversation_closed":
+            if self.status == STATUS_CLOSED:
+                # A second close (the late copy of a close another process finished for a
+                # stalled one, see ConversationWrites._finish_dead_close): the first stands.
+                self._advance(event, position, occurred_ns, count=False)
+                return False, 0
             self.resolution = event.conversation_closed.resolution
             self.status = STATUS_CLOSED
             self.closed_at_ns = self.closed_at_ns or occurred_ns

@@ -1,6 +1,7 @@
 """A start or a close claimed by an ingress process that died mid-write is taken over by its
-retry within a lease, not after the claim's 120 s expiry; and a dead close's hold stops refusing
-the conversation's sends as soon as the log says the close did not land.
+retry within a lease, not after the claim's 120 s expiry; and a close a dead process began is
+finished by the next process that meets its hold, so the conversation's sends are not refused for
+120 s either.
 
 What was seen (eighth session's closing note): after a kill -9 of an ingress process (or of
 `switchboard run`) between a StartConversation's or CloseConversation's claim and its ack, the
@@ -8,10 +9,14 @@ retry was refused "is being started/closed by an earlier attempt" for 120 s (CLA
 every SendMessage of a conversation whose close was under way was refused "is being closed" for
 as long: the hold outlived its process. Messages were taken over within the lease already.
 
+A dead process's close hold is never simply dropped (the review of the first version of this
+fix): a process whose lease only ran out may be stalled, its close still to land, and a message
+acknowledged meanwhile would land after that close, lost to the fold. So its close is finished
+instead, and a late copy of it is a second close, which the fold ignores.
+
 Each test claims as a dead process would (its own lease, ended as its supervisor ends it when it
-sees the process exit) and, where the dead attempt's record did land, writes that record to Kafka
-itself: the retry must then be answered what the log holds, never a second start or an ack after
-the close.
+sees the process exit, or left to run out) and, where the dead attempt's record did land, writes
+that record to Kafka itself.
 """
 
 from __future__ import annotations
@@ -23,16 +28,17 @@ from collections.abc import AsyncIterator, Awaitable
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
 from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 
 from schemas import hotview as hv
-from schemas.events import new_event
-from services.ingress._hotview import LEASE_S, IngressHotView, end_lease, new_lease_id
+from schemas.events import Event, encode_event, event_headers, event_key, new_event
+from services.ingress._hotview import LEASE_S, IngressHotView, end_lease, marker_prefix, new_lease_id
+from services.ingress._writes import DEAD_CLOSE_RESOLUTION
 from services.processes import wait_for_ingress
 from services.settings import Settings
 from tests.conftest import count, eventually, start_conversation, wait_for_count
 from tests.integration.conftest import System
-from tests.integration.test_erase import produce
 
 pytestmark = pytest.mark.integration
 
@@ -47,23 +53,63 @@ _MESSAGES = (
 
 
 class _DeadProcess:
-    """The hot view of an ingress process that claims and then dies: its lease ends (as
-    `switchboard ingress` ends a dead child's) once `die` is called."""
+    """The hot view of an ingress process that claims and then dies: `die` ends its lease (as
+    `switchboard ingress` ends a dead child's), or with `ran_out` waits until its short lease
+    has run out (a process that stopped renewing: killed with its supervisor, or stalled)."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, *, ran_out: bool = False) -> None:
         self._redis = redis
+        self._ran_out = ran_out
         self.lease_id = new_lease_id()
         self.hot = IngressHotView(redis, 3600, lease_id=self.lease_id)
 
     async def __aenter__(self) -> _DeadProcess:
-        await self.hot.renew_lease()
+        await self.hot.renew_lease(1.0 if self._ran_out else LEASE_S)
         return self
 
     async def __aexit__(self, *_: object) -> None:
         await self.die()
 
     async def die(self) -> None:
-        await end_lease(self._redis, self.lease_id)
+        if not self._ran_out:
+            await end_lease(self._redis, self.lease_id)
+            return
+        prefix = marker_prefix(self.lease_id)
+
+        async def ran_out() -> bool:
+            seconds, micros = await self._redis.time()
+            lease = await self._redis.hget(hv.INGRESS_LEASES_KEY, prefix)
+            return lease is not None and int(lease) < seconds * 1000 + micros // 1000
+
+        await eventually(ran_out, bool, within_s=10, what="the lease to run out")
+
+
+async def _produce(settings: Settings, event: Event) -> tuple[int, int]:
+    """Write one event as a dead process's late record would land: (partition, offset)."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True
+    )
+    await producer.start()
+    try:
+        meta = await producer.send_and_wait(
+            settings.conversation_topic,
+            encode_event(event),
+            key=event_key(event),
+            headers=event_headers(event),
+        )
+    finally:
+        await producer.stop()
+    return meta.partition, meta.offset
+
+
+async def _folded(redis: aioredis.Redis, partition: int, offset: int) -> None:
+    """Wait until the sessions worker has applied the log past `offset` of `partition`."""
+
+    async def applied() -> int:
+        value = await redis.hget(hv.APPLIED_KEY, str(partition))
+        return int(value) if value is not None else -1
+
+    await eventually(applied, lambda a: a > offset, within_s=30, what=f"the fold past {partition}:{offset}")
 
 
 async def _unary(call: Awaitable[object]) -> object:
@@ -87,27 +133,35 @@ async def redis(system: System) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-@pytest.mark.parametrize("landed", [False, True], ids=["not-landed", "landed"])
+@pytest.mark.parametrize(
+    ("landed", "ran_out"),
+    [(False, False), (True, False), (False, True)],
+    ids=["not-landed", "landed", "ran-out"],
+)
 @pytest.mark.timeout(120)
 async def test_the_retried_start_of_a_dead_process_is_answered_at_once(
-    system: System, tenant: str, stub: chat_pb2_grpc.ChatServiceStub, redis: aioredis.Redis, landed: bool
+    system: System,
+    tenant: str,
+    stub: chat_pb2_grpc.ChatServiceStub,
+    redis: aioredis.Redis,
+    landed: bool,
+    ran_out: bool,
 ) -> None:
     settings = system.settings
     await wait_for_ingress(settings)
-    await start_conversation(stub, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c")  # metadata
     conversation_id = f"dead-start-{uuid.uuid4().hex[:8]}"
     earlier = new_event(
         tenant,
         conversation_id,
         conversation_started=events_pb2.ConversationStarted(channel=events_pb2.CHANNEL_WEB, customer_id="c"),
     )
-    async with _DeadProcess(redis) as dead:
+    async with _DeadProcess(redis, ran_out=ran_out) as dead:
         (claim,) = await dead.hot.claim_many(
             [(tenant, conversation_id, hv.START_CLAIM)], settings.topic_partitions
         )
         assert claim.claimed
         if landed:
-            await produce(settings, [earlier])
+            await _produce(settings, earlier)
     died = time.monotonic()
 
     def probe() -> Awaitable[object]:
@@ -134,79 +188,107 @@ async def test_the_retried_start_of_a_dead_process_is_answered_at_once(
     assert not ack.duplicate
     await wait_for_count(system, _MESSAGES, 1, what="the message projected", t=tenant, c=conversation_id)
     assert count(system, _STARTS, t=tenant, c=conversation_id) == 1
-    print(f"\nretried start answered {took:.2f}s after its process died (landed={landed})")
+    if ran_out:
+        # The "dead" process had only stalled: its own start lands late, a second start, which
+        # the fold ignores (the conversation stays as the retry started it, its message kept).
+        late = new_event(
+            tenant,
+            conversation_id,
+            conversation_started=events_pb2.ConversationStarted(customer_id="late-copy"),
+        )
+        await _folded(redis, *await _produce(settings, late))
+        got = await stub.GetConversation(
+            chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=conversation_id), timeout=10
+        )
+        assert got.customer_id == "c" and [m.text for m in got.messages] == ["hello"]
+    print(f"\nretried start answered {took:.2f}s after its process died (landed={landed}, ran_out={ran_out})")
 
 
 async def _held_by_a_dead_close(
-    settings: Settings, redis: aioredis.Redis, tenant: str, conversation_id: str, *, landed: bool
+    settings: Settings,
+    redis: aioredis.Redis,
+    tenant: str,
+    conversation_id: str,
+    *,
+    landed: bool,
+    ran_out: bool = False,
 ) -> float:
     """A dead process claims the close, holds the conversation (as CloseConversation does before
     it writes) and dies; with `landed` its close is in the log. Returns when it died."""
-    async with _DeadProcess(redis) as dead:
+    async with _DeadProcess(redis, ran_out=ran_out) as dead:
         key = (tenant, conversation_id, hv.CLOSE_CLAIM)
         (claim,) = await dead.hot.claim_many([key], settings.topic_partitions)
         assert claim.claimed
         assert await dead.hot.hold_for_close(tenant, conversation_id, claim.marker) == 0
         if landed:
-            await produce(
-                settings,
-                [
-                    new_event(
-                        tenant,
-                        conversation_id,
-                        conversation_closed=events_pb2.ConversationClosed(
-                            resolution="dead", closed_by=events_pb2.SENDER_CUSTOMER
-                        ),
-                    )
-                ],
-            )
+            await _produce(settings, _close_event(tenant, conversation_id, "dead"))
     return time.monotonic()
 
 
+def _close_event(tenant: str, conversation_id: str, resolution: str) -> Event:
+    return new_event(
+        tenant,
+        conversation_id,
+        conversation_closed=events_pb2.ConversationClosed(
+            resolution=resolution, closed_by=events_pb2.SENDER_CUSTOMER
+        ),
+    )
+
+
+@pytest.mark.parametrize("ran_out", [False, True], ids=["lease-ended", "lease-ran-out"])
 @pytest.mark.timeout(120)
-async def test_a_dead_close_that_did_not_land_stops_holding_the_conversation(
-    system: System, tenant: str, stub: chat_pb2_grpc.ChatServiceStub, redis: aioredis.Redis
+async def test_a_dead_close_that_did_not_land_is_finished_and_nothing_is_acked_behind_it(
+    system: System, tenant: str, stub: chat_pb2_grpc.ChatServiceStub, redis: aioredis.Redis, ran_out: bool
 ) -> None:
     settings = system.settings
     await wait_for_ingress(settings)
     conversation_id = await start_conversation(stub, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c")
-    died = await _held_by_a_dead_close(settings, redis, tenant, conversation_id, landed=False)
 
     def send(cmid: str) -> Awaitable[object]:
         return _unary(
             stub.SendMessage(
                 chat_pb2.SendMessageRequest(
-                    tenant_id=tenant,
-                    conversation_id=conversation_id,
-                    client_message_id=cmid,
-                    text="still here",
+                    tenant_id=tenant, conversation_id=conversation_id, client_message_id=cmid, text=cmid
                 ),
                 timeout=10,
             )
         )
 
+    before = await send("before-the-close")
+    assert isinstance(before, chat_pb2.SendMessageResponse), before
+    died = await _held_by_a_dead_close(
+        settings, redis, tenant, conversation_id, landed=False, ran_out=ran_out
+    )
     refusals: list[str] = []
 
-    def refused(r: object) -> bool:
-        if isinstance(r, grpc.aio.AioRpcError):
-            assert r.code() == grpc.StatusCode.UNAVAILABLE, r
-            refusals.append(r.details() or "")
-            return False
-        return True
+    def closed(r: object) -> bool:
+        # Never acked: the dead process's close may still land (had it only stalled), and a
+        # message acked now could land after it.
+        assert isinstance(r, grpc.aio.AioRpcError), f"acked behind a close under way: {r}"
+        assert r.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION), r
+        refusals.append(r.details() or "")
+        return r.code() == grpc.StatusCode.FAILED_PRECONDITION
 
-    ack = await eventually(lambda: send("after-dead-close"), refused, within_s=LEASE_S + 30, what="the send")
+    await eventually(lambda: send("behind-the-close"), closed, within_s=LEASE_S + 30, what="the close")
     took = time.monotonic() - died
-    assert isinstance(ack, chat_pb2.SendMessageResponse) and not ack.duplicate
-    assert took < LEASE_S / 2, f"the send was refused for {took:.1f}s: {refusals[:3]}"
-    # The close's retry takes the dead attempt's claim over and closes after that message.
-    closed = await stub.CloseConversation(
+    assert took < LEASE_S / 2, f"closed {took:.1f}s after the closing process died: {refusals[:3]}"
+    got = await stub.GetConversation(
+        chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=conversation_id), timeout=10
+    )
+    assert got.status == chat_pb2.CONVERSATION_STATUS_CLOSED
+    assert got.resolution == DEAD_CLOSE_RESOLUTION
+    assert [m.text for m in got.messages] == ["before-the-close"]
+    # Had the process only stalled, its own close lands late: a second close, which the fold ignores.
+    await _folded(redis, *await _produce(settings, _close_event(tenant, conversation_id, "late copy")))
+    again = await stub.CloseConversation(
         chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=conversation_id), timeout=30
     )
-    assert closed.status == chat_pb2.CONVERSATION_STATUS_CLOSED
-    assert [m.text for m in closed.messages if m.sender == events_pb2.SENDER_CUSTOMER] == ["still here"]
-    late = await send("after-the-real-close")
-    assert isinstance(late, grpc.aio.AioRpcError) and late.code() == grpc.StatusCode.FAILED_PRECONDITION
-    print(f"\nsend acked {took:.2f}s after the closing process died ({len(refusals)} refusals)")
+    assert again.status == chat_pb2.CONVERSATION_STATUS_CLOSED
+    assert again.resolution == DEAD_CLOSE_RESOLUTION
+    assert [m.text for m in again.messages] == ["before-the-close"]
+    print(
+        f"\ndead close finished {took:.2f}s after its process died (ran_out={ran_out}, {len(refusals)} refusals)"
+    )
 
 
 @pytest.mark.timeout(120)

@@ -98,6 +98,26 @@ def test_a_message_after_the_close_is_not_counted():
     assert state.status == STATUS_CLOSED and state.message_count == 1
 
 
+def test_a_second_start_or_close_of_a_conversation_changes_nothing():
+    """A retry can take over the start or close claim of an ingress process that had only stalled;
+    its own record may land later, a second start or close: the first stands."""
+    first = fold_all([started(), message("a")])
+    late_start = new_event(
+        "acme", "c1", conversation_started=events_pb2.ConversationStarted(customer_id="someone-else")
+    )
+    again = fold_event(first, late_start, LogPosition(0, 2))
+    assert not again.applied
+    assert again.state.customer_id == "cust-9" and again.state.metadata == {"plan": "pro"}
+    assert again.state.event_count == first.event_count
+    closed_once = fold_all([started(), message("a"), closed()])
+    late_close = new_event(
+        "acme", "c1", conversation_closed=events_pb2.ConversationClosed(resolution="late copy")
+    )
+    twice = fold_event(closed_once, late_close, LogPosition(0, 3))
+    assert not twice.applied
+    assert twice.state.resolution == "solved" and twice.state.closed_at_ns == closed_once.closed_at_ns
+
+
 def test_a_decision_written_twice_is_applied_once():
     from schemas.events import new_event as ne
 
@@ -178,10 +198,10 @@ def test_an_event_the_fold_cannot_apply_leaves_the_state_as_it_was() -> None:
         occurred_at = started().occurred_at
 
         def WhichOneof(self, _: str) -> str:
-            return "conversation_started"
+            return "conversation_closed"
 
         @property
-        def conversation_started(self) -> object:
+        def conversation_closed(self) -> object:
             raise ValueError("unreadable payload")
 
     fold = Fold.new("acme", "c1")
