@@ -8,6 +8,7 @@ Go module proxy and cached under var/tools/; the test needs `go` on PATH, as tes
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from services.settings import PROJECT_ROOT
-from tests.integration.conftest import System
+from tests.integration.conftest import System, eventually
 from tests.integration.test_auth import Replicas, issue, keyed_replicas
 
 pytestmark = pytest.mark.integration
@@ -55,8 +56,9 @@ async def keyed(system: System) -> AsyncIterator[Replicas]:
 
 @pytest.fixture(scope="module")
 async def tenant_key(keyed: Replicas) -> tuple[str, str]:
+    """A tenant and a key with every role its backends use (as `make run`'s demo key has)."""
     tenant = f"gc{uuid.uuid4().hex[:8]}"
-    return tenant, await issue(keyed, tenant)
+    return tenant, await issue(keyed, tenant, "customer-app", "agent", "knowledge-admin")
 
 
 def run(
@@ -227,3 +229,49 @@ async def test_grpcurl_shows_a_clear_refusal_for_bad_input(
     assert f"Code: {code}" in done.stderr, done.stderr
     message = done.stderr.split("Message:", 1)[1]
     assert says in message, done.stderr
+
+
+async def test_the_readmes_assistant_calls_work_with_the_key_alone(
+    grpcurl: Path, keyed: Replicas, tenant_key: tuple[str, str]
+) -> None:
+    """The README's grpcurl lines for the assistant's APIs, with `-H authorization` and no
+    tenant_id (the key's tenant), as a user of `make run` pastes them."""
+    target = keyed.listens[0]
+    _, key = tenant_key
+    upserted = run(
+        grpcurl,
+        target,
+        "switchboard.v1.KnowledgeService/UpsertDocuments",
+        key=key,
+        data={
+            "documents": [
+                {
+                    "document_id": "refund-time",
+                    "title": "Refund timeline",
+                    "body": "Refunds reach your card within 3-5 business days after we receive the return.",
+                    "tags": ["refund"],
+                }
+            ]
+        },
+    )
+    assert upserted.returncode == 0, upserted.stderr
+
+    async def search() -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(
+            run,
+            grpcurl,
+            target,
+            "switchboard.v1.KnowledgeService/SearchKnowledge",
+            key=key,
+            data={"query": "how long does a refund take", "limit": 3},
+        )
+
+    found = await eventually(
+        search,
+        lambda r: r.returncode == 0 and "refund-time" in r.stdout,
+        within_s=60,
+        what="the document found",
+    )
+    assert "refund-time" in found.stdout
+    queue = run(grpcurl, target, "switchboard.v1.AgentService/ListQueue", key=key, data={})
+    assert queue.returncode == 0, queue.stderr
