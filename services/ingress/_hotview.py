@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 # KEYS: the readiness hash, the ingress processes' leases (hv.INGRESS_LEASES_KEY), then the claim
 # keys (starts and closes). A claim pending in an attempt of a dead process is answered
 # "orphaned:<its value>", or with ARGV[5] = "1" taken over, as _CLAIM_OPEN_IF_READY says below.
+# With ARGV[6] = "1" (closes) a process is dead only once its lease was ended (negative: it
+# stopped, or its supervisor saw it exit), not when it only ran out: a stalled process's close
+# may still land, and a close taken over from it that then failed would let sends be acked
+# before that late close.
 _CLAIM_IF_READY = """
 local need = tonumber(ARGV[1])
 if need > 0 and redis.call('HLEN', KEYS[1]) < need then
@@ -35,6 +39,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix_len = tonumber(ARGV[4])
 local take_over = ARGV[5] == '1'
+local dead_before = now
+if ARGV[6] == '1' then
+  dead_before = 0
+end
 local previous = {}
 for i = 3, #KEYS do
   local earlier = redis.call('SET', KEYS[i], ARGV[2], 'NX', 'GET', 'EX', ARGV[3])
@@ -42,7 +50,7 @@ for i = 3, #KEYS do
     earlier = false  -- this very attempt, run again (a retried pipeline): it is ours
   elseif earlier and string.sub(earlier, 1, 8) == 'pending:' then
     local lease = redis.call('HGET', KEYS[2], string.sub(earlier, 1, prefix_len))
-    if lease and tonumber(lease) < now then
+    if lease and tonumber(lease) < dead_before then
       if take_over then
         redis.call('SET', KEYS[i], ARGV[2], 'EX', ARGV[3])
         earlier = false
@@ -62,7 +70,7 @@ return previous
 # by the sessions worker) or a `closing` hold that has not expired (a close under way, in any
 # ingress process) claims nothing: the key's earlier value is answered if it has one (a retry of
 # a written message still gets its ack), else 0 (closed) or 1 (being closed; 2: by a close of a
-# process whose lease ran out or was ended, see below). A claimed key joins
+# process whose lease was ended, see below). A claimed key joins
 # the conversation's in-flight set until its outcome is settled; a close waits for that set to
 # empty before it publishes, so no message acknowledged to anyone lands after the close in the
 # log. This is what lets the ingress keep the conversation registry in process memory:
@@ -73,11 +81,13 @@ return previous
 # answered "orphaned:<its value>"; with ARGV[7] = "1" it is taken over by this attempt instead.
 # The caller asks for that only once the sessions worker has folded the log past everything the
 # dead process can have written (see ConversationWrites._take_over): had its record landed, the
-# fold would have recorded its ack in the claim (duplicate=true) by then. A close hold of a dead
-# process is never dropped here: that process may only be stalled, its close still to land, and a
-# message acknowledged meanwhile would land after it (lost to the fold). The ingress finishes such
-# a close instead (ConversationWrites._finish_dead_close): a late copy of it is a second close,
-# which the fold ignores.
+# fold would have recorded its ack in the claim (duplicate=true) by then. A close hold is never
+# dropped here: the close of a process whose lease was ended (it is dead) is finished by the
+# ingress instead (ConversationWrites._finish_dead_close), so even a copy of it still on its way
+# (in the dead process's socket, or appended but not yet committed) lands as a second close, which
+# the fold ignores. A hold whose process's lease only ran out is waited out (answered 1): that
+# process may be stalled with its close still to come. A message pending in a dead process's
+# attempt of a conversation closed or held meanwhile is answered like a new one (0, 1 or 2).
 _CLAIM_OPEN_IF_READY = """
 local need = tonumber(ARGV[1])
 if need > 0 and redis.call('HLEN', KEYS[1]) < need then
@@ -102,8 +112,8 @@ local function closing_now(hash)
   end
   local owner = string.match(holding, '^%d+:(.*)$') or ''
   local lease = redis.call('HGET', KEYS[2], string.sub(owner, 1, prefix_len))
-  if lease and tonumber(lease) < now then
-    return 2
+  if lease and tonumber(lease) < 0 then
+    return 2  -- its process stopped, or its supervisor saw it exit (see _CLAIM_IF_READY)
   end
   return 1
 end
@@ -129,9 +139,11 @@ for i = 3, #KEYS, 3 do
       redis.call('ZREM', KEYS[i + 2], ARGV[2] .. KEYS[i + 1])
       earlier = false
     end
-    if earlier then
+    if earlier and not orphaned(earlier) then
       previous[#previous + 1] = earlier
     else
+      -- Never written, or pending in a dead process's attempt (not in the log: the fold is
+      -- past where the log ended, see below): the conversation's state is the answer.
       previous[#previous + 1] = shut
     end
   else
@@ -647,6 +659,7 @@ class IngressHotView:
         *,
         unless_closed: bool = False,
         take_over: bool = False,
+        dead_if_ended: bool = False,
     ) -> list[Claim]:
         """Claim each (tenant, conversation, client_message_id) for writing, in one round trip
         (shared with whatever else this tick sends) and only while the hot view is complete
@@ -654,7 +667,8 @@ class IngressHotView:
         conversation is not claimed but answered Claim(closed=True). A key pending in a dead
         process's attempt is answered Claim(orphaned=True), or with `take_over` claimed from it;
         a message of a conversation held by a dead process's close (unless_closed) is answered
-        Claim(closing=True, orphaned=True), take_over or not."""
+        Claim(closing=True, orphaned=True), take_over or not. `dead_if_ended` (closes): only a
+        process whose lease was ended is dead, not one whose lease ran out."""
         if not keys:
             return []
         # One marker per call (one attempt of each key): settling compares against it.
@@ -680,7 +694,14 @@ class IngressHotView:
                 hv.INGRESS_LEASES_KEY,
                 *(hv.idempotency_key(t, c, m) for t, c, m in keys),
             ]
-            args = [partitions, marker, CLAIM_TTL_S, hv.MARKER_PREFIX_LEN, "1" if take_over else "0"]
+            args = [
+                partitions,
+                marker,
+                CLAIM_TTL_S,
+                hv.MARKER_PREFIX_LEN,
+                "1" if take_over else "0",
+                "1" if dead_if_ended else "0",
+            ]
         try:
             reply = await self._in_tick(script, redis_keys, args)
         except (RedisConnectionError, RedisTimeoutError):

@@ -74,6 +74,7 @@ class EventProducer:
         # count is fixed once created (the key -> partition map depends on it).
         self._partitions: dict[bytes, int] = {}
         self._offsets_reader: AIOKafkaConsumer | None = None  # see end_offset
+        self._offsets_lock = asyncio.Lock()
         # Set by `stop`: nothing is handed to Kafka after it (a write still running in a stopping
         # ingress would otherwise start a new producer after the process's lease ended).
         self._stopped = False
@@ -176,6 +177,8 @@ class EventProducer:
         known = self.partition_of(conversation_id)
         if known is not None:
             return known
+        if self._stopped:
+            raise unavailable("this ingress process is stopping; retry")
         try:
             async with asyncio.timeout(within_s):
                 await self.start()
@@ -192,16 +195,24 @@ class EventProducer:
         """The log end offset of a partition of the conversation topic, asked of Kafka now (for
         the rare takeover of a dead process's claim: a consumer without a group, made on first
         use). Raises UNAVAILABLE when Kafka does not answer within `within_s`."""
+        if self._stopped:
+            raise unavailable("this ingress process is stopping; retry")
         try:
             async with asyncio.timeout(within_s):
-                if self._offsets_reader is None:
-                    self._offsets_reader = await started(
-                        AIOKafkaConsumer(
-                            bootstrap_servers=self._settings.kafka_bootstrap, enable_auto_commit=False
+                # One reader, however many callers ask at once (each used to start its own).
+                async with self._offsets_lock:
+                    if self._offsets_reader is None:
+                        self._offsets_reader = await started(
+                            AIOKafkaConsumer(
+                                bootstrap_servers=self._settings.kafka_bootstrap, enable_auto_commit=False
+                            )
                         )
-                    )
+                    reader = self._offsets_reader
+                if self._stopped:  # stopped while it started: `stop` did not see it
+                    await reader.stop()
+                    raise unavailable("this ingress process is stopping; retry")
                 tp = TopicPartition(self._topic, partition)
-                return int((await self._offsets_reader.end_offsets([tp]))[tp])
+                return int((await reader.end_offsets([tp]))[tp])
         except (TimeoutError, KafkaError) as exc:
             raise unavailable(f"Kafka did not say where partition {partition} ends ({exc!r}); retry") from exc
 

@@ -26,13 +26,20 @@ from services.auth import IngressAuth, preflight
 from services.ingress import _validation as v
 from services.ingress._agents import AgentService
 from services.ingress._errors import as_rejection, retry_metadata
-from services.ingress._hotview import IngressHotView, live_pool
+from services.ingress._hotview import IngressHotView, live_pool, new_lease_id
 from services.ingress._idle import IdleSweeper
 from services.ingress._knowledge import KnowledgeService
 from services.ingress._producer import EventProducer
 from services.ingress._quotas import Quotas
 from services.ingress._service import ChatService, MessageBatcher, WriteOrder
-from services.ingress._supervisor import CHILD_ENV, LEASE_ENV, Supervisor, process_count
+from services.ingress._supervisor import (
+    CHILD_ENV,
+    LEASE_ENV,
+    Supervisor,
+    end_earlier_leases,
+    process_count,
+    record_leases,
+)
 from services.observability import metrics
 from services.observability.tracing import traceparent_of
 from services.settings import Settings
@@ -653,8 +660,15 @@ async def serve(settings: Settings) -> None:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         await Supervisor(settings, count, level).run()
         return
+    if child is None:
+        # A lone ingress process: its own lease, recorded as a supervisor records its children's
+        # (a later start on this address ends it if this process died without ending it).
+        await end_earlier_leases(settings)
+        os.environ.setdefault(LEASE_ENV, new_lease_id())
     server = IngressServer(settings, reuse_port=child is not None)
     await server.start()
+    if child is None:
+        record_leases(settings, [(os.environ[LEASE_ENV], os.getpid())])
     eventloop.freeze_heap()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -25,7 +25,9 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 import redis.asyncio as aioredis
 
 from services.ingress._hotview import end_lease, new_lease_id
@@ -95,6 +97,74 @@ class _Child:
     lease_id: str = ""
 
 
+def leases_file(settings: Settings) -> Path:
+    """Where a supervisor keeps its children's lease ids and pids (one file per listen address,
+    on this host: a supervisor after it ends the leases of those that died with it)."""
+    port = settings.grpc_listen.rsplit(":", 1)[-1]
+    return settings.data_dir / "run" / f"ingress-leases-{port}.txt"
+
+
+def dead_leases(path: Path) -> list[str]:
+    """The lease ids in `path` whose process is gone (a line: lease id, pid, the process's start
+    time). A pid alive again as another process (start time differs) counts as gone."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    dead = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 3:
+            continue
+        lease_id, pid, started = parts[0], int(parts[1]), float(parts[2])
+        try:
+            alive = abs(psutil.Process(pid).create_time() - started) < 1.0
+        except psutil.Error:
+            alive = False
+        if not alive:
+            dead.append(lease_id)
+    return dead
+
+
+def record_leases(settings: Settings, leases: list[tuple[str, int]]) -> None:
+    """Write (lease id, pid) of the ingress processes serving now to leases_file (best effort)."""
+    lines = []
+    for lease_id, pid in leases:
+        with contextlib.suppress(psutil.Error):
+            lines.append(f"{lease_id} {pid} {psutil.Process(pid).create_time()}")
+    path = leases_file(settings)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text("".join(f"{line}\n" for line in lines))
+        partial.replace(path)
+
+
+async def end_earlier_leases(settings: Settings) -> None:
+    """Ingress processes of an earlier run on this address that are gone (a kill -9 of
+    `switchboard run`, of a supervisor with its children, of a lone ingress): their leases are
+    ended now rather than left to run out, so their claims, starts and closes are taken over at
+    once, and a close need not wait for their unsettled messages (it waits for those of a process
+    whose lease only ran out: it may be stalled, not dead)."""
+    for lease_id in dead_leases(leases_file(settings)):
+        await end_lease_of(settings, lease_id)
+        log.info("ended the lease %s of an earlier ingress process that is gone", lease_id)
+
+
+async def end_lease_of(settings: Settings, lease_id: str) -> None:
+    """The process holding `lease_id` is dead (waited for): nothing it claimed can be written by
+    it any more. Best effort: if Redis does not answer, the lease runs out by itself."""
+    redis = aioredis.Redis.from_url(
+        settings.redis_url, socket_timeout=_END_LEASE_TIMEOUT_S, socket_connect_timeout=_END_LEASE_TIMEOUT_S
+    )
+    try:
+        await end_lease(redis, lease_id)
+    except Exception as exc:
+        log.warning("ending the ingress lease %s failed (%r); it runs out by itself", lease_id, exc)
+    finally:
+        await redis.aclose()
+
+
 class Supervisor:
     def __init__(self, settings: Settings, count: int, log_level: str = "info") -> None:
         self._settings = settings
@@ -102,6 +172,16 @@ class Supervisor:
         self._log_level = log_level
         self._children = [_Child(i) for i in range(count)]
         self._stopping = asyncio.Event()
+
+    def _record_leases(self) -> None:
+        record_leases(
+            self._settings,
+            [
+                (c.lease_id, c.proc.pid)
+                for c in self._children
+                if c.proc is not None and c.proc.returncode is None and c.lease_id
+            ],
+        )
 
     async def _start(self, child: _Child) -> None:
         # Tied after exec (services.ingress.__main__ calls die_with_parent), not in a preexec_fn:
@@ -124,6 +204,7 @@ class Supervisor:
             env=env,
         )
         child.started = time.monotonic()
+        self._record_leases()
         log.info("ingress process %d started (pid %d)", child.index, child.proc.pid)
 
     async def _watch(self, child: _Child) -> None:
@@ -168,6 +249,7 @@ class Supervisor:
 
     async def run(self) -> None:
         check_port_free(self._settings.grpc_listen)
+        await end_earlier_leases(self._settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -190,19 +272,7 @@ class Supervisor:
 
     async def _end_lease(self, child: _Child) -> None:
         """The child is dead (waited for): nothing it claimed can be written by it any more."""
-        redis = aioredis.Redis.from_url(
-            self._settings.redis_url,
-            socket_timeout=_END_LEASE_TIMEOUT_S,
-            socket_connect_timeout=_END_LEASE_TIMEOUT_S,
-        )
-        try:
-            await end_lease(redis, child.lease_id)
-        except Exception as exc:
-            log.warning(
-                "ending the lease of ingress process %d failed (%r); it runs out by itself", child.index, exc
-            )
-        finally:
-            await redis.aclose()
+        await end_lease_of(self._settings, child.lease_id)
 
     async def _stop_children(self) -> None:
         running = [c.proc for c in self._children if c.proc is not None and c.proc.returncode is None]

@@ -676,7 +676,12 @@ class ConversationWrites:
         return claims
 
     async def _take_over(
-        self, keys: list[ClaimKey], claims: list[Claim], *, unless_closed: bool = True
+        self,
+        keys: list[ClaimKey],
+        claims: list[Claim],
+        *,
+        unless_closed: bool = True,
+        dead_if_ended: bool = False,
     ) -> None:
         """Claims pending in an attempt of a process that died (its lease ran out or was ended)
         are claimed by this attempt, but only once the sessions worker has folded each such
@@ -712,7 +717,11 @@ class ConversationWrites:
                 await asyncio.sleep(TAKEOVER_POLL_S)
             mine = [keys[n] for n in orphans]
             again = await self._hot.claim_many(
-                mine, self._settings.topic_partitions, unless_closed=unless_closed, take_over=True
+                mine,
+                self._settings.topic_partitions,
+                unless_closed=unless_closed,
+                take_over=True,
+                dead_if_ended=dead_if_ended,
             )
         except Exception as exc:
             log.warning("taking over claims of a dead ingress process failed (%r); they stay in flight", exc)
@@ -765,8 +774,19 @@ class ConversationWrites:
     def _background(self, coro: Coroutine[Any, Any, R]) -> asyncio.Task[R]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._background_done)
         return task
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        """Its outcome is its caller's; a caller that left (its deadline) never reads it, and
+        asyncio logged each such refusal as "Task exception was never retrieved" with a trace."""
+        self._tasks.discard(task)
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        if isinstance(exc, v.RequestRejected):
+            log.debug("a write whose caller left ended with %r", exc)
+        else:
+            log.warning("a write whose caller may have left failed: %r", exc)
 
     async def _publish(
         self,
@@ -1005,6 +1025,10 @@ class ConversationWrites:
         """Close an open conversation on the system's behalf (the idle close, services/ingress/
         _idle.py) by the same hold, wait and publish as CloseConversation, so a send racing it is
         before the close in the log or refused; False when it is closed (or unknown) already."""
+        try:
+            await self.refuse_if_erased(tenant_id, conversation_id)
+        except v.RequestRejected:
+            return False  # erased (its keys must not come back), or the registry not read yet
         reg = await self._hot.lookup(tenant_id, conversation_id)
         if reg is None or _is_closed(reg):
             return False
@@ -1087,12 +1111,16 @@ class ConversationWrites:
     async def _claim_start_or_close(self, claim_key: ClaimKey) -> tuple[Claim, bool]:
         """The claim of a start or a close, and whether it was taken over: one pending in an
         attempt of a dead ingress process is (see _take_over), so its retry need not wait for the
-        claim to expire. (Had that process only stalled, its own record may land later: a second
-        start or close, which the fold ignores.)"""
-        claims = await self._hot.claim_many([claim_key], self._settings.topic_partitions)
+        claim to expire. A start's once that process's lease ran out (had it only stalled, its own
+        start may land later: a second start, which the fold ignores); a close's only once its
+        lease was ended (it is dead: see _CLAIM_IF_READY)."""
+        closing = claim_key[2] == hv.CLOSE_CLAIM
+        claims = await self._hot.claim_many(
+            [claim_key], self._settings.topic_partitions, dead_if_ended=closing
+        )
         if not claims[0].orphaned:
             return claims[0], False
-        await self._take_over([claim_key], claims, unless_closed=False)
+        await self._take_over([claim_key], claims, unless_closed=False, dead_if_ended=closing)
         return claims[0], claims[0].claimed
 
     async def _release_hold(self, conversation: Conversation, owner: bytes) -> None:

@@ -34,7 +34,7 @@ from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 from schemas import hotview as hv
 from schemas.events import Event, encode_event, event_headers, event_key, new_event
 from services.ingress._hotview import LEASE_S, IngressHotView, end_lease, marker_prefix, new_lease_id
-from services.ingress._writes import DEAD_CLOSE_RESOLUTION
+from services.ingress._writes import DEAD_CLOSE_RESOLUTION, TAKEOVER_WAIT_S
 from services.processes import wait_for_ingress
 from services.settings import Settings
 from tests.conftest import count, eventually, start_conversation, wait_for_count
@@ -235,11 +235,11 @@ def _close_event(tenant: str, conversation_id: str, resolution: str) -> Event:
     )
 
 
-@pytest.mark.parametrize("ran_out", [False, True], ids=["lease-ended", "lease-ran-out"])
 @pytest.mark.timeout(120)
 async def test_a_dead_close_that_did_not_land_is_finished_and_nothing_is_acked_behind_it(
-    system: System, tenant: str, stub: chat_pb2_grpc.ChatServiceStub, redis: aioredis.Redis, ran_out: bool
+    system: System, tenant: str, stub: chat_pb2_grpc.ChatServiceStub, redis: aioredis.Redis
 ) -> None:
+    ran_out = False
     settings = system.settings
     await wait_for_ingress(settings)
     conversation_id = await start_conversation(stub, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c")
@@ -321,3 +321,80 @@ async def test_a_dead_close_that_landed_refuses_sends_as_closed(
     )
     assert closed.status == chat_pb2.CONVERSATION_STATUS_CLOSED
     assert closed.resolution == "dead"
+
+
+@pytest.mark.timeout(120)
+async def test_the_close_of_a_process_whose_lease_only_ran_out_is_waited_for(
+    system: System, tenant: str, stub: chat_pb2_grpc.ChatServiceStub, redis: aioredis.Redis
+) -> None:
+    """A process whose lease ran out may only be stalled, its close still to come (the second
+    review's finding 1): its hold is not taken over nor its close finished for it; sends are
+    refused until its close lands, and then refused as closed. Never acked in between."""
+    settings = system.settings
+    await wait_for_ingress(settings)
+    conversation_id = await start_conversation(stub, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c")
+    await _held_by_a_dead_close(settings, redis, tenant, conversation_id, landed=False, ran_out=True)
+    request = chat_pb2.SendMessageRequest(
+        tenant_id=tenant,
+        conversation_id=conversation_id,
+        client_message_id="behind-a-stalled-close",
+        text="x",
+    )
+    close = chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
+    # Past the lease and the takeover's wait: still refused, and nothing closed it for the process.
+    deadline = time.monotonic() + TAKEOVER_WAIT_S + 1
+    while time.monotonic() < deadline:
+        refused = await _unary(stub.SendMessage(request, timeout=10))
+        assert isinstance(refused, grpc.aio.AioRpcError), f"acked behind a close under way: {refused}"
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE and "being closed" in (refused.details() or "")
+        retried = await _unary(stub.CloseConversation(close, timeout=10))
+        assert isinstance(retried, grpc.aio.AioRpcError), f"a close taken over from a live process: {retried}"
+        assert retried.code() == grpc.StatusCode.UNAVAILABLE, retried
+    # Its close lands (it was stalled): sends are refused as closed, with its resolution.
+    await _folded(redis, *await _produce(settings, _close_event(tenant, conversation_id, "stalled one")))
+
+    def refused_as_closed(r: object) -> bool:
+        assert isinstance(r, grpc.aio.AioRpcError), f"acked behind the close: {r}"
+        return r.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    await eventually(
+        lambda: _unary(stub.SendMessage(request, timeout=10)), refused_as_closed, within_s=10, what="closed"
+    )
+    got = await stub.CloseConversation(close, timeout=10)
+    assert got.status == chat_pb2.CONVERSATION_STATUS_CLOSED and got.resolution == "stalled one"
+
+
+@pytest.mark.timeout(120)
+async def test_a_retry_of_the_dead_process_message_finishes_its_close(
+    system: System, tenant: str, stub: chat_pb2_grpc.ChatServiceStub, redis: aioredis.Redis
+) -> None:
+    """The dead process had a message in flight and was closing the conversation; the client
+    retries that very message (same id): it is answered as any send would be (the close is
+    finished, then closed), not "being written by an earlier attempt" for the claim's 120 s."""
+    settings = system.settings
+    await wait_for_ingress(settings)
+    conversation_id = await start_conversation(stub, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c")
+    async with _DeadProcess(redis) as dead:
+        (message,) = await dead.hot.claim_many(
+            [(tenant, conversation_id, "in-flight")], settings.topic_partitions, unless_closed=True
+        )
+        assert message.claimed
+        (close,) = await dead.hot.claim_many(
+            [(tenant, conversation_id, hv.CLOSE_CLAIM)], settings.topic_partitions
+        )
+        assert close.claimed
+        assert await dead.hot.hold_for_close(tenant, conversation_id, close.marker) == 0
+    request = chat_pb2.SendMessageRequest(
+        tenant_id=tenant, conversation_id=conversation_id, client_message_id="in-flight", text="x"
+    )
+    details: list[str] = []
+
+    def closed(r: object) -> bool:
+        assert isinstance(r, grpc.aio.AioRpcError), f"acked behind a close under way: {r}"
+        details.append(r.details() or "")
+        return r.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    await eventually(
+        lambda: _unary(stub.SendMessage(request, timeout=10)), closed, within_s=LEASE_S / 2, what="closed"
+    )
+    assert not any("earlier attempt" in d for d in details), details

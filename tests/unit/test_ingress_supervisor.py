@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,33 @@ def test_a_reuse_port_listener_makes_the_port_busy() -> None:
             check_port_free(f"127.0.0.1:{port}", within_s=0.2)
     finally:
         stray.close()
+
+
+def test_the_leases_of_processes_that_are_gone_are_found(tmp_path: Path) -> None:
+    """A supervisor (or a lone ingress) records its processes' leases; the next one on the same
+    address ends those whose process is gone, also a pid reused by another process."""
+    import os
+    import subprocess
+    import sys
+
+    from services.ingress._supervisor import dead_leases, leases_file, record_leases
+    from services.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, grpc_listen="127.0.0.1:45999")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    # Only processes alive when it writes are recorded.
+    record_leases(settings, [("a" * 12, os.getpid()), ("b" * 12, gone.pid)])
+    path = leases_file(settings)
+    assert path.parent == tmp_path / "run" and "45999" in path.name
+    assert [line.split()[0] for line in path.read_text().splitlines()] == ["a" * 12]
+    assert dead_leases(path) == []
+    with path.open("a") as f:
+        f.write(f"{'b' * 12} {gone.pid} {time.time() - 5}\n")
+    assert dead_leases(path) == ["b" * 12]
+    # This pid, but started at another time: another process than the one recorded.
+    lines = path.read_text().splitlines()
+    lease, pid, started = lines[0].split()
+    path.write_text(f"{lease} {pid} {float(started) - 100}\n")
+    assert dead_leases(path) == [lease]
+    assert dead_leases(tmp_path / "none.txt") == []

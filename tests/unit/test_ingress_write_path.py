@@ -60,6 +60,7 @@ class FakeHotView(IngressHotView):
         *,
         unless_closed: bool = False,
         take_over: bool = False,
+        dead_if_ended: bool = False,
     ) -> list[Claim]:
         for key in keys:
             self.claiming.add(key[2])
