@@ -87,7 +87,8 @@ return previous
 # (in the dead process's socket, or appended but not yet committed) lands as a second close, which
 # the fold ignores. A hold whose process's lease only ran out is waited out (answered 1): that
 # process may be stalled with its close still to come. A message pending in a dead process's
-# attempt of a conversation closed or held meanwhile is answered like a new one (0, 1 or 2).
+# attempt of a conversation closed or held meanwhile is answered "orphaned:<its value>" too, and
+# once the fold is past the log's end (take_over) like a new one (0, 1 or 2).
 _CLAIM_OPEN_IF_READY = """
 local need = tonumber(ARGV[1])
 if need > 0 and redis.call('HLEN', KEYS[1]) < need then
@@ -139,11 +140,19 @@ for i = 3, #KEYS, 3 do
       redis.call('ZREM', KEYS[i + 2], ARGV[2] .. KEYS[i + 1])
       earlier = false
     end
-    if earlier and not orphaned(earlier) then
+    if earlier and orphaned(earlier) then
+      if take_over then
+        -- Pending in a dead process's attempt, and the fold is past where the log ended (see
+        -- below): never written, so the conversation's state is the answer.
+        previous[#previous + 1] = shut
+      else
+        -- Its record may be in the log with its ack not yet recorded: the caller waits for
+        -- the fold first (then asks again with take_over).
+        previous[#previous + 1] = 'orphaned:' .. earlier
+      end
+    elseif earlier then
       previous[#previous + 1] = earlier
     else
-      -- Never written, or pending in a dead process's attempt (not in the log: the fold is
-      -- past where the log ended, see below): the conversation's state is the answer.
       previous[#previous + 1] = shut
     end
   else

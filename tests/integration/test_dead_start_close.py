@@ -398,3 +398,51 @@ async def test_a_retry_of_the_dead_process_message_finishes_its_close(
         lambda: _unary(stub.SendMessage(request, timeout=10)), closed, within_s=LEASE_S / 2, what="closed"
     )
     assert not any("earlier attempt" in d for d in details), details
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["not-landed", "landed"])
+@pytest.mark.timeout(120)
+async def test_a_retried_message_of_a_dead_process_after_the_close_is_answered_by_the_log(
+    system: System, tenant: str, stub: chat_pb2_grpc.ChatServiceStub, redis: aioredis.Redis, landed: bool
+) -> None:
+    """The dead process's message may have landed before the conversation was closed (by
+    another process): its retry gets that message's ack (duplicate), not "closed" because the
+    close was marked before the fold recorded the ack; one that never landed is "closed"."""
+    settings = system.settings
+    await wait_for_ingress(settings)
+    conversation_id = await start_conversation(stub, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c")
+    async with _DeadProcess(redis) as dead:
+        (message,) = await dead.hot.claim_many(
+            [(tenant, conversation_id, "mid-write")], settings.topic_partitions, unless_closed=True
+        )
+        assert message.claimed
+        written = new_event(
+            tenant,
+            conversation_id,
+            message_received=events_pb2.MessageReceived(client_message_id="mid-write", text="landed"),
+        )
+        if landed:
+            await _produce(settings, written)
+    closed = await stub.CloseConversation(
+        chat_pb2.CloseConversationRequest(tenant_id=tenant, conversation_id=conversation_id), timeout=30
+    )
+    assert closed.status == chat_pb2.CONVERSATION_STATUS_CLOSED
+    retried = await _unary(
+        stub.SendMessage(
+            chat_pb2.SendMessageRequest(
+                tenant_id=tenant,
+                conversation_id=conversation_id,
+                client_message_id="mid-write",
+                text="landed",
+            ),
+            timeout=10,
+        )
+    )
+    if landed:
+        assert isinstance(retried, chat_pb2.SendMessageResponse), retried
+        assert retried.duplicate and retried.event_id == written.event_id
+    else:
+        assert (
+            isinstance(retried, grpc.aio.AioRpcError)
+            and retried.code() == grpc.StatusCode.FAILED_PRECONDITION
+        )
