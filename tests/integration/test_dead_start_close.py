@@ -112,6 +112,19 @@ async def _folded(redis: aioredis.Redis, partition: int, offset: int) -> None:
     await eventually(applied, lambda a: a > offset, within_s=30, what=f"the fold past {partition}:{offset}")
 
 
+async def _claim_message(
+    dead: _DeadProcess, settings: Settings, tenant: str, conversation_id: str, client_message_id: str
+) -> None:
+    """The dead process's claim of a customer message, as its write path makes it."""
+    key = (tenant, conversation_id, client_message_id)
+    (claim,) = await dead.hot.claim_many([key], settings.topic_partitions, unless_closed=True)
+    assert claim.claimed
+
+
+async def _started(stub: chat_pb2_grpc.ChatServiceStub, tenant: str) -> str:
+    return await start_conversation(stub, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c")
+
+
 async def _unary(call: Awaitable[object]) -> object:
     """The response, or the AioRpcError (asserted by the caller)."""
     try:
@@ -242,7 +255,7 @@ async def test_a_dead_close_that_did_not_land_is_finished_and_nothing_is_acked_b
     ran_out = False
     settings = system.settings
     await wait_for_ingress(settings)
-    conversation_id = await start_conversation(stub, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c")
+    conversation_id = await _started(stub, tenant)
 
     def send(cmid: str) -> Awaitable[object]:
         return _unary(
@@ -297,7 +310,7 @@ async def test_a_dead_close_that_landed_refuses_sends_as_closed(
 ) -> None:
     settings = system.settings
     await wait_for_ingress(settings)
-    conversation_id = await start_conversation(stub, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c")
+    conversation_id = await _started(stub, tenant)
     await _held_by_a_dead_close(settings, redis, tenant, conversation_id, landed=True)
     # However soon after, a send is never acked behind the landed close: refused while the fold
     # catches up, then refused as closed.
@@ -332,7 +345,7 @@ async def test_the_close_of_a_process_whose_lease_only_ran_out_is_waited_for(
     refused until its close lands, and then refused as closed. Never acked in between."""
     settings = system.settings
     await wait_for_ingress(settings)
-    conversation_id = await start_conversation(stub, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c")
+    conversation_id = await _started(stub, tenant)
     await _held_by_a_dead_close(settings, redis, tenant, conversation_id, landed=False, ran_out=True)
     request = chat_pb2.SendMessageRequest(
         tenant_id=tenant,
@@ -373,12 +386,9 @@ async def test_a_retry_of_the_dead_process_message_finishes_its_close(
     finished, then closed), not "being written by an earlier attempt" for the claim's 120 s."""
     settings = system.settings
     await wait_for_ingress(settings)
-    conversation_id = await start_conversation(stub, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c")
+    conversation_id = await _started(stub, tenant)
     async with _DeadProcess(redis) as dead:
-        (message,) = await dead.hot.claim_many(
-            [(tenant, conversation_id, "in-flight")], settings.topic_partitions, unless_closed=True
-        )
-        assert message.claimed
+        await _claim_message(dead, settings, tenant, conversation_id, "in-flight")
         (close,) = await dead.hot.claim_many(
             [(tenant, conversation_id, hv.CLOSE_CLAIM)], settings.topic_partitions
         )
@@ -410,12 +420,9 @@ async def test_a_retried_message_of_a_dead_process_after_the_close_is_answered_b
     close was marked before the fold recorded the ack; one that never landed is "closed"."""
     settings = system.settings
     await wait_for_ingress(settings)
-    conversation_id = await start_conversation(stub, tenant, channel=events_pb2.CHANNEL_WEB, customer_id="c")
+    conversation_id = await _started(stub, tenant)
     async with _DeadProcess(redis) as dead:
-        (message,) = await dead.hot.claim_many(
-            [(tenant, conversation_id, "mid-write")], settings.topic_partitions, unless_closed=True
-        )
-        assert message.claimed
+        await _claim_message(dead, settings, tenant, conversation_id, "mid-write")
         written = new_event(
             tenant,
             conversation_id,
