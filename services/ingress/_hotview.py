@@ -493,6 +493,48 @@ def marker_prefix(lease_id: str) -> bytes:
     return hv.CLAIM_PENDING + b":" + lease_id.encode()
 
 
+# End a lease only if it has not been renewed for ARGV[2] ms (KEYS: the leases hash; ARGV: marker
+# prefix, ms, forget ms): 1 ended (or ended already), 0 renewed lately (its process is alive), -1
+# unknown (forgotten, or never there).
+_END_IF_STALE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then
+  return -1
+end
+current = tonumber(current)
+if current < 0 then
+  return 1
+end
+-- A renewal sets now + LEASE_S: renewed within ARGV[2] ms means current > now + LEASE_S - ARGV[2].
+if current - tonumber(ARGV[3]) > now - tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], -now)
+return 1
+"""
+# A lease found in an earlier run's record is ended only once it has not been renewed for this
+# long: past LEASE_FRESH_S its process (were it alive, only stalled) hands nothing more to Kafka.
+END_STALE_AFTER_S = LEASE_FRESH_S + 1.0
+
+
+async def end_lease_if_stale(redis: aioredis.Redis, lease_id: str) -> int:
+    """End the lease of a process believed gone, unless Redis saw it renewed within
+    END_STALE_AFTER_S (then it is alive, whatever pids or clocks said): 1 ended, 0 alive, -1
+    unknown."""
+    return int(
+        await redis.eval(
+            _END_IF_STALE,
+            1,
+            hv.INGRESS_LEASES_KEY,
+            marker_prefix(lease_id),
+            int(END_STALE_AFTER_S * 1000),
+            int(LEASE_S * 1000),
+        )
+    )
+
+
 async def end_lease(redis: aioredis.Redis, lease_id: str) -> None:
     """The process holding `lease_id` is gone (its supervisor saw it exit): its claims may be
     taken over from now on, not only once its lease runs out."""
@@ -525,6 +567,8 @@ class IngressHotView:
         # monotonic time its last successful renewal was sent.
         self._leased = False
         self._lease_renewed = -float("inf")
+        # Its lease was ended by another process (see renew_lease): never fresh again.
+        self._lease_lost = False
         self._tick = TickPipeline(redis)
         # Starts every claim marker of this instance (one per ingress process): a close tells its
         # own process's in-flight messages from other processes' by it.
@@ -538,11 +582,20 @@ class IngressHotView:
         it only once its producer is stopped)."""
         sent = time.monotonic()
         self._leased = True  # from the moment it is sent: Redis may have it, answered or not
-        await self._renew_lease(
+        renewed = await self._renew_lease(
             keys=[hv.INGRESS_LEASES_KEY],
             args=[self._marker_prefix, int(lease_s * 1000), 2 * CLAIM_TTL_S * 1000],
         )
-        if lease_s > 0:
+        if lease_s > 0 and int(renewed) == 0 and not self._lease_lost:
+            # Ended by someone who took this process for dead (a supervisor, or a restarted one
+            # reading an earlier run's record): others may take its claims and finish its
+            # closes, so it hands nothing claimed to Kafka any more. Restart it.
+            self._lease_lost = True
+            log.error(
+                "this ingress process's lease was ended by another process that took it for dead: it "
+                "refuses writes from now on (UNAVAILABLE); restart it"
+            )
+        if lease_s > 0 and not self._lease_lost:
             self._lease_renewed = max(self._lease_renewed, sent)
 
     async def keep_lease(self) -> None:
@@ -563,6 +616,8 @@ class IngressHotView:
     def lease_fresh(self) -> bool:
         """Whether no other process can have taken this one's claims over (see LEASE_FRESH_S).
         A view that never asked for a lease has claims no one takes over (no lease is not dead)."""
+        if self._lease_lost:
+            return False
         return not self._leased or time.monotonic() - self._lease_renewed < LEASE_FRESH_S
 
     async def lookup_many(self, keys: Sequence[tuple[str, str]]) -> list[Registration | None]:

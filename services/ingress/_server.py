@@ -36,7 +36,9 @@ from services.ingress._supervisor import (
     CHILD_ENV,
     LEASE_ENV,
     Supervisor,
+    dead_leases,
     end_earlier_leases,
+    leases_file,
     process_count,
     record_leases,
 )
@@ -660,15 +662,18 @@ async def serve(settings: Settings) -> None:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         await Supervisor(settings, count, level).run()
         return
+    ending: asyncio.Future[None] | None = None
     if child is None:
-        # A lone ingress process: its own lease, recorded as a supervisor records its children's
-        # (a later start on this address ends it if this process died without ending it).
-        await end_earlier_leases(settings)
-        os.environ.setdefault(LEASE_ENV, new_lease_id())
+        # A lone ingress process: its own lease (always a new one), recorded as a supervisor
+        # records its children's (a later start on this address ends it if this process died
+        # without ending it), after it read the earlier run's record.
+        earlier = dead_leases(leases_file(settings))
+        os.environ[LEASE_ENV] = new_lease_id()
     server = IngressServer(settings, reuse_port=child is not None)
     await server.start()
     if child is None:
         record_leases(settings, [(os.environ[LEASE_ENV], os.getpid())])
+        ending = asyncio.ensure_future(end_earlier_leases(settings, earlier))
     eventloop.freeze_heap()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -678,4 +683,6 @@ async def serve(settings: Settings) -> None:
         await stopping.wait()
         log.info("stopping: draining in-flight calls (up to %.0fs)", settings.ingress_drain_s)
     finally:
+        if ending is not None:
+            ending.cancel()
         await server.stop(settings.ingress_drain_s)

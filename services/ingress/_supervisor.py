@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import redis.asyncio as aioredis
 
-from services.ingress._hotview import end_lease, new_lease_id
+from services.ingress._hotview import LEASE_RENEW_S, LEASE_S, end_lease, end_lease_if_stale, new_lease_id
 from services.processes import tied_to_this_process
 from services.settings import Settings
 
@@ -118,9 +118,12 @@ def dead_leases(path: Path) -> list[str]:
             continue
         lease_id, pid, started = parts[0], int(parts[1]), float(parts[2])
         try:
-            alive = abs(psutil.Process(pid).create_time() - started) < 1.0
-        except psutil.Error:
+            process = psutil.Process(pid)
+            alive = process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - started) < 1.0
+        except psutil.NoSuchProcess:
             alive = False
+        except psutil.Error:
+            alive = True  # cannot tell (access denied): not taken for dead
         if not alive:
             dead.append(lease_id)
     return dead
@@ -140,15 +143,39 @@ def record_leases(settings: Settings, leases: list[tuple[str, int]]) -> None:
         partial.replace(path)
 
 
-async def end_earlier_leases(settings: Settings) -> None:
+async def end_earlier_leases(settings: Settings, pending: list[str]) -> None:
     """Ingress processes of an earlier run on this address that are gone (a kill -9 of
     `switchboard run`, of a supervisor with its children, of a lone ingress): their leases are
-    ended now rather than left to run out, so their claims, starts and closes are taken over at
-    once, and a close need not wait for their unsettled messages (it waits for those of a process
-    whose lease only ran out: it may be stalled, not dead)."""
-    for lease_id in dead_leases(leases_file(settings)):
-        await end_lease_of(settings, lease_id)
-        log.info("ended the lease %s of an earlier ingress process that is gone", lease_id)
+    ended rather than left to run out, so their starts and closes are taken over, and a close need
+    not wait for their unsettled messages (it waits for those of a process whose lease only ran
+    out: it may be stalled, not dead). A lease is ended only once Redis has not seen it renewed
+    for END_STALE_AFTER_S, whatever the pids say (a clock step moves a process's start time; a
+    data directory may be shared): a live process renews every second. `pending`: dead_leases
+    of the record, read before this run writes its own. Waits at most LEASE_S (past it, the lease
+    has run out anyway); run it beside serving, not before."""
+    pending = list(pending)
+    deadline = time.monotonic() + LEASE_S
+    while pending:
+        redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=_END_LEASE_TIMEOUT_S,
+            socket_connect_timeout=_END_LEASE_TIMEOUT_S,
+        )
+        try:
+            for lease_id in list(pending):
+                outcome = await end_lease_if_stale(redis, lease_id)
+                if outcome != 0:
+                    pending.remove(lease_id)
+                if outcome == 1:
+                    log.info("ended the lease %s of an earlier ingress process that is gone", lease_id)
+        except Exception as exc:
+            log.warning("ending the leases of earlier ingress processes failed (%r); they run out", exc)
+            return
+        finally:
+            await redis.aclose()
+        if not pending or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(LEASE_RENEW_S)
 
 
 async def end_lease_of(settings: Settings, lease_id: str) -> None:
@@ -249,7 +276,9 @@ class Supervisor:
 
     async def run(self) -> None:
         check_port_free(self._settings.grpc_listen)
-        await end_earlier_leases(self._settings)
+        ending = asyncio.ensure_future(
+            end_earlier_leases(self._settings, dead_leases(leases_file(self._settings)))
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
@@ -266,9 +295,9 @@ class Supervisor:
         finally:
             self._stopping.set()
             await self._stop_children()
-            for w in watchers:
+            for w in (*watchers, ending):
                 w.cancel()
-            await asyncio.gather(*watchers, return_exceptions=True)
+            await asyncio.gather(*watchers, ending, return_exceptions=True)
 
     async def _end_lease(self, child: _Child) -> None:
         """The child is dead (waited for): nothing it claimed can be written by it any more."""

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from switchboard.v1 import chat_pb2, chat_pb2_grpc, events_pb2
 
 from schemas import hotview as hv
-from services.ingress._hotview import IngressHotView, marker_prefix
+from services.ingress._hotview import LEASE_S, IngressHotView, end_lease_if_stale, marker_prefix, new_lease_id
 from services.ingress._supervisor import leases_file
 from services.processes import Child, wait_for_ingress
 from services.settings import Settings
@@ -96,8 +96,11 @@ async def test_a_restarted_ingress_ends_the_lease_of_its_killed_predecessor(
     second.start()
     try:
         await wait_for_ingress(settings, second)
-        ended = await _lease(redis, lease_id)
-        assert ended is not None and ended < 0, f"the earlier process's lease was not ended: {ended}"
+        # Ended once Redis has not seen it renewed for END_STALE_AFTER_S (before it runs out).
+        ended = await eventually(
+            lambda: _lease(redis, lease_id), lambda v: v is not None and v < 0, within_s=LEASE_S, what="ended"
+        )
+        assert ended is not None and ended < 0
         # So a close need not wait for that process's unsettled message.
         async with grpc.aio.insecure_channel(settings.grpc_listen) as channel:
             stub = chat_pb2_grpc.ChatServiceStub(channel)
@@ -113,3 +116,28 @@ async def test_a_restarted_ingress_ends_the_lease_of_its_killed_predecessor(
             assert closed.status == chat_pb2.CONVERSATION_STATUS_CLOSED
     finally:
         second.stop()
+
+
+async def test_a_lease_renewed_lately_is_never_ended_as_stale_and_a_process_whose_lease_was_ended_stops(
+    system: System, redis: aioredis.Redis
+) -> None:
+    """The third review's finding A: a clock step made a live process look gone to the pid check;
+    its lease was ended and it went on writing. Now Redis decides (a live process renews every
+    second), and a process that learns its lease was ended refuses writes for good."""
+    alive_id = new_lease_id()
+    alive = IngressHotView(redis, 3600, lease_id=alive_id)
+    await alive.renew_lease()
+    assert await end_lease_if_stale(redis, alive_id) == 0
+    assert alive.lease_fresh()
+    # Renewed last with 2 s: not renewed for longer than END_STALE_AFTER_S by the lease's own
+    # arithmetic (expiry - LEASE_S), so it is ended...
+    stalled_id = new_lease_id()
+    stalled = IngressHotView(redis, 3600, lease_id=stalled_id)
+    await stalled.renew_lease(2.0)
+    assert stalled.lease_fresh()
+    assert await end_lease_if_stale(redis, stalled_id) == 1
+    assert (await _lease(redis, stalled_id) or 0) < 0
+    # ...and when the process renews again it learns so and hands nothing claimed to Kafka.
+    await stalled.renew_lease()
+    assert not stalled.lease_fresh()
+    assert await end_lease_if_stale(redis, new_lease_id()) == -1
