@@ -45,7 +45,10 @@ def test_two_thousand_clients_at_once_each_query(endpoint: QueryEndpoint) -> Non
     _, stateful_before = endpoint.engine.session_count
 
     def one(i: int) -> tuple[Any, int]:
-        c = client(endpoint)  # its own session_id, and a query (version, timezone) already
+        # Its own session_id, and a query (version, timezone) already. A session idle for its
+        # timeout (60 s by default) is dropped: a fresh-machine CI took longer than that to open
+        # the 2000, and the first ones were gone (`held` failed), so these ask for 10 minutes.
+        c = client(endpoint, settings={"session_timeout": 600})
         return c, int(c.query(f"SELECT {i} + 1").result_rows[0][0])
 
     with ThreadPoolExecutor(max_workers=32) as pool:
