@@ -457,8 +457,8 @@ class Claim:
     marker: bytes = hv.CLAIM_PENDING
     # Claimed into the conversation's in-flight set (claim_many(..., unless_closed=True)).
     tracked: bool = False
-    # Pending in an attempt of a process whose lease ran out or was ended (or, with `closing`,
-    # held by such a process's close): take_over may write it.
+    # Pending in an attempt of a process whose lease ran out or was ended (a close's: ended), or
+    # with `closing`, held by the close of a process whose lease was ended: see _take_over.
     orphaned: bool = False
 
     @property
