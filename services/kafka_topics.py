@@ -9,6 +9,7 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
 
 import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
 from schemas.topics import TopicSpec, topic_catalogue
@@ -72,10 +73,31 @@ def catalogue(settings: Settings) -> list[TopicSpec]:
     )
 
 
+# How long ensure_topics retries a Kafka that is not ready for it yet (a broker just started
+# answers metadata without itself for a moment: NodeNotReadyError, seen in CI right after the
+# broker of the previous test was restarted).
+ENSURE_RETRY_S = 30.0
+
+
 async def ensure_topics(settings: Settings) -> list[str]:
     """Create missing topics; returns the names created. Existing topics are left as they are, but a
     partition count that differs from the configuration is reported (the key→partition map would
-    change, so it is never altered automatically)."""
+    change, so it is never altered automatically). Kafka's retriable errors are retried for up to
+    ENSURE_RETRY_S."""
+    deadline = time.monotonic() + ENSURE_RETRY_S
+    pause = 0.2
+    while True:
+        try:
+            return await _ensure_topics_once(settings)
+        except KafkaError as exc:
+            if not exc.retriable or time.monotonic() + pause > deadline:
+                raise
+            log.info("Kafka is not ready for the topics yet (%r); trying again in %.1fs", exc, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
+async def _ensure_topics_once(settings: Settings) -> list[str]:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="switchboard-admin")
     await admin.start()
     try:
