@@ -155,35 +155,35 @@ async def end_earlier_leases(settings: Settings, pending: list[str]) -> None:
     has run out anyway); run it beside serving, not before."""
     pending = list(pending)
     deadline = time.monotonic() + LEASE_S
-    while pending:
-        redis = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=_END_LEASE_TIMEOUT_S,
-            socket_connect_timeout=_END_LEASE_TIMEOUT_S,
-        )
-        try:
+    redis = _lease_redis(settings)
+    try:
+        while pending:
             for lease_id in list(pending):
                 outcome = await end_lease_if_stale(redis, lease_id)
                 if outcome != 0:
                     pending.remove(lease_id)
                 if outcome == 1:
                     log.info("ended the lease %s of an earlier ingress process that is gone", lease_id)
-        except Exception as exc:
-            log.warning("ending the leases of earlier ingress processes failed (%r); they run out", exc)
-            return
-        finally:
-            await redis.aclose()
-        if not pending or time.monotonic() > deadline:
-            return
-        await asyncio.sleep(LEASE_RENEW_S)
+            if not pending or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(LEASE_RENEW_S)
+    except Exception as exc:
+        log.warning("ending the leases of earlier ingress processes failed (%r); they run out", exc)
+    finally:
+        await redis.aclose()
+
+
+def _lease_redis(settings: Settings) -> aioredis.Redis:
+    """A short-lived client for ending leases: a Redis that does not answer lets them run out."""
+    return aioredis.Redis.from_url(
+        settings.redis_url, socket_timeout=_END_LEASE_TIMEOUT_S, socket_connect_timeout=_END_LEASE_TIMEOUT_S
+    )
 
 
 async def end_lease_of(settings: Settings, lease_id: str) -> None:
     """The process holding `lease_id` is dead (waited for): nothing it claimed can be written by
     it any more. Best effort: if Redis does not answer, the lease runs out by itself."""
-    redis = aioredis.Redis.from_url(
-        settings.redis_url, socket_timeout=_END_LEASE_TIMEOUT_S, socket_connect_timeout=_END_LEASE_TIMEOUT_S
-    )
+    redis = _lease_redis(settings)
     try:
         await end_lease(redis, lease_id)
     except Exception as exc:
