@@ -616,20 +616,17 @@ class IngressServer:
         return "the hot view is incomplete (being rebuilt)"
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Drain: report NOT_SERVING, finish in-flight calls (up to `grace`), flush the producer."""
-        for task in (self._readiness, self._sweeping):
-            if task is not None:
-                task.cancel()
-                # Bounded: a task that swallowed its cancellation must not hold the drain up
-                # (and `await task` here would swallow a cancellation of stop() itself).
-                done, _ = await asyncio.wait([task], timeout=STOP_TASK_WAIT_S)
-                if not done:
-                    log.warning(
-                        "ingress stop: %r did not end within %.0fs of its cancel", task, STOP_TASK_WAIT_S
-                    )
+        """Drain: report NOT_SERVING, close the listener and finish in-flight calls (up to
+        `grace`), flush the producer."""
         self.health.draining = True
+        background = [task for task in (self._readiness, self._sweeping) if task is not None]
+        for task in background:
+            task.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
+        # The listener closes first, whatever the background tasks do: one slow to end its cancel
+        # (a sweep's Kafka client stopping against a stalled broker) kept new connections coming
+        # to this draining process and held its in-flight calls past the produce timeout.
+        await asyncio.gather(self.server.stop(grace), self._background_ended(background))
         await self.auth.stop()
         await self.producer.stop()
         # The producer flushed: let the writes' settlements record their acks in Redis (else a
@@ -649,6 +646,16 @@ class IngressServer:
         await self.service.reads.close()
         await self.redis.aclose()
         await self.live_redis.aclose()
+
+    @staticmethod
+    async def _background_ended(tasks: list[asyncio.Task[None]]) -> None:
+        # Bounded: a task that swallowed its cancellation must not hold the drain up (and
+        # `await task` here would swallow a cancellation of stop() itself).
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=STOP_TASK_WAIT_S)
+        for task in pending:
+            log.warning("ingress stop: %r did not end within %.0fs of its cancel", task, STOP_TASK_WAIT_S)
 
 
 async def serve(settings: Settings) -> None:

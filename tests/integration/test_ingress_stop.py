@@ -58,3 +58,47 @@ async def test_an_ingress_stopped_while_its_idle_sweeper_works_stops_at_once(sys
                 pipe.delete(hv.open_conversations_key(tenant), hv.activity_key(tenant))
             await pipe.execute()
         await redis.aclose()
+
+
+async def _refused(listen: str) -> bool:
+    host, port = listen.rsplit(":", 1)
+    try:
+        _, writer = await asyncio.open_connection(host, int(port))
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+@pytest.mark.timeout(120)
+async def test_the_listener_closes_at_once_while_a_background_task_is_slow_to_end(system: System) -> None:
+    # Found by CI (test_sigterm_drains_in_flight_calls_and_new_calls_go_to_the_others): with Kafka
+    # stopped, the stopping process's sweeper took seconds to end its cancel (its Kafka client's
+    # stop), and stop() waited for it before closing the listener, so new connections kept
+    # reaching a draining process and its in-flight call ran past the produce timeout.
+    server = IngressServer(ingress_settings(system.settings))
+    await server.start()
+    await wait_for_ingress(server.settings)
+    assert server._sweeping is not None
+    server._sweeping.cancel()
+    ending = asyncio.Event()
+
+    async def slow_to_end() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await ending.wait()  # what a Kafka client's stop against a stalled broker does
+            raise
+
+    server._sweeping = asyncio.ensure_future(slow_to_end())
+    await asyncio.sleep(0)
+    stopping = asyncio.ensure_future(server.stop(grace=1))
+    try:
+        began = time.monotonic()
+        while not await _refused(server.settings.grpc_listen):
+            assert time.monotonic() - began < 2, "the listener stayed open while a task was ending"
+            await asyncio.sleep(0.05)
+        assert not stopping.done()
+    finally:
+        ending.set()
+        await stopping
