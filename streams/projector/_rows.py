@@ -144,6 +144,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "assignee_change",
         "csat_change",
         "first_intent",
+        "first_close",
     ),
 }
 
@@ -175,7 +176,9 @@ TIME_COLUMNS = frozenset(
         "first_assigned_at",
     }
 )
-TIME_TUPLE_COLUMNS = frozenset({"mode_change", "assignee_change", "csat_change", "first_intent"})
+TIME_TUPLE_COLUMNS = frozenset(
+    {"mode_change", "assignee_change", "csat_change", "first_intent", "first_close"}
+)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -470,8 +473,10 @@ NEVER = as_datetime(NEVER_MICROS)
 NO_CHANGE: tuple[int, str, str] = (0, "", "")
 NO_CSAT: tuple[int, str, int, str] = (0, "", 0, "")
 NO_INTENT_MICROS: tuple[int, str, str] = (NEVER_MICROS, "", "")
-# As `rows` shows it.
+NO_CLOSE_MICROS: tuple[int, str, str, str] = (NEVER_MICROS, "", "", "")
+# As `rows` shows them.
 NO_INTENT: tuple[datetime, str, str] = (NEVER, "", "")
+NO_CLOSE: tuple[datetime, str, str, str] = (NEVER, "", "", "")
 
 MODE_BOT = "bot"
 MODE_AGENT = "agent"
@@ -506,6 +511,8 @@ class _Facts:
     csat_change: tuple[int, str, int, str] = NO_CSAT
     # The earliest classification wins (min).
     first_intent: tuple[int, str, str] = NO_INTENT_MICROS
+    # (closed_at, event_id, resolution, closed_by): the first close wins (min), as in the fold.
+    first_close: tuple[int, str, str, str] = NO_CLOSE_MICROS
 
     def row(self) -> tuple[Any, ...]:
         return (
@@ -528,6 +535,7 @@ class _Facts:
             self.assignee_change,
             self.csat_change,
             self.first_intent,
+            self.first_close,
         )
 
 
@@ -696,6 +704,7 @@ def project(records: Sequence[tuple[Event, Position]]) -> ProjectionBatch:
             fact.resolution = max(fact.resolution, payload.resolution)
             closed_by = _SENDERS.get(payload.closed_by) or sender_label(payload.closed_by)
             fact.closed_by = max(fact.closed_by, closed_by)
+            fact.first_close = min(fact.first_close, (at, event_id, payload.resolution, closed_by))
         elif kind == "agent_message_sent":
             fact.first_response_at = _min(fact.first_response_at, at)
             client_id = payload.client_message_id
