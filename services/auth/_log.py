@@ -92,7 +92,7 @@ class RegistryFollower:
         while True:
             consumer, partitions = await self._open()
             try:
-                await asyncio.wait_for(self._read_to_end(consumer, partitions), CATCH_UP_BOUND_S)
+                await asyncio.wait_for(self._seek_and_read_to_end(consumer, partitions), CATCH_UP_BOUND_S)
             except (TimeoutError, FetchEnded) as exc:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(consumer.stop(), STOP_BOUND_S)
@@ -106,6 +106,12 @@ class RegistryFollower:
             self._consumer = consumer
             return self.registry
 
+    async def _seek_and_read_to_end(
+        self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
+    ) -> None:
+        await self._seek(consumer, partitions)
+        await self._read_to_end(consumer, partitions)
+
     async def _read_to_end(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
         ends = await consumer.end_offsets(partitions)
         while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
@@ -115,8 +121,8 @@ class RegistryFollower:
             self._apply(await consumer.getmany(timeout_ms=500))
 
     async def _open(self) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
-        """A consumer of the topic's partitions, each where this follower has read up to (from
-        the beginning for one it has not read yet)."""
+        """A consumer assigned the topic's partitions (`_seek` puts it where this follower has
+        read up to)."""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=None,
@@ -129,14 +135,19 @@ class RegistryFollower:
         try:
             partitions = await topic_partitions(consumer, self.settings.tenants_topic)
             consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
-            for tp in partitions:
-                if tp in self._next:
-                    consumer.seek(tp, self._next[tp])
         except BaseException:
             await consumer.stop()
             raise
         return consumer, partitions
+
+    async def _seek(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
+        """Each partition where this follower has read up to (the beginning for one it has not
+        read yet). Callers bound it: a consumer whose fetch task ended (aio-libs/aiokafka#983)
+        waits its whole request timeout (40 s) in seek_to_beginning, which that task serves."""
+        await consumer.seek_to_beginning(*partitions)
+        for tp in partitions:
+            if tp in self._next:
+                consumer.seek(tp, self._next[tp])
 
     async def start(self) -> Registry:
         registry = await self.catch_up()
@@ -147,7 +158,14 @@ class RegistryFollower:
         while True:
             try:
                 if self._consumer is None:
-                    self._consumer, _ = await self._open()
+                    consumer, partitions = await self._open()
+                    try:
+                        await asyncio.wait_for(self._seek(consumer, partitions), CATCH_UP_BOUND_S)
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(consumer.stop(), STOP_BOUND_S)
+                        raise
+                    self._consumer = consumer
                 ended = fetch_task_ended(self._consumer)
                 if ended is not None:
                     # aio-libs/aiokafka#983: getmany would return nothing, forever, and raise
