@@ -257,32 +257,17 @@ def test_a_conversation_without_decisions_keeps_neutral_tuples() -> None:
     assert facts["first_response_at"] is None and facts["first_handoff_at"] is None
 
 
+def closed(resolution: str, closed_by: pb.Sender, after_s: int) -> Event:
+    payload = pb.ConversationClosed(resolution=resolution, closed_by=closed_by)
+    return at(new_event("acme", "c1", conversation_closed=payload), T0 + after_s * 10**9)
+
+
 def test_the_first_close_is_kept_with_its_resolution_and_closer() -> None:
-    first = at(
-        new_event(
-            "acme",
-            "c1",
-            conversation_closed=pb.ConversationClosed(resolution="resolved", closed_by=pb.SENDER_AGENT),
-        ),
-        T0 + 20 * 10**9,
-    )
-    late = at(
-        new_event(
-            "acme",
-            "c1",
-            conversation_closed=pb.ConversationClosed(resolution="solved", closed_by=pb.SENDER_SYSTEM),
-        ),
-        T0 + 30 * 10**9,
-    )
+    first, late = closed("resolved", pb.SENDER_AGENT, 20), closed("solved", pb.SENDER_SYSTEM, 30)
     for records in ([first, late], [late, first]):
         batch = [(e, LogPosition(0, i)) for i, e in enumerate(records)]
         (facts,) = as_dicts(project(batch).rows[CONVERSATION_FACTS], CONVERSATION_FACTS)
-        assert facts["first_close"] == (
-            occurred_at(first),
-            first.event_id,
-            "resolved",
-            facts["first_close"][3],
-        )
+        assert facts["first_close"] == (occurred_at(first), first.event_id, "resolved", "agent")
         assert facts["closed_at"] == occurred_at(first) and facts["resolution"] == "solved"  # max, as before
     (facts,) = as_dicts(project(conversation()[:2]).rows[CONVERSATION_FACTS], CONVERSATION_FACTS)
     assert facts["first_close"] == NO_CLOSE
