@@ -1,15 +1,18 @@
--- The first close decides a conversation's resolution and closed_by, as it decides closed_at and
--- as the sessions fold does. 0004's max() over every close row gave the greater string when a
--- conversation was closed twice in the log (a second close lands only from an ingress process
--- that stalled past its claim and resumed; the fold ignores it). Same rule as 0005's first_intent:
---   first_close: min((closed_at, event_id, resolution, closed_by)); the default (2299-12-31, '',
+-- The first close in the log decides a conversation's closed_at, resolution and closed_by, as in
+-- the sessions fold. Before, closed_at was the earliest close time and resolution/closed_by max()
+-- over every close row. They differ from the fold only when a conversation was closed twice in the
+-- log: a second close lands only from an ingress process that stalled past its claim and resumed
+-- (the fold ignores it), and it carries the earlier timestamp (made before the stall), so not even
+-- time tells the first. Hence the log offset (a conversation's events share one partition):
+--   first_close: min((offset, closed_at, resolution, closed_by)); the default (2^64-1, 2299-12-31,
 --   '', '') never wins over a real close.
 ALTER TABLE switchboard.conversation_facts
     ADD COLUMN IF NOT EXISTS first_close
-        SimpleAggregateFunction(min, Tuple(DateTime64(6, 'UTC'), String, String, String))
-        DEFAULT (toDateTime64('2299-12-31 23:59:59', 6, 'UTC'), '', '', '');
+        SimpleAggregateFunction(min, Tuple(UInt64, DateTime64(6, 'UTC'), String, String))
+        DEFAULT (18446744073709551615, toDateTime64('2299-12-31 23:59:59', 6, 'UTC'), '', '');
 
--- 0006's view with resolution and closed_by from first_close (every other column unchanged).
+-- 0006's view with closed_at, resolution and closed_by from first_close (every other column
+-- unchanged). Rows projected before 0008 have no first_close: the earlier rule for them.
 CREATE OR REPLACE VIEW switchboard.conversations
 AS SELECT
     tenant_id,
@@ -19,14 +22,13 @@ AS SELECT
     max(locale) AS locale,
     -- closed_at here is the alias below: the first close.
     if(closed_at IS NULL, 'open', 'closed') AS status,
-    -- The first close's (0008). A first close projected before 0008 has no first_close (its
-    -- time is not closed_at, the first close's): then max() over the closes, as before.
-    if(tupleElement(min(first_close), 1) = closed_at, tupleElement(min(first_close), 3),
+    if(tupleElement(min(first_close), 1) < 18446744073709551615, tupleElement(min(first_close), 3),
        max(conversation_facts.resolution)) AS resolution,
-    if(tupleElement(min(first_close), 1) = closed_at, tupleElement(min(first_close), 4),
+    if(tupleElement(min(first_close), 1) < 18446744073709551615, tupleElement(min(first_close), 4),
        max(conversation_facts.closed_by)) AS closed_by,
     min(started_at) AS started_at,
-    min(closed_at) AS closed_at,
+    if(tupleElement(min(first_close), 1) < 18446744073709551615, tupleElement(min(first_close), 2),
+       min(conversation_facts.closed_at)) AS closed_at,
     uniqExactMerge(message_keys) AS message_count,
     uniqExactMerge(event_ids) AS event_count,
     min(first_event_at) AS first_event_at,

@@ -161,9 +161,11 @@ class RegistryFollower:
                     consumer, partitions = await self._open()
                     try:
                         await asyncio.wait_for(self._seek(consumer, partitions), CATCH_UP_BOUND_S)
-                    except BaseException:
+                    except BaseException as exc:
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(consumer.stop(), STOP_BOUND_S)
+                        if isinstance(exc, TimeoutError):
+                            raise FetchEnded("a new consumer's seek stalled; opening another") from exc
                         raise
                     self._consumer = consumer
                 ended = fetch_task_ended(self._consumer)

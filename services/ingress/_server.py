@@ -45,6 +45,7 @@ from services.ingress._supervisor import (
 from services.observability import metrics
 from services.observability.tracing import traceparent_of
 from services.settings import Settings
+from streams._consumer import raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -591,6 +592,7 @@ class IngressServer:
             try:
                 ready = await self._serving()
             except Exception as exc:
+                raise_if_cancelling(exc)  # redis-py may turn our cancel into an error of its own
                 # Within redis_timeout_s when Redis hangs (the pool's timeouts are not retried).
                 self._readiness_error = exc
                 log.warning("readiness check failed: %r %s", exc, exc)
@@ -619,14 +621,20 @@ class IngressServer:
         """Drain: report NOT_SERVING, close the listener and finish in-flight calls (up to
         `grace`), flush the producer."""
         self.health.draining = True
+        # NOT_SERVING for good (Watch too): a readiness poll still ending cannot set SERVING again.
+        await self.health.enter_graceful_shutdown()
         background = [task for task in (self._readiness, self._sweeping) if task is not None]
         for task in background:
             task.cancel()
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         # The listener closes first, whatever the background tasks do: one slow to end its cancel
         # (a sweep's Kafka client stopping against a stalled broker) kept new connections coming
-        # to this draining process and held its in-flight calls past the produce timeout.
-        await asyncio.gather(self.server.stop(grace), self._background_ended(background))
+        # to this draining process and held its in-flight calls past the produce timeout. Either
+        # side failing must not skip the rest of the drain (the producer's flush above all).
+        for outcome in await asyncio.gather(
+            self.server.stop(grace), self._background_ended(background), return_exceptions=True
+        ):
+            if isinstance(outcome, Exception):
+                log.warning("ingress stop: %r; draining on", outcome)
         await self.auth.stop()
         await self.producer.stop()
         # The producer flushed: let the writes' settlements record their acks in Redis (else a

@@ -176,9 +176,14 @@ TIME_COLUMNS = frozenset(
         "first_assigned_at",
     }
 )
-TIME_TUPLE_COLUMNS = frozenset(
-    {"mode_change", "assignee_change", "csat_change", "first_intent", "first_close"}
-)
+# Tuple columns with a timestamp, and where it sits in the tuple.
+TIME_TUPLE_COLUMNS = {
+    "mode_change": 0,
+    "assignee_change": 0,
+    "csat_change": 0,
+    "first_intent": 0,
+    "first_close": 1,
+}
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -199,7 +204,8 @@ def _readable(name: str, column: list[Any]) -> list[Any]:
     if name in TIME_COLUMNS:
         return [None if v is None else as_datetime(v) for v in column]
     if name in TIME_TUPLE_COLUMNS:
-        return [(as_datetime(v[0]), *v[1:]) for v in column]
+        i = TIME_TUPLE_COLUMNS[name]
+        return [(*v[:i], as_datetime(v[i]), *v[i + 1 :]) for v in column]
     return column
 
 
@@ -473,10 +479,11 @@ NEVER = as_datetime(NEVER_MICROS)
 NO_CHANGE: tuple[int, str, str] = (0, "", "")
 NO_CSAT: tuple[int, str, int, str] = (0, "", 0, "")
 NO_INTENT_MICROS: tuple[int, str, str] = (NEVER_MICROS, "", "")
-NO_CLOSE_MICROS: tuple[int, str, str, str] = (NEVER_MICROS, "", "", "")
+NO_CLOSE_OFFSET = 2**64 - 1
+NO_CLOSE_MICROS: tuple[int, int, str, str] = (NO_CLOSE_OFFSET, NEVER_MICROS, "", "")
 # As `rows` shows them.
 NO_INTENT: tuple[datetime, str, str] = (NEVER, "", "")
-NO_CLOSE: tuple[datetime, str, str, str] = (NEVER, "", "", "")
+NO_CLOSE: tuple[int, datetime, str, str] = (NO_CLOSE_OFFSET, NEVER, "", "")
 
 MODE_BOT = "bot"
 MODE_AGENT = "agent"
@@ -511,8 +518,10 @@ class _Facts:
     csat_change: tuple[int, str, int, str] = NO_CSAT
     # The earliest classification wins (min).
     first_intent: tuple[int, str, str] = NO_INTENT_MICROS
-    # (closed_at, event_id, resolution, closed_by): the first close wins (min), as in the fold.
-    first_close: tuple[int, str, str, str] = NO_CLOSE_MICROS
+    # (offset, closed_at, resolution, closed_by): the first close in the log wins (min), as in the
+    # sessions fold (a conversation's events share one partition). Not by time: the late copy of
+    # a stalled process's close carries the earlier timestamp.
+    first_close: tuple[int, int, str, str] = NO_CLOSE_MICROS
 
     def row(self) -> tuple[Any, ...]:
         return (
@@ -704,7 +713,7 @@ def project(records: Sequence[tuple[Event, Position]]) -> ProjectionBatch:
             fact.resolution = max(fact.resolution, payload.resolution)
             closed_by = _SENDERS.get(payload.closed_by) or sender_label(payload.closed_by)
             fact.closed_by = max(fact.closed_by, closed_by)
-            fact.first_close = min(fact.first_close, (at, event_id, payload.resolution, closed_by))
+            fact.first_close = min(fact.first_close, (offset, at, payload.resolution, closed_by))
         elif kind == "agent_message_sent":
             fact.first_response_at = _min(fact.first_response_at, at)
             client_id = payload.client_message_id

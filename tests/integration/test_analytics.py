@@ -280,8 +280,9 @@ def test_conversation_row_from_out_of_order_batches(writer: Any, tenant: str) ->
 
 
 def closes(tenant: str, conv: str) -> list[tuple[Event, LogPosition]]:
-    """Two closes of one conversation: a second lands only from an ingress process that stalled
-    past its claim; its resolution and closed_by sort above the first's, so max() picked them."""
+    """Two closes of one conversation. A second lands only from an ingress process that stalled
+    past its claim; made before the stall, it carries the earlier time. Its resolution and
+    closed_by sort above the first's, so max() picked them."""
     first = new_event(
         tenant,
         conv,
@@ -293,15 +294,17 @@ def closes(tenant: str, conv: str) -> list[tuple[Event, LogPosition]]:
         conversation_closed=pb.ConversationClosed(resolution="solved", closed_by=pb.SENDER_SYSTEM),
     )
     return [
-        (stamped(first, T0 + 20 * 10**9), LogPosition(0, 20)),
-        (stamped(late, T0 + 30 * 10**9), LogPosition(0, 21)),
+        (stamped(first, T0 + 30 * 10**9), LogPosition(0, 20)),
+        (stamped(late, T0 + 20 * 10**9), LogPosition(0, 21)),
     ]
 
 
 @pytest.mark.parametrize("order", ["log", "late close first", "one batch"])
-def test_the_first_close_decides_resolution_and_closed_by(writer: Any, tenant: str, order: str) -> None:
-    # Was max() over the closes: "solved"/"system" of the second close, while closed_at and the
-    # sessions fold took the first.
+def test_the_first_close_in_the_log_decides_closed_at_resolution_and_closed_by(
+    writer: Any, tenant: str, order: str
+) -> None:
+    # Was: closed_at the earliest time (the late copy's) and max() over the closes
+    # ("solved"/"system", the late copy's), while the sessions fold takes the first in the log.
     records = conversation_events(tenant, "c1")[:8] + closes(tenant, "c1")
     if order == "one batch":
         write_batch(writer, project(records))
@@ -321,16 +324,18 @@ def test_a_first_close_projected_before_0008_keeps_the_earlier_rule(writer: Any,
     # A row written before 0008 has first_close at its default: the view takes max() over the
     # closes then (what it showed before), never the default's empty strings.
     write_batch(writer, project(conversation_events(tenant, "c1")[:8]))
+    closed_at = occurred_at(closes(tenant, "c1")[0][0])
     writer.command(
         "INSERT INTO switchboard.conversation_facts (tenant_id, conversation_id, closed_at, resolution, "
         "closed_by) VALUES ({t:String}, 'c1', {at:DateTime64(6, 'UTC')}, 'resolved', 'agent')",
-        parameters={"t": tenant, "at": occurred_at(closes(tenant, "c1")[0][0])},
+        parameters={"t": tenant, "at": closed_at},
     )
     row = writer.query(
-        "SELECT status, resolution, closed_by FROM switchboard.conversations WHERE tenant_id = {t:String}",
-        parameters={"t": tenant},
+        "SELECT status, resolution, closed_by, closed_at = {at:DateTime64(6, 'UTC')} "
+        "FROM switchboard.conversations WHERE tenant_id = {t:String}",
+        parameters={"t": tenant, "at": closed_at},
     ).result_rows
-    assert row == [("closed", "resolved", "agent")]
+    assert row == [("closed", "resolved", "agent", 1)]
 
 
 def test_open_conversation(writer: Any, tenant: str) -> None:

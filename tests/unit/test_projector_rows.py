@@ -262,13 +262,15 @@ def closed(resolution: str, closed_by: pb.Sender, after_s: int) -> Event:
     return at(new_event("acme", "c1", conversation_closed=payload), T0 + after_s * 10**9)
 
 
-def test_the_first_close_is_kept_with_its_resolution_and_closer() -> None:
-    first, late = closed("resolved", pb.SENDER_AGENT, 20), closed("solved", pb.SENDER_SYSTEM, 30)
-    for records in ([first, late], [late, first]):
-        batch = [(e, LogPosition(0, i)) for i, e in enumerate(records)]
+def test_the_first_close_in_the_log_is_kept_with_its_time_resolution_and_closer() -> None:
+    # The late copy of a stalled process's close: later in the log, earlier in time.
+    first = (closed("resolved", pb.SENDER_AGENT, 30), LogPosition(0, 20))
+    late = (closed("solved", pb.SENDER_SYSTEM, 20), LogPosition(0, 21))
+    for batch in ([first, late], [late, first]):
         (facts,) = as_dicts(project(batch).rows[CONVERSATION_FACTS], CONVERSATION_FACTS)
-        assert facts["first_close"] == (occurred_at(first), first.event_id, "resolved", "agent")
-        assert facts["closed_at"] == occurred_at(first) and facts["resolution"] == "solved"  # max, as before
+        assert facts["first_close"] == (20, occurred_at(first[0]), "resolved", "agent")
+        # The columns of before 0008 keep their rules (earliest time, max()).
+        assert facts["closed_at"] == occurred_at(late[0]) and facts["resolution"] == "solved"
     (facts,) = as_dicts(project(conversation()[:2]).rows[CONVERSATION_FACTS], CONVERSATION_FACTS)
     assert facts["first_close"] == NO_CLOSE
 
