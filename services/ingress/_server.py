@@ -622,7 +622,10 @@ class IngressServer:
         `grace`), flush the producer."""
         self.health.draining = True
         # NOT_SERVING for good (Watch too): a readiness poll still ending cannot set SERVING again.
-        await self.health.enter_graceful_shutdown()
+        # Bounded: it takes each service's lock, which a Watch writing to a client that stopped
+        # reading holds (Check answers NOT_SERVING from `draining` anyway).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.health.enter_graceful_shutdown(), STOP_TASK_WAIT_S)
         background = [task for task in (self._readiness, self._sweeping) if task is not None]
         for task in background:
             task.cancel()
@@ -633,7 +636,7 @@ class IngressServer:
         for outcome in await asyncio.gather(
             self.server.stop(grace), self._background_ended(background), return_exceptions=True
         ):
-            if isinstance(outcome, Exception):
+            if isinstance(outcome, BaseException):
                 log.warning("ingress stop: %r; draining on", outcome)
         await self.auth.stop()
         await self.producer.stop()
