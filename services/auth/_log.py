@@ -90,12 +90,15 @@ class RegistryFollower:
     async def catch_up(self) -> Registry:
         """Read the topic from the beginning to its current end."""
         while True:
-            consumer, partitions = await self._open()
             try:
-                await asyncio.wait_for(self._seek_and_read_to_end(consumer, partitions), CATCH_UP_BOUND_S)
+                consumer, partitions = await self._open()
+            except FetchEnded as exc:
+                log.warning("tenants topic: %s", exc)
+                continue
+            try:
+                await asyncio.wait_for(self._read_to_end(consumer, partitions), CATCH_UP_BOUND_S)
             except (TimeoutError, FetchEnded) as exc:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(consumer.stop(), STOP_BOUND_S)
+                await _stop_bounded(consumer)
                 log.warning(
                     "tenants topic: the read to its end stalled (%r); reading on with a new consumer", exc
                 )
@@ -106,12 +109,6 @@ class RegistryFollower:
             self._consumer = consumer
             return self.registry
 
-    async def _seek_and_read_to_end(
-        self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
-    ) -> None:
-        await self._seek(consumer, partitions)
-        await self._read_to_end(consumer, partitions)
-
     async def _read_to_end(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
         ends = await consumer.end_offsets(partitions)
         while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
@@ -121,8 +118,10 @@ class RegistryFollower:
             self._apply(await consumer.getmany(timeout_ms=500))
 
     async def _open(self) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
-        """A consumer assigned the topic's partitions (`_seek` puts it where this follower has
-        read up to)."""
+        """A consumer of the topic's partitions, each where this follower has read up to (from
+        the beginning for one it has not read yet). FetchEnded when the seek stalls: a consumer
+        whose fetch task ended (aio-libs/aiokafka#983) waits its whole request timeout (40 s) in
+        seek_to_beginning, which that task serves."""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=None,
@@ -135,19 +134,17 @@ class RegistryFollower:
         try:
             partitions = await topic_partitions(consumer, self.settings.tenants_topic)
             consumer.assign(partitions)
+            try:
+                await asyncio.wait_for(consumer.seek_to_beginning(*partitions), CATCH_UP_BOUND_S)
+            except TimeoutError as exc:
+                raise FetchEnded("a new consumer's seek stalled; opening another") from exc
+            for tp in partitions:
+                if tp in self._next:
+                    consumer.seek(tp, self._next[tp])
         except BaseException:
-            await consumer.stop()
+            await _stop_bounded(consumer)
             raise
         return consumer, partitions
-
-    async def _seek(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
-        """Each partition where this follower has read up to (the beginning for one it has not
-        read yet). Callers bound it: a consumer whose fetch task ended (aio-libs/aiokafka#983)
-        waits its whole request timeout (40 s) in seek_to_beginning, which that task serves."""
-        await consumer.seek_to_beginning(*partitions)
-        for tp in partitions:
-            if tp in self._next:
-                consumer.seek(tp, self._next[tp])
 
     async def start(self) -> Registry:
         registry = await self.catch_up()
@@ -158,16 +155,7 @@ class RegistryFollower:
         while True:
             try:
                 if self._consumer is None:
-                    consumer, partitions = await self._open()
-                    try:
-                        await asyncio.wait_for(self._seek(consumer, partitions), CATCH_UP_BOUND_S)
-                    except BaseException as exc:
-                        with contextlib.suppress(Exception):
-                            await asyncio.wait_for(consumer.stop(), STOP_BOUND_S)
-                        if isinstance(exc, TimeoutError):
-                            raise FetchEnded("a new consumer's seek stalled; opening another") from exc
-                        raise
-                    self._consumer = consumer
+                    self._consumer, _ = await self._open()
                 ended = fetch_task_ended(self._consumer)
                 if ended is not None:
                     # aio-libs/aiokafka#983: getmany would return nothing, forever, and raise
@@ -180,8 +168,7 @@ class RegistryFollower:
                 raise_if_cancelling(exc)
                 if isinstance(exc, FetchEnded) and self._consumer is not None:
                     consumer, self._consumer = self._consumer, None
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(consumer.stop(), STOP_BOUND_S)
+                    await _stop_bounded(consumer)
                 log.warning("tenants topic: fetch failed (%r); keys as of the last record stay in force", exc)
                 await asyncio.sleep(0.5)
 
@@ -210,6 +197,12 @@ class RegistryFollower:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+
+
+async def _stop_bounded(consumer: AIOKafkaConsumer) -> None:
+    """Stop a consumer that may be wedged (its fetch task ended, a broker not answering)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(consumer.stop(), STOP_BOUND_S)
 
 
 async def topic_partitions(

@@ -19,6 +19,7 @@ from schemas import hotview as hv
 from services.ingress import IngressServer
 from services.ingress._idle import BACKFILLED_KEY
 from services.processes import wait_for_ingress
+from services.stack._components import port_open
 from tests.conftest import System
 from tests.integration.test_ingress_guarantees import ingress_settings
 
@@ -60,16 +61,6 @@ async def test_an_ingress_stopped_while_its_idle_sweeper_works_stops_at_once(sys
         await redis.aclose()
 
 
-async def _refused(listen: str) -> bool:
-    host, port = listen.rsplit(":", 1)
-    try:
-        _, writer = await asyncio.open_connection(host, int(port))
-    except ConnectionRefusedError:
-        return True
-    writer.close()
-    return False
-
-
 @pytest.mark.timeout(120)
 async def test_the_listener_closes_at_once_while_a_background_task_is_slow_to_end(system: System) -> None:
     # Found by CI (test_sigterm_drains_in_flight_calls_and_new_calls_go_to_the_others): with Kafka
@@ -95,7 +86,7 @@ async def test_the_listener_closes_at_once_while_a_background_task_is_slow_to_en
     stopping = asyncio.ensure_future(server.stop(grace=1))
     try:
         began = time.monotonic()
-        while not await _refused(server.settings.grpc_listen):
+        while await port_open(int(server.settings.grpc_listen.rsplit(":", 1)[1])):
             assert time.monotonic() - began < 2, "the listener stayed open while a task was ending"
             await asyncio.sleep(0.05)
         assert not stopping.done()
