@@ -2,8 +2,11 @@
 worker, the projector, the ingress, Kafka and Redis; poison records are injected along the way.
 
 At the end every acknowledged message must be in ClickHouse exactly once and in the conversation's
-live stream exactly once, in send order; after every restart a probe on every partition must be
-applied within the liveness bound; the dead-letter topic holds exactly the injected poison.
+live stream exactly once, in send order; after every restart (once the victim serves again) a
+probe on every partition must be applied within the liveness bound; the dead-letter topic holds
+exactly the injected poison. How long each victim took to serve again is printed, not asserted
+(a process start is CPU-bound: a figure of the machine, for benchmarks/RESULTS.md); each must
+serve again within 120 s.
 
 `make test` runs a short form (SWITCHBOARD_SOAK_CYCLES, default 5: each victim once); `make soak`
 runs 30 cycles and prints the figures that go to benchmarks/RESULTS.md.
@@ -27,15 +30,19 @@ from switchboard.v1 import chat_pb2
 
 from services import stack
 from services.processes import wait_for_ingress
-from tests.conftest import System, eventually, start_conversation
+from tests.conftest import System, eventually, scrape_text, start_conversation
 from tests.integration.test_backbone import PROCESSORS, conversation_ids_per_partition
 
 pytestmark = [pytest.mark.integration, pytest.mark.soak]
 
 CYCLES = int(os.environ.get("SWITCHBOARD_SOAK_CYCLES", "5"))
 CONVERSATIONS = int(os.environ.get("SWITCHBOARD_SOAK_CONVERSATIONS", "40"))
+# From a probe's ack, the victim serving again: a partition that does not resume by itself (a
+# write gate never reopened, a claim held to its lease) takes tens of seconds or forever.
 LIVENESS_BOUND_S = 5.0
-VICTIMS = ("sessions", "analytics", "ingress", "kafka", "redis")
+ALL_VICTIMS = ("sessions", "analytics", "ingress", "kafka", "redis")
+# SWITCHBOARD_SOAK_VICTIMS=sessions,redis: only those (a run down of one component's restarts).
+VICTIMS = tuple(os.environ.get("SWITCHBOARD_SOAK_VICTIMS", ",".join(ALL_VICTIMS)).split(","))
 RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -94,7 +101,26 @@ async def restart(system: System, victim: str) -> float:
         await asyncio.sleep(random.uniform(0, 1.5))
         await system.start_children(victim)
     await wait_for_ingress(settings, system.children["ingress"], within_s=120)
+    if victim == "sessions":
+        # Back once it fetches every partition again: the probes then time the fold itself, not
+        # the new process's start (a Python start that needs ~1 s of CPU, CPU-starved on a
+        # saturated 2-core machine: up to 7 s of wall time seen), which is this figure.
+        await eventually(
+            lambda: asyncio.to_thread(fetching_partitions, settings.sessions_metrics_listen),
+            lambda n: n == settings.topic_partitions,
+            within_s=120,
+            what="the sessions worker fetching every partition",
+        )
     return time.monotonic() - began
+
+
+def fetching_partitions(address: str) -> int:
+    """Partitions a consumer process reports a lag for (it has fetched them); 0 while it is down."""
+    try:
+        page = scrape_text(address, timeout_s=2)
+    except OSError:
+        return 0
+    return sum(1 for line in page.splitlines() if line.startswith("switchboard_consumer_lag{"))
 
 
 async def probe_liveness(
