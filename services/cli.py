@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from services.processes import STANDBY_ENV
 from services.settings import Settings, load_settings
 
 
@@ -95,20 +97,39 @@ def _cmd_ingress(args: argparse.Namespace) -> int:
     return 0
 
 
+# Each stream processor: the module it runs in, and its `run_*(settings, log_level)`.
+_WORKERS = {
+    "sessions": ("streams.sessions._worker", "run_sessions"),
+    "assistant": ("streams.assistant._worker", "run_assistant"),
+    "archiver": ("streams.archive", "run_archiver"),
+}
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
-    if args.role == "sessions":
-        from streams.sessions._worker import run_sessions
-
-        run_sessions(_settings(), args.log_level)
-    elif args.role == "assistant":
-        from streams.assistant._worker import run_assistant
-
-        run_assistant(_settings(), args.log_level)
-    elif args.role == "archiver":
-        from streams.archive import run_archiver
-
-        run_archiver(_settings(), args.log_level)
+    module, function = _WORKERS[args.role]
+    getattr(importlib.import_module(module), function)(_settings(), args.log_level)
     return 0
+
+
+def _modules_of(args: argparse.Namespace) -> list[str]:
+    """What a long-running command imports before it does anything (a warm spare's head start)."""
+    if args.command == "worker":
+        return [_WORKERS[args.role][0]]
+    return {"ingress": ["services.ingress"], "analytics": ["services.analytics"]}.get(args.command, [])
+
+
+def _stand_by(args: argparse.Namespace) -> None:
+    """As a warm spare (`switchboard run` starts one beside a process it looks after, with
+    STANDBY_ENV set): import what the command runs, then wait for a line on stdin, which comes
+    when the process this one stands by for has died; the command then runs as if just started,
+    its imports done. EOF instead (the runner stopping, or gone) ends the spare. Nothing is held
+    while waiting: no port, no consumer, no file."""
+    if os.environ.pop(STANDBY_ENV, "") != "1":
+        return
+    for module in _modules_of(args):
+        importlib.import_module(module)
+    if not sys.stdin.buffer.readline():
+        sys.exit(0)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -211,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     die_with_parent()
     args = build_parser().parse_args(argv)
+    _stand_by(args)
     from services import eventloop
     from services.observability.logs import quiet_repeats
 

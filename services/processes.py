@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
@@ -12,10 +13,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from services.auth import ingress_channel
 from services.settings import Settings
 
 # Set by Child.start to its own pid: the child ties itself to that parent once it runs
@@ -23,6 +20,9 @@ from services.settings import Settings
 # between fork and exec in a parent with threads (the runner's and the tests' gRPC threads) made a
 # child die of SIGSEGV before exec now and then (seen twice in the soak).
 PARENT_ENV = "SWITCHBOARD_DIE_WITH_PARENT"
+# Set by Child.start_spare: the CLI imports what its command runs, then waits for a line on stdin
+# before running it (`services.cli._stand_by`).
+STANDBY_ENV = "SWITCHBOARD_STANDBY"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -53,6 +53,8 @@ class Child:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    # A warm spare (`start_spare`): the same command, imported and waiting to take over.
+    spare: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """Start it in a session of its own (a kill takes its whole group), tied to this process:
@@ -60,17 +62,69 @@ class Child:
         `make run` would otherwise keep serving without a supervisor, and the next `make run`
         would start a second set next to them. Start children from the main thread: the tie is to
         the thread that starts them."""
+        self.proc = self._spawn(standby=False)
+
+    def start_spare(self) -> None:
+        """Start a warm spare: the same command, which imports what it runs and then waits
+        (holding no port, no consumer, no file) until `take_over` tells it to run."""
+        self.spare = self._spawn(standby=True)
+
+    @property
+    def spare_alive(self) -> bool:
+        return self.spare is not None and self.spare.poll() is None
+
+    def take_over(self) -> bool:
+        """The warm spare becomes this child's process and runs the command: True if there was a
+        live spare and it got the word (else start() is the way)."""
+        spare, self.spare = self.spare, None
+        if spare is None or spare.poll() is not None or spare.stdin is None:
+            return False
+        try:
+            spare.stdin.write(b"run\n")
+            spare.stdin.flush()
+        except OSError:  # it died just now (a broken pipe)
+            _kill_group(spare)
+            spare.wait()
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                spare.stdin.close()
+        self.proc = spare
+        return True
+
+    def stop_spare(self, timeout: float = 5.0) -> None:
+        """End the spare: its stdin closed, it exits (killed if it does not within `timeout`)."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return
+        if spare.stdin is not None:
+            with contextlib.suppress(OSError):
+                spare.stdin.close()
+        try:
+            spare.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(spare)
+            spare.wait()
+
+    def _spawn(self, *, standby: bool) -> subprocess.Popen[bytes]:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *self.args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # A crash in native code (a segfault) leaves the Python stacks in the child's log.
-            env=tied_to_this_process({"PYTHONFAULTHANDLER": "1", **os.environ, **self.env}),
-            start_new_session=True,
-        )
-        log.close()
+        with self.log_path.open("ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "services.cli", *self.args],
+                stdin=subprocess.PIPE if standby else None,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # A crash in native code (a segfault) leaves the Python stacks in the child's log.
+                env=tied_to_this_process(
+                    {
+                        "PYTHONFAULTHANDLER": "1",
+                        **os.environ,
+                        **self.env,
+                        **({STANDBY_ENV: "1"} if standby else {}),
+                    }
+                ),
+                start_new_session=True,
+            )
 
     @property
     def alive(self) -> bool:
@@ -86,12 +140,10 @@ class Child:
 
     def _kill_group(self) -> None:
         assert self.proc is not None
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            self.proc.send_signal(signal.SIGKILL)
+        _kill_group(self.proc)
 
     def stop(self, timeout: float = 20.0) -> None:
+        self.stop_spare()
         if self.proc is None or not self.alive:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -106,6 +158,13 @@ class Child:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.send_signal(signal.SIGKILL)
 
 
 def switchboard_children(settings: Settings, env: dict[str, str] | None = None) -> dict[str, Child]:
@@ -123,6 +182,13 @@ def switchboard_children(settings: Settings, env: dict[str, str] | None = None) 
 
 async def wait_for_ingress(settings: Settings, child: Child | None = None, within_s: float = 60.0) -> None:
     """Wait until the gRPC health service says SERVING."""
+    # Here, not at the top: every process imports this module first thing (die_with_parent), and
+    # gRPC is ~0.3 s of a worker's start that the workers do not need.
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.auth import ingress_channel
+
     deadline = time.monotonic() + within_s
     # TLS when the ingress has it (SWITCHBOARD_GRPC_TLS_CA); health needs no key.
     async with ingress_channel(settings, api_key="") as channel:

@@ -109,6 +109,9 @@ STABLE_S = 30.0
 # is started again, on average half of this (benchmarks/kafka_restart.py).
 CHECK_S = 0.25
 STOP_POLL_S = 0.1
+# A warm spare (Settings.warm_spares) is started this long after the system serves, and after its
+# predecessor took over: its imports would otherwise take CPU from the start it is there to spare.
+SPARE_AFTER_S = 5.0
 # On a stop, how long a cancelled server restart may take to unwind (it releases the stack lock;
 # whatever it spawned has its pid file, so `stack.down` stops it).
 CANCEL_WAIT_S = 5.0
@@ -151,12 +154,14 @@ async def supervise(settings: Settings, children: dict[str, Child], stopping: th
     not be interrupted: `down` would wait for the lock until the start ended)."""
     now = time.monotonic()
     child_backoff = {name: Backoff(up_since=now) for name in children}
+    spares = {name: Backoff(next_at=now + SPARE_AFTER_S) for name in children if name in settings.spare_roles}
     server_backoff: dict[str, Backoff] = {}
     starting: dict[str, asyncio.Task[None]] = {}
     try:
         while not stopping.is_set():
             now = time.monotonic()
-            look_after_children(children, child_backoff, now)
+            look_after_children(children, child_backoff, now, spares)
+            look_after_spares(children, spares, now)
             starting = {name: task for name, task in starting.items() if not task.done()}
             try:
                 gone = stack.gone(settings)
@@ -185,9 +190,15 @@ async def supervise(settings: Settings, children: dict[str, Child], stopping: th
             await asyncio.wait(starting.values(), timeout=CANCEL_WAIT_S)
 
 
-def look_after_children(children: dict[str, Child], backoffs: dict[str, Backoff], now: float) -> None:
-    """Start again each child that exited, when its back-off allows; a start that fails (OSError:
-    no memory, no file descriptors, its log not writable) is reported and tried again later."""
+def look_after_children(
+    children: dict[str, Child],
+    backoffs: dict[str, Backoff],
+    now: float,
+    spares: dict[str, Backoff] | None = None,
+) -> None:
+    """Start again each child that exited, when its back-off allows: its warm spare takes over if
+    it has one, else a new process starts; a start that fails (OSError: no memory, no file
+    descriptors, its log not writable) is reported and tried again later."""
     for name, child in children.items():
         if child.alive:
             continue
@@ -204,11 +215,44 @@ def look_after_children(children: dict[str, Child], backoffs: dict[str, Backoff]
             )
         if not backoff.due(now):
             continue
+        if child.take_over():
+            assert child.proc is not None
+            print(f"{name}: its warm spare (pid {child.proc.pid}) took over", flush=True)
+            backoff.started(now)
+            if spares is not None and name in spares:
+                spares[name].next_at = now + SPARE_AFTER_S
+            continue
         try:
             child.start()
         except OSError as exc:
             pause = backoff.failed(now)
             print(f"starting {name} failed ({exc}); next try in {pause:.0f}s", flush=True)
+        else:
+            backoff.started(now)
+
+
+def look_after_spares(children: dict[str, Child], spares: dict[str, Backoff], now: float) -> None:
+    """Keep a warm spare beside each running child named in `spares`, when its back-off allows:
+    one that exited while waiting (killed, or it could not import) is started again, with the same
+    growing pause as a child that keeps dying."""
+    for name, backoff in spares.items():
+        child = children[name]
+        if child.spare_alive or not child.alive:
+            continue
+        if child.spare is not None:
+            code = child.spare.returncode
+            child.spare = None
+            pause = max(backoff.failed(now), SPARE_AFTER_S)
+            backoff.next_at = now + pause
+            print(f"{name}'s warm spare exited (code {code}); another in {pause:.0f}s", flush=True)
+        if not backoff.due(now):
+            continue
+        try:
+            child.start_spare()
+        except OSError as exc:
+            pause = max(backoff.failed(now), SPARE_AFTER_S)
+            backoff.next_at = now + pause
+            print(f"starting a warm spare of {name} failed ({exc}); next try in {pause:.0f}s", flush=True)
         else:
             backoff.started(now)
 

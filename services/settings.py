@@ -15,6 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+# The processes `switchboard run` looks after (services/processes.py), each of which may have a
+# warm spare (Settings.warm_spares).
+SPARE_ROLES = ("analytics", "sessions", "assistant", "archiver", "ingress")
 
 
 class Settings(BaseSettings):
@@ -154,6 +157,11 @@ class Settings(BaseSettings):
     # `switchboard worker sessions` runs this many processes, each a group member with the static
     # id "<worker_instance_id or sessions-hostname>-<i>"; useful up to the topic's partition count.
     sessions_processes: int = Field(default=1, ge=1, le=1024)
+    # `switchboard run` keeps a warm spare of these processes (comma-separated: sessions,
+    # assistant, archiver, analytics, ingress; empty: none): started beside each, its imports
+    # done, it takes over the moment the process dies (services/runner.py). A start is CPU-bound
+    # (~1 s of CPU for a worker, several seconds of wall time on a busy machine); a spare skips it.
+    warm_spares: str = "sessions,assistant"
     batch_size: int = Field(default=500, ge=1)
     # Each ClickHouse insert has a fixed cost (~20-40 ms on chdb here), so the projector takes
     # bigger batches than the sessions worker (filled for up to 0.5 s, streams/projector/_agent.py).
@@ -256,6 +264,14 @@ class Settings(BaseSettings):
             RedactionPolicy.parse("all", value)
         return value
 
+    @field_validator("warm_spares")
+    @classmethod
+    def _spare_names(cls, value: str) -> str:
+        unknown = {n.strip() for n in value.split(",") if n.strip()} - set(SPARE_ROLES)
+        if unknown:
+            raise ValueError(f"unknown process {sorted(unknown)}; expected some of {', '.join(SPARE_ROLES)}")
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
@@ -277,6 +293,10 @@ class Settings(BaseSettings):
     @property
     def embedded_clickhouse(self) -> bool:
         return self.effective_clickhouse_dsn.startswith("chdb://")
+
+    @property
+    def spare_roles(self) -> frozenset[str]:
+        return frozenset(n.strip() for n in self.warm_spares.split(",") if n.strip())
 
     @property
     def allowed_tenants(self) -> frozenset[str]:

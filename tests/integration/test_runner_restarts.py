@@ -249,6 +249,81 @@ async def test_seaweedfs_killed_under_the_runner_is_started_again(runner: Runner
     await _kill_and_recover(runner, "s3")
 
 
+def _sessions_processes(runner: Runner) -> tuple[int | None, int | None]:
+    """(the sessions worker's pid, its warm spare's pid) under the runner: the worker is the one
+    serving the sessions metrics port."""
+    port = int(runner.settings.sessions_metrics_listen.rsplit(":", 1)[1])
+    active = spare = None
+    for proc in psutil.Process(runner.proc.pid).children():
+        try:
+            if proc.cmdline()[-2:] != ["worker", "sessions"]:
+                continue
+            listening = any(
+                c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in proc.net_connections("tcp")
+            )
+        except psutil.NoSuchProcess:
+            continue
+        if listening:
+            active = proc.pid
+        else:
+            spare = proc.pid
+    return active, spare
+
+
+async def _last_message(stub: chat_pb2_grpc.ChatServiceStub, conversation_id: str) -> str:
+    try:
+        conv = await stub.GetConversation(
+            chat_pb2.GetConversationRequest(conversation_id=conversation_id, recent_messages=1), timeout=5
+        )
+    except grpc.aio.AioRpcError:
+        return ""
+    return conv.messages[-1].client_message_id if conv.messages else ""
+
+
+@pytest.mark.timeout(180)
+async def test_a_killed_sessions_worker_is_replaced_by_its_warm_spare_and_folds_again(runner: Runner) -> None:
+    active, spare = await eventually(
+        lambda: asyncio.to_thread(_sessions_processes, runner),
+        lambda pids: all(pids),
+        within_s=60,
+        what="the sessions worker and its warm spare under `switchboard run`",
+    )
+    assert active is not None and spare is not None
+    async with ingress_channel(runner.settings) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        conv = await stub.StartConversation(
+            chat_pb2.StartConversationRequest(customer_id="c-spare"), timeout=5
+        )
+        cid = conv.conversation_id
+        await stub.SendMessage(
+            chat_pb2.SendMessageRequest(conversation_id=cid, client_message_id="m-before", text="hi"),
+            timeout=5,
+        )
+        await eventually(lambda: _last_message(stub, cid), lambda m: m == "m-before", what="m-before folded")
+        os.kill(active, signal.SIGKILL)
+        killed = time.monotonic()
+        # Acked without the worker (the ingress writes to Kafka); folded once the spare runs.
+        await stub.SendMessage(
+            chat_pb2.SendMessageRequest(conversation_id=cid, client_message_id="m-after", text="still?"),
+            timeout=5,
+        )
+        await eventually(
+            lambda: _last_message(stub, cid), lambda m: m == "m-after", within_s=60, what="m-after folded"
+        )
+        folded = time.monotonic() - killed
+    assert f"sessions: its warm spare (pid {spare}) took over" in runner.output(), runner.output()[-4000:]
+    # The spare is the worker now, and a new spare stands beside it.
+    await eventually(
+        lambda: asyncio.to_thread(_sessions_processes, runner),
+        lambda pids: pids[0] == spare and pids[1] not in (None, active, spare),
+        within_s=60,
+        what="a new warm spare beside the worker",
+    )
+    print(
+        f"sessions worker kill -9 -> a message sent after it folded {folded:.1f}s later (its warm spare took over)"
+    )
+
+
 @pytest.mark.timeout(240)
 async def test_a_stop_during_a_server_restart_is_honoured_and_leaves_no_server(runner: Runner) -> None:
     # Module order: this runs last, it stops the module's runner.

@@ -4,12 +4,20 @@ clock is passed in)."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from services.processes import Child
-from services.runner import RESTART_CAP_S, STABLE_S, Backoff, look_after_children
+from services.runner import (
+    RESTART_CAP_S,
+    SPARE_AFTER_S,
+    STABLE_S,
+    Backoff,
+    look_after_children,
+    look_after_spares,
+)
 
 
 def test_pauses_grow_to_the_cap_and_start_afresh_after_a_stable_run() -> None:
@@ -78,3 +86,91 @@ def test_a_start_that_fails_is_reported_and_tried_again_later(
     look_after_children({"doomed": child}, backoffs, 103.0)
     assert child.proc is not None
     child.proc.wait()
+
+
+def _status_child(tmp_path: Path) -> Child:
+    """A real `switchboard stack status` over an empty data directory: it prints each server's
+    status as JSON and exits 1 (none is running)."""
+    return Child(
+        "status", ["stack", "status"], tmp_path / "status.log", {"SWITCHBOARD_DATA_DIR": str(tmp_path)}
+    )
+
+
+def test_a_warm_spare_runs_its_command_only_once_it_takes_over(tmp_path: Path) -> None:
+    child = _status_child(tmp_path)
+    child.start_spare()
+    assert child.take_over()
+    assert child.spare is None and child.proc is not None
+    assert child.proc.wait(60) == 1
+    assert '"kafka"' in child.log_path.read_text()
+    # Told nothing, its stdin closed: it exits without running the command.
+    child.log_path.unlink()
+    child.start_spare()
+    spare = child.spare
+    assert spare is not None
+    child.stop_spare(timeout=60)
+    assert spare.returncode == 0
+    assert '"kafka"' not in child.log_path.read_text()
+    assert not child.take_over()  # none left
+
+
+def test_a_dead_child_is_replaced_by_its_warm_spare_and_a_new_spare_follows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    child = _status_child(tmp_path)
+    child.start()
+    assert child.proc is not None
+    child.proc.wait(60)
+    child.start_spare()
+    spare = child.spare
+    assert spare is not None
+    backoffs = {"status": Backoff(up_since=0.0)}
+    spares = {"status": Backoff(up_since=0.0)}
+    look_after_children({"status": child}, backoffs, 100.0, spares)
+    assert child.proc is spare and child.spare is None
+    assert f"status: its warm spare (pid {spare.pid}) took over" in capsys.readouterr().out
+    assert child.proc.wait(60) == 1  # it ran the command
+    # A long-lived stand-in for the child it became, from here on (its command has ended).
+    child.proc = subprocess.Popen(["sleep", "60"])
+    try:
+        # The next spare waits SPARE_AFTER_S: its imports would take CPU from the start it spares.
+        look_after_spares({"status": child}, spares, 100.0 + SPARE_AFTER_S - 0.1)
+        assert child.spare is None
+        look_after_spares({"status": child}, spares, 100.0 + SPARE_AFTER_S)
+        assert child.spare_alive
+    finally:
+        child.proc.kill()
+        child.proc.wait()
+        child.stop_spare(timeout=60)
+
+
+def test_a_spare_that_dies_while_waiting_is_started_again_after_a_pause(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The child: a spare told to run nothing useful would end; a long-lived real process instead.
+    child = Child("long", ["stack", "status"], tmp_path / "long.log", {"SWITCHBOARD_DATA_DIR": str(tmp_path)})
+    child.proc = subprocess.Popen(["sleep", "60"])
+    try:
+        spares = {"long": Backoff(up_since=None)}
+        look_after_spares({"long": child}, spares, 100.0)
+        first = child.spare
+        assert first is not None and child.spare_alive
+        first.kill()
+        first.wait()
+        look_after_spares({"long": child}, spares, 101.0)
+        assert child.spare is None
+        assert "long's warm spare exited (code -9); another in 5s" in capsys.readouterr().out
+        look_after_spares({"long": child}, spares, 101.0 + SPARE_AFTER_S - 0.1)
+        assert child.spare is None
+        look_after_spares({"long": child}, spares, 101.0 + SPARE_AFTER_S)
+        assert child.spare_alive and child.spare is not first
+        # No spare beside a child that is not running.
+        child.stop_spare(timeout=60)
+        child.proc.kill()
+        child.proc.wait()
+        look_after_spares({"long": child}, spares, 200.0)
+        assert child.spare is None
+    finally:
+        if child.proc.poll() is None:
+            child.proc.kill()
+        child.stop_spare(timeout=60)
