@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -114,6 +115,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _modules_of(args: argparse.Namespace) -> list[str]:
     """What a long-running command imports before it does anything (a warm spare's head start)."""
     if args.command == "worker":
+        if args.role == "assistant":
+            # Its encoder and classifier are imported as its models load (the load is not done
+            # here: it may build them, which the running assistant may be doing).
+            return [
+                _WORKERS["assistant"][0],
+                "streams.assistant.encoder",
+                "streams.assistant.intent._classifier",
+            ]
         return [_WORKERS[args.role][0]]
     return {"ingress": ["services.ingress"], "analytics": ["services.analytics"]}.get(args.command, [])
 
@@ -126,10 +135,19 @@ def _stand_by(args: argparse.Namespace) -> None:
     while waiting: no port, no consumer, no file."""
     if os.environ.pop(STANDBY_ENV, "") != "1":
         return
-    for module in _modules_of(args):
-        importlib.import_module(module)
-    if not sys.stdin.buffer.readline():
+    # `kill -USR2 $(pgrep -f "services.cli worker sessions")` (the README's task dump) reaches the
+    # spare too: not a reason to die (the handler comes with eventloop.install, after this).
+    previous = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    try:
+        _settings()  # a bad configuration ends the spare now, not the process it replaces
+        for module in _modules_of(args):
+            importlib.import_module(module)
+        told = sys.stdin.buffer.readline()
+    except KeyboardInterrupt:
         sys.exit(0)
+    if not told:
+        sys.exit(0)
+    signal.signal(signal.SIGUSR2, previous)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

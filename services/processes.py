@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.settings import Settings
+from services.settings import PROJECT_ROOT, Settings
 
 # Set by Child.start to its own pid: the child ties itself to that parent once it runs
 # (`die_with_parent`, called first thing by the CLI). Not in a `preexec_fn`: calling into ctypes
@@ -52,9 +52,12 @@ class Child:
     args: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    # host:port it listens on once it serves (the runner's sign it is not crash-looping); "": none.
+    ready_address: str = ""
     proc: subprocess.Popen[bytes] | None = None
     # A warm spare (`start_spare`): the same command, imported and waiting to take over.
     spare: subprocess.Popen[bytes] | None = None
+    _spare_code: float = 0.0
 
     def start(self) -> None:
         """Start it in a session of its own (a kill takes its whole group), tied to this process:
@@ -67,7 +70,14 @@ class Child:
     def start_spare(self) -> None:
         """Start a warm spare: the same command, which imports what it runs and then waits
         (holding no port, no consumer, no file) until `take_over` tells it to run."""
+        self._spare_code = code_fingerprint()
         self.spare = self._spawn(standby=True)
+
+    @property
+    def spare_is_stale(self) -> bool:
+        """The code changed since the spare imported it (an edit, a `git pull`): what it would run
+        is not what a new process runs, and half of it (modules imported later) would be new."""
+        return self.spare is not None and code_fingerprint() != self._spare_code
 
     @property
     def spare_alive(self) -> bool:
@@ -77,7 +87,10 @@ class Child:
         """The warm spare becomes this child's process and runs the command: True if there was a
         live spare and it got the word (else start() is the way)."""
         spare, self.spare = self.spare, None
-        if spare is None or spare.poll() is not None or spare.stdin is None:
+        if spare is None:
+            return False
+        if spare.poll() is not None or spare.stdin is None:
+            _close_stdin(spare)
             return False
         try:
             spare.stdin.write(b"run\n")
@@ -87,24 +100,20 @@ class Child:
             spare.wait()
             return False
         finally:
-            with contextlib.suppress(OSError):
-                spare.stdin.close()
+            _close_stdin(spare)
         self.proc = spare
         return True
 
-    def stop_spare(self, timeout: float = 5.0) -> None:
-        """End the spare: its stdin closed, it exits (killed if it does not within `timeout`)."""
+    def stop_spare(self) -> None:
+        """End the spare at once: it holds nothing, and one still importing would not see its
+        stdin close for seconds (that held a stop up)."""
         spare, self.spare = self.spare, None
         if spare is None:
             return
-        if spare.stdin is not None:
-            with contextlib.suppress(OSError):
-                spare.stdin.close()
-        try:
-            spare.wait(timeout)
-        except subprocess.TimeoutExpired:
+        _close_stdin(spare)
+        if spare.poll() is None:
             _kill_group(spare)
-            spare.wait()
+        spare.wait()
 
     def _spawn(self, *, standby: bool) -> subprocess.Popen[bytes]:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +169,24 @@ class Child:
             return ""
 
 
+def code_fingerprint() -> float:
+    """The newest modification time of the project's code and schemas (~1 ms: ~160 files)."""
+    newest = 0.0
+    for top in ("services", "streams", "schemas", "proto"):
+        for folder, _, files in os.walk(PROJECT_ROOT / top):
+            for name in files:
+                if name.endswith((".py", ".sql", ".proto")):
+                    with contextlib.suppress(OSError):  # removed under us: the next look sees it
+                        newest = max(newest, os.stat(os.path.join(folder, name)).st_mtime)
+    return newest
+
+
+def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -171,12 +198,22 @@ def switchboard_children(settings: Settings, env: dict[str, str] | None = None) 
     logs = settings.data_dir / "logs"
     extra = env or {}
     return {
-        "analytics": Child("analytics", ["analytics"], logs / "analytics.log", extra),
-        "sessions": Child("sessions", ["worker", "sessions"], logs / "sessions.log", extra),
-        "assistant": Child("assistant", ["worker", "assistant"], logs / "assistant.log", extra),
+        "analytics": Child(
+            "analytics", ["analytics"], logs / "analytics.log", extra, settings.analytics_listen
+        ),
+        "sessions": Child(
+            "sessions", ["worker", "sessions"], logs / "sessions.log", extra, settings.sessions_metrics_listen
+        ),
+        "assistant": Child(
+            "assistant",
+            ["worker", "assistant"],
+            logs / "assistant.log",
+            extra,
+            settings.assistant_metrics_listen,
+        ),
         # Closed segments of conversation-events into S3 (streams/archive).
         "archiver": Child("archiver", ["worker", "archiver"], logs / "archiver.log", extra),
-        "ingress": Child("ingress", ["ingress"], logs / "ingress.log", extra),
+        "ingress": Child("ingress", ["ingress"], logs / "ingress.log", extra, settings.grpc_listen),
     }
 
 

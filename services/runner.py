@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -100,7 +101,10 @@ def run_system(settings: Settings, demo: bool = True) -> int:
 
 # A process that died is started again at once; one that dies again within STABLE_S of its start
 # (or fails to start) waits RESTART_FIRST_S, then twice as long each time up to RESTART_CAP_S, so a
-# process that cannot live neither spins nor fills the terminal. Up STABLE_S, it starts afresh.
+# process that cannot live neither spins nor fills the terminal. Up STABLE_S, or once it served (its
+# port listening: Child.ready_address), it starts afresh: a process killed after serving is started
+# again at once however often that happens (by lifetime alone, a worker killed every 10-15 s
+# under load waited 1, 2, 4, 8, 16 s more each time: benchmarks/worker_restart.py).
 RESTART_FIRST_S = 1.0
 RESTART_CAP_S = 30.0
 STABLE_S = 30.0
@@ -122,17 +126,21 @@ class Backoff:
     """When one process may be started again: pure, given the time (monotonic seconds)."""
 
     up_since: float | None = None  # started (or found running) then; None while down
-    failures: int = 0  # deaths and failed starts since it last stayed up STABLE_S
+    failures: int = 0  # deaths and failed starts since it last stayed up STABLE_S or served
     next_at: float = 0.0
+    # It got as far as serving (its port listening) since its start: not a crash loop.
+    served: bool = False
 
     def started(self, now: float) -> None:
         self.up_since = now
+        self.served = False
 
     def failed(self, now: float) -> float:
         """It died or could not be started: the pause before the next start."""
-        if self.up_since is not None and now - self.up_since >= STABLE_S:
+        if self.up_since is not None and (self.served or now - self.up_since >= STABLE_S):
             self.failures = 0
         self.up_since = None
+        self.served = False
         self.failures += 1
         pause = 0.0 if self.failures == 1 else min(RESTART_CAP_S, RESTART_FIRST_S * 2 ** (self.failures - 2))
         self.next_at = now + pause
@@ -155,6 +163,9 @@ async def supervise(settings: Settings, children: dict[str, Child], stopping: th
     now = time.monotonic()
     child_backoff = {name: Backoff(up_since=now) for name in children}
     spares = {name: Backoff(next_at=now + SPARE_AFTER_S) for name in children if name in settings.spare_roles}
+    if settings.sessions_processes > 1:
+        # Its processes are the supervisor's children, started cold whatever the supervisor's state.
+        spares.pop("sessions", None)
     server_backoff: dict[str, Backoff] = {}
     starting: dict[str, asyncio.Task[None]] = {}
     try:
@@ -200,9 +211,11 @@ def look_after_children(
     it has one, else a new process starts; a start that fails (OSError: no memory, no file
     descriptors, its log not writable) is reported and tried again later."""
     for name, child in children.items():
-        if child.alive:
-            continue
         backoff = backoffs[name]
+        if child.alive:
+            if not backoff.served and child.ready_address and _listening(child.ready_address):
+                backoff.served = True
+            continue
         if backoff.up_since is not None:
             lived = now - backoff.up_since
             pause = backoff.failed(now)
@@ -215,12 +228,16 @@ def look_after_children(
             )
         if not backoff.due(now):
             continue
+        if spares is not None and name in spares:
+            # The next spare after this start is under way: its imports would take CPU from it.
+            spares[name].next_at = max(spares[name].next_at, now + SPARE_AFTER_S)
+        if child.spare_is_stale:
+            print(f"{name}: its warm spare was started on older code; starting a new process", flush=True)
+            child.stop_spare()
         if child.take_over():
             assert child.proc is not None
             print(f"{name}: its warm spare (pid {child.proc.pid}) took over", flush=True)
             backoff.started(now)
-            if spares is not None and name in spares:
-                spares[name].next_at = now + SPARE_AFTER_S
             continue
         try:
             child.start()
@@ -229,6 +246,17 @@ def look_after_children(
             print(f"starting {name} failed ({exc}); next try in {pause:.0f}s", flush=True)
         else:
             backoff.started(now)
+
+
+def _listening(address: str) -> bool:
+    """Something accepts connections at `address` (host:port on this machine): a refused connect
+    on loopback answers at once."""
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.2):
+            return True
+    except OSError:
+        return False
 
 
 def look_after_spares(children: dict[str, Child], spares: dict[str, Backoff], now: float) -> None:
@@ -241,7 +269,7 @@ def look_after_spares(children: dict[str, Child], spares: dict[str, Backoff], no
             continue
         if child.spare is not None:
             code = child.spare.returncode
-            child.spare = None
+            child.stop_spare()  # reaped, its pipe closed
             pause = max(backoff.failed(now), SPARE_AFTER_S)
             backoff.next_at = now + pause
             print(f"{name}'s warm spare exited (code {code}); another in {pause:.0f}s", flush=True)

@@ -4,11 +4,13 @@ clock is passed in)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from services import processes
 from services.processes import Child
 from services.runner import (
     RESTART_CAP_S,
@@ -103,14 +105,20 @@ def test_a_warm_spare_runs_its_command_only_once_it_takes_over(tmp_path: Path) -
     assert child.spare is None and child.proc is not None
     assert child.proc.wait(60) == 1
     assert '"kafka"' in child.log_path.read_text()
-    # Told nothing, its stdin closed: it exits without running the command.
+    # Told nothing, its stdin closed (the runner gone): it exits without running the command.
     child.log_path.unlink()
     child.start_spare()
     spare = child.spare
-    assert spare is not None
-    child.stop_spare(timeout=60)
-    assert spare.returncode == 0
+    assert spare is not None and spare.stdin is not None
+    spare.stdin.close()
+    assert spare.wait(60) == 0
     assert '"kafka"' not in child.log_path.read_text()
+    # A stop ends a spare at once, whatever it is doing (it holds nothing).
+    child.start_spare()
+    spare = child.spare
+    assert spare is not None
+    child.stop_spare()
+    assert spare.returncode is not None and child.spare is None
     assert not child.take_over()  # none left
 
 
@@ -141,7 +149,7 @@ def test_a_dead_child_is_replaced_by_its_warm_spare_and_a_new_spare_follows(
     finally:
         child.proc.kill()
         child.proc.wait()
-        child.stop_spare(timeout=60)
+        child.stop_spare()
 
 
 def test_a_spare_that_dies_while_waiting_is_started_again_after_a_pause(
@@ -165,7 +173,7 @@ def test_a_spare_that_dies_while_waiting_is_started_again_after_a_pause(
         look_after_spares({"long": child}, spares, 101.0 + SPARE_AFTER_S)
         assert child.spare_alive and child.spare is not first
         # No spare beside a child that is not running.
-        child.stop_spare(timeout=60)
+        child.stop_spare()
         child.proc.kill()
         child.proc.wait()
         look_after_spares({"long": child}, spares, 200.0)
@@ -173,4 +181,65 @@ def test_a_spare_that_dies_while_waiting_is_started_again_after_a_pause(
     finally:
         if child.proc.poll() is None:
             child.proc.kill()
-        child.stop_spare(timeout=60)
+        child.stop_spare()
+
+
+def test_a_spare_started_on_older_code_is_not_used_and_the_next_waits_for_the_new_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    child = _status_child(tmp_path)
+    child.start()
+    assert child.proc is not None
+    child.proc.wait(60)
+    child.start_spare()
+    spare = child.spare
+    assert spare is not None
+    # The code changed since (an edit, a `git pull`).
+    newer = processes.code_fingerprint() + 1.0
+    monkeypatch.setattr(processes, "code_fingerprint", lambda: newer)
+    spares = {"status": Backoff(up_since=0.0)}
+    look_after_children({"status": child}, {"status": Backoff(up_since=0.0)}, 100.0, spares)
+    assert (
+        "status: its warm spare was started on older code; starting a new process" in capsys.readouterr().out
+    )
+    assert spare.poll() is not None and child.spare is None
+    assert child.proc is not spare and child.proc is not None
+    # The next spare waits until the start under way had its CPU.
+    assert spares["status"].next_at == 100.0 + SPARE_AFTER_S
+    child.proc.wait(60)
+
+
+def test_a_child_that_served_is_started_again_at_once_however_often_it_dies(tmp_path: Path) -> None:
+    # Killed every few seconds, each time after it served: never a crash loop, never a pause (by
+    # lifetime alone it waited 1, 2, 4, 8, 16 s more each time: benchmarks/worker_restart.py).
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        child = Child(
+            "served", ["no-such-command"], tmp_path / "served.log", ready_address=f"127.0.0.1:{port}"
+        )
+        child.proc = subprocess.Popen(["sleep", "60"])
+        backoffs = {"served": Backoff(up_since=100.0)}
+        now = 100.0
+        for _ in range(4):
+            look_after_children({"served": child}, backoffs, now)  # alive: it serves (port listening)
+            assert backoffs["served"].served
+            child.proc.kill()
+            child.proc.wait()
+            now += 3.0
+            look_after_children({"served": child}, backoffs, now)  # restarted at once
+            assert backoffs["served"].failures == 1 and backoffs["served"].next_at == now
+            child.proc.wait(60)  # the command fails at once; a live stand-in for the next round
+            child.proc = subprocess.Popen(["sleep", "60"])
+        child.proc.kill()
+        child.proc.wait()
+    # Without the port ever listening, the same deaths pause more each time.
+    child = Child("never", ["no-such-command"], tmp_path / "never.log", ready_address="127.0.0.1:1")
+    child.proc = subprocess.Popen(["true"])
+    child.proc.wait()
+    backoffs = {"never": Backoff(up_since=100.0)}
+    look_after_children({"never": child}, backoffs, 103.0)
+    assert backoffs["never"].next_at == 103.0  # the first death: at once
+    assert child.proc is not None
+    child.proc.wait(60)
+    look_after_children({"never": child}, backoffs, 106.0)
+    assert backoffs["never"].next_at == 107.0  # the second, 3 s after its start: a pause
