@@ -124,7 +124,11 @@ def _modules_of(args: argparse.Namespace) -> list[str]:
                 "streams.assistant.intent._classifier",
             ]
         return [_WORKERS[args.role][0]]
-    return {"ingress": ["services.ingress"], "analytics": ["services.analytics"]}.get(args.command, [])
+    return {
+        "ingress": ["services.ingress"],
+        # chdb's import maps its ~200 MB library (shared with the running process's pages).
+        "analytics": ["services.analytics._process", "streams.projector", "chdb"],
+    }.get(args.command, [])
 
 
 def _stand_by(args: argparse.Namespace) -> None:

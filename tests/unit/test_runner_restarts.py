@@ -4,13 +4,14 @@ clock is passed in)."""
 
 from __future__ import annotations
 
+import importlib
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from services import processes
+from services import cli, processes
 from services.processes import Child
 from services.runner import (
     RESTART_CAP_S,
@@ -243,3 +244,15 @@ def test_a_child_that_served_is_started_again_at_once_however_often_it_dies(tmp_
     child.proc.wait(60)
     look_after_children({"never": child}, backoffs, 106.0)
     assert backoffs["never"].next_at == 107.0  # the second, 3 s after its start: a pause
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["analytics"], ["ingress"], ["worker", "sessions"], ["worker", "assistant"], ["worker", "archiver"]],
+)
+def test_what_a_spare_imports_exists_for_every_process_the_runner_starts(argv: list[str]) -> None:
+    # A renamed module would end every spare at once (each start a doomed process, then a pause).
+    modules = cli._modules_of(cli.build_parser().parse_args(argv))
+    assert modules
+    for module in modules:
+        importlib.import_module(module)
