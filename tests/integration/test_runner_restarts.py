@@ -324,6 +324,24 @@ async def test_a_killed_sessions_worker_is_replaced_by_its_warm_spare_and_folds_
     )
 
 
+@pytest.mark.timeout(180)
+async def test_the_ingress_killed_under_the_runner_serves_writes_again(runner: Runner) -> None:
+    # `switchboard ingress` (the supervisor: its processes die with it) killed with kill -9.
+    assert await _write_acked(runner.settings, "ingress-before")
+    (supervisor,) = [p for p in psutil.Process(runner.proc.pid).children() if p.cmdline()[-1:] == ["ingress"]]
+    supervisor.kill()
+    killed = time.monotonic()
+    await eventually(
+        lambda: _write_acked(runner.settings, "ingress-after"),
+        bool,
+        within_s=60,
+        what="a write acked after the ingress's kill -9",
+    )
+    served = time.monotonic() - killed
+    assert "ingress exited (code -9" in runner.output(), runner.output()[-4000:]
+    print(f"ingress supervisor kill -9 -> a write acked {served:.1f}s later")
+
+
 @pytest.mark.timeout(240)
 async def test_a_stop_during_a_server_restart_is_honoured_and_leaves_no_server(runner: Runner) -> None:
     # Module order: this runs last, it stops the module's runner.
