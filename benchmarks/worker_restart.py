@@ -264,7 +264,7 @@ async def main_async(args: argparse.Namespace) -> str:
                         120,
                         f"{cid} folded",
                     )
-        took_over = output().count("sessions: its warm spare")
+        took_over = len(re.findall(r"sessions: its warm spare \(pid \d+\) took over", output()))
         cold_starts = output().count("sessions exited") - took_over
         acked = sum(len(v) for v in load.acked.values())
         lines = [

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 
 from services import stack
 from services.auth import issue_demo_key
@@ -101,13 +101,15 @@ def run_system(settings: Settings, demo: bool = True) -> int:
 
 # A process that died is started again at once; one that dies again within STABLE_S of its start
 # (or fails to start) waits RESTART_FIRST_S, then twice as long each time up to RESTART_CAP_S, so a
-# process that cannot live neither spins nor fills the terminal. Up STABLE_S, or once it served (its
-# port listening: Child.ready_address), it starts afresh: a process killed after serving is started
-# again at once however often that happens (by lifetime alone, a worker killed every 10-15 s
-# under load waited 1, 2, 4, 8, 16 s more each time: benchmarks/worker_restart.py).
+# process that cannot live neither spins nor fills the terminal. Up STABLE_S, or up SERVED_S with
+# its own port listening (Child.ready_address, held by it or its children), it starts afresh: a
+# process killed after serving is started again at once however often that happens (by lifetime
+# alone, a worker killed every 10-15 s under load waited 1, 2, 4, 8, 16 s more each time:
+# benchmarks/worker_restart.py).
 RESTART_FIRST_S = 1.0
 RESTART_CAP_S = 30.0
 STABLE_S = 30.0
+SERVED_S = 2.0
 # How often the children and the stack's processes are looked at, and how often the stop event is.
 # A look costs well under a millisecond (pid files, /proc); a Kafka killed waits for it before it
 # is started again, on average half of this (benchmarks/kafka_restart.py).
@@ -126,21 +128,25 @@ class Backoff:
     """When one process may be started again: pure, given the time (monotonic seconds)."""
 
     up_since: float | None = None  # started (or found running) then; None while down
-    failures: int = 0  # deaths and failed starts since it last stayed up STABLE_S or served
+    failures: int = 0  # deaths and failed starts since it last stayed up STABLE_S, or served
     next_at: float = 0.0
-    # It got as far as serving (its port listening) since its start: not a crash loop.
-    served: bool = False
+    # When it was first seen serving (its own port listening) since its start; None: not yet.
+    served_at: float | None = None
+    looked_at: float = 0.0  # when its port was last looked at
 
     def started(self, now: float) -> None:
         self.up_since = now
-        self.served = False
+        self.served_at = None
 
     def failed(self, now: float) -> float:
         """It died or could not be started: the pause before the next start."""
-        if self.up_since is not None and (self.served or now - self.up_since >= STABLE_S):
+        if self.up_since is not None and (
+            now - self.up_since >= STABLE_S
+            or (self.served_at is not None and now - self.served_at >= SERVED_S)
+        ):
             self.failures = 0
         self.up_since = None
-        self.served = False
+        self.served_at = None
         self.failures += 1
         pause = 0.0 if self.failures == 1 else min(RESTART_CAP_S, RESTART_FIRST_S * 2 ** (self.failures - 2))
         self.next_at = now + pause
@@ -213,8 +219,7 @@ def look_after_children(
     for name, child in children.items():
         backoff = backoffs[name]
         if child.alive:
-            if not backoff.served and child.ready_address and _listening(child.ready_address):
-                backoff.served = True
+            _look_for_serving(child, backoff, now)
             continue
         if backoff.up_since is not None:
             lived = now - backoff.up_since
@@ -234,6 +239,12 @@ def look_after_children(
         if child.spare_is_stale:
             print(f"{name}: its warm spare was started on older code; starting a new process", flush=True)
             child.stop_spare()
+        elif child.spare is not None and not child.spare_alive:
+            print(
+                f"{name}: its warm spare had exited (code {child.spare.returncode}); starting a new process",
+                flush=True,
+            )
+            child.stop_spare()
         if child.take_over():
             assert child.proc is not None
             print(f"{name}: its warm spare (pid {child.proc.pid}) took over", flush=True)
@@ -248,15 +259,33 @@ def look_after_children(
             backoff.started(now)
 
 
-def _listening(address: str) -> bool:
-    """Something accepts connections at `address` (host:port on this machine): a refused connect
-    on loopback answers at once."""
-    host, port = address.rsplit(":", 1)
+def _look_for_serving(child: Child, backoff: Backoff, now: float) -> None:
+    """Note when the child first serves: its ready address's port listening in it or in one of its
+    own processes (not merely answering: another program on that port is not the child), looked
+    at once a second during its first STABLE_S (after that its lifetime says enough)."""
+    if (
+        backoff.served_at is not None
+        or not child.ready_address
+        or child.proc is None
+        or backoff.up_since is None
+        or now - backoff.up_since >= STABLE_S
+        or now - backoff.looked_at < 1.0
+    ):
+        return
+    backoff.looked_at = now
+    port = int(child.ready_address.rsplit(":", 1)[1])
     try:
-        with socket.create_connection((host, int(port)), timeout=0.2):
-            return True
-    except OSError:
-        return False
+        top = psutil.Process(child.proc.pid)
+        for proc in (top, *top.children(recursive=True)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if any(
+                    c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                    for c in proc.net_connections("tcp")
+                ):
+                    backoff.served_at = now
+                    return
+    except psutil.Error:  # gone, or not ours to read: looked at again next time
+        return
 
 
 def look_after_spares(children: dict[str, Child], spares: dict[str, Backoff], now: float) -> None:

@@ -139,6 +139,15 @@ async def terminate(pid: int, *, grace_s: float, kill: bool) -> None:
     _reap(pid)
 
 
+def reap_exited() -> None:
+    """Reap every server this process started that has exited. Its pid file is not always there to
+    lead `running_pid` to it: another process (`switchboard stack status`) that found it dead
+    removed the file first, and the killed server stayed a zombie of `switchboard run` for good."""
+    for pid, child in list(_children.items()):
+        if child.poll() is not None:
+            _children.pop(pid, None)
+
+
 def _reap(pid: int) -> None:
     child = _children.pop(pid, None)
     if child is not None:

@@ -19,7 +19,16 @@ from services.stack._layout import (
     component_names,
     component_ports,
 )
-from services.stack._process import is_running, port_holder, running_pid, spawn, stack_lock, tail, terminate
+from services.stack._process import (
+    is_running,
+    port_holder,
+    reap_exited,
+    running_pid,
+    spawn,
+    stack_lock,
+    tail,
+    terminate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +107,7 @@ def gone(settings: Settings) -> dict[str, Path]:
 
     Only the process is looked at, not its health: cheap enough to ask every second, and a server
     that is running but not answering yet is starting, not gone."""
+    reap_exited()
     return {
         name: c.log_path
         for name, c in components(settings).items()

@@ -249,12 +249,24 @@ async def test_seaweedfs_killed_under_the_runner_is_started_again(runner: Runner
     await _kill_and_recover(runner, "s3")
 
 
+def _children_of(runner: Runner, *, zombies: bool = False) -> list[psutil.Process]:
+    """The runner's live children (a zombie's command line cannot be read), or its zombies."""
+    found = []
+    for proc in psutil.Process(runner.proc.pid).children():
+        try:
+            if (proc.status() == psutil.STATUS_ZOMBIE) == zombies:
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 def _sessions_processes(runner: Runner) -> tuple[int | None, int | None]:
     """(the sessions worker's pid, its warm spare's pid) under the runner: the worker is the one
     serving the sessions metrics port."""
     port = int(runner.settings.sessions_metrics_listen.rsplit(":", 1)[1])
     active = spare = None
-    for proc in psutil.Process(runner.proc.pid).children():
+    for proc in _children_of(runner):
         try:
             if proc.cmdline()[-2:] != ["worker", "sessions"]:
                 continue
@@ -328,7 +340,7 @@ async def test_a_killed_sessions_worker_is_replaced_by_its_warm_spare_and_folds_
 async def test_the_ingress_killed_under_the_runner_serves_writes_again(runner: Runner) -> None:
     # `switchboard ingress` (the supervisor: its processes die with it) killed with kill -9.
     assert await _write_acked(runner.settings, "ingress-before")
-    (supervisor,) = [p for p in psutil.Process(runner.proc.pid).children() if p.cmdline()[-1:] == ["ingress"]]
+    (supervisor,) = [p for p in _children_of(runner) if p.cmdline()[-1:] == ["ingress"]]
     supervisor.kill()
     killed = time.monotonic()
     await eventually(
@@ -340,6 +352,14 @@ async def test_the_ingress_killed_under_the_runner_serves_writes_again(runner: R
     served = time.monotonic() - killed
     assert "ingress exited (code -9" in runner.output(), runner.output()[-4000:]
     print(f"ingress supervisor kill -9 -> a write acked {served:.1f}s later")
+    # Nothing killed in this module stays a zombie of the runner: the servers killed by the tests
+    # before this one were (their pid files removed by this test's `stack.status` first).
+    await eventually(
+        lambda: asyncio.to_thread(lambda: [(p.pid, p.name()) for p in _children_of(runner, zombies=True)]),
+        lambda found: not found,
+        within_s=10,
+        what="no zombie child of the runner",
+    )
 
 
 @pytest.mark.timeout(240)

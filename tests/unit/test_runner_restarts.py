@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from services import cli, processes
 from services.processes import Child
 from services.runner import (
     RESTART_CAP_S,
+    SERVED_S,
     SPARE_AFTER_S,
     STABLE_S,
     Backoff,
@@ -119,7 +121,7 @@ def test_a_warm_spare_runs_its_command_only_once_it_takes_over(tmp_path: Path) -
     spare = child.spare
     assert spare is not None
     child.stop_spare()
-    assert spare.returncode is not None and child.spare is None
+    assert spare.returncode == -9 and child.spare is None
     assert not child.take_over()  # none left
 
 
@@ -210,40 +212,67 @@ def test_a_spare_started_on_older_code_is_not_used_and_the_next_waits_for_the_ne
     child.proc.wait(60)
 
 
+def _listening_process() -> tuple[subprocess.Popen[bytes], int]:
+    """A process that listens on a port of its own (what a served child looks like)."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import socket, time; s = socket.create_server(('127.0.0.1', 0)); "
+            "print(s.getsockname()[1], flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
 def test_a_child_that_served_is_started_again_at_once_however_often_it_dies(tmp_path: Path) -> None:
-    # Killed every few seconds, each time after it served: never a crash loop, never a pause (by
-    # lifetime alone it waited 1, 2, 4, 8, 16 s more each time: benchmarks/worker_restart.py).
+    # Killed every 10 s, each time after it served for 6 s (> SERVED_S): never a crash loop, never a pause (by
+    # lifetime alone it waited 1, 2, 4, 8 s more each time: benchmarks/worker_restart.py).
+    child = Child("served", ["no-such-command"], tmp_path / "served.log")
+    backoff = Backoff()
+    for i in range(4):
+        t = 100.0 + 10 * i
+        child.proc, port = _listening_process()
+        child.ready_address = f"127.0.0.1:{port}"
+        backoff.started(t)
+        look_after_children({"served": child}, {"served": backoff}, t)
+        assert backoff.served_at == t
+        child.proc.kill()
+        child.proc.wait()
+        look_after_children({"served": child}, {"served": backoff}, t + 6.0)
+        assert backoff.failures == 1 and backoff.next_at == t + 6.0  # started again at once
+        child.proc.wait(60)  # `no-such-command` ends at once
+
+
+def test_a_port_answered_by_another_process_is_not_the_child_serving(tmp_path: Path) -> None:
+    # Another program on the child's port (a local ClickHouse on 8123): the child dying there is
+    # still a crash loop, and waits.
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         child = Child(
-            "served", ["no-such-command"], tmp_path / "served.log", ready_address=f"127.0.0.1:{port}"
+            "crashing", ["no-such-command"], tmp_path / "crashing.log", ready_address=f"127.0.0.1:{port}"
         )
         child.proc = subprocess.Popen(["sleep", "60"])
-        backoffs = {"served": Backoff(up_since=100.0)}
-        now = 100.0
-        for _ in range(4):
-            look_after_children({"served": child}, backoffs, now)  # alive: it serves (port listening)
-            assert backoffs["served"].served
-            child.proc.kill()
-            child.proc.wait()
-            now += 3.0
-            look_after_children({"served": child}, backoffs, now)  # restarted at once
-            assert backoffs["served"].failures == 1 and backoffs["served"].next_at == now
-            child.proc.wait(60)  # the command fails at once; a live stand-in for the next round
-            child.proc = subprocess.Popen(["sleep", "60"])
+        backoff = Backoff(up_since=200.0, failures=1)
+        look_after_children({"crashing": child}, {"crashing": backoff}, 200.0)
+        assert backoff.served_at is None
         child.proc.kill()
         child.proc.wait()
-    # Without the port ever listening, the same deaths pause more each time.
-    child = Child("never", ["no-such-command"], tmp_path / "never.log", ready_address="127.0.0.1:1")
-    child.proc = subprocess.Popen(["true"])
-    child.proc.wait()
-    backoffs = {"never": Backoff(up_since=100.0)}
-    look_after_children({"never": child}, backoffs, 103.0)
-    assert backoffs["never"].next_at == 103.0  # the first death: at once
-    assert child.proc is not None
-    child.proc.wait(60)
-    look_after_children({"never": child}, backoffs, 106.0)
-    assert backoffs["never"].next_at == 107.0  # the second, 3 s after its start: a pause
+        look_after_children({"crashing": child}, {"crashing": backoff}, 206.0)
+        assert backoff.failures == 2 and backoff.next_at == 207.0
+        # Served, but for less than SERVED_S: a process that fails soon after it binds its port
+        # is not taken for a killed one either.
+        child.proc, own = _listening_process()
+        child.ready_address = f"127.0.0.1:{own}"
+        backoff.started(300.0)
+        look_after_children({"crashing": child}, {"crashing": backoff}, 302.0)
+        assert backoff.served_at == 302.0
+        child.proc.kill()
+        child.proc.wait()
+        look_after_children({"crashing": child}, {"crashing": backoff}, 302.0 + SERVED_S - 0.5)
+        assert backoff.failures == 3 and backoff.next_at == 302.0 + SERVED_S - 0.5 + 2.0
 
 
 @pytest.mark.parametrize(
