@@ -68,3 +68,44 @@ async def test_a_commit_that_never_completes_restarts_the_consumer(
             rig.applied, lambda v: set(more) <= set(v), within_s=60, what="records after the restart"
         )
         assert rig.consumer.stats.restarts >= 1
+
+
+class OwnPositions(Collect):
+    """A processor that resumes from positions of its own, as the sessions worker (Redis)."""
+
+    resumes_from_own_positions = True
+
+
+@pytest.mark.timeout(180)
+async def test_a_processor_with_its_own_positions_goes_on_while_a_commit_is_wedged(
+    local_stack: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen in a 30-cycle soak: after a Kafka kill -9 the sessions worker's commit wedged, and the
+    # fold (GetConversation) stood still for COMMIT_BOUND_S, 34 s, with Kafka back after 4.
+    monkeypatch.setattr(_consumer, "COMMIT_BOUND_S", 60.0)
+    settings = await fresh_topic(local_stack, "commitbehind")
+    async with (
+        started_producer(settings) as producer,
+        running_consumer(settings, OwnPositions(), "commitbehind") as rig,
+    ):
+        before = [f"before-{i}".encode() for i in range(10)]
+        await send_all(producer, settings.conversation_topic, before)
+        await eventually(rig.applied, lambda v: v == before, within_s=60, what="records before the wedge")
+        assert rig.consumer._consumer is not None
+        wedged = rig.consumer._consumer
+        committing = asyncio.Event()
+
+        async def never(*args: Any, **kwargs: Any) -> None:
+            committing.set()
+            await asyncio.Event().wait()
+
+        wedged.commit = never
+        first = [f"first-{i}".encode() for i in range(10)]
+        await send_all(producer, settings.conversation_topic, first)
+        await asyncio.wait_for(committing.wait(), 30)  # a commit is wedged now
+        after = [f"after-{i}".encode() for i in range(10)]
+        await send_all(producer, settings.conversation_topic, after)
+        # Applied well within the 60 s bound, by the same consumer: nothing waited for the commit.
+        await eventually(rig.applied, lambda v: v[-10:] == after, within_s=20, what="records after the wedge")
+        assert rig.consumer._consumer is wedged and rig.consumer.stats.restarts == 0
+        assert await rig.applied() == before + first + after  # each once, in order
