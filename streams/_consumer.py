@@ -111,9 +111,6 @@ Rejected = Sequence[tuple[Record, BaseException]]
 
 class Processor(Protocol):
     name: str
-    # Optional attribute `resumes_from_own_positions = True`: the processor seeks where its own
-    # bookkeeping says on assignment, so Kafka's commits need not hold up the next batch
-    # (BatchConsumer._commit_or_hand_off).
 
     async def on_assigned(self, partitions: set[int], consumer: PartitionControl) -> None:
         """Partitions were assigned; seek where this processor's own bookkeeping says."""
@@ -241,11 +238,6 @@ class BatchConsumer:
         self._in_hand = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.stats = ConsumerStats()
-        # For a processor that resumes from positions of its own (`resumes_from_own_positions`):
-        # the offsets to commit next, and the commit under way behind the batches (True: done or
-        # refused; False: not completed within COMMIT_BOUND_S, the consumer is started again).
-        self._to_commit: dict[int, int] = {}
-        self._committer: asyncio.Future[bool] | None = None
         # The stall watchdog's clocks: the last check, and since when checks have seen records
         # waiting with none returned (None: not seen, or records returned since).
         self._checked_at = time.monotonic()
@@ -323,11 +315,6 @@ class BatchConsumer:
         """Stop the Kafka clients, each within CLOSE_BOUND_S (at once, so that a Kafka that is
         down costs the bound once): nothing is committed here, and what a client still held
         unsent or uncommitted is delivered again on the next start."""
-        committer = self._committer
-        if committer is not None and not committer.done():
-            # A commit behind the batches: STOP_GRACE_S more once stopping (_unless_stopping).
-            await asyncio.wait({committer}, timeout=STOP_GRACE_S + CANCEL_BOUND_S)
-        await self._drop_committer()
         stops = [
             self._bounded_stop(name, client)
             for name, client in (("consumer", self._consumer), ("dead-letter producer", self._producer))
@@ -405,7 +392,7 @@ class BatchConsumer:
                     done = await self._apply(records)
                     if not done:
                         return
-                    committed = await self._commit_or_hand_off(records)
+                    committed = await self._commit(records)
             if not committed:
                 try:
                     await self._restart_consumer()
@@ -558,7 +545,6 @@ class BatchConsumer:
         log.error(
             "%s: starting the Kafka consumer again (restart %d)", self._processor.name, self.stats.restarts
         )
-        await self._drop_committer()
         await self._revoked(self._control.assigned())
         old = self._consumer
         with contextlib.suppress(Exception, _Stopped):
@@ -750,64 +736,22 @@ class BatchConsumer:
                 raise _Stopped
             delay = min(delay * 2, RETRY_MAX_S)
 
-    async def _commit_or_hand_off(self, records: Sequence[Record]) -> bool:
-        """Commit the batch's offsets before the next batch; or, for a processor that resumes
-        from positions of its own (the sessions worker's in Redis, written with its batch), hand
-        them to a commit behind the batches: Kafka's committed offsets are then only the group's
-        view for lag tools, and the next batch need not wait for them. Seen in a soak: a commit
-        wedged on a request the killed broker never answered held the fold up for COMMIT_BOUND_S
-        (34 s) with Kafka back after 4. False: a commit did not complete within COMMIT_BOUND_S
-        (the caller starts the consumer again)."""
-        if not getattr(self._processor, "resumes_from_own_positions", False):
-            return await self._commit(records)
-        for p, o in _last_offsets(records).items():
-            self._to_commit[p] = o + 1
-            self.stats.position[p] = o + 1
-        committer = self._committer
-        if committer is not None and not committer.done():
-            return True  # it commits these too once the one under way completed
-        if committer is not None and not committer.cancelled() and committer.result() is False:
-            return False
-        assert self._consumer is not None
-        self._committer = asyncio.ensure_future(self._commit_latest(self._consumer))
-        return True
-
-    async def _commit_latest(self, consumer: AIOKafkaConsumer) -> bool:
-        while self._to_commit:
-            offsets, self._to_commit = self._to_commit, {}
-            if not await self._commit_offsets(
-                consumer, {TopicPartition(self._topic, p): o for p, o in offsets.items()}
-            ):
-                return False
-        return True
-
-    async def _drop_committer(self) -> None:
-        """Abandon the commit behind the batches (a consumer being replaced, or a stop): what it
-        had not committed is applied again after a restart, or not at all (own positions)."""
-        committer, self._committer = self._committer, None
-        self._to_commit.clear()
-        if committer is not None and not committer.done():
-            committer.cancel()
-            committer.add_done_callback(_ignore_outcome)
-            await asyncio.wait({committer}, timeout=CANCEL_BOUND_S)
-
     async def _commit(self, records: Sequence[Record]) -> bool:
         """Commit the batch's offsets; False when Kafka's client did not complete the commit
         within COMMIT_BOUND_S (the caller starts the consumer again)."""
         assert self._consumer is not None
-        last = _last_offsets(records)
+        last: dict[int, int] = {}
+        for r in records:
+            last[r.partition] = max(last.get(r.partition, -1), r.offset)
         offsets = {TopicPartition(self._topic, p): o + 1 for p, o in last.items()}
         for p, o in last.items():
             self.stats.position[p] = o + 1
-        return await self._commit_offsets(self._consumer, offsets)
-
-    async def _commit_offsets(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> bool:
         try:
             # A commit retries while Kafka's group coordinator is unknown, i.e. while Kafka is
             # down: a stop abandons it (after STOP_GRACE_S if already under way), and so does
             # COMMIT_BOUND_S (a client wedged on a request the killed broker never answered).
             await self._unless_stopping(
-                asyncio.wait_for(consumer.commit(offsets), COMMIT_BOUND_S), STOP_GRACE_S
+                asyncio.wait_for(self._consumer.commit(offsets), COMMIT_BOUND_S), STOP_GRACE_S
             )
         except TimeoutError:
             log.error(
@@ -938,13 +882,6 @@ def _records(fetched: dict[Any, Any]) -> list[Record]:
         for tp, batch in fetched.items()
         for r in batch
     ]
-
-
-def _last_offsets(records: Sequence[Record]) -> dict[int, int]:
-    last: dict[int, int] = {}
-    for r in records:
-        last[r.partition] = max(last.get(r.partition, -1), r.offset)
-    return last
 
 
 def _span(records: Sequence[Record]) -> str:

@@ -78,9 +78,6 @@ class _Rebuild:
 
 class SessionsProcessor:
     name = "sessions"
-    # It resumes from its positions in Redis (written with each batch), not from Kafka's committed
-    # offsets: the consumer commits those behind the batches (streams/_consumer.py).
-    resumes_from_own_positions = True
 
     def __init__(
         self, settings: Settings, redis: aioredis.Redis, erasures: ErasureFollower | None = None
