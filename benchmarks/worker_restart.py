@@ -45,13 +45,13 @@ sys.path.insert(0, str(PROJECT / "benchmarks"))
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
-from aiokafka.partitioner import DefaultPartitioner  # noqa: E402
 from ingest import BenchSystem, log  # noqa: E402
 from switchboard.v1 import chat_pb2, chat_pb2_grpc  # noqa: E402
 
 from services import stack  # noqa: E402
 from services.auth import ingress_channel  # noqa: E402
 from services.processes import wait_for_ingress  # noqa: E402
+from tests.integration.test_backbone import conversation_ids_per_partition  # noqa: E402
 
 KEY = re.compile(r"demo API key \(tenant '([^']+)'.*?\): (sbk_\S+)")
 SERVING = "== serving; Ctrl-C stops everything"
@@ -96,17 +96,6 @@ class Load:
                     await asyncio.sleep(0.05)
             sent.append(request.client_message_id)
             k += 1
-
-
-def one_per_partition(prefix: str, partitions: int) -> list[str]:
-    partitioner = DefaultPartitioner()
-    found: dict[int, str] = {}
-    i = 0
-    while len(found) < partitions:
-        cid = f"{prefix}-{i}"
-        found.setdefault(partitioner(cid.encode(), list(range(partitions)), list(range(partitions))), cid)
-        i += 1
-    return [found[p] for p in range(partitions)]
 
 
 def sessions_processes(runner_pid: int, metrics_port: int) -> tuple[int | None, int | None]:
@@ -217,7 +206,7 @@ async def main_async(args: argparse.Namespace) -> str:
         rows: list[tuple[str, float, float, float]] = []
         async with ingress_channel(settings) as channel:
             stub = chat_pb2_grpc.ChatServiceStub(channel)
-            probes = one_per_partition("probe", settings.topic_partitions)
+            probes = conversation_ids_per_partition("probe", settings.topic_partitions)
             for cid in probes:
                 await stub.StartConversation(
                     chat_pb2.StartConversationRequest(conversation_id=cid), timeout=10

@@ -101,6 +101,17 @@ def _status_child(tmp_path: Path) -> Child:
     )
 
 
+def _dead_child_with_spare(tmp_path: Path) -> tuple[Child, subprocess.Popen[bytes]]:
+    """A child whose command ran and ended, and a warm spare beside it."""
+    child = _status_child(tmp_path)
+    child.start()
+    assert child.proc is not None
+    child.proc.wait(60)
+    child.start_spare()
+    assert child.spare is not None
+    return child, child.spare
+
+
 def test_a_warm_spare_runs_its_command_only_once_it_takes_over(tmp_path: Path) -> None:
     child = _status_child(tmp_path)
     child.start_spare()
@@ -128,13 +139,7 @@ def test_a_warm_spare_runs_its_command_only_once_it_takes_over(tmp_path: Path) -
 def test_a_dead_child_is_replaced_by_its_warm_spare_and_a_new_spare_follows(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    child = _status_child(tmp_path)
-    child.start()
-    assert child.proc is not None
-    child.proc.wait(60)
-    child.start_spare()
-    spare = child.spare
-    assert spare is not None
+    child, spare = _dead_child_with_spare(tmp_path)
     backoffs = {"status": Backoff(up_since=0.0)}
     spares = {"status": Backoff(up_since=0.0)}
     look_after_children({"status": child}, backoffs, 100.0, spares)
@@ -190,13 +195,7 @@ def test_a_spare_that_dies_while_waiting_is_started_again_after_a_pause(
 def test_a_spare_started_on_older_code_is_not_used_and_the_next_waits_for_the_new_start(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    child = _status_child(tmp_path)
-    child.start()
-    assert child.proc is not None
-    child.proc.wait(60)
-    child.start_spare()
-    spare = child.spare
-    assert spare is not None
+    child, spare = _dead_child_with_spare(tmp_path)
     # The code changed since (an edit, a `git pull`).
     newer = processes.code_fingerprint() + 1.0
     monkeypatch.setattr(processes, "code_fingerprint", lambda: newer)
