@@ -108,3 +108,60 @@ def _throttle_failed_metadata_updates() -> bool:
 
 
 METADATA_BACKOFF = _throttle_failed_metadata_updates()
+
+
+# The aiokafka versions whose AIOKafkaConnection.send we have read and patch.
+_CLOSED_WRITE_VERSIONS = ("0.14.",)
+
+
+def _closed_transport_writes_fail_as_connection_errors() -> bool:
+    """Make a request written to a connection whose transport is already closed fail with
+    KafkaConnectionError (the connection closed), as a write's OSError does.
+
+    Why: uvloop refuses a write on a transport the peer just reset with a RuntimeError ("unable to
+    perform operation on <TCPTransport closed=True ...>; the handler is closed"), and aiokafka
+    0.14's `AIOKafkaConnection.send` turns only OSError into a connection error. A broker's kill -9
+    opens that window (the reset is in, aiokafka's reader has not closed the connection yet): a
+    metadata request written into it raised the RuntimeError out of the client's metadata task,
+    which then ended for good. From then on `force_metadata_update()` never completed; the group
+    coordination waited on it while holding the coordinator lookup lock, and every commit of that
+    consumer waited behind it until COMMIT_BOUND_S started the consumer again (the sessions fold
+    stood 34 s in a soak; benchmarks/commit_wedge.py: 10 of 12 clients' metadata tasks dead after
+    a few kills). A producer's metadata would never be refreshed again either. Any other
+    RuntimeError is passed on as it is. Returns whether the patch is in place.
+    """
+    from aiokafka.conn import AIOKafkaConnection, CloseReason
+    from aiokafka.errors import KafkaConnectionError
+
+    original = AIOKafkaConnection.send
+    if getattr(original, "_switchboard_closed_write", False):
+        return True
+    params = list(inspect.signature(original).parameters)
+    if not (
+        aiokafka.__version__.startswith(_CLOSED_WRITE_VERSIONS)
+        and params == ["self", "request", "expect_response"]
+    ):
+        log.warning(
+            "aiokafka %s: writes on a closed transport are not turned into connection errors "
+            "(patch written for %s)",
+            aiokafka.__version__,
+            _CLOSED_WRITE_VERSIONS,
+        )
+        return False
+
+    def send(self: AIOKafkaConnection, request: Any, expect_response: bool = True) -> Any:
+        try:
+            return original(self, request, expect_response)
+        except RuntimeError as exc:
+            writer = self._writer
+            if writer is None or not writer.transport.is_closing():
+                raise
+            self.close(reason=CloseReason.CONNECTION_BROKEN, exc=exc)
+            raise KafkaConnectionError(f"Connection at {self._host}:{self._port} broken: {exc}") from exc
+
+    send._switchboard_closed_write = True  # type: ignore[attr-defined]
+    AIOKafkaConnection.send = send
+    return True
+
+
+CLOSED_WRITE_PATCHED = _closed_transport_writes_fail_as_connection_errors()

@@ -71,9 +71,11 @@ DEAD_LETTER_ATTEMPT_S = 15.0
 # batch is then applied again after the restart, as after a crash).
 STOP_GRACE_S = 2.0
 # A commit not completed by then restarts the consumer (its batch is applied again). Seen: an
-# aiokafka client wedged for minutes on a coordinator lookup the killed broker never answered, and
-# the processor applied nothing meanwhile (the sessions fold stood 34 s at 30 s in the eleventh
-# session's soak). A healthy commit waits only for Kafka to be back: ~3 s after a kill -9 under
+# aiokafka client wedged for minutes on a coordinator lookup after a broker's kill, and the
+# processor applied nothing meanwhile (the sessions fold stood 34 s at 30 s in the eleventh
+# session's soak). The cause, found in the twelfth: the client's metadata task had ended on
+# uvloop's closed-transport RuntimeError (services/kafka_clients.py now makes that write a
+# connection error); this bound stays as the backstop for what else may wedge a client. A healthy commit waits only for Kafka to be back: ~3 s after a kill -9 under
 # `switchboard run`, ~7 s for a leader's loss on 3 brokers, up to ~11.6 s seen on a slower VM; a
 # restart when Kafka is away longer costs a rejoin and the batch applied again (idempotent).
 COMMIT_BOUND_S = 12.0
