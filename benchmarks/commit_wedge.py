@@ -1,18 +1,21 @@
-"""Commits after a `kill -9` of Kafka: aiokafka as shipped against aiokafka with our patch of
-`AIOKafkaConnection.send` (services/kafka_clients.py), in the same run.
+"""Commits after a `kill -9` of Kafka: aiokafka as shipped against aiokafka with our wrappers
+(services/kafka_clients.py), in the same run.
 
     .venv/bin/python benchmarks/commit_wedge.py [--rounds 15] [--groups 12] [--burners 2]
         [--port-offset 1400] [--seed 2] [--order shipped,patched]
 
 A Kafka of its own (`var/bench-wedge-*`, 127.0.0.1, ports 21592/21593 + offset), a 4-partition
-topic fed by 20 producers, and --groups BatchConsumers (streams/_consumer.py, the processors'
-loop: poll, apply, commit) with trivial processors, one group each, on uvloop as our processes
-run; --burners busy processes keep both cores saturated as a loaded deployment does. Per phase
-("shipped": the patch taken out; "patched"; in --order), fresh consumers, --rounds kills of Kafka
-(1 to 4 s apart; started again as `switchboard run` does); per round the time from the kill until
-every group has committed after Kafka was started again. Reported per phase: those times (median, worst), commits that
-ran into COMMIT_BOUND_S (the consumer is then started again), and the consumers' Kafka clients whose
-metadata task ended (sampled every 0.2 s).
+topic, and --groups BatchConsumers (streams/_consumer.py, the processors' loop: poll, apply,
+commit) with trivial processors, one group each, on uvloop as our processes run; --burners busy
+processes keep both cores saturated as a loaded deployment does. Per phase, in --order: "shipped"
+has aiokafka's `AIOKafkaConnection.send` and `AIOKafkaClient._metadata_update` as shipped (our
+wrappers taken out; the stall watchdog's check of the metadata task stays in both), "patched" our
+wrappers; each phase has fresh consumers and 20 fresh producers, and --rounds kills of Kafka (1 to
+4 s apart; started again as `switchboard run` does). Per round: the time from the kill until every
+group has committed after Kafka was started again. Reported per phase: those times (median,
+worst), commits that ran into COMMIT_BOUND_S (the consumer is then started again), the consumers'
+Kafka clients whose metadata task ended on an error (sampled every 0.2 s), consumer restarts, and
+the producers' acks per second.
 
 Progress goes to stderr, the results (markdown) to stdout.
 """
@@ -39,6 +42,7 @@ sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(PROJECT / "benchmarks"))
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
+from aiokafka.client import AIOKafkaClient  # noqa: E402
 from aiokafka.conn import AIOKafkaConnection  # noqa: E402
 from kafka_restart import TOPIC, Load, kafka_pid  # noqa: E402
 
@@ -46,12 +50,18 @@ from services import eventloop, stack  # noqa: E402
 from services.settings import Settings, load_settings  # noqa: E402
 from streams import _consumer as sc  # noqa: E402
 
-PATCHED_SEND = AIOKafkaConnection.send
-SHIPPED_SEND = next(
-    c.cell_contents
-    for c in (PATCHED_SEND.__closure__ or ())
-    if callable(c.cell_contents) and getattr(c.cell_contents, "__name__", "") == "send"
-)
+
+def _wrapped(patched: Any, name: str) -> Any:
+    """The aiokafka function our patch in services/kafka_clients.py wraps."""
+    return next(
+        c.cell_contents
+        for c in (patched.__closure__ or ())
+        if callable(c.cell_contents) and getattr(c.cell_contents, "__name__", "") == name
+    )
+
+
+PATCHED = (AIOKafkaConnection.send, AIOKafkaClient._metadata_update)
+SHIPPED = (_wrapped(PATCHED[0], "send"), _wrapped(PATCHED[1], "_metadata_update"))
 
 
 def log(message: str) -> None:
@@ -99,7 +109,10 @@ sc.BatchConsumer._commit = _timed_commit  # type: ignore[method-assign]
 async def phase(
     settings: Settings, name: str, args: argparse.Namespace, rng: random.Random
 ) -> dict[str, Any]:
-    AIOKafkaConnection.send = PATCHED_SEND if name == "patched" else SHIPPED_SEND  # type: ignore[method-assign]
+    send, update = PATCHED if name == "patched" else SHIPPED
+    AIOKafkaConnection.send = send  # type: ignore[method-assign]
+    AIOKafkaClient._metadata_update = update  # type: ignore[method-assign]
+    load = Load(settings.kafka_bootstrap, 20)  # fresh producers: a shipped phase may break some
     processors = [Trivial(f"{name}-{i}") for i in range(args.groups)]
     consumers = [
         sc.BatchConsumer(settings, p, topic=TOPIC, group_id=p.name, batch_size=500, instance_id=p.name + "-0")
@@ -109,18 +122,22 @@ async def phase(
         await c.start()
     tasks = [asyncio.create_task(c.run()) for c in consumers]
     back: list[float] = []
-    ended: set[int] = set()
+    ended: dict[int, BaseException] = {}
 
     async def sample() -> None:
-        # A client's metadata task that ended (its consumer may be started again later).
+        # A client's metadata task that ended on an error (`close()` cancels it: not counted).
         while True:
             for c in consumers:
                 client = c._consumer._client if c._consumer is not None else None
-                if client is not None and client._sync_task is not None and client._sync_task.done():
-                    ended.add(id(client))
+                task = client._sync_task if client is not None else None
+                if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+                    if id(client) not in ended:
+                        log(f"{name}: a metadata task ended on {task.exception()!r}")
+                    ended[id(client)] = task.exception()  # type: ignore[assignment]
             await asyncio.sleep(0.2)
 
     sampler = asyncio.create_task(sample())
+    acks_before = len(load.acks)
     try:
         began = time.monotonic()
         while any(p.last_commit < began for p in processors):  # noqa: ASYNC110
@@ -140,10 +157,12 @@ async def phase(
             log(f"{name} round {r + 1}: every group committing again {back[-1]:.2f} s after the kill")
         return {
             "name": name,
+            "acks": (len(load.acks) - acks_before) / (time.monotonic() - began),
             "median": statistics.median(back),
             "worst": max(back),
             "bounded": sum(p.bounded for p in processors),
             "dead": len(ended),
+            "restarts": sum(c.stats.restarts for c in consumers),
             "back": back,
         }
     finally:
@@ -153,6 +172,7 @@ async def phase(
         await asyncio.wait(tasks, timeout=30)
         for c in consumers:
             await c.close()
+        await load.stop()
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -165,7 +185,6 @@ async def main(args: argparse.Namespace) -> int:
     )
     rng = random.Random(args.seed)
     burners: list[subprocess.Popen[bytes]] = []
-    load: Load | None = None
     try:
         await stack.install(settings)
         await stack.start_component(settings, "kafka")
@@ -175,16 +194,12 @@ async def main(args: argparse.Namespace) -> int:
             await admin.create_topics([NewTopic(TOPIC, 4, 1)])
         finally:
             await admin.close()
-        load = Load(settings.kafka_bootstrap, 20)
-        while len(load.acks) < 100:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
-        burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.burners)]  # noqa: ASYNC220
+        burn = [sys.executable, "-c", "while True: pass"]
+        burners = [subprocess.Popen(burn) for _ in range(args.burners)]  # noqa: ASYNC220
         results = [await phase(settings, name, args, rng) for name in args.order.split(",")]
     finally:
         for b in burners:
             b.kill()
-        if load is not None:
-            await load.stop()
         await stack.stop_component(settings, "kafka")
         shutil.rmtree(data_dir, ignore_errors=True)
     print(
@@ -193,11 +208,21 @@ async def main(args: argparse.Namespace) -> int:
         f"load average {os.getloadavg()[0]:.1f} at the end\n"
     )
     print(
-        "| aiokafka | kill → every group committing again, median | worst | commits past COMMIT_BOUND_S | Kafka clients whose metadata task ended |"
+        "| aiokafka | kill → every group committing again, median | worst | commits past COMMIT_BOUND_S "
+        "| consumers' clients whose metadata task ended | consumer restarts | producer acks/s |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['name']} | {r['median']:.2f} s | {r['worst']:.2f} s | {r['bounded']} | {r['dead']} |")
+        cells = [
+            r["name"],
+            f"{r['median']:.2f} s",
+            f"{r['worst']:.2f} s",
+            r["bounded"],
+            r["dead"],
+            r["restarts"],
+            f"{r['acks']:.0f}",
+        ]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     return 0
 
 

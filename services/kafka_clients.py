@@ -97,7 +97,16 @@ def _throttle_failed_metadata_updates() -> bool:
         return False
 
     async def _metadata_update(self: AIOKafkaClient, cluster_metadata: Any, topics: Any) -> bool:
-        updated: bool = await original(self, cluster_metadata, topics)
+        try:
+            updated: bool = await original(self, cluster_metadata, topics)
+        except Exception as exc:
+            # aiokafka's metadata task ends on anything but a KafkaError or a timeout here, for
+            # good: every later force_metadata_update() then waits forever, and a consumer's group
+            # coordination with it, holding the lock its commits need (see
+            # _closed_transport_writes_fail_as_connection_errors for the one seen). A failed
+            # update instead, tried again.
+            log.warning("aiokafka's metadata update failed: %r", exc)
+            updated = False
         if not updated:
             await asyncio.sleep(self._retry_backoff)
         return updated
@@ -112,23 +121,27 @@ METADATA_BACKOFF = _throttle_failed_metadata_updates()
 
 # The aiokafka versions whose AIOKafkaConnection.send we have read and patch.
 _CLOSED_WRITE_VERSIONS = ("0.14.",)
+# uvloop's refusal of a write on a closed transport ends so (services/outages.closed_transport).
+_HANDLER_CLOSED = "the handler is closed"
 
 
 def _closed_transport_writes_fail_as_connection_errors() -> bool:
     """Make a request written to a connection whose transport is already closed fail with
     KafkaConnectionError (the connection closed), as a write's OSError does.
 
-    Why: uvloop refuses a write on a transport the peer just reset with a RuntimeError ("unable to
-    perform operation on <TCPTransport closed=True ...>; the handler is closed"), and aiokafka
-    0.14's `AIOKafkaConnection.send` turns only OSError into a connection error. A broker's kill -9
-    opens that window (the reset is in, aiokafka's reader has not closed the connection yet): a
+    Why: uvloop refuses a write on a transport it has closed (after the peer's reset or close,
+    once it has told the protocol) with a RuntimeError ("unable to perform operation on
+    <TCPTransport closed=True ...>; the handler is closed"), and aiokafka 0.14's
+    `AIOKafkaConnection.send` turns only OSError into a connection error. A broker's kill -9 opens
+    that window (uvloop has handled the reset, aiokafka's reader has not closed the connection
+    yet, so `_get_conn` still hands it out): a
     metadata request written into it raised the RuntimeError out of the client's metadata task,
     which then ended for good. From then on `force_metadata_update()` never completed; the group
     coordination waited on it while holding the coordinator lookup lock, and every commit of that
     consumer waited behind it until COMMIT_BOUND_S started the consumer again (the sessions fold
-    stood 34 s in a soak; benchmarks/commit_wedge.py: 10 of 12 clients' metadata tasks dead after
-    a few kills). A producer's metadata would never be refreshed again either. Any other
-    RuntimeError is passed on as it is. Returns whether the patch is in place.
+    stood 34 s in a soak; benchmarks/commit_wedge.py). The same error ended a producer's sender
+    and a consumer's fetcher routine. Any other RuntimeError is passed on as it is. Returns
+    whether the patch is in place.
     """
     from aiokafka.conn import AIOKafkaConnection, CloseReason
     from aiokafka.errors import KafkaConnectionError
@@ -153,8 +166,7 @@ def _closed_transport_writes_fail_as_connection_errors() -> bool:
         try:
             return original(self, request, expect_response)
         except RuntimeError as exc:
-            writer = self._writer
-            if writer is None or not writer.transport.is_closing():
+            if _HANDLER_CLOSED not in str(exc):
                 raise
             self.close(reason=CloseReason.CONNECTION_BROKEN, exc=exc)
             raise KafkaConnectionError(f"Connection at {self._host}:{self._port} broken: {exc}") from exc

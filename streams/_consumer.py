@@ -71,13 +71,14 @@ DEAD_LETTER_ATTEMPT_S = 15.0
 # batch is then applied again after the restart, as after a crash).
 STOP_GRACE_S = 2.0
 # A commit not completed by then restarts the consumer (its batch is applied again). Seen: an
-# aiokafka client wedged for minutes on a coordinator lookup after a broker's kill, and the
+# aiokafka client's commit wedged behind its coordinator lookup after a broker's kill, and the
 # processor applied nothing meanwhile (the sessions fold stood 34 s at 30 s in the eleventh
 # session's soak). The cause, found in the twelfth: the client's metadata task had ended on
 # uvloop's closed-transport RuntimeError (services/kafka_clients.py now makes that write a
-# connection error); this bound stays as the backstop for what else may wedge a client. A healthy commit waits only for Kafka to be back: ~3 s after a kill -9 under
-# `switchboard run`, ~7 s for a leader's loss on 3 brokers, up to ~11.6 s seen on a slower VM; a
-# restart when Kafka is away longer costs a rejoin and the batch applied again (idempotent).
+# connection error); this bound stays as the backstop for what else may wedge a client. A
+# healthy commit waits only for Kafka to be back: ~3 s after a kill -9 under `switchboard run`,
+# ~7 s for a leader's loss on 3 brokers, up to ~11.6 s seen on a slower VM; a restart when Kafka
+# is away longer costs a rejoin and the batch applied again (idempotent).
 COMMIT_BOUND_S = 12.0
 # The same bound on a processor's own requests through PartitionControl (committed, end offsets).
 CONTROL_BOUND_S = 30.0
@@ -487,6 +488,12 @@ class BatchConsumer:
             # closed by a Kafka restart); every poll raises it from now on, and nothing heartbeats.
             log.error("%s: the Kafka consumer's group coordination has ended", self._processor.name)
             return True
+        syncing = metadata_task_ended(consumer)
+        if syncing is not None:
+            # Then no metadata update ever completes again, and the group coordination waits on
+            # one holding the lock every commit needs (services/kafka_clients.py: the cause seen).
+            log.error("%s: the Kafka consumer's metadata task has ended (%r)", self._processor.name, syncing)
+            return True
         partitions = [tp for tp in consumer.assignment() if tp.topic == self._topic]
         if not partitions:
             self._behind_since = None
@@ -874,6 +881,15 @@ def fetch_task_ended(consumer: AIOKafkaConsumer) -> asyncio.Future[Any] | None:
     fetching = getattr(getattr(consumer, "_fetcher", None), "error_future", None)
     if isinstance(fetching, asyncio.Future) and fetching.done():
         return fetching
+    return None
+
+
+def metadata_task_ended(consumer: AIOKafkaConsumer) -> asyncio.Future[Any] | None:
+    """aiokafka's metadata task, if it has ended while the consumer runs (`close()` cancels it and
+    then drops it). Reads a private attribute; None when it is not there."""
+    syncing = getattr(getattr(consumer, "_client", None), "_sync_task", None)
+    if isinstance(syncing, asyncio.Future) and syncing.done():
+        return syncing
     return None
 
 

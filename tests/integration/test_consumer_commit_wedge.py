@@ -68,3 +68,32 @@ async def test_a_commit_that_never_completes_restarts_the_consumer(
             rig.applied, lambda v: set(more) <= set(v), within_s=60, what="records after the restart"
         )
         assert rig.consumer.stats.restarts >= 1
+
+
+@pytest.mark.timeout(180)
+async def test_a_consumer_whose_metadata_task_ended_is_started_again(local_stack: Settings) -> None:
+    # aiokafka's metadata task ending (seen: uvloop's closed-transport RuntimeError after a Kafka
+    # kill -9, services/kafka_clients.py) left the consumer's group coordination waiting on a
+    # metadata update that never came, with the lock its commits need: the stall watchdog now
+    # starts such a consumer again instead of waiting for a commit to run into COMMIT_BOUND_S.
+    settings = await fresh_topic(local_stack, "metadatatask")
+    async with (
+        started_producer(settings) as producer,
+        running_consumer(settings, Collect(), "metadatatask") as rig,
+    ):
+        before = [f"before-{i}".encode() for i in range(5)]
+        await send_all(producer, settings.conversation_topic, before)
+        await eventually(rig.applied, lambda v: v == before, within_s=60, what="records before")
+        ended = rig.consumer._consumer
+        assert ended is not None and ended._client._sync_task is not None
+        ended._client._sync_task.cancel()
+        await eventually(
+            lambda: asyncio.sleep(0, rig.consumer._consumer),
+            lambda c: c is not None and c is not ended,
+            within_s=30,
+            what="a new Kafka consumer",
+        )
+        assert rig.consumer.stats.restarts == 1
+        after = [f"after-{i}".encode() for i in range(5)]
+        await send_all(producer, settings.conversation_topic, after)
+        await eventually(rig.applied, lambda v: v[-5:] == after, within_s=60, what="records after")
