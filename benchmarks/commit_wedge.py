@@ -31,7 +31,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,10 +43,10 @@ sys.path.insert(0, str(PROJECT / "benchmarks"))
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 from aiokafka.client import AIOKafkaClient  # noqa: E402
 from aiokafka.conn import AIOKafkaConnection  # noqa: E402
-from kafka_restart import TOPIC, Load, kafka_pid  # noqa: E402
+from kafka_restart import TOPIC, Load, kafka_pid, own_kafka  # noqa: E402
 
 from services import eventloop, stack  # noqa: E402
-from services.settings import Settings, load_settings  # noqa: E402
+from services.settings import Settings  # noqa: E402
 from streams import _consumer as sc  # noqa: E402
 
 
@@ -176,13 +175,7 @@ async def phase(
 
 
 async def main(args: argparse.Namespace) -> int:
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-wedge-", dir=PROJECT / "var"))
-    offset = args.port_offset
-    settings = load_settings(
-        data_dir=data_dir,
-        kafka_bootstrap=f"127.0.0.1:{21592 + offset}",
-        kafka_controller_port=21593 + offset,
-    )
+    data_dir, settings = own_kafka("bench-wedge-", args.port_offset)
     rng = random.Random(args.seed)
     burners: list[subprocess.Popen[bytes]] = []
     try:

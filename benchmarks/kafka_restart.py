@@ -279,15 +279,21 @@ def report(rounds: list[Round], archive_note: str, args: argparse.Namespace) -> 
     return "\n".join(lines)
 
 
+def own_kafka(prefix: str, port_offset: int) -> tuple[Path, Settings]:
+    """A fresh data directory under var/ and the settings of a Kafka of its own in it (127.0.0.1,
+    ports 21592/21593 + port_offset)."""
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=PROJECT / "var"))
+    settings = load_settings(
+        data_dir=data_dir,
+        kafka_bootstrap=f"127.0.0.1:{21592 + port_offset}",
+        kafka_controller_port=21593 + port_offset,
+    )
+    return data_dir, settings
+
+
 async def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR)  # aiokafka's connection errors while Kafka is down
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-restart-", dir=PROJECT / "var"))
-    offset = args.port_offset
-    base = load_settings(
-        data_dir=data_dir,
-        kafka_bootstrap=f"127.0.0.1:{21592 + offset}",
-        kafka_controller_port=21593 + offset,
-    )
+    data_dir, base = own_kafka("bench-restart-", args.port_offset)
     rng = random.Random(args.seed)
     load: Load | None = None
     rounds: list[Round] = []

@@ -56,6 +56,16 @@ async def started(client: C) -> C:
 
 log = logging.getLogger(__name__)
 
+
+def _written_for(original: Any, versions: tuple[str, ...], params: list[str], otherwise: str) -> bool:
+    """Whether a patch of `original` was written for this aiokafka (its version and `original`'s
+    parameters); logs what is not done when not."""
+    if aiokafka.__version__.startswith(versions) and list(inspect.signature(original).parameters) == params:
+        return True
+    log.warning("aiokafka %s: %s (patch written for %s)", aiokafka.__version__, otherwise, versions)
+    return False
+
+
 # The aiokafka versions whose AIOKafkaClient._metadata_update we have read and patch.
 _BACKOFF_VERSIONS = ("0.14.",)
 
@@ -81,19 +91,14 @@ def _throttle_failed_metadata_updates() -> bool:
     original = AIOKafkaClient._metadata_update
     if getattr(original, "_switchboard_backoff", False):
         return True
-    params = list(inspect.signature(original).parameters)
-    if not (
-        aiokafka.__version__.startswith(_BACKOFF_VERSIONS)
-        and inspect.iscoroutinefunction(original)
-        and params == ["self", "cluster_metadata", "topics"]
-    ):
-        # Another aiokafka: read its client.py before extending _BACKOFF_VERSIONS
-        # (tests/unit/test_kafka_metadata_backoff.py fails if the spin is still there).
-        log.warning(
-            "aiokafka %s: failed metadata updates are not throttled (patch written for %s)",
-            aiokafka.__version__,
-            _BACKOFF_VERSIONS,
-        )
+    # Another aiokafka: read its client.py before extending _BACKOFF_VERSIONS
+    # (tests/unit/test_kafka_metadata_backoff.py fails if the spin is still there).
+    if not _written_for(
+        original,
+        _BACKOFF_VERSIONS,
+        ["self", "cluster_metadata", "topics"],
+        "failed metadata updates are not throttled",
+    ) or not inspect.iscoroutinefunction(original):
         return False
 
     async def _metadata_update(self: AIOKafkaClient, cluster_metadata: Any, topics: Any) -> bool:
@@ -149,17 +154,14 @@ def _closed_transport_writes_fail_as_connection_errors() -> bool:
     original = AIOKafkaConnection.send
     if getattr(original, "_switchboard_closed_write", False):
         return True
-    params = list(inspect.signature(original).parameters)
-    if not (
-        aiokafka.__version__.startswith(_CLOSED_WRITE_VERSIONS)
-        and params == ["self", "request", "expect_response"]
+    # Another aiokafka: read its conn.py before extending _CLOSED_WRITE_VERSIONS
+    # (tests/unit/test_kafka_closed_transport.py fails if the write still raises RuntimeError).
+    if not _written_for(
+        original,
+        _CLOSED_WRITE_VERSIONS,
+        ["self", "request", "expect_response"],
+        "writes on a closed transport are not turned into connection errors",
     ):
-        log.warning(
-            "aiokafka %s: writes on a closed transport are not turned into connection errors "
-            "(patch written for %s)",
-            aiokafka.__version__,
-            _CLOSED_WRITE_VERSIONS,
-        )
         return False
 
     def send(self: AIOKafkaConnection, request: Any, expect_response: bool = True) -> Any:

@@ -95,6 +95,16 @@ async def connected(port: int, monkeypatch: pytest.MonkeyPatch) -> AIOKafkaConne
     return conn
 
 
+def knowing_the_peer(port: int) -> AIOKafkaClient:
+    """A client as `bootstrap()` leaves it: broker 1 (the peer) known, its metadata task running."""
+    client = AIOKafkaClient(
+        bootstrap_servers=f"127.0.0.1:{port}", retry_backoff_ms=100, request_timeout_ms=1_000
+    )
+    client.cluster.update_metadata(MetadataResponse_v0([(1, "127.0.0.1", port)], []))
+    client._sync_task = asyncio.create_task(client._md_synchronizer())
+    return client
+
+
 def test_the_patch_is_in_place() -> None:
     assert kafka_clients.CLOSED_WRITE_PATCHED
 
@@ -147,14 +157,9 @@ def test_the_metadata_task_lives_on_after_a_write_into_a_reset_connection(
     async def test() -> None:
         peer = Peer()
         port = await peer.start()
-        client = AIOKafkaClient(
-            bootstrap_servers=f"127.0.0.1:{port}", retry_backoff_ms=100, request_timeout_ms=1_000
-        )
-        # What `bootstrap()` leaves behind: broker 1 known, its connection open, the metadata task.
-        client.cluster.update_metadata(MetadataResponse_v0([(1, "127.0.0.1", port)], []))
+        client = knowing_the_peer(port)
         conn = await connected(port, monkeypatch)
-        client._conns[(1, 0)] = conn
-        client._sync_task = asyncio.create_task(client._md_synchronizer())
+        client._conns[(1, 0)] = conn  # its connection open, as `bootstrap()` leaves it
         real_get_conn = AIOKafkaClient._get_conn
         resets: list[AIOKafkaConnection] = []
 
@@ -190,9 +195,7 @@ def test_a_metadata_update_failing_on_anything_else_is_answered_and_the_task_liv
     async def test() -> None:
         peer = Peer()
         port = await peer.start()
-        client = AIOKafkaClient(bootstrap_servers=f"127.0.0.1:{port}", retry_backoff_ms=100)
-        client.cluster.update_metadata(MetadataResponse_v0([(1, "127.0.0.1", port)], []))
-        client._sync_task = asyncio.create_task(client._md_synchronizer())
+        client = knowing_the_peer(port)
 
         async def broken(self: AIOKafkaClient, node_id: Any, **kwargs: Any) -> Any:
             raise RuntimeError("not a KafkaError")
