@@ -139,14 +139,14 @@ def _closed_transport_writes_fail_as_connection_errors() -> bool:
     <TCPTransport closed=True ...>; the handler is closed"), and aiokafka 0.14's
     `AIOKafkaConnection.send` turns only OSError into a connection error. A broker's kill -9 opens
     that window (uvloop has handled the reset, aiokafka's reader has not closed the connection
-    yet, so `_get_conn` still hands it out): a
-    metadata request written into it raised the RuntimeError out of the client's metadata task,
-    which then ended for good. From then on `force_metadata_update()` never completed; the group
-    coordination waited on it while holding the coordinator lookup lock, and every commit of that
-    consumer waited behind it until COMMIT_BOUND_S started the consumer again (the sessions fold
-    stood 34 s in a soak; benchmarks/commit_wedge.py). The same error ended a producer's sender
-    and a consumer's fetcher routine. Any other RuntimeError is passed on as it is. Returns
-    whether the patch is in place.
+    yet, so `_get_conn` still hands it out): a metadata request written into it raised the
+    RuntimeError out of the client's metadata task, which then ended for good. From then on
+    `force_metadata_update()` never completed; the group coordination waited on it while holding
+    the coordinator lookup lock, and every commit of that consumer waited behind it until
+    COMMIT_BOUND_S started the consumer again (the sessions fold stood 34 s in a soak;
+    benchmarks/commit_wedge.py). The same error ended a producer's sender and a consumer's
+    fetcher routine. Any other RuntimeError is passed on as it is. Returns whether the patch is
+    in place.
     """
     from aiokafka.conn import AIOKafkaConnection, CloseReason
     from aiokafka.errors import KafkaConnectionError
