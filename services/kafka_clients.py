@@ -21,6 +21,8 @@ from aiokafka.errors import (
     UnknownProducerId,
 )
 
+from services.outages import closed_transport
+
 # Errors after which an idempotent producer's sequence state is broken for good (a broker
 # restart can leave it so): every later send fails; only a new producer, with a new producer id,
 # writes again.
@@ -126,8 +128,6 @@ METADATA_BACKOFF = _throttle_failed_metadata_updates()
 
 # The aiokafka versions whose AIOKafkaConnection.send we have read and patch.
 _CLOSED_WRITE_VERSIONS = ("0.14.",)
-# uvloop's refusal of a write on a closed transport ends so (services/outages.closed_transport).
-_HANDLER_CLOSED = "the handler is closed"
 
 
 def _closed_transport_writes_fail_as_connection_errors() -> bool:
@@ -168,7 +168,7 @@ def _closed_transport_writes_fail_as_connection_errors() -> bool:
         try:
             return original(self, request, expect_response)
         except RuntimeError as exc:
-            if _HANDLER_CLOSED not in str(exc):
+            if not closed_transport(exc):
                 raise
             self.close(reason=CloseReason.CONNECTION_BROKEN, exc=exc)
             raise KafkaConnectionError(f"Connection at {self._host}:{self._port} broken: {exc}") from exc

@@ -44,7 +44,7 @@ _TRANSIENT_CLICKHOUSE = re.compile(r"\bCode: (159|202|209|210|241|242|252|425|99
 def closed_transport(exc: BaseException) -> bool:
     """uvloop's answer to a write on a connection the peer just closed (a Redis killed under a
     pipeline: seen in the soak, answered INTERNAL): redis-py passes it on as a RuntimeError, not
-    as the ConnectionError it is."""
+    as the ConnectionError it is (aiokafka's connections too: services/kafka_clients.py)."""
     return isinstance(exc, RuntimeError) and "the handler is closed" in str(exc)
 
 

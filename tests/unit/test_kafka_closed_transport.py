@@ -18,9 +18,10 @@ does (SO_LINGER 0, then close), no Kafka needed for a write to fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -95,14 +96,22 @@ async def connected(port: int, monkeypatch: pytest.MonkeyPatch) -> AIOKafkaConne
     return conn
 
 
-def knowing_the_peer(port: int) -> AIOKafkaClient:
-    """A client as `bootstrap()` leaves it: broker 1 (the peer) known, its metadata task running."""
+@contextlib.asynccontextmanager
+async def client_of_a_peer() -> AsyncIterator[tuple[Peer, int, AIOKafkaClient]]:
+    """A peer, its port, and a client as `bootstrap()` leaves it: broker 1 (the peer) known, its
+    metadata task running; both closed afterwards."""
+    peer = Peer()
+    port = await peer.start()
     client = AIOKafkaClient(
         bootstrap_servers=f"127.0.0.1:{port}", retry_backoff_ms=100, request_timeout_ms=1_000
     )
     client.cluster.update_metadata(MetadataResponse_v0([(1, "127.0.0.1", port)], []))
     client._sync_task = asyncio.create_task(client._md_synchronizer())
-    return client
+    try:
+        yield peer, port, client
+    finally:
+        await client.close()
+        await peer.close()
 
 
 def test_the_patch_is_in_place() -> None:
@@ -155,25 +164,22 @@ def test_the_metadata_task_lives_on_after_a_write_into_a_reset_connection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async def test() -> None:
-        peer = Peer()
-        port = await peer.start()
-        client = knowing_the_peer(port)
-        conn = await connected(port, monkeypatch)
-        client._conns[(1, 0)] = conn  # its connection open, as `bootstrap()` leaves it
-        real_get_conn = AIOKafkaClient._get_conn
-        resets: list[AIOKafkaConnection] = []
+        async with client_of_a_peer() as (peer, port, client):
+            conn = await connected(port, monkeypatch)
+            client._conns[(1, 0)] = conn  # its connection open, as `bootstrap()` leaves it
+            real_get_conn = AIOKafkaClient._get_conn
+            resets: list[AIOKafkaConnection] = []
 
-        async def reset_after_lookup(self: AIOKafkaClient, node_id: Any, **kwargs: Any) -> Any:
-            # The broker's kill -9 lands between the metadata task's lookup of its connection and
-            # its write: uvloop has handled the reset, aiokafka's reader has not closed it yet.
-            found = await real_get_conn(self, node_id, **kwargs)
-            if found is conn and not resets:
-                resets.append(conn)
-                await peer.reset(conn)
-            return found
+            async def reset_after_lookup(self: AIOKafkaClient, node_id: Any, **kwargs: Any) -> Any:
+                # The broker's kill -9 lands between the metadata task's lookup of its connection
+                # and its write: uvloop has handled the reset, aiokafka's reader has not closed it.
+                found = await real_get_conn(self, node_id, **kwargs)
+                if found is conn and not resets:
+                    resets.append(conn)
+                    await peer.reset(conn)
+                return found
 
-        monkeypatch.setattr(AIOKafkaClient, "_get_conn", reset_after_lookup)
-        try:
+            monkeypatch.setattr(AIOKafkaClient, "_get_conn", reset_after_lookup)
             updated = await asyncio.wait_for(client.force_metadata_update(), 5)
             assert resets == [conn], "the write into the reset connection did not happen"
             assert updated is False  # the write failed: no update, but an answer
@@ -182,9 +188,6 @@ def test_the_metadata_task_lives_on_after_a_write_into_a_reset_connection(
             # times out (1 s), and the task answers again.
             assert await asyncio.wait_for(client.force_metadata_update(), 5) is False
             assert not client._sync_task.done(), client._sync_task
-        finally:
-            await client.close()
-            await peer.close()
 
     on_uvloop(test)
 
@@ -193,20 +196,14 @@ def test_a_metadata_update_failing_on_anything_else_is_answered_and_the_task_liv
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async def test() -> None:
-        peer = Peer()
-        port = await peer.start()
-        client = knowing_the_peer(port)
+        async with client_of_a_peer() as (_, _, client):
 
-        async def broken(self: AIOKafkaClient, node_id: Any, **kwargs: Any) -> Any:
-            raise RuntimeError("not a KafkaError")
+            async def broken(self: AIOKafkaClient, node_id: Any, **kwargs: Any) -> Any:
+                raise RuntimeError("not a KafkaError")
 
-        monkeypatch.setattr(AIOKafkaClient, "_get_conn", broken)
-        try:
+            monkeypatch.setattr(AIOKafkaClient, "_get_conn", broken)
             for _ in range(2):
                 assert await asyncio.wait_for(client.force_metadata_update(), 5) is False
                 assert not client._sync_task.done(), client._sync_task
-        finally:
-            await client.close()
-            await peer.close()
 
     on_uvloop(test)
