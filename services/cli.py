@@ -92,10 +92,9 @@ def _cmd_ingress(args: argparse.Namespace) -> int:
 
     _logging(args.log_level)
     try:
-        asyncio.run(serve(_settings()))
+        return asyncio.run(serve(_settings()))
     except KeyboardInterrupt:
-        pass
-    return 0
+        return 0
 
 
 # Each stream processor: the module it runs in, and its `run_*(settings, log_level)`.

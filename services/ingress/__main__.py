@@ -36,7 +36,7 @@ def main() -> int:
     eventloop.install()
     quiet_repeats()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+        return asyncio.run(serve(settings))
     return 0
 
 

@@ -46,7 +46,8 @@ class Ack:
 class Unavailable(RequestRejected):
     """Kafka did not acknowledge in time; the caller should retry (same client_message_id).
 
-    `late_possible`: the record was handed to the producer and may still be written later."""
+    `late_possible`: the record was handed to the producer and may still be written later, or may
+    have been written with its answer lost (its claim must not be dropped)."""
 
     late_possible: bool = False
 
@@ -78,6 +79,10 @@ class EventProducer:
         # Set by `stop`: nothing is handed to Kafka after it (a write still running in a stopping
         # ingress would otherwise start a new producer after the process's lease ended).
         self._stopped = False
+        # Why the producer's sender task ended (see _sender_ended); set once, never cleared: the
+        # process stops (IngressServer.failed) and leaves what it held to the dead-process path.
+        self._sender_failure: BaseException | None = None
+        self._sender_failed = asyncio.Event()
 
     @property
     def inflight(self) -> int:
@@ -147,6 +152,34 @@ class EventProducer:
             raise unavailable(reason) from exc
         self._producer = producer
         self._start_failed = None
+        sender_task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+        if isinstance(sender_task, asyncio.Future):
+            sender_task.add_done_callback(functools.partial(self._sender_ended, producer))
+
+    def _sender_ended(self, producer: AIOKafkaProducer, task: asyncio.Future[None]) -> None:
+        """aiokafka's sender task ended while its producer was in use. It does so only on an error
+        it did not expect (it logs "Unexpected error in sender routine"), and then fails every batch
+        it held with that error, batches whose produce request Kafka may already have written among
+        them; every later send fails at once. So this producer is done, and the outcome of every
+        record failed from now on is unknown (wait_acks): the process must stop and leave those
+        claims to the dead-process take-over, which answers a retry from the log."""
+        if task.cancelled() or self._stopped or producer is not self._producer:
+            return  # stopped or replaced: its sender was cancelled
+        failure = task.exception() or RuntimeError("the Kafka producer's sender task returned")
+        if self._sender_failure is None:
+            self._sender_failure = failure
+            log.error(
+                "the Kafka producer's sender task ended (%r): the outcome of the records it held is "
+                "unknown; this process stops writing and exits so that a fresh one takes over",
+                failure,
+            )
+            self._sender_failed.set()
+
+    async def failed(self) -> BaseException:
+        """Returns (only) once the producer's sender task ended: the process must stop."""
+        await self._sender_failed.wait()
+        assert self._sender_failure is not None
+        return self._sender_failure
 
     async def stop(self) -> None:
         self._stopped = True
@@ -247,6 +280,8 @@ class EventProducer:
         timeout = self._settings.produce_timeout_s
         if self._stopped:
             raise unavailable("this ingress process is stopping; retry (another process takes it)")
+        if self._sender_failure is not None:
+            raise unavailable("this ingress process's Kafka producer failed and it is stopping; retry")
         if self._producer is None:
             if bounded:
                 try:
@@ -345,6 +380,16 @@ class EventProducer:
                 )
                 continue
             exc = delivery.exception()
+            if exc is not None and self._sender_failure is not None:
+                # Failed by the sender's end (see _sender_ended): maybe written, maybe not.
+                outcomes.append(
+                    unavailable(
+                        f"Kafka's answer to this write was lost ({exc!r}); it may have been written — "
+                        "retry with the same client_message_id",
+                        late_possible=True,
+                    )
+                )
+                continue
             if exc is not None:
                 if isinstance(exc, FATAL_PRODUCER_ERRORS):
                     self._replace_producer(exc)

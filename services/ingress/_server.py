@@ -617,6 +617,12 @@ class IngressServer:
             return f"the erasure registry (topic {self.settings.privacy_topic}) is not read yet"
         return "the hot view is incomplete (being rebuilt)"
 
+    async def failed(self) -> BaseException:
+        """Returns (only) once this process can no longer write: its Kafka producer's sender task
+        ended (EventProducer._sender_ended). `serve` then stops the process with a failure exit
+        code, so that its supervisor (or `switchboard run`, or the deployment) starts a fresh one."""
+        return await self.producer.failed()
+
     async def stop(self, grace: float = 5.0) -> None:
         """Drain: report NOT_SERVING, close the listener and finish in-flight calls (up to
         `grace`), flush the producer."""
@@ -669,9 +675,15 @@ class IngressServer:
             log.warning("ingress stop: %r did not end within %.0fs of its cancel", task, STOP_TASK_WAIT_S)
 
 
-async def serve(settings: Settings) -> None:
+# The exit code of an ingress process that stopped because it could no longer write (EX_SOFTWARE).
+FAILED_EXIT_CODE = 70
+
+
+async def serve(settings: Settings) -> int:
     """Run the ingress until SIGTERM or SIGINT, then drain and stop: N supervised processes on one
-    port (settings.ingress_processes, default one per core), or this process alone when N is 1."""
+    port (settings.ingress_processes, default one per core), or this process alone when N is 1.
+    Returns the exit code: FAILED_EXIT_CODE when the process stopped because it could no longer
+    write (IngressServer.failed), 0 otherwise."""
     await preflight(settings)  # before binding: no keyless ingress on a public address
     child = os.environ.get(CHILD_ENV)
     count = process_count(settings)
@@ -679,7 +691,7 @@ async def serve(settings: Settings) -> None:
     if child is None and count > 1:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         await Supervisor(settings, count, level).run()
-        return
+        return 0
     ending: asyncio.Future[None] | None = None
     if child is None:
         # A lone ingress process: its own lease (always a new one), recorded as a supervisor
@@ -698,9 +710,32 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     try:
-        await stopping.wait()
-        log.info("stopping: draining in-flight calls (up to %.0fs)", settings.ingress_drain_s)
+        return await serve_until_stopped(server, stopping)
     finally:
         if ending is not None:
             ending.cancel()
-        await server.stop(settings.ingress_drain_s)
+
+
+async def serve_until_stopped(server: IngressServer, stopping: asyncio.Event) -> int:
+    """Serve until `stopping` is set or the process can no longer write (IngressServer.failed),
+    then drain and stop; the exit code (FAILED_EXIT_CODE after a failure, else 0)."""
+    drain_s = server.settings.ingress_drain_s
+    failing = asyncio.ensure_future(server.failed())
+    signalled = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([failing, signalled], return_when=asyncio.FIRST_COMPLETED)
+        if failing.done():
+            log.error(
+                "stopping: this process can no longer write (%r); draining in-flight calls (up to "
+                "%.0fs), then exiting with %d to be started afresh",
+                failing.result(),
+                drain_s,
+                FAILED_EXIT_CODE,
+            )
+        else:
+            log.info("stopping: draining in-flight calls (up to %.0fs)", drain_s)
+    finally:
+        for task in (failing, signalled):
+            task.cancel()
+        await server.stop(drain_s)
+    return FAILED_EXIT_CODE if failing.done() and not failing.cancelled() else 0

@@ -575,10 +575,15 @@ class ConversationWrites:
                 [w.event for w in finished], [w.delivery for w in finished], [None] * len(finished)
             )
             self._producer.release(len(finished))
+            # An outcome that is unknown (the producer failed with the record maybe written, see
+            # EventProducer._sender_ended) settles nothing and takes no next step: its claim (a
+            # close's hold, a start's reservation) stays pending until this process, which stops,
+            # has its lease ended; then a retry takes it over from what the log holds.
+            unknown = [isinstance(a, Unavailable) and a.late_possible for a in answers]
             outcomes = [
                 (w.claim, a if isinstance(a, Ack) else None)
-                for w, a in zip(finished, answers, strict=True)
-                if w.claim is not None
+                for w, a, lost in zip(finished, answers, unknown, strict=True)
+                if w.claim is not None and not lost
             ]
             if any(w.after is not None for w in finished) or any(a is None for _, a in outcomes):
                 # A start's or a close's next step (registering, marking closed) follows its
@@ -590,8 +595,8 @@ class ConversationWrites:
                 # has, a retry here is answered from _unsettled; a retry in another process
                 # finds the claim pending and is told to retry shortly, as during any write.
                 self._background(self._settle_acked(outcomes, self._remember_unsettled(outcomes)))
-            for w, answer in zip(finished, answers, strict=True):
-                if w.after is not None:
+            for w, answer, lost in zip(finished, answers, unknown, strict=True):
+                if w.after is not None and not lost:
                     try:
                         await w.after(answer if isinstance(answer, Ack) else None)
                     except Exception:
