@@ -59,6 +59,21 @@ async def started(client: C) -> C:
 log = logging.getLogger(__name__)
 
 
+def sender_task(producer: Any) -> asyncio.Future[None] | None:
+    """A started AIOKafkaProducer's sender task (aiokafka's private `_sender.sender_task`, read
+    in 0.14), or None (logged) when this aiokafka has none there. The task ends, other than by a
+    close, only on an error aiokafka did not expect; it then fails every batch it held (some may
+    have been written) and every later send fails at once."""
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    if isinstance(task, asyncio.Future):
+        return task
+    log.warning(
+        "aiokafka %s: no sender task found; a producer whose sender ended is not noticed",
+        aiokafka.__version__,
+    )
+    return None
+
+
 def _written_for(original: Any, versions: tuple[str, ...], params: list[str], otherwise: str) -> bool:
     """Whether a patch of `original` was written for this aiokafka (its version and `original`'s
     parameters); logs what is not done when not."""

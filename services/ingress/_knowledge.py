@@ -26,7 +26,7 @@ from schemas.events import new_event_id, now_timestamp
 from services.ingress import _validation as v
 from services.ingress._producer import unavailable
 from services.ingress._quotas import Quotas, too_many_documents
-from services.kafka_clients import FATAL_PRODUCER_ERRORS
+from services.kafka_clients import FATAL_PRODUCER_ERRORS, sender_task
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -259,15 +259,19 @@ class KnowledgeProducer:
             await self._producer.stop()
             self._producer = None
 
-    async def _replace(self) -> None:
+    async def _replace(self, broken: AIOKafkaProducer | None) -> None:
+        """Drop `broken` (the next write starts a new producer), unless another write did already."""
+        if broken is None:
+            return
         async with self._lock:
-            broken, self._producer = self._producer, None
-        if broken is not None:
-            log.warning("replacing the knowledge producer (its idempotence state is broken)")
-            try:
-                await asyncio.wait_for(broken.stop(), timeout=10)
-            except Exception as exc:
-                log.warning("closing the replaced knowledge producer: %r", exc)
+            if self._producer is None or self._producer is not broken:
+                return
+            self._producer = None
+        log.warning("replacing the knowledge producer (its idempotence state is broken, or its sender ended)")
+        try:
+            await asyncio.wait_for(broken.stop(), timeout=10)
+        except Exception as exc:
+            log.warning("closing the replaced knowledge producer: %r", exc)
 
     async def write(self, records: Sequence[knowledge_pb2.KnowledgeEvent]) -> list[knowledge_pb2.DocumentAck]:
         """Produce the records in order and return Kafka's acks; UNAVAILABLE unless every one landed
@@ -280,6 +284,7 @@ class KnowledgeProducer:
             )
         self._inflight += len(records)
         timeout = self._settings.produce_timeout_s
+        producer: AIOKafkaProducer | None = None
         try:
             producer = await self._started()
             deliveries = []
@@ -315,7 +320,7 @@ class KnowledgeProducer:
             for record, delivery in zip(records, deliveries, strict=True):
                 if isinstance(delivery.exception(), FATAL_PRODUCER_ERRORS):
                     # Its sequence state is broken for good (seen after a broker restart).
-                    await self._replace()
+                    await self._replace(producer)
                 meta: Any = delivery.result()
                 document_id = record.document_upserted.document_id or record.document_deleted
                 acks.append(
@@ -325,6 +330,11 @@ class KnowledgeProducer:
                 )
             return acks
         except (TimeoutError, KafkaError) as exc:
+            sending = sender_task(producer) if producer is not None else None
+            if sending is not None and sending.done():
+                # Its sender ended (an error aiokafka did not expect): every later send would fail.
+                # No claims hang on documents (idempotent by id), so a new producer is enough.
+                await self._replace(producer)
             raise unavailable(f"Kafka did not take the documents ({exc!r}); retry the same request") from exc
         finally:
             self._inflight -= len(records)

@@ -22,7 +22,7 @@ from aiokafka.partitioner import murmur2
 
 from schemas.events import Event, encode_event, event_headers, event_key
 from services.ingress._validation import RequestRejected
-from services.kafka_clients import FATAL_PRODUCER_ERRORS, started
+from services.kafka_clients import FATAL_PRODUCER_ERRORS, sender_task, started
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -152,20 +152,22 @@ class EventProducer:
             raise unavailable(reason) from exc
         self._producer = producer
         self._start_failed = None
-        sender_task = getattr(getattr(producer, "_sender", None), "sender_task", None)
-        if isinstance(sender_task, asyncio.Future):
-            sender_task.add_done_callback(functools.partial(self._sender_ended, producer))
+        sending = sender_task(producer)
+        if sending is not None:
+            sending.add_done_callback(self._sender_ended)
 
-    def _sender_ended(self, producer: AIOKafkaProducer, task: asyncio.Future[None]) -> None:
+    def _sender_ended(self, task: asyncio.Future[None]) -> None:
         """aiokafka's sender task ended while its producer was in use. It does so only on an error
         it did not expect (it logs "Unexpected error in sender routine"), and then fails every batch
         it held with that error, batches whose produce request Kafka may already have written among
         them; every later send fails at once. So this producer is done, and the outcome of every
         record failed from now on is unknown (wait_acks): the process must stop and leave those
-        claims to the dead-process take-over, which answers a retry from the log."""
-        if task.cancelled() or self._stopped or producer is not self._producer:
-            return  # stopped or replaced: its sender was cancelled
-        failure = task.exception() or RuntimeError("the Kafka producer's sender task returned")
+        claims to the dead-process take-over, which answers a retry from the log. Also while the
+        producer stops (its flush) or after it was replaced (its close flushes what it held):
+        either way records it held may have been written. A close ends the task without an
+        exception (aiokafka's routine returns on its cancel) and fails nothing."""
+        if task.cancelled() or (failure := task.exception()) is None:
+            return
         if self._sender_failure is None:
             self._sender_failure = failure
             log.error(
@@ -385,7 +387,8 @@ class EventProducer:
                 outcomes.append(
                     unavailable(
                         f"Kafka's answer to this write was lost ({exc!r}); it may have been written — "
-                        "retry with the same client_message_id",
+                        "retry the same request (a retry with the same client_message_id, or "
+                        "conversation_id for a start, is answered from the log)",
                         late_possible=True,
                     )
                 )
