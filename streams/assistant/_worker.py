@@ -27,7 +27,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -196,7 +196,6 @@ class AssistantProcessor:
     async def process(self, records: Sequence[Record]) -> Rejected:
         rejected: list[tuple[Record, BaseException]] = []
         decoded: list[tuple[Event, Record]] = []
-        jobs: list[_Job] = []
         erased = None
         if self._erasures is not None:
             erased = await self._erasures.start()
@@ -219,6 +218,24 @@ class AssistantProcessor:
                 continue
             decoded.append((event, r))
         await self._follow(decoded)
+        # What the batch changes in memory (modes from its events; what `_decide` decided, before
+        # Kafka has it) is put back when the batch fails, so that its retry decides again from the
+        # same state: a handoff decided but not written left the conversation 'agent' here, and
+        # the retry skipped the message (no handoff in the log, its messages answered by nobody).
+        slots = {(e.tenant_id, e.conversation_id) for e, _ in decoded}
+        saved = {s: replace(self._conversations[s]) for s in slots if s in self._conversations}
+        try:
+            return await self._answer_batch(decoded, rejected)
+        except BaseException:
+            for s in slots:
+                self._conversations.pop(s, None)
+            self._conversations.update(saved)
+            raise
+
+    async def _answer_batch(
+        self, decoded: list[tuple[Event, Record]], rejected: list[tuple[Record, BaseException]]
+    ) -> Rejected:
+        jobs: list[_Job] = []
         for event, r in decoded:
             if self._observe(event):
                 jobs.append(_Job(event, r))
@@ -245,9 +262,19 @@ class AssistantProcessor:
                 by_conversation.setdefault(slot, []).append((job, future, i))
         try:
             producer = await self._producer_ready()
-            sent = await asyncio.gather(
-                *(self._answer_in_order(producer, items) for items in by_conversation.values())
-            )
+            answering = [
+                asyncio.ensure_future(self._answer_in_order(producer, items))
+                for items in by_conversation.values()
+            ]
+            try:
+                sent = await asyncio.gather(*answering)
+            except BaseException:
+                # gather leaves the others running: they would decide (and change the state put
+                # back) beside the retry.
+                for task in answering:
+                    task.cancel()
+                await asyncio.gather(*answering, return_exceptions=True)
+                raise
             # Durable before the batch is done (and its offsets committed); bounded: seen after a
             # broker restart, a producer whose sends neither completed nor failed, for good.
             try:

@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import OutOfOrderSequenceNumber
 from switchboard.v1 import events_pb2
 
-from schemas.events import encode_event, event_headers, new_event
+from schemas.events import decode_event, encode_event, event_headers, event_type, new_event
+from services.kafka_clients import started
 from services.kafka_topics import ensure_topics
 from services.settings import Settings
 from streams._consumer import BatchConsumer
@@ -110,6 +111,104 @@ async def test_customer_messages_are_answered_not_dead_lettered_after_the_produc
             outcome, lambda o: o[0] == 3 or o[1] > 0, within_s=60, what="the messages answered"
         )
         assert (decided, dead) == (3, 0), f"{dead} customer messages dead-lettered, {decided} answered"
+    finally:
+        await consumer.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(running, 10)
+        await consumer.close()
+        await writer.stop()
+        with contextlib.suppress(Exception):
+            await producer.stop()
+        with contextlib.suppress(Exception):
+            await processor.stop_producer()
+        await gateway.aclose()
+        await redis.aclose()
+
+
+async def _log_kinds(settings: Settings) -> list[str]:
+    """Every event type in the conversation topic, in log order (a short, fresh topic)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [
+            TopicPartition(settings.conversation_topic, p) for p in range(settings.topic_partitions)
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        kinds: list[str] = []
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                kinds.extend(event_type(decode_event(r.value)) for r in records)
+        return kinds
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.timeout(300)
+async def test_a_handoff_decided_in_a_batch_whose_send_failed_is_decided_again_on_its_retry(
+    local_stack: Settings,
+) -> None:
+    """Found by a review: `_decide` marks the conversation handed off in memory before Kafka has
+    the decision. When the decisions' send failed (here the producer's sender task ended before
+    writing, as an error aiokafka does not expect ends it), the producer was replaced and the
+    batch retried, but the retry found the conversation 'agent' already and skipped the message:
+    the batch was committed with no handoff in the log, and the customer was answered by nobody."""
+    suffix = uuid.uuid4().hex[:8]
+    settings = local_stack.model_copy(
+        update={
+            "conversation_topic": f"assistant-retry-{suffix}",
+            "dead_letter_topic": f"dead-letter-{suffix}",
+            "models_dir": MODELS_DIR,
+        }
+    )
+    await ensure_topics(settings)
+    tenant = f"ar{suffix}"
+    knowledge, classifier = await asyncio.to_thread(load_models, settings)
+    knowledge.upsert(
+        tenant,
+        [Document(document_id="shipping", title="Shipping times", body="Parcels ship within two days.")],
+    )
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    producer = await started(
+        AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
+    )
+
+    async def fails_unsent(node_id: int, batches: Any) -> None:
+        raise RuntimeError("an unexpected error in the sender routine (made by the test)")
+
+    producer._sender._send_produce_req = fails_unsent
+    gateway = ModelGateway(GatewayConfig.from_env_string(settings.gateway))
+    processor = AssistantProcessor(settings, redis, producer, knowledge, classifier, gateway)
+    consumer = BatchConsumer(
+        settings, processor, topic=settings.conversation_topic, group_id=f"ar-{suffix}", batch_size=16
+    )
+    writer = await started(AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all"))
+    await consumer.start()
+    running = asyncio.ensure_future(consumer.run())
+    try:
+        for event in (
+            new_event(tenant, "c1", conversation_started=events_pb2.ConversationStarted()),
+            new_event(
+                tenant, "c1", message_received=events_pb2.MessageReceived(text="I want to talk to a human")
+            ),
+        ):
+            await writer.send_and_wait(
+                settings.conversation_topic,
+                key=event.conversation_id.encode(),
+                value=encode_event(event),
+                headers=event_headers(event),
+            )
+
+        async def kinds() -> list[str]:
+            assert not running.done(), running
+            return await _log_kinds(settings)
+
+        logged = await eventually(
+            kinds, lambda k: "handoff_requested" in k, within_s=60, what="the customer's handoff in the log"
+        )
+        assert logged.count("handoff_requested") == 1, logged
+        assert consumer.stats.dead_lettered == 0
     finally:
         await consumer.stop()
         with contextlib.suppress(Exception):
