@@ -13,6 +13,8 @@ from typing import Any
 
 
 def _erase(args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+
     from services.cli import _settings
     from streams.privacy._erase import EraseError, erase
 
@@ -30,6 +32,15 @@ def _erase(args: argparse.Namespace) -> int:
         )
     except (EraseError, ValueError) as exc:
         print(f"switchboard tenant erase: {exc}", file=sys.stderr)
+        return 1
+    except KafkaError as exc:
+        # The erasure record may have been written (its answer lost): the purge is then still to
+        # do, and every step of it is idempotent.
+        print(
+            f"switchboard tenant erase: Kafka failed ({exc!r}); the erasure may or may not have been "
+            "recorded: run the same command again to finish it",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         print(json.dumps(asdict(report), indent=2))

@@ -48,7 +48,7 @@ from schemas.events import (
     event_type,
     now_timestamp,
 )
-from services.kafka_clients import FATAL_PRODUCER_ERRORS, started
+from services.kafka_clients import FATAL_PRODUCER_ERRORS, sender_task, started
 from services.settings import Settings
 from streams._consumer import (
     BatchConsumer,
@@ -690,9 +690,9 @@ class _DeltaPublisher:
 
 def _sender_ended(producer: AIOKafkaProducer | None) -> bool:
     """Whether aiokafka's background sender has ended (then every send raises its error, for
-    good). Reads a private attribute; False when it is not there."""
-    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
-    return isinstance(task, asyncio.Future) and task.done()
+    good); False when it is not known."""
+    task = sender_task(producer) if producer is not None else None
+    return task is not None and task.done()
 
 
 def merge_deltas(deltas: Sequence[Any]) -> list[tuple[int, str, bool]]:
