@@ -88,11 +88,20 @@ async def test_every_process_exports_metrics_that_move_with_traffic(
         what="the bot's reply",
     )
 
+    processors = (
+        ("sessions", "sessions", "switchboard-sessions"),
+        ("assistant", "assistant", "switchboard-assistant"),
+        ("analytics", "projector", "switchboard-projector"),
+    )
+
     def projected(after: dict[str, Samples]) -> bool:
-        # The reply's events reach the projector after the sessions worker saw the reply.
-        return (
-            moved(before, after, "analytics", "switchboard_events_processed_total", processor="projector")
-            >= 4
+        # The reply's events reach the projector after the sessions worker saw the reply. A batch's
+        # records are counted at its commit, its time and size a moment later (as its span ends).
+        return moved(
+            before, after, "analytics", "switchboard_events_processed_total", processor="projector"
+        ) >= 4 and all(
+            moved(before, after, role, "switchboard_batch_processing_seconds_count", processor=processor) >= 1
+            for role, processor, _ in processors
         )
 
     after = await eventually(lambda: scrape_all(system), projected, what="the projector's counters")
@@ -121,11 +130,7 @@ async def test_every_process_exports_metrics_that_move_with_traffic(
     assert any(n == "switchboard_inflight_writes" for n, _ in after["ingress"])
 
     # Every processor: events applied, batch time and size, lag per partition of its group.
-    for role, processor, group in (
-        ("sessions", "sessions", "switchboard-sessions"),
-        ("assistant", "assistant", "switchboard-assistant"),
-        ("analytics", "projector", "switchboard-projector"),
-    ):
+    for role, processor, group in processors:
         assert moved(before, after, role, "switchboard_events_processed_total", processor=processor) >= 2, (
             role
         )
