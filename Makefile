@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SB := $(VENV)/bin/switchboard
 STAMP := $(VENV)/.installed
+# pytest-xdist workers for `make test`: each runs whole test files against a stack of its own.
+TEST_WORKERS ?= 2
 PROTOS := $(wildcard proto/switchboard/v1/*.proto)
 GEN := schemas/switchboard/v1/.generated
 
@@ -14,7 +16,7 @@ run: install ## bring the whole system up on the embedded defaults, play a demo,
 	$(SB) run
 
 test: install test-deps lint typecheck ## install what is missing, then ruff, mypy and pytest (unit + integration)
-	$(PY) -m pytest -q --durations=30 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30 tests
 
 install: $(STAMP) $(GEN) system-deps
 

@@ -36,6 +36,13 @@ T = TypeVar("T")
 
 # Another checkout's suite (or a helper's) can run beside this one with its own ports:
 # SWITCHBOARD_TEST_PORT_OFFSET=100 moves every port below up by 100.
+# Each pytest-xdist worker (`make test` runs two) has a stack of its own, 50 ports further on per
+# worker; set here, before any test module reads the variable for the ports of its own servers.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw"):
+    os.environ["SWITCHBOARD_TEST_PORT_OFFSET"] = str(
+        int(os.environ.get("SWITCHBOARD_TEST_PORT_OFFSET", "0")) + 50 * int(_WORKER[2:])
+    )
 _PORT_OFFSET = int(os.environ.get("SWITCHBOARD_TEST_PORT_OFFSET", "0"))
 
 
@@ -124,7 +131,8 @@ _LOG_OFFSETS = pytest.StashKey[dict[str, int]]()
 
 # Tests that replay or rewrite the whole shared log and ClickHouse: their time grows with what
 # the suite wrote before them (test_erase took 191 s late in a run, 55 s on its own), so they go
-# first. Only the order changes; each test makes its own tenants as everywhere else.
+# first. Only the order changes; each test makes its own tenants as everywhere else. Under
+# pytest-xdist (`make test`: --dist loadfile --no-loadscope-reorder) each goes first on its worker.
 _FIRST = ("tests/integration/test_erase.py", "tests/integration/test_replay.py")
 
 
