@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
 from services.auth._model import Record, Registry, encode_record
+from services.kafka_clients import started
 from services.settings import Settings
 from streams._consumer import fetch_task_ended, raise_if_cancelling
 
@@ -130,7 +131,7 @@ class RegistryFollower:
             fetch_max_wait_ms=FOLLOW_FETCH_WAIT_MS,
             client_id="switchboard-tenants-follower",
         )
-        await consumer.start()
+        await started(consumer)
         try:
             partitions = await topic_partitions(consumer, self.settings.tenants_topic)
             consumer.assign(partitions)

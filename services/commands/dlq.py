@@ -138,16 +138,18 @@ async def read_dead_letters(settings: Any) -> list[DeadLetter]:
 
     import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
     from services.auth._log import TenantsTopicMissing, topic_partitions
+    from services.kafka_clients import started
 
     topic = settings.dead_letter_topic
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        client_id="switchboard-dlq",
+    consumer = await started(
+        AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            client_id="switchboard-dlq",
+        )
     )
-    await consumer.start()
     try:
         try:
             partitions = await topic_partitions(consumer, topic, within_s=5.0)
@@ -222,6 +224,8 @@ async def replay(
 
 
 def _run(args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+
     from services.cli import _settings
 
     settings = _settings()
@@ -271,6 +275,15 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{letter.id} ({letter.source}) -> {where}")
     except ValueError as exc:
         print(f"switchboard dlq {args.action}: {exc}", file=sys.stderr)
+        return 1
+    except KafkaError as exc:
+        after = (
+            "; some of the chosen letters may have been re-driven already (processors apply an event "
+            "once: replaying them again is safe)"
+            if args.action == "replay"
+            else ""
+        )
+        print(f"switchboard dlq {args.action}: Kafka failed ({exc!r}){after}", file=sys.stderr)
         return 1
     return 0
 

@@ -20,6 +20,8 @@ def _when(ts: float | None) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+
     from services.auth._admin import AdminError, issue_key, registry, revoke_key, rotate_key
     from services.cli import _settings
 
@@ -71,6 +73,15 @@ def _run(args: argparse.Namespace) -> int:
                 )
     except (AdminError, ValueError) as exc:
         print(f"switchboard keys {args.action}: {exc}", file=sys.stderr)
+        return 1
+    except KafkaError as exc:
+        after = (
+            "; the change may or may not have been recorded: see `switchboard keys list` (an issued key "
+            "whose token was not printed is unusable: revoke it)"
+            if args.action != "list"
+            else ""
+        )
+        print(f"switchboard keys {args.action}: Kafka failed ({exc!r}){after}", file=sys.stderr)
         return 1
     return 0
 
