@@ -74,6 +74,13 @@ def sender_task(producer: Any) -> asyncio.Future[None] | None:
     return None
 
 
+def sender_ended(producer: Any) -> bool:
+    """Whether `producer`'s sender task has ended (then every send fails, for good: only a new
+    producer writes again); False when it is not known."""
+    task = sender_task(producer) if producer is not None else None
+    return task is not None and task.done()
+
+
 def _written_for(original: Any, versions: tuple[str, ...], params: list[str], otherwise: str) -> bool:
     """Whether a patch of `original` was written for this aiokafka (its version and `original`'s
     parameters); logs what is not done when not."""

@@ -11,7 +11,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import sys
 from typing import Any
+
+
+def kafka_failed(command: str, exc: BaseException, maybe_written: str = "") -> int:
+    """A command's Kafka failure as one line on stderr (no traceback); `maybe_written` says what
+    a write may have recorded anyway (its answer can be lost after the write). Returns 1."""
+    print(
+        f"switchboard {command}: Kafka failed ({exc!r}){'; ' + maybe_written if maybe_written else ''}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def register_all(sub: argparse._SubParsersAction[Any]) -> None:

@@ -227,6 +227,7 @@ def _run(args: argparse.Namespace) -> int:
     from aiokafka.errors import KafkaError
 
     from services.cli import _settings
+    from services.commands import kafka_failed
 
     settings = _settings()
     try:
@@ -277,14 +278,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"switchboard dlq {args.action}: {exc}", file=sys.stderr)
         return 1
     except KafkaError as exc:
-        after = (
-            "; some of the chosen letters may have been re-driven already (processors apply an event "
+        return kafka_failed(
+            f"dlq {args.action}",
+            exc,
+            "some of the chosen letters may have been re-driven already (processors apply an event "
             "once: replaying them again is safe)"
             if args.action == "replay"
-            else ""
+            else "",
         )
-        print(f"switchboard dlq {args.action}: Kafka failed ({exc!r}){after}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -16,6 +16,7 @@ def _erase(args: argparse.Namespace) -> int:
     from aiokafka.errors import KafkaError
 
     from services.cli import _settings
+    from services.commands import kafka_failed
     from streams.privacy._erase import EraseError, erase
 
     settings = _settings()
@@ -36,12 +37,11 @@ def _erase(args: argparse.Namespace) -> int:
     except KafkaError as exc:
         # The erasure record may have been written (its answer lost): the purge is then still to
         # do, and every step of it is idempotent.
-        print(
-            f"switchboard tenant erase: Kafka failed ({exc!r}); the erasure may or may not have been "
-            "recorded: run the same command again to finish it",
-            file=sys.stderr,
+        return kafka_failed(
+            "tenant erase",
+            exc,
+            "the erasure may or may not have been recorded: run the same command again to finish it",
         )
-        return 1
     if args.json:
         print(json.dumps(asdict(report), indent=2))
     else:

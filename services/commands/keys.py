@@ -24,6 +24,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from services.auth._admin import AdminError, issue_key, registry, revoke_key, rotate_key
     from services.cli import _settings
+    from services.commands import kafka_failed
 
     settings = _settings()
     try:
@@ -75,14 +76,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"switchboard keys {args.action}: {exc}", file=sys.stderr)
         return 1
     except KafkaError as exc:
-        after = (
-            "; the change may or may not have been recorded: see `switchboard keys list` (an issued key "
+        return kafka_failed(
+            f"keys {args.action}",
+            exc,
+            "the change may or may not have been recorded: see `switchboard keys list` (an issued key "
             "whose token was not printed is unusable: revoke it)"
             if args.action != "list"
-            else ""
+            else "",
         )
-        print(f"switchboard keys {args.action}: Kafka failed ({exc!r}){after}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -26,7 +26,7 @@ from schemas.events import new_event_id, now_timestamp
 from services.ingress import _validation as v
 from services.ingress._producer import unavailable
 from services.ingress._quotas import Quotas, too_many_documents
-from services.kafka_clients import FATAL_PRODUCER_ERRORS, sender_task
+from services.kafka_clients import FATAL_PRODUCER_ERRORS, sender_ended
 from services.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -330,8 +330,7 @@ class KnowledgeProducer:
                 )
             return acks
         except (TimeoutError, KafkaError) as exc:
-            sending = sender_task(producer) if producer is not None else None
-            if sending is not None and sending.done():
+            if sender_ended(producer):
                 # Its sender ended (an error aiokafka did not expect): every later send would fail.
                 # No claims hang on documents (idempotent by id), so a new producer is enough.
                 await self._replace(producer)

@@ -48,7 +48,7 @@ from schemas.events import (
     event_type,
     now_timestamp,
 )
-from services.kafka_clients import FATAL_PRODUCER_ERRORS, sender_task, started
+from services.kafka_clients import FATAL_PRODUCER_ERRORS, sender_ended, started
 from services.settings import Settings
 from streams._consumer import (
     BatchConsumer,
@@ -288,7 +288,7 @@ class AssistantProcessor:
         except BaseException as exc:
             await asyncio.gather(*understanding, return_exceptions=True)
             if isinstance(exc, (*FATAL_PRODUCER_ERRORS, _AcksTimedOut)) or (
-                isinstance(exc, KafkaError) and _sender_ended(self._producer)
+                isinstance(exc, KafkaError) and sender_ended(self._producer)
             ):
                 # Every message would fail so, taken for poison and dead-lettered unanswered.
                 await self._drop_producer(exc)
@@ -686,13 +686,6 @@ class _DeltaPublisher:
                     await pipe.execute()
             except Exception as exc:  # deltas are a courtesy: the finished reply is the record
                 log.warning("reply deltas for %s not published: %r", self._reply_id, exc)
-
-
-def _sender_ended(producer: AIOKafkaProducer | None) -> bool:
-    """Whether aiokafka's background sender has ended (then every send raises its error, for
-    good); False when it is not known."""
-    task = sender_task(producer) if producer is not None else None
-    return task is not None and task.done()
 
 
 def merge_deltas(deltas: Sequence[Any]) -> list[tuple[int, str, bool]]:
