@@ -150,8 +150,10 @@ def _verify(settings: Any, topic: str, args: argparse.Namespace) -> int:
 
 async def _restore(settings: Any, topic: str, args: argparse.Namespace) -> int:
     from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaError
 
-    import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
+    from services import kafka_clients  # also throttles aiokafka's failed metadata updates
+    from services.commands import kafka_failed
     from streams.archive import ArchiveStore
     from streams.replay import PartitionPlan, ReplayPlan, read_log
     from streams.replay._source import _cover
@@ -167,13 +169,19 @@ async def _restore(settings: Any, topic: str, args: argparse.Namespace) -> int:
     segments = _cover(args.partition, listing.manifests, args.from_offset, end, topic)
     plan = ReplayPlan(topic, [PartitionPlan(args.partition, args.from_offset, end, end, segments)])
     producer: AIOKafkaProducer | None = None
-    if args.into_topic:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True, linger_ms=20
-        )
-        await producer.start()
     restored = 0
+    # The offset after the last record Kafka confirmed, in order: where a re-run resumes.
+    confirmed_to = args.from_offset
     try:
+        if args.into_topic:
+            producer = await kafka_clients.started(
+                AIOKafkaProducer(
+                    bootstrap_servers=settings.kafka_bootstrap,
+                    acks="all",
+                    enable_idempotence=True,
+                    linger_ms=20,
+                )
+            )
         async for batch in read_log(settings, store, plan):
             if producer is None:
                 for r in batch:
@@ -191,19 +199,31 @@ async def _restore(settings: Any, topic: str, args: argparse.Namespace) -> int:
                     )
             else:
                 futures = [
-                    await producer.send(
-                        args.into_topic,
-                        value=r.value,
-                        key=r.key,
-                        partition=r.partition,
-                        timestamp_ms=r.timestamp_ms,
-                        headers=list(r.headers),
+                    (
+                        r.offset,
+                        await producer.send(
+                            args.into_topic,
+                            value=r.value,
+                            key=r.key,
+                            partition=r.partition,
+                            timestamp_ms=r.timestamp_ms,
+                            headers=list(r.headers),
+                        ),
                     )
                     for r in batch
                 ]
-                for f in futures:
+                for offset, f in futures:
                     await f
+                    confirmed_to = offset + 1
             restored += len(batch)
+    except KafkaError as exc:
+        return kafka_failed(
+            "archive restore",
+            exc,
+            f"Kafka confirmed the records before offset {confirmed_to} in {args.into_topic}, and later ones "
+            f"may have been written too; run again with --from-offset {confirmed_to} (a re-run writes "
+            "again whatever of its range is already there)",
+        )
     finally:
         if producer is not None:
             await producer.stop()

@@ -167,6 +167,25 @@ async def test_the_archiver_keeps_up_and_the_archive_gives_back_kafkas_records(
         (r.key, r.value, r.headers, r.timestamp_ms) for r in from_kafka
     ]
 
+    # Kafka out of reach: one line that says where a re-run resumes, not a traceback.
+    refused = await run_cli(
+        {**env, "SWITCHBOARD_KAFKA_BOOTSTRAP": "127.0.0.1:1"},
+        "archive",
+        "restore",
+        "--partition",
+        str(busiest),
+        "--from-offset",
+        "2",
+        "--to-offset",
+        "3",
+        "--into-topic",
+        into,
+    )
+    assert refused.returncode == 1, refused
+    assert "Traceback" not in refused.stderr, refused.stderr
+    (line,) = [x for x in refused.stderr.splitlines() if x.startswith("switchboard archive restore:")]
+    assert "Kafka failed" in line and "--from-offset 2" in line, line
+
 
 @pytest.mark.timeout(400)
 async def test_kill_9_of_the_archiver_mid_run_leaves_no_gap_no_overlap(system: System) -> None:
