@@ -5,9 +5,11 @@ worker marks the hot view complete (READY_KEY), without which the ingress accept
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import psutil
@@ -59,6 +61,15 @@ def message(tenant: str, conversation_id: str, cmid: str, text: str = "hi") -> c
     return chat_pb2.SendMessageRequest(
         tenant_id=tenant, conversation_id=conversation_id, client_message_id=cmid, text=text
     )
+
+
+def thread_states(pid: int) -> set[str]:
+    """The scheduler states of every thread of `pid` ("T": stopped)."""
+    states = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            states.add((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+    return states
 
 
 def listening_pids(port: int) -> set[int]:
@@ -183,6 +194,12 @@ async def test_a_stream_cut_off_while_kafka_stalls_keeps_its_claim(
     broker = psutil.Process(pid)
     broker.send_signal(signal.SIGSTOP)
     try:
+        await eventually(
+            lambda: asyncio.to_thread(thread_states, pid),
+            lambda states: states == {"T"},
+            within_s=10,
+            what="every thread of the broker stopped",
+        )
         call = client.SendMessages(iter([message(tenant, conversation_id, "m1")]), timeout=1.5)
         try:
             answered = [r async for r in call]
