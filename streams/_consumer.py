@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 POISON_ATTEMPTS = 3
 RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
+# A failed poll's pause: at most 1 s. After a Kafka restart its group coordinator answers
+# GroupLoadInProgress for seconds; with RETRY_MAX_S the consumer was still sleeping 3.2 s after its
+# group had synced (a crash rehearsal: the hot view ~3 s later than it could have been). A poll a
+# second against a broker that is down is not a spin (aiokafka's metadata retries are throttled
+# apart, services.kafka_clients).
+POLL_RETRY_MAX_S = 1.0
 # The stall watchdog (`BatchConsumer._stalled`): while polls return nothing, every this often it
 # asks whether an assigned partition has records past the consumer's position; a consumer that
 # returned none for STALL_BOUND_S although there were some is started again.
@@ -439,7 +445,7 @@ class BatchConsumer:
                 self._poll_delay,
             )
             await self._pause(self._poll_delay)
-            self._poll_delay = min(self._poll_delay * 2, RETRY_MAX_S)
+            self._poll_delay = min(self._poll_delay * 2, POLL_RETRY_MAX_S)
             return {}
 
     async def _linger(self, records: list[Record]) -> list[Record]:
