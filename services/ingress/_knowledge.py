@@ -127,8 +127,8 @@ def check_document(doc: knowledge_pb2.Document, position: int) -> None:
     for i, tag in enumerate(doc.tags):
         if not tag.strip():
             raise v.invalid(f"{name}.tags[{i}] is empty")
-        v.check_short_text(tag, f"{name}.tags[{i}]", MAX_TAG)
-    v.check_short_text(doc.url, f"{name}.url", MAX_URL)
+        v.check_one_line(tag, f"{name}.tags[{i}]", MAX_TAG)
+    v.check_one_line(doc.url, f"{name}.url", MAX_URL)
     if doc.url and not _web_link(doc.url):
         raise v.invalid(
             f"{name}.url {doc.url[:40]!r} is not a web link: an http(s) URL with a host, or a path "

@@ -11,6 +11,9 @@ import grpc
 _TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 _CONVERSATION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-:]{0,127}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Single-line values (ids, locale, tags, a URL, metadata keys): no line breaks or tabs either; a
+# CR/LF in a customer id reached the logs, ClickHouse and the report as a line of its own.
+_CONTROL_ONE_LINE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_CLIENT_MESSAGE_ID = 128
 MAX_RESOLUTION = 256
 MAX_CUSTOMER_ID = 128
@@ -105,7 +108,7 @@ def check_metadata(metadata: dict[str, str], max_entries: int) -> None:
     if len(metadata) > max_entries:
         raise invalid(f"metadata has {len(metadata)} entries; at most {max_entries} are accepted")
     for key, value in metadata.items():
-        if not key or len(key) > MAX_METADATA_KEY or _CONTROL.search(key):
+        if not key or len(key) > MAX_METADATA_KEY or _CONTROL_ONE_LINE.search(key):
             raise invalid(f"metadata key {key[:80]!r} must be 1-{MAX_METADATA_KEY} printable characters")
         if len(value) > MAX_METADATA_VALUE or _CONTROL.search(value):
             raise invalid(
@@ -114,8 +117,17 @@ def check_metadata(metadata: dict[str, str], max_entries: int) -> None:
 
 
 def check_short_text(value: str, field: str, limit: int) -> None:
+    """A value of up to `limit` characters; line breaks and tabs allowed (a comment, a query)."""
     if len(value) > limit or _CONTROL.search(value):
         raise invalid(f"{field} must be at most {limit} characters without control characters")
+
+
+def check_one_line(value: str, field: str, limit: int) -> None:
+    """A single-line value of up to `limit` characters: no control character at all."""
+    if len(value) > limit or _CONTROL_ONE_LINE.search(value):
+        raise invalid(
+            f"{field} must be at most {limit} characters on one line, without control characters"
+        )
 
 
 def check_score(score: int) -> None:

@@ -118,6 +118,12 @@ async def test_ids_and_cursors_with_a_trailing_newline_are_invalid(
         client.StartConversation(chat_pb2.StartConversationRequest(tenant_id=f"{tenant}\n", customer_id="c"))
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+    # Single-line fields: a CR/LF in a customer id reached the logs and ClickHouse as lines of their own.
+    for request in (
+        chat_pb2.StartConversationRequest(tenant_id=tenant, customer_id="c\r\nX-Evil: 1"),
+        chat_pb2.StartConversationRequest(tenant_id=tenant, customer_id="c", locale="en\n"),
+    ):
+        assert await rpc_code(client.StartConversation(request)) == grpc.StatusCode.INVALID_ARGUMENT
     conversation_id = await start(client, tenant)
     code = await rpc_code(client.SendMessage(message(tenant, f"{conversation_id}\n", "m1")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT

@@ -29,6 +29,14 @@ def test_control_characters_are_refused_but_newlines_are_fine():
         v.check_text("nul\x00byte", 8192)
 
 
+@pytest.mark.parametrize("value", ["c\n1", "c\r\nX-Evil: 1", "en\n", "a\tb", "nul\x00"])
+def test_single_line_values_refuse_line_breaks_and_every_other_control_character(value):
+    assert code_of(v.check_one_line, value, "customer_id", 128) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(v.check_metadata, {value: "x"}, 32) == grpc.StatusCode.INVALID_ARGUMENT
+    v.check_one_line("客户 42 (vip)", "customer_id", 128)
+    v.check_metadata({"note": "line one\nline two"}, 32)  # a value may span lines
+
+
 @pytest.mark.parametrize("tenant", ["", " acme", "a/b", "x" * 65])
 def test_bad_tenants(tenant):
     assert code_of(v.check_tenant, tenant, frozenset()) == grpc.StatusCode.INVALID_ARGUMENT
