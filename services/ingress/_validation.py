@@ -125,9 +125,7 @@ def check_short_text(value: str, field: str, limit: int) -> None:
 def check_one_line(value: str, field: str, limit: int) -> None:
     """A single-line value of up to `limit` characters: no control character at all."""
     if len(value) > limit or _CONTROL_ONE_LINE.search(value):
-        raise invalid(
-            f"{field} must be at most {limit} characters on one line, without control characters"
-        )
+        raise invalid(f"{field} must be at most {limit} characters on one line, without control characters")
 
 
 def check_score(score: int) -> None:
