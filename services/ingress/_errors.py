@@ -26,12 +26,23 @@ def as_rejection(exc: BaseException, method: str) -> RequestRejected:
         return unavailable("Redis did not answer in time (SWITCHBOARD_REDIS_TIMEOUT_S); retry")
     if is_outage(exc):
         log.warning("%s: dependency unavailable: %r", method, exc)
-        return unavailable(f"a dependency is unavailable ({type(exc).__name__}); retry")
+        return unavailable(f"{_which(exc)} is unavailable; retry")
     incident = uuid.uuid4().hex[:12]
     log.error("%s failed (incident %s)", method, incident, exc_info=exc)
     return RequestRejected(
         grpc.StatusCode.INTERNAL, f"internal error (incident {incident} in the ingress log)"
     )
+
+
+def _which(exc: BaseException) -> str:
+    """The store an outage is of, in words (its exception class is in the ingress log)."""
+    if isinstance(exc, redis_errors.BusyLoadingError):
+        return "Redis (loading its data after a restart)"
+    if isinstance(exc, redis_errors.RedisError):
+        return "Redis"
+    if type(exc).__module__.startswith("aiokafka"):
+        return "Kafka"
+    return "a store this call needs"
 
 
 def retry_metadata(exc: RequestRejected) -> tuple[tuple[str, str], ...]:

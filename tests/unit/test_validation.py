@@ -89,6 +89,10 @@ def test_only_redis_outages_are_unavailable():
 
     for outage in (r.ConnectionError("x"), r.TimeoutError("x"), r.BusyLoadingError("x"), ConnectionError()):
         assert as_rejection(outage, "t").code == grpc.StatusCode.UNAVAILABLE
+    # Said in words, not as a class name of a client library.
+    loading = as_rejection(r.BusyLoadingError("Redis is loading the dataset in memory"), "t").message
+    assert "Redis (loading its data after a restart) is unavailable" in loading and "Error" not in loading
+    assert as_rejection(r.ConnectionError("x"), "t").message == "Redis is unavailable; retry"
     for bug in (r.ResponseError("WRONGTYPE"), r.DataError("x"), r.NoScriptError("x")):
         rejection = as_rejection(bug, "t")
         assert rejection.code == grpc.StatusCode.INTERNAL and "incident" in rejection.message
