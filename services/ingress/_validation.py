@@ -48,9 +48,9 @@ class MalformedRequest:
         self.reason = reason
 
     def rejection(self) -> RequestRejected:
-        return invalid(
-            f"request is not a valid {self.type_name} (string fields must be valid UTF-8): {self.reason}"
-        )
+        # protobuf's reason names the cause ("String field had bad UTF-8", "Wire format was corrupt").
+        hint = " (string fields must be valid UTF-8)" if "UTF-8" in self.reason else ""
+        return invalid(f"request is not a valid {self.type_name}{hint}: {self.reason}")
 
 
 def check_tenant(tenant_id: str, allowed: frozenset[str]) -> None:

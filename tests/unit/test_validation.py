@@ -159,3 +159,10 @@ def test_the_ingress_and_the_processors_take_the_same_failures_for_outages() -> 
     for exc in bugs:
         assert not is_outage(exc), exc
         assert as_rejection(exc, "t").code == grpc.StatusCode.INTERNAL, exc
+
+
+def test_a_malformed_request_says_utf_8_only_when_that_is_the_cause():
+    utf8 = v.MalformedRequest("switchboard.v1.SendMessageRequest", "...: String field had bad UTF-8")
+    corrupt = v.MalformedRequest("switchboard.v1.SendMessageRequest", "...: Wire format was corrupt")
+    assert "must be valid UTF-8" in utf8.rejection().message
+    assert "UTF-8" not in corrupt.rejection().message and "corrupt" in corrupt.rejection().message
