@@ -566,6 +566,14 @@ class IngressServer:
         # Writes to conversations erased by `switchboard tenant erase` are refused (_writes.py);
         # before the server takes calls, or the first ones would not be checked at all.
         self.service.writes.follow_erasures()
+        # Listen once writes can be checked against it (bounded): with SO_REUSEPORT the kernel
+        # hands a listening process new connections at once, and a process started again beside
+        # its siblings (a restart under load) got connections whose writes each waited for this
+        # read and whose health said NOT_SERVING while the siblings said SERVING.
+        if not await self.service.writes.erasures_read():
+            log.warning(
+                "listening before the erasure registry was read: writes wait for it, health NOT_SERVING"
+            )
         await self.server.start()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._readiness = asyncio.ensure_future(self._follow_readiness())

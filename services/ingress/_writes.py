@@ -238,6 +238,15 @@ class ConversationWrites:
             )
         self._erasures.begin()
 
+    async def erasures_read(self) -> bool:
+        """Wait for the erasure registry's first read, up to produce_timeout_s; whether it was
+        read (else writes go on waiting for it, each bounded, and are refused UNAVAILABLE)."""
+        try:
+            await self._erased()
+        except v.RequestRejected:
+            return False
+        return True
+
     @property
     def erasures_ready(self) -> bool:
         """Whether writes are checked against erasures without waiting: the registry was read

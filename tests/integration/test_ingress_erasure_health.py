@@ -73,3 +73,21 @@ async def test_a_new_ingress_is_not_serving_until_it_read_the_erasure_registry(s
     finally:
         await channel.close()
         await server.stop(grace=1)
+
+
+async def test_a_new_ingress_listens_only_once_it_read_the_erasure_registry(system: System) -> None:
+    # Seen in a CI run: an ingress process started again beside its sibling (SO_REUSEPORT) got new
+    # connections at once and said NOT_SERVING on them while the sibling said SERVING; writes on
+    # them waited for this read. Now the process listens once the read is done (bounded).
+    await wait_for_ingress(system.settings)
+    server = IngressServer(beside(system.settings))
+    try:
+        await server.start()
+        assert server.service.writes.erasures_ready, "listening before the erasure registry was read"
+        async with grpc.aio.insecure_channel(server.settings.grpc_listen) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=10
+            )
+        assert reply.status == SERVING
+    finally:
+        await server.stop(grace=1)
