@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -400,12 +402,17 @@ LIVE_SOCKET_TIMEOUT_S = LIVE_BLOCK_MS / 1000 + 10
 def live_pool(redis_url: str, max_connections: int) -> aioredis.Redis:
     """The pool for live streams' short reads and wake-ups, apart from the write path's so
     watchers cannot starve it. A blocking pool: a flood of StreamConversation opens waits for a
-    connection (at most the socket timeout) instead of failing with "Too many connections"."""
+    connection (at most the socket timeout) instead of failing with "Too many connections".
+
+    A dropped connection is retried once, as on the write path's pool: after a Redis restart
+    every pooled connection fails once, and without the retry each failed the next
+    StreamConversation that drew it, minutes later (crash rehearsal 4). Its commands are reads."""
     pool = aioredis.BlockingConnectionPool.from_url(
         redis_url,
         max_connections=max_connections,
         timeout=LIVE_SOCKET_TIMEOUT_S,
         socket_timeout=LIVE_SOCKET_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
     return aioredis.Redis(connection_pool=pool)
 

@@ -149,3 +149,54 @@ async def test_the_assistant_keeps_indexing_knowledge_after_redis_restarts(
             assert set(keys) == {b"before", b"after"}
     finally:
         await redis.aclose()
+
+
+@pytest.mark.timeout(180)
+async def test_streams_opened_once_redis_is_back_are_not_refused_for_the_connections_it_dropped(
+    system: System, tenant: str
+) -> None:
+    """Finding (crash rehearsal 4, 2026-12-02): after a Redis kill and restart, new
+    StreamConversation calls failed UNAVAILABLE "Redis is unavailable" for minutes with Redis up
+    (up to 8 minutes later, on both ingress processes). The write path's pool retries a dropped
+    connection once; the live streams' pool (its short reads: XREVRANGE, XREAD) did not, so each
+    of its stale connections failed the next call that drew it."""
+    settings = system.settings
+    channels = [grpc.aio.insecure_channel(settings.grpc_listen) for _ in range(CHANNELS)]
+    stubs = [chat_pb2_grpc.ChatServiceStub(c) for c in channels]
+    redis = aioredis.Redis.from_url(settings.redis_url)
+
+    async def first_updates(prefix: str) -> list[str]:
+        """Open a stream on every conversation at once and read its first update; the failures."""
+
+        async def one(k: int, conversation: str) -> str:
+            call = stubs[k % len(stubs)].StreamConversation(
+                chat_pb2.StreamConversationRequest(tenant_id=tenant, conversation_id=conversation),
+                timeout=30,
+            )
+            try:
+                await call.read()
+                return ""
+            except grpc.aio.AioRpcError as exc:
+                return f"{exc.code().name}: {exc.details()}"
+            finally:
+                call.cancel()
+
+        return [f for f in await asyncio.gather(*(one(k, c) for k, c in enumerate(conversations))) if f]
+
+    try:
+        conversations = [await start_conversation(stubs[0], tenant) for _ in range(24)]
+        assert await first_updates("before") == []  # every ingress process's live pool has connections
+
+        await restart_redis(settings, redis)
+
+        failed = await first_updates("after")
+        for _ in range(10):  # used up before the next test, as above
+            if not await first_updates("drain"):
+                break
+        assert failed == [], (
+            f"{len(failed)} of {len(conversations)} streams refused with Redis up: {failed[:3]}"
+        )
+    finally:
+        for c in channels:
+            await c.close()
+        await redis.aclose()
