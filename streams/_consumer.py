@@ -50,12 +50,13 @@ log = logging.getLogger(__name__)
 POISON_ATTEMPTS = 3
 RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
-# A failed poll's pause: at most 1 s. After a Kafka restart its group coordinator answers
-# GroupLoadInProgress for seconds; with RETRY_MAX_S the consumer was still sleeping 3.2 s after its
-# group had synced (a crash rehearsal: the hot view ~3 s later than it could have been). A poll a
-# second against a broker that is down is not a spin (aiokafka's metadata retries are throttled
-# apart, services.kafka_clients).
-POLL_RETRY_MAX_S = 1.0
+# The pause after a failed poll, or a batch failed by an outage: at most 1 s. Crash rehearsals
+# saw the sessions worker still asleep 3.2 s after the outage had ended, with RETRY_MAX_S: after a
+# Kafka restart (its coordinator answers GroupLoadInProgress for seconds) past its group's sync,
+# and after a Redis restart (BusyLoadingError while it loads its file) past the load: the hot view
+# that much later. A try a second against a store that is down is not a spin (aiokafka's metadata
+# retries are throttled apart, services.kafka_clients).
+OUTAGE_RETRY_MAX_S = 1.0
 # The stall watchdog (`BatchConsumer._stalled`): while polls return nothing, every this often it
 # asks whether an assigned partition has records past the consumer's position; a consumer that
 # returned none for STALL_BOUND_S although there were some is started again.
@@ -445,7 +446,7 @@ class BatchConsumer:
                 self._poll_delay,
             )
             await self._pause(self._poll_delay)
-            self._poll_delay = min(self._poll_delay * 2, POLL_RETRY_MAX_S)
+            self._poll_delay = min(self._poll_delay * 2, OUTAGE_RETRY_MAX_S)
             return {}
 
     async def _linger(self, records: list[Record]) -> list[Record]:
@@ -624,7 +625,7 @@ class BatchConsumer:
                     _span(records),
                 )
                 return False
-            delay = min(delay * 2, RETRY_MAX_S)
+            delay = min(delay * 2, OUTAGE_RETRY_MAX_S if outage else RETRY_MAX_S)
 
     async def _isolate(self, records: Sequence[Record]) -> bool | None:
         """Find the records of a failing batch that fail on their own and dead-letter them.

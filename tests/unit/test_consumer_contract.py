@@ -72,6 +72,7 @@ class DeadLetters:
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_consumer, "RETRY_INITIAL_S", 0.001)
     monkeypatch.setattr(_consumer, "RETRY_MAX_S", 0.002)
+    monkeypatch.setattr(_consumer, "OUTAGE_RETRY_MAX_S", 0.002)
 
 
 def runner(processor: Any) -> tuple[BatchConsumer, DeadLetters]:
