@@ -186,6 +186,21 @@ async def test_streams_opened_once_redis_is_back_are_not_refused_for_the_connect
     try:
         conversations = [await start_conversation(stubs[0], tenant) for _ in range(24)]
         assert await first_updates("before") == []  # every ingress process's live pool has connections
+        # The calls ended; once no read of theirs is blocked any more, the ingress's live readers
+        # sit idle on connections that the restart will drop (what a reader idle through an
+        # outage holds: found dead only by the next call's read).
+        probe = aioredis.Redis.from_url(settings.redis_url)  # apart: `redis` must not hold a dropped one
+        try:
+            await eventually(
+                probe.client_list,
+                lambda clients: (
+                    not any(c.get("cmd") == "xread" and "b" in c.get("flags", "") for c in clients)
+                ),
+                within_s=30,
+                what="no blocked live read",
+            )
+        finally:
+            await probe.aclose()
 
         await restart_redis(settings, redis)
 
