@@ -188,6 +188,7 @@ class _Reader:
                     # first calls to join it failed UNAVAILABLE with Redis up (crash rehearsal 4).
                     self._retried = True
                     continue
+                self._retried = False  # the next calls to join get their own try once more
                 for sub in reading:
                     if sub in self.subs:
                         self.remove(sub)
