@@ -28,13 +28,8 @@ class FailingThenFine:
         return {}
 
 
-class Processor:
-    name = "test"
-
-
-async def test_a_failing_poll_pauses_at_most_a_second_and_starts_again_small_after_a_success() -> None:
-    consumer = BatchConsumer(Settings(), Processor(), topic="t", group_id="g", batch_size=10)  # type: ignore[arg-type]
-    consumer._consumer = FailingThenFine(failures=10)
+def recorded_pauses(consumer: BatchConsumer) -> list[float]:
+    """The pauses `consumer` asks for, recorded instead of slept."""
     pauses: list[float] = []
 
     async def pause(seconds: float) -> bool:
@@ -42,6 +37,17 @@ async def test_a_failing_poll_pauses_at_most_a_second_and_starts_again_small_aft
         return True
 
     consumer._pause = pause  # type: ignore[method-assign]
+    return pauses
+
+
+class Processor:
+    name = "test"
+
+
+async def test_a_failing_poll_pauses_at_most_a_second_and_starts_again_small_after_a_success() -> None:
+    consumer = BatchConsumer(Settings(), Processor(), topic="t", group_id="g", batch_size=10)  # type: ignore[arg-type]
+    consumer._consumer = FailingThenFine(failures=10)
+    pauses = recorded_pauses(consumer)
     for _ in range(11):
         assert await consumer._poll(timeout_ms=10, max_records=10) == {}
     assert pauses[:4] == [_consumer.RETRY_INITIAL_S, 0.4, 0.8, 1.0]
@@ -69,13 +75,7 @@ class DownThenUp:
 async def test_a_batch_failed_by_an_outage_is_retried_at_least_every_second() -> None:
     processor = DownThenUp(outages=10)
     consumer = BatchConsumer(Settings(), processor, topic="t", group_id="g", batch_size=10)  # type: ignore[arg-type]
-    pauses: list[float] = []
-
-    async def pause(seconds: float) -> bool:
-        pauses.append(seconds)
-        return True
-
-    consumer._pause = pause  # type: ignore[method-assign]
+    pauses = recorded_pauses(consumer)
     assert await consumer._apply_until_done([]) is True
     assert pauses[:4] == [_consumer.RETRY_INITIAL_S, 0.4, 0.8, 1.0]
     assert max(pauses) == 1.0 and len(pauses) == 10
