@@ -8,7 +8,13 @@ Order of the rules (the first that fires decides the reason):
    agent", "why not talk to a human") leaves the request standing.
 2. `tenant_rule`: the intent is in the tenant's always-hand-off list, or the message contains one of
    the tenant's keywords.
-3. `complaint`: the intent is `complaint` (confident enough to trust the label).
+3. `complaint`: the intent is `complaint` (confident enough to trust the label), or the message
+   carries a sign of an angry or escalating customer whatever its intent: a threat to report, sue,
+   dispute the charge or review ("12315", "charge back", "1 star"), a charge of fraud ("骗子",
+   "scam"), a demand for a manager, a repeated contact ("第三次联系", "third time I'm writing"),
+   abuse or strong anger words ("垃圾商家", "ridiculous", "worst service ever"). The intent model
+   reads the topic of "太气人了，退款申请了一个月还没到账" (refund, 0.79), not the anger; an angry
+   customer goes to a person even when the bot could answer the question.
 4. `low_confidence` / `unanswered`: this turn and the ones before it make `max_unresolved_turns`
    (default 2) consecutive unresolved turns. A turn is unresolved when retrieval found nothing
    relevant to answer with (greetings and thanks need no answer and never count as unanswered), or
@@ -109,6 +115,56 @@ _EN_REFUSAL = re.compile(
 # human", "why don't you connect me to an agent", "I could not talk to a person", "I did not talk
 # to an agent yet").
 _EN_NOT_A_REFUSAL_AFTER = re.compile(r"\b(?:why|can|could|did|have|has|had)\s*$", re.IGNORECASE)
+
+
+# Signs of an angry or escalating customer (rule 3), whatever the message is about. Each is
+# specific enough not to fire on a plain question: no bare 垃圾 (垃圾袋 is a product), 工商 (工商银行
+# is a bank), 报警 (报警器), 经理 (客户经理), "manager" (password manager), "worst" (worst case).
+_ZH_COMPLAINT = re.compile(
+    r"投诉|12315|消协|消费者协会|工商局|市场监管|曝光(?:你们|你家|这家|商家)|差评"
+    r"|骗子(?!短信|电话|网站|链接|邮件)|骗人|骗钱|欺骗|坑人|被坑|坑爹|黑店|垃圾(?!袋|桶|分类|篓|箱|处理|清理|短信|邮件)"
+    r"|气死|气人|火大|恼火|过分|离谱|恶心|什么破|破服务|破玩意|破东西|无语|受够"
+    r"|(?<!客户)经理|主管|律师|起诉|法院|报警(?!器)"
+    r"|没完没了|这事没完|有没有人管|没人管|没人理|不理人|给我(?:一)?个说法|要(?:一)?个说法"
+    r"|再也不(?:买|来|会)"
+    r"|第[二三四五六七八九十几\d]+次(?:联系|找|问|打|催|反映|咨询|说)"
+    r"|(?:催|问|找|联系|打)了(?:好几|很多|无数|[三四五六七八九十\d]+)(?:次|遍|回)"
+)
+_EN_COMPLAINT = re.compile(
+    r"\b(?:"
+    r"worst\s+(?:\w+\s+)?(?:service|experience|company|store|shop|support|seller|purchase|website|app)"
+    r"|worst\b[^.?!\n]{0,30}\bever"
+    r"|ridiculous|unacceptable|outrageous|disgusting|disgraceful|pathetic|appalling|horrible\s+service"
+    r"|terrible\s+(?:service|experience|support|company|store|shop)|furious|livid|infuriat\w*"
+    r"|pissed(?:\s+off)?|fed\s+up|sick\s+(?:and\s+tired\s+)?of|so\s+done\s+with"
+    r"|you(?:\s+people|\s+guys)?(?:\s+are|['’]re)\s+(?:so\s+|completely\s+|totally\s+|absolutely\s+)?useless"
+    r"|useless\s+(?:bot|service|support|company|store|shop|people|customer\s+service)"
+    # Scam and fraud as a charge against the shop, not a question about one ("report a scam text").
+    r"|scammers?|scammed|fraudsters?|(?:is|are|what)\s+(?:a\s+)?(?:total\s+|complete\s+)?(?:scam|fraud)"
+    r"|rip(?:ped)?[\s-]?off|con\s+artists?|thie(?:f|ves)"
+    r"|lawyers?|attorneys?|sue\s+(?:you|your)|legal\s+action|small\s+claims"
+    r"|report(?:ing)?\s+(?:you|this|your\s+\w+)\s+to|consumer\s+(?:protection|rights|council|affairs)"
+    r"|better\s+business\s+bureau|trading\s+standards|charge\s*backs?"
+    r"|dispute\s+(?:the|this|a|my)\s+(?:charge|payment|transaction)"
+    r"|(?:1|one)[\s-]star|(?:bad|negative|terrible)\s+review"
+    r"|(?<!password\s)(?:manager|supervisor)s?"
+    r"|file\s+a\s+complaint|formal\s+complaint|lodge\s+a\s+complaint"
+    r"|never\s+(?:again\s+)?(?:order|buy|shop|purchas)\w*\s+(?:anything\s+)?(?:from|with|here|at)\s+(?:you|this|your)"
+    r"|never\s+again"
+    r"|(?:third|3rd|fourth|4th|fifth|5th|\d+th)\s+time\s+(?:(?:that\s+)?i(?:['’]m|\s+am|\s+have|['’]ve)?\s+)?"
+    r"(?:ask|writ|contact|call|email|messag|chat|tell|explain|reach|complain)\w*"
+    r"|(?:nobody|no\s+one|no-one)\s+(?:\w+\s+)?(?:answers?|replies|replied|responds?|responded|gets?\s+back"
+    r"|got\s+back|helps?|helped|cares?|cared)"
+    r"|wtf|wth|what\s+the\s+(?:hell|heck|fuck)|fuck\w*|bullshit|shit\w*"
+    r")\b",
+    re.IGNORECASE,
+)
+
+
+def complaint_marker(text: str) -> str | None:
+    """The words in `text` that show an angry or escalating customer (rule 3), or None."""
+    match = _ZH_COMPLAINT.search(text) or _EN_COMPLAINT.search(text)
+    return match.group(0) if match else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +313,12 @@ def decide_handoff(
 
     if intent.label == COMPLAINT and confident:
         return Handoff(REASON_COMPLAINT, queue, f"intent {COMPLAINT}")
+    marker = complaint_marker(text)
+    if marker is not None:
+        # A confident intent routes as usual (an angry refund is billing's); an unsure one is
+        # not trusted, and the complaint is the one thing known.
+        complaints = rules.queue_for(IntentDecision(COMPLAINT, 1.0))
+        return Handoff(REASON_COMPLAINT, queue if confident else complaints, f"keyword {marker!r}")
 
     if is_unresolved(intent, answered, rules):
         turns = history.consecutive_unresolved + 1

@@ -6,6 +6,7 @@ from streams.assistant.handoff import (
     IntentDecision,
     TenantHandoffRules,
     asks_for_human,
+    complaint_marker,
     decide_handoff,
     record_turn,
 )
@@ -201,6 +202,67 @@ def test_tenant_rules_always_hand_off_intents_keywords_thresholds_and_queues():
     )
     with pytest.raises(ValueError, match="unknown keys"):
         TenantHandoffRules.from_dict({"keyword": ["x"]})
+
+
+@pytest.mark.parametrize(
+    ("text", "intent", "want_queue"),
+    [
+        # The intent model read the topic, not the anger (labels as the shipped cascade gave them).
+        ("太气人了，退款申请了一个月还没到账", IntentDecision("refund", 0.79), "billing"),
+        ("骗子公司，钱付了东西一直不发", IntentDecision("payment_problem", 0.44), "complaints"),
+        ("第三次联系你们了，到底有没有人管？", IntentDecision("talk_to_human", 0.42), "complaints"),
+        ("我要找你们经理，这事没完", IntentDecision("complaint", 0.46), "complaints"),
+        ("再不处理我就去12315", UNSURE, "complaints"),
+        ("垃圾商家", UNSURE, "complaints"),
+        (
+            "im so done with this store. where is my money",
+            IntentDecision("product_question", 0.22),
+            "complaints",
+        ),
+        ("I will dispute the charge with my bank and leave a 1 star review", UNSURE, "complaints"),
+        ("you people are useless, I've been waiting for my refund for a month", UNSURE, "complaints"),
+        (
+            "This is the worst service ever, my order is 3 weeks late",
+            IntentDecision("order_status", 0.41),
+            "complaints",
+        ),
+        ("Your company is a scam", UNSURE, "complaints"),
+        ("third time I'm writing about the same blender", UNSURE, "complaints"),
+        ("nobody answers my emails", UNSURE, "complaints"),
+        ("I want to speak to your manager", UNSURE, "complaints"),
+        ("my order still hasnt shipped wtf", IntentDecision("order_status", 0.9), "general"),
+    ],
+)
+def test_an_angry_or_escalating_customer_is_handed_off_whatever_the_intent(
+    text: str, intent: IntentDecision, want_queue: str
+):
+    handoff = decide(text, intent, answered=True)
+    assert handoff is not None, f"not handed off: {text!r}"
+    assert (handoff.reason, handoff.queue) == ("complaint", want_queue)
+    assert handoff.detail.startswith("keyword ")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "what's the worst case for delivery time to Canada?",
+        "can I save the card in my password manager?",
+        "do you sell 垃圾袋 in bulk?",
+        "可以用工商银行的卡付款吗",
+        "烟雾报警器支持保修吗",
+        "收到诈骗短信去哪里举报",
+        "how do I report a scam text message",
+        "is this email from you a scam?",
+        "my card got flagged for fraud on your site",
+        "我的客户经理是谁",
+        "我的订单还没完成支付",
+        "is it a problem if I return shoes without the box?",
+        "第一次买，怎么用优惠券",
+    ],
+)
+def test_plain_questions_with_nearby_words_are_not_complaints(text: str):
+    assert complaint_marker(text) is None
+    assert decide(text, CONFIDENT_REFUND) is None
 
 
 def test_an_unsure_talk_to_human_or_complaint_label_alone_does_not_hand_off():
