@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from streams.knowledge._bm25 import BM25Index
+from streams.knowledge._concepts import expand_query
 from streams.knowledge._document import MAX_CHUNK_CHARS, Chunk, Document, chunk_document
 from streams.knowledge._rerank import Candidate, Reranker, feature_matrix
 from streams.knowledge._text import detect_language, tokenize
@@ -303,8 +304,12 @@ class KnowledgeIndex:
         `intent` (the classifier's label) favours documents tagged with it; `query_embedding` skips
         encoding the query when the caller already has its vector. A hit's `relevant` says whether
         the reranker is confident enough to answer from it; when no hit is relevant the assistant
-        should say it has no answer and offer a person.
+        should say it has no answer and offer a person. A message reporting a damaged or wrong item
+        is searched with the FAQ's words for it (`expand_query`), and encoded again with them.
         """
+        expanded = expand_query(query)
+        if expanded != query:
+            query, query_embedding = expanded, None
         with self._lock:
             if not self._documents or limit <= 0:
                 return []

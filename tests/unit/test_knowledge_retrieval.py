@@ -296,3 +296,27 @@ def test_a_barely_relevant_one_language_article_does_not_jump_a_relevant_top_hit
     assert hits[0].document_id == "en-payment-methods" and hits[0].relevant, [
         (h.document_id, h.scores.relevance) for h in hits
     ]
+
+
+@pytest.mark.parametrize(
+    ("question", "document_id"),
+    [
+        # Reported faults share no word with "破损、发错或有质量问题" / "damaged, wrong or faulty":
+        # before the expansion, en-gift-wrapping was the answer to the first (relevant, cited).
+        ("收到的杯子是碎的", "zh-damaged-item"),
+        ("快递送来的花瓶摔裂了", "zh-damaged-item"),
+        ("the mug arrived smashed into pieces", "en-damaged-item"),
+        ("you sent me the wrong shoes, these aren't what I ordered", "en-damaged-item"),
+    ],
+)
+def test_a_reported_damaged_or_wrong_item_is_answered_from_the_damaged_item_article(
+    demo_index: KnowledgeIndex, question: str, document_id: str
+) -> None:
+    hits = demo_index.search(question, 3)
+    assert hits[0].document_id == document_id, [(h.document_id, h.scores) for h in hits]
+    assert hits[0].relevant
+
+
+def test_a_fault_in_use_under_warranty_stays_the_warranty_articles(demo_index: KnowledgeIndex) -> None:
+    hits = demo_index.search("my headphones broke after two months, is that covered by the warranty?", 3)
+    assert hits[0].document_id == "en-warranty", [(h.document_id, h.scores) for h in hits]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from streams.knowledge import MAX_CHUNK_CHARS, Document, chunk_document, detect_language, tokenize
+from streams.knowledge._concepts import EN_EXPANSION, ZH_EXPANSION, expand_query
 
 
 def test_chinese_is_unigrams_and_bigrams_without_particles():
@@ -76,3 +77,27 @@ def test_document_validation_and_fingerprint():
     assert a.language == "zh"
     assert a.fingerprint == Document("a", "t", "退款说明", language="zh").fingerprint
     assert a.fingerprint != Document("a", "t", "退款说明。").fingerprint
+
+
+@pytest.mark.parametrize(
+    ("text", "suffix"),
+    [
+        ("收到的杯子是碎的", ZH_EXPANSION),
+        ("你们发错货了，我买的是黑色", ZH_EXPANSION),
+        ("盘子到的时候已经裂开了", ZH_EXPANSION),
+        ("the cup I got is broken", EN_EXPANSION),
+        ("box was crushed and the plates inside are shattered", EN_EXPANSION),
+        ("you sent me the wrong item!! I ordered blue not red", EN_EXPANSION),
+        # Not a fault on arrival, or not a fault of the goods: searched as written.
+        ("耳机坏了能保修吗", ""),
+        ("speaker is broken, is it under warranty", ""),
+        ("优惠券用不了", ""),
+        ("my promo code doesn't work at checkout", ""),
+        ("能不能用礼盒包起来", ""),
+        ("how long does shipping take", ""),
+    ],
+)
+def test_a_reported_damaged_or_wrong_item_is_searched_with_the_faqs_words_for_it(
+    text: str, suffix: str
+) -> None:
+    assert expand_query(text) == text + suffix
