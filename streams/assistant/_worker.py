@@ -59,6 +59,7 @@ from streams._consumer import (
     instance_id,
     run_until_signalled,
 )
+from streams.assistant.followup import accepted_offer
 from streams.assistant.gateway import AnswerRequest, GatewayConfig, GroundingPassage, ModelGateway
 from streams.assistant.handoff import HandoffHistory, IntentDecision, decide_handoff, record_turn
 from streams.knowledge import Document, Hit, KnowledgeBase, detect_language
@@ -131,11 +132,22 @@ def decision_basis(message: Event) -> str:
     return f"{message.tenant_id}/{message.conversation_id}/{received.client_message_id}/{text}"
 
 
+@dataclass(frozen=True)
+class _Offer:
+    """The titles the bot's last reply offered ("did you mean …?") and the question it was for."""
+
+    question: str
+    hits: tuple[Hit, ...]
+
+
 @dataclass
 class _Conversation:
     mode: str = "bot"
     closed: bool = False
     history: HandoffHistory = field(default_factory=HandoffHistory)
+    # Taken by the customer's next message if it answers it ("yes", "第二个"; `accepted_offer`);
+    # forgotten across a restart, like `history`.
+    offer: _Offer | None = None
 
 
 @dataclass(frozen=True)
@@ -400,6 +412,7 @@ class AssistantProcessor:
         elif kind == "returned_to_bot":
             conv.mode = "bot"
             conv.history = HandoffHistory()
+            conv.offer = None
         elif kind == "conversation_closed":
             conv.closed = True
         elif kind == "message_received":
@@ -427,6 +440,16 @@ class AssistantProcessor:
         if len(self._recent_messages) > RECENT_MESSAGES:
             self._recent_messages.popitem(last=False)
         return False
+
+    def _taken_offer(self, tenant_id: str, offer: _Offer | None, text: str) -> _Offer | None:
+        """The offered hit `text` takes ("yes", "the second one"), as an offer of it alone; None
+        when `text` is not an answer to the offer or the article was deleted since."""
+        if offer is None:
+            return None
+        choice = accepted_offer(text, len(offer.hits))
+        if choice is None or self._knowledge.get(tenant_id, offer.hits[choice].document_id) is None:
+            return None
+        return _Offer(offer.question, (offer.hits[choice],))
 
     def _passage_text(self, tenant_id: str, hit: Hit) -> str:
         """What the answer is grounded on: a short article whole (its chunk alone may lack what
@@ -522,6 +545,12 @@ class AssistantProcessor:
                 language=language,
             ),
         )
+        question = text
+        taken = self._taken_offer(message.tenant_id, conv.offer, text)
+        conv.offer = None
+        if taken is not None:
+            # "yes" to "did you mean …?": the offered article answers the question it was for.
+            question, hits = taken.question, [replace(taken.hits[0], relevant=True)]
         relevant = grounding(hits)
         verdict = IntentDecision(intent.label, float(intent.confidence))
         handoff = decide_handoff(text=text, intent=verdict, answered=bool(relevant), history=conv.history)
@@ -539,8 +568,9 @@ class AssistantProcessor:
                 ),
             ]
         reply_id = decision_id("reply", decision_basis(message))
+        offered = [] if relevant else offered_hits(hits, language)
         request = AnswerRequest(
-            question=text,
+            question=question,
             language=language,
             passages=[
                 GroundingPassage(
@@ -556,7 +586,7 @@ class AssistantProcessor:
             intent=intent.label,
             tenant_id=message.tenant_id,
             conversation_id=message.conversation_id,
-            suggestions=() if relevant else suggestions_of(hits, language),
+            suggestions=tuple(h.title for h in offered),
         )
         stream = self._gateway.stream(request)
         deltas = _DeltaPublisher(self._redis, hv.reply_stream_key(*slot), reply_id, message.event_id)
@@ -567,6 +597,10 @@ class AssistantProcessor:
             # The deltas are on the reply stream before the finished reply is in the log.
             await deltas.close()
         answer = stream.answer
+        # What the reply offered, as the customer read it (small talk offers nothing; a model may
+        # name only some of the titles): the next message may take it.
+        shown = tuple(h for h in offered if not answer.grounded and h.title in answer.text)
+        conv.offer = _Offer(text, shown) if shown else None
         reply = _event(
             message,
             "reply",
@@ -619,18 +653,23 @@ SUGGEST_MIN_COSINE = 0.30
 SUGGESTIONS = 2
 
 
-def suggestions_of(hits: Sequence[Hit], language: str) -> tuple[str, ...]:
-    """Titles to offer when no hit is relevant: the best close ones in the customer's language (a
+def offered_hits(hits: Sequence[Hit], language: str) -> list[Hit]:
+    """Hits to offer when no hit is relevant: the best close ones in the customer's language (a
     title in the other language reads as a non sequitur, and its twin would say the same)."""
-    titles: list[str] = []
+    offered: list[Hit] = []
     # By the primary language subtag: a document may be tagged 'en-US' or 'zh-Hans'.
     wanted = language.split("-")[0].lower()
     for h in hits:
         close = h.scores.relevance >= SUGGEST_MIN_RELEVANCE or h.scores.cosine >= SUGGEST_MIN_COSINE
         same_language = h.language.split("-")[0].lower() == wanted
-        if h.title and same_language and close and h.title not in titles:
-            titles.append(h.title)
-    return tuple(titles[:SUGGESTIONS])
+        if h.title and same_language and close and all(h.title != o.title for o in offered):
+            offered.append(h)
+    return offered[:SUGGESTIONS]
+
+
+def suggestions_of(hits: Sequence[Hit], language: str) -> tuple[str, ...]:
+    """The titles `offered_hits` offers, best first."""
+    return tuple(h.title for h in offered_hits(hits, language))
 
 
 @dataclass(frozen=True)

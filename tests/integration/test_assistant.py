@@ -226,3 +226,54 @@ async def test_a_near_miss_is_asked_about_the_close_article_not_told_nothing_was
     assert reply is not None and not reply.grounded and not reply.citations, reply
     assert "Did you mean “Exchanging an item for a different size or colour”" in reply.text, reply.text
     assert "human agent" in reply.text
+
+
+async def next_reply(stub, tenant: str, cid: str, after: int) -> tuple[object, int]:
+    """The first ReplyGenerated after the conversation's first `after` replies, and its number;
+    fails at once on a hand-off instead (the bot says nothing more after one)."""
+    stream = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(tenant_id=tenant, conversation_id=cid)
+    )
+    seen = 0
+    try:
+        async with asyncio.timeout(120):
+            async for update in stream:
+                kind = update.event.WhichOneof("payload")
+                if kind == "handoff_requested":
+                    raise AssertionError(f"handed off instead of a reply: {update.event.handoff_requested}")
+                if kind == "reply_generated":
+                    seen += 1
+                    if seen > after:
+                        return update.event.reply_generated, seen
+    finally:
+        stream.cancel()
+    raise AssertionError("the stream ended without a reply")
+
+
+@pytest.mark.timeout(400)
+async def test_yes_to_did_you_mean_is_answered_from_the_offered_article(
+    system: System, stub, faq_tenant: str
+) -> None:
+    """ "Did you mean “Exchanging an item…”? Ask me about it" — the customer answers "yes please",
+    as to a person. Read as a question of its own, "yes" matched nothing (one more unanswered turn
+    on the way to a hand-off). It now takes the offer: the article answers the first question."""
+    cid = await start_conversation(stub, faq_tenant)
+
+    async def send(cmid: str, text: str) -> None:
+        await stub.SendMessage(
+            chat_pb2.SendMessageRequest(
+                tenant_id=faq_tenant, conversation_id=cid, client_message_id=cmid, text=text
+            )
+        )
+
+    await send("o1", "can I change the size after paying")
+    offer, n = await next_reply(stub, faq_tenant, cid, 0)
+    assert not offer.grounded and "Did you mean “Exchanging an item" in offer.text, offer.text  # type: ignore[attr-defined]
+    await send("o2", "yes please")
+    answer, n = await next_reply(stub, faq_tenant, cid, n)
+    assert answer.grounded, answer.text  # type: ignore[attr-defined]
+    assert [c.document_id for c in answer.citations] == ["en-exchange"], answer.text  # type: ignore[attr-defined]
+    # The offer was taken: a second "yes" has nothing to take.
+    await send("o3", "yes")
+    again, _ = await next_reply(stub, faq_tenant, cid, n)
+    assert not again.grounded and not again.citations, again.text  # type: ignore[attr-defined]
