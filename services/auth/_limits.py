@@ -28,9 +28,6 @@ from typing import Any
 import grpc
 import redis.asyncio as aioredis
 from prometheus_client import Counter
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.auth._model import Principal, Registry, TenantRecord
 from services.settings import Settings
@@ -310,10 +307,6 @@ def too_big(plan: Plan, need: int) -> OverLimit | None:
     return None
 
 
-LIMITER_CLIENT_NAME = "switchboard-rate-limiter"
-"""The limiter's Redis connections' name (`CLIENT LIST`)."""
-
-
 class RateLimiter:
     """Charges calls to their buckets in Redis; fails open."""
 
@@ -321,16 +314,7 @@ class RateLimiter:
         self.settings = settings
         timeout = settings.rate_limit_timeout_s
         self._redis = aioredis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            max_connections=256,
-            client_name=LIMITER_CLIENT_NAME,
-            # A dropped connection (Redis restarted, an idle timeout) is tried once more on a new
-            # one: without it every pooled connection failed its next check open after a Redis
-            # restart. A script whose reply was lost may be charged twice: the tenant loses a
-            # token, which errs the safe way.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=256
         )
         self._take = self._redis.register_script(_TAKE)
         self._give_back = self._redis.register_script(_GIVE_BACK)
