@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from streams.knowledge._text import fold_for_rules
+
 TALK_TO_HUMAN = "talk_to_human"
 COMPLAINT = "complaint"
 # Intents that need no answer from the knowledge base.
@@ -117,54 +119,93 @@ _EN_REFUSAL = re.compile(
 _EN_NOT_A_REFUSAL_AFTER = re.compile(r"\b(?:why|can|could|did|have|has|had)\s*$", re.IGNORECASE)
 
 
-# Signs of an angry or escalating customer (rule 3), whatever the message is about. Each is
-# specific enough not to fire on a plain question: no bare 垃圾 (垃圾袋 is a product), 工商 (工商银行
-# is a bank), 报警 (报警器), 经理 (客户经理), "manager" (password manager), "worst" (worst case).
+# Signs of an angry or escalating customer (rule 3), whatever the message is about. Each is a
+# phrase, not a word: a bare 经理, 报警, 垃圾, 骗子, "manager", "chargeback", "fraud" or "worst" is an
+# ordinary question's word for a SaaS, telecom or shop tenant ("产品经理", "报警规则", "垃圾电话",
+# "有骗子冒充你们客服", "add a manager to my team", "how do I respond to a chargeback", "what fraud
+# protection do you offer", "the worst case for delivery"); so is a count ("第二次打款", "this is my
+# 5th time ordering"). Matched on `fold_for_rules` text (full-width and traditional folded).
 _ZH_COMPLAINT = re.compile(
-    r"投诉|12315|消协|消费者协会|工商局|市场监管|曝光(?:你们|你家|这家|商家)|差评"
-    r"|骗子(?!短信|电话|网站|链接|邮件)|骗人|骗钱|欺骗|坑人|被坑|坑爹|黑店|垃圾(?!袋|桶|分类|篓|箱|处理|清理|短信|邮件)"
-    r"|气死|气人|火大|恼火|过分|离谱|恶心|什么破|破服务|破玩意|破东西|无语|受够"
-    r"|(?<!客户)经理|主管|律师|起诉|法院|报警(?!器)"
+    r"投诉|12315|消协|消费者协会|(?:去|向|到)(?:工商|市场监管)|举报你们|曝光你们|我要曝光|我要维权|要求赔偿|退一赔三"
+    r"|(?:你们|你家|这家)(?:就是|是|都是)?(?:骗子|黑店)|骗子(?:公司|商家|店铺?|平台)|黑店|你们骗|骗人的吧|骗我"
+    r"|(?:欺骗|欺诈)(?:消费者|顾客|客户|我)|坑人|坑爹|被你们坑|太坑了"
+    r"|垃圾(?:商家|客服|服务|店|公司|平台|质量|产品|东西)|废物客服|客服(?:都是|就是|是)?摆设|傻逼|妈的|他妈|tmd|卧槽"
+    r"|气死|气人|我很生气|太生气|真生气|太失望|很失望|非常失望|烦死|受够|太离谱|离谱了|真离谱|简直离谱"
+    r"|太过分|过分了|无语了|真无语|太无语|什么破|破服务|破玩意|破东西|搞什么鬼|什么态度|态度(?:太差|极差|恶劣|很差|差劲)"
+    r"|服务(?:太差|真差|极差|很差|差劲)|太差劲|差劲透"
+    r"|找(?:你们|你家)?的?(?:经理|领导|主管|负责人|老板|manager|supervisor)|把(?:你们)?的?(?:经理|领导|负责人|老板)叫|叫(?:你们)?的?(?:经理|领导|负责人|老板)(?:来|出来)"
+    r"|找律师|请律师|发律师函|起诉你们|告你们|法院见|我要报警|去报警|找记者"
     r"|没完没了|这事没完|有没有人管|没人管|没人理|不理人|给我(?:一)?个说法|要(?:一)?个说法"
-    r"|再也不(?:买|来|会)"
-    r"|第[二三四五六七八九十几\d]+次(?:联系|找|问|打|催|反映|咨询|说)"
-    r"|(?:催|问|找|联系|打)了(?:好几|很多|无数|[三四五六七八九十\d]+)(?:次|遍|回)"
+    r"|再也不(?:在你们|来你们|买你们|会在你们)|(?:给|打|写|留)(?:你们)?(?:个)?差评|差评警告"
+    r"|第[二三四五六七八九十几\d]+次(?:来问|问了|问你们|联系你们|找你们|催|反映|投诉)|这都第[二三四五六七八九十几\d]+次"
+    r"|(?:催|联系|反映|问)了(?:你们)?(?:好几|很多|无数|多少|八百|[两二三四五六七八九十\d]+)(?:次|遍|回)"
+    r"|说了多少遍"
 )
+_WORD = r"(?<![a-z0-9])"  # a word's start or end, also next to CJK (which \b counts as a letter)
+_END = r"(?![a-z0-9])"
 _EN_COMPLAINT = re.compile(
-    r"\b(?:"
-    r"worst\s+(?:\w+\s+)?(?:service|experience|company|store|shop|support|seller|purchase|website|app)"
-    r"|worst\b[^.?!\n]{0,30}\bever"
-    r"|ridiculous|unacceptable|outrageous|disgusting|disgraceful|pathetic|appalling|horrible\s+service"
-    r"|terrible\s+(?:service|experience|support|company|store|shop)|furious|livid|infuriat\w*"
-    r"|pissed(?:\s+off)?|fed\s+up|sick\s+(?:and\s+tired\s+)?of|so\s+done\s+with"
-    r"|you(?:\s+people|\s+guys)?(?:\s+are|['’]re)\s+(?:so\s+|completely\s+|totally\s+|absolutely\s+)?useless"
-    r"|useless\s+(?:bot|service|support|company|store|shop|people|customer\s+service)"
-    # Scam and fraud as a charge against the shop, not a question about one ("report a scam text").
-    r"|scammers?|scammed|fraudsters?|(?:is|are|what)\s+(?:a\s+)?(?:total\s+|complete\s+)?(?:scam|fraud)"
-    r"|rip(?:ped)?[\s-]?off|con\s+artists?|thie(?:f|ves)"
-    r"|lawyers?|attorneys?|sue\s+(?:you|your)|legal\s+action|small\s+claims"
-    r"|report(?:ing)?\s+(?:you|this|your\s+\w+)\s+to|consumer\s+(?:protection|rights|council|affairs)"
-    r"|better\s+business\s+bureau|trading\s+standards|charge\s*backs?"
-    r"|dispute\s+(?:the|this|a|my)\s+(?:charge|payment|transaction)"
-    r"|(?:1|one)[\s-]star|(?:bad|negative|terrible)\s+review"
-    r"|(?<!password\s)(?:manager|supervisor)s?"
-    r"|file\s+a\s+complaint|formal\s+complaint|lodge\s+a\s+complaint"
-    r"|never\s+(?:again\s+)?(?:order|buy|shop|purchas)\w*\s+(?:anything\s+)?(?:from|with|here|at)\s+(?:you|this|your)"
-    r"|never\s+again"
-    r"|(?:third|3rd|fourth|4th|fifth|5th|\d+th)\s+time\s+(?:(?:that\s+)?i(?:['’]m|\s+am|\s+have|['’]ve)?\s+)?"
-    r"(?:ask|writ|contact|call|email|messag|chat|tell|explain|reach|complain)\w*"
-    r"|(?:nobody|no\s+one|no-one)\s+(?:\w+\s+)?(?:answers?|replies|replied|responds?|responded|gets?\s+back"
-    r"|got\s+back|helps?|helped|cares?|cared)"
-    r"|wtf|wth|what\s+the\s+(?:hell|heck|fuck)|fuck\w*|bullshit|shit\w*"
-    r")\b",
+    _WORD + r"(?:"
+    r"worst\s+(?:customer\s+)?(?:service|experience|company|store|shop|support|seller)"
+    r"|worst\s+(?:\w+\s+){0,2}(?:i(?:'ve|\s+have)|i\s*ve)\s+(?:ever\s+)?(?:had|seen|experienced|dealt)"
+    r"|(?:this|that|it)(?:'s|\s+is|s)\s+(?:absolutely\s+|just\s+|so\s+|really\s+|a\s+)*"
+    r"(?:ridiculous|unacceptable|outrageous|pathetic|disgraceful|appalling|joke|crap|a\s+joke)"
+    r"|absolutely\s+(?:ridiculous|unacceptable|disgusting|pathetic)"
+    r"|(?:ridiculous|unacceptable|disgusting|pathetic|appalling|terrible|horrible|awful|lousy)\s+"
+    r"(?:customer\s+)?(?:service|experience|support)"
+    r"|i(?:'m|\s+am|m)\s+(?:so\s+|really\s+|very\s+|absolutely\s+|extremely\s+|beyond\s+)*"
+    r"(?:furious|livid|pissed(?:\s+off)?|angry|fuming|fed\s+up|sick\s+and\s+tired|frustrated|disgusted"
+    r"|disappointed)"
+    r"|sick\s+of\s+(?:this|you|your|waiting)|so\s+done\s+with\s+(?:this|you|your)"
+    r"|(?:you|u)(?:\s+people|\s+guys)?(?:'re|\s+are|re|\s+r)\s+(?:so\s+|completely\s+|totally\s+|absolutely\s+)*"
+    r"(?:useless|incompetent|thieves|scammers|crooks|frauds|a\s+joke|a\s+scam|liars)"
+    r"|(?:useless|incompetent)\s+(?:bot|service|support|company|people|customer\s+service)"
+    r"|(?:bot|service|support|chat|app)\s+is\s+(?:so\s+|completely\s+|totally\s+)?(?:useless|a\s+joke|garbage|trash)"
+    r"|(?:this|your)\s+(?:company|store|shop|site|website)\s+is\s+(?:a\s+|such\s+a\s+|a\s+total\s+)?(?:scam|fraud|joke)"
+    r"|(?:total|complete)\s+scam|scam\s+(?:company|store|shop|site)|what\s+a\s+(?:scam|rip-?\s?off|joke)"
+    r"|scammed\s+me|ripped\s+me\s+off|stole\s+my\s+money|scammer"
+    r"|(?:my|a)\s+lawyer|legal\s+action|sue\s+(?:you|your)|take\s+you\s+to\s+court|small\s+claims\s+court"
+    r"|report(?:ing)?\s+you(?:r\s+\w+)?\s+to|better\s+business\s+bureau|bbb|trading\s+standards"
+    r"|consumer\s+protection\s+(?:agency|office|bureau)"
+    r"|(?:file|filing|do|doing|initiate|initiating|open|opening|start|starting)\s+a\s+(?:chargeback|charge\s+back)"
+    r"|(?:dispute|disputing)\s+(?:the|this|a|my)\s+(?:charge|payment|transaction)\s+with\s+my\s+(?:bank|card)"
+    r"|(?:i'll|i\s+will|i'm\s+going\s+to|i\s+am\s+going\s+to|gonna)\s+(?:dispute|charge\s*back)"
+    r"|(?:leave|leaving|give|giving|write|writing|post|posting)\s+(?:you\s+)?(?:a\s+|an\s+)?"
+    r"(?:(?:1|one)[-\s]star|(?:bad|negative|terrible)\s+review)"
+    r"|(?:speak|talk|speaking|talking)\s+(?:to|with)\s+(?:a|the|your)\s+(?:manager|supervisor)"
+    r"|(?:want|need|demand|get\s+me|give\s+me)\s+(?:a|the|your)\s+(?:manager|supervisor)"
+    r"(?!\s*(?:role|account|permission|access|approval|seat|login))"
+    r"|file\s+a\s+(?:formal\s+)?complaint|formal\s+complaint|lodge\s+a\s+complaint"
+    r"|never\s+(?:order|buy|shop|purchas)\w*\s+(?:anything\s+)?(?:from|with|here|at)\s+(?:you|this|your)"
+    r"|(?:this\s+is|it's|it\s+is|that's|for)\s+(?:the|my)\s+"
+    r"(?:second|third|fourth|fifth|2nd|3rd|4th|5th|\d+th)\s+time(?!\s+(?:order|buy|shop|purchas))"
+    r"|(?:second|third|fourth|fifth|2nd|3rd|4th|5th)\s+time\s+(?:that\s+)?i(?:'m|\s+am|\s+have|'ve)\s+"
+    r"(?:writ|ask|contact|call|email|messag|complain|reach)\w*"
+    r"|(?:asked|contacted|called|emailed|written|messaged|told)\s+(?:you\s+)?(?:\w+\s+)?"
+    r"(?:twice|three\s+times|four\s+times|five\s+times|\d+\s+times|many\s+times|so\s+many\s+times)"
+    r"|(?:nobody|no\s+one|no-one)\s+(?:has\s+|ever\s+|even\s+)*(?:answers?|answered|replies|replied|responds?"
+    r"|responded|gets?\s+back|got\s+back|helps?|helped|called\s+back)"
+    r"(?:\s+to)?\s+(?:me|my|us|our|emails?|messages?|calls?|tickets?|the\s+phone|yet|at\s+all)"
+    r"|(?:nobody|no\s+one|no-one)\s+(?:has\s+|ever\s+)*(?:answered|replied|responded|got\s+back|helped)\s*[.!?]*$"
+    r"|wtf|wth|what\s+the\s+(?:hell|fuck|f\*ck)|fuck\w*|f\*ck\w*|bullshit|shitty|shit|goddamn"
+    r")" + _END,
     re.IGNORECASE,
+)
+# A marker right after a negation is not one ("我不是要投诉", "no need for a manager", "I don't want to
+# file a complaint").
+_ZH_NEGATED = re.compile(r"(?:不是|不想|不要|不用|没有|无需|不需要|不必|别|并非)[^，。,.!?！？]{0,4}$")
+_EN_NEGATED = re.compile(
+    r"(?:\bnot|n't|\bno|\bnever|\bwithout|\bno\s+need\s+(?:to|for))\s+(?:\w+\s+){0,3}$", re.IGNORECASE
 )
 
 
 def complaint_marker(text: str) -> str | None:
     """The words in `text` that show an angry or escalating customer (rule 3), or None."""
-    match = _ZH_COMPLAINT.search(text) or _EN_COMPLAINT.search(text)
-    return match.group(0) if match else None
+    folded = fold_for_rules(text)
+    for pattern, negated in ((_ZH_COMPLAINT, _ZH_NEGATED), (_EN_COMPLAINT, _EN_NEGATED)):
+        for match in pattern.finditer(folded):
+            if not negated.search(folded[max(0, match.start() - 30) : match.start()]):
+                return match.group(0)
+    return None
 
 
 @dataclass(frozen=True, slots=True)

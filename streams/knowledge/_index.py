@@ -309,7 +309,10 @@ class KnowledgeIndex:
         """
         expanded = expand_query(query)
         if expanded != query:
-            query, query_embedding = expanded, None
+            # Encoded here, outside the lock (the encoder has its own): the caller's vector is of
+            # the message as written.
+            query = expanded
+            query_embedding = self.encoder.encode([query])[0] if self.encoder is not None else None
         with self._lock:
             if not self._documents or limit <= 0:
                 return []

@@ -95,6 +95,27 @@ def test_document_validation_and_fingerprint():
         ("my promo code doesn't work at checkout", ""),
         ("能不能用礼盒包起来", ""),
         ("how long does shipping take", ""),
+        # A review found these expanded by the first version (a fault word alone): product names,
+        # pre-sale questions, the customer's own choice, software, a negation, another language's word.
+        ("碎花裙有M码吗", ""),
+        ("破洞牛仔裤有29码吗", ""),
+        ("碎屏险怎么买", ""),
+        ("这个保温杯会漏水吗", ""),
+        ("钢化膜防划痕吗", ""),
+        ("瑕疵品特价区在哪", ""),
+        ("I ordered the wrong size, can I exchange it?", ""),
+        ("I'm torn between the M and the L, which runs bigger?", ""),
+        ("My coupon code is broken", ""),
+        ("The link in your email is broken", ""),
+        ("Do you have ripped jeans in size 30?", ""),
+        ("If the box is not broken can I still return it?", ""),
+        ("包装没有破损，可以退吗", ""),
+        ("Do you sell the 碎花 dress in size M?", ""),
+        # Reports of what came, also full-width, traditional and with the word "guarantee".
+        ("the mug arrived smashed, do you guarantee a replacement?", EN_EXPANSION),
+        ("ｔｈｅ ｃｕｐ ｉ ｇｏｔ ｉｓ ｂｒｏｋｅｎ", EN_EXPANSION),
+        ("收到的杯子碎了", ZH_EXPANSION),
+        ("你們發錯貨了", ZH_EXPANSION),
     ],
 )
 def test_a_reported_damaged_or_wrong_item_is_searched_with_the_faqs_words_for_it(
