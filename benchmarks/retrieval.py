@@ -31,7 +31,10 @@ A fifth set, benchmarks/data/shop_holdout3_questions.jsonl (written 2026-12-02 b
 only the FAQ and the line format, not the other sets nor the assistant's rules: 60 zh + 60 en, 25
 damaged or wrong items, 12 warranty faults in use, 10 "does not work" that are not goods, 15 angry
 or escalating messages, 10 asks for a person, 3 refusing one, 30 ordinary questions, 15 out of
-scope), measures the hand-off markers and the damaged-item expansion: `--only holdout3`.
+scope), measures the hand-off markers and the damaged-item expansion: `--only holdout3`. A sixth,
+benchmarks/data/shop_holdout4_questions.jsonl (150 messages, written the same way after the rules were
+reviewed; adds calm questions that merely contain complaint or fault words: "I'm a lawyer sending a
+gift", 碎花裙有S码吗), `--only holdout4`.
 
 With --decisions the training questions are run too (`--only train`): not held out, but a change
 to the decision should not cost what the reranker was fitted on.
@@ -62,6 +65,7 @@ SCENARIOS = ("asked", "twin removed", "answer removed")
 UNSEEN = DATA_DIR / "shop_unseen_questions.jsonl"
 HOLDOUT2 = DATA_DIR / "shop_holdout2_questions.jsonl"
 HOLDOUT3 = DATA_DIR / "shop_holdout3_questions.jsonl"
+HOLDOUT4 = DATA_DIR / "shop_holdout4_questions.jsonl"
 
 
 def load_encoder(models_dir: Path, build: bool) -> SentenceEncoder:
@@ -287,7 +291,7 @@ def main() -> None:
     parser.add_argument("--decisions", action="store_true", help="the assistant's decision on each set")
     parser.add_argument(
         "--only",
-        choices=("shop", "telecom", "unseen", "holdout2", "holdout3", "train"),
+        choices=("shop", "telecom", "unseen", "holdout2", "holdout3", "holdout4", "train"),
         help="run one set (no latency); train: the training questions, run with --decisions",
     )
     args = parser.parse_args()
@@ -328,6 +332,12 @@ def main() -> None:
             args.intent,
         ),
         (
+            "shop FAQ, fourth held-out set (shop_holdout4_questions.jsonl)",
+            documents,
+            questions_from_rows(read_jsonl(HOLDOUT4)),
+            args.intent,
+        ),
+        (
             "shop FAQ, training questions (the reranker was fitted on these: not held out)",
             documents,
             load_questions("train_questions.jsonl"),
@@ -340,6 +350,7 @@ def main() -> None:
         "unseen": read_jsonl(UNSEEN),
         "holdout2": read_jsonl(HOLDOUT2),
         "holdout3": read_jsonl(HOLDOUT3),
+        "holdout4": read_jsonl(HOLDOUT4),
         "train": _package_rows("train_questions.jsonl"),
     }
     classifier = None

@@ -29,8 +29,11 @@ from streams.knowledge._text import detect_language, fold_for_rules
 # pre-sale questions (碎花裙, 破洞牛仔裤, 碎屏险, 防划痕吗, 会漏水吗, "ripped jeans"), a customer's own
 # choice ("I ordered the wrong size"), or software ("the link is broken", "my coupon code is broken").
 _EN_FAULT = re.compile(
-    r"(?<![a-z])(?:broken|broke|cracked|shattered|smashed|dented|torn|scratch|scratches|scratched|leaking|leaked|stained"
-    r"|defective|faulty|damaged|crushed|dead\s+on\s+arrival|missing\s+(?:parts|pieces|a\s+part|a\s+piece))(?![a-z])"
+    r"(?<![a-z])(?:broken|broke|cracked|shattered|smashed|dent|dents|dented|torn|scratch|scratches|scratched"
+    r"|leaking|leaked|stain|stains|stained|holes?|defective|faulty|damaged|crushed|dead\s+on\s+arrival"
+    r"|missing\s+(?:parts|pieces|a\s+part|a\s+piece)|only\s+(?:got\s+|received\s+)?\d+"
+    r"|(?:won'?t|wont|doesn'?t|doesnt|does\s+not|didn'?t|will\s+not)\s+(?:turn\s+on|switch\s+on|power\s+on|work|charge))"
+    r"(?![a-z])"
 )
 _EN_RECEIVED = re.compile(
     r"(?<![a-z])(?:received|receiving|got|arrived|arrives|came|come|delivered|delivery|package|parcel|box"
@@ -38,11 +41,13 @@ _EN_RECEIVED = re.compile(
 )
 _EN_SENT_WRONG = re.compile(
     r"(?<![a-z])(?:(?:you|they|u)\s+sent\s+(?:me\s+)?(?:a|an|the)\s+wrong|sent\s+(?:me\s+)?the\s+wrong"
-    r"|(?:received|got)\s+(?:a|an|the)\s+wrong|wrong\s+(?:item|product|order)\s+(?:was\s+)?(?:sent|delivered|arrived))"
+    r"|(?:received|got)\s+(?:a|an|the)\s+wrong"
+    r"|wrong\s+(?:item|product|order|colou?r|size|model)\s+(?:was\s+)?(?:sent|delivered|arrived|shipped))"
     r"(?![a-z])"
 )
 _ZH_FAULT = re.compile(
-    r"碎|裂|破损|破了|破洞|压坏|摔坏|压扁|坏了|坏的|瑕疵|划痕|污渍|漏水|漏液|缺件|少了?(?:一|两|几)?(?:个|件|颗|只)"
+    r"碎|裂|破损|破了|破洞|有个?洞|一个洞|压坏|摔坏|压扁|坏了|坏的|瑕疵|划痕|污渍|漏水|漏液|漏了|缺件"
+    r"|少了?(?:一|两|几)?(?:个|件|颗|只)|只有[一两二三四五\d]+[件个只条双]|没声音|不响|开不了机|打不开|不亮|没反应"
 )
 _ZH_RECEIVED = re.compile(
     r"收到|拿到|到手|到货|到的时候|送到|送来|寄来|发来|拆开|打开|快递|包裹|签收|一到|全新|新买|盒子|外箱"
@@ -55,8 +60,19 @@ EN_EXPANSION = " damaged wrong faulty item"
 ZH_EXPANSION = " 破损 发错 质量问题"
 
 
+# A fault of software, not of goods: "the tracking link in your email is broken", 链接打不开.
+_SOFTWARE = re.compile(
+    r"(?:link|page|site|website|app|code|button|email|checkout|account|password|qr|url"
+    r"|链接|页面|网站|网页|二维码|验证码|账号|密码)"
+)
+
+
 def _reports(fault: re.Pattern[str], negated: re.Pattern[str], text: str) -> bool:
-    return any(not negated.search(text[max(0, m.start() - 20) : m.start()]) for m in fault.finditer(text))
+    for m in fault.finditer(text):
+        before = text[max(0, m.start() - 30) : m.start()]
+        if not negated.search(before[-20:]) and not _SOFTWARE.search(before):
+            return True
+    return False
 
 
 def expand_query(text: str) -> str:

@@ -246,6 +246,7 @@ def test_tenant_rules_always_hand_off_intents_keywords_thresholds_and_queues():
         ("I'm so angry", UNSURE, "complaints"),
         ("Nobody has answered my emails", UNSURE, "complaints"),
         ("I've asked three times already", UNSURE, "complaints"),
+        ("this is fraud plain and simple. reporting to consumer protection", UNSURE, "complaints"),
     ],
 )
 def test_an_angry_or_escalating_customer_is_handed_off_whatever_the_intent(
@@ -306,6 +307,10 @@ def test_an_angry_or_escalating_customer_is_handed_off_whatever_the_intent(
         "what's the worst that could ever happen if I cancel?",
         "How do I set it up so I never again have to enter my card?",
         "I'm sick of my old phone, what upgrades are available?",
+        # A blind question set's calm questions (shop_holdout4) that the reviewed version still took.
+        "I'm a lawyer sending a thank you present to a client, can you add a printed message card",
+        "if I return something I paid with Afterpay, do I have to do a chargeback or does it sort itself out?",
+        "我是做消费者投诉研究的学生 你们有学生优惠吗",
         # Negated.
         "我不是要投诉，只是问一下退款进度",
         "不用找经理，帮我查下订单就行",

@@ -111,11 +111,17 @@ def test_document_validation_and_fingerprint():
         ("If the box is not broken can I still return it?", ""),
         ("包装没有破损，可以退吗", ""),
         ("Do you sell the 碎花 dress in size M?", ""),
+        ("the tracking link in your email is broken, where else can i see where my parcel is", ""),
+        ("收到的短信里链接打不开", ""),
         # Reports of what came, also full-width, traditional and with the word "guarantee".
         ("the mug arrived smashed, do you guarantee a replacement?", EN_EXPANSION),
         ("ｔｈｅ ｃｕｐ ｉ ｇｏｔ ｉｓ ｂｒｏｋｅｎ", EN_EXPANSION),
         ("收到的杯子碎了", ZH_EXPANSION),
         ("你們發錯貨了", ZH_EXPANSION),
+        ("package came yesterday but theres only 2 shirts in it, i paid for 3", EN_EXPANSION),
+        ("wrong colour sent - i picked navy and this is clearly green", EN_EXPANSION),
+        ("The speaker I received won't turn on at all, brand new", EN_EXPANSION),
+        ("收到货了但是瓶子漏了", ZH_EXPANSION),
     ],
 )
 def test_a_reported_damaged_or_wrong_item_is_searched_with_the_faqs_words_for_it(
