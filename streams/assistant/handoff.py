@@ -125,50 +125,73 @@ _EN_NOT_A_REFUSAL_AFTER = re.compile(r"\b(?:why|can|could|did|have|has|had)\s*$"
 # "有骗子冒充你们客服", "add a manager to my team", "how do I respond to a chargeback", "what fraud
 # protection do you offer", "the worst case for delivery"); so is a count ("第二次打款", "this is my
 # 5th time ordering"). Matched on `fold_for_rules` text (full-width and traditional folded).
+# Chinese: a marker is a phrase, and where its characters also sit inside everyday words the pattern
+# says so: 妈的 only as an oath (not 妈妈的 / 我妈的手机), 气人 not in 天气人多, 什么破 not in 什么破损,
+# 告你们 only as 告 (not 报告你们 / 广告你们), a count of contacts only by the customer (not 客户联系了两次).
+_CLAUSE_END = r"(?=[，,。.!！?？~～\s]|$)"
 _ZH_COMPLAINT = re.compile(
-    r"(?<!消费者)投诉(?!研究|率|数据|系统|功能|模块)|12315|消协|消费者协会|(?:去|向|到)(?:工商|市场监管)|举报你们|曝光你们|我要曝光|我要维权|要求赔偿|退一赔三"
-    r"|(?:你们|你家|这家)(?:就是|是|都是)?(?:骗子|黑店)|骗子(?:公司|商家|店铺?|平台)|黑店|你们骗|骗人的吧|骗我"
-    r"|(?:欺骗|欺诈)(?:消费者|顾客|客户|我)|坑人|坑爹|被你们坑|太坑了"
-    r"|垃圾(?:商家|客服|服务|店|公司|平台|质量|产品|东西)|废物客服|客服(?:都是|就是|是)?摆设|傻逼|妈的|他妈|tmd|卧槽"
-    r"|气死|气人|我很生气|太生气|真生气|太失望|很失望|非常失望|烦死|受够|太离谱|离谱了|真离谱|简直离谱"
-    r"|太过分|过分了|无语了|真无语|太无语|什么破|破服务|破玩意|破东西|搞什么鬼|什么态度|态度(?:太差|极差|恶劣|很差|差劲)"
-    r"|服务(?:太差|真差|极差|很差|差劲)|太差劲|差劲透"
-    r"|找(?:你们|你家)?的?(?:经理|领导|主管|负责人|老板|manager|supervisor)|把(?:你们)?的?(?:经理|领导|负责人|老板)叫|叫(?:你们)?的?(?:经理|领导|负责人|老板)(?:来|出来)"
-    r"|找律师|请律师|发律师函|起诉你们|告你们|法院见|我要报警|去报警|找记者"
-    r"|没完没了|这事没完|有没有人管|没人管|没人理|不理人|给我(?:一)?个说法|要(?:一)?个说法"
-    r"|再也不(?:在你们|来你们|买你们|会在你们)|(?:给|打|写|留)(?:你们)?(?:个)?差评|差评警告"
-    r"|第[二三四五六七八九十几\d]+次(?:来问|问了|问你们|联系你们|找你们|催|反映|投诉)|这都第[二三四五六七八九十几\d]+次"
-    r"|(?:催|联系|反映|问)了(?:你们)?(?:好几|很多|无数|多少|八百|[两二三四五六七八九十\d]+)(?:次|遍|回)"
+    r"(?<!消费者)(?<!买家)(?<!客户)(?<!用户)(?<!顾客)投诉(?!研究|率|数据|系统|功能|模块|工单|处理|管理|入口|渠道)"
+    r"|12315|消协|消费者协会|(?:去|向|到)(?:工商|市场监管)(?:局|部门)?(?:投诉|举报|告)|举报你们|曝光你们|我要曝光|我要维权"
+    r"|我要求赔偿|要求你们赔偿|必须赔偿|(?:我要|要求)退一赔三"
+    r"|(?:你们|你家|这家)(?:就是|是|真是|都是|这帮|是不是|不是)?(?:骗子|黑店|scammers?|liars?)|(?:一群|这帮|一帮)骗子"
+    r"|骗子(?:公司|商家|店铺?|平台)|黑店|你们骗"
+    r"|骗人的吧|(?:欺骗|欺诈)(?:消费者|顾客|客户|我)|坑人|坑爹|被你们坑|太坑了"
+    r"|(?<![收倒扔运清])垃圾(?:商家|客服|服务|店|公司|平台|质量|产品|东西|app|软件)|废物客服|客服(?:都是|就是|是)?摆设"
+    r"|傻逼|(?<![给帮替和跟])他妈的|(?<![妈我你他她姥奶舅姨])妈的" + _CLAUSE_END + r"|tmd|卧槽|我真的会谢"
+    r"|气死|(?<![天香空运脾景暖冷热和])气人(?!人)|我很生气|太生气|真生气|太失望|很失望|非常失望|烦死|受够"
+    r"|太离谱|离谱了|真离谱|简直离谱|太过分|过分了|无语了|真无语|太无语"
+    r"|什么破(?:服务|玩意|东西|店|客服|公司|质量|app)|破服务|破玩意|(?<!打)破东西|搞什么鬼|什么态度"
+    r"|态度(?:太差|极差|恶劣|很差|差劲)|服务(?:太差|真差|极差|很差|差劲)|太差劲|差劲透|客服是死了"
+    r"|找(?:你们|你家)的?(?:经理|领导|主管|负责人|老板|manager|supervisor)"
+    r"|我要找(?:经理|领导|主管|负责人|老板|manager|supervisor)|把(?:你们)?的?(?:经理|领导|负责人|老板)叫"
+    r"|找律师|请律师|发律师函|起诉你们|我要告你们|去告你们|法院见|我要报警|去报警|找记者"
+    r"|什么玩意|还想不想做生意|你们怎么回事|没完没了|这事没完|有没有人管|(?:根本|都|就|也|一直|到底)没人管|没人管(?:吗|了)|没人理|不理人"
+    r"|给我(?:一)?个说法|要(?:一)?个说法|把钱还给我|还我钱"
+    r"|再也不(?:在你们|来你们|买你们|会在你们)|(?:我要|我会|我就|我去|必须|一定)(?:给|打|写|留)(?:你们)?(?:个)?差评|差评警告"
+    r"|第[二三四五六七八九十几\d]+次(?:来问|问你们|联系你们|找你们|反映|投诉)|这都第[二三四五六七八九十几\d]+次"
+    r"|第[二三四五六七八九十几\d]+次问了"
+    + _CLAUSE_END
+    + r"|(?<![^，,。!！?？\s我经都])(?:催|联系|反映|问)了(?:你们)?(?:好几|很多|无数|多少|八百|[两二三四五六七八九十\d]+)(?:次|遍|回)"
+    r"|打了(?:好几|很多|无数|[两二三四五六七八九十\d]+)(?:次|个|通)电话"
     r"|说了多少遍"
 )
 _WORD = r"(?<![a-z0-9])"  # a word's start or end, also next to CJK (which \b counts as a letter)
 _END = r"(?![a-z0-9])"
 _EN_COMPLAINT = re.compile(
     _WORD + r"(?:"
-    r"worst\s+(?:customer\s+)?(?:service|experience|company|store|shop|support|seller)"
-    r"|worst\s+(?:\w+\s+){0,2}(?:i(?:'ve|\s+have)|i\s*ve)\s+(?:ever\s+)?(?:had|seen|experienced|dealt)"
-    r"|(?:this|that|it)(?:'s|\s+is|s)\s+(?:absolutely\s+|just\s+|so\s+|really\s+|a\s+)*"
-    r"(?:ridiculous|unacceptable|outrageous|pathetic|disgraceful|appalling|joke|crap|a\s+joke)"
+    r"worst\s+(?:customer\s+service|customer\s+support|support|experience|company|store|shop|seller)"
+    r"|worst\s+(?:\w+\s+)?(?:service|experience|company|store|shop|support)\s+(?:i(?:'ve|\s+have)\s+)?ever"
+    r"|(?:this|that|it)(?:'s|\s+is|s)\s+(?:absolutely\s+|just\s+|so\s+|really\s+)*"
+    r"(?:ridiculous|unacceptable|outrageous|pathetic|disgraceful|appalling|crap)"
+    r"|(?:this|that|it)(?:'s|\s+is|s)\s+(?:such\s+|just\s+)?a\s+(?:joke|scam|fraud)\s*(?:[.!]|$)"
     r"|absolutely\s+(?:ridiculous|unacceptable|disgusting|pathetic)"
+    r"|(?:terrible|horrible|awful|lousy|disgusting|pathetic)\s+service\s*(?:[.!]|$)"
+    r"|i(?:'m|\s+am|m)\s+(?:so\s+|really\s+|very\s+|extremely\s+)*disappointed(?:\s+(?:with|in)\s+(?:you|your)|\s*(?:[.!]|$))"
     r"|(?:ridiculous|unacceptable|disgusting|pathetic|appalling|terrible|horrible|awful|lousy)\s+"
-    r"(?:customer\s+)?(?:service|experience|support)"
+    r"(?:customer\s+service|customer\s+support|support|experience|service\s+(?:from\s+you|ever|i(?:'ve|\s+have)))"
     r"|i(?:'m|\s+am|m)\s+(?:so\s+|really\s+|very\s+|absolutely\s+|extremely\s+|beyond\s+)*"
     r"(?:furious|livid|pissed(?:\s+off)?|angry|fuming|fed\s+up|sick\s+and\s+tired|frustrated|disgusted"
-    r"|disappointed)"
-    r"|sick\s+of\s+(?:this|you|your|waiting)|so\s+done\s+with\s+(?:this|you|your)"
+    r")"
+    r"|sick\s+of\s+(?:this|you|your|waiting)|(?:so\s+)?done\s+with\s+(?:you\s+people|you\s+guys|(?:this|your)\s+(?:company|store|shop|place|app))"
+    r"|are\s+you\s+kidding\s+me"
     r"|(?:you|u)(?:\s+people|\s+guys)?(?:'re|\s+are|re|\s+r)\s+(?:so\s+|completely\s+|totally\s+|absolutely\s+)*"
-    r"(?:useless|incompetent|thieves|scammers|crooks|frauds|a\s+joke|a\s+scam|liars)"
+    r"(?:useless|incompetent|thieves|scammers|crooks|frauds|a\s+joke|a\s+scam|liars|clowns|idiots|morons|a\s+disgrace)"
+    r"|(?:total|absolute|complete|utter)\s+(?:disgrace|joke|garbage|rubbish|shambles)"
+    r"|never\s+been\s+so\s+(?:disappointed|angry|frustrated|insulted)|(?:very\s+|extremely\s+|so\s+)?unhappy\s+with\s+"
+    r"(?:your|the)\s+(?:service|support|company|store|shop)"
     r"|(?:useless|incompetent)\s+(?:bot|service|support|company|people|customer\s+service)"
     r"|(?:bot|service|support|chat|app)\s+is\s+(?:so\s+|completely\s+|totally\s+)?(?:useless|a\s+joke|garbage|trash)"
     r"|(?:this|your)\s+(?:company|store|shop|site|website)\s+is\s+(?:a\s+|such\s+a\s+|a\s+total\s+)?(?:scam|fraud|joke)"
-    r"|(?:total|complete)\s+scam|scam\s+(?:company|store|shop|site)|what\s+a\s+(?:scam|rip-?\s?off|joke)"
-    r"|scammed\s+me|ripped\s+me\s+off|stole\s+my\s+money|scammer"
+    r"|(?:total|complete)\s+scam|scam\s+(?:company|store|shop|site)|what\s+a\s+(?:scam|rip-?\s?off)"
+    r"|what\s+a\s+joke\s*(?:[.!]|$)|scammed\s+me|ripped\s+me\s+off|stole\s+my\s+money|thieves\s*!"
     r"|(?:call|calling|contact|contacting|get|getting|hire|hiring|talk\s+to|speak\s+to|consult)\s+(?:my|a)\s+lawyer"
-    r"|my\s+lawyer\s+will|hear\s+from\s+my\s+lawyer|legal\s+action|sue\s+(?:you|your)|take\s+you\s+to\s+court|small\s+claims\s+court"
-    r"|report(?:ing)?\s+you(?:r\s+\w+)?\s+to|(?:report|reporting)\s+(?:this\s+|it\s+)?to\s+(?:the\s+)?"
+    r"|my\s+lawyer\s+will|hear\s+from\s+my\s+lawyer|legal\s+action|sue\s+(?:you|your)|take\s+you\s+to\s+court"
+    r"|small\s+claims\s+court"
+    r"|report(?:ing)?\s+you\s+to|(?:report|reporting)\s+(?:this\s+|it\s+)?to\s+(?:the\s+)?"
     r"(?:consumer|bbb|better\s+business|trading\s+standards|ftc|authorities|police)"
-    r"|(?:this|that|it)(?:'s|\s+is)\s+(?:a\s+|plain\s+|pure\s+|outright\s+)?(?:fraud|scam|theft|daylight\s+robbery)|better\s+business\s+bureau|bbb|trading\s+standards"
-    r"|consumer\s+protection\s+(?:agency|office|bureau)"
+    r"|(?:this|that|it)(?:'s|\s+is)\s+(?:a\s+|plain\s+|pure\s+|outright\s+)?(?:fraud|theft|daylight\s+robbery)"
+    r"(?!\s+(?:protection|alert|check|prevention|department|team))"
+    r"|better\s+business\s+bureau|bbb|trading\s+standards|consumer\s+protection\s+(?:agency|office|bureau)"
     r"|(?:i(?:'ll|\s+will|'m\s+going\s+to|\s+am\s+going\s+to|'m|\s+am)|gonna)\s+(?:file|filing|do|doing|initiate"
     r"|initiating|open|opening|start|starting)\s+a\s+(?:chargeback|charge\s+back)"
     r"|(?:dispute|disputing)\s+(?:the|this|a|my)\s+(?:charge|payment|transaction)\s+with\s+my\s+(?:bank|card)"
@@ -176,30 +199,44 @@ _EN_COMPLAINT = re.compile(
     r"|(?:leave|leaving|give|giving|write|writing|post|posting)\s+(?:you\s+)?(?:a\s+|an\s+)?"
     r"(?:(?:1|one)[-\s]star|(?:bad|negative|terrible)\s+review)"
     r"|(?:speak|talk|speaking|talking)\s+(?:to|with)\s+(?:a|the|your)\s+(?:manager|supervisor)"
+    r"(?!\s*(?:role|account|permission|access|approval|seat|login|view|dashboard|mode|of\b))"
     r"|(?:want|need|demand|get\s+me|give\s+me)\s+(?:a|the|your)\s+(?:manager|supervisor)"
-    r"(?!\s*(?:role|account|permission|access|approval|seat|login))"
+    r"(?=\s*(?:[.!?,]|$|now|please|pls|immediately|right\s+now|to\s+(?:call|contact|speak|talk)))"
     r"|file\s+a\s+(?:formal\s+)?complaint|formal\s+complaint|lodge\s+a\s+complaint"
-    r"|never\s+(?:order|buy|shop|purchas)\w*\s+(?:anything\s+)?(?:from|with|here|at)\s+(?:you|this|your)"
-    r"|(?:this\s+is|it's|it\s+is|that's|for)\s+(?:the|my)\s+"
-    r"(?:second|third|fourth|fifth|2nd|3rd|4th|5th|\d+th)\s+time(?!\s+(?:order|buy|shop|purchas))"
+    r"|(?:i(?:'ll|\s+will)|i'm\s+going\s+to|i\s+am\s+going\s+to|gonna)\s+never\s+(?:order|buy|shop|purchase|use)"
+    r"|never\s+(?:ordering|buying|shopping|purchasing)\s+(?:anything\s+)?(?:from|with|here|at)"
+    r"|never\s+(?:order|buy|shop|purchase)\s+(?:anything\s+)?(?:from|with|here|at)\s+(?:you|this|your)\s*\w*\s+again"
+    r"|(?:this\s+is|it's|it\s+is|that's|for)\s+(?:the|my)\s+(?:second|third|fourth|fifth|2nd|3rd|4th|5th|\d+th)"
+    r"\s+(?:time|email|message)\s+(?:that\s+)?(?:i(?:'m|\s+am|\s+have|'ve)?\s+)?"
+    r"(?:ask|writ|contact|call|email|messag|complain|reach|chas|tell|explain|send|sent)\w*"
     r"|(?:second|third|fourth|fifth|2nd|3rd|4th|5th)\s+time\s+(?:that\s+)?i(?:'m|\s+am|\s+have|'ve)\s+"
     r"(?:writ|ask|contact|call|email|messag|complain|reach)\w*"
-    r"|(?:asked|contacted|called|emailed|written|messaged|told)\s+(?:you\s+)?(?:\w+\s+)?"
+    r"|^\s*for\s+the\s+(?:second|third|fourth|fifth|2nd|3rd|4th|5th)\s+time\s*[,:]"
+    r"|i(?:'ve|\s+have)?\s+(?:already\s+)?(?:asked|contacted|called|emailed|written|messaged|told)\s+(?:you\s+)?(?:\w+\s+)?"
     r"(?:twice|three\s+times|four\s+times|five\s+times|\d+\s+times|many\s+times|so\s+many\s+times)"
     r"|(?:nobody|no\s+one|no-one)\s+(?:has\s+|ever\s+|even\s+)*(?:answers?|answered|replies|replied|responds?"
-    r"|responded|gets?\s+back|got\s+back|helps?|helped|called\s+back)"
-    r"(?:\s+to)?\s+(?:me|my|us|our|emails?|messages?|calls?|tickets?|the\s+phone|yet|at\s+all)"
+    r"|responded|gets?\s+back|got\s+back)(?:\s+to)?\s+(?:my|our)\s+"
+    r"(?:emails?|messages?|tickets?|chats?|complaints?|questions?|requests?)"
     r"|(?:nobody|no\s+one|no-one)\s+(?:has\s+|ever\s+)*(?:answered|replied|responded|got\s+back|helped)\s*[.!?]*$"
     r"|wtf|wth|what\s+the\s+(?:hell|fuck|f\*ck)|fuck\w*|f\*ck\w*|bullshit|shitty|shit|goddamn"
     r")" + _END,
     re.IGNORECASE,
 )
-# A marker right after a negation is not one ("我不是要投诉", "no need for a manager", "I don't want to
-# file a complaint").
-_ZH_NEGATED = re.compile(r"(?:不是|不想|不要|不用|没有|无需|不需要|不必|别|并非)[^，。,.!?！？]{0,4}$")
-_EN_NEGATED = re.compile(
-    r"(?:\bnot|n't|\bno|\bnever|\bwithout|\bno\s+need\s+(?:to|for))\s+(?:\w+\s+){0,3}$", re.IGNORECASE
+# A marker right after a negation of it is not one ("我不是要投诉", "I don't want to file a complaint",
+# "no need for a manager"); a negation of another verb is ("Don't make me call my lawyer", "I can't
+# believe nobody has answered my emails", 别逼我投诉, 你们不是骗子是什么).
+_ZH_NEGATED = re.compile(
+    r"(?:不是|不想|不要|不用|没有|无需|不需要|不必|并非)(?!逼|让)[^，。,.!?！？逼让]{0,3}$"
 )
+_EN_NEGATED = re.compile(
+    r"(?:\bnot|n't|\bnever)\s+(?:(?:want|wanna|need|going|trying|planning|asking)\s+(?:to\s+|for\s+)?)?"
+    r"(?:(?!believe|understand|imagine|make|stop)\w+\s+)?$|\bno\s+need\s+(?:to|for)\s+(?:\w+\s+)?$",
+    re.IGNORECASE,
+)
+# ...and "why" before it, or "…是什么" after it, make a negation a charge ("why can't I talk to a
+# manager?", "你们不是骗子是什么").
+_WHY = re.compile(r"\bwhy\b|为什么|凭什么", re.IGNORECASE)
+_ZH_RHETORICAL = re.compile(r"^[^，。,.!?！？]{0,4}是什么")
 
 
 def complaint_marker(text: str) -> str | None:
@@ -207,7 +244,8 @@ def complaint_marker(text: str) -> str | None:
     folded = fold_for_rules(text)
     for pattern, negated in ((_ZH_COMPLAINT, _ZH_NEGATED), (_EN_COMPLAINT, _EN_NEGATED)):
         for match in pattern.finditer(folded):
-            if not negated.search(folded[max(0, match.start() - 30) : match.start()]):
+            before = folded[max(0, match.start() - 30) : match.start()]
+            if not negated.search(before) or _WHY.search(before) or _ZH_RHETORICAL.match(folded, match.end()):
                 return match.group(0)
     return None
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
+
+import opencc
 
 # CJK ideographs (incl. extension A and compatibility) — runs of these have no spaces to split on.
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -81,17 +84,16 @@ def detect_language(text: str) -> str:
     return "zh" if cjk >= latin_words else "en"
 
 
-# Traditional characters of the words that rules look for (complaints, reported faults), to their
-# simplified forms: 投訴 / 騙子 / 經理 / 發錯 read as 投诉 / 骗子 / 经理 / 发错.
-_TRADITIONAL = str.maketrans(
-    "訴騙經氣說沒個過評聯繫問這們師處離譜態務貨價錢讓給電話來還麼從變壞發錯單號損劃點開關寫壓報記賠舉權"
-    "態當時兩遍幾對應該幫麻煩謝覺爛噁劣擺設嗎啊呢吧裡收帶動傳據實險擊緊張",
-    "诉骗经气说没个过评联系问这们师处离谱态务货价钱让给电话来还么从变坏发错单号损划点开关写压报记赔举权"
-    "态当时两遍几对应该帮麻烦谢觉烂恶劣摆设吗啊呢吧里收带动传据实险击紧张",
-)
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+# Traditional Chinese to simplified (OpenCC's t2s), one converter per thread.
+_CONVERTERS = threading.local()
 
 
 def fold_for_rules(text: str) -> str:
-    """What keyword rules match against: NFKC (full-width to half-width), case-folded, and the
-    traditional forms of the words they look for simplified."""
-    return unicodedata.normalize("NFKC", text).casefold().translate(_TRADITIONAL)
+    """What keyword rules match against: NFKC (full-width to half-width), case-folded, traditional
+    Chinese as simplified (投訴 / 騙子 / 服務極差 read as 投诉 / 骗子 / 服务极差), zero-width characters out."""
+    converter = getattr(_CONVERTERS, "t2s", None)
+    if converter is None:
+        converter = _CONVERTERS.t2s = opencc.OpenCC("t2s")
+    text = unicodedata.normalize("NFKC", text).casefold().translate(_ZERO_WIDTH)
+    return str(converter.convert(text)) if _CJK_CHAR.search(text) else text
