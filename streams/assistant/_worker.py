@@ -60,9 +60,15 @@ from streams._consumer import (
     run_until_signalled,
 )
 from streams.assistant.followup import accepted_offer
-from streams.assistant.gateway import AnswerRequest, GatewayConfig, GroundingPassage, ModelGateway
+from streams.assistant.gateway import (
+    TEMPLATE_MODEL,
+    AnswerRequest,
+    GatewayConfig,
+    GroundingPassage,
+    ModelGateway,
+)
 from streams.assistant.handoff import HandoffHistory, IntentDecision, decide_handoff, record_turn
-from streams.knowledge import Document, Hit, KnowledgeBase, detect_language
+from streams.knowledge import Document, Hit, KnowledgeBase, chunk_document, detect_language
 from streams.knowledge._fair import FairQueue
 from streams.privacy.erasures import ErasureFollower
 
@@ -137,6 +143,7 @@ class _Offer:
     """The titles the bot's last reply offered ("did you mean …?") and the question it was for."""
 
     question: str
+    language: str
     hits: tuple[Hit, ...]
 
 
@@ -447,9 +454,22 @@ class AssistantProcessor:
         if offer is None:
             return None
         choice = accepted_offer(text, len(offer.hits))
-        if choice is None or self._knowledge.get(tenant_id, offer.hits[choice].document_id) is None:
+        if choice is None:
             return None
-        return _Offer(offer.question, (offer.hits[choice],))
+        hit = offer.hits[choice]
+        document = self._knowledge.get(tenant_id, hit.document_id)
+        if document is None:
+            return None
+        # The article as it is now (it may have changed since the offer): its chunk of the same id,
+        # else its first.
+        chunks = chunk_document(document)
+        chunk = next((c for c in chunks if c.chunk_id == hit.chunk_id), chunks[0] if chunks else None)
+        if chunk is None:
+            return None
+        current = replace(
+            hit, chunk_id=chunk.chunk_id, snippet=chunk.text, title=document.title, language=document.language
+        )
+        return _Offer(offer.question, offer.language, (current,))
 
     def _passage_text(self, tenant_id: str, hit: Hit) -> str:
         """What the answer is grounded on: a short article whole (its chunk alone may lack what
@@ -550,7 +570,7 @@ class AssistantProcessor:
         conv.offer = None
         if taken is not None:
             # "yes" to "did you mean …?": the offered article answers the question it was for.
-            question, hits = taken.question, [replace(taken.hits[0], relevant=True)]
+            question, language, hits = taken.question, taken.language, [replace(taken.hits[0], relevant=True)]
         relevant = grounding(hits)
         verdict = IntentDecision(intent.label, float(intent.confidence))
         handoff = decide_handoff(text=text, intent=verdict, answered=bool(relevant), history=conv.history)
@@ -597,10 +617,14 @@ class AssistantProcessor:
             # The deltas are on the reply stream before the finished reply is in the log.
             await deltas.close()
         answer = stream.answer
-        # What the reply offered, as the customer read it (small talk offers nothing; a model may
-        # name only some of the titles): the next message may take it.
-        shown = tuple(h for h in offered if not answer.grounded and h.title in answer.text)
-        conv.offer = _Offer(text, shown) if shown else None
+        # What the reply offered, as the customer read it: the template's "did you mean" names the
+        # titles (small talk offers nothing); a model is not given them, so its reply is no offer.
+        shown = tuple(
+            h
+            for h in offered
+            if answer.model == TEMPLATE_MODEL and not answer.grounded and h.title in answer.text
+        )
+        conv.offer = _Offer(text, language, shown) if shown else None
         reply = _event(
             message,
             "reply",

@@ -277,3 +277,27 @@ async def test_yes_to_did_you_mean_is_answered_from_the_offered_article(
     await send("o3", "yes")
     again, _ = await next_reply(stub, faq_tenant, cid, n)
     assert not again.grounded and not again.citations, again.text  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(400)
+async def test_a_chinese_offer_taken_with_an_english_yes_is_answered_in_chinese(
+    system: System, stub, faq_tenant: str
+) -> None:
+    """A review found the taken offer answered in the language of the "yes" (yes, 1 and 👍 read as
+    English): an English frame around the Chinese article. It is the question's language now."""
+    cid = await start_conversation(stub, faq_tenant)
+
+    async def send(cmid: str, text: str) -> None:
+        await stub.SendMessage(
+            chat_pb2.SendMessageRequest(
+                tenant_id=faq_tenant, conversation_id=cid, client_message_id=cmid, text=text
+            )
+        )
+
+    await send("z1", "我在广州，一般几天能到？")
+    offer, n = await next_reply(stub, faq_tenant, cid, 0)
+    assert not offer.grounded and "您是想问「配送时效和运费说明」" in offer.text, offer.text  # type: ignore[attr-defined]
+    await send("z2", "yes")
+    answer, _ = await next_reply(stub, faq_tenant, cid, n)
+    assert answer.grounded and [c.document_id for c in answer.citations] == ["zh-shipping-times"], answer.text  # type: ignore[attr-defined]
+    assert answer.language == "zh" and "来源" in answer.text and "Source" not in answer.text, answer.text  # type: ignore[attr-defined]

@@ -28,6 +28,18 @@ from streams.assistant.followup import accepted_offer
         ("对，第一个", 2, 0),
         ("第二个吧", 2, 1),
         ("是的，谢谢", 1, 0),
+        # A review's misses: traditional Chinese, digits after 第, other ways to say 2, a correction.
+        ("對", 1, 0),
+        ("沒錯", 1, 0),
+        ("第2个", 2, 1),
+        ("第１个", 2, 0),
+        ("option 2", 2, 1),
+        ("2️⃣", 2, 1),
+        ("yes\u200b", 1, 0),
+        ("对，就是第二个", 2, 1),
+        ("不是第一个，是第二个", 2, 1),
+        ("no, the second one", 2, 1),
+        ("是的是的是的", 1, 0),
     ],
 )
 def test_a_reply_to_the_offer_takes_the_title_it_names(text: str, offered: int, taken: int) -> None:
@@ -48,6 +60,12 @@ def test_a_reply_to_the_offer_takes_the_title_it_names(text: str, offered: int, 
         ("what about refunds?", 1),
         ("", 1),
         ("yes " * 20, 1),
+        # Questions and hesitation are not answers.
+        ("嗯？", 1),
+        ("yes?", 1),
+        ("right?", 1),
+        ("嗯...", 1),
+        ("Right...", 1),
     ],
 )
 def test_anything_else_is_not_an_answer_to_the_offer(text: str, offered: int) -> None:
