@@ -247,6 +247,14 @@ def test_tenant_rules_always_hand_off_intents_keywords_thresholds_and_queues():
         ("Nobody has answered my emails", UNSURE, "complaints"),
         ("I've asked three times already", UNSURE, "complaints"),
         ("this is fraud plain and simple. reporting to consumer protection", UNSURE, "complaints"),
+        # A negation of another verb, a rhetorical one, traditional Chinese (OpenCC).
+        ("Don't make me call my lawyer", UNSURE, "complaints"),
+        ("I can't believe nobody has answered my emails", UNSURE, "complaints"),
+        ("Why can't I talk to a manager?", UNSURE, "complaints"),
+        ("别逼我投诉", UNSURE, "complaints"),
+        ("你们不是骗子是什么", UNSURE, "complaints"),
+        ("他媽的怎麼還沒到", UNSURE, "complaints"),
+        ("服務極差", UNSURE, "complaints"),
     ],
 )
 def test_an_angry_or_escalating_customer_is_handed_off_whatever_the_intent(
@@ -311,6 +319,21 @@ def test_an_angry_or_escalating_customer_is_handed_off_whatever_the_intent(
         "I'm a lawyer sending a thank you present to a client, can you add a printed message card",
         "if I return something I paid with Afterpay, do I have to do a chargeback or does it sort itself out?",
         "我是做消费者投诉研究的学生 你们有学生优惠吗",
+        # A second review's: everyday words that contain a marker's characters, and calm English.
+        "妈妈的生日蛋糕能送到医院吗",
+        "景区这几天天气人多吗",
+        "什么破损算质量问题",
+        "如何报告你们的安全漏洞",
+        "第二次催费短信是什么意思",
+        "快递员联系了好几次我都没接到，能改派送时间吗",
+        "有上门收垃圾服务吗",
+        "航班延误可以要求赔偿吗",
+        "I've never ordered from you before, is there a first-order discount?",
+        "It's a joke gift, can you wrap it?",
+        "I get terrible service in my basement, do you sell signal boosters?",
+        "How do I block scammer calls?",
+        "This is the second time I order from you, is there a loyalty discount?",
+        "Can I speak to the manager of the hotel about a late check-in?",
         # Negated.
         "我不是要投诉，只是问一下退款进度",
         "不用找经理，帮我查下订单就行",

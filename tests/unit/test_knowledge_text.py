@@ -113,6 +113,14 @@ def test_document_validation_and_fingerprint():
         ("Do you sell the 碎花 dress in size M?", ""),
         ("the tracking link in your email is broken, where else can i see where my parcel is", ""),
         ("收到的短信里链接打不开", ""),
+        ("I got the wrong size because I misread the chart, can I exchange?", ""),
+        ("I got the wrong bill this month", ""),
+        ("Our webhook delivery is broken, events are missing", ""),
+        ("My screen got scratched, do you sell screen protectors?", ""),
+        ("新买的手机碎屏险怎么办理", ""),
+        ("发错地址了，能改吗", ""),
+        ("你们没有发错，是我自己买错了尺码，能换吗", ""),
+        ("my headphones broke after two months, is that covered by the warranty?", ""),
         # Reports of what came, also full-width, traditional and with the word "guarantee".
         ("the mug arrived smashed, do you guarantee a replacement?", EN_EXPANSION),
         ("ｔｈｅ ｃｕｐ ｉ ｇｏｔ ｉｓ ｂｒｏｋｅｎ", EN_EXPANSION),
@@ -122,6 +130,11 @@ def test_document_validation_and_fingerprint():
         ("wrong colour sent - i picked navy and this is clearly green", EN_EXPANSION),
         ("The speaker I received won't turn on at all, brand new", EN_EXPANSION),
         ("收到货了但是瓶子漏了", ZH_EXPANSION),
+        ("The vase came in pieces", EN_EXPANSION),
+        ("You shipped me a size 8 instead of a 6", EN_EXPANSION),
+        ("They delivered someone else's order", EN_EXPANSION),
+        ("收到的杯子是碎的，保修吗", ZH_EXPANSION),  # on arrival: the damaged-item article's
+        ("发给我的是红色的，我买的是蓝色", ZH_EXPANSION),
     ],
 )
 def test_a_reported_damaged_or_wrong_item_is_searched_with_the_faqs_words_for_it(
