@@ -144,6 +144,7 @@ class _Offer:
 
     question: str
     language: str
+    intent: str
     hits: tuple[Hit, ...]
 
 
@@ -469,7 +470,7 @@ class AssistantProcessor:
         current = replace(
             hit, chunk_id=chunk.chunk_id, snippet=chunk.text, title=document.title, language=document.language
         )
-        return _Offer(offer.question, offer.language, (current,))
+        return _Offer(offer.question, offer.language, offer.intent, (current,))
 
     def _passage_text(self, tenant_id: str, hit: Hit) -> str:
         """What the answer is grounded on: a short article whole (its chunk alone may lack what
@@ -565,12 +566,14 @@ class AssistantProcessor:
                 language=language,
             ),
         )
-        question = text
+        question, answered_intent = text, intent.label
         taken = self._taken_offer(message.tenant_id, conv.offer, text)
         conv.offer = None
         if taken is not None:
             # "yes" to "did you mean …?": the offered article answers the question it was for.
-            question, language, hits = taken.question, taken.language, [replace(taken.hits[0], relevant=True)]
+            # The reply is labelled with the question's intent (routing, analytics), not the "yes"'s.
+            question, language, answered_intent = taken.question, taken.language, taken.intent
+            hits = [replace(taken.hits[0], relevant=True)]
         relevant = grounding(hits)
         verdict = IntentDecision(intent.label, float(intent.confidence))
         handoff = decide_handoff(text=text, intent=verdict, answered=bool(relevant), history=conv.history)
@@ -603,7 +606,7 @@ class AssistantProcessor:
                 )
                 for h in relevant
             ],
-            intent=intent.label,
+            intent=answered_intent,
             tenant_id=message.tenant_id,
             conversation_id=message.conversation_id,
             suggestions=tuple(h.title for h in offered),
@@ -624,7 +627,7 @@ class AssistantProcessor:
             for h in offered
             if answer.model == TEMPLATE_MODEL and not answer.grounded and h.title in answer.text
         )
-        conv.offer = _Offer(text, language, shown) if shown else None
+        conv.offer = _Offer(text, language, intent.label, shown) if shown else None
         reply = _event(
             message,
             "reply",
@@ -644,7 +647,7 @@ class AssistantProcessor:
                 language=answer.language or language,
                 grounded=answer.grounded,
                 reply_id=reply_id,
-                intent=intent.label,
+                intent=answered_intent,
             ),
         )
         return [decision, reply]

@@ -273,6 +273,8 @@ async def test_yes_to_did_you_mean_is_answered_from_the_offered_article(
     answer, n = await next_reply(stub, faq_tenant, cid, n)
     assert answer.grounded, answer.text  # type: ignore[attr-defined]
     assert [c.document_id for c in answer.citations] == ["en-exchange"], answer.text  # type: ignore[attr-defined]
+    # Labelled with the question's intent (routing, analytics), not the "yes"'s.
+    assert answer.intent == offer.intent, (answer.intent, offer.intent)  # type: ignore[attr-defined]
     # The offer was taken: a second "yes" has nothing to take.
     await send("o3", "yes")
     again, _ = await next_reply(stub, faq_tenant, cid, n)
