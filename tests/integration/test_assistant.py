@@ -4,6 +4,7 @@ reply deltas in the hot view, and exactly one intent per message after a kill -9
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 
 import grpc
@@ -228,6 +229,12 @@ async def test_a_near_miss_is_asked_about_the_close_article_not_told_nothing_was
     assert "human agent" in reply.text
 
 
+async def say(stub, tenant: str, cid: str, cmid: str, text: str) -> None:
+    await stub.SendMessage(
+        chat_pb2.SendMessageRequest(tenant_id=tenant, conversation_id=cid, client_message_id=cmid, text=text)
+    )
+
+
 async def next_reply(stub, tenant: str, cid: str, after: int) -> tuple[object, int]:
     """The first ReplyGenerated after the conversation's first `after` replies, and its number;
     fails at once on a hand-off instead (the bot says nothing more after one)."""
@@ -258,13 +265,7 @@ async def test_yes_to_did_you_mean_is_answered_from_the_offered_article(
     as to a person. Read as a question of its own, "yes" matched nothing (one more unanswered turn
     on the way to a hand-off). It now takes the offer: the article answers the first question."""
     cid = await start_conversation(stub, faq_tenant)
-
-    async def send(cmid: str, text: str) -> None:
-        await stub.SendMessage(
-            chat_pb2.SendMessageRequest(
-                tenant_id=faq_tenant, conversation_id=cid, client_message_id=cmid, text=text
-            )
-        )
+    send = functools.partial(say, stub, faq_tenant, cid)
 
     await send("o1", "can I change the size after paying")
     offer, n = await next_reply(stub, faq_tenant, cid, 0)
@@ -288,13 +289,7 @@ async def test_a_chinese_offer_taken_with_an_english_yes_is_answered_in_chinese(
     """A review found the taken offer answered in the language of the "yes" (yes, 1 and 👍 read as
     English): an English frame around the Chinese article. It is the question's language now."""
     cid = await start_conversation(stub, faq_tenant)
-
-    async def send(cmid: str, text: str) -> None:
-        await stub.SendMessage(
-            chat_pb2.SendMessageRequest(
-                tenant_id=faq_tenant, conversation_id=cid, client_message_id=cmid, text=text
-            )
-        )
+    send = functools.partial(say, stub, faq_tenant, cid)
 
     await send("z1", "我在广州，一般几天能到？")
     offer, n = await next_reply(stub, faq_tenant, cid, 0)
