@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -68,7 +69,7 @@ from streams.assistant.gateway import (
     ModelGateway,
 )
 from streams.assistant.handoff import HandoffHistory, IntentDecision, decide_handoff, record_turn
-from streams.knowledge import Document, Hit, KnowledgeBase, chunk_document, detect_language
+from streams.knowledge import Document, Hit, KnowledgeBase, Scores, chunk_document, detect_language
 from streams.knowledge._fair import FairQueue
 from streams.privacy.erasures import ErasureFollower
 
@@ -136,6 +137,10 @@ def decision_basis(message: Event) -> str:
         return message.event_id
     text = hashlib.blake2b(received.text.encode(), digest_size=8).hexdigest()
     return f"{message.tenant_id}/{message.conversation_id}/{received.client_message_id}/{text}"
+
+
+# The titles a template "did you mean" names: “…” in English, 「…」 in Chinese.
+_OFFERED_TITLES = re.compile(r"“([^”]+)”|「([^」]+)」")
 
 
 @dataclass(frozen=True)
@@ -449,6 +454,64 @@ class AssistantProcessor:
             self._recent_messages.popitem(last=False)
         return False
 
+    async def _offer_from_log(self, message: Event) -> _Offer | None:
+        """The offer of the bot's reply right before `message` in the hot view's live stream (the
+        log as the sessions worker folded it, up to this batch: `_follow`), read back from the
+        template's "did you mean" text; None when that reply made none or cannot be read."""
+        tenant, conversation = message.tenant_id, message.conversation_id
+        try:
+            entries: Any = await self._redis.xrevrange(hv.live_stream_key(tenant, conversation), count=16)
+        except RedisError as exc:
+            log.warning("assistant: reading the last offer of %s/%s failed (%r)", tenant, conversation, exc)
+            return None
+        suffix = hv.live_event_suffix(tenant, conversation)
+        events: list[Event] = []  # newest first
+        for _, fields in entries:
+            raw = fields.get(hv.S_EVENT.encode())
+            try:
+                events.append(decode_event(raw + suffix))
+            except (EventDecodeError, TypeError):
+                continue
+        ids = [e.event_id for e in events]
+        if message.event_id not in ids:
+            return None
+        older = events[ids.index(message.event_id) + 1 :]
+        # The reply must come right before this message: nothing between (another message, a
+        # hand-off, an agent, a return to the bot) but decisions.
+        reply = next((e for e in older if event_type(e) != "intent_classified"), None)
+        if reply is None or event_type(reply) != "reply_generated":
+            return None
+        generated = reply.reply_generated
+        if generated.grounded or generated.model != TEMPLATE_MODEL:
+            return None
+        question = next(
+            (e.message_received.text for e in older if e.event_id == generated.message_event_id), None
+        )
+        titles = _OFFERED_TITLES.findall(generated.text)
+        index = self._knowledge.index(tenant) if tenant in self._knowledge.tenants() else None
+        if question is None or not titles or index is None:
+            return None
+        hits: list[Hit] = []
+        for title in (t for pair in titles for t in pair if t):
+            document = next((d for d in index.documents() if d.title == title), None)
+            chunks = chunk_document(document) if document is not None else []
+            if document is not None and chunks:
+                hits.append(
+                    Hit(
+                        document.document_id,
+                        chunks[0].chunk_id,
+                        document.title,
+                        chunks[0].text,
+                        document.language,
+                        document.url,
+                        document.tags,
+                        Scores(0.0, 0.0, 0.0, 0.0, 0.0),
+                        False,
+                    )
+                )
+        language = generated.language or detect_language(question)
+        return _Offer(question, language, generated.intent, tuple(hits)) if hits else None
+
     def _taken_offer(self, tenant_id: str, offer: _Offer | None, text: str) -> _Offer | None:
         """The offered hit `text` takes ("yes", "the second one"), as an offer of it alone; None
         when `text` is not an answer to the offer or the article was deleted since."""
@@ -567,7 +630,12 @@ class AssistantProcessor:
             ),
         )
         question, answered_intent = text, intent.label
-        taken = self._taken_offer(message.tenant_id, conv.offer, text)
+        offer = conv.offer
+        if offer is None and accepted_offer(text, SUGGESTIONS) is not None:
+            # Not in memory (a restart, a rebalance, a batch decided again): the offer, if the bot's
+            # last reply made one, is in the conversation's log.
+            offer = await self._offer_from_log(message)
+        taken = self._taken_offer(message.tenant_id, offer, text)
         conv.offer = None
         if taken is not None:
             # "yes" to "did you mean …?": the offered article answers the question it was for.

@@ -298,3 +298,22 @@ async def test_a_chinese_offer_taken_with_an_english_yes_is_answered_in_chinese(
     answer, _ = await next_reply(stub, faq_tenant, cid, n)
     assert answer.grounded and [c.document_id for c in answer.citations] == ["zh-shipping-times"], answer.text  # type: ignore[attr-defined]
     assert answer.language == "zh" and "来源" in answer.text and "Source" not in answer.text, answer.text  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(400)
+async def test_yes_to_did_you_mean_after_an_assistant_restart_is_answered_from_the_log(
+    system: System, stub, faq_tenant: str
+) -> None:
+    """The offer is in the assistant's memory; a restart (kill -9, a rebalance) lost it and the
+    "yes" was read as a message of its own. It is read back from the conversation's log now."""
+    cid = await start_conversation(stub, faq_tenant)
+    send = functools.partial(say, stub, faq_tenant, cid)
+    await send("r1", "can I change the size after paying")
+    offer, n = await next_reply(stub, faq_tenant, cid, 0)
+    assert not offer.grounded and "Did you mean “Exchanging an item" in offer.text, offer.text  # type: ignore[attr-defined]
+    system.children["assistant"].kill()
+    system.children["assistant"].start()
+    await send("r2", "yes please")
+    answer, _ = await next_reply(stub, faq_tenant, cid, n)
+    assert answer.grounded and [c.document_id for c in answer.citations] == ["en-exchange"], answer.text  # type: ignore[attr-defined]
+    assert answer.intent == offer.intent and answer.language == "en", answer  # type: ignore[attr-defined]
