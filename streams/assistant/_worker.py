@@ -454,63 +454,101 @@ class AssistantProcessor:
             self._recent_messages.popitem(last=False)
         return False
 
-    async def _offer_from_log(self, message: Event) -> _Offer | None:
-        """The offer of the bot's reply right before `message` in the hot view's live stream (the
-        log as the sessions worker folded it, up to this batch: `_follow`), read back from the
-        template's "did you mean" text; None when that reply made none or cannot be read."""
+    async def _offer_from_log(self, job: _Job) -> _Offer | None:
+        """The offer of the bot's reply right before this message in the hot view's live stream
+        (the log as the sessions worker folded it; everything before a message of a conversation
+        the assistant does not have in memory is folded before it is decided: `_follow`), read back
+        from the template's "did you mean" text; None when that reply made none, or when any title
+        it named no longer matches exactly one document of its language (deleted, renamed, a quote
+        character in the title): better no answer than another article's."""
+        message = job.event
         tenant, conversation = message.tenant_id, message.conversation_id
         try:
-            entries: Any = await self._redis.xrevrange(hv.live_stream_key(tenant, conversation), count=16)
+            entries: Any = await self._redis.xrevrange(
+                hv.live_stream_key(tenant, conversation),
+                max=f"({hv.live_stream_id(job.record.offset)}",
+                count=8,
+            )
         except RedisError as exc:
             log.warning("assistant: reading the last offer of %s/%s failed (%r)", tenant, conversation, exc)
             return None
         suffix = hv.live_event_suffix(tenant, conversation)
-        events: list[Event] = []  # newest first
+        reply = None  # the newest event before this message but decisions: must be the offer
         for _, fields in entries:
             raw = fields.get(hv.S_EVENT.encode())
             try:
-                events.append(decode_event(raw + suffix))
+                event = decode_event(raw + suffix)
             except (EventDecodeError, TypeError):
-                continue
-        ids = [e.event_id for e in events]
-        if message.event_id not in ids:
-            return None
-        older = events[ids.index(message.event_id) + 1 :]
-        # The reply must come right before this message: nothing between (another message, a
-        # hand-off, an agent, a return to the bot) but decisions.
-        reply = next((e for e in older if event_type(e) != "intent_classified"), None)
+                return None
+            if event_type(event) != "intent_classified":
+                reply = event
+                break
         if reply is None or event_type(reply) != "reply_generated":
             return None
         generated = reply.reply_generated
-        if generated.grounded or generated.model != TEMPLATE_MODEL:
+        titles = [a or b for a, b in _OFFERED_TITLES.findall(generated.text)]
+        if generated.grounded or generated.model != TEMPLATE_MODEL or not titles:
             return None
-        question = next(
-            (e.message_received.text for e in older if e.event_id == generated.message_event_id), None
-        )
-        titles = _OFFERED_TITLES.findall(generated.text)
-        index = self._knowledge.index(tenant) if tenant in self._knowledge.tenants() else None
-        if question is None or not titles or index is None:
+        question = await self._message_text(job, generated.message_event_id)
+        if question is None:
             return None
-        hits: list[Hit] = []
-        for title in (t for pair in titles for t in pair if t):
-            document = next((d for d in index.documents() if d.title == title), None)
-            chunks = chunk_document(document) if document is not None else []
-            if document is not None and chunks:
-                hits.append(
-                    Hit(
-                        document.document_id,
-                        chunks[0].chunk_id,
-                        document.title,
-                        chunks[0].text,
-                        document.language,
-                        document.url,
-                        document.tags,
-                        Scores(0.0, 0.0, 0.0, 0.0, 0.0),
-                        False,
-                    )
-                )
         language = generated.language or detect_language(question)
-        return _Offer(question, language, generated.intent, tuple(hits)) if hits else None
+        loop = asyncio.get_running_loop()
+        # In the model thread: the index's lock may be held there by an upsert being embedded.
+        hits = await loop.run_in_executor(self._models, self._titled, tenant, titles, language)
+        return _Offer(question, language, generated.intent, hits) if hits else None
+
+    async def _message_text(self, job: _Job, event_id: str) -> str | None:
+        """The text of the customer message `event_id` among the conversation's recent entries."""
+        message = job.event
+        try:
+            entries: Any = await self._redis.xrevrange(
+                hv.live_stream_key(message.tenant_id, message.conversation_id),
+                max=f"({hv.live_stream_id(job.record.offset)}",
+                count=16,
+            )
+        except RedisError:
+            return None
+        suffix = hv.live_event_suffix(message.tenant_id, message.conversation_id)
+        for _, fields in entries:
+            try:
+                event = decode_event(fields.get(hv.S_EVENT.encode()) + suffix)
+            except (EventDecodeError, TypeError):
+                continue
+            if event.event_id == event_id and event.HasField("message_received"):
+                return event.message_received.text
+        return None
+
+    def _titled(self, tenant: str, titles: list[str], language: str) -> tuple[Hit, ...]:
+        """One hit per title, in order: the one document of `language` with that title; () when a
+        title has none or several."""
+        if tenant not in self._knowledge.tenants():
+            return ()
+        wanted = language.split("-")[0].lower()
+        documents = [
+            d for d in self._knowledge.index(tenant).documents() if d.language.split("-")[0].lower() == wanted
+        ]
+        hits = []
+        for title in titles:
+            matches = [d for d in documents if d.title == title]
+            chunks = chunk_document(matches[0]) if len(matches) == 1 else []
+            if not chunks:
+                return ()
+            document = matches[0]
+            hits.append(
+                Hit(
+                    document.document_id,
+                    chunks[0].chunk_id,
+                    document.title,
+                    chunks[0].text,
+                    document.language,
+                    document.url,
+                    document.tags,
+                    Scores(0.0, 0.0, 0.0, 0.0, 0.0),
+                    False,
+                )
+            )
+        return tuple(hits)
 
     def _taken_offer(self, tenant_id: str, offer: _Offer | None, text: str) -> _Offer | None:
         """The offered hit `text` takes ("yes", "the second one"), as an offer of it alone; None
@@ -634,7 +672,7 @@ class AssistantProcessor:
         if offer is None and accepted_offer(text, SUGGESTIONS) is not None:
             # Not in memory (a restart, a rebalance, a batch decided again): the offer, if the bot's
             # last reply made one, is in the conversation's log.
-            offer = await self._offer_from_log(message)
+            offer = await self._offer_from_log(job)
         taken = self._taken_offer(message.tenant_id, offer, text)
         conv.offer = None
         if taken is not None:
