@@ -467,67 +467,48 @@ class AssistantProcessor:
             entries: Any = await self._redis.xrevrange(
                 hv.live_stream_key(tenant, conversation),
                 max=f"({hv.live_stream_id(job.record.offset)}",
-                count=8,
+                count=16,
             )
         except RedisError as exc:
             log.warning("assistant: reading the last offer of %s/%s failed (%r)", tenant, conversation, exc)
             return None
         suffix = hv.live_event_suffix(tenant, conversation)
-        reply = None  # the newest event before this message but decisions: must be the offer
+        events: list[Event] = []  # newest first
         for _, fields in entries:
-            raw = fields.get(hv.S_EVENT.encode())
             try:
-                event = decode_event(raw + suffix)
+                events.append(decode_event(fields.get(hv.S_EVENT.encode()) + suffix))
             except (EventDecodeError, TypeError):
                 return None
-            if event_type(event) != "intent_classified":
-                reply = event
-                break
+        # The newest event before this message but decisions must be the offer.
+        reply = next((e for e in events if event_type(e) != "intent_classified"), None)
         if reply is None or event_type(reply) != "reply_generated":
             return None
         generated = reply.reply_generated
         titles = [a or b for a, b in _OFFERED_TITLES.findall(generated.text)]
         if generated.grounded or generated.model != TEMPLATE_MODEL or not titles:
             return None
-        question = await self._message_text(job, generated.message_event_id)
+        asked = (
+            e for e in events if e.event_id == generated.message_event_id and e.HasField("message_received")
+        )
+        question = next((e.message_received.text for e in asked), None)
         if question is None:
             return None
         language = generated.language or detect_language(question)
         loop = asyncio.get_running_loop()
         # In the model thread: the index's lock may be held there by an upsert being embedded.
-        hits = await loop.run_in_executor(self._models, self._titled, tenant, titles, language)
+        hits = await loop.run_in_executor(self._models, self._titled, tenant, titles, language, question)
         return _Offer(question, language, generated.intent, hits) if hits else None
 
-    async def _message_text(self, job: _Job, event_id: str) -> str | None:
-        """The text of the customer message `event_id` among the conversation's recent entries."""
-        message = job.event
-        try:
-            entries: Any = await self._redis.xrevrange(
-                hv.live_stream_key(message.tenant_id, message.conversation_id),
-                max=f"({hv.live_stream_id(job.record.offset)}",
-                count=16,
-            )
-        except RedisError:
-            return None
-        suffix = hv.live_event_suffix(message.tenant_id, message.conversation_id)
-        for _, fields in entries:
-            try:
-                event = decode_event(fields.get(hv.S_EVENT.encode()) + suffix)
-            except (EventDecodeError, TypeError):
-                continue
-            if event.event_id == event_id and event.HasField("message_received"):
-                return event.message_received.text
-        return None
-
-    def _titled(self, tenant: str, titles: list[str], language: str) -> tuple[Hit, ...]:
-        """One hit per title, in order: the one document of `language` with that title; () when a
-        title has none or several."""
+    def _titled(self, tenant: str, titles: list[str], language: str, question: str) -> tuple[Hit, ...]:
+        """One hit per title, in order: the one document of `language` with that title, with its
+        chunk that best matches `question` (a long article's first chunk may not answer it); ()
+        when a title has none or several documents."""
         if tenant not in self._knowledge.tenants():
             return ()
+        index = self._knowledge.index(tenant)
         wanted = language.split("-")[0].lower()
-        documents = [
-            d for d in self._knowledge.index(tenant).documents() if d.language.split("-")[0].lower() == wanted
-        ]
+        documents = [d for d in index.documents() if d.language.split("-")[0].lower() == wanted]
+        best = {h.document_id: h for h in index.search(question, SEARCH_LIMIT * 4)}
         hits = []
         for title in titles:
             matches = [d for d in documents if d.title == title]
@@ -535,12 +516,16 @@ class AssistantProcessor:
             if not chunks:
                 return ()
             document = matches[0]
+            found = best.get(document.document_id)
+            chunk_id, snippet = (
+                (found.chunk_id, found.snippet) if found else (chunks[0].chunk_id, chunks[0].text)
+            )
             hits.append(
                 Hit(
                     document.document_id,
-                    chunks[0].chunk_id,
+                    chunk_id,
                     document.title,
-                    chunks[0].text,
+                    snippet,
                     document.language,
                     document.url,
                     document.tags,

@@ -50,12 +50,17 @@ def doc(document_id: str, title: str, language: str = "en") -> Document:
     return Document(document_id=document_id, title=title, body=f"{title}: the answer.", language=language)
 
 
-async def offer_read_back(titles: list[str], documents: list[Document], between: list[Event] = ()):  # type: ignore[assignment]
+async def offer_read_back(
+    titles: list[str],
+    documents: list[Document],
+    between: list[Event] = (),  # type: ignore[assignment]
+    question: str = "pro plan price?",
+):
     knowledge = KnowledgeBase()
     knowledge.upsert(T, documents)
     quote, joiner = _TITLES["en"]
     text = DID_YOU_MEAN["en"].format(titles=joiner.join(quote.format(t) for t in titles))
-    question = event("q", message_received=events_pb2.MessageReceived(text="pro plan price?"))
+    asked = event("q", message_received=events_pb2.MessageReceived(text=question))
     reply = event(
         "r",
         reply_generated=events_pb2.ReplyGenerated(
@@ -68,7 +73,7 @@ async def offer_read_back(titles: list[str], documents: list[Document], between:
         ),
     )
     yes = event("y", message_received=events_pb2.MessageReceived(text="yes please"))
-    log = [question, reply, *between, yes]
+    log = [asked, reply, *between, yes]
     processor = AssistantProcessor(Settings(), Stream(log), None, knowledge, None, None)  # type: ignore[arg-type]
     job = _Job(yes, Record("conversation-events", 0, len(log) - 1, None, None, 0))
     try:
@@ -111,3 +116,16 @@ async def test_anything_but_decisions_between_the_offer_and_the_yes_recovers_no_
     assert await offer_read_back(["Plans"], documents, [handoff]) is None
     decision = event("i", intent_classified=events_pb2.IntentClassified(intent="billing"))
     assert await offer_read_back(["Plans"], documents, [decision]) is not None
+
+
+async def test_a_long_article_is_read_back_with_its_chunk_that_answers_the_question() -> None:
+    # A review: the first chunk was taken, though the question was about a later part of the article.
+    intro = " ".join(f"Our plans come in many sizes and colours, number {i}." for i in range(40))
+    body = f"{intro}\n\nTo cancel your plan and get your money back, open Settings and choose Cancel."
+    long_article = Document(document_id="long", title="Plans", body=body, language="en")
+    knowledge_doc = [long_article, doc("refunds", "Refunds")]
+    offer = await offer_read_back(
+        ["Plans"], knowledge_doc, question="how do I cancel my plan and get my money back"
+    )
+    assert offer is not None and offer.hits[0].chunk_id != "long#0", offer
+    assert "Cancel" in offer.hits[0].snippet
