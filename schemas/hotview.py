@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from schemas.events import Event, decode_event
+
 # Fields of the conversation hash.
 F_STATE = "state"  # JSON of ConversationState, written by the sessions worker only
 F_CURSOR = "cursor"  # live-stream id of the last event folded into F_STATE
@@ -163,6 +165,17 @@ def live_event_suffix(tenant_id: str, conversation_id: str) -> bytes:
         + _varint(len(conversation))
         + conversation
     )
+
+
+_S_EVENT_FIELD = S_EVENT.encode()
+
+
+def live_entry_event(fields: dict[bytes, bytes], suffix: bytes) -> Event:
+    """The event of a live-stream entry (its fields as redis-py returns them), with its tenant and
+    conversation ids put back (`suffix` = `live_event_suffix` of the stream's conversation).
+    Raises EventDecodeError when the entry has no event or it does not parse."""
+    raw = fields.get(_S_EVENT_FIELD)
+    return decode_event(raw + suffix if raw else raw)
 
 
 # --- the sessions worker's bookkeeping and the ingress's readiness gate ---------------------------

@@ -17,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from switchboard.v1 import chat_pb2, events_pb2
 
 from schemas import hotview as hv
-from schemas.events import Event, EventDecodeError, decode_event, event_type
+from schemas.events import Event, EventDecodeError, event_type
 from services.ingress import _validation as v
 from services.ingress._hotview import (
     LIVE_BLOCK_MS,
@@ -276,9 +276,8 @@ def _cursor_key(cursor: str) -> tuple[int, int]:
 
 def _decode_entry(fields: dict[bytes, bytes], suffix: bytes) -> Event | None:
     """The entry's event, its tenant and conversation ids put back (`hv.live_event_suffix`)."""
-    raw = fields.get(hv.S_EVENT.encode())
     try:
-        return decode_event(raw + suffix if raw else raw)
+        return hv.live_entry_event(fields, suffix)
     except EventDecodeError:
         log.warning("undecodable live-stream entry skipped")
         return None

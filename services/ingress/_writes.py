@@ -1173,9 +1173,15 @@ class MessageBatcher:
     calls wait and then leave together as the next batch; otherwise a call leaves at the end of its
     event-loop tick. So one call in flight is never delayed, and many share round trips (grpc.aio
     hands the server one call per loop iteration, so per-tick coalescing alone made batches of 1).
-    No timer anywhere."""
+    No timer anywhere.
 
-    def __init__(self, service: ConversationWrites, max_batch: int = 512, max_admitting: int = 2) -> None:
+    One batch admitting at a time (not two): the next batch gathers every call that arrived during
+    one claim round trip, so batches are about twice as large and each call pays half the Redis
+    and Kafka requests. Measured with 10 and 100 calls in flight: +17% and +25% calls/s, 15-30%
+    less ingress CPU per call (benchmarks/RESULTS.md, sixteenth session). No batch's admission
+    waits for a later batch, so one at a time cannot deadlock; Kafka's acks are awaited after it."""
+
+    def __init__(self, service: ConversationWrites, max_batch: int = 512, max_admitting: int = 1) -> None:
         self._service = service
         self._max_batch = max_batch
         self._max_admitting = max_admitting

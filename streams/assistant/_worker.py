@@ -476,8 +476,8 @@ class AssistantProcessor:
         events: list[Event] = []  # newest first
         for _, fields in entries:
             try:
-                events.append(decode_event(fields.get(hv.S_EVENT.encode()) + suffix))
-            except (EventDecodeError, TypeError):
+                events.append(hv.live_entry_event(fields, suffix))
+            except EventDecodeError:
                 return None
         # The newest event before this message but decisions must be the offer.
         reply = next((e for e in events if event_type(e) != "intent_classified"), None)

@@ -225,10 +225,10 @@ _EN_COMPLAINT = re.compile(
 # A marker right after a negation of it is not one ("我不是要投诉", "I don't want to file a complaint",
 # "no need for a manager"); a negation of another verb is ("Don't make me call my lawyer", "I can't
 # believe nobody has answered my emails", 别逼我投诉, 你们不是骗子是什么).
-_ZH_NEGATED = re.compile(
+_ZH_COMPLAINT_NEGATED = re.compile(
     r"(?:不是|不想|不要|不用|没有|无需|不需要|不必|并非)(?!逼|让)[^，。,.!?！？逼让]{0,3}$"
 )
-_EN_NEGATED = re.compile(
+_EN_COMPLAINT_NEGATED = re.compile(
     r"(?:\bnot|n't|\bnever)\s+(?:(?:want|wanna|need|going|trying|planning|asking)\s+(?:to\s+|for\s+)?)?"
     r"(?:(?!believe|understand|imagine|make|stop)\w+\s+)?$|\bno\s+need\s+(?:to|for)\s+(?:\w+\s+)?$",
     re.IGNORECASE,
@@ -242,7 +242,7 @@ _ZH_RHETORICAL = re.compile(r"^[^，。,.!?！？]{0,4}是什么")
 def complaint_marker(text: str) -> str | None:
     """The words in `text` that show an angry or escalating customer (rule 3), or None."""
     folded = fold_for_rules(text)
-    for pattern, negated in ((_ZH_COMPLAINT, _ZH_NEGATED), (_EN_COMPLAINT, _EN_NEGATED)):
+    for pattern, negated in ((_ZH_COMPLAINT, _ZH_COMPLAINT_NEGATED), (_EN_COMPLAINT, _EN_COMPLAINT_NEGATED)):
         for match in pattern.finditer(folded):
             before = folded[max(0, match.start() - 30) : match.start()]
             if not negated.search(before) or _WHY.search(before) or _ZH_RHETORICAL.match(folded, match.end()):

@@ -62,8 +62,9 @@ _ZH_SENT_WRONG = re.compile(
 _OWN_MISTAKE = re.compile(
     r"我把|我自己|我写错|我选错|我买错|我下单选错|misread|my\s+mistake|my\s+fault|i\s+ordered\s+the\s+wrong"
 )
-_EN_NEGATED = re.compile(r"(?:\bnot|n't|\bno|\bnever|\bwithout)\s+(?:\w+\s+){0,2}$")
-_ZH_NEGATED = re.compile(r"(?:没有?|不|无|未)[^，。,.!?！？]{0,2}$")
+# A fault word right after a negation is no report ("not broken", 没有破损).
+_EN_FAULT_NEGATED = re.compile(r"(?:\bnot|n't|\bno|\bnever|\bwithout)\s+(?:\w+\s+){0,2}$")
+_ZH_FAULT_NEGATED = re.compile(r"(?:没有?|不|无|未)[^，。,.!?！？]{0,2}$")
 # A fault of software or a document, not of goods: "the tracking link in your email is broken",
 # "a damaged booking confirmation email", 链接打不开.
 _SOFTWARE = re.compile(
@@ -100,11 +101,14 @@ def expand_query(text: str) -> str:
     if _WARRANTY.search(folded) and not _ON_ARRIVAL.search(folded):
         return text
     fault = not _OWN_MISTAKE.search(folded) and (
-        _sent_wrong(_ZH_SENT_WRONG, _ZH_NEGATED, folded)
-        or _sent_wrong(_EN_SENT_WRONG, _EN_NEGATED, folded)
+        _sent_wrong(_ZH_SENT_WRONG, _ZH_FAULT_NEGATED, folded)
+        or _sent_wrong(_EN_SENT_WRONG, _EN_FAULT_NEGATED, folded)
         or (
             bool(_ZH_RECEIVED.search(folded) or _EN_RECEIVED.search(folded))
-            and (_reports(_ZH_FAULT, _ZH_NEGATED, folded) or _reports(_EN_FAULT, _EN_NEGATED, folded))
+            and (
+                _reports(_ZH_FAULT, _ZH_FAULT_NEGATED, folded)
+                or _reports(_EN_FAULT, _EN_FAULT_NEGATED, folded)
+            )
         )
     )
     if not fault:
