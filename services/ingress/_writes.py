@@ -1169,23 +1169,24 @@ class ConversationWrites:
 
 class MessageBatcher:
     """Coalesces concurrent unary SendMessage calls into `accept_messages` batches, group-commit
-    style: while `max_admitting` batches are still being claimed and handed to the producer, new
-    calls wait and then leave together as the next batch; otherwise a call leaves at the end of its
-    event-loop tick. So one call in flight is never delayed, and many share round trips (grpc.aio
-    hands the server one call per loop iteration, so per-tick coalescing alone made batches of 1).
-    No timer anywhere.
+    style. A call leaves at the end of its event-loop tick when no batch is under way; otherwise it
+    waits, and the calls that arrived meanwhile leave together as the next batch once the batch
+    under way is answered (claimed, written and acknowledged by Kafka), or has been under way for
+    `hold_s`, or when `max_batch` calls are waiting. So one call in flight is never delayed, and
+    many share round trips (grpc.aio hands the server one call per loop iteration, so per-tick
+    coalescing alone made batches of 1; letting the next batch go as soon as the previous one was
+    handed to the producer made batches of ~2.6 with 10 calls in flight).
 
-    One batch admitting at a time (not two): the next batch gathers every call that arrived during
-    one claim round trip, so batches are about twice as large and each call pays half the Redis
-    and Kafka requests. Measured with 10 and 100 calls in flight: +17% and +25% calls/s, 15-30%
-    less ingress CPU per call (benchmarks/RESULTS.md, sixteenth session). No batch's admission
-    waits for a later batch, so one at a time cannot deadlock; Kafka's acks are awaited after it."""
+    `hold_s` bounds what one slow batch (a partition whose leader is away, Kafka's produce timeout)
+    costs the calls behind it; `max_batch` lets batches overlap under a load larger than one batch.
+    Measured: benchmarks/RESULTS.md, "Unary SendMessage batches" (sixteenth session)."""
 
-    def __init__(self, service: ConversationWrites, max_batch: int = 512, max_admitting: int = 1) -> None:
+    def __init__(self, service: ConversationWrites, max_batch: int = 512, hold_s: float = 0.05) -> None:
         self._service = service
         self._max_batch = max_batch
-        self._max_admitting = max_admitting
-        self._admitting = 0
+        self._hold_s = hold_s
+        # Batches under way that the next one still waits for (answered or held long enough: not).
+        self._holding = 0
         self._pending: list[
             tuple[
                 chat_pb2.SendMessageRequest | v.MalformedRequest,
@@ -1206,15 +1207,19 @@ class MessageBatcher:
         return await future
 
     def _schedule(self) -> None:
-        if not self._flush_scheduled and self._pending and self._admitting < self._max_admitting:
+        if (
+            not self._flush_scheduled
+            and self._pending
+            and (self._holding == 0 or len(self._pending) >= self._max_batch)
+        ):
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        while self._pending and self._admitting < self._max_admitting:
+        while self._pending and (self._holding == 0 or len(self._pending) >= self._max_batch):
             batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
-            self._admitting += 1
+            self._holding += 1
             task = asyncio.ensure_future(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -1229,27 +1234,27 @@ class MessageBatcher:
             ]
         ],
     ) -> None:
-        admitting = True
+        holding = True
 
-        def admitted() -> None:
-            # Claimed and handed to the producer (or refused): the next batch may go.
-            nonlocal admitting
-            if admitting:
-                admitting = False
-                self._admitting -= 1
+        def release() -> None:
+            # The next batch need not wait for this one any more.
+            nonlocal holding
+            if holding:
+                holding = False
+                self._holding -= 1
                 self._schedule()
 
+        timer = asyncio.get_running_loop().call_later(self._hold_s, release)
         try:
-            outcomes = await self._service.accept_messages(
-                [r for r, _, _ in batch], [t for _, t, _ in batch], on_admitted=admitted
-            )
+            outcomes = await self._service.accept_messages([r for r, _, _ in batch], [t for _, t, _ in batch])
         except BaseException as exc:
-            admitted()
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             raise
-        admitted()
+        finally:
+            timer.cancel()
+            release()
         for (_, _, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
