@@ -1167,33 +1167,66 @@ class ConversationWrites:
             pause = min(pause * 2, 0.05)
 
 
+class BatchGate:
+    """When the next group-commit batch of unary calls (MessageBatcher) may leave: when no batch
+    under way holds it back, or once `max_batch` calls wait. A batch holds the next one back until
+    it is answered (claimed, written and acknowledged by Kafka), for `hold_s` at most, which bounds
+    what a slow batch (a partition whose leader is away, Kafka's produce timeout) costs the calls
+    behind it; the calls inside a batch are answered together (see accept_messages).
+
+    So a lone call never waits, and under load batches grow instead of each call paying its own
+    round trips: grpc.aio hands the server one call per loop iteration, so per-tick coalescing made
+    batches of 1, and letting the next batch go once the previous one was handed to the producer
+    made batches of ~2.6 with 10 calls in flight. Tried and measured worse at 100 calls in flight:
+    letting a second batch overlap the first once it was handed to the producer and at least as
+    many calls waited as it carried. `wake` is called whenever a batch stops holding. Measured:
+    benchmarks/RESULTS.md, "Unary SendMessage batches" (sixteenth session)."""
+
+    def __init__(self, wake: Callable[[], None], max_batch: int, hold_s: float = 0.05) -> None:
+        self._wake = wake
+        self._max_batch = max_batch
+        self._hold_s = hold_s
+        self._holding = 0
+
+    def may_leave(self, waiting: int) -> bool:
+        return waiting >= self._max_batch or (waiting > 0 and self._holding == 0)
+
+    def leaving(self) -> Callable[[], None]:
+        """A batch leaves: returns what to call when it is over (answered, failed or cancelled);
+        it acts once, and the batch's hold ends by itself after `hold_s`."""
+        self._holding += 1
+        release = _Once(self._release)
+        timer = asyncio.get_running_loop().call_later(self._hold_s, release)
+
+        def finished() -> None:
+            timer.cancel()
+            release()
+
+        return _Once(finished)
+
+    def _release(self) -> None:
+        self._holding -= 1
+        self._wake()
+
+
+_Pending = tuple[
+    chat_pb2.SendMessageRequest | v.MalformedRequest,
+    str,
+    "asyncio.Future[chat_pb2.SendMessageResponse | v.RequestRejected]",
+]
+
+
 class MessageBatcher:
     """Coalesces concurrent unary SendMessage calls into `accept_messages` batches, group-commit
-    style. A call leaves at the end of its event-loop tick when no batch is under way; otherwise it
-    waits, and the calls that arrived meanwhile leave together as the next batch once the batch
-    under way is answered (claimed, written and acknowledged by Kafka), or has been under way for
-    `hold_s`, or when `max_batch` calls are waiting. So one call in flight is never delayed, and
-    many share round trips (grpc.aio hands the server one call per loop iteration, so per-tick
-    coalescing alone made batches of 1; letting the next batch go as soon as the previous one was
-    handed to the producer made batches of ~2.6 with 10 calls in flight).
-
-    `hold_s` bounds what one slow batch (a partition whose leader is away, Kafka's produce timeout)
-    costs the calls behind it; `max_batch` lets batches overlap under a load larger than one batch.
-    Measured: benchmarks/RESULTS.md, "Unary SendMessage batches" (sixteenth session)."""
+    style: a call leaves at the end of its event-loop tick when the gate lets it (see BatchGate),
+    else it waits and leaves with the calls that arrived meanwhile. A caller gone (cancelled,
+    deadline passed) before its batch leaves is not written."""
 
     def __init__(self, service: ConversationWrites, max_batch: int = 512, hold_s: float = 0.05) -> None:
         self._service = service
         self._max_batch = max_batch
-        self._hold_s = hold_s
-        # Batches under way that the next one still waits for (answered or held long enough: not).
-        self._holding = 0
-        self._pending: list[
-            tuple[
-                chat_pb2.SendMessageRequest | v.MalformedRequest,
-                str,
-                asyncio.Future[chat_pb2.SendMessageResponse | v.RequestRejected],
-            ]
-        ] = []
+        self._gate = BatchGate(self._schedule, max_batch, hold_s)
+        self._pending: list[_Pending] = []
         self._flush_scheduled = False
         self._running: set[asyncio.Task[None]] = set()
 
@@ -1207,57 +1240,58 @@ class MessageBatcher:
         return await future
 
     def _schedule(self) -> None:
-        if (
-            not self._flush_scheduled
-            and self._pending
-            and (self._holding == 0 or len(self._pending) >= self._max_batch)
-        ):
+        if not self._flush_scheduled and self._gate.may_leave(len(self._pending)):
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        while self._pending and (self._holding == 0 or len(self._pending) >= self._max_batch):
+        self._pending = [p for p in self._pending if not p[2].done()]  # callers gone meanwhile
+        while self._gate.may_leave(len(self._pending)):
             batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
-            self._holding += 1
+            finished = self._gate.leaving()
             task = asyncio.ensure_future(self._run(batch))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            # A done callback, not a `finally` in _run: also for a task cancelled before it ran.
+            task.add_done_callback(functools.partial(self._finished, batch=batch, finished=finished))
 
-    async def _run(
-        self,
-        batch: list[
-            tuple[
-                chat_pb2.SendMessageRequest | v.MalformedRequest,
-                str,
-                asyncio.Future[chat_pb2.SendMessageResponse | v.RequestRejected],
-            ]
-        ],
+    def _finished(
+        self, task: asyncio.Task[None], batch: list[_Pending], finished: Callable[[], None]
     ) -> None:
-        holding = True
+        self._running.discard(task)
+        finished()
+        for _, _, future in batch:
+            if not future.done():  # the task was cancelled (the server is stopping)
+                future.set_result(
+                    unavailable(
+                        "the server stopped while writing this message; retry with the same "
+                        "client_message_id",
+                        late_possible=True,
+                    )
+                )
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a batch of unary SendMessage calls failed", exc_info=task.exception())
 
-        def release() -> None:
-            # The next batch need not wait for this one any more.
-            nonlocal holding
-            if holding:
-                holding = False
-                self._holding -= 1
-                self._schedule()
-
-        timer = asyncio.get_running_loop().call_later(self._hold_s, release)
+    async def _run(self, batch: list[_Pending]) -> None:
         try:
             outcomes = await self._service.accept_messages([r for r, _, _ in batch], [t for _, t, _ in batch])
-        except BaseException as exc:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            raise
-        finally:
-            timer.cancel()
-            release()
+        except Exception as exc:
+            outcomes = [as_rejection(exc, "SendMessage")] * len(batch)
         for (_, _, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
+
+
+class _Once:
+    """`action`, run by the first call only (a timer and a done callback may both call it)."""
+
+    def __init__(self, action: Callable[[], None]) -> None:
+        self._action: Callable[[], None] | None = action
+
+    def __call__(self) -> None:
+        action, self._action = self._action, None
+        if action is not None:
+            action()
 
 
 def _claim_key(req: chat_pb2.SendMessageRequest) -> ClaimKey:
