@@ -22,7 +22,27 @@ _TOPIC_ALREADY_EXISTS = 36
 
 
 class TopicCreationError(RuntimeError):
-    """Kafka refused to create a topic (e.g. a replication factor above the broker count)."""
+    """Kafka refused to create a topic (e.g. a replication factor above the broker count).
+    `retriable`: every refusal was the broker's passing state (its brokers fenced for a moment,
+    as right after a restart or a stall), which ensure_topics waits out."""
+
+    def __init__(self, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+# "Unable to replicate the partition 1 time(s): All brokers are currently fenced." (error 38):
+# a broker just restarted, or stalled past its heartbeat, is fenced until its next heartbeat.
+_INVALID_REPLICATION_FACTOR = 38
+
+
+def refusal(topic_errors: list[tuple[Any, ...]]) -> TopicCreationError:
+    """The error for CreateTopics' per-topic refusals (topic, code, message)."""
+    detail = "; ".join(f"{e[0]}: error {e[1]} {e[2] if len(e) > 2 else ''}".strip() for e in topic_errors)
+    passing = all(
+        e[1] == _INVALID_REPLICATION_FACTOR and len(e) > 2 and "fenced" in str(e[2]) for e in topic_errors
+    )
+    return TopicCreationError(f"Kafka refused to create topics ({detail})", retriable=passing)
 
 
 async def wait_for_leaders(
@@ -89,7 +109,7 @@ async def ensure_topics(settings: Settings) -> list[str]:
     while True:
         try:
             return await _ensure_topics_once(settings)
-        except KafkaError as exc:
+        except (KafkaError, TopicCreationError) as exc:
             if not exc.retriable or time.monotonic() + pause > deadline:
                 raise
             log.info("Kafka is not ready for the topics yet (%r); trying again in %.1fs", exc, pause)
@@ -120,10 +140,7 @@ async def _ensure_topics_once(settings: Settings) -> list[str]:
             # already (another process created it meanwhile), which is what we wanted.
             refused = [e for e in response.topic_errors if e[1] not in (0, _TOPIC_ALREADY_EXISTS)]
             if refused:
-                detail = "; ".join(
-                    f"{e[0]}: error {e[1]} {e[2] if len(e) > 2 else ''}".strip() for e in refused
-                )
-                raise TopicCreationError(f"Kafka refused to create topics ({detail})")
+                raise refusal(refused)
             await wait_for_leaders(admin, {t.name: t.partitions for t in missing})
         present = [t for t in wanted if t.name in existing]
         if present:

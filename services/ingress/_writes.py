@@ -312,12 +312,16 @@ class ConversationWrites:
         traceparents: Sequence[str] | str = "",
         order: WriteOrder | None = None,
         on_admitted: Callable[[], None] | None = None,
+        on_outcome: Callable[[int, Outcome], None] | None = None,
     ) -> list[Outcome]:
         """Validate, deduplicate and write a batch of messages; one outcome per request, in order.
 
         With `order`, this batch takes its turn in a stream (see WriteOrder). The write runs in a
         task of its own: cancelling the caller never cancels a write half-way. `on_admitted` is
-        called once the batch is claimed and handed to the producer (before Kafka's acks)."""
+        called once the batch is claimed and handed to the producer (before Kafka's acks).
+        `on_outcome(i, outcome)` is called for request i as soon as its outcome is known (its
+        record acked, or refused), which may be well before the batch's slowest record; requests
+        repeating an earlier one's client_message_id in the batch get theirs only in the list."""
         if isinstance(traceparents, str):
             traceparents = [traceparents] * len(requests)
         results: list[Outcome | _Write | None] = [None] * len(requests)
@@ -350,6 +354,15 @@ class ConversationWrites:
                     results[i] = rejection
         if on_admitted is not None:
             on_admitted()
+        if on_outcome is not None:
+            written = dict(valid)
+            for i, r in enumerate(results):
+                if isinstance(r, _Write):
+                    r.outcome.add_done_callback(
+                        functools.partial(self._outcome_known, on_outcome, i, written[i], r)
+                    )
+                elif r is not None:
+                    on_outcome(i, r)
         if settlements:
             # One wait for the whole batch: its settlement ends once every outcome is set.
             await asyncio.wait(settlements, timeout=self._settings.produce_timeout_s)
@@ -367,6 +380,16 @@ class ConversationWrites:
                 if isinstance(r, _Write):
                     order.answered((r.event.tenant_id, r.event.conversation_id), r.delivery)
         return final
+
+    def _outcome_known(
+        self,
+        on_outcome: Callable[[int, Outcome], None],
+        i: int,
+        req: chat_pb2.SendMessageRequest,
+        write: _Write,
+        _: object,
+    ) -> None:
+        on_outcome(i, self._answer(req, write))
 
     def _answer(self, req: chat_pb2.SendMessageRequest, write: _Write) -> Outcome:
         if not write.outcome.done():
@@ -1273,8 +1296,17 @@ class MessageBatcher:
             log.error("a batch of unary SendMessage calls failed", exc_info=task.exception())
 
     async def _run(self, batch: list[_Pending]) -> None:
+        def answer(i: int, outcome: Outcome) -> None:
+            # A call is answered as soon as its own record is acked (or refused), not when the
+            # batch's slowest record is (a partition whose leader is away, say).
+            future = batch[i][2]
+            if not future.done():
+                future.set_result(outcome)
+
         try:
-            outcomes = await self._service.accept_messages([r for r, _, _ in batch], [t for _, t, _ in batch])
+            outcomes = await self._service.accept_messages(
+                [r for r, _, _ in batch], [t for _, t, _ in batch], on_outcome=answer
+            )
         except Exception as exc:
             outcomes = [as_rejection(exc, "SendMessage")] * len(batch)
         for (_, _, future), outcome in zip(batch, outcomes, strict=True):

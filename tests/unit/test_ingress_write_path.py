@@ -21,7 +21,7 @@ from schemas.events import Event, event_type
 from services.ingress import RequestRejected
 from services.ingress._hotview import Claim, HeldClaim, IngressHotView, Registration
 from services.ingress._producer import Ack, EventProducer
-from services.ingress._service import ChatService, WriteOrder
+from services.ingress._service import ChatService, MessageBatcher, WriteOrder
 from services.settings import Settings
 
 T = "acme"
@@ -157,8 +157,12 @@ class FakeProducer(EventProducer):
         self.deliveries[name].set_result(SimpleNamespace(partition=0, offset=self._offset))
 
 
-def make(max_inflight: int = 100) -> tuple[ChatService, FakeHotView, FakeProducer]:
-    settings = Settings(max_inflight_produce=max_inflight, produce_timeout_s=0.5, topic_partitions=1)
+def make(
+    max_inflight: int = 100, produce_timeout_s: float = 0.5
+) -> tuple[ChatService, FakeHotView, FakeProducer]:
+    settings = Settings(
+        max_inflight_produce=max_inflight, produce_timeout_s=produce_timeout_s, topic_partitions=1
+    )
     hot = FakeHotView()
     producer = FakeProducer(settings)
     return ChatService(settings, producer, hot), hot, producer
@@ -449,3 +453,23 @@ async def test_the_live_stream_limit_is_counted_with_its_check() -> None:
     hot.read_live = never  # type: ignore[method-assign]
     codes = await asyncio.gather(*(open_one() for _ in range(5)))
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 3
+
+
+async def test_a_unary_call_is_answered_when_its_own_record_is_acked_not_when_its_whole_batch_is() -> None:
+    # One unary batch, two conversations: while one record waits for Kafka (its partition's
+    # leader is away, say), the other's caller already has its ack; and a refusal in the same
+    # batch is answered at once too.
+    service, _, producer = make(produce_timeout_s=60)
+    producer.auto_ack = False
+    batcher = MessageBatcher(service.writes, hold_s=60)
+    slow = asyncio.ensure_future(batcher.submit(msg("m1", A), ""))
+    fast = asyncio.ensure_future(batcher.submit(msg("m2", B), ""))
+    refused = asyncio.ensure_future(batcher.submit(msg("m3", "conv-unknown"), ""))
+    await until(lambda: "m1" in producer.deliveries and "m2" in producer.deliveries, "both handed over")
+    producer.ack("m2")
+    answer = await asyncio.wait_for(fast, 5)
+    assert isinstance(answer, chat_pb2.SendMessageResponse) and not answer.duplicate
+    assert code(await asyncio.wait_for(refused, 5)) == grpc.StatusCode.NOT_FOUND
+    assert not slow.done()
+    producer.ack("m1")
+    assert isinstance(await asyncio.wait_for(slow, 5), chat_pb2.SendMessageResponse)
