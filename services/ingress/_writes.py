@@ -356,13 +356,16 @@ class ConversationWrites:
             on_admitted()
         if on_outcome is not None:
             written = dict(valid)
+            repeats = {i for i, _ in followers}  # answered from their first's outcome, at the end
             for i, r in enumerate(results):
+                if i in repeats:
+                    continue
                 if isinstance(r, _Write):
                     r.outcome.add_done_callback(
                         functools.partial(self._outcome_known, on_outcome, i, written[i], r)
                     )
                 elif r is not None:
-                    on_outcome(i, r)
+                    _tell(on_outcome, i, r)
         if settlements:
             # One wait for the whole batch: its settlement ends once every outcome is set.
             await asyncio.wait(settlements, timeout=self._settings.produce_timeout_s)
@@ -389,7 +392,7 @@ class ConversationWrites:
         write: _Write,
         _: object,
     ) -> None:
-        on_outcome(i, self._answer(req, write))
+        _tell(on_outcome, i, self._answer(req, write))
 
     def _answer(self, req: chat_pb2.SendMessageRequest, write: _Write) -> Outcome:
         if not write.outcome.done():
@@ -1195,7 +1198,8 @@ class BatchGate:
     under way holds it back, or once `max_batch` calls wait. A batch holds the next one back until
     it is answered (claimed, written and acknowledged by Kafka), for `hold_s` at most, which bounds
     what a slow batch (a partition whose leader is away, Kafka's produce timeout) costs the calls
-    behind it; the calls inside a batch are answered together (see accept_messages).
+    behind it; each call inside a batch is answered as soon as its own record is acked
+    (accept_messages' on_outcome).
 
     So a lone call never waits, and under load batches grow instead of each call paying its own
     round trips: grpc.aio hands the server one call per loop iteration, so per-tick coalescing made
@@ -1284,11 +1288,10 @@ class MessageBatcher:
         self._running.discard(task)
         finished()
         for _, _, future in batch:
-            if not future.done():  # the task was cancelled (the server is stopping)
+            if not future.done():  # the task was cancelled (the server is stopping) or failed
                 future.set_result(
                     unavailable(
-                        "the server stopped while writing this message; retry with the same "
-                        "client_message_id",
+                        "the write of this message was interrupted; retry with the same client_message_id",
                         late_possible=True,
                     )
                 )
@@ -1324,6 +1327,14 @@ class _Once:
         action, self._action = self._action, None
         if action is not None:
             action()
+
+
+def _tell(on_outcome: Callable[[int, Outcome], None], i: int, outcome: Outcome) -> None:
+    """An early answer; its failure must not fail the batch (the list answers everyone anyway)."""
+    try:
+        on_outcome(i, outcome)
+    except Exception:
+        log.exception("answering request %d of a batch early failed", i)
 
 
 def _claim_key(req: chat_pb2.SendMessageRequest) -> ClaimKey:

@@ -473,3 +473,37 @@ async def test_a_unary_call_is_answered_when_its_own_record_is_acked_not_when_it
     assert not slow.done()
     producer.ack("m1")
     assert isinstance(await asyncio.wait_for(slow, 5), chat_pb2.SendMessageResponse)
+
+
+async def test_a_caller_gone_while_its_refusal_is_found_does_not_break_its_batch() -> None:
+    service, _, _ = make()
+    batcher = MessageBatcher(service.writes, hold_s=60)
+    gone = asyncio.ensure_future(batcher.submit(msg("m1", "conv-unknown"), ""))
+    stays = asyncio.ensure_future(batcher.submit(msg("m2", A), ""))
+    await until(lambda: bool(batcher._running), "the batch under way")
+    gone.cancel()
+    answer = await asyncio.wait_for(stays, 5)
+    assert isinstance(answer, chat_pb2.SendMessageResponse), answer
+
+
+async def test_a_repeated_client_message_id_in_a_batch_is_not_answered_early_with_a_failure() -> None:
+    # A write failing unexpectedly refuses what it had not written; a repeat of an id written
+    # before the failure is answered from that write (duplicate), early answers included.
+    service, _, _ = make()
+    writes = service.writes
+    real = writes._write_one
+
+    async def write_one(req: Any, claim: Any, order: Any, traceparent: str) -> Any:
+        if req.client_message_id == "boom":
+            raise RuntimeError("unexpected")
+        return await real(req, claim, order, traceparent)
+
+    writes._write_one = write_one  # type: ignore[method-assign]
+    early: dict[int, object] = {}
+
+    def answer(i: int, outcome: object) -> None:
+        early.setdefault(i, outcome)
+
+    final = await writes.accept_messages([msg("m1", A), msg("m1", A), msg("boom", B)], "", on_outcome=answer)
+    assert 1 not in early or code(early[1]) == code(final[1])
+    assert code(early[2]) == code(final[2]) == grpc.StatusCode.INTERNAL
