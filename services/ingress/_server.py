@@ -42,6 +42,7 @@ from services.ingress._supervisor import (
     process_count,
     record_leases,
 )
+from services.ingress._writes import once
 from services.observability import metrics
 from services.observability.tracing import traceparent_of
 from services.settings import Settings
@@ -103,17 +104,6 @@ def _error_response(req: Any, rejection: v.RequestRejected) -> chat_pb2.SendMess
         response.client_message_id = req.client_message_id
         response.conversation_id = req.conversation_id
     return response
-
-
-def _once(action: Callable[[], object]) -> Callable[..., None]:
-    """`action`, run by the first call only (whatever its arguments: also a done callback)."""
-    pending = [action]
-
-    def run(*_: object) -> None:
-        if pending:
-            pending.pop()()
-
-    return run
 
 
 def _checked(req: Any) -> Any:
@@ -192,7 +182,7 @@ class ChatServicer:
                     items.append(item)
                 unanswered += len(items)
                 order = WriteOrder(order)
-                admitted = _once(admitting.release)
+                admitted = once(admitting.release)
                 task = asyncio.ensure_future(
                     self._service.accept_messages(items, traceparent, order, on_admitted=admitted)
                 )

@@ -1222,14 +1222,14 @@ class BatchGate:
         """A batch leaves: returns what to call when it is over (answered, failed or cancelled);
         it acts once, and the batch's hold ends by itself after `hold_s`."""
         self._holding += 1
-        release = _Once(self._release)
+        release = once(self._release)
         timer = asyncio.get_running_loop().call_later(self._hold_s, release)
 
         def finished() -> None:
             timer.cancel()
             release()
 
-        return _Once(finished)
+        return once(finished)
 
     def _release(self) -> None:
         self._holding -= 1
@@ -1317,16 +1317,16 @@ class MessageBatcher:
                 future.set_result(outcome)
 
 
-class _Once:
-    """`action`, run by the first call only (a timer and a done callback may both call it)."""
+def once(action: Callable[[], object]) -> Callable[..., None]:
+    """`action`, run by the first call only, whatever its arguments (a timer, a task's done
+    callback and a caller may all call it)."""
+    pending = [action]
 
-    def __init__(self, action: Callable[[], None]) -> None:
-        self._action: Callable[[], None] | None = action
+    def run(*_: object) -> None:
+        if pending:
+            pending.pop()()
 
-    def __call__(self) -> None:
-        action, self._action = self._action, None
-        if action is not None:
-            action()
+    return run
 
 
 def _tell(on_outcome: Callable[[int, Outcome], None], i: int, outcome: Outcome) -> None:
