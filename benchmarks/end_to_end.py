@@ -70,7 +70,11 @@ class EndToEnd:
 
 async def run(system: BenchSystem, rate: float, seconds: float, api: str = "unary") -> EndToEnd:
     settings = system.settings
-    channels = [grpc.aio.insecure_channel(settings.grpc_listen) for _ in range(CHANNELS)]
+    # Each channel its own connection (grpc.aio channels with the same target and options share one
+    # otherwise), as separate backends would have: the kernel spreads connections, not calls, over
+    # the ingress processes (SO_REUSEPORT).
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(settings.grpc_listen, options=own) for _ in range(CHANNELS)]
     stubs = [chat_pb2_grpc.ChatServiceStub(c) for c in channels]
     tenant = f"e2e{uuid.uuid4().hex[:8]}"
     conversations = [

@@ -59,6 +59,13 @@ async def _body(system: ingest.BenchSystem, levels: list[int], seconds: float) -
     lines = []
     try:
         for n in levels:
+            if n == 0:  # idle: what the ingress spends with no calls (timers, followers, leases)
+                cpu = _ingress_cpu_s(system)
+                await asyncio.sleep(seconds)
+                line = f"n=0    idle: ingress {(_ingress_cpu_s(system) - cpu) / seconds * 1e3:5.1f} ms CPU/s"
+                ingest.log(line)
+                lines.append(line)
+                continue
             await ingest.unary_run("ingress", stubs, traffic, n, replace(plan, seconds=1.0))
             commands = counter.info("stats")["total_commands_processed"]
             cpu, start = _ingress_cpu_s(system), time.perf_counter()
@@ -89,7 +96,7 @@ async def _main(levels: list[int], seconds: float, port_offset: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--levels", default="1,2,10,100", help="calls in flight, comma-separated")
+    parser.add_argument("--levels", default="1,2,10,100", help="calls in flight, comma-separated (0: idle)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per level")
     parser.add_argument("--port-offset", type=int, default=0, help="add this to every port")
     args = parser.parse_args(argv)

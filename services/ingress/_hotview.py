@@ -316,20 +316,49 @@ return n
 """
 
 
+class _Commands:
+    """What a `queue(pipe)` callback of TickPipeline.run writes to: the commands, in order."""
+
+    __slots__ = ("commands",)
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any) -> None:
+        self.commands.append(args)
+
+
 class TickPipeline:
     """Redis commands that any coroutine issues within one event-loop tick leave together, as one
     pipeline: under load the claims of new batches and the settlements of earlier ones share a
-    round trip. No timer: the flush runs at the end of the tick in which the first was queued."""
+    round trip. No timer: the flush runs at the end of the tick in which the first was queued.
+
+    A round trip is written and read on a connection of redis-py's (its packing, reply parser,
+    timeouts and errors) kept by this pipeline, not through redis-py's Pipeline: that path costs
+    ~160 µs of CPU per round trip here (pool checkout and release under a lock, a readiness probe
+    of the socket, its observability hooks), this one ~90 µs, and there are two round trips per
+    unary call at 1 in flight (benchmarks/RESULTS.md, seventeenth session). A connection that
+    failed or was interrupted is dropped (its replies may be half read); a dropped connection is
+    retried once, as the client's Retry does for every other command (see IngressServer)."""
+
+    # Connections kept for the next round trips; more are made when ticks overlap, up to
+    # MAX_OPEN (the client pool's max_connections, see IngressServer).
+    KEEP = 8
+    MAX_OPEN = 512
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
         self._queued: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]] = []
         self._scheduled = False
         self._running: set[asyncio.Task[None]] = set()
+        self._idle: list[Any] = []
+        self._open = 0
+        self._closed = False
 
     def run(self, queue: Callable[[Any], None], count: int) -> asyncio.Future[list[Any]]:
-        """`queue(pipe)` adds `count` commands; the future gets their replies (an error reply as
-        its exception object), or the exception that failed the whole pipeline."""
+        """`queue(pipe)` adds `count` commands (pipe.execute_command); the future gets their raw
+        replies (an error reply as its exception object), or the exception that failed the whole
+        round trip."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         self._queued.append((queue, count, future))
@@ -349,10 +378,10 @@ class TickPipeline:
         self, queued: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]]
     ) -> None:
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for queue, _, _ in queued:
-                    queue(pipe)
-                replies = await pipe.execute(raise_on_error=False)
+            pipe = _Commands()
+            for queue, _, _ in queued:
+                queue(pipe)
+            replies = await self._round_trip(pipe.commands)
         except BaseException as exc:
             for _, _, future in queued:
                 if not future.done():
@@ -365,6 +394,59 @@ class TickPipeline:
             if not future.done():
                 future.set_result(replies[at : at + count])
             at += count
+
+    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if self._idle:
+            conn = self._idle.pop()
+        elif self._open >= self.MAX_OPEN:
+            # What redis-py's pool says past its max_connections (retried once, then refused).
+            raise RedisConnectionError("Too many connections")
+        else:
+            conn = self._redis.connection_pool.make_connection()
+            self._open += 1
+        try:
+            for attempt in (1, 2):
+                try:
+                    if not conn.is_connected:
+                        await conn.connect()
+                    await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                    replies: list[Any] = []
+                    for _ in commands:
+                        try:
+                            replies.append(await conn.read_response())
+                        except ResponseError as exc:
+                            replies.append(exc)
+                    break
+                except RedisConnectionError:
+                    # Closed by Redis (a restart): once more on a new socket, as redis-py retries.
+                    await _dropped(conn)
+                    if attempt == 2:
+                        raise
+        except BaseException:
+            await _dropped(conn)
+            self._open -= 1
+            raise
+        if len(self._idle) < self.KEEP and not self._closed:
+            self._idle.append(conn)
+        else:
+            await _dropped(conn)
+            self._open -= 1
+        return replies
+
+    async def close(self) -> None:
+        """Close the connections kept for later round trips (those under way close as they end)."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await _dropped(conn)
+            self._open -= 1
+
+
+async def _dropped(conn: Any) -> None:
+    try:
+        await conn.disconnect(nowait=True)
+    except Exception as exc:
+        log.debug("closing a Redis connection: %r", exc)
 
 
 def rebuilding() -> Unavailable:
@@ -583,6 +665,10 @@ class IngressHotView:
         # lease once the process died; else random) follows the ":".
         self._marker_prefix = marker_prefix(lease_id or new_lease_id())
         self._releasing: set[asyncio.Task[None]] = set()  # see _release_unanswered
+
+    async def close(self) -> None:
+        """Close the connections of this view's own (the client's pool is its owner's to close)."""
+        await self._tick.close()
 
     async def renew_lease(self, lease_s: float = LEASE_S) -> None:
         """This process is alive for `lease_s` more (0: its lease ends for good, as it stops: call
