@@ -5,9 +5,9 @@ The ingress sends its claims and settlements as one round trip per event-loop ti
 unary SendMessage. This runs the same round trips both ways, in one process (uvloop, as the
 ingress), against a redis-server of its own, rounds alternated, and prints the client's CPU and
 wall time per round trip: an EVALSHA shaped like a claim of one message (4 keys), sequentially,
-as at 1 call in flight.
+as at 1 call in flight; `--messages 50` makes each a claim of 50 messages (a batch under load).
 
-    .venv/bin/python benchmarks/redis_round_trip.py [--trips 5000] [--rounds 5] [--port-offset 1400]
+    .venv/bin/python benchmarks/redis_round_trip.py [--trips 5000] [--rounds 5] [--messages 1] [--port-offset 1400]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ async def _pipeline(redis: aioredis.Redis, sha: str, keys: list[str]) -> Any:
         return await pipe.execute(raise_on_error=False)
 
 
-async def _measure(trips: int, rounds: int, port: int) -> str:
+async def _measure(trips: int, rounds: int, port: int, messages: int) -> str:
     redis = aioredis.Redis.from_url(
         f"redis://127.0.0.1:{port}/0",
         max_connections=512,
@@ -89,7 +89,8 @@ async def _measure(trips: int, rounds: int, port: int) -> str:
         await tick.close()
         await redis.aclose()
     lines = [
-        f"{trips:,} sequential round trips per round, {rounds} rounds alternated (median, then each round):"
+        f"{trips:,} sequential round trips per round (a claim of {messages} message(s), {4 * messages} keys), "
+        f"{rounds} rounds alternated (median, then each round):"
     ]
     for name, per in results.items():
         cpus = [c for c, _ in per]
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--trips", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--messages", type=int, default=1, help="messages per claim (4 keys each)")
     parser.add_argument("--port-offset", type=int, default=0)
     args = parser.parse_args(argv)
     binary = shutil.which("redis-server")
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 time.sleep(0.02)
             eventloop.install()
-            print(asyncio.run(_measure(args.trips, args.rounds, port)))
+            print(asyncio.run(_measure(args.trips, args.rounds, port, args.messages)))
         finally:
             server.terminate()
             server.wait(10)

@@ -10,15 +10,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import hotview as hv
 from services.ingress._producer import Ack, Unavailable, unavailable
+from services.outages import closed_transport
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +319,8 @@ return n
 
 
 class _Commands:
-    """What a `queue(pipe)` callback of TickPipeline.run writes to: the commands, in order."""
+    """What a `queue(pipe)` callback of TickPipeline.run writes to: `execute_command(*args)` only,
+    each argument a str, bytes, int or float (packed by hiredis, as UTF-8)."""
 
     __slots__ = ("commands",)
 
@@ -333,32 +336,41 @@ class TickPipeline:
     pipeline: under load the claims of new batches and the settlements of earlier ones share a
     round trip. No timer: the flush runs at the end of the tick in which the first was queued.
 
-    A round trip is written and read on a connection of redis-py's (its packing, reply parser,
-    timeouts and errors) kept by this pipeline, not through redis-py's Pipeline: that path costs
-    ~160 µs of CPU per round trip here (pool checkout and release under a lock, a readiness probe
-    of the socket, its observability hooks), this one ~90 µs, and there are two round trips per
-    unary call at 1 in flight (benchmarks/RESULTS.md, seventeenth session). A connection that
-    failed or was interrupted is dropped (its replies may be half read); a dropped connection is
-    retried once, as the client's Retry does for every other command (see IngressServer)."""
+    A round trip is packed by hiredis and written and read on redis-py connections this pipeline
+    keeps (redis-py's handshake, reply parser and errors), not through redis-py's Pipeline: that
+    costs ~150-210 µs of client CPU per round trip here (pool checkout and release under a lock, a
+    readiness probe of the socket, a task per write, a timer per reply, its Python packer), this
+    ~80-110 µs, and a unary call at 1 in flight makes two round trips
+    (benchmarks/redis_round_trip.py; RESULTS.md, seventeenth session). Replies are Redis's own,
+    without redis-py's response callbacks (EXPIRE answers 1, not True).
 
-    # Connections kept for the next round trips; more are made when ticks overlap, up to
-    # MAX_OPEN (the client pool's max_connections, see IngressServer).
-    KEEP = 8
-    MAX_OPEN = 512
+    Errors are redis-py's: one socket timeout (the client's) bounds the whole round trip and is not
+    retried; a connection Redis closed (a restart: every kept connection fails once) is retried
+    once on a new socket, as the client's Retry does for its other commands (see IngressServer).
+    A connection whose round trip failed or was cancelled is closed, so no late reply of it is
+    ever read as another round trip's."""
+
+    # At most this many connections open at once (as many as round trips under way: ticks
+    # overlap while Redis answers); past it a round trip is refused "Too many connections", an
+    # outage, as redis-py's pool refuses past its max_connections. Its own budget, beside the
+    # client pool's 512 (IngressServer) and the live streams' 64.
+    MAX_OPEN = 256
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
         self._queued: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]] = []
         self._scheduled = False
         self._running: set[asyncio.Task[None]] = set()
+        # Connections between round trips: all are kept (as a pool keeps what is released), so
+        # overlapping ticks do not open and close sockets.
         self._idle: list[Any] = []
         self._open = 0
         self._closed = False
+        self._timeout_s: float | None = redis.connection_pool.connection_kwargs.get("socket_timeout")
 
     def run(self, queue: Callable[[Any], None], count: int) -> asyncio.Future[list[Any]]:
-        """`queue(pipe)` adds `count` commands (pipe.execute_command); the future gets their raw
-        replies (an error reply as its exception object), or the exception that failed the whole
-        round trip."""
+        """`queue(pipe)` adds `count` commands (see _Commands); the future gets their raw replies
+        (an error reply as its exception object), or the exception that failed the round trip."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         self._queued.append((queue, count, future))
@@ -399,50 +411,66 @@ class TickPipeline:
         if self._idle:
             conn = self._idle.pop()
         elif self._open >= self.MAX_OPEN:
-            # What redis-py's pool says past its max_connections (retried once, then refused).
             raise RedisConnectionError("Too many connections")
         else:
-            conn = self._redis.connection_pool.make_connection()
+            pool = self._redis.connection_pool
+            # Without redis-py's per-operation timeout: one deadline covers the round trip below.
+            conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
             self._open += 1
         try:
+            try:
+                packed = b"".join([hiredis.pack_command(command) for command in commands])
+            except TypeError as exc:
+                raise DataError(f"a Redis command argument of an unsupported type: {exc}") from None
             for attempt in (1, 2):
                 try:
-                    if not conn.is_connected:
-                        await conn.connect()
-                    await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                    replies: list[Any] = []
-                    for _ in commands:
-                        try:
-                            replies.append(await conn.read_response())
-                        except ResponseError as exc:
-                            replies.append(exc)
+                    async with asyncio.timeout(self._timeout_s):
+                        replies = await self._send(conn, packed, len(commands))
                     break
-                except RedisConnectionError:
-                    # Closed by Redis (a restart): once more on a new socket, as redis-py retries.
-                    await _dropped(conn)
-                    if attempt == 2:
+                except TimeoutError as exc:
+                    raise RedisTimeoutError(
+                        f"Redis did not answer {len(commands)} commands within {self._timeout_s}s"
+                    ) from exc
+                except (RedisConnectionError, RuntimeError) as exc:
+                    # A connection Redis closed: a ConnectionError, or uvloop's refusal to write
+                    # on it (services/outages.py). Once more, on a new socket.
+                    if attempt == 2 or not (isinstance(exc, RedisConnectionError) or closed_transport(exc)):
                         raise
+                    await _disconnected(conn)
         except BaseException:
-            await _dropped(conn)
             self._open -= 1
+            await _disconnected(conn)
             raise
-        if len(self._idle) < self.KEEP and not self._closed:
-            self._idle.append(conn)
-        else:
-            await _dropped(conn)
+        if self._closed:
             self._open -= 1
+            await _disconnected(conn)
+        else:
+            self._idle.append(conn)
+        return replies
+
+    @staticmethod
+    async def _send(conn: Any, packed: bytes, count: int) -> list[Any]:
+        if not conn.is_connected:
+            await conn.connect()
+        await conn.send_packed_command(packed, check_health=False)
+        replies: list[Any] = []
+        for _ in range(count):
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
         return replies
 
     async def close(self) -> None:
-        """Close the connections kept for later round trips (those under way close as they end)."""
+        """Close the kept connections; those of round trips under way close when they end."""
         self._closed = True
         idle, self._idle = self._idle, []
+        self._open -= len(idle)
         for conn in idle:
-            await _dropped(conn)
-            self._open -= 1
+            await _disconnected(conn)
 
 
-async def _dropped(conn: Any) -> None:
+async def _disconnected(conn: Any) -> None:
     try:
         await conn.disconnect(nowait=True)
     except Exception as exc:

@@ -171,10 +171,23 @@ async def test_a_redis_restart_costs_the_next_round_trip_no_error(
         assert await a == [b"OK"]
         assert await b == [1]
         assert await tick.run(_commands(("GET", "k")), 1) == [b"after"]
-        assert tick._open <= TickPipeline.KEEP
+        assert tick._open == 2  # the two were opened again, none more
     finally:
         await tick.close()
     assert tick._open == 0
+
+
+async def _overlapping(tick: TickPipeline, redis_server: _Redis, n: int) -> list[Any]:
+    """n round trips under way at once (Redis held meanwhile, each queued in a tick of its own)."""
+    redis_server.signal(signal.SIGSTOP)
+    try:
+        futures = []
+        for i in range(n):
+            futures.append(tick.run(_commands(("INCR", f"overlap{i}")), 1))
+            await asyncio.sleep(0)  # the next run() is a round trip of its own
+    finally:
+        redis_server.signal(signal.SIGCONT)
+    return list(await asyncio.gather(*futures, return_exceptions=True))
 
 
 async def test_a_redis_that_does_not_answer_is_refused_within_the_timeout_and_nothing_is_read_late(
@@ -183,6 +196,9 @@ async def test_a_redis_that_does_not_answer_is_refused_within_the_timeout_and_no
     tick = TickPipeline(client)
     try:
         assert await tick.run(_commands(("SET", "k", "v")), 1) == [b"OK"]
+        # Two connections kept and connected: each round trip below is held in its read.
+        assert await _overlapping(tick, redis_server, 2) == [[1], [1]]
+        assert tick._open == 2 and len(tick._idle) == 2
         redis_server.signal(signal.SIGSTOP)
         try:
             started = time.monotonic()
@@ -190,23 +206,65 @@ async def test_a_redis_that_does_not_answer_is_refused_within_the_timeout_and_no
                 await tick.run(_commands(("SET", "late", "1"), ("GET", "k")), 2)
             # Not retried: one socket timeout, not two (see IngressServer's Retry).
             assert time.monotonic() - started < 2 * SOCKET_TIMEOUT_S
-            # A round trip cancelled while Redis holds it (its caller's deadline, a stop).
-            cancelled = asyncio.ensure_future(tick.run(_commands(("INCR", "counter")), 1))
+            # A round trip cancelled in its read (its caller's deadline, a stop): the command
+            # was written to Redis, which holds it.
+            cancelled = tick.run(_commands(("INCR", "counter")), 1)
             await asyncio.sleep(0.2)
+            assert len(tick._running) == 1
             for task in list(tick._running):
                 task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
         finally:
             redis_server.signal(signal.SIGCONT)
-        # Redis now answers the commands it held (SET late, GET k, INCR counter) on sockets that
-        # were dropped: none of those replies may be taken for this round trip's.
+        assert tick._open == 0 and not tick._idle  # both held connections were closed
+        # Redis now runs what it held (SET late, GET k, INCR counter) and answers on sockets
+        # that were closed: none of those replies may be read as this round trip's.
         assert await tick.run(_commands(("GET", "k"), ("GET", "nothing")), 2) == [b"v", None]
         assert await tick.run(_commands(("PING",)), 1) == [b"PONG"]
+        deadline = time.monotonic() + 10
+        while await client.get("counter") != b"1":  # the cancelled INCR did reach Redis
+            assert time.monotonic() < deadline, "the cancelled round trip's INCR never ran"
+            await asyncio.sleep(0.01)
+        assert await client.get("late") == b"1"
         assert tick._open == 1
     finally:
         await tick.close()
     assert tick._open == 0
+
+
+async def test_overlapping_round_trips_reuse_their_connections_and_are_bounded(
+    client: aioredis.Redis, redis_server: _Redis
+) -> None:
+    tick = TickPipeline(client)
+    try:
+        assert await _overlapping(tick, redis_server, 20) == [[1]] * 20
+        assert tick._open == 20
+        received = (await client.info("stats"))["total_connections_received"]
+        # The same again: every round trip finds a kept connection, none is opened.
+        assert await _overlapping(tick, redis_server, 20) == [[2]] * 20
+        assert (await client.info("stats"))["total_connections_received"] == received
+        assert tick._open == 20
+        # Past MAX_OPEN a round trip is refused at once, as a pool past max_connections.
+        tick.MAX_OPEN = 21
+        outcomes = await _overlapping(tick, redis_server, 22)
+        refused = [o for o in outcomes if isinstance(o, RedisConnectionError)]
+        assert len(refused) == 1 and "Too many connections" in str(refused[0])
+        assert [o for o in outcomes if not isinstance(o, Exception)] == [[3]] * 20 + [[1]]
+        # Closed while a round trip is under way: it ends, and its connection is not kept.
+        redis_server.signal(signal.SIGSTOP)
+        try:
+            under_way = tick.run(_commands(("PING",)), 1)
+            await asyncio.sleep(0.1)  # written, and waiting for its reply
+            assert len(tick._running) == 1
+            await tick.close()
+            assert tick._open == 1
+        finally:
+            redis_server.signal(signal.SIGCONT)
+        assert await under_way == [b"PONG"]
+        assert tick._open == 0 and not tick._idle
+    finally:
+        await tick.close()
 
 
 async def test_a_redis_that_is_gone_fails_every_caller_of_the_round_trip(
