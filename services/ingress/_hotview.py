@@ -271,13 +271,34 @@ end
 return 1
 """
 
-# Keep an unsettled message in its in-flight set for another TTL (KEYS: set; ARGV: member, ms).
-# Not XX: a member Redis lost (with its data) is put back, so closes wait for it again.
-_TOUCH_IN_FLIGHT = """
+# A touch of a claim whose write is still waiting for Kafka (KEYS: the claim, its conversation's
+# in-flight set, the conversation hash; ARGV: the attempt's marker, the TTL in ms, "1" if in the
+# in-flight set, "1" if a close, the closing field). A claim that holds something else (its ack,
+# recorded by the settlement; another attempt's marker) is left alone: a touch Redis runs after the
+# settlement (sent on another connection before the acks came) must not cut the recorded ack's
+# expiry, put the message back in the in-flight set or hold a settled close's conversation again.
+# A claim Redis no longer has (lost with its data, or dropped by a failed write's settlement) still
+# has its in-flight entry and its close hold put back, as before: after a loss of Redis data,
+# closes wait for the message again.
+_TOUCH_IF_PENDING = """
+local holding = redis.call('GET', KEYS[1])
+if holding and holding ~= ARGV[1] then
+  return 0
+end
+local ms = tonumber(ARGV[2])
+if holding then
+  redis.call('PEXPIRE', KEYS[1], ms)
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-return redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[2], now + ms, ARGV[1] .. KEYS[1])
+  redis.call('PEXPIRE', KEYS[2], ms)
+end
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[3], ARGV[5], (now + ms) .. ':' .. ARGV[1])
+end
+return 1
 """
 
 
@@ -678,7 +699,6 @@ class IngressHotView:
         self._hold_for_close = redis.register_script(_HOLD_FOR_CLOSE)
         self._reserve_open = redis.register_script(_RESERVE_OPEN)
         self._settle_script = redis.register_script(_SETTLE)
-        self._touch_in_flight = redis.register_script(_TOUCH_IN_FLIGHT)
         self._renew_lease = redis.register_script(_RENEW_LEASE)
         # Whether this view ever asked for a lease (IngressServer does before it serves), and the
         # monotonic time its last successful renewal was sent.
@@ -956,39 +976,27 @@ class IngressHotView:
         return reply
 
     async def touch_claims(self, keys: Sequence[HeldClaim]) -> None:
-        """Extend claims whose write is still in flight (they expire only if this process dies)."""
+        """Extend claims whose write is still in flight (they expire only if this process dies),
+        their in-flight entries, and a close's hold; a claim settled meanwhile is left alone."""
 
         def queue(pipe: Any) -> None:
             for key in keys:
-                pipe.execute_command("EXPIRE", key.redis_key, CLAIM_TTL_S, "XX")
-                if key.in_flight:
-                    # EVAL, not EVALSHA: touches are rare (Kafka slower than a third of the TTL).
-                    pipe.execute_command(
-                        "EVAL",
-                        _TOUCH_IN_FLIGHT,
-                        1,
-                        key.in_flight_key,
-                        key.in_flight_member,
-                        CLAIM_TTL_S * 1000,
-                    )
-                if key.client_message_id == hv.CLOSE_CLAIM:
-                    # A close still waiting for Kafka keeps its conversation held.
-                    pipe.execute_command(
-                        "EVAL",
-                        _HOLD_FOR_CLOSE,
-                        3,
-                        hv.conversation_key(key.tenant_id, key.conversation_id),
-                        key.in_flight_key,
-                        hv.INGRESS_LEASES_KEY,
-                        hv.F_CLOSING,
-                        CLAIM_TTL_S * 1000,
-                        self._marker_prefix,
-                        key.marker,
-                        hv.MARKER_PREFIX_LEN,
-                    )
+                # EVAL, not EVALSHA: touches are rare (Kafka slower than a third of the TTL).
+                pipe.execute_command(
+                    "EVAL",
+                    _TOUCH_IF_PENDING,
+                    3,
+                    key.redis_key,
+                    key.in_flight_key,
+                    hv.conversation_key(key.tenant_id, key.conversation_id),
+                    key.marker,
+                    CLAIM_TTL_S * 1000,
+                    "1" if key.in_flight else "0",
+                    "1" if key.client_message_id == hv.CLOSE_CLAIM else "0",
+                    hv.F_CLOSING,
+                )
 
-        count = sum(1 + k.in_flight + (k.client_message_id == hv.CLOSE_CLAIM) for k in keys)
-        _raise_any(await self._tick.run(queue, count))
+        _raise_any(await self._tick.run(queue, len(keys)))
 
     async def settle_many(self, outcomes: Sequence[tuple[HeldClaim, Ack | None]]) -> None:
         """Record acks (a retry then gets the first ack) and drop claims whose write failed, and

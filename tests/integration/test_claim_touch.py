@@ -1,0 +1,120 @@
+"""A touch of claims that reaches Redis after their settlement changes nothing.
+
+The ingress touches the claims of a batch that Kafka has not acknowledged for a third of their
+TTL (IngressHotView.touch_claims), on one connection, while the settlement may go out on another
+once the acks arrive. Seen in the seventeenth session's review: a touch that timed out on its
+side can still run in Redis after the settlement. It then cut the recorded ack's expiry from the
+idempotency window (7 days) to 120 s, put the settled message back in its conversation's in-flight
+set (a close of the conversation then waited up to 120 s for it), and held a settled close's
+conversation as "being closed" again. A touch now acts only on a claim that still holds its
+attempt's marker.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis.asyncio as aioredis
+
+from schemas import hotview as hv
+from services.ingress._hotview import CLAIM_TTL_S, HeldClaim, IngressHotView
+from services.ingress._producer import Ack
+from tests.integration.test_tick_pipeline import client, redis_server  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.integration
+
+TTL_S = 7 * 24 * 3600
+
+
+async def _held(redis: aioredis.Redis, client_message_id: str, claim_ttl_s: int = 5) -> HeldClaim:
+    """A claim as claim_many leaves it: the key holds the attempt's marker, and the message is a
+    member of its conversation's in-flight set (scored by until when, Redis ms)."""
+    marker = b"pending:0123456789ab:" + client_message_id.encode()
+    held = HeldClaim("t", "c1", client_message_id, marker, in_flight=True)
+    await redis.set(held.redis_key, marker, ex=claim_ttl_s)
+    until = int(time.time() * 1000) + claim_ttl_s * 1000
+    await redis.zadd(held.in_flight_key, {held.in_flight_member: until})
+    return held
+
+
+async def test_a_touch_after_the_settlement_leaves_the_ack_and_the_in_flight_set_alone(
+    client: aioredis.Redis,  # noqa: F811
+) -> None:
+    hot = IngressHotView(client, TTL_S)
+    try:
+        held = await _held(client, "m1")
+        ack = Ack("0192f0e0-0000-7000-8000-000000000001", 2, 41)
+        await hot.settle_many([(held, ack)])
+        recorded = hv.encode_claim(ack.event_id, ack.partition, ack.offset).encode()
+        assert await client.get(held.redis_key) == recorded
+        assert await client.zscore(held.in_flight_key, held.in_flight_member) is None
+        # The touch sent before the acks arrived, run by Redis only now.
+        await hot.touch_claims([held])
+        assert await client.get(held.redis_key) == recorded
+        assert await client.ttl(held.redis_key) > TTL_S - 60, "the ack's idempotency window was cut"
+        assert await client.zscore(held.in_flight_key, held.in_flight_member) is None, (
+            "a settled message is back in its conversation's in-flight set"
+        )
+    finally:
+        await hot.close()
+
+
+async def test_a_touch_of_a_settled_close_does_not_hold_its_conversation_again(
+    client: aioredis.Redis,  # noqa: F811
+) -> None:
+    hot = IngressHotView(client, TTL_S)
+    try:
+        marker = b"pending:0123456789ab:close"
+        held = HeldClaim("t", "c2", hv.CLOSE_CLAIM, marker)
+        conversation = hv.conversation_key("t", "c2")
+        await client.set(held.redis_key, marker, ex=5)
+        await client.hset(conversation, hv.F_CLOSING, f"{int(time.time() * 1000) + 5000}:{marker.decode()}")
+        ack = Ack("0192f0e0-0000-7000-8000-000000000002", 1, 7)
+        await hot.settle_many([(held, ack)])
+        await client.hdel(conversation, hv.F_CLOSING)  # the close's next step released its hold
+        await hot.touch_claims([held])
+        assert await client.hget(conversation, hv.F_CLOSING) is None, "the conversation is held again"
+        assert await client.ttl(held.redis_key) > TTL_S - 60
+    finally:
+        await hot.close()
+
+
+async def test_a_touch_of_a_pending_claim_extends_it_and_its_in_flight_entry(
+    client: aioredis.Redis,  # noqa: F811
+) -> None:
+    hot = IngressHotView(client, TTL_S)
+    try:
+        held = await _held(client, "m3", claim_ttl_s=5)
+        close_marker = b"pending:0123456789ab:close3"
+        close = HeldClaim("t", "c3", hv.CLOSE_CLAIM, close_marker)
+        conversation = hv.conversation_key("t", "c3")
+        await client.set(close.redis_key, close_marker, ex=5)
+        before = time.time() * 1000
+        await hot.touch_claims([held, close])
+        assert await client.get(held.redis_key) == held.marker
+        assert await client.ttl(held.redis_key) > CLAIM_TTL_S - 10
+        score = await client.zscore(held.in_flight_key, held.in_flight_member)
+        assert score is not None and score >= before + (CLAIM_TTL_S - 10) * 1000
+        assert await client.ttl(close.redis_key) > CLAIM_TTL_S - 10
+        holding = await client.hget(conversation, hv.F_CLOSING)
+        assert holding is not None and holding.endswith(b":" + close_marker)
+        assert int(holding.split(b":", 1)[0]) >= before + (CLAIM_TTL_S - 10) * 1000
+    finally:
+        await hot.close()
+
+
+async def test_a_touch_of_a_claim_redis_lost_puts_its_in_flight_entry_back(
+    client: aioredis.Redis,  # noqa: F811
+) -> None:
+    # Redis lost the claim and the in-flight set with its data (a kill -9 before its AOF was
+    # written) while the write waits for Kafka: closes of the conversation must wait for it again.
+    hot = IngressHotView(client, TTL_S)
+    try:
+        held = await _held(client, "m4")
+        await client.delete(held.redis_key, held.in_flight_key)
+        await hot.touch_claims([held])
+        assert await client.zscore(held.in_flight_key, held.in_flight_member) is not None
+        assert await client.get(held.redis_key) is None  # not made up: the settlement records it
+    finally:
+        await hot.close()
