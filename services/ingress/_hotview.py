@@ -273,29 +273,32 @@ return 1
 
 # A touch of a claim whose write is still waiting for Kafka (KEYS: the claim, its conversation's
 # in-flight set, the conversation hash; ARGV: the attempt's marker, the TTL in ms, "1" if in the
-# in-flight set, "1" if a close, the closing field). A claim that holds something else (its ack,
-# recorded by the settlement; another attempt's marker) is left alone: a touch Redis runs after the
-# settlement (sent on another connection before the acks came) must not cut the recorded ack's
-# expiry, put the message back in the in-flight set or hold a settled close's conversation again.
-# A claim Redis no longer has (lost with its data, or dropped by a failed write's settlement) still
-# has its in-flight entry and its close hold put back, as before: after a loss of Redis data,
-# closes wait for the message again.
+# in-flight set, "1" if a close, the closing field). A claim that holds an ack (recorded by the
+# settlement) is left alone: a touch Redis runs after the settlement (sent on another connection
+# before the acks came) must not cut the ack's expiry, put the message back in the in-flight set
+# or hold a settled close's conversation again. A claim held by another attempt's marker (taken
+# over: this process seemed dead) still has this attempt's in-flight entry extended, since this
+# attempt's record may still land, but not the claim or a close hold. A claim Redis no longer has
+# (lost with its data, or dropped by a failed write's settlement) has its in-flight entry and its
+# close hold put back, as before: after a loss of Redis data closes wait for the message again (a
+# late touch after a failed write's settlement then holds closes up to the TTL: not told apart).
 _TOUCH_IF_PENDING = """
 local holding = redis.call('GET', KEYS[1])
-if holding and holding ~= ARGV[1] then
+local mine = holding == ARGV[1]
+if holding and not mine and string.sub(holding, 1, 8) ~= 'pending:' then
   return 0
 end
 local ms = tonumber(ARGV[2])
-if holding then
-  redis.call('PEXPIRE', KEYS[1], ms)
-end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if mine then
+  redis.call('PEXPIRE', KEYS[1], ms)
+end
 if ARGV[3] == '1' then
   redis.call('ZADD', KEYS[2], now + ms, ARGV[1] .. KEYS[1])
   redis.call('PEXPIRE', KEYS[2], ms)
 end
-if ARGV[4] == '1' then
+if ARGV[4] == '1' and (mine or not holding) then
   redis.call('HSET', KEYS[3], ARGV[5], (now + ms) .. ':' .. ARGV[1])
 end
 return 1
@@ -365,17 +368,21 @@ class TickPipeline:
     (benchmarks/redis_round_trip.py; RESULTS.md, seventeenth session). Replies are Redis's own,
     without redis-py's response callbacks (EXPIRE answers 1, not True).
 
-    Errors are redis-py's: one socket timeout (the client's) bounds the whole round trip and is not
-    retried; a connection Redis closed (a restart: every kept connection fails once) is retried
-    once on a new socket, as the client's Retry does for its other commands (see IngressServer).
-    A connection whose round trip failed or was cancelled is closed, so no late reply of it is
-    ever read as another round trip's."""
+    Errors are redis-py's: one socket timeout (the client's) bounds each attempt of a round trip
+    (connect, handshake, write and every reply) and a timeout is not retried; a connection Redis
+    closed (a restart: every kept connection fails once) is retried once on a new socket, as the
+    client's Retry does for its other commands (see IngressServer), so a round trip takes at most
+    two timeouts. A connection whose round trip failed or was cancelled is closed, so no late reply
+    of it is ever read as another round trip's. After a timeout every kept connection is closed (a
+    Redis that stopped answering, or an address that now drops packets, would time each of them
+    out in turn), and a connection unused for IDLE_CLOSE_S is closed."""
 
     # At most this many connections open at once (as many as round trips under way: ticks
     # overlap while Redis answers); past it a round trip is refused "Too many connections", an
     # outage, as redis-py's pool refuses past its max_connections. Its own budget, beside the
     # client pool's 512 (IngressServer) and the live streams' 64.
     MAX_OPEN = 256
+    IDLE_CLOSE_S = 60.0
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
@@ -384,10 +391,12 @@ class TickPipeline:
         self._running: set[asyncio.Task[None]] = set()
         # Connections between round trips: all are kept (as a pool keeps what is released), so
         # overlapping ticks do not open and close sockets.
-        self._idle: list[Any] = []
+        # (connection, when it was last used), the most recently used last.
+        self._idle: list[tuple[Any, float]] = []
         self._open = 0
         self._closed = False
-        self._timeout_s: float | None = redis.connection_pool.connection_kwargs.get("socket_timeout")
+        # The client's socket timeout, or redis-py's default socket timeout: never none at all.
+        self._timeout_s: float = redis.connection_pool.connection_kwargs.get("socket_timeout") or 5.0
 
     def run(self, queue: Callable[[Any], None], count: int) -> asyncio.Future[list[Any]]:
         """`queue(pipe)` adds `count` commands (see _Commands); the future gets their raw replies
@@ -429,20 +438,20 @@ class TickPipeline:
             at += count
 
     async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        try:
+            packed = b"".join([hiredis.pack_command(command) for command in commands])
+        except TypeError as exc:
+            raise DataError(f"a Redis command argument of an unsupported type: {exc}") from None
         if self._idle:
-            conn = self._idle.pop()
+            conn, _ = self._idle.pop()
         elif self._open >= self.MAX_OPEN:
             raise RedisConnectionError("Too many connections")
         else:
             pool = self._redis.connection_pool
-            # Without redis-py's per-operation timeout: one deadline covers the round trip below.
+            # Without redis-py's per-operation timeout: one deadline covers the attempt below.
             conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
             self._open += 1
         try:
-            try:
-                packed = b"".join([hiredis.pack_command(command) for command in commands])
-            except TypeError as exc:
-                raise DataError(f"a Redis command argument of an unsupported type: {exc}") from None
             for attempt in (1, 2):
                 try:
                     async with asyncio.timeout(self._timeout_s):
@@ -458,16 +467,29 @@ class TickPipeline:
                     if attempt == 2 or not (isinstance(exc, RedisConnectionError) or closed_transport(exc)):
                         raise
                     await _disconnected(conn)
-        except BaseException:
+        except BaseException as exc:
             self._open -= 1
             await _disconnected(conn)
+            if isinstance(exc, RedisTimeoutError):
+                await self._close_idle(len(self._idle))
             raise
         if self._closed:
             self._open -= 1
             await _disconnected(conn)
-        else:
-            self._idle.append(conn)
+            return replies
+        now = time.monotonic()
+        self._idle.append((conn, now))
+        stale = next((n for n, (_, used) in enumerate(self._idle) if now - used < self.IDLE_CLOSE_S), 0)
+        if stale:
+            await self._close_idle(stale)
         return replies
+
+    async def _close_idle(self, count: int) -> None:
+        """Close the `count` least recently used kept connections."""
+        idle, self._idle = self._idle[:count], self._idle[count:]
+        self._open -= len(idle)
+        for conn, _ in idle:
+            await _disconnected(conn)
 
     @staticmethod
     async def _send(conn: Any, packed: bytes, count: int) -> list[Any]:
@@ -485,10 +507,7 @@ class TickPipeline:
     async def close(self) -> None:
         """Close the kept connections; those of round trips under way close when they end."""
         self._closed = True
-        idle, self._idle = self._idle, []
-        self._open -= len(idle)
-        for conn in idle:
-            await _disconnected(conn)
+        await self._close_idle(len(self._idle))
 
 
 async def _disconnected(conn: Any) -> None:
@@ -978,6 +997,8 @@ class IngressHotView:
     async def touch_claims(self, keys: Sequence[HeldClaim]) -> None:
         """Extend claims whose write is still in flight (they expire only if this process dies),
         their in-flight entries, and a close's hold; a claim settled meanwhile is left alone."""
+        if not keys:
+            return
 
         def queue(pipe: Any) -> None:
             for key in keys:

@@ -6,8 +6,10 @@ once the acks arrive. Seen in the seventeenth session's review: a touch that tim
 side can still run in Redis after the settlement. It then cut the recorded ack's expiry from the
 idempotency window (7 days) to 120 s, put the settled message back in its conversation's in-flight
 set (a close of the conversation then waited up to 120 s for it), and held a settled close's
-conversation as "being closed" again. A touch now acts only on a claim that still holds its
-attempt's marker.
+conversation as "being closed" again. A touch now leaves a claim that holds an ack alone. A claim
+taken over by another attempt only has this attempt's in-flight entry extended; a claim Redis no
+longer has (lost with its data, or dropped by a failed write's settlement: not told apart) has its
+entry and close hold put back, as before.
 """
 
 from __future__ import annotations
@@ -116,5 +118,28 @@ async def test_a_touch_of_a_claim_redis_lost_puts_its_in_flight_entry_back(
         await hot.touch_claims([held])
         assert await client.zscore(held.in_flight_key, held.in_flight_member) is not None
         assert await client.get(held.redis_key) is None  # not made up: the settlement records it
+    finally:
+        await hot.close()
+
+
+async def test_a_touch_of_a_claim_another_attempt_took_over_extends_only_its_own_in_flight_entry(
+    client: aioredis.Redis,  # noqa: F811
+) -> None:
+    # This process seemed dead and a retry took the claim over; this attempt's record may still
+    # land, so closes must keep waiting for it, but the claim and the hold are the other's.
+    hot = IngressHotView(client, TTL_S)
+    try:
+        held = await _held(client, "m5", claim_ttl_s=5)
+        theirs = b"pending:ba9876543210:m5"
+        await client.set(held.redis_key, theirs, ex=30)
+        close = HeldClaim("t", "c5", hv.CLOSE_CLAIM, b"pending:0123456789ab:close5")
+        await client.set(close.redis_key, b"pending:ba9876543210:close5", ex=30)
+        before = time.time() * 1000
+        await hot.touch_claims([held, close])
+        assert await client.get(held.redis_key) == theirs
+        assert await client.ttl(held.redis_key) <= 30
+        score = await client.zscore(held.in_flight_key, held.in_flight_member)
+        assert score is not None and score >= before + (CLAIM_TTL_S - 10) * 1000
+        assert await client.hget(hv.conversation_key("t", "c5"), hv.F_CLOSING) is None
     finally:
         await hot.close()

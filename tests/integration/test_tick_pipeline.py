@@ -201,20 +201,20 @@ async def test_a_redis_that_does_not_answer_is_refused_within_the_timeout_and_no
         assert tick._open == 2 and len(tick._idle) == 2
         redis_server.signal(signal.SIGSTOP)
         try:
+            # A round trip cancelled in its read (its caller's deadline, a stop): the command
+            # was written to Redis, which holds it.
+            cancelled = tick.run(_commands(("INCR", "counter")), 1)
+            await asyncio.sleep(0.2)
+            assert len(tick._running) == 1 and len(tick._idle) == 1
+            for task in list(tick._running):
+                task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
             started = time.monotonic()
             with pytest.raises(RedisTimeoutError):
                 await tick.run(_commands(("SET", "late", "1"), ("GET", "k")), 2)
             # Not retried: one socket timeout, not two (see IngressServer's Retry).
             assert time.monotonic() - started < 2 * SOCKET_TIMEOUT_S
-            # A round trip cancelled in its read (its caller's deadline, a stop): the command
-            # was written to Redis, which holds it.
-            cancelled = tick.run(_commands(("INCR", "counter")), 1)
-            await asyncio.sleep(0.2)
-            assert len(tick._running) == 1
-            for task in list(tick._running):
-                task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await cancelled
         finally:
             redis_server.signal(signal.SIGCONT)
         assert tick._open == 0 and not tick._idle  # both held connections were closed
@@ -251,6 +251,14 @@ async def test_overlapping_round_trips_reuse_their_connections_and_are_bounded(
         refused = [o for o in outcomes if isinstance(o, RedisConnectionError)]
         assert len(refused) == 1 and "Too many connections" in str(refused[0])
         assert [o for o in outcomes if not isinstance(o, Exception)] == [[3]] * 20 + [[1]]
+        # Connections unused for IDLE_CLOSE_S are closed (the least recently used first).
+        tick.IDLE_CLOSE_S = 0.05
+        await asyncio.sleep(0.1)
+        assert await tick.run(_commands(("PING",)), 1) == [b"PONG"]
+        assert tick._open == 1
+        received = (await client.info("stats"))["total_connections_received"]
+        assert await tick.run(_commands(("PING",)), 1) == [b"PONG"]  # on the one kept
+        assert (await client.info("stats"))["total_connections_received"] == received
         # Closed while a round trip is under way: it ends, and its connection is not kept.
         redis_server.signal(signal.SIGSTOP)
         try:
