@@ -660,7 +660,6 @@ class IngressServer:
         await self.service.writes.stop_erasures()
         await self.knowledge.close()
         await self.service.reads.close()
-        await self.hot.close()
         await self.redis.aclose()
         await self.live_redis.aclose()
 

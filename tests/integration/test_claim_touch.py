@@ -44,66 +44,57 @@ async def test_a_touch_after_the_settlement_leaves_the_ack_and_the_in_flight_set
     client: aioredis.Redis,  # noqa: F811
 ) -> None:
     hot = IngressHotView(client, TTL_S)
-    try:
-        held = await _held(client, "m1")
-        ack = Ack("0192f0e0-0000-7000-8000-000000000001", 2, 41)
-        await hot.settle_many([(held, ack)])
-        recorded = hv.encode_claim(ack.event_id, ack.partition, ack.offset).encode()
-        assert await client.get(held.redis_key) == recorded
-        assert await client.zscore(held.in_flight_key, held.in_flight_member) is None
-        # The touch sent before the acks arrived, run by Redis only now.
-        await hot.touch_claims([held])
-        assert await client.get(held.redis_key) == recorded
-        assert await client.ttl(held.redis_key) > TTL_S - 60, "the ack's idempotency window was cut"
-        assert await client.zscore(held.in_flight_key, held.in_flight_member) is None, (
-            "a settled message is back in its conversation's in-flight set"
-        )
-    finally:
-        await hot.close()
+    held = await _held(client, "m1")
+    ack = Ack("0192f0e0-0000-7000-8000-000000000001", 2, 41)
+    await hot.settle_many([(held, ack)])
+    recorded = hv.encode_claim(ack.event_id, ack.partition, ack.offset).encode()
+    assert await client.get(held.redis_key) == recorded
+    assert await client.zscore(held.in_flight_key, held.in_flight_member) is None
+    # The touch sent before the acks arrived, run by Redis only now.
+    await hot.touch_claims([held])
+    assert await client.get(held.redis_key) == recorded
+    assert await client.ttl(held.redis_key) > TTL_S - 60, "the ack's idempotency window was cut"
+    assert await client.zscore(held.in_flight_key, held.in_flight_member) is None, (
+        "a settled message is back in its conversation's in-flight set"
+    )
 
 
 async def test_a_touch_of_a_settled_close_does_not_hold_its_conversation_again(
     client: aioredis.Redis,  # noqa: F811
 ) -> None:
     hot = IngressHotView(client, TTL_S)
-    try:
-        marker = b"pending:0123456789ab:close"
-        held = HeldClaim("t", "c2", hv.CLOSE_CLAIM, marker)
-        conversation = hv.conversation_key("t", "c2")
-        await client.set(held.redis_key, marker, ex=5)
-        await client.hset(conversation, hv.F_CLOSING, f"{int(time.time() * 1000) + 5000}:{marker.decode()}")
-        ack = Ack("0192f0e0-0000-7000-8000-000000000002", 1, 7)
-        await hot.settle_many([(held, ack)])
-        await client.hdel(conversation, hv.F_CLOSING)  # the close's next step released its hold
-        await hot.touch_claims([held])
-        assert await client.hget(conversation, hv.F_CLOSING) is None, "the conversation is held again"
-        assert await client.ttl(held.redis_key) > TTL_S - 60
-    finally:
-        await hot.close()
+    marker = b"pending:0123456789ab:close"
+    held = HeldClaim("t", "c2", hv.CLOSE_CLAIM, marker)
+    conversation = hv.conversation_key("t", "c2")
+    await client.set(held.redis_key, marker, ex=5)
+    await client.hset(conversation, hv.F_CLOSING, f"{int(time.time() * 1000) + 5000}:{marker.decode()}")
+    ack = Ack("0192f0e0-0000-7000-8000-000000000002", 1, 7)
+    await hot.settle_many([(held, ack)])
+    await client.hdel(conversation, hv.F_CLOSING)  # the close's next step released its hold
+    await hot.touch_claims([held])
+    assert await client.hget(conversation, hv.F_CLOSING) is None, "the conversation is held again"
+    assert await client.ttl(held.redis_key) > TTL_S - 60
 
 
 async def test_a_touch_of_a_pending_claim_extends_it_and_its_in_flight_entry(
     client: aioredis.Redis,  # noqa: F811
 ) -> None:
     hot = IngressHotView(client, TTL_S)
-    try:
-        held = await _held(client, "m3", claim_ttl_s=5)
-        close_marker = b"pending:0123456789ab:close3"
-        close = HeldClaim("t", "c3", hv.CLOSE_CLAIM, close_marker)
-        conversation = hv.conversation_key("t", "c3")
-        await client.set(close.redis_key, close_marker, ex=5)
-        before = time.time() * 1000
-        await hot.touch_claims([held, close])
-        assert await client.get(held.redis_key) == held.marker
-        assert await client.ttl(held.redis_key) > CLAIM_TTL_S - 10
-        score = await client.zscore(held.in_flight_key, held.in_flight_member)
-        assert score is not None and score >= before + (CLAIM_TTL_S - 10) * 1000
-        assert await client.ttl(close.redis_key) > CLAIM_TTL_S - 10
-        holding = bytes(await client.hget(conversation, hv.F_CLOSING) or b"")  # type: ignore[arg-type]
-        assert holding.endswith(b":" + close_marker)
-        assert int(holding.split(b":", 1)[0]) >= before + (CLAIM_TTL_S - 10) * 1000
-    finally:
-        await hot.close()
+    held = await _held(client, "m3", claim_ttl_s=5)
+    close_marker = b"pending:0123456789ab:close3"
+    close = HeldClaim("t", "c3", hv.CLOSE_CLAIM, close_marker)
+    conversation = hv.conversation_key("t", "c3")
+    await client.set(close.redis_key, close_marker, ex=5)
+    before = time.time() * 1000
+    await hot.touch_claims([held, close])
+    assert await client.get(held.redis_key) == held.marker
+    assert await client.ttl(held.redis_key) > CLAIM_TTL_S - 10
+    score = await client.zscore(held.in_flight_key, held.in_flight_member)
+    assert score is not None and score >= before + (CLAIM_TTL_S - 10) * 1000
+    assert await client.ttl(close.redis_key) > CLAIM_TTL_S - 10
+    holding = bytes(await client.hget(conversation, hv.F_CLOSING) or b"")  # type: ignore[arg-type]
+    assert holding.endswith(b":" + close_marker)
+    assert int(holding.split(b":", 1)[0]) >= before + (CLAIM_TTL_S - 10) * 1000
 
 
 async def test_a_touch_of_a_claim_redis_lost_puts_its_in_flight_entry_back(
@@ -112,14 +103,11 @@ async def test_a_touch_of_a_claim_redis_lost_puts_its_in_flight_entry_back(
     # Redis lost the claim and the in-flight set with its data (a kill -9 before its AOF was
     # written) while the write waits for Kafka: closes of the conversation must wait for it again.
     hot = IngressHotView(client, TTL_S)
-    try:
-        held = await _held(client, "m4")
-        await client.delete(held.redis_key, held.in_flight_key)
-        await hot.touch_claims([held])
-        assert await client.zscore(held.in_flight_key, held.in_flight_member) is not None
-        assert await client.get(held.redis_key) is None  # not made up: the settlement records it
-    finally:
-        await hot.close()
+    held = await _held(client, "m4")
+    await client.delete(held.redis_key, held.in_flight_key)
+    await hot.touch_claims([held])
+    assert await client.zscore(held.in_flight_key, held.in_flight_member) is not None
+    assert await client.get(held.redis_key) is None  # not made up: the settlement records it
 
 
 async def test_a_touch_of_a_claim_another_attempt_took_over_extends_only_its_own_in_flight_entry(
@@ -128,18 +116,15 @@ async def test_a_touch_of_a_claim_another_attempt_took_over_extends_only_its_own
     # This process seemed dead and a retry took the claim over; this attempt's record may still
     # land, so closes must keep waiting for it, but the claim and the hold are the other's.
     hot = IngressHotView(client, TTL_S)
-    try:
-        held = await _held(client, "m5", claim_ttl_s=5)
-        theirs = b"pending:ba9876543210:m5"
-        await client.set(held.redis_key, theirs, ex=30)
-        close = HeldClaim("t", "c5", hv.CLOSE_CLAIM, b"pending:0123456789ab:close5")
-        await client.set(close.redis_key, b"pending:ba9876543210:close5", ex=30)
-        before = time.time() * 1000
-        await hot.touch_claims([held, close])
-        assert await client.get(held.redis_key) == theirs
-        assert await client.ttl(held.redis_key) <= 30
-        score = await client.zscore(held.in_flight_key, held.in_flight_member)
-        assert score is not None and score >= before + (CLAIM_TTL_S - 10) * 1000
-        assert await client.hget(hv.conversation_key("t", "c5"), hv.F_CLOSING) is None
-    finally:
-        await hot.close()
+    held = await _held(client, "m5", claim_ttl_s=5)
+    theirs = b"pending:ba9876543210:m5"
+    await client.set(held.redis_key, theirs, ex=30)
+    close = HeldClaim("t", "c5", hv.CLOSE_CLAIM, b"pending:0123456789ab:close5")
+    await client.set(close.redis_key, b"pending:ba9876543210:close5", ex=30)
+    before = time.time() * 1000
+    await hot.touch_claims([held, close])
+    assert await client.get(held.redis_key) == theirs
+    assert await client.ttl(held.redis_key) <= 30
+    score = await client.zscore(held.in_flight_key, held.in_flight_member)
+    assert score is not None and score >= before + (CLAIM_TTL_S - 10) * 1000
+    assert await client.hget(hv.conversation_key("t", "c5"), hv.F_CLOSING) is None
