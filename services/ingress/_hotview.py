@@ -270,8 +270,8 @@ return 1
 """
 
 # A touch of a claim whose write is still waiting for Kafka (KEYS: the claim, its conversation's
-# in-flight set, the conversation hash; ARGV: the attempt's marker, the TTL in ms, "1" if in the
-# in-flight set, "1" if a close, the closing field). A claim that holds an ack (recorded by the
+# in-flight set, the conversation hash; ARGV: the attempt's marker, the TTL in ms, its in-flight
+# member or "" when it has none, "1" if a close, the closing field). A claim that holds an ack (recorded by the
 # settlement) is left alone: a touch Redis runs after the settlement (sent on another connection
 # before the acks came) must not cut the ack's expiry, put the message back in the in-flight set
 # or hold a settled close's conversation again. A claim held by another attempt's marker (taken
@@ -292,8 +292,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if mine then
   redis.call('PEXPIRE', KEYS[1], ms)
 end
-if ARGV[3] == '1' then
-  redis.call('ZADD', KEYS[2], now + ms, ARGV[1] .. KEYS[1])
+if ARGV[3] ~= '' then
+  redis.call('ZADD', KEYS[2], now + ms, ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ms)
 end
 if ARGV[4] == '1' and (mine or not holding) then
@@ -882,7 +882,7 @@ class IngressHotView:
                     hv.conversation_key(key.tenant_id, key.conversation_id),
                     key.marker,
                     CLAIM_TTL_S * 1000,
-                    "1" if key.in_flight else "0",
+                    key.in_flight_member if key.in_flight else "",
                     "1" if key.client_message_id == hv.CLOSE_CLAIM else "0",
                     hv.F_CLOSING,
                 )

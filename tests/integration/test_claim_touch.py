@@ -40,6 +40,15 @@ async def _held(redis: aioredis.Redis, client_message_id: str, claim_ttl_s: int 
     return held
 
 
+async def _held_close(
+    redis: aioredis.Redis, conversation_id: str, marker: bytes, holder: bytes | None = None
+) -> HeldClaim:
+    """A close's claim, held by `holder` (this attempt's marker unless another took it over)."""
+    held = HeldClaim("t", conversation_id, hv.CLOSE_CLAIM, marker)
+    await redis.set(held.redis_key, holder or marker, ex=30 if holder else 5)
+    return held
+
+
 async def test_a_touch_after_the_settlement_leaves_the_ack_and_the_in_flight_set_alone(
     client: aioredis.Redis,  # noqa: F811
 ) -> None:
@@ -64,9 +73,8 @@ async def test_a_touch_of_a_settled_close_does_not_hold_its_conversation_again(
 ) -> None:
     hot = IngressHotView(client, TTL_S)
     marker = b"pending:0123456789ab:close"
-    held = HeldClaim("t", "c2", hv.CLOSE_CLAIM, marker)
+    held = await _held_close(client, "c2", marker)
     conversation = hv.conversation_key("t", "c2")
-    await client.set(held.redis_key, marker, ex=5)
     await client.hset(conversation, hv.F_CLOSING, f"{int(time.time() * 1000) + 5000}:{marker.decode()}")
     ack = Ack("0192f0e0-0000-7000-8000-000000000002", 1, 7)
     await hot.settle_many([(held, ack)])
@@ -82,9 +90,8 @@ async def test_a_touch_of_a_pending_claim_extends_it_and_its_in_flight_entry(
     hot = IngressHotView(client, TTL_S)
     held = await _held(client, "m3", claim_ttl_s=5)
     close_marker = b"pending:0123456789ab:close3"
-    close = HeldClaim("t", "c3", hv.CLOSE_CLAIM, close_marker)
+    close = await _held_close(client, "c3", close_marker)
     conversation = hv.conversation_key("t", "c3")
-    await client.set(close.redis_key, close_marker, ex=5)
     before = time.time() * 1000
     await hot.touch_claims([held, close])
     assert await client.get(held.redis_key) == held.marker
@@ -119,8 +126,9 @@ async def test_a_touch_of_a_claim_another_attempt_took_over_extends_only_its_own
     held = await _held(client, "m5", claim_ttl_s=5)
     theirs = b"pending:ba9876543210:m5"
     await client.set(held.redis_key, theirs, ex=30)
-    close = HeldClaim("t", "c5", hv.CLOSE_CLAIM, b"pending:0123456789ab:close5")
-    await client.set(close.redis_key, b"pending:ba9876543210:close5", ex=30)
+    close = await _held_close(
+        client, "c5", b"pending:0123456789ab:close5", holder=b"pending:ba9876543210:close5"
+    )
     before = time.time() * 1000
     await hot.touch_claims([held, close])
     assert await client.get(held.redis_key) == theirs
