@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     # install` from a short start and stop: services/stack/_cds.py). Saves about a second of JVM
     # start-up, most of all after a kill -9; false: a plain JVM start, no archive made.
     kafka_cds: bool = True
+    # Where `stack install` puts Kafka's jars and class-data archive; empty: <data_dir>/kafka. Stacks
+    # that name the same directory share one install (the tests share the project's var/kafka, as
+    # they share var/models), made under a lock in it.
+    kafka_install_dir: Path | None = None
     # Brokers of the embedded Kafka: 1, or a KRaft cluster of combined broker+controller nodes on
     # loopback (node i listens on the Kafka and controller ports + 10*(i-1)); with 3 or more,
     # topics get replication factor 3 and min.insync.replicas 2 (services/kafka_topics.py).

@@ -42,7 +42,9 @@ async def install(settings: Settings, *, for_tests: bool = False) -> None:
             install_log,
             f"apt-get install {' '.join(missing)}",
         )
-    async with stack_lock(layout.lock_path):
+    # The data directory's lock, then the install directory's (the same stack's `up` waits; another
+    # stack sharing the install waits for the jars and the archive, never sees them half made).
+    async with stack_lock(layout.lock_path), stack_lock(layout.kafka_install_lock, timeout_s=600.0):
         await _install_kafka(settings, layout)
         # Once per Kafka version and Java (a few seconds); never fails the install.
         await Kafka(settings).make_archive()

@@ -23,10 +23,16 @@ class StackError(RuntimeError):
 @dataclass(frozen=True)
 class Layout:
     data_dir: Path
+    # Kafka's jars and class-data archive (Settings.kafka_install_dir); None: kafka_dir.
+    kafka_install: Path | None = None
 
     @classmethod
     def of(cls, settings: Settings) -> Layout:
-        return cls(settings.data_dir.expanduser().resolve())
+        install = settings.kafka_install_dir
+        return cls(
+            settings.data_dir.expanduser().resolve(),
+            install.expanduser().resolve() if install is not None else None,
+        )
 
     @property
     def logs_dir(self) -> Path:
@@ -50,13 +56,22 @@ class Layout:
     def kafka_dir(self) -> Path:
         return self.data_dir / "kafka"
 
+    @property
+    def kafka_install_dir(self) -> Path:
+        return self.kafka_install or self.kafka_dir
+
+    @property
+    def kafka_install_lock(self) -> Path:
+        """Held while Kafka's jars or archive are being made (two stacks may share them)."""
+        return self.kafka_install_dir / "install.lock"
+
     def kafka_libs(self, version: str) -> Path:
-        return self.kafka_dir / f"libs-{version}"
+        return self.kafka_install_dir / f"libs-{version}"
 
     def kafka_cds_archive(self, version: str) -> Path:
         """The class-data archive of Kafka's classes from libs-<version>, made at install
         (services/stack/_cds.py); beside it the same name + ".json" says what it was made with."""
-        return self.kafka_dir / f"classes-{version}.jsa"
+        return self.kafka_install_dir / f"classes-{version}.jsa"
 
     @property
     def kafka_log_dir(self) -> Path:

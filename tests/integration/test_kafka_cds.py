@@ -30,6 +30,8 @@ _OFFSET = int(os.environ.get("SWITCHBOARD_TEST_PORT_OFFSET", "0"))
 async def settings(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Settings]:
     s = load_settings(
         data_dir=tmp_path_factory.mktemp("cds"),
+        # Its own jars and archive, whatever the environment says: these tests damage both.
+        kafka_install_dir=None,
         kafka_bootstrap=f"127.0.0.1:{18592 + _OFFSET}",
         kafka_controller_port=18593 + _OFFSET,
     )
@@ -98,6 +100,34 @@ async def test_install_makes_the_archive_and_kafka_starts_with_it(settings: Sett
     mtime = archive.stat().st_mtime_ns
     await stack.install(settings)
     assert archive.stat().st_mtime_ns == mtime
+
+
+async def test_a_stack_naming_another_install_dir_installs_nothing_and_starts_with_its_archive(
+    settings: Settings, tmp_path: Path
+) -> None:
+    shared = Layout.of(settings).kafka_dir
+    other = load_settings(
+        data_dir=tmp_path,
+        kafka_install_dir=shared,
+        kafka_bootstrap=f"127.0.0.1:{18596 + _OFFSET}",
+        kafka_controller_port=18597 + _OFFSET,
+    )
+    archive = archive_of(settings)
+    assert archive_of(other) == archive
+    mtime = archive.stat().st_mtime_ns
+    await stack.install(other)
+    assert archive.stat().st_mtime_ns == mtime
+    assert not list((tmp_path / "kafka").glob("libs-*")), "the jars were fetched again"
+    try:
+        await stack.start_component(other, "kafka")
+        cmdline = started_with(other)
+        assert f"-XX:SharedArchiveFile={archive}" in cmdline
+        assert f"{Kafka(settings).libs}/*" in cmdline
+        assert await write_one(other) >= 0
+        # Its data is its own: the shared directory holds no log of it.
+        assert (tmp_path / "kafka" / "data" / "meta.properties").exists()
+    finally:
+        await stack.stop_component(other, "kafka")
 
 
 async def test_kafka_starts_with_an_archive_the_jvm_finds_stale(settings: Settings) -> None:

@@ -115,6 +115,7 @@ def runner_env(data_dir: Path, shift: int = 0) -> dict[str, str]:
         **ports,
         "SWITCHBOARD_DATA_DIR": str(data_dir),
         "SWITCHBOARD_MODELS_DIR": str(PROJECT_ROOT / "var" / "models"),
+        "SWITCHBOARD_KAFKA_INSTALL_DIR": str(PROJECT_ROOT / "var" / "kafka"),
         "SWITCHBOARD_TOPIC_PARTITIONS": "2",
         # The machine is small: one ingress server process is enough to see writes served.
         "SWITCHBOARD_INGRESS_PROCESSES": "1",

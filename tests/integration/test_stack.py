@@ -24,7 +24,7 @@ from minio.error import S3Error
 
 from services import stack
 from services.kafka_topics import wait_for_leaders
-from services.settings import Settings, load_settings
+from services.settings import PROJECT_ROOT, Settings, load_settings
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,9 @@ PORTS = {
 
 
 def stack_settings(data_dir: Path, **overrides: object) -> Settings:
-    return load_settings(data_dir=data_dir, **{**PORTS, **overrides})
+    return load_settings(
+        data_dir=data_dir, kafka_install_dir=PROJECT_ROOT / "var" / "kafka", **{**PORTS, **overrides}
+    )
 
 
 @pytest.fixture(scope="module")
