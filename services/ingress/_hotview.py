@@ -10,15 +10,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import hotview as hv
 from services.ingress._producer import Ack, Unavailable, unavailable
+from services.outages import closed_transport
 
 log = logging.getLogger(__name__)
 
@@ -340,20 +342,65 @@ return n
 """
 
 
+class _Commands:
+    """What a `queue(pipe)` callback of TickPipeline.run writes to: `execute_command(*args)` only,
+    each argument a str, bytes, int or float (packed by hiredis, as UTF-8)."""
+
+    __slots__ = ("commands",)
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any) -> None:
+        self.commands.append(args)
+
+
 class TickPipeline:
     """Redis commands that any coroutine issues within one event-loop tick leave together, as one
     pipeline: under load the claims of new batches and the settlements of earlier ones share a
-    round trip. No timer: the flush runs at the end of the tick in which the first was queued."""
+    round trip. No timer: the flush runs at the end of the tick in which the first was queued.
+
+    A round trip is packed by hiredis and written and read on redis-py connections this pipeline
+    keeps (redis-py's handshake, reply parser and errors), not through redis-py's Pipeline: that
+    costs ~150-210 µs of client CPU per round trip here (pool checkout and release under a lock, a
+    readiness probe of the socket, a task per write, a timer per reply, its Python packer), this
+    ~80-110 µs, and a unary call at 1 in flight makes two round trips
+    (benchmarks/redis_round_trip.py; RESULTS.md, seventeenth session). Replies are Redis's own,
+    without redis-py's response callbacks (EXPIRE answers 1, not True).
+
+    Errors are redis-py's: one socket timeout (the client's) bounds each attempt of a round trip
+    (connect, handshake, write and every reply) and a timeout is not retried; a connection Redis
+    closed (a restart: every kept connection fails once) is retried once on a new socket, as the
+    client's Retry does for its other commands (see IngressServer), so a round trip takes at most
+    two timeouts. A connection whose round trip failed or was cancelled is closed, so no late reply
+    of it is ever read as another round trip's. After a timeout every kept connection is closed (a
+    Redis that stopped answering, or an address that now drops packets, would time each of them
+    out in turn), and a connection unused for IDLE_CLOSE_S is closed."""
+
+    # At most this many connections open at once (as many as round trips under way: ticks
+    # overlap while Redis answers); past it a round trip is refused "Too many connections", an
+    # outage, as redis-py's pool refuses past its max_connections. Its own budget, beside the
+    # client pool's 512 (IngressServer) and the live streams' 64.
+    MAX_OPEN = 256
+    IDLE_CLOSE_S = 60.0
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
         self._queued: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]] = []
         self._scheduled = False
         self._running: set[asyncio.Task[None]] = set()
+        # Connections between round trips: all are kept (as a pool keeps what is released), so
+        # overlapping ticks do not open and close sockets.
+        # (connection, when it was last used), the most recently used last.
+        self._idle: list[tuple[Any, float]] = []
+        self._open = 0
+        self._closed = False
+        # The client's socket timeout, or redis-py's default socket timeout: never none at all.
+        self._timeout_s: float = redis.connection_pool.connection_kwargs.get("socket_timeout") or 5.0
 
     def run(self, queue: Callable[[Any], None], count: int) -> asyncio.Future[list[Any]]:
-        """`queue(pipe)` adds `count` commands; the future gets their replies (an error reply as
-        its exception object), or the exception that failed the whole pipeline."""
+        """`queue(pipe)` adds `count` commands (see _Commands); the future gets their raw replies
+        (an error reply as its exception object), or the exception that failed the round trip."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         self._queued.append((queue, count, future))
@@ -373,10 +420,10 @@ class TickPipeline:
         self, queued: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]]
     ) -> None:
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for queue, _, _ in queued:
-                    queue(pipe)
-                replies = await pipe.execute(raise_on_error=False)
+            pipe = _Commands()
+            for queue, _, _ in queued:
+                queue(pipe)
+            replies = await self._round_trip(pipe.commands)
         except BaseException as exc:
             for _, _, future in queued:
                 if not future.done():
@@ -389,6 +436,85 @@ class TickPipeline:
             if not future.done():
                 future.set_result(replies[at : at + count])
             at += count
+
+    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        try:
+            packed = b"".join([hiredis.pack_command(command) for command in commands])
+        except TypeError as exc:
+            raise DataError(f"a Redis command argument of an unsupported type: {exc}") from None
+        if self._idle:
+            conn, _ = self._idle.pop()
+        elif self._open >= self.MAX_OPEN:
+            raise RedisConnectionError("Too many connections")
+        else:
+            pool = self._redis.connection_pool
+            # Without redis-py's per-operation timeout: one deadline covers the attempt below.
+            conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
+            self._open += 1
+        try:
+            for attempt in (1, 2):
+                try:
+                    async with asyncio.timeout(self._timeout_s):
+                        replies = await self._send(conn, packed, len(commands))
+                    break
+                except TimeoutError as exc:
+                    raise RedisTimeoutError(
+                        f"Redis did not answer {len(commands)} commands within {self._timeout_s}s"
+                    ) from exc
+                except (RedisConnectionError, RuntimeError) as exc:
+                    # A connection Redis closed: a ConnectionError, or uvloop's refusal to write
+                    # on it (services/outages.py). Once more, on a new socket.
+                    if attempt == 2 or not (isinstance(exc, RedisConnectionError) or closed_transport(exc)):
+                        raise
+                    await _disconnected(conn)
+        except BaseException as exc:
+            self._open -= 1
+            await _disconnected(conn)
+            if isinstance(exc, RedisTimeoutError):
+                await self._close_idle(len(self._idle))
+            raise
+        if self._closed:
+            self._open -= 1
+            await _disconnected(conn)
+            return replies
+        now = time.monotonic()
+        self._idle.append((conn, now))
+        stale = next((n for n, (_, used) in enumerate(self._idle) if now - used < self.IDLE_CLOSE_S), 0)
+        if stale:
+            await self._close_idle(stale)
+        return replies
+
+    async def _close_idle(self, count: int) -> None:
+        """Close the `count` least recently used kept connections."""
+        idle, self._idle = self._idle[:count], self._idle[count:]
+        self._open -= len(idle)
+        for conn, _ in idle:
+            await _disconnected(conn)
+
+    @staticmethod
+    async def _send(conn: Any, packed: bytes, count: int) -> list[Any]:
+        if not conn.is_connected:
+            await conn.connect()
+        await conn.send_packed_command(packed, check_health=False)
+        replies: list[Any] = []
+        for _ in range(count):
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    async def close(self) -> None:
+        """Close the kept connections; those of round trips under way close when they end."""
+        self._closed = True
+        await self._close_idle(len(self._idle))
+
+
+async def _disconnected(conn: Any) -> None:
+    try:
+        await conn.disconnect(nowait=True)
+    except Exception as exc:
+        log.debug("closing a Redis connection: %r", exc)
 
 
 def rebuilding() -> Unavailable:
@@ -606,6 +732,10 @@ class IngressHotView:
         # lease once the process died; else random) follows the ":".
         self._marker_prefix = marker_prefix(lease_id or new_lease_id())
         self._releasing: set[asyncio.Task[None]] = set()  # see _release_unanswered
+
+    async def close(self) -> None:
+        """Close the connections of this view's own (the client's pool is its owner's to close)."""
+        await self._tick.close()
 
     async def renew_lease(self, lease_s: float = LEASE_S) -> None:
         """This process is alive for `lease_s` more (0: its lease ends for good, as it stops: call

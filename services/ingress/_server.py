@@ -660,6 +660,7 @@ class IngressServer:
         await self.service.writes.stop_erasures()
         await self.knowledge.close()
         await self.service.reads.close()
+        await self.hot.close()
         await self.redis.aclose()
         await self.live_redis.aclose()
 

@@ -15,6 +15,7 @@ entry and close hold put back, as before.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -27,6 +28,16 @@ from tests.integration.test_tick_pipeline import client, redis_server  # noqa: F
 pytestmark = pytest.mark.integration
 
 TTL_S = 7 * 24 * 3600
+
+
+@pytest.fixture
+async def hot(client: aioredis.Redis) -> AsyncIterator[IngressHotView]:  # noqa: F811
+    """The view under test; its tick pipeline's own connections closed afterwards."""
+    view = IngressHotView(client, TTL_S)
+    try:
+        yield view
+    finally:
+        await view.close()
 
 
 async def _held(redis: aioredis.Redis, client_message_id: str, claim_ttl_s: int = 5) -> HeldClaim:
@@ -51,8 +62,8 @@ async def _held_close(
 
 async def test_a_touch_after_the_settlement_leaves_the_ack_and_the_in_flight_set_alone(
     client: aioredis.Redis,  # noqa: F811
+    hot: IngressHotView,
 ) -> None:
-    hot = IngressHotView(client, TTL_S)
     held = await _held(client, "m1")
     ack = Ack("0192f0e0-0000-7000-8000-000000000001", 2, 41)
     await hot.settle_many([(held, ack)])
@@ -70,8 +81,8 @@ async def test_a_touch_after_the_settlement_leaves_the_ack_and_the_in_flight_set
 
 async def test_a_touch_of_a_settled_close_does_not_hold_its_conversation_again(
     client: aioredis.Redis,  # noqa: F811
+    hot: IngressHotView,
 ) -> None:
-    hot = IngressHotView(client, TTL_S)
     marker = b"pending:0123456789ab:close"
     held = await _held_close(client, "c2", marker)
     conversation = hv.conversation_key("t", "c2")
@@ -86,8 +97,8 @@ async def test_a_touch_of_a_settled_close_does_not_hold_its_conversation_again(
 
 async def test_a_touch_of_a_pending_claim_extends_it_and_its_in_flight_entry(
     client: aioredis.Redis,  # noqa: F811
+    hot: IngressHotView,
 ) -> None:
-    hot = IngressHotView(client, TTL_S)
     held = await _held(client, "m3", claim_ttl_s=5)
     close_marker = b"pending:0123456789ab:close3"
     close = await _held_close(client, "c3", close_marker)
@@ -106,10 +117,10 @@ async def test_a_touch_of_a_pending_claim_extends_it_and_its_in_flight_entry(
 
 async def test_a_touch_of_a_claim_redis_lost_puts_its_in_flight_entry_back(
     client: aioredis.Redis,  # noqa: F811
+    hot: IngressHotView,
 ) -> None:
     # Redis lost the claim and the in-flight set with its data (a kill -9 before its AOF was
     # written) while the write waits for Kafka: closes of the conversation must wait for it again.
-    hot = IngressHotView(client, TTL_S)
     held = await _held(client, "m4")
     await client.delete(held.redis_key, held.in_flight_key)
     await hot.touch_claims([held])
@@ -119,10 +130,10 @@ async def test_a_touch_of_a_claim_redis_lost_puts_its_in_flight_entry_back(
 
 async def test_a_touch_of_a_claim_another_attempt_took_over_extends_only_its_own_in_flight_entry(
     client: aioredis.Redis,  # noqa: F811
+    hot: IngressHotView,
 ) -> None:
     # This process seemed dead and a retry took the claim over; this attempt's record may still
     # land, so closes must keep waiting for it, but the claim and the hold are the other's.
-    hot = IngressHotView(client, TTL_S)
     held = await _held(client, "m5", claim_ttl_s=5)
     theirs = b"pending:ba9876543210:m5"
     await client.set(held.redis_key, theirs, ex=30)
