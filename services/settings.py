@@ -248,6 +248,12 @@ class Settings(BaseSettings):
     def effective_models_dir(self) -> Path:
         return self.models_dir or self.data_dir / "models"
 
+    @field_validator("models_dir", "kafka_install_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty variable means the default (under the data directory), not the current one."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("kafka_bootstrap", "grpc_listen", "analytics_listen", "s3_endpoint", "assistant_listen")
     @classmethod
     def _host_port(cls, value: str) -> str:

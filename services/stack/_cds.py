@@ -105,6 +105,19 @@ def should_make(note: dict[str, Any] | None, current: dict[str, Any], archive_si
     return int(note.get("attempts", MAX_ATTEMPTS)) < MAX_ATTEMPTS
 
 
+def wanted(settings: Settings, java: str, libs: Path) -> bool:
+    """Whether `ensure` would try to make an archive (read without any lock: a stale answer only
+    sends the caller to `ensure`, which decides again under the install lock)."""
+    if not settings.kafka_cds:
+        return False
+    archive = Layout.of(settings).kafka_cds_archive(settings.kafka_version)
+    try:
+        current = identity(java, libs)
+    except OSError:
+        return False
+    return should_make(read_note(archive), current, _size(archive))
+
+
 def _size(path: Path) -> int | None:
     try:
         return path.stat().st_size

@@ -254,6 +254,12 @@ class Kafka(Component):
             }
         )
 
+    def installed(self) -> bool:
+        """The jars are there and no class-data archive is to be made: nothing for `install`."""
+        if not (self.libs / KAFKA_LIBS_MARKER).exists():
+            return False
+        return not _cds.wanted(self.settings, java_executable(), self.libs)
+
     async def make_archive(self) -> None:
         """Make the class-data archive unless a usable one exists; never raises (_cds.ensure)."""
         if not (self.libs / KAFKA_LIBS_MARKER).exists():

