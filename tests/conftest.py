@@ -50,6 +50,11 @@ def _shift(value: str) -> str:
     return re.sub(r"(?<=:)(\d{4,5})(?=/|$)", lambda m: str(int(m.group(1)) + _PORT_OFFSET), value)
 
 
+# Kafka's jars and class-data archive, installed once (by `make test`, or the first stack's install)
+# and shared by every stack the tests start, as var/models is; each fresh data directory made them
+# again, ~18 s of Maven and a JVM each, more beside the other test worker.
+SHARED_KAFKA_INSTALL = PROJECT_ROOT / "var" / "kafka"
+
 _BASE_ENV = {
     "SWITCHBOARD_KAFKA_BOOTSTRAP": "127.0.0.1:29092",
     "SWITCHBOARD_KAFKA_CONTROLLER_PORT": "29093",
@@ -79,10 +84,7 @@ _BASE_ENV = {
     "SWITCHBOARD_ARCHIVE_SEGMENT_AGE_S": "2",
     # `switchboard ingress` as two processes on one port, whatever the machine's core count.
     "SWITCHBOARD_INGRESS_PROCESSES": "2",
-    # Kafka's jars and class-data archive: installed once into the project's var/kafka (by `make
-    # test`, or the first stack's install) and shared, as var/models is; each fresh data directory
-    # made them again, ~18 s of Maven and a JVM each, more beside the other test worker.
-    "SWITCHBOARD_KAFKA_INSTALL_DIR": str(PROJECT_ROOT / "var" / "kafka"),
+    "SWITCHBOARD_KAFKA_INSTALL_DIR": str(SHARED_KAFKA_INSTALL),
 }
 _PORT_KEYS = {k for k in _BASE_ENV if k.endswith(("_PORT", "_BOOTSTRAP", "_URL", "_ENDPOINT", "_LISTEN"))}
 TEST_ENV = {

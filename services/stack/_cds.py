@@ -105,17 +105,21 @@ def should_make(note: dict[str, Any] | None, current: dict[str, Any], archive_si
     return int(note.get("attempts", MAX_ATTEMPTS)) < MAX_ATTEMPTS
 
 
-def wanted(settings: Settings, java: str, libs: Path) -> bool:
-    """Whether `ensure` would try to make an archive (read without any lock: a stale answer only
-    sends the caller to `ensure`, which decides again under the install lock)."""
+def to_make(
+    settings: Settings, java: str, libs: Path
+) -> tuple[Path, dict[str, Any], dict[str, Any] | None] | None:
+    """(archive path, current identity, its note) when an archive is to be made, else None. Read
+    without any lock by `stack install`'s fast path; `ensure` asks again under the install lock."""
     if not settings.kafka_cds:
-        return False
+        return None
     archive = Layout.of(settings).kafka_cds_archive(settings.kafka_version)
     try:
         current = identity(java, libs)
-    except OSError:
-        return False
-    return should_make(read_note(archive), current, _size(archive))
+    except OSError as exc:
+        log.warning("no Kafka class-data archive: %s", exc)
+        return None
+    note = read_note(archive)
+    return (archive, current, note) if should_make(note, current, _size(archive)) else None
 
 
 def _size(path: Path) -> int | None:
@@ -169,17 +173,10 @@ async def ensure(
     Never raises: without an archive Kafka starts as it always did. `jvm` is the broker's JVM
     command line up to the main class, without archive flags; `config` renders a
     server.properties from (scratch log dir, broker port, controller port)."""
-    if not settings.kafka_cds:
+    wanted = to_make(settings, java, libs)
+    if wanted is None:
         return
-    archive = Layout.of(settings).kafka_cds_archive(settings.kafka_version)
-    try:
-        current = identity(java, libs)
-    except OSError as exc:
-        log.warning("no Kafka class-data archive: %s", exc)
-        return
-    note = read_note(archive)
-    if not should_make(note, current, _size(archive)):
-        return
+    archive, current, note = wanted
     failed_before = note is not None and "failed" in note and note.get("identity") == current
     attempts = int(note.get("attempts", 0)) + 1 if note is not None and failed_before else 1
     scratch = archive.with_name(archive.stem + ".making")

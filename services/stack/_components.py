@@ -258,7 +258,7 @@ class Kafka(Component):
         """The jars are there and no class-data archive is to be made: nothing for `install`."""
         if not (self.libs / KAFKA_LIBS_MARKER).exists():
             return False
-        return not _cds.wanted(self.settings, java_executable(), self.libs)
+        return _cds.to_make(self.settings, java_executable(), self.libs) is None
 
     async def make_archive(self) -> None:
         """Make the class-data archive unless a usable one exists; never raises (_cds.ensure)."""

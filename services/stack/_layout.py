@@ -25,16 +25,14 @@ class StackError(RuntimeError):
 @dataclass(frozen=True)
 class Layout:
     data_dir: Path
-    # Kafka's jars and class-data archive (Settings.kafka_install_dir); None: kafka_dir.
-    kafka_install: Path | None = None
+    # Kafka's jars and class-data archive (Settings.kafka_install_dir, else <data_dir>/kafka).
+    kafka_install_dir: Path
 
     @classmethod
     def of(cls, settings: Settings) -> Layout:
+        data_dir = settings.data_dir.expanduser().resolve()
         install = settings.kafka_install_dir
-        return cls(
-            settings.data_dir.expanduser().resolve(),
-            install.expanduser().resolve() if install is not None else None,
-        )
+        return cls(data_dir, install.expanduser().resolve() if install is not None else data_dir / "kafka")
 
     @property
     def logs_dir(self) -> Path:
@@ -57,10 +55,6 @@ class Layout:
     @property
     def kafka_dir(self) -> Path:
         return self.data_dir / "kafka"
-
-    @property
-    def kafka_install_dir(self) -> Path:
-        return self.kafka_install or self.kafka_dir
 
     @property
     def kafka_install_lock(self) -> Path:

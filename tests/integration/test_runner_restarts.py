@@ -30,6 +30,7 @@ from services import stack
 from services.auth import ingress_channel
 from services.processes import wait_for_ingress
 from services.settings import PROJECT_ROOT, Settings
+from tests.conftest import SHARED_KAFKA_INSTALL
 from tests.integration.conftest import eventually
 
 pytestmark = pytest.mark.integration
@@ -115,7 +116,7 @@ def runner_env(data_dir: Path, shift: int = 0) -> dict[str, str]:
         **ports,
         "SWITCHBOARD_DATA_DIR": str(data_dir),
         "SWITCHBOARD_MODELS_DIR": str(PROJECT_ROOT / "var" / "models"),
-        "SWITCHBOARD_KAFKA_INSTALL_DIR": str(PROJECT_ROOT / "var" / "kafka"),
+        "SWITCHBOARD_KAFKA_INSTALL_DIR": str(SHARED_KAFKA_INSTALL),
         "SWITCHBOARD_TOPIC_PARTITIONS": "2",
         # The machine is small: one ingress server process is enough to see writes served.
         "SWITCHBOARD_INGRESS_PROCESSES": "1",

@@ -24,7 +24,8 @@ from minio.error import S3Error
 
 from services import stack
 from services.kafka_topics import wait_for_leaders
-from services.settings import PROJECT_ROOT, Settings, load_settings
+from services.settings import Settings, load_settings
+from tests.conftest import SHARED_KAFKA_INSTALL
 
 pytestmark = pytest.mark.integration
 
@@ -46,9 +47,7 @@ PORTS = {
 
 
 def stack_settings(data_dir: Path, **overrides: object) -> Settings:
-    return load_settings(
-        data_dir=data_dir, kafka_install_dir=PROJECT_ROOT / "var" / "kafka", **{**PORTS, **overrides}
-    )
+    return load_settings(data_dir=data_dir, kafka_install_dir=SHARED_KAFKA_INSTALL, **{**PORTS, **overrides})
 
 
 @pytest.fixture(scope="module")
