@@ -355,6 +355,11 @@ class _Commands:
         self.commands.append(args)
 
 
+class NothingSent(RedisConnectionError):
+    """A round trip refused before any byte of it was written (past TickPipeline.MAX_OPEN): an
+    outage to its callers, but none of its commands can run later."""
+
+
 class TickPipeline:
     """Redis commands that any coroutine issues within one event-loop tick leave together, as one
     pipeline: under load the claims of new batches and the settlements of earlier ones share a
@@ -445,7 +450,7 @@ class TickPipeline:
         if self._idle:
             conn, _ = self._idle.pop()
         elif self._open >= self.MAX_OPEN:
-            raise RedisConnectionError("Too many connections")
+            raise NothingSent("Too many connections")
         else:
             pool = self._redis.connection_pool
             # Without redis-py's per-operation timeout: one deadline covers the attempt below.
@@ -928,6 +933,8 @@ class IngressHotView:
             ]
         try:
             reply = await self._in_tick(script, redis_keys, args)
+        except NothingSent:
+            raise  # refused before it was written: no claim of it can appear later
         except (RedisConnectionError, RedisTimeoutError):
             self._release_unanswered([HeldClaim(t, c, m, marker, unless_closed) for t, c, m in keys])
             raise

@@ -15,8 +15,9 @@ A missing, stale or damaged archive must never stop Kafka from starting:
   (a truncated archive makes Java 17 crash with SIGBUS instead of ignoring it);
 - `-XX:+VerifySharedSpaces` checks its checksums at start (~50 ms): a damaged one is ignored;
 - an archive the JVM finds stale anyway (a jar changed) is ignored by the JVM with one warning;
-- a Kafka that exits while starting with it is started again without it, and it is dropped
-  (services/stack/_supervisor.py); a failed making is noted and not tried again for the same
+- a Kafka that exits while starting with it is started again without it (services/stack/_supervisor.py),
+  and it is dropped unless a JVM still maps it and finds its checksums right (it may be shared by
+  other stacks, and the exit may have had another cause); a failed making is noted and not tried again for the same
   Java and jars.
 """
 
@@ -143,6 +144,39 @@ def archive_flags(settings: Settings, java: str, libs: Path) -> list[str]:
     return [f"-XX:SharedArchiveFile={archive}", "-XX:+VerifySharedSpaces"]
 
 
+CHECK_TIMEOUT_S = 60.0
+
+
+async def maps(jvm: list[str], archive: Path, cwd: Path) -> tuple[bool, str]:
+    """Whether a JVM made of `jvm` (without archive flags) must-maps `archive` and finds its
+    checksums right (`-Xshare:on` fails otherwise), and the JVM's last output."""
+    check = await asyncio.create_subprocess_exec(
+        *jvm[:1], f"-XX:SharedArchiveFile={archive}", "-Xshare:on", "-XX:+VerifySharedSpaces", *jvm[1:],
+        "kafka.Kafka", "--version",
+        cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        output, _ = await asyncio.wait_for(check.communicate(), CHECK_TIMEOUT_S)
+    except TimeoutError:
+        check.kill()
+        await check.wait()
+        return False, f"no answer within {CHECK_TIMEOUT_S:.0f}s"
+    return check.returncode == 0, output.decode(errors="replace")[-500:]
+
+
+async def drop_unless_sound(settings: Settings, jvm: list[str], java: str, libs: Path, reason: str) -> bool:
+    """A Kafka started with the archive exited while starting. Whether the archive is dropped:
+    only if a JVM cannot map it or finds it damaged. An archive that maps and checks is kept,
+    because it is shared (SWITCHBOARD_KAFKA_INSTALL_DIR) and the exit had another cause (a bad
+    config, a full disk, a kill); that start is tried again without it all the same."""
+    archive = Layout.of(settings).kafka_cds_archive(settings.kafka_version)
+    sound, output = await maps(jvm, archive, archive.parent)
+    if sound:
+        return False
+    drop(settings, java, libs, f"{reason}\n\nchecked again: {output}")
+    return True
+
+
 def drop(settings: Settings, java: str, libs: Path, reason: str) -> None:
     """A Kafka started with the archive exited while starting: never use it again (the note
     keeps the reason, so the next install does not make the same one again)."""
@@ -239,16 +273,10 @@ async def _make(jvm: list[str], config: Callable[[Path, int, int], str], scratch
     if code not in (0, 143) or not made.exists():
         made.unlink(missing_ok=True)
         raise StackError(f"the scratch Kafka exited {code} without an archive: {out_path.read_text()[-500:]}")
-    # A JVM that must map it (-Xshare:on fails otherwise) and checks its checksums.
-    check = await asyncio.create_subprocess_exec(
-        *jvm[:1], f"-XX:SharedArchiveFile={made}", "-Xshare:on", "-XX:+VerifySharedSpaces", *jvm[1:],
-        "kafka.Kafka", "--version",
-        cwd=scratch, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    output, _ = await check.communicate()
-    if check.returncode != 0:
+    sound, output = await maps(jvm, made, scratch)
+    if not sound:
         made.unlink(missing_ok=True)
-        raise StackError(f"the new archive does not map: {output.decode(errors='replace')[-500:]}")
+        raise StackError(f"the new archive does not map: {output}")
     made.replace(archive)
     return os.stat(archive).st_size
 
@@ -297,4 +325,13 @@ async def _exercise(bootstrap: str) -> None:
         coordinator_log.setLevel(level)
 
 
-__all__ = ["archive_flags", "drop", "ensure", "identity", "read_note", "should_make", "usable"]
+__all__ = [
+    "archive_flags",
+    "drop",
+    "drop_unless_sound",
+    "ensure",
+    "identity",
+    "read_note",
+    "should_make",
+    "usable",
+]

@@ -152,7 +152,7 @@ class Component(ABC):
         """Work that needs the server up (e.g. the bucket); idempotent."""
         return None
 
-    def drop_start_aid(self, reason: str) -> bool:
+    async def drop_start_aid(self, reason: str) -> bool:
         """It exited while starting: give up what its start had beyond the plain server (Kafka's
         class-data archive) and say whether there was something, so a start without is worth a try."""
         return False
@@ -174,6 +174,7 @@ class Kafka(Component):
         self.config_path = self.layout.kafka_node_config(node_id)
         self.log_dir = self.layout.kafka_node_log_dir(node_id)
         self.archive_used = False  # whether the last argv() has the class-data archive
+        self.without_archive = False  # set when a start with it failed (drop_start_aid)
 
     @property
     def cluster(self) -> bool:
@@ -217,15 +218,19 @@ class Kafka(Component):
         ]
 
     def argv(self) -> list[str]:
-        jvm = self._jvm()
+        jvm = self._jvm(archive=not self.without_archive)
         self.archive_used = any(flag.startswith("-XX:SharedArchiveFile=") for flag in jvm)
         return [*jvm, "kafka.Kafka", str(self.config_path)]
 
-    def drop_start_aid(self, reason: str) -> bool:
+    async def drop_start_aid(self, reason: str) -> bool:
         if not self.archive_used:
             return False
-        _cds.drop(self.settings, java_executable(), self.libs, reason)
-        self.archive_used = False
+        jvm = self._jvm(archive=False)
+        if not await _cds.drop_unless_sound(self.settings, jvm, java_executable(), self.libs, reason):
+            log.warning(
+                "%s: its class-data archive still maps and checks: kept for the next starts", self.name
+            )
+        self.without_archive = True  # this start's next try
         return True
 
     def properties(self, log_dir: Path, port: int, controller_port: int) -> str:

@@ -153,7 +153,7 @@ async def _wait_started(c: Component, pid: int, spawn_again: Callable[[], Awaita
     try:
         await _wait_healthy(c, pid)
     except ExitedWhileStarting as exc:
-        if not c.drop_start_aid(str(exc)):
+        if not await c.drop_start_aid(str(exc)):
             raise
         log.warning("%s exited while starting with its class-data archive; starting it without", c.name)
         await _wait_healthy(c, await spawn_again())

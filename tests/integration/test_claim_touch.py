@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from schemas import hotview as hv
-from services.ingress._hotview import CLAIM_TTL_S, HeldClaim, IngressHotView
+from services.ingress._hotview import CLAIM_TTL_S, HeldClaim, IngressHotView, NothingSent, TickPipeline
 from services.ingress._producer import Ack
 from tests.integration.test_tick_pipeline import client, redis_server  # noqa: F401 (fixtures)
 
@@ -147,3 +147,21 @@ async def test_a_touch_of_a_claim_another_attempt_took_over_extends_only_its_own
     score = await client.zscore(held.in_flight_key, held.in_flight_member)
     assert score is not None and score >= before + (CLAIM_TTL_S - 10) * 1000
     assert await client.hget(hv.conversation_key("t", "c5"), hv.F_CLOSING) is None
+
+
+async def test_a_claim_refused_before_it_was_sent_starts_no_release(
+    hot: IngressHotView,
+    client: aioredis.Redis,  # noqa: F811
+) -> None:
+    """Past the tick pipeline's connection budget a claim is refused before it is written: an
+    outage to the caller, but nothing of it can run later, so no release of it is started (each
+    would retry for up to CLAIM_TTL_S, more round trips against the budget that refused it)."""
+    hot._tick.MAX_OPEN = 0
+    with pytest.raises(NothingSent, match="Too many connections"):
+        await hot.claim_many([("t", "c1", "m1"), ("t", "c1", "m2")], 0, unless_closed=True)
+    assert not hot._releasing
+    assert await client.exists(hv.idempotency_key("t", "c1", "m1")) == 0
+    # Within the budget again, the same ids are claimed at once: nothing was left pending.
+    hot._tick.MAX_OPEN = TickPipeline.MAX_OPEN
+    claims = await hot.claim_many([("t", "c1", "m1"), ("t", "c1", "m2")], 0, unless_closed=True)
+    assert [c.claimed for c in claims] == [True, True]

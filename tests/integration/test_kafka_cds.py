@@ -18,7 +18,7 @@ from services import stack
 from services.settings import Settings, load_settings
 from services.stack._cds import identity, note_path, read_note
 from services.stack._components import Kafka, java_executable
-from services.stack._layout import Layout
+from services.stack._layout import Layout, StackError
 from services.stack._process import read_pid
 
 pytestmark = pytest.mark.integration
@@ -128,6 +128,32 @@ async def test_a_stack_naming_another_install_dir_installs_nothing_and_starts_wi
         assert (tmp_path / "kafka" / "data" / "meta.properties").exists()
     finally:
         await stack.stop_component(other, "kafka")
+
+
+async def test_an_archive_that_still_maps_is_kept_when_kafka_dies_starting_for_another_cause(
+    settings: Settings,
+) -> None:
+    archive = archive_of(settings)
+    mtime = archive.stat().st_mtime_ns
+    meta = Kafka(settings).log_dir / "meta.properties"
+    await stack.stop_component(settings, "kafka")
+    good = meta.read_text()
+    assert "node.id=1" in good
+    # A log dir another node formatted: Kafka exits while starting, with the archive or without.
+    meta.write_text(good.replace("node.id=1", "node.id=7"))
+    try:
+        with pytest.raises(StackError, match="exited while starting"):
+            await stack.start_component(settings, "kafka")
+    finally:
+        meta.write_text(good)
+    # The archive was checked (it maps, its checksums are right) and kept for the next starts,
+    # of this stack and of every stack sharing its install dir.
+    assert archive.stat().st_mtime_ns == mtime
+    note = read_note(archive)
+    assert note is not None and "failed" not in note, note
+    await stack.start_component(settings, "kafka")
+    assert f"-XX:SharedArchiveFile={archive}" in started_with(settings)
+    assert await write_one(settings) >= 0
 
 
 async def test_kafka_starts_with_an_archive_the_jvm_finds_stale(settings: Settings) -> None:
