@@ -25,8 +25,12 @@ from streams._consumer import fetch_task_ended, raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
-# How long the follower's fetch waits for new records: the bound on a revocation's delay.
-FOLLOW_FETCH_WAIT_MS = 100
+# How long the follower's fetch waits at the broker when there is nothing new. Not a bound on a
+# revocation's delay: the topic has one partition, always in the fetch under way, and the broker
+# answers that fetch as soon as a record arrives (fetch.min.bytes 1). It sets how often an idle
+# follower asks: every process has one, and at 100 ms their fetches cost an idle Kafka more CPU
+# than anything else it did (benchmarks/RESULTS.md, nineteenth session).
+FOLLOW_FETCH_WAIT_MS = 500
 # How long a broken consumer may take to stop before a new one replaces it.
 STOP_BOUND_S = 10.0
 # A read to the topic's end that takes longer is begun again, with a new consumer, from where it

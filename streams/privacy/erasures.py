@@ -36,10 +36,11 @@ from streams._consumer import Record, fetch_task_ended, raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
-# How long the follower's fetch waits for new records: with the catch-up at start, the bound on
-# how late a running processor learns of an erasure (`tenant erase` waits longer than this before
-# it takes the processors' positions).
-FOLLOW_FETCH_WAIT_MS = 100
+# How long the follower's fetch waits at the broker when there is nothing new: how often an idle
+# follower asks, not how late it learns of an erasure. The topic has one partition, always in
+# the fetch under way, and the broker answers it as soon as a record arrives (fetch.min.bytes
+# 1), as services/auth/_log.py's follower of the tenants topic.
+FOLLOW_FETCH_WAIT_MS = 500
 FOLLOW_BOUND_S = 3.0
 RETRY_MAX_S = 2.0
 # How long a processor's batch waits for the registry's first read (see `ErasureFollower.start`);
