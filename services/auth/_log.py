@@ -96,12 +96,12 @@ class RegistryFollower:
         """Read the topic from the beginning to its current end."""
         while True:
             try:
-                consumer, partitions = await self._open()
+                consumer, ends = await self._open()
             except FetchEnded as exc:
                 log.warning("tenants topic: %s", exc)
                 continue
             try:
-                await asyncio.wait_for(self._read_to_end(consumer, partitions), CATCH_UP_BOUND_S)
+                await asyncio.wait_for(self._read_to_end(consumer, ends), CATCH_UP_BOUND_S)
             except (TimeoutError, FetchEnded) as exc:
                 await _stop_bounded(consumer)
                 log.warning(
@@ -114,19 +114,20 @@ class RegistryFollower:
             self._consumer = consumer
             return self.registry
 
-    async def _read_to_end(self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
-        ends = await consumer.end_offsets(partitions)
-        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+    async def _read_to_end(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> None:
+        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
             ended = fetch_task_ended(consumer)
             if ended is not None:
                 raise FetchEnded(f"the consumer's fetch task has ended ({ended!r})")
             self._apply(await consumer.getmany(timeout_ms=500))
 
-    async def _open(self) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
+    async def _open(self) -> tuple[AIOKafkaConsumer, dict[TopicPartition, int]]:
         """A consumer of the topic's partitions, each where this follower has read up to (from
-        the beginning for one it has not read yet). FetchEnded when the seek stalls: a consumer
-        whose fetch task ended (aio-libs/aiokafka#983) waits its whole request timeout (40 s) in
-        seek_to_beginning, which that task serves."""
+        the beginning for one it has not read yet), and their end offsets as it was opened (asked
+        before the first fetch: a fetch parked at the broker on an empty topic would hold up the
+        request behind it on the connection for FOLLOW_FETCH_WAIT_MS). FetchEnded when the seek
+        stalls: a consumer whose fetch task ended (aio-libs/aiokafka#983) waits its whole request
+        timeout (40 s) in seek_to_beginning, which that task serves."""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=None,
@@ -138,6 +139,7 @@ class RegistryFollower:
         await started(consumer)
         try:
             partitions = await topic_partitions(consumer, self.settings.tenants_topic)
+            ends = await asyncio.wait_for(consumer.end_offsets(partitions), CATCH_UP_BOUND_S)
             consumer.assign(partitions)
             try:
                 await asyncio.wait_for(consumer.seek_to_beginning(*partitions), CATCH_UP_BOUND_S)
@@ -149,7 +151,7 @@ class RegistryFollower:
         except BaseException:
             await _stop_bounded(consumer)
             raise
-        return consumer, partitions
+        return consumer, {tp: int(end) for tp, end in ends.items()}
 
     async def start(self) -> Registry:
         registry = await self.catch_up()

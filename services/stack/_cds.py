@@ -145,33 +145,58 @@ def archive_flags(settings: Settings, java: str, libs: Path) -> list[str]:
 
 
 CHECK_TIMEOUT_S = 60.0
+# Deaths while starting with an archive that still checked, before it is dropped anyway: one that
+# passes the check yet kills Kafka later in its start must not cost every start a failed try.
+MAX_KEPT_DEATHS = 3
 
 
-async def maps(jvm: list[str], archive: Path, cwd: Path) -> tuple[bool, str]:
+async def maps(jvm: list[str], archive: Path | None, cwd: Path) -> tuple[bool, str]:
     """Whether a JVM made of `jvm` (without archive flags) must-maps `archive` and finds its
-    checksums right (`-Xshare:on` fails otherwise), and the JVM's last output."""
+    checksums right (`-Xshare:on` fails otherwise), and the JVM's last output. With no archive:
+    whether that JVM starts at all (the control of a failed check)."""
+    flags = [f"-XX:SharedArchiveFile={archive}", "-Xshare:on", "-XX:+VerifySharedSpaces"] if archive else []
     check = await asyncio.create_subprocess_exec(
-        *jvm[:1], f"-XX:SharedArchiveFile={archive}", "-Xshare:on", "-XX:+VerifySharedSpaces", *jvm[1:],
-        "kafka.Kafka", "--version",
+        *jvm[:1], *flags, *jvm[1:], "kafka.Kafka", "--version",
         cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         output, _ = await asyncio.wait_for(check.communicate(), CHECK_TIMEOUT_S)
     except TimeoutError:
-        check.kill()
-        await check.wait()
         return False, f"no answer within {CHECK_TIMEOUT_S:.0f}s"
+    finally:
+        if check.returncode is None:  # timed out, or the caller was cancelled
+            with contextlib.suppress(ProcessLookupError):
+                check.kill()
+            await check.wait()
     return check.returncode == 0, output.decode(errors="replace")[-500:]
 
 
 async def drop_unless_sound(settings: Settings, jvm: list[str], java: str, libs: Path, reason: str) -> bool:
     """A Kafka started with the archive exited while starting. Whether the archive is dropped:
-    only if a JVM cannot map it or finds it damaged. An archive that maps and checks is kept,
-    because it is shared (SWITCHBOARD_KAFKA_INSTALL_DIR) and the exit had another cause (a bad
-    config, a full disk, a kill); that start is tried again without it all the same."""
+    only if a JVM cannot map it or finds it damaged while the same JVM without it starts (else the
+    check says nothing: memory short, a machine too busy), or if it checked at each of the last
+    MAX_KEPT_DEATHS deaths. An archive that maps and checks is kept, because it is shared
+    (SWITCHBOARD_KAFKA_INSTALL_DIR) and the exit had another cause (a bad config, a full disk, a
+    kill); that start is tried again without it all the same."""
     archive = Layout.of(settings).kafka_cds_archive(settings.kafka_version)
-    sound, output = await maps(jvm, archive, archive.parent)
+    cwd = archive.parent / "checks"  # a crashing JVM's hs_err file goes there, not beside the jars
+    cwd.mkdir(parents=True, exist_ok=True)
+    sound, output = await maps(jvm, archive, cwd)
     if sound:
+        note = read_note(archive) or {}
+        deaths = int(note.get("kept_deaths", 0)) + 1
+        if deaths < MAX_KEPT_DEATHS:
+            with contextlib.suppress(OSError):
+                _write_note(archive, {**note, "kept_deaths": deaths})
+            return False
+        drop(settings, java, libs, f"{reason}\n\nKafka died starting with it {deaths} times; it checks")
+        return True
+    control, control_output = await maps(jvm, None, cwd)
+    if not control:
+        log.warning(
+            "the class-data archive failed its check, and so did a JVM without it (%s): kept",
+            control_output[-200:],
+        )
         return False
     drop(settings, java, libs, f"{reason}\n\nchecked again: {output}")
     return True

@@ -225,12 +225,13 @@ class Kafka(Component):
     async def drop_start_aid(self, reason: str) -> bool:
         if not self.archive_used:
             return False
-        jvm = self._jvm(archive=False)
-        if not await _cds.drop_unless_sound(self.settings, jvm, java_executable(), self.libs, reason):
-            log.warning(
-                "%s: its class-data archive still maps and checks: kept for the next starts", self.name
-            )
-        self.without_archive = True  # this start's next try
+        self.without_archive = True  # this start's next try, whatever the check below finds
+        try:
+            jvm = self._jvm(archive=False)
+            if not await _cds.drop_unless_sound(self.settings, jvm, java_executable(), self.libs, reason):
+                log.warning("%s: its class-data archive is kept for the next starts", self.name)
+        except Exception as exc:  # the check must never keep Kafka down: the archive stays
+            log.warning("%s: checking its class-data archive failed (%r); it is kept", self.name, exc)
         return True
 
     def properties(self, log_dir: Path, port: int, controller_port: int) -> str:

@@ -231,12 +231,14 @@ class ErasureFollower:
             return False
         parts = consumer.partitions_for_topic(topic) or {0}
         partitions = [TopicPartition(topic, p) for p in sorted(parts)]
+        # Asked before the first fetch: one parked at the broker on an empty topic would hold up
+        # the request behind it on the connection for FOLLOW_FETCH_WAIT_MS.
+        ends = await consumer.end_offsets(partitions)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         for tp in partitions:
             if tp in self._read_to:
                 consumer.seek(tp, self._read_to[tp])
-        ends = await consumer.end_offsets(partitions)
         while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
             self._apply(await consumer.getmany(timeout_ms=500))
         self._assigned = True
