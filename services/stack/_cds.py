@@ -123,6 +123,15 @@ def to_make(
     return (archive, current, note) if should_make(note, current, _size(archive)) else None
 
 
+def _version(path: Path) -> tuple[int, int, int] | None:
+    """Which file is at `path` (inode, size, mtime), or None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _size(path: Path) -> int | None:
     try:
         return path.stat().st_size
@@ -181,7 +190,12 @@ async def drop_unless_sound(settings: Settings, jvm: list[str], java: str, libs:
     archive = Layout.of(settings).kafka_cds_archive(settings.kafka_version)
     cwd = archive.parent / "checks"  # a crashing JVM's hs_err file goes there, not beside the jars
     cwd.mkdir(parents=True, exist_ok=True)
+    checked = _version(archive)
     sound, output = await maps(jvm, archive, cwd)
+    if _version(archive) != checked:
+        # Another stack sharing the install made a new one meanwhile (no lock is held here, the
+        # install's may be held for minutes): this verdict is not about it.
+        return False
     if sound:
         note = read_note(archive) or {}
         deaths = int(note.get("kept_deaths", 0)) + 1
