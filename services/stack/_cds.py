@@ -15,10 +15,11 @@ A missing, stale or damaged archive must never stop Kafka from starting:
   (a truncated archive makes Java 17 crash with SIGBUS instead of ignoring it);
 - `-XX:+VerifySharedSpaces` checks its checksums at start (~50 ms): a damaged one is ignored;
 - an archive the JVM finds stale anyway (a jar changed) is ignored by the JVM with one warning;
-- a Kafka that exits while starting with it is started again without it (services/stack/_supervisor.py),
-  and it is dropped unless a JVM still maps it and finds its checksums right (it may be shared by
-  other stacks, and the exit may have had another cause); a failed making is noted and not tried again for the same
-  Java and jars.
+- a Kafka that exits while starting with it is started again without it
+  (services/stack/_supervisor.py); it is dropped only if a JVM then cannot map it or finds it
+  damaged while the same JVM without it starts, or after it survived MAX_KEPT_DEATHS such exits
+  (it may be shared by other stacks, and an exit may have had another cause: `drop_unless_sound`);
+  a failed making is noted and not tried again for the same Java and jars.
 """
 
 from __future__ import annotations
