@@ -134,10 +134,8 @@ def _version(path: Path) -> tuple[int, int, int] | None:
 
 
 def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
+    version = _version(path)
+    return None if version is None else version[1]
 
 
 def archive_flags(settings: Settings, java: str, libs: Path) -> list[str]:

@@ -8,8 +8,10 @@ after, the states of a batch, so a Redis that kept the position kept everything 
 Per batch, in this order: check the positions; take the states of the batch's conversations from
 the worker's table (the states it wrote last, kept in memory) or, for the others, from Redis;
 fold every event (in place, see `Fold`); write live-stream entries, claims and each changed state
-once (`APPLY_SCRIPT`, one EVALSHA per few hundred writes, all in one round trip); then the
-positions, in a second round trip; then the consumer commits the offsets to Kafka. Every step is
+once (`APPLY_SCRIPT`, one EVALSHA per few hundred writes, each sent on one connection as soon as
+it is full, so Redis applies it while the rest is folded; the replies read at the end); then the
+positions, in a second round trip; then the consumer commits the offsets to Kafka (while it
+fetches and applies the next batch). Every step is
 idempotent: the fold skips what a state already has, a live-stream entry id comes from the offset
 (Redis refuses it twice), claims and states are overwritten with the same values. The table is
 only a cache of what Redis has: a batch's states go back into it once the batch is in Redis, and
@@ -37,9 +39,10 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from schemas import hotview as hv
 from schemas.events import Event, EventDecodeError, LogPosition, decode_event, event_type
@@ -384,6 +387,50 @@ class SessionsProcessor:
         active_before = {slot: fold.updated_at_ns if fold is not None else -1 for slot, fold in folds.items()}
         changed: set[tuple[str, str]] = set()
         writes = _Writes(self._settings.live_stream_maxlen)
+        stream = _ChunkStream(self._redis, self._apply_sha, writes.maxlen)
+        try:
+            await self._fold_into(decoded, folds, changed, writes, stream, rejected)
+            if rejected and self._dead_letter_first is not None:
+                # Before the position passes them (see bind_dead_letter), and before the states: a
+                # state written past a refused record makes the fold skip it as seen when the batch
+                # is applied again (after a dead letter that did not reach Kafka), so it would
+                # never be dead-lettered. Not again by the consumer. (Live entries and claims sent
+                # already are as a batch that failed half-way leaves them: written again, the same.)
+                await self._dead_letter_first(list(rejected))
+                rejected.clear()
+            for slot in changed:
+                fold = folds[slot]
+                assert fold is not None
+                writes.mirror(hv.conversation_key(*slot), fold)
+                _requeue(writes, slot, queued_before[slot], fold)
+                _track_activity(writes, slot, active_before[slot], fold)
+                if writes.has_sealed():
+                    await stream.send(writes.sealed())
+            replies = await stream.finish(writes.rest())
+        finally:
+            await stream.close()
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # A Redis that forgot the script (a restart, a SCRIPT FLUSH): every chunk again, each
+            # idempotent, once it has the script.
+            self._apply_sha = await self._redis.script_load(APPLY_SCRIPT)
+            await self._execute(writes)
+        else:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        await self._write_positions(records, folds, changed)
+
+    async def _fold_into(
+        self,
+        decoded: list[tuple[Event, Record]],
+        folds: dict[tuple[str, str], Fold | None],
+        changed: set[tuple[str, str]],
+        writes: _Writes,
+        stream: _ChunkStream,
+        rejected: list[tuple[Record, BaseException]],
+    ) -> None:
+        """Fold the batch's events into `folds`, their live entries and claims into `writes`, each
+        chunk sent as soon as it is full."""
         now_ms = int(time.time() * 1000)
         for event, record in decoded:
             slot = (event.tenant_id, event.conversation_id)
@@ -419,20 +466,15 @@ class SessionsProcessor:
                         hv.encode_claim(event.event_id, position.partition, position.offset),
                         expires_ms,
                     )
-        for slot in changed:
-            fold = folds[slot]
-            assert fold is not None
-            writes.mirror(hv.conversation_key(*slot), fold)
-            _requeue(writes, slot, queued_before[slot], fold)
-            _track_activity(writes, slot, active_before[slot], fold)
-        if rejected and self._dead_letter_first is not None:
-            # Before the position passes them (see bind_dead_letter), and before the states: a
-            # state written past a refused record makes the fold skip it as seen when the batch
-            # is applied again (after a dead letter that did not reach Kafka), so it would never
-            # be dead-lettered. Not again by the consumer.
-            await self._dead_letter_first(list(rejected))
-            rejected.clear()
-        await self._execute(writes)
+            if writes.has_sealed():
+                await stream.send(writes.sealed())
+
+    async def _write_positions(
+        self,
+        records: Sequence[Record],
+        folds: dict[tuple[str, str], Fold | None],
+        changed: set[tuple[str, str]],
+    ) -> None:
         # Positions last, in their own round trip once every state is in: a Redis that kept them
         # kept everything above.
         last: dict[int, int] = {}
@@ -665,6 +707,8 @@ class _Writes:
         self._chunks: list[bytes] = []
         self._parts: list[bytes] = []
         self._operations = 0
+        # Chunks handed out by `sealed` so far.
+        self._handed = 0
 
     def _added(self) -> None:
         self._operations += 1
@@ -701,8 +745,75 @@ class _Writes:
         self._added()
 
     def chunks(self) -> list[bytes]:
+        """Every chunk of the batch, the last one sealed."""
         self._seal()
         return self._chunks
+
+    def has_sealed(self) -> bool:
+        return len(self._chunks) > self._handed
+
+    def sealed(self) -> list[bytes]:
+        """The chunks sealed since the last call."""
+        chunks = self._chunks[self._handed :]
+        self._handed = len(self._chunks)
+        return chunks
+
+    def rest(self) -> list[bytes]:
+        """The chunks not handed out yet, the last one sealed."""
+        self._seal()
+        return self.sealed()
+
+
+class _ChunkStream:
+    """A batch's chunks (`APPLY_SCRIPT` calls) written to Redis as each is sealed, all on one
+    connection so Redis applies them in order, and their replies read once the batch is folded:
+    Redis applies the first chunks while the worker folds the rest. Sent all at the end instead,
+    the worker waited for Redis about half of a catch-up's time (py-spy, RESULTS.md).
+
+    Errors are redis-py's (its connection, handshake, socket timeout and reply parser); a
+    connection whose batch failed or was cancelled is closed, never handed back to the pool with
+    replies unread."""
+
+    def __init__(self, redis: aioredis.Redis, sha: str, maxlen: int) -> None:
+        self._pool = redis.connection_pool
+        self._sha = sha
+        self._maxlen = maxlen
+        self._conn: Any = None
+        self._sent = 0
+        self._clean = False
+
+    async def send(self, chunks: list[bytes]) -> None:
+        if not chunks:
+            return
+        if self._conn is None:
+            self._conn = await self._pool.get_connection()
+        packed = self._conn.pack_commands(
+            [("EVALSHA", self._sha, 0, self._maxlen, chunk, *_FIELD_NAMES) for chunk in chunks]
+        )
+        await self._conn.send_packed_command(packed, check_health=False)
+        self._sent += len(chunks)
+
+    async def finish(self, chunks: list[bytes]) -> list[Any]:
+        """Send the last chunks, then read every reply (an error reply as its exception)."""
+        await self.send(chunks)
+        replies: list[Any] = []
+        for _ in range(self._sent):
+            try:
+                replies.append(await self._conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        self._clean = True
+        return replies
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if not self._clean:
+                await conn.disconnect(nowait=True)
+        finally:
+            await self._pool.release(conn)
 
 
 def _queued(fold: Fold | None) -> tuple[str, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,6 +17,9 @@ from schemas.events import encode_event, new_event
 from services.settings import Settings
 from streams._consumer import Record
 from streams.sessions._worker import SessionsProcessor
+from tests.integration.test_tick_pipeline import _Redis, redis_server
+
+__all__ = ["redis_server"]  # a fixture of this module's tests too
 
 pytestmark = pytest.mark.integration
 
@@ -121,3 +125,32 @@ async def test_an_idle_worker_outlives_a_redis_that_is_down() -> None:
         await processor.idle(Control(end=10))  # logs and returns; the next idle poll checks again
     finally:
         await down.aclose()
+
+
+async def test_a_batch_of_many_chunks_lands_whole_and_in_order_also_after_redis_forgot_the_script(
+    redis_server: _Redis,
+) -> None:
+    """A batch's chunks go to Redis as they are sealed, while the rest is folded (one connection,
+    replies read at the end). Every entry lands, in order; a Redis that forgot the script (a
+    restart, SCRIPT FLUSH) gets it again and the batch is applied whole."""
+    redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0", socket_timeout=5)
+    processor = SessionsProcessor(Settings(), redis)
+    control = Control(end=2_000)
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    try:
+        await processor.on_assigned({0}, control)
+        # One conversation, 1,000 events in one batch: live entries and claims in ~8 chunks.
+        await processor.process(records(tenant, "c1", 0, 1_000))
+        await redis.script_flush()
+        await processor.process(records(tenant, "c1", 1_000, 1_000))
+        entries: Any = await redis.xrange(hv.live_stream_key(tenant, "c1"))
+        assert [int(bytes(entry[0]).split(b"-")[0]) for entry in entries] == list(range(2_000))
+        raw = await redis.hget(hv.conversation_key(tenant, "c1"), hv.F_STATE)
+        assert raw is not None
+        assert json.loads(raw)["event_count"] == 2_000
+        assert await redis.hget(hv.APPLIED_KEY, "0") == b"2000"
+        assert await redis.exists(hv.idempotency_key(tenant, "c1", "m1999")) == 1
+        # Every connection went back to the pool with no reply left unread.
+        assert await redis.ping()
+    finally:
+        await redis.aclose()
