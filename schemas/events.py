@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import uuid6
+import uuid_utils
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from switchboard.v1 import events_pb2
@@ -31,7 +31,7 @@ class EventDecodeError(ValueError):
 
 def new_event_id() -> str:
     """A UUIDv7: time-ordered, so ids sort roughly by creation time in ClickHouse."""
-    return str(uuid6.uuid7())
+    return str(uuid_utils.uuid7())
 
 
 def now_timestamp() -> Timestamp:
