@@ -253,10 +253,14 @@ class LiveHub:
         self.block_ms = block_ms
         self.socket_timeout_s = socket_timeout_s
         self._readers: list[_Reader] = []
+        self._ended: BaseException | None = None
 
     def subscribe(self, positions: dict[str, str]) -> Subscription:
         """Follow these streams from these ids (exclusive); `close()` the result when done."""
         sub = Subscription(positions)
+        if self._ended is not None:
+            sub._fail(self._ended)
+            return sub
         reader = min(self._readers, key=lambda r: len(r.subs), default=None)
         if reader is None or len(reader.subs) >= self.per_reader:
             reader = _Reader(self)
@@ -267,6 +271,16 @@ class LiveHub:
     @property
     def connections(self) -> int:
         return len(self._readers)
+
+    def end_follows(self, why: BaseException) -> None:
+        """Every call's follow ends with `why` at its next read, and so does any begun later (the
+        process is draining: its callers resume from their last cursor on another process). The
+        readers stay until `close()`."""
+        self._ended = why
+        for reader in self._readers:
+            for sub in list(reader.subs):
+                reader.remove(sub)
+                sub._fail(why)
 
     async def close(self) -> None:
         readers, self._readers = self._readers, []

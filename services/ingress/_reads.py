@@ -80,6 +80,19 @@ class ConversationReads:
         )
         self._live_streams = 0
 
+    def end_follows(self) -> None:
+        """The process is draining: every StreamConversation call ends with UNAVAILABLE at once
+        (its client resumes from its last cursor on another process) instead of holding the drain
+        until its grace runs out."""
+        if self._hub is not None:
+            self._hub.end_follows(
+                v.RequestRejected(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "this ingress process is stopping; follow again from your last cursor "
+                    "(another process serves it)",
+                )
+            )
+
     async def close(self) -> None:
         if self._hub is not None:
             await self._hub.close()

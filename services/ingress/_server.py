@@ -119,6 +119,20 @@ class ChatServicer:
         self._service = service
         self._settings = service.settings
         self._batcher = MessageBatcher(service.writes)
+        self._draining = False
+        # What each open SendMessages stream does when the process begins to drain.
+        self._on_drain: set[Callable[[], None]] = set()
+
+    def drain(self) -> None:
+        """The process is stopping (called before the server's own stop, which waits for calls
+        to end): long-lived calls end now instead of holding the drain until its grace runs out.
+        A StreamConversation ends with UNAVAILABLE (its client follows again from its last cursor,
+        on another process); a SendMessages stream reads no more requests, answers those it took,
+        then ends with UNAVAILABLE (its client sends the unanswered ones again on a new stream)."""
+        self._draining = True
+        self._service.reads.end_follows()
+        for stop_reading in list(self._on_drain):
+            stop_reading()
 
     async def StartConversation(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -147,17 +161,31 @@ class ChatServicer:
         broken: list[BaseException] = []
         unanswered = 0
         answered = asyncio.Event()
+        reading = True
+        drained = False  # the process began to drain and this stream stopped reading for it
 
         async def read() -> None:
+            nonlocal reading
             try:
                 async for req in request_iterator:
                     await incoming.put(req)
+            except asyncio.CancelledError:
+                if not drained:
+                    raise
+                # A request read but not put is not answered: its client sends it again.
             except Exception as exc:
                 # The request stream broke: answer what was read, then end the call.
                 broken.append(exc)
+            reading = False
             # Not in a `finally`: cancelled (the call is over), the queue may be full and nothing
             # reads it any more, so waiting to put the marker there would never end.
             await incoming.put(done)
+
+        def stop_reading() -> None:
+            nonlocal drained
+            if reading and not drained:  # not once the marker is being put (it must get there)
+                drained = True
+                reader.cancel()
 
         async def batch() -> None:
             nonlocal unanswered
@@ -193,6 +221,9 @@ class ChatServicer:
 
         reader = asyncio.ensure_future(read())
         batcher = asyncio.ensure_future(batch())
+        self._on_drain.add(stop_reading)
+        if self._draining:
+            stop_reading()
         try:
             while (queued := await batches.get()) is not None:
                 items, task = queued
@@ -209,7 +240,17 @@ class ChatServicer:
                 answered.set()
             if broken:
                 await _abort(context, as_rejection(broken[0], "SendMessages (request stream)"))
+            elif drained:
+                await _abort(
+                    context,
+                    v.RequestRejected(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "this ingress process is stopping; every request answered on this stream is "
+                        "done: send the others again on a new stream (the same client_message_id)",
+                    ),
+                )
         finally:
+            self._on_drain.discard(stop_reading)
             for t in (reader, batcher):
                 t.cancel()
             for t in (reader, batcher):
@@ -526,9 +567,10 @@ class IngressServer:
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
+        self.chat = ChatServicer(self.service)
         self.server.add_generic_rpc_handlers(
             (
-                _handlers(ChatServicer(self.service), settings),
+                _handlers(self.chat, settings),
                 _knowledge_handlers(self.knowledge),
                 _agent_handlers(self.agents),
             )
@@ -634,6 +676,9 @@ class IngressServer:
         background = [task for task in (self._readiness, self._sweeping) if task is not None]
         for task in background:
             task.cancel()
+        # Long-lived streams end now (their clients go on on another process); the server's stop
+        # below would otherwise wait its whole grace for them.
+        self.chat.drain()
         # The listener closes first, whatever the background tasks do: one slow to end its cancel
         # (a sweep's Kafka client stopping against a stalled broker) kept new connections coming
         # to this draining process and held its in-flight calls past the produce timeout. Either

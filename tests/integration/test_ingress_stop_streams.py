@@ -1,0 +1,125 @@
+"""A stopping ingress process (SIGTERM) ends its long-lived streams at once instead of holding them
+for its whole grace and then dropping them: a StreamConversation ends with UNAVAILABLE (its client
+follows again from its last cursor, on another process); a SendMessages stream reads no more, still
+answers the message it had in flight, then ends with UNAVAILABLE, and the client's next stream (on
+another process) gets the same ack for a resent message and writes the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import psutil
+import pytest
+from switchboard.v1 import chat_pb2, chat_pb2_grpc
+
+from services import stack
+from tests.integration.conftest import System, eventually, start_conversation
+from tests.integration.test_ingress_processes import (
+    all_serving,
+    listening,
+    message,
+    peers,
+    port,
+    separate_channel,
+    servers,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _serving_process(system: System) -> psutil.Process:
+    mine = {
+        c.laddr.port
+        for c in psutil.Process().net_connections("tcp")
+        if c.raddr and c.raddr.port == port(system)
+    }
+    serving = [p for p in servers(system) if peers(p, port(system)) & mine]
+    assert len(serving) == 1, serving
+    return serving[0]
+
+
+async def _status_of(call: grpc.aio.Call) -> tuple[list[object], grpc.StatusCode, str]:
+    """What the call still delivers, then how it ended."""
+    got: list[object] = []
+    while True:
+        try:
+            item = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            return got, exc.code(), exc.details() or ""
+        if item is grpc.aio.EOF:
+            return got, await call.code(), await call.details()
+        got.append(item)
+
+
+async def test_sigterm_ends_live_and_idle_streams_at_once_and_answers_what_was_in_flight(
+    system: System, tenant: str
+) -> None:
+    await all_serving(system)
+    kafka = psutil.Process((await stack.status(system.settings))["kafka"]["pid"])
+    channel = separate_channel(system)
+    other = separate_channel(system)
+    try:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        conversation_id = await start_conversation(stub, tenant)
+        live = stub.StreamConversation(
+            chat_pb2.StreamConversationRequest(tenant_id=tenant, conversation_id=conversation_id)
+        )
+        first = await asyncio.wait_for(live.read(), 30)  # the replay reached us: the call is open
+        assert first is not grpc.aio.EOF
+        queue: asyncio.Queue[chat_pb2.SendMessageRequest | None] = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[chat_pb2.SendMessageRequest]:
+            while (item := await queue.get()) is not None:
+                yield item
+
+        sending = stub.SendMessages(requests())
+        await queue.put(message(tenant, conversation_id, "s1"))
+        ack1 = await asyncio.wait_for(sending.read(), 30)
+        assert ack1.client_message_id == "s1" and not ack1.error_code
+        stopping = _serving_process(system)
+        kafka.send_signal(signal.SIGSTOP)  # s2 stays in flight through the drain
+        try:
+            await queue.put(message(tenant, conversation_id, "s2"))
+            await asyncio.sleep(0.3)  # s2 reached the server (nothing to await on the client side)
+            started = time.monotonic()
+            stopping.send_signal(signal.SIGTERM)
+            _, live_code, live_details = await asyncio.wait_for(_status_of(live), 30)
+            took = time.monotonic() - started
+            assert live_code == grpc.StatusCode.UNAVAILABLE, (live_code, live_details)
+            assert "stopping" in live_details
+            assert took < 3.0, f"the live stream ended {took:.1f}s after SIGTERM"
+            await eventually(
+                lambda: asyncio.to_thread(listening, stopping, port(system)),
+                lambda up: not up,
+                within_s=10,
+                what="the stopping process closes its listener",
+            )
+            assert not sending.done(), "s2 is in flight: the stream must wait for its answer"
+        finally:
+            kafka.send_signal(signal.SIGCONT)
+        answers, send_code, send_details = await asyncio.wait_for(_status_of(sending), 60)
+        assert [(a.client_message_id, a.error_code) for a in answers] == [("s2", 0)]  # type: ignore[attr-defined]
+        assert send_code == grpc.StatusCode.UNAVAILABLE, (send_code, send_details)
+        assert "stopping" in send_details
+        await asyncio.to_thread(stopping.wait, 30)
+
+        # The client goes on on a new stream: a resent message gets its first ack, a new one is written.
+        async def resent() -> AsyncIterator[chat_pb2.SendMessageRequest]:
+            yield message(tenant, conversation_id, "s2")
+            yield message(tenant, conversation_id, "s3")
+
+        again = [a async for a in chat_pb2_grpc.ChatServiceStub(other).SendMessages(resent())]
+        assert [(a.client_message_id, a.duplicate, a.error_code) for a in again] == [
+            ("s2", True, 0),
+            ("s3", False, 0),
+        ]
+        assert again[0].offset == answers[0].offset  # type: ignore[attr-defined]
+        await queue.put(None)
+    finally:
+        await channel.close()
+        await other.close()
+    await all_serving(system)
