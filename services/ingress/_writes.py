@@ -326,12 +326,13 @@ class ConversationWrites:
             traceparents = [traceparents] * len(requests)
         results: list[Outcome | _Write | None] = [None] * len(requests)
         valid: list[tuple[int, chat_pb2.SendMessageRequest]] = []
+        allowed = self._settings.allowed_tenants  # a property that parses the setting: once a batch
         for i, req in enumerate(requests):
             if isinstance(req, v.MalformedRequest):
                 results[i] = req.rejection()
                 continue
             try:
-                v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
+                v.check_tenant(req.tenant_id, allowed)
                 v.check_conversation_id(req.conversation_id)
                 v.check_client_message_id(req.client_message_id)
                 v.check_text(req.text, self._settings.max_message_bytes)
