@@ -5,12 +5,13 @@ Issue 7's last row: ≥ 3k msg/s sustained with p99 ack ≤ 50 ms and API-to-Cli
 Its own stack and processes (benchmarks/ingest.py's BenchSystem, ports + --port-offset): analytics
 (projector + endpoint), sessions worker, ingress. Messages are paced by a schedule (open loop: a
 slow server does not slow the offered rate, late sends count from their scheduled time), sent as
-unary SendMessage calls (`--api unary`) or written onto SendMessages streams (`--api stream`, one
-per connection: what a backend forwarding a busy app's traffic uses); watchers on
+unary SendMessage calls (`--api unary`), written onto SendMessages streams (`--api stream`, one
+per connection: what a backend forwarding a busy app's traffic uses) or sent as a SendMessageBatch
+per connection every 10 ms (`--api batch`: a backend that batches); watchers on
 StreamConversation time every message of a sample of conversations; a poller asks ClickHouse every
 100 ms which sampled messages have landed.
 
-    .venv/bin/python benchmarks/end_to_end.py [--rate 3000] [--seconds 10] [--api unary|stream] [--port-offset 1600]
+    .venv/bin/python benchmarks/end_to_end.py [--rate 3000] [--seconds 10] [--api unary|stream|batch] [--port-offset 1600]
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ from services.analytics._process import endpoint_client
 CONVERSATIONS = 200
 WATCHED = 20
 CHANNELS = 4
+# --api batch: how often each connection sends what came due meanwhile.
+BATCH_EVERY_S = 0.01
+API_NAMES = {
+    "unary": "unary SendMessage",
+    "stream": "SendMessages streams",
+    "batch": f"SendMessageBatch (each connection every {BATCH_EVERY_S * 1000:.0f} ms)",
+}
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -159,6 +167,47 @@ async def run(system: BenchSystem, rate: float, seconds: float, api: str = "unar
 
     streams = [asyncio.ensure_future(stream(n)) for n in range(CHANNELS)] if api == "stream" else []
 
+    # --api batch: what a backend that batches does. Each connection's flusher sends the requests
+    # that came due since its last call as one SendMessageBatch every BATCH_EVERY_S, one call at a
+    # time (a conversation's messages all go through one connection, so its order holds); a slow
+    # answer makes the next batch bigger. A message's latency counts from its due time, so the
+    # wait for its batch to leave is in it.
+    async def flusher(n: int) -> None:
+        outbox, done = outboxes[n], False
+        next_at = time.monotonic()
+        while not done:
+            next_at += BATCH_EVERY_S
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:  # the last call took longer than the interval: send what waits now
+                next_at = time.monotonic()
+            batch: list[chat_pb2.SendMessageRequest] = []
+            while not outbox.empty():
+                req = outbox.get_nowait()
+                if req is None:
+                    done = True
+                    break
+                batch.append(req)
+            if not batch:
+                continue
+            try:
+                reply = await stubs[n].SendMessageBatch(
+                    chat_pb2.SendMessageBatchRequest(messages=batch), timeout=30
+                )
+            except grpc.aio.AioRpcError as exc:
+                errors.extend([exc.code().name] * len(batch))
+                continue
+            now = time.monotonic()
+            for result in reply.results:
+                if result.error_code:
+                    errors.append(f"code {result.error_code}")
+                else:
+                    acked_at[result.client_message_id] = now
+
+    if api == "batch":
+        streams = [asyncio.ensure_future(flusher(n)) for n in range(CHANNELS)]
+
     async def send(i: int, due: float) -> None:
         cmid = f"m{i}"
         conversation = conversations[i % CONVERSATIONS]
@@ -188,7 +237,7 @@ async def run(system: BenchSystem, rate: float, seconds: float, api: str = "unar
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        if api == "stream":
+        if api in ("stream", "batch"):
             sent_at[f"m{i}"] = due
             outboxes[i % CHANNELS].put_nowait(request(i))
         else:
@@ -233,7 +282,7 @@ async def run(system: BenchSystem, rate: float, seconds: float, api: str = "unar
         [
             f"### End to end — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
             "",
-            f"Offered {rate:,.0f} msg/s of {'unary SendMessage' if api == 'unary' else 'SendMessages streams'} for {seconds:.0f} s ({total:,} messages, "
+            f"Offered {rate:,.0f} msg/s of {API_NAMES[api]} for {seconds:.0f} s ({total:,} messages, "
             f"{CONVERSATIONS} conversations, {CHANNELS} connections); acked {len(acked_at):,} "
             f"({len(acked_at) / elapsed if elapsed > 0 else 0:,.0f} msg/s over {elapsed:.1f} s), "
             f"errors {len(errors)} {sorted(set(errors))}; in the hot view {len(live):,} of "
@@ -272,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=3000.0, help="messages/s offered")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--port-offset", type=int, default=1600)
-    parser.add_argument("--api", choices=("unary", "stream"), default="unary")
+    parser.add_argument("--api", choices=("unary", "stream", "batch"), default="unary")
     parser.add_argument("--keep-data", action="store_true", help="keep var/bench-* (logs) after the run")
     args = parser.parse_args(argv)
     return asyncio.run(main_async(args.rate, args.seconds, args.port_offset, args.api, args.keep_data))
