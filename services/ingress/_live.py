@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -72,6 +73,12 @@ class Subscription:
     def _fail(self, exc: BaseException) -> None:
         self._reader = None
         self._queue.put_nowait(exc)
+
+    def _end(self, exc: BaseException) -> None:
+        """Like _fail, dropping what is queued: the caller resumes from the last cursor it got."""
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._fail(exc)
 
 
 class _Reader:
@@ -253,13 +260,13 @@ class LiveHub:
         self.block_ms = block_ms
         self.socket_timeout_s = socket_timeout_s
         self._readers: list[_Reader] = []
-        self._ended: BaseException | None = None
+        self._ended: Callable[[], BaseException] | None = None
 
     def subscribe(self, positions: dict[str, str]) -> Subscription:
         """Follow these streams from these ids (exclusive); `close()` the result when done."""
         sub = Subscription(positions)
         if self._ended is not None:
-            sub._fail(self._ended)
+            sub._fail(self._ended())
             return sub
         reader = min(self._readers, key=lambda r: len(r.subs), default=None)
         if reader is None or len(reader.subs) >= self.per_reader:
@@ -272,15 +279,16 @@ class LiveHub:
     def connections(self) -> int:
         return len(self._readers)
 
-    def end_follows(self, why: BaseException) -> None:
-        """Every call's follow ends with `why` at its next read, and so does any begun later (the
-        process is draining: its callers resume from their last cursor on another process). The
-        readers stay until `close()`."""
+    def end_follows(self, why: Callable[[], BaseException]) -> None:
+        """Every call's follow ends with `why()` at its next read, what it had queued dropped, and
+        so does any begun later (the process is draining: its callers resume from their last cursor
+        on another process). A new exception each: one raised by every call would collect all
+        their frames in its traceback. The readers stay until `close()`."""
         self._ended = why
         for reader in self._readers:
             for sub in list(reader.subs):
                 reader.remove(sub)
-                sub._fail(why)
+                sub._end(why())
 
     async def close(self) -> None:
         readers, self._readers = self._readers, []

@@ -83,10 +83,10 @@ class ConversationReads:
     def end_follows(self) -> None:
         """The process is draining: every StreamConversation call ends with UNAVAILABLE at once
         (its client resumes from its last cursor on another process) instead of holding the drain
-        until its grace runs out."""
+        until its grace runs out. (Without a hub, in unit tests only, follows poll and are not ended.)"""
         if self._hub is not None:
             self._hub.end_follows(
-                v.RequestRejected(
+                lambda: v.RequestRejected(
                     grpc.StatusCode.UNAVAILABLE,
                     "this ingress process is stopping; follow again from your last cursor "
                     "(another process serves it)",

@@ -161,17 +161,26 @@ class ChatServicer:
         broken: list[BaseException] = []
         unanswered = 0
         answered = asyncio.Event()
+        started = False  # the reader's first step ran (a task cancelled before it never enters its try)
         reading = True
         drained = False  # the process began to drain and this stream stopped reading for it
 
         async def read() -> None:
-            nonlocal reading
+            nonlocal started, reading
+            started = True
             try:
-                async for req in request_iterator:
-                    await incoming.put(req)
-            except asyncio.CancelledError:
                 if not drained:
+                    async for req in request_iterator:
+                        if drained:  # the drain's cancel was swallowed below us: stop all the same
+                            break
+                        await incoming.put(req)
+            except asyncio.CancelledError:
+                # The drain's cancel, and only it: a cancel of the call itself (also one coalesced
+                # with the drain's) ends the reader, whose marker nobody would read any more.
+                me = asyncio.current_task()
+                if not drained or me is None or me.cancelling() > 1:
                     raise
+                me.uncancel()
                 # A request read but not put is not answered: its client sends it again.
             except Exception as exc:
                 # The request stream broke: answer what was read, then end the call.
@@ -185,7 +194,8 @@ class ChatServicer:
             nonlocal drained
             if reading and not drained:  # not once the marker is being put (it must get there)
                 drained = True
-                reader.cancel()
+                if started:  # else the reader sees `drained` at its first step
+                    reader.cancel()
 
         async def batch() -> None:
             nonlocal unanswered
@@ -485,6 +495,28 @@ class ReadinessHealth(health.aio.HealthServicer):
         super().__init__()
         self._ready = ready
         self.draining = False
+        self._watches_ended = asyncio.Event()
+
+    def end_watches(self) -> None:
+        """The process is draining: Watch calls end with UNAVAILABLE (they were told NOT_SERVING),
+        so they do not hold the server's stop for its whole grace."""
+        self._watches_ended.set()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        watching = asyncio.ensure_future(super().Watch(request, context))
+        ending = asyncio.ensure_future(self._watches_ended.wait())
+        try:
+            await asyncio.wait([watching, ending], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ending.cancel()
+            if not watching.done():
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watching
+        if watching.cancelled() or watching.exception() is not None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "this ingress process is stopping; watch another"
+            )
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:
         await super().Check(request, context)  # NOT_FOUND for a service we do not serve
@@ -678,7 +710,11 @@ class IngressServer:
             task.cancel()
         # Long-lived streams end now (their clients go on on another process); the server's stop
         # below would otherwise wait its whole grace for them.
-        self.chat.drain()
+        try:
+            self.chat.drain()
+            self.health.end_watches()
+        except Exception:
+            log.exception("ingress stop: ending the long-lived streams failed; draining on")
         # The listener closes first, whatever the background tasks do: one slow to end its cancel
         # (a sweep's Kafka client stopping against a stalled broker) kept new connections coming
         # to this draining process and held its in-flight calls past the produce timeout. Either

@@ -337,7 +337,21 @@ def observe_producer(producer: Any) -> None:
         delivery.add_done_callback(done)
         return delivery
 
+    reserve_up_to, release = producer.reserve_up_to, producer.release
+
+    def counted_reserve_up_to(*args: Any, **kwargs: Any) -> Any:
+        inflight_moved()
+        return reserve_up_to(*args, **kwargs)
+
+    def counted_release(*args: Any, **kwargs: Any) -> Any:
+        # Slots are released after the delivery's callbacks ran (the settlement frees them): the
+        # gauge must follow, or an idle process shows its last burst as in flight for good.
+        inflight_moved()
+        return release(*args, **kwargs)
+
     producer.enqueue = timed_enqueue
+    producer.reserve_up_to = counted_reserve_up_to
+    producer.release = counted_release
 
 
 # --- stream processors --------------------------------------------------------------------------

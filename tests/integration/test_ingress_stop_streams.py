@@ -14,10 +14,15 @@ from collections.abc import AsyncIterator
 import grpc
 import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 from switchboard.v1 import chat_pb2, chat_pb2_grpc
 
 from services import stack
+from services.ingress import IngressServer
+from services.processes import wait_for_ingress
 from tests.integration.conftest import System, eventually, start_conversation
+from tests.integration.test_ingress_guarantees import ingress_settings
 from tests.integration.test_ingress_processes import (
     all_serving,
     listening,
@@ -123,3 +128,87 @@ async def test_sigterm_ends_live_and_idle_streams_at_once_and_answers_what_was_i
         await channel.close()
         await other.close()
     await all_serving(system)
+
+
+# In-process ingress servers (not the test system's supervised ones): the drain is driven directly.
+
+
+async def _ended(call: grpc.aio.Call, within_s: float) -> tuple[list[object], grpc.StatusCode, str]:
+    return await asyncio.wait_for(_status_of(call), within_s)
+
+
+async def test_a_stream_begun_once_the_drain_began_ends_unavailable_at_once(
+    system: System, tenant: str
+) -> None:
+    """The drain makes every SendMessages stream stop, also one whose handler starts after it (gRPC
+    starts handlers of calls it accepted before its own shutdown an iteration or two later)."""
+    server = IngressServer(ingress_settings(system.settings))
+    await server.start()
+    stopped = False
+    try:
+        await wait_for_ingress(server.settings)
+        async with grpc.aio.insecure_channel(server.settings.grpc_listen) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            conversation_id = await start_conversation(stub, tenant)
+            server.chat.drain()  # what stop() does before the server's own shutdown
+
+            async def one() -> AsyncIterator[chat_pb2.SendMessageRequest]:
+                yield message(tenant, conversation_id, "late")
+                await asyncio.Event().wait()  # the client keeps its side open
+
+            answers, code, details = await _ended(stub.SendMessages(one()), 5)
+            assert (answers, code) == ([], grpc.StatusCode.UNAVAILABLE), (answers, code, details)
+            assert "stopping" in details
+            started = time.monotonic()
+            await server.stop(grace=10)
+            stopped = True
+            assert time.monotonic() - started < 5, "nothing held the stop"
+    finally:
+        if not stopped:
+            await server.stop(grace=1)
+
+
+async def test_a_health_watch_ends_when_the_drain_begins(system: System) -> None:
+    server = IngressServer(ingress_settings(system.settings))
+    await server.start()
+    stopping: asyncio.Future[None] | None = None
+    try:
+        await wait_for_ingress(server.settings)
+        async with grpc.aio.insecure_channel(server.settings.grpc_listen) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            first = await asyncio.wait_for(watch.read(), 30)
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            started = time.monotonic()
+            stopping = asyncio.ensure_future(server.stop(grace=10))
+            _, code, details = await _ended(watch, 5)
+            assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+            await stopping
+            assert time.monotonic() - started < 5, "the Watch held the stop"
+    finally:
+        if stopping is None:
+            await server.stop(grace=1)
+
+
+async def test_the_inflight_gauge_comes_back_to_zero_after_the_writes(system: System, tenant: str) -> None:
+    """The in-flight gauge is published once per event-loop iteration; the last publication must
+    follow the slots' release, not stay at the last burst's count."""
+    server = IngressServer(ingress_settings(system.settings))
+    await server.start()
+    try:
+        await wait_for_ingress(server.settings)
+        async with grpc.aio.insecure_channel(server.settings.grpc_listen) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            conversation_id = await start_conversation(stub, tenant)
+            await asyncio.gather(
+                *(stub.SendMessage(message(tenant, conversation_id, f"g{i}")) for i in range(20))
+            )
+
+            def gauge() -> float | None:
+                return REGISTRY.get_sample_value("switchboard_inflight_writes")
+
+            await eventually(
+                lambda: asyncio.sleep(0, gauge()), lambda v: v == 0, within_s=10, what="the gauge at 0"
+            )
+            assert server.producer.inflight == 0
+    finally:
+        await server.stop(grace=1)
