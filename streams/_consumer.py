@@ -263,6 +263,8 @@ class BatchConsumer:
         self._committing: asyncio.Task[bool] | None = None
         # A commit that did not complete within COMMIT_BOUND_S was seen outside `_run`.
         self._commit_wedged = False
+        # A commit's error that a revocation met first (raised by `_run`'s next `_commit_done`).
+        self._commit_error: BaseException | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -447,11 +449,24 @@ class BatchConsumer:
         that did are applied again). The commit of a batch overlaps the next batch: at ~35 ms a
         batch of 500, the sessions worker waited ~7 ms of each for Kafka's answer to its commit
         (RESULTS.md, twentieth session)."""
+        if self._commit_error is not None:
+            # A commit that failed with an error of ours, met first by a revocation (whose
+            # listener aiokafka would log and swallow it in): it ends the run here, once.
+            error, self._commit_error = self._commit_error, None
+            raise error
         task = self._committing
-        # Awaited from `_run` and from a revocation alike (a task may have several awaiters).
-        committed = await task if task is not None else True
-        if self._committing is task:
-            self._committing = None
+        if task is None:
+            committed = True
+        else:
+            # Awaited from `_run` and from a revocation alike (a task may have several awaiters):
+            # shielded, so an awaiter cancelled (a listener whose coordination task is cancelled)
+            # does not cancel the commit under the others; forgotten once done, also when it
+            # failed (every later wait would raise its error again).
+            try:
+                committed = await asyncio.shield(task)
+            finally:
+                if self._committing is task and task.done():
+                    self._committing = None
         if self._commit_wedged:
             self._commit_wedged = False
             return False
@@ -894,8 +909,12 @@ class BatchConsumer:
         async with self._in_hand:
             # The last batch's commit lands before the partitions go (their next owner starts
             # from it); one that did not complete has the consumer started again by `_run`.
-            if not await self._commit_done():
-                self._commit_wedged = True
+            try:
+                if not await self._commit_done():
+                    self._commit_wedged = True
+            except Exception as exc:
+                # Raised in `_run` instead (its next wait for a commit); the partitions go all the same.
+                self._commit_error = exc
             for p in partitions:
                 self.stats.position.pop(p, None)
             await self._processor.on_revoked(partitions)

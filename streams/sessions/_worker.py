@@ -8,8 +8,9 @@ after, the states of a batch, so a Redis that kept the position kept everything 
 Per batch, in this order: check the positions; take the states of the batch's conversations from
 the worker's table (the states it wrote last, kept in memory) or, for the others, from Redis;
 fold every event (in place, see `Fold`); write live-stream entries, claims and each changed state
-once (`APPLY_SCRIPT`, one EVALSHA per few hundred writes, each sent on one connection as soon as
-it is full, so Redis applies it while the rest is folded; the replies read at the end); then the
+once (`APPLY_SCRIPT`, one EVAL per few hundred writes, each sent on one connection as soon as
+it is full and the one before it was applied, so Redis applies it while the rest is folded and a
+failed batch leaves a prefix of its writes; each state after its queue writes); then the
 positions, in a second round trip; then the consumer commits the offsets to Kafka (while it
 fetches and applies the next batch). Every step is
 idempotent: the fold skips what a state already has, a live-stream entry id comes from the offset
@@ -32,7 +33,6 @@ partition not ready until it is back where it was.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import struct
@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
 
 from schemas import hotview as hv
 from schemas.events import Event, EventDecodeError, LogPosition, decode_event, event_type
@@ -100,7 +99,6 @@ class SessionsProcessor:
         self._table: dict[tuple[str, str], Fold] = {}
         self._table_max = TABLE_CONVERSATIONS
         self.table_misses = 0
-        self._apply_sha = hashlib.sha1(APPLY_SCRIPT.encode()).hexdigest()
         self._set_positions = redis.register_script(POSITIONS_SCRIPT)
         # Dead-letters refused records durably (the BatchConsumer's, see bind_dead_letter).
         self._dead_letter_first: Callable[[Rejected], Awaitable[None]] | None = None
@@ -387,7 +385,7 @@ class SessionsProcessor:
         active_before = {slot: fold.updated_at_ns if fold is not None else -1 for slot, fold in folds.items()}
         changed: set[tuple[str, str]] = set()
         writes = _Writes(self._settings.live_stream_maxlen)
-        stream = _ChunkStream(self._redis, self._apply_sha, writes.maxlen)
+        stream = _ChunkStream(self._redis, writes.maxlen)
         try:
             await self._fold_into(decoded, folds, changed, writes, stream, rejected)
             if rejected and self._dead_letter_first is not None:
@@ -401,23 +399,17 @@ class SessionsProcessor:
             for slot in changed:
                 fold = folds[slot]
                 assert fold is not None
-                writes.mirror(hv.conversation_key(*slot), fold)
                 _requeue(writes, slot, queued_before[slot], fold)
                 _track_activity(writes, slot, active_before[slot], fold)
+                # The state last: what Redis holds of a batch is a prefix of its writes (see
+                # _ChunkStream), and a state in it must have its queue and activity writes in it
+                # too, for the batch applied again folds nothing of this conversation.
+                writes.mirror(hv.conversation_key(*slot), fold)
                 if writes.has_sealed():
                     await stream.send(writes.sealed())
-            replies = await stream.finish(writes.rest())
+            await stream.finish(writes.rest())
         finally:
             await stream.close()
-        if any(isinstance(r, NoScriptError) for r in replies):
-            # A Redis that forgot the script (a restart, a SCRIPT FLUSH): every chunk again, each
-            # idempotent, once it has the script.
-            self._apply_sha = await self._redis.script_load(APPLY_SCRIPT)
-            await self._execute(writes)
-        else:
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
         await self._write_positions(records, folds, changed)
 
     async def _fold_into(
@@ -521,26 +513,6 @@ class SessionsProcessor:
         while len(self._table) > self._table_max:
             del self._table[next(iter(self._table))]
 
-    async def _execute(self, writes: _Writes) -> None:
-        """Every chunk in one pipelined round trip; a Redis that forgot the script (a restart, a
-        SCRIPT FLUSH) gets it again and the chunks are sent again (each is idempotent)."""
-        chunks = writes.chunks()
-        if not chunks:
-            return
-        for attempt in range(2):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for chunk in chunks:
-                    pipe.evalsha(self._apply_sha, 0, writes.maxlen, chunk, *_FIELD_NAMES)
-                replies = await pipe.execute(raise_on_error=False)
-            missing_script = any(isinstance(r, NoScriptError) for r in replies)
-            if missing_script and attempt == 0:
-                self._apply_sha = await self._redis.script_load(APPLY_SCRIPT)
-                continue
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-            return
-
     def _forget(self, partitions: set[int]) -> None:
         """Drop the table's states of these partitions (revoked, rebuilt, or written by another)."""
         if not partitions or not self._table:
@@ -549,7 +521,7 @@ class SessionsProcessor:
             del self._table[slot]
 
 
-# Applies a batch's hot-view writes on the Redis side: one EVALSHA per chunk instead of three
+# Applies a batch's hot-view writes on the Redis side: one EVAL per chunk instead of three
 # commands per event, because packing each command and parsing each reply in redis-py cost more
 # than the fold itself. ARGV[1]: the live streams' approximate MAXLEN; ARGV[2]: the chunk, a
 # sequence of operations, each a 1-byte code followed by length-prefixed strings (4-byte
@@ -664,6 +636,8 @@ end
 return lost
 """
 
+_APPLY_SCRIPT_BYTES = APPLY_SCRIPT.encode()
+
 _FIELD_NAMES = (
     hv.F_STATE,
     hv.F_CURSOR,
@@ -765,45 +739,55 @@ class _Writes:
 
 
 class _ChunkStream:
-    """A batch's chunks (`APPLY_SCRIPT` calls) written to Redis as each is sealed, all on one
-    connection so Redis applies them in order, and their replies read once the batch is folded:
-    Redis applies the first chunks while the worker folds the rest. Sent all at the end instead,
-    the worker waited for Redis about half of a catch-up's time (py-spy, RESULTS.md).
+    """A batch's chunks (`APPLY_SCRIPT` calls) written to Redis as each is sealed, on one
+    connection, so Redis applies the first chunks while the worker folds the rest (sent all at
+    the end instead, the worker waited for Redis about half of a catch-up's time: py-spy,
+    RESULTS.md).
+
+    One chunk is under way at a time: a chunk is sent once the one before it was applied, and the
+    first that fails raises here, with nothing after it sent. So what Redis holds of a failed batch
+    is always a prefix of its writes (the failed chunk's own operations up to its error), and the
+    batch applied again from the states Redis holds redoes the rest in order. Were the later chunks
+    applied after a failed one (they were, when every chunk was sent before any reply was read), a
+    conversation's live entries in the failed chunk would be behind its later ones and refused for
+    good, and a state written past them would make the retry fold nothing (review, twenty-first
+    session). Each chunk is an EVAL, not an EVALSHA: a Redis that forgot the script (a restart, a
+    SCRIPT FLUSH) never answers one chunk NOSCRIPT and a later one with its effects. Costs little:
+    the fold of a chunk's events takes longer than Redis's applying the chunk before it.
 
     Errors are redis-py's (its connection, handshake, socket timeout and reply parser); a
-    connection whose batch failed or was cancelled is closed, never handed back to the pool with
-    replies unread."""
+    connection whose batch failed or was cancelled is closed, never handed back to the pool with a
+    reply unread."""
 
-    def __init__(self, redis: aioredis.Redis, sha: str, maxlen: int) -> None:
+    def __init__(self, redis: aioredis.Redis, maxlen: int) -> None:
         self._pool = redis.connection_pool
-        self._sha = sha
         self._maxlen = maxlen
         self._conn: Any = None
-        self._sent = 0
+        self._under_way = False
         self._clean = False
 
     async def send(self, chunks: list[bytes]) -> None:
-        if not chunks:
-            return
-        if self._conn is None:
-            self._conn = await self._pool.get_connection()
-        packed = self._conn.pack_commands(
-            [("EVALSHA", self._sha, 0, self._maxlen, chunk, *_FIELD_NAMES) for chunk in chunks]
-        )
-        await self._conn.send_packed_command(packed, check_health=False)
-        self._sent += len(chunks)
+        for chunk in chunks:
+            if self._conn is None:
+                self._conn = await self._pool.get_connection()
+            await self._applied()
+            packed = self._conn.pack_command(
+                "EVAL", _APPLY_SCRIPT_BYTES, 0, self._maxlen, chunk, *_FIELD_NAMES
+            )
+            await self._conn.send_packed_command(packed, check_health=False)
+            self._under_way = True
 
-    async def finish(self, chunks: list[bytes]) -> list[Any]:
-        """Send the last chunks, then read every reply (an error reply as its exception)."""
+    async def _applied(self) -> None:
+        """Waits for the chunk under way, if any; raises its error reply (ResponseError)."""
+        if self._under_way:
+            self._under_way = False
+            await self._conn.read_response()
+
+    async def finish(self, chunks: list[bytes]) -> None:
+        """Send the last chunks; returns once every chunk is applied."""
         await self.send(chunks)
-        replies: list[Any] = []
-        for _ in range(self._sent):
-            try:
-                replies.append(await self._conn.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
+        await self._applied()
         self._clean = True
-        return replies
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None

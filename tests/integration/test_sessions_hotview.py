@@ -16,6 +16,7 @@ from schemas import hotview as hv
 from schemas.events import encode_event, new_event
 from services.settings import Settings
 from streams._consumer import Record
+from streams.sessions import _worker
 from streams.sessions._worker import SessionsProcessor
 from tests.integration.test_tick_pipeline import _Redis, redis_server
 
@@ -132,7 +133,7 @@ async def test_a_batch_of_many_chunks_lands_whole_and_in_order_also_after_redis_
 ) -> None:
     """A batch's chunks go to Redis as they are sealed, while the rest is folded (one connection,
     replies read at the end). Every entry lands, in order; a Redis that forgot the script (a
-    restart, SCRIPT FLUSH) gets it again and the batch is applied whole."""
+    restart, SCRIPT FLUSH) is sent it with every chunk (EVAL) and the batch is applied whole."""
     redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0", socket_timeout=5)
     processor = SessionsProcessor(Settings(), redis)
     control = Control(end=2_000)
@@ -154,3 +155,141 @@ async def test_a_batch_of_many_chunks_lands_whole_and_in_order_also_after_redis_
         assert await redis.ping()
     finally:
         await redis.aclose()
+
+
+def _live_offsets(entries: Any) -> list[int]:
+    return [int(bytes(entry[0]).split(b"-")[0]) for entry in entries]
+
+
+async def test_a_script_flushed_and_loaded_again_by_another_worker_during_a_batch_loses_no_entry(
+    redis_server: _Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review, twenty-first session: a chunk answered NOSCRIPT and a later chunk of the batch
+    applied (another sessions process loaded the script meanwhile, after a Redis restart) made the
+    whole-batch re-run add the first chunk's entries behind later ones: refused, lost for good."""
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    redis = aioredis.Redis.from_url(url, socket_timeout=5)
+    other = aioredis.Redis.from_url(url, socket_timeout=5)  # another sessions process
+    processor = SessionsProcessor(Settings(), redis)
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    sent = 0
+    send = _worker._ChunkStream.send
+
+    async def send_then_another_loads_the_script(self: Any, chunks: list[bytes]) -> None:
+        nonlocal sent
+        await send(self, chunks)
+        sent += len(chunks)
+        if sent == len(chunks):  # after the batch's first chunk
+            await other.script_load(_worker.APPLY_SCRIPT)
+
+    try:
+        await processor.on_assigned({0}, Control(end=5_000))
+        await processor.process(records(tenant, "c1", 0, 10))
+        await redis.script_flush()
+        monkeypatch.setattr(_worker._ChunkStream, "send", send_then_another_loads_the_script)
+        await processor.process(records(tenant, "c1", 10, 1_000))
+        assert sent > 1
+        assert _live_offsets(await redis.xrange(hv.live_stream_key(tenant, "c1"))) == list(range(1_010))
+    finally:
+        await redis.aclose()
+        await other.aclose()
+
+
+async def test_a_chunk_refused_by_redis_stops_the_batch_there_and_its_retry_writes_the_rest(
+    redis_server: _Redis,
+) -> None:
+    """Review, twenty-first session: with every chunk sent before any reply was read, the chunks
+    after a refused one (an error reply: OOM, MISCONF, a key of the wrong type) were applied, states
+    included, so the batch applied again folded nothing and another conversation's live entries
+    and idempotency claims in the refused chunk were never written."""
+    redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0", socket_timeout=5)
+    processor = SessionsProcessor(Settings(), redis)
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    try:
+        await processor.on_assigned({0}, Control(end=5_000))
+        x = records(tenant, "x", 0, 1)
+        y = [Record(r.topic, 0, r.offset + 1, r.key, r.value, 0) for r in records(tenant, "y", 0, 1)]
+        await processor.process(x + y)
+        # x's live stream becomes a key of another type: Redis refuses the chunk's XADD to it.
+        await redis.delete(hv.live_stream_key(tenant, "x"))
+        await redis.set(hv.live_stream_key(tenant, "x"), "not a stream")
+        messages = [Record(r.topic, 0, r.offset + 2, r.key, r.value, 0) for r in records(tenant, "x", 1, 1)]
+        messages += [
+            Record(r.topic, 0, r.offset + 2, r.key, r.value, 0) for r in records(tenant, "y", 1, 397)
+        ]
+        with pytest.raises(Exception, match="WRONGTYPE"):
+            await processor.process(messages)
+        raw = await redis.hget(hv.conversation_key(tenant, "y"), hv.F_STATE)
+        assert raw is not None and json.loads(raw)["event_count"] == 1, "no state past the refused chunk"
+        await redis.delete(hv.live_stream_key(tenant, "x"))  # what refused it is gone
+        assert await processor.process(messages) == []  # the consumer's retry
+        y_entries = _live_offsets(await redis.xrange(hv.live_stream_key(tenant, "y")))
+        assert y_entries == [1] + [m.offset for m in messages[1:]]
+        claims = [await redis.exists(hv.idempotency_key(tenant, "y", f"m{o}")) for o in range(1, 398)]
+        assert all(claims), f"{claims.count(0)} of y's claims missing"
+        raw = await redis.hget(hv.conversation_key(tenant, "y"), hv.F_STATE)
+        assert raw is not None and json.loads(raw)["event_count"] == 398
+    finally:
+        await redis.aclose()
+
+
+async def test_a_connection_lost_between_a_queue_write_and_its_state_leaves_the_conversation_queued(
+    redis_server: _Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review, twenty-first session: a conversation's state was written before its agents' queue
+    entry; a chunk ending between them and a connection lost (a reset, a Redis crash keeping that
+    prefix) left a state saying "queued" and no queue entry, and the batch applied again wrote none."""
+    url = f"redis://127.0.0.1:{redis_server.port}/0"
+    redis = aioredis.Redis.from_url(url, socket_timeout=5)
+    admin = aioredis.Redis.from_url(url, socket_timeout=5)
+    processor = SessionsProcessor(Settings(), redis)
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    finish = _worker._ChunkStream.finish
+
+    async def connection_lost_first(self: Any, chunks: list[bytes]) -> None:
+        for client in await admin.client_list():
+            if client.get("cmd") in ("eval", "evalsha") and int(client["id"]) != int(await admin.client_id()):
+                await admin.client_kill_filter(_id=client["id"])
+        await finish(self, chunks)
+
+    try:
+        await processor.on_assigned({0}, Control(end=50_000))
+        # The chunk ends before, between and after this conversation's queue, activity and state
+        # writes: 127 messages (a live entry and a claim each) and a handoff are 255 operations.
+        cut: list[int] = []
+        for n, size in enumerate((255, 256, 257, 258)):
+            conversation, base = f"a{n}", 1_000 * n
+
+            def rec(offset: int, conversation: str = conversation, **payload: Any) -> Record:
+                event = new_event(tenant, conversation, **payload)
+                return Record(TOPIC, 0, offset, conversation.encode(), encode_event(event), 0)
+
+            await processor.process([rec(base, conversation_started=events_pb2.ConversationStarted())])
+            batch = [
+                rec(
+                    base + o,
+                    message_received=events_pb2.MessageReceived(client_message_id=f"m{o}", text="hi"),
+                )
+                for o in range(1, 128)
+            ]
+            batch.append(
+                rec(base + 128, handoff_requested=events_pb2.HandoffRequested(reason="r", queue="q"))
+            )
+            monkeypatch.setattr(_worker, "CHUNK_OPERATIONS", size)
+            monkeypatch.setattr(_worker._ChunkStream, "finish", connection_lost_first)
+            try:
+                await processor.process(batch)
+            except Exception as exc:  # the connection was lost before the last chunk
+                assert "onnection" in str(exc), exc
+                cut.append(size)
+            monkeypatch.setattr(_worker._ChunkStream, "finish", finish)
+            await processor.process(batch)  # the consumer's retry (an outage)
+            raw = await redis.hget(hv.conversation_key(tenant, conversation), hv.F_STATE)
+            assert raw is not None and json.loads(raw)["queue"] == "q"
+            assert await redis.zscore(hv.queue_key(tenant, "q"), conversation) is not None, (
+                f"chunks of {size}"
+            )
+        assert cut == [255, 256, 257], cut  # (in chunks of 258 the last chunk was sent before)
+    finally:
+        await redis.aclose()
+        await admin.aclose()
