@@ -15,8 +15,8 @@ import re
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from redis import exceptions as redis_errors
 
-# Redis is away, starting, failing over or out of connections: retrying helps. Every other
-# RedisError (a ResponseError such as WRONGTYPE, a script error) is a bug of ours.
+# Redis is away, starting, failing over, out of connections or of memory: retrying helps. Every
+# other RedisError (a ResponseError such as WRONGTYPE, a script error) is a bug of ours.
 _REDIS_OUTAGES: tuple[type[BaseException], ...] = (
     redis_errors.ConnectionError,  # also BusyLoadingError, MaxConnectionsError, auth failures
     redis_errors.TimeoutError,
@@ -24,7 +24,14 @@ _REDIS_OUTAGES: tuple[type[BaseException], ...] = (
     redis_errors.TryAgainError,
     redis_errors.ReadOnlyError,
     redis_errors.MasterDownError,
+    # maxmemory reached under noeviction: every write is refused until memory is freed. Not the
+    # data's fault: dead-lettering would drop good records (review, twenty-first session).
+    redis_errors.OutOfMemoryError,
 )
+# Other refusals of the Redis server's state, not of the data (a plain ResponseError, its code
+# first): MISCONF (a failed save with stop-writes-on-bgsave-error), BUSY (a script past
+# busy-reply-threshold), NOREPLICAS (min-replicas-to-write). Not BUSYGROUP or BUSYKEY.
+_TRANSIENT_REDIS = re.compile(r"(MISCONF|BUSY|NOREPLICAS)\b")
 _OUTAGES: tuple[type[BaseException], ...] = (
     *_REDIS_OUTAGES,
     OSError,  # includes ConnectionError and TimeoutError (asyncio.TimeoutError is TimeoutError)
@@ -52,6 +59,8 @@ def is_outage(exc: BaseException) -> bool:
     """A failure of something we depend on: retry it, never blame the data or the caller."""
     if isinstance(exc, _OUTAGES) or closed_transport(exc):
         return True
+    if isinstance(exc, redis_errors.ResponseError):
+        return _TRANSIENT_REDIS.match(str(exc)) is not None
     if isinstance(exc, KafkaError):
         return bool(getattr(exc, "retriable", False))
     try:

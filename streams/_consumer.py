@@ -464,9 +464,18 @@ class BatchConsumer:
             # failed (every later wait would raise its error again).
             try:
                 committed = await asyncio.shield(task)
-            finally:
-                if self._committing is task and task.done():
+            except asyncio.CancelledError:
+                # Forgotten only if the commit itself was cancelled (run's end): an awaiter that
+                # was cancelled leaves the outcome to the others.
+                if task.cancelled() and self._committing is task:
                     self._committing = None
+                raise
+            except BaseException:
+                if self._committing is task:
+                    self._committing = None
+                raise
+            if self._committing is task:
+                self._committing = None
         if self._commit_wedged:
             self._commit_wedged = False
             return False
@@ -697,6 +706,7 @@ class BatchConsumer:
         outage. False: stopping with the batch unfinished."""
         poison: list[tuple[Record, BaseException]] = []
         applied = 0
+        dead = 0  # dead-lettered as they were found
         pending: list[Sequence[Record]] = [records]
         while pending:
             part = pending.pop(0)
@@ -712,15 +722,31 @@ class BatchConsumer:
                     log.error("%s: outage while isolating a failing record: %r", self._processor.name, exc)
                     return None
                 if len(part) == 1:
-                    poison.append((part[0], exc))
+                    # Dead-lettered now, before a later part is applied: a processor that keeps
+                    # its own position (the sessions worker) would otherwise write it past this
+                    # record first, and a crash in between would lose the dead letter.
+                    if applied == 0 and not await self._healthy():
+                        log.error(
+                            "%s: record %s fails alone and the processor is not healthy; retrying "
+                            "batch %s as an outage",
+                            self._processor.name,
+                            _span(part),
+                            _span(records),
+                        )
+                        return None
+                    await self._dead_letter(part[0], exc)
+                    dead += 1
                 else:
                     mid = len(part) // 2
                     pending[:0] = [part[:mid], part[mid:]]
             if self._stopping.is_set():
                 return False
         if not poison:
+            if dead:
+                self.stats.batches += 1
+                self.stats.records += len(records)
             return True
-        if applied == 0 and not await self._healthy():
+        if applied == 0 and not dead and not await self._healthy():
             log.error(
                 "%s: every record of batch %s fails and the processor is not healthy; retrying as an outage",
                 self._processor.name,

@@ -2,8 +2,8 @@
 
 Redis holds the hot view: per conversation a hash with the state (JSON of `ConversationState`)
 and a live stream; per client message its idempotency claim. The worker keeps its own position
-next to them (`hv.APPLIED_KEY`: partition -> next offset), written in the same pipeline as, and
-after, the states of a batch, so a Redis that kept the position kept everything before it.
+next to them (`hv.APPLIED_KEY`: partition -> next offset), written once the states of a batch are
+applied (a round trip of its own), so a Redis that kept the position kept everything before it.
 
 Per batch, in this order: check the positions; take the states of the batch's conversations from
 the worker's table (the states it wrote last, kept in memory) or, for the others, from Redis;
@@ -389,6 +389,10 @@ class SessionsProcessor:
         try:
             await self._fold_into(decoded, folds, changed, writes, stream, rejected)
             if rejected and self._dead_letter_first is not None:
+                # The fold's writes applied first: a batch that Redis refuses fails here, before a
+                # dead letter, and does not dead-letter the same records again on every attempt.
+                await stream.send(writes.rest())
+                await stream.wait_applied()
                 # Before the position passes them (see bind_dead_letter), and before the states: a
                 # state written past a refused record makes the fold skip it as seen when the batch
                 # is applied again (after a dead letter that did not reach Kafka), so it would
@@ -718,11 +722,6 @@ class _Writes:
         self._parts += (_s(a) if isinstance(a, str) else _i(a) for a in args)
         self._added()
 
-    def chunks(self) -> list[bytes]:
-        """Every chunk of the batch, the last one sealed."""
-        self._seal()
-        return self._chunks
-
     def has_sealed(self) -> bool:
         return len(self._chunks) > self._handed
 
@@ -770,14 +769,14 @@ class _ChunkStream:
         for chunk in chunks:
             if self._conn is None:
                 self._conn = await self._pool.get_connection()
-            await self._applied()
+            await self.wait_applied()
             packed = self._conn.pack_command(
                 "EVAL", _APPLY_SCRIPT_BYTES, 0, self._maxlen, chunk, *_FIELD_NAMES
             )
             await self._conn.send_packed_command(packed, check_health=False)
             self._under_way = True
 
-    async def _applied(self) -> None:
+    async def wait_applied(self) -> None:
         """Waits for the chunk under way, if any; raises its error reply (ResponseError)."""
         if self._under_way:
             self._under_way = False
@@ -786,7 +785,7 @@ class _ChunkStream:
     async def finish(self, chunks: list[bytes]) -> None:
         """Send the last chunks; returns once every chunk is applied."""
         await self.send(chunks)
-        await self._applied()
+        await self.wait_applied()
         self._clean = True
 
     async def close(self) -> None:

@@ -132,7 +132,7 @@ async def test_a_batch_of_many_chunks_lands_whole_and_in_order_also_after_redis_
     redis_server: _Redis,
 ) -> None:
     """A batch's chunks go to Redis as they are sealed, while the rest is folded (one connection,
-    replies read at the end). Every entry lands, in order; a Redis that forgot the script (a
+    one under way at a time). Every entry lands, in order; a Redis that forgot the script (a
     restart, SCRIPT FLUSH) is sent it with every chunk (EVAL) and the batch is applied whole."""
     redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0", socket_timeout=5)
     processor = SessionsProcessor(Settings(), redis)
@@ -293,3 +293,89 @@ async def test_a_connection_lost_between_a_queue_write_and_its_state_leaves_the_
     finally:
         await redis.aclose()
         await admin.aclose()
+
+
+def _message(tenant: str, conversation: str, offset: int) -> Record:
+    event = new_event(
+        tenant,
+        conversation,
+        message_received=events_pb2.MessageReceived(client_message_id=f"m{offset}", text="hi"),
+    )
+    return Record(TOPIC, 0, offset, conversation.encode(), encode_event(event), 0)
+
+
+async def _with_a_refused_conversation(redis: aioredis.Redis, tenant: str) -> tuple[SessionsProcessor, Any]:
+    """A worker whose conversation x has a live stream Redis refuses to add to (a key of another
+    type: refused for good), beside a conversation y; and a consumer around it."""
+    from streams._consumer import BatchConsumer
+
+    processor = SessionsProcessor(Settings(), redis)
+    await processor.on_assigned({0}, Control(end=5_000))
+    started = [
+        Record(
+            TOPIC,
+            0,
+            n,
+            c.encode(),
+            encode_event(new_event(tenant, c, conversation_started=events_pb2.ConversationStarted())),
+            0,
+        )
+        for n, c in enumerate(("x", "y"))
+    ]
+    await processor.process(started)
+    await redis.delete(hv.live_stream_key(tenant, "x"))
+    await redis.set(hv.live_stream_key(tenant, "x"), "not a stream")
+    consumer = BatchConsumer(Settings(), processor, topic=TOPIC, group_id="g", batch_size=500)
+    return processor, consumer
+
+
+async def test_a_record_that_fails_alone_is_dead_lettered_before_the_position_passes_it(
+    redis_server: _Redis,
+) -> None:
+    """Review, twenty-first session: the consumer isolating a failing record applied the parts after
+    it (the sessions worker wrote its Redis position past it) and dead-lettered it only at the end;
+    the worker resumes from that position, so a crash in between lost the dead letter."""
+    redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0", socket_timeout=5)
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    try:
+        _, consumer = await _with_a_refused_conversation(redis, tenant)
+        seen: list[tuple[int, int]] = []
+
+        async def dead_letter(record: Record, exc: BaseException) -> None:
+            seen.append((record.offset, int(await redis.hget(hv.APPLIED_KEY, "0") or 0)))
+
+        consumer._dead_letter = dead_letter
+        batch = [_message(tenant, "y", 2), _message(tenant, "x", 3)] + [
+            _message(tenant, "y", o) for o in range(4, 40)
+        ]
+        assert await consumer._apply_until_done(batch) is True
+        assert [offset for offset, _ in seen] == [3]
+        assert seen[0][1] <= 3, f"the position was {seen[0][1]} when offset 3 was dead-lettered"
+        assert await redis.hget(hv.APPLIED_KEY, "0") == b"40"
+    finally:
+        await redis.aclose()
+
+
+async def test_a_batch_that_redis_refuses_dead_letters_its_undecodable_record_once(
+    redis_server: _Redis,
+) -> None:
+    """Review, twenty-first session: the worker dead-lettered a batch's refused records before it
+    read whether Redis had applied the batch's writes, so a batch that Redis refused dead-lettered
+    them again on every attempt."""
+    redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0", socket_timeout=5)
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    try:
+        processor, consumer = await _with_a_refused_conversation(redis, tenant)
+        dead: list[int] = []
+
+        async def dead_letter(record: Record, exc: BaseException) -> None:
+            dead.append(record.offset)
+
+        consumer._dead_letter = dead_letter
+        processor.bind_dead_letter(consumer._dead_letter_all)
+        undecodable = Record(TOPIC, 0, 3, b"z", b"not an event", 0)
+        batch = [_message(tenant, "x", 2), undecodable] + [_message(tenant, "y", o) for o in range(4, 12)]
+        assert await consumer._apply_until_done(batch) is True
+        assert sorted(dead) == [2, 3], dead  # x's message (refused alone) and the undecodable one, once each
+    finally:
+        await redis.aclose()

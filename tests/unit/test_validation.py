@@ -98,6 +98,35 @@ def test_only_redis_outages_are_unavailable():
         assert rejection.code == grpc.StatusCode.INTERNAL and "incident" in rejection.message
 
 
+def test_redis_refusals_of_its_own_state_are_outages_not_poison() -> None:
+    """Under maxmemory (noeviction) or a failed save, Redis refuses every write: a sessions batch
+    must be retried, not dead-lettered record by record (its health probe, a PING, passes), and
+    the ingress answers UNAVAILABLE (review, twenty-first session)."""
+    from redis import exceptions as r
+
+    from services.ingress._errors import as_rejection
+    from streams._consumer import is_outage
+
+    for state in (
+        r.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+        r.ResponseError(
+            "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist"
+        ),
+        r.ResponseError(
+            "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSCRIPT."
+        ),
+        r.ResponseError("NOREPLICAS Not enough good replicas to write."),
+    ):
+        assert is_outage(state), state
+        assert as_rejection(state, "t").code == grpc.StatusCode.UNAVAILABLE
+    for data in (
+        r.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+        r.ResponseError("BUSYGROUP Consumer Group name already exists"),
+        r.ResponseError("BUSYKEY Target key name already exists."),
+    ):
+        assert not is_outage(data), data
+
+
 def test_clickhouse_errors_of_the_servers_state_are_outages_not_poison() -> None:
     """A projector batch that ClickHouse refuses for its own state (too many parts, a read-only
     table, memory) is retried; only an error of the data itself may dead-letter a record."""
