@@ -4,11 +4,12 @@ One stack of its own (benchmarks/ingest.py's BenchSystem, sessions and analytics
 for each level of calls in flight (over ingest.CONNECTIONS connections, so the kernel spreads them
 over the ingress processes), a warm-up and a measured window. Prints one line per level:
 
-    n=100  1,964 calls/s  p50 31.7 ms  p99 188 ms  ingress 636 µs CPU/call  Redis 4.1 commands/call
+    n=100  1,964 calls/s  p50 31.7 ms  p99 188 ms  ingress 636 µs CPU/call  Redis 4.1 commands, 0.31 reads/call
 
 Made to compare two versions of the write path (run it in each tree, alternated): the ingress's
 CPU per call is what a change in batching moves, and it is less noisy than calls/s on a shared
-machine. Redis commands include those run inside Lua scripts.
+machine. Redis commands include those run inside Lua scripts; Redis's reads are about its round trips
+(what a client pipelines arrives in one read).
 
     .venv/bin/python benchmarks/unary_cpu.py --levels 2,10,100 --seconds 5 --port-offset 1400
 """
@@ -67,18 +68,22 @@ async def _body(system: ingest.BenchSystem, levels: list[int], seconds: float) -
                 lines.append(line)
                 continue
             await ingest.unary_run("ingress", stubs, traffic, n, replace(plan, seconds=1.0))
-            commands = counter.info("stats")["total_commands_processed"]
+            before = counter.info("stats")
+            commands, reads = before["total_commands_processed"], before["total_reads_processed"]
             cpu, start = _ingress_cpu_s(system), time.perf_counter()
             run = await ingest.unary_run("ingress", stubs, traffic, n, plan)
             wall = time.perf_counter() - start
             calls = run.rate * wall
             used = _ingress_cpu_s(system) - cpu
-            per_call = counter.info("stats")["total_commands_processed"] - commands
+            after = counter.info("stats")
+            per_call = after["total_commands_processed"] - commands
+            # Reads Redis processed: about one per round trip (a pipeline's commands arrive in one read).
+            round_trips = after["total_reads_processed"] - reads
             errors = f"  errors {dict(run.errors)}" if run.errors else ""
             line = (
                 f"n={n:<4} {run.rate:>7,.0f} calls/s  p50 {run.percentile_ms(0.5):6.1f} ms  "
                 f"p99 {run.percentile_ms(0.99):6.1f} ms  ingress {used / calls * 1e6:5.0f} µs CPU/call  "
-                f"Redis {per_call / calls:4.1f} commands/call{errors}"
+                f"Redis {per_call / calls:4.1f} commands, {round_trips / calls:4.2f} reads/call{errors}"
             )
             ingest.log(line)
             lines.append(line)

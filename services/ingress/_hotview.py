@@ -364,6 +364,9 @@ class TickPipeline:
     """Redis commands that any coroutine issues within one event-loop tick leave together, as one
     pipeline: under load the claims of new batches and the settlements of earlier ones share a
     round trip. No timer: the flush runs at the end of the tick in which the first was queued.
+    Except for what may wait (`run(..., within_s=)`: the acks of answered messages): it leaves with
+    the next round trip anyway, or after `within_s` when none comes, so at one call in flight a
+    message's settlement rides with the next message's claim instead of costing a round trip.
 
     A round trip is packed by hiredis and written and read on redis-py connections this pipeline
     keeps (redis-py's handshake, reply parser and errors), not through redis-py's Pipeline: that
@@ -393,6 +396,10 @@ class TickPipeline:
         self._redis = redis
         self._queued: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]] = []
         self._scheduled = False
+        # Queued with a delay allowed (run's within_s), and the timer that sends them if nothing
+        # else does first.
+        self._waiting: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]] = []
+        self._waiting_timer: asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task[None]] = set()
         # Connections between round trips: all are kept (as a pool keeps what is released), so
         # overlapping ticks do not open and close sockets.
@@ -403,20 +410,40 @@ class TickPipeline:
         # The client's socket timeout, or redis-py's default socket timeout: never none at all.
         self._timeout_s: float = redis.connection_pool.connection_kwargs.get("socket_timeout") or 5.0
 
-    def run(self, queue: Callable[[Any], None], count: int) -> asyncio.Future[list[Any]]:
+    def run(
+        self, queue: Callable[[Any], None], count: int, within_s: float = 0.0
+    ) -> asyncio.Future[list[Any]]:
         """`queue(pipe)` adds `count` commands (see _Commands); the future gets their raw replies
-        (an error reply as its exception object), or the exception that failed the round trip."""
+        (an error reply as its exception object), or the exception that failed the round trip.
+        With `within_s`, the commands may wait that long for another round trip to join."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
+        if within_s > 0 and not self._closed:
+            self._waiting.append((queue, count, future))
+            if self._waiting_timer is None:
+                self._waiting_timer = loop.call_later(within_s, self._send_waiting)
+            return future
         self._queued.append((queue, count, future))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
         return future
 
+    def _send_waiting(self) -> None:
+        self._waiting_timer = None
+        if self._waiting and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
         self._scheduled = False
         queued, self._queued = self._queued, []
+        if self._waiting:
+            queued = self._waiting + queued  # in the order they were issued
+            self._waiting = []
+            if self._waiting_timer is not None:
+                self._waiting_timer.cancel()
+                self._waiting_timer = None
         task = asyncio.ensure_future(self._execute(queued))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -510,8 +537,12 @@ class TickPipeline:
         return replies
 
     async def close(self) -> None:
-        """Close the kept connections; those of round trips under way close when they end."""
+        """Close the kept connections; those of round trips under way close when they end. What
+        waits for company (run's within_s) is sent now, on a connection of its own."""
         self._closed = True
+        if self._waiting_timer is not None:
+            self._waiting_timer.cancel()
+            self._send_waiting()
         await self._close_idle(len(self._idle))
 
 
@@ -989,10 +1020,13 @@ class IngressHotView:
         except Exception as exc:
             log.warning("dropping %d unanswered claims again failed (%r)", len(claims), exc)
 
-    async def _in_tick(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """A script's reply, its call sent in this tick's pipeline (EVALSHA; loaded on first use)."""
+    async def _in_tick(
+        self, script: Any, keys: Sequence[str], args: Sequence[Any], within_s: float = 0.0
+    ) -> Any:
+        """A script's reply, its call sent in this tick's pipeline (EVALSHA; loaded on first use),
+        or with a later one within `within_s` (TickPipeline.run)."""
         (reply,) = await self._tick.run(
-            lambda pipe: pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args), 1
+            lambda pipe: pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args), 1, within_s
         )
         if isinstance(reply, NoScriptError):
             # First use on this Redis (or it restarted): load it, once, outside the tick pipeline.
@@ -1026,10 +1060,13 @@ class IngressHotView:
 
         _raise_any(await self._tick.run(queue, len(keys)))
 
-    async def settle_many(self, outcomes: Sequence[tuple[HeldClaim, Ack | None]]) -> None:
+    async def settle_many(
+        self, outcomes: Sequence[tuple[HeldClaim, Ack | None]], *, within_s: float = 0.0
+    ) -> None:
         """Record acks (a retry then gets the first ack) and drop claims whose write failed, and
         take each out of its conversation's in-flight set (a close waiting for it may go on); one
-        script call in the round trip of whatever else this tick sends (see `_SETTLE`)."""
+        script call in the round trip of whatever else this tick sends (see `_SETTLE`), or with
+        `within_s`, of the next round trip within that time."""
         if not outcomes:
             return
         keys: list[str] = []
@@ -1044,7 +1081,7 @@ class IngressHotView:
                 "1" if held.in_flight else "0",
             )
         keys += in_flight
-        await self._in_tick(self._settle_script, keys, args)
+        await self._in_tick(self._settle_script, keys, args, within_s)
 
     async def recent_entries(
         self, tenant_id: str, conversation_id: str, count: int, until: str = "+"

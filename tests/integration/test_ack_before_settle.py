@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 import pytest
@@ -46,9 +47,9 @@ async def test_an_ack_does_not_wait_for_its_settle_and_retries_meanwhile_are_ans
     release = asyncio.Event()
     real_settle = hot_a.settle_many
 
-    async def settle_many(outcomes: Sequence[tuple[HeldClaim, Ack | None]]) -> None:
+    async def settle_many(outcomes: Sequence[tuple[HeldClaim, Ack | None]], **kw: Any) -> None:
         await release.wait()
-        await real_settle(outcomes)
+        await real_settle(outcomes, **kw)
 
     hot_a.settle_many = settle_many  # type: ignore[method-assign]
     # The sessions worker records a claim too, when it folds the event (what recovers an ack

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -38,9 +39,9 @@ async def test_an_agent_message_retried_before_its_settle_gets_the_first_ack(
     release = asyncio.Event()
     real_settle = hot.settle_many
 
-    async def settle_many(outcomes: Sequence[tuple[HeldClaim, Ack | None]]) -> None:
+    async def settle_many(outcomes: Sequence[tuple[HeldClaim, Ack | None]], **kw: Any) -> None:
         await release.wait()  # Redis slow to record the ack
-        await real_settle(outcomes)
+        await real_settle(outcomes, **kw)
 
     hot.settle_many = settle_many  # type: ignore[method-assign]
 

@@ -46,9 +46,9 @@ async def test_a_retry_in_another_process_right_after_the_ack_gets_the_ack(
     recorded = asyncio.Event()
     settle_a = hot_a.settle_many
 
-    async def late_settle(outcomes: Sequence[tuple[HeldClaim, Ack | None]]) -> None:
+    async def late_settle(outcomes: Sequence[tuple[HeldClaim, Ack | None]], **kw: Any) -> None:
         await recorded.wait()
-        await settle_a(outcomes)
+        await settle_a(outcomes, **kw)
 
     hot_a.settle_many = late_settle  # type: ignore[method-assign]
     looked: list[list[Claim]] = []

@@ -56,7 +56,7 @@ async def test_review_s8_a_resend_of_an_acked_message_of_a_dead_process_is_not_w
     never = asyncio.Event()  # A dies before its record of the ack reaches Redis
     settle_a = hot_a.settle_many
 
-    async def dead_settle(outcomes: Sequence[tuple[HeldClaim, Ack | None]]) -> None:
+    async def dead_settle(outcomes: Sequence[tuple[HeldClaim, Ack | None]], **kw: Any) -> None:
         await never.wait()
 
     hot_a.settle_many = dead_settle  # type: ignore[method-assign]
@@ -268,11 +268,11 @@ async def test_review_s8_a_failed_retry_of_a_dead_processs_durable_close_does_no
     durable, never = asyncio.Event(), asyncio.Event()
     settle_a = hot_a.settle_many
 
-    async def dies_before_recording(outcomes: Sequence[tuple[HeldClaim, Ack | None]]) -> None:
+    async def dies_before_recording(outcomes: Sequence[tuple[HeldClaim, Ack | None]], **kw: Any) -> None:
         if any(held.client_message_id == hv.CLOSE_CLAIM and ack is not None for held, ack in outcomes):
             durable.set()  # Kafka acked the close: it is in the log; A dies before recording it
             await never.wait()
-        await settle_a(outcomes)
+        await settle_a(outcomes, **kw)
 
     hot_a.settle_many = dies_before_recording  # type: ignore[method-assign]
     sessions = system.children["sessions"].proc

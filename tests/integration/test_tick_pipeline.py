@@ -292,3 +292,34 @@ async def test_a_redis_that_is_gone_fails_every_caller_of_the_round_trip(
         assert await tick.run(_commands(("PING",)), 1) == [b"PONG"]
     finally:
         await tick.close()
+
+
+async def test_commands_that_may_wait_leave_with_the_next_round_trip_or_by_themselves_in_time(
+    client: aioredis.Redis,
+) -> None:
+    tick = TickPipeline(client)
+    try:
+        # Within an hour: nothing but another round trip (or close) can send it.
+        waiting = tick.run(_commands(("SET", "w", "1")), 1, within_s=3600)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not waiting.done() and await client.get("w") is None
+        # The next round trip takes it along; each caller gets its own replies.
+        assert await tick.run(_commands(("GET", "w")), 1) == [b"1"]
+        assert await asyncio.wait_for(waiting, 5) == [b"OK"]
+        assert tick._waiting_timer is None and not tick._waiting
+        # With no other round trip, it leaves by itself once its time is up.
+        alone = tick.run(_commands(("INCR", "w")), 1, within_s=0.01)
+        assert await asyncio.wait_for(alone, 5) == [2]
+        # Several waiting share the first one's timer and its round trip.
+        many = [tick.run(_commands(("INCR", "w")), 1, within_s=0.01) for _ in range(3)]
+        assert sorted(r[0] for r in await asyncio.wait_for(asyncio.gather(*many), 5)) == [3, 4, 5]
+        assert tick._open == 1
+        # Closing sends what still waits, at once.
+        last = tick.run(_commands(("INCR", "w")), 1, within_s=3600)
+        await tick.close()
+        assert await asyncio.wait_for(last, 5) == [6]
+        # After close nothing waits: sent in its own tick.
+        assert await asyncio.wait_for(tick.run(_commands(("INCR", "w")), 1, within_s=3600), 5) == [7]
+    finally:
+        await tick.close()

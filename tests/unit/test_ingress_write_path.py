@@ -83,7 +83,9 @@ class FakeHotView(IngressHotView):
     async def touch_claims(self, keys: Sequence[HeldClaim]) -> None:
         pass
 
-    async def settle_many(self, outcomes: Sequence[tuple[HeldClaim, Ack | None]]) -> None:
+    async def settle_many(
+        self, outcomes: Sequence[tuple[HeldClaim, Ack | None]], *, within_s: float = 0.0
+    ) -> None:
         for held, ack in outcomes:
             key = (held.tenant_id, held.conversation_id, held.client_message_id)
             if ack is None:

@@ -186,3 +186,64 @@ async def test_a_batch_cancelled_before_it_ran_answers_its_calls_and_holds_nothi
     await asyncio.wait_for(writes.batch_count(1), 5)
     writes.answers[0].set_result(None)
     assert (await asyncio.wait_for(later, 5)).event_id == "e-m2"
+
+
+class SettlingWrites(FakeWrites):
+    """Answers every call early (on_outcome), then waits for the test before returning: the
+    settlement, the acks recorded in Redis after the callers have theirs."""
+
+    async def accept_messages(self, requests: Sequence[Any], traceparents: Any = "", **kw: Any) -> list[Any]:
+        responses = [chat_pb2.SendMessageResponse(event_id=f"e-{r.client_message_id}") for r in requests]
+        for i, response in enumerate(responses):
+            kw["on_outcome"](i, response)
+        return await super().accept_messages(requests, traceparents)
+
+
+async def test_a_batch_whose_calls_all_have_their_answers_holds_nothing_back_while_it_settles() -> None:
+    writes = SettlingWrites()
+    batcher = _batcher(writes, hold_s=60)
+    first = _call(batcher, "m1")
+    await asyncio.wait_for(writes.batch_count(1), 5)
+    assert (await asyncio.wait_for(first, 5)).event_id == "e-m1"  # answered, not yet settled
+    second = _call(batcher, "m2")
+    await asyncio.wait_for(writes.batch_count(2), 5)  # leaves at once, not after the hold
+    assert writes.batches == [["m1"], ["m2"]]
+    assert (await asyncio.wait_for(second, 5)).event_id == "e-m2"
+    for answer in writes.answers:
+        answer.set_result(None)
+
+
+async def test_a_batch_with_a_call_still_unanswered_holds_the_next() -> None:
+    writes = SettlingWrites()
+    batcher = _batcher(writes, hold_s=60)
+    first = _call(batcher, "m1")
+    await asyncio.wait_for(writes.batch_count(1), 5)
+    await asyncio.wait_for(first, 5)
+    pair = [_call(batcher, "m2"), _call(batcher, "m3")]
+    await asyncio.wait_for(writes.batch_count(2), 5)
+    assert writes.batches[1] == ["m2", "m3"]
+    # A batch whose early answers stop short of its last call (a slow partition) keeps holding.
+    original = writes.accept_messages
+
+    async def partial(requests: Sequence[Any], traceparents: Any = "", **kw: Any) -> list[Any]:
+        kw["on_outcome"](0, chat_pb2.SendMessageResponse(event_id=f"e-{requests[0].client_message_id}"))
+        return await FakeWrites.accept_messages(writes, requests, traceparents)
+
+    writes.accept_messages = partial  # type: ignore[method-assign]
+    for answer in writes.answers:
+        answer.set_result(None)
+    await asyncio.wait_for(asyncio.gather(*pair), 5)
+    third = [_call(batcher, "m4"), _call(batcher, "m5")]
+    await asyncio.wait_for(writes.batch_count(3), 5)
+    await asyncio.wait_for(third[0], 5)
+    late = _call(batcher, "m6")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(writes.batches) == 3  # m5 is not answered yet: m6 waits
+    writes.accept_messages = original  # type: ignore[method-assign]
+    writes.answers[2].set_result(None)
+    await asyncio.wait_for(writes.batch_count(4), 5)
+    assert writes.batches[3] == ["m6"]
+    assert (await asyncio.wait_for(third[1], 5)).event_id == "e-m5"
+    assert (await asyncio.wait_for(late, 5)).event_id == "e-m6"
+    writes.answers[3].set_result(None)
