@@ -400,6 +400,9 @@ class TickPipeline:
         # else does first.
         self._waiting: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]] = []
         self._waiting_timer: asyncio.TimerHandle | None = None
+        # Scripts by SHA1: an EVALSHA of one of these that Redis answers NOSCRIPT is sent again
+        # after a SCRIPT LOAD (see _with_scripts_loaded).
+        self.scripts: dict[str, str] = {}
         self._running: set[asyncio.Task[None]] = set()
         # Connections between round trips: all are kept (as a pool keeps what is released), so
         # overlapping ticks do not open and close sockets.
@@ -418,7 +421,9 @@ class TickPipeline:
         With `within_s`, the commands may wait that long for another round trip to join."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
-        if within_s > 0 and not self._closed:
+        # Once a round trip is due at the end of this tick, what may wait joins it instead, after
+        # what was queued before it: every round trip sends its commands in the order issued.
+        if within_s > 0 and not self._closed and not self._scheduled:
             self._waiting.append((queue, count, future))
             if self._waiting_timer is None:
                 self._waiting_timer = loop.call_later(within_s, self._send_waiting)
@@ -439,11 +444,14 @@ class TickPipeline:
         self._scheduled = False
         queued, self._queued = self._queued, []
         if self._waiting:
-            queued = self._waiting + queued  # in the order they were issued
+            # All issued before anything queued: see run.
+            queued = self._waiting + queued
             self._waiting = []
             if self._waiting_timer is not None:
                 self._waiting_timer.cancel()
                 self._waiting_timer = None
+        if not queued:  # close() sent what waited
+            return
         task = asyncio.ensure_future(self._execute(queued))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -451,29 +459,65 @@ class TickPipeline:
     async def _execute(
         self, queued: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]]
     ) -> None:
-        try:
-            pipe = _Commands()
-            for queue, _, _ in queued:
+        # Each caller's commands are packed apart: one that cannot be (an argument of a type
+        # Redis has no encoding for) fails alone, not the others' commands that share its trip.
+        pipe = _Commands()
+        packed: list[bytes] = []
+        sent: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]] = []
+        for entry in queued:
+            queue, _, future = entry
+            start = len(pipe.commands)
+            try:
                 queue(pipe)
-            replies = await self._round_trip(pipe.commands)
+                packed.append(b"".join([hiredis.pack_command(command) for command in pipe.commands[start:]]))
+            except Exception as exc:
+                del pipe.commands[start:]
+                if isinstance(exc, TypeError):
+                    exc = DataError(f"a Redis command argument of an unsupported type: {exc}")
+                if not future.done():
+                    future.set_exception(exc)
+                continue
+            sent.append(entry)
+        if not sent:
+            return
+        try:
+            replies = await self._round_trip(b"".join(packed), len(pipe.commands))
+            replies = await self._with_scripts_loaded(pipe.commands, replies)
         except BaseException as exc:
-            for _, _, future in queued:
+            for _, _, future in sent:
                 if not future.done():
                     future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
         at = 0
-        for _, count, future in queued:
+        for _, count, future in sent:
             if not future.done():
                 future.set_result(replies[at : at + count])
             at += count
 
-    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        try:
-            packed = b"".join([hiredis.pack_command(command) for command in commands])
-        except TypeError as exc:
-            raise DataError(f"a Redis command argument of an unsupported type: {exc}") from None
+    async def _with_scripts_loaded(self, commands: list[tuple[Any, ...]], replies: list[Any]) -> list[Any]:
+        """`replies`, with the EVALSHA calls Redis did not know the script of (its first use on
+        this Redis, or Redis restarted) sent again after loading their scripts (see `scripts`).
+        Done here, not by each caller: a caller that is gone (cancelled) still has its call run."""
+        missing = [
+            n
+            for n, reply in enumerate(replies)
+            if isinstance(reply, NoScriptError)
+            and commands[n][0] == "EVALSHA"
+            and commands[n][1] in self.scripts
+        ]
+        if not missing:
+            return replies
+        shas = list(dict.fromkeys(commands[n][1] for n in missing))
+        again = [("SCRIPT", "LOAD", self.scripts[sha]) for sha in shas] + [commands[n] for n in missing]
+        more = await self._round_trip(b"".join([hiredis.pack_command(c) for c in again]), len(again))
+        for n, reply in zip(missing, more[len(shas) :], strict=True):
+            replies[n] = reply
+        return replies
+
+    async def _round_trip(self, packed: bytes, count: int) -> list[Any]:
+        """The replies to `count` commands packed in `packed`, on one kept connection."""
         if self._idle:
             conn, _ = self._idle.pop()
         elif self._open >= self.MAX_OPEN:
@@ -487,11 +531,11 @@ class TickPipeline:
             for attempt in (1, 2):
                 try:
                     async with asyncio.timeout(self._timeout_s):
-                        replies = await self._send(conn, packed, len(commands))
+                        replies = await self._send(conn, packed, count)
                     break
                 except TimeoutError as exc:
                     raise RedisTimeoutError(
-                        f"Redis did not answer {len(commands)} commands within {self._timeout_s}s"
+                        f"Redis did not answer {count} commands within {self._timeout_s}s"
                     ) from exc
                 except (RedisConnectionError, RuntimeError) as exc:
                     # A connection Redis closed: a ConnectionError, or uvloop's refusal to write
@@ -538,11 +582,15 @@ class TickPipeline:
 
     async def close(self) -> None:
         """Close the kept connections; those of round trips under way close when they end. What
-        waits for company (run's within_s) is sent now, on a connection of its own."""
+        waits for company (run's within_s) is sent first, and close returns once it has its
+        replies (or its error)."""
         self._closed = True
         if self._waiting_timer is not None:
             self._waiting_timer.cancel()
-            self._send_waiting()
+            self._waiting_timer = None
+        waiting, self._waiting = self._waiting, []
+        if waiting:
+            await self._execute(waiting)
         await self._close_idle(len(self._idle))
 
 
@@ -1023,14 +1071,13 @@ class IngressHotView:
     async def _in_tick(
         self, script: Any, keys: Sequence[str], args: Sequence[Any], within_s: float = 0.0
     ) -> Any:
-        """A script's reply, its call sent in this tick's pipeline (EVALSHA; loaded on first use),
-        or with a later one within `within_s` (TickPipeline.run)."""
+        """A script's reply, its call sent in this tick's pipeline (EVALSHA; the pipeline loads
+        it on first use), or with a later one within `within_s` (TickPipeline.run)."""
+        if script.sha not in self._tick.scripts:
+            self._tick.scripts[script.sha] = script.script
         (reply,) = await self._tick.run(
             lambda pipe: pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args), 1, within_s
         )
-        if isinstance(reply, NoScriptError):
-            # First use on this Redis (or it restarted): load it, once, outside the tick pipeline.
-            reply = await script(keys=keys, args=args)
         if isinstance(reply, Exception):
             raise reply
         return reply

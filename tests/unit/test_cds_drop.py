@@ -16,8 +16,9 @@ from services.stack._layout import Layout
 
 @pytest.fixture
 def made(tmp_path: Path) -> tuple[Settings, Path, Path]:
-    """A stack with an archive and its note, as `install` leaves them."""
-    settings = load_settings(data_dir=tmp_path, kafka_version="4.1.2")
+    """A stack with an archive and its note, as `install` leaves them (in tmp_path, whatever
+    SWITCHBOARD_KAFKA_INSTALL_DIR the caller's environment names)."""
+    settings = load_settings(data_dir=tmp_path, kafka_version="4.1.2", kafka_install_dir=tmp_path / "kafka")
     libs = Layout.of(settings).kafka_libs("4.1.2")
     libs.mkdir(parents=True)
     archive = Layout.of(settings).kafka_cds_archive("4.1.2")

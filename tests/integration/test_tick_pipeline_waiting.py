@@ -1,0 +1,125 @@
+"""Settlements that wait for company (TickPipeline.run's within_s): the races a review of
+9f27454 found. Each test failed on that commit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from schemas import hotview as hv
+from services.ingress._hotview import HeldClaim, IngressHotView, TickPipeline
+from services.ingress._producer import Ack
+from tests.conftest import eventually
+from tests.integration.test_tick_pipeline import _commands, client, redis_server  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+
+async def _until_settled(redis: aioredis.Redis, held: HeldClaim) -> None:
+    await eventually(
+        lambda: redis.get(held.redis_key), lambda v: v != held.marker, within_s=5, what="the settle"
+    )
+
+
+async def test_review_s22_waiting_and_queued_commands_of_one_tick_go_in_issue_order(
+    client: aioredis.Redis,  # noqa: F811
+) -> None:
+    """A command queued (no wait) before a waiting one in the same tick is sent before it."""
+    tick = TickPipeline(client)
+    try:
+        first = tick.run(_commands(("SET", "o", "first")), 1)  # issued first, no wait
+        second = tick.run(_commands(("SET", "o", "second")), 1, within_s=0.004)  # issued second
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        assert await client.get("o") == b"second", "the waiting command was sent before an earlier one"
+    finally:
+        await tick.close()
+
+
+async def test_review_s22_close_returns_only_once_what_waited_was_sent(
+    client: aioredis.Redis,  # noqa: F811
+) -> None:
+    """close() returns once what waited was sent: a caller that stops the loop (or the process)
+    right after it loses nothing."""
+    tick = TickPipeline(client)
+    waiting = tick.run(_commands(("SET", "c", "1")), 1, within_s=3600)
+    await tick.close()
+    try:
+        assert waiting.done(), "close() returned before the waiting command was sent"
+    finally:
+        await asyncio.wait_for(waiting, 5)
+
+
+async def test_review_s22_a_cancelled_waiter_still_has_its_settle_sent(
+    client: aioredis.Redis,  # noqa: F811
+) -> None:
+    hot = IngressHotView(client, 3600)
+    held = HeldClaim("t", "c1", "m1", b"pending:x", in_flight=True)
+    await client.set(held.redis_key, held.marker)
+    await client.zadd(held.in_flight_key, {held.in_flight_member: 0})
+    try:
+        task = asyncio.ensure_future(hot.settle_many([(held, Ack("e1", 0, 7))], within_s=0.004))
+        await asyncio.sleep(0)
+        task.cancel()
+        await _until_settled(client, held)
+        assert await client.get(held.redis_key) == hv.encode_claim("e1", 0, 7).encode()
+        assert await client.zcard(held.in_flight_key) == 0
+    finally:
+        await hot.close()
+
+
+async def test_review_s22_a_waiting_settle_after_script_flush_falls_back_and_lands(
+    client: aioredis.Redis,  # noqa: F811
+) -> None:
+    hot = IngressHotView(client, 3600)
+    held = HeldClaim("t", "c2", "m2", b"pending:y", in_flight=True)
+    await client.set(held.redis_key, held.marker)
+    await client.zadd(held.in_flight_key, {held.in_flight_member: 0})
+    await client.script_flush()
+    try:
+        await asyncio.wait_for(hot.settle_many([(held, Ack("e2", 1, 3))], within_s=0.004), 5)
+        assert await client.get(held.redis_key) == hv.encode_claim("e2", 1, 3).encode()
+        assert await client.zcard(held.in_flight_key) == 0
+    finally:
+        await hot.close()
+
+
+async def test_review_s22_a_waiting_settle_is_failed_by_another_callers_bad_round_trip(
+    client: aioredis.Redis,  # noqa: F811
+) -> None:
+    """A waiting settle rides with whatever round trip comes next; another caller's argument
+    that cannot be packed fails that caller alone."""
+    hot = IngressHotView(client, 3600)
+    held = HeldClaim("t", "c3", "m3", b"pending:z", in_flight=True)
+    await client.set(held.redis_key, held.marker)
+    try:
+        settle = asyncio.ensure_future(hot.settle_many([(held, Ack("e3", 0, 1))], within_s=0.004))
+        await asyncio.sleep(0)
+        bad = hot._tick.run(_commands(("SET", "k", object())), 1)
+        results = await asyncio.gather(settle, bad, return_exceptions=True)
+        assert not isinstance(results[0], Exception), (
+            f"the settle failed with another's error: {results[0]!r}"
+        )
+    finally:
+        await hot.close()
+
+
+async def test_review_s22_a_cancelled_waiter_still_has_its_settle_sent_once_the_script_is_loaded(
+    client: aioredis.Redis,  # noqa: F811
+) -> None:
+    """As a_cancelled_waiter_still_has_its_settle_sent, the settle script already loaded."""
+    hot = IngressHotView(client, 3600)
+    await client.script_load(hot._settle_script.script)
+    held = HeldClaim("t", "c4", "m4", b"pending:w", in_flight=True)
+    await client.set(held.redis_key, held.marker)
+    await client.zadd(held.in_flight_key, {held.in_flight_member: 0})
+    try:
+        task = asyncio.ensure_future(hot.settle_many([(held, Ack("e4", 0, 9))], within_s=0.004))
+        await asyncio.sleep(0)
+        task.cancel()
+        await _until_settled(client, held)
+        assert await client.get(held.redis_key) == hv.encode_claim("e4", 0, 9).encode()
+        assert await client.zcard(held.in_flight_key) == 0
+    finally:
+        await hot.close()
