@@ -17,6 +17,11 @@ too. A digit string counts only when it stands alone (no letter or digit glued t
 a word such as 订单号 / 运单 / order / tracking in the same clause. Dates and times have no
 pattern here at all.
 
+Numbers are recognised whatever digits they are written in: full-width ``１３８１２３４５６７８``
+(Chinese input methods type them so), with full-width signs and letters around them, or another
+script's decimal digits. A masked span is written in ASCII (``138****5678``); the rest of the text
+stays as typed.
+
 The result is deterministic (the same text always gives the same masked text), which the
 projector relies on: a batch projected twice gives the same rows.
 """
@@ -24,7 +29,9 @@ projector relies on: a batch projected twice gives the same rows.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 EMAIL = "email"
@@ -33,8 +40,25 @@ CARD = "card"
 CN_ID = "cn_id"
 KINDS: tuple[str, ...] = (EMAIL, CN_ID, CARD, PHONE)  # also the priority when matches overlap
 
-# Cheap pre-check: every pattern below needs an '@' or four digits in a row.
-_MAYBE = re.compile(r"@|\d{4}")
+# The full-width forms a number or an e-mail address is written with (digits, letters, + ( ) - .
+# @ #, the ideographic space), as their ASCII forms: one character for one, so a span of the
+# mapped text is the same span of the original. Full-width punctuation (，？) stays: the clause
+# breaks below know it.
+_WIDE_CHARS = "０１２３４５６７８９ＡＢＣＤＥＦＧＨＩＪＫＬＭＮＯＰＱＲＳＴＵＶＷＸＹＺａｂｃｄｅｆｇｈｉｊｋｌｍｎｏｐｑｒｓｔｕｖｗｘｙｚ＋（）－．＠＃\u3000"
+_WIDE_TO_ASCII = str.maketrans(
+    _WIDE_CHARS, "".join(chr(ord(c) - 0xFEE0) if c != "\u3000" else " " for c in _WIDE_CHARS)
+)
+_WIDE = re.compile(f"[{re.escape(_WIDE_CHARS)}]")
+_OTHER_DIGIT = re.compile(r"(?![0-9])\d")  # a decimal digit of another script than ASCII's
+
+
+def _as_ascii(text: str) -> str:
+    """`text` with full-width forms and other scripts' decimal digits as ASCII (see _WIDE_TO_ASCII)."""
+    text = text.translate(_WIDE_TO_ASCII)
+    if _OTHER_DIGIT.search(text):
+        text = "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in text)
+    return text
+
 
 _EDGE_L = r"(?<![0-9A-Za-z])"
 _EDGE_R = r"(?![0-9A-Za-z])"
@@ -126,33 +150,51 @@ def _digits(s: str) -> str:
 # One pass finds where anything numeric could be (a run of 8+ digits and separators, not glued
 # to letters); the precise patterns then run only inside those spans. Most messages have none.
 _NUMBERISH = re.compile(r"(?<![0-9A-Za-z])[+(]?\d[\d \-().]{6,}[\dXx]")
+# The same, before full-width forms are mapped (its digits any script's; never looked at, only
+# whether there is one): every text without a match has no number to mask.
+_MAYBE_NUMBERISH = re.compile(
+    r"[+(\uff0b\uff08]?\d[\d \-().\u3000\uff08\uff09\uff0d\uff0e]{6,}[\dXx\uff38\uff58]"
+)
 
 
 def find_pii(text: str, kinds: Iterable[str] = KINDS) -> list[Match]:
     """Every PII span of the given kinds, non-overlapping, in text order."""
-    wanted = set(kinds)
-    if not wanted or not _MAYBE.search(text):
-        return []
+    return _find(text, kinds)[1]
+
+
+def _find(text: str, kinds: Iterable[str]) -> tuple[str, list[Match]]:
+    """(`text` as ASCII where it matters, see _as_ascii; its PII spans): find_pii."""
+    wanted: AbstractSet[str] = kinds if isinstance(kinds, (set, frozenset)) else set(kinds)
+    if not wanted:
+        return text, []
+    email = EMAIL in wanted and ("@" in text or "\uff20" in text)
+    candidates = _MAYBE_NUMBERISH.findall(text) if len(wanted) > 1 or EMAIL not in wanted else []
+    if not email and not candidates:
+        return text, []
+    numeric = wanted - {EMAIL} if candidates else None
+    # Mapped only when it matters: a number not in ASCII, or full-width forms (letters glued to a
+    # number, an ＠, a ＃ before it) anywhere.
+    if not text.isascii() and (any(not c.isascii() for c in candidates) or _WIDE.search(text)):
+        text = _as_ascii(text)
     found: list[Match] = []
-    if EMAIL in wanted and "@" in text:
+    if email:
         found += [Match(EMAIL, m.start(), m.end()) for m in _EMAIL.finditer(text)]
-    numeric = wanted - {EMAIL}
     if numeric:
         for span in _NUMBERISH.finditer(text):
             found += _numeric_pii(text, span.start(), span.end(), numeric)
     # Overlaps: the higher-priority kind wins (an ID is not also a card), then the longer span.
     if len(found) < 2:
-        return found
+        return text, found
     priority = {k: i for i, k in enumerate(KINDS)}
     found.sort(key=lambda m: (priority[m.kind], -(m.end - m.start), m.start))
     kept: list[Match] = []
     for candidate in found:
         if all(candidate.end <= k.start or candidate.start >= k.end for k in kept):
             kept.append(candidate)
-    return sorted(kept, key=lambda k: k.start)
+    return text, sorted(kept, key=lambda k: k.start)
 
 
-def _numeric_pii(text: str, start: int, end: int, wanted: set[str]) -> list[Match]:
+def _numeric_pii(text: str, start: int, end: int, wanted: AbstractSet[str]) -> list[Match]:
     """IDs, cards and phones within text[start:end] (the patterns still see the text around it
     for their boundaries)."""
     found: list[Match] = []
@@ -216,14 +258,14 @@ _MASKS: dict[str, Callable[[str], str]] = {
 
 def redact(text: str, kinds: Iterable[str] = KINDS) -> str:
     """`text` with every PII span of `kinds` masked (the text itself when there is none)."""
-    matches = find_pii(text, kinds)
+    ascii_text, matches = _find(text, kinds)
     if not matches:
         return text
     out: list[str] = []
     last = 0
     for m in matches:
         out.append(text[last : m.start])
-        out.append(_MASKS[m.kind](text[m.start : m.end]))
+        out.append(_MASKS[m.kind](ascii_text[m.start : m.end]))
         last = m.end
     out.append(text[last:])
     return "".join(out)

@@ -181,3 +181,50 @@ def test_events_without_pii_are_not_copied() -> None:
     closed = Event(event_id="x", tenant_id="acme", conversation_id="c")
     closed.conversation_closed.CopyFrom(pb.ConversationClosed(resolution="answered"))
     assert redact_event(closed) is closed
+
+
+# Digits as Chinese input methods type them in full-width mode (and other scripts' decimal digits):
+# the same numbers, masked alike; they used to raise KeyError in the Luhn check, so the projector
+# could not make a row of the message at all.
+WIDE = str.maketrans("0123456789+-()X ", "０１２３４５６７８９＋－（）Ｘ　")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("我的手机号是" + "13812345678".translate(WIDE) + "，麻烦回电", "我的手机号是138****5678，麻烦回电"),
+        ("电话：" + "+86 139-1234-5678".translate(WIDE) + "谢谢", "电话：+86 139-****-5678谢谢"),
+        ("卡号" + "4111 1111 1111 1111".translate(WIDE), "卡号**** **** **** 1111"),
+        ("退款到" + VISA.translate(WIDE) + "这张卡", "退款到************1111这张卡"),
+        ("身份证号" + ID_A.translate(WIDE) + "，请核实", "身份证号110***********002X，请核实"),
+        # What is not masked stays as typed (here the wide space after "call").
+        ("call +1 (415) 555-2671".translate(WIDE), "call\u3000+1 (***) ***-2671"),
+        # Arabic-Indic digits: a Luhn-valid card number.
+        ("card " + VISA.translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")), "card ************1111"),
+        # Full-width with ASCII signs, ASCII with full-width signs.
+        ("手机 " + "138".translate(WIDE) + "-" + "12345678".translate(WIDE), "手机 138-****5678"),
+        ("手机 138－1234－5678", "手机 138-****-5678"),
+    ],
+)
+def test_wide_and_other_scripts_digits_are_masked(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "订单号 " + with_luhn("202611301234567").translate(WIDE) + "，什么时候发货？",
+        "我 ２０２６－１１－３０ １４：０５ 下的单，付了 １２９９．００ 元",
+        "card " + "4111 1111 1111 1112".translate(WIDE),
+        "身份证号１１０１０５１９４９１２３１００２１",  # wrong check character
+        "ＳＦ１２３４５６７８９０１２３ 到哪了",  # full-width letters glued to the digits
+    ],
+)
+def test_wide_near_misses_are_left_alone(text: str) -> None:
+    assert redact(text) == text, find_pii(text)
+
+
+def test_the_projector_makes_rows_of_messages_with_wide_digits() -> None:
+    text = "卡号 " + "4111 1111 1111 1111".translate(WIDE) + " 手机 " + "13812345678".translate(WIDE)
+    batch = project([_message("acme", text)])
+    assert [r[7] for r in batch.rows["raw_messages"]] == ["卡号 **** **** **** 1111 手机 138****5678"]
