@@ -482,7 +482,6 @@ class TickPipeline:
             return
         try:
             replies = await self._round_trip(b"".join(packed), len(pipe.commands))
-            replies = await self._with_scripts_loaded(pipe.commands, replies)
         except BaseException as exc:
             for _, _, future in sent:
                 if not future.done():
@@ -490,11 +489,16 @@ class TickPipeline:
             if not isinstance(exc, Exception):
                 raise
             return
-        at = 0
-        for _, count, future in sent:
-            if not future.done():
-                future.set_result(replies[at : at + count])
-            at += count
+        try:
+            replies = await self._with_scripts_loaded(pipe.commands, replies)
+        finally:
+            # Every reply of the first round trip stands, whatever happens to the calls sent
+            # again (cancelled meanwhile, they keep their NOSCRIPT reply: an error to their caller).
+            at = 0
+            for _, count, future in sent:
+                if not future.done():
+                    future.set_result(replies[at : at + count])
+                at += count
 
     async def _with_scripts_loaded(self, commands: list[tuple[Any, ...]], replies: list[Any]) -> list[Any]:
         """`replies`, with the EVALSHA calls Redis did not know the script of (its first use on
@@ -511,7 +515,12 @@ class TickPipeline:
             return replies
         shas = list(dict.fromkeys(commands[n][1] for n in missing))
         again = [("SCRIPT", "LOAD", self.scripts[sha]) for sha in shas] + [commands[n] for n in missing]
-        more = await self._round_trip(b"".join([hiredis.pack_command(c) for c in again]), len(again))
+        try:
+            more = await self._round_trip(b"".join([hiredis.pack_command(c) for c in again]), len(again))
+        except Exception as exc:
+            # The calls sent again failed with it; the others' replies stand.
+            more = [exc] * len(again)
+        replies = replies[:]
         for n, reply in zip(missing, more[len(shas) :], strict=True):
             replies[n] = reply
         return replies

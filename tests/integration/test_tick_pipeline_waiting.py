@@ -123,3 +123,36 @@ async def test_review_s22_a_cancelled_waiter_still_has_its_settle_sent_once_the_
         assert await client.zcard(held.in_flight_key) == 0
     finally:
         await hot.close()
+
+
+async def test_a_failed_script_reload_fails_only_the_calls_sent_again(
+    client: aioredis.Redis,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round trip's replies stand when the calls it sends again after NOSCRIPT fail (Redis gone
+    between the two): only those calls get the error."""
+    tick = TickPipeline(client)
+    script = "return 7"
+    sha = await client.script_load(script)
+    await client.script_flush()
+    tick.scripts[sha] = script
+    first_trip = tick._round_trip
+    trips = 0
+
+    async def second_fails(packed: bytes, count: int) -> list[object]:
+        nonlocal trips
+        trips += 1
+        if trips == 2:
+            raise ConnectionError("Redis went away")
+        return await first_trip(packed, count)
+
+    monkeypatch.setattr(tick, "_round_trip", second_fails)
+    try:
+        plain = tick.run(_commands(("SET", "r", "1")), 1)
+        evalsha = tick.run(_commands(("EVALSHA", sha, 0)), 1)
+        plain_replies, evalsha_replies = await asyncio.wait_for(asyncio.gather(plain, evalsha), 5)
+        assert plain_replies == [b"OK"]
+        assert isinstance(evalsha_replies[0], ConnectionError)
+        assert trips == 2
+    finally:
+        await tick.close()
