@@ -425,8 +425,12 @@ class TickPipeline:
         # what was queued before it: every round trip sends its commands in the order issued.
         if within_s > 0 and not self._closed and not self._scheduled:
             self._waiting.append((queue, count, future))
-            if self._waiting_timer is None:
-                self._waiting_timer = loop.call_later(within_s, self._send_waiting)
+            # The earliest bound of those waiting is kept.
+            due = loop.time() + within_s
+            if self._waiting_timer is None or due < self._waiting_timer.when():
+                if self._waiting_timer is not None:
+                    self._waiting_timer.cancel()
+                self._waiting_timer = loop.call_at(due, self._send_waiting)
             return future
         self._queued.append((queue, count, future))
         if not self._scheduled:
@@ -470,7 +474,13 @@ class TickPipeline:
             try:
                 queue(pipe)
                 packed.append(b"".join([hiredis.pack_command(command) for command in pipe.commands[start:]]))
-            except Exception as exc:
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    # Not a caller's own failure: no one of this round trip is left unanswered.
+                    for _, _, waiter in queued:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                    raise
                 del pipe.commands[start:]
                 if isinstance(exc, TypeError):
                     exc = DataError(f"a Redis command argument of an unsupported type: {exc}")
@@ -598,9 +608,11 @@ class TickPipeline:
             self._waiting_timer.cancel()
             self._waiting_timer = None
         waiting, self._waiting = self._waiting, []
-        if waiting:
-            await self._execute(waiting)
-        await self._close_idle(len(self._idle))
+        try:
+            if waiting:
+                await self._execute(waiting)
+        finally:
+            await self._close_idle(len(self._idle))
 
 
 async def _disconnected(conn: Any) -> None:
