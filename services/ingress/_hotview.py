@@ -530,7 +530,6 @@ class TickPipeline:
         except Exception as exc:
             # The calls sent again failed with it; the others' replies stand.
             more = [exc] * len(again)
-        replies = replies[:]
         for n, reply in zip(missing, more[len(shas) :], strict=True):
             replies[n] = reply
         return replies

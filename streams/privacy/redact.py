@@ -149,11 +149,23 @@ def _digits(s: str) -> str:
 
 # One pass finds where anything numeric could be (a run of 8+ digits and separators, not glued
 # to letters); the precise patterns then run only inside those spans. Most messages have none.
-_NUMBERISH = re.compile(r"(?<![0-9A-Za-z])[+(]?\d[\d \-().]{6,}[\dXx]")
-# The same, before full-width forms are mapped (its digits any script's; never looked at, only
-# whether there is one): every text without a match has no number to mask.
+# A run: an optional lead, a digit, 6+ digits or separators, a digit or an ID's final X.
+_LEAD, _SEPARATORS, _LAST = "+(", " -().", "Xx"
+_NUMBERISH = re.compile(
+    rf"(?<![0-9A-Za-z])[{re.escape(_LEAD)}]?\d[\d{re.escape(_SEPARATORS)}]{{6,}}[\d{_LAST}]"
+)
+_ASCII_TO_WIDE = {ascii_: wide for wide, ascii_ in _WIDE_TO_ASCII.items()}
+
+
+def _or_wide(chars: str) -> str:
+    """A character class's members: `chars` and their full-width forms, escaped."""
+    return re.escape(chars + chars.translate(_ASCII_TO_WIDE))
+
+
+# The same run before full-width forms are mapped (and not told apart from letters before it):
+# every text without a match has no number to mask.
 _MAYBE_NUMBERISH = re.compile(
-    r"[+(\uff0b\uff08]?\d[\d \-().\u3000\uff08\uff09\uff0d\uff0e]{6,}[\dXx\uff38\uff58]"
+    rf"[{_or_wide(_LEAD)}]?\d[\d{_or_wide(_SEPARATORS)}]{{6,}}[\d{_or_wide(_LAST)}]"
 )
 
 
@@ -168,10 +180,10 @@ def _find(text: str, kinds: Iterable[str]) -> tuple[str, list[Match]]:
     if not wanted:
         return text, []
     email = EMAIL in wanted and ("@" in text or "\uff20" in text)
-    candidates = _MAYBE_NUMBERISH.findall(text) if len(wanted) > 1 or EMAIL not in wanted else []
+    numeric = wanted - {EMAIL}
+    candidates = _MAYBE_NUMBERISH.findall(text) if numeric else []
     if not email and not candidates:
         return text, []
-    numeric = wanted - {EMAIL} if candidates else None
     # Mapped only when it matters: a number not in ASCII, or full-width forms (letters glued to a
     # number, an ＠, a ＃ before it) anywhere.
     if not text.isascii() and (any(not c.isascii() for c in candidates) or _WIDE.search(text)):
@@ -179,7 +191,7 @@ def _find(text: str, kinds: Iterable[str]) -> tuple[str, list[Match]]:
     found: list[Match] = []
     if email:
         found += [Match(EMAIL, m.start(), m.end()) for m in _EMAIL.finditer(text)]
-    if numeric:
+    if candidates:
         for span in _NUMBERISH.finditer(text):
             found += _numeric_pii(text, span.start(), span.end(), numeric)
     # Overlaps: the higher-priority kind wins (an ID is not also a card), then the longer span.
