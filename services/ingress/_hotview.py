@@ -503,7 +503,7 @@ class TickPipeline:
             replies = await self._with_scripts_loaded(pipe.commands, replies)
         finally:
             # Every reply of the first round trip stands, whatever happens to the calls sent
-            # again (cancelled meanwhile, they keep their NOSCRIPT reply: an error to their caller).
+            # again (see _with_scripts_loaded).
             at = 0
             for _, count, future in sent:
                 if not future.done():
@@ -525,6 +525,11 @@ class TickPipeline:
             return replies
         shas = list(dict.fromkeys(commands[n][1] for n in missing))
         again = [("SCRIPT", "LOAD", self.scripts[sha]) for sha in shas] + [commands[n] for n in missing]
+        # Until their replies come, the calls sent again may have run: cut off here (cancelled),
+        # their callers get an error of unknown outcome, as for any round trip cut off after it
+        # was written, not the NOSCRIPT refusal (a claim's caller then drops the claim it made).
+        for n in missing:
+            replies[n] = RedisConnectionError("a script call sent again was cut off; it may have run")
         try:
             more = await self._round_trip(b"".join([hiredis.pack_command(c) for c in again]), len(again))
         except Exception as exc:
@@ -606,7 +611,12 @@ class TickPipeline:
         if self._waiting_timer is not None:
             self._waiting_timer.cancel()
             self._waiting_timer = None
+        # With a flush due (a command queued since), what is queued leaves with what waited, after
+        # it, in one round trip: sent on two connections at once, Redis may run either first.
         waiting, self._waiting = self._waiting, []
+        if waiting:
+            waiting += self._queued
+            self._queued = []
         try:
             if waiting:
                 await self._execute(waiting)

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from schemas import hotview as hv
 from services.ingress._hotview import HeldClaim, IngressHotView, TickPipeline
@@ -154,5 +155,72 @@ async def test_a_failed_script_reload_fails_only_the_calls_sent_again(
         assert plain_replies == [b"OK"]
         assert isinstance(evalsha_replies[0], ConnectionError)
         assert trips == 2
+    finally:
+        await tick.close()
+
+
+async def test_review_s23_a_cancelled_reload_answers_outcome_unknown_not_noscript(
+    client: aioredis.Redis,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The round trip that sends an EVALSHA again after NOSCRIPT is cancelled once Redis ran it:
+    its caller must not be told NOSCRIPT (a refusal: the claim path then skips dropping the claim
+    the script made, and retries are refused as in flight until CLAIM_TTL_S), but an error whose
+    outcome is unknown, a connection error, as for any round trip cut off after it was written."""
+    tick = TickPipeline(client)
+    script = "return redis.call('INCR', KEYS[1])"
+    sha = await client.script_load(script)
+    await client.script_flush()
+    tick.scripts[sha] = script
+    first_trip = tick._round_trip
+    trips = 0
+    resent = asyncio.Event()
+
+    async def second_hangs_after_running(packed: bytes, count: int) -> list[object]:
+        nonlocal trips
+        trips += 1
+        replies = await first_trip(packed, count)
+        if trips == 2:
+            resent.set()
+            await asyncio.Event().wait()  # cut off after Redis ran it
+        return replies
+
+    monkeypatch.setattr(tick, "_round_trip", second_hangs_after_running)
+    try:
+        evalsha = tick.run(_commands(("EVALSHA", sha, 1, "ran")), 1)
+        await asyncio.wait_for(resent.wait(), 5)
+        assert await client.get("ran") == b"1"
+        (running,) = tick._running
+        running.cancel()
+        (reply,) = await asyncio.wait_for(evalsha, 5)
+        assert isinstance(reply, RedisConnectionError), f"a cancelled reload answered {reply!r}"
+    finally:
+        await tick.close()
+
+
+async def test_review_s23_close_with_a_flush_due_sends_waiting_and_queued_as_one_round_trip(
+    client: aioredis.Redis,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """close() called while a flush is due (a command queued in this tick) sends what waited and
+    what was queued after it in one round trip, in the order issued; not on two connections at
+    once, where Redis may run the later first."""
+    tick = TickPipeline(client)
+    real_trip = tick._round_trip
+    trips: list[int] = []
+
+    async def counted(packed: bytes, count: int) -> list[object]:
+        trips.append(count)
+        return await real_trip(packed, count)
+
+    monkeypatch.setattr(tick, "_round_trip", counted)
+    first = tick.run(_commands(("SET", "w", "first")), 1, within_s=3600)
+    await asyncio.sleep(0)
+    second = tick.run(_commands(("SET", "w", "second")), 1)  # a flush is now due
+    try:
+        await tick.close()
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        assert await client.get("w") == b"second"
+        assert trips == [2], f"round trips of {trips} commands"
     finally:
         await tick.close()
