@@ -71,6 +71,7 @@ from streams.assistant.gateway import (
 from streams.assistant.handoff import HandoffHistory, IntentDecision, decide_handoff, record_turn
 from streams.knowledge import Document, Hit, KnowledgeBase, Scores, chunk_document, detect_language
 from streams.knowledge._fair import FairQueue
+from streams.knowledge._text import to_simplified
 from streams.privacy.erasures import ErasureFollower
 
 log = logging.getLogger(__name__)
@@ -586,8 +587,11 @@ class AssistantProcessor:
         one encoder call, which the cascade's encoder stage and retrieval then share (one call per
         message costs several times more per message on this CPU)."""
         texts = [m.message_received.text for m in messages]
-        embeddings = self._encoder.encode(texts) if self._encoder is not None else None
-        with self._primed(texts, embeddings):
+        # Embedded as the classifier and the index embed a text (traditional Chinese folded), so
+        # the cascade's encoder stage finds these vectors primed and retrieval can take them.
+        folded = [to_simplified(t) for t in texts]
+        embeddings = self._encoder.encode(folded) if self._encoder is not None else None
+        with self._primed(folded, embeddings):
             intents = self._classifier.classify(texts)
         understood = []
         for i, (message, intent) in enumerate(zip(messages, intents, strict=True)):

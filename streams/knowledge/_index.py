@@ -15,7 +15,7 @@ from streams.knowledge._bm25 import BM25Index
 from streams.knowledge._concepts import expand_query
 from streams.knowledge._document import MAX_CHUNK_CHARS, Chunk, Document, chunk_document
 from streams.knowledge._rerank import Candidate, Reranker, feature_matrix
-from streams.knowledge._text import detect_language, tokenize
+from streams.knowledge._text import detect_language, to_simplified, tokenize
 from streams.knowledge._weights import WEIGHTS
 
 RRF_K = 60
@@ -229,7 +229,8 @@ class KnowledgeIndex:
             return None, None
         chunk_texts = [c.indexed_text for _, chunks in chunked for c in chunks]
         titles = [d.title or d.body[:200] for d, _ in chunked]
-        vectors = np.asarray(self.encoder.encode(chunk_texts + titles), dtype=np.float32)
+        texts = [to_simplified(t) for t in chunk_texts + titles]  # as queries are (see to_simplified)
+        vectors = np.asarray(self.encoder.encode(texts), dtype=np.float32)
         return vectors[: len(chunk_texts)], vectors[len(chunk_texts) :]
 
     def _add(self, document: Document, chunks: list[Chunk]) -> None:
@@ -312,7 +313,9 @@ class KnowledgeIndex:
             # Encoded here, outside the lock (the encoder has its own): the caller's vector is of
             # the message as written.
             query = expanded
-            query_embedding = self.encoder.encode([query])[0] if self.encoder is not None else None
+            query_embedding = (
+                self.encoder.encode([to_simplified(query)])[0] if self.encoder is not None else None
+            )
         with self._lock:
             if not self._documents or limit <= 0:
                 return []
@@ -492,7 +495,8 @@ class KnowledgeIndex:
         matrix = self._vectors()
         if matrix is not None and self.encoder is not None:
             if query_embedding is None:
-                query_embedding = self.encoder.encode([query])[0]
+                # A caller's vector is of the message folded the same way (the assistant's batch).
+                query_embedding = self.encoder.encode([to_simplified(query)])[0]
             vector = np.asarray(query_embedding, dtype=np.float32).reshape(-1)
             cosines = matrix.cosines(vector, _centre(vector, self.reranker.language_means.get(language)))
             cos_ranking = cosines.ranking(CANDIDATES)

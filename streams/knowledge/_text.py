@@ -29,8 +29,8 @@ _EN_STOP = frozenset(
 
 
 def normalize(text: str) -> str:
-    """NFKC (full-width to half-width) and lowercase."""
-    return unicodedata.normalize("NFKC", text).lower()
+    """NFKC (full-width to half-width), lowercase, traditional Chinese as simplified."""
+    return to_simplified(unicodedata.normalize("NFKC", text).lower())
 
 
 def stem(word: str) -> str:
@@ -89,11 +89,24 @@ _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
 _CONVERTERS = threading.local()
 
 
-def fold_for_rules(text: str) -> str:
-    """What keyword rules match against: NFKC (full-width to half-width), case-folded, traditional
-    Chinese as simplified (投訴 / 騙子 / 服務極差 read as 投诉 / 骗子 / 服务极差), zero-width characters out."""
+def to_simplified(text: str) -> str:
+    """Traditional Chinese as simplified (OpenCC's t2s); text without Chinese characters as it is.
+
+    What keyword search, the sentence encoder and the intent models see of a message and of an
+    article: the models were trained on simplified Chinese, and a question typed in traditional
+    characters (退貨 for 退货) shares few keywords with a simplified FAQ. Over the held-out sets'
+    Chinese questions converted to traditional, the assistant answered 51-65% right against 65-88%
+    for the same questions as written (benchmarks/RESULTS.md, twenty-fourth session). Answers quote
+    the article as written."""
+    if not _CJK_CHAR.search(text):
+        return text
     converter = getattr(_CONVERTERS, "t2s", None)
     if converter is None:
         converter = _CONVERTERS.t2s = opencc.OpenCC("t2s")
-    text = unicodedata.normalize("NFKC", text).casefold().translate(_ZERO_WIDTH)
-    return str(converter.convert(text)) if _CJK_CHAR.search(text) else text
+    return str(converter.convert(text))
+
+
+def fold_for_rules(text: str) -> str:
+    """What keyword rules match against: NFKC (full-width to half-width), case-folded, traditional
+    Chinese as simplified (投訴 / 騙子 / 服務極差 read as 投诉 / 骗子 / 服务极差), zero-width characters out."""
+    return to_simplified(unicodedata.normalize("NFKC", text).casefold().translate(_ZERO_WIDTH))

@@ -81,6 +81,9 @@ async def faq_tenant(system: System) -> str:
     [
         ("亲，我的订单到哪了？单号 SB20261130", "zh", "zh-order-status"),
         ("how long does a refund take?", "en", "en-refund-timeline"),
+        # Traditional characters, against the simplified FAQ (answered from the refund timeline
+        # before they were folded: to_simplified).
+        ("退貨要在幾天內申請？", "zh", "zh-return-policy"),
     ],
 )
 async def test_a_question_gets_a_cited_answer_in_its_language(

@@ -65,3 +65,21 @@ def test_policy_routes_stages(classifier: IntentClassifier) -> None:
 def test_odd_inputs_do_not_fail(classifier: IntentClassifier) -> None:
     decisions = classifier.classify(["", "   ", "😡😡😡", "x" * 5000, "订单" * 1000])
     assert len(decisions) == 5 and all(d.label in LABELS for d in decisions)
+
+
+def test_traditional_chinese_gets_the_intent_of_its_simplified_form(classifier: IntentClassifier) -> None:
+    """The char n-gram stage and the encoder see traditional characters as simplified."""
+    import opencc
+
+    s2t = opencc.OpenCC("s2t")
+    texts = [
+        "退货要在几天内申请",
+        "我的包裹显示已签收但我没收到",
+        "密码忘记了怎么重设",
+        "发票抬头写错了 要重开",
+    ]
+    traditional = [s2t.convert(t) for t in texts]
+    assert traditional != texts
+    want = [(d.label, round(float(d.confidence), 5)) for d in classifier.classify(texts)]
+    got = [(d.label, round(float(d.confidence), 5)) for d in classifier.classify(traditional)]
+    assert got == want

@@ -14,6 +14,7 @@ import onnxruntime as ort
 from streams.assistant.encoder import SentenceEncoder, load_encoder, session_options
 from streams.assistant.intent._cascade import CascadePolicy, decide_batch
 from streams.assistant.intent._text import detect_language, normalize_text
+from streams.knowledge._text import to_simplified
 
 NGRAM_FILE = "intent_ngram.onnx"
 HEAD_FILE = "intent_encoder_head.onnx"
@@ -86,7 +87,7 @@ class IntentClassifier:
 
     def encoder_proba(self, texts: Sequence[str]) -> np.ndarray:
         """(n, labels) probabilities of the encoder stage's head."""
-        embeddings = self._encoder.encode(texts)
+        embeddings = self._encoder.encode([to_simplified(t) for t in texts])
         with self._lock:
             (proba,) = self._head.run(["probabilities"], {"embedding": embeddings})
         return np.asarray(proba, dtype=np.float32)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from streams.knowledge._text import to_simplified
+
 # Spaces become a visible mark so char n-grams never contain a space: skl2onnx's TF-IDF converter
 # splits vocabulary entries on spaces, which would break n-grams that span a word boundary.
 SPACE_MARK = "_"
@@ -13,8 +15,9 @@ _DIGITS = re.compile(r"\d")
 
 
 def normalize_text(text: str) -> str:
-    """The string the char n-gram stage sees: NFKC, lower case, digits folded, spaces marked."""
-    text = unicodedata.normalize("NFKC", text).lower().strip()
+    """The string the char n-gram stage sees: NFKC, lower case, traditional Chinese as simplified
+    (`to_simplified`), digits folded, spaces marked."""
+    text = to_simplified(unicodedata.normalize("NFKC", text).lower().strip())
     # Order numbers and phone numbers carry no intent; one digit class keeps them from
     # becoming thousands of rare n-grams.
     text = _DIGITS.sub("0", text)
