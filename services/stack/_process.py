@@ -39,7 +39,10 @@ class Identity:
     markers: tuple[str, ...]
     any_of: tuple[str, ...] = ()
 
-    def matches(self, proc: psutil.Process, written_at: float) -> bool:
+    def matches(self, proc: psutil.Process, written_at: float, started_ticks: int | None = None) -> bool:
+        """`started_ticks`: the start the pid file recorded (`start_ticks`), compared exactly;
+        without it (a pid file of an earlier version, or no /proc), the process must have started
+        by the file's time."""
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return False
@@ -53,29 +56,52 @@ class Identity:
         marked = all(m in joined for m in self.markers) and (
             not self.any_of or any(m in joined for m in self.any_of)
         )
+        if started_ticks is not None and (ticks := start_ticks(proc.pid)) is not None:
+            return named and marked and ticks == started_ticks
         return named and marked and started <= written_at + 2.0
 
 
-def read_pid(pid_path: Path) -> tuple[int, float] | None:
+def start_ticks(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (/proc/<pid>/stat, field 22); None
+    without /proc. A step of the wall clock does not move it, unlike psutil's `create_time` (the
+    boot time, which Linux reports as the wall clock minus the uptime, plus this): after a ~22 s
+    step under `make run`, every server was taken for another process while it served. Two
+    processes with one pid never share it."""
     try:
-        text = pid_path.read_text().strip()
-        return int(text), pid_path.stat().st_mtime
-    except (FileNotFoundError, ValueError):
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        return int(stat.rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
         return None
+
+
+def read_pid_record(pid_path: Path) -> tuple[int, float, int | None] | None:
+    """(pid, the file's time, the start recorded with it or None)."""
+    try:
+        fields = pid_path.read_text().split()
+        pid = int(fields[0])
+        ticks = int(fields[1]) if len(fields) > 1 else None
+        return pid, pid_path.stat().st_mtime, ticks
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+def read_pid(pid_path: Path) -> tuple[int, float] | None:
+    record = read_pid_record(pid_path)
+    return None if record is None else record[:2]
 
 
 def running_pid(pid_path: Path, identity: Identity) -> int | None:
     """The pid in `pid_path` if that process is alive and is the expected server; else clean up."""
-    found = read_pid(pid_path)
+    found = read_pid_record(pid_path)
     if found is None:
         pid_path.unlink(missing_ok=True)
         return None
-    pid, written_at = found
+    pid, written_at, ticks = found
     try:
         proc = psutil.Process(pid)
     except psutil.NoSuchProcess:
         proc = None
-    if proc is not None and identity.matches(proc, written_at):
+    if proc is not None and identity.matches(proc, written_at, ticks):
         return pid
     pid_path.unlink(missing_ok=True)
     _reap(pid)
@@ -102,8 +128,9 @@ def spawn(argv: Sequence[str], *, name: str, log_path: Path, pid_path: Path, cwd
             close_fds=True,
         )
     _children[proc.pid] = proc
+    ticks = start_ticks(proc.pid)  # the child's own: it exists from fork on
     tmp = pid_path.with_suffix(".pid.tmp")
-    tmp.write_text(f"{proc.pid}\n")
+    tmp.write_text(f"{proc.pid}\n" if ticks is None else f"{proc.pid} {ticks}\n")
     tmp.replace(pid_path)
     return proc.pid
 
