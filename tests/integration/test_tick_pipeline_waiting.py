@@ -24,6 +24,14 @@ async def _until_settled(redis: aioredis.Redis, held: HeldClaim) -> None:
     )
 
 
+async def _known_but_not_loaded(redis: aioredis.Redis, tick: TickPipeline, script: str) -> str:
+    """The script's SHA1: known to the pipeline, absent from Redis (its EVALSHA answers NOSCRIPT)."""
+    sha = await redis.script_load(script)
+    await redis.script_flush()
+    tick.scripts[sha] = script
+    return str(sha)
+
+
 async def test_review_s22_waiting_and_queued_commands_of_one_tick_go_in_issue_order(
     client: aioredis.Redis,  # noqa: F811
 ) -> None:
@@ -134,9 +142,7 @@ async def test_a_failed_script_reload_fails_only_the_calls_sent_again(
     between the two): only those calls get the error."""
     tick = TickPipeline(client)
     script = "return 7"
-    sha = await client.script_load(script)
-    await client.script_flush()
-    tick.scripts[sha] = script
+    sha = await _known_but_not_loaded(client, tick, script)
     first_trip = tick._round_trip
     trips = 0
 
@@ -169,9 +175,7 @@ async def test_review_s23_a_cancelled_reload_answers_outcome_unknown_not_noscrip
     outcome is unknown, a connection error, as for any round trip cut off after it was written."""
     tick = TickPipeline(client)
     script = "return redis.call('INCR', KEYS[1])"
-    sha = await client.script_load(script)
-    await client.script_flush()
-    tick.scripts[sha] = script
+    sha = await _known_but_not_loaded(client, tick, script)
     first_trip = tick._round_trip
     trips = 0
     resent = asyncio.Event()
