@@ -6,6 +6,7 @@ Keys carry the tenant, so a conversation id from another tenant simply is not fo
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from schemas.events import Event, decode_event
@@ -196,7 +197,9 @@ REBUILDING_KEY = "sb:sessions:rebuilding"
 
 # Idempotency claims: "pending:<attempt marker>" while the write is in flight (each attempt its
 # own marker, so a late delete of a failed attempt spares a later one), then
-# "event_id|partition|offset" once the record is in the log.
+# "event_id|partition|offset|digest" once the record is in the log (digest: `claim_digest` of the
+# message's text, which a retry must carry again; none for a start's or a close's claim, nor in
+# claims written before it was recorded: "event_id|partition|offset").
 CLAIM_PENDING = b"pending"
 # Hash: an ingress process's marker prefix (CLAIM_PENDING + ":" + 12 hex digits, which starts every
 # marker it sets) -> until when (Redis time, ms) it is alive; renewed every second. A pending claim
@@ -219,13 +222,31 @@ def agent_claim(client_message_id: str) -> str:
     return AGENT_CLAIM_PREFIX + client_message_id if client_message_id else ""
 
 
-def encode_claim(event_id: str, partition: int, offset: int) -> str:
-    return f"{event_id}|{partition}|{offset}"
+def claim_digest(text: str) -> str:
+    """What tells a retry from another message under the same client_message_id: 16 hex digits
+    of BLAKE2b over the text."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
-def decode_claim(raw: bytes) -> tuple[str, int, int] | None:
-    """(event_id, partition, offset) of a settled claim; None while it is pending."""
+def event_claim_digest(event: Event) -> str:
+    """`claim_digest` of the text of a message-like event (a customer's or an agent's message);
+    "" for any other (a start, a close), whose retry has nothing to compare."""
+    kind = event.WhichOneof("payload")
+    if kind == "message_received":
+        return claim_digest(event.message_received.text)
+    if kind == "agent_message_sent":
+        return claim_digest(event.agent_message_sent.text)
+    return ""
+
+
+def encode_claim(event_id: str, partition: int, offset: int, digest: str = "") -> str:
+    return f"{event_id}|{partition}|{offset}|{digest}" if digest else f"{event_id}|{partition}|{offset}"
+
+
+def decode_claim(raw: bytes) -> tuple[str, int, int, str] | None:
+    """(event_id, partition, offset, digest) of a settled claim, digest "" when it has none; None
+    while it is pending."""
     if raw.startswith(CLAIM_PENDING):
         return None
-    event_id, partition, offset = raw.decode().split("|")
-    return event_id, int(partition), int(offset)
+    event_id, partition, offset, *rest = raw.decode().split("|")
+    return event_id, int(partition), int(offset), rest[0] if rest else ""

@@ -1153,7 +1153,9 @@ class IngressHotView:
             keys.append(held.redis_key)
             in_flight.append(held.in_flight_key)
             args += (
-                hv.encode_claim(ack.event_id, ack.partition, ack.offset) if ack is not None else "",
+                hv.encode_claim(ack.event_id, ack.partition, ack.offset, ack.digest)
+                if ack is not None
+                else "",
                 held.marker,
                 "1" if held.in_flight else "0",
             )

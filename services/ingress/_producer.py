@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
+from schemas import hotview as hv
 from schemas.events import Event, encode_event, event_headers, event_key
 from services.ingress._validation import RequestRejected
 from services.kafka_clients import FATAL_PRODUCER_ERRORS, sender_task, started
@@ -40,6 +41,8 @@ class Ack:
     event_id: str
     partition: int
     offset: int
+    # hv.claim_digest of a message's text ("": not a message, or a claim recorded without one).
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -399,7 +402,7 @@ class EventProducer:
                 outcomes.append(unavailable(f"Kafka refused the event: {exc!r}; retry"))
                 continue
             meta: Any = delivery.result()
-            outcomes.append(Ack(event.event_id, meta.partition, meta.offset))
+            outcomes.append(Ack(event.event_id, meta.partition, meta.offset, hv.event_claim_digest(event)))
         return outcomes
 
 

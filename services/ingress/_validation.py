@@ -82,10 +82,17 @@ def check_conversation_id(conversation_id: str, *, required: bool = True) -> Non
 def check_client_message_id(client_message_id: str) -> None:
     if not client_message_id:
         raise invalid("client_message_id is required: a key you keep across retries (for example a UUID)")
-    if len(client_message_id) > MAX_CLIENT_MESSAGE_ID or not client_message_id.isprintable():
+    if not client_message_id.strip():
+        raise invalid("client_message_id is blank: a key you keep across retries (for example a UUID)")
+    if (
+        len(client_message_id) > MAX_CLIENT_MESSAGE_ID
+        or not client_message_id.isprintable()
+        or client_message_id != client_message_id.strip()
+    ):
+        # Spaces around a key made " m1" and "m1" two keys: a client trimming on retry sent twice.
         raise invalid(
-            f"client_message_id must be 1-{MAX_CLIENT_MESSAGE_ID} printable characters, "
-            f"got {len(client_message_id)} characters"
+            f"client_message_id must be 1-{MAX_CLIENT_MESSAGE_ID} printable characters without "
+            f"surrounding spaces, got {client_message_id[:80]!r} ({len(client_message_id)} characters)"
         )
 
 

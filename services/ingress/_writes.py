@@ -379,7 +379,7 @@ class ConversationWrites:
             self._answer(requests[i], r) if isinstance(r, _Write) else r  # type: ignore[arg-type]
             for i, r in enumerate(results)
         ]
-        _resolve_followers(followers, outcomes)
+        _resolve_followers(followers, outcomes, requests)
         final = [o if o is not None else _incident("SendMessages", "without an outcome") for o in outcomes]
         if order is not None:
             for req, outcome in zip(requests, final, strict=True):
@@ -528,6 +528,8 @@ class ConversationWrites:
         """In the batch's turn and in request order: hand one message to the producer, or why not."""
         conversation = (req.tenant_id, req.conversation_id)
         if claim is not None and claim.earlier is not None:
+            if _reused(claim.earlier, req.text):
+                return _reused_key(req.client_message_id, claim.earlier)
             return ack_response(req, claim.earlier, duplicate=True)
         if claim is not None and claim.closed:
             self._remember(conversation, closed=True)
@@ -912,6 +914,8 @@ class ConversationWrites:
         # any process) waits to drain before it publishes.
         (claim,) = await self._claim_messages([claim_key])
         if claim.earlier is not None:
+            if claim.earlier.digest and claim.earlier.digest != hv.event_claim_digest(event):
+                raise _reused_key(claim_key[2].removeprefix(hv.AGENT_CLAIM_PREFIX), claim.earlier)
             return claim.earlier, True
         if claim.closed:
             raise _closed(claim_key[1])
@@ -1367,14 +1371,42 @@ def _stops_the_conversation(outcome: Outcome) -> bool:
         grpc.StatusCode.NOT_FOUND,
         grpc.StatusCode.FAILED_PRECONDITION,
         grpc.StatusCode.ABORTED,
+        grpc.StatusCode.ALREADY_EXISTS,
     )
 
 
-def _resolve_followers(followers: list[tuple[int, int]], outcomes: list[Outcome | None]) -> None:
-    """A repeat of a key in the same batch gets its first occurrence's outcome (duplicate=true)."""
+def _reused(earlier: Ack, text: str) -> bool:
+    """A client_message_id already written with another text (a claim without a digest, recorded
+    before digests were, compares as the same)."""
+    return bool(earlier.digest) and earlier.digest != hv.claim_digest(text)
+
+
+def _reused_key(client_message_id: str, earlier: Ack) -> v.RequestRejected:
+    return v.RequestRejected(
+        grpc.StatusCode.ALREADY_EXISTS,
+        f"client_message_id {client_message_id!r} was already used in this conversation for a "
+        f"different text (event {earlier.event_id}): a retry sends the same text; a new message "
+        "needs a new client_message_id",
+    )
+
+
+def _resolve_followers(
+    followers: list[tuple[int, int]],
+    outcomes: list[Outcome | None],
+    requests: Sequence[chat_pb2.SendMessageRequest | v.MalformedRequest],
+) -> None:
+    """A repeat of a key in the same batch gets its first occurrence's outcome (duplicate=true),
+    or ALREADY_EXISTS when the first was written and its text is another."""
     for i, first in followers:
         outcome = outcomes[first]
-        if isinstance(outcome, chat_pb2.SendMessageResponse):
+        repeat, original = requests[i], requests[first]
+        assert isinstance(repeat, chat_pb2.SendMessageRequest)
+        assert isinstance(original, chat_pb2.SendMessageRequest)
+        if isinstance(outcome, chat_pb2.SendMessageResponse) and repeat.text != original.text:
+            # (Had the first failed, the repeat shares its failure: a retry finds out.)
+            ack = Ack(outcome.event_id, outcome.partition, outcome.offset)
+            outcomes[i] = _reused_key(repeat.client_message_id, ack)
+        elif isinstance(outcome, chat_pb2.SendMessageResponse):
             follower = chat_pb2.SendMessageResponse()
             follower.CopyFrom(outcome)
             follower.duplicate = True

@@ -459,7 +459,9 @@ class SessionsProcessor:
                 if expires_ms > now_ms:
                     writes.claim(
                         hv.idempotency_key(*slot, claim),
-                        hv.encode_claim(event.event_id, position.partition, position.offset),
+                        hv.encode_claim(
+                            event.event_id, position.partition, position.offset, hv.event_claim_digest(event)
+                        ),
                         expires_ms,
                     )
             if writes.has_sealed():

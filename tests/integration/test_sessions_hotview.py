@@ -386,3 +386,25 @@ async def test_a_batch_that_redis_refuses_dead_letters_its_undecodable_record_on
         assert sorted(dead) == [2, 3], dead  # x's message (refused alone) and the undecodable one, once each
     finally:
         await redis.aclose()
+
+
+async def test_the_claims_the_worker_rebuilds_carry_the_digest_of_each_text(redis_server: _Redis) -> None:
+    """After a Redis loss the worker writes the claims again from the log; a retry with another
+    text under a rebuilt claim must be refused as under the ingress's own (ALREADY_EXISTS)."""
+    redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0", socket_timeout=5)
+    processor = SessionsProcessor(Settings(), redis)
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    try:
+        await processor.on_assigned({0}, Control(end=0))
+        started = new_event(tenant, "d", conversation_started=events_pb2.ConversationStarted())
+        said = new_event(
+            tenant, "d", message_received=events_pb2.MessageReceived(client_message_id="k", text="退款")
+        )
+        await processor.process(
+            [Record(TOPIC, 0, o, b"d", encode_event(e), 0) for o, e in ((0, started), (1, said))]
+        )
+        raw: bytes | None = await redis.get(hv.idempotency_key(tenant, "d", "k"))  # type: ignore[assignment]
+        assert raw is not None
+        assert raw.decode() == hv.encode_claim(said.event_id, 0, 1, hv.claim_digest("退款"))
+    finally:
+        await redis.aclose()

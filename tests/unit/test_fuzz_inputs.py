@@ -47,6 +47,7 @@ def test_conversation_and_message_ids(value: str) -> None:
         assert 1 <= len(value) <= 128 and value.isascii() and " " not in value
     if verdict(v.check_client_message_id, value) is None:
         assert 1 <= len(value) <= v.MAX_CLIENT_MESSAGE_ID and value.isprintable()
+        assert value == value.strip()
     if verdict(v.check_agent_id, value) is None:
         assert value == value.strip() and value.isprintable()
 

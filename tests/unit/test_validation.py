@@ -56,6 +56,20 @@ def test_ids():
     assert code_of(v.check_client_message_id, "x" * 129) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("key", [" ", "   ", "\u3000", " m1", "m1 ", "\u00a0m1"])
+def test_a_blank_or_space_padded_client_message_id_is_refused(key):
+    """A new user's walkthrough: "   " was accepted as an idempotency key, and " m1" and "m1" were
+    two keys, so a client that trims on its retry path sent the message twice."""
+    with pytest.raises(v.RequestRejected) as caught:
+        v.check_client_message_id(key)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "surrounding spaces" in caught.value.message or "blank" in caught.value.message
+
+
+def test_a_client_message_id_may_hold_inner_spaces():
+    v.check_client_message_id("order 42 / msg 1")
+
+
 def test_metadata_limits():
     v.check_metadata({"plan": "pro"}, 4)
     assert code_of(v.check_metadata, {str(i): "v" for i in range(5)}, 4) == grpc.StatusCode.INVALID_ARGUMENT
