@@ -241,6 +241,8 @@ def roles_for(method: str) -> frozenset[str] | None:
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The key of `authorization: Bearer <key>`; "" for an authorization header in any other
+    form; None without one."""
     for name, value in metadata or ():
         if name == "authorization":
             text = value.decode(errors="replace") if isinstance(value, bytes) else value
@@ -263,6 +265,12 @@ def authorize(
             grpc.StatusCode.UNAUTHENTICATED,
             "this call needs an API key: send `authorization: Bearer <key>` metadata "
             "(`switchboard keys issue --tenant T` makes one)",
+        )
+    if not token:  # an authorization header without "Bearer <key>" (bearer_token)
+        return Refusal(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "the authorization metadata must be `authorization: Bearer <key>` (the word Bearer, "
+            "a space, then the key); it had another scheme, the key alone, or no key",
         )
     parsed = parse_token(token)
     key = registry.keys.get(parsed[0]) if parsed else None

@@ -69,6 +69,17 @@ def test_unknown_or_malformed_keys_are_unauthenticated(token: str) -> None:
     assert isinstance(decision, Refusal) and decision.code is grpc.StatusCode.UNAUTHENTICATED
 
 
+@pytest.mark.parametrize("header", ["{token}", "Basic {token}", "Bearer", "Bearer   "])
+def test_a_key_without_the_bearer_scheme_is_told_so(header: str) -> None:
+    """A new user's walkthrough: `authorization: sbk_...` (the key alone, a valid one) was refused
+    as "unknown API key", which sent them to check the key instead of the header."""
+    key, token = issued()
+    sent = bearer_token([("authorization", header.format(token=token))])
+    decision = authorize(registry_with(key), PEPPER, CHAT, sent, now=2000.0)
+    assert isinstance(decision, Refusal) and decision.code is grpc.StatusCode.UNAUTHENTICATED
+    assert "`authorization: Bearer <key>`" in decision.message and "unknown" not in decision.message
+
+
 def test_a_right_key_id_with_a_wrong_secret_is_unknown() -> None:
     key, token = issued()
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
