@@ -122,6 +122,19 @@ _ERROR_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*(?:\(version [^)]*\))?\s*$")
 
 _READ_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS", "CHECK"})
 _READONLY_ALLOWED = _READ_STATEMENTS | {"SET", "USE"}
+# First keywords of ClickHouse's statements that change data, schema, access or the server. A
+# reader's statement starting with any other word the endpoint does not know (a typo such as
+# SELEC, ClickHouse's FROM-first SELECT) goes to the engine on a read-only connection, which
+# answers it (a SYNTAX_ERROR, its rows, or READONLY): refused here it was called a write.
+_WRITE_STATEMENTS = frozenset(
+    {
+        "INSERT", "CREATE", "ALTER", "DROP", "TRUNCATE", "RENAME", "EXCHANGE", "OPTIMIZE",
+        "SYSTEM", "KILL", "GRANT", "REVOKE", "ATTACH", "DETACH", "DELETE", "UPDATE", "UNDROP",
+        "MOVE", "BACKUP", "RESTORE", "REPLACE", "BEGIN", "COMMIT", "ROLLBACK",
+    }
+)  # fmt: skip
+# The endpoint's cancel tag (see QueryRequest.cancel_tag) as the engine quotes it in an error.
+_TAG_IN_ERROR = re.compile(r"\s*/\* sb-query-[0-9a-f]{32} \*/")
 
 # ClickHouse's exceptionCodeToHTTPStatus, for the codes chdb can raise here.
 _HTTP_STATUS = {
@@ -166,6 +179,7 @@ class QueryError(Exception):
         start = text.find("Code: ")
         if start > 0:
             text = text[start:]
+        text = _TAG_IN_ERROR.sub("", text)  # the analyst's own SQL, without ours
         match = _ERROR_CODE.search(text)
         return cls(text, int(match.group(1)) if match else 1001)
 
@@ -419,6 +433,10 @@ _NEEDS_OWN_CONNECTION = re.compile(
 _SWEEP_INTERVAL_S = 1.0
 
 
+def _known_kind(kind: str) -> bool:
+    return kind in _READONLY_ALLOWED or kind in _WRITE_STATEMENTS
+
+
 def _readonly_refusal() -> QueryError:
     return QueryError(
         "Code: 164. DB::Exception: Cannot execute query in readonly mode: a GET request "
@@ -608,7 +626,11 @@ class ChdbQueryEngine:
                         497,
                     )
                 self._give_own_connection(session)
-            if session.conn is None:
+            if session.conn is not None and request.readonly and not _known_kind(kind):
+                # Not a statement this endpoint knows (a typo, FROM-first): the engine answers
+                # it on a fresh read-only connection (the session's own cannot be made read-only).
+                outcome = self._execute_fresh(request, kind, session.database, session.settings, stream)
+            elif session.conn is None:
                 if kind in ("SET", "USE"):
                     outcome = self._remember(session, request, kind)
                 else:
@@ -1111,7 +1133,7 @@ class QueryEndpoint:
             if refusal is not None:
                 raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
             parsed.tenant = analyst.tenant
-        if parsed.insert_data is not None or kind not in _READONLY_ALLOWED:
+        if parsed.insert_data is not None or kind in _WRITE_STATEMENTS:
             raise QueryError(
                 f"Code: 164. DB::Exception: Cannot execute query in readonly mode: {kind or 'this statement'} "
                 f"changes data or schema; only the '{policy.admin_user}' user (with its password) writes. "

@@ -108,6 +108,35 @@ def test_readers_read_but_cannot_borrow_the_servers_files_or_lift_the_limit(syst
     ).result_rows == [(5,)]
 
 
+def test_a_mistyped_first_keyword_is_a_syntax_error_and_errors_show_the_analysts_own_sql(
+    system: System,
+) -> None:
+    """A new user's walkthrough: `SELEC * FRM t` was refused as a write (READONLY "SELEC changes
+    data or schema"), and error texts carried the endpoint's internal `/* sb-query-<id> */`."""
+    client = reader(system)  # in a session, as clickhouse-connect always is
+    with pytest.raises(DatabaseError) as caught:
+        client.query("SELEC * FRM switchboard.messages")
+    assert "SYNTAX_ERROR" in str(caught.value) and "READONLY" not in str(caught.value), caught.value
+    status, body, _ = http(system, q("SELEC 1"))
+    assert status == 400 and "SYNTAX_ERROR" in body, (status, body)
+    # ClickHouse's FROM-first SELECT is a read like any other.
+    assert client.query("FROM numbers(3) SELECT count()").result_rows == [(3,)]
+    assert http(system, q("FROM numbers(3) SELECT count()"))[:2] == (200, "3\n")
+    # A session holding query parameters (a connection of its own) answers the same.
+    client.command("SET param_x = 1")
+    with pytest.raises(DatabaseError) as caught:
+        client.query("SELEC 1")
+    assert "SYNTAX_ERROR" in str(caught.value), caught.value
+    # Writes are refused as before, whatever their first word's case.
+    with pytest.raises(DatabaseError, match="READONLY"):
+        client.command("truncate table switchboard.raw_events")
+    for sql in ("SELECT no_such_column FROM switchboard.messages", "SELEC 1"):
+        with pytest.raises(DatabaseError) as caught:
+            client.query(sql)
+        assert "sb-query" not in str(caught.value), caught.value
+        assert "sb-query" not in http(system, q(sql))[1]
+
+
 def test_the_admin_user_writes_and_a_wrong_password_is_refused(system: System) -> None:
     admin = endpoint_client(system.settings, write=True)
     table = f"default.sec_{uuid.uuid4().hex[:8]}"
