@@ -130,7 +130,8 @@ _WRITE_STATEMENTS = frozenset(
     {
         "INSERT", "CREATE", "ALTER", "DROP", "TRUNCATE", "RENAME", "EXCHANGE", "OPTIMIZE",
         "SYSTEM", "KILL", "GRANT", "REVOKE", "ATTACH", "DETACH", "DELETE", "UPDATE", "UNDROP",
-        "MOVE", "BACKUP", "RESTORE", "REPLACE", "BEGIN", "COMMIT", "ROLLBACK",
+        "MOVE", "BACKUP", "RESTORE", "REPLACE", "BEGIN", "START", "COMMIT", "ROLLBACK",
+        "EXECUTE", "PARALLEL", "WATCH",
     }
 )  # fmt: skip
 # The endpoint's cancel tag (see QueryRequest.cancel_tag) as the engine quotes it in an error.
