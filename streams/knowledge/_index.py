@@ -22,6 +22,13 @@ RRF_K = 60
 CANDIDATES = 20
 """Documents taken from each of the keyword and the embedding ranking before fusion."""
 PER_LANGUAGE_CANDIDATES = 5
+# A document with fewer content units than this (a CJK character, or a word of two or more
+# letters or digits) is too short to be about anything: a stub such as {title "t", body "b"}.
+# Its vector sits near every content-free message ("是的", "好的", "谢谢"), far above the real
+# articles, and the reranker took it for the answer (relevant, 0.97-0.99: a new user's
+# walkthrough). It is found by its words only, never by meaning alone.
+MIN_CONTENT_UNITS = 3
+_CONTENT_UNIT = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]{2,}")
 """Also the best documents of each language by centered cosine: BM25 never matches across
 languages and the raw cosine favours the question's language, so without these a large FAQ in
 the question's language could crowd out the one other-language article that answers it."""
@@ -182,6 +189,8 @@ class KnowledgeIndex:
         self._translations: dict[str, dict[str, set[str]]] = {}
         self._bm25 = BM25Index()
         self._matrix: _Matrix | None = None
+        # Documents under MIN_CONTENT_UNITS: candidates by BM25 only.
+        self._contentless: set[str] = set()
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -240,6 +249,8 @@ class KnowledgeIndex:
         self._chunks[doc_id] = chunks
         self._title_terms[doc_id] = frozenset(tokenize(document.title))
         self._tags.update(set(document.tags))
+        if len(_CONTENT_UNIT.findall(f"{document.title} {document.body}")) < MIN_CONTENT_UNITS:
+            self._contentless.add(doc_id)
         key = translation_key(document)
         if key is not None:
             self._translation_keys[doc_id] = key
@@ -254,6 +265,7 @@ class KnowledgeIndex:
         if document is None:
             return
         self._fingerprints.pop(document_id, None)
+        self._contentless.discard(document_id)
         self._title_terms.pop(document_id, None)
         self._title_vectors.pop(document_id, None)
         self._tags.subtract(set(document.tags))
@@ -499,8 +511,11 @@ class KnowledgeIndex:
                 query_embedding = self.encoder.encode([to_simplified(query)])[0]
             vector = np.asarray(query_embedding, dtype=np.float32).reshape(-1)
             cosines = matrix.cosines(vector, _centre(vector, self.reranker.language_means.get(language)))
-            cos_ranking = cosines.ranking(CANDIDATES)
-            extra = cosines.per_language(PER_LANGUAGE_CANDIDATES)
+            # A document too short to be about anything is a candidate by its words only.
+            unmatched = {d for d in self._contentless if d not in doc_bm25}
+            cos_ranking = [d for d in cosines.ranking(CANDIDATES + len(unmatched)) if d not in unmatched]
+            cos_ranking = cos_ranking[:CANDIDATES]
+            extra = [d for d in cosines.per_language(PER_LANGUAGE_CANDIDATES) if d not in unmatched]
 
         fused = rrf([bm25_ranking, cos_ranking])
         for doc_id in extra:

@@ -367,3 +367,29 @@ def test_an_article_in_traditional_chinese_answers_a_simplified_question(encoder
     assert hits[0].document_id == "zh-return-policy" and hits[0].relevant, [
         (h.document_id, h.scores) for h in hits
     ]
+
+
+@pytest.fixture(scope="module")
+def index_with_a_stub(encoder: SentenceEncoder) -> KnowledgeIndex:
+    index = KnowledgeIndex(encoder)
+    index.upsert_many([*load_demo_documents(), Document("stub", "t", "b")])
+    return index
+
+
+@pytest.mark.parametrize("message", ["是的", "好的", "嗯嗯", "谢谢", "不是", "在吗"])
+def test_a_document_too_short_to_be_about_anything_is_not_found_by_meaning(index_with_a_stub, message):
+    """A new user's walkthrough: a stub document {title "t", body "b"} was the top hit, relevant
+    (0.97-0.99), for every content-free message, and the assistant answered "是的" with "b"."""
+    hits = index_with_a_stub.search(message, 3)
+    assert all(h.document_id != "stub" for h in hits), [(h.document_id, h.scores) for h in hits]
+    assert not any(h.relevant for h in hits), [(h.document_id, h.scores) for h in hits]
+
+
+def test_a_short_document_is_still_found_by_its_words(index_with_a_stub, encoder):
+    hits = index_with_a_stub.search("b", 3)
+    assert hits and hits[0].document_id == "stub"
+    short = KnowledgeIndex(encoder)
+    short.upsert_many([*load_demo_documents(), Document("hours", "营业时间", "每天 9:00-18:00")])
+    # A short document that says something is still found by meaning (no word in common).
+    top = short.search("what are your opening hours", 3)[0]
+    assert top.document_id == "hours" and top.relevant and top.scores.bm25 == 0.0, top
