@@ -97,6 +97,8 @@ def run_system(settings: Settings, demo: bool = True) -> int:
             _banner("stopping")
         _stop_children(list(children.values()))
         asyncio.run(stack.down(settings))
+        with contextlib.suppress(OSError):
+            _banner(f"stopped; the data stays in {settings.data_dir} for the next run")
 
 
 # A process that died is started again at once; one that dies again within STABLE_S of its start

@@ -44,9 +44,12 @@ async def test_a_hangup_stops_the_runner_as_ctrl_c_does(own_runner: Runner) -> N
     code = await asyncio.to_thread(_stop_within, own_runner, 90.0)
     servers = {name: s["pid"] for name, s in (await stack.status(own_runner.settings)).items()}
     print(f"after SIGHUP: runner exit code {code}, servers {servers}")
-    if code != 0 or "== stopping" not in own_runner.output() or any(servers.values()):
+    # "== stopped" once everything is down (a new user's walkthrough: the log ended at
+    # "== stopping", and nothing said whether the stop had finished).
+    stopped = "== stopping" in own_runner.output() and "== stopped" in own_runner.output()
+    if code != 0 or not stopped or any(servers.values()):
         raise HangupNotAStop(
-            f"after SIGHUP the runner exited with {code} (0 and '== stopping' expected) and left "
+            f"after SIGHUP the runner exited with {code} (0 and '== stopping' then '== stopped' expected) and left "
             f"servers running: {servers}; output tail:\n{own_runner.output()[-1500:]}"
         )
 
