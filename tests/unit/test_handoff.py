@@ -354,3 +354,48 @@ def test_pure_and_deterministic():
     first = decide_handoff(text="转人工", intent=CONFIDENT_REFUND, answered=True, history=HandoffHistory(1))
     again = decide_handoff(text="转人工", intent=CONFIDENT_REFUND, answered=True, history=HandoffHistory(1))
     assert first == again
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Held-out set 5's missed hand-offs (benchmarks/data/shop_holdout5_questions.jsonl).
+        "stop sending me links, i need a human to look at my refund, its been a month",
+        "hi, can i speak with someone about a complicated order issue? its hard to explain here",
+        "I need a real person",
+        "can I talk to someone please",
+    ],
+)
+def test_needing_a_human_or_speaking_with_someone_asks_for_a_person(text: str):
+    handoff = decide(text, CONFIDENT_REFUND)
+    assert handoff is not None and handoff.reason == "customer_request", text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "骗子！钱扣了订单没有 还我钱！！！",  # 没有 ends the clause before 还我钱: not its negation
+        "再不给我退款我就报警了 SO20119384",
+        "im done. the replacement was broken TOO. i want someone to call me today or im posting "
+        "everywhere about this scam",
+    ],
+)
+def test_held_out_threats_and_charges_of_fraud_hand_off(text: str):
+    handoff = decide(text, CONFIDENT_REFUND, answered=True)
+    assert handoff is not None, f"not handed off: {text!r}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I don't need a human, just tell me the refund time",
+        "do you sell human hair extensions",
+        "can I send the gift to someone else",
+        "is there a way to report a scam email pretending to be you",
+        "有骗子冒充你们客服怎么办",
+        "报警器支持退货吗",
+        "订单没有 发货吗",
+    ],
+)
+def test_and_their_look_alikes_do_not(text: str):
+    assert decide(text, CONFIDENT_REFUND, answered=True) is None, text
