@@ -64,6 +64,7 @@ from services.analytics._guard import (
     authenticate,
     browser_refusal,
     credentials,
+    reader_limit_refusal,
     reader_refusal,
     reader_settings,
 )
@@ -122,25 +123,13 @@ _ERROR_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*(?:\(version [^)]*\))?\s*$")
 
 _READ_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS", "CHECK"})
 _READONLY_ALLOWED = _READ_STATEMENTS | {"SET", "USE"}
-# First keywords of ClickHouse's statements that change data, schema, access or the server. A
-# reader's statement starting with any other word the endpoint does not know (a typo such as
-# SELEC, ClickHouse's FROM-first SELECT) goes to the engine on a read-only connection, which
-# answers it (a SYNTAX_ERROR, its rows, or READONLY): refused here it was called a write.
-_WRITE_STATEMENTS = frozenset(
-    {
-        "INSERT", "CREATE", "ALTER", "DROP", "TRUNCATE", "RENAME", "EXCHANGE", "OPTIMIZE",
-        "SYSTEM", "KILL", "GRANT", "REVOKE", "ATTACH", "DETACH", "DELETE", "UPDATE", "UNDROP",
-        "MOVE", "BACKUP", "RESTORE", "REPLACE", "BEGIN", "START", "COMMIT", "ROLLBACK",
-        "EXECUTE", "PARALLEL", "WATCH",
-    }
-)  # fmt: skip
 # The endpoint's cancel tag (see QueryRequest.cancel_tag) as the engine quotes it in an error.
 _TAG_IN_ERROR = re.compile(r"\s*/\* sb-query-[0-9a-f]{32} \*/")
 
 # ClickHouse's exceptionCodeToHTTPStatus, for the codes chdb can raise here.
 _HTTP_STATUS = {
     **dict.fromkeys((192, 193, 194, 195, 516), 401),  # unknown user, wrong password, …
-    **dict.fromkeys((164, 497), 403),  # READONLY, ACCESS_DENIED
+    **dict.fromkeys((164, 452, 497), 403),  # READONLY, SETTING_CONSTRAINT_VIOLATION, ACCESS_DENIED
     **dict.fromkeys((46, 60, 73, 81, 82, 372), 404),  # unknown function/table/format/db, no session
     **dict.fromkeys((373,), 409),  # SESSION_IS_LOCKED
     **dict.fromkeys((307,), 413),  # request body too large (compressed or not)
@@ -434,10 +423,6 @@ _NEEDS_OWN_CONNECTION = re.compile(
 _SWEEP_INTERVAL_S = 1.0
 
 
-def _known_kind(kind: str) -> bool:
-    return kind in _READONLY_ALLOWED or kind in _WRITE_STATEMENTS
-
-
 def _readonly_refusal() -> QueryError:
     return QueryError(
         "Code: 164. DB::Exception: Cannot execute query in readonly mode: a GET request "
@@ -627,11 +612,7 @@ class ChdbQueryEngine:
                         497,
                     )
                 self._give_own_connection(session)
-            if session.conn is not None and request.readonly and not _known_kind(kind):
-                # Not a statement this endpoint knows (a typo, FROM-first): the engine answers
-                # it on a fresh read-only connection (the session's own cannot be made read-only).
-                outcome = self._execute_fresh(request, kind, session.database, session.settings, stream)
-            elif session.conn is None:
+            if session.conn is None:
                 if kind in ("SET", "USE"):
                     outcome = self._remember(session, request, kind)
                 else:
@@ -650,6 +631,17 @@ class ChdbQueryEngine:
     def _release(session: _Session) -> None:
         session.last_used = time.monotonic()
         session.lock.release()
+
+    def canonical(self, sql: str) -> str:
+        """The statement as the engine parses it, formatted on one line: comments, quoting of
+        plain identifiers and escapes gone, FROM-first SELECT in SELECT order. Raises the engine's
+        own SYNTAX_ERROR for what does not parse, and for more than one statement."""
+        conn = self._connect(readonly="2")
+        try:
+            raw = self._run(conn, f"SELECT formatQuerySingleLine({_quote(sql)})", "TabSeparatedRaw")
+        finally:
+            conn.close()
+        return str(raw.bytes().decode().rstrip("\n"))
 
     def _select_rows(self, sql: str) -> list[list[Any]]:
         conn = self._connect()
@@ -1134,14 +1126,14 @@ class QueryEndpoint:
             if refusal is not None:
                 raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
             parsed.tenant = analyst.tenant
-        if parsed.insert_data is not None or kind in _WRITE_STATEMENTS:
+        if parsed.insert_data is not None or kind not in _READONLY_ALLOWED:
             raise QueryError(
                 f"Code: 164. DB::Exception: Cannot execute query in readonly mode: {kind or 'this statement'} "
                 f"changes data or schema; only the '{policy.admin_user}' user (with its password) writes. "
                 "(READONLY)",
                 164,
             )
-        refusal = reader_refusal(parsed.sql)
+        refusal = reader_refusal(parsed.sql) or reader_limit_refusal(policy, parsed.sql)
         if refusal is not None:
             raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
         parsed.readonly = parsed.readonly or "2"
@@ -1173,6 +1165,11 @@ class QueryEndpoint:
             parsed = await parse_request(request, self.policy.max_decompressed_bytes if self.policy else None)
             parsed.user = user
             if who is not True and self.policy is not None:
+                if parsed.insert_data is None:
+                    # A reader's statement is checked, and run, as the engine parsed it: a comment
+                    # (`#`, nested /* */), a quoted `file` or file/**/( hid from the text checks
+                    # what it was (review, twenty-fifth session), and a typo is its SYNTAX_ERROR.
+                    parsed.sql = await self._call("", self.engine.canonical, parsed.sql)
                 self._as_reader(parsed, self.policy, who if isinstance(who, TenantAnalyst) else None)
             parsed.cancel_tag = f"sb-query-{uuid.uuid4().hex}"
             outcome = await self._call(parsed.cancel_tag, self.engine.open, parsed)

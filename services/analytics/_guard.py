@@ -180,6 +180,34 @@ def reader_refusal(sql: str) -> Refusal | None:
     return None
 
 
+# A limit set in the statement itself (its SETTINGS clause, or a SET): the statement as the engine
+# formats it (`name = value`), see ChdbQueryEngine.canonical.
+_LIMIT_IN_SQL = re.compile(r"\b(max_execution_time|max_result_bytes)\s*=\s*'?([0-9.]+)", re.IGNORECASE)
+
+
+def reader_limit_refusal(policy: EndpointPolicy, sql: str) -> Refusal | None:
+    """A reader may ask for less time or result than the endpoint's limits, never for more (in
+    the URL that is capped, see `reader_settings`; in the statement it is refused)."""
+    caps = {
+        "max_execution_time": float(policy.max_execution_time_s),
+        "max_result_bytes": float(policy.max_result_bytes),
+    }
+    for name, value in _LIMIT_IN_SQL.findall(sql):
+        try:
+            asked = float(value)
+        except ValueError:
+            continue
+        cap = caps[name.lower()]
+        if asked <= 0 or asked > cap:
+            return Refusal(
+                452,
+                f"Setting {name.lower()} should not be {'0 (no limit)' if asked <= 0 else f'greater than {cap:g}'} "
+                "for a reader of this endpoint. (SETTING_CONSTRAINT_VIOLATION)",
+                403,
+            )
+    return None
+
+
 def reader_settings(policy: EndpointPolicy, settings: Mapping[str, str]) -> dict[str, str]:
     """A reader's query settings with the endpoint's limits: its own time limit, at most ours."""
     out = dict(settings)

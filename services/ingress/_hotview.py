@@ -322,8 +322,9 @@ for i = 1, n do
     local current = redis.call('GET', KEYS[i])
     local kept = false
     if current and string.sub(current, 1, 8) ~= 'pending:' then
-      local cp, co = string.match(current, '|(%d+)|(%d+)$')
-      local np, no = string.match(value, '|(%d+)|(%d+)$')
+      -- event_id|partition|offset, then the text's digest when it has one (hv.encode_claim).
+      local cp, co = string.match(current, '^[^|]*|(%d+)|(%d+)')
+      local np, no = string.match(value, '^[^|]*|(%d+)|(%d+)')
       kept = cp ~= nil and cp == np and tonumber(co) < tonumber(no)
     end
     if kept then

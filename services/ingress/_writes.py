@@ -980,7 +980,7 @@ class ConversationWrites:
             # Its start claim went with the erasure: it would start again, and be skipped.
             await self.refuse_if_erased(req.tenant_id, req.conversation_id)
         if req.conversation_id and await self._hot.lookup(req.tenant_id, req.conversation_id) is not None:
-            return await self._read(req.tenant_id, req.conversation_id)
+            return _started_again(req, await self._read(req.tenant_id, req.conversation_id))
         return await asyncio.shield(self._background(self._start(req, traceparent)))
 
     async def _start(self, req: chat_pb2.StartConversationRequest, traceparent: str) -> chat_pb2.Conversation:
@@ -991,7 +991,7 @@ class ConversationWrites:
             claim, _ = await self._claim_start_or_close(claim_key)
             if not claim.claimed:
                 if claim.earlier is not None:
-                    return await self._read(req.tenant_id, conversation_id)
+                    return _started_again(req, await self._read(req.tenant_id, conversation_id))
                 raise unavailable(f"conversation {conversation_id!r} is being started by an earlier attempt")
             held = claim.held(claim_key)
         elif not await self._hot.is_ready(self._settings.topic_partitions):
@@ -1375,18 +1375,44 @@ def _stops_the_conversation(outcome: Outcome) -> bool:
     )
 
 
+def _started_again(
+    req: chat_pb2.StartConversationRequest, conv: chat_pb2.Conversation
+) -> chat_pb2.Conversation:
+    """A start of an existing conversation_id: its retry gets the conversation; a start for another
+    customer or channel is ALREADY_EXISTS (it was handed someone else's conversation). What the
+    hot view does not know (yet) is not compared."""
+    if (conv.customer_id and conv.customer_id != req.customer_id) or (
+        conv.channel and conv.channel != req.channel
+    ):
+        raise v.RequestRejected(
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"conversation {req.conversation_id!r} already exists for another customer or channel "
+            f"(customer_id {conv.customer_id!r}, channel {events_pb2.Channel.Name(conv.channel)}): "
+            "a retry of its start sends the same ones; a new conversation needs a new conversation_id",
+        )
+    return conv
+
+
 def _reused(earlier: Ack, text: str) -> bool:
     """A client_message_id already written with another text (a claim without a digest, recorded
     before digests were, compares as the same)."""
     return bool(earlier.digest) and earlier.digest != hv.claim_digest(text)
 
 
+@dataclass(frozen=True)
+class _ReusedKey(v.RequestRejected):
+    """ALREADY_EXISTS, with the ack recorded for the key (a repeat in the batch is compared with it)."""
+
+    earlier: Ack | None = field(default=None, kw_only=True)
+
+
 def _reused_key(client_message_id: str, earlier: Ack) -> v.RequestRejected:
-    return v.RequestRejected(
+    return _ReusedKey(
         grpc.StatusCode.ALREADY_EXISTS,
         f"client_message_id {client_message_id!r} was already used in this conversation for a "
         f"different text (event {earlier.event_id}): a retry sends the same text; a new message "
         "needs a new client_message_id",
+        earlier=earlier,
     )
 
 
@@ -1402,7 +1428,15 @@ def _resolve_followers(
         repeat, original = requests[i], requests[first]
         assert isinstance(repeat, chat_pb2.SendMessageRequest)
         assert isinstance(original, chat_pb2.SendMessageRequest)
-        if isinstance(outcome, chat_pb2.SendMessageResponse) and repeat.text != original.text:
+        if isinstance(outcome, _ReusedKey) and outcome.earlier is not None:
+            # The first was refused for its text; the repeat may be the genuine retry.
+            earlier = outcome.earlier
+            outcomes[i] = (
+                _reused_key(repeat.client_message_id, earlier)
+                if _reused(earlier, repeat.text)
+                else ack_response(repeat, earlier, duplicate=True)
+            )
+        elif isinstance(outcome, chat_pb2.SendMessageResponse) and repeat.text != original.text:
             # (Had the first failed, the repeat shares its failure: a retry finds out.)
             ack = Ack(outcome.event_id, outcome.partition, outcome.offset)
             outcomes[i] = _reused_key(repeat.client_message_id, ack)

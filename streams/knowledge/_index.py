@@ -22,16 +22,18 @@ RRF_K = 60
 CANDIDATES = 20
 """Documents taken from each of the keyword and the embedding ranking before fusion."""
 PER_LANGUAGE_CANDIDATES = 5
-# A document with fewer content units than this (a CJK character, or a word of two or more
-# letters or digits) is too short to be about anything: a stub such as {title "t", body "b"}.
-# Its vector sits near every content-free message ("是的", "好的", "谢谢"), far above the real
-# articles, and the reranker took it for the answer (relevant, 0.97-0.99: a new user's
-# walkthrough). It is found by its words only, never by meaning alone.
-MIN_CONTENT_UNITS = 3
-_CONTENT_UNIT = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]{2,}")
 """Also the best documents of each language by centered cosine: BM25 never matches across
 languages and the raw cosine favours the question's language, so without these a large FAQ in
 the question's language could crowd out the one other-language article that answers it."""
+MIN_CONTENT_UNITS = 3
+"""A document with fewer content units than this (a CJK ideograph, kana or Hangul syllable, or a
+word of two or more other letters or digits) is too short to be about anything: a stub such as
+{title "t", body "b"}. Its vector sits near every content-free message ("是的", "好的", "谢谢"), far
+above the real articles, and the reranker took it for the answer (relevant, 0.97-0.99: a new
+user's walkthrough). It is found by its words only, never by meaning alone."""
+_CONTENT_UNIT = re.compile(
+    r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\W_\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff]{2,}"
+)
 MEAN_PRIOR_WEIGHT = 10.0
 """How many documents' worth of weight the shipped language mean has against the index's own
 mean (a small index has too few documents of a language to estimate its mean)."""
@@ -515,7 +517,11 @@ class KnowledgeIndex:
             unmatched = {d for d in self._contentless if d not in doc_bm25}
             cos_ranking = [d for d in cosines.ranking(CANDIDATES + len(unmatched)) if d not in unmatched]
             cos_ranking = cos_ranking[:CANDIDATES]
-            extra = [d for d in cosines.per_language(PER_LANGUAGE_CANDIDATES) if d not in unmatched]
+            extra = [
+                d
+                for d in cosines.per_language(PER_LANGUAGE_CANDIDATES + len(unmatched))
+                if d not in unmatched
+            ]
 
         fused = rrf([bm25_ranking, cos_ranking])
         for doc_id in extra:

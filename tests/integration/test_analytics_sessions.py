@@ -129,25 +129,6 @@ def test_session_errors_are_the_engines(endpoint: QueryEndpoint) -> None:
     )
 
 
-def test_a_typo_in_a_read_only_session_is_a_syntax_error_not_a_write(endpoint: QueryEndpoint) -> None:
-    """Without an endpoint policy (no users): a typo is the engine's SYNTAX_ERROR in a session too,
-    and a FROM-first SELECT reads (test_analyst_endpoint_security: the same with the policy)."""
-    c = client(endpoint)
-    with pytest.raises(DatabaseError) as caught:
-        c.query("SELEC 1")
-    assert "SYNTAX_ERROR" in str(caught.value) and "READONLY" not in str(caught.value), caught.value
-    sid = f"s-{uuid.uuid4().hex}"
-    status, body = post(endpoint, "SELECT 1 FORM numbers(2)", session_id=sid, readonly="2")
-    assert status == 400 and "SYNTAX_ERROR" in body, (status, body)
-    # ClickHouse's FROM-first form is a read, also in a session.
-    assert post(endpoint, "FROM numbers(2) SELECT count()", session_id=sid, readonly="2") == (200, "2\n")
-    # Writes are still refused.
-    status, body = post(
-        endpoint, "CREATE TABLE default.nope (x UInt8) ENGINE = Memory", session_id=sid, readonly="2"
-    )
-    assert status == 403 and "READONLY" in body, (status, body)
-
-
 def test_temporary_tables_still_work_in_a_session(endpoint: QueryEndpoint) -> None:
     stateful_before = endpoint.engine.session_count[1]
     c = client(endpoint)

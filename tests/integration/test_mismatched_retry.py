@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from switchboard.v1 import agent_pb2, agent_pb2_grpc, chat_pb2, chat_pb2_grpc
+from switchboard.v1 import agent_pb2, agent_pb2_grpc, chat_pb2, chat_pb2_grpc, events_pb2
 
 from schemas import hotview as hv
 from tests.conftest import start_conversation
@@ -98,6 +98,14 @@ async def test_a_customer_message_id_reused_for_another_text_is_already_exists(
     assert batch.results[2].duplicate and batch.results[2].event_id == batch.results[0].event_id
     assert not batch.results[4].duplicate
 
+    # A repeat after a refused first is compared with what was written (review: it copied the
+    # refusal, so the genuine retry in the same batch was refused too).
+    batch = await stub.SendMessageBatch(
+        chat_pb2.SendMessageBatchRequest(messages=[send("where is my order"), send("我的订单还没到")])
+    )
+    assert [r.error_code for r in batch.results] == [already, 0], batch
+    assert batch.results[1].duplicate and batch.results[1].event_id == first.event_id
+
     # Nothing of the refused texts was written.
     conv = await eventually(
         lambda: stub.GetConversation(chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=cid)),
@@ -142,3 +150,30 @@ async def test_an_agent_message_id_reused_for_another_text_is_already_exists(
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS, err
     again = await agents.SendAgentMessage(reply("我来查一下"))
     assert again.duplicate and again.event_id == first.event_id
+
+
+async def test_a_conversation_id_started_again_for_another_customer_is_already_exists(
+    system: System, stub: chat_pb2_grpc.ChatServiceStub, tenant: str
+) -> None:
+    """A new user's walkthrough: StartConversation with an existing conversation_id and another
+    customer_id returned the existing conversation (of the first customer) without a word; of 32
+    concurrent starts with one id and 32 customers, 31 callers were handed someone else's."""
+
+    def start(
+        customer: str, channel: events_pb2.Channel = events_pb2.CHANNEL_WEB
+    ) -> chat_pb2.StartConversationRequest:
+        return chat_pb2.StartConversationRequest(
+            tenant_id=tenant, conversation_id="order-42", customer_id=customer, channel=channel
+        )
+
+    first = await stub.StartConversation(start("alice"))
+    again = await stub.StartConversation(start("alice"))  # a retry: the same conversation
+    assert (again.conversation_id, again.customer_id, again.created_at) == (
+        first.conversation_id,
+        "alice",
+        first.created_at,
+    )
+    for other in (start("bob"), start("alice", events_pb2.CHANNEL_IOS)):
+        err = await refused(stub.StartConversation(other))
+        assert err.code() == grpc.StatusCode.ALREADY_EXISTS, err
+        assert "'order-42'" in (err.details() or ""), err.details()

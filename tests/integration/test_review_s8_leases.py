@@ -11,6 +11,7 @@ import os
 import signal
 import uuid
 from collections.abc import Sequence
+from dataclasses import astuple
 from typing import Any
 
 import grpc
@@ -156,14 +157,17 @@ async def test_review_s8_a_failed_recheck_does_not_leave_the_batchs_other_claims
         await redis.aclose()
 
 
+@pytest.mark.parametrize("digest", ["", "0123abcd0123abcd"])
 async def test_review_s8_the_taken_over_owners_late_settle_keeps_the_takers_ack(
-    system: System, tenant: str
+    system: System, tenant: str, digest: str
 ) -> None:
     """_CLAIM_OPEN_IF_READY says of a takeover: "this attempt's ack is the one recorded". A process
     that only stalled past its lease (GC, CPU starvation, a paused VM; its record was in its
     producer already) settles later, and its ack replaces the taker's: retries from then on are
     answered an event id other than the one the taker's caller got, and here not the one the
-    sessions fold and ClickHouse keep either (the first write, lowest offset, of the partition)."""
+    sessions fold and ClickHouse keep either (the first write, lowest offset, of the partition).
+    With a text digest in the ack (review, twenty-fifth session: the guard matched the offsets at
+    the value's end, which a digest now is, and overwrote)."""
     redis = aioredis.Redis.from_url(system.settings.redis_url)
     partitions = system.settings.topic_partitions
     stalled, taker = IngressHotView(redis, 3600), IngressHotView(redis, 3600)
@@ -181,13 +185,12 @@ async def test_review_s8_the_taken_over_owners_late_settle_keeps_the_takers_ack(
             within_s=5,
             what="the stalled process's claim taken over",
         )
-        ack_taker = Ack(str(uuid.uuid4()), 0, 7)  # first in the log
+        ack_taker = Ack(str(uuid.uuid4()), 0, 7, digest)  # first in the log
         await taker.settle_many([(taken.held(key), ack_taker)])
-        await stalled.settle_many([(mine.held(key), Ack(str(uuid.uuid4()), 0, 11))])  # landed after
+        late = Ack(str(uuid.uuid4()), 0, 11, digest[::-1])  # landed after
+        await stalled.settle_many([(mine.held(key), late)])
         recorded = await redis.get(hv.idempotency_key(*key))
-        assert (
-            recorded == hv.encode_claim(ack_taker.event_id, ack_taker.partition, ack_taker.offset).encode()
-        ), recorded
+        assert recorded == hv.encode_claim(*astuple(ack_taker)).encode(), recorded
     finally:
         await redis.aclose()
 
