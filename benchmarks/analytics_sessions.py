@@ -6,7 +6,9 @@ and measures, in the same run:
   remembered SETs (replayed on a fresh connection per request), and in a session holding its
   own connection (it created a temporary table);
 - opening N clickhouse-connect clients at once (each opens a session and queries), and the
-  sessions held afterwards.
+  sessions held afterwards;
+- with `--reader`: `SELECT 1` as a reader (user `default`) and as the admin of an endpoint with a
+  policy, in the same run: a reader's statement is parsed by the engine first (canonical).
 
     .venv/bin/python benchmarks/analytics_sessions.py [--requests 300] [--clients 2000]
 """
@@ -28,15 +30,16 @@ from typing import Any
 import clickhouse_connect
 
 from services.analytics import ChdbQueryEngine, QueryEndpoint
+from services.analytics._guard import EndpointPolicy
 
 
-def serve(path: str) -> QueryEndpoint:
+def serve(path: str, policy: EndpointPolicy | None = None) -> QueryEndpoint:
     ready = threading.Event()
     box: dict[str, Any] = {}
 
     def run() -> None:
         async def main() -> None:
-            ep = QueryEndpoint(ChdbQueryEngine(path), "127.0.0.1", 0)
+            ep = QueryEndpoint(ChdbQueryEngine(path), "127.0.0.1", 0, policy=policy)
             await ep.start()
             box["ep"] = ep
             ready.set()
@@ -70,7 +73,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--clients", type=int, default=2000)
+    parser.add_argument("--reader", action="store_true", help="reader vs admin on an endpoint with a policy")
     args = parser.parse_args()
+    if args.reader:
+        reader_vs_admin(args.requests)
+        return
     ep = serve(tempfile.mkdtemp(prefix="sb-bench-sessions-"))
     url = ep.url
 
@@ -103,6 +110,21 @@ def main() -> None:
     )
     for c in clients:
         c.close()
+
+
+def reader_vs_admin(n: int) -> None:
+    ep = serve(tempfile.mkdtemp(prefix="sb-bench-reader-"), EndpointPolicy(admin_password="bench"))
+    admin = {"user": "admin", "password": "bench"}
+    latency_ms(ep.url, 20, **admin)  # warm-up
+    latency_ms(ep.url, 20)
+    rounds = []
+    for _ in range(3):  # alternated: the machine's speed drifts
+        rounds.append((latency_ms(ep.url, n // 3, **admin), latency_ms(ep.url, n // 3)))
+    as_admin = statistics.median(a for a, _ in rounds)
+    as_reader = statistics.median(r for _, r in rounds)
+    print(f"SELECT 1 median, {n // 3} requests x 3 alternated rounds:")
+    print(f"  admin (runs the statement as sent)       {as_admin:7.2f} ms  (baseline)")
+    print(f"  reader (parsed by the engine, checked)   {as_reader:7.2f} ms  x{as_reader / as_admin:.2f}")
 
 
 if __name__ == "__main__":
