@@ -153,7 +153,8 @@ def authenticate(policy: EndpointPolicy, user: str, password: str) -> bool | Ten
             return analyst
         return wrong
     if user == "default":
-        return False
+        # No password, as ClickHouse's default user; one sent is wrong, as there.
+        return False if not password else wrong
     return Refusal(
         192,
         f"{user[:64]}: there is no such user here: 'default' reads, '{policy.admin_user}' (with its "

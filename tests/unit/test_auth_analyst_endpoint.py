@@ -72,6 +72,10 @@ def test_credentials_as_clickhouse_reads_them() -> None:
     assert credentials({}, {}) == ("default", "")
     assert authenticate(POLICY, "admin", "s3cret") is True
     assert authenticate(POLICY, "default", "") is False
+    # `default` has no password, as on a ClickHouse server: one sent is wrong (a new user's
+    # walkthrough: `-u default:wrong` was let in, so a mistyped admin user name read silently).
+    refused = authenticate(POLICY, "default", "wrong")
+    assert isinstance(refused, Refusal) and refused.code == 516
     wrong = authenticate(POLICY, "admin", "nope")
     assert isinstance(wrong, Refusal) and wrong.code == 516
     unknown = authenticate(POLICY, "mallory", "")
