@@ -64,8 +64,9 @@ from services.analytics._guard import (
     authenticate,
     browser_refusal,
     credentials,
-    reader_limit_refusal,
     reader_refusal,
+    reader_set_refusal,
+    reader_setting_refusal,
     reader_settings,
 )
 from services.analytics._native import NativeFormatError, block_with_protocol_revision, with_protocol_revision
@@ -110,7 +111,8 @@ _TRANSPORT_PARAMS = frozenset(
 )
 
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
+# (The engine's formatting backticks a few format names: FORMAT `Values`, FORMAT `Null`.)
+_TRAILING_FORMAT = re.compile(r"\bFORMAT\s+`?(\w+)`?\s*;?\s*$", re.IGNORECASE)
 # `INSERT INTO t [(cols)] [SETTINGS …] FORMAT Name` followed by data.
 _INSERT_WITH_DATA = re.compile(
     rb"^\s*(INSERT\s+INTO\s.*?)\bFORMAT\s+(\w+)[ \t]*(?:\r?\n)?", re.IGNORECASE | re.DOTALL
@@ -121,6 +123,9 @@ _FIRST_WORD = re.compile(r"^\(?\s*([A-Za-z]+)")
 _ERROR_CODE = re.compile(r"Code:\s*(\d+)")
 _ERROR_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*(?:\(version [^)]*\))?\s*$")
 
+# The parse of a reader's statement (ChdbQueryEngine.canonical) takes statements up to this size
+# (doubled by the quoting of its quotes and backslashes): the request body's own bound is 64 MiB.
+PARSER_MAX_QUERY_SIZE = 256 * 1024 * 1024
 _READ_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS", "CHECK"})
 _READONLY_ALLOWED = _READ_STATEMENTS | {"SET", "USE"}
 # The endpoint's cancel tag (see QueryRequest.cancel_tag) as the engine quotes it in an error.
@@ -193,6 +198,8 @@ class QueryRequest:
     session_check: bool = False
     # "" (read-write), "1" or "2": ClickHouse's readonly levels; GET requests are "2".
     readonly: str = ""
+    # A reader of an endpoint with a policy (not its admin): see QueryEndpoint._as_reader.
+    reader: bool = False
     query_id: str = ""
     # The client's ``client_protocol_version`` (0: none); shapes Native output (see _native).
     client_protocol_version: int = 0
@@ -611,14 +618,21 @@ class ChdbQueryEngine:
             ):
                 if request.readonly and kind not in _READONLY_ALLOWED:
                     raise _readonly_refusal()
-                if request.enforced_settings:
+                if request.enforced_settings or request.reader:
+                    # Its own connection could not be made read-only for one request.
                     raise QueryError(
-                        "Code: 497. DB::Exception: a tenant analyst's session cannot hold temporary "
-                        "tables or query parameters (SET param_...); pass parameters with the query. "
-                        "(ACCESS_DENIED)",
+                        "Code: 497. DB::Exception: a reader's session cannot hold temporary tables or "
+                        "query parameters (SET param_...); pass parameters with the query "
+                        "(param_<name> in the URL). (ACCESS_DENIED)",
                         497,
                     )
                 self._give_own_connection(session)
+            if session.conn is not None and request.reader:
+                raise QueryError(
+                    "Code: 497. DB::Exception: this session holds the admin's temporary tables or "
+                    "parameters; a reader cannot use it. (ACCESS_DENIED)",
+                    497,
+                )
             if session.conn is None:
                 if kind in ("SET", "USE"):
                     outcome = self._remember(session, request, kind)
@@ -645,7 +659,11 @@ class ChdbQueryEngine:
         own SYNTAX_ERROR for what does not parse, and for more than one statement."""
         with self._parser_lock:  # one connection kept for it (a connection costs ~0.3 ms)
             if self._parser is None:
-                self._parser = self._connect(readonly="2")
+                # A statement of any size the request may carry: the one it runs on has the
+                # client's own max_query_size.
+                self._parser = self._connect()
+                self._run(self._parser, f"SET max_query_size = {PARSER_MAX_QUERY_SIZE}")
+                self._run(self._parser, "SET readonly = 1")
             try:
                 raw = self._run(
                     self._parser, f"SELECT formatQuerySingleLine({_quote(sql)})", "TabSeparatedRaw"
@@ -656,7 +674,8 @@ class ChdbQueryEngine:
                 self._parser.close()
                 self._parser = None
                 raise
-        return str(raw.bytes().decode().rstrip("\n"))
+        # Bytes that were not UTF-8 come back as they were (see _engine_text).
+        return str(raw.bytes().decode("utf-8", "surrogateescape").rstrip("\n"))
 
     def _select_rows(self, sql: str) -> list[list[Any]]:
         conn = self._connect()
@@ -1160,10 +1179,21 @@ class QueryEndpoint:
                 "(READONLY)",
                 164,
             )
-        refusal = reader_refusal(parsed.sql) or reader_limit_refusal(policy, parsed.sql)
+        refusal = (
+            reader_refusal(parsed.sql)
+            or reader_setting_refusal(parsed.settings)
+            or (reader_set_refusal(parsed.sql) if kind == "SET" else None)
+        )
         if refusal is not None:
             raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
-        parsed.readonly = parsed.readonly or "2"
+        # ClickHouse's read-only mode proper (readonly=1): table functions that reach files,
+        # processes, memory or the network are the engine's refusals, and so is a setting changed
+        # by the statement itself (its SETTINGS clause). At readonly=2 (a GET's level, which
+        # readers had) a reader read the host's files with filesystem() or python() and lifted its
+        # time limit with SETTINGS max_execution_time = false (review, twenty-fifth session). A SET
+        # runs at 2, checked above; what a session remembers is applied before the level is set.
+        parsed.reader = True
+        parsed.readonly = "2" if kind == "SET" else "1"
         if kind != "SET":
             parsed.settings = reader_settings(policy, parsed.settings)
 

@@ -20,14 +20,28 @@ _SIMPLE_CONTENT_TYPES = frozenset(
 )
 # Headers a page cannot add to a simple request: whoever sends one is not a plain HTML form.
 _CLIENT_HEADERS = ("authorization", "x-clickhouse-")
-# Table functions and clauses that reach the server's files, processes or network: the analytics
-# process's own privileges, which a read-only user must not borrow (readonly=2 does not stop them).
+# Functions and table functions that reach the server's files, processes, memory or network: the
+# analytics process's own privileges, which a reader must not borrow. Readers' statements run at
+# ClickHouse's readonly=1, which refuses most of these table functions itself; this list is the
+# second line, and the only one for the scalar file(). Matched on the statement as the engine
+# formats it (ChdbQueryEngine.canonical), so quoting and comments cannot hide a name; a family's
+# later members (icebergLocal, deltaLakeS3, filesystem, …) match by prefix.
 _HOST_REACHING = re.compile(
-    r"\b(?:file|fileCluster|url|urlCluster|s3|s3Cluster|gcs|oss|cosn|hdfs|hdfsCluster|azureBlobStorage|"
-    r"remote|remoteSecure|cluster|clusterAllReplicas|mysql|postgresql|mongodb|redis|sqlite|odbc|jdbc|"
-    r"executable|iceberg|icebergS3|deltaLake|hudi|input|dictionary)\s*\(",
+    r"\b(?:file|fileCluster|filesystem|url|urlCluster|s3\w*|gcs\w*|oss\w*|cosn\w*|hdfs\w*|azureBlob\w*|remote\w*|cluster\w*|"
+    r"mysql\w*|postgresql\w*|mongodb\w*|redis\w*|sqlite\w*|odbc\w*|jdbc\w*|executable\w*|iceberg\w*|"
+    r"deltaLake\w*|hudi\w*|paimon\w*|ytsaurus\w*|bigquery\w*|prometheus\w*|arrow\w*|python\w*|eval|"
+    r"input|dictionary|loop|merge)\s*\(",
     re.IGNORECASE,
 )
+# Settings a reader may not change (in the URL or with SET): experimental and introspection
+# switches (allow_experimental_eval_table_function reaches files through a built query), the
+# readonly level, and the limits the endpoint sets (a reader may ask for less in the URL).
+_READER_FIXED_SETTING = re.compile(
+    r"^(?:allow_\w+|readonly|max_execution_time\w*|max_result_\w+|timeout_overflow_mode\w*|"
+    r"result_overflow_mode|max_memory_usage\w*|max_estimated_execution_time|max_query_size)$",
+    re.IGNORECASE,
+)
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
 
 
@@ -181,42 +195,48 @@ def reader_refusal(sql: str) -> Refusal | None:
     return None
 
 
-# A limit set in the statement itself (its SETTINGS clause, or a SET): the statement as the engine
-# formats it (`name = value`), see ChdbQueryEngine.canonical.
-_LIMIT_IN_SQL = re.compile(r"\b(max_execution_time|max_result_bytes)\s*=\s*'?([0-9.]+)", re.IGNORECASE)
+_SET_ITEM = re.compile(r"(\w+)\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^,]*)")
 
 
-def reader_limit_refusal(policy: EndpointPolicy, sql: str) -> Refusal | None:
-    """A reader may ask for less time or result than the endpoint's limits, never for more (in
-    the URL that is capped, see `reader_settings`; in the statement it is refused)."""
-    caps = {
-        "max_execution_time": float(policy.max_execution_time_s),
-        "max_result_bytes": float(policy.max_result_bytes),
-    }
-    for name, value in _LIMIT_IN_SQL.findall(sql):
-        try:
-            asked = float(value)
-        except ValueError:
-            continue
-        cap = caps[name.lower()]
-        if asked <= 0 or asked > cap:
+def reader_set_refusal(sql: str) -> Refusal | None:
+    """A reader's SET (as the engine formats it: `SET a = 1, b = 'x'`) of a setting it may not
+    change, or None."""
+    for name in _SET_ITEM.findall(sql[3:]):
+        if _READER_FIXED_SETTING.match(name):
             return Refusal(
-                452,
-                f"Setting {name.lower()} should not be {'0 (no limit)' if asked <= 0 else f'greater than {cap:g}'} "
-                "for a reader of this endpoint. (SETTING_CONSTRAINT_VIOLATION)",
+                164,
+                f"Cannot modify '{name}' setting in readonly mode: a reader of this endpoint may not. (READONLY)",
                 403,
             )
     return None
 
 
 def reader_settings(policy: EndpointPolicy, settings: Mapping[str, str]) -> dict[str, str]:
-    """A reader's query settings with the endpoint's limits: its own time limit, at most ours."""
-    out = dict(settings)
-    try:
-        asked = float(out.get("max_execution_time", "0") or 0)
-    except ValueError:
-        asked = 0
-    if asked <= 0 or asked > policy.max_execution_time_s:
-        out["max_execution_time"] = str(policy.max_execution_time_s)
-    out.setdefault("max_result_bytes", str(policy.max_result_bytes))
+    """A reader's URL settings with the endpoint's limits: a time and result limit of its own only
+    when it is a plain positive number below ours (1e-9 or false is no limit to the engine),
+    anything else is ours; and none of the settings a reader may not change."""
+    out = {k: v for k, v in settings.items() if not _READER_FIXED_SETTING.match(k)}
+    for name, cap in (
+        ("max_execution_time", policy.max_execution_time_s),
+        ("max_result_bytes", policy.max_result_bytes),
+    ):
+        asked = settings.get(name, "")
+        if _NUMBER.fullmatch(asked) and 1 <= float(asked) <= cap:
+            out[name] = asked
+        else:
+            out[name] = str(cap)
     return out
+
+
+def reader_setting_refusal(settings: Mapping[str, str]) -> Refusal | None:
+    """A URL setting a reader may not change (other than the limits, which are capped), or None."""
+    for name in settings:
+        if _READER_FIXED_SETTING.match(name) and not re.match(
+            r"(?i)max_execution_time$|max_result_bytes$|readonly$", name
+        ):
+            return Refusal(
+                164,
+                f"Cannot modify '{name}' setting in readonly mode: a reader of this endpoint may not. (READONLY)",
+                403,
+            )
+    return None

@@ -1387,10 +1387,17 @@ def _started_again(
         raise v.RequestRejected(
             grpc.StatusCode.ALREADY_EXISTS,
             f"conversation {req.conversation_id!r} already exists for another customer or channel "
-            f"(customer_id {conv.customer_id!r}, channel {events_pb2.Channel.Name(conv.channel)}): "
+            f"(customer_id {conv.customer_id!r}, channel {_channel_name(conv.channel)}): "
             "a retry of its start sends the same ones; a new conversation needs a new conversation_id",
         )
     return conv
+
+
+def _channel_name(channel: int) -> str:
+    try:
+        return events_pb2.Channel.Name(channel)
+    except ValueError:  # a channel a newer ingress knows
+        return str(channel)
 
 
 def _reused(earlier: Ack, text: str) -> bool:

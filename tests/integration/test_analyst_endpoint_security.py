@@ -16,7 +16,7 @@ from typing import Any
 
 import clickhouse_connect
 import pytest
-from clickhouse_connect.driver.exceptions import DatabaseError
+from clickhouse_connect.driver.exceptions import DatabaseError, ProgrammingError
 
 from services.analytics import admin_password, endpoint_client
 from services.settings import PROJECT_ROOT
@@ -98,24 +98,30 @@ def test_readers_read_but_cannot_borrow_the_servers_files_or_lift_the_limit(syst
     ):
         with pytest.raises(DatabaseError, match="ACCESS_DENIED"):
             client.query(sql)
-    # Nor in the statement itself (review, twenty-fifth session: a statement's SETTINGS lifted it).
-    for sql in (
-        "SELECT 1 SETTINGS max_execution_time = 0",
-        "SELECT 1 SETTINGS max_execution_time=3600",
-        "SET max_execution_time = 0",
-        "SELECT 1 SETTINGS max_result_bytes = 0",
-    ):
-        with pytest.raises(DatabaseError, match="SETTING_CONSTRAINT_VIOLATION"):
+    # Nor in the statement itself, nor with a number the engine reads as no limit (review,
+    # twenty-fifth session: SETTINGS max_execution_time = false, or ?max_execution_time=1e-9).
+    for sql in ("SELECT 1 SETTINGS max_execution_time = 0", "SET max_execution_time = 0"):
+        with pytest.raises(DatabaseError, match="READONLY"):
             client.query(sql)
-    assert client.query("SELECT 1 SETTINGS max_execution_time = 5").result_rows == [(1,)]
-    # A reader's queries stop after 60 s unless it asks for less.
+    # Readers are ClickHouse read-only users (readonly=1): clickhouse-connect itself refuses to send
+    # a setting then; over HTTP a reader may ask for less time, never for none or more.
+    with pytest.raises(ProgrammingError, match="readonly"):
+        client.query("SELECT 1", settings={"max_execution_time": 5})
+    for asked, got in (("1e-9", "60"), ("false", "60"), ("0", "60"), ("3600", "60"), ("5", "5")):
+        status, body, _ = http(
+            system, q("SELECT getSetting('max_execution_time')") + f"&max_execution_time={asked}"
+        )
+        assert (status, body) == (200, f"{got}\n"), asked
+    status, body, _ = http(system, q("SELECT getSetting('max_result_bytes')") + "&max_result_bytes=0")
+    assert (status, body) == (200, f"{1024**3}\n")
+    status, body, _ = http(system, q("SELECT 1") + "&allow_experimental_eval_table_function=1")
+    assert status == 403 and "READONLY" in body, body
+    # A session with query parameters (a connection of its own, which could not be read-only).
+    with pytest.raises(DatabaseError, match="ACCESS_DENIED"):
+        client.command("SET param_x = 1")
+    assert client.query("SELECT {x:UInt8}", parameters={"x": 7}).result_rows == [(7,)]
+    # A reader's queries stop after 60 s.
     assert client.query("SELECT getSetting('max_execution_time')").result_rows == [(60,)]
-    assert client.query(
-        "SELECT getSetting('max_execution_time')", settings={"max_execution_time": 3600}
-    ).result_rows == [(60,)]
-    assert client.query(
-        "SELECT getSetting('max_execution_time')", settings={"max_execution_time": 5}
-    ).result_rows == [(5,)]
 
 
 def test_a_mistyped_first_keyword_is_a_syntax_error_and_errors_show_the_analysts_own_sql(
@@ -139,6 +145,20 @@ def test_a_mistyped_first_keyword_is_a_syntax_error_and_errors_show_the_analysts
         assert "sb-query" not in http(system, q(sql))[1]
 
 
+def test_what_the_engines_formatting_changes_reads_the_same(system: System) -> None:
+    """Review 2: FORMAT Values and FORMAT Null come back backticked from the engine's formatting
+    (the format went unrecognised: Values streamed without the comma between blocks), and a
+    string literal that is not UTF-8 failed with an internal error."""
+    sql = "SELECT number FROM numbers(30) FORMAT Values"
+    status, body, headers = http(system, "/?max_block_size=10", data=sql.encode(), headers=CLIENT)
+    assert status == 200 and body == ",".join(f"({n})" for n in range(30)), body
+    assert headers.get("X-ClickHouse-Format") == "Values"
+    status, body, _ = http(system, "/", data=b"SELECT 1 FORMAT Null", headers=CLIENT)
+    assert (status, body) == (200, "")
+    status, body, _ = http(system, "/", data=b"SELECT length('caf\xe9')", headers=CLIENT)
+    assert (status, body) == (200, "4\n")
+
+
 @pytest.mark.parametrize(
     ("sql", "code"),
     [
@@ -152,6 +172,20 @@ def test_a_mistyped_first_keyword_is_a_syntax_error_and_errors_show_the_analysts
         ("SELECT * FROM file/**/('/etc/passwd', 'LineAsString')", "ACCESS_DENIED"),
         ("SELECT * FROM \"url\"('http://127.0.0.1:1/x', 'CSV', 'a String')", "ACCESS_DENIED"),
         ("\ufeffDROP TABLE switchboard.raw_events", "READONLY"),
+        # Review 2 (twenty-fifth session): table functions the name list did not know, read at
+        # readonly=2; now readers run at readonly=1, and the list knows them too.
+        ("SELECT content FROM filesystem('/etc/hostname')", "ACCESS_DENIED"),
+        ("SELECT * FROM python(x)", "ACCESS_DENIED"),
+        (
+            "SELECT * FROM eval('SELECT * FROM fi' || 'le(\\'/etc/hostname\\', \\'LineAsString\\')') "
+            "SETTINGS allow_experimental_eval_table_function = 1",
+            "ACCESS_DENIED",
+        ),
+        ("SELECT * FROM icebergLocal('/etc')", "ACCESS_DENIED"),
+        ("SELECT 1 SETTINGS max_execution_time = false", "READONLY"),
+        ("SELECT 1 SETTINGS max_execution_time = 1e-9", "READONLY"),
+        ("SET allow_introspection_functions = 1", "READONLY"),
+        ("SET max_execution_time = false", "READONLY"),
     ],
 )
 def test_what_a_reader_sends_is_checked_as_the_engine_parses_it(system: System, sql: str, code: str) -> None:
