@@ -65,7 +65,6 @@ from services.analytics._guard import (
     browser_refusal,
     credentials,
     reader_refusal,
-    reader_set_refusal,
     reader_setting_refusal,
     reader_settings,
 )
@@ -754,12 +753,20 @@ class ChdbQueryEngine:
             changed.pop("readonly", None)  # ours, for this request
         for name in request.enforced_settings:
             changed.pop(name, None)  # ours, applied to every request anyway
-        session.database = database if database != "default" or session.database else ""
-        session.settings = {
+        settings = {
             name: value
             for name, value in changed.items()
             if name != "database" and self._baseline.get(name) != value
         }
+        if request.reader:
+            # By what the engine says changed (aliases resolved), not by the statement's text.
+            refusal = reader_setting_refusal(
+                {n: v for n, v in settings.items() if session.settings.get(n) != v}, in_url=False
+            )
+            if refusal is not None:
+                raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
+        session.database = database if database != "default" or session.database else ""
+        session.settings = settings
         return result
 
     def _execute_in_session(
@@ -1179,11 +1186,8 @@ class QueryEndpoint:
                 "(READONLY)",
                 164,
             )
-        refusal = (
-            reader_refusal(parsed.sql)
-            or reader_setting_refusal(parsed.settings)
-            or (reader_set_refusal(parsed.sql) if kind == "SET" else None)
-        )
+        # (A SET is checked by what it changed: ChdbQueryEngine._remember.)
+        refusal = reader_refusal(parsed.sql) or reader_setting_refusal(parsed.settings)
         if refusal is not None:
             raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
         # ClickHouse's read-only mode proper (readonly=1): table functions that reach files,

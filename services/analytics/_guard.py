@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,14 +34,30 @@ _HOST_REACHING = re.compile(
     r"input|dictionary|loop|merge)\s*\(",
     re.IGNORECASE,
 )
-# Settings a reader may not change (in the URL or with SET): experimental and introspection
-# switches (allow_experimental_eval_table_function reaches files through a built query), the
-# readonly level, and the limits the endpoint sets (a reader may ask for less in the URL).
-_READER_FIXED_SETTING = re.compile(
-    r"^(?:allow_\w+|readonly|max_execution_time\w*|max_result_\w+|timeout_overflow_mode\w*|"
-    r"result_overflow_mode|max_memory_usage\w*|max_estimated_execution_time|max_query_size)$",
+# Settings a reader may set (in the URL, or with SET in a session): an allow-list. The engine is
+# clickhouse-local: settings name host paths (format_template_resultset, output_format_schema) or
+# carry SQL (additional_result_filter), and a deny-list let a reader read and write the host's
+# files through them (review, twenty-fifth session). Limits only in the URL, and capped.
+_READER_LIMITS = frozenset({"max_execution_time", "max_result_bytes", "max_memory_usage", "max_threads"})
+_READER_SETTING = re.compile(
+    r"^(?!.*(?:schema|path|file|template|filter|url|dir|dict|allow|readonly))(?:"
+    r"max_result_rows|max_rows_to_read|max_bytes_to_read|max_rows_to_group_by|max_rows_to_sort|"
+    r"max_bytes_to_sort|max_bytes_before_external_(?:group_by|sort)|max_block_size|"
+    r"(?:result|timeout|read|group_by|sort)_overflow_mode|output_format_\w+|"
+    r"date_time_(?:input|output)_format|session_timezone|join_use_nulls|extremes|totals_mode|"
+    r"log_comment|optimize_\w+|aggregate_functions_null_for_empty|prefer_column_name_to_alias|"
+    r"format_csv_delimiter|format_csv_null_representation|format_tsv_null_representation|"
+    r"transform_null_in|cast_keep_nullable|union_default_mode|join_algorithm|use_uncompressed_cache"
+    r")$",
     re.IGNORECASE,
 )
+
+
+def reader_may_set(name: str, *, in_url: bool) -> bool:
+    """Whether a reader may set `name`: in the URL also the limits (capped, `reader_settings`)."""
+    return bool(_READER_SETTING.match(name)) or (in_url and name.lower() in _READER_LIMITS)
+
+
 _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
 
@@ -77,6 +94,9 @@ class EndpointPolicy:
     # Applied when the request does not set its own (a reader's own is capped at this).
     max_execution_time_s: int = 60
     max_result_bytes: int = 1024 * 1024 * 1024
+    # A reader's statement may use at most this much memory (0 in the engine: unbounded, and one
+    # GROUP BY could take the process down, the projector with it).
+    max_memory_usage: int = 2 * 1024 * 1024 * 1024
     # Seconds an idle connection, or one still sending a request's head, is kept.
     idle_timeout_s: float = 10.0
     # user -> the one tenant that user reads (services/analytics/_tenancy.py).
@@ -195,48 +215,34 @@ def reader_refusal(sql: str) -> Refusal | None:
     return None
 
 
-_SET_ITEM = re.compile(r"(\w+)\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^,]*)")
-
-
-def reader_set_refusal(sql: str) -> Refusal | None:
-    """A reader's SET (as the engine formats it: `SET a = 1, b = 'x'`) of a setting it may not
-    change, or None."""
-    for name in _SET_ITEM.findall(sql[3:]):
-        if _READER_FIXED_SETTING.match(name):
-            return Refusal(
-                164,
-                f"Cannot modify '{name}' setting in readonly mode: a reader of this endpoint may not. (READONLY)",
-                403,
-            )
-    return None
-
-
 def reader_settings(policy: EndpointPolicy, settings: Mapping[str, str]) -> dict[str, str]:
-    """A reader's URL settings with the endpoint's limits: a time and result limit of its own only
-    when it is a plain positive number below ours (1e-9 or false is no limit to the engine),
-    anything else is ours; and none of the settings a reader may not change."""
-    out = {k: v for k, v in settings.items() if not _READER_FIXED_SETTING.match(k)}
-    for name, cap in (
-        ("max_execution_time", policy.max_execution_time_s),
-        ("max_result_bytes", policy.max_result_bytes),
-    ):
+    """A reader's URL settings (refused first, see `reader_setting_refusal`) with the endpoint's
+    limits: a limit of its own only when it is a plain positive number within ours (1e-9 or false
+    is no limit to the engine), anything else is ours."""
+    out = dict(settings)
+    caps = (
+        ("max_execution_time", float(policy.max_execution_time_s), 0.001),
+        ("max_result_bytes", float(policy.max_result_bytes), 1.0),
+        ("max_memory_usage", float(policy.max_memory_usage), 1.0),
+    )
+    for name, cap, least in caps:
         asked = settings.get(name, "")
-        if _NUMBER.fullmatch(asked) and 1 <= float(asked) <= cap:
-            out[name] = asked
-        else:
-            out[name] = str(cap)
+        out[name] = asked if _NUMBER.fullmatch(asked) and least <= float(asked) <= cap else str(int(cap))
+    threads = settings.get("max_threads")
+    if threads is not None:
+        cores = os.cpu_count() or 1
+        out["max_threads"] = threads if threads.isdigit() and 1 <= int(threads) <= cores else str(cores)
     return out
 
 
-def reader_setting_refusal(settings: Mapping[str, str]) -> Refusal | None:
-    """A URL setting a reader may not change (other than the limits, which are capped), or None."""
+def reader_setting_refusal(settings: Mapping[str, str], *, in_url: bool = True) -> Refusal | None:
+    """The first setting a reader may not set, as ClickHouse refuses it, or None."""
     for name in settings:
-        if _READER_FIXED_SETTING.match(name) and not re.match(
-            r"(?i)max_execution_time$|max_result_bytes$|readonly$", name
-        ):
+        if not reader_may_set(name, in_url=in_url):
             return Refusal(
                 164,
-                f"Cannot modify '{name}' setting in readonly mode: a reader of this endpoint may not. (READONLY)",
+                f"Cannot modify '{name}' setting in readonly mode: a reader of this endpoint may set "
+                "limits (less than the endpoint's), output formats and a few query settings only. (READONLY)",
                 403,
             )
     return None

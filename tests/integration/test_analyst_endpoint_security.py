@@ -86,7 +86,7 @@ def test_readers_read_but_cannot_borrow_the_servers_files_or_lift_the_limit(syst
     client = reader(system)
     assert client.query("SELECT count() > 0 FROM system.tables").result_rows == [(1,)]
     # Within its session a reader may SET, but that turns no write back on.
-    client.command("SET max_threads = 2")
+    client.command("SET max_block_size = 1000")
     with pytest.raises(DatabaseError, match="READONLY"):
         client.command("INSERT INTO switchboard.raw_events (event_id) VALUES ('x')")
     with pytest.raises(DatabaseError, match="READONLY"):
@@ -107,7 +107,14 @@ def test_readers_read_but_cannot_borrow_the_servers_files_or_lift_the_limit(syst
     # a setting then; over HTTP a reader may ask for less time, never for none or more.
     with pytest.raises(ProgrammingError, match="readonly"):
         client.query("SELECT 1", settings={"max_execution_time": 5})
-    for asked, got in (("1e-9", "60"), ("false", "60"), ("0", "60"), ("3600", "60"), ("5", "5")):
+    for asked, got in (
+        ("1e-9", "60"),
+        ("false", "60"),
+        ("0", "60"),
+        ("3600", "60"),
+        ("5", "5"),
+        ("0.5", "0.5"),
+    ):
         status, body, _ = http(
             system, q("SELECT getSetting('max_execution_time')") + f"&max_execution_time={asked}"
         )
@@ -116,6 +123,8 @@ def test_readers_read_but_cannot_borrow_the_servers_files_or_lift_the_limit(syst
     assert (status, body) == (200, f"{1024**3}\n")
     status, body, _ = http(system, q("SELECT 1") + "&allow_experimental_eval_table_function=1")
     assert status == 403 and "READONLY" in body, body
+    status, body, _ = http(system, q("SELECT getSetting('max_memory_usage')"))
+    assert (status, body) == (200, f"{2 * 1024**3}\n")
     # A session with query parameters (a connection of its own, which could not be read-only).
     with pytest.raises(DatabaseError, match="ACCESS_DENIED"):
         client.command("SET param_x = 1")
@@ -143,6 +152,40 @@ def test_a_mistyped_first_keyword_is_a_syntax_error_and_errors_show_the_analysts
             client.query(sql)
         assert "sb-query" not in str(caught.value), caught.value
         assert "sb-query" not in http(system, q(sql))[1]
+
+
+def test_settings_that_name_host_paths_or_carry_sql_are_refused_to_readers(
+    system: System, tmp_path: Any
+) -> None:
+    """Review 3 (twenty-fifth session): URL settings and a session's SET were applied before the
+    read-only level, and the engine is clickhouse-local: format settings took host paths (read
+    /etc/passwd into an error, wrote any file: a .pth in site-packages is code at the next start),
+    and filter settings carried SQL past the text checks. Readers may set an allow-list now."""
+    evil = tmp_path / "evil.proto"
+    for params in (
+        "&default_format=Template&format_template_resultset=/etc/passwd",
+        "&additional_result_filter=" + urllib.parse.quote("toUInt8(file('/etc/hostname')) = 1"),
+        f"&default_format=Protobuf&output_format_schema={evil}",
+        "&format_schema_source=query&format_schema=" + urllib.parse.quote("SELECT file('/etc/hostname')"),
+    ):
+        status, body, _ = http(system, q("SELECT 1 AS a") + params)
+        assert status == 403 and "READONLY" in body, (params, status, body)
+        assert "root:" not in body
+    assert not evil.exists()
+    client = reader(system)
+    client.command("SET max_block_size = 100, output_format_json_quote_64bit_integers = 0")  # allowed
+    for sql in (
+        f"SET output_format_schema = '{evil}'",
+        "SET format_template_resultset = '/etc/passwd'",
+        # A map value's quote hid the names after it from a text parse of the SET.
+        "SET additional_table_filters = {'k':'q, z = '}, allow_introspection_functions = 1",
+        "SET enable_lightweight_delete = 1",  # an alias
+        "SET allow_experimental_eval_table_function = 1",
+        "SET max_execution_time = 5",  # limits only in the URL (capped there)
+    ):
+        with pytest.raises(DatabaseError, match="READONLY"):
+            client.command(sql)
+    assert client.query("SELECT getSetting('max_block_size')").result_rows == [(100,)]
 
 
 def test_what_the_engines_formatting_changes_reads_the_same(system: System) -> None:
@@ -184,8 +227,6 @@ def test_what_the_engines_formatting_changes_reads_the_same(system: System) -> N
         ("SELECT * FROM icebergLocal('/etc')", "ACCESS_DENIED"),
         ("SELECT 1 SETTINGS max_execution_time = false", "READONLY"),
         ("SELECT 1 SETTINGS max_execution_time = 1e-9", "READONLY"),
-        ("SET allow_introspection_functions = 1", "READONLY"),
-        ("SET max_execution_time = false", "READONLY"),
     ],
 )
 def test_what_a_reader_sends_is_checked_as_the_engine_parses_it(system: System, sql: str, code: str) -> None:
