@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from services.stack import _process
@@ -36,8 +37,19 @@ def test_a_server_is_still_ours_after_the_wall_clock_stepped(server: tuple[int, 
     # start time (as psutil reports it) no longer agree; here the file looks 30 s older.
     stepped = time.time() - 30
     os.utime(pid_path, (stepped, stepped))
-    assert _process.running_pid(pid_path, SLEEP) == pid
+    recorded = pid_path.read_text()
+    found = _process.running_pid(pid_path, SLEEP)
+    # (Failed once in a CI run, not reproduced in 15 runs here: say what was seen if it fails.)
+    assert found == pid, (recorded, _seen(pid))
     assert pid_path.exists()
+
+
+def _seen(pid: int) -> object:
+    try:
+        proc = psutil.Process(pid)
+        return proc.status(), proc.cmdline(), proc.name(), _process.start_ticks(pid)
+    except psutil.Error as exc:
+        return repr(exc)
 
 
 def test_a_live_process_that_reused_the_pid_is_not_ours(server: tuple[int, Path]) -> None:
