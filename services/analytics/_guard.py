@@ -59,6 +59,9 @@ def reader_may_set(name: str, *, in_url: bool) -> bool:
 
 
 _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+# A name that is a host path (`/etc/shadow`, `./x`, `~/x`): chdb's default database includes a
+# filesystem one, where `EXISTS "/etc/shadow"` answered whether the file exists (review 3).
+_HOST_PATH_NAME = re.compile(r"`(?:/|\./|\.\./|~)[^`]*`")
 _INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
 
 
@@ -210,6 +213,14 @@ def reader_refusal(sql: str) -> Refusal | None:
             497,
             f"table function {name}() reaches the server's files, processes or network; "
             "it is for the admin user only. (ACCESS_DENIED)",
+            403,
+        )
+    path = _HOST_PATH_NAME.search(sql)
+    if path:
+        return Refusal(
+            497,
+            f"{path.group(0)} names a path on the server (the embedded engine's filesystem "
+            "database); it is for the admin user only. (ACCESS_DENIED)",
             403,
         )
     return None

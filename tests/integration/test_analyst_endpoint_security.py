@@ -215,6 +215,8 @@ def test_what_the_engines_formatting_changes_reads_the_same(system: System) -> N
         ("SELECT * FROM file/**/('/etc/passwd', 'LineAsString')", "ACCESS_DENIED"),
         ("SELECT * FROM \"url\"('http://127.0.0.1:1/x', 'CSV', 'a String')", "ACCESS_DENIED"),
         ("\ufeffDROP TABLE switchboard.raw_events", "READONLY"),
+        ('EXISTS "/etc/shadow"', "ACCESS_DENIED"),  # answered whether the host file exists
+        ("DESCRIBE TABLE `./var/secrets/analytics-password`", "ACCESS_DENIED"),
         # Review 2 (twenty-fifth session): table functions the name list did not know, read at
         # readonly=2; now readers run at readonly=1, and the list knows them too.
         ("SELECT content FROM filesystem('/etc/hostname')", "ACCESS_DENIED"),
