@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 import services.kafka_clients  # noqa: F401  (throttles aiokafka's failed metadata updates)
 from services.auth._model import Record, Registry, encode_record
@@ -218,10 +219,19 @@ async def topic_partitions(
     """The topic's partitions, once the cluster knows their leaders (a topic just created has none
     for a moment)."""
     deadline = time.monotonic() + within_s
+    # No metadata at all (a broker starting, or restarted a moment ago: seen in CI) is asked
+    # again for a few seconds only: a Kafka that is down is said at once, more or less.
+    unanswered_until = time.monotonic() + min(within_s, 5.0)
     while True:
         # A fresh metadata fetch: the consumer's own cache only covers topics it subscribed to.
         # (A topic created a moment ago may not be in the broker's metadata yet: keep asking.)
-        cluster = await consumer._client.fetch_all_metadata()
+        try:
+            cluster = await consumer._client.fetch_all_metadata()
+        except KafkaError:
+            if time.monotonic() > unanswered_until:
+                raise
+            await asyncio.sleep(0.2)
+            continue
         numbers = cluster.partitions_for_topic(topic) if topic in cluster.topics() else None
         if numbers:
             return [TopicPartition(topic, p) for p in sorted(numbers)]

@@ -617,11 +617,30 @@ class IngressServer:
             self.server,
             pool=_MethodSymbols(descriptor_pool.Default()),
         )
+        self._listening = False
         self.port = self.auth.add_port(self.server)  # TLS when configured
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {settings.grpc_listen} (port in use?)")
 
     async def start(self) -> None:
+        """Start, or stop again whatever was started and raise: the port is bound from the
+        constructor on, and a start that failed (Kafka not answering yet) kept it bound for the
+        life of the object (in CI, every later ingress on that address failed to bind)."""
+        try:
+            await self._start()
+        except BaseException:
+            try:
+                if not self._listening:
+                    # gRPC releases a bound port only by stopping a started server (a stop, or
+                    # the object's end, leave it bound): started and stopped at once, before
+                    # anything is served (health says NOT_SERVING from the start).
+                    await self.server.start()
+                await self.stop(grace=0)
+            except Exception as exc:
+                log.warning("stopping an ingress whose start failed: %r", exc)
+            raise
+
+    async def _start(self) -> None:
         await self.redis.ping()
         # Alive before the first claim: a retry may take over claims of dead processes only.
         await self.hot.renew_lease()
@@ -640,6 +659,7 @@ class IngressServer:
                 "listening before the erasure registry was read: writes wait for it, health NOT_SERVING"
             )
         await self.server.start()
+        self._listening = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._readiness = asyncio.ensure_future(self._follow_readiness())
         self._sweeping = asyncio.ensure_future(self.idle.run())

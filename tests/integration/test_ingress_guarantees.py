@@ -279,3 +279,16 @@ async def test_writes_are_refused_while_the_hot_view_is_incomplete(
     await channel.close()
     ack = await client.SendMessage(message(tenant, conversation_id, "m1"))
     assert not ack.duplicate
+
+
+async def test_an_ingress_whose_start_failed_leaves_its_address_free(system: System) -> None:
+    """CI, twenty-fifth session: a start that failed (Kafka's metadata not there yet) left the
+    port bound (the server binds it when built, and gRPC lets it go only when a started server
+    stops), and every later ingress on that address failed with "Address already in use"."""
+    settings = ingress_settings(system.settings, kafka_bootstrap="127.0.0.1:1")  # nothing listens
+    failed = IngressServer(settings)
+    with pytest.raises(Exception):  # noqa: B017 (whatever the Kafka client raises)
+        await failed.start()
+    again = IngressServer(ingress_settings(system.settings))  # the same address: binds it again
+    await again.start()
+    await again.stop(grace=1)
