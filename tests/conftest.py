@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 import clickhouse_connect
 import grpc
 import pytest
-from switchboard.v1 import chat_pb2, chat_pb2_grpc
+import redis.asyncio as aioredis
+from switchboard.v1 import agent_pb2_grpc, chat_pb2, chat_pb2_grpc
 
 from services import stack
 from services.eventloop import DUMP_MARK, DUMP_SIGNAL
@@ -278,6 +279,20 @@ def tenant() -> str:
 async def stub(system: System) -> AsyncIterator[chat_pb2_grpc.ChatServiceStub]:
     async with grpc.aio.insecure_channel(system.settings.grpc_listen) as channel:
         yield chat_pb2_grpc.ChatServiceStub(channel)
+
+
+@pytest.fixture
+async def agents(system: System) -> AsyncIterator[agent_pb2_grpc.AgentServiceStub]:
+    async with grpc.aio.insecure_channel(system.settings.grpc_listen) as channel:
+        yield agent_pb2_grpc.AgentServiceStub(channel)
+
+
+@pytest.fixture
+async def redis(system: System) -> AsyncIterator[aioredis.Redis]:
+    """A client of the test system's Redis."""
+    client = aioredis.Redis.from_url(system.settings.redis_url)
+    yield client
+    await client.aclose()
 
 
 async def eventually(

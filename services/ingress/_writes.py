@@ -528,7 +528,7 @@ class ConversationWrites:
         """In the batch's turn and in request order: hand one message to the producer, or why not."""
         conversation = (req.tenant_id, req.conversation_id)
         if claim is not None and claim.earlier is not None:
-            if _reused(claim.earlier, req.text):
+            if _reused(claim.earlier, hv.claim_digest(req.text)):
                 return _reused_key(req.client_message_id, claim.earlier)
             return ack_response(req, claim.earlier, duplicate=True)
         if claim is not None and claim.closed:
@@ -914,7 +914,7 @@ class ConversationWrites:
         # any process) waits to drain before it publishes.
         (claim,) = await self._claim_messages([claim_key])
         if claim.earlier is not None:
-            if claim.earlier.digest and claim.earlier.digest != hv.event_claim_digest(event):
+            if _reused(claim.earlier, hv.event_claim_digest(event)):
                 raise _reused_key(claim_key[2].removeprefix(hv.AGENT_CLAIM_PREFIX), claim.earlier)
             return claim.earlier, True
         if claim.closed:
@@ -1400,10 +1400,10 @@ def _channel_name(channel: int) -> str:
         return str(channel)
 
 
-def _reused(earlier: Ack, text: str) -> bool:
-    """A client_message_id already written with another text (a claim without a digest, recorded
-    before digests were, compares as the same)."""
-    return bool(earlier.digest) and earlier.digest != hv.claim_digest(text)
+def _reused(earlier: Ack, digest: str) -> bool:
+    """A client_message_id already written with another text (`digest`: hv.claim_digest of this
+    one's); a claim without a digest, recorded before digests were, compares as the same."""
+    return bool(earlier.digest) and earlier.digest != digest
 
 
 @dataclass(frozen=True)
@@ -1440,7 +1440,7 @@ def _resolve_followers(
             earlier = outcome.earlier
             outcomes[i] = (
                 _reused_key(repeat.client_message_id, earlier)
-                if _reused(earlier, repeat.text)
+                if _reused(earlier, hv.claim_digest(repeat.text))
                 else ack_response(repeat, earlier, duplicate=True)
             )
         elif isinstance(outcome, chat_pb2.SendMessageResponse) and repeat.text != original.text:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -20,19 +19,6 @@ from schemas.events import encode_event, event_headers, event_key, new_event
 from tests.conftest import System, eventually, start_conversation
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def agents(system: System) -> AsyncIterator[agent_pb2_grpc.AgentServiceStub]:
-    async with grpc.aio.insecure_channel(system.settings.grpc_listen) as channel:
-        yield agent_pb2_grpc.AgentServiceStub(channel)
-
-
-@pytest.fixture
-async def redis(system: System) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(system.settings.redis_url)
-    yield client
-    await client.aclose()
 
 
 async def hand_off(system: System, tenant: str, conversation_id: str, queue: str) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 
 import grpc
 import pytest
@@ -137,13 +137,6 @@ def _start_request(tenant: str, conversation_id: str) -> chat_pb2.StartConversat
     return chat_pb2.StartConversationRequest(
         tenant_id=tenant, conversation_id=conversation_id, channel=events_pb2.CHANNEL_WEB, customer_id="c"
     )
-
-
-@pytest.fixture
-async def redis(system: System) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(system.settings.redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator
 
 import grpc
 import psutil
@@ -33,13 +32,6 @@ from tests.integration.conftest import System
 pytestmark = pytest.mark.integration
 
 PORT = 25087 + int(os.environ.get("SWITCHBOARD_TEST_PORT_OFFSET", "0"))
-
-
-@pytest.fixture
-async def redis(system: System) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(system.settings.redis_url)
-    yield client
-    await client.aclose()
 
 
 def _lone_ingress(system: System, name: str) -> tuple[Child, Settings]:

@@ -8,8 +8,6 @@ ALREADY_EXISTS, and nothing is written for it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import grpc
 import pytest
 import redis.asyncio as aioredis
@@ -21,19 +19,6 @@ from tests.integration.conftest import System, eventually
 from tests.integration.test_agent_api import waiting_conversation
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def agents(system: System) -> AsyncIterator[agent_pb2_grpc.AgentServiceStub]:
-    async with grpc.aio.insecure_channel(system.settings.grpc_listen) as channel:
-        yield agent_pb2_grpc.AgentServiceStub(channel)
-
-
-@pytest.fixture
-async def redis(system: System) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(system.settings.redis_url)
-    yield client
-    await client.aclose()
 
 
 async def refused(call: object) -> grpc.aio.AioRpcError:
