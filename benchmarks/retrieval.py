@@ -38,7 +38,10 @@ gift", 碎花裙有S码吗), `--only holdout4`.
 
 A seventh, benchmarks/data/shop_holdout5_questions.jsonl (160 messages, 80 zh incl. 8 traditional
 + 80 en, written blind from the FAQ alone as real chat: typos, order numbers, emoji, two questions
-in one, mixed zh-en), `--only holdout5`.
+in one, mixed zh-en), `--only holdout5`. An eighth, benchmarks/data/shop_holdout6_questions.jsonl
+(200 messages, 100 zh incl. 11 traditional, 4 of them Cantonese-flavoured, + 100 en; written blind
+from the FAQ alone on 2026-12-04 after every rule change so far: 60 answer, 20 no answer, 20
+hand-off per language), `--only holdout6`.
 
 With --decisions the training questions are run too (`--only train`): not held out, but a change
 to the decision should not cost what the reranker was fitted on.
@@ -71,6 +74,7 @@ HOLDOUT2 = DATA_DIR / "shop_holdout2_questions.jsonl"
 HOLDOUT3 = DATA_DIR / "shop_holdout3_questions.jsonl"
 HOLDOUT4 = DATA_DIR / "shop_holdout4_questions.jsonl"
 HOLDOUT5 = DATA_DIR / "shop_holdout5_questions.jsonl"
+HOLDOUT6 = DATA_DIR / "shop_holdout6_questions.jsonl"
 
 
 def load_encoder(models_dir: Path, build: bool) -> SentenceEncoder:
@@ -296,7 +300,7 @@ def main() -> None:
     parser.add_argument("--decisions", action="store_true", help="the assistant's decision on each set")
     parser.add_argument(
         "--only",
-        choices=("shop", "telecom", "unseen", "holdout2", "holdout3", "holdout4", "holdout5", "train"),
+        choices=("shop", "telecom", "unseen", "holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "train"),
         help="run one set (no latency); train: the training questions, run with --decisions",
     )
     args = parser.parse_args()
@@ -349,6 +353,12 @@ def main() -> None:
             args.intent,
         ),
         (
+            "shop FAQ, eighth held-out set (shop_holdout6_questions.jsonl)",
+            documents,
+            questions_from_rows(read_jsonl(HOLDOUT6)),
+            args.intent,
+        ),
+        (
             "shop FAQ, training questions (the reranker was fitted on these: not held out)",
             documents,
             load_questions("train_questions.jsonl"),
@@ -363,6 +373,7 @@ def main() -> None:
         "holdout3": read_jsonl(HOLDOUT3),
         "holdout4": read_jsonl(HOLDOUT4),
         "holdout5": read_jsonl(HOLDOUT5),
+        "holdout6": read_jsonl(HOLDOUT6),
         "train": _package_rows("train_questions.jsonl"),
     }
     classifier = None
