@@ -300,7 +300,17 @@ def main() -> None:
     parser.add_argument("--decisions", action="store_true", help="the assistant's decision on each set")
     parser.add_argument(
         "--only",
-        choices=("shop", "telecom", "unseen", "holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "train"),
+        choices=(
+            "shop",
+            "telecom",
+            "unseen",
+            "holdout2",
+            "holdout3",
+            "holdout4",
+            "holdout5",
+            "holdout6",
+            "train",
+        ),
         help="run one set (no latency); train: the training questions, run with --decisions",
     )
     args = parser.parse_args()

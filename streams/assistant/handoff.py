@@ -15,7 +15,13 @@ Order of the rules (the first that fires decides the reason):
    abuse or strong anger words ("垃圾商家", "ridiculous", "worst service ever"). The intent model
    reads the topic of "太气人了，退款申请了一个月还没到账" (refund, 0.79), not the anger; an angry
    customer goes to a person even when the bot could answer the question.
-4. `low_confidence` / `unanswered`: this turn and the ones before it make `max_unresolved_turns`
+4. `incident`: the message tells of something only a person can take on, whatever the question:
+   harm to someone (an allergic reaction, a burn or an injury, a product that caught fire or
+   smoked: 过敏了, 起疹子, 冒烟), an account taken over or orders and charges the customer did not make
+   (账号被盗, "someone hacked my account", "orders I didn't place"), or a threat to the customer.
+   (A charge taken twice is not one: the FAQ's failed-payment articles answer it.) A question about such a thing
+   ("does the cream cause allergies", "how do I secure my account") is not one.
+5. `low_confidence` / `unanswered`: this turn and the ones before it make `max_unresolved_turns`
    (default 2) consecutive unresolved turns. A turn is unresolved when retrieval found nothing
    relevant to answer with (greetings and thanks need no answer and never count as unanswered), or
    when it was not consulted and the intent's confidence is below the tenant's threshold. A turn
@@ -53,11 +59,18 @@ DEFAULT_QUEUES: Mapping[str, str] = {
 REASON_CUSTOMER_REQUEST = "customer_request"
 REASON_TENANT_RULE = "tenant_rule"
 REASON_COMPLAINT = "complaint"
+REASON_INCIDENT = "incident"
 REASON_LOW_CONFIDENCE = "low_confidence"
 REASON_UNANSWERED = "unanswered"
 
 # "人工" alone is how many Chinese customers ask for an agent, but not inside 人工智能 (AI) and the like.
-_ZH_REQUEST = re.compile(r"人工(?!智能|合成|成本|费)|真人|活人|客服小姐姐|找客服|人类客服")
+# Asking when the agents work (人工客服几点上班) is a question for the FAQ, not a request for one;
+# "is there anyone who can (really) help me" (有没有人能帮我) and "call me back" (给我回个电话) are.
+_ZH_REQUEST = re.compile(
+    r"人工(?!智能|合成|成本|费|客服(?:的)?(?:几点|什么时候|哪天|时间|上班|下班|工作时间|服务时间|在线时间|周末))"
+    r"|真人|活人|客服小姐姐|找客服|人类客服"
+    r"|有没有人(?:能|可以|会|来)[^，。,.!?！？\s]{0,4}帮|回(?:个|一个)?电话给我|给我回(?:个|一个)?电话|打(?:个)?电话给我"
+)
 # A Chinese refusal sits right before the request, at most with "帮我/再" and a verb between
 # (不要转人工, 不需要帮我转人工, 别找客服), or right after it (人工就不用了). A bare 不 only with a
 # verb, and not in 要不 (how about), 能不/可不 (can't) or an A-not-A question (转不转人工).
@@ -75,7 +88,13 @@ _EN_REQUEST = re.compile(
     r"|\b(?:need|want)\s+(?:a|an|some)\s+(?:real\s+|live\s+|actual\s+)?(?:human|person)\b"
     r"(?!\s+(?:hair|resources?|error|rights|readable|body))"
     r"|\b(?:speak|talk|chat)\s+(?:to|with)\s+some\s*one\b(?!\s+else)"
-    r"|^\s*(?:an?\s+)?(?:human|agent|operator|representative)(?:\s+please|\s+pls)?\s*[.!?]*\s*$",
+    r"|^\s*(?:an?\s+)?(?:human|agent|operator|representative)(?:\s+please|\s+pls)?\s*[.!?]*\s*$"
+    # "is there anyone who can actually help", "can someone (from sales) call me back" (held-out set 6).
+    r"|\b(?:any|some)\s*(?:one|body)\s+(?:(?:there|here|at\s+all|real)\s+)?(?:who|that)\s+(?:can|could|will)\s+"
+    r"(?:actually\s+|really\s+|please\s+)?help\b"
+    r"|\b(?:can|could|will|would|please\s+(?:have|get))\s+(?:some\s*one|some\s*body|an?\s+(?:agent|person|human|rep))"
+    r"(?:\s+from\s+(?:your\s+|the\s+)?\w+(?:\s+team)?)?\s+(?:please\s+)?(?:call|phone|ring|contact|email|reach)\s+me\b"
+    r"|(?<!n't\s)(?<!not\s)(?<!never\s)(?<!no\sneed\sto\s)\b(?:call|ring|phone)\s+me\s+back\b",
     re.IGNORECASE,
 )
 # An English refusal: a negation governing the wanting, needing or asking for a person or the
@@ -150,6 +169,7 @@ _ZH_COMPLAINT = re.compile(
     r"|我要找(?:经理|领导|主管|负责人|老板|manager|supervisor)|把(?:你们)?的?(?:经理|领导|负责人|老板)叫"
     r"|找律师|请律师|发律师函|起诉你们|我要告你们|去告你们|法院见|我要报警|去报警|找记者"
     r"|(?:我就|我会|就去|我去|马上|立刻|直接|只能)报警(?!器|系统|规则|设置|功能)"
+    r"|(?:我就|我会|我要|就去|我去|马上|直接|只能)(?:让|找|去|跟|向|申请)?[^，。,.!?！？\s]{0,6}拒付"
     r"|什么玩意|还想不想做生意|你们怎么回事|没完没了|这事没完|有没有人管|(?:根本|都|就|也|一直|到底)没人管|没人管(?:吗|了)|没人理|不理人"
     r"|给我(?:一)?个说法|要(?:一)?个说法|把钱还给我|还我钱"
     r"|再也不(?:在你们|来你们|买你们|会在你们)|(?:我要|我会|我就|我去|必须|一定)(?:给|打|写|留)(?:你们)?(?:个)?差评|差评警告"
@@ -197,7 +217,7 @@ _EN_COMPLAINT = re.compile(
     r"|(?:this|that|it)(?:'s|\s+is)\s+(?:a\s+|plain\s+|pure\s+|outright\s+)?(?:fraud|theft|daylight\s+robbery)"
     r"(?!\s+(?:protection|alert|check|prevention|department|team))"
     r"|better\s+business\s+bureau|bbb|trading\s+standards|consumer\s+protection\s+(?:agency|office|bureau)"
-    r"|(?:i(?:'ll|\s+will|'m\s+going\s+to|\s+am\s+going\s+to|'m|\s+am)|gonna)\s+(?:file|filing|do|doing|initiate"
+    r"|(?:i(?:'ll|\s+will|'m\s+going\s+to|\s+am\s+going\s+to|'m|\s+am|m|ll)|gonna)\s+(?:file|filing|do|doing|initiate"
     r"|initiating|open|opening|start|starting)\s+a\s+(?:chargeback|charge\s+back)"
     r"|(?:dispute|disputing)\s+(?:the|this|a|my)\s+(?:charge|payment|transaction)\s+with\s+my\s+(?:bank|card)"
     r"|(?:i'll|i\s+will|i'm\s+going\s+to|i\s+am\s+going\s+to|gonna)\s+(?:dispute|charge\s*back)"
@@ -246,6 +266,64 @@ _EN_COMPLAINT_NEGATED = re.compile(
 # manager?", "你们不是骗子是什么").
 _WHY = re.compile(r"\bwhy\b|为什么|凭什么", re.IGNORECASE)
 _ZH_RHETORICAL = re.compile(r"^[^，。,.!?！？]{0,4}是什么")
+
+
+# Rule 4: what happened to the customer, told as a fact (past or present), not asked about. Harm to
+# a person or a thing on fire; an account used by someone else; orders or charges not made.
+_ZH_INCIDENT = re.compile(
+    r"(?:用了|吃了|戴了|穿了|抹了|擦了|涂了|喝了)[^，。,.!?！？]{0,8}(?:过敏|起疹|红肿|发炎|中毒|拉肚子)"
+    r"|过敏了|过敏反应|起(?:了)?(?:红)?疹子|(?:脸|手|嘴|眼睛|皮肤|全身)(?:都|全)?(?:肿了|烂了|红肿|过敏)"
+    r"|(?:烫伤|烧伤|割伤|划伤|砸伤|扎伤|电伤|受伤)(?!险|保险)|被[^，。,.!?！？]{0,4}(?:烫|烧|割|划|砸|扎|电)(?:伤|到)"
+    r"|(?:着火|起火|冒烟|冒火花|爆炸|自燃|漏电|触电)(?!报警|险|测试|等级|标准)"
+    r"|(?:进了|送进|送去了?|住进了?)医院|住院了|看急诊|挂急诊"
+    r"|(?:账号|账户|帐号|帐户|号|支付宝|微信)(?:被|让人|给人)(?:盗|黑|偷)|盗号|被盗刷|盗刷"
+    r"|(?:别人|陌生人|有人)(?:登录|登陆|盗用|冒用)了?我的(?:账号|账户|帐号|号|卡)"
+    r"|有人用我的(?:账号|账户|帐号|号|卡|余额)"
+    r"|不是我(?:本人)?(?:下|买|付)的(?:单|订单)?|我(?:根本)?没(?:有)?下过(?:这(?:个|笔)?)?(?:单|订单)"
+    r"|(?:威胁|骚扰|辱骂|殴打|推搡)(?:了)?我|(?:对我|冲我)(?:动手|骂)"
+)
+_EN_INCIDENT = re.compile(
+    _WORD + r"(?:"
+    r"allergic\s+reaction|(?:had|having|got|gave\s+(?:me|him|her|them|us|my\s+\w+))\s+(?:an?\s+)?(?:bad\s+|severe\s+)?"
+    r"(?:rash|reaction|hives|burns?|blisters?)"
+    r"|(?:got|have|has|had|broke\s+out\s+in)\s+(?:an?\s+)?(?:bad\s+|awful\s+|terrible\s+|itchy\s+)?(?:rash|hives|blisters)"
+    r"|(?:burned|burnt|cut|injured|hurt|shocked|electrocuted)\s+(?:myself|herself|himself|themselves|my\s+(?:hands?|fingers?"
+    r"|face|skin|arms?|legs?|foot|feet|mouth|eyes?|lips?|kid|son|daughter|child|baby|wife|husband))"
+    r"|(?:burned|burnt|injured|electrocuted)\s+(?:me|him|her|them|us)"
+    r"|(?:caught|catching|went\s+up\s+in)\s+(?:on\s+)?(?:fire|flames)|(?:started|began|was|kept)\s+(?:smoking|sparking)"
+    r"|(?:it|battery|charger|cable|plug|adapter|device|phone|bottle|kettle|heater|pan|lamp|toy)\s+(?:literally\s+|just\s+)?"
+    r"(?:exploded|blew\s+up|melted)|electric(?:al)?\s+shock"
+    r"|(?:went|had\s+to\s+go|ended\s+up)\s+(?:to|in)\s+(?:the\s+)?(?:hospital|er|a&e|emergency\s+room|urgent\s+care)"
+    r"|(?:my|our)\s+account\s+(?:was|has\s+been|got|is|been)\s+(?:hacked|compromised|taken\s+over|stolen)"
+    r"|(?:hacked|broke\s+into|got\s+into|logged\s+into)\s+my\s+account"
+    r"|some\s*(?:one|body)\s+(?:hacked|is\s+using|used|accessed)\s+my\s+(?:account|card)"
+    r"|unauthori[sz]ed\s+(?:orders?|charges?|purchases?|payments?|transactions?|login|access)"
+    r"|(?:orders?|charges?|purchases?)\s+(?:\w+\s+){0,4}?(?:that\s+)?i\s+(?:didn'?t|did\s+not|never)\s+(?:place|make|order|authori[sz]e)"
+    r"|i\s+(?:didn'?t|did\s+not|never)\s+(?:place|make|authori[sz]e)\s+(?:this|these|that|those|any)\s+(?:orders?|charges?|purchases?)"
+    r"|(?:threatened|harassed|assaulted|attacked|abused|shoved)\s+(?:me|my\s+(?:wife|husband|kid|son|daughter|mom|dad|mother|father))"
+    r")" + _END,
+    re.IGNORECASE,
+)
+# ...told as a fact, not feared, asked about or denied: 电池会不会爆炸, 怎么防止账号被盗, 没有过敏,
+# "what if my account was hacked", "how do I stop someone hacking my account", "no allergic reaction".
+_ZH_INCIDENT_NOT = re.compile(
+    r"(?:会不会|会|是否|能不能|可能|容易|防止?|避免|怕|担心|万一|如果|不会|没有|没|未|不)$"
+)
+_EN_INCIDENT_NOT = re.compile(
+    r"(?:\b(?:if|in\s+case|prevent|avoid|protect|could|might|would|will|can|no|not|never)\b|n't\b)[^.!?]{0,24}$",
+    re.IGNORECASE,
+)
+
+
+def incident_marker(text: str) -> str | None:
+    """The words in `text` that tell of something only a person can take on (rule 4), or None."""
+    folded = fold_for_rules(text)
+    for pattern, told_otherwise in ((_ZH_INCIDENT, _ZH_INCIDENT_NOT), (_EN_INCIDENT, _EN_INCIDENT_NOT)):
+        for match in pattern.finditer(folded):
+            before = folded[max(0, match.start() - 30) : match.start()]
+            if not told_otherwise.search(before.rstrip() if pattern is _ZH_INCIDENT else before):
+                return match.group(0)
+    return None
 
 
 def complaint_marker(text: str) -> str | None:
@@ -411,6 +489,10 @@ def decide_handoff(
         # not trusted, and the complaint is the one thing known.
         complaints = rules.queue_for(IntentDecision(COMPLAINT, 1.0))
         return Handoff(REASON_COMPLAINT, queue if confident else complaints, f"keyword {marker!r}")
+
+    incident = incident_marker(text)
+    if incident is not None:
+        return Handoff(REASON_INCIDENT, queue, f"keyword {incident!r}")
 
     if is_unresolved(intent, answered, rules):
         turns = history.consecutive_unresolved + 1

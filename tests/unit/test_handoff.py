@@ -399,3 +399,99 @@ def test_held_out_threats_and_charges_of_fraud_hand_off(text: str):
 )
 def test_and_their_look_alikes_do_not(text: str):
     assert decide(text, CONFIDENT_REFUND, answered=True) is None, text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Held-out set 6 (benchmarks/data/shop_holdout6_questions.jsonl, written blind) and others.
+        "my daughter got a rash from the bracelet you sold, who do i talk to",
+        "用了你们的面霜过敏 脸都肿了 怎么办",
+        "账号被盗了 有人用我的余额下了好几单",
+        "someone hacked my account and placed orders with my saved card",
+        "the delivery driver was really aggressive and threatened me at my door",
+        "the charger caught fire last night",
+        "我的充电宝冒烟了",
+        "the kettle burned my hand",
+        "there are 3 orders on my account that i didn't place",
+        "快递员骂我还威胁我",
+    ],
+)
+def test_an_incident_only_a_person_can_take_on_hands_off_whatever_the_question(text: str):
+    handoff = decide(text, CONFIDENT_REFUND, answered=True)
+    assert handoff is not None and handoff.reason == "incident", (text, handoff)
+    assert handoff.queue == "billing"  # the confident intent routes it, as for a request
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "does the face cream cause allergies?",
+        "这个面霜会过敏吗",
+        "过敏体质能用吗",
+        "how do I keep my account from being hacked",
+        "what should i do if someone hacked my account",
+        "怎么防止账号被盗",
+        "电池会不会爆炸",
+        "这个充电器有没有防爆炸",
+        "防烫伤手套有吗",
+        "不会漏电吧",
+        "can you cut me a deal",
+        "your prices shocked me",
+        "smoke detector in stock?",
+        "no allergic reaction so far, love it",
+        "i didn't have an allergic reaction",
+        "我妈住院 帮她下单送医院可以吗",
+        "charged twice but no order confirmation",  # the failed-payment article answers it
+        "重复扣款了",
+    ],
+)
+def test_asking_about_harm_or_fearing_it_is_not_an_incident(text: str):
+    assert decide(text, CONFIDENT_REFUND, answered=True) is None, text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "is there anyone there who can actually help",
+        "有没有人能真正帮我解决一下问题啊",
+        "i want to order 400 units for my company, can someone from sales contact me",
+        "can someone call me back at the number on my account",
+        "please call me back",
+        "给我回个电话",
+    ],
+)
+def test_asking_for_someone_to_help_or_call_back_asks_for_a_person(text: str):
+    handoff = decide(text, CONFIDENT_REFUND, answered=True)
+    assert handoff is not None and handoff.reason == "customer_request", (text, handoff)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "please don't call me back, email is fine",
+        "no need to call me back",
+        "不用给我回电话",
+        "can someone else pick up the parcel for me",
+        "is there anyone who can sign for it if i'm out",
+    ],
+)
+def test_refusing_a_call_back_or_someone_else_doing_a_thing_does_not(text: str):
+    assert decide(text, CONFIDENT_REFUND, answered=True) is None, text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "if i dont get my money back today im filing a chargeback with my bank",
+        "再不处理我就让信用卡中心拒付",
+    ],
+)
+def test_a_chargeback_threat_without_an_apostrophe_or_in_chinese_is_a_complaint(text: str):
+    handoff = decide(text, CONFIDENT_REFUND, answered=True)
+    assert handoff is not None and handoff.reason == "complaint", (text, handoff)
+
+
+def test_asking_when_the_agents_work_is_not_by_its_words_a_request():
+    assert asks_for_human("人工客服几点上班？周末有人吗") is None
+    assert asks_for_human("人工客服") is not None
