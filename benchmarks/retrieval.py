@@ -168,7 +168,7 @@ def decide(
     out = []
     for text, intent in zip(texts, classifier.classify(texts), strict=True):
         hits = index.search(text, SEARCH_LIMIT, intent.label)
-        relevant = grounding(hits)
+        relevant = grounding(hits, intent)
         verdict = IntentDecision(intent.label, float(intent.confidence))
         if decide_handoff(text=text, intent=verdict, answered=bool(relevant)) is not None:
             out.append(("handoff", "", ()))

@@ -320,3 +320,22 @@ async def test_yes_to_did_you_mean_after_an_assistant_restart_is_answered_from_t
     answer, _ = await next_reply(stub, faq_tenant, cid, n)
     assert answer.grounded and [c.document_id for c in answer.citations] == ["en-exchange"], answer.text  # type: ignore[attr-defined]
     assert answer.intent == offer.intent and answer.language == "en", answer  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(400)
+async def test_a_question_about_a_product_itself_is_offered_the_policy_not_answered_from_it(
+    system: System, stub, faq_tenant: str
+) -> None:
+    """这款T恤是纯棉的吗 (is this T-shirt pure cotton) shares words with the size guide, which was
+    answered as if it said; it is offered now, and taking the offer answers from it."""
+    cid = await start_conversation(stub, faq_tenant)
+    send = functools.partial(say, stub, faq_tenant, cid)
+
+    await send("p1", "这款T恤是纯棉的吗")
+    offer, n = await next_reply(stub, faq_tenant, cid, 0)
+    assert not offer.grounded and not offer.citations, offer.text  # type: ignore[attr-defined]
+    assert "您是想问「" in offer.text, offer.text  # type: ignore[attr-defined]
+    await send("p2", "是的")
+    answer, _ = await next_reply(stub, faq_tenant, cid, n)
+    assert answer.grounded, answer.text  # type: ignore[attr-defined]
+    assert [c.document_id for c in answer.citations] == ["zh-size-guide"], answer.text  # type: ignore[attr-defined]
