@@ -189,7 +189,7 @@ def stage_throughput(settings: Settings, batch: int, rounds: int) -> list[Stage]
     for text, decision in zip(texts, decisions, strict=True):
         # The passages the assistant answers from (its grounding rule), so the gateway stage times
         # the answers it gives.
-        hits = grounding(knowledge.search(TENANT, text, SEARCH_LIMIT, decision.label))
+        hits = grounding(knowledge.search(TENANT, text, SEARCH_LIMIT, decision.label), decision)
         requests.append(
             AnswerRequest(
                 question=text,
