@@ -63,6 +63,16 @@ _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 # filesystem one, where `EXISTS "/etc/shadow"` answered whether the file exists (review 3).
 _HOST_PATH_NAME = re.compile(r"`(?:/|\./|\.\./|~)[^`]*`")
 _INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
+# Facts of the host rather than of the data: its paths, name, kernel, disks, server settings and
+# any stored credentials (the engine runs in the analytics process, as its user).
+_HOST_FACT = re.compile(
+    r"\b(?:getServerSetting|getMergeTreeSetting|hostName|fqdn|getMacro|getOSKernelVersion|serverUUID"
+    r"|displayName|filesystem(?:Available|Capacity|Unreserved|Free)|getClientHTTPHeader|tcpPort)\s*\("
+    r"|\bsystem`?\s*\.\s*`?(?:disks|server_settings|storage_policies|user_directories|named_collections"
+    r"|build_options|macros|filesystem_cache\w*|stack_trace|symbols|certificates|server_settings\w*"
+    r"|s3_queue\w*|azure_queue\w*|models|users|roles|grants|settings_profiles|quotas\w*|row_policies)\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -213,6 +223,14 @@ def reader_refusal(sql: str) -> Refusal | None:
             497,
             f"table function {name}() reaches the server's files, processes or network; "
             "it is for the admin user only. (ACCESS_DENIED)",
+            403,
+        )
+    fact = _HOST_FACT.search(sql)
+    if fact:
+        return Refusal(
+            497,
+            f"{fact.group(0).rstrip('( ')} tells of the server's host (its paths, name, disks or "
+            "credentials), not of the data; it is for the admin user only. (ACCESS_DENIED)",
             403,
         )
     path = _HOST_PATH_NAME.search(sql)

@@ -229,6 +229,13 @@ def test_what_the_engines_formatting_changes_reads_the_same(system: System) -> N
         ("SELECT * FROM icebergLocal('/etc')", "ACCESS_DENIED"),
         ("SELECT 1 SETTINGS max_execution_time = false", "READONLY"),
         ("SELECT 1 SETTINGS max_execution_time = 1e-9", "READONLY"),
+        # Host facts, not data (twenty-sixth session): the data directory's path, the host's name.
+        ("SELECT getServerSetting('path')", "ACCESS_DENIED"),
+        ("SELECT hostName()", "ACCESS_DENIED"),
+        ("SELECT path FROM system.disks", "ACCESS_DENIED"),
+        ("SELECT path FROM `system`.`disks`", "ACCESS_DENIED"),
+        ("SELECT * FROM system . server_settings WHERE name = 'path'", "ACCESS_DENIED"),
+        ("SELECT filesystemAvailable()", "ACCESS_DENIED"),
     ],
 )
 def test_what_a_reader_sends_is_checked_as_the_engine_parses_it(system: System, sql: str, code: str) -> None:
