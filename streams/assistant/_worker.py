@@ -570,17 +570,33 @@ class AssistantProcessor:
 
     async def _undecided(self, jobs: list[_Job]) -> list[_Job]:
         """Drop messages the log already has a decision for (a batch applied again after a crash
-        whose decisions were written): the hot view's state lists recent decisions."""
+        whose decisions were written): the hot view's state lists recent decisions. And those of
+        a conversation the hot view has closed since: a close is written once every message
+        acknowledged before it is, so a message still undecided here may be before the close in
+        the log, and its answer would land after it (seen in `make run`'s demo, which closes a
+        conversation right after its last message)."""
         slots = list(dict.fromkeys((j.event.tenant_id, j.event.conversation_id) for j in jobs))
         async with self._redis.pipeline(transaction=False) as pipe:
             for slot in slots:
                 pipe.hget(hv.conversation_key(*slot), hv.F_STATE)
             states = await pipe.execute()
         decided: set[str] = set()
-        for raw in states:
+        for slot, raw in zip(slots, states, strict=True):
             if raw:
-                decided.update(json.loads(raw).get("recent_decisions", ()))
-        return [j for j in jobs if f"intent:{decision_id('intent', decision_basis(j.event))}" not in decided]
+                state = json.loads(raw)
+                decided.update(state.get("recent_decisions", ()))
+                if state.get("status") == "closed":
+                    self._conversations.setdefault(slot, _Conversation()).closed = True
+        return [
+            j
+            for j in jobs
+            if not self._closed(j.event)
+            and f"intent:{decision_id('intent', decision_basis(j.event))}" not in decided
+        ]
+
+    def _closed(self, event: Event) -> bool:
+        conv = self._conversations.get((event.tenant_id, event.conversation_id))
+        return conv is not None and conv.closed
 
     def _understand(self, messages: list[Event]) -> list[_Understood]:
         """Intent and retrieval for a whole batch, in the model thread: every text is embedded in
@@ -621,6 +637,10 @@ class AssistantProcessor:
         acks: list[asyncio.Future[Any]] = []
         for job, understood, i in items:
             item = (await understood)[i]
+            if self._closed(job.event):
+                # Closed later in this batch (its close is past this message in the log): the bot
+                # says nothing after the close, as to a message after it.
+                break
             decided = await self._decide(job, item.intent, item.hits)
             for event in decided:
                 acks.append(
