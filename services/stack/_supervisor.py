@@ -155,7 +155,13 @@ async def _wait_started(c: Component, pid: int, spawn_again: Callable[[], Awaita
     except ExitedWhileStarting as exc:
         if not await c.drop_start_aid(str(exc)):
             raise
-        log.warning("%s exited while starting with its class-data archive; starting it without", c.name)
+        # Killed, or the archive at fault: which one is not known here, so the archive is checked
+        # (drop_start_aid) and this one start goes without it.
+        log.warning(
+            "%s exited while starting; starting it once more without its class-data archive, in case "
+            "the archive was the cause",
+            c.name,
+        )
         await _wait_healthy(c, await spawn_again())
 
 
