@@ -598,6 +598,27 @@ class AssistantProcessor:
         conv = self._conversations.get((event.tenant_id, event.conversation_id))
         return conv is not None and conv.closed
 
+    async def _closing(self, event: Event) -> bool:
+        """Whether an ingress holds the conversation for its close, or has closed it: it holds
+        before it publishes the close (`closing`), and records the durable close (`closed_ns`)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(
+                hv.conversation_key(event.tenant_id, event.conversation_id), [hv.F_CLOSING, hv.F_CLOSED_NS]
+            )
+            pipe.time()
+            (holding, closed_ns), (seconds, micros) = await pipe.execute()
+        # A hold is "<until, Redis TIME in ms>:<owner>"; one past its time is no hold (a close that
+        # failed and whose process could not release it).
+        until = re.match(rb"\d+", holding) if holding else None
+        if closed_ns or (
+            until is not None and int(until.group(0)) > int(seconds) * 1000 + int(micros) // 1000
+        ):
+            self._conversations.setdefault(
+                (event.tenant_id, event.conversation_id), _Conversation()
+            ).closed = True
+            return True
+        return False
+
     def _understand(self, messages: list[Event]) -> list[_Understood]:
         """Intent and retrieval for a whole batch, in the model thread: every text is embedded in
         one encoder call, which the cascade's encoder stage and retrieval then share (one call per
@@ -637,11 +658,16 @@ class AssistantProcessor:
         acks: list[asyncio.Future[Any]] = []
         for job, understood, i in items:
             item = (await understood)[i]
-            if self._closed(job.event):
-                # Closed later in this batch (its close is past this message in the log): the bot
-                # says nothing after the close, as to a message after it.
+            if self._closed(job.event) or await self._closing(job.event):
+                # Closed later in this batch (its close is past this message in the log), or being
+                # closed: the bot says nothing after the close, as to a message after it.
                 break
             decided = await self._decide(job, item.intent, item.hits)
+            if await self._closing(job.event):
+                # The close was asked for while the bot decided: the ingress holds the conversation
+                # before it publishes the close, so a decision sent now would most likely follow it.
+                # (Sent just before the hold, it may still land after the close.)
+                break
             for event in decided:
                 acks.append(
                     await producer.send(
