@@ -98,6 +98,21 @@ def test_a_message_after_the_close_is_not_counted():
     assert state.status == STATUS_CLOSED and state.message_count == 1
 
 
+def test_the_bots_answer_or_hand_off_after_the_close_is_not_counted_or_queued():
+    """A decision sent in the instant the close was published lands after it (a walkthrough saw
+    closed conversations with a message count grown by the reply, and in agent mode)."""
+    reply = new_event(
+        "acme", "c1", reply_generated=events_pb2.ReplyGenerated(message_event_id="m", text="hi")
+    )
+    handoff = new_event("acme", "c1", handoff_requested=events_pb2.HandoffRequested(queue="general"))
+    state = fold_all([started(), message("a"), closed(), reply, handoff])
+    assert state.status == STATUS_CLOSED and state.message_count == 1 and state.bot_message_count == 0
+    assert state.mode == "bot" and state.handoff_count == 0 and state.queue == ""
+    # Before the close they count as ever.
+    state = fold_all([started(), message("a"), reply, handoff, closed()])
+    assert state.bot_message_count == 1 and state.mode == "agent" and state.handoff_count == 1
+
+
 def test_a_second_start_or_close_of_a_conversation_changes_nothing():
     """A retry can take over the start or close claim of an ingress process that had only stalled;
     its own record may land later, a second start or close: the first stands."""
