@@ -295,6 +295,34 @@ async def redis(system: System) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
+async def events_in_log(settings: Settings) -> list[tuple[int, int, Any]]:
+    """Every event of the conversation topic, from its beginning to its end as it is now, as
+    (partition, offset, event); records that do not decode (another test's poison) left out."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from schemas.events import EventDecodeError, decode_event
+
+    topic = settings.conversation_topic
+    reader = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await reader.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
+        reader.assign(tps)
+        await reader.seek_to_beginning(*tps)
+        ends = await reader.end_offsets(tps)
+        found: list[tuple[int, int, Any]] = []
+        while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
+            for tp, records in (await reader.getmany(timeout_ms=500, max_records=5000)).items():
+                for record in records:
+                    try:
+                        found.append((tp.partition, record.offset, decode_event(record.value)))
+                    except EventDecodeError:
+                        continue
+        return found
+    finally:
+        await reader.stop()
+
+
 async def eventually(
     probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], *, within_s: float = 60.0, what: str = ""
 ) -> T:

@@ -14,9 +14,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from switchboard.v1 import chat_pb2, knowledge_pb2
 
 from schemas import hotview as hv
-from schemas.events import EventDecodeError, decode_event, now_timestamp
+from schemas.events import now_timestamp
 from streams.knowledge import load_demo_documents
-from tests.conftest import System, eventually, start_conversation
+from tests.conftest import System, events_in_log, eventually, start_conversation
 
 pytestmark = pytest.mark.integration
 
@@ -372,29 +372,11 @@ async def _assistant_caught_up(system: System) -> None:
 
 async def _kinds_in_log(system: System, tenant: str, cid: str) -> list[str]:
     """The payload kinds of the conversation's events, in log order."""
-    topic = system.settings.conversation_topic
-    reader = AIOKafkaConsumer(bootstrap_servers=system.settings.kafka_bootstrap, enable_auto_commit=False)
-    await reader.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(system.settings.topic_partitions)]
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
-        ends = await reader.end_offsets(tps)
-        kinds: list[str] = []
-        while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
-            for records in (await reader.getmany(timeout_ms=500, max_records=5000)).values():
-                for record in records:
-                    if record.key != cid.encode():
-                        continue
-                    try:
-                        event = decode_event(record.value)
-                    except EventDecodeError:
-                        continue
-                    if event.tenant_id == tenant and event.conversation_id == cid:
-                        kinds.append(str(event.WhichOneof("payload")))
-        return kinds
-    finally:
-        await reader.stop()
+    return [
+        str(event.WhichOneof("payload"))
+        for _, _, event in await events_in_log(system.settings)
+        if event.tenant_id == tenant and event.conversation_id == cid
+    ]
 
 
 @pytest.mark.timeout(400)

@@ -25,9 +25,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from switchboard.v1 import chat_pb2, chat_pb2_grpc
 
-from schemas.events import EventDecodeError, decode_event
 from services.processes import Child
-from tests.conftest import System, eventually, start_conversation
+from tests.conftest import System, events_in_log, eventually, start_conversation
 from tests.integration.test_assistant import load_faq
 
 pytestmark = pytest.mark.integration
@@ -195,36 +194,14 @@ class CommitWatch:
 async def decision_offsets(system: System, tenant: str) -> dict[str, dict[str, tuple[int, int]]]:
     """message event id → {"intent" | "reply" | "handoff": (partition, offset)} for `tenant`, read
     from the log."""
-    topic = system.settings.conversation_topic
-    reader = AIOKafkaConsumer(bootstrap_servers=system.settings.kafka_bootstrap, enable_auto_commit=False)
-    await reader.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(system.settings.topic_partitions)]
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
-        ends = await reader.end_offsets(tps)
-        found: dict[str, dict[str, tuple[int, int]]] = {}
-        while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
-            for tp, records in (await reader.getmany(timeout_ms=500, max_records=5000)).items():
-                for record in records:
-                    try:
-                        event = decode_event(record.value)
-                    except EventDecodeError:
-                        continue  # another test's poison (tests/integration/test_replay.py)
-                    if event.tenant_id != tenant:
-                        continue
-                    kind = event.WhichOneof("payload")
-                    names = {
-                        "intent_classified": "intent",
-                        "reply_generated": "reply",
-                        "handoff_requested": "handoff",
-                    }
-                    if kind in names:
-                        message = getattr(event, kind).message_event_id
-                        found.setdefault(message, {})[names[kind]] = (tp.partition, record.offset)
-        return found
-    finally:
-        await reader.stop()
+    names = {"intent_classified": "intent", "reply_generated": "reply", "handoff_requested": "handoff"}
+    found: dict[str, dict[str, tuple[int, int]]] = {}
+    for partition, offset, event in await events_in_log(system.settings):
+        kind = event.WhichOneof("payload")
+        if event.tenant_id == tenant and kind in names:
+            message = getattr(event, kind).message_event_id
+            found.setdefault(message, {})[names[kind]] = (partition, offset)
+    return found
 
 
 QUESTIONS = ("how long does a refund take? #{c}-1", "how long does a refund take to arrive? #{c}-2")
