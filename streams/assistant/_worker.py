@@ -96,6 +96,10 @@ WHOLE_ARTICLE_CHARS = 1200
 # everything before the batch's first record of it; past this the batch goes on with the hot view
 # as it is, and batches do not wait again for HOT_VIEW_RETRY_S (see _follow).
 HOT_VIEW_WAIT_S = 5.0
+# A message of a conversation an ingress holds for its close: how long the bot waits to learn
+# whether the close happens (then it says nothing) or not (then it answers), and how often it looks.
+CLOSE_HOLD_WAIT_S = 2.0
+CLOSE_HOLD_POLL_S = 0.01
 HOT_VIEW_RETRY_S = 60.0
 # Conversations followed in memory; past it the oldest are forgotten (and read again when seen).
 MAX_CONVERSATIONS = 200_000
@@ -599,25 +603,33 @@ class AssistantProcessor:
         return conv is not None and conv.closed
 
     async def _closing(self, event: Event) -> bool:
-        """Whether an ingress holds the conversation for its close, or has closed it: it holds
-        before it publishes the close (`closing`), and records the durable close (`closed_ns`)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(
-                hv.conversation_key(event.tenant_id, event.conversation_id), [hv.F_CLOSING, hv.F_CLOSED_NS]
-            )
-            pipe.time()
-            (holding, closed_ns), (seconds, micros) = await pipe.execute()
-        # A hold is "<until, Redis TIME in ms>:<owner>"; one past its time is no hold (a close that
-        # failed and whose process could not release it).
-        until = re.match(rb"\d+", holding) if holding else None
-        if closed_ns or (
-            until is not None and int(until.group(0)) > int(seconds) * 1000 + int(micros) // 1000
-        ):
-            self._conversations.setdefault(
-                (event.tenant_id, event.conversation_id), _Conversation()
-            ).closed = True
-            return True
-        return False
+        """Whether the conversation is closed, or being closed by a close that then happens.
+
+        An ingress holds the conversation before it publishes its close (`closing`) and records
+        the close once durable (`closed_ns`). A hold is not a close: it is released when the close
+        does not happen (Kafka refused it, or its wait for other processes' messages gave up), so
+        a hold is waited out, up to CLOSE_HOLD_WAIT_S (a close takes milliseconds), and only a
+        durable close is remembered. Past the wait the message is answered (better an answer that
+        may follow the close than none)."""
+        key = hv.conversation_key(event.tenant_id, event.conversation_id)
+        deadline = time.monotonic() + CLOSE_HOLD_WAIT_S
+        while True:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(key, [hv.F_CLOSING, hv.F_CLOSED_NS])
+                pipe.time()
+                (holding, closed_ns), (seconds, micros) = await pipe.execute()
+            if closed_ns:
+                self._conversations.setdefault(
+                    (event.tenant_id, event.conversation_id), _Conversation()
+                ).closed = True
+                return True
+            # A hold is "<until, Redis TIME in ms>:<owner>"; one past its time is no hold (a close
+            # that failed and whose process could not release it).
+            until = re.match(rb"\d+", holding) if holding else None
+            held = until is not None and int(until.group(0)) > int(seconds) * 1000 + int(micros) // 1000
+            if not held or time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(CLOSE_HOLD_POLL_S)
 
     def _understand(self, messages: list[Event]) -> list[_Understood]:
         """Intent and retrieval for a whole batch, in the model thread: every text is embedded in
