@@ -67,9 +67,10 @@ REASON_UNANSWERED = "unanswered"
 # Asking when the agents work (人工客服几点上班) is a question for the FAQ, not a request for one;
 # "is there anyone who can (really) help me" (有没有人能帮我) and "call me back" (给我回个电话) are.
 _ZH_REQUEST = re.compile(
-    r"人工(?!智能|合成|成本|费|客服(?:的)?(?:几点|什么时候|哪天|时间|上班|下班|工作时间|服务时间|在线时间|周末))"
+    r"人工(?!智能|合成|成本|费|客服(?:的)?(?:几点|什么时候|哪天|时间|上班|下班|工作时间|服务时间|在线时间|周末|电话|热线|号码))"
     r"|真人|活人|客服小姐姐|找客服|人类客服"
-    r"|有没有人(?:能|可以|会|来)[^，。,.!?！？\s]{0,4}帮|回(?:个|一个)?电话给我|给我回(?:个|一个)?电话|打(?:个)?电话给我"
+    r"|(?:有没有|没有)人(?:能|可以|会|来)[^，。,.!?！？\s]{0,4}帮|回(?:个|一个)?电话给我|给我回(?:个|一个)?电话"
+    r"|(?:请|麻烦|能不能|能否|可以|可不可以|快点?|赶紧)(?:你们)?打(?:个)?电话给我"
 )
 # A Chinese refusal sits right before the request, at most with "帮我/再" and a verb between
 # (不要转人工, 不需要帮我转人工, 别找客服), or right after it (人工就不用了). A bare 不 only with a
@@ -93,8 +94,10 @@ _EN_REQUEST = re.compile(
     r"|\b(?:any|some)\s*(?:one|body)\s+(?:(?:there|here|at\s+all|real)\s+)?(?:who|that)\s+(?:can|could|will)\s+"
     r"(?:actually\s+|really\s+|please\s+)?help\b"
     r"|\b(?:can|could|will|would|please\s+(?:have|get))\s+(?:some\s*one|some\s*body|an?\s+(?:agent|person|human|rep))"
-    r"(?:\s+from\s+(?:your\s+|the\s+)?\w+(?:\s+team)?)?\s+(?:please\s+)?(?:call|phone|ring|contact|email|reach)\s+me\b"
-    r"|(?<!n't\s)(?<!not\s)(?<!never\s)(?<!no\sneed\sto\s)\b(?:call|ring|phone)\s+me\s+back\b",
+    r"(?:\s+from\s+(?:your\s+|the\s+)?\w+(?:\s+\w+)?)?\s+(?:please\s+)?(?:call|phone|ring|contact|reach)\s+me\b"
+    # "call me back" asked of the shop, not told of someone else ("he would call me back") and
+    # not refused ("don't bother to call me back": not after a please/can you).
+    r"|(?:^|[.!?,]\s*|\b(?:please|pls|plz|can\s+you|could\s+you|would\s+you|can\s+u)\s+)(?:call|ring|phone)\s+me\s+back\b",
     re.IGNORECASE,
 )
 # An English refusal: a negation governing the wanting, needing or asking for a person or the
@@ -169,7 +172,7 @@ _ZH_COMPLAINT = re.compile(
     r"|我要找(?:经理|领导|主管|负责人|老板|manager|supervisor)|把(?:你们)?的?(?:经理|领导|负责人|老板)叫"
     r"|找律师|请律师|发律师函|起诉你们|我要告你们|去告你们|法院见|我要报警|去报警|找记者"
     r"|(?:我就|我会|就去|我去|马上|立刻|直接|只能)报警(?!器|系统|规则|设置|功能)"
-    r"|(?:我就|我会|我要|就去|我去|马上|直接|只能)(?:让|找|去|跟|向|申请)?[^，。,.!?！？\s]{0,6}拒付"
+    r"|(?:我就|我会|我要|就去|我去|马上|直接|只能)(?:让|找|去|跟|向|申请)?[^，。,.!?！？\s]{0,6}拒付(?![吗么嘛])"
     r"|什么玩意|还想不想做生意|你们怎么回事|没完没了|这事没完|有没有人管|(?:根本|都|就|也|一直|到底)没人管|没人管(?:吗|了)|没人理|不理人"
     r"|给我(?:一)?个说法|要(?:一)?个说法|把钱还给我|还我钱"
     r"|再也不(?:在你们|来你们|买你们|会在你们)|(?:我要|我会|我就|我去|必须|一定)(?:给|打|写|留)(?:你们)?(?:个)?差评|差评警告"
@@ -270,36 +273,47 @@ _ZH_RHETORICAL = re.compile(r"^[^，。,.!?！？]{0,4}是什么")
 
 # Rule 4: what happened to the customer, told as a fact (past or present), not asked about. Harm to
 # a person or a thing on fire; an account used by someone else; orders or charges not made.
+# Between "used it" and the harm, no hedge or denial (用了会不会过敏, 用了没有过敏).
+_ZH_GAP = r"(?:(?!会|容易|没|不|是否|能不能|可能|怕|担心)[^，。,.!?！？]){0,8}"
 _ZH_INCIDENT = re.compile(
-    r"(?:用了|吃了|戴了|穿了|抹了|擦了|涂了|喝了)[^，。,.!?！？]{0,8}(?:过敏|起疹|红肿|发炎|中毒|拉肚子)"
-    r"|过敏了|过敏反应|起(?:了)?(?:红)?疹子|(?:脸|手|嘴|眼睛|皮肤|全身)(?:都|全)?(?:肿了|烂了|红肿|过敏)"
-    r"|(?:烫伤|烧伤|割伤|划伤|砸伤|扎伤|电伤|受伤)(?!险|保险)|被[^，。,.!?！？]{0,4}(?:烫|烧|割|划|砸|扎|电)(?:伤|到)"
-    r"|(?:着火|起火|冒烟|冒火花|爆炸|自燃|漏电|触电)(?!报警|险|测试|等级|标准)"
-    r"|(?:进了|送进|送去了?|住进了?)医院|住院了|看急诊|挂急诊"
-    r"|(?:账号|账户|帐号|帐户|号|支付宝|微信)(?:被|让人|给人)(?:盗|黑|偷)|盗号|被盗刷|盗刷"
+    r"(?:用了|吃了|戴了|穿了|抹了|擦了|涂了|喝了)" + _ZH_GAP + r"(?:过敏|起疹|红肿|发炎|中毒|拉肚子)"
+    r"|过敏了|起(?:了)?(?:红)?疹子|(?:脸|手|脚|嘴|眼睛|皮肤|全身)(?:都|全)?(?:肿了|烂了|红肿|过敏了)"
+    # A person hurt (not a parcel: 包裹被划伤了, 屏幕被砸到了), and not a product (烫伤膏, 防烫伤).
+    r"|(?:烫伤|烧伤|割伤|扎伤|电伤|受伤)了|(?:手|脚|脸|嘴|胳膊|腿|孩子|宝宝|我)被[^，。,.!?！？]{0,4}(?:烫|烧|割|划|扎|电)(?:伤|到)"
+    # Fire and the like as an event (了), not a product's name or spec (爆炸款, 漏电保护器, 冒烟测试).
+    r"|(?:着火|起火|冒烟|冒火花|爆炸|自燃|漏电|触电)了"
+    r"|(?:账号|账户|帐号|帐户|号|支付宝|微信)(?:被|让人|给人)(?:盗|黑|偷)|被盗号|盗号了|被盗刷|盗刷了"
     r"|(?:别人|陌生人|有人)(?:登录|登陆|盗用|冒用)了?我的(?:账号|账户|帐号|号|卡)"
     r"|有人用我的(?:账号|账户|帐号|号|卡|余额)"
-    r"|不是我(?:本人)?(?:下|买|付)的(?:单|订单)?|我(?:根本)?没(?:有)?下过(?:这(?:个|笔)?)?(?:单|订单)"
+    # Orders the customer did not place (not 这件衣服不是我买的，是朋友送的).
+    r"|(?:这(?:个|笔)?)?(?:订单|单)不是我(?:本人)?(?:下|买|付)的|不是我(?:本人)?下的(?:单|订单)"
+    r"|我(?:根本)?没(?:有)?下过(?:这(?:个|笔)?)?(?:单|订单)"
     r"|(?:威胁|骚扰|辱骂|殴打|推搡)(?:了)?我|(?:对我|冲我)(?:动手|骂)"
+)
+_EN_BODY = (
+    r"(?:hands?|fingers?|face|skin|arms?|legs?|foot|feet|mouth|eyes?|lips?|back|neck|head|kid|son|daughter"
+    r"|child|baby|wife|husband)"
 )
 _EN_INCIDENT = re.compile(
     _WORD + r"(?:"
-    r"allergic\s+reaction|(?:had|having|got|gave\s+(?:me|him|her|them|us|my\s+\w+))\s+(?:an?\s+)?(?:bad\s+|severe\s+)?"
-    r"(?:rash|reaction|hives|burns?|blisters?)"
-    r"|(?:got|have|has|had|broke\s+out\s+in)\s+(?:an?\s+)?(?:bad\s+|awful\s+|terrible\s+|itchy\s+)?(?:rash|hives|blisters)"
-    r"|(?:burned|burnt|cut|injured|hurt|shocked|electrocuted)\s+(?:myself|herself|himself|themselves|my\s+(?:hands?|fingers?"
-    r"|face|skin|arms?|legs?|foot|feet|mouth|eyes?|lips?|kid|son|daughter|child|baby|wife|husband))"
-    r"|(?:burned|burnt|injured|electrocuted)\s+(?:me|him|her|them|us)"
-    r"|(?:caught|catching|went\s+up\s+in)\s+(?:on\s+)?(?:fire|flames)|(?:started|began|was|kept)\s+(?:smoking|sparking)"
-    r"|(?:it|battery|charger|cable|plug|adapter|device|phone|bottle|kettle|heater|pan|lamp|toy)\s+(?:literally\s+|just\s+)?"
-    r"(?:exploded|blew\s+up|melted)|electric(?:al)?\s+shock"
-    r"|(?:went|had\s+to\s+go|ended\s+up)\s+(?:to|in)\s+(?:the\s+)?(?:hospital|er|a&e|emergency\s+room|urgent\s+care)"
-    r"|(?:my|our)\s+account\s+(?:was|has\s+been|got|is|been)\s+(?:hacked|compromised|taken\s+over|stolen)"
+    r"(?:had|have|having|got|gave\s+(?:me|him|her|them|us|my\s+\w+)|caused|suffered)\s+(?:an?\s+)?"
+    r"(?:bad\s+|severe\s+|serious\s+)?(?:allergic\s+)?(?:rash(?!\s*guard)|reaction|hives|blisters)"
+    r"|broke\s+out\s+in\s+(?:an?\s+)?(?:\w+\s+)?(?:rash|hives|blisters)"
+    r"|(?:burned|burnt|cut|injured|hurt|shocked|electrocuted)\s+(?:myself|herself|himself|themselves"
+    r"|(?:my|his|her|their|our)\s+" + _EN_BODY + r")"
+    r"|(?:burned|burnt|injured|electrocuted)\s+(?:me|him|her|them|us)\b"
+    r"|(?:caught|went\s+up\s+in)\s+(?:on\s+)?(?:fire|flames)|(?:started|began|kept)\s+(?:smoking|sparking)"
+    r"|(?:battery|charger|cable|plug|adapter|device|phone|bottle|kettle|heater|lamp|toy|power\s+bank)\s+"
+    r"(?:literally\s+|just\s+)?(?:exploded|blew\s+up|melted|caught\s+fire)|electric(?:al)?\s+shock"
+    r"|(?:my|our)\s+account\s+(?:was|got|is|has\s+been|'s\s+been)\s+(?:hacked|compromised|taken\s+over|stolen)"
     r"|(?:hacked|broke\s+into|got\s+into|logged\s+into)\s+my\s+account"
     r"|some\s*(?:one|body)\s+(?:hacked|is\s+using|used|accessed)\s+my\s+(?:account|card)"
-    r"|unauthori[sz]ed\s+(?:orders?|charges?|purchases?|payments?|transactions?|login|access)"
-    r"|(?:orders?|charges?|purchases?)\s+(?:\w+\s+){0,4}?(?:that\s+)?i\s+(?:didn'?t|did\s+not|never)\s+(?:place|make|order|authori[sz]e)"
-    r"|i\s+(?:didn'?t|did\s+not|never)\s+(?:place|make|authori[sz]e)\s+(?:this|these|that|those|any)\s+(?:orders?|charges?|purchases?)"
+    r"|unauthori[sz]ed\s+(?:orders?|charges?|purchases?|payments?|transactions?)"
+    r"|(?:orders?|charges?|purchases?)\s+(?:\w+\s+){0,4}?(?:that\s+)?i\s+(?:didn'?t|did\s+not|never)\s+"
+    r"(?:place|placed|make|made|order|ordered|authori[sz]ed?)"
+    r"|i\s+(?:didn'?t|did\s+not|never)\s+(?:place|placed|make|made|authori[sz]ed?)\s+(?:this|these|that|those|any)\s+"
+    r"(?:orders?|charges?|purchases?|payments?)"
+    r"|(?:don'?t|do\s+not)\s+recogni[sz]e\s+(?:these|this|that|those|the|any)\s+(?:charges?|orders?|transactions?|payments?)"
     r"|(?:threatened|harassed|assaulted|attacked|abused|shoved)\s+(?:me|my\s+(?:wife|husband|kid|son|daughter|mom|dad|mother|father))"
     r")" + _END,
     re.IGNORECASE,
@@ -310,7 +324,10 @@ _ZH_INCIDENT_NOT = re.compile(
     r"(?:会不会|会|是否|能不能|可能|容易|防止?|避免|怕|担心|万一|如果|不会|没有|没|未|不)$"
 )
 _EN_INCIDENT_NOT = re.compile(
-    r"(?:\b(?:if|in\s+case|prevent|avoid|protect|could|might|would|will|can|no|not|never)\b|n't\b)[^.!?]{0,24}$",
+    r"(?:\b(?:if|in\s+case|prevent|avoid|protect|could|might|would|will|can|no|not|never|worried|afraid|risk)\b"
+    r"|n't\b)[^.!?]{0,24}$"
+    # ...or a yes/no question about it ("Does this cream cause an allergic reaction?").
+    r"|(?:^|[.!?]\s*)(?:does|do|did|has|have|is|are)\b[^.!?]*$",
     re.IGNORECASE,
 )
 

@@ -415,6 +415,13 @@ def test_and_their_look_alikes_do_not(text: str):
         "the kettle burned my hand",
         "there are 3 orders on my account that i didn't place",
         "快递员骂我还威胁我",
+        # ...and what a review found missing.
+        "I never placed these orders",
+        "I don't recognize these charges",
+        "my kid burned his hand on the kettle",
+        "鞋子穿了脚都肿了",
+        "盗号了怎么找回账号？",
+        "my account is compromised",
     ],
 )
 def test_an_incident_only_a_person_can_take_on_hands_off_whatever_the_question(text: str):
@@ -444,6 +451,26 @@ def test_an_incident_only_a_person_can_take_on_hands_off_whatever_the_question(t
         "我妈住院 帮她下单送医院可以吗",
         "charged twice but no order confirmation",  # the failed-payment article answers it
         "重复扣款了",
+        # A review's look-alikes (twenty-sixth session): hedges and denials inside the match, product
+        # names, damaged parcels, a gift, a delivery question, yes/no questions, a rash guard.
+        "敏感肌用了会不会过敏",
+        "孕妇吃了会不会过敏",
+        "小孩喝了容易拉肚子吗",
+        "我用了没有过敏，效果很好",
+        "爆炸款T恤还有吗",
+        "烫伤膏有货吗",
+        "漏电保护器什么时候发货",
+        "包裹被划伤了",
+        "屏幕被砸到了",
+        "这件衣服不是我买的，是朋友送的，可以换尺码吗",
+        "我住院了，能晚点收货吗",
+        "Does this cream cause an allergic reaction?",
+        "I'm worried about an allergic reaction",
+        "Has my account been compromised?",
+        "It melted in the sun, can I get a refund?",
+        "Do you have the rash guard in medium?",
+        "got burns ointment in stock?",
+        "My wife went to the hospital so I missed the delivery, can you redeliver",
     ],
 )
 def test_asking_about_harm_or_fearing_it_is_not_an_incident(text: str):
@@ -459,6 +486,8 @@ def test_asking_about_harm_or_fearing_it_is_not_an_incident(text: str):
         "can someone call me back at the number on my account",
         "please call me back",
         "给我回个电话",
+        "没有人能帮我吗",
+        "Can someone from the delivery company contact me?",
     ],
 )
 def test_asking_for_someone_to_help_or_call_back_asks_for_a_person(text: str):
@@ -471,6 +500,13 @@ def test_asking_for_someone_to_help_or_call_back_asks_for_a_person(text: str):
     [
         "please don't call me back, email is fine",
         "no need to call me back",
+        "You don't need to call me back",
+        "Don't bother to call me back",
+        "The courier said he would call me back",
+        "Can someone email me a receipt?",
+        "快递员打电话给我说放驿站了",
+        "你们的人工客服电话是多少",
+        "我会拒付吗？",
         "不用给我回电话",
         "can someone else pick up the parcel for me",
         "is there anyone who can sign for it if i'm out",
