@@ -670,15 +670,27 @@ class AssistantProcessor:
         acks: list[asyncio.Future[Any]] = []
         for job, understood, i in items:
             item = (await understood)[i]
-            if self._closed(job.event) or await self._closing(job.event):
-                # Closed later in this batch (its close is past this message in the log), or being
-                # closed: the bot says nothing after the close, as to a message after it.
+            if self._closed(job.event):
+                # Closed later in this batch (its close is past this message in the log): the bot
+                # says nothing after the close, as to a message after it.
+                log.debug(
+                    "assistant: %s closed in its batch; message %s not answered",
+                    job.event.conversation_id,
+                    job.event.event_id,
+                )
                 break
             decided = await self._decide(job, item.intent, item.hits)
             if await self._closing(job.event):
-                # The close was asked for while the bot decided: the ingress holds the conversation
-                # before it publishes the close, so a decision sent now would most likely follow it.
-                # (Sent just before the hold, it may still land after the close.)
+                # Closed since `_undecided` read the hot view, or while the bot decided: the ingress
+                # holds the conversation before it publishes the close, so a decision sent now would
+                # most likely follow it. (Sent just before the hold, it may still land after the
+                # close; the sessions fold leaves it out.) Reply deltas streamed by `_decide` were
+                # shown meanwhile.
+                log.debug(
+                    "assistant: %s closed; message %s not answered",
+                    job.event.conversation_id,
+                    job.event.event_id,
+                )
                 break
             for event in decided:
                 acks.append(

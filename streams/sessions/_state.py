@@ -282,7 +282,11 @@ class Fold:
             self._advance(event, position, occurred_ns, count=False)
             return False, 0
         sequence = 0
-        if self.status == STATUS_CLOSED and kind in ("reply_generated", "handoff_requested"):
+        if self.status == STATUS_CLOSED and kind in (
+            "reply_generated",
+            "handoff_requested",
+            "intent_classified",
+        ):
             # The bot's answer to a message of the last instant before the close, sent as the
             # close was published (streams/assistant: the bot checks the close's hold before it
             # sends): the conversation is over; not counted, not queued for an agent.

@@ -105,7 +105,10 @@ def test_the_bots_answer_or_hand_off_after_the_close_is_not_counted_or_queued():
         "acme", "c1", reply_generated=events_pb2.ReplyGenerated(message_event_id="m", text="hi")
     )
     handoff = new_event("acme", "c1", handoff_requested=events_pb2.HandoffRequested(queue="general"))
-    state = fold_all([started(), message("a"), closed(), reply, handoff])
+    intent = new_event("acme", "c1", intent_classified=events_pb2.IntentClassified(intent="refund"))
+    before = fold_all([started(), message("a"), closed()])
+    state = fold_all([started(), message("a"), closed(), intent, reply, handoff])
+    assert state.last_intent == before.last_intent and state.event_count == before.event_count
     assert state.status == STATUS_CLOSED and state.message_count == 1 and state.bot_message_count == 0
     assert state.mode == "bot" and state.handoff_count == 0 and state.queue == ""
     # Before the close they count as ever.
