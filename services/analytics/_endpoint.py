@@ -64,6 +64,7 @@ from services.analytics._guard import (
     authenticate,
     browser_refusal,
     credentials,
+    reader_database_refusal,
     reader_refusal,
     reader_setting_refusal,
     reader_settings,
@@ -1187,7 +1188,11 @@ class QueryEndpoint:
                 164,
             )
         # (A SET is checked by what it changed: ChdbQueryEngine._remember.)
-        refusal = reader_refusal(parsed.sql) or reader_setting_refusal(parsed.settings)
+        refusal = (
+            reader_refusal(parsed.sql)
+            or reader_database_refusal(parsed.database, parsed.sql if kind == "USE" else "")
+            or reader_setting_refusal(parsed.settings)
+        )
         if refusal is not None:
             raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
         # ClickHouse's read-only mode proper (readonly=1): table functions that reach files,

@@ -66,11 +66,12 @@ _INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
 # Facts of the host rather than of the data: its paths, name, kernel, disks, server settings and
 # any stored credentials (the engine runs in the analytics process, as its user).
 _HOST_FACT = re.compile(
-    r"\b(?:getServerSetting|getMergeTreeSetting|hostName|fqdn|getMacro|getOSKernelVersion|serverUUID"
-    r"|displayName|filesystem(?:Available|Capacity|Unreserved|Free)|getClientHTTPHeader|tcpPort)\s*\("
+    r"\b(?:getServerSetting|getMergeTreeSetting|hostName|fqdn|fullHostName|getMacro|getOSKernelVersion|serverUUID"
+    r"|displayName|filesystem(?:Available|Capacity|Unreserved|Free)|getClientHTTPHeader|tcpPort|buildId)\s*\("
     r"|\bsystem`?\s*\.\s*`?(?:disks|server_settings|storage_policies|user_directories|named_collections"
     r"|build_options|macros|filesystem_cache\w*|stack_trace|symbols|certificates|server_settings\w*"
-    r"|s3_queue\w*|azure_queue\w*|models|users|roles|grants|settings_profiles|quotas\w*|row_policies)\b",
+    r"|s3_queue\w*|azure_queue\w*|models|users|roles|grants|settings_profiles?\w*|quotas?\w*|row_policies"
+    r"|enabled_roles|current_roles|role_grants|processes|user_processes|errors|merge_tree_settings)\b",
     re.IGNORECASE,
 )
 
@@ -208,6 +209,24 @@ def authenticate(policy: EndpointPolicy, user: str, password: str) -> bool | Ten
         "password) writes. (UNKNOWN_USER)",
         401,
     )
+
+
+_SYSTEM_DATABASE = re.compile(r"^\s*(?:USE\s+)?`?(?:system|information_schema)`?\s*;?\s*$", re.IGNORECASE)
+
+
+def reader_database_refusal(database: str, use: str) -> Refusal | None:
+    """A reader may not make a system database its current one (the URL's `database`, or USE): its
+    host-fact tables would then go by bare names (`disks`, `server_settings`) past `_HOST_FACT`
+    (review, twenty-sixth session). System tables are named in full: system.tables."""
+    for name in (database, use):
+        if name and _SYSTEM_DATABASE.match(name):
+            return Refusal(
+                497,
+                "a reader names system tables in full (system.tables, system.columns); the system "
+                "databases as the current one are for the admin user only. (ACCESS_DENIED)",
+                403,
+            )
+    return None
 
 
 def reader_refusal(sql: str) -> Refusal | None:

@@ -236,6 +236,11 @@ def test_what_the_engines_formatting_changes_reads_the_same(system: System) -> N
         ("SELECT path FROM `system`.`disks`", "ACCESS_DENIED"),
         ("SELECT * FROM system . server_settings WHERE name = 'path'", "ACCESS_DENIED"),
         ("SELECT filesystemAvailable()", "ACCESS_DENIED"),
+        # Review (twenty-sixth session): the system database as the current one, bare names.
+        ("USE system", "ACCESS_DENIED"),
+        ("USE `INFORMATION_SCHEMA`", "ACCESS_DENIED"),
+        ("SELECT fullHostName()", "ACCESS_DENIED"),
+        ("SELECT query FROM system.processes", "ACCESS_DENIED"),
     ],
 )
 def test_what_a_reader_sends_is_checked_as_the_engine_parses_it(system: System, sql: str, code: str) -> None:
@@ -324,4 +329,20 @@ async def test_the_projector_keeps_writing(system: System, stub: Any, tenant: st
         1,
         what="the start projected",
         t=tenant,
+    )
+
+
+@pytest.mark.parametrize("database", ["system", "SYSTEM", "information_schema"])
+def test_a_reader_may_not_make_a_system_database_its_current_one(system: System, database: str) -> None:
+    """With `?database=system` the host's disks were `SELECT path FROM disks`, a bare name past the
+    check of system table names (review, twenty-sixth session)."""
+    status, body, _ = http(
+        system, q("SELECT name, path FROM disks") + f"&database={database}", headers=CLIENT
+    )
+    assert status == 403 and "ACCESS_DENIED" in body, (status, body)
+    assert "/tmp/" not in body and "/var/" not in body and "/work/" not in body, body
+    # Named in full, the catalogues stay readable (Grafana's and the drivers' own queries).
+    client = reader(system)
+    assert (
+        client.query("SELECT count() FROM system.tables WHERE database = 'switchboard'").result_rows[0][0] > 0
     )
