@@ -150,7 +150,7 @@ async def test_an_archive_that_still_maps_is_kept_when_kafka_dies_starting_for_a
         meta.write_text(good)
     said = [r.getMessage() for r in caplog.records]
     # Tried again without the archive (and died again, of the same cause), ...
-    assert any("starting it without" in m for m in said), said
+    assert any("starting it once more without its class-data archive" in m for m in said), said
     # ... and the archive was checked (it maps, its checksums are right) and kept for the next
     # starts, of this stack and of every stack sharing its install dir.
     assert any("class-data archive is kept" in m for m in said), said
