@@ -16,8 +16,8 @@ F_STATE = "state"  # JSON of ConversationState, written by the sessions worker o
 F_CURSOR = "cursor"  # live-stream id of the last event folded into F_STATE
 F_CREATED_NS = "created_ns"  # written by the ingress once the start event is durable
 F_CLOSED_NS = "closed_ns"  # written by the ingress once the close event is durable
-# While a close is under way: until when (Redis TIME, ms) the close holds the conversation. Sends
-# are refused while it holds, in every ingress process (see `inflight_key`).
+# While a close is under way: until when (Redis TIME, ms) the close holds the conversation, as
+# "<until>:<owner>". Sends are refused while it holds, in every ingress process (see `inflight_key`).
 F_CLOSING = "closing"
 F_CHANNEL = "channel"
 F_CUSTOMER = "customer_id"
@@ -250,3 +250,9 @@ def decode_claim(raw: bytes) -> tuple[str, int, int, str] | None:
         return None
     event_id, partition, offset, *rest = raw.decode().split("|")
     return event_id, int(partition), int(offset), rest[0] if rest else ""
+
+
+def close_hold_until_ms(value: bytes | None) -> int:
+    """Until when (Redis TIME, ms) an F_CLOSING value holds the conversation; 0 for no hold."""
+    until = re.match(rb"\d+", value) if value else None
+    return int(until.group(0)) if until is not None else 0

@@ -68,7 +68,7 @@ _INTO_OUTFILE = re.compile(r"\bINTO\s+OUTFILE\b", re.IGNORECASE)
 _HOST_FACT = re.compile(
     r"\b(?:getServerSetting|getMergeTreeSetting|hostName|fqdn|fullHostName|getMacro|getOSKernelVersion|serverUUID"
     r"|displayName|filesystem(?:Available|Capacity|Unreserved|Free)|getClientHTTPHeader|tcpPort|buildId)\s*\("
-    r"|\bsystem`?\s*\.\s*`?(?:disks|server_settings|storage_policies|user_directories|named_collections"
+    r"|\bsystem`?\s*\.\s*`?(?:disks|storage_policies|user_directories|named_collections"
     r"|build_options|macros|filesystem_cache\w*|stack_trace|symbols|certificates|server_settings\w*"
     r"|s3_queue\w*|azure_queue\w*|models|users|roles|grants|settings_profiles?\w*|quotas?\w*|row_policies"
     r"|enabled_roles|current_roles|role_grants|processes|user_processes|errors|merge_tree_settings)\b",

@@ -623,10 +623,9 @@ class AssistantProcessor:
                     (event.tenant_id, event.conversation_id), _Conversation()
                 ).closed = True
                 return True
-            # A hold is "<until, Redis TIME in ms>:<owner>"; one past its time is no hold (a close
-            # that failed and whose process could not release it).
-            until = re.match(rb"\d+", holding) if holding else None
-            held = until is not None and int(until.group(0)) > int(seconds) * 1000 + int(micros) // 1000
+            # A hold past its time is no hold (a close that failed and whose process could not
+            # release it).
+            held = hv.close_hold_until_ms(holding) > int(seconds) * 1000 + int(micros) // 1000
             if not held or time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(CLOSE_HOLD_POLL_S)
