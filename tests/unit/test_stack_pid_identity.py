@@ -71,4 +71,3 @@ def test_a_pid_file_of_the_previous_version_is_still_read(server: tuple[int, Pat
     pid_path.write_text(f"{pid}\n")  # no start recorded: the file's time is compared, as before
     assert _process.read_pid(pid_path) == (pid, pid_path.stat().st_mtime)
     assert _process.running_pid(pid_path, SLEEP) == pid
-
