@@ -166,7 +166,7 @@ class Settings(BaseSettings):
     # done, it takes over the moment the process dies (services/runner.py). A start is CPU-bound
     # (~1 s of CPU for a worker, several seconds of wall time on a busy machine); a spare skips it.
     warm_spares: str = "sessions,assistant"
-    batch_size: int = Field(default=500, ge=1)
+    batch_size: int = Field(default=2000, ge=1)
     # Each ClickHouse insert has a fixed cost (~20-40 ms on chdb here), so the projector takes
     # bigger batches than the sessions worker (filled for up to 0.5 s, streams/projector/_agent.py).
     projector_batch_size: int = Field(default=20_000, ge=1)
