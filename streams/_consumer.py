@@ -133,10 +133,16 @@ class Processor(Protocol):
         """Partitions were taken away (the batch in hand is finished by then)."""
 
     async def process(self, records: Sequence[Record]) -> Rejected:
-        """Apply the records (in offset order per partition); return once the result is durable.
+        """Apply the records (in offset order per partition); return once the result is durable,
+        or once it is under way and `pending_write` hands over what to await (optional).
 
         Records a pure step refused (undecodable, a fold or row builder that raised) are returned
-        with their error, to be dead-lettered; everything else must be applied."""
+        with their error, to be dead-lettered; everything else must be applied.
+
+        A processor may also have `pending_write() -> Awaitable | None`, asked right after each
+        `process` that the consumer will commit: the batch's write still under way (the
+        projector's insert, while the next batch's rows are built). The commit waits for it; if
+        it fails, nothing is committed and the consumer starts again from its last commit."""
 
     async def idle(self, consumer: PartitionControl) -> None:
         """Called when a poll returned nothing: a place for periodic checks."""
@@ -424,6 +430,8 @@ class BatchConsumer:
                     done = await self._apply(records)
                     if not done:
                         return
+                # What the batch still has under way (a projector's insert), awaited by its commit.
+                pending = self._pending_write()
                 # The previous batch's commit has had this batch's fetch and apply to complete;
                 # this batch's goes on while the next one is fetched and applied (one commit
                 # under way at a time, so they land in order). Still only after `process`
@@ -431,7 +439,7 @@ class BatchConsumer:
                 # for it (`_revoked`).
                 committed = await self._commit_done()
                 if committed:
-                    self._committing = asyncio.ensure_future(self._commit(records))
+                    self._committing = asyncio.ensure_future(self._commit(records, pending))
             if not committed and not await self._restart_or_stop():
                 break
 
@@ -842,9 +850,30 @@ class BatchConsumer:
                 raise _Stopped
             delay = min(delay * 2, RETRY_MAX_S)
 
-    async def _commit(self, records: Sequence[Record]) -> bool:
-        """Commit the batch's offsets; False when Kafka's client did not complete the commit
-        within COMMIT_BOUND_S (the caller starts the consumer again)."""
+    def _pending_write(self) -> Awaitable[Any] | None:
+        pending_write = getattr(self._processor, "pending_write", None)
+        return None if pending_write is None else pending_write()
+
+    async def _commit(self, records: Sequence[Record], pending: Awaitable[Any] | None = None) -> bool:
+        """Commit the batch's offsets once what `process` left under way for it (`pending`) is
+        done; False when that failed, or when Kafka's client did not complete the commit within
+        COMMIT_BOUND_S (the caller starts the consumer again: the records since the last commit
+        are applied again)."""
+        if pending is not None:
+            try:
+                # Shielded: a commit cancelled (the run's end) leaves the write to finish.
+                await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error(
+                    "%s: a write of batch %s failed after it was processed (%r); not committing it, "
+                    "starting the consumer again: the batch is applied again",
+                    self._processor.name,
+                    _span(records),
+                    exc,
+                )
+                return False
         assert self._consumer is not None
         last: dict[int, int] = {}
         for r in records:
