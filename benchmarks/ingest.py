@@ -192,8 +192,10 @@ def make_plan(quick: bool, seconds: float | None) -> Plan:
             conversations=200,
             # As large as the full run's: at 60k the projector's three 20k-event batches were
             # done 1.2 s after the first, too short for a steady rate (10% -> 90% in >= 1.5 s),
-            # so its row was the rate including the process's start-up.
-            backlog=100_000,
+            # so its row was the rate including the process's start-up. At 100k, once the
+            # projector inserted during the next batch's build, it was 1.3-1.75 s (five batches,
+            # its count read between inserts): 200k.
+            backlog=200_000,
             backlog_conversations=2_500,
             catchup_limit_s=120.0,
             probe_rates=(2_000, 5_000, 10_000),
@@ -208,7 +210,7 @@ def make_plan(quick: bool, seconds: float | None) -> Plan:
         deep_stream=(1000,),
         batch_levels=(1, 4),
         conversations=200,
-        backlog=100_000,
+        backlog=200_000,
         backlog_conversations=2_500,
         catchup_limit_s=300.0,
         probe_rates=(2_000, 5_000, 10_000),
