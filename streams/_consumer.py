@@ -180,7 +180,8 @@ class ConsumerStats:
     # Per partition: the next offset to apply, and the log end seen at the last poll.
     position: dict[int, int] = field(default_factory=dict)
     last_poll_monotonic: float = 0.0
-    # Times the stall watchdog started the Kafka consumer again.
+    # Times the Kafka consumer was started again: the stall watchdog, a commit not completed
+    # within COMMIT_BOUND_S, or a write that failed after its batch was processed.
     restarts: int = 0
     # Since when (monotonic) the consumer has been joining its group without an assignment.
     joining_since: float | None = None
@@ -374,7 +375,9 @@ class BatchConsumer:
         watching = asyncio.ensure_future(self._watch_joins())
         try:
             await self._run()
-            # The last batch's commit (bounded by STOP_GRACE_S once stopping).
+            # The last batch's commit (bounded by STOP_GRACE_S once stopping), after the write it
+            # waits for (a projector's insert under way: not bounded, as an insert inside
+            # `process` never was).
             await self._commit_done()
         finally:
             watching.cancel()
@@ -712,6 +715,10 @@ class BatchConsumer:
         or (a batch of one) the processor's health probe passes. When every part fails the same
         way the fault is the sink's, not the data's: returns None and the batch is retried as an
         outage. False: stopping with the batch unfinished."""
+        inline_writes = getattr(self._processor, "inline_writes", None)
+        if inline_writes is not None:
+            # Each part's write is done when `process` returns: a part "applied" is applied.
+            inline_writes()
         poison: list[tuple[Record, BaseException]] = []
         applied = 0
         dead = 0  # dead-lettered as they were found
@@ -866,6 +873,7 @@ class BatchConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self.stats.failures += 1
                 log.error(
                     "%s: a write of batch %s failed after it was processed (%r); not committing it, "
                     "starting the consumer again: the batch is applied again",

@@ -385,7 +385,8 @@ class _ConsumerCollector(Collector):
         )
         restarts = CounterMetricFamily(
             "switchboard_consumer_restarts",
-            "Kafka consumers started again by the stall watchdog (fetching had stopped with records waiting)",
+            "Kafka consumers started again: fetching had stopped with records waiting, a commit did not "
+            "complete, or a write failed after its batch was processed (the batch is applied again)",
             labels=["processor"],
         )
         joining = GaugeMetricFamily(

@@ -10,8 +10,8 @@ deduplicates (see schemas/clickhouse).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -33,9 +33,6 @@ log = logging.getLogger(__name__)
 # insert: ~15-20 ms per table here whatever its size), so the projector waits up to this long for
 # a fuller batch; it bounds how long an event waits before it is visible in ClickHouse.
 LINGER_S = 0.5
-# After an insert that failed while the next batch was being built: how long inserts are made
-# inside `process` again (ProjectorProcessor).
-OVERLAP_PAUSE_S = 60.0
 
 
 @dataclass(slots=True)
@@ -95,11 +92,16 @@ def _rows_of(records: Sequence[R]) -> tuple[ProjectionBatch, list[tuple[R, BaseE
 class ProjectorProcessor:
     """`overlap_inserts`: a batch's insert runs (in its thread) while the next batch's rows are
     built; `process` returns with it under way and the consumer's commit waits for it
-    (`pending_write`). One insert at a time, in batch order. After an insert that failed so,
-    inserts are made inside `process` again for OVERLAP_PAUSE_S, so that an outage is retried and
-    a row ClickHouse refuses for good is found and dead-lettered as before (a failure seen only by
-    a commit would only start the consumer again, over and over). Measured: RESULTS.md,
-    "The projector builds the next batch while this one inserts"."""
+    (`pending_write`). One insert at a time, in batch order.
+
+    After an insert that failed so, inserts are made inside `process` again until the records of
+    the failed batch have been applied again that way (the consumer starts again from its last
+    commit, so they come again, unless their partition went to another member): an outage is then
+    retried in place, and a row ClickHouse refuses for good is isolated and dead-lettered, as
+    without the overlap. (A failure seen only by a commit would start the consumer again, over
+    and over.) A batch the consumer isolates a poison record in is inserted inside `process` too
+    (`inline_writes`). Measured: RESULTS.md, "The projector builds the next batch while this one
+    inserts"."""
 
     name = "projector"
 
@@ -112,16 +114,27 @@ class ProjectorProcessor:
         self._erasures = erasures
         self._overlap = overlap_inserts
         self._inflight: asyncio.Task[int] | None = None  # the last insert started, until awaited
-        # Inserts of batches processed since the consumer last asked (its commit awaits them all:
-        # a batch isolating a poison record is processed in parts before one commit).
+        # Inserts of batches processed since the consumer last asked (its commit awaits them all).
         self._pending: list[asyncio.Task[int]] = []
-        self._inline_until = 0.0
+        # Inline until these (partition -> last offset of a batch whose deferred insert failed)
+        # are applied inline again: `_inline_done` is how far inline inserts have got since the
+        # consumer was assigned its partitions again (it starts again after such a failure, from
+        # its last commit; batches processed before that do not count).
+        self._inline_through: dict[int, int] = {}
+        self._inline_done: dict[int, int] = {}
+        self._reassigned = True
+        self._isolating = False
 
     async def on_assigned(self, partitions: set[int], consumer: PartitionControl) -> None:
         # The erasure registry's read begins with the consumer (as the sessions worker's does),
         # so the first batch seldom waits for it; process() still waits for it, bounded.
         if self._erasures is not None:
             self._erasures.begin()
+        # A partition that went to another member is applied again there, not here.
+        for p in [p for p in self._inline_through if p not in partitions]:
+            del self._inline_through[p]
+        self._inline_done.clear()
+        self._reassigned = True
         # Kafka's committed offsets are the projector's position: ClickHouse deduplicates anything
         # applied again after them.
 
@@ -132,51 +145,94 @@ class ProjectorProcessor:
         return None
 
     async def healthy(self) -> bool:
+        await self._previous_insert()  # the client is not for concurrent use
         await asyncio.to_thread(self._client.query, f"SELECT count() FROM {DATABASE}.events WHERE 0")
         return True
 
+    def inline_writes(self) -> None:
+        """The consumer is isolating a failing record: until `pending_write`, each part's insert
+        is made inside `process`, so its failure is the part's."""
+        self._isolating = True
+
     async def process(self, records: Sequence[Record]) -> Rejected:
+        last = _last_offsets(records)
         if self._erasures is not None:
             await self._erasures.start()
             records = self._erasures.erasures.filter(list(records))
         rows, rejected = rows_of(records)  # while the previous batch's insert runs
-        if self._inflight is not None:
-            # One insert at a time, in order. Its outcome is its own commit's to see.
-            await asyncio.wait({self._inflight})
-            self._inflight = None
-        if self._overlap and time.monotonic() >= self._inline_until:
+        # One insert at a time, in order. Its outcome is its own commit's to see (a failure has
+        # made `_inline_through` non-empty by now: done callbacks run before this resumes).
+        await self._previous_insert()
+        if self._overlap and not self._inline_through and not self._isolating:
             task = asyncio.ensure_future(insert_batch(self._client, rows))
-            task.add_done_callback(self._inserted)
+            task.add_done_callback(functools.partial(self._inserted, last=last))
             self._inflight = task
             self._pending.append(task)
         else:
             self.stats.rows += await insert_batch(self._client, rows)
+            if self._reassigned:
+                for p, o in last.items():
+                    self._inline_done[p] = max(self._inline_done.get(p, -1), o)
         self.stats.batches += 1
         self.stats.events += len(records) - len(rejected)
         self.stats.dead_lettered += len(rejected)
         return rejected
 
+    async def _previous_insert(self) -> None:
+        if self._inflight is not None:
+            await asyncio.wait({self._inflight})
+            self._inflight = None
+
     def pending_write(self) -> Awaitable[Any] | None:
-        """The inserts of the batches processed since the last call, still to be awaited."""
+        """The inserts of the batches processed since the last call, still to be awaited. Called
+        once the consumer has applied a batch whole (isolation included)."""
+        self._isolating = False
+        if (
+            self._inline_through
+            and self._reassigned
+            and all(self._inline_done.get(p, -1) >= o for p, o in self._inline_through.items())
+        ):
+            log.info("projector: the batch whose insert failed is applied again; overlapping inserts again")
+            self._inline_through.clear()
+            self._inline_done.clear()
         pending, self._pending = self._pending, []
         if not pending:
             return None
-        return pending[0] if len(pending) == 1 else asyncio.gather(*pending)
+        if len(pending) == 1:
+            return pending[0]
+        gathered = asyncio.gather(*pending)
+        gathered.add_done_callback(_retrieved)  # also when no commit ever awaits it
+        return gathered
 
-    def _inserted(self, task: asyncio.Task[int]) -> None:
+    def _inserted(self, task: asyncio.Task[int], last: dict[int, int]) -> None:
         if task.cancelled():
             return
         error = task.exception()  # read here: a failure whose commit never came is not "never retrieved"
         if error is None:
             self.stats.rows += task.result()
             return
-        self._inline_until = time.monotonic() + OVERLAP_PAUSE_S
+        for p, o in last.items():
+            self._inline_through[p] = max(self._inline_through.get(p, -1), o)
+        self._inline_done.clear()
+        self._reassigned = False
         log.warning(
             "projector: an insert failed after its batch was processed (%r); inserting inside each "
-            "batch for the next %.0fs",
+            "batch until its records are applied again",
             error,
-            OVERLAP_PAUSE_S,
         )
+
+
+def _last_offsets(records: Sequence[Record]) -> dict[int, int]:
+    last: dict[int, int] = {}
+    for r in records:
+        if r.offset > last.get(r.partition, -1):
+            last[r.partition] = r.offset
+    return last
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def projector_consumer(

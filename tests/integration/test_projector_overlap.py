@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from clickhouse_connect.driver.exceptions import OperationalError
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from switchboard.v1 import events_pb2 as pb
 
 from schemas.events import encode_event, new_event
@@ -34,17 +34,31 @@ EVENTS = 15
 BATCH = 5
 
 
-class WatchedClient:
-    """The real chdb client; each insert takes `delay_s` longer, the first insert of a batch
-    holding offset `fail_offset` fails once, and the highest offset each table holds is noted."""
+# The tables MessageReceived events have rows in, with their offsets.
+TABLES = ("raw_messages", "raw_events")
 
-    def __init__(self, real: Any, delay_s: float = 0.0, fail_offset: int | None = None) -> None:
+
+class WatchedClient:
+    """The real chdb client; each insert takes `delay_s` longer, an insert holding offset
+    `fail_offset` in table `fail_table` fails (once, or every time: a row ClickHouse refuses for
+    good), and the highest offset each table holds is noted."""
+
+    def __init__(
+        self,
+        real: Any,
+        delay_s: float = 0.0,
+        fail_offset: int | None = None,
+        fail_table: str = TABLES[0],
+        refused_for_good: bool = False,
+    ) -> None:
         self._real = real
         self.delay_s = delay_s
         self.fail_offset = fail_offset
+        self.fail_table = fail_table
+        self.refused_for_good = refused_for_good
         self.failed = 0
         self.lock = threading.Lock()
-        self.inserted: dict[str, int] = {}  # table -> highest offset inserted
+        self.inserted: dict[str, int] = dict.fromkeys(TABLES, -1)  # table -> highest offset inserted
         self.insert_spans: list[tuple[float, float]] = []
 
     def create_insert_context(self, **kwargs: Any) -> Any:
@@ -52,25 +66,32 @@ class WatchedClient:
 
     def insert(self, context: Any) -> Any:
         began = time.monotonic()
+        table = str(context.table).split(".")[-1].strip("`")
         names = list(context.column_names)
         # (conversation_facts has no offset column: its rows are not told apart here.)
         offsets = list(context.data[names.index("offset")]) if "offset" in names else [-1]
-        if self.fail_offset in offsets and not self.failed:
-            self.failed += 1
-            raise OperationalError("injected: ClickHouse went away during the insert")
+        if table == self.fail_table and self.fail_offset in offsets:
+            if self.refused_for_good:
+                self.failed += 1
+                raise DatabaseError(
+                    "injected: Code: 27. Cannot parse input (CANNOT_PARSE_INPUT_ASSERTION_FAILED)"
+                )
+            if not self.failed:
+                self.failed += 1
+                raise OperationalError("injected: ClickHouse went away during the insert")
         if self.delay_s:
             time.sleep(self.delay_s)  # a busy ClickHouse, in the insert's own thread
         result = self._real.insert(context=context)
         with self.lock:
             if "offset" in names:
-                self.inserted[context.table] = max(self.inserted.get(context.table, -1), max(offsets))
+                self.inserted[table] = max(self.inserted.get(table, -1), max(offsets))
             self.insert_spans.append((began, time.monotonic()))
         return result
 
     def through(self) -> int:
-        """Offsets below this are in every table with offsets that got rows."""
+        """Offsets below this are in every table the events have rows in."""
         with self.lock:
-            return min(self.inserted.values(), default=-1) + 1
+            return min(self.inserted.values()) + 1
 
 
 class Timed(ProjectorProcessor):
@@ -107,7 +128,7 @@ def events(tenant: str) -> list[bytes]:
     ]
 
 
-def rows_of(client: Any, tenant: str) -> int:
+def rows_of(client: Any, tenant: str) -> int:  # (distinct events: the view deduplicates)
     return int(
         client.query(
             "SELECT count() FROM switchboard.events WHERE tenant_id = {t:String}", parameters={"t": tenant}
@@ -121,6 +142,7 @@ async def run(
     monkeypatch: pytest.MonkeyPatch,
     client: WatchedClient,
     tenant: str,
+    expected_rows: int = EVENTS,
 ) -> tuple[Timed, Commits, BatchConsumer]:
     settings = await fresh_topic(local_stack, "projoverlap")
     async with started_producer(settings) as producer:
@@ -132,7 +154,7 @@ async def run(
         real = process_chdb(factory)[1]
         await eventually(
             lambda: asyncio.to_thread(rows_of, real, tenant),
-            lambda n: n == EVENTS,
+            lambda n: n == expected_rows,
             within_s=60,
             what="every event in ClickHouse",
         )
@@ -169,8 +191,33 @@ async def test_an_insert_failing_after_its_batch_was_processed_is_not_committed_
     client = WatchedClient(process_chdb(tmp_path_factory)[1], delay_s=0.1, fail_offset=BATCH)
     _, commits, consumer = await run(local_stack, tmp_path_factory, monkeypatch, client, tenant)
     assert client.failed == 1
+    assert consumer.stats.dead_lettered == 0
     for offset, inserted in commits.seen:
         assert offset <= inserted, commits.seen
     # The failure was seen by the commit of its batch: the consumer started again from the last
     # commit and the batch was applied again (the count above is exact: the views deduplicate).
     assert consumer.stats.restarts >= 1
+
+
+@pytest.mark.timeout(180)
+async def test_a_row_refused_for_good_by_a_deferred_insert_is_dead_lettered_not_retried_forever(
+    local_stack: Settings, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review (s27): were the insert after such a failure deferred again, its failure would only be
+    # seen by a commit, the consumer would start again, and so on for good. Inline again until the
+    # failed batch is applied again, the consumer finds the record (inserts fail on raw_events,
+    # after raw_messages took the batch's rows) and dead-letters it.
+    tenant = f"t{uuid.uuid4().hex[:12]}"
+    bad = BATCH + 2
+    client = WatchedClient(
+        process_chdb(tmp_path_factory)[1], fail_offset=bad, fail_table="raw_events", refused_for_good=True
+    )
+    _, commits, consumer = await run(
+        local_stack, tmp_path_factory, monkeypatch, client, tenant, expected_rows=EVENTS - 1
+    )
+    assert consumer.stats.dead_lettered == 1
+    assert consumer.stats.restarts == 1
+    for offset, inserted in commits.seen:
+        # (The dead-lettered record's offset is never in raw_events: it counts as done once
+        # dead-lettered, so commits past it are checked against the rows after it.)
+        assert offset <= inserted or offset > bad, commits.seen
