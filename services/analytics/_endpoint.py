@@ -58,12 +58,14 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from services.analytics._clickhouse import split_statements
 from services.analytics._guard import (
+    MENTIONS_SYSTEM,
     EndpointPolicy,
     Refusal,
     TenantAnalyst,
     authenticate,
     browser_refusal,
     credentials,
+    host_path_refusal,
     reader_database_refusal,
     reader_refusal,
     reader_setting_refusal,
@@ -838,6 +840,8 @@ class ChdbQueryEngine:
         sql = request.sql
         if request.tenant and kind in ("SELECT", "WITH"):
             self._check_tenant_tree(conn, request)
+        elif request.reader and kind in ("SELECT", "WITH") and MENTIONS_SYSTEM.search(sql):
+            self._check_reader_tree(conn, request)
         if request.cancel_tag and kind in ("SELECT", "WITH"):
             # At the end, after a line break: a trailing `-- comment` cannot swallow it, and
             # error positions in the client's own text do not move.
@@ -867,15 +871,26 @@ class ChdbQueryEngine:
     def _check_tenant_tree(self, conn: Any, request: QueryRequest) -> None:
         """Refuse what the tenant filter does not cover, from the engine's own analysis of the
         statement on the tenant's connection (same settings, parameters and database)."""
+        tree = self._tree(conn, request)
+        assert request.objects is not None
+        refusal = tree_refusal(tree, request.objects) or host_path_refusal(tree)
+        if refusal is not None:
+            raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
+
+    def _check_reader_tree(self, conn: Any, request: QueryRequest) -> None:
+        """A reader's statement that names the system database: refused if it reads a path column
+        of a system table (one more query, the engine's analysis, for those statements only)."""
+        refusal = host_path_refusal(self._tree(conn, request))
+        if refusal is not None:
+            raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
+
+    def _tree(self, conn: Any, request: QueryRequest) -> str:
         statements = split_statements(request.sql)
         if len(statements) != 1:
             raise QueryError("Code: 62. DB::Exception: Multi-statements are not allowed. (SYNTAX_ERROR)", 62)
         statement = _TRAILING_FORMAT.sub("", statements[0])
         tree = self._run(conn, f"EXPLAIN QUERY TREE {statement}", "TSVRaw", request.params)
-        assert request.objects is not None
-        refusal = tree_refusal(bytes(tree.bytes() or b"").decode("utf-8", "replace"), request.objects)
-        if refusal is not None:
-            raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
+        return bytes(tree.bytes() or b"").decode("utf-8", "replace")
 
     def _insert(self, conn: Any, request: QueryRequest) -> QueryResult:
         assert request.insert_data is not None

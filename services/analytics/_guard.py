@@ -229,6 +229,33 @@ def reader_database_refusal(database: str, use: str) -> Refusal | None:
     return None
 
 
+# Where a reader's statement names the system database, its analysed tree is checked for the
+# system tables' path columns (`host_path_refusal`).
+MENTIONS_SYSTEM = re.compile(r"\bsystem\b", re.IGNORECASE)
+_TREE_SYSTEM_TABLE = re.compile(r"^\s*TABLE id: (\d+),.*\btable_name: system\.(\w+)", re.MULTILINE)
+_TREE_COLUMN = re.compile(
+    r"^\s*COLUMN id: \d+, column_name: (\w*path\w*), .*\bsource_id: (\d+)", re.MULTILINE | re.IGNORECASE
+)
+
+
+def host_path_refusal(tree: str) -> Refusal | None:
+    """Refuse a statement whose analysed tree (``EXPLAIN QUERY TREE``) reads a path column of a
+    system table: where the engine keeps its data and metadata on the host (system.tables'
+    data_paths and metadata_path, system.databases', system.parts' path, ...). The catalogues stay
+    readable (Grafana lists databases, tables and columns from them); `SELECT *` over one is
+    refused, since the analyzer lists every column it returns."""
+    tables = dict(_TREE_SYSTEM_TABLE.findall(tree))
+    for column, source in _TREE_COLUMN.findall(tree):
+        if source in tables:
+            return Refusal(
+                497,
+                f"system.{tables[source]}.{column} is where the server keeps its files on the host; "
+                "it is for the admin user only (name the columns you need instead of *). (ACCESS_DENIED)",
+                403,
+            )
+    return None
+
+
 def reader_refusal(sql: str) -> Refusal | None:
     """What a read-only user may not run even though the engine's readonly mode allows it."""
     if _INTO_OUTFILE.search(sql):

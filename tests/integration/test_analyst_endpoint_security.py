@@ -346,3 +346,47 @@ def test_a_reader_may_not_make_a_system_database_its_current_one(system: System,
     assert (
         client.query("SELECT count() FROM system.tables WHERE database = 'switchboard'").result_rows[0][0] > 0
     )
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM system.tables WHERE database = 'switchboard'",
+        "SELECT name, data_paths FROM system.tables",
+        "SELECT metadata_path FROM system.databases",
+        "SELECT d.data_path FROM system.databases AS d",
+        "SELECT x FROM (SELECT metadata_path AS x FROM system.tables)",
+        "SELECT path FROM system.parts LIMIT 1",
+        "WITH t AS (SELECT * FROM system.tables) SELECT * FROM t",
+    ],
+)
+def test_a_reader_does_not_learn_where_the_server_keeps_its_files(system: System, sql: str) -> None:
+    """The catalogues' path columns named the data directory on the host (the last open point of the
+    twenty-sixth session's review); checked in the engine's analysis of the statement, so aliases,
+    subqueries, CTEs and `*` are seen as the engine resolves them."""
+    client = reader(system)
+    with pytest.raises(DatabaseError) as caught:
+        client.query(sql)
+    assert "ACCESS_DENIED" in str(caught.value), caught.value
+    status, body, _ = http(system, "/", data=sql.encode(), headers=CLIENT)
+    assert status == 403 and "ACCESS_DENIED" in body, (status, body)
+    assert str(system.settings.data_dir) not in body, body
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # What Grafana's ClickHouse plugin and the drivers ask of the catalogues.
+        "SELECT name FROM system.databases",
+        "SELECT name, engine FROM system.tables WHERE database = 'switchboard'",
+        "SELECT name, type FROM system.columns WHERE database = 'switchboard' AND table = 'raw_events'",
+        "SELECT name FROM (SELECT * FROM system.tables) WHERE database = 'switchboard'",
+        "SELECT version()",
+        # A column of one's own named like a path, beside a catalogue.
+        "SELECT 'a/b' AS path, name FROM system.databases",
+    ],
+)
+def test_the_catalogues_stay_readable_without_their_paths(system: System, sql: str) -> None:
+    result = reader(system).query(sql)
+    assert result.result_rows, sql
+    assert str(system.settings.data_dir) not in repr(result.result_rows)

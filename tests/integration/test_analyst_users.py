@@ -194,6 +194,9 @@ def test_no_setting_lifts_the_filter(endpoint: QueryEndpoint, tenants: tuple[str
         "EXPLAIN ESTIMATE SELECT * FROM switchboard.raw_events",
         "SELECT 1; SELECT * FROM system.processes",
         "INSERT INTO switchboard.raw_events (event_id) VALUES ('x')",
+        # The catalogues' path columns (the host's data directory), as for readers.
+        "SELECT * FROM system.tables WHERE database = 'switchboard'",
+        "SELECT metadata_path FROM system.databases",
     ],
 )
 def test_ways_past_the_filter_are_refused(endpoint: QueryEndpoint, sql: str) -> None:
