@@ -41,7 +41,9 @@ A seventh, benchmarks/data/shop_holdout5_questions.jsonl (160 messages, 80 zh in
 in one, mixed zh-en), `--only holdout5`. An eighth, benchmarks/data/shop_holdout6_questions.jsonl
 (200 messages, 100 zh incl. 11 traditional, 4 of them Cantonese-flavoured, + 100 en; written blind
 from the FAQ alone on 2026-12-04 after every rule change so far: 60 answer, 20 no answer, 20
-hand-off per language), `--only holdout6`.
+hand-off per language), `--only holdout6`. A ninth, benchmarks/data/shop_holdout7_questions.jsonl
+(200 messages, written blind the same way on 2026-12-04 after the eighth's rule changes),
+`--only holdout7`.
 
 With --decisions the training questions are run too (`--only train`): not held out, but a change
 to the decision should not cost what the reranker was fitted on.
@@ -75,6 +77,7 @@ HOLDOUT3 = DATA_DIR / "shop_holdout3_questions.jsonl"
 HOLDOUT4 = DATA_DIR / "shop_holdout4_questions.jsonl"
 HOLDOUT5 = DATA_DIR / "shop_holdout5_questions.jsonl"
 HOLDOUT6 = DATA_DIR / "shop_holdout6_questions.jsonl"
+HOLDOUT7 = DATA_DIR / "shop_holdout7_questions.jsonl"
 
 
 def load_encoder(models_dir: Path, build: bool) -> SentenceEncoder:
@@ -309,6 +312,7 @@ def main() -> None:
             "holdout4",
             "holdout5",
             "holdout6",
+            "holdout7",
             "train",
         ),
         help="run one set (no latency); train: the training questions, run with --decisions",
@@ -369,6 +373,12 @@ def main() -> None:
             args.intent,
         ),
         (
+            "shop FAQ, ninth held-out set (shop_holdout7_questions.jsonl)",
+            documents,
+            questions_from_rows(read_jsonl(HOLDOUT7)),
+            args.intent,
+        ),
+        (
             "shop FAQ, training questions (the reranker was fitted on these: not held out)",
             documents,
             load_questions("train_questions.jsonl"),
@@ -384,6 +394,7 @@ def main() -> None:
         "holdout4": read_jsonl(HOLDOUT4),
         "holdout5": read_jsonl(HOLDOUT5),
         "holdout6": read_jsonl(HOLDOUT6),
+        "holdout7": read_jsonl(HOLDOUT7),
         "train": _package_rows("train_questions.jsonl"),
     }
     classifier = None

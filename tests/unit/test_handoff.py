@@ -364,6 +364,11 @@ def test_pure_and_deterministic():
         "hi, can i speak with someone about a complicated order issue? its hard to explain here",
         "I need a real person",
         "can I talk to someone please",
+        # Held-out set 7's (written blind, benchmarks/data/shop_holdout7_questions.jsonl).
+        "I'd like a person to help me pick a size, im 5'4 and 130lbs",
+        "manager. now.",
+        "could I please speak with one of your team? it's a bit complicated to explain",
+        "我七十多了 眼睛不好 这些按钮都看不清 能不能叫个人打电话教教我",
     ],
 )
 def test_needing_a_human_or_speaking_with_someone_asks_for_a_person(text: str):
@@ -422,6 +427,16 @@ def test_and_their_look_alikes_do_not(text: str):
         "鞋子穿了脚都肿了",
         "盗号了怎么找回账号？",
         "my account is compromised",
+        # Held-out set 7's (written blind): harm, a takeover, fraud, bereavement, a person in crisis.
+        "小孩把耳机上掉下来的小零件吞下去了 现在在医院",
+        "我账号被人登了 余额被花光了 手机号都被改了",
+        "有人说是你们客服打电话让我转账退款 我已经转了3000 是不是你们的人",
+        "最近真的撑不下去了 买个东西都出问题 活着好累",
+        "你哋個保溫杯爆咗 熱水淋到我隻手 好痛",
+        "got an email from 'your support' asking for my card details and i gave them, was that you??",
+        "my husband passed away and im trying to close his account and sort out his orders, i dont know where to start",
+        "im in a really bad place rn, this was a gift for my mom's funeral and it's not here",
+        "我被骗了",
     ],
 )
 def test_an_incident_only_a_person_can_take_on_hands_off_whatever_the_question(text: str):
@@ -471,6 +486,17 @@ def test_an_incident_only_a_person_can_take_on_hands_off_whatever_the_question(t
         "Do you have the rash guard in medium?",
         "got burns ointment in stock?",
         "My wife went to the hospital so I missed the delivery, can you redeliver",
+        # Look-alikes of set 7's rules: feared, asked, a product, a word inside another.
+        "这个保温杯会不会爆",
+        "宝宝能吃这个吗 会不会吞下去",
+        "怕被骗了 你们官方客服电话是多少",
+        "热水壶能烧开水吗",
+        "do you sell funeral flowers",
+        "I'd like a personalized engraving on the watch",
+        "this dress is to die for",
+        "have I been scammed? I got an email about a refund",
+        "can I speak with your sales team about bulk orders",
+        "Is the manager's special still on?",
     ],
 )
 def test_asking_about_harm_or_fearing_it_is_not_an_incident(text: str):
@@ -530,4 +556,5 @@ def test_a_chargeback_threat_without_an_apostrophe_or_in_chinese_is_a_complaint(
 
 def test_asking_when_the_agents_work_is_not_by_its_words_a_request():
     assert asks_for_human("人工客服几点上班？周末有人吗") is None
+    assert asks_for_human("你们人工几点下班啊 我晚上十点后才有空 先问问") is None  # set 7
     assert asks_for_human("人工客服") is not None
