@@ -171,7 +171,7 @@ def decide(
     out = []
     for text, intent in zip(texts, classifier.classify(texts), strict=True):
         hits = index.search(text, SEARCH_LIMIT, intent.label)
-        relevant = grounding(hits, intent)
+        relevant = grounding(hits, intent, text)
         verdict = IntentDecision(intent.label, float(intent.confidence))
         if decide_handoff(text=text, intent=verdict, answered=bool(relevant)) is not None:
             out.append(("handoff", "", ()))
