@@ -256,8 +256,44 @@ def host_path_refusal(tree: str) -> Refusal | None:
     return None
 
 
+# A query parameter naming the system database (`{db:Identifier}.disks` with param_db=system) would
+# reach system tables past every check of the statement's text (review, twenty-seventh session).
+_SYSTEM_PARAMETER = re.compile(r"^\s*[`\"']?(?:system|information_schema)[`\"']?\s*(?:\.|$)", re.IGNORECASE)
+_SHOW_PROCESSLIST = re.compile(r"\bSHOW\s+(?:FULL\s+)?PROCESSLIST\b", re.IGNORECASE)
+
+
+def reader_parameter_refusal(params: Mapping[str, str]) -> Refusal | None:
+    for name, value in params.items():
+        if _SYSTEM_PARAMETER.match(value):
+            return Refusal(
+                497,
+                f"query parameter {name} names the system database; a reader names system tables in "
+                "full in the statement (system.tables). (ACCESS_DENIED)",
+                403,
+            )
+    return None
+
+
+def reader_explain_refusal(kind: str, sql: str) -> Refusal | None:
+    """EXPLAIN of a statement that names the system database: the engine evaluates its scalar
+    subqueries while analysing, and prints their values (a path column's value among them)."""
+    if kind == "EXPLAIN" and MENTIONS_SYSTEM.search(sql):
+        return Refusal(
+            497,
+            "EXPLAIN of a statement that reads the system tables is for the admin user only. (ACCESS_DENIED)",
+            403,
+        )
+    return None
+
+
 def reader_refusal(sql: str) -> Refusal | None:
     """What a read-only user may not run even though the engine's readonly mode allows it."""
+    if _SHOW_PROCESSLIST.search(sql):
+        return Refusal(
+            497,
+            "SHOW PROCESSLIST lists every user's queries; it is for the admin user only. (ACCESS_DENIED)",
+            403,
+        )
     if _INTO_OUTFILE.search(sql):
         return Refusal(
             164, "Cannot execute query in readonly mode: INTO OUTFILE writes on the server. (READONLY)", 403

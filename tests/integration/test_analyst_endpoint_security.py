@@ -390,3 +390,38 @@ def test_the_catalogues_stay_readable_without_their_paths(system: System, sql: s
     result = reader(system).query(sql)
     assert result.result_rows, sql
     assert str(system.settings.data_dir) not in repr(result.result_rows)
+
+
+@pytest.mark.parametrize(
+    ("sql", "params"),
+    [
+        # Review (twenty-seventh session): the system database as a query parameter passed every
+        # check of the statement's text, old (system.disks, system.processes) and new (paths).
+        ("SELECT name, data_path FROM {db:Identifier}.databases", {"db": "system"}),
+        ("SELECT name, path FROM {db:Identifier}.disks", {"db": "system"}),
+        ("SELECT query FROM {db:Identifier}.processes", {"db": "SYSTEM"}),
+        # EXPLAIN evaluates scalar subqueries and prints their values.
+        ("EXPLAIN QUERY TREE SELECT (SELECT max(data_path) FROM system.databases)", {}),
+        ("EXPLAIN PLAN actions = 1 SELECT (SELECT max(data_path) FROM system.databases)", {}),
+        # ...and the analysis's error quoted one.
+        ("SELECT (SELECT toUInt8(max(data_path)) FROM system.databases)", {}),
+        ("SHOW PROCESSLIST", {}),
+    ],
+)
+def test_parameters_explain_and_errors_do_not_reach_the_system_tables(
+    system: System, sql: str, params: dict[str, str]
+) -> None:
+    path = "/?" + urllib.parse.urlencode({f"param_{k}": v for k, v in params.items()})
+    status, body, _ = http(system, path, data=sql.encode(), headers=CLIENT)
+    assert status >= 400 and "ACCESS_DENIED" in body, (status, body)
+    assert str(system.settings.data_dir) not in body and "/tmp/" not in body, body
+
+
+def test_a_reader_still_uses_query_parameters_and_explain(system: System) -> None:
+    client = reader(system)
+    rows = client.query(
+        "SELECT count() FROM system.tables WHERE database = {db:String}", parameters={"db": "switchboard"}
+    ).result_rows
+    assert rows[0][0] > 0
+    status, body, _ = http(system, "/", data=b"EXPLAIN SELECT count() FROM switchboard.events", headers=CLIENT)
+    assert status == 200, body
