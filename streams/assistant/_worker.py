@@ -834,11 +834,18 @@ PRODUCT_ANSWER_MIN_RELEVANCE = 0.6
 # a question an article answers, whatever its words match: held-out set 7's two were answered from
 # the coupon rules. A customer's own earlier message ("ignore my last message") is not one.
 _OVERRIDE = re.compile(
-    r"\b(?:ignore|disregard|forget|override)\s+(?:all\s+)?(?:of\s+)?(?:your|the|all|any)\s+"
-    r"(?:(?:previous|prior|above|earlier|preceding|system|original)\s+)*(?:instructions?|prompts?|rules|directives|guidelines)\b"
-    r"|\b(?:developer|dev|god|jailbreak|dan)\s+mode\b|\bsystem\s+prompt\b|^\s*\[?system\]?\s*:"
-    r"|(?:忽略|无视|忘记|忘掉)(?:你|您)?(?:之前|以上|前面|上面|先前|原来|原先)?的?(?:所有|全部|一切)?的?(?:指令|指示|规则|设定|提示词?)"
-    r"|开发者模式|系统提示词",
+    r"\b(?:ignore|disregard|forget|override)\s+(?:all\s+|any\s+)?(?:of\s+)?(?:(?:your|the|these|those)\s+)?"
+    r"(?:(?:previous|prior|above|earlier|preceding|system|original)\s+)+(?:instructions?|prompts?|rules|directives|guidelines)\b"
+    # ...not the customer's own ("ignore the previous instructions I gave, leave it at the door").
+    r"(?![^.!?]{0,24}\bi\s+(?:gave|sent|wrote|meant|said|typed|put|left))"
+    r"|\b(?:ignore|disregard|forget)\s+(?:all\s+|any\s+)?your\s+(?:instructions?|prompts?|rules|guidelines)\b"
+    r"|\b(?:ignore|disregard|forget)\s+everything\s+(?:above|before\s+this|you\s+(?:were|have\s+been)\s+told)"
+    r"|\b(?:you\s+are\s+now\s+in|enter|enable|activate|switch\s+to)\s+(?:developer|dev|god|jailbreak|dan)\s+mode\b"
+    r"|\b(?:print|show|reveal|repeat|output)\s+(?:me\s+)?(?:your|the)\s+system\s+prompt\b"
+    r"|^\s*\[?system\]?\s*:[^\n]{0,40}(?:mode|prompt|instructions|override|ignore)"
+    r"|(?:忽略|无视|忘记|忘掉)(?:你|您)?(?:之前|以上|上述|前面|上面|先前|原来|原先)(?:的)?(?:所有|全部|一切)?(?:的)?"
+    r"(?:指令|指示|规则|设定|提示词?|对话)"
+    r"|(?:你|您)(?:现在)?(?:已经)?(?:进入|开启|切换到|处于)(?:了)?开发者模式|(?:你|您)现在是[^，。,.]{0,12}(?:没有|不受)(?:任何)?限制",
     re.IGNORECASE,
 )
 

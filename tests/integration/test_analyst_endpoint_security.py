@@ -423,5 +423,7 @@ def test_a_reader_still_uses_query_parameters_and_explain(system: System) -> Non
         "SELECT count() FROM system.tables WHERE database = {db:String}", parameters={"db": "switchboard"}
     ).result_rows
     assert rows[0][0] > 0
-    status, body, _ = http(system, "/", data=b"EXPLAIN SELECT count() FROM switchboard.events", headers=CLIENT)
+    status, body, _ = http(
+        system, "/", data=b"EXPLAIN SELECT count() FROM switchboard.events", headers=CLIENT
+    )
     assert status == 200, body

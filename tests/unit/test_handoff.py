@@ -369,6 +369,11 @@ def test_pure_and_deterministic():
         "manager. now.",
         "could I please speak with one of your team? it's a bit complicated to explain",
         "我七十多了 眼睛不好 这些按钮都看不清 能不能叫个人打电话教教我",
+        # ...and what a review of those rules found missing.
+        "can I get a manager?",
+        "请安排人工电话联系我",
+        "我要人工电话回访",
+        "叫个人过来处理",
     ],
 )
 def test_needing_a_human_or_speaking_with_someone_asks_for_a_person(text: str):
@@ -436,7 +441,7 @@ def test_and_their_look_alikes_do_not(text: str):
         "got an email from 'your support' asking for my card details and i gave them, was that you??",
         "my husband passed away and im trying to close his account and sort out his orders, i dont know where to start",
         "im in a really bad place rn, this was a gift for my mom's funeral and it's not here",
-        "我被骗了",
+        "我被骗了2000块",
     ],
 )
 def test_an_incident_only_a_person_can_take_on_hands_off_whatever_the_question(text: str):
@@ -497,6 +502,22 @@ def test_an_incident_only_a_person_can_take_on_hands_off_whatever_the_question(t
         "have I been scammed? I got an email about a refund",
         "can I speak with your sales team about bulk orders",
         "Is the manager's special still on?",
+        # A review's look-alikes of set 7's rules (twenty-seventh session).
+        "my phone died so I couldn't answer the courier",
+        "my headphones died after two weeks",
+        "my phone is going to die, email me the tracking",
+        "signed up for the monthly box by mistake, I want to end it",
+        "courier left it in a really bad place, out in the rain",
+        "the card number i entered at checkout keeps getting declined",
+        "耳机炸了 声音全是杂音",
+        "这电池撑不下去了 一天要充三次",
+        "自杀式降价吗 这么便宜",
+        "想死你们了 终于到货",
+        "等快递等得想死",
+        "女儿很喜欢这个软糖 一口就吞了",
+        "炒菜的时候油溅到手了 这个锅是不是不防溅",
+        "I'll talk to the team at my office and order next week",
+        "可以叫个人帮我签收吗",
     ],
 )
 def test_asking_about_harm_or_fearing_it_is_not_an_incident(text: str):
