@@ -675,8 +675,7 @@ class BatchConsumer:
                 rejected = await self._processor.process(records)
                 for record, error in rejected:
                     await self._dead_letter(record, error)
-                self.stats.batches += 1
-                self.stats.records += len(records)
+                self._count_applied(records)
                 return True
             except asyncio.CancelledError:
                 raise
@@ -758,8 +757,7 @@ class BatchConsumer:
                 return False
         if not poison:
             if dead:
-                self.stats.batches += 1
-                self.stats.records += len(records)
+                self._count_applied(records)
             return True
         if applied == 0 and not dead and not await self._healthy():
             log.error(
@@ -770,8 +768,7 @@ class BatchConsumer:
             return None
         for record, error in poison:
             await self._dead_letter(record, error)
-        self.stats.batches += 1
-        self.stats.records += len(records)
+        self._count_applied(records)
         return True
 
     async def _healthy(self) -> bool:
@@ -857,6 +854,13 @@ class BatchConsumer:
                 raise _Stopped
             delay = min(delay * 2, RETRY_MAX_S)
 
+    def _count_applied(self, records: Sequence[Record]) -> None:
+        if getattr(self._processor, "pending_write", None) is None:
+            self.stats.batches += 1
+            self.stats.records += len(records)
+        # else: counted once the write `process` left under way is done (`_commit`), so that
+        # switchboard_events_processed never counts a batch whose insert is still running.
+
     def _pending_write(self) -> Awaitable[Any] | None:
         pending_write = getattr(self._processor, "pending_write", None)
         return None if pending_write is None else pending_write()
@@ -882,6 +886,9 @@ class BatchConsumer:
                     exc,
                 )
                 return False
+        if getattr(self._processor, "pending_write", None) is not None:
+            self.stats.batches += 1
+            self.stats.records += len(records)
         assert self._consumer is not None
         last: dict[int, int] = {}
         for r in records:
