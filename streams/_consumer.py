@@ -245,6 +245,10 @@ class BatchConsumer:
     ) -> None:
         self._settings = settings
         self._processor = processor
+        # A processor whose `process` may return with its write under way (Processor.process).
+        self._pending_write_of: Callable[[], Awaitable[Any] | None] | None = getattr(
+            processor, "pending_write", None
+        )
         self._topic = topic
         self._group_id = group_id
         self._batch_size = batch_size
@@ -854,16 +858,16 @@ class BatchConsumer:
                 raise _Stopped
             delay = min(delay * 2, RETRY_MAX_S)
 
-    def _count_applied(self, records: Sequence[Record]) -> None:
-        if getattr(self._processor, "pending_write", None) is None:
+    def _count_applied(self, records: Sequence[Record], *, written: bool = False) -> None:
+        """Count a batch applied: once `process` returned, or for a processor with pending writes
+        once its write is done (`written`, from `_commit`), so that switchboard_events_processed
+        never counts a batch whose insert is still running."""
+        if written == (self._pending_write_of is not None):
             self.stats.batches += 1
             self.stats.records += len(records)
-        # else: counted once the write `process` left under way is done (`_commit`), so that
-        # switchboard_events_processed never counts a batch whose insert is still running.
 
     def _pending_write(self) -> Awaitable[Any] | None:
-        pending_write = getattr(self._processor, "pending_write", None)
-        return None if pending_write is None else pending_write()
+        return None if self._pending_write_of is None else self._pending_write_of()
 
     async def _commit(self, records: Sequence[Record], pending: Awaitable[Any] | None = None) -> bool:
         """Commit the batch's offsets once what `process` left under way for it (`pending`) is
@@ -886,9 +890,7 @@ class BatchConsumer:
                     exc,
                 )
                 return False
-        if getattr(self._processor, "pending_write", None) is not None:
-            self.stats.batches += 1
-            self.stats.records += len(records)
+        self._count_applied(records, written=True)
         assert self._consumer is not None
         last: dict[int, int] = {}
         for r in records:

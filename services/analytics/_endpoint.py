@@ -840,10 +840,10 @@ class ChdbQueryEngine:
         produces_rows = kind in _READ_STATEMENTS
         fmt = output_format(request.sql, request.default_format)
         sql = request.sql
-        if request.tenant and kind in ("SELECT", "WITH"):
-            self._check_tenant_tree(conn, request)
-        elif request.reader and kind in ("SELECT", "WITH") and MENTIONS_SYSTEM.search(sql):
-            self._check_reader_tree(conn, request)
+        if kind in ("SELECT", "WITH") and (
+            request.tenant or (request.reader and MENTIONS_SYSTEM.search(sql))
+        ):
+            self._check_tree(conn, request)
         if request.cancel_tag and kind in ("SELECT", "WITH"):
             # At the end, after a line break: a trailing `-- comment` cannot swallow it, and
             # error positions in the client's own text do not move.
@@ -870,19 +870,17 @@ class ChdbQueryEngine:
         summary = _summary(result.rows_read(), result.bytes_read(), result.elapsed(), len(body))
         return QueryResult(body, fmt if produces_rows else "", summary)
 
-    def _check_tenant_tree(self, conn: Any, request: QueryRequest) -> None:
-        """Refuse what the tenant filter does not cover, from the engine's own analysis of the
-        statement on the tenant's connection (same settings, parameters and database)."""
+    def _check_tree(self, conn: Any, request: QueryRequest) -> None:
+        """From the engine's own analysis of the statement on the caller's connection (same
+        settings, parameters and database): refuse what a tenant's filter does not cover, and a
+        path column of a system table (a reader's statement is analysed only when it names the
+        system database: one more query, for those statements only)."""
         tree = self._tree(conn, request)
-        assert request.objects is not None
-        refusal = tree_refusal(tree, request.objects) or host_path_refusal(tree)
-        if refusal is not None:
-            raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
-
-    def _check_reader_tree(self, conn: Any, request: QueryRequest) -> None:
-        """A reader's statement that names the system database: refused if it reads a path column
-        of a system table (one more query, the engine's analysis, for those statements only)."""
-        refusal = host_path_refusal(self._tree(conn, request))
+        refusal = None
+        if request.tenant:
+            assert request.objects is not None
+            refusal = tree_refusal(tree, request.objects)
+        refusal = refusal or host_path_refusal(tree)
         if refusal is not None:
             raise QueryError(f"Code: {refusal.code}. DB::Exception: {refusal.message}", refusal.code)
 
