@@ -400,7 +400,10 @@ class TickPipeline:
         # Queued with a delay allowed (run's within_s), and the timer that sends them if nothing
         # else does first.
         self._waiting: list[tuple[Callable[[Any], None], int, asyncio.Future[list[Any]]]] = []
-        self._waiting_timer: asyncio.TimerHandle | None = None
+        # (uvloop's call_at hands back a plain Handle, without `when()`, for a delay under 0.5 ms:
+        # the timer's due time is kept here.)
+        self._waiting_timer: asyncio.Handle | None = None
+        self._waiting_due = 0.0
         # Scripts by SHA1: an EVALSHA of one of these that Redis answers NOSCRIPT is sent again
         # after a SCRIPT LOAD (see _with_scripts_loaded).
         self.scripts: dict[str, str] = {}
@@ -425,13 +428,13 @@ class TickPipeline:
         # Once a round trip is due at the end of this tick, what may wait joins it instead, after
         # what was queued before it: every round trip sends its commands in the order issued.
         if within_s > 0 and not self._closed and not self._scheduled:
-            self._waiting.append((queue, count, future))
             # The earliest bound of those waiting is kept.
             due = loop.time() + within_s
-            if self._waiting_timer is None or due < self._waiting_timer.when():
+            if self._waiting_timer is None or due < self._waiting_due:
                 if self._waiting_timer is not None:
                     self._waiting_timer.cancel()
-                self._waiting_timer = loop.call_at(due, self._send_waiting)
+                self._waiting_timer, self._waiting_due = loop.call_at(due, self._send_waiting), due
+            self._waiting.append((queue, count, future))
             return future
         self._queued.append((queue, count, future))
         if not self._scheduled:

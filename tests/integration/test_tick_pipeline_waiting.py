@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -228,3 +229,30 @@ async def test_review_s23_close_with_a_flush_due_sends_waiting_and_queued_as_one
         assert trips == [2], f"round trips of {trips} commands"
     finally:
         await tick.close()
+
+
+def test_waiting_commands_on_uvloop_whose_timer_came_due_at_once(redis_server: Any) -> None:  # noqa: F811
+    """Seen (ingress.log under `end_to_end.py --rate 1000 --api stream`, 16 times in 10 s):
+    "recording 1 write outcomes failed (AttributeError("'uvloop.loop.Handle' object has no
+    attribute 'when'")); retrying in the background". uvloop's call_at hands back a plain Handle,
+    not a TimerHandle, when the delay rounds to 0 ms: a process descheduled for ~4 ms between
+    `loop.time()` and `call_at` (a busy 2-core host) gets one. A second waiting command in that
+    tick then failed (its settle retried, its queued copy sent as well). Run on uvloop, as the
+    ingress is (services/eventloop.py); a wait under 0.5 ms makes the same Handle."""
+    import uvloop
+
+    async def scenario() -> list[Any]:
+        redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0")
+        tick = TickPipeline(redis)
+        try:
+            first = tick.run(_commands(("SET", "u1", "1")), 1, within_s=0.0001)
+            second = tick.run(_commands(("SET", "u2", "2")), 1, within_s=0.004)
+            third = tick.run(_commands(("SET", "u3", "3")), 1, within_s=0.00001)
+            await asyncio.wait_for(asyncio.gather(first, second, third), 5)
+            return list(await redis.mget("u1", "u2", "u3"))
+        finally:
+            await tick.close()
+            await redis.aclose()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(scenario()) == [b"1", b"2", b"3"]
