@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from switchboard.v1 import agent_pb2_grpc, chat_pb2, chat_pb2_grpc
 
 from services import stack
-from services.eventloop import DUMP_MARK, DUMP_SIGNAL
+from services.eventloop import DUMP_MARK, DUMP_SIGNAL, loop_name
 from services.kafka_topics import ensure_topics
 from services.observability.metrics import metrics_listen
 from services.processes import Child, switchboard_children, wait_for_analytics, wait_for_ingress
@@ -45,6 +45,18 @@ if _WORKER.startswith("gw"):
         int(os.environ.get("SWITCHBOARD_TEST_PORT_OFFSET", "0")) + 50 * int(_WORKER[2:])
     )
 _PORT_OFFSET = int(os.environ.get("SWITCHBOARD_TEST_PORT_OFFSET", "0"))
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """The tests' coroutines run on the event loop the services run on (services/eventloop.py):
+    uvloop unless SWITCHBOARD_EVENT_LOOP=asyncio. The two differ where it matters: uvloop's
+    `call_at` hands back a plain Handle, without `when()`, for a delay under 0.5 ms, which the
+    stdlib loop never does, and a settle failed on it in the ingress only (aee21d0)."""
+    if loop_name() == "uvloop":
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 def _shift(value: str) -> str:
