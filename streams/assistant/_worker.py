@@ -69,6 +69,7 @@ from streams.assistant.gateway import (
     ModelGateway,
 )
 from streams.assistant.handoff import HandoffHistory, IntentDecision, decide_handoff, record_turn
+from streams.assistant.needs_person import load_probe
 from streams.knowledge import Document, Hit, KnowledgeBase, Scores, chunk_document, detect_language
 from streams.knowledge._fair import FairQueue
 from streams.knowledge._text import to_simplified
@@ -199,6 +200,9 @@ class AssistantProcessor:
         self._gateway = gateway
         # The encoder the classifier and the knowledge base share (None: keyword retrieval only).
         self._encoder = getattr(knowledge, "encoder", None)
+        # Messages worded past the hand-off rules that still need a person (needs_person.py); read
+        # from the encoder's vectors, so only with an encoder.
+        self._needs_person = load_probe() if self._encoder is not None else None
         # Least recently seen first (bounded: MAX_CONVERSATIONS).
         self._conversations: OrderedDict[tuple[str, str], _Conversation] = OrderedDict()
         self._hot_view_lagging_until = 0.0  # see _follow
@@ -641,6 +645,11 @@ class AssistantProcessor:
         embeddings = self._encoder.encode(folded) if self._encoder is not None else None
         with self._primed(folded, embeddings):
             intents = self._classifier.classify(texts)
+        needs = (
+            self._needs_person.probabilities(embeddings)
+            if self._needs_person is not None and embeddings is not None
+            else None
+        )
         understood = []
         for i, (message, intent) in enumerate(zip(messages, intents, strict=True)):
             hits = self._knowledge.search(
@@ -650,7 +659,14 @@ class AssistantProcessor:
                 intent.label,
                 query_embedding=embeddings[i] if embeddings is not None else None,
             )
-            understood.append(_Understood(intent, hits))
+            says = None
+            if (
+                needs is not None
+                and self._needs_person is not None
+                and needs[i] >= self._needs_person.threshold
+            ):
+                says = f"{self._needs_person.version} {needs[i]:.2f}"
+            understood.append(_Understood(intent, hits, says))
         return understood
 
     @contextlib.contextmanager
@@ -678,7 +694,7 @@ class AssistantProcessor:
                     job.event.event_id,
                 )
                 break
-            decided = await self._decide(job, item.intent, item.hits)
+            decided = await self._decide(job, item.intent, item.hits, item.needs_person)
             if await self._closing(job.event):
                 # Closed since `_undecided` read the hot view, or while the bot decided: the ingress
                 # holds the conversation before it publishes the close, so a decision sent now would
@@ -706,7 +722,9 @@ class AssistantProcessor:
                 break
         return acks
 
-    async def _decide(self, job: _Job, intent: Any, hits: list[Hit]) -> list[Event]:
+    async def _decide(
+        self, job: _Job, intent: Any, hits: list[Hit], needs_person: str | None = None
+    ) -> list[Event]:
         message = job.event
         slot = (message.tenant_id, message.conversation_id)
         conv = self._conversations.setdefault(slot, _Conversation())
@@ -741,7 +759,14 @@ class AssistantProcessor:
         # An offer taken is answered from the article offered, whatever the "yes" reads as.
         relevant = grounding(hits, None if taken is not None else intent, text)
         verdict = IntentDecision(intent.label, float(intent.confidence))
-        handoff = decide_handoff(text=text, intent=verdict, answered=bool(relevant), history=conv.history)
+        handoff = decide_handoff(
+            text=text,
+            intent=verdict,
+            answered=bool(relevant),
+            history=conv.history,
+            # About the message, not about an offer it takes ("yes" needs no person).
+            needs_person=needs_person if taken is None else None,
+        )
         conv.history = record_turn(conv.history, verdict, bool(relevant))
         if handoff is not None:
             conv.mode = "agent"
@@ -912,6 +937,8 @@ def suggestions_of(hits: Sequence[Hit], language: str) -> tuple[str, ...]:
 class _Understood:
     intent: Any
     hits: list[Hit]
+    # What the needs-person probe said when it found the message needs a person, else None.
+    needs_person: str | None = None
 
 
 class _DeltaPublisher:

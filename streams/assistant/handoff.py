@@ -21,7 +21,12 @@ Order of the rules (the first that fires decides the reason):
    (账号被盗, "someone hacked my account", "orders I didn't place"), or a threat to the customer.
    (A charge taken twice is not one: the FAQ's failed-payment articles answer it.) A question about such a thing
    ("does the cream cause allergies", "how do I secure my account") is not one.
-5. `low_confidence` / `unanswered`: this turn and the ones before it make `max_unresolved_turns`
+5. `needs_person`: none of the above fired and the knowledge base has nothing to answer with, but
+   the sentence encoder's vector of the message reads as one that needs a person
+   (streams/assistant/needs_person.py: a request, a complaint or an incident worded past the
+   phrases), and the message does not refuse a person. A question the FAQ answers is answered
+   ("人工客服几点下班" reads like a request to the probe).
+6. `low_confidence` / `unanswered`: this turn and the ones before it make `max_unresolved_turns`
    (default 2) consecutive unresolved turns. A turn is unresolved when retrieval found nothing
    relevant to answer with (greetings and thanks need no answer and never count as unanswered), or
    when it was not consulted and the intent's confidence is below the tenant's threshold. A turn
@@ -60,6 +65,7 @@ REASON_CUSTOMER_REQUEST = "customer_request"
 REASON_TENANT_RULE = "tenant_rule"
 REASON_COMPLAINT = "complaint"
 REASON_INCIDENT = "incident"
+REASON_NEEDS_PERSON = "needs_person"
 REASON_LOW_CONFIDENCE = "low_confidence"
 REASON_UNANSWERED = "unanswered"
 
@@ -502,11 +508,14 @@ def decide_handoff(
     answered: bool | None,
     history: HandoffHistory = HandoffHistory(),
     rules: TenantHandoffRules = DEFAULT_RULES,
+    needs_person: str | None = None,
 ) -> Handoff | None:
     """Hand off this turn, or None to let the bot answer.
 
     `answered`: whether retrieval found something relevant to answer with (None if not known yet;
-    call again once it is). `history` counts the turns *before* this one.
+    call again once it is). `history` counts the turns *before* this one. `needs_person`: what the
+    needs-person probe said when it found the message needs a person (None: it did not, or it was
+    not run).
     """
     queue = rules.queue_for(intent)
     confident = intent.confidence >= rules.low_confidence_threshold
@@ -536,6 +545,9 @@ def decide_handoff(
     incident = incident_marker(text)
     if incident is not None:
         return Handoff(REASON_INCIDENT, queue, f"keyword {incident!r}")
+
+    if needs_person is not None and not answered and not declines_human(text):
+        return Handoff(REASON_NEEDS_PERSON, queue, needs_person)
 
     if is_unresolved(intent, answered, rules):
         turns = history.consecutive_unresolved + 1

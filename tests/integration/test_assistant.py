@@ -153,6 +153,37 @@ async def test_asking_for_a_person_hands_the_conversation_off(system: System, st
     assert later is not None and all(m.sender != 2 for m in later.messages)
 
 
+@pytest.mark.timeout(400)
+async def test_a_message_that_needs_a_person_worded_past_the_rules_is_handed_off(
+    system: System, stub, faq_tenant: str
+) -> None:
+    """No rule hands this off and the intent model is unsure of it (complaint, 0.40); the FAQ has
+    nothing for it. The worker's probe over the encoder's vector hands it off, with its own reason
+    (tests/unit/test_needs_person.py)."""
+    cid = await start_conversation(stub, faq_tenant)
+    await stub.SendMessage(
+        chat_pb2.SendMessageRequest(
+            tenant_id=faq_tenant,
+            conversation_id=cid,
+            client_message_id="np1",
+            text="please pass this on to a colleague who knows what they're doing",
+        )
+    )
+    stream = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(tenant_id=faq_tenant, conversation_id=cid)
+    )
+    handoff = None
+    async with asyncio.timeout(120):
+        async for update in stream:
+            kind = update.event.WhichOneof("payload")
+            assert kind != "reply_generated", "answered instead of handed off"
+            if kind == "handoff_requested":
+                handoff = update.event.handoff_requested
+                stream.cancel()
+                break
+    assert handoff is not None and handoff.reason == "needs_person"
+
+
 @pytest.mark.timeout(600)
 async def test_kill_9_of_the_assistant_leaves_exactly_one_intent_per_message(
     system: System, stub, faq_tenant: str

@@ -1,0 +1,49 @@
+"""Does a message need a person? A linear probe over the sentence encoder's vector.
+
+The hand-off rules (streams/assistant/handoff.py) are phrases; each blind held-out set found about
+a third of its hand-offs worded past them ("can someone actually look at this", 找个能做主的来,
+a courier's harassment, a crisis told in other words). The encoder places such messages near the
+ones the rules were written from, in either language, so a logistic regression over its 512-d
+vector (fitted by `streams/assistant/_train_needs_person.py` on the intent training messages and
+the earlier question sets; weights in `data/needs_person.json`) catches what the phrases miss. Its
+threshold hands off at most 0.5% of the ordinary messages it was fitted on (out of fold). It only
+adds hand-offs (decide_handoff's `needs_person`), after every rule, and never for a message that
+refuses a person.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+WEIGHTS_FILE = Path(__file__).resolve().parent / "data" / "needs_person.json"
+
+
+@dataclass(frozen=True)
+class NeedsPersonProbe:
+    version: str
+    coef: np.ndarray
+    intercept: float
+    threshold: float
+
+    def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
+        """One probability per row of `embeddings` (the encoder's vectors of the messages)."""
+        if embeddings.shape[-1] != self.coef.shape[0]:
+            raise ValueError(
+                f"needs-person probe: vectors of {embeddings.shape[-1]} dims, weights of {self.coef.shape[0]}"
+            )
+        logits = np.asarray(embeddings, dtype=np.float64) @ self.coef + self.intercept
+        return 1.0 / (1.0 + np.exp(-logits))
+
+
+def load_probe(path: Path = WEIGHTS_FILE) -> NeedsPersonProbe:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return NeedsPersonProbe(
+        version=str(data["version"]),
+        coef=np.asarray(data["coef"], dtype=np.float64),
+        intercept=float(data["intercept"]),
+        threshold=float(data["threshold"]),
+    )
