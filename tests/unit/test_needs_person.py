@@ -65,7 +65,9 @@ def test_ordinary_questions_are_not_read_as_needing_a_person(
 
 
 def test_a_question_the_faq_answers_is_answered_whatever_the_probe_says() -> None:
-    handoff = decide_handoff(text="你们人工客服几点下班", intent=UNSURE, answered=True, needs_person="probe 0.95")
+    handoff = decide_handoff(
+        text="你们人工客服几点下班", intent=UNSURE, answered=True, needs_person="probe 0.95"
+    )
     assert handoff is None
 
 
