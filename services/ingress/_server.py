@@ -585,11 +585,19 @@ class IngressServer:
         self.health = ReadinessHealth(self._serving)
         # API keys and tenants (services/auth): checked per call by its interceptor.
         self.auth = IngressAuth(settings)
+        # Writes in flight (bounded by the producer) plus every live stream it may hold.
+        admitted = max(1000, settings.max_inflight_produce * 4) + settings.max_live_streams
         self.server = grpc.aio.server(
-            # Writes in flight (bounded by the producer) plus every live stream it may hold.
-            maximum_concurrent_rpcs=max(1000, settings.max_inflight_produce * 4) + settings.max_live_streams,
+            maximum_concurrent_rpcs=admitted,
             interceptors=[metrics.MetricsInterceptor(), self.auth.interceptor],
             options=[
+                # C-core queues calls that arrived before the server asked for them, and cancels
+                # what passes 1,000 of them (3,000 for good), bare CANCELLED with nothing logged: a
+                # burst on one connection (a reconnect storm of live streams) met that before the
+                # bound above, which refuses with RESOURCE_EXHAUSTED (tests/integration/
+                # test_ingress_bursts.py).
+                ("grpc.server.max_pending_requests", admitted),
+                ("grpc.server.max_pending_requests_hard_limit", admitted),
                 # Room above the batch limit, so an oversized batch gets our INVALID_ARGUMENT.
                 (
                     "grpc.max_receive_message_length",
