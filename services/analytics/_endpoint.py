@@ -47,6 +47,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -142,6 +143,7 @@ _HTTP_STATUS = {
     **dict.fromkeys((46, 60, 73, 81, 82, 372), 404),  # unknown function/table/format/db, no session
     **dict.fromkeys((373,), 409),  # SESSION_IS_LOCKED
     **dict.fromkeys((307,), 413),  # request body too large (compressed or not)
+    **dict.fromkeys((202,), 429),  # TOO_MANY_SIMULTANEOUS_QUERIES (clickhouse-connect retries a 429)
     **dict.fromkeys(
         (6, 25, 26, 27, 32, 33, 36, 38, 41, 42, 43, 44, 47, 48, 53, 57, 62, 69, 70, 72, 115, 130, 386),
         400,
@@ -1114,6 +1116,12 @@ class QueryEndpoint:
         # Queries get their own threads, so a slow analyst query never delays the projector's
         # inserts (which use the loop's default executor).
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chdb-query")
+        # Statements of one reader (or tenant analyst) under way at once: never every query thread,
+        # so one user's long statements cannot make everyone else's wait for their time limit (a
+        # new user's trial: four heavy SELECTs of the password-less reader held the four threads
+        # for 60 s, and a `SELECT 1` from Grafana took 58 s). The admin is not limited.
+        self._per_user_limit = max(1, threads - 1)
+        self._running: Counter[str] = Counter()
         # Stopping and closing abandoned queries: never queued behind the queries they stop.
         self._stopper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chdb-stop")
         self._runner: web.AppRunner | None = None
@@ -1249,41 +1257,60 @@ class QueryEndpoint:
             # the connection instead of answering).
             query_id = str(uuid.uuid4())
         headers = self._headers(query_id)
+        counted: str | None = None  # the user whose running statements this one counts in
         try:
-            if bad_query_id:
-                raise QueryError(
-                    "Code: 36. DB::Exception: query_id must be printable characters (it is echoed in "
-                    "the X-ClickHouse-Query-Id header). (BAD_ARGUMENTS)",
-                    36,
+            try:
+                if bad_query_id:
+                    raise QueryError(
+                        "Code: 36. DB::Exception: query_id must be printable characters (it is echoed in "
+                        "the X-ClickHouse-Query-Id header). (BAD_ARGUMENTS)",
+                        36,
+                    )
+                user, who = self._admit(request)
+                if who is not True:
+                    if self._running[user] >= self._per_user_limit:
+                        raise QueryError(
+                            f"Code: 202. DB::Exception: Too many simultaneous queries for user {user or 'default'}. "
+                            f"Maximum: {self._per_user_limit} (the endpoint's query threads less one, kept for "
+                            "others). Retry when one has finished. (TOO_MANY_SIMULTANEOUS_QUERIES)",
+                            202,
+                        )
+                    self._running[user] += 1
+                    counted = user
+                parsed = await parse_request(
+                    request, self.policy.max_decompressed_bytes if self.policy else None
                 )
-            user, who = self._admit(request)
-            parsed = await parse_request(request, self.policy.max_decompressed_bytes if self.policy else None)
-            parsed.user = user
-            parsed.cancel_tag = f"sb-query-{uuid.uuid4().hex}"
-            if who is not True and self.policy is not None:
-                analyst = who if isinstance(who, TenantAnalyst) else None
-                outcome = await self._call(parsed.cancel_tag, self._open_as_reader, parsed, analyst)
-            else:
-                outcome = await self._call(parsed.cancel_tag, self.engine.open, parsed)
-        except QueryError as exc:
-            return self._error_response(exc, headers)
-        except Exception as exc:  # a bug of ours, not a query error: still answer like ClickHouse
-            log.exception("query endpoint failed")
-            headers["X-ClickHouse-Exception-Code"] = "1001"
-            return web.Response(
-                status=500,
-                text=f"Code: 1001. DB::Exception: {type(exc).__name__}: {exc}. (STD_EXCEPTION) "
-                f"(version {self.engine.version})\n",
-                headers=headers,
-                content_type="text/plain",
-            )
-        if isinstance(outcome, QueryStream):
-            return await self._stream(request, outcome, headers)
-        headers["X-ClickHouse-Summary"] = json.dumps(outcome.summary)
-        if outcome.format:
-            headers["X-ClickHouse-Format"] = outcome.format
-        headers["Content-Type"] = _content_type(outcome.format)
-        return web.Response(body=outcome.body, headers=headers)
+                parsed.user = user
+                parsed.cancel_tag = f"sb-query-{uuid.uuid4().hex}"
+                if who is not True and self.policy is not None:
+                    analyst = who if isinstance(who, TenantAnalyst) else None
+                    outcome = await self._call(parsed.cancel_tag, self._open_as_reader, parsed, analyst)
+                else:
+                    outcome = await self._call(parsed.cancel_tag, self.engine.open, parsed)
+            except QueryError as exc:
+                return self._error_response(exc, headers)
+            except Exception as exc:  # a bug of ours, not a query error: still answer like ClickHouse
+                log.exception("query endpoint failed")
+                headers["X-ClickHouse-Exception-Code"] = "1001"
+                return web.Response(
+                    status=500,
+                    text=f"Code: 1001. DB::Exception: {type(exc).__name__}: {exc}. (STD_EXCEPTION) "
+                    f"(version {self.engine.version})\n",
+                    headers=headers,
+                    content_type="text/plain",
+                )
+            if isinstance(outcome, QueryStream):
+                return await self._stream(request, outcome, headers)
+            headers["X-ClickHouse-Summary"] = json.dumps(outcome.summary)
+            if outcome.format:
+                headers["X-ClickHouse-Format"] = outcome.format
+            headers["Content-Type"] = _content_type(outcome.format)
+            return web.Response(body=outcome.body, headers=headers)
+        finally:
+            if counted is not None:
+                self._running[counted] -= 1
+                if not self._running[counted]:
+                    del self._running[counted]
 
     def _error_response(self, exc: QueryError, headers: dict[str, str]) -> web.Response:
         message = str(exc)
