@@ -46,6 +46,6 @@ def _which(exc: BaseException) -> str:
 
 
 def retry_metadata(exc: RequestRejected) -> tuple[tuple[str, str], ...]:
-    if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+    if exc.retryable and exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
         return ((RETRY_AFTER_KEY, str(exc.retry_after_ms or 500)),)
     return ()

@@ -47,6 +47,7 @@ def too_many_open(tenant_id: str, open_now: int, quota: int) -> v.RequestRejecte
         f"tenant {tenant_id!r} has {open_now} conversations open, its quota is {quota}: close some "
         f"(CloseConversation) or raise it (`switchboard tenants update {tenant_id} "
         "--max-open-conversations N`)",
+        retryable=False,
     )
 
 
@@ -56,4 +57,5 @@ def too_many_documents(tenant_id: str, would_have: int, quota: int) -> v.Request
         f"tenant {tenant_id!r} would have {would_have} knowledge documents, its quota is {quota}: "
         f"delete some (DeleteDocument) or raise it (`switchboard tenants update {tenant_id} "
         "--max-knowledge-documents N`)",
+        retryable=False,
     )

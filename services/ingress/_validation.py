@@ -31,6 +31,9 @@ class RequestRejected(Exception):
     message: str
     # How long the caller should wait (the retry-after-ms trailer); None: the usual 500 ms.
     retry_after_ms: int | None = field(default=None, kw_only=True)
+    # False: waiting does not help (a tenant's quota: only a close or a raised quota makes room), so
+    # a RESOURCE_EXHAUSTED goes without retry-after-ms, as gRPC's own size limits do.
+    retryable: bool = field(default=True, kw_only=True)
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"

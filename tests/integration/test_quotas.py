@@ -69,6 +69,9 @@ async def test_a_tenant_at_its_open_conversation_quota_is_refused_until_one_clos
     assert "quota is 2" in (refused.details() or "") and "--max-open-conversations" in (
         refused.details() or ""
     )
+    # Only a close or a raised quota makes room: no retry-after-ms, which would tell the client to
+    # retry it unchanged (a new user's trial saw 500 ms here).
+    assert "retry-after-ms" not in dict(refused.trailing_metadata() or ()), refused.trailing_metadata()
     assert len(opened) >= 2
     # Close all but one: a place is free again as soon as a close is durable.
     for conversation_id in opened[1:]:
@@ -137,6 +140,7 @@ async def test_a_tenant_at_its_document_quota_may_replace_but_not_add(
     except grpc.aio.AioRpcError as err:
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "would have 4 knowledge documents, its quota is 2" in (err.details() or "")
+        assert "retry-after-ms" not in dict(err.trailing_metadata() or ()), err.trailing_metadata()
     else:
         raise AssertionError("two new documents over the quota were accepted")
     # Replacing a document it has is not growth.
