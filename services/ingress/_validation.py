@@ -138,6 +138,17 @@ def check_one_line(value: str, field: str, limit: int) -> None:
         raise invalid(f"{field} must be at most {limit} characters on one line, without control characters")
 
 
+def check_customer_id(customer_id: str) -> None:
+    """Optional; when given, printable (no control, format or bidi-override characters) and without
+    surrounding spaces, like the other ids: it is shown to agents and grouped by in analytics."""
+    check_one_line(customer_id, "customer_id", MAX_CUSTOMER_ID)
+    if customer_id and (not customer_id.isprintable() or customer_id != customer_id.strip()):
+        raise invalid(
+            f"customer_id must be printable characters without surrounding spaces (or empty), "
+            f"got {customer_id[:80]!r}"
+        )
+
+
 def check_score(score: int) -> None:
     if not 1 <= score <= 5:
         raise invalid(f"score is {score}; a CSAT score is 1 (worst) to 5 (best)")

@@ -973,7 +973,7 @@ class ConversationWrites:
         v.check_conversation_id(req.conversation_id, required=False)
         if req.channel not in _CHANNELS:
             raise v.invalid(f"channel {req.channel} is not a switchboard.v1.Channel value")
-        v.check_one_line(req.customer_id, "customer_id", v.MAX_CUSTOMER_ID)
+        v.check_customer_id(req.customer_id)
         v.check_one_line(req.locale, "locale", 35)
         v.check_metadata(dict(req.metadata), s.max_metadata_entries)
         if req.conversation_id:

@@ -209,3 +209,16 @@ def test_a_malformed_request_says_utf_8_only_when_that_is_the_cause():
     corrupt = v.MalformedRequest("switchboard.v1.SendMessageRequest", "...: Wire format was corrupt")
     assert "must be valid UTF-8" in utf8.rejection().message
     assert "UTF-8" not in corrupt.rejection().message and "corrupt" in corrupt.rejection().message
+
+
+@pytest.mark.parametrize("value", ["   ", " c1", "c1 ", "c\u202e1", "\u200bc1", "c1\ufeff"])
+def test_a_customer_id_given_is_printable_without_surrounding_spaces(value):
+    """Seen (a new user's trial): StartConversation took blank, leading-space and right-to-left
+    override customer ids, which every other id refuses (they look like another customer in an
+    agent's console and in analytics)."""
+    assert code_of(v.check_customer_id, value) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_customer_id_may_be_absent_or_any_printable_text():
+    for value in ("", "c1", "客户 42 (vip)", "user@example.com"):
+        v.check_customer_id(value)
