@@ -69,6 +69,8 @@ STREAM_ADMITTING = 1
 # flow control slows the client down, instead of its backlog becoming writes in flight (which
 # would crowd out other callers and meet the process's in-flight bound: RESOURCE_EXHAUSTED).
 STREAM_WINDOW = 4 * STREAM_BATCH
+# Calls gRPC may hold before the server takes them (see IngressServer's grpc.server options).
+PENDING_CALLS = 10_000
 # How often the health status follows the hot view's readiness.
 READINESS_POLL_S = 0.5
 # How long stop() waits for its background tasks to end once cancelled.
@@ -593,11 +595,12 @@ class IngressServer:
             options=[
                 # C-core queues calls that arrived before the server asked for them, and cancels
                 # what passes 1,000 of them (3,000 for good), bare CANCELLED with nothing logged: a
-                # burst on one connection (a reconnect storm of live streams) met that before the
-                # bound above, which refuses with RESOURCE_EXHAUSTED (tests/integration/
-                # test_ingress_bursts.py).
-                ("grpc.server.max_pending_requests", admitted),
-                ("grpc.server.max_pending_requests_hard_limit", admitted),
+                # burst of 3,000 on one connection (a reconnect storm of live streams) met that
+                # (tests/integration/test_ingress_bursts.py). Not the admission bound (~28k): a
+                # pending call holds its request's bytes before any check, up to ~1 MB each with
+                # large bodies (review, twenty-eighth session).
+                ("grpc.server.max_pending_requests", PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
                 # Room above the batch limit, so an oversized batch gets our INVALID_ARGUMENT.
                 (
                     "grpc.max_receive_message_length",

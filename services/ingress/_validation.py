@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 import grpc
@@ -138,13 +139,19 @@ def check_one_line(value: str, field: str, limit: int) -> None:
         raise invalid(f"{field} must be at most {limit} characters on one line, without control characters")
 
 
+_NOT_IN_IDS = frozenset({"Cc", "Cf", "Co", "Cs", "Cn", "Zl", "Zp"})
+
+
 def check_customer_id(customer_id: str) -> None:
     """Optional; when given, printable (no control, format or bidi-override characters) and without
     surrounding spaces, like the other ids: it is shown to agents and grouped by in analytics."""
     check_one_line(customer_id, "customer_id", MAX_CUSTOMER_ID)
-    if customer_id and (not customer_id.isprintable() or customer_id != customer_id.strip()):
+    # Spaces inside are names' (山田　太郎 has an ideographic one); format, bidi-override, private-use
+    # and separator characters other than spaces are not.
+    invisible = any(unicodedata.category(ch) in _NOT_IN_IDS for ch in customer_id)
+    if customer_id and (invisible or customer_id != customer_id.strip()):
         raise invalid(
-            f"customer_id must be printable characters without surrounding spaces (or empty), "
+            f"customer_id must be visible characters without surrounding spaces (or empty), "
             f"got {customer_id[:80]!r}"
         )
 

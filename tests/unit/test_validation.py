@@ -220,5 +220,5 @@ def test_a_customer_id_given_is_printable_without_surrounding_spaces(value):
 
 
 def test_a_customer_id_may_be_absent_or_any_printable_text():
-    for value in ("", "c1", "客户 42 (vip)", "user@example.com"):
+    for value in ("", "c1", "客户 42 (vip)", "user@example.com", "山田\u3000太郎", "Zoë\u00a0K"):
         v.check_customer_id(value)
