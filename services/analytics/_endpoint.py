@@ -47,7 +47,6 @@ import threading
 import time
 import uuid
 import zlib
-from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -1116,12 +1115,14 @@ class QueryEndpoint:
         # Queries get their own threads, so a slow analyst query never delays the projector's
         # inserts (which use the loop's default executor).
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chdb-query")
-        # Statements of one reader (or tenant analyst) under way at once: never every query thread,
-        # so one user's long statements cannot make everyone else's wait for their time limit (a
-        # new user's trial: four heavy SELECTs of the password-less reader held the four threads
-        # for 60 s, and a `SELECT 1` from Grafana took 58 s). The admin is not limited.
-        self._per_user_limit = max(1, threads - 1)
-        self._running: Counter[str] = Counter()
+        # Readers' and tenant analysts' statements share all query threads but one, which is the
+        # admin's: migrations, replays and the operator's writes always find a thread (a new user's
+        # trial: four heavy SELECTs of the password-less reader held the four threads for their
+        # 60 s limit). A reader's statement waits for one of the others (taken once its body is
+        # read, held until its answer is sent), as it waited for a thread before, and is refused
+        # with TOO_MANY_SIMULTANEOUS_QUERIES only when that wait passes the time limit.
+        self._reader_slots = asyncio.Semaphore(max(1, threads - 1))
+        self._reader_wait_s = float(policy.max_execution_time_s) if policy else 60.0
         # Stopping and closing abandoned queries: never queued behind the queries they stop.
         self._stopper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chdb-stop")
         self._runner: web.AppRunner | None = None
@@ -1257,7 +1258,7 @@ class QueryEndpoint:
             # the connection instead of answering).
             query_id = str(uuid.uuid4())
         headers = self._headers(query_id)
-        counted: str | None = None  # the user whose running statements this one counts in
+        holding = False  # a reader's slot (see _reader_slots), released once the answer is sent
         try:
             try:
                 if bad_query_id:
@@ -1267,21 +1268,22 @@ class QueryEndpoint:
                         36,
                     )
                 user, who = self._admit(request)
-                if who is not True:
-                    if self._running[user] >= self._per_user_limit:
-                        raise QueryError(
-                            f"Code: 202. DB::Exception: Too many simultaneous queries for user {user or 'default'}. "
-                            f"Maximum: {self._per_user_limit} (the endpoint's query threads less one, kept for "
-                            "others). Retry when one has finished. (TOO_MANY_SIMULTANEOUS_QUERIES)",
-                            202,
-                        )
-                    self._running[user] += 1
-                    counted = user
                 parsed = await parse_request(
                     request, self.policy.max_decompressed_bytes if self.policy else None
                 )
                 parsed.user = user
                 parsed.cancel_tag = f"sb-query-{uuid.uuid4().hex}"
+                if who is not True:
+                    try:
+                        await asyncio.wait_for(self._reader_slots.acquire(), self._reader_wait_s)
+                    except TimeoutError:
+                        raise QueryError(
+                            "Code: 202. DB::Exception: Too many simultaneous queries: every query thread "
+                            f"readers may use was busy for {self._reader_wait_s:g} s. Retry later. "
+                            "(TOO_MANY_SIMULTANEOUS_QUERIES)",
+                            202,
+                        ) from None
+                    holding = True
                 if who is not True and self.policy is not None:
                     analyst = who if isinstance(who, TenantAnalyst) else None
                     outcome = await self._call(parsed.cancel_tag, self._open_as_reader, parsed, analyst)
@@ -1307,10 +1309,8 @@ class QueryEndpoint:
             headers["Content-Type"] = _content_type(outcome.format)
             return web.Response(body=outcome.body, headers=headers)
         finally:
-            if counted is not None:
-                self._running[counted] -= 1
-                if not self._running[counted]:
-                    del self._running[counted]
+            if holding:
+                self._reader_slots.release()
 
     def _error_response(self, exc: QueryError, headers: dict[str, str]) -> web.Response:
         message = str(exc)
