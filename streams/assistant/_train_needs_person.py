@@ -45,6 +45,10 @@ QUESTION_SETS = tuple(
         "shop_holdout7_questions.jsonl",
     )
 )
+# Written for this probe alone, by a helper that read only the FAQ (no question set, no rule):
+# incidents, crises, harassment, fraud, legal threats and escalations without the rules' words, and
+# look-alikes in benign senses, ordinary questions and refusals of a person.
+EXTRA = PROJECT_ROOT / "streams" / "assistant" / "data" / "needs_person_extra.jsonl"
 # At most this share of the negatives (out of fold) may be handed off by the probe alone.
 MAX_FALSE_SHARE = 0.005
 C_GRID = (0.3, 1.0, 3.0, 10.0)
@@ -64,6 +68,10 @@ def examples() -> tuple[list[str], np.ndarray]:
         for row in _rows(path):
             texts.append(str(row["question"]))
             labels.append(int(row.get("expect") == "handoff"))
+    if EXTRA.exists():
+        for row in _rows(EXTRA):
+            texts.append(str(row["text"]))
+            labels.append(int(bool(row["needs_person"])))
     for document in load_demo_documents():
         texts.append(document.title)
         labels.append(0)

@@ -440,6 +440,32 @@ class Handoff:
     detail: str = ""
 
 
+# The needs-person probe reads what a message is about (people, agents, escalation), not its
+# negation: 不要转给别人 and "I don't want to speak to a manager" score 0.9+. So it does not hand off
+# a message with a negation shortly before a word for a person or for passing the conversation on
+# (a wider net than `declines_human`, which the rules use: for the probe a missed hand-off is the
+# cheaper error, since the rules still fire on an explicit request).
+_ZH_NEGATED_PERSON = re.compile(
+    r"(?:不|别|没必要|无需|算了|免了)[^，。,.!?！？]{0,6}"
+    r"(?:人工|真人|同事|别人|其他人|客服|经理|主管|领导|跟人|找人|转给|转接|麻烦)"
+)
+_ZH_A_NOT_A = re.compile(r"(.)[不没]\1")
+_EN_NEGATED_PERSON = re.compile(
+    r"\b(?:don['’]?t|do\s+not|doesn['’]?t|no|not|never|without|rather\s+than|instead\s+of|forget|won['’]?t)\b"
+    r"(?:\W+\w+){0,5}?\W+"
+    r"(?:human|person|agent|manager|supervisor|(?:some|any)\s*(?:one|body)\s+else|colleague|staff|rep"
+    r"|representative|escalat\w*|hand\s+(?:me|this|it)\s+over|transfer\w*|pass\s+(?:me|this|it)\s+on)\b",
+    re.IGNORECASE,
+)
+
+
+def negates_a_person(text: str) -> bool:
+    """A negation shortly before a person or a hand-over: the probe's hand-off is not trusted."""
+    # An A-not-A question (能不能, 可不可以, 要不要) asks; it does not refuse.
+    folded = _ZH_A_NOT_A.sub("", fold_for_rules(text))
+    return bool(_ZH_NEGATED_PERSON.search(folded) or _EN_NEGATED_PERSON.search(text))
+
+
 def _requests(text: str) -> tuple[list[tuple[str, bool]], bool]:
     """Each phrase in `text` asking for a person, with whether it is refused; and whether the text
     refuses a person anywhere (also without a request phrase: "I don't need a human")."""
@@ -546,7 +572,7 @@ def decide_handoff(
     if incident is not None:
         return Handoff(REASON_INCIDENT, queue, f"keyword {incident!r}")
 
-    if needs_person is not None and not answered and not declines_human(text):
+    if needs_person is not None and not answered and not declines_human(text) and not negates_a_person(text):
         return Handoff(REASON_NEEDS_PERSON, queue, needs_person)
 
     if is_unresolved(intent, answered, rules):
