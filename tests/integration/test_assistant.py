@@ -161,27 +161,10 @@ async def test_a_message_that_needs_a_person_worded_past_the_rules_is_handed_off
     nothing for it. The worker's probe over the encoder's vector hands it off, with its own reason
     (tests/unit/test_needs_person.py)."""
     cid = await start_conversation(stub, faq_tenant)
-    await stub.SendMessage(
-        chat_pb2.SendMessageRequest(
-            tenant_id=faq_tenant,
-            conversation_id=cid,
-            client_message_id="np1",
-            text="please pass this on to a colleague who knows what they're doing",
-        )
-    )
-    stream = stub.StreamConversation(
-        chat_pb2.StreamConversationRequest(tenant_id=faq_tenant, conversation_id=cid)
-    )
-    handoff = None
-    async with asyncio.timeout(120):
-        async for update in stream:
-            kind = update.event.WhichOneof("payload")
-            assert kind != "reply_generated", "answered instead of handed off"
-            if kind == "handoff_requested":
-                handoff = update.event.handoff_requested
-                stream.cancel()
-                break
-    assert handoff is not None and handoff.reason == "needs_person"
+    await say(stub, faq_tenant, cid, "np1", "please pass this on to a colleague who knows what they're doing")
+    kind, decided = await first_decision(stub, faq_tenant, cid)
+    assert kind == "handoff_requested", f"answered instead of handed off: {decided}"
+    assert decided.reason == "needs_person"  # type: ignore[attr-defined]
 
 
 @pytest.mark.timeout(600)
@@ -241,33 +224,32 @@ async def test_a_near_miss_is_asked_about_the_close_article_not_told_nothing_was
     article without being relevant enough to answer from; the bot asks whether that is what the
     customer means (and still offers a person) instead of saying it found nothing."""
     cid = await start_conversation(stub, faq_tenant)
-    await stub.SendMessage(
-        chat_pb2.SendMessageRequest(
-            tenant_id=faq_tenant,
-            conversation_id=cid,
-            client_message_id="n1",
-            text="can I change the size after paying",
-        )
-    )
-    stream = stub.StreamConversation(
-        chat_pb2.StreamConversationRequest(tenant_id=faq_tenant, conversation_id=cid)
-    )
-    reply = None
-    async with asyncio.timeout(120):
-        async for update in stream:
-            if update.event.WhichOneof("payload") == "reply_generated":
-                reply = update.event.reply_generated
-                stream.cancel()
-                break
-    assert reply is not None and not reply.grounded and not reply.citations, reply
-    assert "Did you mean “Exchanging an item for a different size or colour”" in reply.text, reply.text
-    assert "human agent" in reply.text
+    await say(stub, faq_tenant, cid, "n1", "can I change the size after paying")
+    kind, reply = await first_decision(stub, faq_tenant, cid)
+    assert kind == "reply_generated", reply
+    assert not reply.grounded and not reply.citations, reply  # type: ignore[attr-defined]
+    assert "Did you mean “Exchanging an item for a different size or colour”" in reply.text, reply.text  # type: ignore[attr-defined]
+    assert "human agent" in reply.text  # type: ignore[attr-defined]
 
 
 async def say(stub, tenant: str, cid: str, cmid: str, text: str) -> None:
     await stub.SendMessage(
         chat_pb2.SendMessageRequest(tenant_id=tenant, conversation_id=cid, client_message_id=cmid, text=text)
     )
+
+
+async def first_decision(stub, tenant: str, cid: str) -> tuple[str, object]:
+    """The bot's first reply or hand-off in the conversation's live stream: (its kind, the event)."""
+    stream = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(tenant_id=tenant, conversation_id=cid)
+    )
+    async with asyncio.timeout(120):
+        async for update in stream:
+            kind = update.event.WhichOneof("payload")
+            if kind in ("reply_generated", "handoff_requested"):
+                stream.cancel()
+                return kind, getattr(update.event, kind)
+    raise AssertionError("the live stream ended without a reply or a hand-off")
 
 
 async def next_reply(stub, tenant: str, cid: str, after: int) -> tuple[object, int]:
