@@ -1260,47 +1260,45 @@ class QueryEndpoint:
         headers = self._headers(query_id)
         holding = False  # a reader's slot (see _reader_slots), released once the answer is sent
         try:
-            try:
-                if bad_query_id:
+            if bad_query_id:
+                raise QueryError(
+                    "Code: 36. DB::Exception: query_id must be printable characters (it is echoed in "
+                    "the X-ClickHouse-Query-Id header). (BAD_ARGUMENTS)",
+                    36,
+                )
+            user, who = self._admit(request)
+            parsed = await parse_request(request, self.policy.max_decompressed_bytes if self.policy else None)
+            parsed.user = user
+            parsed.cancel_tag = f"sb-query-{uuid.uuid4().hex}"
+            if who is not True:
+                try:
+                    await asyncio.wait_for(self._reader_slots.acquire(), self._reader_wait_s)
+                except TimeoutError:
                     raise QueryError(
-                        "Code: 36. DB::Exception: query_id must be printable characters (it is echoed in "
-                        "the X-ClickHouse-Query-Id header). (BAD_ARGUMENTS)",
-                        36,
-                    )
-                user, who = self._admit(request)
-                parsed = await parse_request(
-                    request, self.policy.max_decompressed_bytes if self.policy else None
-                )
-                parsed.user = user
-                parsed.cancel_tag = f"sb-query-{uuid.uuid4().hex}"
-                if who is not True:
-                    try:
-                        await asyncio.wait_for(self._reader_slots.acquire(), self._reader_wait_s)
-                    except TimeoutError:
-                        raise QueryError(
-                            "Code: 202. DB::Exception: Too many simultaneous queries: every query thread "
-                            f"readers may use was busy for {self._reader_wait_s:g} s. Retry later. "
-                            "(TOO_MANY_SIMULTANEOUS_QUERIES)",
-                            202,
-                        ) from None
-                    holding = True
-                if who is not True and self.policy is not None:
-                    analyst = who if isinstance(who, TenantAnalyst) else None
-                    outcome = await self._call(parsed.cancel_tag, self._open_as_reader, parsed, analyst)
-                else:
-                    outcome = await self._call(parsed.cancel_tag, self.engine.open, parsed)
-            except QueryError as exc:
-                return self._error_response(exc, headers)
-            except Exception as exc:  # a bug of ours, not a query error: still answer like ClickHouse
-                log.exception("query endpoint failed")
-                headers["X-ClickHouse-Exception-Code"] = "1001"
-                return web.Response(
-                    status=500,
-                    text=f"Code: 1001. DB::Exception: {type(exc).__name__}: {exc}. (STD_EXCEPTION) "
-                    f"(version {self.engine.version})\n",
-                    headers=headers,
-                    content_type="text/plain",
-                )
+                        "Code: 202. DB::Exception: Too many simultaneous queries: every query thread "
+                        f"readers may use was busy for {self._reader_wait_s:g} s. Retry later. "
+                        "(TOO_MANY_SIMULTANEOUS_QUERIES)",
+                        202,
+                    ) from None
+                holding = True
+            if who is not True and self.policy is not None:
+                analyst = who if isinstance(who, TenantAnalyst) else None
+                outcome = await self._call(parsed.cancel_tag, self._open_as_reader, parsed, analyst)
+            else:
+                outcome = await self._call(parsed.cancel_tag, self.engine.open, parsed)
+        except QueryError as exc:
+            return self._error_response(exc, headers)
+        except Exception as exc:  # a bug of ours, not a query error: still answer like ClickHouse
+            log.exception("query endpoint failed")
+            headers["X-ClickHouse-Exception-Code"] = "1001"
+            return web.Response(
+                status=500,
+                text=f"Code: 1001. DB::Exception: {type(exc).__name__}: {exc}. (STD_EXCEPTION) "
+                f"(version {self.engine.version})\n",
+                headers=headers,
+                content_type="text/plain",
+            )
+        else:
             if isinstance(outcome, QueryStream):
                 return await self._stream(request, outcome, headers)
             headers["X-ClickHouse-Summary"] = json.dumps(outcome.summary)

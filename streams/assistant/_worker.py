@@ -646,9 +646,9 @@ class AssistantProcessor:
         with self._primed(folded, embeddings):
             intents = self._classifier.classify(texts)
         needs = (
-            self._needs_person.probabilities(embeddings)
+            self._needs_person.verdicts(embeddings)
             if self._needs_person is not None and embeddings is not None
-            else None
+            else [None] * len(texts)
         )
         understood = []
         for i, (message, intent) in enumerate(zip(messages, intents, strict=True)):
@@ -659,14 +659,7 @@ class AssistantProcessor:
                 intent.label,
                 query_embedding=embeddings[i] if embeddings is not None else None,
             )
-            says = None
-            if (
-                needs is not None
-                and self._needs_person is not None
-                and needs[i] >= self._needs_person.threshold
-            ):
-                says = f"{self._needs_person.version} {needs[i]:.2f}"
-            understood.append(_Understood(intent, hits, says))
+            understood.append(_Understood(intent, hits, needs[i]))
         return understood
 
     @contextlib.contextmanager

@@ -39,6 +39,13 @@ class NeedsPersonProbe:
         logits = np.asarray(embeddings, dtype=np.float64) @ self.coef + self.intercept
         return 1.0 / (1.0 + np.exp(-logits))
 
+    def verdicts(self, embeddings: np.ndarray) -> list[str | None]:
+        """Per row: what the probe says when the message needs a person (its version and
+        probability, decide_handoff's `needs_person`), else None."""
+        return [
+            f"{self.version} {p:.2f}" if p >= self.threshold else None for p in self.probabilities(embeddings)
+        ]
+
 
 def load_probe(path: Path = WEIGHTS_FILE, dims: int = 512) -> NeedsPersonProbe:
     """The shipped weights; a file that is not what `_train_needs_person` writes (another width

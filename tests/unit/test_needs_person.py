@@ -44,8 +44,8 @@ def probe() -> NeedsPersonProbe:
 
 
 def _says(probe: NeedsPersonProbe, encoder: SentenceEncoder, text: str) -> str | None:
-    (p,) = probe.probabilities(encoder.encode([to_simplified(text)]))
-    return f"probe {p:.2f}" if p >= probe.threshold else None
+    (verdict,) = probe.verdicts(encoder.encode([to_simplified(text)]))
+    return verdict
 
 
 @pytest.mark.parametrize("text", PERSON)
