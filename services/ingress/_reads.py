@@ -5,6 +5,7 @@ same step as the check, so concurrent calls cannot all pass it)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -128,7 +129,7 @@ class ConversationReads:
             channel=reg.channel or (state.channel if state else 0),  # type: ignore[arg-type]
             customer_id=reg.customer_id or (state.customer_id if state else ""),
             mode=chat_pb2.CONVERSATION_MODE_BOT,
-            cursor=reg.cursor,
+            cursor=public_cursor(reg.cursor, conversation_tag(req.tenant_id, req.conversation_id)),
         )
         if reg.closed_ns:
             conv.closed_at.CopyFrom(_timestamp(reg.closed_ns))
@@ -156,7 +157,10 @@ class ConversationReads:
             else []
         )
         suffix = hv.live_event_suffix(req.tenant_id, req.conversation_id)
-        messages = [m for m in (_message_of(eid, fields, suffix) for eid, fields in entries) if m is not None]
+        tag = conversation_tag(req.tenant_id, req.conversation_id)
+        messages = [
+            m for m in (_message_of(eid, fields, suffix, tag) for eid, fields in entries) if m is not None
+        ]
         conv.messages.extend(messages[-wanted:])
         return conv
 
@@ -164,12 +168,8 @@ class ConversationReads:
         """Checks the request and takes a live-stream slot; the caller must `aclose()` the result."""
         v.check_tenant(req.tenant_id, self._settings.allowed_tenants)
         v.check_conversation_id(req.conversation_id)
-        if req.after_cursor and not (
-            hv.is_valid_cursor(req.after_cursor) and max(_cursor_key(req.after_cursor)) <= _MAX_STREAM_ID_PART
-        ):
-            raise v.invalid(
-                f"after_cursor {req.after_cursor[:40]!r} is not a cursor from a ConversationUpdate"
-            )
+        tag = conversation_tag(req.tenant_id, req.conversation_id)
+        after = stream_position(req.after_cursor, tag) if req.after_cursor else ""
         # Checked and counted in one step (no await in between).
         if self._live_streams >= self._settings.max_live_streams:
             raise v.RequestRejected(
@@ -179,15 +179,13 @@ class ConversationReads:
             )
         self._live_streams += 1
         follow = LiveFollow(
-            self._follow(req.tenant_id, req.conversation_id, req.after_cursor or "0-0", req.after_cursor),
+            self._follow(req.tenant_id, req.conversation_id, after or "0-0", tag),
             self._free_slot,
         )
         try:
             reg = await self.require(req.tenant_id, req.conversation_id)
-            if req.after_cursor:
-                await self._check_cursor_retained(
-                    req.tenant_id, req.conversation_id, req.after_cursor, reg.cursor
-                )
+            if after:
+                await self._check_cursor_retained(req.tenant_id, req.conversation_id, after, reg.cursor)
         except BaseException:
             await follow.aclose()
             raise
@@ -224,18 +222,20 @@ class ConversationReads:
             )
 
     async def _follow(
-        self, tenant_id: str, conversation_id: str, after: str, cursor: str
+        self, tenant_id: str, conversation_id: str, after: str, tag: str
     ) -> AsyncIterator[chat_pb2.ConversationUpdate]:
-        """Events after `after`, and reply deltas from the moment the call began. A delta carries
-        the cursor of the last event sent (`cursor`), so resuming from any update's cursor
-        misses no event and repeats none; deltas themselves are never replayed."""
+        """Events after the live-stream entry `after`, and reply deltas from the moment the call
+        began. A delta carries the cursor of the last event sent (the one the call started after,
+        at first), so resuming from any update's cursor misses no event and repeats none; deltas
+        themselves are never replayed."""
         suffix = hv.live_event_suffix(tenant_id, conversation_id)
+        cursor = public_cursor("" if after == "0-0" else after, tag)
         if self._live is None:
             while True:
                 entries = await self._hot.read_live(tenant_id, conversation_id, after, LIVE_BLOCK_MS)
                 for entry_id, fields in entries:
                     after = entry_id.decode()
-                    update = _update_of(after, fields, suffix)
+                    update = _update_of(after, fields, suffix, tag)
                     if update is not None:
                         yield update
         assert self._hub is not None
@@ -255,7 +255,7 @@ class ConversationReads:
                     if delta is not None:
                         yield chat_pb2.ConversationUpdate(cursor=cursor, reply_delta=delta)
                 for entry_id, fields in events:
-                    update = _update_of(entry_id.decode(), fields, suffix)
+                    update = _update_of(entry_id.decode(), fields, suffix, tag)
                     if update is not None:
                         cursor = update.cursor
                         yield update
@@ -282,6 +282,33 @@ def _status_of(reg: Registration, state: ConversationState | None) -> int:
     return chat_pb2.CONVERSATION_STATUS_CLOSED if closed else chat_pb2.CONVERSATION_STATUS_OPEN
 
 
+def conversation_tag(tenant_id: str, conversation_id: str) -> str:
+    """What a cursor carries of its conversation (see `public_cursor`)."""
+    named = f"{len(tenant_id)}:{tenant_id}{conversation_id}".encode()
+    return hashlib.blake2b(named, digest_size=5, person=b"sb-cursor").hexdigest()
+
+
+def public_cursor(entry_id: str, tag: str) -> str:
+    """The cursor a client gets for a live-stream entry: the entry id (the event's Kafka offset,
+    so conversations of one partition share the number space) and its conversation's tag, so a
+    cursor passed to another conversation is refused instead of read as a position in it."""
+    return f"{entry_id}.{tag}" if entry_id else ""
+
+
+def stream_position(cursor: str, tag: str) -> str:
+    """The live-stream entry id of a client's cursor, or INVALID_ARGUMENT. A cursor without a tag
+    (handed out before cursors carried one) is taken as it is."""
+    entry_id, dot, given = cursor.partition(".")
+    if not (hv.is_valid_cursor(entry_id) and max(_cursor_key(entry_id)) <= _MAX_STREAM_ID_PART):
+        raise v.invalid(f"after_cursor {cursor[:40]!r} is not a cursor from a ConversationUpdate")
+    if dot and given != tag:
+        raise v.invalid(
+            f"after_cursor {cursor[:40]!r} is a cursor of another conversation; pass one from this "
+            "conversation's updates or GetConversation, or none to replay it from the start"
+        )
+    return entry_id
+
+
 def _cursor_key(cursor: str) -> tuple[int, int]:
     ms, _, seq = cursor.partition("-")
     return int(ms), int(seq or 0)
@@ -296,13 +323,15 @@ def _decode_entry(fields: dict[bytes, bytes], suffix: bytes) -> Event | None:
         return None
 
 
-def _update_of(cursor: str, fields: dict[bytes, bytes], suffix: bytes) -> chat_pb2.ConversationUpdate | None:
+def _update_of(
+    entry_id: str, fields: dict[bytes, bytes], suffix: bytes, tag: str
+) -> chat_pb2.ConversationUpdate | None:
     event = _decode_entry(fields, suffix)
     if event is None:
         return None
     closed = fields.get(hv.S_STATUS.encode()) == STATUS_CLOSED.encode()
     return chat_pb2.ConversationUpdate(
-        cursor=cursor,
+        cursor=public_cursor(entry_id, tag),
         event=event,
         status=chat_pb2.CONVERSATION_STATUS_CLOSED if closed else chat_pb2.CONVERSATION_STATUS_OPEN,
         message_count=int(fields.get(hv.S_MESSAGES.encode(), b"0")),
@@ -319,7 +348,9 @@ def _delta_of(fields: dict[bytes, bytes]) -> chat_pb2.ReplyDelta | None:
     return delta if delta.reply_id else None
 
 
-def _message_of(entry_id: bytes, fields: dict[bytes, bytes], suffix: bytes) -> chat_pb2.Message | None:
+def _message_of(
+    entry_id: bytes, fields: dict[bytes, bytes], suffix: bytes, tag: str
+) -> chat_pb2.Message | None:
     sequence = int(fields.get(hv.S_SEQUENCE.encode(), b"0"))
     if not sequence:
         return None
@@ -328,7 +359,10 @@ def _message_of(entry_id: bytes, fields: dict[bytes, bytes], suffix: bytes) -> c
         return None
     kind = event_type(event)
     msg = chat_pb2.Message(
-        event_id=event.event_id, occurred_at=event.occurred_at, sequence=sequence, cursor=entry_id.decode()
+        event_id=event.event_id,
+        occurred_at=event.occurred_at,
+        sequence=sequence,
+        cursor=public_cursor(entry_id.decode(), tag),
     )
     if kind == "message_received":
         msg.client_message_id = event.message_received.client_message_id

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 
 def _stream_id(cursor: str) -> tuple[int, int]:
-    ms, _, seq = cursor.partition("-")
+    ms, _, seq = cursor.partition(".")[0].partition("-")
     return int(ms), int(seq or 0)
 
 

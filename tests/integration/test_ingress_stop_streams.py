@@ -36,12 +36,19 @@ from tests.integration.test_ingress_processes import (
 pytestmark = pytest.mark.integration
 
 
-def _serving_process(system: System) -> psutil.Process:
-    mine = {
+def _my_ports(system: System) -> set[int]:
+    """Local ports of this test process's connections to the ingress."""
+    return {
         c.laddr.port
         for c in psutil.Process().net_connections("tcp")
         if c.raddr and c.raddr.port == port(system)
     }
+
+
+def _serving_process(system: System, before: set[int]) -> psutil.Process:
+    """The ingress process serving the connections opened since `before` (channels of earlier
+    tests in this worker, such as the session's stub, may be served by the other one)."""
+    mine = _my_ports(system) - before
     serving = [p for p in servers(system) if peers(p, port(system)) & mine]
     assert len(serving) == 1, serving
     return serving[0]
@@ -65,6 +72,7 @@ async def test_sigterm_ends_live_and_idle_streams_at_once_and_answers_what_was_i
 ) -> None:
     await all_serving(system)
     kafka = psutil.Process((await stack.status(system.settings))["kafka"]["pid"])
+    before = _my_ports(system)
     channel = separate_channel(system)
     other = separate_channel(system)
     try:
@@ -85,7 +93,7 @@ async def test_sigterm_ends_live_and_idle_streams_at_once_and_answers_what_was_i
         await queue.put(message(tenant, conversation_id, "s1"))
         ack1 = await asyncio.wait_for(sending.read(), 30)
         assert ack1.client_message_id == "s1" and not ack1.error_code
-        stopping = _serving_process(system)
+        stopping = _serving_process(system, before)
         kafka.send_signal(signal.SIGSTOP)  # s2 stays in flight through the drain
         try:
             await queue.put(message(tenant, conversation_id, "s2"))

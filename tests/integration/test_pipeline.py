@@ -437,6 +437,50 @@ async def test_a_cursor_past_the_conversations_last_update_is_refused(
     await follows_on(stub, tenant, conversation_id, conv.cursor, "m2")
 
 
+async def test_a_cursor_of_another_conversation_is_refused(system: System, stub, tenant: str) -> None:
+    """Seen in the twenty-eighth session's trial: B's cursor, passed to StreamConversation of A, was
+    taken as a position in A's stream (both are Redis stream ids, and B's lay inside A's window), so
+    the call replayed A from a point that was never A's and skipped A's first messages silently."""
+    first = await start_conversation(stub, tenant)
+    other = await start_conversation(stub, tenant)
+    await stub.SendMessage(send(tenant, first, "a1"))
+    await stub.SendMessage(send(tenant, other, "b1"))
+    await stub.SendMessage(send(tenant, first, "a2"))
+    conv_a = await eventually(
+        lambda: stub.GetConversation(
+            chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=first)
+        ),
+        lambda c: c.message_count == 2,
+    )
+    conv_b = await eventually(
+        lambda: stub.GetConversation(
+            chat_pb2.GetConversationRequest(tenant_id=tenant, conversation_id=other)
+        ),
+        lambda c: c.message_count == 1,
+    )
+    for foreign in (conv_b.cursor, conv_b.messages[0].cursor):
+        call = stub.StreamConversation(
+            chat_pb2.StreamConversationRequest(tenant_id=tenant, conversation_id=first, after_cursor=foreign)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(call.read(), 30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert "another conversation" in str(err.value.details())
+    # The same id in another tenant is another conversation too.
+    twin = tenant + "b"
+    await stub.StartConversation(
+        chat_pb2.StartConversationRequest(tenant_id=twin, conversation_id=first, customer_id="twin")
+    )
+    call = stub.StreamConversation(
+        chat_pb2.StreamConversationRequest(tenant_id=twin, conversation_id=first, after_cursor=conv_a.cursor)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await asyncio.wait_for(call.read(), 30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    # Its own cursors still follow on.
+    await follows_on(stub, tenant, first, conv_a.cursor, "a3")
+
+
 def _has_messages(count: int) -> Callable[[chat_pb2.Conversation], bool]:
     return lambda c: c.message_count == count
 
