@@ -45,7 +45,9 @@ hand-off per language), `--only holdout6`. A ninth, benchmarks/data/shop_holdout
 (200 messages, written blind the same way on 2026-12-04 after the eighth's rule changes),
 `--only holdout7`. A tenth, benchmarks/data/shop_holdout8_questions.jsonl (200 messages, written
 blind the same way on 2026-12-04 after the ninth's rule changes, with more hand-offs worded without
-the obvious keywords and more alarming words in benign senses), `--only holdout8`.
+the obvious keywords and more alarming words in benign senses), `--only holdout8`. An eleventh,
+benchmarks/data/shop_holdout9_questions.jsonl (200 messages, written blind the same way on
+2026-12-04 after the needs-person probe, as customers type on a phone), `--only holdout9`.
 
 With --decisions the training questions are run too (`--only train`): not held out, but a change
 to the decision should not cost what the reranker was fitted on.
@@ -86,6 +88,7 @@ SHOP_SETS: dict[str, tuple[str, Path]] = {
         ("holdout6", "eighth held-out set", "holdout6"),
         ("holdout7", "ninth held-out set", "holdout7"),
         ("holdout8", "tenth held-out set", "holdout8"),
+        ("holdout9", "eleventh held-out set", "holdout9"),
     )
 }
 
