@@ -5,7 +5,8 @@ Order of the rules (the first that fires decides the reason):
    "talk to a human", "real person", …) or the intent is `talk_to_human`. A refused person
    ("不要转人工", "no need for a human", "I don't want to talk to an agent") does not count, and
    overrides the intent; any other negation near a request ("you are not helping, talk to an
-   agent", "why not talk to a human") leaves the request standing.
+   agent", "why not talk to a human") leaves the request standing. Nor does the intent alone for a
+   question about the people the FAQ answers ("人工客服几点下班", "what's the support email").
 2. `tenant_rule`: the intent is in the tenant's always-hand-off list, or the message contains one of
    the tenant's keywords.
 3. `complaint`: the intent is `complaint` (confident enough to trust the label), or the message
@@ -488,6 +489,32 @@ def _requests(text: str) -> tuple[list[tuple[str, bool]], bool]:
     return requests, refused_anywhere
 
 
+# Asking about the people rather than for one: when they work, how to call or write to them
+# (人工客服几点下班, 客服电话多少, "what time do agents come online", "support email"). The intent model
+# reads these as talk_to_human (人工客服几点下班: 0.94); the FAQ's contact article answers them.
+_ZH_ABOUT_SUPPORT = re.compile(
+    r"(?:人工|客服|真人)(?:客服)?(?:的)?(?:几点|什么时候|哪天|时间|上班|下班|工作时间|服务时间|在线时间|营业时间"
+    r"|周末|电话|热线|号码|邮箱|联系方式)"
+)
+_EN_SUPPORT = (
+    r"(?:agents?|humans?|people|staff|support(?:\s+team)?|customer\s+(?:service|support)|live\s+chat|reps?)"
+)
+_EN_ABOUT_SUPPORT = re.compile(
+    rf"\b(?:what|which)\s+(?:time|times|hours?|days?)\b[^.?!]{{0,40}}\b{_EN_SUPPORT}\b"
+    rf"|\bwhen\s+(?:are|is|do|does)\s+(?:your\s+|the\s+)?{_EN_SUPPORT}\b[^.?!]{{0,30}}\b(?:open|online|available|on|around|work)\b"
+    rf"|\b{_EN_SUPPORT}(?:['’]s)?\s+(?:hours|opening\s+hours|phone(?:\s+number)?|number|e-?mail(?:\s+address)?)\b"
+    rf"|\b(?:(?:an?|the|your)\s+|what\s+are\s+(?:the\s+|your\s+)?|what(?:['’]s|s|\s+is)\s+(?:the\s+|your\s+)?)"
+    rf"(?:opening\s+|business\s+|working\s+)?(?:hours|phone\s+number|e-?mail(?:\s+address)?)\s+(?:of|for)\s+"
+    rf"(?:your\s+|the\s+)?{_EN_SUPPORT}\b",
+    re.IGNORECASE,
+)
+
+
+def asks_about_support(text: str) -> bool:
+    """Does `text` ask when the people work or how to reach them (a question for the FAQ)?"""
+    return bool(_ZH_ABOUT_SUPPORT.search(fold_for_rules(text)) or _EN_ABOUT_SUPPORT.search(text))
+
+
 def asks_for_human(text: str) -> str | None:
     """The phrase in `text` asking for a person, or None (refused persons do not count)."""
     return next((phrase for phrase, refused in _requests(text)[0] if not refused), None)
@@ -549,7 +576,9 @@ def decide_handoff(
     phrase = asks_for_human(text)
     if phrase is not None:
         return Handoff(REASON_CUSTOMER_REQUEST, queue, f"keyword {phrase!r}")
-    if intent.label == TALK_TO_HUMAN and confident and not declines_human(text):
+    # The intent alone is not trusted for a question about the people that the FAQ answers.
+    about_support = bool(answered) and asks_about_support(text)
+    if intent.label == TALK_TO_HUMAN and confident and not declines_human(text) and not about_support:
         return Handoff(REASON_CUSTOMER_REQUEST, queue, f"intent {TALK_TO_HUMAN}")
 
     if intent.label in rules.always_handoff_intents and confident:

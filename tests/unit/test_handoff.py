@@ -579,3 +579,39 @@ def test_asking_when_the_agents_work_is_not_by_its_words_a_request():
     assert asks_for_human("人工客服几点上班？周末有人吗") is None
     assert asks_for_human("你们人工几点下班啊 我晚上十点后才有空 先问问") is None  # set 7
     assert asks_for_human("人工客服") is not None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Held-out sets 2, 4-9: the intent model says talk_to_human (人工客服几点下班: 0.94).
+        "人工客服几点下班",
+        "人工客服几点上班？周末有人吗",
+        "客服电话多少",
+        "what time do agents come online on saturday",
+        "do u have an email address for support",
+        "what are your customer service hours",
+        "when is customer service open on sundays",
+    ],
+)
+def test_a_question_about_the_people_the_faq_answers_is_answered(text: str):
+    """Asking when the agents work or how to reach them is a question for the contact article,
+    not a request for a person: the talk_to_human intent alone does not hand it off when the FAQ
+    answers it, and does when the FAQ has nothing."""
+    talk = IntentDecision("talk_to_human", 0.94)
+    assert decide(text, talk, answered=True) is None
+    handoff = decide(text, talk, answered=False)
+    assert handoff is not None and handoff.reason == "customer_request"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "人工客服 电话打不通 我要人工",
+        "I waited hours for support to reply, get me a human",
+        "the number of agents you have is a joke, talk to a person now",
+        "can I talk to an agent about my order",
+    ],
+)
+def test_a_request_for_a_person_near_words_about_support_still_hands_off(text: str):
+    assert decide(text, IntentDecision("talk_to_human", 0.94), answered=True) is not None
