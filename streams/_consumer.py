@@ -31,6 +31,7 @@ import logging
 import signal
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -73,6 +74,11 @@ JOIN_BOUND_S = 60.0
 # One attempt to dead-letter a record; past it the attempt fails and the next one goes through a
 # new producer (a healthy Kafka answers in milliseconds).
 DEAD_LETTER_ATTEMPT_S = 15.0
+# The source positions (topic, partition, offset) this consumer dead-lettered most recently: a batch
+# applied again (after a failed deferred write, a restart from the last commit) finds its rejects
+# again and sends none of them twice. A process killed between a dead letter and its commit still
+# sends it again after its restart: `sb-dlq-source` names the record either way.
+DEAD_LETTERED_REMEMBERED = 4096
 # After a stop: how long a commit or a dead letter already under way may still take before it is
 # abandoned (a healthy Kafka answers in milliseconds; a Kafka that is down never does, and the
 # batch is then applied again after the restart, as after a crash).
@@ -263,6 +269,7 @@ class BatchConsumer:
         self._in_hand = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.stats = ConsumerStats()
+        self._dead_lettered: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         # The stall watchdog's clocks: the last check, and since when checks have seen records
         # waiting with none returned (None: not seen, or records returned since).
         self._checked_at = time.monotonic()
@@ -788,6 +795,14 @@ class BatchConsumer:
 
     async def _dead_letter(self, record: Record, exc: BaseException) -> None:
         assert self._producer is not None
+        source = (record.topic, record.partition, record.offset)
+        if source in self._dead_lettered:
+            log.info(
+                "%s: %s/%d/%d was dead-lettered already (its batch is applied again)",
+                self._processor.name,
+                *source,
+            )
+            return
         reason = f"{type(exc).__name__}: {exc}"
         log.error(
             "%s: dead-lettering %s/%d/%d: %s",
@@ -825,6 +840,9 @@ class BatchConsumer:
 
         await self._until_durable("dead-lettering", send)
         self.stats.dead_lettered += 1
+        self._dead_lettered[source] = None
+        if len(self._dead_lettered) > DEAD_LETTERED_REMEMBERED:
+            self._dead_lettered.popitem(last=False)
 
     async def _dead_letter_producer(self) -> AIOKafkaProducer:
         if self._producer is None:

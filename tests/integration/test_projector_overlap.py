@@ -121,9 +121,11 @@ class Commits:
         monkeypatch.setattr(AIOKafkaConsumer, "commit", commit)
 
 
-def events(tenant: str) -> list[bytes]:
+def events(tenant: str, garbage_at: int | None = None) -> list[bytes]:
     return [
-        encode_event(new_event(tenant, f"c{i % 3}", message_received=pb.MessageReceived(text=f"m{i}")))
+        b"\xffnot an event"
+        if i == garbage_at
+        else encode_event(new_event(tenant, f"c{i % 3}", message_received=pb.MessageReceived(text=f"m{i}")))
         for i in range(EVENTS)
     ]
 
@@ -143,11 +145,12 @@ async def run(
     client: WatchedClient,
     tenant: str,
     expected_rows: int = EVENTS,
+    garbage_at: int | None = None,
 ) -> tuple[Timed, Commits, BatchConsumer]:
     settings = await fresh_topic(local_stack, "projoverlap")
     async with started_producer(settings) as producer:
         # All there before the consumer starts: three full batches one after the other.
-        await send_all(producer, settings.conversation_topic, events(tenant))
+        await send_all(producer, settings.conversation_topic, events(tenant, garbage_at))
     processor = Timed(client)
     commits = Commits(monkeypatch, client)
     async with running_consumer(settings, processor, "projoverlap", batch_size=BATCH) as rig:
@@ -221,3 +224,26 @@ async def test_a_row_refused_for_good_by_a_deferred_insert_is_dead_lettered_not_
         # (The dead-lettered record's offset is never in raw_events: it counts as done once
         # dead-lettered, so commits past it are checked against the rows after it.)
         assert offset <= inserted or offset > bad, commits.seen
+
+
+@pytest.mark.timeout(180)
+async def test_a_batch_applied_again_after_a_failed_insert_dead_letters_its_garbage_once(
+    local_stack: Settings, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in the twenty-seventh session's review: the batch whose deferred insert failed is
+    applied again from the last commit, and the undecodable record in it went to the dead-letter
+    topic a second time (an operator's `dlq list` showed it twice)."""
+    tenant = f"t{uuid.uuid4().hex[:12]}"
+    client = WatchedClient(process_chdb(tmp_path_factory)[1], delay_s=0.1, fail_offset=BATCH)
+    _, _, consumer = await run(
+        local_stack,
+        tmp_path_factory,
+        monkeypatch,
+        client,
+        tenant,
+        expected_rows=EVENTS - 1,
+        garbage_at=BATCH + 1,
+    )
+    assert client.failed == 1
+    assert consumer.stats.restarts >= 1  # the batch was applied again
+    assert consumer.stats.dead_lettered == 1
