@@ -112,7 +112,8 @@ def idempotency_key(tenant_id: str, conversation_id: str, client_message_id: str
 
 def live_stream_id(offset: int) -> str:
     """Stream entry id for the event at `offset`. Deterministic, so a redelivered event's XADD is
-    refused by Redis (ids must grow) instead of appearing twice; the id is also the client cursor."""
+    refused by Redis (ids must grow) instead of appearing twice; a client cursor is the id and its
+    conversation's tag (services/ingress/_reads.py, public_cursor)."""
     return f"{offset}-1"
 
 
