@@ -28,7 +28,10 @@ S_STATUS = "s"
 S_MESSAGES = "n"
 S_SEQUENCE = "q"
 
-_CURSOR = re.compile(r"\d{1,20}-\d{1,20}")
+# ASCII digits only: Python's \d also takes other scripts' digits (١٢-١, １２-１), which int() reads
+# as numbers, so such an id would pass every range check and then fail the shared XREAD of every
+# live stream on its reader (Redis takes ASCII ids only).
+_CURSOR = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 
 def conversation_key(tenant_id: str, conversation_id: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 MAX_RECENT = 200
 # Both parts of a Redis stream id are unsigned 64-bit: a larger one is refused by Redis itself.
 _MAX_STREAM_ID_PART = 2**64 - 1
+_TAG = re.compile(r"[0-9a-f]{10}")  # conversation_tag's form
 
 
 class LiveFollow:
@@ -299,7 +301,11 @@ def stream_position(cursor: str, tag: str) -> str:
     """The live-stream entry id of a client's cursor, or INVALID_ARGUMENT. A cursor without a tag
     (handed out before cursors carried one) is taken as it is."""
     entry_id, dot, given = cursor.partition(".")
-    if not (hv.is_valid_cursor(entry_id) and max(_cursor_key(entry_id)) <= _MAX_STREAM_ID_PART):
+    if not (
+        hv.is_valid_cursor(entry_id)
+        and max(_cursor_key(entry_id)) <= _MAX_STREAM_ID_PART
+        and (not dot or _TAG.fullmatch(given))
+    ):
         raise v.invalid(f"after_cursor {cursor[:40]!r} is not a cursor from a ConversationUpdate")
     if dot and given != tag:
         raise v.invalid(

@@ -222,3 +222,40 @@ def test_a_customer_id_given_is_printable_without_surrounding_spaces(value):
 def test_a_customer_id_may_be_absent_or_any_printable_text():
     for value in ("", "c1", "客户 42 (vip)", "user@example.com", "山田\u3000太郎", "Zoë\u00a0K"):
         v.check_customer_id(value)
+
+
+@pytest.mark.parametrize("cursor", ["١٢-١", "１２-１", "٥-١.0123456789", "12-1\n", "12-1 "])
+def test_a_cursor_is_ascii_digits_only(cursor: str) -> None:
+    """Review (s29): Python's \\d took other scripts' digits, which int() reads as numbers, so
+    such a cursor passed every check and then failed the shared XREAD of every live stream on its
+    reader, other tenants' included."""
+    from schemas.hotview import is_valid_cursor
+    from services.ingress._reads import conversation_tag, stream_position
+    from services.ingress._validation import RequestRejected
+
+    assert not is_valid_cursor(cursor.partition(".")[0])
+    with pytest.raises(RequestRejected) as err:
+        stream_position(cursor, conversation_tag("t", "c"))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_cursor_names_its_conversation() -> None:
+    from services.ingress._reads import conversation_tag, public_cursor, stream_position
+    from services.ingress._validation import RequestRejected
+
+    tag = conversation_tag("t", "c")
+    assert stream_position(public_cursor("12-1", tag), tag) == "12-1"
+    assert stream_position("12-1", tag) == "12-1"  # a bare cursor from before tags
+    assert public_cursor("", tag) == ""
+    # Another conversation's, another tenant's conversation of the same id, and one whose ids
+    # would join to the same string.
+    for other in (conversation_tag("t", "d"), conversation_tag("u", "c"), conversation_tag("tc", "")):
+        assert other != tag
+        with pytest.raises(RequestRejected) as err:
+            stream_position(public_cursor("12-1", other), tag)
+        assert "another conversation" in err.value.message
+    # A tag that is not one (malformed) is not "another conversation's".
+    for malformed in ("12-1.", "12-1.ABCDEF0123", "12-1.0123", f"12-1.{tag}.x", f"12-1.{tag} "):
+        with pytest.raises(RequestRejected) as err:
+            stream_position(malformed, tag)
+        assert "not a cursor" in err.value.message, malformed
