@@ -535,6 +535,31 @@ def test_an_incident_only_a_person_can_take_on_hands_off_whatever_the_question(t
         "这电池撑不下去了 一天要充三次",
         "快递员打电话给我说放门口了",
         "I clicked the link in your email to track my order, it says not found",
+        # The review's look-alikes of set 9's first rules (twenty-ninth session): each was handed off.
+        "快递员一直打我电话 我在上班没接到 能改天送吗",
+        "司机打了我电话说明天送 可以放驿站吗",
+        "骑手打我手机说找不到地址 怎么改收货地址",
+        "外卖骑手吼了我一嗓子说到楼下了 哈哈",
+        "下雨天不敢出门 能晚两天送吗",
+        "在洗澡不敢开门 快递能放快递柜吗",
+        "不敢回家 怕老婆知道我又买了 能不能寄到公司",
+        "快递员说他知道我住哪 结果还是送到隔壁小区了 怎么查物流",
+        "这个辣酱太辣了 差点呛死 哈哈 再来两瓶有优惠吗",
+        "看到运费差点噎住 满多少包邮啊",
+        "差点吞了一整块蛋糕 太好吃了 还有货吗",
+        "双十一不打折 穷得活不下去了 有没有优惠券",
+        "点了链接输入了验证码还是登录不了 怎么重置密码",
+        "点开了这个链接填了卡号 付款还是失败",
+        "I clicked the link in your email and entered my password but it says the reset link expired",
+        "I tapped the link you sent and put in my card details but the payment failed",
+        "opened the link from the order confirmation and typed my login, still can't sign in",
+        "I can't cope with how cute this dress is, do you have it in M?",
+        "I can't go on waiting, just cancel the order",
+        "I don't know what to do anymore with this coupon, it keeps saying invalid",
+        "the seams, the zip, everything is falling apart after one wash, can I return it?",
+        "almost choked on the chips they're that good, when is the restock",
+        "my son nearly choked laughing at the gift message",
+        "my toddler almost choked on his juice laughing at the toy",
     ],
 )
 def test_asking_about_harm_or_fearing_it_is_not_an_incident(text: str):
@@ -628,6 +653,11 @@ def test_a_question_about_the_people_the_faq_answers_is_answered(text: str):
         "I waited hours for support to reply, get me a human",
         "the number of agents you have is a joke, talk to a person now",
         "can I talk to an agent about my order",
+        # The review's (twenty-ninth session): a question about the people, then a request.
+        "人工客服什么时候能回复我 我等了两天了",
+        "人工客服上班了吗 我的退款要人处理一下",
+        "人工客服在线时间到了吗 帮我转一下",
+        "support phone number please, this needs a human decision",
     ],
 )
 def test_a_request_for_a_person_near_words_about_support_still_hands_off(text: str):
