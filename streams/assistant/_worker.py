@@ -750,7 +750,7 @@ class AssistantProcessor:
             question, language, answered_intent = taken.question, taken.language, taken.intent
             hits = [replace(taken.hits[0], relevant=True)]
         # An offer taken is answered from the article offered, whatever the "yes" reads as.
-        relevant = grounding(hits, None if taken is not None else intent, text)
+        relevant = grounding(hits, None if taken is not None else intent, text, offer_taken=taken is not None)
         verdict = IntentDecision(intent.label, float(intent.confidence))
         handoff = decide_handoff(
             text=text,
@@ -850,9 +850,11 @@ PRODUCT_ANSWER_MIN_RELEVANCE = 0.6
 # candidates, and when none of them fits it can still rank one high (面霜用了以后脸又红又肿 got the
 # English gift-wrapping article at rerank 0.98, cosine 0.08). Over every question set (eleven shop
 # sets, the training and first held-out questions, telecom: ~2,100 messages) the hits answered under
-# 0.15 were 4, none right; the lowest right one was at 0.17 (benchmarks/RESULTS.md, twenty-ninth
+# 0.15 were 4, none right (the lowest right one at 0.17); but a review's short and cross-language
+# messages had right answers at 0.107-0.148 ("loyalty?", "rewards program" → the Chinese points
+# article, "operator"), so the floor is 0.10: two of the four (benchmarks/RESULTS.md, twenty-ninth
 # session).
-UNSHARED_ANSWER_MIN_COSINE = 0.15
+UNSHARED_ANSWER_MIN_COSINE = 0.10
 
 
 # A message that tries to override the assistant's instructions ("ignore all previous
@@ -880,7 +882,9 @@ def overrides_instructions(text: str) -> bool:
     return bool(text) and _OVERRIDE.search(text) is not None
 
 
-def grounding(hits: Sequence[Hit], intent: Any = None, text: str = "") -> list[Hit]:
+def grounding(
+    hits: Sequence[Hit], intent: Any = None, text: str = "", *, offer_taken: bool = False
+) -> list[Hit]:
     """The hits to answer from: the relevant ones, when the best-ranked hit is one of them.
 
     The relevance threshold is calibrated on the top hit ("is the top hit the answer?"). Applied
@@ -890,10 +894,11 @@ def grounding(hits: Sequence[Hit], intent: Any = None, text: str = "") -> list[H
     unseen questions"). Then nothing is answered, and the close titles are offered instead
     (`suggestions_of`), the top one first. With the message's `intent`, a confident product
     question needs PRODUCT_ANSWER_MIN_RELEVANCE; a top hit sharing no word with the message,
-    UNSHARED_ANSWER_MIN_COSINE."""
+    UNSHARED_ANSWER_MIN_COSINE, unless it is an offered article the customer took (`offer_taken`:
+    its scores are the question's, and it was offered because it is close)."""
     if not hits or not hits[0].relevant or overrides_instructions(text):
         return []
-    if hits[0].scores.bm25 <= 0.0 and hits[0].scores.cosine < UNSHARED_ANSWER_MIN_COSINE:
+    if not offer_taken and hits[0].scores.bm25 <= 0.0 and hits[0].scores.cosine < UNSHARED_ANSWER_MIN_COSINE:
         return []
     if (
         intent is not None
