@@ -132,6 +132,12 @@ _ERROR_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*(?:\(version [^)]*\))?\s*$")
 PARSER_MAX_QUERY_SIZE = 256 * 1024 * 1024
 _READ_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS", "CHECK"})
 _READONLY_ALLOWED = _READ_STATEMENTS | {"SET", "USE"}
+# What clickhouse-go (Grafana's ClickHouse plugin) sends over HTTP before anything else (its
+# conn_http.go). displayName() is a host fact a reader may not ask for (_guard.py): answered so,
+# every reader's Go connection failed (trial, twenty-ninth session). This statement, exactly, is
+# answered with the product's name instead; displayName() anywhere else is still refused.
+GO_DRIVER_HELLO = "SELECT displayName(), version(), revision(), timezone()"
+READER_DRIVER_HELLO = "SELECT 'switchboard' AS display_name, version(), revision(), timezone()"
 # The endpoint's cancel tag (see QueryRequest.cancel_tag) as the engine quotes it in an error.
 _TAG_IN_ERROR = re.compile(r"\s*/\* sb-query-[0-9a-f]{32} \*/")
 
@@ -1123,6 +1129,7 @@ class QueryEndpoint:
         # with TOO_MANY_SIMULTANEOUS_QUERIES only when that wait passes the time limit.
         self._reader_slots = asyncio.Semaphore(max(1, threads - 1))
         self._reader_wait_s = float(policy.max_execution_time_s) if policy else 60.0
+        self._driver_hello: str | None = None  # GO_DRIVER_HELLO as the engine formats it
         # Stopping and closing abandoned queries: never queued behind the queries they stop.
         self._stopper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chdb-stop")
         self._runner: web.AppRunner | None = None
@@ -1205,6 +1212,10 @@ class QueryEndpoint:
         assert self.policy is not None
         if parsed.insert_data is None:
             parsed.sql = self.engine.canonical(parsed.sql)
+            if self._driver_hello is None:
+                self._driver_hello = self.engine.canonical(GO_DRIVER_HELLO)
+            if parsed.sql == self._driver_hello:
+                parsed.sql = READER_DRIVER_HELLO
         self._as_reader(parsed, self.policy, analyst)
         return self.engine.open(parsed)
 

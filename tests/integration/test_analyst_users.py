@@ -271,3 +271,16 @@ def test_the_setting_is_checked() -> None:
     ):
         with pytest.raises(AnalyticsError, match="password_sha256_hex"):
             tenant_analysts(Settings(analytics_tenant_users={"carol": entry}))
+
+
+def test_a_tenant_analyst_gets_the_go_drivers_hello(endpoint: QueryEndpoint) -> None:
+    """clickhouse-go's first statement (GO_DRIVER_HELLO) is answered for a tenant analyst as for a
+    reader (trial, twenty-ninth session: ACCESS_DENIED for displayName() stopped every Go
+    connection); displayName() of its own is still refused."""
+    from services.analytics._endpoint import GO_DRIVER_HELLO
+
+    status, body = http(endpoint, "alice", GO_DRIVER_HELLO)
+    assert status == 200, body
+    assert body.split("\t")[0] == "switchboard"
+    status, body = http(endpoint, "alice", "SELECT displayName()")
+    assert status == 403 and "ACCESS_DENIED" in body, body

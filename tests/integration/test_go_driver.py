@@ -139,3 +139,33 @@ def test_native_without_a_protocol_version_is_unchanged(loaded: tuple[int, str])
     with urllib.request.urlopen(url + "&client_protocol_version=54460", timeout=10) as versioned:
         # BlockInfo (overflows = 0, bucket -1), then the column with its serialization-kind byte.
         assert versioned.read() == b"\x01\x00\x02\xff\xff\xff\xff\x00" + b"\x01\x01\x01x\x05UInt8\x00\x01"
+
+
+def test_the_go_driver_reads_as_the_reader_user_of_a_guarded_endpoint(
+    go_client: Path, loaded: tuple[int, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Seen in the twenty-ninth session's trial: under `make run` (an admin password set, so the
+    password-less `default` user is a reader) every Go connection failed. clickhouse-go opens
+    with `SELECT displayName(), version(), revision(), timezone()`, and displayName() is a host
+    fact a reader may not ask for: HTTP 403, ACCESS_DENIED, before the first panel's query."""
+    from services.analytics import EndpointPolicy
+    from tests.integration.test_analytics import serve
+
+    _, tenant = loaded
+    guarded = serve(process_chdb(tmp_path_factory)[0], EndpointPolicy(admin_password="s3cret-admin"))
+    queries = dashboard_queries(tenant)
+    results = through_go(go_client, guarded.port, *queries)
+    python = clickhouse_connect.get_client(host="127.0.0.1", port=guarded.port, database="switchboard")
+    for sql, got in zip(queries, results, strict=True):
+        assert "error" not in got, f"{sql}\n{got.get('error')}"
+        expected = python.query(sql)
+        assert [normal(row) for row in got["rows"]] == [normal(list(row)) for row in expected.result_rows], (
+            sql
+        )
+    # The host's name is still not the reader's to ask for, on its own or inside another query.
+    for sql in (
+        "SELECT displayName()",
+        "SELECT displayName(), version(), revision(), timezone(), hostName()",
+    ):
+        (got,) = through_go(go_client, guarded.port, sql)
+        assert "ACCESS_DENIED" in got.get("error", ""), (sql, got)
