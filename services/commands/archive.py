@@ -155,19 +155,75 @@ async def _restore(settings: Any, topic: str, args: argparse.Namespace) -> int:
     from services import kafka_clients  # also throttles aiokafka's failed metadata updates
     from services.commands import kafka_failed
     from streams.archive import ArchiveStore
-    from streams.replay import PartitionPlan, ReplayPlan, read_log
-    from streams.replay._source import _cover
+    from streams.replay import PartitionPlan, ReplayError, ReplayPlan, read_log
+    from streams.replay._source import _cover, kafka_offsets
 
     if args.partition is None or args.from_offset is None or args.to_offset is None:
         sys.exit("switchboard archive restore: --partition, --from-offset and --to-offset are required")
+    if args.from_offset < 0:
+        sys.exit("switchboard archive restore: --from-offset is negative")
     if args.to_offset < args.from_offset:
         sys.exit("switchboard archive restore: --to-offset is before --from-offset")
+    if args.into_topic in (topic, settings.conversation_topic):
+        # Seen in a trial: the records went through idempotence, but the assistant answered them
+        # again, ten minutes late, in the customer's conversation.
+        sys.exit(
+            f"switchboard archive restore: --into-topic {args.into_topic} is the live event log: its "
+            "processors would take the records for new events (the assistant would answer them again); "
+            "restore into a topic of its own (`switchboard archive restore --help`)"
+        )
+    try:
+        # Where the log is now: records before its start come from the archive, the rest from Kafka.
+        starts, ends = await kafka_offsets(settings, topic)
+        if args.into_topic:
+            _, into_ends = await kafka_offsets(settings, args.into_topic)
+            if args.partition not in into_ends:
+                sys.exit(
+                    f"switchboard archive restore: {args.into_topic} has no partition {args.partition} "
+                    f"(it has {len(into_ends)}); the records keep their partition"
+                )
+    except ReplayError as exc:  # a topic that does not exist
+        sys.exit(
+            f"switchboard archive restore: {exc}"
+            + (
+                f"; create it first, with as many partitions as {topic} (`kafka-topics.sh --create`)"
+                if args.into_topic and args.into_topic in str(exc)
+                else ""
+            )
+        )
+    except KafkaError as exc:
+        return kafka_failed(
+            "archive restore", exc, f"nothing was restored; run again with --from-offset {args.from_offset}"
+        )
+    if args.partition not in ends:
+        sys.exit(
+            f"switchboard archive restore: {topic} has no partition {args.partition} "
+            f"(its partitions are 0..{max(ends)})"
+        )
+    kafka_start, log_end = starts[args.partition], ends[args.partition]
+    if args.from_offset >= log_end:
+        sys.exit(
+            f"switchboard archive restore: {topic} partition {args.partition} ends at offset {log_end - 1}; "
+            f"--from-offset {args.from_offset} is past it"
+        )
+    end = min(args.to_offset + 1, log_end)
+    if end <= args.to_offset:
+        print(
+            f"{topic} partition {args.partition} ends at offset {log_end - 1}: restoring "
+            f"{args.from_offset}..{end - 1}",
+            file=sys.stderr,
+        )
     store = ArchiveStore(settings)
-    listing = await asyncio.to_thread(store.listing, topic, args.partition)
-    end = args.to_offset + 1
-    # Archive only: the plan says "Kafka starts after the range".
-    segments = _cover(args.partition, listing.manifests, args.from_offset, end, topic)
-    plan = ReplayPlan(topic, [PartitionPlan(args.partition, args.from_offset, end, end, segments)])
+    segments = []
+    if args.from_offset < kafka_start:
+        listing = await asyncio.to_thread(store.listing, topic, args.partition)
+        try:
+            segments = _cover(
+                args.partition, listing.manifests, args.from_offset, min(kafka_start, end), topic
+            )
+        except ReplayError as exc:
+            sys.exit(f"switchboard archive restore: {exc}")
+    plan = ReplayPlan(topic, [PartitionPlan(args.partition, args.from_offset, end, kafka_start, segments)])
     producer: AIOKafkaProducer | None = None
     restored = 0
     # The offset after the last record Kafka confirmed, in order: where a re-run resumes.

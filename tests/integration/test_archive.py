@@ -367,3 +367,83 @@ async def test_verify_reports_offsets_gone_from_kafka_before_they_were_archived(
     lost = await run_cli(env, "archive", "verify", "--topic", topic)
     assert lost.returncode == 1
     assert "offsets 0..19 are gone from Kafka and not archived" in lost.stdout
+
+
+@pytest.mark.timeout(300)
+async def test_restore_takes_what_the_log_has_and_refuses_what_would_harm(system: System) -> None:
+    """Seen in the twenty-ninth session's trial: the README's own `restore --partition 2
+    --from-offset 0 --to-offset 999` ended in a traceback claiming the log "starts at 1000" (the
+    range ran past the log's end, and offsets still in Kafka were never read); a partition that
+    does not exist did too; `--into-topic` of the live log was accepted (the assistant answered
+    the restored messages again); a missing target topic failed after 44 s."""
+    settings = system.settings
+    env = {**os.environ, **system.env}
+    topic = f"restore-{uuid.uuid4().hex[:8]}"
+    await create_topic(settings, topic, 2)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for i in range(5):
+            await producer.send_and_wait(topic, f"v{i}".encode(), key=b"k", partition=1)
+    finally:
+        await producer.stop()
+
+    # Past the end: what there is (from Kafka: nothing of it is archived), and a note saying so.
+    done = await run_cli(
+        env,
+        "archive",
+        "restore",
+        "--topic",
+        topic,
+        "--partition",
+        "1",
+        "--from-offset",
+        "0",
+        "--to-offset",
+        "999",
+    )
+    assert done.returncode == 0, done.stderr
+    assert [bytes.fromhex(json.loads(x)["value_hex"]) for x in done.stdout.splitlines()] == [
+        f"v{i}".encode() for i in range(5)
+    ]
+    assert "ends at offset 4" in done.stderr, done.stderr
+
+    refusals = {
+        "no such partition": (
+            ["--partition", "9", "--from-offset", "0", "--to-offset", "3"],
+            "no partition 9",
+        ),
+        "past the end": (["--partition", "1", "--from-offset", "7", "--to-offset", "9"], "past it"),
+        "negative": (["--partition", "1", "--from-offset", "-5", "--to-offset", "3"], "negative"),
+        "into the live log": (
+            [
+                "--partition",
+                "1",
+                "--from-offset",
+                "0",
+                "--to-offset",
+                "3",
+                "--into-topic",
+                settings.conversation_topic,
+            ],
+            "live event log",
+        ),
+        "into a missing topic": (
+            [
+                "--partition",
+                "1",
+                "--from-offset",
+                "0",
+                "--to-offset",
+                "3",
+                "--into-topic",
+                f"{topic}-nowhere",
+            ],
+            "create it first",
+        ),
+    }
+    for what, (args, says) in refusals.items():
+        refused = await run_cli(env, "archive", "restore", "--topic", topic, *args)
+        assert refused.returncode == 1, (what, refused)
+        assert "Traceback" not in refused.stderr, (what, refused.stderr)
+        assert says in refused.stderr, (what, refused.stderr)
