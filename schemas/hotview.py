@@ -88,6 +88,11 @@ def documents_key(tenant_id: str) -> str:
     return f"sb:{{{tenant_id}}}:documents"
 
 
+# Set by each assistant once the documents hashes hold every document it read: gone (Redis lost
+# its data), the assistant reads knowledge-events from the start again and writes them back.
+KNOWLEDGE_MIRRORED_KEY = "sb:knowledge:mirrored"
+
+
 def pending_documents_key(tenant_id: str) -> str:
     """Sorted set of a tenant's new documents acknowledged but not yet in `documents_key` (member:
     document id, score: expiry ms), kept by the ingress so the document quota counts them."""

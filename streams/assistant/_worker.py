@@ -1108,6 +1108,8 @@ class _Retry:
 # Back-off of `KnowledgeFollower.follow` between failed reads.
 KNOWLEDGE_RETRY_INITIAL_S = 0.5
 KNOWLEDGE_RETRY_MAX_S = 5.0
+# How often a ready follower checks that Redis still has its documents (hv.KNOWLEDGE_MIRRORED_KEY).
+MIRROR_CHECK_S = 1.0
 
 
 class KnowledgeFollower:
@@ -1213,7 +1215,14 @@ class KnowledgeFollower:
                 if tp in self._positions:
                     consumer.seek(tp, self._positions[tp])
             ends = await consumer.end_offsets(tps)
+            # Set before anything is read, so a loss at any later moment takes it away: the
+            # documents written before the loss are read and written again.
+            marked = await self._check_mirror(consumer, tps, False)
+            check_at = time.monotonic() + MIRROR_CHECK_S
             while True:
+                if time.monotonic() >= check_at:
+                    check_at = time.monotonic() + MIRROR_CHECK_S
+                    marked = await self._check_mirror(consumer, tps, marked)
                 if indexing.done():
                     indexing.result()  # its failure ends the follower as a read failure would
                 ended = fetch_task_ended(consumer)
@@ -1249,6 +1258,31 @@ class KnowledgeFollower:
             with contextlib.suppress(asyncio.CancelledError):
                 await indexing
             await consumer.stop()
+
+    async def _check_mirror(
+        self, consumer: AIOKafkaConsumer, tps: list[TopicPartition], marked: bool
+    ) -> bool:
+        """Whether the mirror marker is set (by this run or another assistant's: one of them
+        reading the topic again is enough, each writes every tenant's). Redis that lost its data (FLUSHALL, a
+        restart without it) lost the documents hashes too, which only this fold of the log writes
+        (a trial saw ListDocuments empty after a FLUSHALL until an operator replayed): the marker
+        gone, the topic is read from the start again. The index keeps what is unchanged (by
+        fingerprint), so nothing is embedded again; every document is written back in log order,
+        by the indexer, like any other."""
+        try:
+            if not marked:
+                await self._redis.set(hv.KNOWLEDGE_MIRRORED_KEY, "1")
+                return True
+            if await self._redis.exists(hv.KNOWLEDGE_MIRRORED_KEY):
+                return True
+        except (RedisError, OSError) as exc:
+            log.debug("knowledge: mirror check failed (%r); checking again", exc)
+            return marked
+        log.warning(
+            "knowledge: Redis lost the documents hashes; reading knowledge-events from the start again"
+        )
+        await consumer.seek_to_beginning(*tps)
+        return False
 
     async def follow(self) -> None:
         """`run`, again after any failure (Kafka away when the assistant starts, a fetch error),

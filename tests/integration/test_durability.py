@@ -333,3 +333,46 @@ async def test_a_redis_that_lost_everything_heals_from_the_worker(system: System
     )
     assert not ack.duplicate
     await eventually(lambda: stub.GetConversation(request), lambda c: c.message_count == 4, what="4 folded")
+
+
+@pytest.mark.timeout(300)
+async def test_the_knowledge_base_comes_back_after_redis_lost_everything(system: System, tenant: str) -> None:
+    """Seen in the twenty-ninth session's trial: after FLUSHALL conversations came back in 1.3 s,
+    but ListDocuments showed 0 documents (search still worked from the assistant's memory) until
+    an operator ran `switchboard replay --target knowledge`."""
+    import redis.asyncio as aioredis
+    from switchboard.v1 import knowledge_pb2, knowledge_pb2_grpc
+
+    async with grpc.aio.insecure_channel(system.settings.grpc_listen) as channel:
+        knowledge = knowledge_pb2_grpc.KnowledgeServiceStub(channel)
+        ids = [f"heal-{i}" for i in range(3)]
+        await knowledge.UpsertDocuments(
+            knowledge_pb2.UpsertDocumentsRequest(
+                tenant_id=tenant,
+                documents=[
+                    knowledge_pb2.Document(document_id=i, title=f"title {i}", body=f"body of {i}")
+                    for i in ids
+                ],
+            )
+        )
+        listing = knowledge_pb2.ListDocumentsRequest(tenant_id=tenant)
+
+        async def listed() -> list[str]:
+            try:
+                return sorted(d.document_id for d in (await knowledge.ListDocuments(listing)).documents)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    return []
+                raise
+
+        await eventually(listed, lambda got: got == ids, what="the documents listed")
+        client = aioredis.Redis.from_url(system.settings.redis_url)
+        try:
+            await client.flushall()
+        finally:
+            await client.aclose()
+        await eventually(listed, lambda got: got == ids, within_s=60, what="the documents listed again")
+        got = await knowledge.GetDocument(
+            knowledge_pb2.GetDocumentRequest(tenant_id=tenant, document_id=ids[0])
+        )
+        assert got.body == "body of heal-0"
