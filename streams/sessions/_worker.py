@@ -434,6 +434,7 @@ class SessionsProcessor:
             if fold is None:
                 fold = folds[slot] = Fold.new(event.tenant_id, event.conversation_id)
             position = LogPosition(record.partition, record.offset)
+            passed_from = (fold.last_partition, fold.last_offset)
             try:
                 applied, sequence = fold.apply(event, position)
             except (
@@ -442,6 +443,10 @@ class SessionsProcessor:
                 rejected.append((record, exc))
                 continue
             if not applied:
+                if (fold.last_partition, fold.last_offset) != passed_from:
+                    # Passed over (a reply after the close, a decision written twice): no entry,
+                    # but the state's position moved, as a replay's state says (trial, s29).
+                    changed.add(slot)
                 continue
             changed.add(slot)
             writes.live(

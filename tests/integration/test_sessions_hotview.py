@@ -413,3 +413,35 @@ async def test_the_claims_the_worker_rebuilds_carry_the_digest_of_each_text(redi
         assert raw.decode() == hv.encode_claim(said.event_id, 0, 1, hv.claim_digest("退款"))
     finally:
         await redis.aclose()
+
+
+async def test_the_state_written_after_an_event_the_fold_passes_over_is_a_replays(
+    redis_server: _Redis,
+) -> None:
+    """Seen in the twenty-ninth session's trial: `replay --target sessions --no-swap` said "identical:
+    NO" on a healthy system. The bot's reply to a message of the close's last instant lands after the
+    close; the fold passes over it (not counted) and advances its position, and a replay's state says
+    so, but the live worker wrote only states that an applied event changed: Redis kept the close's
+    position (cursor 88-1 against the replay's 101-1)."""
+    redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0", socket_timeout=5)
+    processor = SessionsProcessor(Settings(), redis)
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    events = [
+        new_event(tenant, "d", conversation_started=events_pb2.ConversationStarted()),
+        new_event(tenant, "d", message_received=events_pb2.MessageReceived(client_message_id="k", text="hi")),
+        new_event(tenant, "d", conversation_closed=events_pb2.ConversationClosed(resolution="done")),
+        new_event(tenant, "d", reply_generated=events_pb2.ReplyGenerated(text="too late")),
+    ]
+    try:
+        await processor.on_assigned({0}, Control(end=0))
+        await processor.process(
+            [Record(TOPIC, 0, o, b"d", encode_event(e), 0) for o, e in enumerate(events[:3])]
+        )
+        key = hv.conversation_key(tenant, "d")
+        assert await redis.hget(key, hv.F_CURSOR) == hv.live_stream_id(2).encode()
+        await processor.process([Record(TOPIC, 0, 3, b"d", encode_event(events[3]), 0)])
+        assert await redis.hget(key, hv.F_CURSOR) == hv.live_stream_id(3).encode()
+        state = json.loads(await redis.hget(key, hv.F_STATE))  # type: ignore[arg-type]
+        assert state["last_event_id"] == events[3].event_id and state["message_count"] == 1
+    finally:
+        await redis.aclose()
