@@ -68,6 +68,7 @@ class DemoResult:
 
 async def run_demo(settings: Settings, tenant_id: str = "demo") -> int:
     """`switchboard demo`: play the demo, then show what landed in ClickHouse."""
+    await load_demo_faq_indexed(settings, tenant_id)
     result = await play_demo(settings, tenant_id)
     print(await asyncio.to_thread(show_landed, settings, result))
     return 0
@@ -210,8 +211,10 @@ async def load_demo_faq(settings: Settings, tenant_id: str) -> int:
         return len(reply.documents)
 
 
-async def play_assistant_demo(settings: Settings, tenant_id: str = "demo") -> None:
-    """Questions in Chinese and English get cited answers; asking for a person hands off."""
+async def load_demo_faq_indexed(settings: Settings, tenant_id: str = "demo") -> int:
+    """The demo FAQ loaded and indexed by the assistant. Before the chat demo too: the bot answers
+    a tenant only once it has a knowledge base, and a new user's first `make run` showed its own
+    demo conversations unanswered (trial, twenty-ninth session)."""
     import redis.asyncio as aioredis
 
     from schemas import hotview as hv
@@ -227,6 +230,15 @@ async def play_assistant_demo(settings: Settings, tenant_id: str = "demo") -> No
     finally:
         await redis.aclose()
     print(f"  knowledge base: {loaded} FAQ documents indexed for tenant {tenant_id!r}")
+    return loaded
+
+
+async def play_assistant_demo(
+    settings: Settings, tenant_id: str = "demo", *, faq_loaded: bool = False
+) -> None:
+    """Questions in Chinese and English get cited answers; asking for a person hands off."""
+    if not faq_loaded:
+        await load_demo_faq_indexed(settings, tenant_id)
     async with ingress_channel(settings) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         for question in ASSISTANT_QUESTIONS:

@@ -15,7 +15,7 @@ import psutil
 
 from services import stack
 from services.auth import issue_demo_key
-from services.demo import play_assistant_demo, play_demo, show_landed
+from services.demo import load_demo_faq_indexed, play_assistant_demo, play_demo, show_landed
 from services.kafka_topics import ensure_topics
 from services.processes import Child, switchboard_children, wait_for_analytics, wait_for_ingress
 from services.settings import Settings
@@ -352,11 +352,12 @@ def run_demo_step(settings: Settings) -> bool:
 
     _banner("demo: bilingual conversations through the gRPC API")
     try:
+        asyncio.run(load_demo_faq_indexed(settings))
         result = asyncio.run(play_demo(settings))
         _banner("what landed in ClickHouse (switchboard.conversations, then totals)")
         print(show_landed(settings, result), flush=True)
         _banner("the assistant: a bilingual FAQ, cited answers and a handoff")
-        asyncio.run(play_assistant_demo(settings))
+        asyncio.run(play_assistant_demo(settings, faq_loaded=True))
         _banner("a report for people without Grafana (switchboard report)")
         print(f"  {demo_report(settings)}", flush=True)
         return True

@@ -50,7 +50,30 @@ def test_a_failed_demo_is_one_line_and_the_runner_goes_on(monkeypatch, capsys) -
     async def broken(settings: Settings) -> None:
         raise rpc_error(grpc.StatusCode.UNAVAILABLE)
 
+    async def loaded(settings: Settings) -> int:
+        return 50
+
+    monkeypatch.setattr(runner, "load_demo_faq_indexed", loaded)
     monkeypatch.setattr(runner, "play_demo", broken)
     assert runner.run_demo_step(Settings()) is False
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert lines[-1].startswith("demo failed (AioRpcError: UNAVAILABLE: starting); the system keeps serving")
+
+
+def test_the_demo_faq_is_indexed_before_the_chat_demo_plays(monkeypatch) -> None:
+    """Trial (twenty-ninth session): on a first `make run` the chat demo ran before the FAQ was
+    loaded, and the bot, which answers a tenant once it has a knowledge base, never answered it."""
+    calls: list[str] = []
+
+    async def loaded(settings: Settings) -> int:
+        calls.append("faq")
+        return 50
+
+    async def played(settings: Settings) -> None:
+        calls.append("chat")
+        raise rpc_error(grpc.StatusCode.UNAVAILABLE)  # ends the step here
+
+    monkeypatch.setattr(runner, "load_demo_faq_indexed", loaded)
+    monkeypatch.setattr(runner, "play_demo", played)
+    runner.run_demo_step(Settings())
+    assert calls == ["faq", "chat"]
