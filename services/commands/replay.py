@@ -67,6 +67,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from streams.replay import ReplayError, ReplayOptions, replay
 
     _logging("warning")
+    if args.from_offset is not None and args.from_offset < 0:
+        # It re-projected the whole log, silently (trial, twenty-ninth session).
+        sys.exit(f"switchboard replay: --from-offset {args.from_offset} is negative (the log starts at 0)")
+    if args.workers < 0:
+        sys.exit(f"switchboard replay: --workers {args.workers} is negative (0: build rows in this process)")
     settings = _settings()
     try:
         from_time = _parse_time(args.from_time) if args.from_time else None
@@ -82,7 +87,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         force=args.force,
         keep_old=args.keep_old,
         use_archive=not args.no_archive,
-        workers=max(0, args.workers),
+        workers=args.workers,
     )
     try:
         summaries = asyncio.run(replay(settings, options, out=sys.stderr))

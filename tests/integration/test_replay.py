@@ -410,3 +410,15 @@ async def test_the_replay_command_dry_run_says_what_it_would_read(system: System
         timeout=120,
     )
     assert refused.returncode != 0 and "from the beginning" in refused.stderr
+    # A negative offset or worker count is a typo, not "everything" (it re-projected the whole log,
+    # silently: trial, twenty-ninth session).
+    for bad, says in (("--from-offset=-5", "negative"), ("--workers=-1", "negative")):
+        refused = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "services.cli", "replay", "--target", "projections", "--dry-run", bad],
+            env={**os.environ, **system.env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 1 and says in refused.stderr, (bad, refused.stderr)
