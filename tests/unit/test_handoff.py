@@ -451,6 +451,11 @@ def test_and_their_look_alikes_do_not(text: str):
         "honestly i don't know what to do anymore, i spent my rent money on this order",
         "got a text from 'your shop', i clicked the link and entered my card details, now there's a $400 charge",
         "点了那个链接输入了银行卡号 现在钱没了",
+        # The review's misses (twenty-ninth session): a negation in an earlier clause, variants.
+        "I can't believe it, my toddler nearly swallowed the battery from the toy",
+        "idk what to do anymore, my refund never came and rent is due",
+        "the courier told me he knows where i live, i'm scared",
+        "我快撑不住了 退款一直不到",
     ],
 )
 def test_an_incident_only_a_person_can_take_on_hands_off_whatever_the_question(text: str):
