@@ -155,6 +155,7 @@ async def _restore(settings: Any, topic: str, args: argparse.Namespace) -> int:
     from services import kafka_clients  # also throttles aiokafka's failed metadata updates
     from services.commands import kafka_failed
     from streams.archive import ArchiveStore
+    from streams.privacy._retention import replay_filter
     from streams.replay import PartitionPlan, ReplayError, ReplayPlan, read_log
     from streams.replay._source import _cover, kafka_offsets
 
@@ -224,11 +225,13 @@ async def _restore(settings: Any, topic: str, args: argparse.Namespace) -> int:
         except ReplayError as exc:
             sys.exit(f"switchboard archive restore: {exc}")
     plan = ReplayPlan(topic, [PartitionPlan(args.partition, args.from_offset, end, kafka_start, segments)])
+    withheld = 0
     producer: AIOKafkaProducer | None = None
     restored = 0
     # The offset after the last record Kafka confirmed, in order: where a re-run resumes.
     confirmed_to = args.from_offset
     try:
+        keep = await replay_filter(settings)
         if args.into_topic:
             producer = await kafka_clients.started(
                 AIOKafkaProducer(
@@ -238,7 +241,11 @@ async def _restore(settings: Any, topic: str, args: argparse.Namespace) -> int:
                     linger_ms=20,
                 )
             )
-        async for batch in read_log(settings, store, plan):
+        async for read in read_log(settings, store, plan):
+            # As a replay would (streams/privacy): the archiver leaves these out of the archive,
+            # and Kafka may still have them until its own retention.
+            batch = [r for r in read if keep(r)]
+            withheld += len(read) - len(batch)
             if producer is None:
                 for r in batch:
                     print(
@@ -271,6 +278,8 @@ async def _restore(settings: Any, topic: str, args: argparse.Namespace) -> int:
                 for offset, f in futures:
                     await f
                     confirmed_to = offset + 1
+                if read:
+                    confirmed_to = read[-1].offset + 1
             restored += len(batch)
     except KafkaError as exc:
         return kafka_failed(
@@ -284,8 +293,13 @@ async def _restore(settings: Any, topic: str, args: argparse.Namespace) -> int:
         if producer is not None:
             await producer.stop()
     print(
-        f"restored {restored} records of {topic}/{args.partition} offsets {args.from_offset}..{args.to_offset}"
-        + (f" into {args.into_topic}" if args.into_topic else ""),
+        f"restored {restored} records of {topic}/{args.partition} offsets {args.from_offset}..{end - 1}"
+        + (f" into {args.into_topic}" if args.into_topic else "")
+        + (
+            f"; {withheld} withheld (erased customers' events, or past their tenant's retention)"
+            if withheld
+            else ""
+        ),
         file=sys.stderr,
     )
     return 0
