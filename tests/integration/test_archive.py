@@ -408,39 +408,15 @@ async def test_restore_takes_what_the_log_has_and_refuses_what_would_harm(system
     ]
     assert "ends at offset 4" in done.stderr, done.stderr
 
+    def span(partition: int, first: int, last: int, *more: str) -> list[str]:
+        return ["--partition", str(partition), "--from-offset", str(first), "--to-offset", str(last), *more]
+
     refusals = {
-        "no such partition": (
-            ["--partition", "9", "--from-offset", "0", "--to-offset", "3"],
-            "no partition 9",
-        ),
-        "past the end": (["--partition", "1", "--from-offset", "7", "--to-offset", "9"], "past it"),
-        "negative": (["--partition", "1", "--from-offset", "-5", "--to-offset", "3"], "negative"),
-        "into the live log": (
-            [
-                "--partition",
-                "1",
-                "--from-offset",
-                "0",
-                "--to-offset",
-                "3",
-                "--into-topic",
-                settings.conversation_topic,
-            ],
-            "live event log",
-        ),
-        "into a missing topic": (
-            [
-                "--partition",
-                "1",
-                "--from-offset",
-                "0",
-                "--to-offset",
-                "3",
-                "--into-topic",
-                f"{topic}-nowhere",
-            ],
-            "create it first",
-        ),
+        "no such partition": (span(9, 0, 3), "no partition 9"),
+        "past the end": (span(1, 7, 9), "past it"),
+        "negative": (span(1, -5, 3), "negative"),
+        "into the live log": (span(1, 0, 3, "--into-topic", settings.conversation_topic), "live event log"),
+        "into a missing topic": (span(1, 0, 3, "--into-topic", f"{topic}-nowhere"), "create it first"),
     }
     for what, (args, says) in refusals.items():
         refused = await run_cli(env, "archive", "restore", "--topic", topic, *args)
