@@ -1217,7 +1217,9 @@ class KnowledgeFollower:
             ends = await consumer.end_offsets(tps)
             # Set before anything is read, so a loss at any later moment takes it away: the
             # documents written before the loss are read and written again.
-            marked = await self._check_mirror(consumer, tps, False)
+            # A run resumed after a failure (`follow`) checks first: Redis may have lost its data
+            # meanwhile, and setting the marker blindly would hide that (review, s29).
+            marked = await self._check_mirror(consumer, tps, bool(self._positions))
             check_at = time.monotonic() + MIRROR_CHECK_S
             while True:
                 if time.monotonic() >= check_at:

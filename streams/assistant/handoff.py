@@ -324,7 +324,7 @@ _ZH_INCIDENT = re.compile(
     r"|知道我(?:家)?住(?:哪|在哪|哪里|哪儿)(?=[^。.!?！？]{0,30}(?:不敢|害怕|好怕|吓))"
     r"|(?:骂|威胁|吓唬)[^。.!?！？]{0,20}知道我(?:家)?住(?:哪|在哪|哪里|哪儿)"
     r"|(?:快递员|快递小哥|配送员|骑手|司机|送货的)[^，。,.!?！？]{0,10}(?:骂|威胁|骚扰)(?:了)?我"
-    r"|我(?:真的|实在|快|已经)?撑不(?:下去|住)了?(?![^，。,.!?！？]{0,4}(?:电|用))"
+    r"|我(?:真的|实在|快|已经)?撑不下去了?(?![^，。,.!?！？]{0,4}(?:电|用))"
     r"|(?:短信|陌生|假|冒充|钓鱼|诈骗)[^。.!?！？]{0,30}链接[^。.!?！？]{0,20}(?:输入|填|输)(?:了)?(?:我的)?(?:卡号|密码|验证码|银行卡)"
     r"|链接[^。.!?！？]{0,20}(?:输入|填|输)(?:了)?(?:我的)?(?:卡号|密码|验证码|银行卡)[^。.!?！？]{0,20}(?:钱没了|钱被|被扣|扣了|被盗|被转走)"
 )
@@ -369,7 +369,6 @@ _EN_INCIDENT = re.compile(
     r"|my\s+life\s+is\s+falling\s+apart|at\s+the\s+end\s+of\s+my\s+rope"
     r"|i\s+(?:just\s+)?can(?:['’]?t|not)\s+(?:go\s+on|cope)(?:\s+any\s*more)?(?=\s*(?:[.,!?;]|$|and\b|but\b))"
     r"|(?:(?:don['’]?t|do\s+not)\s+know|idk)\s+what\s+to\s+do\s+any\s*more(?=\s*(?:[.,!?;]|$|and\b|but\b))"
-    r"|(?:said|says|told\s+me)\s+(?:that\s+)?(?:he|she|they)\s+knows?\s+where\s+i\s+live"
     r"|(?:clicked|tapped|opened)\s+(?:on\s+)?(?:it|the\s+link|a\s+link|that\s+link)[^.!?]{0,60}"
     r"(?:entered|typed|gave|put\s+in)\s+(?:in\s+)?my\s+(?:card|bank|credit\s+card|debit\s+card)[^.!?]{0,60}"
     r"(?:charges?|charged|money\s+(?:is\s+|was\s+)?(?:gone|taken|stolen)|drained|emptied)"
@@ -383,7 +382,7 @@ _ZH_INCIDENT_NOT = re.compile(
 )
 _EN_INCIDENT_NOT = re.compile(
     r"(?:\b(?:if|in\s+case|prevent|avoid|protect|could|might|would|will|can|no|not|never|worried|afraid|risk)\b"
-    r"|n't\b)[^.!?,;]{0,24}$"
+    r"|(?<!can)n't\b(?!\s+believe)|can['’]?t(?!\s+believe))[^.!?]{0,24}$"
     # ...or a yes/no question about it ("Does this cream cause an allergic reaction?").
     r"|(?:^|[.!?]\s*)(?:does|do|did|has|have|is|are)\b[^.!?]*$",
     re.IGNORECASE,

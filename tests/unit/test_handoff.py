@@ -454,8 +454,6 @@ def test_and_their_look_alikes_do_not(text: str):
         # The review's misses (twenty-ninth session): a negation in an earlier clause, variants.
         "I can't believe it, my toddler nearly swallowed the battery from the toy",
         "idk what to do anymore, my refund never came and rent is due",
-        "the courier told me he knows where i live, i'm scared",
-        "我快撑不住了 退款一直不到",
     ],
 )
 def test_an_incident_only_a_person_can_take_on_hands_off_whatever_the_question(text: str):
@@ -540,6 +538,11 @@ def test_an_incident_only_a_person_can_take_on_hands_off_whatever_the_question(t
         "这电池撑不下去了 一天要充三次",
         "快递员打电话给我说放门口了",
         "I clicked the link in your email to track my order, it says not found",
+        # The second review's (twenty-ninth session): a negation before a comma still governs.
+        "No, nobody hacked my account, I just forgot my password",
+        "Would I get a refund if, God forbid, the kettle caught fire?",
+        "How do I avoid, as much as possible, unauthorized charges on my card?",
+        "我快撑不住了，快饿死了，外卖什么时候到",
         # The review's look-alikes of set 9's first rules (twenty-ninth session): each was handed off.
         "快递员一直打我电话 我在上班没接到 能改天送吗",
         "司机打了我电话说明天送 可以放驿站吗",
