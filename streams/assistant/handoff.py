@@ -615,8 +615,12 @@ def decide_handoff(
     if phrase is not None:
         return Handoff(REASON_CUSTOMER_REQUEST, queue, f"keyword {phrase!r}")
     # The intent alone is not trusted for a question about the people that the FAQ answers.
-    about_support = bool(answered) and asks_about_support(text)
-    if intent.label == TALK_TO_HUMAN and confident and not declines_human(text) and not about_support:
+    if (
+        intent.label == TALK_TO_HUMAN
+        and confident
+        and not declines_human(text)
+        and not (answered and asks_about_support(text))
+    ):
         return Handoff(REASON_CUSTOMER_REQUEST, queue, f"intent {TALK_TO_HUMAN}")
 
     if intent.label in rules.always_handoff_intents and confident:
